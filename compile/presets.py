@@ -1,0 +1,24 @@
+"""Named option sets for the whole chain. Dataclass defaults are the `full` preset.
+
+    quick  what `make demo` builds on a fresh 2-core machine (minutes, not hours)
+    full   the best quality we measured (the dataclass defaults)
+    tiny   seconds; for tests only (tiny models, few steps, small data)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "full": {},
+    "quick": {},
+    "tiny": {},
+}
+
+
+def preset_for(preset: str | None, step: str) -> dict[str, Any]:
+    if preset is None:
+        return {}
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    return dict(PRESETS[preset].get(step, {}))

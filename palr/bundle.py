@@ -1,0 +1,216 @@
+"""The bundle directory that compile/ writes and the servers read, and its manifest.
+
+    bundle/
+      manifest.json   schema version, dataset + split checksums, package versions, and one
+                      entry per artifact: path, sha256, and for hardware builds the target,
+                      device, compute capability, dtype, tensor-parallel size, library version
+      catalog.json  users.json  sasrec.onnx  llm/merged/  engines/<target>/  reports/
+
+Every compile step records a fingerprint of its inputs, so an unchanged step is skipped.
+Servers call `Bundle.open(dir).verify([...])` before loading anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import platform
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+TRACKED_PACKAGES = ("torch", "transformers", "peft", "onnxruntime", "onnx", "numpy", "grpcio",
+                    "onnxruntime-genai", "tensorrt_llm", "tensorrt-llm")
+
+
+class BundleError(RuntimeError):
+    """A bundle that is missing, incomplete, corrupted, or built for other hardware."""
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_checksums(path: Path) -> dict[str, str]:
+    """sha256 of a file, or of every file under a directory, keyed by relative path."""
+    if path.is_file():
+        return {path.name: sha256_file(path)}
+    if not path.is_dir():
+        raise BundleError(f"{path}: no such file or directory")
+    return {
+        p.relative_to(path).as_posix(): sha256_file(p)
+        for p in sorted(path.rglob("*"))
+        if p.is_file() and "__pycache__" not in p.parts
+    }
+
+
+def combined_checksum(files: dict[str, str]) -> str:
+    h = hashlib.sha256()
+    for rel, digest in sorted(files.items()):
+        h.update(f"{rel}\t{digest}\n".encode())
+    return h.hexdigest()
+
+
+def fingerprint(*parts: Any) -> str:
+    """A stable hash of configs, checksums and other JSON-serialisable step inputs."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+def package_versions(names: tuple[str, ...] = TRACKED_PACKAGES) -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in names:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+@dataclass
+class Manifest:
+    schema_version: int = SCHEMA_VERSION
+    created_at: str = ""
+    updated_at: str = ""
+    dataset: dict[str, Any] = field(default_factory=dict)
+    packages: dict[str, str] = field(default_factory=dict)
+    artifacts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    steps: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, indent=2, sort_keys=False) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, source: Path) -> "Manifest":
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise BundleError(f"{source}: not valid JSON ({e})") from None
+        version = raw.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise BundleError(f"{source}: schema_version {version!r}, this code reads {SCHEMA_VERSION}; rebuild the bundle")
+        unknown = set(raw) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise BundleError(f"{source}: unknown manifest keys {sorted(unknown)}")
+        return cls(**raw)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+class Bundle:
+    def __init__(self, root: str | Path, manifest: Manifest):
+        self.root = Path(root)
+        self.manifest = manifest
+
+    # -- opening -------------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, root: str | Path) -> "Bundle":
+        """Opens an existing bundle; BundleError when it has no readable manifest."""
+        root = Path(root)
+        path = root / MANIFEST
+        if not path.is_file():
+            raise BundleError(f"{root}: no {MANIFEST}; build a bundle with `python -m compile all --bundle {root}`")
+        return cls(root, Manifest.from_json(path.read_text(), path))
+
+    @classmethod
+    def open_or_create(cls, root: str | Path) -> "Bundle":
+        root = Path(root)
+        if (root / MANIFEST).is_file():
+            return cls.open(root)
+        root.mkdir(parents=True, exist_ok=True)
+        return cls(root, Manifest(created_at=_now()))
+
+    def save(self) -> None:
+        """Writes the manifest atomically (temp file + rename)."""
+        self.manifest.updated_at = _now()
+        self.manifest.packages = package_versions()
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".manifest.", suffix=".json")
+        with os.fdopen(fd, "w") as f:
+            f.write(self.manifest.to_json())
+        os.replace(tmp, self.root / MANIFEST)
+
+    # -- artifacts -----------------------------------------------------------------------------
+
+    def path(self, name: str) -> Path:
+        return self.root / self.artifact(name)["path"]
+
+    def has(self, name: str) -> bool:
+        return name in self.manifest.artifacts
+
+    def artifact(self, name: str) -> dict[str, Any]:
+        try:
+            return self.manifest.artifacts[name]
+        except KeyError:
+            have = ", ".join(sorted(self.manifest.artifacts)) or "none"
+            raise BundleError(f"{self.root}: bundle has no artifact {name!r} (has: {have})") from None
+
+    def add_artifact(self, name: str, rel_path: str | Path, **meta: Any) -> dict[str, Any]:
+        """Records a file or directory under the bundle with its checksums and metadata."""
+        rel = Path(rel_path).as_posix()
+        files = file_checksums(self.root / rel)
+        entry = {"path": rel, "sha256": combined_checksum(files), "files": files, "created_at": _now(), **meta}
+        self.manifest.artifacts[name] = entry
+        return entry
+
+    def version(self, name: str) -> str:
+        """A short version string for an artifact: its checksum prefix."""
+        return self.artifact(name)["sha256"][:12]
+
+    def verify(self, names: list[str] | None = None) -> None:
+        """Re-hashes artifacts; BundleError naming every missing or changed file."""
+        problems = []
+        for name in names if names is not None else sorted(self.manifest.artifacts):
+            entry = self.artifact(name)
+            base = self.root / entry["path"]
+            try:
+                actual = file_checksums(base)
+            except BundleError as e:
+                problems.append(f"{name}: {e}")
+                continue
+            expected = entry.get("files", {})
+            for rel in sorted(set(expected) | set(actual)):
+                if rel not in actual:
+                    problems.append(f"{name}: {rel} is missing")
+                elif rel not in expected:
+                    problems.append(f"{name}: {rel} is not in the manifest")
+                elif actual[rel] != expected[rel]:
+                    problems.append(f"{name}: {rel} checksum {actual[rel][:12]} != manifest {expected[rel][:12]}")
+        if problems:
+            raise BundleError(f"{self.root}: checksum verification failed:\n  " + "\n  ".join(problems))
+
+    # -- steps ---------------------------------------------------------------------------------
+
+    def step_is_current(self, step: str, step_fingerprint: str, outputs: list[str]) -> bool:
+        """True when the step ran with these inputs and its outputs are still intact."""
+        record = self.manifest.steps.get(step)
+        if not record or record.get("fingerprint") != step_fingerprint:
+            return False
+        if not all(self.has(name) for name in outputs):
+            return False
+        try:
+            self.verify(outputs)
+        except BundleError:
+            return False
+        return True
+
+    def record_step(self, step: str, step_fingerprint: str, seconds: float, **extra: Any) -> None:
+        self.manifest.steps[step] = {"fingerprint": step_fingerprint, "finished_at": _now(),
+                                     "seconds": round(seconds, 2), **extra}
+
+    def reports_dir(self) -> Path:
+        path = self.root / "reports"
+        path.mkdir(parents=True, exist_ok=True)
+        return path

@@ -1,0 +1,44 @@
+"""A dataset directory read once: sequences, the leave-one-out split and the catalog."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from palr.catalog import Catalog
+from palr.data import DatasetFiles, Split, leave_one_out, read_interactions, user_sequences
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Corpus:
+    files: DatasetFiles
+    sequences: dict[str, list[str]]  # user → all items, chronological
+    split: Split
+    catalog: Catalog
+    num_interactions: int
+
+    @classmethod
+    def load(cls, data_dir: str | Path, min_length: int = 3) -> "Corpus":
+        files = DatasetFiles.locate(data_dir)
+        interactions = read_interactions(files.inter)
+        sequences = user_sequences(interactions)
+        split = leave_one_out(sequences, min_length=min_length)
+        catalog = Catalog.build(files, split.train, sequences)
+        log.info("%s: %d users (%d too short to split), %d items, %d interactions",
+                 files.name, len(split.train), len(split.too_short), len(catalog), len(interactions))
+        return cls(files, sequences, split, catalog, len(interactions))
+
+    def dataset_info(self) -> dict:
+        """What the manifest records about the data a bundle was built from."""
+        return {
+            "name": self.files.name,
+            "checksum": self.files.checksum(),
+            "split": "leave-one-out (last → test, second-to-last → valid), chronological, stable ties",
+            "split_checksum": self.split.checksum(),
+            "users": len(self.split.train),
+            "items": len(self.catalog),
+            "interactions": self.num_interactions,
+        }

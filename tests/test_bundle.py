@@ -1,0 +1,46 @@
+import json
+
+import pytest
+
+from palr.bundle import Bundle, BundleError, fingerprint
+
+
+def test_manifest_roundtrip_verify_and_steps(tmp_path):
+    b = Bundle.open_or_create(tmp_path)
+    (tmp_path / "a.txt").write_text("hello")
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "w.bin").write_bytes(b"\0" * 10)
+    b.add_artifact("a", "a.txt", kind="text")
+    b.add_artifact("d", "dir", kind="weights", dtype="float32")
+    fp = fingerprint({"lr": 1e-3}, b.artifact("a")["sha256"])
+    b.record_step("train", fp, 1.5)
+    b.save()
+
+    again = Bundle.open(tmp_path)
+    assert again.artifact("d")["dtype"] == "float32"
+    assert again.manifest.packages["python"]
+    again.verify()
+    assert again.step_is_current("train", fp, ["a", "d"])
+    assert not again.step_is_current("train", fingerprint({"lr": 2e-3}), ["a"])
+
+    (tmp_path / "dir" / "w.bin").write_bytes(b"\1" * 10)
+    with pytest.raises(BundleError, match=r"d: w.bin checksum .* != manifest"):
+        again.verify(["d"])
+    assert not again.step_is_current("train", fp, ["a", "d"])
+    (tmp_path / "a.txt").unlink()
+    with pytest.raises(BundleError, match="a: .*no such file"):
+        again.verify(["a"])
+
+
+def test_bad_manifests_are_refused(tmp_path):
+    with pytest.raises(BundleError, match="no manifest.json"):
+        Bundle.open(tmp_path)
+    (tmp_path / "manifest.json").write_text("{")
+    with pytest.raises(BundleError, match="not valid JSON"):
+        Bundle.open(tmp_path)
+    (tmp_path / "manifest.json").write_text(json.dumps({"schema_version": 99}))
+    with pytest.raises(BundleError, match="schema_version 99"):
+        Bundle.open(tmp_path)
+    b = Bundle.open_or_create(tmp_path / "new")
+    with pytest.raises(BundleError, match="no artifact 'llm'"):
+        b.artifact("llm")

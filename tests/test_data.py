@@ -1,0 +1,98 @@
+from pathlib import Path
+
+import pytest
+
+from palr.data import (AtomicFileError, DatasetFiles, Interaction, leave_one_out, read_atomic,
+                       read_interactions, user_sequences)
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def test_read_atomic_parses_types(tmp_path):
+    f = write(tmp_path / "x.item", "item_id:token\ttitle:token_seq\tyear:float\temb:float_seq\n"
+                                   "7\tThe Matrix\t1999\t0.5 1.5\n")
+    table = read_atomic(f)
+    assert table.names == ["item_id", "title", "year", "emb"]
+    assert table.rows == [["7", ["The", "Matrix"], 1999.0, [0.5, 1.5]]]
+
+
+@pytest.mark.parametrize("body, expected", [
+    ("user_id:token\titem_id:token\n1\t2\t3\n", r"x\.inter:2: expected 2 tab-separated fields, got 3"),
+    ("user_id:token\ttimestamp:float\n1\t5\n2\tsoon\n", r"x\.inter:3: field 'timestamp' is float but holds 'soon'"),
+    ("user_id\titem_id:token\n", r"x\.inter:1: header field 'user_id' is not name:type"),
+    ("user_id:token\titem_id:blob\n", r"x\.inter:1: header field 'item_id:blob'"),
+    ("", r"x\.inter:1: empty header"),
+])
+def test_bad_files_name_file_and_line(tmp_path, body, expected):
+    with pytest.raises(AtomicFileError, match=expected):
+        read_atomic(write(tmp_path / "x.inter", body))
+
+
+def test_missing_field_is_named(tmp_path):
+    f = write(tmp_path / "x.inter", "uid:token\titem_id:token\n1\t2\n")
+    with pytest.raises(AtomicFileError, match="no field 'user_id'"):
+        read_interactions(f)
+
+
+def test_sequences_are_chronological_with_stable_ties():
+    xs = [Interaction("u", "late", 30.0, 0), Interaction("u", "tie-first", 10.0, 1),
+          Interaction("v", "only", 5.0, 2), Interaction("u", "tie-second", 10.0, 3),
+          Interaction("u", "early", 1.0, 4)]
+    assert user_sequences(xs) == {"u": ["early", "tie-first", "tie-second", "late"], "v": ["only"]}
+
+
+def test_leave_one_out_split():
+    split = leave_one_out({"u": ["a", "b", "c", "d"], "short": ["a", "b"]})
+    assert split.train == {"u": ["a", "b"]}
+    assert (split.valid["u"], split.test["u"]) == ("c", "d")
+    assert split.test_history("u") == ["a", "b", "c"]
+    assert split.too_short == ["short"]
+
+
+def test_ml100k_split_has_no_leakage(ml100k):
+    split = ml100k.split
+    assert len(split.train) == 943 and ml100k.num_interactions == 100_000
+    for user, seq in ml100k.sequences.items():
+        # train + valid + test is exactly the chronological sequence, nothing dropped or repeated
+        assert split.train[user] + [split.valid[user], split.test[user]] == seq
+        # the validation and test items are the last two interactions, never in the training prefix
+        assert split.test[user] not in split.train[user]
+        assert split.valid[user] not in split.train[user]
+
+
+def test_ml100k_catalog(ml100k):
+    catalog = ml100k.catalog
+    assert len(catalog) == 1682 and catalog.num_indices == 1683
+    usual = catalog.by_id("12")
+    assert usual.label == "The Usual Suspects (1995)" and usual.genres == ("Crime", "Thriller")
+    assert catalog.index("1") == 1 and catalog.item(1).id == "1"
+    # popularity counts only the training split
+    train_count = sum(seq.count("50") for seq in ml100k.split.train.values())
+    assert catalog.by_id("50").train_count == train_count
+    assert catalog.popularity_order()[0] == catalog.index("50")  # Star Wars
+
+
+def test_locate_dataset_errors(tmp_path):
+    with pytest.raises(AtomicFileError, match="does not exist"):
+        DatasetFiles.locate(tmp_path / "nope")
+    with pytest.raises(AtomicFileError, match="exactly one .inter"):
+        DatasetFiles.locate(tmp_path)
+
+
+def test_bring_your_own_dataset(tmp_path):
+    from palr.corpus import Corpus
+
+    d = tmp_path / "shop"
+    d.mkdir()
+    write(d / "shop.inter", "user_id:token\titem_id:token\ttimestamp:float\n"
+                            + "".join(f"u{u}\tsku{i}\t{i}\n" for u in range(3) for i in range(5)))
+    write(d / "shop.item", "item_id:token\ttitle:token_seq\tcategories:token_seq\n"
+                           "sku1\tRed Shoes\tshoes fashion\n")
+    corpus = Corpus.load(d)
+    assert corpus.catalog.by_id("sku1").title == "Red Shoes"
+    assert corpus.catalog.by_id("sku1").genres == ("shoes", "fashion")
+    assert corpus.catalog.by_id("sku3").title == "sku3"  # no metadata: the id stands in
+    assert corpus.split.test["u0"] == "sku4"
