@@ -29,7 +29,7 @@ bundle: data
 	$(PY) -m compile all --preset $(PRESET) --bundle $(BUNDLE) --data $(DATA)/ml-100k
 
 demo: bundle
-	$(PY) -m ranking_server.demo --bundle $(BUNDLE)
+	$(PY) -m loadtest.demo --bundle $(BUNDLE)
 
 test: data
 	$(PY) -m pytest
