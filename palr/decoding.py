@@ -1,0 +1,103 @@
+"""Per-request decoding constraints for generate mode: which tokens may come next, and what was picked.
+
+A decoder (the one-at-a-time reference in `palr.llm` or a batching engine) drives a constraint with
+three questions per step and nothing else, so any constraint plugs into any decoder:
+
+    while not c.done:
+        allowed = c.allowed_tokens()          # token ids the model may pick now
+        extra = c.token_bias(bias)            # additive logit per allowed token (score fusion)
+        c.advance(argmax over allowed of logits[allowed] + extra)
+    c.emitted()                               # candidate positions, in the order the model named them
+
+`LabelConstraint` ranks by single-token labels (" A", " B", ...): each step names one candidate not
+named yet, and it stops after exactly k. A title constraint (a trie over the candidates' title token
+sequences) fits the same interface: `allowed_tokens` walks the trie, `token_bias` puts a candidate's
+bias on the token that starts its title.
+
+Pure Python on purpose: no torch here, so `import palr` stays light.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+
+class DecodingConstraint(ABC):
+    """One request's constraint; stateful, used by one decoder at a time, never shared."""
+
+    @abstractmethod
+    def allowed_tokens(self) -> list[int]:
+        """Token ids the model may emit next, in a fixed order (ties go to the first). Empty when done."""
+
+    @abstractmethod
+    def token_bias(self, bias: Sequence[float]) -> list[float]:
+        """Additive logit for each of `allowed_tokens()` (same order), given one bias per candidate.
+
+        A candidate's bias applies to the token that starts it; continuation tokens get 0."""
+
+    @abstractmethod
+    def advance(self, token_id: int) -> None:
+        """Record that `token_id` was emitted. Raises ValueError if it was not allowed."""
+
+    @property
+    @abstractmethod
+    def done(self) -> bool:
+        """True once nothing more may be emitted."""
+
+    @property
+    @abstractmethod
+    def max_new_tokens(self) -> int:
+        """Upper bound on the number of `advance` calls: what a decoder reserves in its KV cache."""
+
+    @abstractmethod
+    def emitted(self) -> list[int]:
+        """Candidate positions (0-based, in candidate order of the prompt) in the order emitted."""
+
+
+class LabelConstraint(DecodingConstraint):
+    """Emit exactly `k` distinct candidate labels; each label is one token (" A" ... " T").
+
+    Allowed at every step: the labels of candidates not yet emitted, in candidate order.
+    """
+
+    def __init__(self, label_token_ids: Sequence[int], k: int):
+        labels = [int(t) for t in label_token_ids]
+        if not labels:
+            raise ValueError("label_token_ids is empty: there is no candidate to rank")
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"label_token_ids has duplicates: {labels}")
+        if not 1 <= k <= len(labels):
+            raise ValueError(f"k={k} must be between 1 and the number of candidates ({len(labels)})")
+        self._labels = labels
+        self._position = {token: i for i, token in enumerate(labels)}
+        self._k = k
+        self._emitted: list[int] = []
+
+    def allowed_tokens(self) -> list[int]:
+        if self.done:
+            return []
+        taken = set(self._emitted)
+        return [token for i, token in enumerate(self._labels) if i not in taken]
+
+    def token_bias(self, bias: Sequence[float]) -> list[float]:
+        if len(bias) != len(self._labels):
+            raise ValueError(f"bias has {len(bias)} values for {len(self._labels)} candidates")
+        return [float(bias[self._position[token]]) for token in self.allowed_tokens()]
+
+    def advance(self, token_id: int) -> None:
+        position = self._position.get(int(token_id))
+        if self.done or position is None or position in self._emitted:
+            raise ValueError(f"token {token_id} is not allowed now (allowed: {self.allowed_tokens()})")
+        self._emitted.append(position)
+
+    @property
+    def done(self) -> bool:
+        return len(self._emitted) >= self._k
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self._k
+
+    def emitted(self) -> list[int]:
+        return list(self._emitted)

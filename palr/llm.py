@@ -1,0 +1,166 @@
+"""The causal LM on token ids: loading, and the ONE-AT-A-TIME REFERENCE for both ranking modes.
+
+`score_labels` and `generate_constrained` define what a correct answer is: compile's evaluation
+uses them, the benchmark's one-at-a-time baseline is them, and every batching engine is tested to
+reproduce them. They run one prompt at a time, plainly, with the model's own KV cache.
+
+`PrefixKV` is the shared-prefix reuse: the instruction preamble is identical for every request, so
+its keys/values are computed once and each prompt runs only its own suffix on top of a copy.
+
+torch and transformers are imported here (not in `palr/__init__`), so only callers that run the
+model pay for them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from palr.decoding import DecodingConstraint, LabelConstraint
+
+
+def default_dtype(device: str) -> torch.dtype:
+    """fp32 on CPU (bf16 is ~5x slower on CPUs without bf16 instructions), bf16 on CUDA."""
+    return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+
+
+def load_causal_lm(path: str | Path, device: str = "cpu", dtype: torch.dtype | None = None):
+    """(model, tokenizer) from a Hugging Face directory or a `.gguf` file (dequantized on load).
+
+    The model is in eval mode with gradients off and SDPA attention."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    source, extra = path, {}
+    if path.suffix == ".gguf":
+        from transformers import GgufConfig
+
+        source, extra = path.parent, {"gguf_file": path.name}
+    quantization = {"quantization_config": GgufConfig(dequantize=True)} if extra else {}
+    model = AutoModelForCausalLM.from_pretrained(
+        source, dtype=dtype or default_dtype(device), attn_implementation="sdpa", **extra, **quantization)
+    model.to(device).eval().requires_grad_(False)
+    tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+    return model, tokenizer
+
+
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+@dataclass(frozen=True)
+class PrefixKV:
+    """Keys/values of a prompt prefix, per layer `[1, kv_heads, prefix_len, head_dim]`; read-only."""
+
+    ids: tuple[int, ...]
+    layers: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def cache(self):
+        """A fresh DynamicCache holding the prefix. DynamicCache grows by concatenation, so running
+        a suffix on it never writes into these tensors."""
+        from transformers import DynamicCache
+
+        return DynamicCache(ddp_cache_data=self.layers)
+
+
+@torch.inference_mode()
+def compute_prefix(model, prefix_ids: Sequence[int]) -> PrefixKV:
+    """Run the prefix once and keep its KV."""
+    if not prefix_ids:
+        raise ValueError("prefix_ids is empty")
+    ids = torch.tensor([list(prefix_ids)], device=model_device(model))  # [1, P]
+    out = model(input_ids=ids, use_cache=True)
+    cache = out.past_key_values
+    layers = tuple((layer.keys, layer.values) for layer in cache.layers)
+    return PrefixKV(tuple(int(t) for t in prefix_ids), layers)
+
+
+@torch.inference_mode()
+def _prefill(model, input_ids: Sequence[int], prefix: PrefixKV | None):
+    """Next-token logits after the prompt `[V]` (fp32) and the KV cache holding the whole prompt.
+
+    With `prefix`, `input_ids` must start with `prefix.ids`; only the rest is run."""
+    ids = [int(t) for t in input_ids]
+    cache = None
+    if prefix is not None:
+        if tuple(ids[: len(prefix)]) != prefix.ids or len(ids) == len(prefix):
+            raise ValueError("input_ids must be the prefix followed by at least one more token")
+        ids, cache = ids[len(prefix):], prefix.cache()
+    if not ids:
+        raise ValueError("input_ids is empty")
+    tokens = torch.tensor([ids], device=model_device(model))  # [1, T]
+    out = model(input_ids=tokens, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return out.logits[0, -1].float(), out.past_key_values  # [V]
+
+
+def _check_labels(model, label_token_ids: Sequence[int]) -> list[int]:
+    labels = [int(t) for t in label_token_ids]
+    vocab = model.config.get_text_config().vocab_size
+    if not labels:
+        raise ValueError("label_token_ids is empty: there is no candidate to rank")
+    bad = [t for t in labels if not 0 <= t < vocab]
+    if bad:
+        raise ValueError(f"label token ids {bad} are outside the vocabulary (size {vocab})")
+    return labels
+
+
+def label_log_probs(logits: torch.Tensor, label_token_ids: Sequence[int]) -> list[float]:
+    """Log-softmax over the label tokens only (a distribution over the candidates).
+
+    logits: `[V]` next-token logits. Shared by the reference and the engines so they agree exactly."""
+    labels = torch.as_tensor(list(label_token_ids), device=logits.device)
+    return torch.log_softmax(logits.float()[labels], dim=-1).tolist()
+
+
+def pick_token(logits: torch.Tensor, constraint: DecodingConstraint,
+               bias: Sequence[float] | None = None) -> int:
+    """Greedy choice under the constraint: argmax over allowed tokens of logit + bias (first on ties).
+
+    logits: `[V]`. Shared by the reference and the engines so they agree exactly."""
+    allowed = constraint.allowed_tokens()
+    if not allowed:
+        raise ValueError("the constraint allows no token (it is done)")
+    scores = logits.float()[torch.as_tensor(allowed, device=logits.device)]  # [A]
+    if bias is not None:
+        scores = scores + torch.tensor(constraint.token_bias(bias), device=logits.device)
+    return allowed[int(torch.argmax(scores))]
+
+
+def score_labels(model, input_ids: Sequence[int], label_token_ids: Sequence[int],
+                 prefix: PrefixKV | None = None) -> list[float]:
+    """Score mode: one forward pass; the log-probability of each candidate's label as the next token,
+    normalised over the labels. Returns one value per candidate, in candidate order."""
+    labels = _check_labels(model, label_token_ids)
+    logits, _ = _prefill(model, input_ids, prefix)
+    return label_log_probs(logits, labels)
+
+
+@torch.inference_mode()
+def generate_constrained(model, input_ids: Sequence[int], constraint: DecodingConstraint,
+                         bias: Sequence[float] | None = None, prefix: PrefixKV | None = None) -> list[int]:
+    """Generate mode: greedy decoding under `constraint` with the KV cache, until it is done.
+
+    Returns the emitted candidate positions in order (`constraint.emitted()`)."""
+    logits, cache = _prefill(model, input_ids, prefix)
+    device = model_device(model)
+    while True:
+        token = pick_token(logits, constraint, bias)
+        constraint.advance(token)
+        if constraint.done:
+            return constraint.emitted()
+        out = model(input_ids=torch.tensor([[token]], device=device), past_key_values=cache,
+                    use_cache=True)
+        logits, cache = out.logits[0, -1].float(), out.past_key_values  # [V]
+
+
+def generate_labels(model, input_ids: Sequence[int], label_token_ids: Sequence[int], k: int,
+                    bias: Sequence[float] | None = None, prefix: PrefixKV | None = None) -> list[int]:
+    """Generate mode with single-token labels: exactly k distinct candidates, in the model's order."""
+    labels = _check_labels(model, label_token_ids)
+    return generate_constrained(model, input_ids, LabelConstraint(labels, k), bias, prefix)
