@@ -1,0 +1,113 @@
+"""Servers as subprocesses: start one on a free loopback port, wait for health SERVING, stop it
+with SIGTERM and read its exit code. Used by the demo, the benchmarks and the drain tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from palr.serving import open_channel
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on right now (the OS picks it; tiny race until the server binds)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def _env_with_repo() -> dict[str, str]:
+    """This checkout first on the subprocess's path, whatever the current directory."""
+    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+    return {**os.environ, "PYTHONPATH": path, "PYTHONUNBUFFERED": "1"}
+
+
+class ServerProcess:
+    """`python -m <module> <args> --host HOST --port PORT` in a subprocess, logs to a file.
+
+    with ServerProcess("retrieval_server", ["--bundle", "bundle"]) as server:
+        ...  # server.target is "127.0.0.1:PORT", health already SERVING
+    """
+
+    def __init__(self, module: str, args: list[str], *, host: str = "127.0.0.1", port: int | None = None,
+                 log_path: Path | None = None, channel_kwargs: dict[str, Any] | None = None):
+        self.module = module
+        self.host = host
+        self.port = port or free_port(host)
+        self.argv = [sys.executable, "-m", module, *args, "--host", host, "--port", str(self.port)]
+        self.log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix=f"{module}-", suffix=".log")[1])
+        self.channel_kwargs = channel_kwargs or {}
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def target(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def start(self, timeout: float = 120.0) -> "ServerProcess":
+        with self.log_path.open("wb") as log_file:
+            self.process = subprocess.Popen(self.argv, stdout=log_file, stderr=subprocess.STDOUT,
+                                            env=_env_with_repo())
+        self.wait_serving(timeout)
+        return self
+
+    def wait_serving(self, timeout: float) -> float:
+        """Polls grpc.health.v1 Check("") until SERVING; returns the seconds waited. Raises with the
+        server's log tail when it exits or the timeout passes first."""
+        started = time.perf_counter()
+        with open_channel(self.target, aio=False, **self.channel_kwargs) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            while time.perf_counter() - started < timeout:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"{self.module} exited with {self.process.returncode} before serving:\n"
+                                       f"{self.log_tail()}")
+                try:
+                    status = health.Check(health_pb2.HealthCheckRequest(), timeout=1.0).status
+                    if status == health_pb2.HealthCheckResponse.SERVING:
+                        return time.perf_counter() - started
+                except grpc.RpcError:
+                    pass  # not listening yet
+                time.sleep(0.1)
+        self.kill()
+        raise TimeoutError(f"{self.module} not SERVING on {self.target} after {timeout:.0f} s:\n{self.log_tail()}")
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """SIGTERM (graceful drain), wait, return the exit code; kills it if it does not exit."""
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                raise RuntimeError(f"{self.module} did not exit within {timeout:.0f} s of SIGTERM; killed")
+        return self.process.returncode
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+    def log_tail(self, lines: int = 30) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
+    def __enter__(self) -> "ServerProcess":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        try:
+            self.stop()
+        finally:
+            self.kill()

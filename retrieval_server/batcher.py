@@ -1,0 +1,107 @@
+"""How concurrent requests reach a blocking batch function (ONNX Runtime) from the event loop.
+
+Two runners with the same interface (`start`, `await submit(item)`, `close`):
+
+- `MicroBatcher` keeps one call in flight; requests that arrive meanwhile queue up and go
+  together in the next call (up to `max_batch_size`; optionally waiting `window_s` for more).
+  With window 0 it adds no latency when idle and batches exactly when the machine is busy.
+- `DirectRunner` makes one call per request, `workers` of them at a time.
+
+Both run the function in their own worker threads, so the event loop keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Generic, Sequence, TypeVar
+
+log = logging.getLogger(__name__)
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
+BatchFn = Callable[[Sequence[Item]], Sequence[Result]]
+
+
+class MicroBatcher(Generic[Item, Result]):
+    def __init__(self, run_batch: BatchFn, max_batch_size: int, window_s: float = 0.0):
+        self.run_batch = run_batch
+        self.max_batch_size = max_batch_size
+        self.window_s = window_s
+        self._pending: collections.deque[tuple[Item, asyncio.Future]] = collections.deque()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="micro-batcher")
+        self._arrived = asyncio.Event()
+        self._full = asyncio.Event()
+        self._task: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._loop(), name="micro-batcher")
+
+    async def submit(self, item: Item) -> Result:
+        future = asyncio.get_running_loop().create_future()
+        self._pending.append((item, future))
+        self._arrived.set()
+        if len(self._pending) >= self.max_batch_size:
+            self._full.set()
+        return await future
+
+    async def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        while self._pending:
+            _, future = self._pending.popleft()
+            if not future.done():
+                future.set_exception(RuntimeError("server is shutting down"))
+        self._executor.shutdown(wait=True)
+
+    async def _loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = [(item, future) for item, future in await self._next_batch() if not future.cancelled()]
+            if not batch:
+                continue
+            try:
+                results = await loop.run_in_executor(self._executor, self.run_batch, [item for item, _ in batch])
+            except Exception as e:  # the callers get the error; the loop goes on
+                log.exception("batch of %d failed", len(batch))
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(e)
+                continue
+            for (_, future), result in zip(batch, results):
+                if not future.done():  # else cancelled while the batch ran
+                    future.set_result(result)
+
+    async def _next_batch(self) -> list[tuple[Item, asyncio.Future]]:
+        while not self._pending:
+            self._arrived.clear()
+            await self._arrived.wait()
+        if self.window_s > 0 and len(self._pending) < self.max_batch_size:
+            self._full.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._full.wait(), self.window_s)
+        batch = [self._pending.popleft() for _ in range(min(self.max_batch_size, len(self._pending)))]
+        if len(self._pending) < self.max_batch_size:
+            self._full.clear()
+        return batch
+
+
+class DirectRunner(Generic[Item, Result]):
+    def __init__(self, run_batch: BatchFn, workers: int = 1):
+        self.run_batch = run_batch
+        self._executor = ThreadPoolExecutor(workers, thread_name_prefix="ort-direct")
+
+    def start(self) -> None:
+        pass
+
+    async def submit(self, item: Item) -> Result:
+        results = await asyncio.get_running_loop().run_in_executor(self._executor, self.run_batch, [item])
+        return results[0]
+
+    async def close(self) -> None:
+        self._executor.shutdown(wait=True)

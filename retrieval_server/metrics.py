@@ -1,0 +1,12 @@
+"""Prometheus metrics of the retrieval server (registered once per process)."""
+
+from prometheus_client import Counter, Histogram
+
+from palr.serving import LATENCY_BUCKETS, RpcMetrics
+
+RETRIEVE = RpcMetrics("retrieval", "Retrieve")
+ORT_BATCH_SIZE = Histogram("retrieval_ort_batch_size", "requests per ONNX Runtime call",
+                           buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
+ORT_SECONDS = Histogram("retrieval_ort_seconds", "duration of one ONNX Runtime call", buckets=LATENCY_BUCKETS)
+COLD_STARTS = Counter("retrieval_cold_starts", "requests answered from popularity (no history)")
+TRUNCATED = Counter("retrieval_truncated_histories", "requests whose history was longer than the model's max_len")

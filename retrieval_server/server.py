@@ -1,0 +1,115 @@
+"""Wiring: a verified bundle → the servicer → a `palr.serving.GrpcServer`; ORT loads while NOT_SERVING."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Sequence
+
+from palr.bundle import Bundle, BundleError
+from palr.catalog import Catalog
+from palr.serving import GrpcServer
+from recsys.v1 import retrieval_pb2_grpc
+from retrieval_server.batcher import DirectRunner, MicroBatcher
+from retrieval_server.config import RetrievalServerConfig
+from retrieval_server.metrics import ORT_BATCH_SIZE, ORT_SECONDS
+from retrieval_server.model import ARTIFACT, Query, Ranked, SasrecOnnx
+from retrieval_server.servicer import SERVICE_NAME, RetrievalServicer
+
+log = logging.getLogger(__name__)
+
+ARTIFACTS = ["catalog", "users", ARTIFACT]
+
+
+class RetrievalServer:
+    """The retrieval tier in one process; construct it inside the running event loop.
+    `run()` is the whole life; tests drive the steps:
+    `start()` (listening, NOT_SERVING) → `load()` (ORT + warm-up) → `server.set_serving()` → `drain()`."""
+
+    def __init__(self, config: RetrievalServerConfig):
+        self.config = config
+        bundle = Bundle.open(config.bundle)
+        bundle.verify(ARTIFACTS)
+        self.bundle = bundle
+        meta = bundle.artifact(ARTIFACT)
+        top_k = int(meta["top_k"])
+        max_k = config.max_k or top_k
+        if max_k > top_k:
+            raise ValueError(f"--max-k {max_k} is larger than the model's top_k {top_k} (fixed at ONNX export)")
+        catalog = Catalog.load(bundle.path("catalog"))
+        self.servicer = RetrievalServicer(catalog, load_histories(bundle.path("users"), catalog),
+                                          max_len=int(meta["max_len"]), max_k=max_k, chunk_size=config.chunk_size,
+                                          model_version=bundle.version(ARTIFACT))
+        self.server = GrpcServer(config, [SERVICE_NAME])
+        retrieval_pb2_grpc.add_RetrievalServiceServicer_to_server(self.servicer, self.server.grpc)
+        self.model: SasrecOnnx | None = None
+        self.runner: MicroBatcher | DirectRunner | None = None
+        log.info("bundle %s verified: %d items, %d users with history, model %s (max_len %s, top_k %d), max_k %d",
+                 bundle.root, len(catalog), len(self.servicer.stored_histories), self.servicer.model_version,
+                 meta["max_len"], top_k, max_k)
+
+    async def start(self) -> int:
+        return await self.server.start()
+
+    async def load(self) -> None:
+        """Loads and warms up the ORT session in a thread (health keeps answering), then connects it."""
+        self.model = await asyncio.to_thread(self._load_model)
+        if self.config.max_batch_size > 1:
+            self.runner = MicroBatcher(self._run_batch, self.config.max_batch_size, self.config.batch_window_ms / 1e3)
+            log.info("micro-batching on: up to %d requests per ORT call, window %.1f ms",
+                     self.config.max_batch_size, self.config.batch_window_ms)
+        else:
+            self.runner = DirectRunner(self._run_batch, self.config.workers)
+            log.info("micro-batching off: one ORT call per request, %d at a time", self.config.workers)
+        self.runner.start()
+        self.servicer.attach(self.runner.submit)
+
+    async def drain(self) -> None:
+        await self.server.drain()
+        await self._close_runner()
+
+    async def run(self) -> None:
+        """Serves until SIGTERM/SIGINT, then drains (see GrpcServer.run)."""
+        try:
+            await self.server.run(self.load)
+        finally:
+            await self._close_runner()
+
+    def _load_model(self) -> SasrecOnnx:
+        started = time.perf_counter()
+        model = SasrecOnnx.from_bundle(self.bundle, threads=self.config.threads)
+        log.info("loaded %s in %.2f s (%d intra-op threads)", model.path, time.perf_counter() - started,
+                 self.config.threads)
+        model.warm_up(sorted({1, self.config.max_batch_size}))
+        return model
+
+    def _run_batch(self, queries: Sequence[Query]) -> list[Ranked]:
+        """One ORT call (in a worker thread), measured."""
+        started = time.perf_counter()
+        ranked = self.model.retrieve(queries)
+        ORT_SECONDS.observe(time.perf_counter() - started)
+        ORT_BATCH_SIZE.observe(len(queries))
+        return ranked
+
+    async def _close_runner(self) -> None:
+        if self.runner is not None:
+            await self.runner.close()
+            self.runner = None
+
+
+async def serve(config: RetrievalServerConfig) -> None:
+    """The whole life of `python -m retrieval_server` (the gRPC server must be made inside the loop)."""
+    await RetrievalServer(config).run()
+
+
+def load_histories(path: Path, catalog: Catalog) -> dict[str, list[int]]:
+    """users.json → {user_id: item indices, oldest first}."""
+    try:
+        users = json.loads(Path(path).read_text())["users"]
+        histories = {user: catalog.indices(entry["history"]) for user, entry in users.items()}
+    except (KeyError, TypeError, ValueError) as e:
+        raise BundleError(f"{path}: not a users file of this catalog ({type(e).__name__}: {e})") from None
+    return histories

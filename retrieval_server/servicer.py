@@ -1,0 +1,128 @@
+"""The `Retrieve` RPC: validate, resolve the history, ask SASRec (or popularity), stream in chunks."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Iterator, Sequence
+
+import grpc
+import numpy as np
+
+from palr.catalog import Catalog
+from palr.serving import RequestError, invalid_argument, request_id
+from recsys.v1 import retrieval_pb2, retrieval_pb2_grpc
+from retrieval_server.metrics import COLD_STARTS, RETRIEVE, TRUNCATED
+from retrieval_server.model import Query, Ranked
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = retrieval_pb2.DESCRIPTOR.services_by_name["RetrievalService"].full_name
+MAX_IDS_IN_MESSAGE = 10
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A validated request in item indices."""
+
+    history: list[int]  # all of it, oldest first (the model reads the last max_len)
+    exclude: list[int]  # history + the request's exclude, deduplicated
+    k: int
+    chunk_size: int
+    source: str  # where the history came from: "request", "stored" or "none" (cold start)
+
+
+class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
+    def __init__(self, catalog: Catalog, stored_histories: dict[str, list[int]], *, max_len: int, max_k: int,
+                 chunk_size: int, model_version: str):
+        self.catalog = catalog
+        self.stored_histories = stored_histories
+        self.max_len = max_len
+        self.max_k = max_k
+        self.chunk_size = chunk_size
+        self.model_version = model_version
+        self._item_ids = [""] + [item.id for item in catalog.items]  # index → id (0 = padding)
+        total = sum(item.train_count for item in catalog.items) or 1
+        self._popularity_share = np.array([0.0] + [item.train_count / total for item in catalog.items],
+                                          dtype=np.float32)  # [num_indices]
+        self._popularity_order = catalog.popularity_order()
+        self._model: Callable[[Query], Awaitable[Ranked]] | None = None
+
+    def attach(self, model: Callable[[Query], Awaitable[Ranked]]) -> None:
+        """Connects the warmed-up model; until then Retrieve answers UNAVAILABLE."""
+        self._model = model
+
+    async def Retrieve(self, request: retrieval_pb2.RetrieveRequest, context: grpc.aio.ServicerContext) -> None:
+        rid = request_id(request.request_id, context)
+        async with RETRIEVE.track(context, rid, log):
+            await self._retrieve(request, context, rid)
+
+    async def _retrieve(self, request: retrieval_pb2.RetrieveRequest, context: grpc.aio.ServicerContext,
+                        rid: str) -> None:
+        started = time.perf_counter()
+        plan = self.plan(request)
+        if plan.history:
+            if self._model is None:
+                raise RequestError(grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry when health is SERVING")
+            ranked = await self._model(Query(history=plan.history, exclude=plan.exclude, k=plan.k))
+        else:
+            COLD_STARTS.inc()
+            ranked = self.popular(plan.exclude, plan.k)
+        truncated = len(plan.history) > self.max_len
+        if truncated:
+            TRUNCATED.inc()
+        for message in self.messages(ranked, plan.chunk_size, cold_start=not plan.history,
+                                     history_length=min(len(plan.history), self.max_len),
+                                     history_truncated=truncated):
+            await context.write(message)
+        log.info("rid=%s user=%r history=%d (%s)%s k=%d -> %d candidates in %.1f ms", rid, request.user_id,
+                 len(plan.history), plan.source, " truncated" if truncated else "", plan.k, len(ranked.indices),
+                 (time.perf_counter() - started) * 1e3)
+
+    def plan(self, request: retrieval_pb2.RetrieveRequest) -> Plan:
+        """Validates the request (INVALID_ARGUMENT naming the field) and resolves its history:
+        explicit `history` wins, else the user's stored history, else none (cold start)."""
+        if not 1 <= request.k <= self.max_k:
+            raise invalid_argument(f"k must be between 1 and {self.max_k}, got {request.k}")
+        if request.chunk_size < 0:
+            raise invalid_argument(f"chunk_size must be >= 0 (0 = server default), got {request.chunk_size}")
+        history = self._indices("history", request.history)
+        exclude = self._indices("exclude", request.exclude)
+        source = "request"
+        if not history:
+            history = self.stored_histories.get(request.user_id, [])
+            source = "stored" if history else "none"
+        return Plan(history=history, exclude=list(dict.fromkeys([*history, *exclude])), k=request.k,
+                    chunk_size=request.chunk_size or self.chunk_size, source=source)
+
+    def popular(self, exclude: Sequence[int], k: int) -> Ranked:
+        """Cold start: the k most popular items not excluded, scored by their share of interactions."""
+        excluded = set(exclude)
+        top = []
+        for index in self._popularity_order:
+            if index not in excluded:
+                top.append(index)
+                if len(top) == k:
+                    break
+        indices = np.array(top, dtype=np.int64)  # [n]
+        return Ranked(indices=indices, scores=self._popularity_share[indices])
+
+    def messages(self, ranked: Ranked, chunk_size: int, **flags) -> Iterator[retrieval_pb2.RetrieveResponse]:
+        """Chunks of `chunk_size` candidates in rank order; at least one message, so the flags and
+        model version arrive even when nothing is left to recommend."""
+        ids = [self._item_ids[i] for i in ranked.indices.tolist()]
+        scores = ranked.scores.tolist()
+        for start in range(0, max(len(ids), 1), chunk_size):
+            candidates = [retrieval_pb2.Candidate(item_id=ids[rank], score=scores[rank], rank=rank)
+                          for rank in range(start, min(start + chunk_size, len(ids)))]
+            yield retrieval_pb2.RetrieveResponse(candidates=candidates, model_version=self.model_version, **flags)
+
+    def _indices(self, field_name: str, item_ids: Sequence[str]) -> list[int]:
+        unknown = self.catalog.unknown(item_ids)
+        if unknown:
+            unknown = list(dict.fromkeys(unknown))
+            shown = ", ".join(repr(i) for i in unknown[:MAX_IDS_IN_MESSAGE])
+            more = f" and {len(unknown) - MAX_IDS_IN_MESSAGE} more" if len(unknown) > MAX_IDS_IN_MESSAGE else ""
+            raise invalid_argument(f"{field_name}: unknown item ids {shown}{more}")
+        return self.catalog.indices(item_ids)
