@@ -61,10 +61,10 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
     async def _retrieve(self, request: retrieval_pb2.RetrieveRequest, context: grpc.aio.ServicerContext,
                         rid: str) -> None:
         started = time.perf_counter()
+        if self._model is None:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry when health is SERVING")
         plan = self.plan(request)
         if plan.history:
-            if self._model is None:
-                raise RequestError(grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry when health is SERVING")
             ranked = await self._model(Query(history=plan.history, exclude=plan.exclude, k=plan.k))
         else:
             COLD_STARTS.inc()

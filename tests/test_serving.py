@@ -1,0 +1,192 @@
+"""palr/serving.py over real loopback gRPC: health transitions, drain, TLS and mutual TLS, error
+mapping and Prometheus metrics. The servers here carry a small real test service (raw bytes)
+besides health and reflection; tests/test_retrieval_server*.py cover the same plumbing under the
+retrieval service."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import urllib.request
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from loadtest.servers import free_port
+from palr.serving import (NOT_SERVING, SERVING, GrpcServer, RequestError, RpcMetrics, ServerConfig, open_channel)
+
+SERVICE = "test.Plumbing"
+METRICS = RpcMetrics("test_plumbing", "Plumbing")
+log = logging.getLogger(__name__)
+
+
+class PlumbingService:
+    """Echo (bytes back), Slow (echo after `delay_s`; sets `entered` on arrival), Refuse
+    (a RequestError) and Crash (a bug), each wrapped by RpcMetrics.track like real servicers."""
+
+    def __init__(self, delay_s: float = 0.5):
+        self.delay_s = delay_s
+        self.entered = threading.Event()
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        methods = {"Echo": self.echo, "Slow": self.slow, "Refuse": self.refuse, "Crash": self.crash}
+        return grpc.method_handlers_generic_handler(
+            SERVICE, {name: grpc.unary_unary_rpc_method_handler(self._tracked(fn)) for name, fn in methods.items()})
+
+    def _tracked(self, fn):
+        async def handle(request: bytes, context) -> bytes:
+            async with METRICS.track(context, "test-rid", log):
+                return await fn(request)
+        return handle
+
+    async def echo(self, request: bytes) -> bytes:
+        return request
+
+    async def slow(self, request: bytes) -> bytes:
+        self.entered.set()
+        await asyncio.sleep(self.delay_s)
+        return request
+
+    async def refuse(self, request: bytes) -> bytes:
+        raise RequestError(grpc.StatusCode.FAILED_PRECONDITION, "field: refused on purpose")
+
+    async def crash(self, request: bytes) -> bytes:
+        raise ZeroDivisionError("a bug")
+
+
+def start_server(server_loop, config: ServerConfig, service: PlumbingService | None = None) -> GrpcServer:
+    async def make() -> GrpcServer:
+        server = GrpcServer(config, [SERVICE])
+        server.grpc.add_generic_rpc_handlers([(service or PlumbingService()).handler()])
+        await server.start()
+        return server
+    return server_loop.run(make())
+
+
+def call(channel: grpc.Channel, method: str, payload: bytes = b"ping", timeout: float = 10.0) -> bytes:
+    return channel.unary_unary(f"/{SERVICE}/{method}")(payload, timeout=timeout)
+
+
+def health_status(channel: grpc.Channel, service: str = "") -> int:
+    return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
+
+
+def test_health_not_serving_until_warm_then_serving_then_not_serving_while_draining(server_loop):
+    service = PlumbingService(delay_s=0.5)
+    server = start_server(server_loop, ServerConfig(port=0, grace=5.0), service)
+    with grpc.insecure_channel(server.address) as channel:
+        assert [health_status(channel, name) for name in ("", SERVICE)] == [NOT_SERVING, NOT_SERVING]
+        server_loop.run(server.set_serving())
+        assert [health_status(channel, name) for name in ("", SERVICE)] == [SERVING, SERVING]
+
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=SERVICE))
+        assert next(watch).status == SERVING
+        in_flight = channel.unary_unary(f"/{SERVICE}/Slow").future(b"slow", timeout=10)
+        assert service.entered.wait(5)
+        drained = server_loop.submit(server.drain())
+        assert next(watch).status == NOT_SERVING  # watchers hear it as the drain starts
+        watch.cancel()
+        assert in_flight.result() == b"slow"  # the in-flight RPC finished OK
+        drained.result(10)
+    with grpc.insecure_channel(server.address) as channel:  # a new connection is refused
+        with pytest.raises(grpc.RpcError) as refused:
+            health_status(channel)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_drain_cancels_what_outlives_the_grace_period(server_loop):
+    service = PlumbingService(delay_s=30.0)
+    server = start_server(server_loop, ServerConfig(port=0, grace=0.3), service)
+    with grpc.insecure_channel(server.address) as channel:
+        slow = channel.unary_unary(f"/{SERVICE}/Slow").future(b"slow", timeout=20)
+        assert service.entered.wait(5)
+        server_loop.run(server.drain(), timeout=10)
+        with pytest.raises(grpc.RpcError) as cut:
+            slow.result()
+        assert cut.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+
+
+def test_request_errors_keep_their_code_bugs_become_internal_and_the_server_keeps_serving(server_loop):
+    metrics_port = free_port()
+    server = start_server(server_loop, ServerConfig(port=0, metrics_port=metrics_port))
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            with pytest.raises(grpc.RpcError) as refused:
+                call(channel, "Refuse")
+            assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "field" in refused.value.details()
+            with pytest.raises(grpc.RpcError) as crashed:
+                call(channel, "Crash")
+            assert crashed.value.code() == grpc.StatusCode.INTERNAL
+            assert "test-rid" in crashed.value.details()
+            assert call(channel, "Echo", b"still here") == b"still here"
+        assert server.metrics_port == metrics_port
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+        for code in ("FAILED_PRECONDITION", "INTERNAL", "OK"):
+            assert _sample(text, f'test_plumbing_requests_total{{code="{code}"}}') >= 1
+        assert _sample(text, "test_plumbing_requests_in_flight") == 0
+    finally:
+        server_loop.run(server.drain())
+
+
+def test_oversized_request_is_resource_exhausted_and_the_server_keeps_serving(server_loop):
+    server = start_server(server_loop, ServerConfig(port=0, max_message_bytes=1024))
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            with pytest.raises(grpc.RpcError) as too_big:
+                call(channel, "Echo", b"x" * 4096)
+            assert too_big.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert call(channel, "Echo", b"x" * 512) == b"x" * 512
+    finally:
+        server_loop.run(server.drain())
+
+
+def test_tls_server_answers_clients_that_trust_its_ca_only(server_loop, pki):
+    config = ServerConfig(port=0, tls_cert=pki.server_cert, tls_key=pki.server_key)
+    assert config.tls == "TLS"
+    server = start_server(server_loop, config)
+    try:
+        with open_channel(server.address, tls_ca=pki.ca, aio=False) as channel:
+            assert call(channel, "Echo", b"secret") == b"secret"
+        with open_channel(server.address, aio=False) as plaintext:
+            with pytest.raises(grpc.RpcError) as refused:
+                call(plaintext, "Echo", timeout=3)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        server_loop.run(server.drain())
+
+
+def test_mutual_tls_refuses_clients_without_a_certificate_its_ca_signed(server_loop, pki):
+    config = ServerConfig(port=0, tls_cert=pki.server_cert, tls_key=pki.server_key, tls_client_ca=pki.ca)
+    assert config.tls == "mutual TLS"
+    server = start_server(server_loop, config)
+    try:
+        with open_channel(server.address, tls_ca=pki.ca, tls_cert=pki.client_cert, tls_key=pki.client_key,
+                          aio=False) as channel:
+            assert call(channel, "Echo", b"mutual") == b"mutual"
+        for client in ({"tls_ca": pki.ca},
+                       {"tls_ca": pki.ca, "tls_cert": pki.rogue_cert, "tls_key": pki.rogue_key}):
+            with open_channel(server.address, aio=False, **client) as channel:
+                with pytest.raises(grpc.RpcError) as refused:
+                    call(channel, "Echo", timeout=3)
+                assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        server_loop.run(server.drain())
+
+
+def test_server_config_refuses_half_tls_settings(pki):
+    with pytest.raises(ValueError, match="tls-key"):
+        ServerConfig(tls_cert=pki.server_cert)
+    with pytest.raises(ValueError, match="needs --tls-cert"):
+        ServerConfig(tls_client_ca=pki.ca)
+    with pytest.raises(ValueError, match="tls_key"):
+        open_channel("127.0.0.1:1", tls_cert=pki.client_cert)
+
+
+def _sample(metrics_text: str, name: str) -> float:
+    for line in metrics_text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[-1])
+    raise AssertionError(f"{name} not in the metrics output")
