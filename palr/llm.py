@@ -110,26 +110,34 @@ def _check_labels(model, label_token_ids: Sequence[int]) -> list[int]:
     return labels
 
 
-def label_log_probs(logits: torch.Tensor, label_token_ids: Sequence[int]) -> list[float]:
+def label_log_probs(label_logits: torch.Tensor) -> list[float]:
     """Log-softmax over the label tokens only (a distribution over the candidates).
 
-    logits: `[V]` next-token logits. Shared by the reference and the engines so they agree exactly."""
-    labels = torch.as_tensor(list(label_token_ids), device=logits.device)
-    return torch.log_softmax(logits.float()[labels], dim=-1).tolist()
+    label_logits: `[L]` next-token logits of the labels, in candidate order. Shared by the reference
+    and the engines so they agree exactly."""
+    return torch.log_softmax(label_logits.float(), dim=-1).tolist()
+
+
+def pick_allowed(allowed: Sequence[int], allowed_logits: torch.Tensor, constraint: DecodingConstraint,
+                 bias: Sequence[float] | None = None) -> int:
+    """Greedy choice under the constraint: argmax of logit + bias over `allowed` (first on ties).
+
+    allowed_logits: `[A]`, the logits of `allowed` (= `constraint.allowed_tokens()`). Shared by the
+    reference and the engines so they agree exactly."""
+    if not allowed:
+        raise ValueError("the constraint allows no token (it is done)")
+    scores = allowed_logits.float()  # [A]
+    if bias is not None:
+        scores = scores + torch.tensor(constraint.token_bias(bias), device=scores.device)
+    return int(allowed[int(torch.argmax(scores))])
 
 
 def pick_token(logits: torch.Tensor, constraint: DecodingConstraint,
                bias: Sequence[float] | None = None) -> int:
-    """Greedy choice under the constraint: argmax over allowed tokens of logit + bias (first on ties).
-
-    logits: `[V]`. Shared by the reference and the engines so they agree exactly."""
+    """`pick_allowed` on full next-token logits `[V]`."""
     allowed = constraint.allowed_tokens()
-    if not allowed:
-        raise ValueError("the constraint allows no token (it is done)")
-    scores = logits.float()[torch.as_tensor(allowed, device=logits.device)]  # [A]
-    if bias is not None:
-        scores = scores + torch.tensor(constraint.token_bias(bias), device=logits.device)
-    return allowed[int(torch.argmax(scores))]
+    index = torch.as_tensor(allowed, dtype=torch.long, device=logits.device)
+    return pick_allowed(allowed, logits[index], constraint, bias)
 
 
 def score_labels(model, input_ids: Sequence[int], label_token_ids: Sequence[int],
@@ -138,7 +146,7 @@ def score_labels(model, input_ids: Sequence[int], label_token_ids: Sequence[int]
     normalised over the labels. Returns one value per candidate, in candidate order."""
     labels = _check_labels(model, label_token_ids)
     logits, _ = _prefill(model, input_ids, prefix)
-    return label_log_probs(logits, labels)
+    return label_log_probs(logits[torch.as_tensor(labels, device=logits.device)])
 
 
 @torch.inference_mode()

@@ -1,0 +1,1 @@
+"""Ranking tier: the PALR LLM ranker behind gRPC; `engines/` holds the LLM inference backends."""

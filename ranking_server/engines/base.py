@@ -1,0 +1,169 @@
+"""The one engine interface the ranking server talks to (a vLLM-style engine client).
+
+    result = await engine.rank(EngineRequest(...))   # raises EngineOverloaded at once when the queue is full
+    engine.abort(request_id)                          # client cancelled / deadline near: frees its batch slot
+    engine.check_health(), engine.stats(), engine.close()
+
+Every backend (hf in-flight batching, the benchmark baselines, trtllm on GPUs) answers the same
+requests with the same results; only the scheduling differs. The shape fits TensorRT-LLM's LLM API:
+`rank` = `await llm.generate_async(...)`, `abort` = `RequestOutput.abort()`.
+
+Import-light: no torch here, so the server and the benchmark import it freely.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from palr.decoding import DecodingConstraint, LabelConstraint
+
+MODES = ("score", "generate")
+
+
+class EngineError(RuntimeError):
+    """The engine could not answer this request (crashed loop, closed engine, failed forward pass)."""
+
+
+class EngineOverloaded(EngineError):
+    """Admission queue full: rejected at once (the server answers RESOURCE_EXHAUSTED)."""
+
+
+class EngineAborted(EngineError):
+    """The request was aborted (client cancel, deadline) before it finished."""
+
+
+class InvalidRequest(EngineError, ValueError):
+    """The request itself is malformed (the server answers INVALID_ARGUMENT); the message names the field."""
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """One ranking request on token ids. The prompt is `prefix_ids + suffix_ids`; `prefix_ids` is the
+    instruction preamble shared by all requests (its KV is reused), `suffix_ids` this user's part.
+
+    mode "score": one forward pass, a log-probability per candidate label.
+    mode "generate": the model names `k` distinct candidates in order, under `constraint()` (default:
+    `LabelConstraint(label_token_ids, k)`), with `bias` (one additive logit per candidate) applied to
+    the token that starts each candidate.
+    """
+
+    request_id: str
+    prefix_ids: Sequence[int]
+    suffix_ids: Sequence[int]
+    label_token_ids: Sequence[int]
+    mode: str = "score"
+    k: int = 10
+    bias: Sequence[float] | None = None
+    constraint: Callable[[], DecodingConstraint] | None = field(default=None, compare=False)
+
+    @property
+    def input_ids(self) -> list[int]:
+        return [*self.prefix_ids, *self.suffix_ids]
+
+    def validate(self, vocab_size: int, max_seq_len: int) -> DecodingConstraint | None:
+        """Check the request; returns a fresh constraint for generate mode (None for score mode).
+
+        Raises InvalidRequest naming the bad field."""
+        if self.mode not in MODES:
+            raise InvalidRequest(f"mode must be one of {MODES}, got {self.mode!r}")
+        if not self.suffix_ids:
+            raise InvalidRequest("suffix_ids is empty: the prompt must end with the request's own tokens")
+        labels = list(self.label_token_ids)
+        if not labels:
+            raise InvalidRequest("label_token_ids is empty: there is no candidate to rank")
+        bad = [t for t in (*labels, *self.prefix_ids, *self.suffix_ids) if not 0 <= int(t) < vocab_size]
+        if bad:
+            raise InvalidRequest(f"token ids {bad[:5]} are outside the vocabulary (size {vocab_size})")
+        if self.bias is not None and len(self.bias) != len(labels):
+            raise InvalidRequest(f"bias has {len(self.bias)} values for {len(labels)} candidates")
+        constraint = None
+        if self.mode == "generate":
+            try:
+                constraint = self.constraint() if self.constraint else LabelConstraint(labels, self.k)
+            except ValueError as e:
+                raise InvalidRequest(f"k/label_token_ids: {e}") from e
+        elif len(set(labels)) != len(labels):
+            raise InvalidRequest(f"label_token_ids has duplicates: {labels}")
+        needed = len(self.prefix_ids) + len(self.suffix_ids) + (constraint.max_new_tokens if constraint else 0)
+        if needed > max_seq_len:
+            raise InvalidRequest(f"prompt plus generated tokens ({needed}) exceed max_seq_len={max_seq_len}")
+        return constraint
+
+
+@dataclass(frozen=True)
+class EngineTimings:
+    queue_ms: float      # submitted -> admitted into the batch
+    prefill_ms: float    # admitted -> prompt fully in the KV cache
+    decode_ms: float     # prompt done -> last token (0 in score mode)
+    total_ms: float      # submitted -> answer
+
+
+@dataclass(frozen=True)
+class EngineResult:
+    """`order`: candidate positions best first (score mode: by score; generate mode: as emitted).
+    `scores`: score mode only, the label log-probability of each candidate, in candidate order."""
+
+    request_id: str
+    mode: str
+    order: list[int]
+    scores: list[float] | None
+    prompt_tokens: int      # prompt length
+    cached_tokens: int      # prompt tokens whose KV came from the shared-prefix cache
+    generated_tokens: int
+    timings: EngineTimings
+
+
+@dataclass
+class EngineStats:
+    """A snapshot for metrics and the benchmark. Histograms map a size to how many steps had it."""
+
+    engine: str
+    healthy: bool
+    active: int = 0                  # requests holding a batch slot now
+    queued: int = 0                  # requests waiting for a slot
+    completed: int = 0
+    failed: int = 0
+    aborted: int = 0
+    rejected: int = 0                # EngineOverloaded
+    steps: int = 0                   # engine iterations that ran the model
+    prompt_tokens: int = 0           # prompt tokens run through the model (cached prefix excluded)
+    cached_tokens: int = 0           # prompt tokens served from the prefix cache
+    generated_tokens: int = 0
+    busy_s: float = 0.0              # time spent running steps
+    max_active: int = 0              # highest concurrent batch seen
+    max_step_tokens: int = 0         # most tokens one step ran
+    batch_size_hist: dict[int, int] = field(default_factory=dict)   # requests run per step
+    step_tokens_hist: dict[int, int] = field(default_factory=dict)  # tokens run per step
+
+    @property
+    def tokens_per_s(self) -> float:
+        return (self.prompt_tokens + self.generated_tokens) / self.busy_s if self.busy_s else 0.0
+
+
+class RankingEngine(ABC):
+    """What the ranking server (and the benchmark) holds. Thread-safe `abort`/`check_health`/`stats`."""
+
+    name: str = "engine"
+
+    @abstractmethod
+    async def rank(self, request: EngineRequest) -> EngineResult:
+        """Rank one request. Raises InvalidRequest, EngineOverloaded (at once), EngineAborted, EngineError.
+        Cancelling the awaiting task aborts the request."""
+
+    @abstractmethod
+    def abort(self, request_id: str) -> bool:
+        """Abort a queued or running request; it leaves at the next step. False if unknown/finished."""
+
+    @abstractmethod
+    def check_health(self) -> bool:
+        """True while the engine can serve (loop alive, not closed)."""
+
+    @abstractmethod
+    def stats(self) -> EngineStats:
+        ...
+
+    @abstractmethod
+    def close(self) -> None:
+        """Stop the engine; requests still pending fail with EngineError. Idempotent."""

@@ -1,0 +1,112 @@
+"""Baselines for the benchmark only: what in-flight batching is measured against.
+
+- `SequentialEngine` (one-at-a-time): a FIFO worker that runs each request alone through the
+  reference in `palr.llm` (with the same shared-prefix switch). An abort takes effect between
+  requests: one already running completes.
+- `StaticBatchingEngine`: collects up to `max_batch_size` requests (or waits `batch_timeout_ms`),
+  prefills them as one right-padded batch, decodes them together until ALL are done, and only then
+  takes the next batch. Same kernels and KV cache as the in-flight engine, so the comparison
+  measures the scheduling only. (Rows that finish early stop being computed; with a common k they
+  all finish together anyway.)
+
+Both answer through the same interface as the serving engine.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+
+import torch
+
+from palr.llm import PrefixKV, compute_prefix, generate_constrained, score_labels
+from ranking_server.engines.base import EngineError
+from ranking_server.engines.hf import EngineConfig, HFEngine, Sequence_
+from ranking_server.engines.loop import LoopEngine, Pending
+
+
+class SequentialEngine(LoopEngine):
+    """One request at a time, through the reference implementation."""
+
+    def __init__(self, model, config: EngineConfig | None = None, name: str = "sequential"):
+        config = config or EngineConfig()
+        super().__init__(name, vocab_size=model.config.get_text_config().vocab_size,
+                         max_seq_len=config.max_seq_len, max_queue=config.max_queue)
+        self.config = config
+        self.model = model
+        self._prefixes: OrderedDict[tuple[int, ...], PrefixKV] = OrderedDict()
+        self.start()
+
+    def _engine_context(self):
+        if self.config.num_threads:
+            torch.set_num_threads(self.config.num_threads)
+        return torch.inference_mode()
+
+    def _prefix(self, prefix_ids) -> PrefixKV | None:
+        key = tuple(int(t) for t in prefix_ids)
+        if not (self.config.prefix_reuse and key):
+            return None
+        if key not in self._prefixes:
+            self._prefixes[key] = compute_prefix(self.model, key)
+            self._count(prompt_tokens=len(key))
+            while len(self._prefixes) > self.config.prefix_cache_size:
+                self._prefixes.popitem(last=False)
+        self._prefixes.move_to_end(key)
+        return self._prefixes[key]
+
+    def _step(self) -> bool:
+        taken = self._take(1)
+        if not taken:
+            return False
+        pending = taken[0]
+        request = pending.request
+        try:
+            prefix = self._prefix(request.prefix_ids)
+            cached = len(prefix) if prefix else 0
+            if request.mode == "score":
+                scores = score_labels(self.model, request.input_ids, request.label_token_ids, prefix)
+                order = sorted(range(len(scores)), key=lambda c: -scores[c])
+            else:
+                scores = None
+                order = generate_constrained(self.model, request.input_ids, pending.constraint, request.bias, prefix)
+        except Exception as e:  # noqa: BLE001 - fail this request, keep serving
+            self._fail(pending, EngineError(f"reference run failed: {e!r}"))
+            return True
+        pending.prefilled = time.perf_counter() if request.mode == "score" else 0.0
+        prompt = len(request.input_ids) - cached
+        generated = len(order) if request.mode == "generate" else 0
+        self._count(prompt_tokens=prompt, cached_tokens=cached, generated_tokens=generated)
+        self._record_step(1, prompt + generated, active=1)
+        self._finish(pending, order, scores, cached, generated)
+        return True
+
+    def _release(self, pending: Pending) -> None:
+        """Nothing is held between requests."""
+
+
+class StaticBatchingEngine(HFEngine):
+    """Batch-at-a-time: nobody joins a running batch."""
+
+    def __init__(self, model, config: EngineConfig | None = None, name: str = "hf-static"):
+        super().__init__(model, config, name)
+
+    def _admit_new(self) -> None:
+        if self._slots:
+            return  # a batch is running
+        waiting, oldest = self._queue_head()
+        if not waiting:
+            return
+        left = oldest + self.config.batch_timeout_ms / 1e3 - time.perf_counter()
+        if waiting < self.config.max_batch_size and left > 0:
+            self._wait_for_arrivals(left)
+            return
+        for pending in self._take(self.config.max_batch_size):
+            self._admit(pending)
+
+    def _plan_prefill(self, budget: int) -> list[tuple[Sequence_, int]]:
+        """The whole batch's prompts at once, no token budget."""
+        return [(seq, len(seq.todo)) for seq in self._slots[self._n_decoding:]]
+
+    def _prefill_groups(self, chunks):
+        return [chunks] if chunks else []
+

@@ -1,0 +1,319 @@
+"""`hf` engine: the transformers model with in-flight (continuous) batching, CPU and CUDA.
+
+One engine thread runs the scheduler. Every step it
+  1. admits waiting requests into free slots (up to `max_batch_size`), copying the shared prefix's KV
+     from a small LRU when it has it (`prefix_reuse`), so only the rest of the prompt is run;
+  2. runs ONE batched decode pass for every request that is generating (one token each);
+  3. spends what is left of `max_tokens_per_step` on prompt chunks of requests still prefilling
+     (long prompts are chunked, so decodes keep flowing while a new prompt goes in);
+  4. finishes what is done: score mode reads the label logits at the prompt's last position; generate
+     mode picks each row's next token under its own constraint. Finished requests leave the batch.
+
+KV layout (`SlotKVCache`): slots `[0, n_decoding)` hold generating requests, the next slots hold
+requests still prefilling, the rest are free; so a decode pass reads one contiguous view. Moving
+between regions swaps two rows once per request (a few MB), never per step.
+
+Logits are computed only for the tokens a request may emit (the labels), not the whole vocabulary:
+the LM head is ~20 % of this model's weights, so this is ~20 % of a decode step saved.
+
+The one-at-a-time reference in `palr.llm` defines the answers; tests check this engine reproduces them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from palr.decoding import DecodingConstraint
+from palr.llm import label_log_probs, model_device, pick_allowed
+from ranking_server.engines.base import EngineError
+from ranking_server.engines.kv import LayerKV, SlotKVCache
+from ranking_server.engines.loop import LoopEngine, Pending
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineConfig:
+    """Scheduler limits shared by the in-process engines (the baselines use the subset they need)."""
+
+    max_batch_size: int = field(default=16, metadata={"help": "most requests in the running batch (KV slots)"})
+    max_tokens_per_step: int = field(default=256, metadata={
+        "help": "token budget of one engine step: decode tokens first, then prompt chunks"})
+    max_queue: int = field(default=64, metadata={
+        "help": "requests waiting for a slot; beyond it rank() raises EngineOverloaded at once"})
+    max_seq_len: int = field(default=1024, metadata={"help": "prompt + generated tokens per request (KV slot length)"})
+    prefix_reuse: bool = field(default=True, metadata={
+        "help": "reuse the shared instruction prefix's KV across requests (computed once per prefix)"})
+    prefix_cache_size: int = field(default=4, metadata={"help": "distinct prefixes kept (LRU)"})
+    num_threads: int | None = field(default=None, metadata={
+        "help": "torch intra-op threads on the engine thread (None: torch's default)"})
+    batch_timeout_ms: float = field(default=20.0, metadata={
+        "help": "static batching baseline only: how long to wait for a batch to fill"})
+
+    def __post_init__(self):
+        if self.max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
+        if self.max_tokens_per_step < self.max_batch_size:
+            raise ValueError(f"max_tokens_per_step ({self.max_tokens_per_step}) must be >= max_batch_size "
+                             f"({self.max_batch_size}) so every decoding request gets its token each step")
+
+
+@dataclass(eq=False)
+class Sequence_:
+    """A running request's state in the batch."""
+
+    pending: Pending
+    slot: int
+    todo: list[int]                # prompt tokens not yet in the KV cache
+    length: int = 0                # tokens in the KV cache
+    cached: int = 0                # prompt tokens copied from the prefix cache
+    snapshot_at: int = 0           # store the prefix KV once `length` reaches this (0: no)
+    next_token: int | None = None  # generate mode: the token to feed next
+    generated: int = 0
+
+    @property
+    def constraint(self) -> DecodingConstraint | None:
+        return self.pending.constraint
+
+
+class PrefixStore:
+    """Shared-prefix KV, keyed by the prefix token ids, least recently used dropped first."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._items: OrderedDict[tuple[int, ...], tuple[LayerKV, ...]] = OrderedDict()
+
+    def get(self, key: tuple[int, ...]) -> tuple[LayerKV, ...] | None:
+        if key in self._items:
+            self._items.move_to_end(key)
+            return self._items[key]
+        return None
+
+    def put(self, key: tuple[int, ...], layers: tuple[LayerKV, ...]) -> None:
+        self._items[key] = layers
+        self._items.move_to_end(key)
+        while len(self._items) > self.capacity:
+            self._items.popitem(last=False)
+
+
+class HFEngine(LoopEngine):
+    """In-flight batching over a transformers causal LM (weights and modules stay the model's)."""
+
+    def __init__(self, model, config: EngineConfig | None = None, name: str = "hf-inflight"):
+        config = config or EngineConfig()
+        text = model.config.get_text_config()
+        super().__init__(name, vocab_size=text.vocab_size, max_seq_len=config.max_seq_len,
+                         max_queue=config.max_queue)
+        self.config = config
+        self.model = model
+        self.decoder = model.get_decoder()
+        self.lm_head = model.get_output_embeddings()
+        self.device = model_device(model)
+        self.kv = SlotKVCache(model.config, config.max_batch_size, config.max_seq_len, model.dtype, self.device)
+        self.prefixes = PrefixStore(config.prefix_cache_size)
+        self._slots: list[Sequence_] = []        # index = slot; [0, n_decoding) are generating
+        self._n_decoding = 0
+        self._by_id: dict[str, Sequence_] = {}
+        self.start()
+
+    # ---- scheduling ---------------------------------------------------------------------------
+
+    def _engine_context(self):
+        if self.config.num_threads:
+            torch.set_num_threads(self.config.num_threads)
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.inference_mode())
+        return stack
+
+    def _step(self) -> bool:
+        self._admit_new()
+        if not self._slots:
+            return False
+        held = len(self._slots)
+        budget = self.config.max_tokens_per_step
+        decoding = self._slots[:self._n_decoding]
+        if decoding:
+            self._decode(decoding)
+        chunks = self._plan_prefill(budget - len(decoding))
+        for group in self._prefill_groups(chunks):
+            self._prefill(group)
+        self._record_step(len(decoding) + len(chunks), len(decoding) + sum(n for _, n in chunks),
+                          active=held)
+        return True
+
+    def _admit_new(self) -> None:
+        """In-flight: fill every free slot from the queue, at every step."""
+        for pending in self._take(self.config.max_batch_size - len(self._slots)):
+            self._admit(pending)
+
+    def _plan_prefill(self, budget: int) -> list[tuple[Sequence_, int]]:
+        """Prompt chunks for this step, oldest request first, within the token budget."""
+        chunks = []
+        for seq in self._slots[self._n_decoding:]:
+            if budget <= 0:
+                break
+            n = min(len(seq.todo), budget)
+            chunks.append((seq, n))
+            budget -= n
+        return chunks
+
+    def _prefill_groups(self, chunks: list[tuple[Sequence_, int]]) -> list[list[tuple[Sequence_, int]]]:
+        """In-flight: one pass per prompt chunk. Prefill is compute-bound on CPU, so padding rows of
+        different lengths into one pass would only add work."""
+        return [[chunk] for chunk in chunks]
+
+    # ---- admission and leaving ----------------------------------------------------------------
+
+    def _admit(self, pending: Pending) -> None:
+        request = pending.request
+        seq = Sequence_(pending, slot=len(self._slots), todo=request.input_ids)
+        self._slots.append(seq)
+        self._by_id[pending.request_id] = seq
+        key = tuple(int(t) for t in request.prefix_ids)
+        if self.config.prefix_reuse and key:
+            stored = self.prefixes.get(key)
+            if stored is not None:
+                self.kv.write_prefix(seq.slot, stored)
+                seq.length = seq.cached = len(key)
+                seq.todo = [int(t) for t in request.suffix_ids]
+            else:
+                seq.snapshot_at = len(key)
+
+    def _swap(self, i: int, j: int) -> None:
+        if i == j:
+            return
+        a, b = self._slots[i], self._slots[j]
+        self.kv.swap(i, j, max(a.length, b.length))
+        self._slots[i], self._slots[j] = b, a
+        a.slot, b.slot = j, i
+
+    def _leave(self, seq: Sequence_) -> None:
+        """Free the request's slot, keeping the decoding rows, then the prefilling rows, contiguous."""
+        if seq.slot < self._n_decoding:
+            self._n_decoding -= 1
+            self._move_into(self._n_decoding, seq.slot)
+        self._move_into(len(self._slots) - 1, seq.slot)
+        self._slots.pop()
+        del self._by_id[seq.pending.request_id]
+
+    def _move_into(self, src: int, dst: int) -> None:
+        """Move the request in slot `src` into slot `dst`, whose request is leaving (goes to `src`)."""
+        if src == dst:
+            return
+        leaving, moving = self._slots[dst], self._slots[src]
+        self.kv.move(src, dst, moving.length)
+        self._slots[dst], self._slots[src] = moving, leaving
+        moving.slot, leaving.slot = dst, src
+
+    def _release(self, pending: Pending) -> None:
+        seq = self._by_id.get(pending.request_id)
+        if seq is not None:
+            self._leave(seq)
+
+    def _fail_rows(self, seqs: list[Sequence_], error: Exception, what: str) -> None:
+        log.exception("%s failed for %d request(s)", what, len(seqs), exc_info=error)
+        for seq in seqs:
+            if seq.pending.request_id in self._by_id:
+                self._leave(seq)
+                self._fail(seq.pending, EngineError(f"{what} failed: {error!r}"))
+
+    # ---- model work ---------------------------------------------------------------------------
+
+    def _forward(self, first: int, tokens: list[list[int]], starts: list[int]) -> torch.Tensor:
+        """Run rows `[first, first + B)` on their new tokens; hidden state at each row's last token `[B, D]`."""
+        counts = [len(t) for t in tokens]
+        plan = self.kv.plan(first, starts, counts)
+        ids = torch.tensor([t + [0] * (plan.width - len(t)) for t in tokens], device=self.device)  # [B, T]
+        out = self.decoder(input_ids=ids, attention_mask=plan.attention_mask(),
+                           position_ids=plan.position_ids(), past_key_values=self.kv, use_cache=True)
+        last = torch.tensor(counts, device=self.device) - 1
+        return out.last_hidden_state[torch.arange(len(tokens), device=self.device), last]  # [B, D]
+
+    def _token_logits(self, hidden: torch.Tensor, token_ids: list[int]) -> torch.Tensor:
+        """LM-head logits of only these tokens: `[B, D] -> [B, len(token_ids)]` (fp32)."""
+        index = torch.tensor(token_ids, device=self.device)
+        weight = self.lm_head.weight[index]  # [A, D]
+        logits = hidden @ weight.T
+        if self.lm_head.bias is not None:
+            logits = logits + self.lm_head.bias[index]
+        return logits.float()
+
+    def _decode(self, seqs: list[Sequence_]) -> None:
+        """One batched decode pass over slots `[0, len(seqs))`, then each row's constrained pick."""
+        try:
+            hidden = self._forward(0, [[s.next_token] for s in seqs], [s.length for s in seqs])
+        except Exception as e:  # noqa: BLE001 - fail these rows, keep serving
+            self._fail_rows(seqs, e, "decode pass")
+            return
+        allowed = [s.constraint.allowed_tokens() for s in seqs]
+        union = sorted({t for row in allowed for t in row})
+        column = {t: i for i, t in enumerate(union)}
+        logits = self._token_logits(hidden, union)  # [B, U]
+        for seq in seqs:  # all lengths first: a row leaving below moves other rows' KV up to their length
+            seq.length += 1
+        for i, seq in enumerate(seqs):
+            self._emit(seq, allowed[i], logits[i, [column[t] for t in allowed[i]]])
+
+    def _emit(self, seq: Sequence_, allowed: list[int], allowed_logits: torch.Tensor) -> None:
+        """Pick the row's next token under its constraint; finish it when the constraint is done."""
+        request = seq.pending.request
+        try:
+            token = pick_allowed(allowed, allowed_logits, seq.constraint, request.bias)
+            seq.constraint.advance(token)
+        except Exception as e:  # noqa: BLE001 - a bad constraint fails its own request only
+            self._fail_rows([seq], e, "constrained decoding")
+            return
+        seq.generated += 1
+        self._count(generated_tokens=1)
+        if seq.constraint.done:
+            self._leave(seq)
+            self._finish(seq.pending, seq.constraint.emitted(), None, seq.cached, seq.generated)
+        else:
+            seq.next_token = token
+
+    def _prefill(self, group: list[tuple[Sequence_, int]]) -> None:
+        """Run one pass of prompt chunks for rows in contiguous slots; finish the prompts that are done."""
+        seqs = [seq for seq, _ in group]
+        first = seqs[0].slot
+        assert [s.slot for s in seqs] == list(range(first, first + len(seqs))), "prefill rows must be contiguous"
+        try:
+            hidden = self._forward(first, [seq.todo[:n] for seq, n in group], [s.length for s in seqs])
+        except Exception as e:  # noqa: BLE001
+            self._fail_rows(seqs, e, "prefill pass")
+            return
+        self._count(prompt_tokens=sum(n for _, n in group))
+        for seq, n in group:  # all lengths first: finishing rows below move other rows' KV
+            seq.todo = seq.todo[n:]
+            seq.length += n
+            if seq.snapshot_at and seq.length >= seq.snapshot_at:
+                key = tuple(int(t) for t in seq.pending.request.prefix_ids)
+                if self.prefixes.get(key) is None:
+                    self.prefixes.put(key, self.kv.read_prefix(seq.slot, seq.snapshot_at))
+                seq.snapshot_at = 0
+        for i, seq in enumerate(seqs):
+            if not seq.todo:
+                self._prompt_done(seq, hidden[i])
+
+    def _prompt_done(self, seq: Sequence_, hidden: torch.Tensor) -> None:
+        """Score mode: label log-probs, done. Generate mode: first pick, then join the decoding rows."""
+        pending = seq.pending
+        pending.prefilled = time.perf_counter()
+        self._count(cached_tokens=seq.cached)
+        request = pending.request
+        if request.mode == "score":
+            labels = [int(t) for t in request.label_token_ids]
+            scores = label_log_probs(self._token_logits(hidden[None], labels)[0])
+            order = sorted(range(len(scores)), key=lambda c: -scores[c])
+            self._leave(seq)
+            self._finish(pending, order, scores, seq.cached, 0)
+            return
+        allowed = seq.constraint.allowed_tokens()
+        self._swap(seq.slot, self._n_decoding)
+        self._n_decoding += 1
+        self._emit(seq, allowed, self._token_logits(hidden[None], allowed)[0])

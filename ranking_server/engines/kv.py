@@ -1,0 +1,125 @@
+"""Preallocated slot KV cache for in-flight batching over a Hugging Face decoder.
+
+Each running request owns one slot (a row) and its own length. Per layer the cache holds
+`keys/values [slots, kv_heads, max_len, head_dim]`. A forward pass runs a contiguous range of slots
+`[first, first + B)`; each row's new keys/values are written at that row's own positions, and
+attention reads the range as a view `[B, kv_heads, kv_len, head_dim]` (no gather), masked per row by
+a 4-D mask, with per-row `position_ids`. Stale entries past a row's length are never attended.
+
+It is a `transformers.Cache` passed as `past_key_values`: the decoder layers call `update()`. Because
+we pass a 4-D mask and `position_ids`, the model neither builds a mask nor asks the cache for its
+length (transformers 5.23: `create_causal_mask` returns a 4-D mask as is).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from transformers.cache_utils import Cache
+
+LayerKV = tuple[torch.Tensor, torch.Tensor]  # keys, values [kv_heads, length, head_dim]
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """Where one forward pass reads and writes: rows `[first, first + B)`, row i holding `starts[i]`
+    tokens before the pass and adding `counts[i]` (right-padded to `width`)."""
+
+    first: int
+    starts: list[int]
+    counts: list[int]
+    width: int
+    device: torch.device
+
+    @property
+    def rows(self) -> int:
+        return len(self.starts)
+
+    @property
+    def kv_len(self) -> int:
+        return max(s + c for s, c in zip(self.starts, self.counts))
+
+    def position_ids(self) -> torch.Tensor:
+        starts = torch.tensor(self.starts, device=self.device)
+        return starts[:, None] + torch.arange(self.width, device=self.device)[None, :]  # [B, T]
+
+    def attention_mask(self) -> torch.Tensor:
+        """`[B, 1, T, kv_len]` bool: query t of row i sees keys 0 .. starts[i] + t (its cache + causal)."""
+        keys = torch.arange(self.kv_len, device=self.device)  # [K]
+        return (keys[None, None, :] <= self.position_ids()[:, :, None])[:, None]  # [B, 1, T, K]
+
+
+class SlotKVCache(Cache):
+    """Per-slot keys/values for every layer, plus the plan of the forward pass under way."""
+
+    def __init__(self, config, slots: int, max_len: int, dtype: torch.dtype, device: torch.device | str):
+        super().__init__(layers=[])
+        text = config.get_text_config()
+        kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+        head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+        shape = (slots, kv_heads, max_len, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(text.num_hidden_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(text.num_hidden_layers)]
+        self.slots, self.max_len = slots, max_len
+        self.device = torch.device(device)
+        self._plan: StepPlan | None = None
+        self._row_index: torch.Tensor | None = None
+        self._pos_index: torch.Tensor | None = None
+
+    def plan(self, first: int, starts: Sequence[int], counts: Sequence[int]) -> StepPlan:
+        """Set up the next forward pass (call before the model's forward)."""
+        plan = StepPlan(first, list(starts), list(counts), max(counts), self.device)
+        if first < 0 or first + plan.rows > self.slots or plan.kv_len > self.max_len:
+            raise ValueError(f"plan outside the cache: rows {first}..{first + plan.rows}, kv_len {plan.kv_len}")
+        self._plan = plan
+        if plan.width == 1:  # decode: one scatter per layer instead of a loop over rows
+            self._row_index = torch.arange(first, first + plan.rows, device=self.device)  # [B]
+            self._pos_index = torch.tensor(plan.starts, device=self.device)  # [B]
+        return plan
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        """Write the new keys/values `[B, kv_heads, T, head_dim]` at each row's positions; return the
+        rows' full keys/values `[B, kv_heads, kv_len, head_dim]` (views)."""
+        plan = self._plan
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        if plan.width == 1:
+            keys[self._row_index, :, self._pos_index] = key_states[:, :, 0]  # [B, H, D]
+            values[self._row_index, :, self._pos_index] = value_states[:, :, 0]
+        else:
+            for i, (start, count) in enumerate(zip(plan.starts, plan.counts)):
+                keys[plan.first + i, :, start:start + count] = key_states[i, :, :count]
+                values[plan.first + i, :, start:start + count] = value_states[i, :, :count]
+        rows = slice(plan.first, plan.first + plan.rows)
+        return keys[rows, :, :plan.kv_len], values[rows, :, :plan.kv_len]
+
+    # ---- slot management (whole rows, all layers) ---------------------------------------------
+
+    def write_prefix(self, slot: int, layers: Sequence[LayerKV]) -> None:
+        """Copy a stored prefix `[kv_heads, P, head_dim]` per layer into the start of `slot`."""
+        for keys, values, (k, v) in zip(self.keys, self.values, layers):
+            keys[slot, :, :k.shape[1]] = k
+            values[slot, :, :v.shape[1]] = v
+
+    def read_prefix(self, slot: int, length: int) -> tuple[LayerKV, ...]:
+        """A copy of the first `length` positions of `slot`, per layer."""
+        return tuple((k[slot, :, :length].clone(), v[slot, :, :length].clone())
+                     for k, v in zip(self.keys, self.values))
+
+    def swap(self, i: int, j: int, length: int) -> None:
+        """Exchange the first `length` positions of slots i and j."""
+        if i == j or length == 0:
+            return
+        pair, flipped = [i, j], [j, i]
+        for keys, values in zip(self.keys, self.values):
+            keys[pair, :, :length] = keys[flipped, :, :length]
+            values[pair, :, :length] = values[flipped, :, :length]
+
+    def move(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` positions of slot `src` into slot `dst` (src is then free)."""
+        if src == dst or length == 0:
+            return
+        for keys, values in zip(self.keys, self.values):
+            keys[dst, :, :length] = keys[src, :, :length]
+            values[dst, :, :length] = values[src, :, :length]

@@ -1,0 +1,260 @@
+"""The plumbing every in-process engine shares: a bounded admission queue on the asyncio side, one
+dedicated engine thread running blocking torch work, results handed back to each caller's event
+loop with `call_soon_threadsafe`, aborts, health, close and counters.
+
+Where a request goes:  `rank()` (caller's event loop) validates it, appends it to `waiting` (or raises
+EngineOverloaded at once) and awaits a future;  the engine thread takes it from `waiting` when its
+scheduler (`_step`, per backend) admits it, runs it, and settles the future.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+import time
+from abc import abstractmethod
+from collections import Counter, deque
+from dataclasses import dataclass, field
+
+from palr.decoding import DecodingConstraint
+from ranking_server.engines.base import (
+    EngineAborted, EngineError, EngineOverloaded, EngineRequest, EngineResult, EngineStats,
+    EngineTimings, InvalidRequest, RankingEngine)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Pending:
+    """One request between `rank()` and its answer, with the times the engine records."""
+
+    request: EngineRequest
+    constraint: DecodingConstraint | None
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    submitted: float = field(default_factory=time.perf_counter)
+    admitted: float = 0.0
+    prefilled: float = 0.0
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    def timings(self, now: float) -> EngineTimings:
+        admitted = self.admitted or now
+        prefilled = self.prefilled or now
+        return EngineTimings(queue_ms=1e3 * (admitted - self.submitted),
+                             prefill_ms=1e3 * (prefilled - admitted),
+                             decode_ms=1e3 * (now - prefilled),
+                             total_ms=1e3 * (now - self.submitted))
+
+
+def _settle(future: asyncio.Future, result, error: BaseException | None) -> None:
+    if future.done():  # the caller gave up (cancelled) meanwhile
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+class LoopEngine(RankingEngine):
+    """Base of the in-process engines. Subclasses implement the scheduler: `_step()` admits from
+    `waiting` (via `_take`), runs one iteration of model work and settles what finished (`_finish`,
+    `_fail`); `_release(pending)` frees what an aborted running request holds (its batch slot)."""
+
+    def __init__(self, name: str, *, vocab_size: int, max_seq_len: int, max_queue: int,
+                 step_log_size: int = 4096):
+        if max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0, got {max_queue}")
+        self.name = name
+        self.vocab_size = vocab_size
+        self.max_seq_len = max_seq_len
+        self.max_queue = max_queue
+        self._cv = threading.Condition()
+        self._waiting: deque[Pending] = deque()
+        self._running: dict[str, Pending] = {}  # admitted, not settled; guarded by _cv
+        self._aborts: set[str] = set()
+        self._closed = False
+        self._crash: BaseException | None = None
+        self._counts: Counter[str] = Counter()
+        self._batch_hist: Counter[int] = Counter()
+        self._token_hist: Counter[int] = Counter()
+        self._max = Counter()  # "active", "step_tokens"
+        self._busy_s = 0.0
+        self.step_log: deque[tuple[int, int]] = deque(maxlen=step_log_size)  # (requests, tokens) per step
+        self._thread = threading.Thread(target=self._main, name=f"{name}-engine", daemon=True)
+
+    def start(self) -> "LoopEngine":
+        self._thread.start()
+        return self
+
+    # ---- asyncio side -------------------------------------------------------------------------
+
+    async def rank(self, request: EngineRequest) -> EngineResult:
+        if not self.check_health():
+            raise EngineError(f"{self.name} engine is not running"
+                              + (f" (crashed: {self._crash!r})" if self._crash else ""))
+        constraint = request.validate(self.vocab_size, self.max_seq_len)
+        loop = asyncio.get_running_loop()
+        pending = Pending(request, constraint, loop.create_future(), loop)
+        with self._cv:
+            if len(self._waiting) >= self.max_queue:
+                self._counts["rejected"] += 1
+                raise EngineOverloaded(f"{self.name} engine queue is full ({self.max_queue} waiting)")
+            if self._known(request.request_id):
+                raise InvalidRequest(f"request_id {request.request_id!r} is already in flight")
+            self._waiting.append(pending)
+            self._cv.notify()
+        try:
+            return await pending.future
+        except asyncio.CancelledError:
+            self.abort(request.request_id)
+            raise
+
+    def abort(self, request_id: str) -> bool:
+        with self._cv:
+            if not self._known(request_id):
+                return False
+            self._aborts.add(request_id)
+            self._cv.notify()
+            return True
+
+    def check_health(self) -> bool:
+        return self._thread.is_alive() and not self._closed and self._crash is None
+
+    def close(self, timeout: float = 30.0) -> None:
+        with self._cv:
+            self._closed = True
+            self._cv.notify()
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+        self._fail_everything(EngineError(f"{self.name} engine is closed"))
+
+    def stats(self) -> EngineStats:
+        with self._cv:
+            c = self._counts
+            return EngineStats(
+                engine=self.name, healthy=self.check_health(), active=len(self._running),
+                queued=len(self._waiting), completed=c["completed"], failed=c["failed"],
+                aborted=c["aborted"], rejected=c["rejected"], steps=c["steps"],
+                prompt_tokens=c["prompt_tokens"], cached_tokens=c["cached_tokens"],
+                generated_tokens=c["generated_tokens"], busy_s=self._busy_s,
+                max_active=self._max["active"], max_step_tokens=self._max["step_tokens"],
+                batch_size_hist=dict(self._batch_hist), step_tokens_hist=dict(self._token_hist))
+
+    # ---- engine thread ------------------------------------------------------------------------
+
+    def _main(self) -> None:
+        try:
+            with self._engine_context():
+                self._run()
+        except BaseException as e:  # noqa: BLE001 - a dead loop must fail everyone, whatever killed it
+            log.exception("%s engine loop crashed", self.name)
+            self._crash = e
+            self._fail_everything(EngineError(f"{self.name} engine loop crashed: {e!r}"))
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not (self._closed or self._aborts or self._waiting or self._running):
+                    self._cv.wait()
+                if self._closed:
+                    return
+                aborted, self._aborts = self._aborts, set()
+                queued = [p for p in self._waiting if p.request_id in aborted]
+                for pending in queued:
+                    self._waiting.remove(pending)
+                running = [self._running[i] for i in aborted if i in self._running]
+            for pending in queued:
+                self._fail(pending, EngineAborted(f"request {pending.request_id} aborted while queued"))
+            for pending in running:
+                self._release(pending)
+                self._fail(pending, EngineAborted(f"request {pending.request_id} aborted while running"))
+            started = time.perf_counter()
+            ran = self._step()
+            if ran:
+                self._busy_s += time.perf_counter() - started
+
+    def _take(self, n: int) -> list[Pending]:
+        """Admit up to n waiting requests (FIFO), stamping their admission time."""
+        now = time.perf_counter()
+        with self._cv:
+            taken = [self._waiting.popleft() for _ in range(min(n, len(self._waiting)))]
+            for pending in taken:
+                pending.admitted = now
+                self._running[pending.request_id] = pending
+        return taken
+
+    def _queue_head(self) -> tuple[int, float]:
+        """(how many wait, when the oldest was submitted; 0.0 if none)."""
+        with self._cv:
+            return len(self._waiting), (self._waiting[0].submitted if self._waiting else 0.0)
+
+    def _wait_for_arrivals(self, timeout: float) -> None:
+        """Sleep until a new request, an abort or close arrives (or the timeout)."""
+        with self._cv:
+            if not (self._closed or self._aborts):
+                self._cv.wait(timeout)
+
+    def _record_step(self, requests: int, tokens: int, active: int) -> None:
+        with self._cv:
+            self._counts["steps"] += 1
+            self._batch_hist[requests] += 1
+            self._token_hist[tokens] += 1
+            self._max["active"] = max(self._max["active"], active)
+            self._max["step_tokens"] = max(self._max["step_tokens"], tokens)
+            self.step_log.append((requests, tokens))
+
+    def _count(self, **amounts: int) -> None:
+        with self._cv:
+            self._counts.update(amounts)
+
+    def _finish(self, pending: Pending, order: list[int], scores: list[float] | None,
+                cached_tokens: int, generated_tokens: int) -> None:
+        now = time.perf_counter()
+        request = pending.request
+        result = EngineResult(request.request_id, request.mode, order, scores,
+                              prompt_tokens=len(request.prefix_ids) + len(request.suffix_ids),
+                              cached_tokens=cached_tokens, generated_tokens=generated_tokens,
+                              timings=pending.timings(now))
+        self._count(completed=1)
+        self._deliver(pending, result, None)
+
+    def _fail(self, pending: Pending, error: EngineError) -> None:
+        self._count(aborted=1) if isinstance(error, EngineAborted) else self._count(failed=1)
+        self._deliver(pending, None, error)
+
+    def _deliver(self, pending: Pending, result, error) -> None:
+        with self._cv:
+            self._running.pop(pending.request_id, None)
+        try:
+            pending.loop.call_soon_threadsafe(_settle, pending.future, result, error)
+        except RuntimeError:  # the caller's event loop is closed: nobody is waiting any more
+            pass
+
+    def _fail_everything(self, error: EngineError) -> None:
+        with self._cv:
+            pending = [*self._waiting, *self._running.values()]
+            self._waiting.clear()
+        for p in pending:
+            self._fail(p, error)
+
+    def _known(self, request_id: str) -> bool:
+        return request_id in self._running or any(p.request_id == request_id for p in self._waiting)
+
+    # ---- the scheduler, per backend -----------------------------------------------------------
+
+    def _engine_context(self) -> contextlib.AbstractContextManager:
+        """Entered once on the engine thread around the whole loop (thread settings, inference mode)."""
+        return contextlib.nullcontext()
+
+    @abstractmethod
+    def _step(self) -> bool:
+        """Admit what the policy allows and run one iteration; True if model work ran."""
+
+    @abstractmethod
+    def _release(self, pending: Pending) -> None:
+        """Free what a running request holds (it was aborted); called on the engine thread."""
