@@ -22,7 +22,7 @@ import torch
 from palr.llm import PrefixKV, compute_prefix, generate_constrained, score_labels
 from ranking_server.engines.base import EngineError
 from ranking_server.engines.hf import EngineConfig, HFEngine, Sequence_
-from ranking_server.engines.loop import LoopEngine, Pending
+from ranking_server.engines.loop import LoopEngine, Pending, StepRecord
 
 
 class SequentialEngine(LoopEngine):
@@ -76,7 +76,7 @@ class SequentialEngine(LoopEngine):
         prompt = len(request.input_ids) - cached
         generated = len(order) if request.mode == "generate" else 0
         self._count(prompt_tokens=prompt, cached_tokens=cached, generated_tokens=generated)
-        self._record_step(1, prompt + generated, active=1)
+        self._record_step(StepRecord(0, 1, prompt + generated, 1))
         self._finish(pending, order, scores, cached, generated)
         return True
 

@@ -33,7 +33,7 @@ from palr.decoding import DecodingConstraint
 from palr.llm import label_log_probs, model_device, pick_allowed
 from ranking_server.engines.base import EngineError
 from ranking_server.engines.kv import LayerKV, SlotKVCache
-from ranking_server.engines.loop import LoopEngine, Pending
+from ranking_server.engines.loop import LoopEngine, Pending, StepRecord
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +143,7 @@ class HFEngine(LoopEngine):
         chunks = self._plan_prefill(budget - len(decoding))
         for group in self._prefill_groups(chunks):
             self._prefill(group)
-        self._record_step(len(decoding) + len(chunks), len(decoding) + sum(n for _, n in chunks),
-                          active=held)
+        self._record_step(StepRecord(len(decoding), len(chunks), len(decoding) + sum(n for _, n in chunks), held))
         return True
 
     def _admit_new(self) -> None:

@@ -17,6 +17,7 @@ import time
 from abc import abstractmethod
 from collections import Counter, deque
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from palr.decoding import DecodingConstraint
 from ranking_server.engines.base import (
@@ -24,6 +25,15 @@ from ranking_server.engines.base import (
     EngineTimings, InvalidRequest, RankingEngine)
 
 log = logging.getLogger(__name__)
+
+
+class StepRecord(NamedTuple):
+    """One engine step: rows decoded, rows that ran a prompt chunk, tokens run, slots held."""
+
+    decoding: int
+    prefilling: int
+    tokens: int
+    held: int
 
 
 @dataclass(eq=False)
@@ -84,7 +94,7 @@ class LoopEngine(RankingEngine):
         self._token_hist: Counter[int] = Counter()
         self._max = Counter()  # "active", "step_tokens"
         self._busy_s = 0.0
-        self.step_log: deque[tuple[int, int]] = deque(maxlen=step_log_size)  # (requests, tokens) per step
+        self.step_log: deque[StepRecord] = deque(maxlen=step_log_size)  # the latest steps, oldest first
         self._thread = threading.Thread(target=self._main, name=f"{name}-engine", daemon=True)
 
     def start(self) -> "LoopEngine":
@@ -199,14 +209,14 @@ class LoopEngine(RankingEngine):
             if not (self._closed or self._aborts):
                 self._cv.wait(timeout)
 
-    def _record_step(self, requests: int, tokens: int, active: int) -> None:
+    def _record_step(self, record: StepRecord) -> None:
         with self._cv:
             self._counts["steps"] += 1
-            self._batch_hist[requests] += 1
-            self._token_hist[tokens] += 1
-            self._max["active"] = max(self._max["active"], active)
-            self._max["step_tokens"] = max(self._max["step_tokens"], tokens)
-            self.step_log.append((requests, tokens))
+            self._batch_hist[record.decoding + record.prefilling] += 1
+            self._token_hist[record.tokens] += 1
+            self._max["active"] = max(self._max["active"], record.held)
+            self._max["step_tokens"] = max(self._max["step_tokens"], record.tokens)
+            self.step_log.append(record)
 
     def _count(self, **amounts: int) -> None:
         with self._cv:

@@ -1,0 +1,316 @@
+"""The in-process engines on a tiny real Llama: batched answers equal the one-at-a-time reference,
+limits hold, and overload / abort / bad requests / close / crash behave as the server expects."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from palr.decoding import LabelConstraint  # noqa: E402
+from palr.llm import generate_labels, load_causal_lm, score_labels  # noqa: E402
+from ranking_server.engines import STRATEGIES, build_engine  # noqa: E402
+from ranking_server.engines.base import (  # noqa: E402
+    EngineAborted, EngineError, EngineOverloaded, EngineRequest, InvalidRequest)
+from ranking_server.engines.hf import EngineConfig, HFEngine  # noqa: E402
+
+N_LABELS = 20
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama_dir):
+    model, tokenizer = load_causal_lm(tiny_llama_dir)
+    labels = [tokenizer.encode(f" {chr(ord('A') + i)}", add_special_tokens=False)[0] for i in range(N_LABELS)]
+    return model, labels
+
+
+def mixed_requests(labels, n=16, seed=0) -> list[EngineRequest]:
+    """n requests, half score half generate, two shared prefixes, suffixes of 1..150 tokens, some with bias."""
+    rng = random.Random(seed)
+    prefixes = [[rng.randrange(100, 40000) for _ in range(length)] for length in (24, 40)]
+    requests = []
+    for i in range(n):
+        mode = "generate" if i % 2 else "score"
+        n_labels = rng.choice([5, 12, 20])
+        bias = [rng.uniform(-0.3, 0.3) for _ in range(n_labels)] if i % 4 == 3 else None
+        requests.append(EngineRequest(
+            request_id=f"r{i}", prefix_ids=prefixes[i % 3 == 0],
+            suffix_ids=[rng.randrange(100, 40000) for _ in range(rng.randint(1, 150))],
+            label_token_ids=labels[:n_labels], mode=mode, k=rng.randint(1, n_labels), bias=bias))
+    return requests
+
+
+def reference(model, request: EngineRequest):
+    if request.mode == "score":
+        return score_labels(model, request.input_ids, request.label_token_ids)
+    return generate_labels(model, request.input_ids, request.label_token_ids, request.k, request.bias)
+
+
+@pytest.fixture(scope="module")
+def workload(tiny):
+    model, labels = tiny
+    requests = mixed_requests(labels)
+    return requests, {r.request_id: reference(model, r) for r in requests}
+
+
+def assert_matches_reference(request, result, expected):
+    assert result.request_id == request.request_id and result.mode == request.mode
+    if request.mode == "score":
+        assert result.scores == pytest.approx(expected, abs=1e-4)
+        assert result.order[0] == max(range(len(expected)), key=lambda c: expected[c])
+        assert sorted(result.order) == list(range(len(expected)))
+    else:
+        assert result.order == expected
+        assert result.generated_tokens == request.k
+
+
+async def staggered(engine, requests, gap_s=0.004):
+    """Submit with small gaps so requests join while others are mid-decode."""
+    async def one(i, request):
+        await asyncio.sleep(i * gap_s)
+        return await engine.rank(request)
+    return await asyncio.gather(*(one(i, r) for i, r in enumerate(requests)))
+
+
+@pytest.mark.parametrize("prefix_reuse", [True, False], ids=["reuse", "no-reuse"])
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_batched_results_equal_one_at_a_time(tiny, workload, strategy, prefix_reuse):
+    model, _ = tiny
+    requests, expected = workload
+    config = EngineConfig(max_batch_size=4, max_tokens_per_step=32, prefix_reuse=prefix_reuse)
+    engine = build_engine(strategy, model, config)
+    try:
+        results = asyncio.run(staggered(engine, requests))
+        stats = engine.stats()
+    finally:
+        engine.close()
+    for request, result in zip(requests, results):
+        assert_matches_reference(request, result, expected[request.request_id])
+    assert stats.completed == 16 and stats.active == 0 and stats.failed == 0
+    assert stats.max_active <= 4
+    assert (stats.cached_tokens > 0) == prefix_reuse
+    if strategy == "inflight":
+        assert stats.max_step_tokens <= 32
+        log = list(engine.step_log)
+        assert any(step.decoding > 0 and step.prefilling > 0 for step in log), "no request joined mid-decode"
+        assert max(step.decoding for step in log) >= 2, "decode never batched"
+        assert all(step.held <= 4 and step.tokens <= 32 for step in log)
+    if strategy == "static":  # nobody joins a running batch: prompts only run when no row is decoding
+        assert all(step.prefilling == 0 for step in engine.step_log if step.decoding > 0)
+
+
+class GatedConstraint(LabelConstraint):
+    """A label constraint whose decoder blocks (on the engine thread) once `at` labels are emitted,
+    until the test opens the gate: holds a request mid-decode deterministically."""
+
+    def __init__(self, labels, k, at):
+        super().__init__(labels, k)
+        self.at, self.reached, self.gate = at, threading.Event(), threading.Event()
+
+    def allowed_tokens(self):
+        if len(self.emitted()) == self.at and not self.gate.is_set():
+            self.reached.set()
+            self.gate.wait(30)
+        return super().allowed_tokens()
+
+
+async def wait_until(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.002)
+
+
+def gated_request(labels, request_id, at=2, k=10):
+    constraint = GatedConstraint(labels, k, at)
+    request = EngineRequest(request_id, [5, 6, 7], [8, 9, 10, 11], labels, mode="generate", k=k,
+                            constraint=lambda: constraint)
+    return request, constraint
+
+
+def plain(labels, request_id, mode="score", k=3, suffix=(21, 22, 23)):
+    return EngineRequest(request_id, [5, 6, 7], list(suffix), labels, mode=mode, k=k)
+
+
+def test_queue_full_is_rejected_at_once(tiny):
+    model, labels = tiny
+    engine = HFEngine(model, EngineConfig(max_batch_size=1, max_tokens_per_step=8, max_queue=2))
+
+    async def scenario():
+        held, constraint = gated_request(labels, "held")
+        running = asyncio.ensure_future(engine.rank(held))
+        await asyncio.to_thread(constraint.reached.wait, 10)
+        queued = [asyncio.ensure_future(engine.rank(plain(labels, f"q{i}"))) for i in range(2)]
+        await asyncio.sleep(0)
+        started = time.perf_counter()
+        with pytest.raises(EngineOverloaded, match="queue is full"):
+            await engine.rank(plain(labels, "one-too-many"))
+        rejected_after = time.perf_counter() - started
+        stats = engine.stats()
+        constraint.gate.set()
+        await asyncio.gather(running, *queued)
+        return rejected_after, stats
+
+    try:
+        rejected_after, stats = asyncio.run(scenario())
+    finally:
+        engine.close()
+    assert rejected_after < 0.5  # at once, not after the running request
+    assert stats.rejected == 1 and stats.queued == 2 and stats.active == 1
+    assert engine.stats().completed == 3
+
+
+def test_abort_while_queued_and_while_decoding_frees_the_slot(tiny):
+    model, labels = tiny
+    engine = HFEngine(model, EngineConfig(max_batch_size=1, max_tokens_per_step=8))
+
+    async def scenario():
+        held, constraint = gated_request(labels, "decoding", at=2)
+        decoding = asyncio.ensure_future(engine.rank(held))
+        await asyncio.to_thread(constraint.reached.wait, 10)
+        queued = asyncio.ensure_future(engine.rank(plain(labels, "queued")))
+        cancelled = asyncio.ensure_future(engine.rank(plain(labels, "cancelled")))
+        await wait_until(lambda: engine.stats().queued == 2)
+        assert engine.stats().active == 1
+        assert engine.abort("queued") and engine.abort("decoding")
+        cancelled.cancel()  # a caller giving up aborts its request too
+        assert not engine.abort("never-seen")
+        constraint.gate.set()
+        for task, error in ((decoding, EngineAborted), (queued, EngineAborted), (cancelled, asyncio.CancelledError)):
+            with pytest.raises(error):
+                await task
+        await wait_until(lambda: engine.stats().active == 0 and engine.stats().queued == 0)
+        after = await engine.rank(plain(labels, "after", mode="generate", k=5))  # the freed slot serves again
+        return after
+
+    try:
+        after = asyncio.run(scenario())
+        stats = engine.stats()
+    finally:
+        engine.close()
+    assert after.order == generate_labels(model, [5, 6, 7, 21, 22, 23], labels, 5)
+    assert stats.aborted == 3 and stats.active == 0 and stats.completed == 1
+
+
+class FaultyConstraint(LabelConstraint):
+    """Breaks on its third token: a bug in one request's constraint."""
+
+    def advance(self, token_id):
+        if len(self.emitted()) == 2:
+            raise RuntimeError("constraint bug")
+        super().advance(token_id)
+
+
+def test_bad_requests_fail_alone(tiny, workload):
+    model, labels = tiny
+    requests, expected = workload
+    good = requests[:6]
+    bad = {
+        "empty labels": (EngineRequest("b1", [5], [6], [], mode="score"), "label_token_ids is empty"),
+        "label out of vocab": (EngineRequest("b2", [5], [6], [330, 10**7]), "outside the vocabulary"),
+        "k too large": (EngineRequest("b3", [5], [6], labels[:3], mode="generate", k=4), "k"),
+        "bias length": (EngineRequest("b4", [5], [6], labels[:3], bias=[0.1]), "bias has 1 values"),
+        "mode": (EngineRequest("b5", [5], [6], labels[:3], mode="rerank"), "mode must be one of"),
+        "too long": (EngineRequest("b6", [5] * 1000, [6] * 30, labels[:3]), "exceed max_seq_len"),
+        "empty suffix": (EngineRequest("b7", [5], [], labels[:3]), "suffix_ids is empty"),
+    }
+    faulty = EngineRequest("faulty", [5, 6], [7, 8], labels, mode="generate", k=5,
+                           constraint=lambda: FaultyConstraint(labels, 5))
+    engine = HFEngine(model, EngineConfig(max_batch_size=4, max_tokens_per_step=32))
+
+    async def scenario():
+        async def outcome(request):
+            try:
+                return await engine.rank(request)
+            except EngineError as e:
+                return e
+        return await asyncio.gather(*(outcome(r) for r in [*good, faulty, *(r for r, _ in bad.values())]))
+
+    try:
+        outcomes = asyncio.run(scenario())
+        healthy = engine.check_health()
+    finally:
+        engine.close()
+    for request, result in zip(good, outcomes[:6]):
+        assert_matches_reference(request, result, expected[request.request_id])
+    assert isinstance(outcomes[6], EngineError) and "constraint bug" in str(outcomes[6])
+    for (name, (_, message)), error in zip(bad.items(), outcomes[7:]):
+        assert isinstance(error, InvalidRequest), name
+        assert message in str(error), (name, str(error))
+    assert healthy
+
+
+def test_close_stops_the_loop_and_fails_what_is_pending(tiny):
+    model, labels = tiny
+    engine = HFEngine(model, EngineConfig(max_batch_size=1, max_tokens_per_step=8))
+    assert engine.check_health()
+
+    async def scenario():
+        held, constraint = gated_request(labels, "running")
+        running = asyncio.ensure_future(engine.rank(held))
+        await asyncio.to_thread(constraint.reached.wait, 10)
+        queued = asyncio.ensure_future(engine.rank(plain(labels, "queued")))
+        await wait_until(lambda: engine.stats().queued == 1)
+        closing = asyncio.ensure_future(asyncio.to_thread(engine.close))
+        await asyncio.sleep(0.05)
+        constraint.gate.set()  # the step under way completes, then the loop sees close
+        await closing
+        outcomes = await asyncio.gather(running, queued, return_exceptions=True)
+        with pytest.raises(EngineError, match="not running"):
+            await engine.rank(plain(labels, "late"))
+        return outcomes
+
+    outcomes = asyncio.run(scenario())
+    assert all(isinstance(o, EngineError) and "closed" in str(o) for o in outcomes)
+    assert not engine.check_health() and not engine._thread.is_alive()
+    engine.close()  # idempotent
+
+
+def test_a_crashed_loop_turns_unhealthy_and_fails_requests(tiny):
+    model, labels = tiny
+    engine = HFEngine(model, EngineConfig(max_batch_size=2, max_tokens_per_step=8))
+    assert asyncio.run(engine.rank(plain(labels, "before"))).scores
+
+    def broken_step():  # fault injection: a scheduler bug outside any one request
+        raise RuntimeError("scheduler bug")
+
+    engine._step = broken_step
+    with pytest.raises(EngineError, match="crashed.*scheduler bug"):
+        asyncio.run(engine.rank(plain(labels, "during")))
+    assert not engine.check_health() and not engine.stats().healthy
+    with pytest.raises(EngineError, match="not running"):
+        asyncio.run(engine.rank(plain(labels, "after")))
+    engine.close()
+
+
+def test_config_and_strategy_validation(tiny):
+    model, _ = tiny
+    with pytest.raises(ValueError, match="max_tokens_per_step"):
+        EngineConfig(max_batch_size=8, max_tokens_per_step=4)
+    with pytest.raises(ValueError, match="unknown engine strategy"):
+        build_engine("speculative", model)
+
+
+@pytest.mark.gpu
+def test_inflight_engine_runs_on_cuda(tiny_llama_dir):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU on this machine")
+    model, tokenizer = load_causal_lm(tiny_llama_dir, device="cuda")
+    assert model.dtype == torch.bfloat16
+    labels = [tokenizer.encode(f" {chr(ord('A') + i)}", add_special_tokens=False)[0] for i in range(N_LABELS)]
+    requests = mixed_requests(labels, n=8, seed=3)
+    engine = HFEngine(model, EngineConfig(max_batch_size=4, max_tokens_per_step=64))
+    try:
+        results = asyncio.run(staggered(engine, requests))
+    finally:
+        engine.close()
+    for request, result in zip(requests, results):
+        if request.mode == "score":  # bf16: batched and single runs differ in rounding, so compare loosely
+            assert result.scores == pytest.approx(reference(model, request), abs=5e-2)
+        else:
+            assert len(result.order) == request.k and len(set(result.order)) == request.k
