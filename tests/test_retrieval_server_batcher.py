@@ -1,0 +1,112 @@
+"""The micro-batcher and the direct runner on a real (pure Python) batch function: batch sizes,
+result routing, failures and cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from retrieval_server.batcher import DirectRunner, MicroBatcher
+
+
+class Squares:
+    """A batch function that remembers its batches and the threads it ran on."""
+
+    def __init__(self, fail_on: int | None = None):
+        self.batches: list[list[int]] = []
+        self.threads: set[str] = set()
+        self.fail_on = fail_on
+
+    def __call__(self, items):
+        self.batches.append(list(items))
+        self.threads.add(threading.current_thread().name)
+        if self.fail_on in items:
+            raise ValueError(f"cannot square {self.fail_on}")
+        return [x * x for x in items]
+
+
+async def _submit_all(runner, items):
+    runner.start()
+    try:
+        return await asyncio.gather(*(runner.submit(x) for x in items), return_exceptions=True)
+    finally:
+        await runner.close()
+
+
+def test_concurrent_submissions_share_calls_up_to_the_max_batch_size_and_get_their_own_results():
+    fn = Squares()
+    results = asyncio.run(_submit_all(MicroBatcher(fn, max_batch_size=4, window_s=0.05), range(10)))
+    assert results == [x * x for x in range(10)]
+    assert [len(b) for b in fn.batches] == [4, 4, 2]
+    assert sorted(x for b in fn.batches for x in b) == list(range(10))
+    assert fn.threads == {"micro-batcher_0"}  # off the event loop's thread
+
+
+def test_without_a_window_it_takes_what_has_queued_and_does_not_wait_for_more():
+    fn = Squares()
+
+    async def scenario():
+        batcher = MicroBatcher(fn, max_batch_size=32, window_s=0.0)
+        batcher.start()
+        try:
+            together = await asyncio.gather(*(batcher.submit(x) for x in range(5)))  # queued before it woke
+            alone = await batcher.submit(7)  # a full window would be 32 requests: it does not wait
+            return together, alone
+        finally:
+            await batcher.close()
+
+    assert asyncio.run(scenario()) == ([x * x for x in range(5)], 49)
+    assert fn.batches == [[0, 1, 2, 3, 4], [7]]
+
+
+def test_a_failed_batch_fails_its_callers_only_and_the_batcher_goes_on():
+    fn = Squares(fail_on=2)
+
+    async def scenario():
+        batcher = MicroBatcher(fn, max_batch_size=4, window_s=0.05)
+        batcher.start()
+        try:
+            first = await asyncio.gather(*(batcher.submit(x) for x in range(4)), return_exceptions=True)
+            second = await asyncio.gather(*(batcher.submit(x) for x in (5, 6)))
+            return first, second
+        finally:
+            await batcher.close()
+
+    first, second = asyncio.run(scenario())
+    assert all(isinstance(r, ValueError) for r in first)
+    assert second == [25, 36]
+
+
+def test_a_cancelled_submission_leaves_the_others_alone():
+    fn = Squares()
+
+    async def scenario():
+        batcher = MicroBatcher(fn, max_batch_size=8, window_s=0.1)
+        batcher.start()
+        try:
+            doomed = asyncio.ensure_future(batcher.submit(100))
+            kept = [asyncio.ensure_future(batcher.submit(x)) for x in (1, 2)]
+            await asyncio.sleep(0.01)
+            doomed.cancel()
+            return await asyncio.gather(*kept)
+        finally:
+            await batcher.close()
+
+    assert asyncio.run(scenario()) == [1, 4]
+    assert 100 not in [x for b in fn.batches for x in b]
+
+
+def test_direct_runner_makes_one_call_per_request():
+    fn = Squares()
+    results = asyncio.run(_submit_all(DirectRunner(fn, workers=2), range(6)))
+    assert results == [x * x for x in range(6)]
+    assert sorted(fn.batches) == [[x] for x in range(6)]
+
+
+@pytest.mark.parametrize("runner", [MicroBatcher, DirectRunner])
+def test_nothing_is_lost_under_many_concurrent_submissions(runner):
+    fn = Squares()
+    make = (lambda: MicroBatcher(fn, max_batch_size=16)) if runner is MicroBatcher else (lambda: DirectRunner(fn, 2))
+    assert asyncio.run(_submit_all(make(), range(500))) == [x * x for x in range(500)]
