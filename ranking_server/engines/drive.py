@@ -1,0 +1,110 @@
+"""In-process load driver for the engines: the hook `loadtest/bench.py` uses to compare
+one-at-a-time, static and in-flight batching (and prefix reuse on/off) side by side.
+
+    results = compare(model, requests, strategies=("sequential", "inflight"), concurrency=16)
+    ratio(results["inflight"].throughput_rps, results["sequential"].throughput_rps)
+
+`drive` is a closed loop: `concurrency` callers, each sending its next request as soon as the last
+one answered, like the Locust users do over gRPC, minus the network. Every strategy gets the same
+model object and the same requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ranking_server.engines import build_engine
+from ranking_server.engines.base import EngineRequest, EngineStats, RankingEngine
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DriveResult:
+    """Latencies of one run (in request order) and the engine's counters after it."""
+
+    strategy: str
+    concurrency: int
+    wall_s: float
+    latencies_ms: list[float]
+    errors: dict[str, int] = field(default_factory=dict)
+    stats: EngineStats | None = None
+
+    @property
+    def throughput_rps(self) -> float:
+        return len(self.latencies_ms) / self.wall_s if self.wall_s else 0.0
+
+    def percentile_ms(self, q: float) -> float:
+        return float(np.percentile(self.latencies_ms, q)) if self.latencies_ms else float("nan")
+
+    def summary(self) -> dict:
+        return {"strategy": self.strategy, "concurrency": self.concurrency, "ok": len(self.latencies_ms),
+                "errors": dict(self.errors), "wall_s": round(self.wall_s, 3),
+                "throughput_rps": round(self.throughput_rps, 4),
+                "p50_ms": round(self.percentile_ms(50), 1), "p95_ms": round(self.percentile_ms(95), 1),
+                "mean_ms": round(float(np.mean(self.latencies_ms)), 1) if self.latencies_ms else None,
+                "mean_batch": _mean_batch(self.stats) if self.stats else None}
+
+
+def _mean_batch(stats: EngineStats) -> float:
+    steps = sum(stats.batch_size_hist.values())
+    return round(sum(k * v for k, v in stats.batch_size_hist.items()) / steps, 2) if steps else 0.0
+
+
+async def drive(engine: RankingEngine, requests: Sequence[EngineRequest], concurrency: int,
+                strategy: str = "") -> DriveResult:
+    """Send every request through `engine` with `concurrency` callers in a closed loop."""
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+    latencies: list[float | None] = [None] * len(requests)
+    errors: Counter[str] = Counter()
+    order = iter(range(len(requests)))
+
+    async def caller():
+        for i in order:
+            request = dataclasses.replace(requests[i], request_id=f"{requests[i].request_id}#{i}")
+            started = time.perf_counter()
+            try:
+                await engine.rank(request)
+            except Exception as e:  # noqa: BLE001 - counted, the run goes on
+                errors[type(e).__name__] += 1
+                continue
+            latencies[i] = 1e3 * (time.perf_counter() - started)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(caller() for _ in range(concurrency)))
+    wall = time.perf_counter() - started
+    return DriveResult(strategy or engine.name, concurrency, wall, [x for x in latencies if x is not None],
+                       dict(errors), engine.stats())
+
+
+def run_strategy(strategy: str, model, requests: Sequence[EngineRequest], concurrency: int,
+                 config=None, warmup: int = 2) -> DriveResult:
+    """Build one engine, warm it up on the first `warmup` requests, drive all requests, close it."""
+    engine = build_engine(strategy, model, config)
+    try:
+        if warmup:
+            asyncio.run(drive(engine, requests[:warmup], 1))
+        result = asyncio.run(drive(engine, requests, concurrency, strategy))
+    finally:
+        engine.close()
+    log.info("%s c=%d: %s", strategy, concurrency, result.summary())
+    return result
+
+
+def compare(model, requests: Sequence[EngineRequest], strategies: Sequence[str], concurrency: int,
+            config=None, warmup: int = 2) -> dict[str, DriveResult]:
+    """The same requests through each strategy in turn, same model, same config."""
+    return {s: run_strategy(s, model, requests, concurrency, config, warmup) for s in strategies}
+
+
+def ratio(numerator: float, denominator: float) -> float:
+    return round(numerator / denominator, 3) if denominator else float("nan")
