@@ -65,8 +65,7 @@ class SlotKVCache(Cache):
         self.slots, self.max_len = slots, max_len
         self.device = torch.device(device)
         self._plan: StepPlan | None = None
-        self._row_index: torch.Tensor | None = None
-        self._pos_index: torch.Tensor | None = None
+        self._flat_index: torch.Tensor | None = None
 
     def plan(self, first: int, starts: Sequence[int], counts: Sequence[int]) -> StepPlan:
         """Set up the next forward pass (call before the model's forward)."""
@@ -74,9 +73,14 @@ class SlotKVCache(Cache):
         if first < 0 or first + plan.rows > self.slots or plan.kv_len > self.max_len:
             raise ValueError(f"plan outside the cache: rows {first}..{first + plan.rows}, kv_len {plan.kv_len}")
         self._plan = plan
-        if plan.width == 1:  # decode: one scatter per layer instead of a loop over rows
-            self._row_index = torch.arange(first, first + plan.rows, device=self.device)  # [B]
-            self._pos_index = torch.tensor(plan.starts, device=self.device)  # [B]
+        if plan.width == 1:  # decode: one index_copy_ per layer into the flattened cache
+            _, heads, max_len, _ = self.keys[0].shape
+            rows = torch.arange(first, first + plan.rows, device=self.device)  # [B]
+            positions = torch.tensor(plan.starts, device=self.device)  # [B]
+            heads_index = torch.arange(heads, device=self.device)  # [H]
+            # row r, head h, position p of [slots, H, max_len, D] is row (r * H + h) * max_len + p of [-1, D]
+            self._flat_index = ((rows[:, None] * heads + heads_index[None, :]) * max_len
+                                + positions[:, None]).reshape(-1)  # [B * H]
         return plan
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
@@ -85,8 +89,9 @@ class SlotKVCache(Cache):
         plan = self._plan
         keys, values = self.keys[layer_idx], self.values[layer_idx]
         if plan.width == 1:
-            keys[self._row_index, :, self._pos_index] = key_states[:, :, 0]  # [B, H, D]
-            values[self._row_index, :, self._pos_index] = value_states[:, :, 0]
+            head_dim = keys.shape[-1]
+            keys.view(-1, head_dim).index_copy_(0, self._flat_index, key_states.reshape(-1, head_dim))
+            values.view(-1, head_dim).index_copy_(0, self._flat_index, value_states.reshape(-1, head_dim))
         else:
             for i, (start, count) in enumerate(zip(plan.starts, plan.counts)):
                 keys[plan.first + i, :, start:start + count] = key_states[i, :, :count]
