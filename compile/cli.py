@@ -48,11 +48,11 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type, skip
         parser.add_argument(option, **kwargs)
 
 
-def build_config(config_cls: type, args: argparse.Namespace, preset: dict[str, Any] | None = None,
+def build_config(config_cls: type, args: argparse.Namespace, preset_values: dict[str, Any] | None = None,
                  **fixed: Any) -> Any:
-    """The config from (dataclass defaults < preset < command line < fixed)."""
+    """The config from (dataclass defaults < preset values < command line < fixed)."""
     names = {f.name for f in dataclasses.fields(config_cls) if f.init}
-    values = {k: v for k, v in (preset or {}).items() if k in names}
+    values = {k: v for k, v in (preset_values or {}).items() if k in names}
     values.update({k: v for k, v in vars(args).items() if k in names})
     values.update({k: v for k, v in fixed.items() if k in names})
     return config_cls(**values)

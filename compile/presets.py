@@ -11,8 +11,12 @@ from typing import Any
 
 PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "full": {},
-    "quick": {},
-    "tiny": {},
+    "quick": {
+        "sasrec": {"epochs": 40, "patience": 5},
+    },
+    "tiny": {
+        "sasrec": {"epochs": 1, "max_steps": 10, "max_len": 20, "hidden": 32, "ffn_hidden": 64},
+    },
 }
 
 
