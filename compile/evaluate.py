@@ -42,6 +42,14 @@ class EvaluateConfig:
     tier: str = field(default="retrieval", metadata={"help": "which tier to evaluate",
                                                      "choices": ["retrieval", "ranking"]})
     batch_size: int = field(default=256, metadata={"help": "users per ONNX Runtime call"})
+    users: int = field(default=0, metadata={"help": "ranking: evaluate N randomly chosen test users (0 = all)"})
+    candidates: int = field(default=20, metadata={"help": "ranking: K, SASRec candidates the LLM ranks"})
+    modes: list[str] = field(default_factory=lambda: ["score", "generate"], metadata={
+        "help": "ranking: modes to evaluate (score, generate)"})
+    llm: str = field(default="llm_merged", metadata={
+        "help": "ranking: the LLM artifact to rank with (llm_base measures the untuned model)",
+        "choices": ["llm_merged", "llm_base"]})
+    seed: int = field(default=0, metadata={"help": "ranking: seed of the user sample"})
 
 
 def onnx_ranks(model_path: Path, histories: list[list[int]], targets: list[int], max_len: int,
