@@ -69,6 +69,10 @@ class ServerConfig:
             raise ValueError("--tls-cert and --tls-key go together")
         if self.tls_client_ca and not self.tls_cert:
             raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+        for flag, path in (("--tls-cert", self.tls_cert), ("--tls-key", self.tls_key),
+                           ("--tls-client-ca", self.tls_client_ca)):
+            if path and not Path(path).is_file():
+                raise ValueError(f"{flag} {path}: no such file")
         if self.max_message_bytes <= 0:
             raise ValueError(f"max_message_bytes must be positive, got {self.max_message_bytes}")
         if self.grace < 0:
@@ -128,7 +132,8 @@ class GrpcServer:
     def __init__(self, config: ServerConfig, service_names: Sequence[str]):
         self.config = config
         self.service_names = list(service_names)
-        self.grpc = grpc.aio.server(options=message_size_options(config.max_message_bytes))
+        # No SO_REUSEPORT: a second server on a taken port must fail, not silently share it.
+        self.grpc = grpc.aio.server(options=[*message_size_options(config.max_message_bytes), ("grpc.so_reuseport", 0)])
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection([*self.service_names, HEALTH_SERVICE, reflection.SERVICE_NAME],
@@ -149,12 +154,13 @@ class GrpcServer:
         credentials = server_credentials(self.config)
         try:
             if credentials is None:
-                self.port = self.grpc.add_insecure_port(address)
+                port = self.grpc.add_insecure_port(address)
             else:
-                self.port = self.grpc.add_secure_port(address, credentials)
+                port = self.grpc.add_secure_port(address, credentials)
         except RuntimeError as e:
             raise OSError(f"cannot listen on {address}: {e}") from None
         await self.grpc.start()
+        self.port = port
         if self.config.metrics_port:
             self._metrics_httpd, _ = start_http_server(self.config.metrics_port, addr=self.config.host)
             self.metrics_port = self._metrics_httpd.server_port
@@ -198,7 +204,8 @@ class GrpcServer:
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
-            await self.drain()
+            if self.port is not None:  # else it never listened: nothing to drain
+                await self.drain()
 
     def _on_signal(self, sig: signal.Signals) -> None:
         log.info("received %s", signal.Signals(sig).name)

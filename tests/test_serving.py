@@ -183,6 +183,17 @@ def test_server_config_refuses_half_tls_settings(pki):
         ServerConfig(tls_client_ca=pki.ca)
     with pytest.raises(ValueError, match="tls_key"):
         open_channel("127.0.0.1:1", tls_cert=pki.client_cert)
+    with pytest.raises(ValueError, match="no such file"):
+        ServerConfig(tls_cert=pki.server_cert, tls_key=pki.server_key.with_name("missing.key"))
+
+
+def test_a_taken_port_is_an_error_not_a_shared_port(server_loop):
+    first = start_server(server_loop, ServerConfig(port=0))
+    try:
+        with pytest.raises(OSError, match="cannot listen"):
+            start_server(server_loop, ServerConfig(port=first.port))
+    finally:
+        server_loop.run(first.drain())
 
 
 def _sample(metrics_text: str, name: str) -> float:
