@@ -1,0 +1,82 @@
+"""sasrec.onnx in ONNX Runtime against the torch model it was exported from (tiny_bundle)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from compile.sasrec import left_pad
+from compile.sasrec_model import SASRec, SASRecTopK
+from palr.bundle import Bundle
+from palr.catalog import Catalog
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_bundle):
+    bundle = Bundle.open(tiny_bundle)
+    meta = bundle.artifact("sasrec_onnx")
+    session = ort.InferenceSession(str(bundle.path("sasrec_onnx")), providers=["CPUExecutionProvider"])
+    wrapper = SASRecTopK(SASRec.load(bundle.path("sasrec_torch")), meta["top_k"]).eval()
+    catalog = Catalog.load(bundle.path("catalog"))
+    users = json.loads(bundle.path("users").read_text())["users"]
+    histories = [catalog.indices(users[u]["history"]) for u in sorted(users)]
+    return meta, session, wrapper, histories
+
+
+def run_both(session, wrapper, history: np.ndarray, exclude: np.ndarray):
+    got = session.run(["scores", "indices"], {"history": history, "exclude": exclude})
+    with torch.no_grad():
+        want = wrapper(torch.from_numpy(history), torch.from_numpy(exclude))
+    return got, [t.numpy() for t in want]
+
+
+def test_manifest_records_the_contract(tiny_bundle):
+    meta = Bundle.open(tiny_bundle).artifact("sasrec_onnx")
+    assert meta["path"] == "sasrec.onnx"
+    assert (meta["max_len"], meta["top_k"], meta["num_items"]) == (20, 100, 1682)
+    assert meta["opset"] >= 17 and meta["exporter"] in ("dynamo", "torchscript")
+    assert meta["inputs"] == ["history", "exclude"] and meta["outputs"] == ["scores", "indices"]
+
+
+def test_ort_matches_torch_for_200_users_with_seen_items_masked(exported):
+    meta, session, wrapper, histories = exported
+    rows = histories[:200]
+    history = left_pad(rows, meta["max_len"])  # [200, max_len]
+    exclude = left_pad(rows, max(map(len, rows)))  # [200, longest history]: the whole history
+    (scores, indices), (want_scores, want_indices) = run_both(session, wrapper, history, exclude)
+    assert scores.shape == indices.shape == (200, meta["top_k"])
+    assert scores.dtype == np.float32 and indices.dtype == np.int64
+    np.testing.assert_array_equal(indices, want_indices)
+    np.testing.assert_allclose(scores, want_scores, rtol=0, atol=1e-4)
+    assert np.isfinite(scores).all()  # every user has more than top_k unseen items
+    assert (np.diff(scores, axis=1) <= 0).all()
+    for row, seen in zip(indices, rows):
+        assert not set(row.tolist()) & (set(seen) | {0})
+
+
+@pytest.mark.parametrize("batch, n_exclude", [(1, 1), (37, 250), (4, 0)])
+def test_dynamic_batch_and_exclude_sizes(exported, batch, n_exclude):
+    meta, session, wrapper, histories = exported
+    rows = histories[300:300 + batch]
+    history = left_pad(rows, meta["max_len"])
+    exclude = left_pad([r[:n_exclude] for r in rows], n_exclude)  # [batch, n_exclude] (possibly empty)
+    (scores, indices), (want_scores, want_indices) = run_both(session, wrapper, history, exclude)
+    assert indices.shape == (batch, meta["top_k"])
+    np.testing.assert_array_equal(indices, want_indices)
+    np.testing.assert_allclose(scores, want_scores, rtol=0, atol=1e-4)
+    for row, excluded in zip(indices, exclude):
+        assert not set(row.tolist()) & (set(excluded.tolist()) | {0})
+
+
+def test_empty_history_and_excluding_everything(exported):
+    meta, session, _, _ = exported
+    everything = np.arange(1, meta["num_items"] + 1, dtype=np.int64)[None]  # [1, num_items]
+    history = np.zeros((1, meta["max_len"]), dtype=np.int64)
+    scores, _ = session.run(["scores", "indices"], {"history": history, "exclude": np.zeros((1, 1), np.int64)})
+    assert np.isfinite(scores).all()  # a user with no history still gets scores (no NaN from padding)
+    scores, _ = session.run(["scores", "indices"], {"history": history, "exclude": everything})
+    assert np.isneginf(scores).all()  # nothing left to recommend: consumers drop non-finite scores
