@@ -1,0 +1,296 @@
+"""The retrieval server in-process on 127.0.0.1:0 with real gRPC clients and the real tiny SASRec
+bundle: streaming, equality with a direct ONNX Runtime call, every error code, cold start,
+truncation, concurrency, health, reflection, metrics, message limits and mutual TLS."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import urllib.request
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+from google.protobuf.descriptor_pool import DescriptorPool
+
+from loadtest.servers import free_port
+from palr.bundle import Bundle
+from palr.catalog import Catalog
+from palr.serving import NOT_SERVING, SERVING, open_channel
+from recsys.v1 import retrieval_pb2, retrieval_pb2_grpc
+from retrieval_server.config import RetrievalServerConfig
+from retrieval_server.server import RetrievalServer
+from retrieval_server.servicer import SERVICE_NAME
+
+DEFAULT_CHUNK = 10
+
+
+@dataclass
+class BundleFacts:
+    """What the tests compare the server against, read straight from the bundle files."""
+
+    bundle: Bundle
+    catalog: Catalog
+    histories: dict[str, list[str]]  # users.json
+    session: ort.InferenceSession
+    max_len: int
+    top_k: int
+
+    def reference(self, history: list[str], exclude: list[str], k: int) -> list[tuple[str, float]]:
+        """The contract, by hand: last max_len items left-padded, whole history + exclude masked."""
+        recent = self.catalog.indices(history)[-self.max_len:]
+        history_tensor = np.zeros((1, self.max_len), dtype=np.int64)  # [1, max_len]
+        history_tensor[0, self.max_len - len(recent):] = recent
+        exclude_tensor = np.array([self.catalog.indices(history + exclude) or [0]], dtype=np.int64)  # [1, n]
+        scores, indices = self.session.run(["scores", "indices"], {"history": history_tensor, "exclude": exclude_tensor})
+        return [(self.catalog.item(int(i)).id, float(s)) for s, i in zip(scores[0, :k], indices[0, :k]) if np.isfinite(s)]
+
+
+@pytest.fixture(scope="module")
+def facts(tiny_bundle) -> BundleFacts:
+    bundle = Bundle.open(tiny_bundle)
+    meta = bundle.artifact("sasrec_onnx")
+    histories = {u: e["history"] for u, e in json.loads(bundle.path("users").read_text())["users"].items()}
+    return BundleFacts(bundle=bundle, catalog=Catalog.load(bundle.path("catalog")), histories=histories,
+                       session=ort.InferenceSession(str(bundle.path("sasrec_onnx")), providers=["CPUExecutionProvider"]),
+                       max_len=int(meta["max_len"]), top_k=int(meta["top_k"]))
+
+
+def start(server_loop, config: RetrievalServerConfig, warm: bool = True) -> RetrievalServer:
+    async def make() -> RetrievalServer:
+        server = RetrievalServer(config)
+        await server.start()
+        if warm:
+            await server.load()
+            await server.server.set_serving()
+        return server
+    return server_loop.run(make())
+
+
+@pytest.fixture(scope="module")
+def server(server_loop, tiny_bundle):
+    server = start(server_loop, RetrievalServerConfig(bundle=tiny_bundle, port=0, chunk_size=DEFAULT_CHUNK,
+                                                      metrics_port=free_port(), max_message_bytes=64 * 1024))
+    yield server
+    server_loop.run(server.drain())
+
+
+@pytest.fixture(scope="module")
+def stub(server):
+    with grpc.insecure_channel(server.server.address) as channel:
+        yield retrieval_pb2_grpc.RetrievalServiceStub(channel)
+
+
+def retrieve(stub, **fields) -> list[retrieval_pb2.RetrieveResponse]:
+    return list(stub.Retrieve(retrieval_pb2.RetrieveRequest(**fields), timeout=30))
+
+
+def ranking(messages) -> list[tuple[str, float]]:
+    return [(c.item_id, c.score) for m in messages for c in m.candidates]
+
+
+def assert_same_ranking(got: list[tuple[str, float]], expected: list[tuple[str, float]], atol: float = 1e-4):
+    """Same items in the same order with the same scores; neighbours whose scores tie within
+    `atol` may swap (different batch compositions round differently)."""
+    assert len(got) == len(expected)
+    np.testing.assert_allclose([s for _, s in got], [s for _, s in expected], atol=atol)
+    for (got_id, got_score), (want_id, want_score) in zip(got, expected):
+        if got_id != want_id:
+            tied = [i for i, s in expected if abs(s - got_score) <= atol]
+            assert got_id in tied, f"{got_id} ({got_score}) where {want_id} ({want_score}) was expected"
+
+
+def some_users(facts: BundleFacts, n: int) -> list[str]:
+    return [u for u, h in facts.histories.items() if h][:n]
+
+
+# -- streaming -------------------------------------------------------------------------------------
+
+def test_stream_is_score_ordered_in_chunks_with_global_ranks_and_model_version(stub, facts):
+    user = some_users(facts, 1)[0]
+    k = facts.top_k
+    messages = retrieve(stub, user_id=user, k=k, chunk_size=7)
+    assert [len(m.candidates) for m in messages] == [7] * (k // 7) + ([k % 7] if k % 7 else [])
+    candidates = [c for m in messages for c in m.candidates]
+    assert [c.rank for c in candidates] == list(range(k))
+    scores = [c.score for c in candidates]
+    assert all(a >= b for a, b in zip(scores, scores[1:]))
+    assert {m.model_version for m in messages} == {facts.bundle.version("sasrec_onnx")}
+    assert not any(m.cold_start for m in messages)
+
+    default_chunks = retrieve(stub, user_id=user, k=k)  # chunk_size 0 → the server's default
+    assert [len(m.candidates) for m in default_chunks] == [DEFAULT_CHUNK] * (k // DEFAULT_CHUNK) + (
+        [k % DEFAULT_CHUNK] if k % DEFAULT_CHUNK else [])
+    assert ranking(default_chunks) == ranking(messages)
+
+
+def test_stored_history_results_equal_a_direct_onnx_runtime_call(stub, facts):
+    for user in some_users(facts, 5):
+        messages = retrieve(stub, user_id=user, k=20)
+        assert_same_ranking(ranking(messages), facts.reference(facts.histories[user], [], 20), atol=1e-5)
+        assert messages[0].history_length == min(len(facts.histories[user]), facts.max_len)
+        assert not set(facts.histories[user]) & {c for c, _ in ranking(messages)}
+
+
+def test_explicit_history_wins_over_the_stored_one_and_exclude_is_left_out(stub, facts):
+    user = some_users(facts, 1)[0]
+    history = [item.id for item in facts.catalog.items[:5]]
+    unfiltered = retrieve(stub, history=history, k=10)
+    exclude = [item_id for item_id, _ in ranking(unfiltered)[:3]]
+    messages = retrieve(stub, user_id=user, history=history, exclude=exclude, k=10)
+    assert_same_ranking(ranking(messages), facts.reference(history, exclude, 10), atol=1e-5)
+    assert not set(exclude) & {c for c, _ in ranking(messages)}
+    assert ranking(messages) != ranking(retrieve(stub, user_id=user, k=10))
+    assert messages[0].history_length == 5 and not messages[0].history_truncated
+
+
+def test_long_history_reads_the_most_recent_max_len_items_but_excludes_all_of_them(stub, facts):
+    history = [item.id for item in facts.catalog.items[:facts.max_len + 20]]
+    messages = retrieve(stub, history=history, k=facts.top_k)
+    assert all(m.history_truncated and m.history_length == facts.max_len for m in messages)
+    returned = {c for c, _ in ranking(messages)}
+    assert not returned & set(history)  # the 20 oldest too, though the model never read them
+    assert_same_ranking(ranking(messages), facts.reference(history, [], facts.top_k), atol=1e-5)
+
+
+def test_unknown_user_without_history_gets_popularity_flagged_cold_start(stub, facts):
+    popular = [facts.catalog.item(i).id for i in facts.catalog.popularity_order()]
+    messages = retrieve(stub, user_id="no-such-user", k=8, exclude=popular[:2])
+    assert all(m.cold_start for m in messages)
+    assert [c for c, _ in ranking(messages)] == popular[2:10]
+    scores = [s for _, s in ranking(messages)]
+    assert all(a >= b for a, b in zip(scores, scores[1:])) and scores[0] > 0
+    assert messages[0].history_length == 0 and messages[0].model_version
+
+
+# -- errors ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fields, named", [
+    ({"k": 0}, "k "),
+    ({"k": -3}, "k "),
+    ({"k": 10_000}, "k "),
+    ({"k": 5, "history": ["no-such-item", "nor-this"]}, "history"),
+    ({"k": 5, "exclude": ["no-such-item"]}, "exclude"),
+    ({"k": 5, "chunk_size": -1}, "chunk_size"),
+])
+def test_bad_requests_are_invalid_argument_naming_the_field(stub, facts, fields, named):
+    fields = {"user_id": some_users(facts, 1)[0], **fields}
+    with pytest.raises(grpc.RpcError) as error:
+        retrieve(stub, **fields)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.value.details().startswith(named)
+    for unknown in [i for i in fields.get("history", []) + fields.get("exclude", []) if i not in facts.catalog]:
+        assert repr(unknown) in error.value.details()
+    assert retrieve(stub, user_id="no-such-user", k=1)  # and the server goes on serving
+
+
+def test_oversized_request_is_resource_exhausted_and_the_server_keeps_serving(stub, facts):
+    too_many = [item.id for item in facts.catalog.items] * 40  # well over the 64 KiB limit
+    with pytest.raises(grpc.RpcError) as error:
+        retrieve(stub, user_id="no-such-user", k=5, exclude=too_many)
+    assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert len(ranking(retrieve(stub, user_id="no-such-user", k=5))) == 5
+
+
+# -- concurrency -----------------------------------------------------------------------------------
+
+def concurrent_rankings(address: str, requests: list[dict]) -> list[list[tuple[str, float]]]:
+    async def one(stub, fields):
+        return ranking([m async for m in stub.Retrieve(retrieval_pb2.RetrieveRequest(**fields), timeout=60)])
+
+    async def all_of_them():
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
+            return await asyncio.gather(*(one(stub, fields) for fields in requests))
+    return asyncio.run(all_of_them())
+
+
+def test_fifty_concurrent_clients_each_get_their_own_correct_answer(server, facts):
+    users = some_users(facts, 50)
+    requests = [{"user_id": u, "k": 10 + i % 7, "request_id": f"concurrent-{i}"} for i, u in enumerate(users)]
+    requests += [{"user_id": "no-such-user", "k": 5}] * (50 - len(users))
+    got = concurrent_rankings(server.server.address, requests)
+    for fields, ranked in zip(requests, got):
+        history = facts.histories.get(fields["user_id"], [])
+        if history:
+            assert_same_ranking(ranked, facts.reference(history, [], fields["k"]))
+        else:
+            assert len(ranked) == fields["k"]
+
+
+def test_one_ort_call_per_request_gives_the_same_answers(server_loop, tiny_bundle, facts):
+    direct = start(server_loop, RetrievalServerConfig(bundle=tiny_bundle, port=0, max_batch_size=1, workers=2))
+    try:
+        users = some_users(facts, 12)
+        got = concurrent_rankings(direct.server.address, [{"user_id": u, "k": 15} for u in users])
+        for user, ranked in zip(users, got):
+            assert_same_ranking(ranked, facts.reference(facts.histories[user], [], 15))
+    finally:
+        server_loop.run(direct.drain())
+
+
+# -- operations ------------------------------------------------------------------------------------
+
+def test_health_is_not_serving_and_retrieve_unavailable_until_the_model_is_warm(server_loop, tiny_bundle):
+    server = start(server_loop, RetrievalServerConfig(bundle=tiny_bundle, port=0), warm=False)
+    try:
+        with grpc.insecure_channel(server.server.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            check = lambda name: health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5).status  # noqa: E731
+            assert [check(""), check(SERVICE_NAME)] == [NOT_SERVING, NOT_SERVING]
+            with pytest.raises(grpc.RpcError) as error:
+                retrieve(retrieval_pb2_grpc.RetrievalServiceStub(channel), user_id="no-such-user", k=3)
+            assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+            server_loop.run(server.load())
+            server_loop.run(server.server.set_serving())
+            assert [check(""), check(SERVICE_NAME)] == [SERVING, SERVING]
+            assert retrieve(retrieval_pb2_grpc.RetrievalServiceStub(channel), user_id="no-such-user", k=3)
+    finally:
+        server_loop.run(server.drain())
+
+
+def test_reflection_lists_and_describes_the_service(server):
+    with grpc.insecure_channel(server.server.address) as channel:
+        database = ProtoReflectionDescriptorDatabase(channel)
+        assert {SERVICE_NAME, "grpc.health.v1.Health"} <= set(database.get_services())
+        method = DescriptorPool(database).FindServiceByName(SERVICE_NAME).methods_by_name["Retrieve"]
+        assert method.server_streaming and method.output_type.full_name == "recsys.v1.RetrieveResponse"
+
+
+def test_metrics_endpoint_counts_requests_by_code_and_ort_batches(server, stub, facts):
+    def scrape() -> dict[str, float]:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/metrics", timeout=5).read()
+        return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
+                for line in text.decode().splitlines() if line and not line.startswith("#")}
+
+    before = scrape()
+    retrieve(stub, user_id=some_users(facts, 1)[0], k=5)
+    with pytest.raises(grpc.RpcError):
+        retrieve(stub, user_id="x", k=0)
+    after = scrape()
+    delta = lambda name: after.get(name, 0.0) - before.get(name, 0.0)  # noqa: E731
+    assert delta('retrieval_requests_total{code="OK"}') == 1
+    assert delta('retrieval_requests_total{code="INVALID_ARGUMENT"}') == 1
+    assert delta("retrieval_ort_batch_size_count") == 1
+    assert delta("retrieval_request_seconds_count") == 2
+    assert after["retrieval_requests_in_flight"] == 0
+
+
+def test_mutual_tls_retrieve_needs_a_client_certificate(server_loop, tiny_bundle, pki):
+    secured = start(server_loop, RetrievalServerConfig(bundle=tiny_bundle, port=0, tls_cert=pki.server_cert,
+                                                       tls_key=pki.server_key, tls_client_ca=pki.ca))
+    try:
+        with open_channel(secured.server.address, tls_ca=pki.ca, tls_cert=pki.client_cert, tls_key=pki.client_key,
+                          aio=False) as channel:
+            assert retrieve(retrieval_pb2_grpc.RetrievalServiceStub(channel), user_id="no-such-user", k=3)
+        with open_channel(secured.server.address, tls_ca=pki.ca, aio=False) as channel:
+            with pytest.raises(grpc.RpcError) as refused:
+                list(retrieval_pb2_grpc.RetrievalServiceStub(channel).Retrieve(
+                    retrieval_pb2.RetrieveRequest(user_id="no-such-user", k=3), timeout=3))
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        server_loop.run(secured.drain())

@@ -1,0 +1,102 @@
+"""`python -m retrieval_server` as a real subprocess: SIGTERM drains in-flight requests and exits 0,
+and a bad bundle ends in a clear message and a non-zero exit, not a traceback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from loadtest.servers import REPO, ServerProcess, free_port
+from palr.bundle import Bundle
+from palr.serving import NOT_SERVING, SERVING
+from recsys.v1 import retrieval_pb2, retrieval_pb2_grpc
+
+IN_FLIGHT = 20
+
+
+def in_flight(metrics_port: int) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+    return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith("retrieval_requests_in_flight "))
+
+
+def test_sigterm_finishes_in_flight_requests_then_exits_zero_and_refuses_new_connections(tiny_bundle):
+    users = list(json.loads(Bundle.open(tiny_bundle).path("users").read_text())["users"])[:IN_FLIGHT]
+    metrics_port = free_port()
+    # A long batch window holds the requests inside the server, so they are surely in flight at SIGTERM.
+    server = ServerProcess("retrieval_server", ["--bundle", str(tiny_bundle), "--metrics-port", str(metrics_port),
+                                                "--max-batch-size", "64", "--batch-window-ms", "1500", "--grace", "30"])
+    server.start()
+    try:
+        async def scenario() -> tuple[list[int], float, list[float]]:
+            async with grpc.aio.insecure_channel(server.target) as channel:
+                watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest())
+                assert (await watch.read()).status == SERVING
+                stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
+                finished: list[float] = []
+
+                async def one(i: int) -> int:
+                    request = retrieval_pb2.RetrieveRequest(user_id=users[i], k=5, request_id=f"drain-{i}")
+                    count = sum([len(m.candidates) async for m in stub.Retrieve(request, timeout=60)])
+                    finished.append(time.monotonic())
+                    return count
+
+                calls = [asyncio.create_task(one(i)) for i in range(IN_FLIGHT)]
+                deadline = time.monotonic() + 10
+                while await asyncio.to_thread(in_flight, metrics_port) < IN_FLIGHT:
+                    assert time.monotonic() < deadline, "requests never reached the server"
+                    await asyncio.sleep(0.02)
+                server.process.send_signal(signal.SIGTERM)
+                sent = time.monotonic()
+                assert (await watch.read()).status == NOT_SERVING
+                watch.cancel()
+                return await asyncio.gather(*calls), sent, finished
+
+        counts, sigterm_at, finished = asyncio.run(scenario())
+        assert counts == [5] * IN_FLIGHT  # every in-flight request completed OK...
+        assert min(finished) > sigterm_at  # ...after SIGTERM
+        assert server.process.wait(30) == 0
+        with grpc.insecure_channel(server.target) as channel:
+            with pytest.raises(grpc.RpcError) as refused:
+                health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=3)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        log = server.log_path.read_text()
+        assert "received SIGTERM" in log and "drained and stopped" in log
+    finally:
+        server.kill()
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "retrieval_server", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_a_corrupted_bundle_is_refused_with_a_clear_message(tiny_bundle, tmp_path):
+    broken = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, broken)
+    with (broken / "sasrec.onnx").open("ab") as f:
+        f.write(b"tampered")
+    result = run_cli("--bundle", str(broken), "--port", "0")
+    assert result.returncode == 1
+    assert "sasrec_onnx: sasrec.onnx checksum" in result.stderr
+    assert "Traceback" not in result.stderr
+
+    missing = run_cli("--bundle", str(tmp_path / "nowhere"), "--port", "0")
+    assert missing.returncode == 1 and "no manifest.json" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_help_explains_every_flag():
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for flag in ("--bundle", "--port", "--host", "--threads", "--max-k", "--chunk-size", "--metrics-port",
+                 "--tls-cert", "--tls-key", "--tls-client-ca", "--grace", "--max-batch-size", "--batch-window-ms"):
+        assert flag in result.stdout
