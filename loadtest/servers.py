@@ -28,6 +28,12 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def _temp_log(module: str) -> Path:
+    fd, path = tempfile.mkstemp(prefix=f"{module}-", suffix=".log")
+    os.close(fd)
+    return Path(path)
+
+
 def _env_with_repo() -> dict[str, str]:
     """This checkout first on the subprocess's path, whatever the current directory."""
     path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
@@ -47,7 +53,7 @@ class ServerProcess:
         self.host = host
         self.port = port or free_port(host)
         self.argv = [sys.executable, "-m", module, *args, "--host", host, "--port", str(self.port)]
-        self.log_path = Path(log_path) if log_path else Path(tempfile.mkstemp(prefix=f"{module}-", suffix=".log")[1])
+        self.log_path = Path(log_path) if log_path else _temp_log(module)
         self.channel_kwargs = channel_kwargs or {}
         self.process: subprocess.Popen | None = None
 
