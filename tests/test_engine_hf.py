@@ -179,6 +179,7 @@ def test_abort_while_queued_and_while_decoding_frees_the_slot(tiny):
         assert engine.stats().active == 1
         assert engine.abort("queued") and engine.abort("decoding")
         cancelled.cancel()  # a caller giving up aborts its request too
+        await wait_until(cancelled.done)
         assert not engine.abort("never-seen")
         constraint.gate.set()
         for task, error in ((decoding, EngineAborted), (queued, EngineAborted), (cancelled, asyncio.CancelledError)):
@@ -257,7 +258,7 @@ def test_close_stops_the_loop_and_fails_what_is_pending(tiny):
         queued = asyncio.ensure_future(engine.rank(plain(labels, "queued")))
         await wait_until(lambda: engine.stats().queued == 1)
         closing = asyncio.ensure_future(asyncio.to_thread(engine.close))
-        await asyncio.sleep(0.05)
+        await wait_until(lambda: not engine.check_health())  # closed, while the step is still under way
         constraint.gate.set()  # the step under way completes, then the loop sees close
         await closing
         outcomes = await asyncio.gather(running, queued, return_exceptions=True)

@@ -17,11 +17,9 @@ from __future__ import annotations
 import time
 from collections import OrderedDict
 
-import torch
-
 from palr.llm import PrefixKV, compute_prefix, generate_constrained, score_labels
 from ranking_server.engines.base import EngineError
-from ranking_server.engines.hf import EngineConfig, HFEngine, Sequence_
+from ranking_server.engines.hf import EngineConfig, HFEngine, Row
 from ranking_server.engines.loop import LoopEngine, Pending, StepRecord
 
 
@@ -31,16 +29,12 @@ class SequentialEngine(LoopEngine):
     def __init__(self, model, config: EngineConfig | None = None, name: str = "sequential"):
         config = config or EngineConfig()
         super().__init__(name, vocab_size=model.config.get_text_config().vocab_size,
-                         max_seq_len=config.max_seq_len, max_queue=config.max_queue)
+                         max_seq_len=config.max_seq_len, max_queue=config.max_queue,
+                         num_threads=config.num_threads)
         self.config = config
         self.model = model
         self._prefixes: OrderedDict[tuple[int, ...], PrefixKV] = OrderedDict()
         self.start()
-
-    def _engine_context(self):
-        if self.config.num_threads:
-            torch.set_num_threads(self.config.num_threads)
-        return torch.inference_mode()
 
     def _prefix(self, prefix_ids) -> PrefixKV | None:
         key = tuple(int(t) for t in prefix_ids)
@@ -103,7 +97,7 @@ class StaticBatchingEngine(HFEngine):
         for pending in self._take(self.config.max_batch_size):
             self._admit(pending)
 
-    def _plan_prefill(self, budget: int) -> list[tuple[Sequence_, int]]:
+    def _plan_prefill(self, budget: int) -> list[tuple[Row, int]]:
         """The whole batch's prompts at once, no token budget."""
         return [(seq, len(seq.todo)) for seq in self._slots[self._n_decoding:]]
 

@@ -21,7 +21,6 @@ The one-at-a-time reference in `palr.llm` defines the answers; tests check this 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -65,7 +64,7 @@ class EngineConfig:
 
 
 @dataclass(eq=False)
-class Sequence_:
+class Row:
     """A running request's state in the batch."""
 
     pending: Pending
@@ -109,7 +108,7 @@ class HFEngine(LoopEngine):
         config = config or EngineConfig()
         text = model.config.get_text_config()
         super().__init__(name, vocab_size=text.vocab_size, max_seq_len=config.max_seq_len,
-                         max_queue=config.max_queue)
+                         max_queue=config.max_queue, num_threads=config.num_threads)
         self.config = config
         self.model = model
         self.decoder = model.get_decoder()
@@ -117,19 +116,12 @@ class HFEngine(LoopEngine):
         self.device = model_device(model)
         self.kv = SlotKVCache(model.config, config.max_batch_size, config.max_seq_len, model.dtype, self.device)
         self.prefixes = PrefixStore(config.prefix_cache_size)
-        self._slots: list[Sequence_] = []        # index = slot; [0, n_decoding) are generating
+        self._slots: list[Row] = []        # index = slot; [0, n_decoding) are generating
         self._n_decoding = 0
-        self._by_id: dict[str, Sequence_] = {}
+        self._by_id: dict[str, Row] = {}
         self.start()
 
     # ---- scheduling ---------------------------------------------------------------------------
-
-    def _engine_context(self):
-        if self.config.num_threads:
-            torch.set_num_threads(self.config.num_threads)
-        stack = contextlib.ExitStack()
-        stack.enter_context(torch.inference_mode())
-        return stack
 
     def _step(self) -> bool:
         self._admit_new()
@@ -151,7 +143,7 @@ class HFEngine(LoopEngine):
         for pending in self._take(self.config.max_batch_size - len(self._slots)):
             self._admit(pending)
 
-    def _plan_prefill(self, budget: int) -> list[tuple[Sequence_, int]]:
+    def _plan_prefill(self, budget: int) -> list[tuple[Row, int]]:
         """Prompt chunks for this step, oldest request first, within the token budget."""
         chunks = []
         for seq in self._slots[self._n_decoding:]:
@@ -162,7 +154,7 @@ class HFEngine(LoopEngine):
             budget -= n
         return chunks
 
-    def _prefill_groups(self, chunks: list[tuple[Sequence_, int]]) -> list[list[tuple[Sequence_, int]]]:
+    def _prefill_groups(self, chunks: list[tuple[Row, int]]) -> list[list[tuple[Row, int]]]:
         """In-flight: one pass per prompt chunk. Prefill is compute-bound on CPU, so padding rows of
         different lengths into one pass would only add work."""
         return [[chunk] for chunk in chunks]
@@ -171,7 +163,7 @@ class HFEngine(LoopEngine):
 
     def _admit(self, pending: Pending) -> None:
         request = pending.request
-        seq = Sequence_(pending, slot=len(self._slots), todo=request.input_ids)
+        seq = Row(pending, slot=len(self._slots), todo=request.input_ids)
         self._slots.append(seq)
         self._by_id[pending.request_id] = seq
         key = tuple(int(t) for t in request.prefix_ids)
@@ -192,7 +184,7 @@ class HFEngine(LoopEngine):
         self._slots[i], self._slots[j] = b, a
         a.slot, b.slot = j, i
 
-    def _leave(self, seq: Sequence_) -> None:
+    def _leave(self, seq: Row) -> None:
         """Free the request's slot, keeping the decoding rows, then the prefilling rows, contiguous."""
         if seq.slot < self._n_decoding:
             self._n_decoding -= 1
@@ -215,7 +207,7 @@ class HFEngine(LoopEngine):
         if seq is not None:
             self._leave(seq)
 
-    def _fail_rows(self, seqs: list[Sequence_], error: Exception, what: str) -> None:
+    def _fail_rows(self, seqs: list[Row], error: Exception, what: str) -> None:
         log.exception("%s failed for %d request(s)", what, len(seqs), exc_info=error)
         for seq in seqs:
             if seq.pending.request_id in self._by_id:
@@ -243,7 +235,7 @@ class HFEngine(LoopEngine):
             logits = logits + self.lm_head.bias[index]
         return logits.float()
 
-    def _decode(self, seqs: list[Sequence_]) -> None:
+    def _decode(self, seqs: list[Row]) -> None:
         """One batched decode pass over slots `[0, len(seqs))`, then each row's constrained pick."""
         try:
             hidden = self._forward(0, [[s.next_token] for s in seqs], [s.length for s in seqs])
@@ -259,7 +251,7 @@ class HFEngine(LoopEngine):
         for i, seq in enumerate(seqs):
             self._emit(seq, allowed[i], logits[i, [column[t] for t in allowed[i]]])
 
-    def _emit(self, seq: Sequence_, allowed: list[int], allowed_logits: torch.Tensor) -> None:
+    def _emit(self, seq: Row, allowed: list[int], allowed_logits: torch.Tensor) -> None:
         """Pick the row's next token under its constraint; finish it when the constraint is done."""
         request = seq.pending.request
         try:
@@ -276,7 +268,7 @@ class HFEngine(LoopEngine):
         else:
             seq.next_token = token
 
-    def _prefill(self, group: list[tuple[Sequence_, int]]) -> None:
+    def _prefill(self, group: list[tuple[Row, int]]) -> None:
         """Run one pass of prompt chunks for rows in contiguous slots; finish the prompts that are done."""
         seqs = [seq for seq, _ in group]
         first = seqs[0].slot
@@ -299,7 +291,7 @@ class HFEngine(LoopEngine):
             if not seq.todo:
                 self._prompt_done(seq, hidden[i])
 
-    def _prompt_done(self, seq: Sequence_, hidden: torch.Tensor) -> None:
+    def _prompt_done(self, seq: Row, hidden: torch.Tensor) -> None:
         """Score mode: label log-probs, done. Generate mode: first pick, then join the decoding rows."""
         pending = seq.pending
         pending.prefilled = time.perf_counter()

@@ -76,13 +76,14 @@ class LoopEngine(RankingEngine):
     `_fail`); `_release(pending)` frees what an aborted running request holds (its batch slot)."""
 
     def __init__(self, name: str, *, vocab_size: int, max_seq_len: int, max_queue: int,
-                 step_log_size: int = 4096):
+                 num_threads: int | None = None, step_log_size: int = 4096):
         if max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}")
         self.name = name
         self.vocab_size = vocab_size
         self.max_seq_len = max_seq_len
         self.max_queue = max_queue
+        self.num_threads = num_threads
         self._cv = threading.Condition()
         self._waiting: deque[Pending] = deque()
         self._running: dict[str, Pending] = {}  # admitted, not settled; guarded by _cv
@@ -258,8 +259,12 @@ class LoopEngine(RankingEngine):
     # ---- the scheduler, per backend -----------------------------------------------------------
 
     def _engine_context(self) -> contextlib.AbstractContextManager:
-        """Entered once on the engine thread around the whole loop (thread settings, inference mode)."""
-        return contextlib.nullcontext()
+        """Entered once on the engine thread around the whole loop: thread count, inference mode."""
+        import torch
+
+        if self.num_threads:
+            torch.set_num_threads(self.num_threads)
+        return torch.inference_mode()
 
     @abstractmethod
     def _step(self) -> bool:
