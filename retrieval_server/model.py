@@ -74,7 +74,7 @@ class SasrecOnnx:
         """Runs every batch size a few times so the first real request pays no allocation cost;
         returns the seconds it took."""
         started = time.perf_counter()
-        history = list(range(1, self.max_len + 1))
+        history = [PAD_INDEX + 1] * self.max_len  # item 1 exists in any catalog
         for batch_size in batch_sizes:
             queries = [Query(history=history, exclude=history, k=self.top_k)] * batch_size
             for _ in range(repeats):
