@@ -144,9 +144,10 @@ class HFEngine(LoopEngine):
             self._admit(pending)
 
     def _plan_prefill(self, budget: int) -> list[tuple[Row, int]]:
-        """Prompt chunks for this step, oldest request first, within the token budget."""
+        """Prompt chunks for this step, oldest request first (slot order is not arrival order once
+        rows have moved), within the token budget."""
         chunks = []
-        for seq in self._slots[self._n_decoding:]:
+        for seq in sorted(self._slots[self._n_decoding:], key=lambda row: row.pending.submitted):
             if budget <= 0:
                 break
             n = min(len(seq.todo), budget)
