@@ -15,13 +15,12 @@ import asyncio
 import logging
 import math
 import time
-import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from loadtest.report import machine_info, markdown_table, percentiles_ms, write_report
-from loadtest.servers import ServerProcess, free_port
+from loadtest.servers import ServerProcess, free_port, scrape_metrics
 
 log = logging.getLogger(__name__)
 
@@ -197,9 +196,8 @@ async def closed_loop(target: str, users: list[str], k: int, concurrency: int,
 
 def ort_batches(metrics_port: int) -> tuple[float, float]:
     """(ORT calls, requests in them) so far, from the server's Prometheus histogram."""
-    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
-    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines() if line.startswith("retrieval_ort_batch_size_")}
-    return values.get("retrieval_ort_batch_size_count", 0.0), values.get("retrieval_ort_batch_size_sum", 0.0)
+    samples = scrape_metrics(metrics_port)
+    return samples.get("retrieval_ort_batch_size_count", 0.0), samples.get("retrieval_ort_batch_size_sum", 0.0)
 
 
 # -- the report -----------------------------------------------------------------------------------

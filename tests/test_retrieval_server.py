@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import urllib.request
 from dataclasses import dataclass
 
 import grpc
@@ -17,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from google.protobuf.descriptor_pool import DescriptorPool
 
-from loadtest.servers import free_port
+from loadtest.servers import free_port, scrape_metrics
 from palr.bundle import Bundle
 from palr.catalog import Catalog
 from palr.serving import NOT_SERVING, SERVING, open_channel
@@ -263,9 +262,7 @@ def test_reflection_lists_and_describes_the_service(server):
 
 def test_metrics_endpoint_counts_requests_by_code_and_ort_batches(server, stub, facts):
     def scrape() -> dict[str, float]:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{server.server.metrics_port}/metrics", timeout=5).read()
-        return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1])
-                for line in text.decode().splitlines() if line and not line.startswith("#")}
+        return scrape_metrics(server.server.metrics_port)
 
     before = scrape()
     retrieve(stub, user_id=some_users(facts, 1)[0], k=5)

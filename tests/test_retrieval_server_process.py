@@ -10,13 +10,12 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from loadtest.servers import REPO, ServerProcess, free_port
+from loadtest.servers import REPO, ServerProcess, free_port, scrape_metrics
 from palr.bundle import Bundle
 from palr.serving import NOT_SERVING, SERVING
 from recsys.v1 import retrieval_pb2, retrieval_pb2_grpc
@@ -25,8 +24,7 @@ IN_FLIGHT = 20
 
 
 def in_flight(metrics_port: int) -> float:
-    text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
-    return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith("retrieval_requests_in_flight "))
+    return scrape_metrics(metrics_port)["retrieval_requests_in_flight"]
 
 
 def test_sigterm_finishes_in_flight_requests_then_exits_zero_and_refuses_new_connections(tiny_bundle):

@@ -8,13 +8,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import urllib.request
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from loadtest.servers import free_port
+from loadtest.servers import free_port, scrape_metrics
 from palr.serving import (NOT_SERVING, SERVING, GrpcServer, RequestError, RpcMetrics, ServerConfig, open_channel)
 
 SERVICE = "test.Plumbing"
@@ -123,10 +122,10 @@ def test_request_errors_keep_their_code_bugs_become_internal_and_the_server_keep
             assert "test-rid" in crashed.value.details()
             assert call(channel, "Echo", b"still here") == b"still here"
         assert server.metrics_port == metrics_port
-        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+        samples = scrape_metrics(metrics_port)
         for code in ("FAILED_PRECONDITION", "INTERNAL", "OK"):
-            assert _sample(text, f'test_plumbing_requests_total{{code="{code}"}}') >= 1
-        assert _sample(text, "test_plumbing_requests_in_flight") == 0
+            assert samples[f'test_plumbing_requests_total{{code="{code}"}}'] >= 1
+        assert samples["test_plumbing_requests_in_flight"] == 0
     finally:
         server_loop.run(server.drain())
 
@@ -195,9 +194,3 @@ def test_a_taken_port_is_an_error_not_a_shared_port(server_loop):
     finally:
         server_loop.run(first.drain())
 
-
-def _sample(metrics_text: str, name: str) -> float:
-    for line in metrics_text.splitlines():
-        if line.startswith(name + " "):
-            return float(line.split()[-1])
-    raise AssertionError(f"{name} not in the metrics output")
