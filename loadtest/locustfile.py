@@ -1,0 +1,198 @@
+"""Locust load test of the two-tier system over gRPC, with an SLO gate.
+
+    locust -f loadtest/locustfile.py --headless --host 127.0.0.1:50052 --retrieval-host 127.0.0.1:50051 \\
+        --bundle bundle --slo loadtest/slo/cpu.toml -u 2 -r 2 -t 3m --csv reports/locust --html reports/locust.html
+
+Each Locust user is an internal service in a closed loop: it picks a user from the bundle's
+users.json (or, at `--cold-start-share`, an id nobody has seen), and calls
+  - `Recommend` on `--host` (the ranking server), in generate mode at `--generate-share`, score mode
+    otherwise, with `--k` and `--candidates`, recorded as "Recommend/score" or "Recommend/generate";
+  - `Retrieve` on `--retrieval-host` (default: `--host`) at `--retrieve-share` of its calls,
+    recorded as "Retrieve" (timed until the stream is drained).
+Every call carries a deadline (`--*-deadline-ms`) and a request id ("locust-..."), so the servers'
+logs show which requests were load. A degraded Recommend answer (retrieval order, LLM skipped)
+counts as a failure unless `--degraded-ok`. With `--slo FILE` the run's exit code is the gate's:
+0 when every limit held, 3 when any SLO is broken (see loadtest/slo.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+from locust import events, task
+from locust.runners import WorkerRunner
+
+from loadtest.grpc_user import GrpcUser
+from loadtest.slo import SloError, SloProfile, gate
+from palr.bundle import Bundle, BundleError
+from recsys.v1 import ranking_pb2, ranking_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
+
+log = logging.getLogger("locustfile")
+
+MODES = {ranking_pb2.RANKING_MODE_SCORE: "score", ranking_pb2.RANKING_MODE_GENERATE: "generate",
+         ranking_pb2.RANKING_MODE_UNSPECIFIED: "score"}
+
+
+@events.init_command_line_parser.add_listener
+def add_options(parser) -> None:
+    group = parser.add_argument_group("recsys traffic (loadtest/locustfile.py)")
+    group.add_argument("--retrieval-host", default="", metavar="HOST:PORT",
+                       help="retrieval server for Retrieve calls (default: --host)")
+    group.add_argument("--bundle", default="bundle", metavar="DIR", help="bundle whose users.json users are sampled")
+    group.add_argument("--slo", default="", metavar="TOML",
+                       help="SLO profile (e.g. loadtest/slo/cpu.toml): exit 3 when any limit is broken")
+    group.add_argument("--retrieve-share", type=float, default=0.2,
+                       help="fraction of calls that are Retrieve; the rest are Recommend (1: retrieval tier only)")
+    group.add_argument("--generate-share", type=float, default=0.2,
+                       help="fraction of Recommend calls in generate mode; the rest use score mode")
+    group.add_argument("--cold-start-share", type=float, default=0.0,
+                       help="fraction of calls for user ids the bundle does not know (popularity answers)")
+    group.add_argument("--k", type=int, default=10, help="items per Recommend answer")
+    group.add_argument("--candidates", type=int, default=20,
+                       help="retrieved candidates the LLM ranks per Recommend (0: the server's default)")
+    group.add_argument("--retrieve-k", type=int, default=50, help="candidates per Retrieve call")
+    group.add_argument("--score-deadline-ms", type=float, default=15000, help="deadline of score-mode Recommend calls")
+    group.add_argument("--generate-deadline-ms", type=float, default=60000,
+                       help="deadline of generate-mode Recommend calls")
+    group.add_argument("--retrieve-deadline-ms", type=float, default=2000, help="deadline of Retrieve calls")
+    group.add_argument("--think-time-ms", type=float, default=0.0,
+                       help="mean pause between a user's calls (exponential); 0: closed loop, -u = concurrency")
+    group.add_argument("--degraded-ok", action="store_true",
+                       help="count degraded Recommend answers (LLM skipped) as successes")
+    group.add_argument("--grpc-tls-ca", default="", metavar="PEM", help="CA that signed the servers' certificates (TLS)")
+    group.add_argument("--grpc-tls-cert", default="", metavar="PEM", help="client certificate (mutual TLS)")
+    group.add_argument("--grpc-tls-key", default="", metavar="PEM", help="client key (mutual TLS)")
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """What every simulated caller reads: the options and the users to sample."""
+
+    users: list[str]
+    retrieval_host: str
+    retrieve_share: float
+    generate_share: float
+    cold_start_share: float
+    k: int
+    candidates: int
+    retrieve_k: int
+    deadlines_s: dict[str, float]
+    think_time_s: float
+    degraded_ok: bool
+    slo: SloProfile | None
+
+    @classmethod
+    def from_options(cls, options) -> "Traffic":
+        for name in ("retrieve_share", "generate_share", "cold_start_share"):
+            if not 0 <= getattr(options, name) <= 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(options, name)}")
+        return cls(users=bundle_users(Path(options.bundle)), retrieval_host=options.retrieval_host,
+                   retrieve_share=options.retrieve_share, generate_share=options.generate_share,
+                   cold_start_share=options.cold_start_share, k=options.k, candidates=options.candidates,
+                   retrieve_k=options.retrieve_k,
+                   deadlines_s={"score": options.score_deadline_ms / 1e3,
+                                "generate": options.generate_deadline_ms / 1e3,
+                                "retrieve": options.retrieve_deadline_ms / 1e3},
+                   think_time_s=options.think_time_ms / 1e3, degraded_ok=options.degraded_ok,
+                   slo=SloProfile.load(options.slo) if options.slo else None)
+
+    def user_id(self) -> str:
+        if self.cold_start_share and random.random() < self.cold_start_share:
+            return f"locust-new-{uuid.uuid4().hex[:8]}"
+        return random.choice(self.users)
+
+
+def bundle_users(bundle_dir: Path) -> list[str]:
+    """User ids with a history in the bundle's users.json."""
+    users = json.loads(Bundle.open(bundle_dir).path("users").read_text())["users"]
+    known = [u for u, entry in users.items() if entry["history"]]
+    if not known:
+        raise BundleError(f"{bundle_dir}: users.json has no user with a history")
+    return known
+
+
+TRAFFIC: Traffic | None = None
+
+
+@events.init.add_listener
+def load_traffic(environment, **_kwargs) -> None:
+    """Fail before the run starts (bad bundle, bad SLO file), not at its end."""
+    global TRAFFIC
+    if environment.parsed_options is None:  # imported by a tool, not run by Locust
+        return
+    if not environment.host and not isinstance(environment.runner, WorkerRunner):
+        raise SystemExit("locustfile: --host HOST:PORT (the ranking server) is required")
+    try:
+        TRAFFIC = Traffic.from_options(environment.parsed_options)
+    except (BundleError, SloError, OSError, ValueError) as e:
+        raise SystemExit(f"locustfile: {e}") from e
+    log.info("traffic: %d users from %s; Retrieve %.0f%%, Recommend generate %.0f%% / score %.0f%%; SLO %s",
+             len(TRAFFIC.users), environment.parsed_options.bundle, 100 * TRAFFIC.retrieve_share,
+             100 * TRAFFIC.generate_share, 100 * (1 - TRAFFIC.generate_share),
+             TRAFFIC.slo.path if TRAFFIC.slo else "none")
+
+
+@events.quitting.add_listener
+def slo_gate(environment, **_kwargs) -> None:
+    """The gate runs where the statistics are: the master, or the only process (not on workers)."""
+    if TRAFFIC and TRAFFIC.slo and not isinstance(environment.runner, WorkerRunner):
+        gate(environment, TRAFFIC.slo)
+
+
+class RecsysCaller(GrpcUser):
+    """An internal service asking for recommendations, one call after the other."""
+
+    def on_start(self) -> None:
+        options = self.environment.parsed_options
+        self.tls_ca, self.tls_cert, self.tls_key = (Path(p) if p else None
+                                                    for p in (options.grpc_tls_ca, options.grpc_tls_cert, options.grpc_tls_key))
+        self.traffic = TRAFFIC
+        self.ranking = ranking_pb2_grpc.RankingServiceStub(self.channel(self.host))
+        self.retrieval = retrieval_pb2_grpc.RetrievalServiceStub(
+            self.channel(self.traffic.retrieval_host or self.host))
+
+    def wait_time(self) -> float:
+        mean = self.traffic.think_time_s
+        return random.expovariate(1 / mean) if mean > 0 else 0.0
+
+    @task
+    def call(self) -> None:
+        with self.rpc_errors_recorded():
+            if random.random() < self.traffic.retrieve_share:
+                self.retrieve()
+            else:
+                self.recommend()
+
+    def recommend(self) -> None:
+        generate = random.random() < self.traffic.generate_share
+        mode = ranking_pb2.RANKING_MODE_GENERATE if generate else ranking_pb2.RANKING_MODE_SCORE
+        request = ranking_pb2.RecommendRequest(user_id=self.traffic.user_id(), k=self.traffic.k, mode=mode,
+                                               num_candidates=self.traffic.candidates, request_id=request_id())
+        self.ranking.Recommend(request, timeout=self.traffic.deadlines_s[MODES[mode]])
+
+    def retrieve(self) -> None:
+        request = retrieval_pb2.RetrieveRequest(user_id=self.traffic.user_id(), k=self.traffic.retrieve_k,
+                                                request_id=request_id())
+        for _ in self.retrieval.Retrieve(request, timeout=self.traffic.deadlines_s["retrieve"]):
+            pass
+
+    def request_name(self, method: str, request) -> str:
+        return f"{method}/{MODES[request.mode]}" if method == "Recommend" else method
+
+    def response_failure(self, method: str, response) -> Exception | None:
+        if method == "Recommend" and response.degraded and not self.traffic.degraded_ok:
+            return DegradedAnswer(response.degraded_reason or "no reason given")
+        return None
+
+
+class DegradedAnswer(Exception):
+    """The ranking server answered in retrieval order (LLM skipped): a failure for the SLO gate."""
+
+
+def request_id() -> str:
+    return f"locust-{uuid.uuid4().hex[:16]}"

@@ -1,0 +1,185 @@
+"""Latency SLO gates for Locust runs: a TOML profile per target, checked when the run ends.
+
+A profile (see loadtest/slo/cpu.toml):
+
+    description = "embedded default: hf engine on 2 CPU cores, -u 2"
+    measured = true            # false: limits derived on paper, not yet measured on the target
+    max_error_rate = 0.01      # over all requests (Locust's "Aggregated" row)
+
+    [rpc."Recommend/score"]    # a Locust request name (grpc_user.GrpcUser.request_name)
+    p50_ms = 2500
+    p95_ms = 4000
+    p99_ms = 5000
+    max_error_rate = 0.01
+
+Measured values are Locust's own statistics (the numbers in its CSV/HTML reports, aggregated over
+workers in distributed mode): percentiles over all requests of that name, failed ones included,
+from Locust's response-time buckets (2 significant digits, so within ~5 %). A limit is broken
+when the measured value is above it. An RPC that got no requests is reported and not checked; a
+run with no requests at all breaks the gate.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+log = logging.getLogger("slo")
+
+PERCENTILE_KEY = re.compile(r"^p(\d{1,2})_ms$")
+TOTAL = "Aggregated"  # Locust's name for the row over all requests
+EXIT_BROKEN = 3       # distinct from Locust's own codes (1: failures without a gate, 2: crashes)
+
+
+class SloError(ValueError):
+    """An SLO file that cannot be used; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class RpcSlo:
+    name: str
+    percentiles_ms: dict[int, float] = field(default_factory=dict)  # percentile → limit
+    max_error_rate: float | None = None
+
+
+@dataclass(frozen=True)
+class SloProfile:
+    path: Path
+    description: str
+    measured: bool
+    max_error_rate: float | None
+    rpcs: tuple[RpcSlo, ...]
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SloProfile":
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as e:
+            raise SloError(f"{path}: {e}") from e
+        _no_unknown_keys(path, "", data, {"description", "measured", "max_error_rate", "rpc"})
+        rpcs = data.get("rpc", {})
+        if not isinstance(rpcs, dict) or not rpcs:
+            raise SloError(f"{path}: no [rpc.NAME] table; nothing to gate")
+        return cls(path, str(data.get("description", "")), bool(data.get("measured", True)),
+                   _rate(path, "max_error_rate", data.get("max_error_rate")),
+                   tuple(_rpc(path, name, table) for name, table in rpcs.items()))
+
+
+def _no_unknown_keys(path: Path, where: str, table: dict, allowed: set[str]) -> None:
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        raise SloError(f"{path}: unknown key(s) {unknown}{' in ' + where if where else ''}; "
+                       f"allowed: {sorted(allowed)}")
+
+
+def _rate(path: Path, key: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if not isinstance(value, (int, float)) or not 0 <= value <= 1:
+        raise SloError(f"{path}: {key} must be a fraction in [0, 1], got {value!r}")
+    return float(value)
+
+
+def _rpc(path: Path, name: str, table: Any) -> RpcSlo:
+    where = f"[rpc.{name!r}]"
+    if not isinstance(table, dict):
+        raise SloError(f"{path}: {where} must be a table")
+    limits = {}
+    for key, value in table.items():
+        match = PERCENTILE_KEY.match(key)
+        if key == "max_error_rate":
+            continue
+        if not match:
+            raise SloError(f"{path}: unknown key {key!r} in {where}; use pNN_ms (e.g. p95_ms) or max_error_rate")
+        if not isinstance(value, (int, float)) or value <= 0:
+            raise SloError(f"{path}: {where} {key} must be a positive number of milliseconds, got {value!r}")
+        limits[int(match.group(1))] = float(value)
+    return RpcSlo(name, dict(sorted(limits.items())), _rate(path, f"{where} max_error_rate", table.get("max_error_rate")))
+
+
+@dataclass(frozen=True)
+class Check:
+    """One limit compared with its measurement."""
+
+    rpc: str
+    what: str          # "p95" or "error rate"
+    measured: float
+    limit: float
+    requests: int
+
+    @property
+    def broken(self) -> bool:
+        return self.measured > self.limit
+
+    def line(self) -> str:
+        unit = (lambda v: f"{v:.2%}") if self.what == "error rate" else (lambda v: f"{v:g} ms")
+        verdict = "BROKEN" if self.broken else "ok"
+        return (f"{verdict:>6}  {self.rpc} {self.what}: measured {unit(self.measured)}, limit {unit(self.limit)} "
+                f"({self.requests} requests)")
+
+
+def evaluate(profile: SloProfile, stats) -> tuple[list[Check], list[str]]:
+    """Every limit of `profile` against Locust's `RequestStats`; also the RPCs that got no requests."""
+    entries: dict[str, list] = {}
+    for entry in stats.entries.values():
+        entries.setdefault(entry.name, []).append(entry)
+    checks, unexercised = [], []
+    for rpc in profile.rpcs:
+        rows = entries.get(rpc.name, [])
+        requests = sum(e.num_requests for e in rows)
+        if not requests:
+            unexercised.append(rpc.name)
+            continue
+        entry = rows[0] if len(rows) == 1 else _merged(rows)
+        for p, limit in rpc.percentiles_ms.items():
+            checks.append(Check(rpc.name, f"p{p}", float(entry.get_response_time_percentile(p / 100)), limit, requests))
+        if rpc.max_error_rate is not None:
+            checks.append(Check(rpc.name, "error rate", entry.fail_ratio, rpc.max_error_rate, requests))
+    total = stats.total
+    if profile.max_error_rate is not None and total.num_requests:
+        checks.append(Check(TOTAL, "error rate", total.fail_ratio, profile.max_error_rate, total.num_requests))
+    return checks, unexercised
+
+
+def _merged(rows: list):
+    """One entry over the same name under several request types."""
+    from locust.stats import StatsEntry
+
+    merged = StatsEntry(rows[0].stats, rows[0].name, "", use_response_times_cache=False)
+    for row in rows:
+        merged.extend(row)
+    return merged
+
+
+def gate(environment, profile: SloProfile) -> bool:
+    """Logs every check and sets Locust's exit code: EXIT_BROKEN when any SLO is broken, else 0 (so
+    failures within the error budget do not fail the run). Returns True when the gate passed."""
+    checks, unexercised = evaluate(profile, environment.stats)
+    empty = not environment.stats.total.num_requests
+    broken = [c for c in checks if c.broken]
+    log.info("SLO gate %s%s", profile.path, "" if profile.measured else
+             " (limits derived on paper, not yet measured on this target)")
+    for check in checks:
+        (log.error if check.broken else log.info)("%s", check.line())
+    for name in unexercised:
+        log.warning("  skip  %s: no requests in this run, not checked", name)
+    if empty:
+        log.error("SLO gate BROKEN: the run recorded no requests at all")
+    elif broken:
+        log.error("SLO gate BROKEN: %d of %d limits exceeded: %s", len(broken), len(checks),
+                  "; ".join(f"{c.rpc} {c.what} {c.measured:g} > {c.limit:g}" for c in broken))
+    else:
+        log.info("SLO gate passed: %d limits held", len(checks))
+    passed = not (empty or broken)
+    environment.process_exit_code = 0 if passed else EXIT_BROKEN
+    return passed
