@@ -1,10 +1,13 @@
-"""`python -m loadtest.bench <benchmark> [options]`: latency benchmarks, measured side by side in one
-run and written to `reports/bench_<benchmark>.json` and `.md`.
+"""`python -m loadtest.bench [<benchmark>] [options]`: latency benchmarks, measured side by side in one
+run and written under `reports/`. Without a benchmark name it runs `all`, the full report
+(reports/bench.json, bench.md and plots); `--quick` sizes any benchmark that has a quick preset for
+a smoke run of a few minutes (options given explicitly still win).
 
 Performance is measured here and reported as ratios, never asserted by timed unit tests. The
 machine's load average is recorded with every report: numbers taken on a busy machine are not final.
 Each benchmark is a module with a config dataclass and `run(config) -> dict` (its options come from
-the dataclass); add one by adding a line to BENCHMARKS.
+the dataclass; an optional module-level `QUICK` dict is its quick preset); add one by adding a line
+to BENCHMARKS.
 """
 
 from __future__ import annotations
@@ -19,25 +22,39 @@ from compile.cli import add_config_arguments, build_config
 # name → (module, config class, one-line help). Modules are imported to build their options, so
 # they keep heavy imports (torch, onnxruntime) inside functions.
 BENCHMARKS: dict[str, tuple[str, str, str]] = {
+    "all": ("loadtest.bench_all", "BenchConfig",
+            "the full report: one-at-a-time vs static vs in-flight batching at concurrency 1/4/16/64 in score and "
+            "generate modes, score vs generate, prefix reuse on/off, ORT vs torch retrieval → reports/bench.*"),
     "retrieval": ("loadtest.bench_retrieval", "RetrievalBenchConfig",
                   "SASRec ORT vs torch eager at batch 1/32; Retrieve RPC p50/p99 at concurrency 1/8/32, "
                   "micro-batching on vs off"),
 }
 
 
+DEFAULT = "all"
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not set(argv) & {*BENCHMARKS, "-h", "--help"}:
+        argv = [DEFAULT, *argv]
     parser = argparse.ArgumentParser(prog="python -m loadtest.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
     commands = parser.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
     for name, (module_name, config_name, help_text) in BENCHMARKS.items():
-        sub = commands.add_parser(name, help=help_text, description=help_text)
-        add_config_arguments(sub, getattr(importlib.import_module(module_name), config_name))
+        module = importlib.import_module(module_name)
+        sub = commands.add_parser(name, help=help_text, description=help_text + "\n\n" + (module.__doc__ or ""),
+                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+        sub.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
+        if hasattr(module, "QUICK"):
+            sub.add_argument("--quick", action="store_true", help=f"smoke-run sizes: {module.QUICK}")
+        add_config_arguments(sub, getattr(module, config_name))
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     module_name, config_name, _ = BENCHMARKS[args.benchmark]
     module = importlib.import_module(module_name)
-    module.run(build_config(getattr(module, config_name), args))
+    quick = module.QUICK if getattr(args, "quick", False) else None
+    module.run(build_config(getattr(module, config_name), args, quick))
     return 0
 
 

@@ -1,0 +1,271 @@
+"""The side-by-side benchmark report (`python -m loadtest.bench`, the default benchmark).
+
+In one run, on the bundle's merged PALR model with real prompts (loadtest/bench_ranking.py):
+
+1. batching: one-at-a-time (`sequential`), `static` and `inflight` engines at concurrency 1, 4, 16, 64,
+   score and generate modes, closed loop (throughput, p50/p95 latency, mean batch per step);
+2. score vs generate latency: the in-flight engine at concurrency 1;
+3. prefix reuse on vs off: score mode, in-flight engine, concurrency 1;
+4. ORT vs torch eager retrieval: loadtest/bench_retrieval.py's model comparison at batch 1 and 32.
+
+Repeats: the first round runs every cell; the next `--repeats - 1` rounds run only the cells the
+headline ratios need (in reversed order every other round, so drift hits both sides alike). Each
+ratio is taken within a round (numerator and denominator measured minutes apart at most) and its
+median over rounds is reported; each cell's numbers are medians over the rounds that ran it.
+
+Writes reports/bench.json (top-level `ratios` and `goals`), reports/bench.md and one PNG per mode
+(latency vs throughput per strategy). Progress goes to the log, one line per cell.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from loadtest.bench_ranking import Cell
+from loadtest.report import machine_info, markdown_table, write_report
+from ranking_server.engines import STRATEGIES
+from ranking_server.engines.base import MODES
+
+log = logging.getLogger(__name__)
+
+HEADLINE_CONCURRENCY = 16
+
+# ratio name → (numerator cell, denominator cell, metric); all within one round
+RATIOS: dict[str, tuple[Cell, Cell, str]] = {
+    "inflight_vs_sequential_throughput_c16": (Cell("generate", "inflight", 16), Cell("generate", "sequential", 16),
+                                              "throughput_rps"),
+    "inflight_vs_sequential_p95_c16": (Cell("generate", "inflight", 16), Cell("generate", "sequential", 16), "p95_ms"),
+    "inflight_vs_sequential_throughput_c16_score": (Cell("score", "inflight", 16), Cell("score", "sequential", 16),
+                                                    "throughput_rps"),
+    "inflight_vs_sequential_p95_c16_score": (Cell("score", "inflight", 16), Cell("score", "sequential", 16), "p95_ms"),
+    "score_vs_generate_latency": (Cell("score", "inflight", 1), Cell("generate", "inflight", 1), "p50_ms"),
+    "prefix_reuse_on_vs_off_latency": (Cell("score", "inflight", 1), Cell("score", "inflight", 1, prefix_reuse=False),
+                                       "p50_ms"),
+}
+RETRIEVAL_RATIO = "ort_vs_torch_retrieval_latency_b1"
+
+# goals on the embedded default (issues 5 and 7): ratio name → (comparison, threshold)
+GOALS: dict[str, tuple[str, float]] = {
+    "inflight_vs_sequential_throughput_c16": (">=", 3.0),
+    "inflight_vs_sequential_p95_c16": ("<", 1.0),
+    "inflight_vs_sequential_throughput_c16_score": (">=", 1.0),
+    "inflight_vs_sequential_p95_c16_score": ("<", 1.0),
+    "score_vs_generate_latency": ("<=", 0.2),
+    "prefix_reuse_on_vs_off_latency": ("<=", 0.7),
+    RETRIEVAL_RATIO: ("<=", 0.5),
+}
+COMPARE = {">=": lambda a, b: a >= b, "<": lambda a, b: a < b, "<=": lambda a, b: a <= b}
+
+# `--quick`: a smoke run of every code path in a few minutes (options given explicitly still win)
+QUICK = {"concurrency": [1, 16], "requests": 4, "repeats": 1, "candidates": 10, "generate_k": 2,
+         "retrieval_calls": 50}
+
+
+@dataclass
+class BenchConfig:
+    bundle: Path = field(default=Path("bundle"), metadata={
+        "help": "bundle with llm/merged, llm/ranker.json, profiles, users, sasrec (python -m compile all)",
+        "metavar": "DIR"})
+    out: Path = field(default=Path("reports"), metadata={"help": "where bench.json, bench.md and the plots go",
+                                                         "metavar": "DIR"})
+    concurrency: list[int] = field(default_factory=lambda: [1, 4, 16, 64], metadata={
+        "help": "closed-loop concurrency levels (16 is needed for the headline ratios)"})
+    strategies: list[str] = field(default_factory=lambda: list(STRATEGIES), metadata={
+        "help": f"engines to compare: {', '.join(STRATEGIES)}"})
+    modes: list[str] = field(default_factory=lambda: list(MODES), metadata={"help": "ranking modes"})
+    requests: int = field(default=16, metadata={
+        "help": "requests per cell; a cell with more callers than this sends one request per caller"})
+    repeats: int = field(default=3, metadata={
+        "help": "rounds of the headline cells (the first round also runs the full sweep); ratios are medians"})
+    candidates: int = field(default=0, metadata={"help": "candidates per prompt (0: the K the LLM was tuned with)"})
+    generate_k: int = field(default=0, metadata={
+        "help": "answer lines in generate mode (0: llm/ranker.json's generate_k)"})
+    seed: int = field(default=0, metadata={"help": "which users are sampled"})
+    threads: int = field(default=0, metadata={"help": "torch threads of the engines (0: torch's default)"})
+    max_batch_size: int = field(default=16, metadata={"help": "engine batch slots (the server's default)"})
+    max_tokens_per_step: int = field(default=256, metadata={"help": "engine token budget per step (the server's default)"})
+    retrieval_calls: int = field(default=300, metadata={"help": "timed SASRec calls per engine and batch size"})
+    skip_retrieval: bool = field(default=False, metadata={"help": "leave out ORT vs torch retrieval"})
+
+    def __post_init__(self):
+        for name, values, allowed in (("strategies", self.strategies, STRATEGIES), ("modes", self.modes, MODES)):
+            unknown = set(values) - set(allowed)
+            if unknown:
+                raise ValueError(f"--{name} {sorted(unknown)}: choose from {', '.join(allowed)}")
+        if self.requests < 1 or self.repeats < 1 or min(self.concurrency) < 1:
+            raise ValueError("--requests, --repeats and every --concurrency must be >= 1")
+
+
+def sweep_cells(config: BenchConfig) -> list[Cell]:
+    """Round 1: every mode × concurrency × strategy (strategies of one level next to each other),
+    plus the prefix-reuse-off cell."""
+    cells = [Cell(mode, strategy, c) for mode in config.modes for c in config.concurrency for strategy in config.strategies]
+    return cells + [c for c in headline_cells(config) if c not in cells]
+
+
+def headline_cells(config: BenchConfig) -> list[Cell]:
+    """The cells the ratios need, restricted to the modes and strategies asked for."""
+    wanted = [cell for numerator, denominator, _ in RATIOS.values() for cell in (numerator, denominator)]
+    cells = [c for c in dict.fromkeys(wanted) if c.mode in config.modes and c.strategy in config.strategies]
+    return [c for c in cells if c.concurrency != HEADLINE_CONCURRENCY or HEADLINE_CONCURRENCY in config.concurrency]
+
+
+def run(config: BenchConfig) -> dict:
+    import torch
+
+    from loadtest.bench_ranking import load_workload, measure
+    from ranking_server.engines.hf import EngineConfig
+
+    started = time.perf_counter()
+    before = machine_info()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    n_users = max(config.requests, max(config.concurrency))
+    workload = load_workload(config.bundle, n_users, candidates=config.candidates, generate_k=config.generate_k,
+                             seed=config.seed)
+    engine_config = EngineConfig(max_batch_size=config.max_batch_size, max_tokens_per_step=config.max_tokens_per_step,
+                                 num_threads=config.threads or None)
+    rounds = [sweep_cells(config)] + [headline_cells(config) for _ in range(config.repeats - 1)]
+    total = sum(len(r) for r in rounds)
+    runs: dict[Cell, list[dict]] = {}
+    retrieval_runs: list[list[dict]] = []
+    done = 0
+    for number, cells in enumerate(rounds):
+        for cell in (cells if number % 2 == 0 else list(reversed(cells))):
+            done += 1
+            summary = measure(cell, workload, engine_config, config.requests)
+            runs.setdefault(cell, []).append({**summary, "round": number})
+            log.info("[%d/%d, %.0f s] round %d %s: %.3f req/s, p50 %.0f ms, p95 %.0f ms, mean batch %s%s", done, total,
+                     time.perf_counter() - started, number + 1, cell.key, summary["throughput_rps"], summary["p50_ms"],
+                     summary["p95_ms"], summary["mean_batch"], f", errors {summary['errors']}" if summary["errors"] else "")
+        if not config.skip_retrieval:
+            retrieval_runs.append(retrieval_model(config))
+            log.info("round %d retrieval: ORT vs torch eager at batch 1: %.3f", number + 1,
+                     retrieval_ratio(retrieval_runs[-1]))
+
+    report = {"benchmark": "all", "config": _jsonable(asdict(config)), "machine_before": before,
+              "workload": workload.describe(), "cells": cell_rows(runs)}
+    ratio_runs = round_ratios(runs, len(rounds))
+    if retrieval_runs:
+        ratio_runs[RETRIEVAL_RATIO] = [retrieval_ratio(rows) for rows in retrieval_runs]
+        report["retrieval_model"] = retrieval_runs[-1]
+    report["ratios"] = {name: round(statistics.median(values), 3) for name, values in ratio_runs.items()}
+    report["ratio_runs"] = ratio_runs
+    report["goals"] = goals(report["ratios"])
+    report["machine_after"] = machine_info()
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    report["plots"] = plot(report, config.out)
+    json_path, md_path = write_report(config.out, "bench", report, markdown(report))
+    print(markdown(report))
+    log.info("wrote %s, %s and %s in %.0f s", json_path, md_path, ", ".join(report["plots"]), report["seconds"])
+    return report
+
+
+def retrieval_model(config: BenchConfig) -> list[dict]:
+    """bench_retrieval's ORT vs torch eager comparison, same bundle, batch 1 and 32."""
+    from loadtest.bench_retrieval import RetrievalBenchConfig, model_latency
+    from palr.bundle import Bundle
+
+    return model_latency(Bundle.open(config.bundle),
+                         RetrievalBenchConfig(bundle=config.bundle, model_calls=config.retrieval_calls))
+
+
+def retrieval_ratio(rows: list[dict]) -> float:
+    return next(r["vs_torch"] for r in rows if r["engine"] == "onnxruntime" and r["batch"] == 1)
+
+
+def round_ratios(runs: dict[Cell, list[dict]], n_rounds: int) -> dict[str, list[float]]:
+    """Each ratio per round, from the two cells measured in that round."""
+    out: dict[str, list[float]] = {}
+    for name, (numerator, denominator, metric) in RATIOS.items():
+        for number in range(n_rounds):
+            top = next((r for r in runs.get(numerator, []) if r["round"] == number), None)
+            bottom = next((r for r in runs.get(denominator, []) if r["round"] == number), None)
+            if top and bottom and bottom[metric]:
+                out.setdefault(name, []).append(round(top[metric] / bottom[metric], 4))
+    return out
+
+
+def cell_rows(runs: dict[Cell, list[dict]]) -> list[dict]:
+    """One row per cell: medians over its rounds, and how it compares with one-at-a-time."""
+    rows = []
+    for cell, summaries in runs.items():
+        row = {"mode": cell.mode, "strategy": cell.strategy, "concurrency": cell.concurrency,
+               "prefix_reuse": cell.prefix_reuse, "rounds": len(summaries), "requests": summaries[0]["requests"]}
+        for metric in ("throughput_rps", "p50_ms", "p95_ms", "p99_ms", "mean_ms", "mean_batch"):
+            values = [s[metric] for s in summaries if s[metric] is not None]
+            row[metric] = round(statistics.median(values), 4 if metric == "throughput_rps" else 1) if values else None
+        row["errors"] = sum(sum(s["errors"].values()) for s in summaries)
+        row["runs"] = summaries
+        rows.append(row)
+    baseline = {(r["mode"], r["concurrency"]): r for r in rows if r["strategy"] == "sequential" and r["prefix_reuse"]}
+    for row in rows:
+        base = baseline.get((row["mode"], row["concurrency"]))
+        if base and base["throughput_rps"] and base["p95_ms"]:
+            row["vs_sequential_throughput"] = round(row["throughput_rps"] / base["throughput_rps"], 2)
+            row["vs_sequential_p95"] = round(row["p95_ms"] / base["p95_ms"], 2)
+    return rows
+
+
+def goals(ratios: dict[str, float]) -> dict[str, dict]:
+    return {name: {"ratio": ratios[name], "goal": f"{op} {threshold:g}", "met": COMPARE[op](ratios[name], threshold)}
+            for name, (op, threshold) in GOALS.items() if name in ratios}
+
+
+def plot(report: dict, out: Path) -> list[str]:
+    from loadtest.plots import latency_vs_throughput
+
+    names = []
+    for mode in dict.fromkeys(r["mode"] for r in report["cells"]):
+        rows = [r for r in report["cells"] if r["mode"] == mode and r["prefix_reuse"]]
+        path = Path(out) / f"bench_{mode}.png"
+        latency_vs_throughput(rows, f"{mode} mode: latency vs throughput per strategy", path)
+        names.append(path.name)
+    return names
+
+
+def markdown(report: dict) -> str:
+    before, after, w = report["machine_before"], report["machine_after"], report["workload"]
+    rounds = report["config"]["repeats"]
+    parts = [
+        "# Benchmark: batching strategies, ranking modes, prefix reuse, retrieval engines",
+        f"{before['cpus']} CPUs ({before['processor']}), load average {before['load_average_1_5_15']} before and "
+        f"{after['load_average_1_5_15']} after ({before['at']}, {report['seconds']:.0f} s). Numbers taken while "
+        f"the machine was busy with other work are not final.",
+        f"Workload: {w['users']} real users, their SASRec top-{w['candidates']} candidates, PALR prompts of "
+        f"{w['prompt_tokens_min']}-{w['prompt_tokens_max']} tokens (mean {w['prompt_tokens_mean']}, shared prefix "
+        f"{w['prefix_tokens']}); generate mode writes {w['generate_k']} answer lines ({w['generate_format']}). "
+        f"Closed loop: each of `concurrency` callers sends its next request when its last one is answered.",
+        f"## Headline ratios (median over {rounds} round(s), each ratio taken within one round)",
+        markdown_table([{"ratio": name, "value": value, "goal": report["goals"].get(name, {}).get("goal", ""),
+                         "met": _met(report["goals"].get(name)), "per round": report["ratio_runs"][name]}
+                        for name, value in report["ratios"].items()], ["ratio", "value", "goal", "met", "per round"]),
+    ]
+    columns = ["strategy", "concurrency", "requests", "throughput_rps", "p50_ms", "p95_ms", "mean_batch",
+               "vs_sequential_throughput", "vs_sequential_p95", "rounds"]
+    for mode, plot_name in zip(dict.fromkeys(r["mode"] for r in report["cells"]), report["plots"]):
+        rows = [r for r in report["cells"] if r["mode"] == mode and r["prefix_reuse"]]
+        rows.sort(key=lambda r: (r["concurrency"], r["strategy"]))
+        parts += [f"## {mode} mode: one-at-a-time vs static vs in-flight batching", markdown_table(rows, columns),
+                  f"![{mode} mode]({plot_name})"]
+    prefix = [r for r in report["cells"] if r["mode"] == "score" and r["strategy"] == "inflight"
+              and r["concurrency"] == 1]
+    if len(prefix) == 2:
+        parts += ["## Shared-prefix KV reuse (score mode, in-flight engine, concurrency 1)",
+                  markdown_table(prefix, ["prefix_reuse", "requests", "p50_ms", "p95_ms", "rounds"])]
+    if "retrieval_model" in report:
+        parts += ["## Retrieval: SASRec top-k in ONNX Runtime vs torch eager (last round)",
+                  markdown_table(report["retrieval_model"], ["engine", "batch", "median_ms", "p90_ms", "vs_torch"])]
+    return "\n\n".join(parts)
+
+
+def _met(goal: dict | None) -> str:
+    return "" if goal is None else ("yes" if goal["met"] else "NO")
+
+
+def _jsonable(values: dict) -> dict:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in values.items()}

@@ -1,0 +1,117 @@
+"""The ranking half of the benchmark: real PALR requests from a bundle, and measured cells.
+
+Requests are what the ranking server would hand its engine: real users from users.json (their
+stored history and profile), their real SASRec top-K from `sasrec.onnx`, the prompt built by the
+server's own `PromptBuilder` (palr/prompt.py underneath, the `llm/ranker.json` settings, fusion bias
+and generate-mode answer format). The model is the bundle's merged checkpoint. Every strategy gets
+the same model object and the same requests, in the same order.
+
+A cell is one (mode, strategy, concurrency, prefix reuse) setting, measured by the in-process
+closed-loop driver `ranking_server/engines/drive.py` on a freshly built engine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ranking_server.engines.base import MODES, EngineRequest
+
+log = logging.getLogger(__name__)
+
+ARTIFACTS = ("catalog", "users", "profiles", "sasrec_onnx", "llm_merged", "ranker")
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The model and one request per sampled user for each mode (same users, same order)."""
+
+    model: Any
+    requests: dict[str, list[EngineRequest]]
+    users: list[str]
+    candidates: int
+    generate_k: int
+    generate_format: str
+
+    def describe(self) -> dict:
+        prompts = [len(r.prefix_ids) + len(r.suffix_ids) for r in self.requests["score"]]
+        return {"users": len(self.users), "candidates": self.candidates, "generate_k": self.generate_k,
+                "generate_format": self.generate_format, "prefix_tokens": len(self.requests["score"][0].prefix_ids),
+                "prompt_tokens_mean": round(sum(prompts) / len(prompts), 1), "prompt_tokens_min": min(prompts),
+                "prompt_tokens_max": max(prompts)}
+
+
+def load_workload(bundle_dir: Path, n: int, *, candidates: int = 0, generate_k: int = 0, seed: int = 0,
+                  device: str = "cpu") -> Workload:
+    """`n` requests per mode for `n` users sampled (with `seed`) from the bundle's users with a history."""
+    from palr.bundle import Bundle
+    from palr.catalog import Catalog
+    from palr.llm import load_causal_lm
+    from palr.profiles import Profiles
+    from ranking_server.prompting import Plan, PromptBuilder
+    from retrieval_server.model import Query, SasrecOnnx
+
+    bundle = Bundle.open(bundle_dir)
+    bundle.verify(list(ARTIFACTS))
+    ranker = json.loads(bundle.path("ranker").read_text())
+    catalog = Catalog.load(bundle.path("catalog"))
+    histories = {u: e["history"] for u, e in json.loads(bundle.path("users").read_text())["users"].items()
+                 if e["history"]}
+    users = sample_users(sorted(histories), n, seed)
+    k_candidates = candidates or int(ranker["candidates"])
+    k_generate = min(generate_k or int(ranker["generate_k"]), k_candidates)
+
+    ranked = SasrecOnnx.from_bundle(bundle).retrieve(
+        [Query(history=catalog.indices(histories[u]), exclude=catalog.indices(histories[u]), k=k_candidates)
+         for u in users])
+    model, tokenizer = load_causal_lm(bundle.path("llm_merged"), device)
+    builder = PromptBuilder(tokenizer, ranker, catalog, Profiles.load(bundle.path("profiles")).profiles)
+    requests: dict[str, list[EngineRequest]] = {mode: [] for mode in MODES}
+    for user, top in zip(users, ranked):
+        items = builder.candidates([catalog.item(int(i)).id for i in top.indices])
+        scores = [float(s) for s in top.scores]
+        for mode in MODES:
+            plan = Plan(request_id=f"bench-{user}", user_id=user, history=histories[user], history_source="stored",
+                        exclude=[], k=k_generate, num_candidates=k_candidates, mode=mode)
+            requests[mode].append(builder.engine_request(plan.request_id, plan, items, scores))
+    workload = Workload(model, requests, users, k_candidates, k_generate, ranker["generate_format"])
+    log.info("workload: %s", workload.describe())
+    return workload
+
+
+def sample_users(users: list[str], n: int, seed: int) -> list[str]:
+    """`n` users drawn without replacement (cycling when the bundle has fewer)."""
+    shuffled = random.Random(seed).sample(users, len(users))
+    return [shuffled[i % len(shuffled)] for i in range(n)]
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One measured setting."""
+
+    mode: str
+    strategy: str
+    concurrency: int
+    prefix_reuse: bool = True
+
+    @property
+    def key(self) -> str:
+        return f"{self.mode}/{self.strategy}/c{self.concurrency}" + ("" if self.prefix_reuse else "/no-prefix-reuse")
+
+
+def measure(cell: Cell, workload: Workload, engine_config, requests: int) -> dict:
+    """Drives `max(requests, concurrency)` requests through a fresh engine (every caller sends at
+    least one); returns the driver's summary (throughput, p50/p95, mean batch, errors)."""
+    from ranking_server.engines.drive import run_strategy
+
+    n = max(requests, cell.concurrency)
+    pool = workload.requests[cell.mode]
+    batch = [pool[i % len(pool)] for i in range(n)]
+    config = dataclasses.replace(engine_config, prefix_reuse=cell.prefix_reuse)
+    result = run_strategy(cell.strategy, workload.model, batch, cell.concurrency, config)
+    return {**result.summary(), "requests": n, "p99_ms": round(result.percentile_ms(99), 1)}
