@@ -291,3 +291,30 @@ def test_mutual_tls_retrieve_needs_a_client_certificate(server_loop, tiny_bundle
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         server_loop.run(secured.drain())
+
+
+def test_random_requests_get_answers_or_invalid_argument_never_a_crash(stub, facts):
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    known = st.sampled_from([item.id for item in facts.catalog.items])
+    item_ids = st.lists(st.one_of(known, known, st.text(max_size=6)), max_size=facts.max_len + 5)
+    requests = st.builds(retrieval_pb2.RetrieveRequest, user_id=st.one_of(st.sampled_from(list(facts.histories)[:20]),
+                                                                           st.text(max_size=8)),
+                         history=item_ids, k=st.integers(-5, facts.top_k + 5), exclude=item_ids,
+                         chunk_size=st.integers(-2, 30), request_id=st.text(max_size=10))
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(request=requests)
+    def check(request):
+        try:
+            messages = list(stub.Retrieve(request, timeout=30))
+        except grpc.RpcError as error:
+            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, error.details()
+            return
+        ranks = [c.rank for m in messages for c in m.candidates]
+        assert ranks == list(range(len(ranks))) and len(ranks) <= request.k
+        assert not {c.item_id for m in messages for c in m.candidates} & set(request.exclude)
+
+    check()
+    assert retrieve(stub, user_id="no-such-user", k=1)
