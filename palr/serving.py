@@ -162,7 +162,10 @@ class GrpcServer:
         await self.grpc.start()
         self.port = port
         if self.config.metrics_port:
-            self._metrics_httpd, _ = start_http_server(self.config.metrics_port, addr=self.config.host)
+            try:
+                self._metrics_httpd, _ = start_http_server(self.config.metrics_port, addr=self.config.host)
+            except OSError as e:
+                raise OSError(f"cannot serve metrics on {self.config.host}:{self.config.metrics_port}: {e}") from None
             self.metrics_port = self._metrics_httpd.server_port
         log.info("listening on %s (TLS %s, max message %d bytes, metrics %s); health NOT_SERVING until warmed up",
                  self.address, self.config.tls, self.config.max_message_bytes,
