@@ -20,6 +20,12 @@ STEPS: dict[str, tuple[str, str, str]] = {
     "sasrec": ("compile.sasrec", "SASRecConfig", "train SASRec; write catalog, users, models/sasrec.pt and sasrec.onnx"),
     "export-onnx": ("compile.export_onnx", "ExportConfig", "re-export sasrec.onnx (masking + top-k in the graph) from models/sasrec.pt"),
     "evaluate": ("compile.evaluate", "EvaluateConfig", "evaluate a tier on the test split; writes reports/eval_<tier>.json"),
+    "base-model": ("compile.base_model", "BaseModelConfig", "the base LLM as a plain HF checkpoint in llm/base/ (GGUF dequantized, or --base-model DIR)"),
+    "profiles": ("compile.profiles", "ProfilesConfig", "user profile keywords (stats or LLM summaries) → profiles.json"),
+    "sft-data": ("compile.sft_data", "SftDataConfig", "PALR instruction data from the train split (+ a validation file) → llm/sft/"),
+    "finetune": ("compile.finetune", "FinetuneConfig", "LoRA fine-tune of the base LLM on the SFT data → llm/lora/"),
+    "merge": ("compile.merge", "MergeConfig", "merge LoRA into the base → llm/merged/; fit the fusion weight → llm/ranker.json"),
+    "build": ("compile.build", "BuildConfig", "a deployment build of llm/merged for this hardware → engines/<target>/ (hf-cpu, hf-cuda, ortgenai-cpu, trtllm)"),
     "all": ("compile.pipeline", "PipelineConfig", "run every step in order, each skipping itself when unchanged"),
 }
 

@@ -1,6 +1,7 @@
 """`compile all`: every step in order, each skipping itself when its inputs are unchanged.
 
     sasrec → export-onnx → evaluate (retrieval)
+    → base-model → profiles → sft-data → finetune → merge → evaluate (ranking)
 
 A step is a (name, module, config class) entry in STEPS; its config is the preset's options for
 that step with the pipeline's shared fields (bundle, data, ...) filled in. To add a step, append
@@ -26,6 +27,13 @@ STEPS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("sasrec", "compile.sasrec", "SASRecConfig", {}),
     ("export-onnx", "compile.export_onnx", "ExportConfig", {}),
     ("evaluate", "compile.evaluate", "EvaluateConfig", {"tier": "retrieval"}),
+    # the ranking tier (PALR): base LLM → profiles → instruction data → LoRA → merged ranker
+    ("base-model", "compile.base_model", "BaseModelConfig", {}),
+    ("profiles", "compile.profiles", "ProfilesConfig", {}),
+    ("sft-data", "compile.sft_data", "SftDataConfig", {}),
+    ("finetune", "compile.finetune", "FinetuneConfig", {}),
+    ("merge", "compile.merge", "MergeConfig", {}),
+    ("evaluate", "compile.evaluate", "EvaluateConfig", {"tier": "ranking"}),
 ]
 
 

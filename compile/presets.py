@@ -16,6 +16,10 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     },
     "tiny": {
         "sasrec": {"epochs": 1, "max_steps": 10, "max_len": 20, "hidden": 32, "ffn_hidden": 64},
+        "sft-data": {"users": 24, "valid_users": 12, "retrieval_per_user": 1, "recommend_per_user": 1},
+        "finetune": {"max_steps": 4, "batch_size": 4, "save_every": 2, "lr": 5e-3},
+        "merge": {"fusion_users": 12},
+        "evaluate": {"users": 6},
     },
 }
 

@@ -10,9 +10,9 @@ three questions per step and nothing else, so any constraint plugs into any deco
     c.emitted()                               # candidate positions, in the order the model named them
 
 `LabelConstraint` ranks by single-token labels (" A", " B", ...): each step names one candidate not
-named yet, and it stops after exactly k. A title constraint (a trie over the candidates' title token
-sequences) fits the same interface: `allowed_tokens` walks the trie, `token_bias` puts a candidate's
-bias on the token that starts its title.
+named yet, and it stops after exactly k. `TitleConstraint` (the PALR answer format of `palr.prompt`)
+writes k lines, each a label not named yet followed by that candidate's title tokens (forced), with
+the bias on the label token that starts each line.
 
 Pure Python on purpose: no torch here, so `import palr` stays light.
 """
@@ -101,3 +101,50 @@ class LabelConstraint(DecodingConstraint):
 
     def emitted(self) -> list[int]:
         return list(self._emitted)
+
+
+class TitleConstraint(DecodingConstraint):
+    """Write exactly `k` candidate lines, each a label not written yet followed by that candidate's
+    title line (" B" " Scream" "\\n"): the answer format `palr.prompt` trains, so the model writes
+    titles (PALR) while every line is, token for token, a line of its candidate list.
+
+    The choice is made at the label (same tokens, same bias, as `LabelConstraint`); the title tokens
+    after it are forced. So no line can name an item outside the list or repeat one.
+    """
+
+    def __init__(self, label_token_ids: Sequence[int], line_token_ids: Sequence[Sequence[int]], k: int):
+        self._labels = LabelConstraint(label_token_ids, k)
+        lines = [[int(t) for t in line] for line in line_token_ids]
+        if len(lines) != len(label_token_ids):
+            raise ValueError(f"{len(lines)} title lines for {len(label_token_ids)} labels")
+        if any(not line for line in lines):
+            raise ValueError("every candidate needs a non-empty title line")
+        self._lines = lines
+        self._pending: list[int] = []  # forced title tokens still to write on the current line
+        self._max_new_tokens = k + sum(sorted(map(len, lines), reverse=True)[:k])
+
+    def allowed_tokens(self) -> list[int]:
+        return self._pending[:1] if self._pending else self._labels.allowed_tokens()
+
+    def token_bias(self, bias: Sequence[float]) -> list[float]:
+        return [0.0] if self._pending else self._labels.token_bias(bias)
+
+    def advance(self, token_id: int) -> None:
+        if self._pending:
+            if int(token_id) != self._pending[0]:
+                raise ValueError(f"token {token_id} is not allowed now (allowed: {self._pending[:1]})")
+            self._pending.pop(0)
+            return
+        self._labels.advance(token_id)
+        self._pending = list(self._lines[self._labels.emitted()[-1]])
+
+    @property
+    def done(self) -> bool:
+        return self._labels.done and not self._pending
+
+    @property
+    def max_new_tokens(self) -> int:
+        return self._max_new_tokens
+
+    def emitted(self) -> list[int]:
+        return self._labels.emitted()

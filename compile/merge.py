@@ -1,0 +1,142 @@
+"""`compile merge`: fold the LoRA adapter into the base weights → `llm/merged/` + `llm/ranker.json`.
+
+`merge_and_unload` gives a plain checkpoint the servers load without peft. The merged model's
+logits are checked against the adapter model's on a validation prompt (max |diff| logged and
+recorded; above --tolerance the step fails).
+
+`llm/ranker.json` is everything serving needs besides weights, so it builds prompts and rankings
+exactly as training and evaluation did:
+
+    prompt            PromptSettings (palr/prompt.py) the SFT data was built with
+    candidates        K, and the label strings and token ids for up to K candidates
+    fusion_weight     weight of the retrieval log-probability in the fused score (palr/ranking.py),
+                      fit here on validation users (valid.jsonl) by grid search over NDCG@10
+    generate_format   "titles" (each answer line: a label, then its title; `TitleConstraint`) or
+                      "labels" (`LabelConstraint`); generate_k: lines written
+    profile_method    how profiles.json was made
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from compile.llm_common import config_record
+from compile.sft_data import read_jsonl
+from palr.bundle import Bundle, fingerprint
+
+log = logging.getLogger(__name__)
+
+MERGED_DIR = "llm/merged"
+RANKER_FILE = "llm/ranker.json"
+GENERATE_FORMATS = ("titles", "labels")
+VERSION = 1
+
+
+@dataclass
+class MergeConfig:
+    bundle: Path = field(default=Path("bundle"), metadata={"help": "bundle directory (needs llm_base, lora, sft_data)"})
+    tolerance: float = field(default=1e-3, metadata={
+        "help": "max |logit difference| allowed between the merged and the adapter model"})
+    fusion_users: int = field(default=300, metadata={
+        "help": "validation users the fusion weight is fit on (0 = no fusion: weight 0)"})
+    generate_format: str = field(default="titles", metadata={
+        "help": "what generate mode writes per line", "choices": GENERATE_FORMATS})
+    generate_k: int = field(default=10, metadata={"help": "lines generate mode writes (items it ranks)"})
+    force: bool = field(default=False, metadata={"help": "redo the step even if its inputs are unchanged"})
+
+
+def merge(base_dir: Path, lora_dir: Path, out: Path, probe_ids: list[int], tolerance: float) -> float:
+    """Merges, saves model + tokenizer to `out`; returns max |merged - adapter| logits on `probe_ids`."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, lora_dir).eval()
+    ids = torch.tensor([probe_ids])  # [1, T]
+    with torch.inference_mode():
+        adapter_logits = model(input_ids=ids).logits  # [1, T, V]
+    merged = model.merge_and_unload().eval()
+    with torch.inference_mode():
+        diff = float((merged(input_ids=ids).logits - adapter_logits).abs().max())
+    log.info("merged vs adapter logits over %d tokens: max |diff| = %.3g (tolerance %.3g)", len(probe_ids), diff,
+             tolerance)
+    if diff > tolerance:
+        raise RuntimeError(f"merged model's logits differ from the adapter model's by {diff:.3g} (> {tolerance:.3g})")
+    shutil.rmtree(out, ignore_errors=True)
+    merged.save_pretrained(out)
+    AutoTokenizer.from_pretrained(base_dir).save_pretrained(out)
+    return diff
+
+
+def fit_fusion(model_dir: Path, valid: list[dict]) -> tuple[float, dict]:
+    """Score-mode LLM log-probs on validation users → the NDCG@10-best retrieval weight."""
+    from palr.llm import load_causal_lm, score_labels
+    from palr.ranking import fit_fusion_weight
+
+    model, _ = load_causal_lm(model_dir)
+    llm = [score_labels(model, x["input_ids"], x["label_token_ids"])
+           for x in tqdm(valid, desc="fusion (validation)", unit="user")]
+    weight, curve = fit_fusion_weight(llm, [x["retrieval_scores"] for x in valid],
+                                      [x["target_position"] for x in valid])
+    log.info("fusion weight %.2f fit on %d validation users; NDCG@10 by weight: %s", weight, len(valid),
+             ", ".join(f"{w:g}: {v:.4f}" for w, v in curve.items()))
+    return weight, {str(w): v for w, v in curve.items()}
+
+
+def ranker_record(bundle: Bundle, config: MergeConfig, weight: float, curve: dict) -> dict:
+    from transformers import AutoTokenizer
+
+    from palr.prompt import PalrPrompt, PromptSettings
+
+    meta = json.loads((bundle.path("sft_data") / "meta.json").read_text())
+    settings = PromptSettings.from_dict(meta["prompt"])
+    prompt = PalrPrompt(AutoTokenizer.from_pretrained(bundle.path("llm_base")), settings)
+    k = meta["candidates"]
+    if not 1 <= config.generate_k <= k:
+        raise ValueError(f"--generate-k {config.generate_k} must be between 1 and the candidate count {k}")
+    return {
+        "prompt": settings.to_dict(),
+        "candidates": k,
+        "labels": [settings.label_prefix + c for c in settings.label_alphabet[:k]],
+        "label_token_ids": prompt.label_token_ids(k),
+        "fusion_weight": weight,
+        "fusion_validation_ndcg@10": curve,
+        "generate_format": config.generate_format,
+        "generate_k": config.generate_k,
+        "profile_method": meta["profile_method"],
+        "lora": bundle.version("lora"),
+    }
+
+
+def run(config: MergeConfig) -> Path:
+    bundle = Bundle.open(config.bundle)
+    inputs = ["llm_base", "lora", "sft_data"]
+    step_fp = fingerprint("merge", VERSION, config_record(config) | {"bundle": None, "force": None},
+                          [bundle.version(name) for name in inputs])
+    out = bundle.root / MERGED_DIR
+    if not config.force and bundle.step_is_current("merge", step_fp, ["llm_merged", "ranker"]):
+        log.info("merged model is current (%s); skipping", out)
+        return out
+    started = time.perf_counter()
+    valid = read_jsonl(bundle.path("sft_data") / "valid.jsonl")
+    diff = merge(bundle.path("llm_base"), bundle.path("lora"), out, valid[0]["input_ids"], config.tolerance)
+    bundle.add_artifact("llm_merged", MERGED_DIR, dtype="float32", merge_max_abs_diff=diff)
+    fusion_valid = valid[: config.fusion_users]
+    weight, curve = fit_fusion(out, fusion_valid) if fusion_valid else (0.0, {})
+    ranker = ranker_record(bundle, config, weight, curve)
+    ranker_path = bundle.root / RANKER_FILE
+    ranker_path.write_text(json.dumps(ranker, indent=2) + "\n")
+    bundle.add_artifact("ranker", RANKER_FILE, fusion_weight=weight, generate_format=config.generate_format)
+    bundle.record_step("merge", step_fp, time.perf_counter() - started, config=config_record(config))
+    bundle.save()
+    log.info("merged model → %s, ranker → %s (fusion weight %.2f) in %.1f s", out, ranker_path, weight,
+             time.perf_counter() - started)
+    return out

@@ -1,0 +1,186 @@
+"""`compile profiles`: each user's profile keywords → `profiles.json` (see `palr/profiles.py`).
+
+    --method stats   keywords from genre, year and popularity statistics (deterministic, instant)
+    --method llm     the base LLM summarises the history into keywords (PALR). A history longer
+                     than one block (--block-items titles) is summarised block by block and the
+                     block summaries are folded together, again by the LLM, until one remains
+                     (the hierarchical summarisation of LLM-TRSR), so any length fits the context.
+
+Each user's profile comes from train + valid items (the history a test-time request sees; never
+the test item). LLM summaries are cached by history in `profiles/llm_cache.json`, so `sft-data`
+reuses them for its examples' own (shorter) histories and a rerun only computes what is new.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from compile.llm_common import config_record
+from palr.bundle import Bundle, fingerprint
+from palr.catalog import Catalog, Item
+from palr.profiles import METHODS, Profiles, StatsProfiler
+
+log = logging.getLogger(__name__)
+
+PROFILES_FILE = "profiles.json"
+CACHE_FILE = "profiles/llm_cache.json"
+
+# The small model lists genres when asked for them and its reply is started for it ("Keywords:");
+# asked for "a description of the taste" it writes chatty sentences instead (measured on SmolLM2-135M).
+SUMMARISE = "Movies this person watched: {titles}\nWhich genres and themes does this person like? Answer with keywords."
+FOLD = ("Keywords describing one person's movie taste at different times:\n{summaries}\n"
+        "Which genres and themes does this person like overall? Answer with keywords.")
+REPLY_START = "Keywords:"
+
+
+@dataclass
+class ProfilesConfig:
+    bundle: Path = field(default=Path("bundle"), metadata={"help": "bundle directory (needs catalog, users, llm_base)"})
+    method: str = field(default="stats", metadata={"help": "how profiles are made", "choices": METHODS})
+    max_items: int = field(default=40, metadata={"help": "llm: most recent history items summarised"})
+    block_items: int = field(default=20, metadata={"help": "llm: titles per summarisation block"})
+    keywords: int = field(default=8, metadata={"help": "llm: at most this many keywords"})
+    max_new_tokens: int = field(default=32, metadata={"help": "llm: tokens generated per summary"})
+    batch_size: int = field(default=8, metadata={"help": "llm: prompts generated together (decode batches well)"})
+    users: int = field(default=0, metadata={"help": "profile only the first N users (0 = all); for experiments"})
+    force: bool = field(default=False, metadata={"help": "redo the step even if its inputs are unchanged"})
+
+
+def _history_key(items: Sequence[Item], config: ProfilesConfig) -> str:
+    ids = ",".join(item.id for item in items[-config.max_items:])
+    settings = f"{config.block_items}|{config.keywords}|{config.max_new_tokens}"
+    return hashlib.sha1(f"{settings}|{ids}".encode()).hexdigest()
+
+
+def _clean_keywords(text: str, n: int) -> str:
+    """First line of the reply, split on commas, de-duplicated, at most n keywords."""
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    words: list[str] = []
+    for word in line.replace(";", ",").split(","):
+        word = word.strip(" .*-\"'").strip()
+        if word and word.lower() not in {w.lower() for w in words}:
+            words.append(word)
+    return ", ".join(words[:n])
+
+
+class LlmSummariser:
+    """Hierarchical keyword summaries of histories with a causal LM, batched, cached by history."""
+
+    def __init__(self, model_dir: Path, config: ProfilesConfig, cache_path: Path):
+        from palr.llm import load_causal_lm
+
+        self.model, self.tokenizer = load_causal_lm(model_dir)
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.config = config
+        self.cache_path = cache_path
+        self.cache: dict[str, str] = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+        newline = self.tokenizer.encode("\n", add_special_tokens=False)
+        self.stop_ids = [self.tokenizer.eos_token_id] + newline[-1:]
+
+    def _chat(self, text: str) -> str:
+        return self.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                  add_generation_prompt=True) + REPLY_START
+
+    def _generate(self, prompts: list[str]) -> list[str]:
+        """Greedy replies to user messages, `batch_size` at a time (left-padded)."""
+        import torch
+
+        replies = []
+        for start in range(0, len(prompts), self.config.batch_size):
+            chats = [self._chat(p) for p in prompts[start:start + self.config.batch_size]]
+            batch = self.tokenizer(chats, return_tensors="pt", padding=True, add_special_tokens=False)
+            with torch.inference_mode():
+                out = self.model.generate(**batch, max_new_tokens=self.config.max_new_tokens, do_sample=False,
+                                          eos_token_id=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id)
+            new = out[:, batch.input_ids.shape[1]:]  # [B, new tokens]
+            replies += [_clean_keywords(t, self.config.keywords)
+                        for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)]
+        return replies
+
+    def _summarise_blocks(self, histories: list[list[Item]]) -> list[str]:
+        """Level 0: one summary per block of each history; then fold summaries until one per history."""
+        size = self.config.block_items
+        blocks = [[h[i:i + size] for i in range(0, len(h), size)] or [[]] for h in histories]
+        prompts = [SUMMARISE.format(titles="; ".join(item.label for item in block))
+                   for bs in blocks for block in bs]
+        flat = iter(self._generate(prompts))
+        levels = [[next(flat) for _ in bs] for bs in blocks]  # per history: its current summaries
+        while any(len(summaries) > 1 for summaries in levels):
+            groups = [[s[i:i + size] for i in range(0, len(s), size)] if len(s) > 1 else [] for s in levels]
+            prompts = [FOLD.format(summaries="\n".join(f"{j + 1}. {x}" for j, x in enumerate(g)))
+                       for gs in groups for g in gs]
+            flat = iter(self._generate(prompts))
+            levels = [[next(flat) for _ in gs] if gs else s for gs, s in zip(groups, levels)]
+        return [s[0] for s in levels]
+
+    def __call__(self, histories: Sequence[Sequence[Item]], progress: str = "profiles") -> list[str]:
+        """One keyword string per history (its most recent `max_items` items)."""
+        keys = [_history_key(h, self.config) for h in histories]
+        todo = sorted({k: list(h[-self.config.max_items:]) for k, h in zip(keys, histories)
+                       if k not in self.cache}.items())
+        chunk = self.config.batch_size * 4
+        for start in tqdm(range(0, len(todo), chunk), desc=progress, unit=f"x{chunk}", disable=not todo):
+            part = todo[start:start + chunk]
+            for (key, _), summary in zip(part, self._summarise_blocks([h for _, h in part])):
+                self.cache[key] = summary
+            self.save_cache()
+        return [self.cache[k] for k in keys]
+
+    def save_cache(self) -> None:
+        self.cache_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.cache_path.with_suffix(".part")
+        tmp.write_text(json.dumps(self.cache, ensure_ascii=False, indent=0, sort_keys=True))
+        tmp.replace(self.cache_path)
+
+
+def profiler(bundle: Bundle, catalog: Catalog, config: ProfilesConfig):
+    """A callable: list of histories (Items) → list of keyword strings, for `config.method`."""
+    if config.method == "stats":
+        stats = StatsProfiler(catalog)
+        return lambda histories, progress="profiles": [stats(h) for h in histories]
+    return LlmSummariser(bundle.path("llm_base"), config, bundle.root / CACHE_FILE)
+
+
+def method_settings(config: ProfilesConfig) -> dict:
+    """What defines a profile besides the history: recorded in profiles.json for sft-data to reuse."""
+    if config.method == "stats":
+        return {}
+    return {k: getattr(config, k) for k in ("max_items", "block_items", "keywords", "max_new_tokens")}
+
+
+def run(config: ProfilesConfig) -> Path:
+    bundle = Bundle.open(config.bundle)
+    inputs = ["catalog", "users"] + (["llm_base"] if config.method == "llm" else [])
+    step_fp = fingerprint("profiles", config.method, method_settings(config), config.users,
+                          [bundle.version(name) for name in inputs])
+    out = bundle.root / PROFILES_FILE
+    if not config.force and bundle.step_is_current("profiles", step_fp, ["profiles"]):
+        log.info("profiles are current (%s); skipping", out)
+        return out
+    started = time.perf_counter()
+    catalog = Catalog.load(bundle.path("catalog"))
+    users = json.loads(bundle.path("users").read_text())["users"]
+    user_ids = sorted(users, key=_natural)[: config.users or None]
+    histories = [[catalog.by_id(i) for i in users[u]["history"]] for u in user_ids]
+    keywords = profiler(bundle, catalog, config)(histories)
+    Profiles(config.method, dict(zip(user_ids, keywords)), method_settings(config)).save(out)
+    bundle.add_artifact("profiles", PROFILES_FILE, method=config.method, users=len(user_ids))
+    bundle.record_step("profiles", step_fp, time.perf_counter() - started, config=config_record(config))
+    bundle.save()
+    log.info("%s profiles for %d users in %.1f s → %s; e.g. %s: %r", config.method, len(user_ids),
+             time.perf_counter() - started, out, user_ids[0], keywords[0])
+    return out
+
+
+def _natural(user_id: str):
+    return (0, int(user_id), "") if user_id.isdigit() else (1, 0, user_id)

@@ -1,0 +1,231 @@
+"""`compile sft-data`: PALR instruction-tuning examples from the TRAIN split, and a validation file.
+
+    train.jsonl  from each user's training items only (never a valid or test interaction):
+      Recommend            history prefix → the titles of the next items
+      Recommend_Retrieval  history prefix + the trained SASRec's top-K for that prefix (ONNX
+                           Runtime; the true next item put in if missing; order shuffled)
+                           → the true item's label and title
+    valid.jsonl  one Recommend_Retrieval example per sampled user from the valid split: history =
+                 training items, candidates = SASRec's top-K in retrieval order with its scores, the
+                 valid item as target (absent when not retrieved, as at test time). For model
+                 selection and for fitting the fusion weight. Test items never appear in it.
+
+Candidates never include the user's other interactions (later training items, valid and test
+items): negatives are items the user did not interact with, and held-out items appear nowhere.
+Every example stores item ids (for the leakage test) and the exact token ids `palr.prompt` built
+(what finetune trains on); `meta.json` keeps the prompt settings that serving must reuse.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from compile.llm_common import config_record
+from compile.profiles import ProfilesConfig, profiler
+from palr.bundle import Bundle, BundleError, fingerprint
+from palr.catalog import Catalog
+from palr.corpus import Corpus
+from palr.profiles import Profiles
+from palr.prompt import RECOMMEND, RETRIEVAL, PalrPrompt, PromptSettings
+
+log = logging.getLogger(__name__)
+
+SFT_DIR = "llm/sft"
+VERSION = 1
+
+
+@dataclass
+class SftDataConfig(PromptSettings):
+    bundle: Path = field(default=Path("bundle"), metadata={"help": "bundle directory"})
+    data: Path = field(default=Path("data/ml-100k"), metadata={"help": "dataset directory the bundle was built from"})
+    candidates: int = field(default=20, metadata={"help": "K: SASRec candidates per Recommend_Retrieval prompt"})
+    retrieval_per_user: int = field(default=2, metadata={"help": "Recommend_Retrieval examples per user"})
+    orders_per_example: int = field(default=1, metadata={
+        "help": "shuffled candidate orders per Recommend_Retrieval example (order augmentation)"})
+    recommend_per_user: int = field(default=0, metadata={"help": "Recommend examples per user"})
+    recommend_next: int = field(default=3, metadata={"help": "titles in a Recommend answer"})
+    min_history: int = field(default=5, metadata={"help": "shortest history prefix of an example"})
+    recent_window: int = field(default=20, metadata={
+        "help": "examples predict one of each user's last N training items (closest to test time)"})
+    users: int = field(default=0, metadata={"help": "use only N randomly chosen users (0 = all)"})
+    valid_users: int = field(default=300, metadata={"help": "users in valid.jsonl (0 = all)"})
+    seed: int = field(default=0, metadata={"help": "random seed (users, cut points, candidate orders)"})
+    force: bool = field(default=False, metadata={"help": "redo the step even if its inputs are unchanged"})
+
+    def prompt_settings(self) -> PromptSettings:
+        return PromptSettings.from_dict(self.to_dict())
+
+
+@dataclass
+class Cut:
+    """One example before prompting: a user's history prefix and what follows it."""
+
+    user: str
+    history: list[str]  # item ids, oldest first
+    target: str  # the next item
+    following: list[str]  # the user's training items after the target
+    held_out: list[str]  # the user's valid/test items that come after (never in a training example)
+
+    @property
+    def later(self) -> list[str]:
+        """Everything the user interacted with after the target: never a candidate."""
+        return self.following + self.held_out
+
+
+def training_cuts(corpus: Corpus, users: list[str], per_user: int, config: SftDataConfig,
+                  rng: random.Random) -> list[Cut]:
+    """Cut points inside each user's TRAINING items only; the valid and test items count as `later`."""
+    cuts = []
+    for user in users:
+        train = corpus.split.train[user]
+        held_out = [corpus.split.valid[user], corpus.split.test[user]]
+        first = max(config.min_history, len(train) - config.recent_window, 1)
+        points = list(range(first, len(train)))
+        for t in sorted(rng.sample(points, min(per_user, len(points)))):
+            cuts.append(Cut(user, train[:t], train[t], train[t + 1:], held_out))
+    return cuts
+
+
+def retrieve(sasrec, catalog: Catalog, cuts: list[Cut], k: int) -> list[tuple[list[str], list[float]]]:
+    """SASRec top-k (item ids, scores) for each cut, excluding its history and the user's later items."""
+    from retrieval_server.model import Query
+
+    queries = [Query(history=catalog.indices(c.history), exclude=catalog.indices(c.history + c.later), k=k)
+               for c in cuts]
+    out = []
+    for start in range(0, len(queries), 256):
+        for ranked in sasrec.retrieve(queries[start:start + 256]):
+            out.append(([catalog.item(int(i)).id for i in ranked.indices], [float(s) for s in ranked.scores]))
+    return out
+
+
+def retrieval_examples(prompt: PalrPrompt, catalog: Catalog, cuts: list[Cut], retrieved, profiles: list[str],
+                       orders: int, rng: random.Random) -> list[dict]:
+    """Training Recommend_Retrieval: the target put in (replacing the last candidate) if missing, order shuffled."""
+    examples = []
+    for cut, (ids, _), profile in zip(cuts, retrieved, profiles):
+        pool = ids if cut.target in ids else ids[:-1] + [cut.target]
+        for _ in range(orders):
+            candidates = rng.sample(pool, len(pool))
+            examples.append(_retrieval_example(prompt, catalog, cut, candidates, None, profile))
+    return examples
+
+
+def _retrieval_example(prompt: PalrPrompt, catalog: Catalog, cut: Cut, candidates: list[str],
+                       scores: list[float] | None, profile: str) -> dict:
+    position = candidates.index(cut.target) if cut.target in candidates else None
+    parts = prompt.retrieval(profile, [catalog.by_id(i) for i in cut.history], [catalog.by_id(i) for i in candidates])
+    return {
+        "task": RETRIEVAL, "user": cut.user, "history": cut.history, "candidates": candidates,
+        "retrieval_scores": scores, "target": cut.target, "target_position": position, "profile": profile,
+        "prefix_len": len(parts.prefix_ids), "input_ids": parts.input_ids, "label_token_ids": parts.label_token_ids,
+        "answer_ids": prompt.retrieval_answer(parts, position) if position is not None else [],
+    }
+
+
+def recommend_examples(prompt: PalrPrompt, catalog: Catalog, cuts: list[Cut], profiles: list[str],
+                       n_next: int) -> list[dict]:
+    examples = []
+    for cut, profile in zip(cuts, profiles):
+        targets = ([cut.target] + cut.following)[:n_next]
+        parts = prompt.recommend(profile, [catalog.by_id(i) for i in cut.history])
+        examples.append({
+            "task": RECOMMEND, "user": cut.user, "history": cut.history, "targets": targets, "profile": profile,
+            "prefix_len": len(parts.prefix_ids), "input_ids": parts.input_ids,
+            "answer_ids": prompt.recommend_answer([catalog.by_id(i) for i in targets]),
+        })
+    return examples
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".part")
+    with tmp.open("w") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    with Path(path).open() as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def load_corpus(bundle: Bundle, data: Path) -> Corpus:
+    """The dataset, checked to be the one the bundle was built from (the split must match)."""
+    corpus = Corpus.load(data)
+    built_from = bundle.manifest.dataset.get("checksum")
+    if built_from and built_from != corpus.files.checksum():
+        raise BundleError(f"{bundle.root} was built from other data than {data} "
+                          f"(dataset checksum {str(built_from)[:12]} != {corpus.files.checksum()[:12]})")
+    return corpus
+
+
+def profile_source(bundle: Bundle, catalog: Catalog):
+    """The profile method chosen by `compile profiles`, with its settings, for arbitrary histories."""
+    chosen = Profiles.load(bundle.path("profiles"))
+    return profiler(bundle, catalog, ProfilesConfig(bundle=bundle.root, method=chosen.method, **chosen.settings))
+
+
+def run(config: SftDataConfig) -> Path:
+    from transformers import AutoTokenizer
+
+    from retrieval_server.model import SasrecOnnx
+
+    bundle = Bundle.open(config.bundle)
+    inputs = ["catalog", "users", "sasrec_onnx", "profiles", "llm_base"]
+    step_fp = fingerprint("sft-data", VERSION, config_record(config) | {"force": None, "bundle": None},
+                          [bundle.version(name) for name in inputs])
+    out = bundle.root / SFT_DIR
+    if not config.force and bundle.step_is_current("sft-data", step_fp, ["sft_data"]):
+        log.info("SFT data is current (%s); skipping", out)
+        return out
+    started = time.perf_counter()
+    corpus = load_corpus(bundle, config.data)
+    catalog = Catalog.load(bundle.path("catalog"))
+    prompt = PalrPrompt(AutoTokenizer.from_pretrained(bundle.path("llm_base")), config.prompt_settings())
+    prompt.label_token_ids(config.candidates)  # fails clearly now if K candidates cannot be labelled
+    sasrec = SasrecOnnx.from_bundle(bundle)
+    profile = profile_source(bundle, catalog)
+    rng = random.Random(config.seed)
+
+    users = sorted(corpus.split.train)
+    users = sorted(rng.sample(users, config.users)) if 0 < config.users < len(users) else users
+    cuts = training_cuts(corpus, users, config.retrieval_per_user, config, rng)
+    rec_cuts = training_cuts(corpus, users, config.recommend_per_user, config, rng)
+    profiles = profile([[catalog.by_id(i) for i in c.history] for c in cuts + rec_cuts], progress="profiles (train)")
+    train = retrieval_examples(prompt, catalog, cuts, retrieve(sasrec, catalog, cuts, config.candidates),
+                               profiles[:len(cuts)], config.orders_per_example, rng)
+    train += recommend_examples(prompt, catalog, rec_cuts, profiles[len(cuts):], config.recommend_next)
+    rng.shuffle(train)
+
+    valid_users = sorted(corpus.split.valid)
+    if 0 < config.valid_users < len(valid_users):
+        valid_users = sorted(rng.sample(valid_users, config.valid_users))
+    valid_cuts = [Cut(u, corpus.split.train[u], corpus.split.valid[u], [], [corpus.split.test[u]]) for u in valid_users]
+    valid_profiles = profile([[catalog.by_id(i) for i in c.history] for c in valid_cuts], progress="profiles (valid)")
+    valid = [_retrieval_example(prompt, catalog, cut, ids, scores, p) for cut, (ids, scores), p in
+             zip(valid_cuts, retrieve(sasrec, catalog, valid_cuts, config.candidates), valid_profiles)]
+
+    write_jsonl(out / "train.jsonl", train)
+    write_jsonl(out / "valid.jsonl", valid)
+    lengths = sorted(len(x["input_ids"]) + len(x["answer_ids"]) for x in train)
+    meta = {"prompt": prompt.settings.to_dict(), "candidates": config.candidates,
+            "profile_method": Profiles.load(bundle.path("profiles")).method,
+            "train_examples": len(train), "valid_examples": len(valid),
+            "tasks": {task: sum(x["task"] == task for x in train) for task in (RETRIEVAL, RECOMMEND)},
+            "train_tokens": sum(lengths), "median_tokens": lengths[len(lengths) // 2] if lengths else 0,
+            "valid_target_retrieved": sum(x["target_position"] is not None for x in valid)}
+    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    bundle.add_artifact("sft_data", SFT_DIR, **{k: v for k, v in meta.items() if k != "prompt"})
+    bundle.record_step("sft-data", step_fp, time.perf_counter() - started, config=config_record(config))
+    bundle.save()
+    log.info("SFT data: %d train examples (%s, %d tokens, median %d), %d valid (%d with the target retrieved) "
+             "in %.1f s → %s", len(train), meta["tasks"], meta["train_tokens"], meta["median_tokens"], len(valid),
+             meta["valid_target_retrieved"], time.perf_counter() - started, out)
+    return out

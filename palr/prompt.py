@@ -1,0 +1,214 @@
+"""The PALR prompt, in one place: training (`compile sft-data`), evaluation and the ranking server
+all build token ids here, so what the model was tuned on is exactly what it is asked.
+
+A prompt has three parts (PALR, arXiv 2305.07622): the user's profile keywords, the interaction
+history (the most recent N titles with years, oldest first) and, for *Recommend_Retrieval*, the
+candidates, each behind a single-token label (" A" ... " T"):
+
+    prefix  (identical for every request of a task: its KV is computed once and reused)
+        <|im_start|>system ... <|im_end|> <|im_start|>user
+        Pick the movie this user will watch next from the candidates. ...
+    suffix  (per request)
+        Profile: drama, comedy, 1990s, mainstream
+        Watched: Heat (1995); Fargo (1996); ...
+        Candidates:
+         A Toy Story
+         B Scream
+        ...<|im_end|> <|im_start|>assistant
+    answer  " B Scream\\n"   (label, then the title line, copied from the candidate list)
+
+Score mode reads the next-token log-probabilities of the labels after the suffix (one forward
+pass). Generate mode lets the model write answer lines: a label, then that candidate's title line,
+so what it writes is exactly a candidate line (see `palr.decoding.TitleConstraint`).
+
+Every piece (preamble, profile, each title, each separator) is tokenized on its own and the ids
+are concatenated, so a title is the same token sequence wherever it appears (history, candidate
+list, answer) and prefix + suffix ids never depend on how a tokenizer would merge across pieces.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
+
+RECOMMEND = "recommend"  # history → the next item titles (training only)
+RETRIEVAL = "retrieval"  # history + candidates → the label of the next item (training and serving)
+TASKS = (RECOMMEND, RETRIEVAL)
+
+SYSTEM = "You are a movie recommender."
+INSTRUCTIONS = {
+    RETRIEVAL: ("Pick the movie this user will watch next from the candidates. "
+                "Answer with its letter and title."),
+    RECOMMEND: "Name the movies this user will watch next, one title per line.",
+}
+_PLACEHOLDER = "\x00USER\x00"
+
+
+class PromptError(ValueError):
+    """A prompt that cannot be built as asked (too many candidates, a label that is not one token)."""
+
+
+@dataclass
+class PromptSettings:
+    """How prompts are built; stored in `llm/ranker.json` so serving builds them as training did."""
+
+    history_items: int = field(default=10, metadata={"help": "most recent history titles shown"})
+    history_years: bool = field(default=True, metadata={"help": "show release years in the history"})
+    candidate_years: bool = field(default=False, metadata={"help": "show release years in the candidate list"})
+    profile: bool = field(default=True, metadata={"help": "include the profile keywords"})
+    chat_template: bool = field(default=True, metadata={"help": "wrap the prompt in the tokenizer's chat template"})
+    max_title_tokens: int = field(default=16, metadata={"help": "titles are cut to this many tokens"})
+    label_prefix: str = field(default=" ", metadata={"help": "text before each label letter"})
+    label_alphabet: str = field(default="ABCDEFGHIJKLMNOPQRSTUVWXYZ", metadata={
+        "help": "label letters; the candidate count is at most their number"})
+
+    def to_dict(self) -> dict:
+        """Only the prompt's own fields (a step config that extends this class carries more)."""
+        return {f.name: getattr(self, f.name) for f in fields(PromptSettings)}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "PromptSettings":
+        names = {f.name for f in fields(cls)}
+        unknown = set(values) - names
+        if unknown:
+            raise PromptError(f"unknown prompt settings {sorted(unknown)}")
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class PromptParts:
+    """Token ids of one prompt. `input_ids` = prefix + suffix, as the model sees them."""
+
+    prefix_ids: list[int]
+    suffix_ids: list[int]
+    label_token_ids: list[int]  # one per candidate, in candidate order ([] for RECOMMEND)
+    candidate_line_ids: list[list[int]]  # each candidate's title line after its label, "\n" included
+
+    @property
+    def input_ids(self) -> list[int]:
+        return self.prefix_ids + self.suffix_ids
+
+
+@dataclass(frozen=True)
+class Title:
+    """What the prompt shows of an item: its title and (optionally shown) year."""
+
+    title: str
+    year: str = ""
+
+
+class PalrPrompt:
+    """Builds PALR prompts for one tokenizer and one `PromptSettings`.
+
+    Labels are checked once, here: each must be exactly one token, or building fails clearly."""
+
+    def __init__(self, tokenizer, settings: PromptSettings | None = None):
+        self.tokenizer = tokenizer
+        self.settings = PromptSettings.from_dict((settings or PromptSettings()).to_dict())
+        self._labels = self._single_token_labels()
+        self._head, self._tail = self._frame()
+        self._newline = self._ids("\n")
+        self._prefix = {task: self._prefix_ids(task) for task in TASKS}
+
+    # -- tokens ----------------------------------------------------------------------------------
+
+    def _ids(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False)) if text else []
+
+    def _single_token_labels(self) -> list[int]:
+        ids = []
+        for letter in self.settings.label_alphabet:
+            text = self.settings.label_prefix + letter
+            tokens = self._ids(text)
+            if len(tokens) != 1:
+                raise PromptError(
+                    f"label {text!r} is {len(tokens)} tokens {tokens} in this tokenizer; labels must be single "
+                    f"tokens so one forward pass scores every candidate (try another --label-prefix or alphabet)")
+            ids.append(tokens[0])
+        if len(set(ids)) != len(ids):
+            raise PromptError(f"labels {self.settings.label_alphabet!r} do not map to distinct tokens: {ids}")
+        return ids
+
+    @property
+    def max_candidates(self) -> int:
+        return len(self._labels)
+
+    def label_token_ids(self, n: int) -> list[int]:
+        if not 0 < n <= len(self._labels):
+            raise PromptError(f"{n} candidates: this prompt labels 1 to {len(self._labels)} "
+                              f"({self.settings.label_alphabet[0]}..{self.settings.label_alphabet[-1]})")
+        return self._labels[:n]
+
+    def _frame(self) -> tuple[str, str]:
+        """Text before the user message and after it (chat template or plain)."""
+        template = getattr(self.tokenizer, "chat_template", None)
+        if not (self.settings.chat_template and template):
+            return "", "\nAnswer:"
+        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": _PLACEHOLDER}]
+        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        head, _, tail = text.partition(_PLACEHOLDER)
+        return head, tail
+
+    def _prefix_ids(self, task: str) -> list[int]:
+        head = self._head if self._head else SYSTEM + "\n"
+        bos = self.tokenizer.bos_token
+        adds_bos = bool(self.tokenizer.encode("", add_special_tokens=True))
+        # a tokenizer that adds BOS by itself gets it once, unless the chat template already wrote it
+        lead = [] if not adds_bos or (bos and head.startswith(bos)) else self.tokenizer.encode("", add_special_tokens=True)
+        return lead + self._ids(head) + self._ids(INSTRUCTIONS[task] + "\n")
+
+    def prefix_ids(self, task: str = RETRIEVAL) -> list[int]:
+        """The shared instruction preamble of a task: identical for every request."""
+        return list(self._prefix[task])
+
+    @functools.lru_cache(maxsize=8192)
+    def _title_ids(self, title: str, year: str, with_year: bool) -> tuple[int, ...]:
+        ids = self._ids(" " + title.strip())[: self.settings.max_title_tokens]
+        if with_year and year:
+            ids += self._ids(f" ({year})")
+        return tuple(ids)
+
+    def title_line_ids(self, item: Title) -> list[int]:
+        """A candidate's line after its label: " Title\\n" (the unit generate mode writes)."""
+        return list(self._title_ids(item.title, item.year, self.settings.candidate_years)) + self._newline
+
+    # -- prompts ---------------------------------------------------------------------------------
+
+    def _context_ids(self, profile: str, history: Sequence[Title]) -> list[int]:
+        ids: list[int] = []
+        if self.settings.profile and profile.strip():
+            ids += self._ids("Profile: " + profile.strip()) + self._newline
+        recent = list(history)[-self.settings.history_items:] if self.settings.history_items > 0 else []
+        ids += self._ids("Watched:")
+        for i, item in enumerate(recent):
+            ids += (self._ids(";") if i else []) + list(self._title_ids(item.title, item.year, self.settings.history_years))
+        return ids + self._newline
+
+    def retrieval(self, profile: str, history: Sequence[Title], candidates: Sequence[Title]) -> PromptParts:
+        """Recommend_Retrieval: pick from the candidates. What score and generate modes run."""
+        labels = self.label_token_ids(len(candidates))
+        lines = [self.title_line_ids(c) for c in candidates]
+        suffix = self._context_ids(profile, history) + self._ids("Candidates:") + self._newline
+        for label, line in zip(labels, lines):
+            suffix += [label] + line
+        suffix += self._ids(self._tail)
+        return PromptParts(self.prefix_ids(RETRIEVAL), suffix, labels, lines)
+
+    def recommend(self, profile: str, history: Sequence[Title]) -> PromptParts:
+        """Recommend: name the next items (no candidates). Training only."""
+        suffix = self._context_ids(profile, history) + self._ids(self._tail)
+        return PromptParts(self.prefix_ids(RECOMMEND), suffix, [], [])
+
+    # -- answers (training targets) --------------------------------------------------------------
+
+    def retrieval_answer(self, parts: PromptParts, position: int) -> list[int]:
+        """The answer naming candidate `position`: its label, then its title line."""
+        return [parts.label_token_ids[position]] + parts.candidate_line_ids[position]
+
+    def recommend_answer(self, items: Sequence[Title]) -> list[int]:
+        """The next items, one title line each (years as in the history)."""
+        ids: list[int] = []
+        for item in items:
+            ids += list(self._title_ids(item.title, item.year, self.settings.history_years)) + self._newline
+        return ids

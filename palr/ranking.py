@@ -1,0 +1,76 @@
+"""From engine outputs to a ranking: score fusion and ordering, shared by evaluation and the server.
+
+Fusion (LlamaRec-style two-tier): the LLM's log-probability of each candidate's label plus `weight`
+times the retrieval tier's log-probability of that candidate (log-softmax of its scores over the K
+candidates, so both terms live on the same scale):
+
+    fused_c = llm_c + weight * log_softmax(retrieval)_c
+
+weight 0 ranks by the LLM alone; a large weight approaches the retrieval order. In generate mode the
+same term is the per-candidate `bias` added to the label logits (`generation_bias`), so both modes
+fuse identically. The weight is fit on the validation split (`fit_fusion_weight`), never on test.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+from palr.metrics import Rank, ndcg
+
+FUSION_GRID = (0.0, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 8.0)
+
+
+def log_softmax(values: Sequence[float]) -> list[float]:
+    finite = [v for v in values if math.isfinite(v)]
+    if not finite:
+        raise ValueError("no finite score to normalise")
+    top = max(finite)
+    log_norm = top + math.log(sum(math.exp(v - top) for v in finite))
+    return [v - log_norm if math.isfinite(v) else -math.inf for v in values]
+
+
+def generation_bias(retrieval_scores: Sequence[float], weight: float) -> list[float] | None:
+    """The per-candidate additive logit that fuses retrieval into LLM decoding; None when weight is 0."""
+    if weight == 0:
+        return None
+    return [weight * v for v in log_softmax(retrieval_scores)]
+
+
+def fuse(llm_scores: Sequence[float], retrieval_scores: Sequence[float], weight: float) -> list[float]:
+    """One fused score per candidate (candidate order)."""
+    if len(llm_scores) != len(retrieval_scores):
+        raise ValueError(f"{len(llm_scores)} LLM scores for {len(retrieval_scores)} candidates")
+    bias = generation_bias(retrieval_scores, weight) or [0.0] * len(llm_scores)
+    return [s + b for s, b in zip(llm_scores, bias)]
+
+
+def order_by_scores(scores: Sequence[float]) -> list[int]:
+    """Candidate positions, best first; ties keep candidate (retrieval) order."""
+    return sorted(range(len(scores)), key=lambda i: (-scores[i], i))
+
+
+def complete_order(emitted: Sequence[int], n: int) -> list[int]:
+    """Generate mode's order: the positions the model named, then the rest in candidate order."""
+    named = list(dict.fromkeys(emitted))
+    return named + [i for i in range(n) if i not in set(named)]
+
+
+def target_rank(order: Sequence[int], target_position: int | None) -> Rank:
+    """0-based rank of the target candidate in `order`; None when it was not retrieved."""
+    return None if target_position is None else list(order).index(target_position)
+
+
+def fit_fusion_weight(llm_scores: Sequence[Sequence[float]], retrieval_scores: Sequence[Sequence[float]],
+                      target_positions: Sequence[int | None], k: int = 10,
+                      grid: Sequence[float] = FUSION_GRID) -> tuple[float, dict[float, float]]:
+    """The grid weight with the best NDCG@k over (validation) users; ties go to the smaller weight.
+
+    Returns (weight, {weight: ndcg}). A target that was not retrieved is a miss for every weight."""
+    curve = {}
+    for weight in grid:
+        ranks = [target_rank(order_by_scores(fuse(s, r, weight)), t)
+                 for s, r, t in zip(llm_scores, retrieval_scores, target_positions)]
+        curve[weight] = ndcg(ranks, k)
+    best = max(grid, key=lambda w: (curve[w], -w))
+    return best, curve
