@@ -42,7 +42,9 @@ class RetrievalBenchConfig:
     batch_sizes: list[int] = field(default_factory=lambda: [1, 32], metadata={"help": "model batch sizes"})
     model_calls: int = field(default=300, metadata={"help": "timed calls per engine and batch size"})
     concurrency: list[int] = field(default_factory=lambda: [1, 8, 32], metadata={"help": "RPC client concurrency levels"})
-    rpc_seconds: float = field(default=4.0, metadata={"help": "measuring time per mode and concurrency level"})
+    rpc_seconds: float = field(default=6.0, metadata={"help": "measuring time per mode and concurrency level"})
+    rpc_repeats: int = field(default=3, metadata={
+        "help": "rounds the measuring time is split into, modes alternating within each (noise hits all alike)"})
     k: int = field(default=20, metadata={"help": "candidates per Retrieve request"})
     modes: list[str] = field(default_factory=lambda: list(MODES), metadata={
         "help": f"server modes to compare: {', '.join(repr(m) for m in MODES)}"})
@@ -147,21 +149,35 @@ def rpc_latency(bundle, config: RetrievalBenchConfig) -> list[dict]:
             servers[mode] = (server.start(), metrics_port)
         rows = []
         for concurrency in config.concurrency:
-            for mode, (server, metrics_port) in servers.items():
-                before = ort_batches(metrics_port)
-                latencies, seconds = asyncio.run(closed_loop(server.target, users, config.k, concurrency,
-                                                             config.rpc_seconds))
-                calls, requests = (a - b for a, b in zip(ort_batches(metrics_port), before))
-                rows.append({"mode": mode, "concurrency": concurrency, "requests": len(latencies),
-                             **percentiles_ms(latencies), "requests_per_s": round(len(latencies) / seconds, 1),
-                             "mean_ort_batch": round(requests / calls, 2) if calls else 0.0})
-                log.info("%s, concurrency %d: p50 %.2f ms, p99 %.2f ms, %.0f req/s, mean ORT batch %.2f", mode,
-                         concurrency, rows[-1]["p50_ms"], rows[-1]["p99_ms"], rows[-1]["requests_per_s"],
-                         rows[-1]["mean_ort_batch"])
+            rows += measure_level(servers, users, config, concurrency).values()
         return rows
     finally:
         for server, _ in servers.values():
             server.stop()
+
+
+def measure_level(servers: dict[str, tuple[ServerProcess, int]], users: list[str], config: RetrievalBenchConfig,
+                  concurrency: int) -> dict[str, dict]:
+    """One concurrency level for every mode: `rpc_repeats` rounds, modes in alternating order within
+    each, latencies pooled per mode, so a noisy spell on a shared machine hits all modes alike."""
+    latencies: dict[str, list[float]] = {mode: [] for mode in servers}
+    seconds = dict.fromkeys(servers, 0.0)
+    batches = {mode: ort_batches(port) for mode, (_, port) in servers.items()}
+    for repeat in range(config.rpc_repeats):
+        for mode in (list(servers) if repeat % 2 == 0 else list(reversed(servers))):
+            got, took = asyncio.run(closed_loop(servers[mode][0].target, users, config.k, concurrency,
+                                                config.rpc_seconds / config.rpc_repeats))
+            latencies[mode] += got
+            seconds[mode] += took
+    rows = {}
+    for mode, (_, port) in servers.items():
+        calls, requests = (after - before for after, before in zip(ort_batches(port), batches[mode]))
+        rows[mode] = {"mode": mode, "concurrency": concurrency, "requests": len(latencies[mode]),
+                      **percentiles_ms(latencies[mode]), "requests_per_s": round(len(latencies[mode]) / seconds[mode], 1),
+                      "mean_ort_batch": round(requests / calls, 2) if calls else 0.0}
+        log.info("%s, concurrency %d: p50 %.2f ms, p99 %.2f ms, %.0f req/s, mean ORT batch %.2f", mode, concurrency,
+                 rows[mode]["p50_ms"], rows[mode]["p99_ms"], rows[mode]["requests_per_s"], rows[mode]["mean_ort_batch"])
+    return rows
 
 
 async def closed_loop(target: str, users: list[str], k: int, concurrency: int,
@@ -221,7 +237,7 @@ def markdown(report: dict) -> str:
                      + markdown_table(report["model"], ["engine", "batch", "median_ms", "p90_ms", "vs_torch"]))
     if "rpc" in report:
         parts.append(f"## Retrieve RPC over loopback (k={report['config']['k']}, closed loop, "
-                     f"{report['config']['rpc_seconds']} s per cell)\n\n"
+                     f"{report['config']['rpc_seconds']} s per cell in {report['config']['rpc_repeats']} interleaved rounds)\n\n"
                      + markdown_table(report["rpc"], ["mode", "concurrency", "p50_ms", "p99_ms", "requests_per_s",
                                                       "mean_ort_batch", "requests"]))
     for name, goal in report["goals"].items():
