@@ -162,7 +162,7 @@ def measure_level(servers: dict[str, tuple[ServerProcess, int]], users: list[str
     each, latencies pooled per mode, so a noisy spell on a shared machine hits all modes alike."""
     latencies: dict[str, list[float]] = {mode: [] for mode in servers}
     seconds = dict.fromkeys(servers, 0.0)
-    batches = {mode: ort_batches(port) for mode, (_, port) in servers.items()}
+    counters = {mode: server_counters(port) for mode, (_, port) in servers.items()}
     for repeat in range(config.rpc_repeats):
         for mode in (list(servers) if repeat % 2 == 0 else list(reversed(servers))):
             got, took = asyncio.run(closed_loop(servers[mode][0].target, users, config.k, concurrency,
@@ -171,12 +171,15 @@ def measure_level(servers: dict[str, tuple[ServerProcess, int]], users: list[str
             seconds[mode] += took
     rows = {}
     for mode, (_, port) in servers.items():
-        calls, requests = (after - before for after, before in zip(ort_batches(port), batches[mode]))
-        rows[mode] = {"mode": mode, "concurrency": concurrency, "requests": len(latencies[mode]),
-                      **percentiles_ms(latencies[mode]), "requests_per_s": round(len(latencies[mode]) / seconds[mode], 1),
+        calls, requests, answered, cpu = (after - before for after, before in zip(server_counters(port), counters[mode]))
+        served = len(latencies[mode])
+        rows[mode] = {"mode": mode, "concurrency": concurrency, "requests": served, **percentiles_ms(latencies[mode]),
+                      "requests_per_s": round(served / seconds[mode], 1),
+                      "server_cpu_ms_per_request": round(cpu * 1e3 / answered, 3) if answered else 0.0,
                       "mean_ort_batch": round(requests / calls, 2) if calls else 0.0}
-        log.info("%s, concurrency %d: p50 %.2f ms, p99 %.2f ms, %.0f req/s, mean ORT batch %.2f", mode, concurrency,
-                 rows[mode]["p50_ms"], rows[mode]["p99_ms"], rows[mode]["requests_per_s"], rows[mode]["mean_ort_batch"])
+        log.info("%s, concurrency %d: p50 %.2f ms, p99 %.2f ms, %.0f req/s, server CPU %.3f ms/request, "
+                 "mean ORT batch %.2f", mode, concurrency, rows[mode]["p50_ms"], rows[mode]["p99_ms"],
+                 rows[mode]["requests_per_s"], rows[mode]["server_cpu_ms_per_request"], rows[mode]["mean_ort_batch"])
     return rows
 
 
@@ -210,10 +213,12 @@ async def closed_loop(target: str, users: list[str], k: int, concurrency: int,
         return latencies, time.perf_counter() - started
 
 
-def ort_batches(metrics_port: int) -> tuple[float, float]:
-    """(ORT calls, requests in them) so far, from the server's Prometheus histogram."""
+def server_counters(metrics_port: int) -> tuple[float, float, float, float]:
+    """(ORT calls, requests in them, requests answered, server CPU seconds) so far, from the server's
+    metrics. CPU time per request is the figure least bent by other load on a shared machine."""
     samples = scrape_metrics(metrics_port)
-    return samples.get("retrieval_ort_batch_size_count", 0.0), samples.get("retrieval_ort_batch_size_sum", 0.0)
+    return (samples.get("retrieval_ort_batch_size_count", 0.0), samples.get("retrieval_ort_batch_size_sum", 0.0),
+            samples.get('retrieval_requests_total{code="OK"}', 0.0), samples.get("process_cpu_seconds_total", 0.0))
 
 
 # -- the report -----------------------------------------------------------------------------------
@@ -239,7 +244,7 @@ def markdown(report: dict) -> str:
         parts.append(f"## Retrieve RPC over loopback (k={report['config']['k']}, closed loop, "
                      f"{report['config']['rpc_seconds']} s per cell in {report['config']['rpc_repeats']} interleaved rounds)\n\n"
                      + markdown_table(report["rpc"], ["mode", "concurrency", "p50_ms", "p99_ms", "requests_per_s",
-                                                      "mean_ort_batch", "requests"]))
+                                                      "server_cpu_ms_per_request", "mean_ort_batch", "requests"]))
     for name, goal in report["goals"].items():
         parts.append(f"Goal {name}: {goal['ratio']} (goal {goal['goal']}): {'met' if goal['met'] else 'NOT met'}.")
     return "\n\n".join(parts)
