@@ -154,8 +154,11 @@ def train_epoch(model: SASRec, optimizer: torch.optim.Optimizer, inputs: np.ndar
     total, count = 0.0, 0
     batches = np.array_split(rng.permutation(len(inputs)), max(1, round(len(inputs) / batch_size)))
     for batch in batches[:max_steps or None]:
-        history = torch.from_numpy(inputs[batch])  # [B, T]
-        target = torch.from_numpy(targets[batch])  # [B, T]
+        # Columns that are padding in every row are dropped: positions count back from the most
+        # recent item, so this changes nothing but the work done.
+        first = int((inputs[batch] != PAD).any(axis=0).argmax())
+        history = torch.from_numpy(inputs[batch, first:])  # [B, T']
+        target = torch.from_numpy(targets[batch, first:])  # [B, T']
         real = target != PAD  # [B, T]
         logits = model.scores(model(history)[real])  # [P, N]
         logits[:, PAD] = float("-inf")
