@@ -42,7 +42,7 @@ class EngineConfig:
     """Scheduler limits shared by the in-process engines (the baselines use the subset they need)."""
 
     max_batch_size: int = field(default=16, metadata={"help": "most requests in the running batch (KV slots)"})
-    max_tokens_per_step: int = field(default=256, metadata={
+    max_tokens_per_step: int = field(default=512, metadata={
         "help": "token budget of one engine step: decode tokens first, then prompt chunks"})
     max_queue: int = field(default=64, metadata={
         "help": "requests waiting for a slot; beyond it rank() raises EngineOverloaded at once"})
@@ -144,15 +144,19 @@ class HFEngine(LoopEngine):
             self._admit(pending)
 
     def _plan_prefill(self, budget: int) -> list[tuple[Row, int]]:
-        """Prompt chunks for this step, oldest request first (slot order is not arrival order once
-        rows have moved), within the token budget."""
+        """Prompt chunks for this step within the token budget, oldest request first (slot order is
+        not arrival order once rows have moved).
+
+        A prompt that fits in what is left of the budget runs whole; only the first prompt of a
+        step is cut to fit. Cutting a prompt that would fit a later step only adds a pass: each
+        pass re-reads all the weights, which on CPU costs as much as a short prompt."""
         chunks = []
         for seq in sorted(self._slots[self._n_decoding:], key=lambda row: row.pending.submitted):
-            if budget <= 0:
+            n = len(seq.todo)
+            if budget <= 0 or (n > budget and chunks):
                 break
-            n = min(len(seq.todo), budget)
-            chunks.append((seq, n))
-            budget -= n
+            chunks.append((seq, min(n, budget)))
+            budget -= chunks[-1][1]
         return chunks
 
     def _prefill_groups(self, chunks: list[tuple[Row, int]]) -> list[list[tuple[Row, int]]]:
