@@ -25,6 +25,7 @@ STEPS: dict[str, tuple[str, str, str]] = {
     "sft-data": ("compile.sft_data", "SftDataConfig", "PALR instruction data from the train split (+ a validation file) → llm/sft/"),
     "finetune": ("compile.finetune", "FinetuneConfig", "LoRA fine-tune of the base LLM on the SFT data → llm/lora/"),
     "merge": ("compile.merge", "MergeConfig", "merge LoRA into the base → llm/merged/; fit the fusion weight → llm/ranker.json"),
+    "build": ("compile.build", "BuildConfig", "a deployment build of llm/merged for this hardware → engines/<target>/ (hf-cpu, hf-cuda, ortgenai-cpu, trtllm)"),
     "all": ("compile.pipeline", "PipelineConfig", "run every step in order, each skipping itself when unchanged"),
 }
 

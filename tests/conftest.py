@@ -27,4 +27,5 @@ def ml100k(ml100k_dir):
 
 
 # Fixture modules by area; each is a plain module of pytest fixtures.
-pytest_plugins = ["tests.fixtures_llm", "tests.fixtures_serving", "tests.fixtures_retrieval", "tests.fixtures_ranking"]
+pytest_plugins = ["tests.fixtures_llm", "tests.fixtures_serving", "tests.fixtures_retrieval", "tests.fixtures_ranking",
+                  "tests.fixtures_builds"]

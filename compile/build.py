@@ -1,0 +1,158 @@
+"""`compile build --target hf-cpu|hf-cuda|ortgenai-cpu|trtllm`: a deployment build of the merged
+ranker (`llm/merged/`) pinned to this machine → `engines/<target>/`, manifest artifact `engine:<target>`.
+
+    hf-cpu        measures fp32 vs bf16 vs dynamic int8 (and the thread count) on this CPU, side by
+                  side: prefill of a ~350-token prompt, one decode step, and ranking quality against
+                  fp32 on validation users; keeps the fastest that ranks like fp32
+    ortgenai-cpu  onnxruntime-genai model builder (fp32 and int4), measured against torch fp32 per
+                  ranking mode; records the modes where it wins (`serves_modes`)
+    hf-cuda       bf16 (fp16 before SM 8.0) checkpoint, SDPA attention, for this GPU
+    trtllm        TensorRT-LLM engine via the LLM API: bf16/fp16, optional FP8 / INT4-AWQ, paged KV
+                  cache, paged context FMHA (KV block reuse), generation logits for score mode
+
+With no --target: a visible CUDA GPU gives trtllm when TensorRT-LLM is installed, else hf-cuda;
+no GPU gives hf-cpu. The manifest entry records the target, device name, SM, CPU ISA flags, dtype,
+tensor-parallel size, library versions, build options and the sha256 of every file; servers
+refuse a build that does not match their machine (palr/hardware.py). Re-running with unchanged
+inputs reuses the build after the same check (a build made elsewhere is refused; --force rebuilds).
+Measurements go to reports/build_<target>.json.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from compile.targets import BUILDERS, BuildContext
+from palr.bundle import Bundle, fingerprint
+from palr.hardware import TARGETS, Machine, artifact_name, cuda_devices, library_version, open_build, target_spec
+
+log = logging.getLogger(__name__)
+
+VERSION = 1
+SOURCE = "llm_merged"
+DTYPES = ("auto", "fp32", "bf16", "fp16", "int8", "int4")
+QUANTIZATIONS = ("none", "fp8", "int4_awq")
+INSTALL_HINTS = {
+    "hf-cpu": "pip install -e '.[serve]' (after the CPU torch pin, see the Makefile)",
+    "hf-cuda": "install a CUDA build of torch, then pip install -e '.[serve]'",
+    "ortgenai-cpu": "pip install -e '.[ortgenai]' (onnxruntime-genai==0.18.0, onnx-ir)",
+    "trtllm": ("TensorRT-LLM needs Linux with an NVIDIA GPU and CUDA: build inside the NGC image "
+               "nvcr.io/nvidia/tensorrt-llm/release (deploy/docker/Dockerfile.trtllm) or pip install tensorrt-llm"),
+}
+
+
+@dataclass
+class BuildConfig:
+    bundle: Path = field(default=Path("bundle"), metadata={"help": "bundle directory (needs llm/merged)"})
+    target: str | None = field(default=None, metadata={
+        "help": "hardware target; omitted: CUDA visible → trtllm if TensorRT-LLM is installed, else hf-cuda; "
+                "no CUDA → hf-cpu", "choices": tuple(TARGETS)})
+    dtype: str = field(default="auto", metadata={
+        "help": "auto: measured (CPU targets) or bf16 (fp16 before SM 8.0) on GPUs; hf-cpu: fp32|bf16|int8 "
+                "(dynamic int8), ortgenai-cpu: fp32|int4, GPUs: bf16|fp16", "choices": DTYPES})
+    quantization: str = field(default="none", metadata={
+        "help": "trtllm only: fp8 (FP8 weights/activations + FP8 KV cache, SM 8.9+) or int4_awq (W4A16 AWQ)",
+        "choices": QUANTIZATIONS})
+    calib_dataset: str = field(default="cnn_dailymail", metadata={
+        "help": "trtllm quantization calibration data: a Hugging Face dataset name or a local dataset path"})
+    tp: int = field(default=1, metadata={"help": "tensor-parallel size (GPUs per engine; trtllm)"})
+    max_batch_size: int = field(default=64, metadata={"help": "trtllm: largest in-flight batch the engine supports"})
+    max_num_tokens: int = field(default=8192, metadata={"help": "trtllm: most tokens one engine iteration runs"})
+    max_input_len: int = field(default=2048, metadata={"help": "trtllm: longest prompt"})
+    max_seq_len: int = field(default=2560, metadata={"help": "trtllm: prompt + generated tokens"})
+    threads: int = field(default=0, metadata={"help": "CPU targets: intra-op threads (0 = measure 1..cores)"})
+    measure: bool = field(default=True, metadata={
+        "help": "CPU targets: measure the candidates side by side and keep the winner; --no-measure takes "
+                "--dtype (auto: fp32) without measuring"})
+    candidates: list[str] = field(default_factory=lambda: ["fp32", "bf16", "int8"], metadata={
+        "help": "hf-cpu: dtypes measured against each other (fp32 is always the reference)"})
+    probe_users: int = field(default=16, metadata={"help": "validation prompts for the quality comparison"})
+    generate_probes: int = field(default=8, metadata={"help": "of those, how many also run generate mode"})
+    generate_k: int = field(default=5, metadata={"help": "labels generated per probe in the quality comparison"})
+    generate_tokens: int = field(default=10, metadata={
+        "help": "tokens of a generate-mode request in the latency model (prefill + (n-1) decode steps)"})
+    prompt_tokens: int = field(default=350, metadata={"help": "prompt length of the latency measurement"})
+    decode_steps: int = field(default=16, metadata={"help": "decode steps timed per latency round"})
+    repeats: int = field(default=5, metadata={"help": "latency rounds (medians are reported)"})
+    min_agreement: float = field(default=0.9, metadata={
+        "help": "a candidate must pick the same top candidate as fp32 on at least this share of probes"})
+    max_ndcg_drop: float = field(default=0.01, metadata={"help": "... and lose at most this much NDCG@10"})
+    min_gain: float = field(default=0.05, metadata={
+        "help": "a candidate replaces fp32 / torch only when at least this much faster (noise margin)"})
+    force: bool = field(default=False, metadata={"help": "rebuild even if a current build exists"})
+
+    def __post_init__(self) -> None:
+        if self.tp < 1:
+            raise ValueError(f"--tp must be >= 1, got {self.tp}")
+        if self.threads < 0:
+            raise ValueError(f"--threads must be >= 0, got {self.threads}")
+        if self.max_seq_len < self.max_input_len:
+            raise ValueError(f"--max-seq-len {self.max_seq_len} < --max-input-len {self.max_input_len}")
+
+
+def detect_target() -> str:
+    gpus, _, _ = cuda_devices()
+    if gpus:
+        return "trtllm" if library_version("tensorrt_llm") else "hf-cuda"
+    return "hf-cpu"
+
+
+def options_record(config: BuildConfig) -> dict:
+    """The config as JSON values, without what does not change the build."""
+    record = json.loads(json.dumps(config.__dict__, default=str))
+    for key in ("bundle", "force"):
+        record.pop(key)
+    return record
+
+
+def run(config: BuildConfig) -> Path:
+    bundle = Bundle.open(config.bundle)
+    target = config.target or detect_target()
+    spec = target_spec(target)
+    name = artifact_name(target)
+    step = f"build:{target}"
+    step_fp = fingerprint(step, VERSION, options_record(config) | {"target": target}, bundle.version(SOURCE))
+    if not config.force and bundle.has(name) and bundle.manifest.steps.get(step, {}).get("fingerprint") == step_fp:
+        path, entry = open_build(bundle, target)  # refuses a build made for other hardware or changed since
+        log.info("build: %s is current and fits this machine (%s, %s); skipping", path, entry.get("device_name"),
+                 entry.get("dtype"))
+        return path
+    machine = Machine.detect(spec.device)
+    missing = [lib for lib in spec.pinned if not machine.libraries.get(lib)]
+    if missing:
+        raise RuntimeError(f"--target {target} needs {', '.join(missing)}, which is not installed here. "
+                           f"{INSTALL_HINTS[target]}")
+    if spec.device == "cuda" and not machine.gpu_count:
+        raise RuntimeError(f"--target {target} builds for an NVIDIA GPU and this machine has no CUDA device "
+                           f"({machine.describe()}); build it on the GPU it will serve on, or use --target hf-cpu")
+    started = time.perf_counter()
+    final = bundle.root / "engines" / target
+    scratch = final.with_name(f".{target}.building")
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    builder = importlib.import_module(f"compile.targets.{BUILDERS[target]}")
+    log.info("build: %s on %s", target, machine.describe(spec.pinned))
+    try:
+        result = builder.build(BuildContext(config, machine, bundle, bundle.path(SOURCE), scratch))
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    shutil.rmtree(final, ignore_errors=True)
+    scratch.rename(final)
+    seconds = time.perf_counter() - started
+    entry = bundle.add_artifact(name, final.relative_to(bundle.root), **machine.build_record(spec),
+                                **result.meta, source=bundle.version(SOURCE),
+                                build_options=options_record(config) | {"target": target}, build_seconds=round(seconds, 1))
+    report = {"target": target, "machine": machine.to_dict(), "seconds": round(seconds, 1),
+              "manifest_entry": {k: v for k, v in entry.items() if k != "files"}, **result.report}
+    (bundle.reports_dir() / f"build_{target}.json").write_text(json.dumps(report, indent=2) + "\n")
+    bundle.record_step(step, step_fp, seconds, target=target)
+    bundle.save()
+    log.info("build: wrote %s in %.1f s (%d files): %s", final, seconds, len(entry["files"]), result.summary)
+    return final

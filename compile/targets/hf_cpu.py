@@ -1,0 +1,137 @@
+"""`hf-cpu`: the merged checkpoint in the dtype and thread count that are fastest on this CPU
+without ranking worse than fp32.
+
+Candidates (each a `TorchRunner` on the same weights): fp32; bf16 (fast only with AVX512-BF16 or
+AMX, emulated otherwise); dynamic int8 (torch.ao `quantize_dynamic`: int8 weights for the decoder's
+Linear layers, activations quantized per call; fbgemm needs AVX2). A candidate replaces fp32 only
+if it ranks like fp32 (top-1 agreement ≥ --min-agreement, NDCG@10 drop ≤ --max-ndcg-drop) AND is
+at least --min-gain faster in both modes (score = prefill; generate = prefill + decode steps): one
+model serves both modes. Then the thread count (1..cores) is measured for the winner.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+
+import torch
+
+from compile.targets import BuildContext, BuildResult
+from compile.targets.measure import (
+    TorchRunner, latency_prompt, load_average, load_probes, measure_latency, measure_quality, mode_latency_ms,
+    quality_ok)
+from ranking_server.engines.hf_build import DTYPES, DYNAMIC_INT8, quantize_dynamic_int8, save_hf_build
+
+log = logging.getLogger(__name__)
+
+MODES = ("score", "generate")
+# What a dtype needs from the CPU to run as measured ("a|b": either).
+REQUIRES_ISA = {"fp32": [], "bf16": ["amx_bf16|avx512_bf16"], "int8": ["avx2"]}
+
+
+def variant(model, dtype: str):
+    """A copy of the fp32 model as candidate `dtype` (fp32 is the model itself)."""
+    if dtype == "fp32":
+        return model
+    if dtype == "int8":
+        return quantize_dynamic_int8(copy.deepcopy(model))
+    return copy.deepcopy(model).to(DTYPES[dtype])
+
+
+def cpu_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def choose(latency: dict, quality: dict, config) -> tuple[str, dict[str, str]]:
+    """The kept dtype and, per candidate, why it was kept or not (with its ratios to fp32)."""
+    ref_lat, ref_q = latency["fp32"], quality["fp32"]
+    verdicts, winners = {"fp32": "reference"}, []
+    for dtype in latency:
+        if dtype == "fp32":
+            continue
+        ratios = {m: mode_latency_ms(latency[dtype], m, config.generate_tokens)
+                  / mode_latency_ms(ref_lat, m, config.generate_tokens) for m in MODES}
+        good = all(quality_ok(quality[dtype], ref_q, config.min_agreement, config.max_ndcg_drop, m) for m in MODES)
+        faster = all(r <= 1 - config.min_gain for r in ratios.values())
+        why = (f"score {ratios['score']:.2f}x, generate {ratios['generate']:.2f}x fp32 latency; top-1 agreement "
+               f"{quality[dtype]['score_top1_agreement']:.2f}")
+        verdicts[dtype] = ("kept: " if good and faster else "rejected: ") + why + (
+            "" if good else " (ranks differently)") + ("" if faster else " (not faster in both modes)")
+        if good and faster:
+            winners.append(dtype)
+    best = min(winners, key=lambda d: mode_latency_ms(latency[d], "score", config.generate_tokens), default="fp32")
+    return best, verdicts
+
+
+def measure_threads(runner: TorchRunner, ids: list[int], config) -> tuple[int, dict]:
+    """Latency at 1..cores threads (interleaved); the count with the lowest score-mode latency."""
+    before = torch.get_num_threads()
+    rows = {}
+    try:
+        for _ in range(config.repeats):
+            for n in range(1, cpu_cores() + 1):
+                torch.set_num_threads(n)
+                rows.setdefault(n, {"prefill": [], "decode": []})
+                rows[n]["prefill"].append(runner.prefill(ids))
+                rows[n]["decode"].append(runner.decode(ids, config.decode_steps))
+    finally:
+        torch.set_num_threads(before)
+    table = {n: {"prefill_ms": round(1e3 * sorted(r["prefill"])[len(r["prefill"]) // 2], 3),
+                 "decode_ms": round(1e3 * sorted(r["decode"])[len(r["decode"]) // 2], 3)} for n, r in rows.items()}
+    return min(table, key=lambda n: table[n]["prefill_ms"]), table
+
+
+def build(ctx: BuildContext) -> BuildResult:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = ctx.config
+    tokenizer = AutoTokenizer.from_pretrained(ctx.source)
+    model = AutoModelForCausalLM.from_pretrained(ctx.source, dtype=torch.float32, attn_implementation="sdpa")
+    model.eval().requires_grad_(False)
+    report: dict = {"load_average_before": load_average()}
+    if config.measure:
+        dtype, threads = measure_and_choose(ctx, model, tokenizer, report)
+    else:
+        dtype = "fp32" if config.dtype == "auto" else config.dtype
+        threads = config.threads or None
+        report["decision"] = f"--no-measure: {dtype} as asked"
+    if dtype not in REQUIRES_ISA:
+        raise ValueError(f"hf-cpu builds fp32, bf16 or int8, not {dtype}")
+    report["load_average_after"] = load_average()
+    quantization = DYNAMIC_INT8 if dtype == "int8" else None
+    record = save_hf_build(ctx.out, model, tokenizer, dtype="fp32" if quantization else dtype,
+                           quantization=quantization, num_threads=threads, attn_implementation="sdpa")
+    meta = {"dtype": dtype, "quantization": quantization, "tensor_parallel_size": 1, "num_threads": threads,
+            "attn_implementation": record["attn_implementation"], "requires_isa": REQUIRES_ISA[dtype],
+            "serves_modes": list(MODES)}
+    return BuildResult(meta, report, summary=f"{dtype}, {threads or 'default'} threads; {report['decision']}")
+
+
+def measure_and_choose(ctx: BuildContext, model, tokenizer, report: dict) -> tuple[str, int | None]:
+    config = ctx.config
+    candidates = ["fp32"] + [d for d in dict.fromkeys(config.candidates) if d != "fp32"]
+    if config.dtype != "auto":
+        candidates = list(dict.fromkeys(["fp32", config.dtype]))
+    probes, source = load_probes(ctx.bundle, tokenizer, config.probe_users, config.prompt_tokens)
+    ids = latency_prompt(probes, config.prompt_tokens)
+    runners = [TorchRunner(d, variant(model, d)) for d in candidates]
+    log.info("hf-cpu: measuring %s on %s (latency: %d-token prompt, %d rounds; quality: %s)", ", ".join(candidates),
+             ctx.machine.cpu_name, len(ids), config.repeats, source)
+    latency = measure_latency(runners, ids, config.repeats, config.decode_steps)
+    quality = measure_quality(runners, runners[0], probes, config.generate_k, config.generate_probes)
+    best, verdicts = choose(latency, quality, config)
+    if config.dtype != "auto":
+        best = config.dtype
+        verdicts[best] = f"kept: --dtype {best} asked for (measured for the record)"
+    threads, thread_table = (config.threads, {}) if config.threads else measure_threads(
+        next(r for r in runners if r.name == best), ids, config)
+    report.update({"probes": source, "latency_prompt_tokens": len(ids), "latency": latency, "quality": quality,
+                   "verdicts": verdicts, "threads": thread_table, "chosen_threads": threads,
+                   "decision": f"kept {best} ({verdicts[best]})"})
+    for dtype in candidates:
+        log.info("hf-cpu %-5s prefill %.1f ms, decode %.2f ms/token, top-1 agreement %.2f%s → %s", dtype,
+                 latency[dtype]["prefill_ms"], latency[dtype]["decode_ms"], quality[dtype]["score_top1_agreement"],
+                 f", NDCG@10 {quality[dtype]['score_ndcg@10']:.4f}" if "score_ndcg@10" in quality[dtype] else "",
+                 verdicts[dtype])
+    return best, threads

@@ -1,0 +1,239 @@
+"""Side-by-side measurements that decide what a CPU build keeps: latency (prefill of a ~350-token
+prompt, one decode step) and ranking quality (agreement with the fp32 torch reference, NDCG@10 on
+validation users), for several candidate runners of the same merged checkpoint.
+
+The machine may be shared, so latency runs are interleaved (every candidate once per round, rounds
+repeated) and medians are reported, next to the load average before and after.
+
+A runner answers four questions on token ids:
+    prefill(ids) -> seconds           one forward pass over the prompt (score mode's cost)
+    decode(ids, steps) -> seconds     median time of one decode step after that prompt
+    score(probe) -> [log-prob]        score mode, as palr.llm.score_labels
+    generate(probe, k) -> [position]  generate mode (k labels), as palr.llm.generate_labels
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from palr import metrics
+from palr.decoding import LabelConstraint
+from palr.llm import generate_labels, label_log_probs, pick_allowed, score_labels
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One prompt: token ids, candidate labels, and for a validation user where the true next item is
+    (None: retrieval missed it, a miss for NDCG); synthetic prompts have no target at all."""
+
+    input_ids: list[int]
+    label_token_ids: list[int]
+    target_position: int | None
+    validation: bool = True
+
+
+def load_probes(bundle, tokenizer, n: int, prompt_tokens: int, seed: int = 0) -> tuple[list[Probe], str]:
+    """`n` validation prompts from `llm/sft/valid.jsonl` when the bundle has them (real PALR prompts
+    with targets), else synthetic ones (random tokens + the " A".." T" labels; agreement only)."""
+    if bundle.has("sft_data"):
+        path = bundle.path("sft_data") / "valid.jsonl"
+        with path.open() as f:
+            rows = [json.loads(line) for line in f if line.strip()][:n]
+        if rows:
+            return [Probe(r["input_ids"], r["label_token_ids"], r.get("target_position")) for r in rows], \
+                f"{len(rows)} validation users from {path.relative_to(bundle.root)}"
+    rng = random.Random(seed)
+    labels = [tokenizer.encode(f" {chr(ord('A') + i)}", add_special_tokens=False)[0] for i in range(20)]
+    vocab = len(tokenizer)
+    probes = [Probe([rng.randrange(100, vocab) for _ in range(prompt_tokens)], labels, None, validation=False)
+              for _ in range(n)]
+    return probes, f"{n} synthetic prompts of {prompt_tokens} random tokens (the bundle has no sft_data)"
+
+
+def latency_prompt(probes: Sequence[Probe], tokens: int) -> list[int]:
+    """A prompt of exactly `tokens` tokens taken from the probes (cycled when they are shorter)."""
+    pool = [t for p in probes for t in p.input_ids]
+    return [pool[i % len(pool)] for i in range(tokens)]
+
+
+class Runner(Protocol):
+    name: str
+
+    def prefill(self, ids: list[int]) -> float: ...
+
+    def decode(self, ids: list[int], steps: int) -> float: ...
+
+    def score(self, probe: Probe) -> list[float]: ...
+
+    def generate(self, probe: Probe, k: int) -> list[int]: ...
+
+
+class TorchRunner:
+    """A transformers model (fp32, bf16 or dynamic int8) through the one-at-a-time reference."""
+
+    def __init__(self, name: str, model):
+        self.name, self.model = name, model
+
+    @torch.inference_mode()
+    def prefill(self, ids: list[int]) -> float:
+        started = time.perf_counter()
+        self.model(input_ids=torch.tensor([ids]), use_cache=True, logits_to_keep=1)
+        return time.perf_counter() - started
+
+    @torch.inference_mode()
+    def decode(self, ids: list[int], steps: int) -> float:
+        out = self.model(input_ids=torch.tensor([ids]), use_cache=True, logits_to_keep=1)
+        cache, token = out.past_key_values, int(out.logits[0, -1].argmax())
+        times = []
+        for _ in range(steps):
+            started = time.perf_counter()
+            out = self.model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True)
+            times.append(time.perf_counter() - started)
+            cache, token = out.past_key_values, int(out.logits[0, -1].argmax())
+        return statistics.median(times)
+
+    def score(self, probe: Probe) -> list[float]:
+        return score_labels(self.model, probe.input_ids, probe.label_token_ids)
+
+    def generate(self, probe: Probe, k: int) -> list[int]:
+        return generate_labels(self.model, probe.input_ids, probe.label_token_ids, k)
+
+
+class OrtGenaiRunner:
+    """An onnxruntime-genai model directory, driven like the `ortgenai` engine drives it."""
+
+    def __init__(self, name: str, model_dir: Path, num_threads: int | None = None):
+        from ranking_server.engines.ortgenai import GeneratorSlot, load_model
+
+        self.name = name
+        self.model = load_model(model_dir, num_threads)
+        self._slot = GeneratorSlot(self.model, 2048)
+
+    def _fresh(self, ids: list[int]) -> np.ndarray:
+        self._slot.start([])
+        return self._slot.feed(ids)
+
+    def prefill(self, ids: list[int]) -> float:
+        started = time.perf_counter()
+        self._fresh(ids)
+        return time.perf_counter() - started
+
+    def decode(self, ids: list[int], steps: int) -> float:
+        token = int(self._fresh(ids).argmax())
+        times = []
+        for _ in range(steps):
+            started = time.perf_counter()
+            token = int(self._slot.feed([token]).argmax())
+            times.append(time.perf_counter() - started)
+        return statistics.median(times)
+
+    def score(self, probe: Probe) -> list[float]:
+        logits = self._fresh(probe.input_ids)
+        return label_log_probs(torch.from_numpy(logits[probe.label_token_ids]))
+
+    def generate(self, probe: Probe, k: int) -> list[int]:
+        constraint = LabelConstraint(probe.label_token_ids, k)
+        logits = self._fresh(probe.input_ids)
+        while True:
+            allowed = constraint.allowed_tokens()
+            token = pick_allowed(allowed, torch.from_numpy(logits[allowed]), constraint)
+            constraint.advance(token)
+            if constraint.done:
+                return constraint.emitted()
+            logits = self._slot.feed([token])
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def measure_latency(runners: Sequence[Runner], ids: list[int], repeats: int, decode_steps: int) -> dict[str, dict]:
+    """Median prefill and decode-step times per runner, interleaved round by round."""
+    for runner in runners:  # warm-up: first calls pay for allocations and kernel selection
+        runner.prefill(ids[: max(8, len(ids) // 8)])
+    prefill: dict[str, list[float]] = {r.name: [] for r in runners}
+    decode: dict[str, list[float]] = {r.name: [] for r in runners}
+    for _ in range(repeats):
+        for runner in runners:
+            prefill[runner.name].append(runner.prefill(ids))
+            decode[runner.name].append(runner.decode(ids, decode_steps))
+    return {name: {"prefill_ms": _ms(statistics.median(prefill[name])), "decode_ms": _ms(statistics.median(decode[name])),
+                   "prefill_ms_runs": [_ms(x) for x in prefill[name]], "decode_ms_runs": [_ms(x) for x in decode[name]]}
+            for name in prefill}
+
+
+def measure_quality(runners: Sequence[Runner], reference: Runner, probes: Sequence[Probe], k: int,
+                    generate_probes: int) -> dict[str, dict]:
+    """Each runner's rankings against the reference's on the same probes (score mode on all of them,
+    generate mode with k labels on the first `generate_probes`), and NDCG@10 where targets are known."""
+    ref_scores = [reference.score(p) for p in probes]
+    gen_probes = list(probes[:generate_probes])
+    ref_orders = [reference.generate(p, min(k, len(p.label_token_ids))) for p in gen_probes]
+    out = {}
+    for runner in runners:
+        scores = ref_scores if runner is reference else [runner.score(p) for p in probes]
+        orders = ref_orders if runner is reference else [runner.generate(p, min(k, len(p.label_token_ids)))
+                                                         for p in gen_probes]
+        out[runner.name] = quality_summary(scores, ref_scores, orders, ref_orders, probes, k)
+    return out
+
+
+def quality_summary(scores: Sequence[Sequence[float]], ref_scores: Sequence[Sequence[float]],
+                    orders: Sequence[Sequence[int]], ref_orders: Sequence[Sequence[int]],
+                    probes: Sequence[Probe], k: int) -> dict[str, Any]:
+    top = [_order(s) for s in scores]
+    ref_top = [_order(s) for s in ref_scores]
+    summary = {
+        "score_top1_agreement": _mean([a[0] == b[0] for a, b in zip(top, ref_top)]),
+        f"score_top{k}_overlap": _mean([len(set(a[:k]) & set(b[:k])) / min(k, len(a)) for a, b in zip(top, ref_top)]),
+        "score_max_abs_logprob_diff": round(max(float(np.max(np.abs(np.subtract(a, b))))
+                                                for a, b in zip(scores, ref_scores)), 6),
+        "generate_exact_agreement": _mean([list(a) == list(b) for a, b in zip(orders, ref_orders)]),
+        "generate_first_agreement": _mean([a[0] == b[0] for a, b in zip(orders, ref_orders)]),
+    }
+    if all(p.validation for p in probes):
+        ranks = [None if p.target_position is None else order.index(p.target_position) for order, p in zip(top, probes)]
+        summary["score_ndcg@10"] = round(metrics.ndcg(ranks, 10), 4)
+    return summary
+
+
+def quality_ok(candidate: dict, reference: dict, min_agreement: float, max_ndcg_drop: float, mode: str) -> bool:
+    """Ranks like the reference: top-1 agreement (score) or first-pick agreement (generate) at least
+    `min_agreement`, and NDCG@10 no more than `max_ndcg_drop` below the reference's."""
+    agreement = candidate["score_top1_agreement" if mode == "score" else "generate_first_agreement"]
+    ndcg_drop = reference.get("score_ndcg@10", 0.0) - candidate.get("score_ndcg@10", 0.0)
+    return agreement >= min_agreement and ndcg_drop <= max_ndcg_drop
+
+
+def mode_latency_ms(latency: dict, mode: str, generate_tokens: int) -> float:
+    """Model of one request's latency: score = one prefill; generate = prefill + (tokens - 1) decode steps."""
+    if mode == "score":
+        return latency["prefill_ms"]
+    return latency["prefill_ms"] + (generate_tokens - 1) * latency["decode_ms"]
+
+
+def _order(scores: Sequence[float]) -> list[int]:
+    return sorted(range(len(scores)), key=lambda c: (-scores[c], c))
+
+
+def _mean(values) -> float:
+    values = list(values)
+    return round(sum(map(float, values)) / len(values), 4) if values else 0.0
+
+
+def _ms(seconds: float) -> float:
+    return round(1e3 * seconds, 3)

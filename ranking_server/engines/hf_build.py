@@ -1,0 +1,84 @@
+"""An `hf-cpu` / `hf-cuda` build directory: a Hugging Face checkpoint plus `build.json`, which says
+how to load it so the model runs as it was measured at build time.
+
+    engines/hf-cpu/
+      config.json  model.safetensors  tokenizer files
+      build.json   {"dtype": "fp32" | "bf16" | "fp16", "quantization": null | "dynamic-int8",
+                    "num_threads": 2, "attn_implementation": "sdpa"}
+
+Dynamic int8 (torch.ao `quantize_dynamic` of the decoder's Linear layers: int8 weights, activations
+quantized per call) is applied at load time rather than saved: a quantized state dict is a pickle
+tied to the torch version, while the fp32 checkpoint plus one line of build.json is not. The LM head
+stays in float: the engines read only the label rows of it (`hf.HFEngine._token_logits`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+BUILD_FILE = "build.json"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DYNAMIC_INT8 = "dynamic-int8"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in DTYPES.items()}[dtype]
+
+
+def quantize_dynamic_int8(model):
+    """int8 weights for every Linear inside the decoder layers (in place); returns the model."""
+    from torch.ao.quantization import quantize_dynamic
+
+    decoder = model.get_decoder()
+    quantize_dynamic(decoder, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+    return model
+
+
+def save_hf_build(out: Path, model, tokenizer, *, dtype: str, quantization: str | None,
+                  num_threads: int | None, attn_implementation: str) -> dict[str, Any]:
+    """Writes the checkpoint in `dtype` (fp32 under dynamic int8: quantized at load) and build.json."""
+    if quantization and dtype != "fp32":
+        raise ValueError(f"{quantization} quantizes an fp32 model, not {dtype}")
+    out.mkdir(parents=True, exist_ok=True)
+    model.to(DTYPES[dtype]).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    record = {"dtype": dtype, "quantization": quantization, "num_threads": num_threads,
+              "attn_implementation": attn_implementation}
+    (out / BUILD_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    return record
+
+
+def read_build(path: Path) -> dict[str, Any]:
+    file = Path(path) / BUILD_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"{path}: no {BUILD_FILE}; not an hf build directory (python -m compile build)")
+    return json.loads(file.read_text())
+
+
+def load_hf_build(path: Path, device: str = "cpu"):
+    """(model, tokenizer, build record) as the build says: dtype, attention, int8 quantization, threads."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    record = read_build(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[record["dtype"]],
+                                                 attn_implementation=record["attn_implementation"])
+    model.to(device).eval().requires_grad_(False)
+    if record["quantization"] == DYNAMIC_INT8:
+        if device != "cpu":
+            raise ValueError(f"{path}: dynamic int8 quantization runs on CPU only, not {device}")
+        quantize_dynamic_int8(model)
+    elif record["quantization"]:
+        raise ValueError(f"{path}: unknown quantization {record['quantization']!r} in {BUILD_FILE}")
+    if record.get("num_threads") and device == "cpu":
+        torch.set_num_threads(int(record["num_threads"]))
+    log.info("hf build %s: %s%s, attention %s, %s threads", path, record["dtype"],
+             f" ({record['quantization']})" if record["quantization"] else "", record["attn_implementation"],
+             record.get("num_threads") or "default")
+    return model, AutoTokenizer.from_pretrained(path), record

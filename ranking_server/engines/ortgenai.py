@@ -1,0 +1,224 @@
+"""`ortgenai` engine: an onnxruntime-genai build (`compile build --target ortgenai-cpu`) behind the
+same `RankingEngine` interface, for the ranking modes where it measured faster than torch on CPU.
+
+onnxruntime-genai runs one `Generator` per request here (batch 1, its own KV cache). We never let it
+sample: each step we read the next-token logits (`get_logits`), apply the request's constraint
+exactly as the torch engines do (`palr.llm.pick_allowed`: argmax of logit + bias over the allowed
+tokens), and append the chosen token (`append_tokens`). Score mode reads the label logits after the
+prompt (`palr.llm.label_log_probs`). So the answers match the one-at-a-time reference up to the
+numerics of the ONNX graph (fp32: ~1e-5; int4: see the build report).
+
+Scheduling (in-flight, on the engine thread of `loop.LoopEngine`): up to `max_batch_size` requests
+hold a generator; every step gives each generating request one token, then spends what is left of
+`max_tokens_per_step` on prompt chunks, oldest first. onnxruntime-genai has no batched decode over
+requests that joined at different times with per-token control (its `Engine` continuous batching
+takes only grammars, which cannot say "each label at most once"), so batching here buys fairness,
+not throughput.
+
+Prefix reuse: an idle generator keeps its KV cache. A request whose shared prefix is what that
+cache starts with rewinds to it (`Generator.rewind_to`) and runs only its own suffix.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from palr.llm import label_log_probs, pick_allowed
+from ranking_server.engines.base import EngineError
+from ranking_server.engines.hf import EngineConfig
+from ranking_server.engines.loop import LoopEngine, Pending, StepRecord
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = "pip install -e '.[ortgenai]' (onnxruntime-genai==0.18.0, onnx-ir)"
+
+
+def import_ortgenai():
+    try:
+        import onnxruntime_genai
+    except ImportError as e:
+        raise EngineError(f"the ortgenai engine needs onnxruntime-genai, which is not installed here ({e}); "
+                          f"{INSTALL_HINT}") from None
+    return onnxruntime_genai
+
+
+def load_model(model_dir: Path, num_threads: int | None = None):
+    """An onnxruntime-genai Model from a builder output directory, optionally with its intra-op threads set."""
+    og = import_ortgenai()
+    config = og.Config(str(model_dir))
+    if num_threads:
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": num_threads}}}}))
+    return og.Model(config)
+
+
+def genai_config(model_dir: Path) -> dict[str, Any]:
+    path = Path(model_dir) / "genai_config.json"
+    if not path.is_file():
+        raise EngineError(f"{model_dir}: no genai_config.json; not an onnxruntime-genai model directory")
+    return json.loads(path.read_text())
+
+
+class GeneratorSlot:
+    """One Generator (batch 1) and the tokens its KV cache holds, reused from request to request."""
+
+    def __init__(self, model, max_length: int):
+        og = import_ortgenai()
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=max_length)
+        self.generator = og.Generator(model, params)
+        self.tokens: list[int] = []
+
+    def start(self, prefix: list[int]) -> int:
+        """Keep the cached `prefix` if the cache starts with it, drop the rest; returns the tokens kept."""
+        keep = len(prefix) if prefix and self.tokens[:len(prefix)] == prefix else 0
+        self.generator.rewind_to(keep)
+        del self.tokens[keep:]
+        return keep
+
+    def feed(self, tokens: list[int]) -> np.ndarray:
+        """Run `tokens`; the next-token logits after them `[V]` (fp32)."""
+        self.generator.append_tokens(np.asarray(tokens, dtype=np.int32))
+        self.tokens.extend(tokens)
+        return self.generator.get_logits().reshape(-1)
+
+
+@dataclass(eq=False)
+class Running:
+    pending: Pending
+    slot: GeneratorSlot
+    todo: list[int]                  # prompt tokens not fed yet
+    cached: int = 0
+    next_token: int | None = None    # generate mode: chosen, not fed yet
+    generated: int = 0
+
+
+class OrtGenaiEngine(LoopEngine):
+    def __init__(self, model_dir: str | Path, config: EngineConfig | None = None, name: str = "ortgenai"):
+        config = config or EngineConfig()
+        model_dir = Path(model_dir)
+        meta = genai_config(model_dir)["model"]
+        max_seq_len = min(config.max_seq_len, int(meta.get("context_length") or config.max_seq_len))
+        super().__init__(name, vocab_size=int(meta["vocab_size"]), max_seq_len=max_seq_len,
+                         max_queue=config.max_queue)
+        self.config = config
+        self.model = load_model(model_dir, config.num_threads)
+        self._idle: list[GeneratorSlot] = []
+        self._generators = 0
+        self._active: list[Running] = []
+        log.info("ortgenai engine: %s, vocab %d, max_seq_len %d, <= %d generators", model_dir, self.vocab_size,
+                 max_seq_len, config.max_batch_size)
+        self.start()
+
+    # ---- scheduling ---------------------------------------------------------------------------
+
+    def _step(self) -> bool:
+        for pending in self._take(self.config.max_batch_size - len(self._active)):
+            self._admit(pending)
+        if not self._active:
+            return False
+        held = len(self._active)
+        decoding = [r for r in self._active if not r.todo]
+        for running in decoding:
+            self._feed(running, [running.next_token])
+        budget = self.config.max_tokens_per_step - len(decoding)
+        prefilling = []
+        for running in [r for r in self._active if r.todo]:
+            if budget <= 0:
+                break
+            chunk, running.todo = running.todo[:budget], running.todo[budget:]
+            budget -= len(chunk)
+            prefilling.append(len(chunk))
+            self._feed(running, chunk)
+            self._count(prompt_tokens=len(chunk))
+        self._record_step(StepRecord(len(decoding), len(prefilling), len(decoding) + sum(prefilling), held))
+        return True
+
+    def _admit(self, pending: Pending) -> None:
+        request = pending.request
+        prefix = [int(t) for t in request.prefix_ids] if self.config.prefix_reuse else []
+        try:
+            slot = self._generator_for(prefix)
+            cached = slot.start(prefix)
+        except Exception as e:  # noqa: BLE001 - a generator that cannot start fails this request only
+            log.exception("ortgenai: cannot start a generator")
+            self._fail(pending, EngineError(f"ortgenai generator: {e!r}"))
+            return
+        self._active.append(Running(pending, slot, todo=request.input_ids[cached:], cached=cached))
+
+    def _generator_for(self, prefix: list[int]) -> GeneratorSlot:
+        """An idle generator whose cache starts with `prefix`, else any idle one, else a new one."""
+        for i, slot in enumerate(self._idle):
+            if prefix and slot.tokens[:len(prefix)] == prefix:
+                return self._idle.pop(i)
+        if self._idle:
+            return self._idle.pop()
+        self._generators += 1
+        return GeneratorSlot(self.model, self.max_seq_len)
+
+    def _leave(self, running: Running, healthy: bool = True) -> None:
+        self._active.remove(running)
+        if healthy:
+            self._idle.append(running.slot)
+        else:
+            self._generators -= 1
+
+    def _release(self, pending: Pending) -> None:
+        for running in self._active:
+            if running.pending is pending:
+                self._leave(running)
+                return
+
+    # ---- model work ---------------------------------------------------------------------------
+
+    def _feed(self, running: Running, tokens: list[int]) -> None:
+        """Feed `tokens`; when the prompt is done, score or pick the next token."""
+        try:
+            logits = running.slot.feed(tokens)
+        except Exception as e:  # noqa: BLE001 - fail this request, drop its generator, keep serving
+            log.exception("ortgenai forward failed for %s", running.pending.request_id)
+            self._leave(running, healthy=False)
+            self._fail(running.pending, EngineError(f"ortgenai forward failed: {e!r}"))
+            return
+        if running.todo:
+            return
+        request = running.pending.request
+        if running.next_token is None and request.mode == "score":
+            running.pending.prefilled = time.perf_counter()
+            self._count(cached_tokens=running.cached)
+            labels = [int(t) for t in request.label_token_ids]
+            scores = label_log_probs(torch.from_numpy(logits[labels]))
+            self._leave(running)
+            self._finish(running.pending, sorted(range(len(scores)), key=lambda c: -scores[c]), scores,
+                         running.cached, 0)
+            return
+        if running.next_token is None:
+            running.pending.prefilled = time.perf_counter()
+            self._count(cached_tokens=running.cached)
+        self._emit(running, logits)
+
+    def _emit(self, running: Running, logits: np.ndarray) -> None:
+        constraint = running.pending.constraint
+        allowed = constraint.allowed_tokens()
+        try:
+            token = pick_allowed(allowed, torch.from_numpy(logits[allowed]), constraint, running.pending.request.bias)
+            constraint.advance(token)
+        except Exception as e:  # noqa: BLE001 - a bad constraint fails its own request only
+            self._leave(running)
+            self._fail(running.pending, EngineError(f"constrained decoding failed: {e!r}"))
+            return
+        running.generated += 1
+        self._count(generated_tokens=1)
+        if constraint.done:
+            self._leave(running)
+            self._finish(running.pending, constraint.emitted(), None, running.cached, running.generated)
+        else:
+            running.next_token = token
+

@@ -1,0 +1,57 @@
+"""`ModeRouter`: one `RankingEngine` over two, each request going to the engine of its mode.
+
+The ortgenai CPU build wins only some ranking modes on a given machine (measured by
+`compile build --target ortgenai-cpu`, recorded as `serves_modes`): those modes go to it and the
+others stay on the torch engine, behind the one interface the server holds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+
+from ranking_server.engines.base import MODES, EngineRequest, EngineResult, EngineStats, InvalidRequest, RankingEngine
+
+
+class ModeRouter(RankingEngine):
+    def __init__(self, by_mode: dict[str, RankingEngine]):
+        missing = [m for m in MODES if m not in by_mode]
+        if missing:
+            raise ValueError(f"ModeRouter needs an engine for every mode; missing {missing}")
+        self.by_mode = dict(by_mode)
+        self.engines = list({id(e): e for e in self.by_mode.values()}.values())
+        self.name = "+".join(f"{e.name}({','.join(m for m, x in self.by_mode.items() if x is e)})" for e in self.engines)
+
+    async def rank(self, request: EngineRequest) -> EngineResult:
+        engine = self.by_mode.get(request.mode)
+        if engine is None:
+            raise InvalidRequest(f"mode must be one of {MODES}, got {request.mode!r}")
+        return await engine.rank(request)
+
+    def abort(self, request_id: str) -> bool:
+        return any([engine.abort(request_id) for engine in self.engines])
+
+    def check_health(self) -> bool:
+        return all(engine.check_health() for engine in self.engines)
+
+    def stats(self) -> EngineStats:
+        """Counters summed over the engines; maxima are the largest of theirs."""
+        parts = [engine.stats() for engine in self.engines]
+        summed = {}
+        for f in dataclasses.fields(EngineStats):
+            values = [getattr(p, f.name) for p in parts]
+            if f.name == "engine":
+                summed[f.name] = self.name
+            elif f.name == "healthy":
+                summed[f.name] = all(values)
+            elif f.name.startswith("max_"):
+                summed[f.name] = max(values)
+            elif f.name.endswith("_hist"):
+                summed[f.name] = dict(sum((Counter(v) for v in values), Counter()))
+            else:
+                summed[f.name] = sum(values)
+        return EngineStats(**summed)
+
+    def close(self) -> None:
+        for engine in self.engines:
+            engine.close()

@@ -1,0 +1,216 @@
+"""`trtllm` engine: a TensorRT-LLM engine (`compile build --target trtllm`) behind `RankingEngine`,
+through the LLM API with the TensorRT backend.
+
+    LLM(model=engine_dir, kv_cache_config=KvCacheConfig(enable_block_reuse=True, ...),
+        gather_generation_logits=True)                 # tensorrt_llm._tensorrt_engine.LLM in 1.x
+    out = llm.generate_async(prompt_token_ids, SamplingParams(...), streaming=...)  # in our event loop
+    await out / async for part in out;  out.abort() on cancel or deadline
+
+TensorRT-LLM does the in-flight batching (its executor admits and retires requests every
+iteration), the paged KV cache and KV block reuse (our shared instruction prefix fills whole blocks
+that later requests reuse; the engine is built with paged context FMHA, which reuse needs). What a
+request becomes is `trtllm_requests` (score: one step with generation logits; generate: greedy
+under a per-request logits processor) — tested on CPU; this file is the wiring, and it needs an
+NVIDIA GPU with TensorRT-LLM (tests/gpu/test_trtllm_engine.py runs it there).
+
+TensorRT-LLM is imported when the engine is constructed, never at module import, and a clear
+EngineError says what to install when it is missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from palr.decoding import LabelConstraint, TitleConstraint
+from ranking_server.engines.base import (
+    EngineAborted, EngineError, EngineOverloaded, EngineRequest, EngineResult, EngineStats, EngineTimings,
+    InvalidRequest, RankingEngine)
+from ranking_server.engines.trtllm_requests import ConstraintLogitsProcessor, emitted_order, label_scores, sampling_kwargs
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = ("TensorRT-LLM runs on NVIDIA GPUs under Linux: use the NGC image "
+                "nvcr.io/nvidia/tensorrt-llm/release (deploy/docker/Dockerfile.trtllm) or `pip install tensorrt-llm` "
+                "with CUDA; then `python -m compile build --target trtllm`")
+
+
+def import_trtllm():
+    """The tensorrt_llm module, or EngineError saying it is missing and how to get it."""
+    try:
+        import tensorrt_llm
+    except ImportError as e:
+        raise EngineError(f"the trtllm engine needs TensorRT-LLM, which is not installed here ({e}). "
+                          f"{INSTALL_HINT}") from None
+    return tensorrt_llm
+
+
+def trt_backend_llm_class():
+    """The LLM class of the TensorRT-engine flow: `_tensorrt_engine.LLM` in 1.x (plain `LLM` is the
+    PyTorch backend there and rejects engine-only arguments); plain `LLM` in 0.17-0.21."""
+    import_trtllm()
+    try:
+        from tensorrt_llm._tensorrt_engine import LLM
+    except ImportError:
+        from tensorrt_llm import LLM
+    return LLM
+
+
+def register_ipc_classes() -> None:
+    """TensorRT-LLM unpickles requests in its executor worker only for allow-listed classes (1.x);
+    our logits processor and the constraints it carries travel that way."""
+    try:
+        from tensorrt_llm.executor.serialization import register_approved_ipc_class
+    except ImportError:
+        return
+    for cls in (ConstraintLogitsProcessor, LabelConstraint, TitleConstraint):
+        register_approved_ipc_class(cls)
+
+
+@dataclass
+class TrtllmConfig:
+    max_batch_size: int = field(default=64, metadata={"help": "requests in flight in the executor (<= the built value)"})
+    max_num_tokens: int | None = field(default=None, metadata={"help": "tokens per iteration (<= built; None: built)"})
+    max_queue: int = field(default=64, metadata={"help": "requests beyond max_batch_size waiting; more: EngineOverloaded"})
+    free_gpu_memory_fraction: float = field(default=0.85, metadata={"help": "share of free GPU memory for the KV cache"})
+    enable_block_reuse: bool = field(default=True, metadata={"help": "KV block reuse across requests (shared prefix)"})
+
+
+def read_engine_config(engine_dir: Path) -> dict:
+    """The engine's config.json: {"version", "pretrained_config", "build_config"}."""
+    path = Path(engine_dir) / "config.json"
+    if not path.is_file():
+        raise EngineError(f"{engine_dir}: no config.json; not a TensorRT-LLM engine directory")
+    config = json.loads(path.read_text())
+    if "build_config" not in config or "pretrained_config" not in config:
+        raise EngineError(f"{path}: not a TensorRT-LLM engine config (no build_config/pretrained_config)")
+    return config
+
+
+class TrtllmEngine(RankingEngine):
+    name = "trtllm"
+
+    def __init__(self, engine_dir: str | Path, config: TrtllmConfig | None = None):
+        self.config = config or TrtllmConfig()
+        engine_dir = Path(engine_dir)
+        engine_config = read_engine_config(engine_dir)
+        self.vocab_size = int(engine_config["pretrained_config"]["vocab_size"])
+        self.max_seq_len = int(engine_config["build_config"]["max_seq_len"])
+        llm_class = trt_backend_llm_class()
+        from tensorrt_llm import SamplingParams
+        from tensorrt_llm.llmapi import KvCacheConfig
+
+        register_ipc_classes()
+        self._sampling_params = SamplingParams
+        started = time.perf_counter()
+        self.llm = llm_class(
+            model=str(engine_dir), tokenizer=str(engine_dir),
+            kv_cache_config=KvCacheConfig(enable_block_reuse=self.config.enable_block_reuse,
+                                          free_gpu_memory_fraction=self.config.free_gpu_memory_fraction),
+            gather_generation_logits=True, max_batch_size=self.config.max_batch_size,
+            **({"max_num_tokens": self.config.max_num_tokens} if self.config.max_num_tokens else {}))
+        self.end_id = int(self.llm.tokenizer.eos_token_id)
+        self._outputs: dict[str, object] = {}  # request id → RequestOutput in flight
+        self._lock = threading.Lock()
+        self._counts: Counter[str] = Counter()
+        self._closed = False
+        log.info("trtllm engine %s (TensorRT-LLM %s, engine version %s) loaded in %.1f s; batch <= %d, block reuse %s",
+                 engine_dir, import_trtllm().__version__, engine_config.get("version"), time.perf_counter() - started,
+                 self.config.max_batch_size, "on" if self.config.enable_block_reuse else "off")
+
+    async def rank(self, request: EngineRequest) -> EngineResult:
+        if not self.check_health():
+            raise EngineError("trtllm engine is not running")
+        constraint = request.validate(self.vocab_size, self.max_seq_len)
+        with self._lock:
+            if len(self._outputs) >= self.config.max_batch_size + self.config.max_queue:
+                self._counts["rejected"] += 1
+                raise EngineOverloaded(f"trtllm engine has {len(self._outputs)} requests in flight")
+            if request.request_id in self._outputs:
+                raise InvalidRequest(f"request_id {request.request_id!r} is already in flight")
+            params = self._sampling_params(**sampling_kwargs(request, constraint, self.end_id))
+            started = time.perf_counter()
+            output = self.llm.generate_async(request.input_ids, sampling_params=params,
+                                             streaming=request.mode == "generate")
+            self._outputs[request.request_id] = output
+        first_token = None
+        try:
+            if request.mode == "generate":
+                async for _ in output:  # streaming: the first part marks the end of prefill
+                    first_token = first_token or time.perf_counter()
+            else:
+                await output.aresult()
+        except asyncio.CancelledError:
+            output.abort()
+            self._count("aborted")
+            raise
+        except Exception as e:  # noqa: BLE001 - TensorRT-LLM's errors become ours
+            self._count("failed")
+            raise EngineError(f"trtllm request {request.request_id} failed: {e!r}") from e
+        finally:
+            with self._lock:
+                self._outputs.pop(request.request_id, None)
+        return self._result(request, output, started, first_token)
+
+    def _result(self, request: EngineRequest, output, started: float, first_token: float | None) -> EngineResult:
+        completion = output.outputs[0]
+        if completion.finish_reason == "cancelled" or getattr(output, "aborted", lambda: False)():
+            self._count("aborted")
+            raise EngineAborted(f"request {request.request_id} aborted")
+        now = time.perf_counter()
+        if request.mode == "score":
+            scores = label_scores(completion.generation_logits, request.label_token_ids)
+            order, generated, prefilled = sorted(range(len(scores)), key=lambda c: -scores[c]), 0, now
+        else:
+            order, generated = emitted_order(request.validate(self.vocab_size, self.max_seq_len),
+                                             list(completion.token_ids))
+            scores, prefilled = None, first_token or now
+        self._count("completed", prompt_tokens=len(request.input_ids), generated_tokens=generated)
+        # queue time is inside TensorRT-LLM's executor and not reported per request: prefill_ms includes it
+        timings = EngineTimings(queue_ms=0.0, prefill_ms=1e3 * (prefilled - started),
+                                decode_ms=1e3 * (now - prefilled), total_ms=1e3 * (now - started))
+        return EngineResult(request.request_id, request.mode, order, scores, prompt_tokens=len(request.input_ids),
+                            cached_tokens=0, generated_tokens=generated, timings=timings)
+
+    def abort(self, request_id: str) -> bool:
+        with self._lock:
+            output = self._outputs.get(request_id)
+        if output is None:
+            return False
+        output.abort()
+        return True
+
+    def check_health(self) -> bool:
+        if self._closed:
+            return False
+        check = getattr(self.llm, "_check_health", None)  # 1.x; older releases have no health call
+        return bool(check()) if check else True
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            c = self._counts
+            return EngineStats(engine=self.name, healthy=self.check_health(), active=len(self._outputs),
+                               completed=c["completed"], failed=c["failed"], aborted=c["aborted"],
+                               rejected=c["rejected"], prompt_tokens=c["prompt_tokens"],
+                               generated_tokens=c["generated_tokens"])
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        with self._lock:
+            outputs = list(self._outputs.values())
+        for output in outputs:
+            output.abort()
+        self.llm.shutdown()
+
+    def _count(self, name: str, **amounts: int) -> None:
+        with self._lock:
+            self._counts[name] += 1
+            self._counts.update(amounts)

@@ -1,0 +1,169 @@
+"""`compile build --target hf-cpu` on the tiny LLM bundle: what the build and its manifest entry hold,
+and refusal: a build whose manifest says other hardware, another library version, a CPU feature
+this machine lacks, or whose files changed, is refused by the server's engine loading and by
+`compile build` when reusing; the untouched build starts and answers like the reference."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import platform
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from compile import build  # noqa: E402
+from palr.bundle import Bundle, BundleError  # noqa: E402
+from palr.hardware import ISA_FLAGS, BuildMismatch, Machine, open_build  # noqa: E402
+from palr.llm import score_labels  # noqa: E402
+from ranking_server.engines.base import EngineRequest  # noqa: E402
+from ranking_server.engines.builds import engine_from_build  # noqa: E402
+from ranking_server.engines.hf import EngineConfig, HFEngine  # noqa: E402
+from ranking_server.engines.hf_build import load_hf_build  # noqa: E402
+from tests.fixtures_builds import build_config  # noqa: E402
+
+NAME = "engine:hf-cpu"
+
+
+def edit_entry(bundle_dir, **changes) -> None:
+    """Change fields of the hf-cpu manifest entry, as someone copying a build elsewhere would."""
+    bundle = Bundle.open(bundle_dir)
+    entry = bundle.artifact(NAME)
+    for key, value in changes.items():
+        if isinstance(value, dict):
+            entry[key] = {**entry[key], **value}
+        else:
+            entry[key] = value
+    bundle.save()
+
+
+def refusal(bundle_dir, machine: Machine | None = None) -> str:
+    with pytest.raises(BuildMismatch) as caught:
+        open_build(Bundle.open(bundle_dir), "hf-cpu", machine)
+    return str(caught.value)
+
+
+def test_build_writes_a_checkpoint_and_a_manifest_entry_pinned_to_this_machine(hf_cpu_bundle):
+    bundle = Bundle.open(hf_cpu_bundle)
+    entry = bundle.artifact(NAME)
+    here = Machine.detect("cpu")
+    assert entry["target"] == "hf-cpu" and entry["engine"] == "hf" and entry["device"] == "cpu"
+    assert entry["device_name"] == here.cpu_name and entry["compute_capability"] is None
+    assert entry["cpu_isa"] == list(here.cpu_isa)
+    assert entry["engine_libraries"] == {"torch": torch.__version__, "transformers": here.libraries["transformers"]}
+    assert set(entry["libraries"]) >= {"torch", "transformers", "onnxruntime", "onnxruntime-genai", "tensorrt_llm"}
+    assert entry["dtype"] in ("fp32", "bf16", "int8") and entry["tensor_parallel_size"] == 1
+    assert entry["build_options"]["target"] == "hf-cpu" and entry["source"] == bundle.version("llm_merged")
+    files = entry["files"]
+    assert {"build.json", "config.json", "model.safetensors", "tokenizer.json"} <= set(files)
+    assert all(len(digest) == 64 for digest in files.values())
+    bundle.verify([NAME])
+    record = json.loads((bundle.path(NAME) / "build.json").read_text())
+    assert record["quantization"] == ("dynamic-int8" if entry["dtype"] == "int8" else None)
+
+
+def test_build_report_compares_fp32_bf16_int8_on_latency_and_quality(hf_cpu_bundle):
+    report = json.loads((hf_cpu_bundle / "reports" / "build_hf-cpu.json").read_text())
+    assert set(report["latency"]) == set(report["quality"]) == {"fp32", "bf16", "int8"}
+    for dtype, latency in report["latency"].items():
+        assert latency["prefill_ms"] > 0 and latency["decode_ms"] > 0
+    fp32 = report["quality"]["fp32"]
+    assert fp32["score_top1_agreement"] == 1.0 and fp32["score_max_abs_logprob_diff"] == 0.0
+    assert "score_ndcg@10" in fp32  # real validation users with targets (llm/sft/valid.jsonl)
+    assert report["probes"].startswith("4 validation users")
+    assert set(report["threads"]) == {str(n) for n in range(1, len(report["threads"]) + 1)}
+    kept = report["manifest_entry"]["dtype"]
+    assert report["verdicts"][kept].startswith(("kept", "reference"))
+    assert all(v.startswith("rejected") for d, v in report["verdicts"].items() if d not in (kept, "fp32"))
+
+
+def test_untouched_build_starts_and_answers_like_the_reference(hf_cpu_bundle):
+    bundle = Bundle.open(hf_cpu_bundle)
+    model, tokenizer, _ = load_hf_build(bundle.path(NAME))
+    valid = [json.loads(line) for line in (bundle.path("sft_data") / "valid.jsonl").read_text().splitlines()][:2]
+    engine = engine_from_build(bundle, "hf-cpu", EngineConfig(max_batch_size=2, max_tokens_per_step=64))
+    try:
+        assert isinstance(engine, HFEngine) and engine.check_health()
+        for i, row in enumerate(valid):
+            prefix = row["input_ids"][:row["prefix_len"]]
+            request = EngineRequest(f"v{i}", prefix, row["input_ids"][row["prefix_len"]:], row["label_token_ids"])
+            result = asyncio.run(engine.rank(request))
+            assert result.scores == pytest.approx(score_labels(model, row["input_ids"], row["label_token_ids"]),
+                                                  abs=1e-4)
+    finally:
+        engine.close()
+
+
+def test_edited_device_kind_is_refused_saying_what_it_was_built_for(hf_cpu_bundle_copy):
+    edit_entry(hf_cpu_bundle_copy, device="cuda", device_name="NVIDIA H100 80GB HBM3", compute_capability="9.0")
+    message = refusal(hf_cpu_bundle_copy)
+    assert "refusing engine:hf-cpu" in message
+    assert "built for cuda: NVIDIA H100 80GB HBM3 (SM 9.0)" in message
+    assert f"this machine is cpu: {Machine.detect('cpu').cpu_name}" in message
+    assert "device kind: built for cuda, this server runs on cpu" in message
+    assert "python -m compile build" in message and "--target hf-cpu --force" in message
+
+
+def test_edited_compute_capability_is_refused_on_a_gpu_with_another_sm(hf_cpu_bundle_copy):
+    """The SM check, against a described H100 (no GPU here): a build for SM 8.0 does not load on SM 9.0."""
+    edit_entry(hf_cpu_bundle_copy, device="cuda", device_name="NVIDIA A100-SXM4-80GB", compute_capability="8.0")
+    here = Machine.detect("cpu")
+    h100 = Machine(device="cuda", device_name="NVIDIA H100 80GB HBM3", compute_capability="9.0", gpu_count=1,
+                   cpu_name=here.cpu_name, cpu_isa=here.cpu_isa, libraries=here.libraries)
+    message = refusal(hf_cpu_bundle_copy, h100)
+    assert ("compute capability: built for SM 8.0 (NVIDIA A100-SXM4-80GB), this GPU is SM 9.0 "
+            "(NVIDIA H100 80GB HBM3)") in message
+    assert "this machine is cuda: NVIDIA H100 80GB HBM3 (SM 9.0) x1" in message
+    assert "device kind" not in message
+
+
+def test_edited_library_version_is_refused(hf_cpu_bundle_copy):
+    edit_entry(hf_cpu_bundle_copy, engine_libraries={"transformers": "4.40.0"})
+    message = refusal(hf_cpu_bundle_copy)
+    here = Machine.detect("cpu").libraries["transformers"]
+    assert f"transformers: built with 4.40.0, this machine has {here}" in message
+    assert f"transformers {here}" in message.split("this machine is")[1]
+
+
+def test_a_cpu_feature_this_machine_lacks_is_refused(hf_cpu_bundle_copy):
+    missing = [flag for flag in ISA_FLAGS if flag not in Machine.detect("cpu").cpu_isa]
+    if not missing:
+        pytest.skip("this CPU has every tracked ISA flag")
+    edit_entry(hf_cpu_bundle_copy, requires_isa=[missing[-1]])
+    message = refusal(hf_cpu_bundle_copy)
+    assert f"CPU instructions: the build needs {missing[-1]}" in message
+    assert platform.machine() and "this CPU" in message
+
+
+def test_changed_file_is_refused(hf_cpu_bundle_copy):
+    config = hf_cpu_bundle_copy / "engines" / "hf-cpu" / "config.json"
+    config.write_text(config.read_text().replace('"num_hidden_layers": 2', '"num_hidden_layers": 1'))
+    message = refusal(hf_cpu_bundle_copy)
+    assert "refusing engine:hf-cpu: its files are not the ones that were built" in message
+    assert "config.json checksum" in message
+
+
+def test_server_engine_loading_refuses_before_loading_anything(hf_cpu_bundle_copy):
+    edit_entry(hf_cpu_bundle_copy, engine_libraries={"torch": "1.0.0"})
+    with pytest.raises(BuildMismatch, match="torch: built with 1.0.0"):
+        engine_from_build(Bundle.open(hf_cpu_bundle_copy), "hf-cpu", EngineConfig())
+
+
+def test_compile_build_reuses_a_current_build_and_refuses_one_made_elsewhere(hf_cpu_bundle_copy, caplog):
+    config = build_config(hf_cpu_bundle_copy, "hf-cpu")
+    before = Bundle.open(hf_cpu_bundle_copy).artifact(NAME)["sha256"]
+    with caplog.at_level("INFO"):
+        build.run(config)
+    assert "is current and fits this machine (" in caplog.text and "skipping" in caplog.text
+    assert Bundle.open(hf_cpu_bundle_copy).artifact(NAME)["sha256"] == before
+    edit_entry(hf_cpu_bundle_copy, device="cuda", compute_capability="9.0")
+    with pytest.raises(BuildMismatch, match="device kind: built for cuda"):
+        build.run(config)
+    assert isinstance(BuildMismatch("x"), BundleError)
+
+
+def test_compile_build_without_merged_model_says_what_is_missing(tmp_path):
+    Bundle.open_or_create(tmp_path).save()
+    with pytest.raises(BundleError, match="no artifact 'llm_merged'"):
+        build.run(build_config(tmp_path, "hf-cpu"))
