@@ -1,0 +1,89 @@
+"""Options of `python -m ranking_server`; the command line is generated from this dataclass."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from palr.serving import ServerConfig
+
+ENGINES = ("hf", "trtllm")
+DEVICES = ("cpu", "cuda")
+
+
+@dataclass
+class RankingServerConfig(ServerConfig):
+    bundle: Path = field(default=Path("bundle"), metadata={
+        "help": "bundle directory with catalog, users, profiles, llm/merged and llm/ranker.json "
+                "(python -m compile all)", "metavar": "DIR"})
+    port: int = field(default=50052, metadata={"help": "gRPC port (0 = any free port)"})
+
+    # -- the retrieval tier --------------------------------------------------------------------
+    retrieval: str = field(default="127.0.0.1:50051", metadata={
+        "help": "address of the retrieval server (python -m retrieval_server)", "metavar": "HOST:PORT"})
+    retrieval_tls_ca: Path | None = field(default=None, metadata={
+        "help": "PEM CA that signed the retrieval server's certificate; turns TLS on for that channel",
+        "metavar": "PEM"})
+    retrieval_tls_cert: Path | None = field(default=None, metadata={
+        "help": "PEM client certificate for mutual TLS with the retrieval server (with --retrieval-tls-key)",
+        "metavar": "PEM"})
+    retrieval_tls_key: Path | None = field(default=None, metadata={
+        "help": "PEM private key of --retrieval-tls-cert", "metavar": "PEM"})
+    retrieval_chunk_size: int = field(default=0, metadata={
+        "help": "candidates per streamed retrieval message (0 = the retrieval server's default)"})
+
+    # -- candidates ----------------------------------------------------------------------------
+    candidates: int = field(default=0, metadata={
+        "help": "candidates retrieved and ranked when a request's num_candidates is 0; 0 = the K the "
+                "LLM was tuned with (llm/ranker.json)"})
+    max_k: int = field(default=0, metadata={
+        "help": "largest num_candidates a request may ask for; 0 = the K the LLM was tuned with. At most "
+                "the number of prompt labels (26 letters by default)"})
+
+    # -- the LLM engine ------------------------------------------------------------------------
+    engine: str = field(default="hf", metadata={
+        "help": "LLM backend: hf (transformers, in-flight batching) or trtllm (TensorRT-LLM, NVIDIA GPUs)",
+        "choices": ENGINES})
+    device: str = field(default="cpu", metadata={"help": "where the LLM runs", "choices": DEVICES})
+    max_batch_size: int = field(default=16, metadata={"help": "most requests in the engine's running batch"})
+    max_tokens_per_step: int = field(default=256, metadata={
+        "help": "token budget of one engine step: decode tokens first, then prompt chunks"})
+    max_queue: int = field(default=64, metadata={
+        "help": "requests waiting for a batch slot; beyond it requests get RESOURCE_EXHAUSTED at once"})
+    max_seq_len: int = field(default=1024, metadata={
+        "help": "prompt + generated tokens per request (the size of one KV slot)"})
+    prefix_reuse: bool = field(default=True, metadata={
+        "help": "compute the shared instruction prefix's KV once and reuse it for every request"})
+    threads: int = field(default=0, metadata={"help": "torch threads of the engine (0 = torch's default)"})
+
+    # -- deadlines -----------------------------------------------------------------------------
+    default_deadline_ms: float = field(default=30_000.0, metadata={
+        "help": "deadline of a request whose caller set none"})
+    degrade_reserve_ms: float = field(default=100.0, metadata={
+        "help": "time kept back from the caller's deadline to answer in retrieval order (degraded) when "
+                "the LLM is not done; the LLM request is aborted this long before the deadline"})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if bool(self.retrieval_tls_cert) != bool(self.retrieval_tls_key):
+            raise ValueError("--retrieval-tls-cert and --retrieval-tls-key go together")
+        if ":" not in self.retrieval:
+            raise ValueError(f"--retrieval must be HOST:PORT, got {self.retrieval!r}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"--engine must be one of {ENGINES}, got {self.engine!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"--device must be one of {DEVICES}, got {self.device!r}")
+        for name in ("max_batch_size", "max_tokens_per_step", "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("retrieval_chunk_size", "candidates", "max_k", "max_queue", "threads"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.default_deadline_ms <= 0:
+            raise ValueError(f"default_deadline_ms must be > 0, got {self.default_deadline_ms}")
+        if self.degrade_reserve_ms < 0:
+            raise ValueError(f"degrade_reserve_ms must be >= 0, got {self.degrade_reserve_ms}")
+
+    @property
+    def retrieval_tls(self) -> bool:
+        return bool(self.retrieval_tls_ca or self.retrieval_tls_cert)

@@ -1,0 +1,83 @@
+"""Prometheus metrics of the ranking server (registered once per process).
+
+Per request (updated by the servicer):
+    ranking_requests{code}                  Recommend RPCs by final status code (+ latency, in flight)
+    ranking_stage_seconds{stage}            retrieval | queue | ranking | total, per answered request
+    ranking_degraded{reason}                answers in retrieval order instead of the LLM's: deadline, engine_error
+    ranking_rejected{reason}                requests refused: invalid_argument, queue_full, deadline,
+                                            retrieval_unavailable, retrieval_error, loading
+    ranking_cold_starts                     answers from popularity (no history)
+Engine (read from `engine.stats()` at every scrape, so they cost nothing per request):
+    ranking_engine_queued                   queue depth: requests waiting for a batch slot
+    ranking_engine_active                   active batch size: requests holding a slot now
+    ranking_engine_tokens_per_second        tokens run per second of engine busy time (since start)
+    ranking_engine_tokens{kind}             prompt | cached (prefix KV reused) | generated, counters
+    ranking_engine_requests{outcome}        completed | failed | aborted | rejected, counters
+    ranking_engine_steps, ranking_engine_busy_seconds, ranking_engine_mean_batch_size,
+    ranking_engine_healthy
+"""
+
+from __future__ import annotations
+
+from prometheus_client import REGISTRY, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+from palr.serving import LATENCY_BUCKETS, RpcMetrics
+from ranking_server.engines.base import RankingEngine
+from ranking_server.engines.drive import _mean_batch
+
+RECOMMEND = RpcMetrics("ranking", "Recommend")
+STAGE_SECONDS = Histogram("ranking_stage_seconds", "time per request stage: retrieval, queue (waiting for a "
+                          "batch slot), ranking (LLM), total", ["stage"], buckets=LATENCY_BUCKETS)
+DEGRADED = Counter("ranking_degraded", "answers in retrieval order instead of the LLM's, by reason", ["reason"])
+REJECTED = Counter("ranking_rejected", "requests refused, by reason", ["reason"])
+COLD_STARTS = Counter("ranking_cold_starts", "answers from popularity candidates (user without history)")
+DEGRADED_REASONS = ("deadline", "engine_error")
+REJECTED_REASONS = ("invalid_argument", "queue_full", "deadline", "retrieval_unavailable", "retrieval_error", "loading")
+for _reason in DEGRADED_REASONS:  # every series exists from the start, at 0, for dashboards and rate()
+    DEGRADED.labels(_reason)
+for _reason in REJECTED_REASONS:
+    REJECTED.labels(_reason)
+
+
+class EngineCollector:
+    """Exports the serving engine's own counters at scrape time. One per process; `attach` points it
+    at the engine now serving (tests build several servers in one process)."""
+
+    def __init__(self) -> None:
+        self.engine: RankingEngine | None = None
+
+    def attach(self, engine: RankingEngine | None) -> None:
+        self.engine = engine
+
+    def describe(self):
+        return []  # metric names depend on nothing; skip the registry's collision check at collect time
+
+    def collect(self):
+        if self.engine is None:
+            return
+        stats = self.engine.stats()
+        gauges = {
+            "queued": (stats.queued, "requests waiting for a batch slot (queue depth)"),
+            "active": (stats.active, "requests holding a batch slot now (active batch size)"),
+            "tokens_per_second": (stats.tokens_per_s, "prompt + generated tokens per second of engine busy time"),
+            "mean_batch_size": (_mean_batch(stats), "requests per engine step, averaged"),
+            "healthy": (float(stats.healthy), "1 while the engine loop is alive"),
+        }
+        for name, (value, doc) in gauges.items():
+            yield GaugeMetricFamily(f"ranking_engine_{name}", doc, value=value)
+        tokens = CounterMetricFamily("ranking_engine_tokens", "tokens through the engine", labels=["kind"])
+        for kind in ("prompt", "cached", "generated"):
+            tokens.add_metric([kind], getattr(stats, f"{kind}_tokens"))
+        yield tokens
+        requests = CounterMetricFamily("ranking_engine_requests", "engine requests by outcome", labels=["outcome"])
+        for outcome in ("completed", "failed", "aborted", "rejected"):
+            requests.add_metric([outcome], getattr(stats, outcome))
+        yield requests
+        yield CounterMetricFamily("ranking_engine_steps", "engine iterations that ran the model", value=stats.steps)
+        yield CounterMetricFamily("ranking_engine_busy_seconds", "time the engine spent running steps",
+                                  value=stats.busy_s)
+
+
+ENGINE = EngineCollector()
+REGISTRY.register(ENGINE)

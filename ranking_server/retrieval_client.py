@@ -1,0 +1,58 @@
+"""The ranking server's client of the retrieval tier: one long-lived channel, a server-streaming
+`Retrieve` per request consumed chunk by chunk, the caller's deadline and request id passed on,
+and the retrieval tier's failures turned into the status our caller should see."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+import grpc
+
+from palr.serving import RequestError, open_channel
+from recsys.v1 import retrieval_pb2, retrieval_pb2_grpc
+from ranking_server.config import RankingServerConfig
+
+log = logging.getLogger(__name__)
+
+# Statuses the caller gets as they are: they describe its request or its deadline. Any other
+# failure of the retrieval tier means it cannot serve us now: UNAVAILABLE, naming its address.
+PASSED_THROUGH = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.DEADLINE_EXCEEDED,
+                  grpc.StatusCode.RESOURCE_EXHAUSTED)
+
+
+class RetrievalClient:
+    def __init__(self, config: RankingServerConfig):
+        self.target = config.retrieval
+        self.channel = open_channel(config.retrieval, tls_ca=config.retrieval_tls_ca,
+                                    tls_cert=config.retrieval_tls_cert, tls_key=config.retrieval_tls_key,
+                                    max_message_bytes=config.max_message_bytes, aio=True)
+        self.stub = retrieval_pb2_grpc.RetrievalServiceStub(self.channel)
+        self.chunk_size = config.retrieval_chunk_size
+
+    async def stream(self, request: retrieval_pb2.RetrieveRequest, timeout: float
+                     ) -> AsyncIterator[retrieval_pb2.RetrieveResponse]:
+        """Yields the retrieval stream's messages as they arrive. `timeout` (seconds) is what is left
+        of the caller's deadline; the request id travels in the request and as `x-request-id`."""
+        request.chunk_size = request.chunk_size or self.chunk_size
+        call = self.stub.Retrieve(request, timeout=timeout, metadata=(("x-request-id", request.request_id),))
+        try:
+            async for message in call:
+                yield message
+        except grpc.aio.AioRpcError as e:
+            raise self._error(e, timeout) from None
+        finally:
+            call.cancel()  # no-op when the stream ended; stops the server's work when we stop early
+
+    def _error(self, error: grpc.aio.AioRpcError, timeout: float) -> RequestError:
+        code, details = error.code(), error.details() or ""
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return RequestError(code, f"retrieval server {self.target} did not answer within the "
+                                      f"{timeout * 1e3:.0f} ms left of the deadline")
+        if code in PASSED_THROUGH:
+            return RequestError(code, details)
+        return RequestError(grpc.StatusCode.UNAVAILABLE,
+                            f"retrieval server {self.target} unavailable ({code.name}: {details})")
+
+    async def close(self) -> None:
+        await self.channel.close()

@@ -1,0 +1,125 @@
+"""Wiring: a verified bundle → planner, prompts, retrieval client, engine → the servicer → a
+`palr.serving.GrpcServer`. The tokenizer and the LLM load (and warm up) while health says NOT_SERVING."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+
+from palr.bundle import Bundle
+from palr.catalog import Catalog
+from palr.profiles import Profiles
+from palr.prompt import PromptSettings
+from palr.serving import GrpcServer
+from ranking_server.config import RankingServerConfig
+from ranking_server.engine_factory import LLM_ARTIFACT, build_engine
+from ranking_server.engines.base import EngineRequest, RankingEngine
+from ranking_server.metrics import ENGINE
+from ranking_server.prompting import Plan, PromptBuilder, RequestPlanner
+from ranking_server.retrieval_client import RetrievalClient
+from ranking_server.servicer import SERVICE_NAME, RankingServicer
+from recsys.v1 import ranking_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+ARTIFACTS = ["catalog", "users", "profiles", "ranker"]  # + the engine's own, verified by build_engine
+
+
+class RankingServer:
+    """The ranking tier in one process; construct it inside the running event loop.
+    `run()` is the whole life; tests drive the steps:
+    `start()` (listening, NOT_SERVING) → `load()` (tokenizer, engine, warm-up) → `server.set_serving()`
+    → `drain()`."""
+
+    def __init__(self, config: RankingServerConfig):
+        self.config = config
+        bundle = Bundle.open(config.bundle)
+        bundle.verify(ARTIFACTS)
+        self.bundle = bundle
+        self.ranker = json.loads(bundle.path("ranker").read_text())
+        self.catalog = Catalog.load(bundle.path("catalog"))
+        users = json.loads(bundle.path("users").read_text())["users"]
+        default_candidates, max_candidates = candidate_limits(config, self.ranker)
+        self.planner = RequestPlanner(self.catalog, {u: e["history"] for u, e in users.items()},
+                                      default_candidates=default_candidates, max_candidates=max_candidates)
+        self.retrieval = RetrievalClient(config)
+        self.servicer = RankingServicer(config, self.planner, self.retrieval, llm_version=bundle.version(LLM_ARTIFACT))
+        self.server = GrpcServer(config, [SERVICE_NAME])
+        ranking_pb2_grpc.add_RankingServiceServicer_to_server(self.servicer, self.server.grpc)
+        self.engine: RankingEngine | None = None
+        log.info("bundle %s verified: %d items, %d users, ranker K=%d (requests: %d candidates by default, at most "
+                 "%d), fusion weight %.2f, generate format %s; retrieval tier %s (TLS %s)", bundle.root,
+                 len(self.catalog), len(users), self.ranker["candidates"], default_candidates, max_candidates,
+                 float(self.ranker["fusion_weight"]), self.ranker["generate_format"], config.retrieval,
+                 "on" if config.retrieval_tls else "off")
+
+    async def start(self) -> int:
+        return await self.server.start()
+
+    async def load(self) -> None:
+        """Tokenizer, engine and warm-up in threads (health keeps answering), then connects them."""
+        prompts = await asyncio.to_thread(self._prompt_builder)
+        self.engine = await asyncio.to_thread(build_engine, self.bundle, self.config)
+        await self._warm_up(prompts)
+        self.servicer.attach(self.engine, prompts)
+        ENGINE.attach(self.engine)
+
+    async def drain(self) -> None:
+        await self.server.drain()
+        await self._close()
+
+    async def run(self) -> None:
+        """Serves until SIGTERM/SIGINT, then drains (see GrpcServer.run)."""
+        try:
+            await self.server.run(self.load)
+        finally:
+            await self._close()
+
+    def _prompt_builder(self) -> PromptBuilder:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(self.bundle.path(LLM_ARTIFACT))
+        profiles = Profiles.load(self.bundle.path("profiles"))
+        return PromptBuilder(tokenizer, self.ranker, self.catalog, profiles.profiles)
+
+    async def _warm_up(self, prompts: PromptBuilder) -> None:
+        """One score and one generate request on popular items: the shared prefix's KV is computed
+        and cached, and the first real request pays no first-call costs."""
+        started = time.perf_counter()
+        popular = [self.catalog.item(i) for i in self.catalog.popularity_order()]
+        n = self.planner.default_candidates
+        history = [item.id for item in popular[n:n + 10]]
+        for mode in ("score", "generate"):
+            plan = Plan(request_id=f"warm-up-{mode}", user_id="", history=history, history_source="request",
+                        exclude=[], k=min(2, n), num_candidates=n, mode=mode)
+            request: EngineRequest = prompts.engine_request(plan.request_id, plan, popular[:n], [0.0] * n)
+            await self.engine.rank(request)
+        log.info("warmed up (score + generate, %d candidates) in %.2f s", n, time.perf_counter() - started)
+
+    async def _close(self) -> None:
+        self.servicer.attach(None, None)
+        ENGINE.attach(None)
+        await self.retrieval.close()
+        if self.engine is not None:
+            await asyncio.to_thread(self.engine.close)
+            self.engine = None
+
+
+async def serve(config: RankingServerConfig) -> None:
+    """The whole life of `python -m ranking_server` (the gRPC server must be made inside the loop)."""
+    await RankingServer(config).run()
+
+
+def candidate_limits(config: RankingServerConfig, ranker: dict) -> tuple[int, int]:
+    """(candidates when a request says 0, most a request may ask for), checked against the prompt."""
+    labels = len(PromptSettings.from_dict(ranker["prompt"]).label_alphabet)
+    tuned = int(ranker["candidates"])
+    max_candidates = config.max_k or min(tuned, labels)
+    if max_candidates > labels:
+        raise ValueError(f"--max-k {max_candidates} is more than the prompt has labels for ({labels})")
+    default = config.candidates or min(tuned, max_candidates)
+    if default > max_candidates:
+        raise ValueError(f"--candidates {default} is more than --max-k {max_candidates}")
+    return default, max_candidates

@@ -1,0 +1,207 @@
+"""The `Recommend` RPC, start to end. A request:
+
+  1. enters `Recommend`: request id, deadline (the caller's, or --default-deadline-ms), validation;
+  2. streams candidates from the retrieval tier (`RetrievalClient.stream`), turning each chunk into
+     catalog items and tokenized title lines as it arrives, with the deadline minus
+     --degrade-reserve-ms as its timeout;
+  3. cold start (no history): answers the popularity candidates as they are (the LLM would see no
+     user at all: no history, no profile);
+  4. WAITS in the engine: `await engine.rank(...)` queues for a batch slot, then the MODEL RUNS on
+     the engine thread (`ranking_server/engines/hf.py`), bounded by what is left of the deadline;
+  5. fuses the LLM's scores with the retrieval scores (`palr.ranking`, as the evaluation does) and
+     answers the top k with per-stage timings.
+
+When the deadline nears first, the engine request is aborted (its batch slot freed) and the answer
+is the retrieval order flagged `degraded`; an engine that fails degrades the same way. A full queue
+is RESOURCE_EXHAUSTED at once; a client that cancels aborts its engine request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import grpc
+
+from palr.catalog import Item
+from palr.serving import RequestError, invalid_argument, request_id
+from ranking_server.config import RankingServerConfig
+from ranking_server.engines.base import EngineError, EngineOverloaded, InvalidRequest, RankingEngine
+from ranking_server.metrics import COLD_STARTS, DEGRADED, RECOMMEND, REJECTED, STAGE_SECONDS
+from ranking_server.prompting import Plan, PromptBuilder, RequestPlanner, valid_request_id
+from ranking_server.retrieval_client import RetrievalClient
+from recsys.v1 import ranking_pb2, ranking_pb2_grpc, retrieval_pb2
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = ranking_pb2.DESCRIPTOR.services_by_name["RankingService"].full_name
+RETRIEVAL_REJECTIONS = {grpc.StatusCode.INVALID_ARGUMENT: "invalid_argument",
+                        grpc.StatusCode.DEADLINE_EXCEEDED: "deadline",
+                        grpc.StatusCode.UNAVAILABLE: "retrieval_unavailable"}
+
+
+@dataclass
+class Retrieved:
+    """The retrieval stream, gathered chunk by chunk."""
+
+    items: list[Item] = field(default_factory=list)
+    scores: list[float] = field(default_factory=list)
+    cold_start: bool = False
+    model_version: str = ""
+
+
+@dataclass
+class Answer:
+    """What the response reports besides the items."""
+
+    ranking: list[tuple[int, float]]  # (candidate position, score), best first
+    queue_ms: float = 0.0
+    ranking_ms: float = 0.0
+    degraded_reason: str = ""
+
+
+class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
+    def __init__(self, config: RankingServerConfig, planner: RequestPlanner, retrieval: RetrievalClient,
+                 llm_version: str):
+        self.config = config
+        self.planner = planner
+        self.retrieval = retrieval
+        self.llm_version = llm_version
+        self.engine: RankingEngine | None = None
+        self.prompts: PromptBuilder | None = None
+        self._engine_ids = itertools.count()
+
+    def attach(self, engine: RankingEngine | None, prompts: PromptBuilder | None) -> None:
+        """Connects the warmed-up engine and the prompt builder (its tokenizer); until then (and after
+        `attach(None, None)` at shutdown) Recommend answers UNAVAILABLE."""
+        self.engine, self.prompts = engine, prompts
+
+    async def Recommend(self, request: ranking_pb2.RecommendRequest,
+                        context: grpc.aio.ServicerContext) -> ranking_pb2.RecommendResponse:
+        started = time.perf_counter()
+        remaining = context.time_remaining()
+        deadline = started + (remaining if remaining is not None else self.config.default_deadline_ms / 1e3)
+        rid = request_id(request.request_id, context)
+        bad_rid = not valid_request_id(rid)
+        if bad_rid:
+            rid = "invalid-" + uuid.uuid4().hex[:16]  # what the logs call it
+        async with RECOMMEND.track(context, rid, log):
+            if bad_rid:
+                REJECTED.labels("invalid_argument").inc()
+                raise invalid_argument("request_id (or x-request-id metadata) must be 1 to 128 printable ASCII "
+                                       "characters without spaces")
+            response = await self._recommend(request, rid, started, deadline)
+        return response
+
+    async def _recommend(self, request: ranking_pb2.RecommendRequest, rid: str, started: float,
+                         deadline: float) -> ranking_pb2.RecommendResponse:
+        if self.engine is None:
+            REJECTED.labels("loading").inc()
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry when health is SERVING")
+        try:
+            plan = self.planner.plan(request, rid)
+        except RequestError:
+            REJECTED.labels("invalid_argument").inc()
+            raise
+        retrieved = await self._retrieve(plan, request.history, deadline)
+        retrieval_ms = 1e3 * (time.perf_counter() - started)
+        k = min(plan.k, len(retrieved.items))
+        if retrieved.cold_start or not retrieved.items:
+            if retrieved.cold_start:
+                COLD_STARTS.inc()
+            answer = Answer(ranking=[(i, retrieved.scores[i]) for i in range(k)])
+        else:
+            answer = await self._rank(plan, retrieved, k, deadline)
+        total_ms = 1e3 * (time.perf_counter() - started)
+        self._observe(retrieval_ms, answer, total_ms)
+        log.info("rid=%s user=%r history=%d (%s) mode=%s k=%d -> %d of %d candidates%s%s; retrieval %.1f ms, "
+                 "queue %.1f ms, ranking %.1f ms, total %.1f ms", rid, plan.user_id, len(plan.history),
+                 plan.history_source, plan.mode, plan.k, len(answer.ranking), len(retrieved.items),
+                 " cold start" if retrieved.cold_start else "",
+                 f" DEGRADED ({answer.degraded_reason})" if answer.degraded_reason else "",
+                 retrieval_ms, answer.queue_ms, answer.ranking_ms, total_ms)
+        return self._response(plan, retrieved, answer, retrieval_ms, total_ms)
+
+    async def _retrieve(self, plan: Plan, explicit_history: Sequence[str], deadline: float) -> Retrieved:
+        """Streams the candidates; each chunk is tokenized as it arrives."""
+        timeout = self._time_left(deadline)
+        if timeout <= 0:
+            REJECTED.labels("deadline").inc()
+            raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED,
+                               f"deadline too short: {(timeout * 1e3 + self.config.degrade_reserve_ms):.0f} ms left, "
+                               f"{self.config.degrade_reserve_ms:.0f} ms of it kept to answer")
+        request = retrieval_pb2.RetrieveRequest(user_id=plan.user_id, history=explicit_history, k=plan.num_candidates,
+                                                exclude=plan.exclude, request_id=plan.request_id)
+        retrieved = Retrieved()
+        try:
+            async for message in self.retrieval.stream(request, timeout):
+                retrieved.items += self.prompts.candidates([c.item_id for c in message.candidates])
+                retrieved.scores += [c.score for c in message.candidates]
+                retrieved.cold_start = message.cold_start
+                retrieved.model_version = message.model_version
+        except RequestError as e:
+            REJECTED.labels(RETRIEVAL_REJECTIONS.get(e.code, "retrieval_error")).inc()
+            raise
+        return retrieved
+
+    async def _rank(self, plan: Plan, retrieved: Retrieved, k: int, deadline: float) -> Answer:
+        """The LLM's ranking, or the retrieval order flagged degraded when the deadline comes first or
+        the engine fails."""
+        engine_request = self.prompts.engine_request(f"{plan.request_id}#{next(self._engine_ids)}", plan,
+                                                     retrieved.items, retrieved.scores)
+        retrieval_order = [(i, retrieved.scores[i]) for i in range(k)]
+        budget = self._time_left(deadline)
+        if budget <= 0:
+            return self._degrade(plan, retrieval_order, "deadline", "no time left for the LLM", 0.0)
+        submitted = time.perf_counter()
+        try:
+            result = await asyncio.wait_for(self.engine.rank(engine_request), budget)
+        except asyncio.TimeoutError:  # wait_for cancelled engine.rank, which aborted the engine request
+            return self._degrade(plan, retrieval_order, "deadline",
+                                 f"LLM aborted after {budget * 1e3:.0f} ms to keep the deadline", submitted)
+        except EngineOverloaded as e:
+            REJECTED.labels("queue_full").inc()
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{e}; retry later or elsewhere") from None
+        except InvalidRequest as e:
+            REJECTED.labels("invalid_argument").inc()
+            raise invalid_argument(str(e)) from None
+        except EngineError as e:
+            return self._degrade(plan, retrieval_order, "engine_error", str(e), submitted)
+        waited_ms = 1e3 * (time.perf_counter() - submitted)
+        return Answer(ranking=self.prompts.ranking(result, retrieved.scores, k),
+                      queue_ms=result.timings.queue_ms, ranking_ms=waited_ms - result.timings.queue_ms)
+
+    def _degrade(self, plan: Plan, retrieval_order: list[tuple[int, float]], reason: str, detail: str,
+                 submitted: float) -> Answer:
+        DEGRADED.labels(reason).inc()
+        log.warning("rid=%s degraded (%s): %s; answering in retrieval order", plan.request_id, reason, detail)
+        waited_ms = 1e3 * (time.perf_counter() - submitted) if submitted else 0.0
+        return Answer(ranking=retrieval_order, ranking_ms=waited_ms, degraded_reason=reason)
+
+    def _time_left(self, deadline: float) -> float:
+        """Seconds until the deadline minus the reserve kept to answer degraded."""
+        return deadline - time.perf_counter() - self.config.degrade_reserve_ms / 1e3
+
+    def _observe(self, retrieval_ms: float, answer: Answer, total_ms: float) -> None:
+        for stage, ms in (("retrieval", retrieval_ms), ("queue", answer.queue_ms), ("ranking", answer.ranking_ms),
+                          ("total", total_ms)):
+            STAGE_SECONDS.labels(stage).observe(ms / 1e3)
+
+    def _response(self, plan: Plan, retrieved: Retrieved, answer: Answer, retrieval_ms: float,
+                  total_ms: float) -> ranking_pb2.RecommendResponse:
+        items = [ranking_pb2.RankedItem(item_id=retrieved.items[position].id, title=retrieved.items[position].label,
+                                        score=score, rank=rank, retrieval_rank=position)
+                 for rank, (position, score) in enumerate(answer.ranking)]
+        return ranking_pb2.RecommendResponse(
+            items=items,
+            timings=ranking_pb2.StageTimings(retrieval_ms=retrieval_ms, queue_ms=answer.queue_ms,
+                                             ranking_ms=answer.ranking_ms, total_ms=total_ms),
+            degraded=bool(answer.degraded_reason), degraded_reason=answer.degraded_reason,
+            cold_start=retrieved.cold_start,
+            model_version=f"sasrec:{retrieved.model_version} llm:{self.llm_version}",
+            request_id=plan.request_id, mode=plan.proto_mode)

@@ -1,0 +1,486 @@
+"""The ranking server in-process on 127.0.0.1:0, in front of a real retrieval server, on the tiny
+merged LLM bundle (CPU), with real gRPC clients: both modes rank exactly as the evaluation's
+reference does, cold start, request ids, and every failure a caller can meet (INVALID_ARGUMENT,
+RESOURCE_EXHAUSTED, degraded on a near deadline, DEADLINE_EXCEEDED, UNAVAILABLE, client cancel),
+health, metrics, mutual TLS to the retrieval tier, and a fuzz test.
+
+Slow paths are made with real configuration, not sleeps: one batch slot and one token per engine
+step turn a ~400-token prompt into ~400 engine steps."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from loadtest.servers import free_port, scrape_metrics
+from palr.bundle import Bundle
+from palr.catalog import Catalog
+from palr.serving import NOT_SERVING, SERVING
+from ranking_server.config import RankingServerConfig
+from ranking_server.metrics import ENGINE
+from ranking_server.server import RankingServer
+from ranking_server.servicer import SERVICE_NAME
+from recsys.v1 import ranking_pb2, ranking_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
+from retrieval_server.config import RetrievalServerConfig
+from retrieval_server.server import RetrievalServer
+
+SCORE, GENERATE, UNSPECIFIED = (ranking_pb2.RANKING_MODE_SCORE, ranking_pb2.RANKING_MODE_GENERATE,
+                                ranking_pb2.RANKING_MODE_UNSPECIFIED)
+FUSION_WEIGHT = 0.5
+SLOW = dict(max_batch_size=1, max_tokens_per_step=1, max_queue=1, max_k=26, degrade_reserve_ms=500)
+
+
+# -- servers -----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def bundle(tiny_llm_bundle, tmp_path_factory) -> Path:
+    """The tiny LLM bundle with its ranker's fusion weight set to 0.5 (re-recorded in the manifest):
+    the weight fit for a random tiny model is usually 0, which would leave fusion untested."""
+    root = tmp_path_factory.mktemp("ranking") / "bundle"
+    shutil.copytree(tiny_llm_bundle, root, symlinks=True)
+    bundle = Bundle.open(root)
+    ranker_path = bundle.path("ranker")
+    ranker = json.loads(ranker_path.read_text())
+    ranker_path.write_text(json.dumps({**ranker, "fusion_weight": FUSION_WEIGHT}, indent=2))
+    meta = {k: v for k, v in bundle.artifact("ranker").items() if k not in ("path", "sha256", "files", "created_at")}
+    bundle.add_artifact("ranker", bundle.artifact("ranker")["path"], **{**meta, "fusion_weight": FUSION_WEIGHT})
+    bundle.save()
+    return root
+
+
+def start_retrieval(server_loop, bundle: Path, **options) -> RetrievalServer:
+    async def make() -> RetrievalServer:
+        server = RetrievalServer(RetrievalServerConfig(bundle=bundle, port=0, **options))
+        await server.start()
+        await server.load()
+        await server.server.set_serving()
+        return server
+    return server_loop.run(make())
+
+
+def start_ranking(server_loop, bundle: Path, retrieval: str, warm: bool = True, **options) -> RankingServer:
+    async def make() -> RankingServer:
+        server = RankingServer(RankingServerConfig(bundle=bundle, retrieval=retrieval, port=0, **options))
+        await server.start()
+        if warm:
+            await server.load()
+            await server.server.set_serving()
+        return server
+    return server_loop.run(make(), timeout=120)
+
+
+@pytest.fixture(scope="module")
+def retrieval(server_loop, bundle):
+    server = start_retrieval(server_loop, bundle)
+    yield server
+    server_loop.run(server.drain())
+
+
+@pytest.fixture(scope="module")
+def ranking(server_loop, bundle, retrieval):
+    """Default options, metrics on."""
+    server = start_ranking(server_loop, bundle, retrieval.server.address, metrics_port=free_port())
+    yield server
+    server_loop.run(server.drain())
+
+
+@pytest.fixture(scope="module")
+def slow(server_loop, bundle, retrieval):
+    """One batch slot, one token per engine step, one queue place, 500 ms kept to answer degraded."""
+    server = start_ranking(server_loop, bundle, retrieval.server.address, metrics_port=free_port(), **SLOW)
+    yield server
+    server_loop.run(server.drain())
+
+
+def stub_of(server) -> ranking_pb2_grpc.RankingServiceStub:
+    return ranking_pb2_grpc.RankingServiceStub(grpc.insecure_channel(server.server.address))
+
+
+@pytest.fixture(scope="module")
+def stub(ranking):
+    return stub_of(ranking)
+
+
+@pytest.fixture(scope="module")
+def slow_stub(slow):
+    return stub_of(slow)
+
+
+def recommend(stub, timeout: float = 60, metadata=None, **fields) -> ranking_pb2.RecommendResponse:
+    return stub.Recommend(ranking_pb2.RecommendRequest(**fields), timeout=timeout, metadata=metadata)
+
+
+def wait_until(condition, timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.005)
+
+
+# -- what the answers are compared with --------------------------------------------------------------
+
+@dataclass
+class Reference:
+    """The evaluation's path (compile evaluate --tier ranking), one request at a time: palr.prompt,
+    the reference LLM functions of palr.llm, palr.ranking's fusion and ordering."""
+
+    bundle: Bundle
+    catalog: Catalog
+    histories: dict[str, list[str]]
+    profiles: dict[str, str]
+    ranker: dict
+    model: object
+    prompt: object
+    retrieval_stub: retrieval_pb2_grpc.RetrievalServiceStub
+
+    def retrieved(self, num_candidates: int, **fields) -> list[retrieval_pb2.Candidate]:
+        request = retrieval_pb2.RetrieveRequest(k=num_candidates, **fields)
+        return [c for m in self.retrieval_stub.Retrieve(request, timeout=30) for c in m.candidates]
+
+    def ranking(self, mode: int, k: int, num_candidates: int, user_id: str = "", history=()) -> list[tuple[str, float]]:
+        from palr.decoding import TitleConstraint
+        from palr.llm import generate_constrained, score_labels
+        from palr.profiles import StatsProfiler
+        from palr.ranking import complete_order, fuse, generation_bias, order_by_scores
+
+        candidates = self.retrieved(num_candidates, user_id=user_id, history=list(history))
+        ids, scores = [c.item_id for c in candidates], [c.score for c in candidates]
+        items = [self.catalog.by_id(i) for i in ids]
+        if history:
+            seen, profile = list(history), StatsProfiler(self.catalog)([self.catalog.by_id(i) for i in history])
+        else:
+            seen, profile = self.histories[user_id], self.profiles[user_id]
+        parts = self.prompt.retrieval(profile, [self.catalog.by_id(i) for i in seen], items)
+        weight = float(self.ranker["fusion_weight"])
+        if mode == GENERATE:
+            constraint = TitleConstraint(parts.label_token_ids, parts.candidate_line_ids, k)
+            emitted = generate_constrained(self.model, parts.input_ids, constraint, bias=generation_bias(scores, weight))
+            return [(ids[p], 1.0 / (r + 1)) for r, p in enumerate(complete_order(emitted, len(ids))[:k])]
+        fused = fuse(score_labels(self.model, parts.input_ids, parts.label_token_ids), scores, weight)
+        return [(ids[p], fused[p]) for p in order_by_scores(fused)[:k]]
+
+
+@pytest.fixture(scope="module")
+def reference(bundle, retrieval) -> Reference:
+    from palr.llm import load_causal_lm
+    from palr.profiles import Profiles
+    from palr.prompt import PalrPrompt, PromptSettings
+
+    opened = Bundle.open(bundle)
+    ranker = json.loads(opened.path("ranker").read_text())
+    assert ranker["generate_format"] == "titles"
+    model, tokenizer = load_causal_lm(opened.path("llm_merged"))
+    users = json.loads(opened.path("users").read_text())["users"]
+    return Reference(bundle=opened, catalog=Catalog.load(opened.path("catalog")),
+                     histories={u: e["history"] for u, e in users.items()},
+                     profiles=Profiles.load(opened.path("profiles")).profiles, ranker=ranker, model=model,
+                     prompt=PalrPrompt(tokenizer, PromptSettings.from_dict(ranker["prompt"])),
+                     retrieval_stub=retrieval_pb2_grpc.RetrievalServiceStub(
+                         grpc.insecure_channel(retrieval.server.address)))
+
+
+def some_users(reference: Reference, n: int) -> list[str]:
+    return [u for u, h in reference.histories.items() if h][:n]
+
+
+def assert_consistent(response: ranking_pb2.RecommendResponse, k: int, candidates: list[str], wall_s: float):
+    """k distinct items from the retrieved candidates, retrieval ranks right, timings adding up."""
+    ids = [item.item_id for item in response.items]
+    assert len(ids) == len(set(ids)) == k
+    assert [item.rank for item in response.items] == list(range(k))
+    assert all(candidates[item.retrieval_rank] == item.item_id for item in response.items)
+    t = response.timings
+    assert min(t.retrieval_ms, t.queue_ms, t.ranking_ms) >= 0 and t.retrieval_ms > 0
+    assert t.retrieval_ms + t.queue_ms + t.ranking_ms <= t.total_ms + 0.5
+    assert t.total_ms <= wall_s * 1e3
+
+
+# -- happy paths -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", [SCORE, GENERATE])
+@pytest.mark.parametrize("who", ["stored user", "explicit history"])
+def test_both_modes_rank_k_distinct_candidates_exactly_as_the_evaluation_does(stub, reference, mode, who):
+    user = some_users(reference, 1)[0]
+    fields = {"user_id": user} if who == "stored user" else {"history": reference.histories[user][-7:]}
+    num_candidates, k = 12, 5
+    started = time.perf_counter()
+    rid = f"happy-{mode}-{who.replace(' ', '-')}"
+    response = recommend(stub, k=k, mode=mode, num_candidates=num_candidates, request_id=rid, **fields)
+    wall_s = time.perf_counter() - started
+    candidates = [c.item_id for c in reference.retrieved(num_candidates, user_id=fields.get("user_id", ""),
+                                                           history=fields.get("history", []))]
+    assert_consistent(response, k, candidates, wall_s)
+    expected = reference.ranking(mode, k, num_candidates, fields.get("user_id", ""), fields.get("history", ()))
+    assert [item.item_id for item in response.items] == [i for i, _ in expected]
+    assert [item.score for item in response.items] == pytest.approx([s for _, s in expected], abs=1e-4)
+    assert not response.degraded and not response.degraded_reason and not response.cold_start
+    assert response.mode == mode and response.request_id == rid
+    assert response.model_version == (f"sasrec:{reference.bundle.version('sasrec_onnx')} "
+                                      f"llm:{reference.bundle.version('llm_merged')}")
+    assert response.timings.ranking_ms > 0
+
+
+def test_unspecified_mode_is_score_mode_and_zero_candidates_is_the_default(stub, reference, ranking):
+    user = some_users(reference, 2)[1]
+    unspecified = recommend(stub, user_id=user, k=3, mode=UNSPECIFIED)
+    scored = recommend(stub, user_id=user, k=3, mode=SCORE, num_candidates=ranking.planner.default_candidates)
+    assert unspecified.mode == SCORE
+    assert [i.item_id for i in unspecified.items] == [i.item_id for i in scored.items]
+
+
+@pytest.mark.parametrize("mode", [SCORE, GENERATE])
+def test_cold_start_user_gets_the_popularity_candidates_as_they_are_without_the_llm(stub, ranking, reference, mode):
+    completed = ranking.engine.stats().completed
+    started = time.perf_counter()
+    response = recommend(stub, user_id="no-such-user", k=4, mode=mode)
+    popular = reference.retrieved(ranking.planner.default_candidates, user_id="no-such-user")
+    assert_consistent(response, 4, [c.item_id for c in popular], time.perf_counter() - started)
+    assert [(i.item_id, i.score) for i in response.items] == [(c.item_id, pytest.approx(c.score)) for c in popular[:4]]
+    assert response.cold_start and not response.degraded and response.mode == mode
+    assert response.timings.queue_ms == response.timings.ranking_ms == 0
+    assert ranking.engine.stats().completed == completed  # the LLM was not asked
+
+
+def test_exclude_is_left_out_and_k_is_capped_by_what_retrieval_returns(stub, reference):
+    user = some_users(reference, 1)[0]
+    first = recommend(stub, user_id=user, k=5, num_candidates=5)
+    excluded = [first.items[0].item_id, first.items[1].item_id]
+    again = recommend(stub, user_id=user, k=5, num_candidates=5, exclude=excluded)
+    assert not set(excluded) & {i.item_id for i in again.items} and len(again.items) == 5
+
+
+def test_request_id_comes_from_the_field_or_metadata_and_reaches_both_servers_logs(stub, reference, caplog):
+    user = some_users(reference, 1)[0]
+    with caplog.at_level(logging.INFO):
+        by_field = recommend(stub, user_id=user, k=2, request_id="trace-field-1")
+        by_metadata = recommend(stub, user_id=user, k=2, metadata=(("x-request-id", "trace-meta-2"),))
+        generated = recommend(stub, user_id=user, k=2)
+    assert (by_field.request_id, by_metadata.request_id) == ("trace-field-1", "trace-meta-2")
+    assert len(generated.request_id) == 16
+    for rid in ("trace-field-1", "trace-meta-2", generated.request_id):
+        loggers = {r.name for r in caplog.records if f"rid={rid} " in r.getMessage()}
+        assert {"ranking_server.servicer", "retrieval_server.servicer"} <= loggers
+
+
+# -- bad requests ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("fields, named", [
+    ({"k": 0}, "k "),
+    ({"k": -2}, "k "),
+    ({"k": 6, "num_candidates": 5}, "k "),
+    ({"k": 21}, "k "),  # over the default num_candidates (20)
+    ({"k": 3, "num_candidates": 21}, "num_candidates"),  # over --max-k (the ranker's K, 20)
+    ({"k": 3, "num_candidates": -1}, "num_candidates"),
+    ({"k": 3, "mode": 7}, "mode"),
+    ({"k": 3, "mode": -1}, "mode"),
+    ({"k": 3, "history": ["no-such-item", "50"]}, "history"),
+    ({"k": 3, "exclude": ["nor-this"]}, "exclude"),
+    ({"k": 3, "request_id": "has a space"}, "request_id"),
+    ({"k": 3, "request_id": "x" * 129}, "request_id"),
+    ({"k": 3, "request_id": "ünïcode"}, "request_id"),
+])
+def test_bad_requests_are_invalid_argument_naming_the_field(stub, reference, fields, named):
+    with pytest.raises(grpc.RpcError) as error:
+        recommend(stub, user_id=some_users(reference, 1)[0], **fields)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.value.details().startswith(named)
+    for unknown in fields.get("history", []) + fields.get("exclude", []):
+        assert (repr(unknown) in error.value.details()) == (unknown not in reference.catalog)
+    assert recommend(stub, user_id="no-such-user", k=1).items  # and the server goes on serving
+
+
+# -- load, deadlines, cancellation -----------------------------------------------------------------
+
+def test_queue_full_is_resource_exhausted_at_once_and_visible_in_metrics(slow, slow_stub, reference):
+    ENGINE.attach(slow.engine)  # one serving engine per process; these tests run several
+    user = some_users(reference, 1)[0]
+    before = scrape_metrics(slow.server.metrics_port)
+
+    def call(i: int) -> tuple[grpc.StatusCode, float, str]:
+        started = time.perf_counter()
+        try:
+            recommend(slow_stub, user_id=user, k=3, num_candidates=26, request_id=f"burst-{i}")
+            return grpc.StatusCode.OK, time.perf_counter() - started, ""
+        except grpc.RpcError as e:
+            return e.code(), time.perf_counter() - started, e.details()
+
+    with ThreadPoolExecutor(8) as pool:
+        calls = [pool.submit(call, i) for i in range(8)]
+        wait_until(lambda: (lambda m: m["ranking_engine_active"] == 1 and m["ranking_engine_queued"] == 1)(
+            scrape_metrics(slow.server.metrics_port)), what="one request running and one queued")
+        outcomes = [c.result() for c in calls]
+    ok = [s for code, s, _ in outcomes if code == grpc.StatusCode.OK]
+    rejected = [(s, details) for code, s, details in outcomes if code == grpc.StatusCode.RESOURCE_EXHAUSTED]
+    assert len(ok) >= 2 and len(rejected) >= 1 and len(ok) + len(rejected) == 8
+    assert max(s for s, _ in rejected) < min(ok)  # refused at once, while the admitted ones were still ranking
+    assert all("queue is full" in details for _, details in rejected)
+    after = scrape_metrics(slow.server.metrics_port)
+    assert after['ranking_rejected_total{reason="queue_full"}'] - before['ranking_rejected_total{reason="queue_full"}'] \
+        == len(rejected)
+    assert after['ranking_requests_total{code="RESOURCE_EXHAUSTED"}'] - before.get(
+        'ranking_requests_total{code="RESOURCE_EXHAUSTED"}', 0) == len(rejected)
+    assert after["ranking_engine_active"] == after["ranking_engine_queued"] == 0
+
+
+def test_deadline_too_short_for_the_llm_aborts_it_and_answers_retrieval_order_flagged_degraded(
+        slow, slow_stub, reference):
+    user = some_users(reference, 1)[0]
+    request = dict(user_id=user, k=8, num_candidates=26, mode=GENERATE)
+    full = recommend(slow_stub, **request)  # undisturbed, to size the deadline: how long the LLM takes here
+    assert not full.degraded
+    llm_s = (full.timings.queue_ms + full.timings.ranking_ms) / 1e3
+    reserve_s = SLOW["degrade_reserve_ms"] / 1e3
+    before = slow.engine.stats()
+    deadline_s = reserve_s + 3 * full.timings.retrieval_ms / 1e3 + llm_s / 4  # the LLM gets about a quarter of it
+    started = time.perf_counter()
+    response = recommend(slow_stub, timeout=deadline_s, **request)
+    assert time.perf_counter() - started < deadline_s
+    assert response.degraded and response.degraded_reason == "deadline" and not response.cold_start
+    candidates = [c.item_id for c in reference.retrieved(26, user_id=user)]
+    assert [i.item_id for i in response.items] == candidates[:8]
+    assert [i.retrieval_rank for i in response.items] == list(range(8))
+    wait_until(lambda: slow.engine.stats().aborted == before.aborted + 1, what="the engine request's abort")
+    assert slow.engine.stats().active == 0 and slow.engine.stats().completed == before.completed
+
+
+def test_no_time_left_to_answer_is_deadline_exceeded_without_asking_the_llm(slow, slow_stub, reference):
+    before = slow.engine.stats()
+    with pytest.raises(grpc.RpcError) as error:
+        recommend(slow_stub, timeout=SLOW["degrade_reserve_ms"] / 1e3 * 0.6, user_id=some_users(reference, 1)[0], k=3)
+    assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "kept to answer" in error.value.details()
+    stats = slow.engine.stats()
+    assert (stats.completed, stats.aborted) == (before.completed, before.aborted)
+
+
+def test_client_cancel_aborts_the_engine_request_and_frees_its_batch_slot(slow, slow_stub, reference):
+    before = slow.engine.stats()
+    call = slow_stub.Recommend.future(ranking_pb2.RecommendRequest(
+        user_id=some_users(reference, 1)[0], k=20, num_candidates=26, mode=GENERATE), timeout=120)
+    wait_until(lambda: slow.engine.stats().active == 1, what="the request to hold the batch slot")
+    assert call.cancel()
+    wait_until(lambda: slow.engine.stats().aborted == before.aborted + 1, what="the engine request's abort")
+    assert slow.engine.stats().active == 0 and slow.engine.stats().completed == before.completed
+    assert call.cancelled()
+    after = recommend(slow_stub, user_id=some_users(reference, 1)[0], k=2, num_candidates=3)  # the slot is free again
+    assert len(after.items) == 2 and not after.degraded
+
+
+# -- operations ------------------------------------------------------------------------------------
+
+def test_health_is_not_serving_until_the_model_is_loaded_and_warmed_up(server_loop, bundle, retrieval):
+    server = start_ranking(server_loop, bundle, retrieval.server.address, warm=False)
+    try:
+        with grpc.insecure_channel(server.server.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            check = lambda name: health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5).status  # noqa: E731
+            assert [check(""), check(SERVICE_NAME)] == [NOT_SERVING, NOT_SERVING]
+            with pytest.raises(grpc.RpcError) as error:
+                recommend(ranking_pb2_grpc.RankingServiceStub(channel), user_id="no-such-user", k=1)
+            assert error.value.code() == grpc.StatusCode.UNAVAILABLE and "loading" in error.value.details()
+            server_loop.run(server.load(), timeout=120)
+            assert server.engine.stats().completed == 2  # warmed up: one score, one generate request
+            server_loop.run(server.server.set_serving())
+            assert [check(""), check(SERVICE_NAME)] == [SERVING, SERVING]
+            assert recommend(ranking_pb2_grpc.RankingServiceStub(channel), user_id="no-such-user", k=1).items
+    finally:
+        server_loop.run(server.drain())
+
+
+def test_retrieval_over_mutual_tls_then_unavailable_naming_its_address_once_it_is_down(
+        server_loop, bundle, reference, pki):
+    secured = start_retrieval(server_loop, bundle, tls_cert=pki.server_cert, tls_key=pki.server_key,
+                              tls_client_ca=pki.ca)
+    server = start_ranking(server_loop, bundle, secured.server.address, retrieval_tls_ca=pki.ca,
+                           retrieval_tls_cert=pki.client_cert, retrieval_tls_key=pki.client_key)
+    try:
+        stub = stub_of(server)
+        assert len(recommend(stub, user_id=some_users(reference, 1)[0], k=3).items) == 3
+        server_loop.run(secured.drain())
+        started = time.perf_counter()
+        with pytest.raises(grpc.RpcError) as error:
+            recommend(stub, user_id=some_users(reference, 1)[0], k=3)
+        assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert f"retrieval server {secured.server.address} unavailable" in error.value.details()
+        assert time.perf_counter() - started < 10
+    finally:
+        server_loop.run(server.drain())
+
+
+def test_metrics_show_stages_codes_cold_starts_and_engine_counters(ranking, stub, reference):
+    ENGINE.attach(ranking.engine)  # one serving engine per process; these tests run several
+    before = scrape_metrics(ranking.server.metrics_port)
+    recommend(stub, user_id=some_users(reference, 1)[0], k=3)
+    recommend(stub, user_id=some_users(reference, 1)[0], k=3, mode=GENERATE)
+    recommend(stub, user_id="no-such-user", k=3)
+    with pytest.raises(grpc.RpcError):
+        recommend(stub, user_id="no-such-user", k=0)
+    after = scrape_metrics(ranking.server.metrics_port)
+    delta = lambda name: after.get(name, 0.0) - before.get(name, 0.0)  # noqa: E731
+    assert delta('ranking_requests_total{code="OK"}') == 3
+    assert delta('ranking_requests_total{code="INVALID_ARGUMENT"}') == 1
+    assert delta('ranking_rejected_total{reason="invalid_argument"}') == 1
+    assert delta("ranking_cold_starts_total") == 1
+    for stage in ("retrieval", "queue", "ranking", "total"):
+        assert delta(f'ranking_stage_seconds_count{{stage="{stage}"}}') == 3
+    assert delta('ranking_engine_requests_total{outcome="completed"}') == 2
+    assert delta('ranking_engine_tokens_total{kind="generated"}') >= 3
+    assert delta('ranking_engine_tokens_total{kind="cached"}') > 0  # the shared prefix's KV was reused
+    assert after["ranking_engine_tokens_per_second"] > 0 and after["ranking_engine_healthy"] == 1
+    assert 'ranking_degraded_total{reason="deadline"}' in after  # every reason is exported from the start
+    assert after["ranking_requests_in_flight"] == after["ranking_engine_active"] == 0
+
+
+# -- fuzz --------------------------------------------------------------------------------------------
+
+EXPECTED_CODES = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT}
+
+
+@pytest.fixture(scope="module")
+def item_ids(reference) -> list[str]:
+    return [item.id for item in reference.catalog.items[:200]]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzz_random_requests_get_ok_or_invalid_argument_and_the_server_stays_healthy(ranking, stub, reference,
+                                                                                        item_ids, data):
+    known, garbage = st.sampled_from(item_ids), st.text(max_size=8)
+    request = ranking_pb2.RecommendRequest(  # each field mostly plausible, sometimes anything
+        user_id=data.draw(st.one_of(st.sampled_from(some_users(reference, 20) + ["no-such-user", ""]),
+                                    st.text(max_size=12))),
+        history=data.draw(st.one_of(st.lists(known, max_size=12), st.lists(st.one_of(known, garbage), max_size=4))),
+        k=data.draw(st.one_of(st.integers(1, 8), st.integers(-3, 30))),
+        mode=data.draw(st.one_of(st.sampled_from([UNSPECIFIED, SCORE, GENERATE]), st.integers(-2, 4))),
+        num_candidates=data.draw(st.one_of(st.sampled_from([0, 8, 20]), st.integers(-3, 30))),
+        exclude=data.draw(st.one_of(st.lists(known, max_size=6), st.lists(st.one_of(known, garbage), max_size=3))),
+        request_id=data.draw(st.one_of(st.just(""), st.from_regex(r"[a-z0-9-]{1,20}", fullmatch=True),
+                                       st.text(max_size=20))))
+    try:
+        response = stub.Recommend(request, timeout=60)
+        code = grpc.StatusCode.OK
+    except grpc.RpcError as e:
+        code = e.code()
+    event(code.name)  # `pytest --hypothesis-show-statistics` shows the mix of outcomes
+    assert code in EXPECTED_CODES, f"{code} for {request}"
+    if code == grpc.StatusCode.OK:
+        assert len({i.item_id for i in response.items}) == len(response.items) <= request.k
+        assert not set(request.exclude) & {i.item_id for i in response.items}
+
+
+def test_after_the_fuzz_the_server_is_healthy_and_answers(ranking, stub, reference):
+    with grpc.insecure_channel(ranking.server.address) as channel:
+        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
+    assert status == SERVING and ranking.engine.check_health()
+    assert len(recommend(stub, user_id=some_users(reference, 1)[0], k=4).items) == 4
