@@ -1,8 +1,12 @@
-"""`python -m loadtest.demo --bundle DIR`: the README's first command, end to end on this machine.
+"""`python -m loadtest.demo --bundle DIR`: the README's first command, the two-tier path end to end.
 
-Starts the retrieval server as a subprocess on a free loopback port, waits for its health to say
-SERVING, streams SASRec candidates for three users, prints them with titles and latency, and stops
-the server with SIGTERM (it drains and exits 0).
+Builds the bundle first if it is missing or incomplete (`compile fetch` + `compile all --preset quick`;
+`make demo` has already done so). Starts the retrieval server and the ranking server as subprocesses
+on free loopback ports and waits for both healths to say SERVING; asks the ranking server for three
+users' recommendations in score mode and for the first user's again in generate mode; prints the
+ranked titles with per-stage timings and, when the dataset is at hand, where the user's held-out next
+item (the test split's, never seen by the models) landed; stops both servers with SIGTERM (they drain
+and exit 0).
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -20,86 +25,128 @@ import grpc
 from loadtest.servers import ServerProcess
 from palr.bundle import Bundle, BundleError
 from palr.catalog import Catalog
-from recsys.v1 import retrieval_pb2, retrieval_pb2_grpc
+from recsys.v1 import ranking_pb2, ranking_pb2_grpc
 
 log = logging.getLogger("demo")
+
+ARTIFACTS = ("catalog", "users", "sasrec_onnx", "profiles", "llm_merged", "ranker")  # what the two servers read
+MODE_NAMES = {ranking_pb2.RANKING_MODE_SCORE: "score", ranking_pb2.RANKING_MODE_GENERATE: "generate"}
 
 
 @dataclass
 class DemoConfig:
     bundle: Path = field(default=Path("bundle"), metadata={"help": "bundle directory (make bundle)", "metavar": "DIR"})
+    data: Path = field(default=Path("data"), metadata={
+        "help": "data directory (compile fetch): builds a missing bundle and shows each user's held-out next item",
+        "metavar": "DIR"})
+    preset: str = field(default="quick", metadata={"help": "compile preset used when the bundle must be built"})
     users: list[str] = field(default_factory=list, metadata={
         "help": "user ids to ask for; default: the first three users of the bundle", "metavar": "USER"})
-    k: int = field(default=10, metadata={"help": "candidates per user"})
-    startup_timeout: float = field(default=120.0, metadata={"help": "seconds to wait for health SERVING"})
+    k: int = field(default=10, metadata={"help": "ranked items per user"})
+    deadline: float = field(default=120.0, metadata={"help": "seconds each Recommend call may take"})
+    startup_timeout: float = field(default=300.0, metadata={"help": "seconds to wait for each health SERVING"})
 
 
 @dataclass
 class Demo:
-    """What every part of the demo reads: the bundle's catalog and stored histories."""
+    """What every part of the demo reads: the bundle's catalog, stored histories, held-out items."""
 
     config: DemoConfig
     catalog: Catalog
     histories: dict[str, list[str]]
+    held_out: dict[str, str]  # user → the test split's item ({} when the dataset is not at hand)
 
     @classmethod
     def open(cls, config: DemoConfig) -> "Demo":
         bundle = Bundle.open(config.bundle)
         users = json.loads(bundle.path("users").read_text())["users"]
-        return cls(config, Catalog.load(bundle.path("catalog")), {u: e["history"] for u, e in users.items()})
+        return cls(config, Catalog.load(bundle.path("catalog")), {u: e["history"] for u, e in users.items()},
+                   held_out_items(config.data / "ml-100k"))
 
     def users(self) -> list[str]:
         return self.config.users or list(self.histories)[:3]
 
-    def titles(self, item_ids: list[str]) -> list[str]:
-        return [self.catalog.by_id(i).label if i in self.catalog else i for i in item_ids]
+    def title(self, item_id: str) -> str:
+        return self.catalog.by_id(item_id).label if item_id in self.catalog else item_id
 
 
-def start_retrieval_server(config: DemoConfig) -> ServerProcess:
-    """The retrieval tier as a subprocess, SERVING when this returns."""
-    server = ServerProcess("retrieval_server", ["--bundle", str(config.bundle), "--log-level", "WARNING"])
+def held_out_items(data_dir: Path) -> dict[str, str]:
+    """Each user's test item (the split the bundle was built with); {} without the dataset."""
+    if not data_dir.is_dir():
+        return {}
+    from palr.corpus import Corpus
+
+    return dict(Corpus.load(data_dir).split.test)
+
+
+def ensure_bundle(config: DemoConfig) -> None:
+    """Builds the bundle (fetch + compile all) when an artifact the servers read is missing."""
+    try:
+        missing = [name for name in ARTIFACTS if not Bundle.open(config.bundle).has(name)]
+    except BundleError:
+        missing = list(ARTIFACTS)
+    if not missing:
+        return
+    print(f"bundle {config.bundle} lacks {', '.join(missing)}: building it (compile all --preset {config.preset}; "
+          f"a first build takes minutes)", flush=True)
+    for step in (["fetch", "--data-dir", str(config.data)],
+                 ["all", "--preset", config.preset, "--bundle", str(config.bundle), "--data", str(config.data / "ml-100k")]):
+        subprocess.run([sys.executable, "-m", "compile", *step], check=True)
+
+
+def start(module: str, args: list[str], config: DemoConfig, what: str) -> ServerProcess:
+    """A server as a subprocess, SERVING when this returns."""
+    server = ServerProcess(module, ["--bundle", str(config.bundle), *args])
     started = time.perf_counter()
     server.start(timeout=config.startup_timeout)
-    print(f"retrieval server on {server.target}: SERVING after {time.perf_counter() - started:.1f} s "
-          f"(log: {server.log_path})")
+    print(f"{what} on {server.target}: SERVING after {time.perf_counter() - started:.1f} s (log: {server.log_path})")
     return server
 
 
-def show_retrieval(demo: Demo, stub: retrieval_pb2_grpc.RetrievalServiceStub, user: str) -> None:
-    """Streams one user's candidates and prints them as they are ranked, with latencies."""
-    request = retrieval_pb2.RetrieveRequest(user_id=user, k=demo.config.k, request_id=f"demo-{user}")
+def show(demo: Demo, stub: ranking_pb2_grpc.RankingServiceStub, user: str, mode: int) -> None:
+    """One Recommend call, printed: ranked titles, the held-out item's fate, per-stage timings."""
+    request = ranking_pb2.RecommendRequest(user_id=user, k=demo.config.k, mode=mode, request_id=f"demo-{user}-{mode}")
     started = time.perf_counter()
-    first_chunk_ms = None
-    candidates, flags = [], None
-    for message in stub.Retrieve(request, timeout=30):
-        first_chunk_ms = first_chunk_ms or (time.perf_counter() - started) * 1e3
-        candidates.extend(message.candidates)
-        flags = message
-    total_ms = (time.perf_counter() - started) * 1e3
+    response = stub.Recommend(request, timeout=demo.config.deadline)
+    wall_ms = (time.perf_counter() - started) * 1e3
     history = demo.histories.get(user, [])
-    recent = "; ".join(demo.titles(history[-3:])) or "none"
-    print(f"\nuser {user}: {len(history)} items seen (most recent: {recent})"
-          f"{', cold start (popularity)' if flags.cold_start else ''}"
-          f"{f', model read the last {flags.history_length}' if flags.history_truncated else ''}")
-    for candidate, title in zip(candidates, demo.titles([c.item_id for c in candidates])):
-        print(f"  {candidate.rank + 1:>3}. {title:<60} score {candidate.score:8.3f}")
-    print(f"  retrieval: first chunk {first_chunk_ms:.1f} ms, all {len(candidates)} in {total_ms:.1f} ms "
-          f"(model {flags.model_version})")
+    recent = "; ".join(demo.title(i) for i in history[-3:]) or "none"
+    flags = "".join([", cold start (popularity)" if response.cold_start else "",
+                     f", DEGRADED ({response.degraded_reason}): retrieval order" if response.degraded else ""])
+    print(f"\nuser {user}, {MODE_NAMES[response.mode]} mode: {len(history)} items seen "
+          f"(most recent: {recent}){flags}")
+    for item in response.items:
+        print(f"  {item.rank + 1:>3}. {item.title:<58} score {item.score:8.3f}   (retrieval #{item.retrieval_rank + 1})")
+    target = demo.held_out.get(user)
+    if target:
+        ranked = {item.item_id: item.rank for item in response.items}
+        where = f"ranked #{ranked[target] + 1}" if target in ranked else f"not in the top {len(response.items)}"
+        print(f"  held-out next item: {demo.title(target)} — {where}")
+    t = response.timings
+    print(f"  timings: retrieval {t.retrieval_ms:.1f} ms | queue {t.queue_ms:.1f} ms | ranking {t.ranking_ms:.1f} ms "
+          f"| total {t.total_ms:.1f} ms (client saw {wall_ms:.1f} ms); models {response.model_version}")
 
 
 def run(config: DemoConfig) -> int:
+    ensure_bundle(config)
     demo = Demo.open(config)
-    server = start_retrieval_server(config)
+    codes = {}
+    retrieval = start("retrieval_server", ["--log-level", "WARNING"], config, "retrieval server (SASRec, ONNX Runtime)")
     try:
-        with grpc.insecure_channel(server.target) as channel:
-            grpc.channel_ready_future(channel).result(timeout=10)
-            stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
-            for user in demo.users():
-                show_retrieval(demo, stub, user)
+        ranking = start("ranking_server", ["--retrieval", retrieval.target], config,
+                        "ranking server (PALR LLM, loaded and warmed up)")
+        try:
+            with grpc.insecure_channel(ranking.target) as channel:
+                stub = ranking_pb2_grpc.RankingServiceStub(channel)
+                for user in demo.users():
+                    show(demo, stub, user, ranking_pb2.RANKING_MODE_SCORE)
+                show(demo, stub, demo.users()[0], ranking_pb2.RANKING_MODE_GENERATE)
+        finally:
+            codes["ranking"] = ranking.stop()
     finally:
-        code = server.stop()
-    print(f"\nretrieval server stopped (SIGTERM, drained), exit code {code}")
-    return 0 if code == 0 else 1
+        codes["retrieval"] = retrieval.stop()
+    print("\n" + ", ".join(f"{name} server stopped (SIGTERM, drained), exit code {code}" for name, code in codes.items()))
+    return 0 if set(codes.values()) == {0} else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return run(build_config(DemoConfig, args))
-    except (BundleError, RuntimeError, TimeoutError) as e:
+    except (BundleError, RuntimeError, TimeoutError, grpc.RpcError, subprocess.CalledProcessError) as e:
         log.error("%s", e)
         return 1
 
