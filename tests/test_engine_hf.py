@@ -12,8 +12,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from palr.decoding import LabelConstraint  # noqa: E402
-from palr.llm import generate_labels, load_causal_lm, score_labels  # noqa: E402
+from palr.decoding import DecodingConstraint, LabelConstraint  # noqa: E402
+from palr.llm import generate_constrained, generate_labels, load_causal_lm, score_labels  # noqa: E402
 from ranking_server.engines import STRATEGIES, build_engine  # noqa: E402
 from ranking_server.engines.base import (  # noqa: E402
     EngineAborted, EngineError, EngineOverloaded, EngineRequest, InvalidRequest)
@@ -102,6 +102,68 @@ def test_batched_results_equal_one_at_a_time(tiny, workload, strategy, prefix_re
         assert all(step.held <= 4 and step.tokens <= 32 for step in log)
     if strategy == "static":  # nobody joins a running batch: prompts only run when no row is decoding
         assert all(step.prefilling == 0 for step in engine.step_log if step.decoding > 0)
+
+
+class SpelledConstraint(DecodingConstraint):
+    """Candidates written as several tokens (like PALR titles): the first token chooses a candidate
+    not written yet (bias applies there), the rest of its tokens are forced."""
+
+    def __init__(self, spellings, k):
+        self.spellings, self.k = spellings, k
+        self.chosen: list[int] = []
+        self.rest: list[int] = []
+
+    def allowed_tokens(self):
+        if self.rest:
+            return self.rest[:1]
+        if self.done:
+            return []
+        return [s[0] for i, s in enumerate(self.spellings) if i not in self.chosen]
+
+    def token_bias(self, bias):
+        if self.rest:
+            return [0.0]
+        return [bias[i] for i in range(len(self.spellings)) if i not in self.chosen]
+
+    def advance(self, token_id):
+        if self.rest:
+            assert token_id == self.rest.pop(0)
+            return
+        choice = next(i for i, s in enumerate(self.spellings) if s[0] == token_id and i not in self.chosen)
+        self.chosen.append(choice)
+        self.rest = list(self.spellings[choice][1:])
+
+    @property
+    def done(self):
+        return len(self.chosen) == self.k and not self.rest
+
+    @property
+    def max_new_tokens(self):
+        return sum(sorted(map(len, self.spellings))[-self.k:])
+
+    def emitted(self):
+        return list(self.chosen)
+
+
+def test_multi_token_constraints_batched_equal_reference(tiny):
+    """Generate mode with candidates spelled over several tokens, batched == one at a time."""
+    model, labels = tiny
+    rng = random.Random(11)
+    requests = []
+    for i in range(8):
+        spellings = [[labels[c]] + [rng.randrange(100, 40000) for _ in range(rng.randint(0, 4))] for c in range(8)]
+        bias = [rng.uniform(-0.3, 0.3) for _ in range(8)]
+        requests.append(EngineRequest(f"t{i}", [5, 6, 7], [rng.randrange(100, 40000) for _ in range(rng.randint(1, 60))],
+                                      labels[:8], mode="generate", k=4, bias=bias,
+                                      constraint=lambda s=spellings: SpelledConstraint(s, 4)))
+    expected = [generate_constrained(model, r.input_ids, r.constraint(), r.bias) for r in requests]
+    engine = HFEngine(model, EngineConfig(max_batch_size=4, max_tokens_per_step=32))
+    try:
+        results = asyncio.run(staggered(engine, requests))
+    finally:
+        engine.close()
+    assert [r.order for r in results] == expected
+    assert all(r.generated_tokens > 4 for r in results)  # the forced tokens were decoded too
 
 
 class GatedConstraint(LabelConstraint):
