@@ -1,0 +1,151 @@
+"""`compile build --target ortgenai-cpu` on the tiny LLM bundle (the real onnxruntime-genai model
+builder) and the `ortgenai` engine over it: in-flight answers equal the one-at-a-time torch
+reference, the shared prefix is reused, aborts work, and only the modes the build won are served
+by it (the rest by torch, through `ModeRouter`)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (pip install -e '.[ortgenai]')")
+
+from compile import build  # noqa: E402
+from palr.bundle import Bundle  # noqa: E402
+from palr.hardware import BuildMismatch, library_version  # noqa: E402
+from palr.llm import generate_labels, load_causal_lm, score_labels  # noqa: E402
+from ranking_server.engines.base import EngineAborted, EngineRequest  # noqa: E402
+from ranking_server.engines.builds import engine_from_build, ortgenai_engine  # noqa: E402
+from ranking_server.engines.hf import EngineConfig, HFEngine  # noqa: E402
+from ranking_server.engines.ortgenai import OrtGenaiEngine  # noqa: E402
+from ranking_server.engines.routed import ModeRouter  # noqa: E402
+from tests.fixtures_builds import build_config, copy_bundle  # noqa: E402
+
+NAME = "engine:ortgenai-cpu"
+
+
+@pytest.fixture(scope="module")
+def ortgenai_bundle(tiny_llm_bundle, tmp_path_factory):
+    bundle = copy_bundle(tiny_llm_bundle, tmp_path_factory.mktemp("ortgenai-build") / "bundle")
+    build.run(build_config(bundle, "ortgenai-cpu", dtype="fp32", threads=1))
+    return bundle
+
+
+@pytest.fixture(scope="module")
+def reference(ortgenai_bundle):
+    model, tokenizer = load_causal_lm(Bundle.open(ortgenai_bundle).path("llm_merged"))
+    labels = [tokenizer.encode(f" {chr(ord('A') + i)}", add_special_tokens=False)[0] for i in range(20)]
+    return model, labels
+
+
+def mixed_requests(labels, n=16, seed=0) -> list[EngineRequest]:
+    rng = random.Random(seed)
+    prefixes = [[rng.randrange(100, 40000) for _ in range(length)] for length in (24, 40)]
+    requests = []
+    for i in range(n):
+        n_labels = rng.choice([5, 12, 20])
+        bias = [rng.uniform(-0.3, 0.3) for _ in range(n_labels)] if i % 4 == 3 else None
+        requests.append(EngineRequest(f"r{i}", prefixes[i % 3 == 0],
+                                      [rng.randrange(100, 40000) for _ in range(rng.randint(1, 150))],
+                                      labels[:n_labels], "generate" if i % 2 else "score", rng.randint(1, n_labels), bias))
+    return requests
+
+
+def test_build_records_the_onnx_model_and_what_it_measured(ortgenai_bundle):
+    bundle = Bundle.open(ortgenai_bundle)
+    entry = bundle.artifact(NAME)
+    assert entry["target"] == "ortgenai-cpu" and entry["engine"] == "ortgenai" and entry["dtype"] == "fp32"
+    assert entry["engine_libraries"] == {"onnxruntime-genai": library_version("onnxruntime-genai")}
+    assert {"genai_config.json", "model.onnx", "model.onnx.data", "tokenizer.json"} <= set(entry["files"])
+    assert set(entry["serves_modes"]) <= {"score", "generate"}
+    genai = json.loads((bundle.path(NAME) / "genai_config.json").read_text())
+    assert genai["model"]["decoder"]["session_options"]["intra_op_num_threads"] == 1
+    report = json.loads((ortgenai_bundle / "reports" / "build_ortgenai-cpu.json").read_text())
+    assert set(report["latency"]) == {"torch-fp32", "ortgenai-fp32"}
+    assert report["quality"]["ortgenai-fp32"]["score_max_abs_logprob_diff"] < 1e-3  # fp32 graph ≈ torch fp32
+    assert report["modes"]["fp32"]["won"] == entry["serves_modes"]
+    assert set(report["modes"]["fp32"]["why"]) == {"score", "generate"}
+
+
+def test_inflight_answers_equal_the_torch_reference_with_prefix_reuse(ortgenai_bundle, reference):
+    model, labels = reference
+    requests = mixed_requests(labels)
+    engine = engine_from_build(Bundle.open(ortgenai_bundle), "ortgenai-cpu",
+                               EngineConfig(max_batch_size=4, max_tokens_per_step=64))
+    try:
+        assert isinstance(engine, OrtGenaiEngine)
+
+        async def all_at_once():
+            return await asyncio.gather(*(engine.rank(r) for r in requests))
+
+        results = asyncio.run(all_at_once())
+        stats = engine.stats()
+    finally:
+        engine.close()
+    for request, result in zip(requests, results):
+        if request.mode == "score":
+            assert result.scores == pytest.approx(score_labels(model, request.input_ids, request.label_token_ids),
+                                                  abs=1e-4)
+        else:
+            assert result.order == generate_labels(model, request.input_ids, request.label_token_ids, request.k,
+                                                   request.bias)
+            assert result.generated_tokens == request.k
+    assert stats.completed == 16 and stats.max_active == 4 and stats.cached_tokens > 0
+    assert sum(r.cached_tokens for r in results) == stats.cached_tokens
+
+
+def test_abort_of_a_queued_request(ortgenai_bundle, reference):
+    _, labels = reference
+    engine = engine_from_build(Bundle.open(ortgenai_bundle), "ortgenai-cpu", EngineConfig(max_batch_size=1,
+                                                                                            max_tokens_per_step=8))
+    long = EngineRequest("long", [], list(range(1000, 1400)), labels[:5], "generate", k=5)
+    queued = EngineRequest("queued", [], [5, 6, 7], labels[:5])
+
+    async def scenario():
+        first = asyncio.ensure_future(engine.rank(long))
+        second = asyncio.ensure_future(engine.rank(queued))
+        await asyncio.sleep(0.05)
+        assert engine.abort("queued")
+        with pytest.raises(EngineAborted):
+            await second
+        return await first
+
+    try:
+        result = asyncio.run(scenario())
+        assert len(result.order) == 5 and engine.stats().aborted == 1
+    finally:
+        engine.close()
+
+
+def test_only_the_modes_the_build_won_go_to_onnxruntime_genai(ortgenai_bundle, reference, tmp_path):
+    bundle_dir = copy_bundle(ortgenai_bundle, tmp_path / "bundle")
+    bundle = Bundle.open(bundle_dir)
+    bundle.artifact(NAME)["serves_modes"] = ["generate"]
+    bundle.save()
+    model, labels = reference
+    config = EngineConfig(max_batch_size=2, max_tokens_per_step=64)
+    engine = ortgenai_engine(Bundle.open(bundle_dir), config, lambda: HFEngine(model, config))
+    try:
+        assert isinstance(engine, ModeRouter)
+        assert engine.by_mode["generate"].name == "ortgenai" and engine.by_mode["score"].name == "hf-inflight"
+        score = EngineRequest("s", [], list(range(500, 560)), labels[:6])
+        generate = EngineRequest("g", [], list(range(500, 560)), labels[:6], "generate", k=2)
+        asyncio.run(engine.rank(score))
+        asyncio.run(engine.rank(generate))
+        assert [engine.by_mode[m].stats().completed for m in ("score", "generate")] == [1, 1]
+        assert engine.stats().completed == 2 and engine.check_health()
+    finally:
+        engine.close()
+
+
+def test_a_build_that_won_no_mode_is_refused(ortgenai_bundle, tmp_path):
+    bundle_dir = copy_bundle(ortgenai_bundle, tmp_path / "bundle")
+    bundle = Bundle.open(bundle_dir)
+    bundle.artifact(NAME)["serves_modes"] = []
+    bundle.save()
+    with pytest.raises(BuildMismatch, match="no ranking mode where onnxruntime-genai beats torch"):
+        ortgenai_engine(Bundle.open(bundle_dir), EngineConfig(), lambda: None)

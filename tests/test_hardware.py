@@ -1,0 +1,94 @@
+"""palr/hardware.py: reading the CPU, mapping server flags to build targets, and every kind of
+mismatch `check_build` reports (the manifest-editing tests in test_build_hf_cpu.py go end to end)."""
+
+from __future__ import annotations
+
+import pytest
+
+from palr.hardware import (
+    TARGETS, Machine, check_build, cpu_description, describe_build, isa_satisfied, library_version, target_for)
+
+CPUINFO = """processor\t: 0
+vendor_id\t: GenuineIntel
+model name\t: Intel(R) Xeon(R) Platinum 8480+
+flags\t\t: fpu sse2 avx avx2 fma f16c avx512f avx512bw avx512_vnni avx512_bf16 amx_tile amx_bf16 amx_int8
+
+processor\t: 1
+model name\t: Intel(R) Xeon(R) Platinum 8480+
+"""
+
+
+def h100(**changes) -> Machine:
+    values = dict(device="cuda", device_name="NVIDIA H100 80GB HBM3", compute_capability="9.0", gpu_count=2,
+                  cpu_name="x", cpu_isa=("avx2",), libraries={"tensorrt_llm": "1.2.1", "torch": "2.9.1"})
+    return Machine(**(values | changes))
+
+
+def trtllm_entry(**changes) -> dict:
+    entry = {"target": "trtllm", "device": "cuda", "device_name": "NVIDIA H100 80GB HBM3", "compute_capability": "9.0",
+             "tensor_parallel_size": 1, "engine_libraries": {"tensorrt_llm": "1.2.1"}, "dtype": "bf16"}
+    return entry | changes
+
+
+def test_cpu_model_and_the_isa_flags_that_matter_come_from_cpuinfo(tmp_path):
+    path = tmp_path / "cpuinfo"
+    path.write_text(CPUINFO)
+    name, isa = cpu_description(path)
+    assert name == "Intel(R) Xeon(R) Platinum 8480+"
+    assert isa == ["avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16",
+                   "amx_int8"]
+    assert cpu_description(tmp_path / "missing")[1] == []
+
+
+def test_this_machine_is_described_for_cpu():
+    machine = Machine.detect("cpu")
+    assert machine.device == "cpu" and machine.compute_capability is None and machine.gpu_count == 0
+    assert machine.libraries["torch"] == library_version("torch")
+    assert machine.describe(("torch",)).startswith(f"cpu: {machine.cpu_name}")
+    with pytest.raises(ValueError, match="cpu or cuda"):
+        Machine.detect("tpu")
+
+
+def test_server_flags_map_to_build_targets():
+    assert target_for("hf", "cpu") == "hf-cpu" and target_for("hf", "cuda") == "hf-cuda"
+    assert target_for("trtllm", "cuda") == "trtllm" and target_for("ortgenai", "cpu") == "ortgenai-cpu"
+    with pytest.raises(ValueError, match="no build target for --engine trtllm --device cpu"):
+        target_for("trtllm", "cpu")
+    assert set(TARGETS) == {"hf-cpu", "hf-cuda", "ortgenai-cpu", "trtllm"}
+
+
+def test_isa_requirements_accept_alternatives():
+    assert isa_satisfied("amx_bf16|avx512_bf16", ("avx2", "avx512_bf16"))
+    assert not isa_satisfied("amx_bf16|avx512_bf16", ("avx2",))
+
+
+def test_a_matching_gpu_build_has_no_problems():
+    assert check_build(trtllm_entry(), h100()) == []
+
+
+def test_every_mismatch_is_listed():
+    problems = check_build(trtllm_entry(compute_capability="8.0", device_name="NVIDIA A100-SXM4-80GB",
+                                        tensor_parallel_size=4, engine_libraries={"tensorrt_llm": "0.21.0"}), h100())
+    assert problems == [
+        "compute capability: built for SM 8.0 (NVIDIA A100-SXM4-80GB), this GPU is SM 9.0 (NVIDIA H100 80GB HBM3)",
+        "tensor parallelism: built for 4 GPUs, this machine has 2",
+        "tensorrt_llm: built with 0.21.0, this machine has 1.2.1",
+    ]
+
+
+def test_gpu_build_on_a_cpu_machine_and_a_missing_library():
+    cpu = Machine("cpu", "AMD EPYC", None, 0, "AMD EPYC", ("avx2",), {"tensorrt_llm": None})
+    problems = check_build(trtllm_entry(), cpu)
+    assert problems == ["device kind: built for cuda, this server runs on cpu",
+                        "tensorrt_llm: built with 1.2.1, this machine has none installed"]
+    no_gpu = h100(gpu_count=0, compute_capability=None, device_name="no CUDA device")
+    assert "device kind: built for a CUDA GPU, this machine has no CUDA device" in check_build(trtllm_entry(), no_gpu)
+
+
+def test_cpu_build_needing_instructions_this_cpu_lacks():
+    entry = {"target": "hf-cpu", "device": "cpu", "device_name": "Xeon 8480+", "requires_isa": ["amx_bf16|avx512_bf16"],
+             "engine_libraries": {}, "dtype": "bf16"}
+    cpu = Machine("cpu", "AMD EPYC", None, 0, "AMD EPYC", ("avx2", "fma"), {})
+    assert check_build(entry, cpu) == ["CPU instructions: the build needs amx_bf16|avx512_bf16; this CPU (AMD EPYC) "
+                                       "has avx2, fma"]
+    assert describe_build(entry) == "cpu: Xeon 8480+ (needs amx_bf16|avx512_bf16); bf16"
