@@ -15,10 +15,9 @@ from ranking_server.config import RankingServerConfig
 
 log = logging.getLogger(__name__)
 
-# Statuses the caller gets as they are: they describe its request or its deadline. Any other
-# failure of the retrieval tier means it cannot serve us now: UNAVAILABLE, naming its address.
-PASSED_THROUGH = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.DEADLINE_EXCEEDED,
-                  grpc.StatusCode.RESOURCE_EXHAUSTED)
+# Statuses the caller gets as they are (with the retrieval tier named): they describe its request
+# or its deadline. Any other failure means the retrieval tier cannot serve us now: UNAVAILABLE.
+PASSED_THROUGH = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED)
 
 
 class RetrievalClient:
@@ -50,7 +49,7 @@ class RetrievalClient:
             return RequestError(code, f"retrieval server {self.target} did not answer within the "
                                       f"{timeout * 1e3:.0f} ms left of the deadline")
         if code in PASSED_THROUGH:
-            return RequestError(code, details)
+            return RequestError(code, f"retrieval server {self.target} refused the request: {details}")
         return RequestError(grpc.StatusCode.UNAVAILABLE,
                             f"retrieval server {self.target} unavailable ({code.name}: {details})")
 

@@ -27,7 +27,7 @@ def test_sigterm_finishes_in_flight_requests_then_exits_zero(tiny_llm_bundle):
         # Four batch slots and four tokens per engine step: the six requests stay in flight for seconds.
         ranking = ServerProcess("ranking_server", [
             "--bundle", str(tiny_llm_bundle), "--retrieval", retrieval.target, "--metrics-port", str(metrics_port),
-            "--max-batch-size", "4", "--max-tokens-per-step", "4", "--grace", "60"])
+            "--max-batch-size", "4", "--max-tokens-per-step", "4", "--threads", "1", "--grace", "60"])
         ranking.start()
         try:
             async def scenario() -> tuple[list[ranking_pb2.RecommendResponse], float, list[float]]:
