@@ -1,6 +1,7 @@
 """`python -m ranking_server` as a real subprocess in front of `python -m retrieval_server`: health
 turns SERVING only after the warm-up, SIGTERM drains in-flight requests (none lost, none degraded)
-and exits 0, and a bundle it cannot serve ends in a clear message and exit 1, not a traceback."""
+and exits 0, and a bundle it cannot serve ends in a clear message and exit 1, not a traceback.
+And the README's first command, `python -m loadtest.demo`, end to end on the tiny bundle."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from loadtest.servers import REPO, ServerProcess, free_port, scrape_metrics
+from palr.bundle import Bundle
+from palr.catalog import Catalog
 from palr.serving import NOT_SERVING, SERVING
 from recsys.v1 import ranking_pb2, ranking_pb2_grpc
 
@@ -96,3 +99,20 @@ def test_help_explains_every_flag():
                  "--default-deadline-ms", "--degrade-reserve-ms", "--threads", "--metrics-port", "--tls-cert",
                  "--tls-key", "--tls-client-ca", "--grace", "--max-message-bytes"):
         assert flag in result.stdout
+
+
+def test_demo_ranks_three_users_and_one_generate_request_by_title_and_stops_both_servers(tiny_llm_bundle,
+                                                                                        ml100k_dir):
+    result = subprocess.run([sys.executable, "-m", "loadtest.demo", "--bundle", str(tiny_llm_bundle), "--k", "5",
+                             "--data", str(ml100k_dir.parent)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "building it" not in out  # the bundle was complete: nothing rebuilt
+    assert out.count(", score mode:") == 3 and out.count(", generate mode:") == 1
+    assert out.count("timings: retrieval") == 4 and out.count("held-out next item:") == 4
+    rows = [line.split(".", 1)[1].rsplit(" score ", 1)[0].strip()
+            for line in out.splitlines() if line.strip()[:3].strip(". ").isdigit()]
+    labels = {item.label for item in Catalog.load(Bundle.open(tiny_llm_bundle).path("catalog")).items}
+    assert len(rows) == 20 and set(rows) <= labels  # 5 ranked items per answer, shown by title
+    assert "ranking server stopped (SIGTERM, drained), exit code 0" in out
+    assert "retrieval server stopped (SIGTERM, drained), exit code 0" in out
