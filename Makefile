@@ -9,7 +9,7 @@ BUNDLE ?= bundle
 PRESET ?= quick
 DATA   ?= data
 
-.PHONY: install data demo test bundle clean-bundle protos
+.PHONY: install data demo test bundle clean-bundle protos loadtest bench
 
 # The CPU wheel of torch is pinned *before* anything that depends on torch, so pip never
 # resolves a CUDA build of several GB.
@@ -33,6 +33,20 @@ demo: bundle
 
 test: data
 	$(PY) -m pytest
+
+# Load test of both tiers on $(BUNDLE) with Locust over gRPC, gated by an SLO profile: starts the two
+# servers, runs Locust headless, stops them; exits with Locust's code (3 = an SLO was broken).
+SLO         ?= loadtest/slo/cpu.toml
+LOCUST_ARGS ?= -u 2 -r 2 -t 3m
+loadtest: bundle
+	$(PY) -m loadtest.with_servers --bundle $(BUNDLE) -- $(VENV)/bin/locust -f loadtest/locustfile.py --headless \
+		--host {ranking} --retrieval-host {retrieval} --bundle $(BUNDLE) --slo $(SLO) $(LOCUST_ARGS) \
+		--csv reports/locust --html reports/locust.html
+
+# The side-by-side benchmark report (reports/bench.json, bench.md, plots); BENCH_ARGS=--quick for a smoke run.
+BENCH_ARGS ?=
+bench: bundle
+	$(PY) -m loadtest.bench --bundle $(BUNDLE) $(BENCH_ARGS)
 
 protos: install
 	$(PY) protos/generate.py

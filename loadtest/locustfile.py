@@ -84,7 +84,6 @@ class Traffic:
     deadlines_s: dict[str, float]
     think_time_s: float
     degraded_ok: bool
-    slo: SloProfile | None
 
     @classmethod
     def from_options(cls, options) -> "Traffic":
@@ -98,8 +97,7 @@ class Traffic:
                    deadlines_s={"score": options.score_deadline_ms / 1e3,
                                 "generate": options.generate_deadline_ms / 1e3,
                                 "retrieve": options.retrieve_deadline_ms / 1e3},
-                   think_time_s=options.think_time_ms / 1e3, degraded_ok=options.degraded_ok,
-                   slo=SloProfile.load(options.slo) if options.slo else None)
+                   think_time_s=options.think_time_ms / 1e3, degraded_ok=options.degraded_ok)
 
     def user_id(self) -> str:
         if self.cold_start_share and random.random() < self.cold_start_share:
@@ -117,31 +115,42 @@ def bundle_users(bundle_dir: Path) -> list[str]:
 
 
 TRAFFIC: Traffic | None = None
+SLO: SloProfile | None = None
 
 
 @events.init.add_listener
-def load_traffic(environment, **_kwargs) -> None:
-    """Fail before the run starts (bad bundle, bad SLO file), not at its end."""
-    global TRAFFIC
-    if environment.parsed_options is None:  # imported by a tool, not run by Locust
+def check_options(environment, **_kwargs) -> None:
+    """Fail before the run starts (no host, bad bundle, bad SLO file), not at its end. The SLO is
+    loaded where the gate runs: the master, or the only process."""
+    global SLO
+    options = environment.parsed_options
+    if options is None:  # imported by a tool, not run by Locust
         return
-    if not environment.host and not isinstance(environment.runner, WorkerRunner):
+    worker = isinstance(environment.runner, WorkerRunner)
+    if not environment.host and not worker:
         raise SystemExit("locustfile: --host HOST:PORT (the ranking server) is required")
     try:
-        TRAFFIC = Traffic.from_options(environment.parsed_options)
+        Traffic.from_options(options)
+        SLO = SloProfile.load(options.slo) if options.slo and not worker else None
     except (BundleError, SloError, OSError, ValueError) as e:
         raise SystemExit(f"locustfile: {e}") from e
+
+
+@events.test_start.add_listener
+def load_traffic(environment, **_kwargs) -> None:
+    """Built when the run starts: in distributed mode a worker has the master's options by then."""
+    global TRAFFIC
+    TRAFFIC = traffic = Traffic.from_options(environment.parsed_options)
     log.info("traffic: %d users from %s; Retrieve %.0f%%, Recommend generate %.0f%% / score %.0f%%; SLO %s",
-             len(TRAFFIC.users), environment.parsed_options.bundle, 100 * TRAFFIC.retrieve_share,
-             100 * TRAFFIC.generate_share, 100 * (1 - TRAFFIC.generate_share),
-             TRAFFIC.slo.path if TRAFFIC.slo else "none")
+             len(traffic.users), environment.parsed_options.bundle, 100 * traffic.retrieve_share,
+             100 * traffic.generate_share, 100 * (1 - traffic.generate_share), SLO.path if SLO else "none")
 
 
 @events.quitting.add_listener
 def slo_gate(environment, **_kwargs) -> None:
     """The gate runs where the statistics are: the master, or the only process (not on workers)."""
-    if TRAFFIC and TRAFFIC.slo and not isinstance(environment.runner, WorkerRunner):
-        gate(environment, TRAFFIC.slo)
+    if SLO is not None and not isinstance(environment.runner, WorkerRunner):
+        gate(environment, SLO)
 
 
 class RecsysCaller(GrpcUser):

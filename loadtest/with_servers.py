@@ -1,0 +1,98 @@
+"""`python -m loadtest.with_servers --bundle DIR -- COMMAND ...`: run COMMAND while both tiers serve.
+
+Starts the retrieval server, then the ranking server pointed at it (each on a free loopback port,
+waiting for health SERVING), runs COMMAND with `{ranking}` and `{retrieval}` in its arguments
+replaced by the servers' HOST:PORT, stops both with SIGTERM (they drain and exit 0) and exits with
+COMMAND's exit code. `make loadtest` runs Locust this way:
+
+    python -m loadtest.with_servers --bundle bundle -- locust -f loadtest/locustfile.py --headless \\
+        --host {ranking} --retrieval-host {retrieval} --bundle bundle --slo loadtest/slo/cpu.toml -u 2 -r 2 -t 3m
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loadtest.servers import ServerProcess
+
+log = logging.getLogger("with_servers")
+
+
+@dataclass
+class TwoTierConfig:
+    bundle: Path = field(default=Path("bundle"), metadata={"help": "bundle both servers serve", "metavar": "DIR"})
+    log_dir: Path = field(default=Path("reports"), metadata={
+        "help": "where the servers' logs go (retrieval_server.log, ranking_server.log)", "metavar": "DIR"})
+    startup_timeout: float = field(default=600.0, metadata={"help": "seconds each server may take to be SERVING"})
+    retrieval_args: str = field(default="", metadata={
+        "help": "extra retrieval_server flags, one string (e.g. '--threads 1')", "metavar": "FLAGS"})
+    ranking_args: str = field(default="", metadata={
+        "help": "extra ranking_server flags, one string (e.g. '--max-batch-size 8')", "metavar": "FLAGS"})
+
+
+@contextlib.contextmanager
+def two_tier(config: TwoTierConfig) -> Iterator[tuple[ServerProcess, ServerProcess]]:
+    """(retrieval, ranking) servers, both SERVING; stopped (SIGTERM, drained) on exit."""
+    config.log_dir.mkdir(parents=True, exist_ok=True)
+    retrieval = ServerProcess("retrieval_server", ["--bundle", str(config.bundle), *config.retrieval_args.split()],
+                              log_path=config.log_dir / "retrieval_server.log")
+    ranking = ServerProcess("ranking_server", ["--bundle", str(config.bundle), "--retrieval", retrieval.target,
+                                               *config.ranking_args.split()],
+                            log_path=config.log_dir / "ranking_server.log")
+    started: list[ServerProcess] = []
+    try:
+        for server in (retrieval, ranking):
+            seconds = _start(server, config.startup_timeout)
+            started.append(server)
+            log.info("%s SERVING on %s after %.1f s (log: %s)", server.module, server.target, seconds, server.log_path)
+        yield retrieval, ranking
+    finally:
+        for server in reversed(started):
+            code = server.stop()
+            (log.info if code == 0 else log.warning)("%s stopped, exit code %d", server.module, code)
+
+
+def _start(server: ServerProcess, timeout: float) -> float:
+    began = time.perf_counter()
+    server.start(timeout)
+    return time.perf_counter() - began
+
+
+def run(config: TwoTierConfig, command: Sequence[str]) -> int:
+    with two_tier(config) as (retrieval, ranking):
+        argv = [arg.replace("{ranking}", ranking.target).replace("{retrieval}", retrieval.target) for arg in command]
+        log.info("running: %s", " ".join(argv))
+        return subprocess.run(argv).returncode
+
+
+def main(argv: list[str] | None = None) -> int:
+    from compile.cli import add_config_arguments, build_config
+
+    parser = argparse.ArgumentParser(prog="python -m loadtest.with_servers", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(parser, TwoTierConfig)
+    parser.add_argument("command", nargs=argparse.REMAINDER, help="-- then the command to run")
+    args = parser.parse_args(argv)
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        parser.error("no command given (put it after --)")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        code = run(build_config(TwoTierConfig, args), command)
+    except (RuntimeError, TimeoutError) as e:
+        log.error("%s", e)
+        return 1
+    log.info("command exited with %d", code)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

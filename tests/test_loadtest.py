@@ -1,0 +1,161 @@
+"""Load tests and their SLO gate: real Locust runs (subprocesses, so gevent's monkey-patching stays
+out of pytest) against real servers on loopback, and the SLO files the repo ships."""
+
+from __future__ import annotations
+
+import json
+import re
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from loadtest.servers import REPO, ServerProcess
+from loadtest.slo import EXIT_BROKEN, SloError, SloProfile
+
+SLO_DIR = REPO / "loadtest" / "slo"
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text)
+    return path
+
+
+def locust(host: str, bundle: Path, slo: Path, out: Path, *extra: str, seconds: int = 3) -> subprocess.CompletedProcess:
+    """The README's headless command as a subprocess; its stdout and stderr (Locust logs there) in .stdout."""
+    argv = [sys.executable, "-m", "locust", "-f", str(REPO / "loadtest" / "locustfile.py"), "--headless",
+            "--host", host, "--bundle", str(bundle), "--slo", str(slo), "-u", "2", "-r", "2", "-t", f"{seconds}s",
+            "--csv", str(out / "locust"), "--html", str(out / "locust.html"), "--only-summary", *extra]
+    return subprocess.run(argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=90)
+
+
+# -- SLO files ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["cpu.toml", "h100.toml"])
+def test_shipped_slo_profiles_load(name):
+    profile = SloProfile.load(SLO_DIR / name)
+    names = {rpc.name for rpc in profile.rpcs}
+    assert names == {"Recommend/score", "Recommend/generate", "Retrieve"}
+    for rpc in profile.rpcs:
+        assert set(rpc.percentiles_ms) == {50, 95, 99}, rpc
+        assert rpc.percentiles_ms[50] <= rpc.percentiles_ms[95] <= rpc.percentiles_ms[99], rpc
+        assert rpc.max_error_rate is not None
+    assert profile.measured is (name == "cpu.toml")  # h100: derived on paper, marked as such
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[rpc.Retrieve]\np50 = 3\n", "unknown key 'p50'"),
+    ("[rpc.Retrieve]\np95_ms = -1\n", "positive number"),
+    ("max_error_rate = 2\n[rpc.Retrieve]\np95_ms = 1\n", "fraction in [0, 1]"),
+    ("p95_ms = 1\n", "unknown key(s) ['p95_ms']"),
+    ("description = 'nothing'\n", "no [rpc.NAME] table"),
+    ("[rpc.Retrieve\n", "Expected"),
+])
+def test_bad_slo_files_are_refused_naming_the_problem(tmp_path, text, message):
+    path = write(tmp_path / "bad.toml", text)
+    with pytest.raises(SloError) as error:
+        SloProfile.load(path)
+    assert message in str(error.value) and str(path) in str(error.value)
+
+
+# -- Locust over gRPC against both real servers ----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def servers(tiny_llm_bundle, tmp_path_factory):
+    """(retrieval, ranking) servers on loopback, serving the tiny LLM bundle."""
+    from loadtest.with_servers import TwoTierConfig, two_tier
+
+    config = TwoTierConfig(bundle=tiny_llm_bundle, log_dir=tmp_path_factory.mktemp("server-logs"), startup_timeout=300)
+    with two_tier(config) as pair:
+        yield pair
+
+
+def two_tier_locust(servers, bundle, slo, out, *extra, seconds=3):
+    retrieval, ranking = servers
+    return locust(ranking.target, bundle, slo, out, "--retrieval-host", retrieval.target, "--k", "3",
+                  "--candidates", "6", "--generate-share", "0.3", "--retrieve-share", "0.3", *extra, seconds=seconds)
+
+
+def test_impossible_slo_fails_the_run_and_names_the_broken_limit(servers, tiny_llm_bundle, tmp_path):
+    slo = write(tmp_path / "impossible.toml", "max_error_rate = 0.5\n"
+                                              "[rpc.\"Recommend/score\"]\np50_ms = 0.001\np99_ms = 600000\n")
+    run = two_tier_locust(servers, tiny_llm_bundle, slo, tmp_path)
+    assert run.returncode == EXIT_BROKEN, run.stdout[-3000:]
+    assert "BROKEN  Recommend/score p50: measured" in run.stdout and "limit 0.001 ms" in run.stdout
+    assert "ok  Recommend/score p99" in run.stdout  # the limits that held are listed as such
+    for name in ("Recommend/score", "Recommend/generate", "Retrieve"):  # Locust's final table: type grpc, RPC names
+        assert re.search(rf"^grpc +{name} ", run.stdout, re.MULTILINE), name
+    # Locust's own CSV (rewritten every second, so it may lag the end) and HTML reports
+    assert "grpc,Recommend/score," in (tmp_path / "locust_stats.csv").read_text()
+    assert (tmp_path / "locust.html").stat().st_size > 0
+
+
+def test_generous_slo_passes(servers, tiny_llm_bundle, tmp_path):
+    limits = "p50_ms = 600000\np95_ms = 600000\np99_ms = 600000\nmax_error_rate = 0.0\n"
+    slo = write(tmp_path / "generous.toml", "max_error_rate = 0.0\n" + "".join(
+        f"[rpc.\"{name}\"]\n{limits}" for name in ("Recommend/score", "Recommend/generate", "Retrieve")))
+    run = two_tier_locust(servers, tiny_llm_bundle, slo, tmp_path, seconds=4)
+    assert run.returncode == 0, run.stdout[-3000:]
+    assert "SLO gate passed: 13 limits held" in run.stdout and "BROKEN" not in run.stdout
+    rows = {line.split(",")[1]: line.split(",") for line in (tmp_path / "locust_stats.csv").read_text().splitlines()[1:]}
+    assert int(rows["Aggregated"][2]) > 5 and int(rows["Aggregated"][3]) == 0  # requests, failures
+
+
+def test_errors_carry_the_grpc_status_and_count_against_the_error_budget(servers, tiny_llm_bundle, tmp_path):
+    """k above what the servers allow: every call is INVALID_ARGUMENT; the error rate breaks the gate."""
+    slo = write(tmp_path / "budget.toml", "[rpc.Retrieve]\np99_ms = 600000\nmax_error_rate = 0.01\n"
+                                          "[rpc.\"Recommend/score\"]\np99_ms = 600000\nmax_error_rate = 0.01\n")
+    run = two_tier_locust(servers, tiny_llm_bundle, slo, tmp_path, "--retrieve-k", "100000", "--k", "1000",
+                          "--generate-share", "0", seconds=2)
+    assert run.returncode == EXIT_BROKEN, run.stdout[-3000:]
+    assert "GrpcStatusError('INVALID_ARGUMENT: " in run.stdout  # Locust's failure table, by status code
+    assert "BROKEN  Retrieve error rate: measured 100.00%, limit 1.00%" in run.stdout
+    assert "BROKEN  Recommend/score error rate: measured 100.00%, limit 1.00%" in run.stdout
+
+
+def test_bad_options_stop_the_run_before_it_starts(tiny_bundle, tmp_path):
+    slo = write(tmp_path / "bad.toml", "[rpc.Retrieve]\np50 = 1\n")
+    run = locust("127.0.0.1:1", tiny_bundle, slo, tmp_path, seconds=1)
+    assert run.returncode != 0 and "unknown key 'p50'" in run.stdout
+    run = locust("127.0.0.1:1", tmp_path / "no-bundle", SLO_DIR / "h100.toml", tmp_path, seconds=1)
+    assert run.returncode != 0 and "no-bundle" in run.stdout
+
+
+# -- the benchmark report's code path on the tiny bundle -------------------------------------------------
+
+def test_bench_report_measures_every_cell_and_writes_ratios_goals_and_plots(tiny_llm_bundle, tmp_path):
+    from loadtest.bench_all import GOALS, BenchConfig, run
+
+    report = run(BenchConfig(bundle=tiny_llm_bundle, out=tmp_path, concurrency=[1, 16], requests=3, repeats=2,
+                             candidates=6, generate_k=2, retrieval_calls=10))
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["ratios"] == report["ratios"]
+    assert set(saved["ratios"]) == set(GOALS)  # every headline ratio, retrieval included
+    for name, value in saved["ratios"].items():
+        runs = saved["ratio_runs"][name]
+        assert len(runs) == 2 and value == pytest.approx(statistics.median(runs), abs=1e-3), name  # median of rounds
+        assert value > 0
+        goal = saved["goals"][name]
+        op, threshold = GOALS[name]
+        assert goal["met"] == {">=": value >= threshold, "<": value < threshold, "<=": value <= threshold}[op]
+    cells = {(c["mode"], c["strategy"], c["concurrency"], c["prefix_reuse"]): c for c in saved["cells"]}
+    for mode in ("score", "generate"):
+        for strategy in ("sequential", "static", "inflight"):
+            for concurrency in (1, 16):
+                cell = cells[(mode, strategy, concurrency, True)]
+                assert cell["errors"] == 0 and cell["requests"] == max(3, concurrency)
+                assert cell["throughput_rps"] > 0 and cell["p95_ms"] >= cell["p50_ms"] > 0
+        assert cells[(mode, "sequential", 16, True)]["mean_batch"] == 1.0
+        assert cells[(mode, "inflight", 16, True)]["rounds"] == 2  # headline cells run every round
+    assert cells[("generate", "inflight", 16, True)]["mean_batch"] > 1.0  # 16 callers' decodes shared steps
+    assert cells[("score", "inflight", 1, False)]["rounds"] == 2  # prefix reuse off
+    assert cells[("score", "static", 1, True)]["rounds"] == 1  # sweep-only cells run once
+    workload = saved["workload"]
+    assert workload["candidates"] == 6 and workload["prompt_tokens_min"] > workload["prefix_tokens"] > 0
+    for name in saved["plots"]:
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    markdown = (tmp_path / "bench.md").read_text()
+    assert "| inflight_vs_sequential_throughput_c16 |" in markdown and "![generate mode](bench_generate.png)" in markdown
