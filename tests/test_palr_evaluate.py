@@ -1,0 +1,104 @@
+"""compile evaluate --tier ranking on the tiny bundle (report keys and invariants), and the pieces it
+shares with the server: TitleConstraint decoding and score fusion."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from palr import metrics
+from palr.decoding import TitleConstraint
+from palr.ranking import complete_order, fit_fusion_weight, fuse, generation_bias, order_by_scores
+
+REQUIRED = ("retrieval_hr@10", "retrieval_ndcg@10", "score_hr@10", "score_ndcg@10", "generate_hr@10",
+            "generate_ndcg@10", "generate_invalid_rate", "users", "k")
+
+
+@pytest.fixture(scope="module")
+def report(tiny_llm_bundle):
+    return json.loads((tiny_llm_bundle / "reports" / "eval_ranking.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def user_rows(tiny_llm_bundle):
+    return [json.loads(x) for x in (tiny_llm_bundle / "reports" / "eval_ranking_users.jsonl").read_text().splitlines()]
+
+
+def test_report_has_the_contract_keys_and_sane_values(report):
+    assert set(REQUIRED) <= set(report)
+    assert report["users"] == 6 and report["k"] == 20
+    assert report["generate_invalid_rate"] == 0.0
+    for key in REQUIRED[:6]:
+        assert 0.0 <= report[key] <= report[key.replace("ndcg", "hr")] <= 1.0
+
+
+def test_report_metrics_follow_from_the_per_user_ranks(report, user_rows, ml100k):
+    assert len(user_rows) == report["users"]
+    for mode in ("retrieval", "score", "generate"):
+        ranks = [row[f"{mode}_rank"] for row in user_rows]
+        assert report[f"{mode}_ndcg@10"] == pytest.approx(metrics.ndcg(ranks, 10))
+    for row in user_rows:
+        emitted = row["emitted"]
+        assert len(emitted) == len(set(emitted)) and all(0 <= i < 20 for i in emitted)
+        if row["target_position"] is None:  # not retrieved: a miss in every mode
+            assert row["score_rank"] is row["generate_rank"] is row["retrieval_rank"] is None
+
+
+def test_title_constraint_writes_k_whole_candidate_lines():
+    labels, lines = [330, 331, 332], [[10, 11, 12], [20], [30, 31]]
+    c = TitleConstraint(labels, lines, k=2)
+    assert c.max_new_tokens == 2 + 3 + 2
+    assert c.allowed_tokens() == [330, 331, 332]
+    assert c.token_bias([0.5, 1.0, 2.0]) == [0.5, 1.0, 2.0]
+    c.advance(332)
+    assert c.allowed_tokens() == [30] and c.token_bias([0.5, 1.0, 2.0]) == [0.0]
+    with pytest.raises(ValueError, match="not allowed"):
+        c.advance(331)  # inside a title only its next token is allowed
+    c.advance(30)
+    c.advance(31)
+    assert c.allowed_tokens() == [330, 331] and not c.done  # a named candidate is never offered again
+    c.advance(330)
+    for token in (10, 11, 12):
+        assert not c.done
+        c.advance(token)
+    assert c.done and c.allowed_tokens() == [] and c.emitted() == [2, 0]
+
+
+def test_title_constraint_under_the_reference_decoder(tiny_llama_dir):
+    pytest.importorskip("torch")
+    from palr.llm import generate_constrained, load_causal_lm
+
+    model, tokenizer = load_causal_lm(tiny_llama_dir)
+    labels = [tokenizer.encode(f" {c}", add_special_tokens=False)[0] for c in "ABCDE"]
+    lines = [tokenizer.encode(f" Movie number {i}\n", add_special_tokens=False) for i in range(5)]
+    prompt = tokenizer.encode("Pick movies:", add_special_tokens=False)
+    emitted = generate_constrained(model, prompt, TitleConstraint(labels, lines, k=4))
+    assert len(emitted) == 4 == len(set(emitted)) and all(0 <= i < 5 for i in emitted)
+    # a bias that dwarfs the logits decides the order
+    biased = generate_constrained(model, prompt, TitleConstraint(labels, lines, k=4), bias=[1e4, 2e4, 0, 4e4, 3e4])
+    assert biased == [3, 4, 1, 0]
+
+
+def test_fusion_weight_moves_from_llm_order_to_retrieval_order():
+    llm = [math.log(p) for p in (0.1, 0.2, 0.7)]
+    retrieval = [3.0, 2.0, 1.0]
+    assert order_by_scores(fuse(llm, retrieval, 0.0)) == [2, 1, 0]
+    assert order_by_scores(fuse(llm, retrieval, 100.0)) == [0, 1, 2]
+    assert generation_bias(retrieval, 0.0) is None
+    bias = generation_bias(retrieval, 2.0)
+    assert fuse(llm, retrieval, 2.0) == pytest.approx([s + b for s, b in zip(llm, bias)])
+    assert complete_order([2, 0], 4) == [2, 0, 1, 3]
+
+
+def test_fit_fusion_weight_prefers_what_ranks_validation_targets_best():
+    # the LLM is right for users 0 and 1, retrieval for user 2: a small weight wins
+    llm = [[-3.0, -0.1, -3.0], [-3.0, -3.0, -0.1], [-0.1, -3.0, -3.0]]
+    retrieval = [[1.0, 0.9, 0.0], [1.0, 0.9, 0.0], [0.0, 1.0, 0.9]]
+    targets = [1, 2, 1]
+    weight, curve = fit_fusion_weight(llm, retrieval, targets, k=1, grid=(0.0, 1.0, 100.0))
+    assert curve[0.0] == pytest.approx(2 / 3) and curve[100.0] == pytest.approx(1 / 3)
+    assert weight == 0.0
+    weight, _ = fit_fusion_weight(llm, retrieval, [0, 0, 1], k=1, grid=(0.0, 100.0))
+    assert weight == 100.0

@@ -1,0 +1,76 @@
+"""Profiles: stats keywords from the history the model sees (never the test item), and the LLM
+summariser's hierarchical blocks, folding and cache, run on the tiny random Llama."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from compile.profiles import LlmSummariser, ProfilesConfig, _clean_keywords, run
+from palr.catalog import Catalog, Item
+from palr.profiles import Profiles, StatsProfiler, StatsProfileSettings
+
+
+def item(i, genres, year="1995", count=1):
+    return Item(id=str(i), title=f"Movie {i}", year=year, genres=tuple(genres), train_count=count)
+
+
+def test_stats_profile_names_top_genres_recent_taste_era_and_popularity():
+    items = [item(i, ["Drama"], count=100 - i) for i in range(1, 7)] + \
+            [item(i, ["Horror", "Thriller"], year="1978", count=1) for i in range(7, 13)]
+    profile = StatsProfiler(Catalog(items), StatsProfileSettings(recent_items=4))
+    assert profile(items) == "Drama, Horror, Thriller; lately Horror, Thriller; 1990s and 1970s; lesser-known films"
+    assert profile(items[:2]) == "Drama; mostly 1990s; mainstream"  # the two most popular of 12 items
+    assert profile([]) == ""
+
+
+def test_bundle_profiles_come_from_train_plus_valid_only(tiny_llm_bundle, ml100k):
+    profiles = Profiles.load(tiny_llm_bundle / "profiles.json")
+    catalog = Catalog.load(tiny_llm_bundle / "catalog.json")
+    stats = StatsProfiler(catalog)
+    assert profiles.method == "stats" and len(profiles.profiles) == len(ml100k.split.train)
+    for user in sorted(ml100k.split.train)[:50]:
+        seen = [catalog.by_id(i) for i in ml100k.split.test_history(user)]
+        assert profiles.profiles[user] == stats(seen)
+
+
+def test_clean_keywords_keeps_the_first_line_deduplicated_and_short():
+    assert _clean_keywords(" Drama, comedy, drama; Horror.\nmore text", 3) == "Drama, comedy, Horror"
+    assert _clean_keywords("", 8) == ""
+
+
+class RecordingSummariser(LlmSummariser):
+    """The real summariser (real tiny model), recording each batch of prompts it generates for."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.batches: list[list[str]] = []
+
+    def _generate(self, prompts):
+        self.batches.append(list(prompts))
+        return super()._generate(prompts)
+
+
+def test_llm_summaries_are_hierarchical_and_cached(tiny_llama_dir, tmp_path):
+    config = ProfilesConfig(method="llm", max_items=7, block_items=3, max_new_tokens=3, batch_size=4)
+    summarise = RecordingSummariser(tiny_llama_dir, config, tmp_path / "cache.json")
+    long, short = [item(i, ["Drama"]) for i in range(1, 12)], [item(i, ["Comedy"]) for i in range(20, 22)]
+    out = summarise([long, short])
+    assert len(out) == 2 and all(isinstance(x, str) for x in out)
+    # the last 7 items of `long`: 3 blocks (3 + 3 + 1 titles) + 1 for `short`, then one fold for `long`
+    assert [len(b) for b in summarise.batches] == [4, 1]
+    assert "Movie 11" in summarise.batches[0][2] and "Movie 4" not in "".join(summarise.batches[0])
+    assert summarise.batches[1][0].count("\n1. ") == 1 and "\n3. " in summarise.batches[1][0]
+    again = RecordingSummariser(tiny_llama_dir, config, tmp_path / "cache.json")
+    assert again([short, long]) == out[::-1] and again.batches == []
+
+
+def test_profiles_step_llm_method_writes_profiles_json(tiny_llm_bundle, tmp_path):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_llm_bundle, bundle, symlinks=True)
+    run(ProfilesConfig(bundle=bundle, method="llm", users=3, max_items=6, block_items=3, max_new_tokens=2))
+    profiles = json.loads((bundle / "profiles.json").read_text())
+    assert profiles["method"] == "llm" and len(profiles["profiles"]) == 3
+    assert profiles["settings"]["block_items"] == 3

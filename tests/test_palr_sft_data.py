@@ -1,0 +1,74 @@
+"""compile sft-data: examples come from the TRAIN split only; no valid or test interaction appears in a
+training example (history, target or candidate), and no test item appears in the validation file."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from palr.prompt import RECOMMEND, RETRIEVAL
+
+
+def read(bundle, name):
+    return [json.loads(line) for line in (bundle / "llm" / "sft" / name).read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def train_rows(tiny_llm_bundle):
+    return read(tiny_llm_bundle, "train.jsonl")
+
+
+@pytest.fixture(scope="module")
+def valid_rows(tiny_llm_bundle):
+    return read(tiny_llm_bundle, "valid.jsonl")
+
+
+def test_both_tasks_are_present(train_rows, tiny_llm_bundle):
+    tasks = {row["task"] for row in train_rows}
+    assert tasks == {RETRIEVAL, RECOMMEND}
+    meta = json.loads((tiny_llm_bundle / "llm" / "sft" / "meta.json").read_text())
+    assert meta["train_examples"] == len(train_rows)
+
+
+def test_training_examples_never_contain_valid_or_test_interactions(train_rows, ml100k):
+    split = ml100k.split
+    for row in train_rows:
+        user, history = row["user"], row["history"]
+        train = split.train[user]
+        held_out = {split.valid[user], split.test[user]}
+        assert history == train[: len(history)], "history is a prefix of the user's training items"
+        targets = [row["target"]] if row["task"] == RETRIEVAL else row["targets"]
+        assert targets == train[len(history): len(history) + len(targets)], "targets follow in the train split"
+        seen = set(history) | set(targets) | set(row.get("candidates", []))
+        assert not seen & held_out, f"user {user}: a valid/test item leaked into a training example"
+
+
+def test_retrieval_candidates_hold_the_target_once_and_no_later_item(train_rows, ml100k, tiny_llm_bundle):
+    meta = json.loads((tiny_llm_bundle / "llm" / "sft" / "meta.json").read_text())
+    positions = set()
+    for row in (r for r in train_rows if r["task"] == RETRIEVAL):
+        candidates = row["candidates"]
+        assert len(candidates) == meta["candidates"] == len(set(candidates))
+        assert candidates[row["target_position"]] == row["target"]
+        later = set(ml100k.split.train[row["user"]][len(row["history"]) + 1:])
+        assert not later & set(candidates), "a later positive of the user was used as a negative"
+        assert not set(row["history"]) & set(candidates)
+        positions.add(row["target_position"])
+    assert len(positions) >= 5, "candidate order is shuffled: the target is not always at one label"
+
+
+def test_validation_file_is_the_valid_split_in_retrieval_order_without_test_items(valid_rows, ml100k):
+    split = ml100k.split
+    assert valid_rows
+    for row in valid_rows:
+        user = row["user"]
+        assert row["history"] == split.train[user]
+        assert row["target"] == split.valid[user]
+        assert split.test[user] not in set(row["candidates"]) | set(row["history"]) | {row["target"]}
+        scores = row["retrieval_scores"]
+        assert scores == sorted(scores, reverse=True), "candidates keep SASRec's order"
+        position = row["target_position"]
+        assert (position is None) == (row["target"] not in row["candidates"])
+        if position is not None:
+            assert row["candidates"][position] == row["target"]
