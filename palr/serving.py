@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import signal
 import time
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
+LB_POLICIES = ("pick_first", "round_robin")
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512,
                    1.0, 2.0, 4.0, 8.0, 16.0)
 
@@ -101,15 +103,24 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
 
 def open_channel(target: str, *, tls_ca: Path | None = None, tls_cert: Path | None = None,
                  tls_key: Path | None = None, server_name: str | None = None,
-                 max_message_bytes: int | None = None, aio: bool = True):
-    """A client channel to `target` ("host:port"): TLS when a CA or client certificate is given
-    (the CA verifies the server; cert + key are this client's identity for mutual TLS), plaintext
-    otherwise. `server_name` overrides the name checked against the server certificate."""
+                 max_message_bytes: int | None = None, load_balancing: str | None = None, aio: bool = True):
+    """A client channel to `target`: TLS when a CA or client certificate is given (the CA verifies
+    the server; cert + key are this client's identity for mutual TLS), plaintext otherwise.
+    `server_name` overrides the name checked against the server certificate.
+
+    `target` is anything gRPC resolves: "host:port", or "dns:///name:port" (every address the name
+    resolves to, e.g. a Kubernetes headless Service's pods). `load_balancing` picks gRPC's
+    client-side policy over those addresses: "round_robin" (spread RPCs over all ready backends)
+    or "pick_first" (gRPC's default: one backend at a time)."""
     if bool(tls_cert) != bool(tls_key):
         raise ValueError("a client certificate needs its key (tls_cert and tls_key go together)")
     options = message_size_options(max_message_bytes) if max_message_bytes else []
     if server_name:
         options.append(("grpc.ssl_target_name_override", server_name))
+    if load_balancing:
+        if load_balancing not in LB_POLICIES:
+            raise ValueError(f"load_balancing must be one of {LB_POLICIES}, got {load_balancing!r}")
+        options.append(("grpc.service_config", json.dumps({"loadBalancingConfig": [{load_balancing: {}}]})))
     module = grpc.aio if aio else grpc
     if not (tls_ca or tls_cert):
         return module.insecure_channel(target, options=options)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from palr.serving import ServerConfig
 
-ENGINES = ("hf", "trtllm")
+ENGINES = ("hf", "trtllm", "ortgenai")
 DEVICES = ("cpu", "cuda")
 
 
@@ -20,7 +20,8 @@ class RankingServerConfig(ServerConfig):
 
     # -- the retrieval tier --------------------------------------------------------------------
     retrieval: str = field(default="127.0.0.1:50051", metadata={
-        "help": "address of the retrieval server (python -m retrieval_server)", "metavar": "HOST:PORT"})
+        "help": "address of the retrieval server (python -m retrieval_server): HOST:PORT, or any gRPC target such "
+                "as dns:///retrieval-headless.NS.svc.cluster.local:50051", "metavar": "HOST:PORT"})
     retrieval_tls_ca: Path | None = field(default=None, metadata={
         "help": "PEM CA that signed the retrieval server's certificate; turns TLS on for that channel",
         "metavar": "PEM"})
@@ -29,6 +30,10 @@ class RankingServerConfig(ServerConfig):
         "metavar": "PEM"})
     retrieval_tls_key: Path | None = field(default=None, metadata={
         "help": "PEM private key of --retrieval-tls-cert", "metavar": "PEM"})
+    retrieval_lb: str = field(default="pick_first", metadata={
+        "help": "gRPC client-side load balancing over the addresses --retrieval resolves to: round_robin spreads "
+                "requests over every retrieval replica (with --retrieval dns:///NAME:PORT, e.g. a Kubernetes "
+                "headless Service), pick_first uses one at a time", "choices": ("pick_first", "round_robin")})
     retrieval_chunk_size: int = field(default=0, metadata={
         "help": "candidates per streamed retrieval message (0 = the retrieval server's default)"})
 
@@ -42,7 +47,10 @@ class RankingServerConfig(ServerConfig):
 
     # -- the LLM engine ------------------------------------------------------------------------
     engine: str = field(default="hf", metadata={
-        "help": "LLM backend: hf (transformers, in-flight batching) or trtllm (TensorRT-LLM, NVIDIA GPUs)",
+        "help": "LLM backend: hf (transformers, in-flight batching), trtllm (TensorRT-LLM engine, NVIDIA GPUs) or "
+                "ortgenai (onnxruntime-genai CPU build, for the modes its build won; torch serves the rest). "
+                "A bundle build for the engine and device (compile build --target ...) is used and checked against "
+                "this machine; hf without one serves llm/merged as is",
         "choices": ENGINES})
     device: str = field(default="cpu", metadata={"help": "where the LLM runs", "choices": DEVICES})
     max_batch_size: int = field(default=16, metadata={"help": "most requests in the engine's running batch"})

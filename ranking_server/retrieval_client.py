@@ -25,7 +25,8 @@ class RetrievalClient:
         self.target = config.retrieval
         self.channel = open_channel(config.retrieval, tls_ca=config.retrieval_tls_ca,
                                     tls_cert=config.retrieval_tls_cert, tls_key=config.retrieval_tls_key,
-                                    max_message_bytes=config.max_message_bytes, aio=True)
+                                    max_message_bytes=config.max_message_bytes,
+                                    load_balancing=config.retrieval_lb, aio=True)
         self.stub = retrieval_pb2_grpc.RetrievalServiceStub(self.channel)
         self.chunk_size = config.retrieval_chunk_size
 

@@ -167,3 +167,35 @@ def test_compile_build_without_merged_model_says_what_is_missing(tmp_path):
     Bundle.open_or_create(tmp_path).save()
     with pytest.raises(BundleError, match="no artifact 'llm_merged'"):
         build.run(build_config(tmp_path, "hf-cpu"))
+
+
+def test_ranking_server_serves_the_untouched_build(server_loop, hf_cpu_bundle, caplog):
+    import grpc
+
+    from recsys.v1 import ranking_pb2, ranking_pb2_grpc
+    from tests.test_ranking_server import start_ranking, start_retrieval
+
+    retrieval = start_retrieval(server_loop, hf_cpu_bundle)
+    try:
+        with caplog.at_level("INFO"):
+            ranking = start_ranking(server_loop, hf_cpu_bundle, retrieval.server.address)
+        assert "hf engine: build hf-cpu" in caplog.text
+        with grpc.insecure_channel(ranking.server.address) as channel:
+            response = ranking_pb2_grpc.RankingServiceStub(channel).Recommend(
+                ranking_pb2.RecommendRequest(user_id="1", k=3), timeout=60)
+        assert len(response.items) == 3 and not response.degraded
+        server_loop.run(ranking.drain())
+    finally:
+        server_loop.run(retrieval.drain())
+
+
+def test_ranking_server_refuses_to_start_on_a_build_for_another_machine(hf_cpu_bundle_copy):
+    import subprocess
+    import sys
+
+    edit_entry(hf_cpu_bundle_copy, device="cuda", device_name="NVIDIA H100 80GB HBM3", compute_capability="9.0")
+    result = subprocess.run([sys.executable, "-m", "ranking_server", "--bundle", str(hf_cpu_bundle_copy), "--port", "0",
+                             "--retrieval", "127.0.0.1:9"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "cannot serve: refusing engine:hf-cpu" in result.stderr
+    assert "built for cuda: NVIDIA H100 80GB HBM3 (SM 9.0)" in result.stderr

@@ -17,6 +17,7 @@ import dataclasses
 import logging
 from collections.abc import Callable
 
+from palr.bundle import BundleError
 from palr.hardware import BuildMismatch, Machine, artifact_name, open_build, target_spec
 from ranking_server.engines.base import MODES, RankingEngine
 from ranking_server.engines.hf import EngineConfig
@@ -31,6 +32,10 @@ def has_build(bundle, target: str) -> bool:
 def engine_from_build(bundle, target: str, engine_config: EngineConfig, trtllm_config=None) -> RankingEngine:
     """The engine serving the bundle's `engine:<target>` build on this machine (checked first)."""
     spec = target_spec(target)
+    if not has_build(bundle, target):
+        raise BundleError(f"{bundle.root}: no {artifact_name(target)} build for --engine {spec.engine} --device "
+                          f"{spec.device}; make it on this machine: python -m compile build --bundle {bundle.root} "
+                          f"--target {target}")
     path, entry = open_build(bundle, target, Machine.detect(spec.device))
     threads = engine_config.num_threads or entry.get("num_threads")
     if spec.engine == "hf":
