@@ -12,6 +12,7 @@ def latency_vs_throughput(rows: list[dict], title: str, path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for strategy in dict.fromkeys(r["strategy"] for r in rows):
@@ -24,6 +25,7 @@ def latency_vs_throughput(rows: list[dict], title: str, path: Path) -> Path:
             ax.annotate(f"c={r['concurrency']}", (r["throughput_rps"], r["p95_ms"] / 1e3), textcoords="offset points",
                         xytext=(4, 4), fontsize=7, color=line.get_color())
     ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
     ax.set_xlabel("throughput (requests/s)")
     ax.set_ylabel("latency (s, log scale)")
     ax.set_title(title)
