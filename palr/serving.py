@@ -57,6 +57,9 @@ class ServerConfig:
         "help": "largest request or response message in bytes; larger requests get RESOURCE_EXHAUSTED"})
     metrics_port: int = field(default=0, metadata={
         "help": "port for Prometheus metrics over HTTP on the same host (0 = off)"})
+    health_port: int = field(default=0, metadata={
+        "help": "a second, plaintext port on the same host serving only grpc.health.v1, for probes that cannot "
+                "speak (mutual) TLS, such as Kubernetes' native grpc probes (0 = off)"})
     tls_cert: Path | None = field(default=None, metadata={
         "help": "PEM server certificate chain; with --tls-key turns TLS on", "metavar": "PEM"})
     tls_key: Path | None = field(default=None, metadata={"help": "PEM private key of --tls-cert", "metavar": "PEM"})
@@ -151,6 +154,11 @@ class GrpcServer:
                                             self.grpc)
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.health_port: int | None = None
+        # health only, plaintext: the same HealthServicer, so both ports always report the same status
+        self._health_grpc = grpc.aio.server(options=[("grpc.so_reuseport", 0)]) if config.health_port else None
+        if self._health_grpc is not None:
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_grpc)
         self._metrics_httpd = None
         self._stop_requested: asyncio.Event | None = None
 
@@ -172,15 +180,23 @@ class GrpcServer:
             raise OSError(f"cannot listen on {address}: {e}") from None
         await self.grpc.start()
         self.port = port
+        if self._health_grpc is not None:
+            health_address = f"{self.config.host}:{self.config.health_port}"
+            try:
+                self.health_port = self._health_grpc.add_insecure_port(health_address)
+            except RuntimeError as e:
+                raise OSError(f"cannot serve health on {health_address}: {e}") from None
+            await self._health_grpc.start()
         if self.config.metrics_port:
             try:
                 self._metrics_httpd, _ = start_http_server(self.config.metrics_port, addr=self.config.host)
             except OSError as e:
                 raise OSError(f"cannot serve metrics on {self.config.host}:{self.config.metrics_port}: {e}") from None
             self.metrics_port = self._metrics_httpd.server_port
-        log.info("listening on %s (TLS %s, max message %d bytes, metrics %s); health NOT_SERVING until warmed up",
-                 self.address, self.config.tls, self.config.max_message_bytes,
-                 f"http://{self.config.host}:{self.metrics_port}/metrics" if self.metrics_port else "off")
+        log.info("listening on %s (TLS %s, max message %d bytes, metrics %s, plaintext health port %s); health "
+                 "NOT_SERVING until warmed up", self.address, self.config.tls, self.config.max_message_bytes,
+                 f"http://{self.config.host}:{self.metrics_port}/metrics" if self.metrics_port else "off",
+                 self.health_port or "off")
         return self.port
 
     async def set_serving(self) -> None:
@@ -193,6 +209,8 @@ class GrpcServer:
         log.info("draining: health NOT_SERVING, no new RPCs, in-flight RPCs get up to %.1f s", self.config.grace)
         await self.health.enter_graceful_shutdown()
         await self.grpc.stop(self.config.grace)
+        if self._health_grpc is not None:
+            await self._health_grpc.stop(0)
         if self._metrics_httpd is not None:
             self._metrics_httpd.shutdown()
             self._metrics_httpd.server_close()

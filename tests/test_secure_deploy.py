@@ -113,3 +113,39 @@ def test_round_robin_spreads_rpcs_over_every_address_pick_first_sticks_to_one(tw
 def test_unknown_load_balancing_policy_is_refused():
     with pytest.raises(ValueError, match="load_balancing must be one of"):
         open_channel("dns:///localhost:1", load_balancing="least_loaded")
+
+
+def test_plaintext_health_port_serves_probes_while_the_service_port_needs_mutual_tls(server_loop, pki):
+    """What Kubernetes' native grpc probes (no client certificates) need: health, and only health, in plaintext."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from loadtest.servers import free_port
+    from palr.serving import NOT_SERVING, SERVING
+
+    async def make() -> GrpcServer:
+        server = GrpcServer(ServerConfig(port=0, health_port=free_port(), tls_cert=pki.server_cert,
+                                         tls_key=pki.server_key, tls_client_ca=pki.ca, grace=0.5), [WHO])
+        server.grpc.add_generic_rpc_handlers([who_handler([0])])
+        await server.start()
+        return server
+
+    server = server_loop.run(make())
+
+    def check(channel) -> int:
+        return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=WHO), timeout=5).status
+
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{server.health_port}") as probe:
+            assert check(probe) == NOT_SERVING
+            server_loop.run(server.set_serving())
+            assert check(probe) == SERVING
+            with pytest.raises(grpc.RpcError) as caught:
+                probe.unary_unary(f"/{WHO}/Who")(b"", timeout=5)
+            assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED  # the service itself is not there
+        with grpc.insecure_channel(server.address) as plaintext, pytest.raises(grpc.RpcError) as caught:
+            check(plaintext)
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE  # the service port still demands mutual TLS
+    finally:
+        server_loop.run(server.drain())
+    with grpc.insecure_channel(f"127.0.0.1:{server.health_port}") as probe, pytest.raises(grpc.RpcError):
+        check(probe)
