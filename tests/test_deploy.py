@@ -1,0 +1,100 @@
+"""The deployment files stay in step with the code (no Docker engine or cluster here: see
+deploy/README.md for what was validated how): every Kubernetes manifest parses, every container's
+arguments are accepted by the real server's command line, probes hit the health port the server is
+told to open, the ranking server dials the headless retrieval Service with round_robin, and the
+Dockerfiles copy what exists and run our modules."""
+
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+import pytest
+
+from compile.cli import add_config_arguments
+from ranking_server.config import RankingServerConfig
+from retrieval_server.config import RetrievalServerConfig
+
+yaml = pytest.importorskip("yaml")
+
+REPO = Path(__file__).resolve().parents[1]
+K8S = REPO / "deploy" / "k8s"
+DOCKER = REPO / "deploy" / "docker"
+SERVERS = {"retrieval_server": RetrievalServerConfig, "ranking_server": RankingServerConfig}
+
+
+def documents() -> list[dict]:
+    return [doc for path in sorted(K8S.glob("*.yaml")) for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def deployments() -> list[tuple[dict, dict]]:
+    """(deployment, its container) for every Deployment in deploy/k8s."""
+    return [(doc, doc["spec"]["template"]["spec"]["containers"][0]) for doc in documents()
+            if doc["kind"] == "Deployment"]
+
+
+def server_args(container: dict) -> argparse.Namespace:
+    """The container's arguments through the server's own command line (unknown flags fail)."""
+    module, *args = container["args"]
+    parser = argparse.ArgumentParser(prog=module, exit_on_error=False)
+    add_config_arguments(parser, SERVERS[module])
+    return parser.parse_args(args)
+
+
+def test_every_manifest_parses_and_kustomize_lists_the_base_files():
+    kinds = sorted(doc["kind"] for doc in documents())
+    assert kinds.count("Deployment") == 3 and kinds.count("Service") == 2  # ranking.yaml + ranking-trtllm.yaml
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    assert all((K8S / name).is_file() for name in kustomization["resources"])
+
+
+@pytest.mark.parametrize("name", ["retrieval", "ranking", "ranking (trtllm)"])
+def test_container_arguments_are_accepted_by_the_server_and_probes_use_its_health_port(name):
+    found = [(d, c) for d, c in deployments()
+             if d["metadata"]["name"] == name.split()[0] and ("trtllm" in c["image"]) == name.endswith("(trtllm)")]
+    assert len(found) == 1
+    deployment, container = found[0]
+    args = server_args(container)
+    assert args.host == "0.0.0.0" and args.health_port
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert container[probe]["grpc"]["port"] == args.health_port  # native grpc probes, plaintext health port
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports["grpc"] == args.port and ports["health"] == args.health_port
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    secrets = {v["name"] for v in deployment["spec"]["template"]["spec"]["volumes"] if "secret" in v}
+    for flag in ("tls_cert", "tls_key", "tls_client_ca"):
+        path = str(getattr(args, flag))
+        assert any(path.startswith(mounts[s] + "/") for s in secrets), f"--{flag} {path} is not on a secret volume"
+    grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    assert grace > float(args.grace)
+
+
+def test_ranking_dials_the_headless_retrieval_service_with_round_robin_and_mutual_tls():
+    services = {doc["metadata"]["name"]: doc for doc in documents() if doc["kind"] == "Service"}
+    headless = services["retrieval-headless"]
+    assert headless["spec"]["clusterIP"] == "None"
+    retrieval = server_args(next(c for d, c in deployments() if d["metadata"]["name"] == "retrieval"))
+    assert headless["spec"]["ports"][0]["port"] == retrieval.port
+    namespace = headless["metadata"]["namespace"]
+    for deployment, container in deployments():
+        if deployment["metadata"]["name"] != "ranking":
+            continue
+        args = server_args(container)
+        assert args.retrieval == f"dns:///retrieval-headless.{namespace}.svc.cluster.local:{retrieval.port}"
+        assert args.retrieval_lb == "round_robin"
+        assert args.retrieval_tls_ca and args.retrieval_tls_cert and args.retrieval_tls_key
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile.cpu", "Dockerfile.trtllm"])
+def test_dockerfiles_copy_what_exists_and_run_our_modules(dockerfile):
+    text = (DOCKER / dockerfile).read_text()
+    sources = [src for line in re.findall(r"^COPY (.+)$", text, re.M) for src in line.split()[:-1]]
+    assert sources and all((REPO / src).exists() for src in sources), sources
+    assert re.search(r'^ENTRYPOINT \["python3?", "-m"\]$', text, re.M)
+    assert (REPO / "ranking_server" / "__main__.py").is_file()
+    assert re.search(r"^USER 10001$", text, re.M)  # not root
+    if dockerfile == "Dockerfile.cpu":
+        assert "download.pytorch.org/whl/cpu" in text.split(".[serve")[0]  # the CPU torch pin comes first
+    else:
+        assert re.search(r"^FROM nvcr\.io/nvidia/tensorrt-llm/release:", text, re.M)
