@@ -56,8 +56,8 @@ def add_options(parser) -> None:
     group.add_argument("--candidates", type=int, default=20,
                        help="retrieved candidates the LLM ranks per Recommend (0: the server's default)")
     group.add_argument("--retrieve-k", type=int, default=50, help="candidates per Retrieve call")
-    group.add_argument("--score-deadline-ms", type=float, default=15000, help="deadline of score-mode Recommend calls")
-    group.add_argument("--generate-deadline-ms", type=float, default=60000,
+    group.add_argument("--score-deadline-ms", type=float, default=30000, help="deadline of score-mode Recommend calls")
+    group.add_argument("--generate-deadline-ms", type=float, default=120000,
                        help="deadline of generate-mode Recommend calls")
     group.add_argument("--retrieve-deadline-ms", type=float, default=2000, help="deadline of Retrieve calls")
     group.add_argument("--think-time-ms", type=float, default=0.0,
