@@ -1,7 +1,8 @@
 """Locust load test of the two-tier system over gRPC, with an SLO gate.
 
     locust -f loadtest/locustfile.py --headless --host 127.0.0.1:50052 --retrieval-host 127.0.0.1:50051 \\
-        --bundle bundle --slo loadtest/slo/cpu.toml -u 2 -r 2 -t 3m --csv reports/locust --html reports/locust.html
+        --bundle bundle --slo loadtest/slo/cpu.toml -u 2 -r 2 -t 3m --stop-timeout 60 \\
+        --csv reports/locust --html reports/locust.html
 
 Each Locust user is an internal service in a closed loop: it picks a user from the bundle's
 users.json (or, at `--cold-start-share`, an id nobody has seen), and calls
@@ -158,8 +159,8 @@ class RecsysCaller(GrpcUser):
 
     def on_start(self) -> None:
         options = self.environment.parsed_options
-        self.tls_ca, self.tls_cert, self.tls_key = (Path(p) if p else None
-                                                    for p in (options.grpc_tls_ca, options.grpc_tls_cert, options.grpc_tls_key))
+        pem_files = (options.grpc_tls_ca, options.grpc_tls_cert, options.grpc_tls_key)
+        self.tls_ca, self.tls_cert, self.tls_key = (Path(p) if p else None for p in pem_files)
         self.traffic = TRAFFIC
         self.ranking = ranking_pb2_grpc.RankingServiceStub(self.channel(self.host))
         self.retrieval = retrieval_pb2_grpc.RetrievalServiceStub(
