@@ -54,7 +54,7 @@ def add_options(parser) -> None:
     group.add_argument("--cold-start-share", type=float, default=0.0,
                        help="fraction of calls for user ids the bundle does not know (popularity answers)")
     group.add_argument("--k", type=int, default=10, help="items per Recommend answer")
-    group.add_argument("--candidates", type=int, default=20,
+    group.add_argument("--candidates", type=int, default=0,
                        help="retrieved candidates the LLM ranks per Recommend (0: the server's default)")
     group.add_argument("--retrieve-k", type=int, default=50, help="candidates per Retrieve call")
     group.add_argument("--score-deadline-ms", type=float, default=30000, help="deadline of score-mode Recommend calls")
