@@ -261,11 +261,20 @@ def test_abort_while_queued_and_while_decoding_frees_the_slot(tiny):
 
 
 class FaultyConstraint(LabelConstraint):
-    """Breaks on its third token: a bug in one request's constraint."""
+    """Breaks on its third token (in `advance`, or in `allowed_tokens`): a bug in one request's constraint."""
+
+    def __init__(self, labels, k, where):
+        super().__init__(labels, k)
+        self.where = where
+
+    def allowed_tokens(self):
+        if self.where == "allowed" and len(self.emitted()) == 2:
+            raise RuntimeError("constraint bug in allowed_tokens")
+        return super().allowed_tokens()
 
     def advance(self, token_id):
-        if len(self.emitted()) == 2:
-            raise RuntimeError("constraint bug")
+        if self.where == "advance" and len(self.emitted()) == 2:
+            raise RuntimeError("constraint bug in advance")
         super().advance(token_id)
 
 
@@ -282,8 +291,9 @@ def test_bad_requests_fail_alone(tiny, workload):
         "too long": (EngineRequest("b6", [5] * 1000, [6] * 30, labels[:3]), "exceed max_seq_len"),
         "empty suffix": (EngineRequest("b7", [5], [], labels[:3]), "suffix_ids is empty"),
     }
-    faulty = EngineRequest("faulty", [5, 6], [7, 8], labels, mode="generate", k=5,
-                           constraint=lambda: FaultyConstraint(labels, 5))
+    faulty = [EngineRequest(f"faulty-{where}", [5, 6], [7, 8], labels, mode="generate", k=5,
+                            constraint=lambda where=where: FaultyConstraint(labels, 5, where))
+              for where in ("advance", "allowed")]
     engine = HFEngine(model, EngineConfig(max_batch_size=4, max_tokens_per_step=32))
 
     async def scenario():
@@ -292,7 +302,7 @@ def test_bad_requests_fail_alone(tiny, workload):
                 return await engine.rank(request)
             except EngineError as e:
                 return e
-        return await asyncio.gather(*(outcome(r) for r in [*good, faulty, *(r for r, _ in bad.values())]))
+        return await asyncio.gather(*(outcome(r) for r in [*good, *faulty, *(r for r, _ in bad.values())]))
 
     try:
         outcomes = asyncio.run(scenario())
@@ -301,8 +311,9 @@ def test_bad_requests_fail_alone(tiny, workload):
         engine.close()
     for request, result in zip(good, outcomes[:6]):
         assert_matches_reference(request, result, expected[request.request_id])
-    assert isinstance(outcomes[6], EngineError) and "constraint bug" in str(outcomes[6])
-    for (name, (_, message)), error in zip(bad.items(), outcomes[7:]):
+    for where, error in zip(("advance", "allowed_tokens"), outcomes[6:8]):
+        assert isinstance(error, EngineError) and f"constraint bug in {where}" in str(error)
+    for (name, (_, message)), error in zip(bad.items(), outcomes[8:]):
         assert isinstance(error, InvalidRequest), name
         assert message in str(error), (name, str(error))
     assert healthy

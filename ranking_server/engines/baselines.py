@@ -99,7 +99,7 @@ class StaticBatchingEngine(HFEngine):
 
     def _plan_prefill(self, budget: int) -> list[tuple[Row, int]]:
         """The whole batch's prompts at once, no token budget."""
-        return [(seq, len(seq.todo)) for seq in self._slots[self._n_decoding:]]
+        return [(row, len(row.todo)) for row in self._slots[self._n_decoding:]]
 
     def _prefill_groups(self, chunks):
         return [chunks] if chunks else []

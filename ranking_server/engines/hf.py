@@ -151,11 +151,11 @@ class HFEngine(LoopEngine):
         step is cut to fit. Cutting a prompt that would fit a later step only adds a pass: each
         pass re-reads all the weights, which on CPU costs as much as a short prompt."""
         chunks = []
-        for seq in sorted(self._slots[self._n_decoding:], key=lambda row: row.pending.submitted):
-            n = len(seq.todo)
+        for row in sorted(self._slots[self._n_decoding:], key=lambda row: row.pending.submitted):
+            n = len(row.todo)
             if budget <= 0 or (n > budget and chunks):
                 break
-            chunks.append((seq, min(n, budget)))
+            chunks.append((row, min(n, budget)))
             budget -= chunks[-1][1]
         return chunks
 
@@ -168,18 +168,18 @@ class HFEngine(LoopEngine):
 
     def _admit(self, pending: Pending) -> None:
         request = pending.request
-        seq = Row(pending, slot=len(self._slots), todo=request.input_ids)
-        self._slots.append(seq)
-        self._by_id[pending.request_id] = seq
+        row = Row(pending, slot=len(self._slots), todo=request.input_ids)
+        self._slots.append(row)
+        self._by_id[pending.request_id] = row
         key = tuple(int(t) for t in request.prefix_ids)
         if self.config.prefix_reuse and key:
             stored = self.prefixes.get(key)
             if stored is not None:
-                self.kv.write_prefix(seq.slot, stored)
-                seq.length = seq.cached = len(key)
-                seq.todo = [int(t) for t in request.suffix_ids]
+                self.kv.write_prefix(row.slot, stored)
+                row.length = row.cached = len(key)
+                row.todo = [int(t) for t in request.suffix_ids]
             else:
-                seq.snapshot_at = len(key)
+                row.snapshot_at = len(key)
 
     def _swap(self, i: int, j: int) -> None:
         if i == j:
@@ -189,14 +189,14 @@ class HFEngine(LoopEngine):
         self._slots[i], self._slots[j] = b, a
         a.slot, b.slot = j, i
 
-    def _leave(self, seq: Row) -> None:
+    def _leave(self, row: Row) -> None:
         """Free the request's slot, keeping the decoding rows, then the prefilling rows, contiguous."""
-        if seq.slot < self._n_decoding:
+        if row.slot < self._n_decoding:
             self._n_decoding -= 1
-            self._move_into(self._n_decoding, seq.slot)
-        self._move_into(len(self._slots) - 1, seq.slot)
+            self._move_into(self._n_decoding, row.slot)
+        self._move_into(len(self._slots) - 1, row.slot)
         self._slots.pop()
-        del self._by_id[seq.pending.request_id]
+        del self._by_id[row.pending.request_id]
 
     def _move_into(self, src: int, dst: int) -> None:
         """Move the request in slot `src` into slot `dst`, whose request is leaving (goes to `src`)."""
@@ -208,16 +208,16 @@ class HFEngine(LoopEngine):
         moving.slot, leaving.slot = dst, src
 
     def _release(self, pending: Pending) -> None:
-        seq = self._by_id.get(pending.request_id)
-        if seq is not None:
-            self._leave(seq)
+        row = self._by_id.get(pending.request_id)
+        if row is not None:
+            self._leave(row)
 
-    def _fail_rows(self, seqs: list[Row], error: Exception, what: str) -> None:
-        log.exception("%s failed for %d request(s)", what, len(seqs), exc_info=error)
-        for seq in seqs:
-            if seq.pending.request_id in self._by_id:
-                self._leave(seq)
-                self._fail(seq.pending, EngineError(f"{what} failed: {error!r}"))
+    def _fail_rows(self, rows: list[Row], error: Exception, what: str) -> None:
+        log.exception("%s failed for %d request(s)", what, len(rows), exc_info=error)
+        for row in rows:
+            if row.pending.request_id in self._by_id:
+                self._leave(row)
+                self._fail(row.pending, EngineError(f"{what} failed: {error!r}"))
 
     # ---- model work ---------------------------------------------------------------------------
 
@@ -240,76 +240,90 @@ class HFEngine(LoopEngine):
             logits = logits + self.lm_head.bias[index]
         return logits.float()
 
-    def _decode(self, seqs: list[Row]) -> None:
-        """One batched decode pass over slots `[0, len(seqs))`, then each row's constrained pick."""
+    def _decode(self, rows: list[Row]) -> None:
+        """One batched decode pass over slots `[0, len(rows))`, then each row's constrained pick."""
         try:
-            hidden = self._forward(0, [[s.next_token] for s in seqs], [s.length for s in seqs])
+            hidden = self._forward(0, [[s.next_token] for s in rows], [s.length for s in rows])
         except Exception as e:  # noqa: BLE001 - fail these rows, keep serving
-            self._fail_rows(seqs, e, "decode pass")
+            self._fail_rows(rows, e, "decode pass")
             return
-        allowed = [s.constraint.allowed_tokens() for s in seqs]
-        union = sorted({t for row in allowed for t in row})
+        for row in rows:  # all lengths first: a row leaving below moves other rows' KV up to their length
+            row.length += 1
+        allowed = self._allowed_tokens(rows)
+        union = sorted({t for tokens in allowed.values() for t in tokens})
+        if not union:
+            return
         column = {t: i for i, t in enumerate(union)}
         logits = self._token_logits(hidden, union)  # [B, U]
-        for seq in seqs:  # all lengths first: a row leaving below moves other rows' KV up to their length
-            seq.length += 1
-        for i, seq in enumerate(seqs):
-            self._emit(seq, allowed[i], logits[i, [column[t] for t in allowed[i]]])
+        for i, row in enumerate(rows):
+            if row in allowed:
+                self._emit(row, allowed[row], logits[i, [column[t] for t in allowed[row]]])
 
-    def _emit(self, seq: Row, allowed: list[int], allowed_logits: torch.Tensor) -> None:
+    def _allowed_tokens(self, rows: list[Row]) -> dict[Row, list[int]]:
+        """Each row's allowed tokens; a row whose constraint raises fails alone (and leaves)."""
+        allowed = {}
+        for row in rows:
+            try:
+                allowed[row] = row.constraint.allowed_tokens()
+            except Exception as e:  # noqa: BLE001
+                self._fail_rows([row], e, "constrained decoding")
+        return allowed
+
+    def _emit(self, row: Row, allowed: list[int], allowed_logits: torch.Tensor) -> None:
         """Pick the row's next token under its constraint; finish it when the constraint is done."""
-        request = seq.pending.request
+        request = row.pending.request
         try:
-            token = pick_allowed(allowed, allowed_logits, seq.constraint, request.bias)
-            seq.constraint.advance(token)
+            token = pick_allowed(allowed, allowed_logits, row.constraint, request.bias)
+            row.constraint.advance(token)
         except Exception as e:  # noqa: BLE001 - a bad constraint fails its own request only
-            self._fail_rows([seq], e, "constrained decoding")
+            self._fail_rows([row], e, "constrained decoding")
             return
-        seq.generated += 1
+        row.generated += 1
         self._count(generated_tokens=1)
-        if seq.constraint.done:
-            self._leave(seq)
-            self._finish(seq.pending, seq.constraint.emitted(), None, seq.cached, seq.generated)
+        if row.constraint.done:
+            self._leave(row)
+            self._finish(row.pending, row.constraint.emitted(), None, row.cached, row.generated)
         else:
-            seq.next_token = token
+            row.next_token = token
 
     def _prefill(self, group: list[tuple[Row, int]]) -> None:
         """Run one pass of prompt chunks for rows in contiguous slots; finish the prompts that are done."""
-        seqs = [seq for seq, _ in group]
-        first = seqs[0].slot
-        assert [s.slot for s in seqs] == list(range(first, first + len(seqs))), "prefill rows must be contiguous"
+        rows = [row for row, _ in group]
+        first = rows[0].slot
+        assert [s.slot for s in rows] == list(range(first, first + len(rows))), "prefill rows must be contiguous"
         try:
-            hidden = self._forward(first, [seq.todo[:n] for seq, n in group], [s.length for s in seqs])
+            hidden = self._forward(first, [row.todo[:n] for row, n in group], [s.length for s in rows])
         except Exception as e:  # noqa: BLE001
-            self._fail_rows(seqs, e, "prefill pass")
+            self._fail_rows(rows, e, "prefill pass")
             return
         self._count(prompt_tokens=sum(n for _, n in group))
-        for seq, n in group:  # all lengths first: finishing rows below move other rows' KV
-            seq.todo = seq.todo[n:]
-            seq.length += n
-            if seq.snapshot_at and seq.length >= seq.snapshot_at:
-                key = tuple(int(t) for t in seq.pending.request.prefix_ids)
+        for row, n in group:  # all lengths first: finishing rows below move other rows' KV
+            row.todo = row.todo[n:]
+            row.length += n
+            if row.snapshot_at and row.length >= row.snapshot_at:
+                key = tuple(int(t) for t in row.pending.request.prefix_ids)
                 if self.prefixes.get(key) is None:
-                    self.prefixes.put(key, self.kv.read_prefix(seq.slot, seq.snapshot_at))
-                seq.snapshot_at = 0
-        for i, seq in enumerate(seqs):
-            if not seq.todo:
-                self._prompt_done(seq, hidden[i])
+                    self.prefixes.put(key, self.kv.read_prefix(row.slot, row.snapshot_at))
+                row.snapshot_at = 0
+        for i, row in enumerate(rows):
+            if not row.todo:
+                self._prompt_done(row, hidden[i])
 
-    def _prompt_done(self, seq: Row, hidden: torch.Tensor) -> None:
+    def _prompt_done(self, row: Row, hidden: torch.Tensor) -> None:
         """Score mode: label log-probs, done. Generate mode: first pick, then join the decoding rows."""
-        pending = seq.pending
+        pending = row.pending
         pending.prefilled = time.perf_counter()
-        self._count(cached_tokens=seq.cached)
+        self._count(cached_tokens=row.cached)
         request = pending.request
         if request.mode == "score":
             labels = [int(t) for t in request.label_token_ids]
             scores = label_log_probs(self._token_logits(hidden[None], labels)[0])
             order = sorted(range(len(scores)), key=lambda c: -scores[c])
-            self._leave(seq)
-            self._finish(pending, order, scores, seq.cached, 0)
+            self._leave(row)
+            self._finish(pending, order, scores, row.cached, 0)
             return
-        allowed = seq.constraint.allowed_tokens()
-        self._swap(seq.slot, self._n_decoding)
+        self._swap(row.slot, self._n_decoding)
         self._n_decoding += 1
-        self._emit(seq, allowed, self._token_logits(hidden[None], allowed)[0])
+        allowed = self._allowed_tokens([row]).get(row)
+        if allowed:
+            self._emit(row, allowed, self._token_logits(hidden[None], allowed)[0])
