@@ -55,6 +55,9 @@ class SASRecConfig:
     window_stride: int = field(default=0, metadata={
         "help": "items between the ends of consecutive training windows of a long sequence; 0 = max_len "
                 "(windows do not overlap, every target once)"})
+    random_windows: bool = field(default=True, metadata={
+        "help": "shift the window grid of long sequences by a random offset every epoch (the most recent "
+                "window always ends at the sequence end), so targets are seen with varying context"})
     epochs: int = field(default=200, metadata={"help": "maximum training epochs"})
     max_steps: int = field(default=0, metadata={"help": "stop after this many optimizer steps in all (0 = no limit; "
                                                         "the tiny preset's few-step model for tests)"})
@@ -80,24 +83,37 @@ def left_pad(rows: list[list[int]], length: int) -> np.ndarray:
     return out
 
 
-def training_windows(sequences: list[list[int]], max_len: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
+def window_ends(length: int, max_len: int, stride: int, shift: int) -> list[int]:
+    """Where the training windows of a sequence end (exclusive): at the sequence end, then `shift`
+    items earlier, then every `stride` items, until a window reaches the sequence start."""
+    ends, end = [], length
+    while end >= 2:
+        ends.append(end)
+        if end - max_len - 1 <= 0:
+            break
+        end -= shift if len(ends) == 1 else stride
+    return ends
+
+
+def training_windows(sequences: list[list[int]], max_len: int, stride: int,
+                     rng: np.random.Generator | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Input/target windows covering every (prefix → next item) pair of every sequence.
 
     A window is max_len + 1 consecutive items: input = the first max_len, target = the last max_len
-    (the next item at each position). Windows end at the sequence end, then every `stride` items
-    earlier; the oldest window starts at the sequence start. Returns int64 [W, max_len] twice,
+    (the next item at each position). The most recent window ends at the sequence end; with `rng`,
+    the grid of earlier windows is shifted by a random 1..stride items per sequence, so targets
+    are seen with different context lengths from epoch to epoch. Returns int64 [W, max_len] twice,
     left-padded with 0 (padding targets are ignored by the loss).
     """
+    if not 0 < stride <= max_len:
+        raise ValueError(f"window stride must be in 1..max_len ({max_len}), got {stride}")
     inputs, targets = [], []
     for seq in sequences:
-        end = len(seq)
-        while end >= 2:
+        shift = int(rng.integers(1, stride + 1)) if rng is not None else stride
+        for end in window_ends(len(seq), max_len, stride, shift):
             chunk = seq[max(0, end - max_len - 1):end]
             inputs.append(chunk[:-1])
             targets.append(chunk[1:])
-            if end - max_len - 1 <= 0:
-                break
-            end -= stride
     return left_pad(inputs, max_len), left_pad(targets, max_len)
 
 
@@ -180,7 +196,8 @@ def train(config: SASRecConfig, data: EncodedSplit, num_indices: int) -> tuple[S
                       activation=config.activation, norm=config.norm)
     model = SASRec(arch)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    inputs, targets = training_windows(data.train, config.max_len, config.window_stride or config.max_len)
+    stride = config.window_stride or config.max_len
+    inputs, targets = training_windows(data.train, config.max_len, stride)
     log.info("training on %d windows (%d targets) from %d users; %d parameters", len(inputs),
              int((targets != PAD).sum()), len(data.users), sum(p.numel() for p in model.parameters()))
     best = {"epoch": 0, "valid": {"ndcg@10": -1.0}}
@@ -189,6 +206,8 @@ def train(config: SASRecConfig, data: EncodedSplit, num_indices: int) -> tuple[S
         for epoch in bar:
             started = time.perf_counter()
             steps_left = config.max_steps - steps if config.max_steps else 0
+            if config.random_windows:
+                inputs, targets = training_windows(data.train, config.max_len, stride, rng)
             loss, taken = train_epoch(model, optimizer, inputs, targets, config.batch_size, rng, steps_left)
             steps += taken
             last = epoch == config.epochs or steps == config.max_steps

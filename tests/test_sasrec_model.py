@@ -103,3 +103,16 @@ def test_a_few_training_steps_reduce_the_loss():
         last, steps = train_epoch(model, optimizer, inputs, targets, batch_size=16, rng=rng)
     assert steps == len(inputs) // 16
     assert last < first * 0.5
+
+
+def test_random_windows_cover_every_target_and_keep_the_latest_window():
+    sequence = list(range(1, 48))
+    rng = np.random.default_rng(0)
+    shifts_seen = set()
+    for _ in range(20):
+        inputs, targets = training_windows([sequence], max_len=10, stride=10, rng=rng)
+        pairs = {(int(i), int(t)) for x, y in zip(inputs, targets) for i, t in zip(x, y) if t}
+        assert pairs == set(zip(sequence, sequence[1:]))
+        assert targets[0][-1] == sequence[-1]  # the most recent window ends at the sequence end
+        shifts_seen.add(int(targets[1][-1]))
+    assert len(shifts_seen) > 3  # the earlier windows move from epoch to epoch
