@@ -77,21 +77,27 @@ def merge(base_dir: Path, lora_dir: Path, out: Path, probe_ids: list[int], toler
 
 
 def fit_fusion(model_dir: Path, valid: list[dict]) -> tuple[float, dict]:
-    """Score-mode LLM log-probs on validation users → the NDCG@10-best retrieval weight."""
-    from palr.llm import load_causal_lm, score_labels
-    from palr.ranking import fit_fusion_weight
+    """Score-mode LLM log-probs on validation users → the NDCG@10-best retrieval weight, and what the
+    validation users say about it (retrieval order, LLM alone, fused, by weight)."""
+    from palr.llm import compute_prefix, load_causal_lm, score_labels
+    from palr.metrics import ndcg
+    from palr.ranking import fit_fusion_weight, target_rank
 
     model, _ = load_causal_lm(model_dir)
-    llm = [score_labels(model, x["input_ids"], x["label_token_ids"])
+    prefix = compute_prefix(model, valid[0]["input_ids"][: valid[0]["prefix_len"]])
+    llm = [score_labels(model, x["input_ids"], x["label_token_ids"], prefix=prefix)
            for x in tqdm(valid, desc="fusion (validation)", unit="user")]
-    weight, curve = fit_fusion_weight(llm, [x["retrieval_scores"] for x in valid],
-                                      [x["target_position"] for x in valid])
-    log.info("fusion weight %.2f fit on %d validation users; NDCG@10 by weight: %s", weight, len(valid),
+    targets = [x["target_position"] for x in valid]
+    weight, curve = fit_fusion_weight(llm, [x["retrieval_scores"] for x in valid], targets)
+    retrieval = ndcg([target_rank(range(len(x["candidates"])), t) for x, t in zip(valid, targets)], 10)
+    log.info("fusion weight %.2f fit on %d validation users: NDCG@10 retrieval %.4f, LLM alone %.4f, fused %.4f; "
+             "by weight: %s", weight, len(valid), retrieval, curve[0.0], curve[weight],
              ", ".join(f"{w:g}: {v:.4f}" for w, v in curve.items()))
-    return weight, {str(w): v for w, v in curve.items()}
+    return weight, {"users": len(valid), "retrieval_ndcg@10": retrieval, "llm_ndcg@10": curve[0.0],
+                    "fused_ndcg@10": curve[weight], "ndcg@10_by_weight": {str(w): v for w, v in curve.items()}}
 
 
-def ranker_record(bundle: Bundle, config: MergeConfig, weight: float, curve: dict) -> dict:
+def ranker_record(bundle: Bundle, config: MergeConfig, weight: float, validation: dict) -> dict:
     from transformers import AutoTokenizer
 
     from palr.prompt import PalrPrompt, PromptSettings
@@ -108,7 +114,7 @@ def ranker_record(bundle: Bundle, config: MergeConfig, weight: float, curve: dic
         "labels": [settings.label_prefix + c for c in settings.label_alphabet[:k]],
         "label_token_ids": prompt.label_token_ids(k),
         "fusion_weight": weight,
-        "fusion_validation_ndcg@10": curve,
+        "fusion_validation": validation,
         "generate_format": config.generate_format,
         "generate_k": config.generate_k,
         "profile_method": meta["profile_method"],
@@ -130,8 +136,8 @@ def run(config: MergeConfig) -> Path:
     diff = merge(bundle.path("llm_base"), bundle.path("lora"), out, valid[0]["input_ids"], config.tolerance)
     bundle.add_artifact("llm_merged", MERGED_DIR, dtype="float32", merge_max_abs_diff=diff)
     fusion_valid = valid[: config.fusion_users]
-    weight, curve = fit_fusion(out, fusion_valid) if fusion_valid else (0.0, {})
-    ranker = ranker_record(bundle, config, weight, curve)
+    weight, validation = fit_fusion(out, fusion_valid) if fusion_valid else (0.0, {})
+    ranker = ranker_record(bundle, config, weight, validation)
     ranker_path = bundle.root / RANKER_FILE
     ranker_path.write_text(json.dumps(ranker, indent=2) + "\n")
     bundle.add_artifact("ranker", RANKER_FILE, fusion_weight=weight, generate_format=config.generate_format)

@@ -36,7 +36,7 @@ from palr.prompt import RECOMMEND, RETRIEVAL, PalrPrompt, PromptSettings
 log = logging.getLogger(__name__)
 
 SFT_DIR = "llm/sft"
-VERSION = 1
+VERSION = 2
 
 
 @dataclass
@@ -205,8 +205,8 @@ def run(config: SftDataConfig) -> Path:
     rng.shuffle(train)
 
     valid_users = sorted(corpus.split.valid)
-    if 0 < config.valid_users < len(valid_users):
-        valid_users = sorted(rng.sample(valid_users, config.valid_users))
+    if 0 < config.valid_users < len(valid_users):  # its own generator: the same users whatever the training options
+        valid_users = sorted(random.Random(config.seed + 1).sample(valid_users, config.valid_users))
     valid_cuts = [Cut(u, corpus.split.train[u], corpus.split.valid[u], [], [corpus.split.test[u]]) for u in valid_users]
     valid_profiles = profile([[catalog.by_id(i) for i in c.history] for c in valid_cuts], progress="profiles (valid)")
     valid = [_retrieval_example(prompt, catalog, cut, ids, scores, p) for cut, (ids, scores), p in

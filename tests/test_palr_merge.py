@@ -39,5 +39,5 @@ def test_ranker_json_describes_prompt_labels_fusion_and_generate_format(tiny_llm
     for text, token in zip(ranker["labels"], ranker["label_token_ids"]):
         assert tokenizer.encode(text, add_special_tokens=False) == [token]
     assert ranker["generate_format"] in ("titles", "labels") and 1 <= ranker["generate_k"] <= k
-    curve = ranker["fusion_validation_ndcg@10"]  # {weight: validation NDCG@10}
+    curve = ranker["fusion_validation"]["ndcg@10_by_weight"]  # {weight: validation NDCG@10}
     assert curve[str(ranker["fusion_weight"])] == max(curve.values()), "the best validation weight was kept"
