@@ -1,7 +1,7 @@
 """`compile all`: every step in order, each skipping itself when its inputs are unchanged.
 
     sasrec → export-onnx → evaluate (retrieval)
-    → base-model → profiles → sft-data → finetune → merge → evaluate (ranking)
+    → base-model → profiles → sft-data → finetune → merge → evaluate (ranking) → build (this machine)
 
 A step is a (name, module, config class) entry in STEPS; its config is the preset's options for
 that step with the pipeline's shared fields (bundle, data, ...) filled in. To add a step, append
@@ -34,6 +34,8 @@ STEPS: list[tuple[str, str, str, dict[str, Any]]] = [
     ("finetune", "compile.finetune", "FinetuneConfig", {}),
     ("merge", "compile.merge", "MergeConfig", {}),
     ("evaluate", "compile.evaluate", "EvaluateConfig", {"tier": "ranking"}),
+    # the deployment build for this machine (target detected: hf-cpu on CPU, hf-cuda/trtllm on a GPU)
+    ("build", "compile.build", "BuildConfig", {}),
 ]
 
 

@@ -167,10 +167,13 @@ def measure_latency(runners: Sequence[Runner], ids: list[int], repeats: int, dec
         runner.prefill(ids[: max(8, len(ids) // 8)])
     prefill: dict[str, list[float]] = {r.name: [] for r in runners}
     decode: dict[str, list[float]] = {r.name: [] for r in runners}
-    for _ in range(repeats):
+    for round_ in range(repeats):
         for runner in runners:
             prefill[runner.name].append(runner.prefill(ids))
             decode[runner.name].append(runner.decode(ids, decode_steps))
+        log.info("latency round %d/%d: %s (load %s)", round_ + 1, repeats,
+                 ", ".join(f"{n} {_ms(prefill[n][-1]):.0f}/{_ms(decode[n][-1]):.1f} ms" for n in prefill),
+                 load_average())
     return {name: {"prefill_ms": _ms(statistics.median(prefill[name])), "decode_ms": _ms(statistics.median(decode[name])),
                    "prefill_ms_runs": [_ms(x) for x in prefill[name]], "decode_ms_runs": [_ms(x) for x in decode[name]]}
             for name in prefill}
@@ -189,6 +192,7 @@ def measure_quality(runners: Sequence[Runner], reference: Runner, probes: Sequen
         orders = ref_orders if runner is reference else [runner.generate(p, min(k, len(p.label_token_ids)))
                                                          for p in gen_probes]
         out[runner.name] = quality_summary(scores, ref_scores, orders, ref_orders, probes, k)
+        log.info("quality of %s on %d probes: %s", runner.name, len(probes), out[runner.name])
     return out
 
 
