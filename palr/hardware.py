@@ -192,7 +192,7 @@ def check_build(entry: dict[str, Any], machine: Machine) -> list[str]:
         if machine.gpu_count and tp > machine.gpu_count:
             problems.append(f"tensor parallelism: built for {tp} GPUs, this machine has {machine.gpu_count}")
     for name, built in (entry.get("engine_libraries") or {}).items():
-        here = machine.libraries.get(name, library_version(name))
+        here = machine.libraries[name] if name in machine.libraries else library_version(name)
         if built != here:
             problems.append(f"{name}: built with {built or 'none'}, this machine has {here or 'none installed'}")
     missing = [r for r in entry.get("requires_isa") or [] if not isa_satisfied(r, machine.cpu_isa)]

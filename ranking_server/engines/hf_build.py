@@ -28,10 +28,6 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DYNAMIC_INT8 = "dynamic-int8"
 
 
-def dtype_name(dtype: torch.dtype) -> str:
-    return {v: k for k, v in DTYPES.items()}[dtype]
-
-
 def quantize_dynamic_int8(model):
     """int8 weights for every Linear inside the decoder layers (in place); returns the model."""
     from torch.ao.quantization import quantize_dynamic
