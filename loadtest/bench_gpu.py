@@ -1,7 +1,8 @@
 """GPU benchmark: the `hf` ranking engine (in-flight batching, prefix KV reuse) on a random-weight
 Llama-2-7B-shape model in bf16 on one CUDA GPU, against the GPU's physical limits.
 
-    python -m loadtest.bench gpu                  # on a CUDA machine; writes reports/gpu_bench.json + .md
+    python -m loadtest.bench_gpu                  # on a CUDA machine; writes reports/gpu_bench.json + .md
+                                                  # (= python -m loadtest.bench gpu where the serving stack is installed)
 
 No weights are needed: `LlamaForCausalLM(config)` is initialised on the GPU (hidden 4096, 32
 layers, 32 heads, intermediate 11008). Prompts are real PALR prompts (`palr.prompt`: profile,
@@ -11,7 +12,8 @@ embedding/LM-head parameters, counted in the limits below). It is exported once 
 of `make data` into .cache/gpu-bench/tokenizer (`--prepare-only` does just that, on any machine;
 carry that folder to a GPU machine that has no data/).
 
-Measured (engine-level, no gRPC, so the protobuf stubs are not needed):
+Measured (engine-level, no gRPC: neither the protobuf stubs nor grpc health/reflection are imported by
+`python -m loadtest.bench_gpu`, so it runs on a stock CUDA image with torch and transformers):
     score mode   p50/p99 at batch 1 (one request at a time), throughput and p50/p99 at
                  concurrency 1, 8, 32 (closed loop, `engines.drive`)
     generate     time per output token at concurrency 1 (k labels; decode time / (tokens - 1)),
