@@ -20,6 +20,7 @@ Measurements go to reports/build_<target>.json.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import logging
@@ -75,8 +76,10 @@ class BuildConfig:
     probe_users: int = field(default=16, metadata={"help": "validation prompts for the quality comparison"})
     generate_probes: int = field(default=8, metadata={"help": "of those, how many also run generate mode"})
     generate_k: int = field(default=5, metadata={"help": "labels generated per probe in the quality comparison"})
-    generate_tokens: int = field(default=10, metadata={
-        "help": "tokens of a generate-mode request in the latency model (prefill + (n-1) decode steps)"})
+    generate_tokens: int = field(default=0, metadata={
+        "help": "tokens of a generate-mode request in the latency model (prefill + (n-1) decode steps); 0: what "
+                "llm/ranker.json generates (labels: k; titles: k x (1 + mean title-line tokens of the catalog)), "
+                "10 without a ranker"})
     prompt_tokens: int = field(default=350, metadata={"help": "prompt length of the latency measurement"})
     decode_steps: int = field(default=16, metadata={"help": "decode steps timed per latency round"})
     repeats: int = field(default=5, metadata={"help": "latency rounds (medians are reported)"})
@@ -101,6 +104,25 @@ def detect_target() -> str:
     if gpus:
         return "trtllm" if library_version("tensorrt_llm") else "hf-cuda"
     return "hf-cpu"
+
+
+def served_generate_tokens(bundle: Bundle) -> tuple[int, str]:
+    """Tokens one generate-mode request writes as the server runs it (llm/ranker.json), and how that was found."""
+    if not bundle.has("ranker"):
+        return 10, "no llm/ranker.json: 10 (k=10 labels)"
+    ranker = json.loads(bundle.path("ranker").read_text())
+    k = int(ranker["generate_k"])
+    if ranker["generate_format"] == "labels":
+        return k, f"llm/ranker.json: {k} labels"
+    from transformers import AutoTokenizer
+
+    from palr.catalog import Catalog
+    from palr.prompt import PalrPrompt, PromptSettings
+
+    prompt = PalrPrompt(AutoTokenizer.from_pretrained(bundle.path(SOURCE)), PromptSettings.from_dict(ranker["prompt"]))
+    lines = [len(prompt.title_line_ids(item)) for item in Catalog.load(bundle.path("catalog")).items]
+    mean = sum(lines) / len(lines)
+    return round(k * (1 + mean)), f"llm/ranker.json: {k} title lines of 1 label + {mean:.1f} tokens on average"
 
 
 def options_record(config: BuildConfig) -> dict:
@@ -136,6 +158,10 @@ def run(config: BuildConfig) -> Path:
     scratch = final.with_name(f".{target}.building")
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
+    if not config.generate_tokens:
+        tokens, why = served_generate_tokens(bundle)
+        config = dataclasses.replace(config, generate_tokens=tokens)
+        log.info("build: a generate-mode request writes %d tokens (%s)", tokens, why)
     builder = importlib.import_module(f"compile.targets.{BUILDERS[target]}")
     log.info("build: %s on %s", target, machine.describe(spec.pinned))
     try:
