@@ -140,3 +140,29 @@ def test_generation_that_stopped_early_is_an_error_not_a_short_answer():
     with pytest.raises(EngineError, match="before the constraint was done"):
         emitted_order(LabelConstraint([10, 11, 12], 3), [11])
     assert emitted_order(LabelConstraint([10, 11, 12], 2), [11, 10, END]) == ([1, 0], 2)
+
+
+def test_engine_and_build_say_what_to_install_when_tensorrt_llm_is_missing(tmp_path):
+    import importlib.util
+    import json
+
+    from compile import build
+    from palr.bundle import Bundle
+    from ranking_server.engines.trtllm import TrtllmEngine
+    from tests.fixtures_builds import build_config
+
+    if importlib.util.find_spec("tensorrt_llm") is not None:
+        pytest.skip("TensorRT-LLM is installed here")
+    engine_dir = tmp_path / "engine"
+    engine_dir.mkdir()
+    (engine_dir / "config.json").write_text(json.dumps(
+        {"version": "1.2.1", "pretrained_config": {"vocab_size": 100}, "build_config": {"max_seq_len": 64}}))
+    with pytest.raises(EngineError, match="needs TensorRT-LLM, which is not installed here .*tensorrt-llm/release"):
+        TrtllmEngine(engine_dir)
+    bundle = Bundle.open_or_create(tmp_path / "bundle")
+    (bundle.root / "llm" / "merged").mkdir(parents=True)
+    (bundle.root / "llm" / "merged" / "config.json").write_text("{}")
+    bundle.add_artifact("llm_merged", "llm/merged")
+    bundle.save()
+    with pytest.raises(RuntimeError, match="--target trtllm needs tensorrt_llm, which is not installed here"):
+        build.run(build_config(bundle.root, "trtllm"))

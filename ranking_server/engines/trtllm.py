@@ -101,7 +101,9 @@ class TrtllmEngine(RankingEngine):
         engine_dir = Path(engine_dir)
         engine_config = read_engine_config(engine_dir)
         self.vocab_size = int(engine_config["pretrained_config"]["vocab_size"])
-        self.max_seq_len = int(engine_config["build_config"]["max_seq_len"])
+        # one position is kept for the end token a finished generate request is made to emit
+        self.max_seq_len = int(engine_config["build_config"]["max_seq_len"]) - 1
+        self.max_input_len = int(engine_config["build_config"].get("max_input_len") or self.max_seq_len)
         llm_class = trt_backend_llm_class()
         from tensorrt_llm import SamplingParams
         from tensorrt_llm.llmapi import KvCacheConfig
@@ -128,6 +130,9 @@ class TrtllmEngine(RankingEngine):
         if not self.check_health():
             raise EngineError("trtllm engine is not running")
         constraint = request.validate(self.vocab_size, self.max_seq_len)
+        if len(request.input_ids) > self.max_input_len:
+            raise InvalidRequest(f"prompt of {len(request.input_ids)} tokens exceeds the engine's max_input_len "
+                                 f"{self.max_input_len}")
         with self._lock:
             if len(self._outputs) >= self.config.max_batch_size + self.config.max_queue:
                 self._counts["rejected"] += 1
