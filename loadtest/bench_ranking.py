@@ -106,12 +106,14 @@ class Cell:
 
 def measure(cell: Cell, workload: Workload, engine_config, requests: int) -> dict:
     """Drives `max(requests, concurrency)` requests through a fresh engine (every caller sends at
-    least one); returns the driver's summary (throughput, p50/p95, mean batch, errors)."""
+    least one) after one unmeasured request (it fills the engine's prefix cache; the process was
+    warmed up before the first cell); returns the driver's summary (throughput, p50/p95, mean batch,
+    errors)."""
     from ranking_server.engines.drive import run_strategy
 
     n = max(requests, cell.concurrency)
     pool = workload.requests[cell.mode]
     batch = [pool[i % len(pool)] for i in range(n)]
     config = dataclasses.replace(engine_config, prefix_reuse=cell.prefix_reuse)
-    result = run_strategy(cell.strategy, workload.model, batch, cell.concurrency, config)
+    result = run_strategy(cell.strategy, workload.model, batch, cell.concurrency, config, warmup=1)
     return {**result.summary(), "requests": n, "p99_ms": round(result.percentile_ms(99), 1)}
