@@ -3,8 +3,10 @@
 Training follows the SASRec paper: each user's training sequence is one sample and the
 cross-entropy over the full catalog is taken at every position (the item after each prefix),
 instead of expanding every prefix into its own sample. Sequences longer than max_len are cut
-into windows of max_len + 1 items from the most recent end, so every training target is used.
-The checkpoint with the best validation NDCG@10 (full ranking, training items masked) is kept.
+into windows of max_len + 1 items, so every training target is used: the most recent window ends
+at the sequence end, and the grid of earlier windows moves by a random offset every epoch, so
+targets are seen with varying amounts of context. The checkpoint with the best validation
+NDCG@10 (full ranking, training items masked) is kept.
 
 Writes catalog.json, users.json (train + valid history per user), models/sasrec.pt, then
 exports sasrec.onnx (the export-onnx step). Skips itself when the data and options are unchanged.
@@ -36,7 +38,7 @@ log = logging.getLogger(__name__)
 
 STEP = "sasrec"
 OUTPUTS = ["catalog", "users", "sasrec_torch"]
-VERSION = 1  # bump when training code changes what a given config produces
+VERSION = 2  # bump when training code changes what a given config produces
 
 
 @dataclass
@@ -61,7 +63,7 @@ class SASRecConfig:
     epochs: int = field(default=200, metadata={"help": "maximum training epochs"})
     max_steps: int = field(default=0, metadata={"help": "stop after this many optimizer steps in all (0 = no limit; "
                                                         "the tiny preset's few-step model for tests)"})
-    batch_size: int = field(default=128, metadata={"help": "training sequences per step"})
+    batch_size: int = field(default=64, metadata={"help": "training sequences (windows) per step"})
     lr: float = field(default=1e-3, metadata={"help": "Adam learning rate"})
     weight_decay: float = field(default=0.0, metadata={"help": "Adam L2 penalty"})
     patience: int = field(default=10, metadata={"help": "stop after this many evaluations without a better valid NDCG@10"})
@@ -119,19 +121,17 @@ def training_windows(sequences: list[list[int]], max_len: int, stride: int,
 
 @dataclass
 class EncodedSplit:
-    """The split as catalog indices, users in a fixed order."""
+    """What training sees of the split, as catalog indices, users in a fixed order (no test items)."""
 
     users: list[str]
     train: list[list[int]]
     valid: list[int]
-    test: list[int]
 
     @classmethod
     def build(cls, corpus: Corpus) -> "EncodedSplit":
         split, catalog = corpus.split, corpus.catalog
         users = sorted(split.train)
-        return cls(users, [catalog.indices(split.train[u]) for u in users],
-                   [catalog.index(split.valid[u]) for u in users], [catalog.index(split.test[u]) for u in users])
+        return cls(users, [catalog.indices(split.train[u]) for u in users], [catalog.index(split.valid[u]) for u in users])
 
 
 # -- evaluation --------------------------------------------------------------------------------------
