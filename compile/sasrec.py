@@ -69,6 +69,9 @@ class SASRecConfig:
     patience: int = field(default=10, metadata={"help": "stop after this many evaluations without a better valid NDCG@10"})
     eval_every: int = field(default=1, metadata={"help": "epochs between validation evaluations"})
     seed: int = field(default=0, metadata={"help": "random seed (init, shuffling, dropout)"})
+    threads: int = field(default=0, metadata={
+        "help": "torch threads for training (0 = torch's default, one per core); on a machine shared with "
+                "other jobs, 1 is often several times faster than oversubscribed cores"})
     top_k: int = field(default=100, metadata={"help": "candidates the exported ONNX model returns"})
 
 
@@ -189,6 +192,8 @@ def train_epoch(model: SASRec, optimizer: torch.optim.Optimizer, inputs: np.ndar
 
 def train(config: SASRecConfig, data: EncodedSplit, num_indices: int) -> tuple[SASRec, dict]:
     """Trains with early stopping on valid NDCG@10; returns the best model and its record."""
+    if config.threads:
+        torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     arch = SASRecArch(num_indices=num_indices, max_len=config.max_len, hidden=config.hidden, blocks=config.blocks,
@@ -238,7 +243,7 @@ def train(config: SASRecConfig, data: EncodedSplit, num_indices: int) -> tuple[S
 
 def training_fingerprint(config: SASRecConfig, corpus: Corpus) -> str:
     """What the trained model depends on: options (not paths or export settings) and the data."""
-    options = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("bundle", "data", "top_k")}
+    options = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("bundle", "data", "top_k", "threads")}
     return fingerprint(STEP, VERSION, options, corpus.files.checksum(), corpus.split.checksum())
 
 
