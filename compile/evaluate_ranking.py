@@ -48,15 +48,6 @@ def load_ranker(bundle: Bundle) -> dict:
     return json.loads(bundle.path("ranker").read_text())
 
 
-def make_constraint(ranker: dict, parts, k: int):
-    """The generate-mode constraint the ranker's format asks for."""
-    from palr.decoding import LabelConstraint, TitleConstraint
-
-    if ranker["generate_format"] == "titles":
-        return TitleConstraint(parts.label_token_ids, parts.candidate_line_ids, k)
-    return LabelConstraint(parts.label_token_ids, k)
-
-
 def sample_users(users: list[str], n: int, seed: int) -> list[str]:
     return sorted(random.Random(seed).sample(users, n)) if 0 < n < len(users) else users
 
@@ -64,6 +55,7 @@ def sample_users(users: list[str], n: int, seed: int) -> list[str]:
 def run(config: EvaluateConfig) -> dict:
     from transformers import AutoTokenizer
 
+    from palr.decoding import answer_constraint
     from palr.llm import compute_prefix, generate_constrained, load_causal_lm, score_labels
     from palr.prompt import PalrPrompt, PromptSettings
     from retrieval_server.model import Query, SasrecOnnx
@@ -119,7 +111,9 @@ def run(config: EvaluateConfig) -> dict:
             row["score_rank"] = target_rank(order_by_scores(fuse(llm, retrieval_scores, weight)), position)
         if "generate" in config.modes:
             t0 = time.perf_counter()
-            emitted = generate_constrained(model, parts.input_ids, make_constraint(ranker, parts, generate_k),
+            constraint = answer_constraint(ranker["generate_format"], parts.label_token_ids,
+                                           parts.candidate_line_ids, generate_k)
+            emitted = generate_constrained(model, parts.input_ids, constraint,
                                            bias=generation_bias(retrieval_scores, weight), prefix=prefix)
             row["generate_seconds"] = time.perf_counter() - t0
             row["emitted"] = emitted

@@ -148,3 +148,14 @@ class TitleConstraint(DecodingConstraint):
 
     def emitted(self) -> list[int]:
         return self._labels.emitted()
+
+
+def answer_constraint(generate_format: str, label_token_ids: Sequence[int],
+                      candidate_line_ids: Sequence[Sequence[int]], k: int) -> DecodingConstraint:
+    """Generate mode's constraint for the ranker's answer format (`llm/ranker.json`'s `generate_format`):
+    "titles" → `TitleConstraint`, "labels" → `LabelConstraint`. Used by evaluation and by the server."""
+    if generate_format == "titles":
+        return TitleConstraint(label_token_ids, candidate_line_ids, k)
+    if generate_format == "labels":
+        return LabelConstraint(label_token_ids, k)
+    raise ValueError(f"unknown generate_format {generate_format!r} (expected 'titles' or 'labels')")

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import grpc
 
 from palr.catalog import Catalog, Item
-from palr.decoding import DecodingConstraint, LabelConstraint, TitleConstraint
+from palr.decoding import answer_constraint
 from palr.profiles import StatsProfiler
 from palr.prompt import PalrPrompt, PromptParts, PromptSettings
 from palr.ranking import complete_order, fuse, generation_bias, order_by_scores
@@ -95,15 +95,6 @@ class RequestPlanner:
         return list(item_ids)
 
 
-def answer_constraint(generate_format: str, parts: PromptParts, k: int) -> DecodingConstraint:
-    """Generate mode's constraint for the ranker's answer format. Stand-in for
-    `compile.evaluate_ranking.make_constraint` until it moves into `palr/` (a server does not import
-    compile/; see /work/team/logs/service-to-palr.md)."""
-    if generate_format == "titles":
-        return TitleConstraint(parts.label_token_ids, parts.candidate_line_ids, k)
-    return LabelConstraint(parts.label_token_ids, k)
-
-
 class PromptBuilder:
     """Builds PALR prompts as training did (`llm/ranker.json`) and turns answers into rankings."""
 
@@ -142,7 +133,8 @@ class PromptBuilder:
             return EngineRequest(engine_id, parts.prefix_ids, parts.suffix_ids, parts.label_token_ids, "score", k)
         return EngineRequest(engine_id, parts.prefix_ids, parts.suffix_ids, parts.label_token_ids, "generate", k,
                              bias=generation_bias(retrieval_scores, self.fusion_weight),
-                             constraint=functools.partial(answer_constraint, self.generate_format, parts, k))
+                             constraint=functools.partial(answer_constraint, self.generate_format, parts.label_token_ids,
+                                                          parts.candidate_line_ids, k))
 
     def ranking(self, result: EngineResult, retrieval_scores: Sequence[float], k: int) -> list[tuple[int, float]]:
         """(candidate position, score) for the top k. Score mode: LLM label log-prob fused with the

@@ -9,7 +9,7 @@ import math
 import pytest
 
 from palr import metrics
-from palr.decoding import TitleConstraint
+from palr.decoding import LabelConstraint, TitleConstraint, answer_constraint
 from palr.ranking import complete_order, fit_fusion_weight, fuse, generation_bias, order_by_scores
 
 REQUIRED = ("retrieval_hr@10", "retrieval_ndcg@10", "score_hr@10", "score_ndcg@10", "generate_hr@10",
@@ -64,6 +64,15 @@ def test_title_constraint_writes_k_whole_candidate_lines():
         assert not c.done
         c.advance(token)
     assert c.done and c.allowed_tokens() == [] and c.emitted() == [2, 0]
+
+
+def test_answer_constraint_follows_the_ranker_format():
+    labels, lines = [330, 389, 340], [[5, 6], [7], [8, 9, 10]]
+    titles = answer_constraint("titles", labels, lines, 2)
+    assert isinstance(titles, TitleConstraint) and titles.allowed_tokens() == labels
+    assert isinstance(answer_constraint("labels", labels, lines, 2), LabelConstraint)
+    with pytest.raises(ValueError, match="generate_format 'json'"):
+        answer_constraint("json", labels, lines, 2)
 
 
 def test_title_constraint_under_the_reference_decoder(tiny_llama_dir):
