@@ -27,6 +27,7 @@ from pathlib import Path
 
 from loadtest.bench_ranking import Cell, load_workload, measure
 from loadtest.report import machine_info, markdown_table, write_report
+from ranking_server.config import RankingServerConfig
 from ranking_server.engines import STRATEGIES
 from ranking_server.engines.base import MODES
 
@@ -86,8 +87,10 @@ class BenchConfig:
         "help": "answer lines in generate mode (0: llm/ranker.json's generate_k)"})
     seed: int = field(default=0, metadata={"help": "which users are sampled"})
     threads: int = field(default=0, metadata={"help": "torch threads of the engines (0: torch's default)"})
-    max_batch_size: int = field(default=16, metadata={"help": "engine batch slots (the server's default)"})
-    max_tokens_per_step: int = field(default=256, metadata={"help": "engine token budget per step (the server's default)"})
+    max_batch_size: int = field(default=RankingServerConfig.max_batch_size, metadata={
+        "help": "engine batch slots (the server's default)"})
+    max_tokens_per_step: int = field(default=RankingServerConfig.max_tokens_per_step, metadata={
+        "help": "engine token budget per step (the server's default)"})
     retrieval_calls: int = field(default=300, metadata={"help": "timed SASRec calls per engine and batch size"})
     skip_retrieval: bool = field(default=False, metadata={"help": "leave out ORT vs torch retrieval"})
 

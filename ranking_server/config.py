@@ -54,7 +54,7 @@ class RankingServerConfig(ServerConfig):
         "choices": ENGINES})
     device: str = field(default="cpu", metadata={"help": "where the LLM runs", "choices": DEVICES})
     max_batch_size: int = field(default=16, metadata={"help": "most requests in the engine's running batch"})
-    max_tokens_per_step: int = field(default=256, metadata={
+    max_tokens_per_step: int = field(default=512, metadata={
         "help": "token budget of one engine step: decode tokens first, then prompt chunks"})
     max_queue: int = field(default=64, metadata={
         "help": "requests waiting for a batch slot; beyond it requests get RESOURCE_EXHAUSTED at once"})
@@ -63,6 +63,9 @@ class RankingServerConfig(ServerConfig):
     prefix_reuse: bool = field(default=True, metadata={
         "help": "compute the shared instruction prefix's KV once and reuse it for every request"})
     threads: int = field(default=0, metadata={"help": "torch threads of the engine (0 = torch's default)"})
+    engine_check_s: float = field(default=1.0, metadata={
+        "help": "seconds between engine health checks once serving; an engine that has failed (its loop "
+                "crashed) turns grpc health NOT_SERVING, so probes take the replica out and restart it (0 = off)"})
 
     # -- deadlines -----------------------------------------------------------------------------
     default_deadline_ms: float = field(default=30_000.0, metadata={
@@ -89,6 +92,8 @@ class RankingServerConfig(ServerConfig):
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.default_deadline_ms <= 0:
             raise ValueError(f"default_deadline_ms must be > 0, got {self.default_deadline_ms}")
+        if self.engine_check_s < 0:
+            raise ValueError(f"engine_check_s must be >= 0, got {self.engine_check_s}")
         if self.degrade_reserve_ms < 0:
             raise ValueError(f"degrade_reserve_ms must be >= 0, got {self.degrade_reserve_ms}")
 
