@@ -203,6 +203,11 @@ class GrpcServer:
         await self._set_health(SERVING)
         log.info("health SERVING (%s)", ", ".join(self.service_names) or "overall")
 
+    async def set_not_serving(self, reason: str) -> None:
+        """Health → NOT_SERVING while still answering RPCs (e.g. the model failed after start-up)."""
+        await self._set_health(NOT_SERVING)
+        log.error("health NOT_SERVING: %s", reason)
+
     async def drain(self) -> None:
         """Health → NOT_SERVING, refuse new RPCs, give in-flight ones `grace` seconds, stop."""
         started = time.perf_counter()

@@ -49,6 +49,7 @@ class RankingServer:
         self.server = GrpcServer(config, [SERVICE_NAME])
         ranking_pb2_grpc.add_RankingServiceServicer_to_server(self.servicer, self.server.grpc)
         self.engine: RankingEngine | None = None
+        self._engine_watch: asyncio.Task | None = None
         log.info("bundle %s verified: %d items, %d users, ranker K=%d (requests: %d candidates by default, at most "
                  "%d), fusion weight %.2f, generate format %s; retrieval tier %s (TLS %s)", bundle.root,
                  len(self.catalog), len(users), self.ranker["candidates"], default_candidates, max_candidates,
@@ -65,6 +66,8 @@ class RankingServer:
         await self._warm_up(prompts)
         self.servicer.attach(self.engine, prompts)
         ENGINE.attach(self.engine)
+        if self.config.engine_check_s:
+            self._engine_watch = asyncio.create_task(self._watch_engine(self.engine))
 
     async def drain(self) -> None:
         await self.server.drain()
@@ -98,7 +101,18 @@ class RankingServer:
             await self.engine.rank(request)
         log.info("warmed up (score + generate, %d candidates) in %.2f s", n, time.perf_counter() - started)
 
+    async def _watch_engine(self, engine: RankingEngine) -> None:
+        """Health follows the engine: once its loop has failed, NOT_SERVING for good (requests still get
+        retrieval order flagged degraded meanwhile; a restart is the way back)."""
+        while engine.check_health():
+            await asyncio.sleep(self.config.engine_check_s)
+        await self.server.set_not_serving(f"the {type(engine).__name__} engine has failed; answering in retrieval "
+                                          f"order (degraded) until this server is restarted")
+
     async def _close(self) -> None:
+        if self._engine_watch is not None:
+            self._engine_watch.cancel()
+            self._engine_watch = None
         self.servicer.attach(None, None)
         ENGINE.attach(None)
         await self.retrieval.close()

@@ -398,6 +398,27 @@ def test_health_is_not_serving_until_the_model_is_loaded_and_warmed_up(server_lo
         server_loop.run(server.drain())
 
 
+def test_health_turns_not_serving_when_the_engine_fails_and_requests_degrade(server_loop, bundle, retrieval,
+                                                                           reference):
+    server = start_ranking(server_loop, bundle, retrieval.server.address, engine_check_s=0.05)
+    try:
+        with grpc.insecure_channel(server.server.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            check = lambda: health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=5).status  # noqa: E731
+            assert check() == SERVING
+            user = some_users(reference, 1)[0]
+
+            def broken_step():  # fault injection: the engine loop itself fails (not one request)
+                raise RuntimeError("scheduler bug")
+
+            server.engine._step = broken_step
+            response = recommend(ranking_pb2_grpc.RankingServiceStub(channel), user_id=user, k=3)
+            assert response.degraded and [i.retrieval_rank for i in response.items] == [0, 1, 2]
+            wait_until(lambda: check() == NOT_SERVING, timeout=10, what="health NOT_SERVING")
+    finally:
+        server_loop.run(server.drain())
+
+
 def test_retrieval_over_mutual_tls_then_unavailable_naming_its_address_once_it_is_down(
         server_loop, bundle, reference, pki):
     secured = start_retrieval(server_loop, bundle, tls_cert=pki.server_cert, tls_key=pki.server_key,
