@@ -22,7 +22,7 @@ from pathlib import Path
 
 import grpc
 
-from loadtest.servers import ServerProcess
+from loadtest.with_servers import TwoTierConfig, two_tier
 from palr.bundle import Bundle, BundleError
 from palr.catalog import Catalog
 from recsys.v1 import ranking_pb2, ranking_pb2_grpc
@@ -45,6 +45,7 @@ class DemoConfig:
     k: int = field(default=10, metadata={"help": "ranked items per user"})
     deadline: float = field(default=120.0, metadata={"help": "seconds each Recommend call may take"})
     startup_timeout: float = field(default=300.0, metadata={"help": "seconds to wait for each health SERVING"})
+    log_dir: Path = field(default=Path("reports"), metadata={"help": "where the two servers' logs go", "metavar": "DIR"})
 
 
 @dataclass
@@ -94,15 +95,6 @@ def ensure_bundle(config: DemoConfig) -> None:
         subprocess.run([sys.executable, "-m", "compile", *step], check=True)
 
 
-def start(module: str, args: list[str], config: DemoConfig, what: str) -> ServerProcess:
-    """A server as a subprocess, SERVING when this returns."""
-    server = ServerProcess(module, ["--bundle", str(config.bundle), *args])
-    started = time.perf_counter()
-    server.start(timeout=config.startup_timeout)
-    print(f"{what} on {server.target}: SERVING after {time.perf_counter() - started:.1f} s (log: {server.log_path})")
-    return server
-
-
 def show(demo: Demo, stub: ranking_pb2_grpc.RankingServiceStub, user: str, mode: int) -> None:
     """One Recommend call, printed: ranked titles, the held-out item's fate, per-stage timings."""
     request = ranking_pb2.RecommendRequest(user_id=user, k=demo.config.k, mode=mode, request_id=f"demo-{user}-{mode}")
@@ -130,22 +122,18 @@ def show(demo: Demo, stub: ranking_pb2_grpc.RankingServiceStub, user: str, mode:
 def run(config: DemoConfig) -> int:
     ensure_bundle(config)
     demo = Demo.open(config)
-    codes = {}
-    retrieval = start("retrieval_server", ["--log-level", "WARNING"], config, "retrieval server (SASRec, ONNX Runtime)")
-    try:
-        ranking = start("ranking_server", ["--retrieval", retrieval.target], config,
-                        "ranking server (PALR LLM, loaded and warmed up)")
-        try:
-            with grpc.insecure_channel(ranking.target) as channel:
-                stub = ranking_pb2_grpc.RankingServiceStub(channel)
-                for user in demo.users():
-                    show(demo, stub, user, ranking_pb2.RANKING_MODE_SCORE)
-                show(demo, stub, demo.users()[0], ranking_pb2.RANKING_MODE_GENERATE)
-        finally:
-            codes["ranking"] = ranking.stop()
-    finally:
-        codes["retrieval"] = retrieval.stop()
-    print("\n" + ", ".join(f"{name} server stopped (SIGTERM, drained), exit code {code}" for name, code in codes.items()))
+    servers = TwoTierConfig(bundle=config.bundle, log_dir=config.log_dir, startup_timeout=config.startup_timeout,
+                            retrieval_args="--log-level WARNING")
+    with two_tier(servers) as (retrieval, ranking):
+        print(f"retrieval server (SASRec, ONNX Runtime) on {retrieval.target}, ranking server (PALR LLM, loaded "
+              f"and warmed up) on {ranking.target}: both SERVING (logs in {config.log_dir}/)")
+        with grpc.insecure_channel(ranking.target) as channel:
+            stub = ranking_pb2_grpc.RankingServiceStub(channel)
+            for user in demo.users():
+                show(demo, stub, user, ranking_pb2.RANKING_MODE_SCORE)
+            show(demo, stub, demo.users()[0], ranking_pb2.RANKING_MODE_GENERATE)
+    codes = {server.module: server.process.returncode for server in (ranking, retrieval)}
+    print("\n" + ", ".join(f"{name} stopped (SIGTERM, drained), exit code {code}" for name, code in codes.items()))
     return 0 if set(codes.values()) == {0} else 1
 
 

@@ -114,5 +114,5 @@ def test_demo_ranks_three_users_and_one_generate_request_by_title_and_stops_both
             for line in out.splitlines() if line.strip()[:3].strip(". ").isdigit()]
     labels = {item.label for item in Catalog.load(Bundle.open(tiny_llm_bundle).path("catalog")).items}
     assert len(rows) == 20 and set(rows) <= labels  # 5 ranked items per answer, shown by title
-    assert "ranking server stopped (SIGTERM, drained), exit code 0" in out
-    assert "retrieval server stopped (SIGTERM, drained), exit code 0" in out
+    assert "ranking_server stopped (SIGTERM, drained), exit code 0" in out
+    assert "retrieval_server stopped (SIGTERM, drained), exit code 0" in out
