@@ -56,3 +56,30 @@ def build_config(config_cls: type, args: argparse.Namespace, preset_values: dict
     values.update({k: v for k, v in vars(args).items() if k in names})
     values.update({k: v for k, v in fixed.items() if k in names})
     return config_cls(**values)
+
+
+def server_main(argv: list[str] | None, prog: str, description: str, config_cls: type, server_module: str) -> int:
+    """A server's `__main__`: flags from `config_cls`, logging, then `server_module.serve(config)` until
+    SIGTERM. The server module is imported after parsing, so `--help` stays fast. Exit 1 with the reason
+    logged when the bundle, the options or the port are refused."""
+    import asyncio
+    import importlib
+    import logging
+
+    from palr.bundle import BundleError
+
+    parser = argparse.ArgumentParser(prog=prog, description=description,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(parser, config_cls)
+    parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log = logging.getLogger(prog.split()[-1])
+    try:
+        config = build_config(config_cls, args)
+        serve = importlib.import_module(server_module).serve
+        asyncio.run(serve(config))
+    except (BundleError, ValueError, OSError) as e:
+        log.error("cannot serve: %s", e)
+        return 1
+    return 0

@@ -25,14 +25,13 @@ from palr.decoding import answer_constraint
 from palr.profiles import StatsProfiler
 from palr.prompt import PalrPrompt, PromptParts, PromptSettings
 from palr.ranking import complete_order, fuse, generation_bias, order_by_scores
-from palr.serving import RequestError, invalid_argument
+from palr.serving import RequestError, check_known_ids, invalid_argument
 from ranking_server.engines.base import EngineRequest, EngineResult
 from recsys.v1 import ranking_pb2
 
 MODES = {ranking_pb2.RANKING_MODE_UNSPECIFIED: "score", ranking_pb2.RANKING_MODE_SCORE: "score",
          ranking_pb2.RANKING_MODE_GENERATE: "generate"}
 PROTO_MODES = {"score": ranking_pb2.RANKING_MODE_SCORE, "generate": ranking_pb2.RANKING_MODE_GENERATE}
-MAX_IDS_IN_MESSAGE = 10
 # Request ids go into logs and into `x-request-id` metadata (printable ASCII only).
 REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
 
@@ -87,11 +86,7 @@ class RequestPlanner:
                     exclude=exclude, k=request.k, num_candidates=num_candidates, mode=MODES[request.mode])
 
     def _known_ids(self, field_name: str, item_ids: Sequence[str]) -> list[str]:
-        unknown = list(dict.fromkeys(self.catalog.unknown(item_ids)))
-        if unknown:
-            shown = ", ".join(repr(i[:40]) for i in unknown[:MAX_IDS_IN_MESSAGE])
-            more = f" and {len(unknown) - MAX_IDS_IN_MESSAGE} more" if len(unknown) > MAX_IDS_IN_MESSAGE else ""
-            raise invalid_argument(f"{field_name}: unknown item ids {shown}{more}")
+        check_known_ids(field_name, item_ids, self.catalog)
         return list(item_ids)
 
 

@@ -6,33 +6,14 @@ SIGTERM or SIGINT drains: health NOT_SERVING, no new RPCs, in-flight ones finish
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import logging
 import sys
 
-from compile.cli import add_config_arguments, build_config
-from palr.bundle import BundleError
+from compile.cli import server_main
 from retrieval_server.config import RetrievalServerConfig
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m retrieval_server", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(parser, RetrievalServerConfig)
-    parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    log = logging.getLogger("retrieval_server")
-    try:
-        config = build_config(RetrievalServerConfig, args)
-        from retrieval_server.server import serve  # imports onnxruntime: after --help
-
-        asyncio.run(serve(config))
-    except (BundleError, ValueError, OSError) as e:
-        log.error("cannot serve: %s", e)
-        return 1
-    return 0
+    return server_main(argv, "python -m retrieval_server", __doc__, RetrievalServerConfig, "retrieval_server.server")
 
 
 if __name__ == "__main__":

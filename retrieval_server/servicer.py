@@ -11,7 +11,7 @@ import grpc
 import numpy as np
 
 from palr.catalog import Catalog
-from palr.serving import RequestError, invalid_argument, request_id
+from palr.serving import RequestError, check_known_ids, invalid_argument, request_id
 from recsys.v1 import retrieval_pb2, retrieval_pb2_grpc
 from retrieval_server.metrics import COLD_STARTS, RETRIEVE, TRUNCATED
 from retrieval_server.model import Query, Ranked
@@ -19,7 +19,6 @@ from retrieval_server.model import Query, Ranked
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = retrieval_pb2.DESCRIPTOR.services_by_name["RetrievalService"].full_name
-MAX_IDS_IN_MESSAGE = 10
 
 
 @dataclass(frozen=True)
@@ -119,10 +118,5 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
             yield retrieval_pb2.RetrieveResponse(candidates=candidates, model_version=self.model_version, **flags)
 
     def _indices(self, field_name: str, item_ids: Sequence[str]) -> list[int]:
-        unknown = self.catalog.unknown(item_ids)
-        if unknown:
-            unknown = list(dict.fromkeys(unknown))
-            shown = ", ".join(repr(i) for i in unknown[:MAX_IDS_IN_MESSAGE])
-            more = f" and {len(unknown) - MAX_IDS_IN_MESSAGE} more" if len(unknown) > MAX_IDS_IN_MESSAGE else ""
-            raise invalid_argument(f"{field_name}: unknown item ids {shown}{more}")
+        check_known_ids(field_name, item_ids, self.catalog)
         return self.catalog.indices(item_ids)
