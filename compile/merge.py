@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 MERGED_DIR = "llm/merged"
 RANKER_FILE = "llm/ranker.json"
 GENERATE_FORMATS = ("titles", "labels")
-VERSION = 1
+VERSION = 2  # 2: fusion grid up to 1000
 
 
 @dataclass

@@ -10,7 +10,7 @@ import pytest
 
 from palr import metrics
 from palr.decoding import LabelConstraint, TitleConstraint, answer_constraint
-from palr.ranking import complete_order, fit_fusion_weight, fuse, generation_bias, order_by_scores
+from palr.ranking import complete_order, fit_fusion_weight, fuse, generation_bias, order_by_scores, target_rank
 
 REQUIRED = ("retrieval_hr@10", "retrieval_ndcg@10", "score_hr@10", "score_ndcg@10", "generate_hr@10",
             "generate_ndcg@10", "generate_invalid_rate", "users", "k")
@@ -111,3 +111,15 @@ def test_fit_fusion_weight_prefers_what_ranks_validation_targets_best():
     assert weight == 0.0
     weight, _ = fit_fusion_weight(llm, retrieval, [0, 0, 1], k=1, grid=(0.0, 100.0))
     assert weight == 100.0
+
+
+def test_default_grid_falls_back_to_retrieval_order_when_the_llm_only_hurts():
+    import random
+
+    rng = random.Random(0)
+    retrieval = [[3.0 - 0.1 * i + rng.uniform(0, 0.05) for i in range(20)] for _ in range(50)]  # gaps >= 0.05
+    targets = [rng.choice([0, 0, 1, 2]) for _ in range(50)]  # retrieval's top is mostly right
+    llm = [[-5.0 if i == t else -0.5 - 0.01 * i for i in range(20)] for t in targets]  # the LLM never is
+    weight, curve = fit_fusion_weight(llm, retrieval, targets)
+    retrieval_ndcg = metrics.ndcg([target_rank(range(20), t) for t in targets], 10)
+    assert weight == max(curve) and curve[weight] == pytest.approx(retrieval_ndcg)
