@@ -22,6 +22,7 @@ STEPS: dict[str, tuple[str, str, str]] = {
     "evaluate": ("compile.evaluate", "EvaluateConfig", "evaluate a tier on the test split; writes reports/eval_<tier>.json"),
     "base-model": ("compile.base_model", "BaseModelConfig", "the base LLM as a plain HF checkpoint in llm/base/ (GGUF dequantized, or --base-model DIR)"),
     "profiles": ("compile.profiles", "ProfilesConfig", "user profile keywords (stats or LLM summaries) → profiles.json"),
+    "compare-profiles": ("compile.compare_profiles", "CompareProfilesConfig", "stats vs LLM vs no profiles, scored on validation users → reports/compare_profiles.json"),
     "sft-data": ("compile.sft_data", "SftDataConfig", "PALR instruction data from the train split (+ a validation file) → llm/sft/"),
     "finetune": ("compile.finetune", "FinetuneConfig", "LoRA fine-tune of the base LLM on the SFT data → llm/lora/"),
     "merge": ("compile.merge", "MergeConfig", "merge LoRA into the base → llm/merged/; fit the fusion weight → llm/ranker.json"),

@@ -1,0 +1,105 @@
+"""`compile compare-profiles`: which profile method ranks better, measured on validation users only.
+
+For the first `--users` examples of `llm/sft/valid.jsonl` (validation users; their histories hold
+training items only), the PALR prompt is rebuilt with each profile method (`stats`: genre/year
+statistics; `llm`: the base LLM's hierarchical summary; `none`: no profile line) and each model
+(`--models`, bundle artifacts such as llm_base and llm_merged) scores the candidates in score mode.
+Reported per (model, method): the LLM-alone NDCG@10, the best fused NDCG@10 over the fusion grid and
+its weight, next to the retrieval order's NDCG@10 on the same users → `reports/compare_profiles.json`.
+The test split is never read, so the winner can be made the default without tuning on test.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from compile.profiles import LlmSummariser, ProfilesConfig, CACHE_FILE
+from compile.sft_data import read_jsonl
+from palr import metrics
+from palr.bundle import Bundle
+from palr.catalog import Catalog
+from palr.profiles import StatsProfiler
+
+log = logging.getLogger(__name__)
+
+METHODS = ("stats", "llm", "none")
+REPORT = "compare_profiles.json"
+
+
+@dataclass
+class CompareProfilesConfig:
+    bundle: Path = field(default=Path("bundle"), metadata={"help": "bundle with llm/sft/valid.jsonl and the models"})
+    users: int = field(default=100, metadata={"help": "validation examples compared (first N of valid.jsonl)"})
+    methods: list[str] = field(default_factory=lambda: list(METHODS), metadata={
+        "help": f"profile methods to compare ({', '.join(METHODS)})"})
+    models: list[str] = field(default_factory=lambda: ["llm_base", "llm_merged"], metadata={
+        "help": "bundle artifacts to score with (llm_base: untuned, llm_merged: fine-tuned with the bundle's profiles)"})
+
+
+def profiles_for(method: str, bundle: Bundle, catalog: Catalog, histories) -> list[str]:
+    if method == "none":
+        return [""] * len(histories)
+    if method == "stats":
+        stats = StatsProfiler(catalog)
+        return [stats(h) for h in histories]
+    summarise = LlmSummariser(bundle.path("llm_base"), ProfilesConfig(bundle=bundle.root, method="llm"),
+                              bundle.root / CACHE_FILE)
+    return summarise(histories, progress="llm profiles")
+
+
+def readout(model, prompt, examples, histories, profiles, catalog) -> dict:
+    """LLM-alone and best-fused NDCG@10 of one (model, profiles) pair in score mode."""
+    from palr.llm import compute_prefix, score_labels
+    from palr.ranking import fit_fusion_weight
+
+    prefix = compute_prefix(model, prompt.prefix_ids())
+    started = time.perf_counter()
+    llm = []
+    for x, history, profile in zip(examples, histories, profiles):
+        parts = prompt.retrieval(profile, history, [catalog.by_id(i) for i in x["candidates"]])
+        llm.append(score_labels(model, parts.input_ids, parts.label_token_ids, prefix=prefix))
+    weight, curve = fit_fusion_weight(llm, [x["retrieval_scores"] for x in examples],
+                                      [x["target_position"] for x in examples])
+    return {"llm_ndcg@10": curve[0.0], "fused_ndcg@10": curve[weight], "fusion_weight": weight,
+            "seconds_per_user": (time.perf_counter() - started) / len(examples)}
+
+
+def run(config: CompareProfilesConfig) -> dict:
+    from transformers import AutoTokenizer
+
+    from palr.llm import load_causal_lm
+    from palr.prompt import PalrPrompt, PromptSettings
+    from palr.ranking import target_rank
+
+    unknown = set(config.methods) - set(METHODS)
+    if unknown:
+        raise ValueError(f"--methods {sorted(unknown)}: choose from {', '.join(METHODS)}")
+    bundle = Bundle.open(config.bundle)
+    bundle.verify(["catalog", "sft_data", *config.models])
+    catalog = Catalog.load(bundle.path("catalog"))
+    sft = bundle.path("sft_data")
+    examples = read_jsonl(sft / "valid.jsonl")[: config.users or None]
+    settings = PromptSettings.from_dict(json.loads((sft / "meta.json").read_text())["prompt"])
+    histories = [[catalog.by_id(i) for i in x["history"]] for x in examples]
+    retrieval = metrics.ndcg([target_rank(range(len(x["candidates"])), x["target_position"]) for x in examples], 10)
+    profiles = {m: profiles_for(m, bundle, catalog, histories) for m in config.methods}
+    report = {"users": len(examples), "split": "validation", "retrieval_ndcg@10": retrieval,
+              "examples": {m: p[:3] for m, p in profiles.items()}, "results": {}}
+    for name in config.models:
+        model, _ = load_causal_lm(bundle.path(name))
+        prompt = PalrPrompt(AutoTokenizer.from_pretrained(bundle.path(name)), settings)
+        for method in tqdm(config.methods, desc=f"profiles ({name})", unit="method"):
+            result = readout(model, prompt, examples, histories, profiles[method], catalog)
+            report["results"][f"{name}/{method}"] = result
+            log.info("%s with %s profiles: LLM alone NDCG@10 %.4f, fused %.4f (weight %g); retrieval %.4f",
+                     name, method, result["llm_ndcg@10"], result["fused_ndcg@10"], result["fusion_weight"], retrieval)
+    path = bundle.reports_dir() / REPORT
+    path.write_text(json.dumps(report, indent=2))
+    log.info("→ %s", path)
+    return report

@@ -1,0 +1,27 @@
+"""compile compare-profiles on the tiny bundle: every (model, method) pair is scored on validation users
+only, with the retrieval order's NDCG@10 on the same users next to it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+pytest.importorskip("torch")
+
+from compile.compare_profiles import CompareProfilesConfig, run  # noqa: E402
+
+
+def test_compares_every_method_for_every_model_on_validation_users(tiny_llm_bundle, tmp_path):
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_llm_bundle, bundle, symlinks=True)
+    report = run(CompareProfilesConfig(bundle=bundle, users=4, models=["llm_base", "llm_merged"]))
+    assert report["split"] == "validation" and report["users"] == 4
+    assert set(report["results"]) == {f"{m}/{p}" for m in ("llm_base", "llm_merged") for p in ("stats", "llm", "none")}
+    assert report["examples"]["none"] == ["", "", ""] and all(report["examples"]["stats"])
+    for result in report["results"].values():
+        assert 0 <= result["llm_ndcg@10"] <= 1 and result["fused_ndcg@10"] >= result["llm_ndcg@10"]
+    assert json.loads((bundle / "reports" / "compare_profiles.json").read_text()) == report
+    with pytest.raises(ValueError, match="--methods"):
+        run(CompareProfilesConfig(bundle=bundle, methods=["tfidf"]))
