@@ -54,8 +54,10 @@ class RankingServerConfig(ServerConfig):
         "choices": ENGINES})
     device: str = field(default="cpu", metadata={"help": "where the LLM runs", "choices": DEVICES})
     max_batch_size: int = field(default=16, metadata={"help": "most requests in the engine's running batch"})
-    max_tokens_per_step: int = field(default=512, metadata={
-        "help": "token budget of one engine step: decode tokens first, then prompt chunks"})
+    max_tokens_per_step: int = field(default=2048, metadata={
+        "help": "token budget of one engine step: decode tokens first, then prompt chunks. Room for several "
+                "~300-token prompts per step: on 2 CPU cores 2048 measured 1.05x one-at-a-time throughput in "
+                "score mode and 4.4x in generate mode at concurrency 16 (512: 0.97x and 2.9x)"})
     max_queue: int = field(default=64, metadata={
         "help": "requests waiting for a batch slot; beyond it requests get RESOURCE_EXHAUSTED at once"})
     max_seq_len: int = field(default=1024, metadata={

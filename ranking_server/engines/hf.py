@@ -42,7 +42,7 @@ class EngineConfig:
     """Scheduler limits shared by the in-process engines (the baselines use the subset they need)."""
 
     max_batch_size: int = field(default=16, metadata={"help": "most requests in the running batch (KV slots)"})
-    max_tokens_per_step: int = field(default=512, metadata={
+    max_tokens_per_step: int = field(default=2048, metadata={
         "help": "token budget of one engine step: decode tokens first, then prompt chunks"})
     max_queue: int = field(default=64, metadata={
         "help": "requests waiting for a slot; beyond it rank() raises EngineOverloaded at once"})
