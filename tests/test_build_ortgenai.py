@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import random
 
 import pytest
 
@@ -24,6 +23,7 @@ from ranking_server.engines.hf import EngineConfig, HFEngine  # noqa: E402
 from ranking_server.engines.ortgenai import OrtGenaiEngine  # noqa: E402
 from ranking_server.engines.routed import ModeRouter  # noqa: E402
 from tests.fixtures_builds import build_config, copy_bundle  # noqa: E402
+from tests.engine_workload import label_ids, mixed_requests  # noqa: E402
 
 NAME = "engine:ortgenai-cpu"
 
@@ -38,21 +38,8 @@ def ortgenai_bundle(tiny_llm_bundle, tmp_path_factory):
 @pytest.fixture(scope="module")
 def reference(ortgenai_bundle):
     model, tokenizer = load_causal_lm(Bundle.open(ortgenai_bundle).path("llm_merged"))
-    labels = [tokenizer.encode(f" {chr(ord('A') + i)}", add_special_tokens=False)[0] for i in range(20)]
+    labels = label_ids(tokenizer, 20)
     return model, labels
-
-
-def mixed_requests(labels, n=16, seed=0) -> list[EngineRequest]:
-    rng = random.Random(seed)
-    prefixes = [[rng.randrange(100, 40000) for _ in range(length)] for length in (24, 40)]
-    requests = []
-    for i in range(n):
-        n_labels = rng.choice([5, 12, 20])
-        bias = [rng.uniform(-0.3, 0.3) for _ in range(n_labels)] if i % 4 == 3 else None
-        requests.append(EngineRequest(f"r{i}", prefixes[i % 3 == 0],
-                                      [rng.randrange(100, 40000) for _ in range(rng.randint(1, 150))],
-                                      labels[:n_labels], "generate" if i % 2 else "score", rng.randint(1, n_labels), bias))
-    return requests
 
 
 def test_build_records_the_onnx_model_and_what_it_measured(ortgenai_bundle):

@@ -18,6 +18,7 @@ from ranking_server.engines import STRATEGIES, build_engine  # noqa: E402
 from ranking_server.engines.base import (  # noqa: E402
     EngineAborted, EngineError, EngineOverloaded, EngineRequest, InvalidRequest)
 from ranking_server.engines.hf import EngineConfig, HFEngine  # noqa: E402
+from tests.engine_workload import label_ids, mixed_requests  # noqa: E402
 
 N_LABELS = 20
 
@@ -25,24 +26,8 @@ N_LABELS = 20
 @pytest.fixture(scope="module")
 def tiny(tiny_llama_dir):
     model, tokenizer = load_causal_lm(tiny_llama_dir)
-    labels = [tokenizer.encode(f" {chr(ord('A') + i)}", add_special_tokens=False)[0] for i in range(N_LABELS)]
+    labels = label_ids(tokenizer, N_LABELS)
     return model, labels
-
-
-def mixed_requests(labels, n=16, seed=0) -> list[EngineRequest]:
-    """n requests, half score half generate, two shared prefixes, suffixes of 1..150 tokens, some with bias."""
-    rng = random.Random(seed)
-    prefixes = [[rng.randrange(100, 40000) for _ in range(length)] for length in (24, 40)]
-    requests = []
-    for i in range(n):
-        mode = "generate" if i % 2 else "score"
-        n_labels = rng.choice([5, 12, 20])
-        bias = [rng.uniform(-0.3, 0.3) for _ in range(n_labels)] if i % 4 == 3 else None
-        requests.append(EngineRequest(
-            request_id=f"r{i}", prefix_ids=prefixes[i % 3 == 0],
-            suffix_ids=[rng.randrange(100, 40000) for _ in range(rng.randint(1, 150))],
-            label_token_ids=labels[:n_labels], mode=mode, k=rng.randint(1, n_labels), bias=bias))
-    return requests
 
 
 def reference(model, request: EngineRequest):
@@ -376,7 +361,7 @@ def test_inflight_engine_runs_on_cuda(tiny_llama_dir):
         pytest.skip("no CUDA GPU on this machine")
     model, tokenizer = load_causal_lm(tiny_llama_dir, device="cuda")
     assert model.dtype == torch.bfloat16
-    labels = [tokenizer.encode(f" {chr(ord('A') + i)}", add_special_tokens=False)[0] for i in range(N_LABELS)]
+    labels = label_ids(tokenizer, N_LABELS)
     requests = mixed_requests(labels, n=8, seed=3)
     engine = HFEngine(model, EngineConfig(max_batch_size=4, max_tokens_per_step=64))
     try:

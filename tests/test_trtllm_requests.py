@@ -19,6 +19,7 @@ from palr.llm import generate_constrained, generate_labels, load_causal_lm, scor
 from ranking_server.engines.base import EngineError, EngineRequest  # noqa: E402
 from ranking_server.engines.trtllm_requests import (  # noqa: E402
     ConstraintLogitsProcessor, emitted_order, label_scores, sampling_kwargs)
+from tests.engine_workload import label_ids  # noqa: E402
 
 END = 2
 VOCAB = 64
@@ -27,7 +28,7 @@ VOCAB = 64
 @pytest.fixture(scope="module")
 def tiny(tiny_llama_dir):
     model, tokenizer = load_causal_lm(tiny_llama_dir)
-    labels = [tokenizer.encode(f" {chr(ord('A') + i)}", add_special_tokens=False)[0] for i in range(12)]
+    labels = label_ids(tokenizer, 12)
     return model, labels
 
 
