@@ -19,16 +19,16 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from compile.profiles import LlmSummariser, ProfilesConfig, CACHE_FILE
+from compile.profiles import ProfilesConfig, profiler
 from compile.sft_data import read_jsonl
 from palr import metrics
 from palr.bundle import Bundle
 from palr.catalog import Catalog
-from palr.profiles import StatsProfiler
+from palr.profiles import METHODS as PROFILE_METHODS
 
 log = logging.getLogger(__name__)
 
-METHODS = ("stats", "llm", "none")
+METHODS = (*PROFILE_METHODS, "none")
 REPORT = "compare_profiles.json"
 
 
@@ -45,20 +45,15 @@ class CompareProfilesConfig:
 def profiles_for(method: str, bundle: Bundle, catalog: Catalog, histories) -> list[str]:
     if method == "none":
         return [""] * len(histories)
-    if method == "stats":
-        stats = StatsProfiler(catalog)
-        return [stats(h) for h in histories]
-    summarise = LlmSummariser(bundle.path("llm_base"), ProfilesConfig(bundle=bundle.root, method="llm"),
-                              bundle.root / CACHE_FILE)
-    return summarise(histories, progress="llm profiles")
+    make = profiler(bundle, catalog, ProfilesConfig(bundle=bundle.root, method=method))
+    return make(histories, progress=f"{method} profiles")
 
 
-def readout(model, prompt, examples, histories, profiles, catalog) -> dict:
+def readout(model, prompt, prefix, examples, histories, profiles, catalog) -> dict:
     """LLM-alone and best-fused NDCG@10 of one (model, profiles) pair in score mode."""
-    from palr.llm import compute_prefix, score_labels
+    from palr.llm import score_labels
     from palr.ranking import fit_fusion_weight
 
-    prefix = compute_prefix(model, prompt.prefix_ids())
     started = time.perf_counter()
     llm = []
     for x, history, profile in zip(examples, histories, profiles):
@@ -73,7 +68,7 @@ def readout(model, prompt, examples, histories, profiles, catalog) -> dict:
 def run(config: CompareProfilesConfig) -> dict:
     from transformers import AutoTokenizer
 
-    from palr.llm import load_causal_lm
+    from palr.llm import compute_prefix, load_causal_lm
     from palr.prompt import PalrPrompt, PromptSettings
     from palr.ranking import target_rank
 
@@ -94,8 +89,9 @@ def run(config: CompareProfilesConfig) -> dict:
     for name in config.models:
         model, _ = load_causal_lm(bundle.path(name))
         prompt = PalrPrompt(AutoTokenizer.from_pretrained(bundle.path(name)), settings)
+        prefix = compute_prefix(model, prompt.prefix_ids())  # the same for every profile method
         for method in tqdm(config.methods, desc=f"profiles ({name})", unit="method"):
-            result = readout(model, prompt, examples, histories, profiles[method], catalog)
+            result = readout(model, prompt, prefix, examples, histories, profiles[method], catalog)
             report["results"][f"{name}/{method}"] = result
             log.info("%s with %s profiles: LLM alone NDCG@10 %.4f, fused %.4f (weight %g); retrieval %.4f",
                      name, method, result["llm_ndcg@10"], result["fused_ndcg@10"], result["fusion_weight"], retrieval)
