@@ -32,7 +32,8 @@ demo: bundle
 	$(PY) -m loadtest.demo --bundle $(BUNDLE)
 
 test: data
-	$(PY) -m pytest
+	$(VENV)/bin/lint-imports
+	$(PY) -m pytest --durations=25
 
 # Load test of both tiers on $(BUNDLE) with Locust over gRPC, gated by an SLO profile: starts the two
 # servers, runs Locust headless, stops them; exits with Locust's code (3 = an SLO was broken).

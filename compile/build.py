@@ -13,7 +13,7 @@ ranker (`llm/merged/`) pinned to this machine → `engines/<target>/`, manifest 
 With no --target: a visible CUDA GPU gives trtllm when TensorRT-LLM is installed, else hf-cuda;
 no GPU gives hf-cpu. The manifest entry records the target, device name, SM, CPU ISA flags, dtype,
 tensor-parallel size, library versions, build options and the sha256 of every file; servers
-refuse a build that does not match their machine (palr/hardware.py). Re-running with unchanged
+refuse a build that does not match their machine (palr/builds.py). Re-running with unchanged
 inputs reuses the build after the same check (a build made elsewhere is refused; --force rebuilds).
 Measurements go to reports/build_<target>.json.
 """
@@ -31,7 +31,9 @@ from pathlib import Path
 
 from compile.targets import BUILDERS, BuildContext
 from palr.bundle import Bundle, fingerprint
-from palr.hardware import TARGETS, Machine, artifact_name, cuda_devices, library_version, open_build, target_spec
+from palr.builds import artifact_name, open_build
+from palr.machine import Machine, cuda_devices, library_version
+from palr.targets import TARGETS, target_spec
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""`compile evaluate --tier ranking`: the two-tier system on test users → reports/eval_ranking.json.
+"""`compile evaluate-ranking` (alias `compile evaluate --tier ranking`): the two-tier system on test
+users → reports/eval_ranking.json.
 
 Protocol: each sampled test user's history is train + valid items; SASRec (ONNX Runtime, the
 served graph) retrieves the top-K (history excluded); the LLM ranks those K with the prompt,
@@ -21,18 +22,18 @@ import json
 import logging
 import random
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tqdm import tqdm
 
-from compile.evaluate import EvaluateConfig
 from compile.llm_common import config_record
 from compile.sft_data import load_corpus
 from palr import metrics
 from palr.bundle import Bundle, fingerprint
 from palr.catalog import Catalog
 from palr.profiles import Profiles
-from palr.ranking import complete_order, fuse, generation_bias, order_by_scores, target_rank
+from palr.ranking import MODES, complete_order, fuse, generation_bias, order_by_scores, target_rank
 
 log = logging.getLogger(__name__)
 
@@ -40,8 +41,23 @@ STEP = "evaluate-ranking"
 VERSION = 1
 REPORT = "eval_ranking.json"
 USERS_REPORT = "eval_ranking_users.jsonl"
-MODES = ("score", "generate")
 K = 10
+
+
+@dataclass
+class EvaluateRankingConfig:
+    bundle: Path = field(default=Path("bundle"), metadata={"help": "bundle to evaluate"})
+    data: Path = field(default=Path("data/ml-100k"), metadata={"help": "the dataset the bundle was built from"})
+    users: int = field(default=200, metadata={
+        "help": "evaluate N randomly chosen test users (0 = all; generate mode costs ~8 s a user on "
+                "2 cores with the 135M model)"})
+    candidates: int = field(default=20, metadata={"help": "K, SASRec candidates the LLM ranks"})
+    modes: list[str] = field(default_factory=lambda: list(MODES), metadata={
+        "help": f"modes to evaluate ({', '.join(MODES)})"})
+    llm: str = field(default="llm_merged", metadata={
+        "help": "the LLM artifact to rank with (llm_base measures the untuned model)",
+        "choices": ["llm_merged", "llm_base"]})
+    seed: int = field(default=0, metadata={"help": "seed of the user sample"})
 
 
 def load_ranker(bundle: Bundle) -> dict:
@@ -52,20 +68,20 @@ def sample_users(users: list[str], n: int, seed: int) -> list[str]:
     return sorted(random.Random(seed).sample(users, n)) if 0 < n < len(users) else users
 
 
-def run(config: EvaluateConfig) -> dict:
+def run(config: EvaluateRankingConfig) -> dict:
     from transformers import AutoTokenizer
 
     from palr.decoding import answer_constraint
     from palr.llm import compute_prefix, generate_constrained, load_causal_lm, score_labels
     from palr.prompt import PalrPrompt, PromptSettings
-    from retrieval_server.model import Query, SasrecOnnx
+    from palr.sasrec_onnx import Query, SasrecOnnx
 
     unknown = set(config.modes) - set(MODES)
     if unknown:
         raise ValueError(f"--modes {sorted(unknown)}: choose from {', '.join(MODES)}")
     bundle = Bundle.open(config.bundle)
     inputs = [config.llm, "ranker", "sasrec_onnx", "catalog", "profiles"]
-    step_fp = fingerprint(STEP, VERSION, config_record(config) | {"bundle": None, "batch_size": None},
+    step_fp = fingerprint(STEP, VERSION, config_record(config) | {"tier": "ranking", "bundle": None, "batch_size": None},
                           [bundle.version(name) for name in inputs])
     report_path = bundle.reports_dir() / REPORT
     if bundle.step_is_current(STEP, step_fp, inputs) and report_path.is_file():
@@ -138,7 +154,7 @@ def run(config: EvaluateConfig) -> dict:
     return report
 
 
-def summarise(rows: list[dict], config: EvaluateConfig, ranker: dict, weight: float, generate_k: int) -> dict:
+def summarise(rows: list[dict], config: EvaluateRankingConfig, ranker: dict, weight: float, generate_k: int) -> dict:
     def add(prefix: str, key: str) -> None:
         ranks = [r[key] for r in rows]
         report[f"{prefix}_hr@{K}"] = metrics.hit_rate(ranks, K)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from compile.sasrec_model import SASRec, SASRecTopK
+from palr.sasrec import SASRec, SASRecTopK
 from palr.bundle import Bundle, fingerprint
 
 log = logging.getLogger(__name__)

@@ -18,7 +18,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "sft-data": {"users": 300, "valid_users": 100},
         "finetune": {"max_steps": 20, "batch_size": 8, "top_layers": 10, "save_every": 10},
         "merge": {"fusion_users": 100},
-        "evaluate": {"users": 30},  # ranking tier only (retrieval always ranks every test user)
+        "evaluate-ranking": {"users": 30},  # (retrieval always ranks every test user)
         # bf16 is left out: on CPUs without AVX512-BF16/AMX it is emulated (~5x slower here, see the full preset)
         "build": {"candidates": ["fp32", "int8"], "probe_users": 8, "generate_probes": 4, "repeats": 3},
     },
@@ -27,7 +27,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "sft-data": {"users": 24, "valid_users": 12, "retrieval_per_user": 1, "recommend_per_user": 1},
         "finetune": {"max_steps": 4, "batch_size": 4, "save_every": 2, "lr": 5e-3},
         "merge": {"fusion_users": 12},
-        "evaluate": {"users": 6},
+        "evaluate-ranking": {"users": 6},
         "build": {"probe_users": 4, "generate_probes": 2, "generate_k": 3, "prompt_tokens": 48, "decode_steps": 2,
                   "repeats": 1},
     },

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from compile import export_onnx
-from compile.sasrec_model import PAD, SASRec, SASRecArch, mask_items
+from palr.sasrec import PAD, SASRec, SASRecArch, mask_items
 from palr import metrics
 from palr.bundle import Bundle, fingerprint
 from palr.corpus import Corpus

@@ -93,7 +93,7 @@ def training_cuts(corpus: Corpus, users: list[str], per_user: int, config: SftDa
 
 def retrieve(sasrec, catalog: Catalog, cuts: list[Cut], k: int) -> list[tuple[list[str], list[float]]]:
     """SASRec top-k (item ids, scores) for each cut, excluding its history and the user's later items."""
-    from retrieval_server.model import Query
+    from palr.sasrec_onnx import Query
 
     queries = [Query(history=catalog.indices(c.history), exclude=catalog.indices(c.history + c.later), k=k)
                for c in cuts]
@@ -175,7 +175,7 @@ def profile_source(bundle: Bundle, catalog: Catalog):
 def run(config: SftDataConfig) -> Path:
     from transformers import AutoTokenizer
 
-    from retrieval_server.model import SasrecOnnx
+    from palr.sasrec_onnx import SasrecOnnx
 
     bundle = Bundle.open(config.bundle)
     inputs = ["catalog", "users", "sasrec_onnx", "profiles", "llm_base"]

@@ -17,7 +17,7 @@ import importlib
 import logging
 import sys
 
-from compile.cli import add_config_arguments, build_config
+from palr.cli import add_config_arguments, build_config
 
 # name → (module, config class, one-line help). Modules are imported to build their options, so
 # they keep heavy imports (torch, onnxruntime) inside functions.

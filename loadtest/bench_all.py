@@ -28,8 +28,8 @@ from pathlib import Path
 from loadtest.bench_ranking import Cell, load_workload, measure
 from loadtest.report import machine_info, markdown_table, write_report
 from ranking_server.config import RankingServerConfig
-from ranking_server.engines import STRATEGIES
-from ranking_server.engines.base import MODES
+from loadtest.baselines import STRATEGIES
+from palr.ranking import MODES
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,7 @@ def headline_cells(config: BenchConfig) -> list[Cell]:
 def run(config: BenchConfig) -> dict:
     import torch
 
-    from ranking_server.engines.hf import EngineConfig
+    from ranking_server.engines.config import EngineConfig
 
     started = time.perf_counter()
     before = machine_info()
@@ -133,7 +133,7 @@ def run(config: BenchConfig) -> dict:
     workload = load_workload(config.bundle, n_users, candidates=config.candidates, generate_k=config.generate_k,
                              seed=config.seed)
     engine_config = EngineConfig(max_batch_size=config.max_batch_size, max_tokens_per_step=config.max_tokens_per_step,
-                                 num_threads=config.threads or None)
+                                 threads=config.threads)
     warm_up(workload, engine_config)
     rounds = [sweep_cells(config)] + [headline_cells(config) for _ in range(config.repeats - 1)]
     total = sum(len(r) for r in rounds)
@@ -266,7 +266,7 @@ def markdown(report: dict) -> str:
                "vs_sequential_throughput", "vs_sequential_p95", "rounds"]
     for mode, plot_name in zip(dict.fromkeys(r["mode"] for r in report["cells"]), report["plots"]):
         rows = [r for r in report["cells"] if r["mode"] == mode and r["prefix_reuse"]]
-        rows.sort(key=lambda r: (r["concurrency"], STRATEGIES.index(r["strategy"])))
+        rows.sort(key=lambda r: (r["concurrency"], list(STRATEGIES).index(r["strategy"])))
         parts += [f"## {mode} mode: one-at-a-time vs static vs in-flight batching", markdown_table(rows, columns),
                   f"![{mode} mode]({plot_name})"]
     prefix = [r for r in report["cells"] if r["mode"] == "score" and r["strategy"] == "inflight"

@@ -162,7 +162,8 @@ def run(config: GpuBenchConfig) -> dict:
     import torch
     from transformers import AutoTokenizer
 
-    from ranking_server.engines.hf import EngineConfig, HFEngine
+    from ranking_server.engines.config import EngineConfig
+    from ranking_server.engines.hf import HFEngine
 
     if config.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device: this benchmark needs an NVIDIA GPU (use --device cpu only for a smoke run)")
@@ -192,7 +193,7 @@ def run(config: GpuBenchConfig) -> dict:
 
 
 def measure(engine, config: GpuBenchConfig, tokenizer) -> dict:
-    from ranking_server.engines.drive import drive
+    from loadtest.drive import drive
 
     warm = build_requests(config, tokenizer, 4, "score", "warm-s") + build_requests(config, tokenizer, 2, "generate",
                                                                                    "warm-g")
@@ -301,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m loadtest.bench_gpu [options]` (the same as `python -m loadtest.bench gpu`)."""
     import argparse
 
-    from compile.cli import add_config_arguments, build_config
+    from palr.cli import add_config_arguments, build_config
 
     parser = argparse.ArgumentParser(prog="python -m loadtest.bench_gpu", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -7,7 +7,7 @@ and generate-mode answer format). The model is the bundle's merged checkpoint. E
 the same model object and the same requests, in the same order.
 
 A cell is one (mode, strategy, concurrency, prefix reuse) setting, measured by the in-process
-closed-loop driver `ranking_server/engines/drive.py` on a freshly built engine.
+closed-loop driver `loadtest/drive.py` on a freshly built engine.
 """
 
 from __future__ import annotations
@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ranking_server.engines.base import MODES, EngineRequest
+from palr.ranking import MODES
+from ranking_server.engines.base import EngineRequest
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,9 @@ def load_workload(bundle_dir: Path, n: int, *, candidates: int = 0, generate_k: 
     from palr.catalog import Catalog
     from palr.llm import load_causal_lm
     from palr.profiles import Profiles
-    from ranking_server.prompting import Plan, PromptBuilder
-    from retrieval_server.model import Query, SasrecOnnx
+    from ranking_server.planner import Plan
+    from ranking_server.prompts import PromptBuilder
+    from palr.sasrec_onnx import Query, SasrecOnnx
 
     bundle = Bundle.open(bundle_dir)
     bundle.verify(list(ARTIFACTS))
@@ -109,7 +111,7 @@ def measure(cell: Cell, workload: Workload, engine_config, requests: int) -> dic
     least one) after one unmeasured request (it fills the engine's prefix cache; the process was
     warmed up before the first cell); returns the driver's summary (throughput, p50/p95, mean batch,
     errors)."""
-    from ranking_server.engines.drive import run_strategy
+    from loadtest.drive import run_strategy
 
     n = max(requests, cell.concurrency)
     pool = workload.requests[cell.mode]

@@ -1,7 +1,7 @@
 """The retrieval benchmark, side by side in one run:
 
 1. model: the same SASRec top-k graph in ONNX Runtime (`sasrec.onnx`) and in torch eager
-   (`models/sasrec.pt` through compile/sasrec_model.py's `SASRecTopK`), same packed inputs from
+   (`models/sasrec.pt` through palr/sasrec.py's `SASRecTopK`), same packed inputs from
    real users' histories, same thread count, at batch 1 and 32; calls interleaved in rounds so
    machine noise hits both alike; medians. Goal: ORT ≤ 0.5× torch eager at batch 1.
 2. RPC: `Retrieve` p50/p99 and throughput from closed-loop gRPC clients at concurrency 1, 8, 32
@@ -77,10 +77,10 @@ def model_latency(bundle, config: RetrievalBenchConfig) -> list[dict]:
     import numpy as np
     import torch
 
-    from compile.sasrec_model import SASRec, SASRecTopK
-    from retrieval_server.model import SasrecOnnx, pack_excludes
-    from retrieval_server.server import load_histories
     from palr.catalog import Catalog
+    from palr.sasrec import SASRec, SASRecTopK
+    from palr.sasrec_onnx import SasrecOnnx, pack_excludes
+    from palr.users import load_histories
 
     torch.set_num_threads(config.threads)
     onnx_model = SasrecOnnx.from_bundle(bundle, threads=config.threads)

@@ -138,7 +138,7 @@ def run(config: DemoConfig) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from compile.cli import add_config_arguments, build_config
+    from palr.cli import add_config_arguments, build_config
 
     parser = argparse.ArgumentParser(prog="python -m loadtest.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

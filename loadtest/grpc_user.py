@@ -33,7 +33,7 @@ import grpc.experimental.gevent as grpc_gevent
 from locust import User
 from locust.env import Environment
 
-from palr.serving import open_channel
+from palr.serving.channels import open_channel
 
 # gRPC's core must cooperate with gevent before the first channel is created.
 grpc_gevent.init_gevent()
@@ -127,7 +127,7 @@ class GrpcUser(User):
     """Base class for Locust users calling gRPC services: one intercepted channel per target.
 
     `self.host` is Locust's `--host` (HOST:PORT, no scheme). TLS: set `tls_ca` (and `tls_cert` +
-    `tls_key` for mutual TLS) as for `palr.serving.open_channel`.
+    `tls_key` for mutual TLS) as for `palr.serving.channels.open_channel`.
     """
 
     abstract = True

@@ -31,12 +31,10 @@ from locust.runners import WorkerRunner
 from loadtest.grpc_user import GrpcUser
 from loadtest.slo import SloError, SloProfile, gate
 from palr.bundle import Bundle, BundleError
+from ranking_server.planner import MODES
 from recsys.v1 import ranking_pb2, ranking_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
 
 log = logging.getLogger("locustfile")
-
-MODES = {ranking_pb2.RANKING_MODE_SCORE: "score", ranking_pb2.RANKING_MODE_GENERATE: "generate",
-         ranking_pb2.RANKING_MODE_UNSPECIFIED: "score"}
 
 
 @events.init_command_line_parser.add_listener

@@ -18,7 +18,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
-from palr.serving import open_channel
+from palr.serving.channels import open_channel
 
 REPO = Path(__file__).resolve().parents[1]
 

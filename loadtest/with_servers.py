@@ -74,7 +74,7 @@ def run(config: TwoTierConfig, command: Sequence[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from compile.cli import add_config_arguments, build_config
+    from palr.cli import add_config_arguments, build_config
 
     parser = argparse.ArgumentParser(prog="python -m loadtest.with_servers", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -18,6 +18,9 @@ from collections.abc import Sequence
 
 from palr.metrics import Rank, ndcg
 
+# the two ranking modes, chosen per request (the one list: engines, evaluation, builds, benchmarks, the proto mapping)
+MODES = ("score", "generate")
+
 # up to 1000: there the LLM only breaks near-ties of the retrieval order, so a ranker whose LLM does not
 # help on validation falls back to (about) retrieval's order instead of being made worse than it
 FUSION_GRID = (0.0, 0.1, 0.2, 0.35, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 8.0, 13.0, 20.0, 50.0, 1000.0)

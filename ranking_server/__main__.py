@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import sys
 
-from compile.cli import server_main
+from palr.cli import server_main
 from ranking_server.config import RankingServerConfig
 
 

@@ -5,14 +5,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from palr.serving import ServerConfig
+from palr.serving.config import ServerConfig
+from ranking_server.engines.config import EngineConfig
 
 ENGINES = ("hf", "trtllm", "ortgenai")
 DEVICES = ("cpu", "cuda")
 
 
 @dataclass
-class RankingServerConfig(ServerConfig):
+class RankingServerConfig(ServerConfig, EngineConfig):
+    """The server's own options, the shared server options (ServerConfig) and the engine limits
+    (EngineConfig: --max-batch-size, --max-tokens-per-step, --max-queue, --max-seq-len, --prefix-reuse,
+    --prefix-cache-size, --threads), each declared once; `EngineConfig.of(config)` takes the engine's part."""
+
     bundle: Path = field(default=Path("bundle"), metadata={
         "help": "bundle directory with catalog, users, profiles, llm/merged and llm/ranker.json "
                 "(python -m compile all)", "metavar": "DIR"})
@@ -53,18 +58,6 @@ class RankingServerConfig(ServerConfig):
                 "this machine; hf without one serves llm/merged as is",
         "choices": ENGINES})
     device: str = field(default="cpu", metadata={"help": "where the LLM runs", "choices": DEVICES})
-    max_batch_size: int = field(default=16, metadata={"help": "most requests in the engine's running batch"})
-    max_tokens_per_step: int = field(default=2048, metadata={
-        "help": "token budget of one engine step: decode tokens first, then prompt chunks. Room for several "
-                "~300-token prompts per step: on 2 CPU cores 2048 measured 1.05x one-at-a-time throughput in "
-                "score mode and 4.4x in generate mode at concurrency 16 (512: 0.97x and 2.9x)"})
-    max_queue: int = field(default=64, metadata={
-        "help": "requests waiting for a batch slot; beyond it requests get RESOURCE_EXHAUSTED at once"})
-    max_seq_len: int = field(default=1024, metadata={
-        "help": "prompt + generated tokens per request (the size of one KV slot)"})
-    prefix_reuse: bool = field(default=True, metadata={
-        "help": "compute the shared instruction prefix's KV once and reuse it for every request"})
-    threads: int = field(default=0, metadata={"help": "torch threads of the engine (0 = torch's default)"})
     engine_check_s: float = field(default=1.0, metadata={
         "help": "seconds between engine health checks once serving; an engine that has failed (its loop "
                 "crashed) turns grpc health NOT_SERVING, so probes take the replica out and restart it (0 = off)"})
@@ -77,7 +70,7 @@ class RankingServerConfig(ServerConfig):
                 "the LLM is not done; the LLM request is aborted this long before the deadline"})
 
     def __post_init__(self) -> None:
-        super().__post_init__()
+        super().__post_init__()  # ServerConfig, then EngineConfig (cooperative)
         if bool(self.retrieval_tls_cert) != bool(self.retrieval_tls_key):
             raise ValueError("--retrieval-tls-cert and --retrieval-tls-key go together")
         if ":" not in self.retrieval:
@@ -86,10 +79,7 @@ class RankingServerConfig(ServerConfig):
             raise ValueError(f"--engine must be one of {ENGINES}, got {self.engine!r}")
         if self.device not in DEVICES:
             raise ValueError(f"--device must be one of {DEVICES}, got {self.device!r}")
-        for name in ("max_batch_size", "max_tokens_per_step", "max_seq_len"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("retrieval_chunk_size", "candidates", "max_k", "max_queue", "threads"):
+        for name in ("retrieval_chunk_size", "candidates", "max_k"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.default_deadline_ms <= 0:

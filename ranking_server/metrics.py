@@ -22,9 +22,8 @@ from __future__ import annotations
 from prometheus_client import REGISTRY, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from palr.serving import LATENCY_BUCKETS, RpcMetrics
+from palr.serving.metrics import LATENCY_BUCKETS, RpcMetrics
 from ranking_server.engines.base import RankingEngine
-from ranking_server.engines.drive import _mean_batch
 
 RECOMMEND = RpcMetrics("ranking", "Recommend")
 STAGE_SECONDS = Histogram("ranking_stage_seconds", "time per request stage: retrieval, queue (waiting for a "
@@ -61,7 +60,7 @@ class EngineCollector:
             "queued": (stats.queued, "requests waiting for a batch slot (queue depth)"),
             "active": (stats.active, "requests holding a batch slot now (active batch size)"),
             "tokens_per_second": (stats.tokens_per_s, "prompt + generated tokens per second of engine busy time"),
-            "mean_batch_size": (_mean_batch(stats), "requests per engine step, averaged"),
+            "mean_batch_size": (stats.mean_batch, "requests per engine step, averaged"),
             "healthy": (float(stats.healthy), "1 while the engine loop is alive"),
         }
         for name, (value, doc) in gauges.items():

@@ -9,7 +9,9 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from palr.serving import RequestError, open_channel
+from palr.serving.channels import open_channel
+
+from palr.serving.errors import RequestError
 from recsys.v1 import retrieval_pb2, retrieval_pb2_grpc
 from ranking_server.config import RankingServerConfig
 

@@ -1,5 +1,5 @@
 """Wiring: a verified bundle → planner, prompts, retrieval client, engine → the servicer → a
-`palr.serving.GrpcServer`. The tokenizer and the LLM load (and warm up) while health says NOT_SERVING."""
+`palr.serving.server.GrpcServer`. The tokenizer and the LLM load (and warm up) while health says NOT_SERVING."""
 
 from __future__ import annotations
 
@@ -12,12 +12,13 @@ from palr.bundle import Bundle
 from palr.catalog import Catalog
 from palr.profiles import Profiles
 from palr.prompt import PromptSettings
-from palr.serving import GrpcServer
+from palr.serving.server import GrpcServer
 from ranking_server.config import RankingServerConfig
-from ranking_server.engine_factory import LLM_ARTIFACT, build_engine
+from ranking_server.engines.factory import LLM_ARTIFACT, build_engine
 from ranking_server.engines.base import EngineRequest, RankingEngine
 from ranking_server.metrics import ENGINE
-from ranking_server.prompting import Plan, PromptBuilder, RequestPlanner
+from ranking_server.planner import Plan, RequestPlanner
+from ranking_server.prompts import PromptBuilder
 from ranking_server.retrieval_client import RetrievalClient
 from ranking_server.servicer import SERVICE_NAME, RankingServicer
 from recsys.v1 import ranking_pb2_grpc

@@ -23,17 +23,17 @@ import itertools
 import logging
 import time
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import grpc
 
 from palr.catalog import Item
-from palr.serving import RequestError, invalid_argument, request_id
+from palr.serving.errors import RequestError, invalid_argument, request_id
 from ranking_server.config import RankingServerConfig
 from ranking_server.engines.base import EngineError, EngineOverloaded, InvalidRequest, RankingEngine
 from ranking_server.metrics import COLD_STARTS, DEGRADED, RECOMMEND, REJECTED, STAGE_SECONDS
-from ranking_server.prompting import Plan, PromptBuilder, RequestPlanner, valid_request_id
+from ranking_server.planner import Plan, RequestPlanner, valid_request_id
+from ranking_server.prompts import PromptBuilder
 from ranking_server.retrieval_client import RetrievalClient
 from recsys.v1 import ranking_pb2, ranking_pb2_grpc, retrieval_pb2
 
@@ -108,7 +108,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         except RequestError:
             REJECTED.labels("invalid_argument").inc()
             raise
-        retrieved = await self._retrieve(plan, request.history, deadline)
+        retrieved = await self._retrieve(plan, deadline)
         retrieval_ms = 1e3 * (time.perf_counter() - started)
         k = min(plan.k, len(retrieved.items))
         if retrieved.cold_start or not retrieved.items:
@@ -127,15 +127,16 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
                  retrieval_ms, answer.queue_ms, answer.ranking_ms, total_ms)
         return self._response(plan, retrieved, answer, retrieval_ms, total_ms)
 
-    async def _retrieve(self, plan: Plan, explicit_history: Sequence[str], deadline: float) -> Retrieved:
-        """Streams the candidates; each chunk is tokenized as it arrives."""
+    async def _retrieve(self, plan: Plan, deadline: float) -> Retrieved:
+        """Streams the candidates; each chunk is tokenized as it arrives. The history sent is the one the
+        planner resolved (explicit > stored > none), so the retrieval tier does not resolve it again."""
         timeout = self._time_left(deadline)
         if timeout <= 0:
             REJECTED.labels("deadline").inc()
             raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED,
                                f"deadline too short: {(timeout * 1e3 + self.config.degrade_reserve_ms):.0f} ms left, "
                                f"{self.config.degrade_reserve_ms:.0f} ms of it kept to answer")
-        request = retrieval_pb2.RetrieveRequest(user_id=plan.user_id, history=explicit_history, k=plan.num_candidates,
+        request = retrieval_pb2.RetrieveRequest(user_id=plan.user_id, history=plan.history, k=plan.num_candidates,
                                                 exclude=plan.exclude, request_id=plan.request_id)
         retrieved = Retrieved()
         try:

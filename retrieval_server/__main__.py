@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 
-from compile.cli import server_main
+from palr.cli import server_main
 from retrieval_server.config import RetrievalServerConfig
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from palr.serving import ServerConfig
+from palr.serving.config import ServerConfig
 
 
 @dataclass

@@ -2,7 +2,7 @@
 
 from prometheus_client import Counter, Histogram
 
-from palr.serving import LATENCY_BUCKETS, RpcMetrics
+from palr.serving.metrics import LATENCY_BUCKETS, RpcMetrics
 
 RETRIEVE = RpcMetrics("retrieval", "Retrieve")
 ORT_BATCH_SIZE = Histogram("retrieval_ort_batch_size", "requests per ONNX Runtime call",

@@ -1,22 +1,21 @@
-"""Wiring: a verified bundle → the servicer → a `palr.serving.GrpcServer`; ORT loads while NOT_SERVING."""
+"""Wiring: a verified bundle → the servicer → a `palr.serving.server.GrpcServer`; ORT loads while NOT_SERVING."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
-from pathlib import Path
 from typing import Sequence
 
-from palr.bundle import Bundle, BundleError
+from palr.bundle import Bundle
 from palr.catalog import Catalog
-from palr.serving import GrpcServer
+from palr.users import load_histories
+from palr.serving.server import GrpcServer
 from recsys.v1 import retrieval_pb2_grpc
 from retrieval_server.batcher import DirectRunner, MicroBatcher
 from retrieval_server.config import RetrievalServerConfig
 from retrieval_server.metrics import ORT_BATCH_SIZE, ORT_SECONDS
-from retrieval_server.model import ARTIFACT, Query, Ranked, SasrecOnnx
+from palr.sasrec_onnx import ARTIFACT, Query, Ranked, SasrecOnnx
 from retrieval_server.servicer import SERVICE_NAME, RetrievalServicer
 
 log = logging.getLogger(__name__)
@@ -103,13 +102,3 @@ class RetrievalServer:
 async def serve(config: RetrievalServerConfig) -> None:
     """The whole life of `python -m retrieval_server` (the gRPC server must be made inside the loop)."""
     await RetrievalServer(config).run()
-
-
-def load_histories(path: Path, catalog: Catalog) -> dict[str, list[int]]:
-    """users.json → {user_id: item indices, oldest first}."""
-    try:
-        users = json.loads(Path(path).read_text())["users"]
-        histories = {user: catalog.indices(entry["history"]) for user, entry in users.items()}
-    except (KeyError, TypeError, ValueError) as e:
-        raise BundleError(f"{path}: not a users file of this catalog ({type(e).__name__}: {e})") from None
-    return histories

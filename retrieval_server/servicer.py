@@ -11,10 +11,10 @@ import grpc
 import numpy as np
 
 from palr.catalog import Catalog
-from palr.serving import RequestError, check_known_ids, invalid_argument, request_id
+from palr.serving.errors import RequestError, check_known_ids, invalid_argument, request_id
 from recsys.v1 import retrieval_pb2, retrieval_pb2_grpc
 from retrieval_server.metrics import COLD_STARTS, RETRIEVE, TRUNCATED
-from retrieval_server.model import Query, Ranked
+from palr.sasrec_onnx import Query, Ranked
 
 log = logging.getLogger(__name__)
 

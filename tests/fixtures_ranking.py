@@ -1,5 +1,5 @@
 """Ranking-tier fixtures: `tiny_llm_bundle`, the tiny retrieval bundle completed by the real ranking
-steps of `compile all` (base-model → profiles → sft-data → finetune → merge → evaluate ranking) with
+steps of `compile all` (base-model → profiles → sft-data → finetune → merge → evaluate-ranking) with
 the `tiny` preset and the tiny random Llama as `--base-model`."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-RANKING_STEPS = ("base-model", "profiles", "sft-data", "finetune", "merge")
+RANKING_STEPS = ("base-model", "profiles", "sft-data", "finetune", "merge", "evaluate-ranking")
 
 
 def run_ranking_steps(bundle: Path, data: Path, base_model: Path, preset: str = "tiny") -> None:
@@ -18,10 +18,10 @@ def run_ranking_steps(bundle: Path, data: Path, base_model: Path, preset: str = 
     from compile import pipeline
 
     config = pipeline.PipelineConfig(bundle=bundle, data=data, preset=preset, base_model=base_model)
-    for name, module_name, class_name, fixed in pipeline.STEPS:
-        if name in RANKING_STEPS or fixed.get("tier") == "ranking":
-            module = importlib.import_module(module_name)
-            module.run(pipeline.step_config(config, name, module, class_name, fixed))
+    for step in pipeline.STEPS:
+        if step.name in RANKING_STEPS:
+            module = importlib.import_module(step.module)
+            module.run(pipeline.step_config(config, step, module))
 
 
 @pytest.fixture(scope="session")

@@ -15,12 +15,14 @@ torch = pytest.importorskip("torch")
 
 from compile import build  # noqa: E402
 from palr.bundle import Bundle, BundleError  # noqa: E402
-from palr.hardware import ISA_FLAGS, BuildMismatch, Machine, open_build  # noqa: E402
+from palr.builds import BuildMismatch, open_build# noqa: E402
+from palr.machine import ISA_FLAGS, Machine# noqa: E402
 from palr.llm import score_labels  # noqa: E402
 from ranking_server.engines.base import EngineRequest  # noqa: E402
-from ranking_server.engines.builds import engine_from_build  # noqa: E402
-from ranking_server.engines.hf import EngineConfig, HFEngine  # noqa: E402
-from ranking_server.engines.hf_build import load_hf_build  # noqa: E402
+from ranking_server.engines.factory import engine_from_build  # noqa: E402
+from ranking_server.engines.config import EngineConfig  # noqa: E402
+from ranking_server.engines.hf import HFEngine  # noqa: E402
+from palr.hf_build import load_hf_build  # noqa: E402
 from tests.fixtures_builds import build_config  # noqa: E402
 
 NAME = "engine:hf-cpu"

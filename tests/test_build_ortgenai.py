@@ -15,11 +15,13 @@ pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not instal
 
 from compile import build  # noqa: E402
 from palr.bundle import Bundle  # noqa: E402
-from palr.hardware import BuildMismatch, library_version  # noqa: E402
+from palr.builds import BuildMismatch# noqa: E402
+from palr.machine import library_version# noqa: E402
 from palr.llm import generate_labels, load_causal_lm, score_labels  # noqa: E402
 from ranking_server.engines.base import EngineAborted, EngineRequest  # noqa: E402
-from ranking_server.engines.builds import engine_from_build, ortgenai_engine  # noqa: E402
-from ranking_server.engines.hf import EngineConfig, HFEngine  # noqa: E402
+from ranking_server.engines.factory import engine_from_build, ortgenai_engine  # noqa: E402
+from ranking_server.engines.config import EngineConfig  # noqa: E402
+from ranking_server.engines.hf import HFEngine  # noqa: E402
 from ranking_server.engines.ortgenai import OrtGenaiEngine  # noqa: E402
 from ranking_server.engines.routed import ModeRouter  # noqa: E402
 from tests.fixtures_builds import build_config, copy_bundle  # noqa: E402

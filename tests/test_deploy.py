@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from compile.cli import add_config_arguments
+from palr.cli import add_config_arguments
 from ranking_server.config import RankingServerConfig
 from retrieval_server.config import RetrievalServerConfig
 

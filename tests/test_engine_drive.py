@@ -10,10 +10,10 @@ import pytest
 pytest.importorskip("torch")
 
 from palr.llm import load_causal_lm  # noqa: E402
-from ranking_server.engines import STRATEGIES, build_engine  # noqa: E402
+from loadtest.baselines import STRATEGIES, strategy_engine  # noqa: E402
 from ranking_server.engines.base import EngineRequest  # noqa: E402
-from ranking_server.engines.drive import compare, drive, ratio  # noqa: E402
-from ranking_server.engines.hf import EngineConfig  # noqa: E402
+from loadtest.drive import compare, drive, ratio  # noqa: E402
+from ranking_server.engines.config import EngineConfig  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +45,7 @@ def test_compare_drives_every_strategy_with_the_same_requests(model, mode):
 
 
 def test_drive_counts_errors_instead_of_stopping(model):
-    engine = build_engine("inflight", model, EngineConfig(max_batch_size=1, max_tokens_per_step=8, max_queue=1))
+    engine = strategy_engine("inflight", model, EngineConfig(max_batch_size=1, max_tokens_per_step=8, max_queue=1))
     try:
         result = asyncio.run(drive(engine, requests("generate"), concurrency=8))
     finally:

@@ -14,10 +14,11 @@ torch = pytest.importorskip("torch")
 
 from palr.decoding import DecodingConstraint, LabelConstraint  # noqa: E402
 from palr.llm import generate_constrained, generate_labels, load_causal_lm, score_labels  # noqa: E402
-from ranking_server.engines import STRATEGIES, build_engine  # noqa: E402
+from loadtest.baselines import STRATEGIES, strategy_engine  # noqa: E402
 from ranking_server.engines.base import (  # noqa: E402
     EngineAborted, EngineError, EngineOverloaded, EngineRequest, InvalidRequest)
-from ranking_server.engines.hf import EngineConfig, HFEngine  # noqa: E402
+from ranking_server.engines.config import EngineConfig  # noqa: E402
+from ranking_server.engines.hf import HFEngine  # noqa: E402
 from tests.engine_workload import label_ids, mixed_requests  # noqa: E402
 
 N_LABELS = 20
@@ -68,7 +69,7 @@ def test_batched_results_equal_one_at_a_time(tiny, workload, strategy, prefix_re
     model, _ = tiny
     requests, expected = workload
     config = EngineConfig(max_batch_size=4, max_tokens_per_step=32, prefix_reuse=prefix_reuse)
-    engine = build_engine(strategy, model, config)
+    engine = strategy_engine(strategy, model, config)
     try:
         results = asyncio.run(staggered(engine, requests))
         stats = engine.stats()
@@ -352,7 +353,7 @@ def test_config_and_strategy_validation(tiny):
     with pytest.raises(ValueError, match="max_tokens_per_step"):
         EngineConfig(max_batch_size=8, max_tokens_per_step=4)
     with pytest.raises(ValueError, match="unknown engine strategy"):
-        build_engine("speculative", model)
+        strategy_engine("speculative", model)
 
 
 @pytest.mark.gpu

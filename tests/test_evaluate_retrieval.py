@@ -1,4 +1,4 @@
-"""`compile evaluate --tier retrieval` on the tiny bundle: the report, its numbers, and skipping."""
+"""`compile evaluate-retrieval` (alias `compile evaluate --tier retrieval`) on the tiny bundle: the report, its numbers, and skipping."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import shutil
 import pytest
 
 from compile import pipeline
-from compile.evaluate import EvaluateConfig, popularity_ranks, run
+from compile.evaluate_retrieval import EvaluateRetrievalConfig, popularity_ranks, run
 from compile.sasrec import target_ranks
-from compile.sasrec_model import SASRec
+from palr.sasrec import SASRec
 from palr import metrics
 from palr.bundle import Bundle, BundleError
 
@@ -24,7 +24,7 @@ def bundle_copy(tiny_bundle, tmp_path):
 
 
 def test_report_has_every_metric_and_matches_torch(bundle_copy, ml100k_dir, ml100k):
-    report = run(EvaluateConfig(bundle=bundle_copy, data=ml100k_dir))
+    report = run(EvaluateRetrievalConfig(bundle=bundle_copy, data=ml100k_dir))
     assert json.loads((bundle_copy / "reports" / "eval_retrieval.json").read_text()) == report
     assert report["users"] == 943
     for key in KEYS:
@@ -58,9 +58,9 @@ def test_popularity_ranks_by_brute_force(ml100k):
 
 def test_second_run_skips_and_other_data_is_refused(bundle_copy, ml100k_dir, tmp_path, caplog):
     caplog.set_level(logging.INFO)
-    first = run(EvaluateConfig(bundle=bundle_copy, data=ml100k_dir))
+    first = run(EvaluateRetrievalConfig(bundle=bundle_copy, data=ml100k_dir))
     caplog.clear()
-    assert run(EvaluateConfig(bundle=bundle_copy, data=ml100k_dir)) == first
+    assert run(EvaluateRetrievalConfig(bundle=bundle_copy, data=ml100k_dir)) == first
     assert "evaluate: skipped" in caplog.text
 
     other = tmp_path / "ml-100k"
@@ -68,14 +68,14 @@ def test_second_run_skips_and_other_data_is_refused(bundle_copy, ml100k_dir, tmp
     inter = other / "ml-100k.inter"
     inter.write_text("".join(inter.read_text().splitlines(keepends=True)[:-1]))  # one interaction fewer
     with pytest.raises(BundleError, match="built from other data"):
-        run(EvaluateConfig(bundle=bundle_copy, data=other))
+        run(EvaluateRetrievalConfig(bundle=bundle_copy, data=other))
 
 
 def test_pipeline_runs_the_retrieval_steps_in_order(bundle_copy, ml100k_dir, caplog, monkeypatch):
     caplog.set_level(logging.INFO)
-    retrieval_steps = [s for s in pipeline.STEPS
-                       if s[0] in ("sasrec", "export-onnx") or s[3].get("tier") == "retrieval"]
-    assert [s[0] for s in retrieval_steps] == ["sasrec", "export-onnx", "evaluate"]
+    retrieval_steps = [s for s in pipeline.STEPS if s.name in ("sasrec", "export-onnx", "evaluate-retrieval")]
+    assert [s.name for s in retrieval_steps] == ["sasrec", "export-onnx", "evaluate-retrieval"]
+    assert pipeline.STEPS[:3] == retrieval_steps  # the retrieval tier comes first
     monkeypatch.setattr(pipeline, "STEPS", retrieval_steps)
     pipeline.run(pipeline.PipelineConfig(bundle=bundle_copy, data=ml100k_dir, preset="tiny"))
     assert "sasrec: skipped" in caplog.text and "export-onnx: skipped" in caplog.text  # built by tiny_bundle

@@ -1,12 +1,13 @@
-"""palr/hardware.py: reading the CPU, mapping server flags to build targets, and every kind of
+"""palr/targets.py, palr/machine.py, palr/builds.py: reading the CPU, mapping server flags to build targets, and every kind of
 mismatch `check_build` reports (the manifest-editing tests in test_build_hf_cpu.py go end to end)."""
 
 from __future__ import annotations
 
 import pytest
 
-from palr.hardware import (
-    TARGETS, Machine, check_build, cpu_description, describe_build, isa_satisfied, library_version, target_for)
+from palr.builds import check_build, describe_build, isa_satisfied
+from palr.machine import Machine, cpu_description, library_version
+from palr.targets import TARGETS, target_for
 
 CPUINFO = """processor\t: 0
 vendor_id\t: GenuineIntel

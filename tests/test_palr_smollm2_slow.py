@@ -16,7 +16,7 @@ def test_smollm2_ranking_pipeline_end_to_end(tiny_bundle, ml100k_dir, smollm2_gg
     pytest.importorskip("torch")
     from compile.base_model import BaseModelConfig
     from compile.base_model import run as base_model
-    from compile.evaluate import EvaluateConfig
+    from compile.evaluate_ranking import EvaluateRankingConfig
     from compile.evaluate_ranking import run as evaluate_ranking
     from compile.finetune import FinetuneConfig
     from compile.finetune import run as finetune
@@ -36,7 +36,7 @@ def test_smollm2_ranking_pipeline_end_to_end(tiny_bundle, ml100k_dir, smollm2_gg
     sft_data(SftDataConfig(bundle=bundle, data=ml100k_dir, users=8, valid_users=4, retrieval_per_user=1))
     finetune(FinetuneConfig(bundle=bundle, max_steps=2, batch_size=2, save_every=0))
     merge(MergeConfig(bundle=bundle, fusion_users=4, tolerance=1e-3))
-    report = evaluate_ranking(EvaluateConfig(bundle=bundle, data=ml100k_dir, tier="ranking", users=2))
+    report = evaluate_ranking(EvaluateRankingConfig(bundle=bundle, data=ml100k_dir, users=2))
 
     assert report["users"] == 2 and report["generate_invalid_rate"] == 0.0
     assert json.loads((bundle / "manifest.json").read_text())["artifacts"]["llm_merged"]["merge_max_abs_diff"] <= 1e-3

@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 from loadtest.servers import free_port, scrape_metrics
 from palr.bundle import Bundle
 from palr.catalog import Catalog
-from palr.serving import NOT_SERVING, SERVING
+from palr.serving.server import NOT_SERVING, SERVING
 from ranking_server.config import RankingServerConfig
 from ranking_server.metrics import ENGINE
 from ranking_server.server import RankingServer

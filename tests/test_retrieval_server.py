@@ -19,7 +19,8 @@ from google.protobuf.descriptor_pool import DescriptorPool
 from loadtest.servers import free_port, scrape_metrics
 from palr.bundle import Bundle
 from palr.catalog import Catalog
-from palr.serving import NOT_SERVING, SERVING, open_channel
+from palr.serving.channels import open_channel
+from palr.serving.server import NOT_SERVING, SERVING
 from recsys.v1 import retrieval_pb2, retrieval_pb2_grpc
 from retrieval_server.config import RetrievalServerConfig
 from retrieval_server.server import RetrievalServer

@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from loadtest.servers import REPO, ServerProcess, free_port, scrape_metrics
 from palr.bundle import Bundle
-from palr.serving import NOT_SERVING, SERVING
+from palr.serving.server import NOT_SERVING, SERVING
 from recsys.v1 import retrieval_pb2, retrieval_pb2_grpc
 
 IN_FLIGHT = 20

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from compile.sasrec import training_windows, train_epoch
-from compile.sasrec_model import SASRec, SASRecArch, SASRecTopK, attention_mask
+from palr.sasrec import SASRec, SASRecArch, SASRecTopK, attention_mask
 
 
 def small_model(norm: str = "pre", seed: int = 0) -> SASRec:

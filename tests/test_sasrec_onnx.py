@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from compile.sasrec import left_pad
-from compile.sasrec_model import SASRec, SASRecTopK
+from palr.sasrec import SASRec, SASRecTopK
 from palr.bundle import Bundle
 from palr.catalog import Catalog
 

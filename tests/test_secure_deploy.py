@@ -11,7 +11,11 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from palr.serving import GrpcServer, ServerConfig, open_channel
+from palr.serving.channels import open_channel
+
+from palr.serving.config import ServerConfig
+
+from palr.serving.server import GrpcServer
 from ranking_server.config import RankingServerConfig
 from recsys.v1 import ranking_pb2, ranking_pb2_grpc
 from retrieval_server.config import RetrievalServerConfig
@@ -120,7 +124,7 @@ def test_plaintext_health_port_serves_probes_while_the_service_port_needs_mutual
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from loadtest.servers import free_port
-    from palr.serving import NOT_SERVING, SERVING
+    from palr.serving.server import NOT_SERVING, SERVING
 
     async def make() -> GrpcServer:
         server = GrpcServer(ServerConfig(port=0, health_port=free_port(), tls_cert=pki.server_cert,

@@ -1,4 +1,4 @@
-"""palr/serving.py over real loopback gRPC: health transitions, drain, TLS and mutual TLS, error
+"""palr/serving/ (server, config, channels, errors, metrics) over real loopback gRPC: health transitions, drain, TLS and mutual TLS, error
 mapping and Prometheus metrics. The servers here carry a small real test service (raw bytes)
 besides health and reflection; tests/test_retrieval_server*.py cover the same plumbing under the
 retrieval service."""
@@ -14,7 +14,11 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from loadtest.servers import free_port, scrape_metrics
-from palr.serving import (NOT_SERVING, SERVING, GrpcServer, RequestError, RpcMetrics, ServerConfig, open_channel)
+from palr.serving.channels import open_channel
+from palr.serving.config import ServerConfig
+from palr.serving.errors import RequestError
+from palr.serving.metrics import RpcMetrics
+from palr.serving.server import NOT_SERVING, SERVING, GrpcServer
 
 SERVICE = "test.Plumbing"
 METRICS = RpcMetrics("test_plumbing", "Plumbing")

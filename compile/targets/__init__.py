@@ -18,7 +18,7 @@ BUILDERS = {"hf-cpu": "hf_cpu", "hf-cuda": "hf_cuda", "ortgenai-cpu": "ortgenai_
 @dataclass
 class BuildContext:
     config: Any              # compile.build.BuildConfig
-    machine: Any             # palr.hardware.Machine
+    machine: Any             # palr.machine.Machine
     bundle: Any              # palr.bundle.Bundle
     source: Path             # the merged HF checkpoint (llm/merged/)
     out: Path                # where the build's files go

@@ -21,11 +21,11 @@ from compile.targets import BuildContext, BuildResult
 from compile.targets.measure import (
     TorchRunner, latency_prompt, load_average, load_probes, measure_latency, measure_quality, mode_latency_ms,
     quality_ok)
-from ranking_server.engines.hf_build import DTYPES, DYNAMIC_INT8, quantize_dynamic_int8, save_hf_build
+from palr.hf_build import DTYPES, DYNAMIC_INT8, quantize_dynamic_int8, save_hf_build
+from palr.ranking import MODES
 
 log = logging.getLogger(__name__)
 
-MODES = ("score", "generate")
 # What a dtype needs from the CPU to run as measured ("a|b": either).
 REQUIRES_ISA = {"fp32": [], "bf16": ["amx_bf16|avx512_bf16"], "int8": ["avx2"]}
 

@@ -16,7 +16,7 @@ import statistics
 import time
 
 from compile.targets import BuildContext, BuildResult
-from ranking_server.engines.hf_build import DTYPES, save_hf_build
+from palr.hf_build import DTYPES, save_hf_build
 
 log = logging.getLogger(__name__)
 

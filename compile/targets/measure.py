@@ -117,7 +117,7 @@ class OrtGenaiRunner:
     """An onnxruntime-genai model directory, driven like the `ortgenai` engine drives it."""
 
     def __init__(self, name: str, model_dir: Path, num_threads: int | None = None):
-        from ranking_server.engines.ortgenai import GeneratorSlot, load_model
+        from palr.ortgenai_runtime import GeneratorSlot, load_model
 
         self.name = name
         self.model = load_model(model_dir, num_threads)

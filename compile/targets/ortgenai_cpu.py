@@ -26,11 +26,11 @@ from compile.targets.measure import (
     OrtGenaiRunner, TorchRunner, latency_prompt, load_average, load_probes, measure_latency, measure_quality,
     mode_latency_ms, quality_ok)
 from compile.targets.hf_cpu import cpu_cores
-from ranking_server.engines.ortgenai import import_ortgenai
+from palr.ortgenai_runtime import import_ortgenai
+from palr.ranking import MODES
 
 log = logging.getLogger(__name__)
 
-MODES = ("score", "generate")
 PRECISIONS = ("fp32", "int4")
 
 

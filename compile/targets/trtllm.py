@@ -11,7 +11,7 @@ and saved with `llm.save(dir)`; the `trtllm` ranking engine loads it (ranking_se
     llm.save(out)   # config.json {version, pretrained_config, build_config}, rank*.engine, tokenizer
 
 The engine only deserializes on the SM and TensorRT release it was built with, and its config.json
-does not record the SM: the manifest entry does (palr/hardware.py checks it). Needs TensorRT-LLM and
+does not record the SM: the manifest entry does (palr/builds.py checks it). Needs TensorRT-LLM and
 a GPU; everywhere else it stops with a clear message before doing anything.
 """
 
@@ -23,7 +23,7 @@ import shutil
 
 from compile.targets import BuildContext, BuildResult
 from compile.targets.hf_cuda import gpu_dtype
-from ranking_server.engines.trtllm import import_trtllm, read_engine_config, trt_backend_llm_class
+from palr.trtllm_runtime import import_trtllm, read_engine_config, trt_backend_llm_class
 
 log = logging.getLogger(__name__)
 

@@ -18,12 +18,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from palr.decoding import DecodingConstraint, LabelConstraint
+from palr.errors import EngineError
+from palr.ranking import MODES
 
-MODES = ("score", "generate")
-
-
-class EngineError(RuntimeError):
-    """The engine could not answer this request (crashed loop, closed engine, failed forward pass)."""
+__all__ = ["MODES", "EngineError"]  # re-exported: every engine takes them from here
 
 
 class EngineOverloaded(EngineError):
@@ -136,6 +134,12 @@ class EngineStats:
     max_step_tokens: int = 0         # most tokens one step ran
     batch_size_hist: dict[int, int] = field(default_factory=dict)   # requests run per step
     step_tokens_hist: dict[int, int] = field(default_factory=dict)  # tokens run per step
+
+    @property
+    def mean_batch(self) -> float:
+        """Requests per engine step, averaged over the steps that ran (0.0 before any)."""
+        steps = sum(self.batch_size_hist.values())
+        return round(sum(k * v for k, v in self.batch_size_hist.items()) / steps, 2) if steps else 0.0
 
     @property
     def tokens_per_s(self) -> float:

@@ -23,44 +23,19 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from palr.decoding import DecodingConstraint
 from palr.llm import label_log_probs, model_device, pick_allowed
 from ranking_server.engines.base import EngineError
-from ranking_server.engines.kv import LayerKV, SlotKVCache
+from ranking_server.engines.config import EngineConfig
+from ranking_server.engines.kv import SlotKVCache
 from ranking_server.engines.loop import LoopEngine, Pending, StepRecord
+from ranking_server.engines.lru import LRU
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class EngineConfig:
-    """Scheduler limits shared by the in-process engines (the baselines use the subset they need)."""
-
-    max_batch_size: int = field(default=16, metadata={"help": "most requests in the running batch (KV slots)"})
-    max_tokens_per_step: int = field(default=2048, metadata={
-        "help": "token budget of one engine step: decode tokens first, then prompt chunks"})
-    max_queue: int = field(default=64, metadata={
-        "help": "requests waiting for a slot; beyond it rank() raises EngineOverloaded at once"})
-    max_seq_len: int = field(default=1024, metadata={"help": "prompt + generated tokens per request (KV slot length)"})
-    prefix_reuse: bool = field(default=True, metadata={
-        "help": "reuse the shared instruction prefix's KV across requests (computed once per prefix)"})
-    prefix_cache_size: int = field(default=4, metadata={"help": "distinct prefixes kept (LRU)"})
-    num_threads: int | None = field(default=None, metadata={
-        "help": "torch intra-op threads on the engine thread (None: torch's default)"})
-    batch_timeout_ms: float = field(default=20.0, metadata={
-        "help": "static batching baseline only: how long to wait for a batch to fill"})
-
-    def __post_init__(self):
-        if self.max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
-        if self.max_tokens_per_step < self.max_batch_size:
-            raise ValueError(f"max_tokens_per_step ({self.max_tokens_per_step}) must be >= max_batch_size "
-                             f"({self.max_batch_size}) so every decoding request gets its token each step")
 
 
 @dataclass(eq=False)
@@ -81,26 +56,6 @@ class Row:
         return self.pending.constraint
 
 
-class PrefixStore:
-    """Shared-prefix KV, keyed by the prefix token ids, least recently used dropped first."""
-
-    def __init__(self, capacity: int):
-        self.capacity = capacity
-        self._items: OrderedDict[tuple[int, ...], tuple[LayerKV, ...]] = OrderedDict()
-
-    def get(self, key: tuple[int, ...]) -> tuple[LayerKV, ...] | None:
-        if key in self._items:
-            self._items.move_to_end(key)
-            return self._items[key]
-        return None
-
-    def put(self, key: tuple[int, ...], layers: tuple[LayerKV, ...]) -> None:
-        self._items[key] = layers
-        self._items.move_to_end(key)
-        while len(self._items) > self.capacity:
-            self._items.popitem(last=False)
-
-
 class HFEngine(LoopEngine):
     """In-flight batching over a transformers causal LM (weights and modules stay the model's)."""
 
@@ -115,7 +70,7 @@ class HFEngine(LoopEngine):
         self.lm_head = model.get_output_embeddings()
         self.device = model_device(model)
         self.kv = SlotKVCache(model.config, config.max_batch_size, config.max_seq_len, model.dtype, self.device)
-        self.prefixes = PrefixStore(config.prefix_cache_size)
+        self.prefixes = LRU(config.prefix_cache_size)
         self._slots: list[Row] = []        # index = slot; [0, n_decoding) are generating
         self._n_decoding = 0
         self._by_id: dict[str, Row] = {}

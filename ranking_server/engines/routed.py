@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 from collections import Counter
 
-from ranking_server.engines.base import MODES, EngineRequest, EngineResult, EngineStats, InvalidRequest, RankingEngine
+from palr.ranking import MODES
+from ranking_server.engines.base import EngineRequest, EngineResult, EngineStats, InvalidRequest, RankingEngine
 
 
 class ModeRouter(RankingEngine):

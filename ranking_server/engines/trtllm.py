@@ -20,7 +20,6 @@ EngineError says what to install when it is missing.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import threading
 import time
@@ -29,37 +28,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from palr.decoding import LabelConstraint, TitleConstraint
+from palr.trtllm_runtime import import_trtllm, read_engine_config, trt_backend_llm_class
 from ranking_server.engines.base import (
     EngineAborted, EngineError, EngineOverloaded, EngineRequest, EngineResult, EngineStats, EngineTimings,
     InvalidRequest, RankingEngine)
+from ranking_server.engines.config import EngineConfig
 from ranking_server.engines.trtllm_requests import ConstraintLogitsProcessor, emitted_order, label_scores, sampling_kwargs
 
 log = logging.getLogger(__name__)
-
-INSTALL_HINT = ("TensorRT-LLM runs on NVIDIA GPUs under Linux: use the NGC image "
-                "nvcr.io/nvidia/tensorrt-llm/release (deploy/docker/Dockerfile.trtllm) or `pip install tensorrt-llm` "
-                "with CUDA; then `python -m compile build --target trtllm`")
-
-
-def import_trtllm():
-    """The tensorrt_llm module, or EngineError saying it is missing and how to get it."""
-    try:
-        import tensorrt_llm
-    except ImportError as e:
-        raise EngineError(f"the trtllm engine needs TensorRT-LLM, which is not installed here ({e}). "
-                          f"{INSTALL_HINT}") from None
-    return tensorrt_llm
-
-
-def trt_backend_llm_class():
-    """The LLM class of the TensorRT-engine flow: `_tensorrt_engine.LLM` in 1.x (plain `LLM` is the
-    PyTorch backend there and rejects engine-only arguments); plain `LLM` in 0.17-0.21."""
-    import_trtllm()
-    try:
-        from tensorrt_llm._tensorrt_engine import LLM
-    except ImportError:
-        from tensorrt_llm import LLM
-    return LLM
 
 
 def register_ipc_classes() -> None:
@@ -74,23 +50,13 @@ def register_ipc_classes() -> None:
 
 
 @dataclass
-class TrtllmConfig:
-    max_batch_size: int = field(default=64, metadata={"help": "requests in flight in the executor (<= the built value)"})
+class TrtllmConfig(EngineConfig):
+    """The engine limits (max_batch_size: requests in flight in the executor, <= the built value;
+    max_queue: requests beyond it waiting, more: EngineOverloaded) plus what only TensorRT-LLM has."""
+
     max_num_tokens: int | None = field(default=None, metadata={"help": "tokens per iteration (<= built; None: built)"})
-    max_queue: int = field(default=64, metadata={"help": "requests beyond max_batch_size waiting; more: EngineOverloaded"})
     free_gpu_memory_fraction: float = field(default=0.85, metadata={"help": "share of free GPU memory for the KV cache"})
     enable_block_reuse: bool = field(default=True, metadata={"help": "KV block reuse across requests (shared prefix)"})
-
-
-def read_engine_config(engine_dir: Path) -> dict:
-    """The engine's config.json: {"version", "pretrained_config", "build_config"}."""
-    path = Path(engine_dir) / "config.json"
-    if not path.is_file():
-        raise EngineError(f"{engine_dir}: no config.json; not a TensorRT-LLM engine directory")
-    config = json.loads(path.read_text())
-    if "build_config" not in config or "pretrained_config" not in config:
-        raise EngineError(f"{path}: not a TensorRT-LLM engine config (no build_config/pretrained_config)")
-    return config
 
 
 class TrtllmEngine(RankingEngine):

@@ -1,5 +1,5 @@
 """GPU-only tests (`pytest -m gpu`): skipped, with the reason, where there is no CUDA device or no
-TensorRT-LLM; meant for a GPU machine (see README: GPU runs)."""
+TensorRT-LLM; meant for a GPU machine (see docs/builds.md: GPU runs)."""
 
 from __future__ import annotations
 

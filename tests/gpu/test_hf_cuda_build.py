@@ -9,10 +9,10 @@ import pytest
 
 from compile import build
 from palr.bundle import Bundle
-from palr.hardware import BuildMismatch, open_build
+from palr.builds import BuildMismatch, open_build
 from ranking_server.engines.base import EngineRequest
-from ranking_server.engines.builds import engine_from_build
-from ranking_server.engines.hf import EngineConfig
+from ranking_server.engines.config import EngineConfig
+from ranking_server.engines.factory import engine_from_build
 from tests.fixtures_builds import build_config, copy_bundle
 
 pytestmark = pytest.mark.gpu
@@ -22,7 +22,7 @@ def test_hf_cuda_build_is_pinned_to_this_gpu_and_answers_like_the_reference(cuda
     import torch
 
     from palr.llm import score_labels
-    from ranking_server.engines.hf_build import load_hf_build
+    from palr.hf_build import load_hf_build
 
     bundle_dir = copy_bundle(tiny_llm_bundle, tmp_path / "bundle")
     build.run(build_config(bundle_dir, "hf-cuda"))

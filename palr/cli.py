@@ -1,7 +1,8 @@
-"""Dataclass configs → argparse options, so every step's options live in its config dataclass.
+"""Dataclass configs → argparse options, so every step's and server's options live in its config dataclass.
 
 Each field becomes `--field-name`; its `metadata["help"]` is the help text. Options left off
-the command line fall back to the preset's value, then to the dataclass default.
+the command line fall back to the preset's value, then to the dataclass default: `build_config` is the
+one place that precedence is merged (`python -m compile <step>`, `compile all`, the servers, loadtest).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import argparse
 import dataclasses
 import types
 import typing
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -48,12 +50,14 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type, skip
         parser.add_argument(option, **kwargs)
 
 
-def build_config(config_cls: type, args: argparse.Namespace, preset_values: dict[str, Any] | None = None,
-                 **fixed: Any) -> Any:
-    """The config from (dataclass defaults < preset values < command line < fixed)."""
+def build_config(config_cls: type, args: argparse.Namespace | Mapping[str, Any],
+                 preset_values: dict[str, Any] | None = None, **fixed: Any) -> Any:
+    """The config from (dataclass defaults < preset values < command line < fixed). `args` is the parsed
+    command line, or any mapping in its place (`compile all` passes its shared fields)."""
     names = {f.name for f in dataclasses.fields(config_cls) if f.init}
+    given = args if isinstance(args, Mapping) else vars(args)
     values = {k: v for k, v in (preset_values or {}).items() if k in names}
-    values.update({k: v for k, v in vars(args).items() if k in names})
+    values.update({k: v for k, v in given.items() if k in names})
     values.update({k: v for k, v in fixed.items() if k in names})
     return config_cls(**values)
 

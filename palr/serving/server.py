@@ -1,4 +1,4 @@
-"""gRPC server plumbing shared by the retrieval and ranking servers.
+"""`GrpcServer`: the server lifecycle shared by the retrieval and ranking servers.
 
 Both servers are grpc.aio servers with the same operational surface, so it lives here once:
 
@@ -21,77 +21,24 @@ Typical use (see retrieval_server/server.py):
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import json
 import logging
 import signal
 import time
-import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Awaitable, Callable, Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+from prometheus_client import start_http_server
+
+from palr.serving.config import ServerConfig, message_size_options
 
 log = logging.getLogger(__name__)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
-LB_POLICIES = ("pick_first", "round_robin")
-LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512,
-                   1.0, 2.0, 4.0, 8.0, 16.0)
-
-
-@dataclass
-class ServerConfig:
-    """Options every server shares; a server's own config dataclass extends this one."""
-
-    host: str = field(default="127.0.0.1", metadata={
-        "help": "address to listen on; loopback by default, 0.0.0.0 or [::] to accept remote clients"})
-    port: int = field(default=50051, metadata={"help": "gRPC port (0 = any free port)"})
-    max_message_bytes: int = field(default=4 * 1024 * 1024, metadata={
-        "help": "largest request or response message in bytes; larger requests get RESOURCE_EXHAUSTED"})
-    metrics_port: int = field(default=0, metadata={
-        "help": "port for Prometheus metrics over HTTP on the same host (0 = off)"})
-    health_port: int = field(default=0, metadata={
-        "help": "a second, plaintext port on the same host serving only grpc.health.v1, for probes that cannot "
-                "speak (mutual) TLS, such as Kubernetes' native grpc probes (0 = off)"})
-    tls_cert: Path | None = field(default=None, metadata={
-        "help": "PEM server certificate chain; with --tls-key turns TLS on", "metavar": "PEM"})
-    tls_key: Path | None = field(default=None, metadata={"help": "PEM private key of --tls-cert", "metavar": "PEM"})
-    tls_client_ca: Path | None = field(default=None, metadata={
-        "help": "PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS)",
-        "metavar": "PEM"})
-    grace: float = field(default=10.0, metadata={
-        "help": "seconds in-flight RPCs get to finish after SIGTERM/SIGINT before they are cancelled"})
-
-    def __post_init__(self) -> None:
-        if bool(self.tls_cert) != bool(self.tls_key):
-            raise ValueError("--tls-cert and --tls-key go together")
-        if self.tls_client_ca and not self.tls_cert:
-            raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
-        for flag, path in (("--tls-cert", self.tls_cert), ("--tls-key", self.tls_key),
-                           ("--tls-client-ca", self.tls_client_ca)):
-            if path and not Path(path).is_file():
-                raise ValueError(f"{flag} {path}: no such file")
-        if self.max_message_bytes <= 0:
-            raise ValueError(f"max_message_bytes must be positive, got {self.max_message_bytes}")
-        if self.grace < 0:
-            raise ValueError(f"grace must be >= 0 seconds, got {self.grace}")
-
-    @property
-    def tls(self) -> str:
-        """How the server authenticates: 'off', 'TLS' or 'mutual TLS'."""
-        return "mutual TLS" if self.tls_client_ca else "TLS" if self.tls_cert else "off"
-
-
-def message_size_options(max_message_bytes: int) -> list[tuple[str, int]]:
-    return [("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes)]
 
 
 def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
@@ -102,36 +49,6 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     client_ca = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca else None
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
                                        require_client_auth=client_ca is not None)
-
-
-def open_channel(target: str, *, tls_ca: Path | None = None, tls_cert: Path | None = None,
-                 tls_key: Path | None = None, server_name: str | None = None,
-                 max_message_bytes: int | None = None, load_balancing: str | None = None, aio: bool = True):
-    """A client channel to `target`: TLS when a CA or client certificate is given (the CA verifies
-    the server; cert + key are this client's identity for mutual TLS), plaintext otherwise.
-    `server_name` overrides the name checked against the server certificate.
-
-    `target` is anything gRPC resolves: "host:port", or "dns:///name:port" (every address the name
-    resolves to, e.g. a Kubernetes headless Service's pods). `load_balancing` picks gRPC's
-    client-side policy over those addresses: "round_robin" (spread RPCs over all ready backends)
-    or "pick_first" (gRPC's default: one backend at a time)."""
-    if bool(tls_cert) != bool(tls_key):
-        raise ValueError("a client certificate needs its key (tls_cert and tls_key go together)")
-    options = message_size_options(max_message_bytes) if max_message_bytes else []
-    if server_name:
-        options.append(("grpc.ssl_target_name_override", server_name))
-    if load_balancing:
-        if load_balancing not in LB_POLICIES:
-            raise ValueError(f"load_balancing must be one of {LB_POLICIES}, got {load_balancing!r}")
-        options.append(("grpc.service_config", json.dumps({"loadBalancingConfig": [{load_balancing: {}}]})))
-    module = grpc.aio if aio else grpc
-    if not (tls_ca or tls_cert):
-        return module.insecure_channel(target, options=options)
-    credentials = grpc.ssl_channel_credentials(
-        root_certificates=Path(tls_ca).read_bytes() if tls_ca else None,
-        private_key=Path(tls_key).read_bytes() if tls_key else None,
-        certificate_chain=Path(tls_cert).read_bytes() if tls_cert else None)
-    return module.secure_channel(target, credentials, options=options)
 
 
 class GrpcServer:
@@ -264,78 +181,3 @@ class GrpcServer:
     async def _set_health(self, status: int) -> None:
         for name in ("", *self.service_names):
             await self.health.set(name, status)
-
-
-# -- per-RPC helpers ----------------------------------------------------------------------------
-
-class RequestError(Exception):
-    """A request the server refuses: carries the gRPC status code; the message names the field."""
-
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code = code
-
-
-def invalid_argument(message: str) -> RequestError:
-    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
-
-
-MAX_IDS_IN_MESSAGE = 10
-
-
-def check_known_ids(field_name: str, item_ids: Sequence[str], catalog) -> None:
-    """INVALID_ARGUMENT naming the field and its unknown item ids (the first few, each cut to 40
-    characters) when `catalog` does not know some of `item_ids`."""
-    unknown = list(dict.fromkeys(catalog.unknown(item_ids)))
-    if unknown:
-        shown = ", ".join(repr(i[:40]) for i in unknown[:MAX_IDS_IN_MESSAGE])
-        more = f" and {len(unknown) - MAX_IDS_IN_MESSAGE} more" if len(unknown) > MAX_IDS_IN_MESSAGE else ""
-        raise invalid_argument(f"{field_name}: unknown item ids {shown}{more}")
-
-
-def request_id(from_request: str, context: grpc.aio.ServicerContext) -> str:
-    """The request's id for logs: its own field, else `x-request-id` metadata, else a new one."""
-    if from_request:
-        return from_request
-    for key, value in context.invocation_metadata() or ():
-        if key == "x-request-id" and value:
-            return value
-    return uuid.uuid4().hex[:16]
-
-
-class RpcMetrics:
-    """Prometheus metrics for one RPC: requests by status code, latency, requests in flight.
-
-    Create one per RPC per process (prometheus_client registers names process-wide)."""
-
-    def __init__(self, prefix: str, rpc: str):
-        self.requests = Counter(f"{prefix}_requests", f"{rpc} RPCs by final status code", ["code"])
-        self.latency = Histogram(f"{prefix}_request_seconds", f"{rpc} latency from handler start to last message",
-                                 buckets=LATENCY_BUCKETS)
-        self.in_flight = Gauge(f"{prefix}_requests_in_flight", f"{rpc} RPCs being handled now")
-
-    @contextlib.asynccontextmanager
-    async def track(self, context: grpc.aio.ServicerContext, rid: str, logger: logging.Logger):
-        """Wraps a handler: counts and times it; a RequestError becomes its status code, any other
-        exception INTERNAL (logged with traceback); the server keeps serving either way."""
-        started = time.perf_counter()
-        code = grpc.StatusCode.OK
-        self.in_flight.inc()
-        try:
-            yield
-        except RequestError as e:
-            code = e.code
-            logger.info("rid=%s %s: %s", rid, code.name, e)
-            await context.abort(code, str(e))
-        except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            logger.info("rid=%s cancelled by the client", rid)
-            raise
-        except Exception:
-            code = grpc.StatusCode.INTERNAL
-            logger.exception("rid=%s failed", rid)
-            await context.abort(code, f"internal error (request id {rid}); see the server log")
-        finally:
-            self.in_flight.dec()
-            self.requests.labels(code.name).inc()
-            self.latency.observe(time.perf_counter() - started)

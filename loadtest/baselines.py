@@ -15,12 +15,14 @@ Both answer through the same interface as the serving engine.
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
+from dataclasses import dataclass, field
 
 from palr.llm import PrefixKV, compute_prefix, generate_constrained, score_labels
 from ranking_server.engines.base import EngineError
-from ranking_server.engines.hf import EngineConfig, HFEngine, Row
+from ranking_server.engines.config import EngineConfig
+from ranking_server.engines.hf import HFEngine, Row
 from ranking_server.engines.loop import LoopEngine, Pending, StepRecord
+from ranking_server.engines.lru import LRU
 
 
 class SequentialEngine(LoopEngine):
@@ -33,20 +35,19 @@ class SequentialEngine(LoopEngine):
                          num_threads=config.num_threads)
         self.config = config
         self.model = model
-        self._prefixes: OrderedDict[tuple[int, ...], PrefixKV] = OrderedDict()
+        self._prefixes: LRU[PrefixKV] = LRU(config.prefix_cache_size)
         self.start()
 
     def _prefix(self, prefix_ids) -> PrefixKV | None:
         key = tuple(int(t) for t in prefix_ids)
         if not (self.config.prefix_reuse and key):
             return None
-        if key not in self._prefixes:
-            self._prefixes[key] = compute_prefix(self.model, key)
+        prefix = self._prefixes.get(key)
+        if prefix is None:
+            prefix = compute_prefix(self.model, key)
             self._count(prompt_tokens=len(key))
-            while len(self._prefixes) > self.config.prefix_cache_size:
-                self._prefixes.popitem(last=False)
-        self._prefixes.move_to_end(key)
-        return self._prefixes[key]
+            self._prefixes.put(key, prefix)
+        return prefix
 
     def _step(self) -> bool:
         taken = self._take(1)
@@ -78,10 +79,20 @@ class SequentialEngine(LoopEngine):
         """Nothing is held between requests."""
 
 
+@dataclass
+class StaticConfig(EngineConfig):
+    """The engine limits plus the static baseline's own knob."""
+
+    batch_timeout_ms: float = field(default=20.0, metadata={
+        "help": "static batching baseline only: how long to wait for a batch to fill"})
+
+
 class StaticBatchingEngine(HFEngine):
     """Batch-at-a-time: nobody joins a running batch."""
 
     def __init__(self, model, config: EngineConfig | None = None, name: str = "hf-static"):
+        if not isinstance(config, StaticConfig):
+            config = StaticConfig.of(config or EngineConfig())
         super().__init__(model, config, name)
 
     def _admit_new(self) -> None:
@@ -104,3 +115,17 @@ class StaticBatchingEngine(HFEngine):
     def _prefill_groups(self, chunks):
         return [chunks] if chunks else []
 
+
+# benchmark strategy -> engine class over an already loaded model (the same weights for all)
+STRATEGIES: dict[str, type[LoopEngine]] = {
+    "sequential": SequentialEngine,
+    "static": StaticBatchingEngine,
+    "inflight": HFEngine,
+}
+
+
+def strategy_engine(strategy: str, model, config: EngineConfig | None = None) -> LoopEngine:
+    """An engine of the given benchmark strategy over an already loaded model."""
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown engine strategy {strategy!r}; choose from {tuple(STRATEGIES)}")
+    return STRATEGIES[strategy](model, config)

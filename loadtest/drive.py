@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ranking_server.engines import build_engine
+from loadtest.baselines import strategy_engine
 from ranking_server.engines.base import EngineRequest, EngineStats, RankingEngine
 
 log = logging.getLogger(__name__)
@@ -51,12 +51,7 @@ class DriveResult:
                 "throughput_rps": round(self.throughput_rps, 4),
                 "p50_ms": round(self.percentile_ms(50), 1), "p95_ms": round(self.percentile_ms(95), 1),
                 "mean_ms": round(float(np.mean(self.latencies_ms)), 1) if self.latencies_ms else None,
-                "mean_batch": _mean_batch(self.stats) if self.stats else None}
-
-
-def _mean_batch(stats: EngineStats) -> float:
-    steps = sum(stats.batch_size_hist.values())
-    return round(sum(k * v for k, v in stats.batch_size_hist.items()) / steps, 2) if steps else 0.0
+                "mean_batch": self.stats.mean_batch if self.stats else None}
 
 
 async def drive(engine: RankingEngine, requests: Sequence[EngineRequest], concurrency: int,
@@ -89,7 +84,7 @@ async def drive(engine: RankingEngine, requests: Sequence[EngineRequest], concur
 def run_strategy(strategy: str, model, requests: Sequence[EngineRequest], concurrency: int,
                  config=None, warmup: int = 2) -> DriveResult:
     """Build one engine, warm it up on the first `warmup` requests, drive all requests, close it."""
-    engine = build_engine(strategy, model, config)
+    engine = strategy_engine(strategy, model, config)
     try:
         if warmup:
             asyncio.run(drive(engine, requests[:warmup], 1))

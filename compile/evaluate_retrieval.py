@@ -1,10 +1,11 @@
-"""`compile evaluate --tier retrieval|ranking`: test-split metrics of a bundle → reports/eval_<tier>.json.
+"""`compile evaluate-retrieval` (alias `compile evaluate --tier retrieval`): test-split metrics of the
+retrieval tier → reports/eval_retrieval.json.
 
-Retrieval runs the exported `sasrec.onnx` in ONNX Runtime, the graph the retrieval server runs,
-so the numbers are the served model's. Protocol: leave-one-out test item per user, history =
+It runs the exported `sasrec.onnx` through `palr.sasrec_onnx.SasrecOnnx`, the one runner the retrieval
+server uses too, so the numbers are the served model's. Protocol: leave-one-out test item per user, history =
 train + valid items, full ranking over the whole catalog with the history's items excluded.
 A popularity ranking (training counts, same exclusions) is reported next to it as `pop_*`.
-The ranking tier is evaluated by `compile.evaluate_ranking`.
+The ranking tier is evaluated by `compile.evaluate_ranking` (`compile evaluate-ranking`).
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from compile.sasrec import left_pad
 from palr import metrics
 from palr.bundle import Bundle, BundleError, fingerprint
 from palr.catalog import Catalog
 from palr.corpus import Corpus
+from palr.sasrec_onnx import Query, SasrecOnnx
 
 log = logging.getLogger(__name__)
 
@@ -36,37 +37,21 @@ PROTOCOL = ("test split of a chronological leave-one-out split (each user's last
 
 
 @dataclass
-class EvaluateConfig:
+class EvaluateRetrievalConfig:
     bundle: Path = field(default=Path("bundle"), metadata={"help": "bundle to evaluate"})
     data: Path = field(default=Path("data/ml-100k"), metadata={"help": "the dataset the bundle was built from"})
-    tier: str = field(default="retrieval", metadata={"help": "which tier to evaluate",
-                                                     "choices": ["retrieval", "ranking"]})
     batch_size: int = field(default=256, metadata={"help": "users per ONNX Runtime call"})
-    users: int = field(default=200, metadata={
-        "help": "ranking: evaluate N randomly chosen test users (0 = all; generate mode costs ~8 s a user on "
-                "2 cores with the 135M model)"})
-    candidates: int = field(default=20, metadata={"help": "ranking: K, SASRec candidates the LLM ranks"})
-    modes: list[str] = field(default_factory=lambda: ["score", "generate"], metadata={
-        "help": "ranking: modes to evaluate (score, generate)"})
-    llm: str = field(default="llm_merged", metadata={
-        "help": "ranking: the LLM artifact to rank with (llm_base measures the untuned model)",
-        "choices": ["llm_merged", "llm_base"]})
-    seed: int = field(default=0, metadata={"help": "ranking: seed of the user sample"})
 
 
-def onnx_ranks(model_path: Path, histories: list[list[int]], targets: list[int], max_len: int,
+def onnx_ranks(model: SasrecOnnx, histories: list[list[int]], targets: list[int],
                batch_size: int) -> list[int | None]:
     """0-based rank of each target in the model's top-k (None: not in it), seen items excluded."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
     ranks: list[int | None] = []
     for start in range(0, len(histories), batch_size):
         rows = histories[start:start + batch_size]
-        feeds = {"history": left_pad(rows, max_len), "exclude": left_pad(rows, max(map(len, rows)))}
-        scores, indices = session.run(["scores", "indices"], feeds)  # [B, k] each
-        for target, row_scores, row_indices in zip(targets[start:start + batch_size], scores, indices):
-            hit = np.flatnonzero((row_indices == target) & np.isfinite(row_scores))
+        ranked = model.retrieve([Query(history=row, exclude=row, k=model.top_k) for row in rows])
+        for target, row in zip(targets[start:start + batch_size], ranked):
+            hit = np.flatnonzero(row.indices == target)  # masked (excluded) items are already dropped
             ranks.append(int(hit[0]) if hit.size else None)
     return ranks
 
@@ -86,7 +71,7 @@ def popularity_ranks(catalog: Catalog, histories: list[list[int]], targets: list
     return ranks
 
 
-def evaluate_retrieval(config: EvaluateConfig) -> dict:
+def run(config: EvaluateRetrievalConfig) -> dict:
     bundle = Bundle.open(config.bundle)
     corpus = Corpus.load(config.data)
     built_from = bundle.manifest.dataset.get("checksum")
@@ -105,7 +90,7 @@ def evaluate_retrieval(config: EvaluateConfig) -> dict:
     users = sorted(corpus.split.test)
     histories = [catalog.indices(corpus.split.test_history(u)) for u in users]
     targets = [catalog.index(corpus.split.test[u]) for u in users]
-    ranks = onnx_ranks(bundle.path("sasrec_onnx"), histories, targets, model["max_len"], config.batch_size)
+    ranks = onnx_ranks(SasrecOnnx.from_bundle(bundle, threads=0), histories, targets, config.batch_size)
     pop = metrics.summary(popularity_ranks(catalog, histories, targets), KS, prefix="pop_")
     report = {**metrics.summary(ranks, KS), "users": len(users), "protocol": PROTOCOL, **pop,
               "model": {"artifact": "sasrec_onnx", "version": bundle.version("sasrec_onnx"), "top_k": model["top_k"]},
@@ -119,15 +104,3 @@ def evaluate_retrieval(config: EvaluateConfig) -> dict:
              len(users), report["ndcg@10"], report["hr@10"], report["pop_ndcg@10"], report["pop_hr@10"], report_path)
     return report
 
-
-def run(config: EvaluateConfig) -> dict:
-    if config.tier == "ranking":
-        try:
-            from compile import evaluate_ranking
-        except ModuleNotFoundError as e:
-            if e.name != "compile.evaluate_ranking":
-                raise
-            raise SystemExit("evaluate --tier ranking: compile/evaluate_ranking.py does not exist yet "
-                             "(the PALR ranking evaluation comes with the ranking tier)") from None
-        return evaluate_ranking.run(config)
-    return evaluate_retrieval(config)

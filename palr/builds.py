@@ -1,0 +1,113 @@
+"""The check that refuses a deployment build made for another machine, and opening one that fits.
+
+A deployment build (`compile build --target T` → `engines/<T>/`, manifest artifact `engine:<T>`)
+is pinned to the hardware and libraries it was made with:
+
+    hf-cpu        transformers on CPU        pinned: device kind, torch + transformers, CPU ISA it needs
+    hf-cuda       transformers on an NVIDIA GPU  pinned: device kind, SM, torch + transformers
+    ortgenai-cpu  onnxruntime-genai on CPU   pinned: device kind, onnxruntime-genai, CPU ISA it needs
+    trtllm        TensorRT-LLM engine        pinned: device kind, SM, tensorrt_llm (which pins TensorRT)
+
+TensorRT engines only deserialize on the SM and TensorRT release they were built with (TRT says
+"The engine plan file is generated on an incompatible device, expecting compute 9.0 got compute
+8.9"), and its config.json does not record the SM, so the manifest does. The hf builds are held to
+the same rule (their dtype and attention kernel were chosen for that GPU or CPU); rebuilding one
+takes seconds. `check_build` lists every mismatch; `refuse` turns them into one message that says
+what the build was made for and what this machine is.
+
+The targets are `palr.targets`, the machine `palr.machine`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from palr.bundle import BundleError
+from palr.machine import Machine, library_version
+from palr.targets import TARGETS, target_spec
+
+
+class BuildMismatch(BundleError):
+    """A build made for other hardware or other library versions: the server refuses to start."""
+
+
+def isa_satisfied(requirement: str, isa: tuple[str, ...] | list[str]) -> bool:
+    """A requirement is one flag or alternatives joined by "|" ("amx_bf16|avx512_bf16")."""
+    return any(flag in isa for flag in requirement.split("|"))
+
+
+def check_build(entry: dict[str, Any], machine: Machine) -> list[str]:
+    """Every way the build in manifest entry `entry` does not fit `machine`; [] when it fits."""
+    problems = []
+    built_on = entry.get("device")
+    if built_on != machine.device:
+        problems.append(f"device kind: built for {built_on}, this server runs on {machine.device}"
+                        + (f" ({machine.device_name})" if machine.device == "cuda" else ""))
+    elif machine.device == "cuda":
+        if not machine.gpu_count:
+            problems.append("device kind: built for a CUDA GPU, this machine has no CUDA device")
+        elif entry.get("compute_capability") != machine.compute_capability:
+            problems.append(f"compute capability: built for SM {entry.get('compute_capability')} "
+                            f"({entry.get('device_name')}), this GPU is SM {machine.compute_capability} "
+                            f"({machine.device_name})")
+        tp = int(entry.get("tensor_parallel_size") or 1)
+        if machine.gpu_count and tp > machine.gpu_count:
+            problems.append(f"tensor parallelism: built for {tp} GPUs, this machine has {machine.gpu_count}")
+    for name, built in (entry.get("engine_libraries") or {}).items():
+        here = machine.libraries[name] if name in machine.libraries else library_version(name)
+        if built != here:
+            problems.append(f"{name}: built with {built or 'none'}, this machine has {here or 'none installed'}")
+    missing = [r for r in entry.get("requires_isa") or [] if not isa_satisfied(r, machine.cpu_isa)]
+    if missing:
+        problems.append(f"CPU instructions: the build needs {', '.join(missing)}; this CPU ({machine.cpu_name}) "
+                        f"has {', '.join(machine.cpu_isa) or 'none of the tracked ones'}")
+    return problems
+
+
+def describe_build(entry: dict[str, Any]) -> str:
+    """One line: what a build was made for (the manifest's view, like `Machine.describe`)."""
+    if entry.get("device") == "cuda":
+        where = f"cuda: {entry.get('device_name')} (SM {entry.get('compute_capability')})"
+    else:
+        where = f"cpu: {entry.get('device_name')}"
+        if entry.get("requires_isa"):
+            where += f" (needs {', '.join(entry['requires_isa'])})"
+    libs = "; ".join(f"{n} {v or 'none'}" for n, v in (entry.get("engine_libraries") or {}).items())
+    dtype = entry.get("dtype")
+    return where + (f"; {dtype}" if dtype else "") + (f"; {libs}" if libs else "")
+
+
+def refuse(name: str, entry: dict[str, Any], machine: Machine, problems: list[str], bundle_root: Path) -> BuildMismatch:
+    """The error a server (or `compile build` when reusing) raises for a build that does not fit."""
+    target = entry.get("target", name.partition(":")[2])
+    spec = TARGETS.get(target)
+    here = machine.describe(spec.pinned if spec else ())
+    return BuildMismatch(
+        f"refusing {name} in {bundle_root}: it was built for {describe_build(entry)}; this machine is "
+        f"{here}.\n  - " + "\n  - ".join(problems)
+        + f"\nRebuild it on this machine: python -m compile build --bundle {bundle_root} --target {target} --force")
+
+
+def artifact_name(target: str) -> str:
+    return f"engine:{target}"
+
+
+def open_build(bundle, target: str, machine: Machine | None = None) -> tuple[Path, dict[str, Any]]:
+    """(directory, manifest entry) of the bundle's build for `target`, after checking that its files
+    are the ones built (sha256) and that it fits `machine` (default: this machine, on the target's
+    device kind). Raises BuildMismatch saying what was built for what, and what this machine is."""
+    spec = target_spec(target)
+    name = artifact_name(target)
+    entry = bundle.artifact(name)
+    try:
+        bundle.verify([name])
+    except BundleError as e:
+        raise BuildMismatch(f"refusing {name}: its files are not the ones that were built ({e})\n"
+                            f"Rebuild it: python -m compile build --bundle {bundle.root} --target {target} "
+                            f"--force") from None
+    machine = machine or Machine.detect(spec.device)
+    problems = check_build(entry, machine)
+    if problems:
+        raise refuse(name, entry, machine, problems, bundle.root)
+    return bundle.path(name), entry

@@ -1,0 +1,116 @@
+"""What this machine is: CPU model and ISA flags, CUDA devices and their SM, engine-library versions
+(`Machine.detect`), as the build check (`palr.builds`) compares them with a build's manifest entry.
+
+Import-light: torch and the engine libraries are imported only to look at a CUDA device.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from palr.targets import TargetSpec
+
+CPUINFO = Path("/proc/cpuinfo")
+# CPU features that change which kernels run (or whether they run at all): fbgemm's int8 needs
+# AVX2; fast bf16 needs AVX512-BF16 or AMX; VNNI speeds int8 dot products.
+ISA_FLAGS = ("avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
+             "amx_tile", "amx_bf16", "amx_int8")
+LIBRARIES = ("torch", "transformers", "onnxruntime", "onnxruntime-genai", "tensorrt_llm", "tensorrt")
+
+
+def library_version(name: str) -> str | None:
+    """Installed distribution version, or None. Accepts either spelling (tensorrt_llm / tensorrt-llm)."""
+    for candidate in dict.fromkeys((name, name.replace("_", "-"), name.replace("-", "_"))):
+        try:
+            return importlib.metadata.version(candidate)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def library_versions(names: tuple[str, ...] = LIBRARIES) -> dict[str, str | None]:
+    return {name: library_version(name) for name in names}
+
+
+def cpu_description(cpuinfo: Path = CPUINFO) -> tuple[str, list[str]]:
+    """(CPU model name, the ISA_FLAGS it has) from /proc/cpuinfo; (platform name, []) elsewhere."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        text = cpuinfo.read_text()
+    except OSError:
+        return name, []
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip()
+        if key == "model name" and value.strip():
+            name = value.strip()
+        elif key in ("flags", "Features"):
+            flags = set(value.split())
+        if name and flags:
+            break
+    return name, [f for f in ISA_FLAGS if f in flags]
+
+
+def cuda_devices() -> tuple[int, str | None, str | None]:
+    """(device count, name of device 0, its compute capability "9.0"); (0, None, None) without CUDA.
+
+    Uses torch when it is installed (every image we ship has it); no torch means no CUDA for us."""
+    try:
+        import torch
+    except ImportError:
+        return 0, None, None
+    if not torch.cuda.is_available():
+        return 0, None, None
+    major, minor = torch.cuda.get_device_capability(0)
+    return torch.cuda.device_count(), torch.cuda.get_device_name(0), f"{major}.{minor}"
+
+
+@dataclass(frozen=True)
+class Machine:
+    """Where a build will run: the device kind chosen (cpu or cuda) and what this machine has."""
+
+    device: str
+    device_name: str
+    compute_capability: str | None
+    gpu_count: int
+    cpu_name: str
+    cpu_isa: tuple[str, ...]
+    libraries: dict[str, str | None] = field(default_factory=dict)
+
+    @classmethod
+    def detect(cls, device: str = "cpu") -> "Machine":
+        """This machine, running on `device` ("cpu" or "cuda"; "cuda" with no GPU describes that too)."""
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be cpu or cuda, got {device!r}")
+        cpu_name, isa = cpu_description()
+        gpus, gpu_name, sm = cuda_devices() if device == "cuda" else (0, None, None)
+        if device == "cuda" and not gpus:
+            gpu_name = "no CUDA device"
+        return cls(device=device, device_name=gpu_name if device == "cuda" else cpu_name,
+                   compute_capability=sm, gpu_count=gpus, cpu_name=cpu_name, cpu_isa=tuple(isa),
+                   libraries=library_versions())
+
+    def describe(self, libraries: tuple[str, ...] = ()) -> str:
+        """One line: "cuda: NVIDIA H100 80GB HBM3 (SM 9.0) x1; tensorrt_llm 1.2.1"."""
+        if self.device == "cuda":
+            where = f"cuda: {self.device_name}" + (f" (SM {self.compute_capability}) x{self.gpu_count}"
+                                                   if self.compute_capability else "")
+        else:
+            where = f"cpu: {self.cpu_name} ({', '.join(self.cpu_isa) or 'no AVX2'})"
+        libs = "; ".join(f"{n} {self.libraries.get(n) or 'not installed'}" for n in libraries)
+        return where + (f"; {libs}" if libs else "")
+
+    def build_record(self, target: TargetSpec) -> dict[str, Any]:
+        """The hardware part of a build's manifest entry."""
+        return {"target": target.name, "engine": target.engine, "device": self.device,
+                "device_name": self.device_name, "compute_capability": self.compute_capability,
+                "cpu_name": self.cpu_name, "cpu_isa": list(self.cpu_isa),
+                "engine_libraries": {n: self.libraries.get(n) for n in target.pinned},
+                "libraries": {n: v for n, v in self.libraries.items()}}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,64 @@
+"""The onnxruntime-genai runtime pieces shared by the `ortgenai` engine (ranking_server/engines/ortgenai.py)
+and the build that measures it (compile/targets): importing the library with a clear error, loading a model,
+one batch-1 Generator with its KV cache."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from palr.errors import EngineError
+
+INSTALL_HINT = "pip install -e '.[ortgenai]' (onnxruntime-genai==0.18.0, onnx-ir)"
+
+
+def import_ortgenai():
+    try:
+        import onnxruntime_genai
+    except ImportError as e:
+        raise EngineError(f"the ortgenai engine needs onnxruntime-genai, which is not installed here ({e}); "
+                          f"{INSTALL_HINT}") from None
+    return onnxruntime_genai
+
+
+def load_model(model_dir: Path, num_threads: int | None = None):
+    """An onnxruntime-genai Model from a builder output directory, optionally with its intra-op threads set."""
+    og = import_ortgenai()
+    config = og.Config(str(model_dir))
+    if num_threads:
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": num_threads}}}}))
+    return og.Model(config)
+
+
+def genai_config(model_dir: Path) -> dict[str, Any]:
+    path = Path(model_dir) / "genai_config.json"
+    if not path.is_file():
+        raise EngineError(f"{model_dir}: no genai_config.json; not an onnxruntime-genai model directory")
+    return json.loads(path.read_text())
+
+
+class GeneratorSlot:
+    """One Generator (batch 1) and the tokens its KV cache holds, reused from request to request."""
+
+    def __init__(self, model, max_length: int):
+        og = import_ortgenai()
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=max_length)
+        self.generator = og.Generator(model, params)
+        self.tokens: list[int] = []
+
+    def start(self, prefix: list[int]) -> int:
+        """Keep the cached `prefix` if the cache starts with it, drop the rest; returns the tokens kept."""
+        keep = len(prefix) if prefix and self.tokens[:len(prefix)] == prefix else 0
+        self.generator.rewind_to(keep)
+        del self.tokens[keep:]
+        return keep
+
+    def feed(self, tokens: list[int]) -> np.ndarray:
+        """Run `tokens`; the next-token logits after them `[V]` (fp32)."""
+        self.generator.append_tokens(np.asarray(tokens, dtype=np.int32))
+        self.tokens.extend(tokens)
+        return self.generator.get_logits().reshape(-1)

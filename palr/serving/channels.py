@@ -1,0 +1,42 @@
+"""Client channels to a server: plaintext, TLS or mutual TLS, with gRPC's client-side load balancing."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import grpc
+
+from palr.serving.config import message_size_options
+
+LB_POLICIES = ("pick_first", "round_robin")
+
+
+def open_channel(target: str, *, tls_ca: Path | None = None, tls_cert: Path | None = None,
+                 tls_key: Path | None = None, server_name: str | None = None,
+                 max_message_bytes: int | None = None, load_balancing: str | None = None, aio: bool = True):
+    """A client channel to `target`: TLS when a CA or client certificate is given (the CA verifies
+    the server; cert + key are this client's identity for mutual TLS), plaintext otherwise.
+    `server_name` overrides the name checked against the server certificate.
+
+    `target` is anything gRPC resolves: "host:port", or "dns:///name:port" (every address the name
+    resolves to, e.g. a Kubernetes headless Service's pods). `load_balancing` picks gRPC's
+    client-side policy over those addresses: "round_robin" (spread RPCs over all ready backends)
+    or "pick_first" (gRPC's default: one backend at a time)."""
+    if bool(tls_cert) != bool(tls_key):
+        raise ValueError("a client certificate needs its key (tls_cert and tls_key go together)")
+    options = message_size_options(max_message_bytes) if max_message_bytes else []
+    if server_name:
+        options.append(("grpc.ssl_target_name_override", server_name))
+    if load_balancing:
+        if load_balancing not in LB_POLICIES:
+            raise ValueError(f"load_balancing must be one of {LB_POLICIES}, got {load_balancing!r}")
+        options.append(("grpc.service_config", json.dumps({"loadBalancingConfig": [{load_balancing: {}}]})))
+    module = grpc.aio if aio else grpc
+    if not (tls_ca or tls_cert):
+        return module.insecure_channel(target, options=options)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=Path(tls_ca).read_bytes() if tls_ca else None,
+        private_key=Path(tls_key).read_bytes() if tls_key else None,
+        certificate_chain=Path(tls_cert).read_bytes() if tls_cert else None)
+    return module.secure_channel(target, credentials, options=options)

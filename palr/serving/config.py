@@ -1,0 +1,57 @@
+"""The options every server shares (a server's own config dataclass extends `ServerConfig`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class ServerConfig:
+    """Options every server shares; a server's own config dataclass extends this one."""
+
+    host: str = field(default="127.0.0.1", metadata={
+        "help": "address to listen on; loopback by default, 0.0.0.0 or [::] to accept remote clients"})
+    port: int = field(default=50051, metadata={"help": "gRPC port (0 = any free port)"})
+    max_message_bytes: int = field(default=4 * 1024 * 1024, metadata={
+        "help": "largest request or response message in bytes; larger requests get RESOURCE_EXHAUSTED"})
+    metrics_port: int = field(default=0, metadata={
+        "help": "port for Prometheus metrics over HTTP on the same host (0 = off)"})
+    health_port: int = field(default=0, metadata={
+        "help": "a second, plaintext port on the same host serving only grpc.health.v1, for probes that cannot "
+                "speak (mutual) TLS, such as Kubernetes' native grpc probes (0 = off)"})
+    tls_cert: Path | None = field(default=None, metadata={
+        "help": "PEM server certificate chain; with --tls-key turns TLS on", "metavar": "PEM"})
+    tls_key: Path | None = field(default=None, metadata={"help": "PEM private key of --tls-cert", "metavar": "PEM"})
+    tls_client_ca: Path | None = field(default=None, metadata={
+        "help": "PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS)",
+        "metavar": "PEM"})
+    grace: float = field(default=10.0, metadata={
+        "help": "seconds in-flight RPCs get to finish after SIGTERM/SIGINT before they are cancelled"})
+
+    def __post_init__(self) -> None:
+        parent = getattr(super(), "__post_init__", None)  # cooperative: a config may mix in more dataclasses
+        if parent:
+            parent()
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.tls_client_ca and not self.tls_cert:
+            raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+        for flag, path in (("--tls-cert", self.tls_cert), ("--tls-key", self.tls_key),
+                           ("--tls-client-ca", self.tls_client_ca)):
+            if path and not Path(path).is_file():
+                raise ValueError(f"{flag} {path}: no such file")
+        if self.max_message_bytes <= 0:
+            raise ValueError(f"max_message_bytes must be positive, got {self.max_message_bytes}")
+        if self.grace < 0:
+            raise ValueError(f"grace must be >= 0 seconds, got {self.grace}")
+
+    @property
+    def tls(self) -> str:
+        """How the server authenticates: 'off', 'TLS' or 'mutual TLS'."""
+        return "mutual TLS" if self.tls_client_ca else "TLS" if self.tls_cert else "off"
+
+
+def message_size_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    return [("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes)]

@@ -1,0 +1,43 @@
+"""Per-RPC refusals: a `RequestError` carries the gRPC status code, its message names the field."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Sequence
+
+import grpc
+
+
+class RequestError(Exception):
+    """A request the server refuses: carries the gRPC status code; the message names the field."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def invalid_argument(message: str) -> RequestError:
+    return RequestError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+MAX_IDS_IN_MESSAGE = 10
+
+
+def check_known_ids(field_name: str, item_ids: Sequence[str], catalog) -> None:
+    """INVALID_ARGUMENT naming the field and its unknown item ids (the first few, each cut to 40
+    characters) when `catalog` does not know some of `item_ids`."""
+    unknown = list(dict.fromkeys(catalog.unknown(item_ids)))
+    if unknown:
+        shown = ", ".join(repr(i[:40]) for i in unknown[:MAX_IDS_IN_MESSAGE])
+        more = f" and {len(unknown) - MAX_IDS_IN_MESSAGE} more" if len(unknown) > MAX_IDS_IN_MESSAGE else ""
+        raise invalid_argument(f"{field_name}: unknown item ids {shown}{more}")
+
+
+def request_id(from_request: str, context: grpc.aio.ServicerContext) -> str:
+    """The request's id for logs: its own field, else `x-request-id` metadata, else a new one."""
+    if from_request:
+        return from_request
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-request-id" and value:
+            return value
+    return uuid.uuid4().hex[:16]

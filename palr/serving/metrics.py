@@ -1,0 +1,54 @@
+"""Per-RPC Prometheus metrics (requests by status code, latency, in flight), shared by both servers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+import grpc
+from prometheus_client import Counter, Gauge, Histogram
+
+from palr.serving.errors import RequestError
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512,
+                   1.0, 2.0, 4.0, 8.0, 16.0)
+
+
+class RpcMetrics:
+    """Prometheus metrics for one RPC: requests by status code, latency, requests in flight.
+
+    Create one per RPC per process (prometheus_client registers names process-wide)."""
+
+    def __init__(self, prefix: str, rpc: str):
+        self.requests = Counter(f"{prefix}_requests", f"{rpc} RPCs by final status code", ["code"])
+        self.latency = Histogram(f"{prefix}_request_seconds", f"{rpc} latency from handler start to last message",
+                                 buckets=LATENCY_BUCKETS)
+        self.in_flight = Gauge(f"{prefix}_requests_in_flight", f"{rpc} RPCs being handled now")
+
+    @contextlib.asynccontextmanager
+    async def track(self, context: grpc.aio.ServicerContext, rid: str, logger: logging.Logger):
+        """Wraps a handler: counts and times it; a RequestError becomes its status code, any other
+        exception INTERNAL (logged with traceback); the server keeps serving either way."""
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        self.in_flight.inc()
+        try:
+            yield
+        except RequestError as e:
+            code = e.code
+            logger.info("rid=%s %s: %s", rid, code.name, e)
+            await context.abort(code, str(e))
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            logger.info("rid=%s cancelled by the client", rid)
+            raise
+        except Exception:
+            code = grpc.StatusCode.INTERNAL
+            logger.exception("rid=%s failed", rid)
+            await context.abort(code, f"internal error (request id {rid}); see the server log")
+        finally:
+            self.in_flight.dec()
+            self.requests.labels(code.name).inc()
+            self.latency.observe(time.perf_counter() - started)

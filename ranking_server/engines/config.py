@@ -1,0 +1,57 @@
+"""`EngineConfig`: the scheduler limits of every ranking engine, declared once.
+
+The ranking server's config inherits these fields (`RankingServerConfig(ServerConfig, EngineConfig)`),
+so `--max-batch-size`, `--max-tokens-per-step`, ... are these fields; `EngineConfig.of(config)` takes
+the engine's part out of any config that has them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass
+class EngineConfig:
+    """Scheduler limits shared by the engines (each backend uses the subset it needs)."""
+
+    max_batch_size: int = field(default=16, metadata={
+        "help": "most requests in the engine's running batch (KV slots)"})
+    max_tokens_per_step: int = field(default=2048, metadata={
+        "help": "token budget of one engine step: decode tokens first, then prompt chunks (room for several "
+                "prompts per step; see docs/results.md for measurements)"})
+    max_queue: int = field(default=64, metadata={
+        "help": "requests waiting for a batch slot; beyond it requests are rejected at once "
+                "(EngineOverloaded; the server answers RESOURCE_EXHAUSTED)"})
+    max_seq_len: int = field(default=1024, metadata={
+        "help": "prompt + generated tokens per request (the size of one KV slot)"})
+    prefix_reuse: bool = field(default=True, metadata={
+        "help": "compute the shared instruction prefix's KV once and reuse it for every request"})
+    prefix_cache_size: int = field(default=4, metadata={"help": "distinct shared prefixes kept (LRU)"})
+    threads: int = field(default=0, metadata={"help": "torch threads of the engine (0 = torch's default)"})
+
+    def __post_init__(self) -> None:
+        parent = getattr(super(), "__post_init__", None)
+        if parent:
+            parent()
+        for name in ("max_batch_size", "max_tokens_per_step", "max_seq_len", "prefix_cache_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_queue", "threads"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_tokens_per_step < self.max_batch_size:
+            raise ValueError(f"max_tokens_per_step ({self.max_tokens_per_step}) must be >= max_batch_size "
+                             f"({self.max_batch_size}) so every decoding request gets its token each step")
+
+    @property
+    def num_threads(self) -> int | None:
+        """torch intra-op threads to set on the engine thread (None: leave torch's default)."""
+        return self.threads or None
+
+    @classmethod
+    def of(cls, config, **changes) -> "EngineConfig":
+        """The engine fields of `config` (any object that has them, e.g. RankingServerConfig) as this class."""
+        values = {f.name: getattr(config, f.name) for f in dataclasses.fields(EngineConfig)}
+        values.update(changes)
+        return cls(**values)

@@ -1,0 +1,132 @@
+"""Bundle + config → the `RankingEngine` the server runs: the one place a serving engine is chosen,
+checked against the bundle and constructed (a new backend adds a branch here).
+
+Every deployment build (`compile build` → `engines/<target>/`) is opened through `palr.builds.open_build`
+first: its files must be the ones built (sha256) and it must fit this machine (device kind, GPU SM,
+engine-library versions, CPU ISA). Otherwise the server refuses to start with a `BuildMismatch`
+naming what the build was made for and what this machine is. Only then is anything loaded.
+
+    hf-cpu / hf-cuda   HFEngine over the build's checkpoint (dtype, int8, threads as measured);
+                       without a build, hf serves llm/merged as is
+    ortgenai-cpu       OrtGenaiEngine for the modes its build won (`serves_modes`); the other modes
+                       stay on the torch engine (`ModeRouter`)
+    trtllm             TrtllmEngine over the TensorRT-LLM engine directory
+
+Runs in a worker thread while health says NOT_SERVING; it may take seconds (weights load).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from collections.abc import Callable
+
+from palr.builds import BuildMismatch, artifact_name, open_build
+from palr.bundle import Bundle, BundleError
+from palr.machine import Machine
+from palr.ranking import MODES
+from palr.targets import target_for, target_spec
+from ranking_server.engines.base import RankingEngine
+from ranking_server.engines.config import EngineConfig
+
+log = logging.getLogger(__name__)
+
+LLM_ARTIFACT = "llm_merged"
+
+
+def build_engine(bundle: Bundle, config) -> RankingEngine:
+    """The engine for `config.engine` on `config.device` (a RankingServerConfig, or anything with those
+    and the EngineConfig fields), its artifacts verified first; ValueError/BundleError say why not.
+
+    A deployment build for (engine, device) is checked against this machine first and refused with a
+    BuildMismatch (a BundleError) naming what it was built for; trtllm and ortgenai need one, hf
+    without one serves llm/merged."""
+    target = target_for(config.engine, config.device)  # ValueError for e.g. --engine trtllm --device cpu
+    engine_config = EngineConfig.of(config)
+    if config.engine == "ortgenai":
+        return ortgenai_engine(bundle, engine_config, lambda: _torch_engine(bundle, config.device, engine_config))
+    if config.engine == "trtllm":
+        return engine_from_build(bundle, target, engine_config)
+    return _torch_engine(bundle, config.device, engine_config)
+
+
+def has_build(bundle, target: str) -> bool:
+    return bundle.has(artifact_name(target))
+
+
+def engine_from_build(bundle, target: str, engine_config: EngineConfig, trtllm_config=None) -> RankingEngine:
+    """The engine serving the bundle's `engine:<target>` build on this machine (checked first)."""
+    spec = target_spec(target)
+    if not has_build(bundle, target):
+        raise BundleError(f"{bundle.root}: no {artifact_name(target)} build for --engine {spec.engine} --device "
+                          f"{spec.device}; make it on this machine: python -m compile build --bundle {bundle.root} "
+                          f"--target {target}")
+    path, entry = open_build(bundle, target, Machine.detect(spec.device))
+    threads = engine_config.threads or entry.get("num_threads") or 0
+    if spec.engine == "hf":
+        from palr.hf_build import load_hf_build
+        from ranking_server.engines.hf import HFEngine
+
+        model, _, _ = load_hf_build(path, spec.device)
+        return HFEngine(model, dataclasses.replace(engine_config, threads=threads))
+    if spec.engine == "ortgenai":
+        from ranking_server.engines.ortgenai import OrtGenaiEngine
+
+        return OrtGenaiEngine(path, dataclasses.replace(engine_config, threads=threads))
+    if spec.engine == "trtllm":
+        from ranking_server.engines.trtllm import TrtllmConfig, TrtllmEngine
+
+        return TrtllmEngine(path, trtllm_config or TrtllmConfig.of(engine_config))
+    raise ValueError(f"no engine serves target {target}")
+
+
+def ortgenai_engine(bundle, engine_config: EngineConfig, torch_engine: Callable[[], RankingEngine]) -> RankingEngine:
+    """The ortgenai build for the modes it won; `torch_engine()` for the others (if any)."""
+    target = "ortgenai-cpu"
+    entry = bundle.artifact(artifact_name(target))
+    won = [m for m in MODES if m in (entry.get("serves_modes") or [])]
+    if not won:
+        raise BuildMismatch(f"refusing {artifact_name(target)}: its build measured no ranking mode where "
+                            f"onnxruntime-genai beats torch on this model (reports/build_{target}.json); "
+                            f"serve with --engine hf")
+    ortgenai = engine_from_build(bundle, target, engine_config)
+    if len(won) == len(MODES):
+        return ortgenai
+    from ranking_server.engines.routed import ModeRouter
+
+    log.info("ortgenai serves %s (what its build won); torch serves the rest", ", ".join(won))
+    torch = torch_engine()
+    return ModeRouter({m: ortgenai if m in won else torch for m in MODES})
+
+
+def _torch_engine(bundle: Bundle, device: str, engine_config: EngineConfig) -> RankingEngine:
+    """The hf engine from the bundle's hf-cpu/hf-cuda build when it has one, else from llm/merged."""
+    target = target_for("hf", device)
+    if not has_build(bundle, target):
+        return _hf_engine(bundle, device, engine_config)
+    started = time.perf_counter()
+    engine = engine_from_build(bundle, target, engine_config)
+    log.info("hf engine: build %s (%s) on %s loaded in %.2f s", target, bundle.artifact(f"engine:{target}")["dtype"],
+             device, time.perf_counter() - started)
+    return engine
+
+
+def _hf_engine(bundle: Bundle, device: str, engine_config: EngineConfig) -> RankingEngine:
+    import torch
+
+    from palr.llm import load_causal_lm
+    from ranking_server.engines.hf import HFEngine
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: torch sees no CUDA device here (torch "
+                         f"{torch.__version__}); use --device cpu")
+    bundle.verify([LLM_ARTIFACT])
+    started = time.perf_counter()
+    model, _ = load_causal_lm(bundle.path(LLM_ARTIFACT), device)
+    engine = HFEngine(model, engine_config)
+    log.info("hf engine: %s on %s (%s) loaded in %.2f s; batch <= %d, <= %d tokens/step, queue <= %d, "
+             "prefix reuse %s", bundle.path(LLM_ARTIFACT), device, model.dtype, time.perf_counter() - started,
+             engine_config.max_batch_size, engine_config.max_tokens_per_step, engine_config.max_queue,
+             "on" if engine_config.prefix_reuse else "off")
+    return engine

@@ -1,0 +1,79 @@
+"""From a `RecommendRequest` to a `Plan`: the request validated and its history resolved, once.
+
+    RequestPlanner.plan(request)          validates (INVALID_ARGUMENT naming the field) and resolves
+                                          the history: explicit > stored > none (cold start)
+
+The resolved history is what the ranking tier sends to the retrieval tier (explicitly), so the
+retrieval tier does not look it up again. The prompt and the ranking are `ranking_server.prompts`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from palr.catalog import Catalog
+from palr.ranking import MODES as RANKING_MODES
+from palr.serving.errors import check_known_ids, invalid_argument
+from recsys.v1 import ranking_pb2
+
+# the wire enum ↔ palr.ranking.MODES: RANKING_MODE_<MODE> for each mode; UNSPECIFIED is the first (score)
+PROTO_MODES = {mode: ranking_pb2.RankingMode.Value(f"RANKING_MODE_{mode.upper()}") for mode in RANKING_MODES}
+MODES = {ranking_pb2.RANKING_MODE_UNSPECIFIED: RANKING_MODES[0], **{v: mode for mode, v in PROTO_MODES.items()}}
+# Request ids go into logs and into `x-request-id` metadata (printable ASCII only).
+REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
+
+
+def valid_request_id(value: str) -> bool:
+    return bool(REQUEST_ID.fullmatch(value))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A validated request, history resolved."""
+
+    request_id: str
+    user_id: str
+    history: list[str]      # item ids, oldest first ([] = cold start)
+    history_source: str     # "request", "stored" or "none"
+    exclude: list[str]
+    k: int
+    num_candidates: int
+    mode: str               # "score" or "generate"
+
+    @property
+    def proto_mode(self) -> int:
+        return PROTO_MODES[self.mode]
+
+
+class RequestPlanner:
+    def __init__(self, catalog: Catalog, stored_histories: dict[str, list[str]], *, default_candidates: int,
+                 max_candidates: int):
+        self.catalog = catalog
+        self.stored_histories = stored_histories
+        self.default_candidates = default_candidates
+        self.max_candidates = max_candidates
+
+    def plan(self, request: ranking_pb2.RecommendRequest, request_id: str) -> Plan:
+        if request.mode not in MODES:
+            raise invalid_argument(f"mode: unknown value {request.mode}; use RANKING_MODE_SCORE or "
+                                   f"RANKING_MODE_GENERATE")
+        if not 0 <= request.num_candidates <= self.max_candidates:
+            raise invalid_argument(f"num_candidates must be between 1 and {self.max_candidates} "
+                                   f"(0 = the server's default, {self.default_candidates}), got {request.num_candidates}")
+        num_candidates = request.num_candidates or self.default_candidates
+        if not 1 <= request.k <= num_candidates:
+            raise invalid_argument(f"k must be between 1 and num_candidates ({num_candidates}), got {request.k}")
+        history = self._known_ids("history", request.history)
+        exclude = self._known_ids("exclude", request.exclude)
+        source = "request"
+        if not history:
+            history = self.stored_histories.get(request.user_id, [])
+            source = "stored" if history else "none"
+        return Plan(request_id=request_id, user_id=request.user_id, history=history, history_source=source,
+                    exclude=exclude, k=request.k, num_candidates=num_candidates, mode=MODES[request.mode])
+
+    def _known_ids(self, field_name: str, item_ids: Sequence[str]) -> list[str]:
+        check_known_ids(field_name, item_ids, self.catalog)
+        return list(item_ids)
