@@ -19,7 +19,7 @@ from palr.serving.server import GrpcServer
 from ranking_server.config import RankingServerConfig
 from recsys.v1 import ranking_pb2, ranking_pb2_grpc
 from retrieval_server.config import RetrievalServerConfig
-from tests.test_ranking_server import start_ranking, start_retrieval
+from tests.ranking_server.test_server import start_ranking, start_retrieval
 
 WHO = "test.Who"
 

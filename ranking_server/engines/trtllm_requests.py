@@ -1,7 +1,7 @@
 """The pure-Python half of the `trtllm` backend: an `EngineRequest` → TensorRT-LLM `SamplingParams`
 arguments, the logits processor that enforces a generate-mode constraint inside TensorRT-LLM's
 running batch, and TensorRT-LLM outputs → our answers. No TensorRT-LLM import here, so all of it is
-tested on CPU tensors (tests/test_trtllm_requests.py); `trtllm.py` wires it to the LLM API.
+tested on CPU tensors (tests/ranking_server/test_engines_trtllm_requests.py); `trtllm.py` wires it to the LLM API.
 
 Score mode: `max_tokens=1` with `return_generation_logits=True`; the logits of that one generated
 step are the next-token logits after the prompt, and the label log-softmax of them is the score

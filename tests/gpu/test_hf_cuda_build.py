@@ -13,7 +13,7 @@ from palr.builds import BuildMismatch, open_build
 from ranking_server.engines.base import EngineRequest
 from ranking_server.engines.config import EngineConfig
 from ranking_server.engines.factory import engine_from_build
-from tests.fixtures_builds import build_config, copy_bundle
+from tests.fixtures.builds import build_config, copy_bundle
 
 pytestmark = pytest.mark.gpu
 

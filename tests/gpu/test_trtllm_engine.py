@@ -1,7 +1,7 @@
 """`compile build --target trtllm` and the trtllm engine on a real GPU with TensorRT-LLM: the saved
 engine (paged KV, paged context FMHA), score mode against the reference, generate mode under the
 logits processor (constraint and bias obeyed), abort on cancel, overload. Skipped without a CUDA
-GPU or without TensorRT-LLM; the pure parts are tested on CPU in tests/test_trtllm_requests.py."""
+GPU or without TensorRT-LLM; the pure parts are tested on CPU in tests/ranking_server/test_engines_trtllm_requests.py."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import pytest
 from compile import build
 from palr.bundle import Bundle
 from ranking_server.engines.base import EngineAborted, EngineOverloaded, EngineRequest
-from tests.fixtures_builds import build_config, copy_bundle
+from tests.fixtures.builds import build_config, copy_bundle
 
 pytestmark = [pytest.mark.gpu, pytest.mark.trtllm]
 SMALL = dict(max_batch_size=8, max_num_tokens=2048, max_input_len=1024, max_seq_len=1280)

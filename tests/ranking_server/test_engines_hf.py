@@ -19,7 +19,7 @@ from ranking_server.engines.base import (  # noqa: E402
     EngineAborted, EngineError, EngineOverloaded, EngineRequest, InvalidRequest)
 from ranking_server.engines.config import EngineConfig  # noqa: E402
 from ranking_server.engines.hf import HFEngine  # noqa: E402
-from tests.engine_workload import label_ids, mixed_requests  # noqa: E402
+from tests.fixtures.engine_workload import label_ids, mixed_requests  # noqa: E402
 
 N_LABELS = 20
 

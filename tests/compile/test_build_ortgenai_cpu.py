@@ -24,8 +24,8 @@ from ranking_server.engines.config import EngineConfig  # noqa: E402
 from ranking_server.engines.hf import HFEngine  # noqa: E402
 from ranking_server.engines.ortgenai import OrtGenaiEngine  # noqa: E402
 from ranking_server.engines.routed import ModeRouter  # noqa: E402
-from tests.fixtures_builds import build_config, copy_bundle  # noqa: E402
-from tests.engine_workload import label_ids, mixed_requests  # noqa: E402
+from tests.fixtures.builds import build_config, copy_bundle  # noqa: E402
+from tests.fixtures.engine_workload import label_ids, mixed_requests  # noqa: E402
 
 NAME = "engine:ortgenai-cpu"
 

@@ -19,7 +19,7 @@ from palr.llm import generate_constrained, generate_labels, load_causal_lm, scor
 from ranking_server.engines.base import EngineError, EngineRequest  # noqa: E402
 from ranking_server.engines.trtllm_requests import (  # noqa: E402
     ConstraintLogitsProcessor, emitted_order, label_scores, sampling_kwargs)
-from tests.engine_workload import label_ids  # noqa: E402
+from tests.fixtures.engine_workload import label_ids  # noqa: E402
 
 END = 2
 VOCAB = 64
@@ -150,7 +150,7 @@ def test_engine_and_build_say_what_to_install_when_tensorrt_llm_is_missing(tmp_p
     from compile import build
     from palr.bundle import Bundle
     from ranking_server.engines.trtllm import TrtllmEngine
-    from tests.fixtures_builds import build_config
+    from tests.fixtures.builds import build_config
 
     if importlib.util.find_spec("tensorrt_llm") is not None:
         pytest.skip("TensorRT-LLM is installed here")

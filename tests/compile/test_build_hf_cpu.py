@@ -23,7 +23,7 @@ from ranking_server.engines.factory import engine_from_build  # noqa: E402
 from ranking_server.engines.config import EngineConfig  # noqa: E402
 from ranking_server.engines.hf import HFEngine  # noqa: E402
 from palr.hf_build import load_hf_build  # noqa: E402
-from tests.fixtures_builds import build_config  # noqa: E402
+from tests.fixtures.builds import build_config  # noqa: E402
 
 NAME = "engine:hf-cpu"
 
@@ -175,7 +175,7 @@ def test_ranking_server_serves_the_untouched_build(server_loop, hf_cpu_bundle, c
     import grpc
 
     from recsys.v1 import ranking_pb2, ranking_pb2_grpc
-    from tests.test_ranking_server import start_ranking, start_retrieval
+    from tests.ranking_server.test_server import start_ranking, start_retrieval
 
     retrieval = start_retrieval(server_loop, hf_cpu_bundle)
     try:
