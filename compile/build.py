@@ -119,10 +119,11 @@ def served_generate_tokens(bundle: Bundle) -> tuple[int, str]:
     from transformers import AutoTokenizer
 
     from palr.catalog import Catalog
-    from palr.prompt import PalrPrompt, PromptSettings
+    from palr.hybrid import ranker_prompt
 
-    prompt = PalrPrompt(AutoTokenizer.from_pretrained(bundle.path(SOURCE)), PromptSettings.from_dict(ranker["prompt"]))
-    lines = [len(prompt.title_line_ids(item)) for item in Catalog.load(bundle.path("catalog")).items]
+    catalog = Catalog.load(bundle.path("catalog"))
+    prompt = ranker_prompt(AutoTokenizer.from_pretrained(bundle.path(SOURCE)), ranker, catalog)
+    lines = [len(prompt.title_line_ids(item)) for item in catalog.items]
     mean = sum(lines) / len(lines)
     return round(k * (1 + mean)), f"llm/ranker.json: {k} title lines of 1 label + {mean:.1f} tokens on average"
 

@@ -33,7 +33,7 @@ from palr import metrics
 from palr.bundle import Bundle, fingerprint
 from palr.catalog import Catalog
 from palr.profiles import Profiles
-from palr.ranking import MODES, complete_order, fuse, generation_bias, order_by_scores, target_rank
+from palr.ranking import MODES, calibrated, complete_order, fuse, generation_bias, order_by_scores, target_rank
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +48,8 @@ K = 10
 class EvaluateRankingConfig:
     bundle: Path = field(default=Path("bundle"), metadata={"help": "bundle to evaluate"})
     data: Path = field(default=Path("data/ml-100k"), metadata={"help": "the dataset the bundle was built from"})
-    users: int = field(default=200, metadata={
-        "help": "evaluate N randomly chosen test users (0 = all; generate mode costs ~8 s a user on "
-                "2 cores with the 135M model)"})
+    users: int = field(default=0, metadata={
+        "help": "evaluate N randomly chosen test users (0 = all of them)"})
     candidates: int = field(default=20, metadata={"help": "K, SASRec candidates the LLM ranks"})
     modes: list[str] = field(default_factory=lambda: list(MODES), metadata={
         "help": f"modes to evaluate ({', '.join(MODES)})"})
@@ -73,7 +72,7 @@ def run(config: EvaluateRankingConfig) -> dict:
 
     from palr.decoding import answer_constraint
     from palr.llm import compute_prefix, generate_constrained, load_causal_lm, score_labels
-    from palr.prompt import PalrPrompt, PromptSettings
+    from palr.hybrid import ranker_prompt
     from palr.sasrec_onnx import Query, SasrecOnnx
 
     unknown = set(config.modes) - set(MODES)
@@ -105,9 +104,10 @@ def run(config: EvaluateRankingConfig) -> dict:
                                  for h in histories])
     model, _ = load_causal_lm(bundle.path(config.llm))
     tokenizer = AutoTokenizer.from_pretrained(bundle.path(config.llm))
-    prompt = PalrPrompt(tokenizer, PromptSettings.from_dict(ranker["prompt"]))
+    prompt = ranker_prompt(tokenizer, ranker, catalog)
     prefix = compute_prefix(model, prompt.prefix_ids())
     weight = float(ranker["fusion_weight"])
+    label_bias = ranker.get("label_bias")
     generate_k = min(int(ranker["generate_k"]), config.candidates)
 
     rows = []
@@ -123,14 +123,15 @@ def run(config: EvaluateRankingConfig) -> dict:
             llm = score_labels(model, parts.input_ids, parts.label_token_ids, prefix=prefix)
             row["score_seconds"] = time.perf_counter() - t0
             row["llm_scores"] = llm
-            row["llm_rank"] = target_rank(order_by_scores(llm), position)
-            row["score_rank"] = target_rank(order_by_scores(fuse(llm, retrieval_scores, weight)), position)
+            row["llm_rank"] = target_rank(order_by_scores(calibrated(llm, label_bias)), position)
+            row["score_rank"] = target_rank(order_by_scores(fuse(llm, retrieval_scores, weight, label_bias)), position)
         if "generate" in config.modes:
             t0 = time.perf_counter()
             constraint = answer_constraint(ranker["generate_format"], parts.label_token_ids,
                                            parts.candidate_line_ids, generate_k)
             emitted = generate_constrained(model, parts.input_ids, constraint,
-                                           bias=generation_bias(retrieval_scores, weight), prefix=prefix)
+                                           bias=generation_bias(retrieval_scores, weight, label_bias),
+                                           prefix=prefix)
             row["generate_seconds"] = time.perf_counter() - t0
             row["emitted"] = emitted
             row["generate_invalid"] = len(set(emitted)) != len(emitted) or any(
@@ -147,10 +148,14 @@ def run(config: EvaluateRankingConfig) -> dict:
     bundle.record_step(STEP, step_fp, time.perf_counter() - started,
                        **{k: v for k, v in report.items() if k.endswith("ndcg@10")})
     bundle.save()
-    log.info("evaluate ranking (%d users, K=%d): NDCG@10 retrieval %.4f | score %.4f (LLM alone %.4f) | "
-             "generate %s; fusion weight %.2f → %s", len(rows), config.candidates, report["retrieval_ndcg@10"],
-             report.get("score_ndcg@10", float("nan")), report.get("llm_score_ndcg@10", float("nan")),
-             f"{report['generate_ndcg@10']:.4f}" if "generate_ndcg@10" in report else "-", weight, report_path)
+    log.info("evaluate ranking (%d users, K=%d): NDCG@10 retrieval %.4f | score %.4f, %.3fx retrieval (95%% CI %s; "
+             "LLM alone %.4f) | generate %s; fusion weight %.2f → %s", len(rows), config.candidates,
+             report["retrieval_ndcg@10"], report.get("score_ndcg@10", float("nan")),
+             report.get("score_vs_retrieval_ndcg@10", float("nan")), report.get("score_vs_retrieval_ndcg@10_ci95"),
+             report.get("llm_score_ndcg@10", float("nan")),
+             f"{report['generate_ndcg@10']:.4f} ({report.get('generate_vs_retrieval_ndcg@10', float('nan')):.3f}x, "
+             f"CI {report.get('generate_vs_retrieval_ndcg@10_ci95')})" if "generate_ndcg@10" in report else "-",
+             weight, report_path)
     return report
 
 
@@ -171,9 +176,16 @@ def summarise(rows: list[dict], config: EvaluateRankingConfig, ranker: dict, wei
         report["generate_invalid_rate"] = sum(r["generate_invalid"] for r in rows) / len(rows)
         report["generate_seconds_per_user"] = sum(r["generate_seconds"] for r in rows) / len(rows)
     report["target_retrieved_rate"] = sum(r["target_position"] is not None for r in rows) / len(rows)
-    for mode in ("score", "generate"):
-        if f"{mode}_ndcg@{K}" in report and report[f"retrieval_ndcg@{K}"] > 0:
-            report[f"{mode}_vs_retrieval_ndcg@{K}"] = report[f"{mode}_ndcg@{K}"] / report[f"retrieval_ndcg@{K}"]
+    retrieval = metrics.per_user_ndcg([r["retrieval_rank"] for r in rows], K)
+    for name, key in (("score", "score_rank"), ("llm_score", "llm_rank"), ("generate", "generate_rank")):
+        if f"{name}_ndcg@{K}" in report and report[f"retrieval_ndcg@{K}"] > 0:
+            paired = metrics.paired_bootstrap_ratio(metrics.per_user_ndcg([r[key] for r in rows], K), retrieval)
+            report[f"{name}_vs_retrieval_ndcg@{K}"] = paired["ratio"]
+            report[f"{name}_vs_retrieval_ndcg@{K}_ci95"] = [round(paired["low"], 4), round(paired["high"], 4)]
+    if "score" in config.modes:  # position bias: where the LLM's own top-1 sits in the (retrieval-ordered) list
+        for key, bias in (("llm_top1_by_position", ranker.get("label_bias")), ("llm_top1_by_position_raw", None)):
+            firsts = [order_by_scores(calibrated(r["llm_scores"], bias))[0] for r in rows]
+            report[key] = [firsts.count(p) for p in range(config.candidates)]
     report.update({"fusion_weight": weight, "generate_format": ranker["generate_format"], "generate_k": generate_k,
                    "llm": config.llm, "profile_method": ranker["profile_method"], "seed": config.seed})
     return report

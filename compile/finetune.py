@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 
 LORA_DIR = "llm/lora"
 CHECKPOINT_DIR = "llm/checkpoints"
-VERSION = 1
+LABEL_BIAS = "label_bias.json"
+VERSION = 2  # 2: listwise label-logit loss, item projector of hybrid prompts
 
 
 @dataclass
@@ -44,12 +45,14 @@ class FinetuneConfig:
     dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"],
                                       metadata={"help": "module names that get LoRA adapters"})
+    layers: int = field(default=8, metadata={
+        "help": "keep only the base model's first N decoder layers (0 = all): the ranker is the shortened model "
+                "(training and serving cost ~N/30 of SmolLM2's 30 layers); merge shortens the base the same way"})
     top_layers: int = field(default=0, metadata={
         "help": "adapt only the last N decoder layers (0 = all); backward then stops there, so steps are faster"})
     epochs: float = field(default=1.0, metadata={"help": "passes over the training examples"})
-    max_steps: int = field(default=60, metadata={
-        "help": "stop after this many optimizer steps (0 = from epochs); 60 steps of 8 take ~15 min on 2 cores "
-                "for the 135M model (14.8 s a step measured; a full epoch of the default SFT data, ~236 steps, ~1 h)"})
+    max_steps: int = field(default=0, metadata={
+        "help": "stop after this many optimizer steps (0 = from --epochs: one pass over the training examples)"})
     batch_size: int = field(default=8, metadata={"help": "examples per optimizer step"})
     lr: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
@@ -65,9 +68,51 @@ class FinetuneConfig:
     device: str = field(default="cpu", metadata={"help": "cpu or cuda"})
     seed: int = field(default=0, metadata={"help": "random seed"})
     force: bool = field(default=False, metadata={"help": "retrain from scratch even if inputs are unchanged"})
+    loss: str = field(default="listwise", metadata={
+        "help": "listwise: cross-entropy over the candidates' label logits at the answer position (what score mode "
+                "reads; FIRST/LlamaRec-style verbalizer); lm: next-token cross-entropy over the answer (label + title "
+                "tokens); both: their sum", "choices": ("listwise", "lm", "both")})
+    fusion_in_loss: float = field(default=1.0, metadata={
+        "help": "listwise loss: the label logits plus this times the retrieval log-softmax of the candidates' SASRec "
+                "scores, i.e. the fused score the ranker serves, so the LLM learns what the retriever misses "
+                "(0: the LLM alone; needs retrieval scores in the examples: sft-data --negatives holdout)"})
+    projector_lr: float = field(default=1e-3, metadata={"help": "hybrid prompts: peak learning rate of the item projector"})
+    label_bias: bool = field(default=True, metadata={
+        "help": "listwise loss: learn one additive bias per label letter with the ranker (the base model prefers "
+                "some letters, a position bias the shuffled training orders make it unlearn slowly); serving adds "
+                "it to the label scores (llm/ranker.json label_bias)"})
+    label_bias_lr: float = field(default=3e-2, metadata={"help": "peak learning rate of the label bias"})
 
 
 # -- data -----------------------------------------------------------------------------------------
+
+def load_rows(path: Path, max_tokens: int, loss: str) -> list[dict]:
+    """The examples the loss trains on: with a listwise part, Recommend_Retrieval rows whose target is among
+    the candidates; with the lm loss alone, every row with an answer. Longer than `max_tokens`: left out."""
+    rows = [x for x in read_jsonl(path) if (x.get("target_position") is not None if loss != "lm" else x["answer_ids"])]
+    kept = [r for r in rows if len(r["input_ids"]) + len(r["answer_ids"]) <= max_tokens]
+    if len(kept) < len(rows):
+        log.warning("left out %d of %d examples longer than %d tokens", len(rows) - len(kept), len(rows), max_tokens)
+    if not kept:
+        raise ValueError(f"{path}: no training example for the {loss} loss")
+    return kept
+
+
+def batch_loss(model, rows: list[dict], config: "FinetuneConfig", pad_id: int, items=None, label_bias=None):
+    """The configured loss on one batch of rows (see FinetuneConfig.loss)."""
+    import torch
+
+    total = torch.zeros(())
+    if config.loss in ("lm", "both"):
+        answered = [(r["input_ids"], r["answer_ids"]) for r in rows if r["answer_ids"]]
+        total = total + answer_loss(model, [t.to(config.device) for t in collate(answered, pad_id)], items)
+    if config.loss in ("listwise", "both"):
+        ranked = [r for r in rows if r.get("target_position") is not None]
+        if ranked:
+            weight = config.fusion_in_loss if all(r.get("retrieval_scores") for r in ranked) else 0.0
+            total = total + listwise_loss(label_logits(model, ranked, pad_id, items), ranked, weight, label_bias)
+    return total
+
 
 def load_examples(path: Path, max_tokens: int) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, answer ids) of every example that has an answer and fits `max_tokens`."""
@@ -101,14 +146,63 @@ def collate(rows: list[tuple[list[int], list[int]]], pad_id: int):
     return input_ids, mask, position_ids, targets
 
 
-def answer_loss(model, batch) -> "torch.Tensor":
-    """Mean cross-entropy over answer tokens; logits only for the last A positions."""
+def answer_loss(model, batch, items=None) -> "torch.Tensor":
+    """Mean cross-entropy over answer tokens; logits only for the last A positions. `items`: the projected
+    item table of hybrid prompts (soft-token ids >= the vocabulary), None for text prompts."""
     import torch
 
+    from palr.hybrid import input_embeddings
+
     input_ids, mask, position_ids, targets = batch
-    logits = model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=False,
+    embeds = input_embeddings(_causal_lm(model), input_ids, items)
+    logits = model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, use_cache=False,
                    logits_to_keep=targets.shape[1]).logits  # [B, A, V]
     return torch.nn.functional.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+
+def _causal_lm(model):
+    """The transformers model under a peft wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def left_pad(sequences: list[list[int]], pad_id: int):
+    """input_ids, attention_mask, position_ids `[B, T]`, left-padded so every row ends at the last column."""
+    import torch
+
+    width = max(map(len, sequences))
+    input_ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        input_ids[row, width - len(sequence):] = torch.tensor(sequence)
+        mask[row, width - len(sequence):] = 1
+    return input_ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def label_logits(model, rows: list[dict], pad_id: int, items=None) -> "torch.Tensor":
+    """Next-token logits of each row's candidate labels after its prompt `[B, L]` (fp32): one forward
+    over the prompts (no answer tokens), the LM head applied to the label rows only."""
+    import torch
+
+    from palr.hybrid import input_embeddings
+
+    lm = _causal_lm(model)
+    input_ids, mask, position_ids = left_pad([r["input_ids"] for r in rows], pad_id)
+    embeds = input_embeddings(lm, input_ids, items)
+    hidden = lm.model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
+                      use_cache=False).last_hidden_state[:, -1].float()  # [B, D]
+    labels = torch.tensor([r["label_token_ids"] for r in rows])  # [B, L]
+    return torch.einsum("bd,bld->bl", hidden, lm.get_output_embeddings().weight[labels].float())
+
+
+def listwise_loss(logits, rows: list[dict], fusion_weight: float, label_bias=None) -> "torch.Tensor":
+    """Cross-entropy of the target among the candidates over logits (+ the label bias) + weight *
+    log_softmax(retrieval scores)."""
+    import torch
+
+    fused = logits if label_bias is None else logits + label_bias[:logits.shape[1]]
+    if fusion_weight:
+        fused = logits + fusion_weight * torch.log_softmax(torch.tensor([r["retrieval_scores"] for r in rows]), -1)
+    return torch.nn.functional.cross_entropy(fused, torch.tensor([r["target_position"] for r in rows]))
 
 
 def epoch_order(n: int, epoch: int, seed: int) -> list[int]:
@@ -132,7 +226,10 @@ def lora_model(base_dir: Path, config: FinetuneConfig):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, attn_implementation="sdpa")
+    from palr.llm import keep_first_layers
+
+    model = keep_first_layers(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32,
+                                                                   attn_implementation="sdpa"), config.layers)
     layers = model.config.get_text_config().num_hidden_layers
     top = min(config.top_layers, layers) if config.top_layers > 0 else layers
     lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
@@ -146,16 +243,22 @@ def lora_model(base_dir: Path, config: FinetuneConfig):
     return model
 
 
-def validation_ndcg(model, valid: list[dict], k: int = 10) -> float:
+def validation_ndcg(model, valid: list[dict], pad_id: int = 0, items=None, k: int = 10, batch: int = 8,
+                    label_bias=None) -> float:
     """Score-mode NDCG@k of the LLM alone over validation users (a target not retrieved is a miss)."""
-    from palr.llm import score_labels
+    import torch
+
     from palr.metrics import ndcg
     from palr.ranking import order_by_scores, target_rank
 
     was_training = model.training
     model.eval()
-    ranks = [target_rank(order_by_scores(score_labels(model, x["input_ids"], x["label_token_ids"])),
-                         x["target_position"]) if x["target_position"] is not None else None for x in valid]
+    scores = []
+    with torch.no_grad():
+        for start in range(0, len(valid), batch):
+            logits = label_logits(model, valid[start:start + batch], pad_id, items)
+            scores += (logits if label_bias is None else logits + label_bias[:logits.shape[1]]).tolist()
+    ranks = [target_rank(order_by_scores(s), x["target_position"]) for s, x in zip(scores, valid)]
     model.train(was_training)
     return ndcg(ranks, k)
 
@@ -207,50 +310,99 @@ def _run_fingerprint(bundle: Bundle, config: FinetuneConfig) -> str:
     return fingerprint("finetune", VERSION, settings, bundle.version("llm_base"), bundle.version("sft_data"))
 
 
+def make_projector(bundle: Bundle, meta: dict, hidden: int):
+    """The item projector of hybrid prompts (None for text prompts): frozen SASRec item embeddings of the
+    checkpoint sft-data built the prompts against (`meta["item_tokens"]["table"]`) → the LLM's input space."""
+    if meta["prompt"].get("prompt", "text") == "text":
+        return None
+    from palr.sasrec import SASRec
+    from palr.hybrid import item_projector
+
+    table = meta["item_tokens"]["table"]
+    return item_projector(SASRec.load(bundle.path(table)).item_emb.weight, hidden)
+
+
+def projector_settings(bundle: Bundle, meta: dict) -> dict:
+    table = meta["item_tokens"]["table"]
+    return {"table": table, "table_version": bundle.version(table), "offset": meta["item_tokens"]["offset"],
+            "rows": meta["item_tokens"]["rows"], "prompt": meta["prompt"]["prompt"]}
+
+
 def train(bundle: Bundle, config: FinetuneConfig, run_fp: str) -> dict:
-    """Trains (or resumes) and writes the chosen adapter to llm/lora/; returns the training record."""
+    """Trains (or resumes) and writes the chosen adapter (and item projector) to llm/lora/; returns the
+    training record."""
     import torch
     from transformers import AutoTokenizer, get_cosine_schedule_with_warmup
+
+    from palr.hybrid import WEIGHTS, save_projector
 
     if config.threads:
         torch.set_num_threads(config.threads)
     torch.manual_seed(config.seed)
     sft = bundle.path("sft_data")
-    examples = load_examples(sft / "train.jsonl", config.max_tokens)
+    meta = json.loads((sft / "meta.json").read_text())
+    examples = load_rows(sft / "train.jsonl", config.max_tokens, config.loss)
     valid = [x for x in read_jsonl(sft / "valid.jsonl")][: config.valid_examples] if config.eval_every else []
     tokenizer = AutoTokenizer.from_pretrained(bundle.path("llm_base"))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     steps = config.max_steps or max(1, math.ceil(config.epochs * len(examples) / config.batch_size))
     model = lora_model(bundle.path("llm_base"), config)
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=config.lr,
-                                  weight_decay=config.weight_decay)
+    projector = make_projector(bundle, meta, model.config.get_text_config().hidden_size)
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": config.lr}]
+    label_bias = None
+    if config.label_bias and config.loss != "lm":
+        label_bias = torch.nn.Parameter(torch.zeros(len(meta["prompt"]["label_alphabet"])))
+        groups.append({"params": [label_bias], "lr": config.label_bias_lr})
+    if projector is not None:
+        projector.to(config.device).train()
+        groups.append({"params": list(projector.parameters()), "lr": config.projector_lr})
+    optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, min(config.warmup_steps, steps // 4), steps)
 
     checkpoints = bundle.root / CHECKPOINT_DIR
-    record = {"steps": steps, "examples": len(examples), "batch_size": config.batch_size, "losses": [],
+    record = {"steps": steps, "examples": len(examples), "batch_size": config.batch_size, "loss": config.loss,
+              "layers": model.config.get_text_config().num_hidden_layers,
+              "fusion_in_loss": config.fusion_in_loss, "hybrid": projector is not None, "losses": [],
               "valid_ndcg@10": {}, "best_step": None, "seconds": 0.0}
     start = 0
     if not config.force and (found := latest_checkpoint(checkpoints, run_fp)):
         path, state = found
         restore(path, state, model, optimizer, scheduler)
+        if projector is not None:
+            from safetensors.torch import load_file
+
+            projector.load_state_dict(load_file(str(path / WEIGHTS)))
+        if label_bias is not None:
+            with torch.no_grad():
+                label_bias.copy_(torch.tensor(json.loads((path / LABEL_BIAS).read_text())))
         start, record = state["step"], state["record"]
         log.info("resuming from %s (step %d of %d)", path, start, steps)
     elif config.force:
         shutil.rmtree(checkpoints, ignore_errors=True)
     best_dir = checkpoints / "best"
+    settings = projector_settings(bundle, meta) if projector is not None else {}
+
+    def save_extras(directory: Path) -> None:
+        if projector is not None:
+            save_projector(directory, projector, settings)
+        if label_bias is not None:
+            (directory / LABEL_BIAS).write_text(json.dumps([round(float(b), 6) for b in label_bias.detach()]) + "\n")
+
+    def save_adapter(directory: Path) -> None:
+        model.save_pretrained(directory)
+        save_extras(directory)
 
     def checkpoint(step: int) -> None:
-        save_checkpoint(checkpoints, step, model, optimizer, scheduler,
-                        {"step": step, "record": record, "fingerprint": run_fp})
+        save_extras(save_checkpoint(checkpoints, step, model, optimizer, scheduler,
+                                    {"step": step, "record": record, "fingerprint": run_fp}))
 
     end = min(steps, start + config.stop_after) if config.stop_after else steps
     began = time.perf_counter()
     progress = tqdm(range(start, end), initial=start, total=steps, desc="finetune", unit="step")
     for step in progress:
-        batch = collate([examples[i] for i in batch_indices(len(examples), config.batch_size, step, config.seed)],
-                        pad_id)
-        loss = answer_loss(model, [t.to(config.device) for t in batch])
+        rows = [examples[i] for i in batch_indices(len(examples), config.batch_size, step, config.seed)]
+        loss = batch_loss(model, rows, config, pad_id, projector() if projector is not None else None, label_bias)
         loss.backward()
         optimizer.step()
         scheduler.step()
@@ -259,13 +411,15 @@ def train(bundle: Bundle, config: FinetuneConfig, run_fp: str) -> dict:
         progress.set_postfix(loss=f"{record['losses'][-1]:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
         done = step + 1
         if config.eval_every and (done % config.eval_every == 0 or done == steps):
-            score = validation_ndcg(model, valid)
+            with torch.no_grad():
+                items = projector() if projector is not None else None
+            score = validation_ndcg(model, valid, pad_id, items, label_bias=label_bias)
             record["valid_ndcg@10"][str(done)] = score
             log.info("step %d: loss %.4f, validation NDCG@10 (LLM alone, %d users) %.4f", done,
                      record["losses"][-1], len(valid), score)
             if record["best_step"] is None or score > record["valid_ndcg@10"][str(record["best_step"])]:
                 record["best_step"] = done
-                model.save_pretrained(best_dir)
+                save_adapter(best_dir)
         if (config.save_every and done % config.save_every == 0) or done == end:
             record["seconds"] += time.perf_counter() - began
             began = time.perf_counter()
@@ -281,11 +435,12 @@ def train(bundle: Bundle, config: FinetuneConfig, run_fp: str) -> dict:
         shutil.copytree(best_dir, out)
     else:
         record["best_step"] = steps
-        model.save_pretrained(out)
+        save_adapter(out)
     (out / "training.json").write_text(json.dumps(record, indent=1) + "\n")
     first, last = record["losses"][:10], record["losses"][-10:]
-    log.info("trained %d steps in %.0f s; loss %.3f (first 10) → %.3f (last 10); kept step %d → %s", steps,
-             record["seconds"], sum(first) / len(first), sum(last) / len(last), record["best_step"], out)
+    log.info("trained %d steps (%s loss%s) in %.0f s; loss %.3f (first 10) → %.3f (last 10); kept step %d → %s",
+             steps, config.loss, ", hybrid prompts" if projector is not None else "", record["seconds"],
+             sum(first) / len(first), sum(last) / len(last), record["best_step"], out)
     return record
 
 
@@ -302,7 +457,8 @@ def run(config: FinetuneConfig) -> Path | None:
         return None
     bundle.add_artifact("lora", LORA_DIR, steps=record["steps"], best_step=record["best_step"],
                         rank=config.rank, alpha=config.alpha, target_modules=list(config.target_modules),
-                        top_layers=config.top_layers)
+                        top_layers=config.top_layers, layers=config.layers, loss=config.loss,
+                        fusion_in_loss=config.fusion_in_loss)
     bundle.record_step("finetune", run_fp, time.perf_counter() - started, config=config_record(config),
                        train_seconds=round(record["seconds"], 1))
     bundle.save()

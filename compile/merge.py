@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 MERGED_DIR = "llm/merged"
 RANKER_FILE = "llm/ranker.json"
 GENERATE_FORMATS = ("titles", "labels")
-VERSION = 2  # 2: fusion grid up to 1000
+VERSION = 3  # 2: fusion grid up to 1000; 3: item projector folded into the vocabulary
 
 
 @dataclass
@@ -46,26 +46,44 @@ class MergeConfig:
         "help": "max |logit difference| allowed between the merged and the adapter model"})
     fusion_users: int = field(default=300, metadata={
         "help": "validation users the fusion weight is fit on (0 = no fusion: weight 0)"})
-    generate_format: str = field(default="titles", metadata={
-        "help": "what generate mode writes per line", "choices": GENERATE_FORMATS})
+    generate_format: str = field(default="labels", metadata={
+        "help": "what generate mode writes per line: labels (one label token per candidate: the listwise ranker "
+                "was trained at the label) or titles (a label, then that candidate's title, PALR-style)",
+        "choices": GENERATE_FORMATS})
     generate_k: int = field(default=10, metadata={"help": "lines generate mode writes (items it ranks)"})
     force: bool = field(default=False, metadata={"help": "redo the step even if its inputs are unchanged"})
 
 
-def merge(base_dir: Path, lora_dir: Path, out: Path, probe_ids: list[int], tolerance: float) -> float:
-    """Merges, saves model + tokenizer to `out`; returns max |merged - adapter| logits on `probe_ids`."""
+def merge(base_dir: Path, lora_dir: Path, out: Path, probe_ids: list[int], tolerance: float, layers: int = 0) -> float:
+    """Merges, saves model + tokenizer to `out`; returns max |merged - adapter| logits on `probe_ids`.
+
+    With an item projector in `lora_dir` (hybrid prompts), its output for every item is folded into the
+    merged model's input embeddings as extra vocabulary rows (palr/hybrid.py), so the merged checkpoint
+    takes hybrid prompts as plain token ids; the check runs the adapter model on projected embeddings."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    from palr.hybrid import WEIGHTS, fold_into_vocabulary, input_embeddings, load_projector, read_settings
+
+    from palr.llm import keep_first_layers
+
+    base = keep_first_layers(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), layers)
+    vocab = base.get_input_embeddings().num_embeddings
+    projector = load_projector(lora_dir, base.config.get_text_config().hidden_size) \
+        if (lora_dir / WEIGHTS).is_file() else None
     model = PeftModel.from_pretrained(base, lora_dir).eval()
     ids = torch.tensor([probe_ids])  # [1, T]
     with torch.inference_mode():
-        adapter_logits = model(input_ids=ids).logits  # [1, T, V]
+        items = projector() if projector is not None else None
+        adapter_logits = model(inputs_embeds=input_embeddings(base, ids, items)).logits[..., :vocab]  # [1, T, V]
     merged = model.merge_and_unload().eval()
+    if projector is not None:
+        settings = read_settings(lora_dir)
+        size = fold_into_vocabulary(merged, projector, int(settings["offset"]))
+        log.info("folded %d projected item embeddings into the vocabulary (%d -> %d ids)", size - vocab, vocab, size)
     with torch.inference_mode():
-        diff = float((merged(input_ids=ids).logits - adapter_logits).abs().max())
+        diff = float((merged(input_ids=ids).logits[..., :vocab] - adapter_logits).abs().max())
     log.info("merged vs adapter logits over %d tokens: max |diff| = %.3g (tolerance %.3g)", len(probe_ids), diff,
              tolerance)
     if diff > tolerance:
@@ -76,7 +94,7 @@ def merge(base_dir: Path, lora_dir: Path, out: Path, probe_ids: list[int], toler
     return diff
 
 
-def fit_fusion(model_dir: Path, valid: list[dict]) -> tuple[float, dict]:
+def fit_fusion(model_dir: Path, valid: list[dict], bias: list[float] | None = None) -> tuple[float, dict]:
     """Score-mode LLM log-probs on validation users → the NDCG@10-best retrieval weight, and what the
     validation users say about it (retrieval order, LLM alone, fused, by weight)."""
     from palr.llm import compute_prefix, load_causal_lm, score_labels
@@ -88,13 +106,36 @@ def fit_fusion(model_dir: Path, valid: list[dict]) -> tuple[float, dict]:
     llm = [score_labels(model, x["input_ids"], x["label_token_ids"], prefix=prefix)
            for x in tqdm(valid, desc="fusion (validation)", unit="user")]
     targets = [x["target_position"] for x in valid]
-    weight, curve = fit_fusion_weight(llm, [x["retrieval_scores"] for x in valid], targets)
+    weight, curve = fit_fusion_weight(llm, [x["retrieval_scores"] for x in valid], targets, label_bias=bias)
     retrieval = ndcg([target_rank(range(len(x["candidates"])), t) for x, t in zip(valid, targets)], 10)
     log.info("fusion weight %.2f fit on %d validation users: NDCG@10 retrieval %.4f, LLM alone %.4f, fused %.4f; "
              "by weight: %s", weight, len(valid), retrieval, curve[0.0], curve[weight],
              ", ".join(f"{w:g}: {v:.4f}" for w, v in curve.items()))
     return weight, {"users": len(valid), "retrieval_ndcg@10": retrieval, "llm_ndcg@10": curve[0.0],
                     "fused_ndcg@10": curve[weight], "ndcg@10_by_weight": {str(w): v for w, v in curve.items()}}
+
+
+def keep_projector(bundle: Bundle) -> None:
+    """The trained item projector (hybrid prompts) as its own artifact, llm/projector/: its weights, the
+    frozen SASRec table they read and that table's version; the merged model already holds its output."""
+    from palr.hybrid import PROJECTOR_DIR, SETTINGS, WEIGHTS, read_settings
+
+    lora = bundle.path("lora")
+    target = bundle.root / PROJECTOR_DIR
+    shutil.rmtree(target, ignore_errors=True)
+    if not (lora / WEIGHTS).is_file():
+        bundle.manifest.artifacts.pop("projector", None)
+        return
+    target.mkdir(parents=True)
+    for name in (WEIGHTS, SETTINGS):
+        shutil.copy2(lora / name, target / name)
+    bundle.add_artifact("projector", PROJECTOR_DIR, **read_settings(target))
+
+
+def label_bias(bundle: Bundle, k: int) -> list[float] | None:
+    """The per-label bias finetune learned (llm/lora/label_bias.json), for the K labels; None without one."""
+    path = bundle.path("lora") / "label_bias.json"
+    return json.loads(path.read_text())[:k] if path.is_file() else None
 
 
 def ranker_record(bundle: Bundle, config: MergeConfig, weight: float, validation: dict) -> dict:
@@ -104,7 +145,9 @@ def ranker_record(bundle: Bundle, config: MergeConfig, weight: float, validation
 
     meta = json.loads((bundle.path("sft_data") / "meta.json").read_text())
     settings = PromptSettings.from_dict(meta["prompt"])
-    prompt = PalrPrompt(AutoTokenizer.from_pretrained(bundle.path("llm_base")), settings)
+    # labels are text tokens whatever the prompt: a text prompt of the same settings gives their ids
+    prompt = PalrPrompt(AutoTokenizer.from_pretrained(bundle.path("llm_base")),
+                        PromptSettings.from_dict({**meta["prompt"], "prompt": "text"}))
     k = meta["candidates"]
     if not 1 <= config.generate_k <= k:
         raise ValueError(f"--generate-k {config.generate_k} must be between 1 and the candidate count {k}")
@@ -118,6 +161,8 @@ def ranker_record(bundle: Bundle, config: MergeConfig, weight: float, validation
         "generate_format": config.generate_format,
         "generate_k": config.generate_k,
         "profile_method": meta["profile_method"],
+        "item_tokens": meta.get("item_tokens") if settings.prompt != "text" else None,
+        "label_bias": label_bias(bundle, k),
         "lora": bundle.version("lora"),
     }
 
@@ -133,10 +178,14 @@ def run(config: MergeConfig) -> Path:
         return out
     started = time.perf_counter()
     valid = read_jsonl(bundle.path("sft_data") / "valid.jsonl")
-    diff = merge(bundle.path("llm_base"), bundle.path("lora"), out, valid[0]["input_ids"], config.tolerance)
+    diff = merge(bundle.path("llm_base"), bundle.path("lora"), out, valid[0]["input_ids"], config.tolerance,
+                 int(bundle.artifact("lora").get("layers") or 0))
     bundle.add_artifact("llm_merged", MERGED_DIR, dtype="float32", merge_max_abs_diff=diff)
+    keep_projector(bundle)
     fusion_valid = valid[: config.fusion_users]
-    weight, validation = fit_fusion(out, fusion_valid) if fusion_valid else (0.0, {})
+    meta = json.loads((bundle.path("sft_data") / "meta.json").read_text())
+    bias = label_bias(bundle, meta["candidates"])
+    weight, validation = fit_fusion(out, fusion_valid, bias) if fusion_valid else (0.0, {})
     ranker = ranker_record(bundle, config, weight, validation)
     ranker_path = bundle.root / RANKER_FILE
     ranker_path.write_text(json.dumps(ranker, indent=2) + "\n")

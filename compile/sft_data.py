@@ -36,7 +36,7 @@ from palr.prompt import RECOMMEND, RETRIEVAL, PalrPrompt, PromptSettings
 log = logging.getLogger(__name__)
 
 SFT_DIR = "llm/sft"
-VERSION = 2
+VERSION = 3  # 3: held-out SASRec negatives, hybrid prompts, retrieval scores of training examples
 
 
 @dataclass
@@ -44,7 +44,19 @@ class SftDataConfig(PromptSettings):
     bundle: Path = field(default=Path("bundle"), metadata={"help": "bundle directory"})
     data: Path = field(default=Path("data/ml-100k"), metadata={"help": "dataset directory the bundle was built from"})
     candidates: int = field(default=20, metadata={"help": "K: SASRec candidates per Recommend_Retrieval prompt"})
-    retrieval_per_user: int = field(default=2, metadata={"help": "Recommend_Retrieval examples per user"})
+    negatives: str = field(default="holdout", metadata={
+        "help": "where training candidates come from: holdout (a SASRec trained without each user's last "
+                "--holdout-items training items ranks those positions as the served one ranks test users; only "
+                "examples whose target it retrieved, in its top-K; see compile/holdout.py) or sasrec (the bundle's "
+                "SASRec on training prefixes it was trained on, the target put in when missing)",
+        "choices": ("holdout", "sasrec")})
+    holdout_items: int = field(default=8, metadata={
+        "help": "holdout: training items held out per user (each one a cut point)"})
+    holdout_epochs: int = field(default=0, metadata={
+        "help": "holdout: epochs of the held-out SASRec (0 = the bundle SASRec's best epoch)"})
+    threads: int = field(default=0, metadata={"help": "torch threads for the held-out SASRec (0 = torch's default)"})
+    retrieval_per_user: int = field(default=2, metadata={
+        "help": "sasrec negatives: Recommend_Retrieval examples per user (sampled cut points)"})
     orders_per_example: int = field(default=1, metadata={
         "help": "shuffled candidate orders per Recommend_Retrieval example (order augmentation)"})
     recommend_per_user: int = field(default=0, metadata={"help": "Recommend examples per user"})
@@ -116,6 +128,42 @@ def retrieval_examples(prompt: PalrPrompt, catalog: Catalog, cuts: list[Cut], re
     return examples
 
 
+def holdout_cuts(corpus: Corpus, users: list[str], items: int) -> list[Cut]:
+    """Every held-out position: the last `items` training items of each user, each with its prefix."""
+    cuts = []
+    for user in users:
+        train = corpus.split.train[user]
+        held_out = [corpus.split.valid[user], corpus.split.test[user]]
+        cuts += [Cut(user, train[:t], train[t], train[t + 1:], held_out) for t in range(len(train) - items, len(train))]
+    return cuts
+
+
+def holdout_retrieve(model, catalog: Catalog, cuts: list[Cut], k: int) -> list[tuple[list[str], list[float]]]:
+    """The held-out SASRec's top-k (item ids, scores) per cut, its history and later items excluded."""
+    from compile.holdout import top_k
+
+    indices, scores = top_k(model, [catalog.indices(c.history) for c in cuts],
+                            [catalog.indices(c.history + c.later) for c in cuts], k)
+    return [([catalog.item(int(i)).id for i in row], [float(s) for s in row_scores])
+            for row, row_scores in zip(indices, scores)]
+
+
+def natural_examples(prompt: PalrPrompt, catalog: Catalog, cuts: list[Cut], retrieved, profiles: list[str],
+                     orders: int, rng: random.Random) -> list[dict]:
+    """Training Recommend_Retrieval from the held-out SASRec: only cuts whose target it retrieved, its
+    candidates as they are (none put in: an inserted target would be the one the retriever scored lowest,
+    which a ranker would learn), order shuffled with the retrieval scores kept alongside (for the fused loss)."""
+    examples = []
+    for cut, (ids, scores), profile in zip(cuts, retrieved, profiles):
+        if cut.target not in ids:
+            continue
+        for _ in range(orders):
+            order = rng.sample(range(len(ids)), len(ids))
+            examples.append(_retrieval_example(prompt, catalog, cut, [ids[j] for j in order],
+                                               [scores[j] for j in order], profile))
+    return examples
+
+
 def _retrieval_example(prompt: PalrPrompt, catalog: Catalog, cut: Cut, candidates: list[str],
                        scores: list[float] | None, profile: str) -> dict:
     position = candidates.index(cut.target) if cut.target in candidates else None
@@ -172,14 +220,20 @@ def profile_source(bundle: Bundle, catalog: Catalog):
     return profiler(bundle, catalog, ProfilesConfig(bundle=bundle.root, method=chosen.method, **chosen.settings))
 
 
-def run(config: SftDataConfig) -> Path:
-    from transformers import AutoTokenizer
+def item_table_artifact(config: SftDataConfig) -> str:
+    """The SASRec checkpoint whose item embeddings hybrid prompts carry (and training candidates come from)."""
+    return "sasrec_holdout" if config.negatives == "holdout" else "sasrec_torch"
 
+
+def run(config: SftDataConfig) -> Path:
+    from transformers import AutoConfig, AutoTokenizer
+
+    from palr.hybrid import ItemTokens
     from palr.sasrec_onnx import SasrecOnnx
 
     bundle = Bundle.open(config.bundle)
-    inputs = ["catalog", "users", "sasrec_onnx", "profiles", "llm_base"]
-    step_fp = fingerprint("sft-data", VERSION, config_record(config) | {"force": None, "bundle": None},
+    inputs = ["catalog", "users", "sasrec_onnx", "sasrec_torch", "profiles", "llm_base"]
+    step_fp = fingerprint("sft-data", VERSION, config_record(config) | {"force": None, "bundle": None, "threads": None},
                           [bundle.version(name) for name in inputs])
     out = bundle.root / SFT_DIR
     if not config.force and bundle.step_is_current("sft-data", step_fp, ["sft_data"]):
@@ -188,7 +242,15 @@ def run(config: SftDataConfig) -> Path:
     started = time.perf_counter()
     corpus = load_corpus(bundle, config.data)
     catalog = Catalog.load(bundle.path("catalog"))
-    prompt = PalrPrompt(AutoTokenizer.from_pretrained(bundle.path("llm_base")), config.prompt_settings())
+    holdout = None
+    if config.negatives == "holdout":
+        from compile.holdout import train_holdout
+
+        holdout = train_holdout(bundle, corpus, config.holdout_items, config.holdout_epochs, config.threads)
+    vocab = AutoConfig.from_pretrained(bundle.path("llm_base")).get_text_config().vocab_size
+    item_tokens = ItemTokens.for_catalog(vocab, [item.id for item in catalog.items])
+    prompt = PalrPrompt(AutoTokenizer.from_pretrained(bundle.path("llm_base")), config.prompt_settings(),
+                        item_tokens if config.prompt != "text" else None)
     prompt.label_token_ids(config.candidates)  # fails clearly now if K candidates cannot be labelled
     sasrec = SasrecOnnx.from_bundle(bundle)
     profile = profile_source(bundle, catalog)
@@ -196,11 +258,19 @@ def run(config: SftDataConfig) -> Path:
 
     users = sorted(corpus.split.train)
     users = sorted(rng.sample(users, config.users)) if 0 < config.users < len(users) else users
-    cuts = training_cuts(corpus, users, config.retrieval_per_user, config, rng)
+    if holdout is not None:
+        cuts = holdout_cuts(corpus, users, config.holdout_items)
+    else:
+        cuts = training_cuts(corpus, users, config.retrieval_per_user, config, rng)
     rec_cuts = training_cuts(corpus, users, config.recommend_per_user, config, rng)
     profiles = profile([[catalog.by_id(i) for i in c.history] for c in cuts + rec_cuts], progress="profiles (train)")
-    train = retrieval_examples(prompt, catalog, cuts, retrieve(sasrec, catalog, cuts, config.candidates),
-                               profiles[:len(cuts)], config.orders_per_example, rng)
+    if holdout is not None:
+        train = natural_examples(prompt, catalog, cuts, holdout_retrieve(holdout, catalog, cuts, config.candidates),
+                                 profiles[:len(cuts)], config.orders_per_example, rng)
+    else:
+        train = retrieval_examples(prompt, catalog, cuts, retrieve(sasrec, catalog, cuts, config.candidates),
+                                   profiles[:len(cuts)], config.orders_per_example, rng)
+    retrieval_cuts = len(cuts)
     train += recommend_examples(prompt, catalog, rec_cuts, profiles[len(cuts):], config.recommend_next)
     rng.shuffle(train)
 
@@ -215,17 +285,22 @@ def run(config: SftDataConfig) -> Path:
     write_jsonl(out / "train.jsonl", train)
     write_jsonl(out / "valid.jsonl", valid)
     lengths = sorted(len(x["input_ids"]) + len(x["answer_ids"]) for x in train)
+    tasks = {task: sum(x["task"] == task for x in train) for task in (RETRIEVAL, RECOMMEND)}
     meta = {"prompt": prompt.settings.to_dict(), "candidates": config.candidates,
             "profile_method": Profiles.load(bundle.path("profiles")).method,
-            "train_examples": len(train), "valid_examples": len(valid),
-            "tasks": {task: sum(x["task"] == task for x in train) for task in (RETRIEVAL, RECOMMEND)},
+            "negatives": config.negatives, "retrieval_cuts": retrieval_cuts,
+            "target_retrieved_rate": round(tasks[RETRIEVAL] / max(1, retrieval_cuts * config.orders_per_example), 4),
+            "item_tokens": {"offset": vocab, "rows": len(catalog) + 1, "table": item_table_artifact(config),
+                            "table_version": bundle.version(item_table_artifact(config))},
+            "train_examples": len(train), "valid_examples": len(valid), "tasks": tasks,
             "train_tokens": sum(lengths), "median_tokens": lengths[len(lengths) // 2] if lengths else 0,
             "valid_target_retrieved": sum(x["target_position"] is not None for x in valid)}
     (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
     bundle.add_artifact("sft_data", SFT_DIR, **{k: v for k, v in meta.items() if k != "prompt"})
     bundle.record_step("sft-data", step_fp, time.perf_counter() - started, config=config_record(config))
     bundle.save()
-    log.info("SFT data: %d train examples (%s, %d tokens, median %d), %d valid (%d with the target retrieved) "
-             "in %.1f s → %s", len(train), meta["tasks"], meta["train_tokens"], meta["median_tokens"], len(valid),
-             meta["valid_target_retrieved"], time.perf_counter() - started, out)
+    log.info("SFT data (%s negatives, %s prompt): %d train examples (%s; %d of %d cuts had the target retrieved; "
+             "%d tokens, median %d), %d valid (%d with the target retrieved) in %.1f s → %s", config.negatives,
+             config.prompt, len(train), tasks, tasks[RETRIEVAL], retrieval_cuts, meta["train_tokens"],
+             meta["median_tokens"], len(valid), meta["valid_target_retrieved"], time.perf_counter() - started, out)
     return out

@@ -47,6 +47,21 @@ def load_causal_lm(path: str | Path, device: str = "cpu", dtype: torch.dtype | N
     return model, tokenizer
 
 
+def keep_first_layers(model, layers: int):
+    """The model with only its first `layers` decoder layers (0 or all: unchanged), in place; the final
+    norm and the LM head stay. A ranker read at the label logits need not run all of a chat model's
+    layers (each layer is ~1/30 of SmolLM2's compute): `compile finetune --layers N` measures it."""
+    text = model.config.get_text_config()
+    if not layers or layers >= text.num_hidden_layers:
+        return model
+    decoder = model.get_decoder()
+    decoder.layers = decoder.layers[:layers]
+    text.num_hidden_layers = layers
+    if getattr(text, "layer_types", None):
+        text.layer_types = text.layer_types[:layers]
+    return model
+
+
 def model_device(model) -> torch.device:
     return next(model.parameters()).device
 

@@ -54,3 +54,27 @@ def summary(ranks: Sequence[Rank], ks: Sequence[int] = (10, 20), prefix: str = "
         out[f"{prefix}ndcg@{k}"] = ndcg(ranks, k)
     out[f"{prefix}mrr@{min(ks)}"] = mrr(ranks, min(ks))
     return out
+
+
+def per_user_ndcg(ranks: Sequence[Rank], k: int) -> list[float]:
+    """Each user's NDCG@k (1 / log2(rank + 2) inside the top k, else 0)."""
+    return [1.0 / math.log2(r + 2) if _hit(r, k) else 0.0 for r in ranks]
+
+
+def paired_bootstrap_ratio(numerator: Sequence[float], denominator: Sequence[float], samples: int = 2000,
+                           seed: int = 0, level: float = 0.95) -> dict[str, float]:
+    """mean(numerator) / mean(denominator) over the same users, with a paired bootstrap interval: users are
+    resampled with replacement (the same draw for both sides) `samples` times; the interval is the
+    percentile interval of the resampled ratios."""
+    import numpy as np
+
+    a, b = np.asarray(numerator, dtype=float), np.asarray(denominator, dtype=float)
+    if a.shape != b.shape or not a.size:
+        raise ValueError(f"paired samples of equal, non-zero size needed, got {a.shape} and {b.shape}")
+    draws = np.random.default_rng(seed).integers(0, a.size, size=(samples, a.size))
+    top, bottom = a[draws].mean(axis=1), b[draws].mean(axis=1)
+    ratios = np.divide(top, bottom, out=np.full(samples, np.nan), where=bottom > 0)
+    tail = (1 - level) / 2 * 100
+    lo, hi = np.nanpercentile(ratios, [tail, 100 - tail])
+    return {"ratio": float(a.mean() / b.mean()) if b.mean() > 0 else float("nan"), "low": float(lo), "high": float(hi),
+            "users": int(a.size), "samples": samples, "level": level}

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field, fields
 RECOMMEND = "recommend"  # history → the next item titles (training only)
 RETRIEVAL = "retrieval"  # history + candidates → the label of the next item (training and serving)
 TASKS = (RECOMMEND, RETRIEVAL)
+PROMPTS = ("text", "hybrid", "ids")
 
 SYSTEM = "You are a movie recommender."
 INSTRUCTIONS = {
@@ -62,6 +63,9 @@ class PromptSettings:
     label_prefix: str = field(default=" ", metadata={"help": "text before each label letter"})
     label_alphabet: str = field(default="ABCDEFGHIJKLMNOPQRSTUVWXYZ", metadata={
         "help": "label letters; the candidate count is at most their number"})
+    prompt: str = field(default="text", metadata={
+        "help": "how items appear: text (title), hybrid (title + a soft token carrying its SASRec embedding, "
+                "RSLLM) or ids (the soft token alone); see palr/hybrid.py", "choices": ("text", "hybrid", "ids")})
 
     def to_dict(self) -> dict:
         """Only the prompt's own fields (a step config that extends this class carries more)."""
@@ -92,20 +96,29 @@ class PromptParts:
 
 @dataclass(frozen=True)
 class Title:
-    """What the prompt shows of an item: its title and (optionally shown) year."""
+    """What the prompt shows of an item: its title and (optionally shown) year; `id` finds its soft token."""
 
     title: str
     year: str = ""
+    id: str = ""
 
 
 class PalrPrompt:
     """Builds PALR prompts for one tokenizer and one `PromptSettings`.
 
-    Labels are checked once, here: each must be exactly one token, or building fails clearly."""
+    Labels are checked once, here: each must be exactly one token, or building fails clearly.
+    Hybrid prompts (`settings.prompt` hybrid or ids) need `item_tokens`: each item's soft-token id
+    (`palr.hybrid.ItemTokens`); an item without one is shown by its title alone."""
 
-    def __init__(self, tokenizer, settings: PromptSettings | None = None):
+    def __init__(self, tokenizer, settings: PromptSettings | None = None, item_tokens=None):
         self.tokenizer = tokenizer
         self.settings = PromptSettings.from_dict((settings or PromptSettings()).to_dict())
+        if self.settings.prompt not in PROMPTS:
+            raise PromptError(f"prompt must be one of {PROMPTS}, got {self.settings.prompt!r}")
+        if self.settings.prompt != "text" and item_tokens is None:
+            raise PromptError(f"a {self.settings.prompt} prompt needs the items' soft tokens (the bundle's "
+                              f"llm/projector; palr.hybrid.ItemTokens)")
+        self.item_tokens = item_tokens if self.settings.prompt != "text" else None
         self._labels = self._single_token_labels()
         self._head, self._tail = self._frame()
         self._newline = self._ids("\n")
@@ -169,6 +182,16 @@ class PalrPrompt:
             ids += self._ids(f" ({year})")
         return tuple(ids)
 
+    def item_ids(self, item: Title, with_year: bool) -> list[int]:
+        """How the prompt shows an item: its title (and year), then its soft token in hybrid prompts; in
+        ids prompts the soft token alone (the title when the item has none)."""
+        soft = self.item_tokens.token(getattr(item, "id", "")) if self.item_tokens else None
+        if soft is None:
+            return list(self._title_ids(item.title, item.year, with_year))
+        if self.settings.prompt == "ids":
+            return [soft]
+        return list(self._title_ids(item.title, item.year, with_year)) + [soft]
+
     def title_line_ids(self, item: Title) -> list[int]:
         """A candidate's line after its label: " Title\\n" (the unit generate mode writes)."""
         return list(self._title_ids(item.title, item.year, self.settings.candidate_years)) + self._newline
@@ -182,7 +205,7 @@ class PalrPrompt:
         recent = list(history)[-self.settings.history_items:] if self.settings.history_items > 0 else []
         ids += self._ids("Watched:")
         for i, item in enumerate(recent):
-            ids += (self._ids(";") if i else []) + list(self._title_ids(item.title, item.year, self.settings.history_years))
+            ids += (self._ids(";") if i else []) + self.item_ids(item, self.settings.history_years)
         return ids + self._newline
 
     def retrieval(self, profile: str, history: Sequence[Title], candidates: Sequence[Title]) -> PromptParts:
@@ -190,8 +213,8 @@ class PalrPrompt:
         labels = self.label_token_ids(len(candidates))
         lines = [self.title_line_ids(c) for c in candidates]
         suffix = self._context_ids(profile, history) + self._ids("Candidates:") + self._newline
-        for label, line in zip(labels, lines):
-            suffix += [label] + line
+        for label, item in zip(labels, candidates):
+            suffix += [label] + self.item_ids(item, self.settings.candidate_years) + self._newline
         suffix += self._ids(self._tail)
         return PromptParts(self.prefix_ids(RETRIEVAL), suffix, labels, lines)
 

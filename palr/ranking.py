@@ -35,19 +35,34 @@ def log_softmax(values: Sequence[float]) -> list[float]:
     return [v - log_norm if math.isfinite(v) else -math.inf for v in values]
 
 
-def generation_bias(retrieval_scores: Sequence[float], weight: float) -> list[float] | None:
-    """The per-candidate additive logit that fuses retrieval into LLM decoding; None when weight is 0."""
-    if weight == 0:
+def generation_bias(retrieval_scores: Sequence[float], weight: float,
+                    label_bias: Sequence[float] | None = None) -> list[float] | None:
+    """The per-candidate additive logit that fuses retrieval into LLM decoding (plus the ranker's learned
+    per-label bias, which removes the LLM's preference for some label letters); None when both are 0."""
+    n = len(retrieval_scores)
+    if weight == 0 and not label_bias:
         return None
-    return [weight * v for v in log_softmax(retrieval_scores)]
+    retrieval = log_softmax(retrieval_scores) if weight else [0.0] * n
+    labels = list(label_bias[:n]) if label_bias else [0.0] * n
+    if len(labels) < n:
+        raise ValueError(f"label_bias has {len(labels)} values for {n} candidates")
+    return [weight * r + b for r, b in zip(retrieval, labels)]
 
 
-def fuse(llm_scores: Sequence[float], retrieval_scores: Sequence[float], weight: float) -> list[float]:
-    """One fused score per candidate (candidate order)."""
+def fuse(llm_scores: Sequence[float], retrieval_scores: Sequence[float], weight: float,
+         label_bias: Sequence[float] | None = None) -> list[float]:
+    """One fused score per candidate (candidate order): LLM + label bias + weight * retrieval log-softmax."""
     if len(llm_scores) != len(retrieval_scores):
         raise ValueError(f"{len(llm_scores)} LLM scores for {len(retrieval_scores)} candidates")
-    bias = generation_bias(retrieval_scores, weight) or [0.0] * len(llm_scores)
+    bias = generation_bias(retrieval_scores, weight, label_bias) or [0.0] * len(llm_scores)
     return [s + b for s, b in zip(llm_scores, bias)]
+
+
+def calibrated(llm_scores: Sequence[float], label_bias: Sequence[float] | None) -> list[float]:
+    """The LLM's own scores with the learned label bias added: "the LLM alone" (fusion weight 0)."""
+    if not label_bias:
+        return list(llm_scores)
+    return [s + b for s, b in zip(llm_scores, label_bias)]
 
 
 def order_by_scores(scores: Sequence[float]) -> list[int]:
@@ -68,13 +83,14 @@ def target_rank(order: Sequence[int], target_position: int | None) -> Rank:
 
 def fit_fusion_weight(llm_scores: Sequence[Sequence[float]], retrieval_scores: Sequence[Sequence[float]],
                       target_positions: Sequence[int | None], k: int = 10,
-                      grid: Sequence[float] = FUSION_GRID) -> tuple[float, dict[float, float]]:
+                      grid: Sequence[float] = FUSION_GRID,
+                      label_bias: Sequence[float] | None = None) -> tuple[float, dict[float, float]]:
     """The grid weight with the best NDCG@k over (validation) users; ties go to the smaller weight.
 
     Returns (weight, {weight: ndcg}). A target that was not retrieved is a miss for every weight."""
     curve = {}
     for weight in grid:
-        ranks = [target_rank(order_by_scores(fuse(s, r, weight)), t)
+        ranks = [target_rank(order_by_scores(fuse(s, r, weight, label_bias)), t)
                  for s, r, t in zip(llm_scores, retrieval_scores, target_positions)]
         curve[weight] = ndcg(ranks, k)
     best = max(grid, key=lambda w: (curve[w], -w))

@@ -19,8 +19,8 @@ import grpc
 
 from palr.catalog import Catalog, Item
 from palr.decoding import answer_constraint
+from palr.hybrid import ranker_prompt
 from palr.profiles import StatsProfiler
-from palr.prompt import PalrPrompt, PromptSettings
 from palr.ranking import complete_order, fuse, generation_bias, order_by_scores
 from palr.serving.errors import RequestError
 from ranking_server.engines.base import EngineRequest, EngineResult
@@ -31,8 +31,9 @@ class PromptBuilder:
     """Builds PALR prompts as training did (`llm/ranker.json`) and turns answers into rankings."""
 
     def __init__(self, tokenizer, ranker: dict, catalog: Catalog, stored_profiles: dict[str, str]):
-        self.prompt = PalrPrompt(tokenizer, PromptSettings.from_dict(ranker["prompt"]))
+        self.prompt = ranker_prompt(tokenizer, ranker, catalog)
         self.fusion_weight = float(ranker["fusion_weight"])
+        self.label_bias = ranker.get("label_bias")  # the ranker's learned per-label bias (None: none)
         self.generate_format = ranker["generate_format"]
         self.catalog = catalog
         self.stored_profiles = stored_profiles
@@ -64,7 +65,7 @@ class PromptBuilder:
         if plan.mode == "score":
             return EngineRequest(engine_id, parts.prefix_ids, parts.suffix_ids, parts.label_token_ids, "score", k)
         return EngineRequest(engine_id, parts.prefix_ids, parts.suffix_ids, parts.label_token_ids, "generate", k,
-                             bias=generation_bias(retrieval_scores, self.fusion_weight),
+                             bias=generation_bias(retrieval_scores, self.fusion_weight, self.label_bias),
                              constraint=functools.partial(answer_constraint, self.generate_format, parts.label_token_ids,
                                                           parts.candidate_line_ids, k))
 
@@ -72,7 +73,7 @@ class PromptBuilder:
         """(candidate position, score) for the top k. Score mode: LLM label log-prob fused with the
         retrieval score. Generate mode: the model's order; score 1 / (rank + 1) (it names, not scores)."""
         if result.mode == "score":
-            fused = fuse(result.scores, retrieval_scores, self.fusion_weight)
+            fused = fuse(result.scores, retrieval_scores, self.fusion_weight, self.label_bias)
             return [(position, fused[position]) for position in order_by_scores(fused)[:k]]
         order = complete_order(result.order, len(retrieval_scores))[:k]
         return [(position, 1.0 / (rank + 1)) for rank, position in enumerate(order)]

@@ -43,7 +43,9 @@ def test_loss_goes_down_on_a_tiny_run(bundle_copy):
     """Four examples, one batch: the loss must fall. (The tiny random Llama's logits span only about
     ±1.3, so its cross-entropy cannot fall far below ln(vocab) ≈ 10.8; 0.1 is a clear drop.)"""
     train = bundle_copy / "llm" / "sft" / "train.jsonl"
-    train.write_text("".join(train.read_text().splitlines(keepends=True)[:4]))
+    ranked = [line for line in train.read_text().splitlines(keepends=True)
+              if json.loads(line).get("target_position") is not None]  # what the listwise loss trains on
+    train.write_text("".join(ranked[:4]))
     run(FinetuneConfig(bundle=bundle_copy, max_steps=12, batch_size=4, lr=2e-2, warmup_steps=0, save_every=0,
                        force=True, rank=16, alpha=32))
     losses = json.loads((bundle_copy / "llm" / "lora" / "training.json").read_text())["losses"]
@@ -70,3 +72,36 @@ def test_resume_continues_exactly_from_the_checkpoint(bundle_copy, tmp_path):
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def test_listwise_loss_is_the_cross_entropy_of_the_target_over_fused_label_logits(tiny_llama_dir):
+    """label_logits = the LM head's label rows at the prompt's last position (by hand: one prompt at a
+    time, full logits); listwise_loss = -log softmax(logits + w · log_softmax(retrieval scores))[target]."""
+    import math
+    import random
+
+    from transformers import AutoModelForCausalLM
+
+    from compile.finetune import label_logits, listwise_loss
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    rng = random.Random(0)
+    labels = list(range(330, 335))
+    rows = [{"input_ids": [rng.randrange(100, 40000) for _ in range(n)], "label_token_ids": labels,
+             "retrieval_scores": sorted((rng.uniform(-2, 5) for _ in labels), reverse=True),
+             "target_position": rng.randrange(len(labels))} for n in (3, 11, 7)]  # different lengths: padding
+    with torch.no_grad():
+        batched = label_logits(model, rows, pad_id=0)
+        loss = float(listwise_loss(batched, rows, fusion_weight=0.7))
+    by_hand = []
+    for i, row in enumerate(rows):
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([row["input_ids"]])).logits[0, -1]  # [V]
+        label_logit = [float(logits[t]) for t in labels]
+        assert batched[i].tolist() == pytest.approx(label_logit, abs=1e-4)
+        scores = row["retrieval_scores"]
+        log_norm = max(scores) + math.log(sum(math.exp(s - max(scores)) for s in scores))
+        fused = [x + 0.7 * (s - log_norm) for x, s in zip(label_logit, scores)]
+        top = max(fused)
+        by_hand.append(-(fused[row["target_position"]] - top - math.log(sum(math.exp(f - top) for f in fused))))
+    assert loss == pytest.approx(sum(by_hand) / len(by_hand), abs=1e-4)

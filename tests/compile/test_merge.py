@@ -17,15 +17,23 @@ def test_merged_logits_equal_adapter_logits(tiny_llm_bundle):
     llm = tiny_llm_bundle / "llm"
     row = json.loads((llm / "sft" / "valid.jsonl").read_text().splitlines()[-1])
     ids = torch.tensor([row["input_ids"]])  # [1, T]
-    base = AutoModelForCausalLM.from_pretrained(llm / "base", dtype=torch.float32).eval()
+    from palr.hybrid import WEIGHTS, input_embeddings, load_projector
+    from palr.llm import keep_first_layers
+
+    manifest = json.loads((tiny_llm_bundle / "manifest.json").read_text())
+    base = keep_first_layers(AutoModelForCausalLM.from_pretrained(llm / "base", dtype=torch.float32).eval(),
+                             int(manifest["artifacts"]["lora"].get("layers") or 0))
+    vocab = base.get_input_embeddings().num_embeddings
+    # hybrid prompts: the adapter model sees the projected item embeddings, the merged one has them folded in
+    projector = load_projector(llm / "lora", base.config.hidden_size) if (llm / "lora" / WEIGHTS).is_file() else None
     with torch.no_grad():
-        base_logits = base(input_ids=ids).logits  # [1, T, V]
-        adapter_logits = PeftModel.from_pretrained(base, llm / "lora").eval()(input_ids=ids).logits
+        embeds = input_embeddings(base, ids, projector() if projector is not None else None)
+        base_logits = base(inputs_embeds=embeds).logits  # [1, T, V]
+        adapter_logits = PeftModel.from_pretrained(base, llm / "lora").eval()(inputs_embeds=embeds).logits
         merged_logits = AutoModelForCausalLM.from_pretrained(llm / "merged", dtype=torch.float32).eval()(
-            input_ids=ids).logits
+            input_ids=ids).logits[..., :vocab]
     assert float((adapter_logits - base_logits).abs().max()) > 1e-3, "the adapter must change the model"
     assert float((merged_logits - adapter_logits).abs().max()) <= 1e-4
-    manifest = json.loads((tiny_llm_bundle / "manifest.json").read_text())
     assert manifest["artifacts"]["llm_merged"]["merge_max_abs_diff"] <= 1e-4
 
 
