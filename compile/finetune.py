@@ -77,7 +77,7 @@ class FinetuneConfig:
                 "scores, i.e. the fused score the ranker serves, so the LLM learns what the retriever misses "
                 "(0: the LLM alone; needs retrieval scores in the examples: sft-data --negatives holdout)"})
     projector_lr: float = field(default=1e-3, metadata={"help": "hybrid prompts: peak learning rate of the item projector"})
-    label_bias: bool = field(default=True, metadata={
+    label_bias: bool = field(default=False, metadata={
         "help": "listwise loss: learn one additive bias per label letter with the ranker (the base model prefers "
                 "some letters, a position bias the shuffled training orders make it unlearn slowly); serving adds "
                 "it to the label scores (llm/ranker.json label_bias)"})
