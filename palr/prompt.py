@@ -63,7 +63,7 @@ class PromptSettings:
     label_prefix: str = field(default=" ", metadata={"help": "text before each label letter"})
     label_alphabet: str = field(default="ABCDEFGHIJKLMNOPQRSTUVWXYZ", metadata={
         "help": "label letters; the candidate count is at most their number"})
-    prompt: str = field(default="hybrid", metadata={
+    prompt: str = field(default="text", metadata={
         "help": "how items appear: text (title), hybrid (title + a soft token carrying its SASRec embedding, "
                 "RSLLM) or ids (the soft token alone); see palr/hybrid.py", "choices": ("text", "hybrid", "ids")})
 
