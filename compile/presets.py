@@ -27,7 +27,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "sft-data": {"users": 48, "valid_users": 12, "retrieval_per_user": 1, "recommend_per_user": 1,
                      "holdout_items": 3, "holdout_epochs": 1},
         "finetune": {"max_steps": 4, "batch_size": 4, "save_every": 2, "lr": 5e-3},
-        "merge": {"fusion_users": 12},
+        "merge": {"fusion_users": 12, "generate_format": "titles"},  # tests cover the titles answer format end to end
         "evaluate-ranking": {"users": 6},
         "build": {"probe_users": 4, "generate_probes": 2, "generate_k": 3, "prompt_tokens": 48, "decode_steps": 2,
                   "repeats": 1},

@@ -175,7 +175,7 @@ class Reference:
 def reference(bundle, retrieval) -> Reference:
     from palr.llm import load_causal_lm
     from palr.profiles import Profiles
-    from palr.prompt import PalrPrompt, PromptSettings
+    from palr.hybrid import ranker_prompt
 
     opened = Bundle.open(bundle)
     ranker = json.loads(opened.path("ranker").read_text())
@@ -185,7 +185,7 @@ def reference(bundle, retrieval) -> Reference:
     return Reference(bundle=opened, catalog=Catalog.load(opened.path("catalog")),
                      histories={u: e["history"] for u, e in users.items()},
                      profiles=Profiles.load(opened.path("profiles")).profiles, ranker=ranker, model=model,
-                     prompt=PalrPrompt(tokenizer, PromptSettings.from_dict(ranker["prompt"])),
+                     prompt=ranker_prompt(tokenizer, ranker, Catalog.load(opened.path("catalog"))),
                      retrieval_stub=retrieval_pb2_grpc.RetrievalServiceStub(
                          grpc.insecure_channel(retrieval.server.address)))
 
