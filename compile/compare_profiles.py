@@ -65,11 +65,26 @@ def readout(model, prompt, prefix, examples, histories, profiles, catalog) -> di
             "seconds_per_user": (time.perf_counter() - started) / len(examples)}
 
 
+def model_prompt(model, tokenizer, settings, meta: dict, catalog):
+    """The bundle's prompt for a model: hybrid where the model's vocabulary holds the item rows (the merged
+    ranker), the text variant of the same settings where it does not (the untuned base model)."""
+    from palr.hybrid import ItemTokens
+    from palr.prompt import PalrPrompt, PromptSettings
+
+    if settings.prompt == "text":
+        return PalrPrompt(tokenizer, settings)
+    offset, rows = int(meta["item_tokens"]["offset"]), int(meta["item_tokens"]["rows"])
+    if model.get_input_embeddings().num_embeddings < offset + rows:
+        log.info("%s has no item rows in its vocabulary: text prompts for it", model.name_or_path)
+        return PalrPrompt(tokenizer, PromptSettings.from_dict({**settings.to_dict(), "prompt": "text"}))
+    return PalrPrompt(tokenizer, settings, ItemTokens.for_catalog(offset, [item.id for item in catalog.items]))
+
+
 def run(config: CompareProfilesConfig) -> dict:
     from transformers import AutoTokenizer
 
     from palr.llm import compute_prefix, load_causal_lm
-    from palr.prompt import PalrPrompt, PromptSettings
+    from palr.prompt import PromptSettings
     from palr.ranking import target_rank
 
     unknown = set(config.methods) - set(METHODS)
@@ -80,7 +95,8 @@ def run(config: CompareProfilesConfig) -> dict:
     catalog = Catalog.load(bundle.path("catalog"))
     sft = bundle.path("sft_data")
     examples = read_jsonl(sft / "valid.jsonl")[: config.users or None]
-    settings = PromptSettings.from_dict(json.loads((sft / "meta.json").read_text())["prompt"])
+    meta = json.loads((sft / "meta.json").read_text())
+    settings = PromptSettings.from_dict(meta["prompt"])
     histories = [[catalog.by_id(i) for i in x["history"]] for x in examples]
     retrieval = metrics.ndcg([target_rank(range(len(x["candidates"])), x["target_position"]) for x in examples], 10)
     profiles = {m: profiles_for(m, bundle, catalog, histories) for m in config.methods}
@@ -88,7 +104,7 @@ def run(config: CompareProfilesConfig) -> dict:
               "examples": {m: p[:3] for m, p in profiles.items()}, "results": {}}
     for name in config.models:
         model, _ = load_causal_lm(bundle.path(name))
-        prompt = PalrPrompt(AutoTokenizer.from_pretrained(bundle.path(name)), settings)
+        prompt = model_prompt(model, AutoTokenizer.from_pretrained(bundle.path(name)), settings, meta, catalog)
         prefix = compute_prefix(model, prompt.prefix_ids())  # the same for every profile method
         for method in tqdm(config.methods, desc=f"profiles ({name})", unit="method"):
             result = readout(model, prompt, prefix, examples, histories, profiles[method], catalog)

@@ -103,8 +103,16 @@ def input_embeddings(model, input_ids, items=None):
     text = embedding(input_ids.clamp(max=vocab - 1))  # [B, T, D]
     if items is None:
         return text
-    soft = (input_ids >= vocab)[..., None]  # [B, T, 1]
-    return torch.where(soft, items[(input_ids - vocab).clamp(min=0)].to(text.dtype), text)
+    soft = input_ids >= vocab  # [B, T]
+    if not bool(soft.any()):
+        return text
+    # one-hot rows times the table, not an index: its backward is a plain matmul, so training (and a run
+    # resumed from a checkpoint) is bit-for-bit reproducible, where an indexed gather's backward accumulates
+    # in a thread-dependent order
+    rows = torch.nn.functional.one_hot(input_ids[soft] - vocab, items.shape[0]).to(items.dtype)  # [S, N]
+    out = text.clone()
+    out[soft] = (rows @ items).to(text.dtype)  # [S, D]
+    return out
 
 
 def save_projector(directory: Path, projector, settings: dict) -> None:

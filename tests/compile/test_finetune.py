@@ -27,14 +27,19 @@ def bundle_copy(tiny_llm_bundle, tmp_path):
 def test_answer_loss_equals_per_example_cross_entropy(tiny_llm_bundle):
     from transformers import AutoModelForCausalLM
 
+    from palr.hybrid import WEIGHTS, input_embeddings, load_projector
+
     model = AutoModelForCausalLM.from_pretrained(tiny_llm_bundle / "llm" / "base", dtype=torch.float32).eval()
     rows = load_examples(tiny_llm_bundle / "llm" / "sft" / "train.jsonl", 4096)
     rows = sorted(rows, key=lambda r: len(r[0]) + len(r[1]))[:1] + rows[-2:]  # different lengths and answers
+    lora = tiny_llm_bundle / "llm" / "lora"  # hybrid prompts: soft tokens through the trained projector
+    items = load_projector(lora, model.config.hidden_size)() if (lora / WEIGHTS).is_file() else None
     with torch.no_grad():
-        batched = float(answer_loss(model, collate(rows, pad_id=0)))
+        batched = float(answer_loss(model, collate(rows, pad_id=0), items))
         token_losses = []
         for prompt, answer in rows:
-            logits = model(input_ids=torch.tensor([prompt + answer[:-1]])).logits[0, -len(answer):]  # [A, V]
+            embeds = input_embeddings(model, torch.tensor([prompt + answer[:-1]]), items)
+            logits = model(inputs_embeds=embeds).logits[0, -len(answer):]  # [A, V]
             token_losses += torch.nn.functional.cross_entropy(logits, torch.tensor(answer), reduction="none").tolist()
     assert batched == pytest.approx(sum(token_losses) / len(token_losses), abs=1e-4)
 

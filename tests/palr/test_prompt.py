@@ -93,8 +93,9 @@ def test_training_ids_equal_serving_ids(tiny_llm_bundle):
     bundle = tiny_llm_bundle
     ranker = json.loads((bundle / "llm" / "ranker.json").read_text())
     catalog = Catalog.load(bundle / "catalog.json")
-    serving = PalrPrompt(AutoTokenizer.from_pretrained(bundle / "llm" / "merged"),
-                         PromptSettings.from_dict(ranker["prompt"]))
+    from palr.hybrid import ranker_prompt
+
+    serving = ranker_prompt(AutoTokenizer.from_pretrained(bundle / "llm" / "merged"), ranker, catalog)  # as the server
     rows = [json.loads(line) for line in (bundle / "llm" / "sft" / "train.jsonl").read_text().splitlines()]
     checked = 0
     for row in rows:
