@@ -6,7 +6,9 @@ In one run, on the bundle's merged PALR model with real prompts (loadtest/bench_
    score and generate modes, closed loop (throughput, p50/p95 latency, mean batch per step);
 2. score vs generate latency: the in-flight engine at concurrency 1;
 3. prefix reuse on vs off: score mode, in-flight engine, concurrency 1;
-4. ORT vs torch eager retrieval: loadtest/bench_retrieval.py's model comparison at batch 1 and 32.
+4. ORT vs torch eager retrieval: loadtest/bench_retrieval.py's model comparison at batch 1 and 32;
+5. utilisation: score-mode prefill FLOP/s against this machine's matmul peak (fp32 and the bundle's
+   hf-cpu build's precision), measured right after the last round (loadtest/utilisation.py).
 
 Repeats: the first round runs every cell; the next `--repeats - 1` rounds run only the cells the
 headline ratios need (in reversed order every other round, so drift hits both sides alike). Each
@@ -93,6 +95,8 @@ class BenchConfig:
         "help": "engine token budget per step (the server's default)"})
     retrieval_calls: int = field(default=300, metadata={"help": "timed SASRec calls per engine and batch size"})
     skip_retrieval: bool = field(default=False, metadata={"help": "leave out ORT vs torch retrieval"})
+    utilisation_repeats: int = field(default=5, metadata={
+        "help": "timed matmul-peak / prefill pairs per precision in the utilisation section (0: leave it out)"})
 
     def __post_init__(self):
         for name, values, allowed in (("strategies", self.strategies, STRATEGIES), ("modes", self.modes, MODES)):
@@ -159,6 +163,8 @@ def run(config: BenchConfig) -> dict:
     if retrieval_runs:
         ratio_runs[RETRIEVAL_RATIO] = [retrieval_ratio(rows) for rows in retrieval_runs]
         report["retrieval_model"] = retrieval_runs[-1]
+    if config.utilisation_repeats:
+        report["utilisation"] = utilisation(workload, runs, config)
     report["ratios"] = {name: round(statistics.median(values), 3) for name, values in ratio_runs.items()}
     report["ratio_runs"] = ratio_runs
     report["goals"] = goals(report["ratios"])
@@ -178,6 +184,22 @@ def warm_up(workload, engine_config) -> None:
     for mode in MODES:
         measure(Cell(mode, "inflight", 2), workload, engine_config, requests=2)
     log.info("warm-up: %.1f s", time.perf_counter() - started)
+
+
+def utilisation(workload, runs: dict[Cell, list[dict]], config: BenchConfig) -> dict:
+    """Matmul peak and prefill FLOP/s side by side (loadtest/utilisation.py), on the longest score
+    prompt of the workload; plus the engine's own cell (score, in-flight, c=1, prefix reuse off) of
+    the last round against the fp32 peak."""
+    from loadtest import utilisation as u
+
+    prompt = max(([*r.prefix_ids, *r.suffix_ids] for r in workload.requests["score"]), key=len)
+    out = u.section(workload.model, prompt, config.bundle, config.utilisation_repeats)
+    cell = runs.get(Cell("score", "inflight", 1, prefix_reuse=False))
+    tokens = workload.describe()["prompt_tokens_mean"]
+    engine = u.engine_row(out["rows"][0], cell[-1] if cell else None, out["parameters"], tokens)
+    if engine:
+        out["rows"].append(engine)
+    return out
 
 
 def retrieval_model(config: BenchConfig) -> list[dict]:
@@ -274,6 +296,14 @@ def markdown(report: dict) -> str:
     if len(prefix) == 2:
         parts += ["## Shared-prefix KV reuse (score mode, in-flight engine, concurrency 1)",
                   markdown_table(prefix, ["prefix_reuse", "requests", "p50_ms", "p95_ms", "rounds"])]
+    if "utilisation" in report:
+        u = report["utilisation"]
+        parts += ["## Utilisation: score-mode prefill FLOP/s against this machine's matmul peak (same run)",
+                  f"FLOP/s = 2 x {u['parameters']:,} {u['parameter_count']} parameters x prompt tokens / time; "
+                  f"peak: a {u['rows'][0]['matmul_n']}³ torch.matmul, median of {report['config']['utilisation_repeats']}, "
+                  f"interleaved with the prefills. Chosen precision: {u['chosen_from']}.",
+                  markdown_table(u["rows"], ["dtype", "matmul_dtype", "source", "peak_gflops", "prompt_tokens",
+                                             "prefill_ms", "prefill_gflops", "utilisation"])]
     if "retrieval_model" in report:
         parts += ["## Retrieval: SASRec top-k in ONNX Runtime vs torch eager (last round)",
                   markdown_table(report["retrieval_model"], ["engine", "batch", "median_ms", "p90_ms", "vs_torch"])]
