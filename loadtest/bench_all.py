@@ -15,8 +15,10 @@ headline ratios need (in reversed order every other round, so drift hits both si
 ratio is taken within a round (numerator and denominator measured minutes apart at most) and its
 median over rounds is reported; each cell's numbers are medians over the rounds that ran it.
 
-Writes reports/bench.json (top-level `ratios` and `goals`), reports/bench.md and one PNG per mode
-(latency vs throughput per strategy). Progress goes to the log, one line per cell.
+Writes reports/bench.json (top-level `ratios` and `goals`), reports/bench.md and two PNGs per mode:
+latency vs throughput per strategy, and throughput and p95 against concurrency per strategy with the
+spread over rounds. Every "vs" figure (ratios and the tables' vs_sequential_*) is taken within one
+round. Progress goes to the log, one line per cell.
 """
 
 from __future__ import annotations
@@ -242,10 +244,25 @@ def cell_rows(runs: dict[Cell, list[dict]]) -> list[dict]:
     baseline = {(r["mode"], r["concurrency"]): r for r in rows if r["strategy"] == "sequential" and r["prefix_reuse"]}
     for row in rows:
         base = baseline.get((row["mode"], row["concurrency"]))
-        if base and base["throughput_rps"] and base["p95_ms"]:
-            row["vs_sequential_throughput"] = round(row["throughput_rps"] / base["throughput_rps"], 2)
-            row["vs_sequential_p95"] = round(row["p95_ms"] / base["p95_ms"], 2)
+        if base:
+            row.update(vs_within_rounds(row["runs"], base["runs"]))
     return rows
+
+
+def vs_within_rounds(runs: list[dict], base_runs: list[dict]) -> dict:
+    """A cell against its baseline (one-at-a-time at the same mode and concurrency), taken within
+    each round both ran in (never a median over rounds divided by another cell's single round);
+    the median of those per-round ratios, the rounds used, and the ratios per round."""
+    base_by_round = {r["round"]: r for r in base_runs}
+    out: dict = {}
+    for metric, name in (("throughput_rps", "vs_sequential_throughput"), ("p95_ms", "vs_sequential_p95")):
+        per_round = {r["round"]: r[metric] / base_by_round[r["round"]][metric] for r in runs
+                     if r["round"] in base_by_round and r.get(metric) and base_by_round[r["round"]].get(metric)}
+        if per_round:
+            out[name] = round(statistics.median(per_round.values()), 2)
+            out[f"{name}_runs"] = [round(per_round[k], 3) for k in sorted(per_round)]
+            out["vs_rounds"] = sorted(per_round)
+    return out
 
 
 def goals(ratios: dict[str, float]) -> dict[str, dict]:
@@ -254,13 +271,18 @@ def goals(ratios: dict[str, float]) -> dict[str, dict]:
 
 
 def plot(report: dict, out: Path) -> list[str]:
-    from loadtest.plots import latency_vs_throughput
+    """Per mode: latency vs throughput (bench_<mode>.png) and throughput and p95 against concurrency
+    per strategy with the spread over rounds (bench_<mode>_concurrency.png)."""
+    from loadtest.plots import by_concurrency, latency_vs_throughput
 
     names = []
     for mode in dict.fromkeys(r["mode"] for r in report["cells"]):
         rows = [r for r in report["cells"] if r["mode"] == mode and r["prefix_reuse"]]
         path = Path(out) / f"bench_{mode}.png"
         latency_vs_throughput(rows, f"{mode} mode: latency vs throughput per strategy", path)
+        names.append(path.name)
+        path = Path(out) / f"bench_{mode}_concurrency.png"
+        by_concurrency(rows, f"{mode} mode: throughput and p95 vs concurrency (bars: range over rounds)", path)
         names.append(path.name)
     return names
 
@@ -285,12 +307,16 @@ def markdown(report: dict) -> str:
                         for name, value in report["ratios"].items()], ["ratio", "value", "goal", "met", "per round"]),
     ]
     columns = ["strategy", "concurrency", "requests", "throughput_rps", "p50_ms", "p95_ms", "mean_batch",
-               "vs_sequential_throughput", "vs_sequential_p95", "rounds"]
-    for mode, plot_name in zip(dict.fromkeys(r["mode"] for r in report["cells"]), report["plots"]):
+               "vs_sequential_throughput", "vs_sequential_p95", "vs_rounds", "rounds"]
+    for mode in dict.fromkeys(r["mode"] for r in report["cells"]):
         rows = [r for r in report["cells"] if r["mode"] == mode and r["prefix_reuse"]]
         rows.sort(key=lambda r: (r["concurrency"], STRATEGIES.index(r["strategy"])))
-        parts += [f"## {mode} mode: one-at-a-time vs static vs in-flight batching", markdown_table(rows, columns),
-                  f"![{mode} mode]({plot_name})"]
+        plots = [name for name in report["plots"] if name.startswith(f"bench_{mode}")]
+        parts += [f"## {mode} mode: one-at-a-time vs static vs in-flight batching",
+                  "vs_sequential_*: the cell against one-at-a-time at the same concurrency, taken within each round "
+                  "both ran in (vs_rounds), median over those rounds; the other columns are medians over the cell's "
+                  "rounds.", markdown_table(rows, columns)]
+        parts += [f"![{mode} mode]({name})" for name in plots]
     prefix = [r for r in report["cells"] if r["mode"] == "score" and r["strategy"] == "inflight"
               and r["concurrency"] == 1]
     if len(prefix) == 2:

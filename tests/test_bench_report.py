@@ -1,10 +1,13 @@
 """The benchmark report's arithmetic on synthetic numbers (no timings asserted): utilisation (FLOPs of
-the matmul peak and of a prefill, the parameter count used)."""
+the matmul peak and of a prefill, the parameter count used), "vs" figures taken within one round,
+and the per-concurrency plots with the spread over rounds."""
 
 from __future__ import annotations
 
 import pytest
 
+from loadtest.bench_all import cell_rows, vs_within_rounds
+from loadtest.bench_ranking import Cell
 from loadtest.utilisation import (
     MATMUL_DTYPE, engine_row, flops_per_s, matmul_flops, non_embedding_parameters, prefill_flops, utilisation_row)
 
@@ -45,6 +48,44 @@ def test_non_embedding_parameters_count_decoder_layers_and_final_norm_only():
     per_layer = 64 * 64 * 2 + 64 * 32 * 2 + 64 * 128 * 3 + 2 * 64  # q, o; k, v (GQA); gate, up, down; 2 norms
     assert non_embedding_parameters(model) == 2 * per_layer + 64
     assert non_embedding_parameters(model) == model.num_parameters() - 1000 * 64  # all but the (tied) embeddings
+
+
+def test_vs_sequential_is_taken_within_one_round():
+    """The issue's case: in-flight at c=1 ran 3 rounds (rounds 1-2 on a machine 1.6x slower), one-at-a-
+    time only in round 0. Within round 0 in-flight is 1.12x; median-over-rounds / round 0 would say 0.7x."""
+    runs = {Cell("score", "inflight", 1): [summary(0, 1.12, 900), summary(1, 0.7, 1500), summary(2, 0.7, 1400)],
+            Cell("score", "sequential", 1): [summary(0, 1.0, 1000)],
+            Cell("score", "inflight", 16): [summary(0, 2.0, 8000), summary(1, 1.5, 12000)],
+            Cell("score", "sequential", 16): [summary(0, 1.0, 16000), summary(1, 1.0, 15000)]}
+    rows = {(r["strategy"], r["concurrency"]): r for r in cell_rows(runs)}
+    c1 = rows[("inflight", 1)]
+    assert c1["throughput_rps"] == 0.7  # the cell's own median over its rounds
+    assert c1["vs_sequential_throughput"] == 1.12 and c1["vs_rounds"] == [0]
+    assert c1["vs_sequential_p95"] == 0.9
+    c16 = rows[("inflight", 16)]
+    assert c16["vs_sequential_throughput_runs"] == [2.0, 1.5] and c16["vs_sequential_throughput"] == 1.75
+    assert c16["vs_sequential_p95_runs"] == [0.5, 0.8] and c16["vs_rounds"] == [0, 1]
+    assert rows[("sequential", 16)]["vs_sequential_throughput"] == 1.0
+
+
+def test_vs_within_rounds_without_a_shared_round_gives_nothing():
+    assert vs_within_rounds([summary(1, 1.0, 10)], [summary(0, 1.0, 10)]) == {}
+
+
+def test_concurrency_plot_with_the_spread_over_rounds(tmp_path):
+    pytest.importorskip("matplotlib")
+    from loadtest.plots import by_concurrency, spread
+
+    runs = {Cell("generate", s, c): [summary(r, base * c ** 0.5 * (1 - 0.2 * r), 100 * c * (1 + 0.3 * r))
+                                     for r in range(3 if c == 16 else 1)]
+            for s, base in (("sequential", 1.0), ("static", 1.5), ("inflight", 2.0)) for c in (1, 4, 16)}
+    rows = cell_rows(runs)
+    row = next(r for r in rows if r["strategy"] == "inflight" and r["concurrency"] == 16)
+    assert spread(row, "p95_ms") == (row["p95_ms"], 1600, pytest.approx(2560))
+    once = next(r for r in rows if r["concurrency"] == 4)
+    assert spread(once, "throughput_rps")[1] == spread(once, "throughput_rps")[2] == once["throughput_rps"]
+    path = by_concurrency(rows, "synthetic", tmp_path / "c.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_bench_run_reports_utilisation_side_by_side(tiny_llm_bundle, tmp_path):
