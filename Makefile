@@ -18,6 +18,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet -e '.[train,serve,test,loadtest,ortgenai]'
+	# torchao (extra cpu-quant: the hf-cpu build's int8 weight-only candidate) without its deps: keeps the torch pin
+	$(PY) -m pip install --quiet --no-deps torchao==0.18.0
 	touch $@
 
 install: $(VENV)/.installed

@@ -6,15 +6,24 @@ In one run, on the bundle's merged PALR model with real prompts (loadtest/bench_
    score and generate modes, closed loop (throughput, p50/p95 latency, mean batch per step);
 2. score vs generate latency: the in-flight engine at concurrency 1;
 3. prefix reuse on vs off: score mode, in-flight engine, concurrency 1;
-4. ORT vs torch eager retrieval: loadtest/bench_retrieval.py's model comparison at batch 1 and 32.
+4. ORT vs torch eager retrieval: loadtest/bench_retrieval.py's model comparison at batch 1 and 32;
+5. a mixed cell (score and generate requests together, `--mixed-share` generate, at concurrency 16)
+   under static and in-flight batching: the score requests' own p95 in each;
+6. utilisation: score-mode prefill FLOP/s against this machine's matmul peak (fp32 and the bundle's
+   hf-cpu build's precision), measured right after the last round (loadtest/utilisation.py).
+
+Which user each request is for: `--pattern uniform` (every sampled user in turn, the default) or
+`--pattern zipf` (users drawn Zipf-distributed, `--zipf-exponent`: a few users come back often).
 
 Repeats: the first round runs every cell; the next `--repeats - 1` rounds run only the cells the
 headline ratios need (in reversed order every other round, so drift hits both sides alike). Each
 ratio is taken within a round (numerator and denominator measured minutes apart at most) and its
 median over rounds is reported; each cell's numbers are medians over the rounds that ran it.
 
-Writes reports/bench.json (top-level `ratios` and `goals`), reports/bench.md and one PNG per mode
-(latency vs throughput per strategy). Progress goes to the log, one line per cell.
+Writes reports/bench.json (top-level `ratios` and `goals`), reports/bench.md and two PNGs per mode:
+latency vs throughput per strategy, and throughput and p95 against concurrency per strategy with the
+spread over rounds. Every "vs" figure (ratios and the tables' vs_sequential_*) is taken within one
+round. Progress goes to the log, one line per cell.
 """
 
 from __future__ import annotations
@@ -25,7 +34,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from loadtest.bench_ranking import Cell, load_workload, measure
+from loadtest.bench_ranking import MIXED, PATTERNS, Cell, load_workload, measure, request_order
 from loadtest.report import machine_info, markdown_table, write_report
 from ranking_server.config import RankingServerConfig
 from loadtest.baselines import STRATEGIES
@@ -46,6 +55,9 @@ RATIOS: dict[str, tuple[Cell, Cell, str]] = {
     "score_vs_generate_latency": (Cell("score", "inflight", 1), Cell("generate", "inflight", 1), "p50_ms"),
     "prefix_reuse_on_vs_off_latency": (Cell("score", "inflight", 1), Cell("score", "inflight", 1, prefix_reuse=False),
                                        "p50_ms"),
+    # score requests' own p95 when a share of generate requests runs with them (issue 12 item 4)
+    "mixed_inflight_vs_static_score_p95_c16": (Cell(MIXED, "inflight", 16), Cell(MIXED, "static", 16),
+                                               "score_p95_ms"),
 }
 RETRIEVAL_RATIO = "ort_vs_torch_retrieval_latency_b1"
 
@@ -57,6 +69,7 @@ GOALS: dict[str, tuple[str, float]] = {
     "inflight_vs_sequential_p95_c16_score": ("<", 1.0),
     "score_vs_generate_latency": ("<=", 0.2),
     "prefix_reuse_on_vs_off_latency": ("<=", 0.7),
+    "mixed_inflight_vs_static_score_p95_c16": ("<=", 0.5),
     RETRIEVAL_RATIO: ("<=", 0.5),
 }
 COMPARE = {">=": lambda a, b: a >= b, "<": lambda a, b: a < b, "<=": lambda a, b: a <= b}
@@ -93,12 +106,23 @@ class BenchConfig:
         "help": "engine token budget per step (the server's default)"})
     retrieval_calls: int = field(default=300, metadata={"help": "timed SASRec calls per engine and batch size"})
     skip_retrieval: bool = field(default=False, metadata={"help": "leave out ORT vs torch retrieval"})
+    pattern: str = field(default="uniform", metadata={
+        "help": "which user each request is for: uniform (every user in turn) or zipf (Zipf-distributed repeats)",
+        "choices": PATTERNS})
+    zipf_exponent: float = field(default=1.1, metadata={"help": "--pattern zipf: P(user of rank k) ~ 1/k^exponent"})
+    mixed_share: float = field(default=0.2, metadata={
+        "help": "share of generate requests in the mixed cell (score and generate together at concurrency 16, "
+                "static vs in-flight); 0: no mixed cell"})
+    utilisation_repeats: int = field(default=5, metadata={
+        "help": "timed matmul-peak / prefill pairs per precision in the utilisation section (0: leave it out)"})
 
     def __post_init__(self):
         for name, values, allowed in (("strategies", self.strategies, STRATEGIES), ("modes", self.modes, MODES)):
             unknown = set(values) - set(allowed)
             if unknown:
                 raise ValueError(f"--{name} {sorted(unknown)}: choose from {', '.join(allowed)}")
+        if not 0 <= self.mixed_share < 1:
+            raise ValueError(f"--mixed-share must be in [0, 1), got {self.mixed_share}")
         if self.requests < 1 or self.repeats < 1 or min(self.concurrency) < 1:
             raise ValueError("--requests, --repeats and every --concurrency must be >= 1")
 
@@ -116,7 +140,9 @@ def sweep_cells(config: BenchConfig) -> list[Cell]:
 def headline_cells(config: BenchConfig) -> list[Cell]:
     """The cells the ratios need, restricted to the modes and strategies asked for."""
     wanted = [cell for numerator, denominator, _ in RATIOS.values() for cell in (numerator, denominator)]
-    cells = [c for c in dict.fromkeys(wanted) if c.mode in config.modes and c.strategy in config.strategies]
+    mixed = bool(config.mixed_share) and set(MODES) <= set(config.modes)
+    cells = [c for c in dict.fromkeys(wanted) if (c.mode in config.modes or (c.mode == MIXED and mixed))
+             and c.strategy in config.strategies]
     return [c for c in cells if c.concurrency != HEADLINE_CONCURRENCY or HEADLINE_CONCURRENCY in config.concurrency]
 
 
@@ -134,6 +160,7 @@ def run(config: BenchConfig) -> dict:
                              seed=config.seed)
     engine_config = EngineConfig(max_batch_size=config.max_batch_size, max_tokens_per_step=config.max_tokens_per_step,
                                  threads=config.threads)
+    order = request_order(len(workload.users), n_users, config.pattern, config.zipf_exponent, config.seed)
     warm_up(workload, engine_config)
     rounds = [sweep_cells(config)] + [headline_cells(config) for _ in range(config.repeats - 1)]
     total = sum(len(r) for r in rounds)
@@ -143,7 +170,7 @@ def run(config: BenchConfig) -> dict:
     for number, cells in enumerate(rounds):
         for cell in (cells if number % 2 == 0 else list(reversed(cells))):
             done += 1
-            summary = measure(cell, workload, engine_config, config.requests)
+            summary = measure(cell, workload, engine_config, config.requests, order, config.mixed_share)
             runs.setdefault(cell, []).append({**summary, "round": number})
             log.info("[%d/%d, %.0f s] round %d %s: %.3f req/s, p50 %.0f ms, p95 %.0f ms, mean batch %s%s", done, total,
                      time.perf_counter() - started, number + 1, cell.key, summary["throughput_rps"], summary["p50_ms"],
@@ -154,11 +181,13 @@ def run(config: BenchConfig) -> dict:
                      retrieval_ratio(retrieval_runs[-1]))
 
     report = {"benchmark": "all", "config": _jsonable(asdict(config)), "machine_before": before,
-              "workload": workload.describe(), "cells": cell_rows(runs)}
+              "workload": {**workload.describe(), **pattern_summary(order, config)}, "cells": cell_rows(runs)}
     ratio_runs = round_ratios(runs, len(rounds))
     if retrieval_runs:
         ratio_runs[RETRIEVAL_RATIO] = [retrieval_ratio(rows) for rows in retrieval_runs]
         report["retrieval_model"] = retrieval_runs[-1]
+    if config.utilisation_repeats:
+        report["utilisation"] = utilisation(workload, runs, config)
     report["ratios"] = {name: round(statistics.median(values), 3) for name, values in ratio_runs.items()}
     report["ratio_runs"] = ratio_runs
     report["goals"] = goals(report["ratios"])
@@ -178,6 +207,22 @@ def warm_up(workload, engine_config) -> None:
     for mode in MODES:
         measure(Cell(mode, "inflight", 2), workload, engine_config, requests=2)
     log.info("warm-up: %.1f s", time.perf_counter() - started)
+
+
+def utilisation(workload, runs: dict[Cell, list[dict]], config: BenchConfig) -> dict:
+    """Matmul peak and prefill FLOP/s side by side (loadtest/utilisation.py), on the longest score
+    prompt of the workload; plus the engine's own cell (score, in-flight, c=1, prefix reuse off) of
+    the last round against the fp32 peak."""
+    from loadtest import utilisation as u
+
+    prompt = max(([*r.prefix_ids, *r.suffix_ids] for r in workload.requests["score"]), key=len)
+    out = u.section(workload.model, prompt, config.bundle, config.utilisation_repeats)
+    cell = runs.get(Cell("score", "inflight", 1, prefix_reuse=False))
+    tokens = workload.describe()["prompt_tokens_mean"]
+    engine = u.engine_row(out["rows"][0], cell[-1] if cell else None, out["parameters"], tokens)
+    if engine:
+        out["rows"].append(engine)
+    return out
 
 
 def retrieval_model(config: BenchConfig) -> list[dict]:
@@ -211,8 +256,10 @@ def cell_rows(runs: dict[Cell, list[dict]]) -> list[dict]:
     for cell, summaries in runs.items():
         row = {"mode": cell.mode, "strategy": cell.strategy, "concurrency": cell.concurrency,
                "prefix_reuse": cell.prefix_reuse, "rounds": len(summaries), "requests": summaries[0]["requests"]}
-        for metric in ("throughput_rps", "p50_ms", "p95_ms", "p99_ms", "mean_ms", "mean_batch"):
-            values = [s[metric] for s in summaries if s[metric] is not None]
+        for metric in ("throughput_rps", "p50_ms", "p95_ms", "p99_ms", "mean_ms", "mean_batch", *MIXED_METRICS):
+            if metric in MIXED_METRICS and cell.mode != MIXED:
+                continue
+            values = [s[metric] for s in summaries if s.get(metric) is not None]
             row[metric] = round(statistics.median(values), 4 if metric == "throughput_rps" else 1) if values else None
         row["errors"] = sum(sum(s["errors"].values()) for s in summaries)
         row["runs"] = summaries
@@ -220,10 +267,39 @@ def cell_rows(runs: dict[Cell, list[dict]]) -> list[dict]:
     baseline = {(r["mode"], r["concurrency"]): r for r in rows if r["strategy"] == "sequential" and r["prefix_reuse"]}
     for row in rows:
         base = baseline.get((row["mode"], row["concurrency"]))
-        if base and base["throughput_rps"] and base["p95_ms"]:
-            row["vs_sequential_throughput"] = round(row["throughput_rps"] / base["throughput_rps"], 2)
-            row["vs_sequential_p95"] = round(row["p95_ms"] / base["p95_ms"], 2)
+        if base:
+            row.update(vs_within_rounds(row["runs"], base["runs"]))
     return rows
+
+
+MIXED_METRICS = ("score_p50_ms", "score_p95_ms", "generate_p50_ms", "generate_p95_ms")
+
+
+def pattern_summary(order: list[int], config: BenchConfig) -> dict:
+    """How the requests are spread over users: the pattern and, of the first `requests`, how many
+    distinct users and what share of requests repeat a user already seen."""
+    first = order[:max(config.requests, max(config.concurrency))]
+    out = {"pattern": config.pattern, "distinct_users": len(set(first)),
+           "repeat_share": round(1 - len(set(first)) / len(first), 3) if first else 0.0}
+    if config.pattern == "zipf":
+        out["zipf_exponent"] = config.zipf_exponent
+    return out
+
+
+def vs_within_rounds(runs: list[dict], base_runs: list[dict]) -> dict:
+    """A cell against its baseline (one-at-a-time at the same mode and concurrency), taken within
+    each round both ran in (never a median over rounds divided by another cell's single round);
+    the median of those per-round ratios, the rounds used, and the ratios per round."""
+    base_by_round = {r["round"]: r for r in base_runs}
+    out: dict = {}
+    for metric, name in (("throughput_rps", "vs_sequential_throughput"), ("p95_ms", "vs_sequential_p95")):
+        per_round = {r["round"]: r[metric] / base_by_round[r["round"]][metric] for r in runs
+                     if r["round"] in base_by_round and r.get(metric) and base_by_round[r["round"]].get(metric)}
+        if per_round:
+            out[name] = round(statistics.median(per_round.values()), 2)
+            out[f"{name}_runs"] = [round(per_round[k], 3) for k in sorted(per_round)]
+            out["vs_rounds"] = sorted(per_round)
+    return out
 
 
 def goals(ratios: dict[str, float]) -> dict[str, dict]:
@@ -232,13 +308,18 @@ def goals(ratios: dict[str, float]) -> dict[str, dict]:
 
 
 def plot(report: dict, out: Path) -> list[str]:
-    from loadtest.plots import latency_vs_throughput
+    """Per mode: latency vs throughput (bench_<mode>.png) and throughput and p95 against concurrency
+    per strategy with the spread over rounds (bench_<mode>_concurrency.png)."""
+    from loadtest.plots import by_concurrency, latency_vs_throughput
 
     names = []
-    for mode in dict.fromkeys(r["mode"] for r in report["cells"]):
+    for mode in dict.fromkeys(r["mode"] for r in report["cells"] if r["mode"] != MIXED):
         rows = [r for r in report["cells"] if r["mode"] == mode and r["prefix_reuse"]]
         path = Path(out) / f"bench_{mode}.png"
         latency_vs_throughput(rows, f"{mode} mode: latency vs throughput per strategy", path)
+        names.append(path.name)
+        path = Path(out) / f"bench_{mode}_concurrency.png"
+        by_concurrency(rows, f"{mode} mode: throughput and p95 vs concurrency (bars: range over rounds)", path)
         names.append(path.name)
     return names
 
@@ -254,7 +335,10 @@ def markdown(report: dict) -> str:
         f"Workload: {w['users']} real users, their SASRec top-{w['candidates']} candidates, PALR prompts of "
         f"{w['prompt_tokens_min']}-{w['prompt_tokens_max']} tokens (mean {w['prompt_tokens_mean']}, shared prefix "
         f"{w['prefix_tokens']}); generate mode writes {w['generate_k']} answer lines ({w['generate_format']}). "
-        f"Closed loop: each of `concurrency` callers sends its next request when its last one is answered."
+        f"Closed loop: each of `concurrency` callers sends its next request when its last one is answered. "
+        f"Users per request: {w['pattern']}"
+        + (f" (exponent {w['zipf_exponent']})" if w.get("zipf_exponent") else "")
+        + f": {w['distinct_users']} distinct users, {100 * w['repeat_share']:.0f} % of requests repeat a user."
         + (" The workload is reduced (--candidates/--generate-k): ratios are not comparable with the goals."
            if report["config"]["candidates"] or report["config"]["generate_k"] else ""),
         f"## Headline ratios (median over {rounds} round(s), each ratio taken within one round)",
@@ -263,17 +347,38 @@ def markdown(report: dict) -> str:
                         for name, value in report["ratios"].items()], ["ratio", "value", "goal", "met", "per round"]),
     ]
     columns = ["strategy", "concurrency", "requests", "throughput_rps", "p50_ms", "p95_ms", "mean_batch",
-               "vs_sequential_throughput", "vs_sequential_p95", "rounds"]
-    for mode, plot_name in zip(dict.fromkeys(r["mode"] for r in report["cells"]), report["plots"]):
+               "vs_sequential_throughput", "vs_sequential_p95", "vs_rounds", "rounds"]
+    for mode in dict.fromkeys(r["mode"] for r in report["cells"] if r["mode"] != MIXED):
         rows = [r for r in report["cells"] if r["mode"] == mode and r["prefix_reuse"]]
         rows.sort(key=lambda r: (r["concurrency"], list(STRATEGIES).index(r["strategy"])))
-        parts += [f"## {mode} mode: one-at-a-time vs static vs in-flight batching", markdown_table(rows, columns),
-                  f"![{mode} mode]({plot_name})"]
+        plots = [name for name in report["plots"] if name.startswith(f"bench_{mode}")]
+        parts += [f"## {mode} mode: one-at-a-time vs static vs in-flight batching",
+                  "vs_sequential_*: the cell against one-at-a-time at the same concurrency, taken within each round "
+                  "both ran in (vs_rounds), median over those rounds; the other columns are medians over the cell's "
+                  "rounds.", markdown_table(rows, columns)]
+        parts += [f"![{mode} mode]({name})" for name in plots]
+    mixed = sorted((r for r in report["cells"] if r["mode"] == MIXED), key=lambda r: list(STRATEGIES).index(r["strategy"]))
+    if mixed:
+        name = "mixed_inflight_vs_static_score_p95_c16"
+        share = report["config"]["mixed_share"]
+        parts += [f"## Mixed traffic: {100 * (1 - share):.0f} % score and {100 * share:.0f} % generate requests together",
+                  "Each mode's own p50/p95 (medians over rounds). Score requests' p95 in-flight vs static, per round: "
+                  f"{report['ratio_runs'].get(name, [])} (median {report['ratios'].get(name, '')}).",
+                  markdown_table(mixed, ["strategy", "concurrency", "requests", "throughput_rps", "score_p50_ms",
+                                         "score_p95_ms", "generate_p50_ms", "generate_p95_ms", "rounds"])]
     prefix = [r for r in report["cells"] if r["mode"] == "score" and r["strategy"] == "inflight"
               and r["concurrency"] == 1]
     if len(prefix) == 2:
         parts += ["## Shared-prefix KV reuse (score mode, in-flight engine, concurrency 1)",
                   markdown_table(prefix, ["prefix_reuse", "requests", "p50_ms", "p95_ms", "rounds"])]
+    if "utilisation" in report:
+        u = report["utilisation"]
+        parts += ["## Utilisation: score-mode prefill FLOP/s against this machine's matmul peak (same run)",
+                  f"FLOP/s = 2 x {u['parameters']:,} {u['parameter_count']} parameters x prompt tokens / time; "
+                  f"peak: a {u['rows'][0]['matmul_n']}³ torch.matmul, median of {report['config']['utilisation_repeats']}, "
+                  f"interleaved with the prefills. Chosen precision: {u['chosen_from']}.",
+                  markdown_table(u["rows"], ["dtype", "matmul_dtype", "source", "peak_gflops", "prompt_tokens",
+                                             "prefill_ms", "prefill_gflops", "utilisation"])]
     if "retrieval_model" in report:
         parts += ["## Retrieval: SASRec top-k in ONNX Runtime vs torch eager (last round)",
                   markdown_table(report["retrieval_model"], ["engine", "batch", "median_ms", "p90_ms", "vs_torch"])]

@@ -106,16 +106,68 @@ class Cell:
         return f"{self.mode}/{self.strategy}/c{self.concurrency}" + ("" if self.prefix_reuse else "/no-prefix-reuse")
 
 
-def measure(cell: Cell, workload: Workload, engine_config, requests: int) -> dict:
+PATTERNS = ("uniform", "zipf")
+MIXED = "mixed"
+
+
+def request_order(users: int, n: int, pattern: str = "uniform", exponent: float = 1.1, seed: int = 0) -> list[int]:
+    """Which user (an index into the workload's users) each of `n` requests is for.
+
+    uniform: every user in turn (0, 1, ..., users - 1, 0, ...): no user repeats before all have come.
+    zipf: users drawn independently with P(user of rank k) proportional to 1 / k^exponent (rank 1 =
+    the first sampled user): a few users come back often, as feeds refreshing and pages reloading do.
+    The same seed gives the same order for every cell."""
+    if pattern == "uniform":
+        return [i % users for i in range(n)]
+    if pattern != "zipf":
+        raise ValueError(f"unknown request pattern {pattern!r}; choose from {', '.join(PATTERNS)}")
+    if exponent <= 0:
+        raise ValueError(f"the Zipf exponent must be > 0, got {exponent}")
+    weights = [1.0 / (k ** exponent) for k in range(1, users + 1)]
+    return random.Random(seed).choices(range(users), weights=weights, k=n)
+
+
+def mixed_modes(n: int, generate_share: float) -> list[str]:
+    """The mode of each of `n` requests of a mixed cell: generate for a `generate_share` of them,
+    spread evenly (0.2: every fifth request), score for the rest."""
+    if not 0 < generate_share < 1:
+        raise ValueError(f"the generate share of a mixed cell must be in (0, 1), got {generate_share}")
+    return ["generate" if int((i + 1) * generate_share) > int(i * generate_share) else "score" for i in range(n)]
+
+
+def measure(cell: Cell, workload: Workload, engine_config, requests: int, order: list[int] | None = None,
+            generate_share: float = 0.2) -> dict:
     """Drives `max(requests, concurrency)` requests through a fresh engine (every caller sends at
     least one) after one unmeasured request (it fills the engine's prefix cache; the process was
     warmed up before the first cell); returns the driver's summary (throughput, p50/p95, mean batch,
-    errors)."""
+    errors). `order`: the user of each request (`request_order`; default: every user in turn).
+    A `mixed` cell sends score and generate requests together (`mixed_modes`) and also reports each
+    mode's own p50/p95."""
     from loadtest.drive import run_strategy
 
     n = max(requests, cell.concurrency)
-    pool = workload.requests[cell.mode]
-    batch = [pool[i % len(pool)] for i in range(n)]
+    users = order[:n] if order is not None else [i % len(workload.users) for i in range(n)]
+    if len(users) < n:
+        raise ValueError(f"request order of {len(users)} requests for a cell of {n}")
+    modes = mixed_modes(n, generate_share) if cell.mode == MIXED else [cell.mode] * n
+    batch = [workload.requests[m][u % len(workload.requests[m])] for m, u in zip(modes, users)]
     config = dataclasses.replace(engine_config, prefix_reuse=cell.prefix_reuse)
     result = run_strategy(cell.strategy, workload.model, batch, cell.concurrency, config, warmup=1)
-    return {**result.summary(), "requests": n, "p99_ms": round(result.percentile_ms(99), 1)}
+    summary = {**result.summary(), "requests": n, "p99_ms": round(result.percentile_ms(99), 1)}
+    if cell.mode == MIXED:
+        summary.update(per_mode(result.latencies_ms if not result.errors else None, modes))
+    return summary
+
+
+def per_mode(latencies_ms: list[float] | None, modes: list[str]) -> dict:
+    """p50/p95 of each mode's requests in a mixed cell (the driver's latencies are in request order;
+    with errors they no longer line up with the modes: None)."""
+    import numpy as np
+
+    out = {}
+    for mode in ("score", "generate"):
+        values = [x for x, m in zip(latencies_ms or [], modes) if m == mode]
+        for q in (50, 95):
+            out[f"{mode}_p{q}_ms"] = round(float(np.percentile(values, q)), 1) if values else None
+        out[f"{mode}_requests"] = modes.count(mode)
+    return out

@@ -37,3 +37,42 @@ def latency_vs_throughput(rows: list[dict], title: str, path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def spread(row: dict, metric: str) -> tuple[float, float, float]:
+    """(median, low, high) of `metric` over the rounds a cell ran in (`row["runs"]`); a cell measured
+    once has no spread (low = high = its value)."""
+    values = sorted(r[metric] for r in row.get("runs", []) if r.get(metric) is not None) or [row[metric]]
+    return row[metric], values[0], values[-1]
+
+
+def by_concurrency(rows: list[dict], title: str, path: Path) -> Path:
+    """Two panels, one line per strategy through its concurrency levels: throughput (left) and p95
+    latency (right) against concurrency; the bars span the lowest to the highest round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.2))
+    for strategy in dict.fromkeys(r["strategy"] for r in rows):
+        points = sorted((r for r in rows if r["strategy"] == strategy), key=lambda r: r["concurrency"])
+        x = [r["concurrency"] for r in points]
+        for ax, metric, scale in ((left, "throughput_rps", 1.0), (right, "p95_ms", 1e-3)):
+            mid, low, high = zip(*(spread(r, metric) for r in points))
+            y = [m * scale for m in mid]
+            errors = [[(m - lo) * scale for m, lo in zip(mid, low)], [(hi - m) * scale for m, hi in zip(mid, high)]]
+            ax.errorbar(x, y, yerr=errors, marker="o", capsize=3, label=strategy)
+    for ax, label in ((left, "throughput (requests/s)"), (right, "p95 latency (s)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrency (closed-loop callers)")
+        ax.set_ylabel(label)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -3,8 +3,12 @@ how to load it so the model runs as it was measured at build time.
 
     engines/hf-cpu/
       config.json  model.safetensors  tokenizer files
-      build.json   {"dtype": "fp32" | "bf16" | "fp16", "quantization": null | "dynamic-int8",
-                    "num_threads": 2, "attn_implementation": "sdpa"}
+      build.json   {"dtype": "fp32" | "bf16" | "fp16", "quantization": null | "dynamic-int8" | "int8-weight-only",
+                    "body_dtype": null | "bf16", "num_threads": 2, "attn_implementation": "sdpa"}
+
+`body_dtype` (absent in older builds: null) casts the decoder layers to that dtype at load while the
+final norm, the LM head and the scores stay in `dtype` (fp32): see `palr.precision.body_dtype`.
+`int8-weight-only` is torchao's weight-only int8 of the decoder's Linear layers, also applied at load.
 
 Dynamic int8 (torch.ao `quantize_dynamic` of the decoder's Linear layers: int8 weights, activations
 quantized per call) is applied at load time rather than saved: a quantized state dict is a pickle
@@ -20,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from palr.precision import INT8_WEIGHT_ONLY, body_dtype, int8_weight_only
 
 log = logging.getLogger(__name__)
 
@@ -38,14 +44,16 @@ def quantize_dynamic_int8(model):
 
 
 def save_hf_build(out: Path, model, tokenizer, *, dtype: str, quantization: str | None,
-                  num_threads: int | None, attn_implementation: str) -> dict[str, Any]:
-    """Writes the checkpoint in `dtype` (fp32 under dynamic int8: quantized at load) and build.json."""
-    if quantization and dtype != "fp32":
-        raise ValueError(f"{quantization} quantizes an fp32 model, not {dtype}")
+                  num_threads: int | None, attn_implementation: str, body_dtype: str | None = None) -> dict[str, Any]:
+    """Writes the checkpoint in `dtype` (fp32 under int8 or a bf16 body: applied at load) and build.json."""
+    if (quantization or body_dtype) and dtype != "fp32":
+        raise ValueError(f"{quantization or 'a ' + str(body_dtype) + ' body'} applies to an fp32 model, not {dtype}")
+    if body_dtype is not None and body_dtype not in DTYPES:
+        raise ValueError(f"unknown body dtype {body_dtype!r}")
     out.mkdir(parents=True, exist_ok=True)
     model.to(DTYPES[dtype]).save_pretrained(out)
     tokenizer.save_pretrained(out)
-    record = {"dtype": dtype, "quantization": quantization, "num_threads": num_threads,
+    record = {"dtype": dtype, "quantization": quantization, "body_dtype": body_dtype, "num_threads": num_threads,
               "attn_implementation": attn_implementation}
     (out / BUILD_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return record
@@ -70,11 +78,16 @@ def load_hf_build(path: Path, device: str = "cpu"):
         if device != "cpu":
             raise ValueError(f"{path}: dynamic int8 quantization runs on CPU only, not {device}")
         quantize_dynamic_int8(model)
+    elif record["quantization"] == INT8_WEIGHT_ONLY:
+        int8_weight_only(model)
     elif record["quantization"]:
         raise ValueError(f"{path}: unknown quantization {record['quantization']!r} in {BUILD_FILE}")
+    if record.get("body_dtype"):
+        body_dtype(model, DTYPES[record["body_dtype"]])
     if record.get("num_threads") and device == "cpu":
         torch.set_num_threads(int(record["num_threads"]))
-    log.info("hf build %s: %s%s, attention %s, %s threads", path, record["dtype"],
-             f" ({record['quantization']})" if record["quantization"] else "", record["attn_implementation"],
+    log.info("hf build %s: %s%s%s, attention %s, %s threads", path, record["dtype"],
+             f" ({record['quantization']})" if record["quantization"] else "",
+             f" ({record['body_dtype']} body)" if record.get("body_dtype") else "", record["attn_implementation"],
              record.get("num_threads") or "default")
     return model, AutoTokenizer.from_pretrained(path), record

@@ -2,8 +2,12 @@
 without ranking worse than fp32.
 
 Candidates (each a `TorchRunner` on the same weights): fp32; bf16 (fast only with AVX512-BF16 or
-AMX, emulated otherwise); dynamic int8 (torch.ao `quantize_dynamic`: int8 weights for the decoder's
-Linear layers, activations quantized per call; fbgemm needs AVX2). A candidate replaces fp32 only
+AMX, emulated otherwise); bf16-body ("bf16 body, fp32 head": decoder layers in bf16, final norm, LM
+head and scores in fp32, `palr.precision.body_dtype`); dynamic int8 (torch.ao `quantize_dynamic`:
+int8 weights for the decoder's Linear layers, activations quantized per call; fbgemm needs AVX2);
+int8-wo (torchao int8 weight-only of the same layers; needs torchao). The bf16 candidates are
+measured only where the CPU has native bf16 (avx512_bf16 or amx_bf16 in `palr.hardware`'s ISA
+flags); elsewhere the report says "not measured: ..." and they are never picked. A candidate replaces fp32 only
 if it ranks like fp32 (top-1 agreement ≥ --min-agreement, NDCG@10 drop ≤ --max-ndcg-drop) AND is
 at least --min-gain faster in both modes (score = prefill; generate = prefill + decode steps): one
 model serves both modes. Then the thread count (1..cores) is measured for the winner.
@@ -21,13 +25,27 @@ from compile.targets import BuildContext, BuildResult
 from compile.targets.measure import (
     TorchRunner, latency_prompt, load_average, load_probes, measure_latency, measure_quality, mode_latency_ms,
     quality_ok)
-from palr.hf_build import DTYPES, DYNAMIC_INT8, quantize_dynamic_int8, save_hf_build
+from palr.builds import isa_satisfied
 from palr.ranking import MODES
+from palr.precision import INT8_WEIGHT_ONLY, body_dtype, int8_weight_only, torchao_version
+from palr.hf_build import DTYPES, DYNAMIC_INT8, quantize_dynamic_int8, save_hf_build
 
 log = logging.getLogger(__name__)
 
-# What a dtype needs from the CPU to run as measured ("a|b": either).
-REQUIRES_ISA = {"fp32": [], "bf16": ["amx_bf16|avx512_bf16"], "int8": ["avx2"]}
+NATIVE_BF16 = "amx_bf16|avx512_bf16"
+# What a candidate needs from the CPU to run as measured ("a|b": either).
+REQUIRES_ISA = {"fp32": [], "bf16": [NATIVE_BF16], "bf16-body": [NATIVE_BF16], "int8": ["avx2"], "int8-wo": []}
+LABELS = {"fp32": "fp32", "bf16": "bf16", "bf16-body": "bf16 body, fp32 head", "int8": "dynamic int8",
+          "int8-wo": "int8 weight-only (torchao)"}
+# How each candidate is saved (build.json): the fp32 checkpoint plus what to apply at load, or plain bf16.
+BUILD_RECORDS = {
+    "fp32": {"dtype": "fp32", "quantization": None, "body_dtype": None},
+    "bf16": {"dtype": "bf16", "quantization": None, "body_dtype": None},
+    "bf16-body": {"dtype": "fp32", "quantization": None, "body_dtype": "bf16"},
+    "int8": {"dtype": "fp32", "quantization": DYNAMIC_INT8, "body_dtype": None},
+    "int8-wo": {"dtype": "fp32", "quantization": INT8_WEIGHT_ONLY, "body_dtype": None},
+}
+CANDIDATES = tuple(BUILD_RECORDS)
 
 
 def variant(model, dtype: str):
@@ -36,7 +54,30 @@ def variant(model, dtype: str):
         return model
     if dtype == "int8":
         return quantize_dynamic_int8(copy.deepcopy(model))
+    if dtype == "int8-wo":
+        return int8_weight_only(copy.deepcopy(model))
+    if dtype == "bf16-body":
+        return body_dtype(copy.deepcopy(model), torch.bfloat16)
     return copy.deepcopy(model).to(DTYPES[dtype])
+
+
+def plan_candidates(requested, cpu_isa, torchao: str | None = None) -> tuple[list[str], dict[str, str]]:
+    """(the candidates to measure, fp32 first; {candidate: why it is not measured}) on a CPU with
+    ISA flags `cpu_isa`. A bf16 candidate on a CPU without native bf16 is never measured (it would be
+    emulated, ~5x slower) and so never picked; int8-wo needs torchao (`torchao`: its version or None)."""
+    unknown = [d for d in requested if d not in BUILD_RECORDS]
+    if unknown:
+        raise ValueError(f"hf-cpu candidates are {', '.join(CANDIDATES)}, not {', '.join(unknown)}")
+    measured, skipped = [], {}
+    for dtype in dict.fromkeys(["fp32", *requested]):
+        missing = [r for r in REQUIRES_ISA[dtype] if not isa_satisfied(r, tuple(cpu_isa))]
+        if missing:
+            skipped[dtype] = f"not measured: CPU lacks {'/'.join(m.replace('|', '/') for m in missing)}"
+        elif dtype == "int8-wo" and torchao is None:
+            skipped[dtype] = "not measured: torchao is not installed (pip install 'palr-serving[cpu-quant]')"
+        else:
+            measured.append(dtype)
+    return measured, skipped
 
 
 def cpu_cores() -> int:
@@ -54,7 +95,7 @@ def choose(latency: dict, quality: dict, config) -> tuple[str, dict[str, str]]:
                   / mode_latency_ms(ref_lat, m, config.generate_tokens) for m in MODES}
         good = all(quality_ok(quality[dtype], ref_q, config.min_agreement, config.max_ndcg_drop, m) for m in MODES)
         faster = all(r <= 1 - config.min_gain for r in ratios.values())
-        why = (f"score {ratios['score']:.2f}x, generate {ratios['generate']:.2f}x fp32 latency; top-1 agreement "
+        why = (f"{LABELS.get(dtype, dtype)}: score {ratios['score']:.2f}x, generate {ratios['generate']:.2f}x fp32 latency; top-1 agreement "
                f"{quality[dtype]['score_top1_agreement']:.2f}")
         verdicts[dtype] = ("kept: " if good and faster else "rejected: ") + why + (
             "" if good else " (ranks differently)") + ("" if faster else " (not faster in both modes)")
@@ -97,22 +138,27 @@ def build(ctx: BuildContext) -> BuildResult:
         threads = config.threads or None
         report["decision"] = f"--no-measure: {dtype} as asked"
     if dtype not in REQUIRES_ISA:
-        raise ValueError(f"hf-cpu builds fp32, bf16 or int8, not {dtype}")
+        raise ValueError(f"hf-cpu builds {', '.join(CANDIDATES)}, not {dtype}")
     report["load_average_after"] = load_average()
-    quantization = DYNAMIC_INT8 if dtype == "int8" else None
-    record = save_hf_build(ctx.out, model, tokenizer, dtype="fp32" if quantization else dtype,
-                           quantization=quantization, num_threads=threads, attn_implementation="sdpa")
-    meta = {"dtype": dtype, "quantization": quantization, "tensor_parallel_size": 1, "num_threads": threads,
+    record = save_hf_build(ctx.out, model, tokenizer, **BUILD_RECORDS[dtype], num_threads=threads,
+                           attn_implementation="sdpa")
+    meta = {"dtype": dtype, "quantization": record["quantization"], "body_dtype": record["body_dtype"],
+            "tensor_parallel_size": 1, "num_threads": threads,
             "attn_implementation": record["attn_implementation"], "requires_isa": REQUIRES_ISA[dtype],
             "serves_modes": list(MODES)}
+    if record["quantization"] == INT8_WEIGHT_ONLY:
+        meta["torchao"] = torchao_version()
     return BuildResult(meta, report, summary=f"{dtype}, {threads or 'default'} threads; {report['decision']}")
 
 
 def measure_and_choose(ctx: BuildContext, model, tokenizer, report: dict) -> tuple[str, int | None]:
     config = ctx.config
-    candidates = ["fp32"] + [d for d in dict.fromkeys(config.candidates) if d != "fp32"]
-    if config.dtype != "auto":
-        candidates = list(dict.fromkeys(["fp32", config.dtype]))
+    requested = [config.dtype] if config.dtype != "auto" else list(config.candidates)
+    candidates, skipped = plan_candidates(requested, ctx.machine.cpu_isa, torchao_version())
+    if config.dtype != "auto" and config.dtype not in candidates:
+        raise ValueError(f"--dtype {config.dtype}: {skipped[config.dtype]}")
+    for dtype, why in skipped.items():
+        log.info("hf-cpu %s: %s", dtype, why)
     probes, source = load_probes(ctx.bundle, tokenizer, config.probe_users, config.prompt_tokens)
     ids = latency_prompt(probes, config.prompt_tokens)
     runners = [TorchRunner(d, variant(model, d)) for d in candidates]
@@ -126,8 +172,9 @@ def measure_and_choose(ctx: BuildContext, model, tokenizer, report: dict) -> tup
         verdicts[best] = f"kept: --dtype {best} asked for (measured for the record)"
     threads, thread_table = (config.threads, {}) if config.threads else measure_threads(
         next(r for r in runners if r.name == best), ids, config)
+    verdicts.update(skipped)
     report.update({"probes": source, "latency_prompt_tokens": len(ids), "latency": latency, "quality": quality,
-                   "verdicts": verdicts, "threads": thread_table, "chosen_threads": threads,
+                   "candidates": {d: LABELS[d] for d in [*candidates, *skipped]}, "verdicts": verdicts, "threads": thread_table, "chosen_threads": threads,
                    "decision": f"kept {best} ({verdicts[best]})"})
     for dtype in candidates:
         log.info("hf-cpu %-5s prefill %.1f ms, decode %.2f ms/token, top-1 agreement %.2f%s → %s", dtype,

@@ -1,0 +1,127 @@
+"""How close score-mode prefill runs to this machine's matmul peak, measured side by side in one run.
+
+    peak       a 2048^3 torch.matmul (2 * 2048^3 FLOPs), median of a few, in fp32 and in the dtype the
+               bundle's hf-cpu build runs its matmuls in (bf16 for bf16 / bf16-body builds)
+    prefill    one forward pass over a real score prompt (the bench's workload, the full prompt: no
+               prefix reuse), median of a few, on the bench's model in that precision
+    FLOP/s     2 x non-embedding parameters x prompt tokens / prefill time
+
+Non-embedding parameters: every parameter of the decoder layers plus the final norm, without the
+token embeddings and the LM head (the engines compute the head for one position and only its label
+rows, and an embedding lookup is no matmul). The attention-score FLOPs (4 x layers x hidden x context
+per token, ~5 % of the total at 300 tokens on SmolLM2-135M) are not counted, so utilisation is a
+slight underestimate. Peak and prefill are measured interleaved (peak, prefill, peak, ...) so a
+machine that slows down mid-run slows both.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import time
+
+log = logging.getLogger(__name__)
+
+MATMUL_N = 2048
+PARAMETERS = "non-embedding (decoder layers + final norm; no token embeddings, no LM head)"
+# which matmul dtype a build candidate (compile/targets/hf_cpu.py) runs its decoder in
+MATMUL_DTYPE = {"fp32": "fp32", "bf16": "bf16", "bf16-body": "bf16", "int8": "fp32", "int8-wo": "fp32"}
+
+
+def matmul_flops(n: int = MATMUL_N) -> int:
+    """FLOPs of an n x n by n x n matmul (a multiply and an add per term)."""
+    return 2 * n ** 3
+
+
+def prefill_flops(parameters: int, tokens: int) -> int:
+    """FLOPs of one prefill over `tokens` tokens through `parameters` matmul parameters."""
+    return 2 * parameters * tokens
+
+
+def flops_per_s(flops: float, seconds: float) -> float:
+    return flops / seconds if seconds > 0 else 0.0
+
+
+def non_embedding_parameters(model) -> int:
+    decoder = model.get_decoder()
+    count = sum(p.numel() for p in decoder.layers.parameters())
+    norm = getattr(decoder, "norm", None)
+    return count + (sum(p.numel() for p in norm.parameters()) if norm is not None else 0)
+
+
+def utilisation_row(dtype: str, peak_s: float, prefill_s: float, parameters: int, tokens: int,
+                    n: int = MATMUL_N, source: str = "direct forward") -> dict:
+    """One row of the report: peak and prefill FLOP/s (GFLOP/s) and their ratio."""
+    peak = flops_per_s(matmul_flops(n), peak_s)
+    prefill = flops_per_s(prefill_flops(parameters, tokens), prefill_s)
+    return {"dtype": dtype, "source": source, "matmul_n": n, "matmul_ms": round(1e3 * peak_s, 2),
+            "peak_gflops": round(peak / 1e9, 2), "prompt_tokens": tokens, "prefill_ms": round(1e3 * prefill_s, 1),
+            "prefill_gflops": round(prefill / 1e9, 2), "utilisation": round(prefill / peak, 3) if peak else None}
+
+
+def chosen_dtype(bundle_dir) -> tuple[str, str]:
+    """(the hf-cpu build's candidate, how it was found): the bundle's engine:hf-cpu dtype, else fp32."""
+    from palr.bundle import Bundle
+
+    bundle = Bundle.open(bundle_dir)
+    if bundle.has("engine:hf-cpu"):
+        dtype = bundle.artifact("engine:hf-cpu").get("dtype") or "fp32"
+        return dtype, f"the bundle's engine:hf-cpu build ({dtype})"
+    return "fp32", "no engine:hf-cpu build in the bundle: fp32"
+
+
+def measure(model, input_ids: list[int], dtypes: list[str], repeats: int = 5, n: int = MATMUL_N) -> list[dict]:
+    """Per candidate in `dtypes` (hf-cpu names): matmul peak in its matmul dtype and prefill of
+    `input_ids` on `model` made that candidate, interleaved, medians of `repeats`."""
+    import torch
+
+    from compile.targets.hf_cpu import variant
+
+    parameters = non_embedding_parameters(model)
+    rows = []
+    for dtype in dict.fromkeys(dtypes):
+        torch_dtype = torch.bfloat16 if MATMUL_DTYPE.get(dtype, "fp32") == "bf16" else torch.float32
+        a, b = torch.randn(n, n, dtype=torch_dtype), torch.randn(n, n, dtype=torch_dtype)
+        candidate = variant(model, dtype)
+        ids = torch.tensor([input_ids])
+        with torch.inference_mode():
+            a @ b
+            candidate(input_ids=ids[:, :16], use_cache=True, logits_to_keep=1)  # warm-up
+            peaks, prefills = [], []
+            for _ in range(repeats):
+                started = time.perf_counter()
+                a @ b
+                peaks.append(time.perf_counter() - started)
+                started = time.perf_counter()
+                candidate(input_ids=ids, use_cache=True, logits_to_keep=1)
+                prefills.append(time.perf_counter() - started)
+        row = utilisation_row(dtype, statistics.median(peaks), statistics.median(prefills), parameters, len(input_ids),
+                              n)
+        row["matmul_dtype"] = MATMUL_DTYPE.get(dtype, "fp32")
+        row["prefill_ms_runs"] = [round(1e3 * x, 1) for x in prefills]
+        rows.append(row)
+        log.info("utilisation %s: peak %.1f GFLOP/s, prefill %.1f GFLOP/s (%d tokens, %.0f ms) = %.0f %%", dtype,
+                 row["peak_gflops"], row["prefill_gflops"], len(input_ids), row["prefill_ms"],
+                 100 * (row["utilisation"] or 0))
+        del candidate
+    return rows
+
+
+def engine_row(peak_row: dict, cell: dict | None, parameters: int, tokens: float) -> dict | None:
+    """The engine's own score-mode prefill (in-flight, concurrency 1, prefix reuse off: the whole
+    prompt computed) against the peak measured in the same run: p50 latency as the prefill time."""
+    if not cell or not cell.get("p50_ms"):
+        return None
+    row = utilisation_row(peak_row["dtype"], peak_row["matmul_ms"] / 1e3, cell["p50_ms"] / 1e3, parameters,
+                          round(tokens), peak_row["matmul_n"], source="engine cell score/inflight/c1/no-prefix-reuse p50")
+    row["matmul_dtype"] = peak_row.get("matmul_dtype", "fp32")
+    return row
+
+
+def section(model, input_ids: list[int], bundle_dir, repeats: int = 5) -> dict:
+    """The report's `utilisation` section: fp32 and the build's chosen precision side by side."""
+    chosen, why = chosen_dtype(bundle_dir)
+    rows = measure(model, input_ids, ["fp32", chosen], repeats)
+    return {"parameters": non_embedding_parameters(model), "parameter_count": PARAMETERS, "chosen": chosen,
+            "chosen_from": why, "rows": rows,
+            "flops": "2 x parameters x prompt tokens / prefill time; peak: 2 x n^3 / time of an n^3 torch.matmul"}

@@ -1,0 +1,107 @@
+"""The benchmark report's arithmetic on synthetic numbers (no timings asserted): utilisation (FLOPs of
+the matmul peak and of a prefill, the parameter count used), "vs" figures taken within one round,
+and the per-concurrency plots with the spread over rounds."""
+
+from __future__ import annotations
+
+import pytest
+
+from loadtest.bench_all import cell_rows, vs_within_rounds
+from loadtest.bench_ranking import Cell
+from loadtest.utilisation import (
+    MATMUL_DTYPE, engine_row, flops_per_s, matmul_flops, non_embedding_parameters, prefill_flops, utilisation_row)
+
+
+def summary(round_, throughput, p95, **extra):
+    return {"round": round_, "requests": 16, "throughput_rps": throughput, "p50_ms": p95 / 2, "p95_ms": p95,
+            "p99_ms": p95, "mean_ms": p95 / 2, "mean_batch": 1.0, "errors": {}, **extra}
+
+
+def test_flop_arithmetic():
+    assert matmul_flops(2048) == 2 * 2048 ** 3 == 17_179_869_184
+    assert prefill_flops(100_000_000, 300) == 60_000_000_000
+    assert flops_per_s(6e10, 0.5) == 1.2e11 and flops_per_s(1.0, 0.0) == 0.0
+    row = utilisation_row("fp32", peak_s=0.1, prefill_s=0.5, parameters=100_000_000, tokens=300)
+    assert row["peak_gflops"] == pytest.approx(171.8, abs=0.01)  # 2 x 2048^3 / 0.1 s
+    assert row["prefill_gflops"] == 120.0  # 2 x 1e8 x 300 / 0.5 s
+    assert row["utilisation"] == pytest.approx(120 / 171.8, abs=1e-3)
+    assert row["prefill_ms"] == 500.0 and row["matmul_ms"] == 100.0 and row["prompt_tokens"] == 300
+    assert MATMUL_DTYPE["bf16-body"] == "bf16" and MATMUL_DTYPE["int8"] == "fp32"
+
+
+def test_engine_row_uses_the_cells_p50_as_the_prefill_time():
+    peak = {**utilisation_row("fp32", 0.1, 0.5, 10, 3), "matmul_dtype": "fp32"}
+    row = engine_row(peak, {"p50_ms": 250.0}, 100_000_000, 299.6)
+    assert row["prompt_tokens"] == 300 and row["prefill_gflops"] == 240.0 and row["source"].startswith("engine cell")
+    assert row["peak_gflops"] == peak["peak_gflops"]
+    assert engine_row(peak, None, 1, 1) is None
+
+
+def test_non_embedding_parameters_count_decoder_layers_and_final_norm_only():
+    torch = pytest.importorskip("torch")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    per_layer = 64 * 64 * 2 + 64 * 32 * 2 + 64 * 128 * 3 + 2 * 64  # q, o; k, v (GQA); gate, up, down; 2 norms
+    assert non_embedding_parameters(model) == 2 * per_layer + 64
+    assert non_embedding_parameters(model) == model.num_parameters() - 1000 * 64  # all but the (tied) embeddings
+
+
+def test_vs_sequential_is_taken_within_one_round():
+    """The issue's case: in-flight at c=1 ran 3 rounds (rounds 1-2 on a machine 1.6x slower), one-at-a-
+    time only in round 0. Within round 0 in-flight is 1.12x; median-over-rounds / round 0 would say 0.7x."""
+    runs = {Cell("score", "inflight", 1): [summary(0, 1.12, 900), summary(1, 0.7, 1500), summary(2, 0.7, 1400)],
+            Cell("score", "sequential", 1): [summary(0, 1.0, 1000)],
+            Cell("score", "inflight", 16): [summary(0, 2.0, 8000), summary(1, 1.5, 12000)],
+            Cell("score", "sequential", 16): [summary(0, 1.0, 16000), summary(1, 1.0, 15000)]}
+    rows = {(r["strategy"], r["concurrency"]): r for r in cell_rows(runs)}
+    c1 = rows[("inflight", 1)]
+    assert c1["throughput_rps"] == 0.7  # the cell's own median over its rounds
+    assert c1["vs_sequential_throughput"] == 1.12 and c1["vs_rounds"] == [0]
+    assert c1["vs_sequential_p95"] == 0.9
+    c16 = rows[("inflight", 16)]
+    assert c16["vs_sequential_throughput_runs"] == [2.0, 1.5] and c16["vs_sequential_throughput"] == 1.75
+    assert c16["vs_sequential_p95_runs"] == [0.5, 0.8] and c16["vs_rounds"] == [0, 1]
+    assert rows[("sequential", 16)]["vs_sequential_throughput"] == 1.0
+
+
+def test_vs_within_rounds_without_a_shared_round_gives_nothing():
+    assert vs_within_rounds([summary(1, 1.0, 10)], [summary(0, 1.0, 10)]) == {}
+
+
+def test_concurrency_plot_with_the_spread_over_rounds(tmp_path):
+    pytest.importorskip("matplotlib")
+    from loadtest.plots import by_concurrency, spread
+
+    runs = {Cell("generate", s, c): [summary(r, base * c ** 0.5 * (1 - 0.2 * r), 100 * c * (1 + 0.3 * r))
+                                     for r in range(3 if c == 16 else 1)]
+            for s, base in (("sequential", 1.0), ("static", 1.5), ("inflight", 2.0)) for c in (1, 4, 16)}
+    rows = cell_rows(runs)
+    row = next(r for r in rows if r["strategy"] == "inflight" and r["concurrency"] == 16)
+    assert spread(row, "p95_ms") == (row["p95_ms"], 1600, pytest.approx(2560))
+    once = next(r for r in rows if r["concurrency"] == 4)
+    assert spread(once, "throughput_rps")[1] == spread(once, "throughput_rps")[2] == once["throughput_rps"]
+    path = by_concurrency(rows, "synthetic", tmp_path / "c.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_run_reports_utilisation_side_by_side(tiny_llm_bundle, tmp_path):
+    """The whole code path on the tiny bundle: the section is there with fp32 and the engine's cell."""
+    import json
+
+    from loadtest.bench_all import BenchConfig, run
+
+    run(BenchConfig(bundle=tiny_llm_bundle, out=tmp_path, concurrency=[1], strategies=["inflight"], modes=["score"],
+                    requests=2, repeats=1, candidates=6, skip_retrieval=True, utilisation_repeats=2))
+    section = json.loads((tmp_path / "bench.json").read_text())["utilisation"]
+    assert section["chosen"] == "fp32" and section["chosen_from"].startswith("no engine:hf-cpu build")
+    direct, engine = section["rows"]
+    assert direct["dtype"] == "fp32" and direct["source"] == "direct forward" and engine["source"].startswith("engine")
+    for row in (direct, engine):
+        assert row["peak_gflops"] > 0 and row["prefill_gflops"] > 0 and row["utilisation"] > 0
+    assert direct["prefill_gflops"] == pytest.approx(
+        2 * section["parameters"] * direct["prompt_tokens"] / (direct["prefill_ms"] / 1e3) / 1e9, rel=0.01, abs=0.01)
+    assert "## Utilisation" in (tmp_path / "bench.md").read_text()

@@ -1,0 +1,74 @@
+"""The bench workload like real traffic, on synthetic inputs: which user each request is for (uniform
+or Zipf repeats), the mixed cell's modes and its per-mode percentiles, and which cells a bench runs."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from loadtest.bench_all import BenchConfig, cell_rows, headline_cells, pattern_summary, sweep_cells
+from loadtest.bench_ranking import MIXED, Cell, mixed_modes, per_mode, request_order
+
+
+def test_uniform_order_is_every_user_in_turn():
+    assert request_order(4, 10) == [0, 1, 2, 3, 0, 1, 2, 3, 0, 1]
+
+
+def test_zipf_order_repeats_the_top_ranked_users_and_is_reproducible():
+    order = request_order(100, 2000, "zipf", 1.1, seed=3)
+    assert order == request_order(100, 2000, "zipf", 1.1, seed=3) != request_order(100, 2000, "zipf", 1.1, seed=4)
+    counts = Counter(order)
+    assert counts.most_common(1)[0][0] == 0 and counts[0] > 3 * counts[9] > 0  # ~ 10^1.1 = 12.6x
+    assert set(order) <= set(range(100))
+    steeper = request_order(100, 2000, "zipf", 2.0, seed=3)
+    assert len(set(steeper)) < len(set(order))  # a larger exponent concentrates on fewer users
+    with pytest.raises(ValueError, match="unknown request pattern"):
+        request_order(10, 5, "pareto")
+    with pytest.raises(ValueError, match="exponent"):
+        request_order(10, 5, "zipf", 0.0)
+
+
+def test_mixed_modes_spread_the_generate_share_evenly():
+    modes = mixed_modes(20, 0.2)
+    assert [i for i, m in enumerate(modes) if m == "generate"] == [4, 9, 14, 19]
+    assert Counter(mixed_modes(16, 0.2)) == {"score": 13, "generate": 3}
+    with pytest.raises(ValueError):
+        mixed_modes(10, 1.0)
+
+
+def test_per_mode_percentiles_follow_request_order():
+    modes = ["score", "score", "generate", "score", "generate"]
+    out = per_mode([100.0, 200.0, 5000.0, 300.0, 7000.0], modes)
+    assert out["score_p50_ms"] == 200.0 and out["score_requests"] == 3
+    assert out["generate_p50_ms"] == 6000.0 and out["generate_p95_ms"] == 6900.0 and out["generate_requests"] == 2
+    assert per_mode(None, modes)["score_p95_ms"] is None  # errors: latencies no longer line up
+
+
+def test_mixed_cells_run_every_round_when_both_modes_run():
+    config = BenchConfig(concurrency=[1, 16], repeats=2)
+    mixed = [c for c in headline_cells(config) if c.mode == MIXED]
+    assert mixed == [Cell(MIXED, "inflight", 16), Cell(MIXED, "static", 16)]
+    assert set(mixed) <= set(sweep_cells(config))
+    assert not [c for c in headline_cells(BenchConfig(concurrency=[1, 16], modes=["score"])) if c.mode == MIXED]
+    assert not [c for c in headline_cells(BenchConfig(concurrency=[1, 16], mixed_share=0)) if c.mode == MIXED]
+    with pytest.raises(ValueError, match="mixed-share"):
+        BenchConfig(mixed_share=1.0)
+
+
+def test_mixed_rows_carry_each_modes_percentiles():
+    def run(round_, score_p95):
+        return {"round": round_, "requests": 16, "throughput_rps": 1.0, "p50_ms": 1.0, "p95_ms": 2.0, "p99_ms": 2.0,
+                "mean_ms": 1.0, "mean_batch": 2.0, "errors": {}, "score_p50_ms": 1.0, "score_p95_ms": score_p95,
+                "generate_p50_ms": 5.0, "generate_p95_ms": 9.0}
+    rows = cell_rows({Cell(MIXED, "inflight", 16): [run(0, 100.0), run(1, 300.0)],
+                      Cell("score", "inflight", 16): [{**run(0, 1.0), "score_p95_ms": None}]})
+    mixed = next(r for r in rows if r["mode"] == MIXED)
+    assert mixed["score_p95_ms"] == 200.0 and mixed["generate_p95_ms"] == 9.0
+    assert "score_p95_ms" not in next(r for r in rows if r["mode"] == "score")
+
+
+def test_pattern_summary_counts_repeats():
+    config = BenchConfig(requests=4, concurrency=[1, 4], pattern="zipf", zipf_exponent=1.5)
+    assert pattern_summary([0, 0, 1, 0, 9, 9], config) == {"pattern": "zipf", "distinct_users": 2,
+                                                           "repeat_share": 0.5, "zipf_exponent": 1.5}
