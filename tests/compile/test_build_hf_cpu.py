@@ -16,8 +16,8 @@ torch = pytest.importorskip("torch")
 from compile import build  # noqa: E402
 from compile.targets.hf_cpu import BUILD_RECORDS, CANDIDATES, plan_candidates  # noqa: E402
 from palr.bundle import Bundle, BundleError  # noqa: E402
-from palr.builds import BuildMismatch, open_build# noqa: E402
-from palr.machine import ISA_FLAGS, Machine# noqa: E402
+from palr.builds import BuildMismatch, open_build  # noqa: E402
+from palr.machine import ISA_FLAGS, Machine  # noqa: E402
 from palr.llm import score_labels  # noqa: E402
 from palr.precision import torchao_version  # noqa: E402
 from ranking_server.engines.base import EngineRequest  # noqa: E402

@@ -15,8 +15,8 @@ pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not instal
 
 from compile import build  # noqa: E402
 from palr.bundle import Bundle  # noqa: E402
-from palr.builds import BuildMismatch# noqa: E402
-from palr.machine import library_version# noqa: E402
+from palr.builds import BuildMismatch  # noqa: E402
+from palr.machine import library_version  # noqa: E402
 from palr.llm import generate_labels, load_causal_lm, score_labels  # noqa: E402
 from ranking_server.engines.base import EngineAborted, EngineRequest  # noqa: E402
 from ranking_server.engines.factory import engine_from_build, ortgenai_engine  # noqa: E402
