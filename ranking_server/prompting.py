@@ -26,6 +26,7 @@ from palr.profiles import StatsProfiler
 from palr.prompt import PalrPrompt, PromptParts, PromptSettings
 from palr.ranking import complete_order, fuse, generation_bias, order_by_scores
 from palr.serving import RequestError, check_known_ids, invalid_argument
+from palr.validation import check_user_id
 from ranking_server.engines.base import EngineRequest, EngineResult
 from recsys.v1 import ranking_pb2
 
@@ -67,6 +68,7 @@ class RequestPlanner:
         self.max_candidates = max_candidates
 
     def plan(self, request: ranking_pb2.RecommendRequest, request_id: str) -> Plan:
+        check_user_id(request.user_id)
         if request.mode not in MODES:
             raise invalid_argument(f"mode: unknown value {request.mode}; use RANKING_MODE_SCORE or "
                                    f"RANKING_MODE_GENERATE")

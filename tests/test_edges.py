@@ -1,10 +1,11 @@
 """The edges a held-out client found (issue 11), over loopback with real servers on the tiny bundle:
 an unparsable request body is INVALID_ARGUMENT naming the message on both servers (which keep
-serving)."""
+serving), and `user_id` is validated like `request_id` (length, printable), never logged raw."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import grpc
 import pytest
 
 from palr.bundle import Bundle
+from palr.validation import MAX_USER_ID_CHARS, user_id_problem
 from ranking_server.config import RankingServerConfig
 from ranking_server.server import RankingServer
 from recsys.v1 import ranking_pb2, ranking_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
@@ -101,3 +103,41 @@ def test_a_valid_body_through_a_raw_channel_is_served_as_usual(channels, tiny_ll
     body = retrieval_pb2.RetrieveRequest(user_id=user, k=3).SerializeToString()
     messages = [retrieval_pb2.RetrieveResponse.FromString(m) for m in retrieval.unary_stream(RETRIEVE)(body, timeout=30)]
     assert sum(len(m.candidates) for m in messages) == 3
+
+
+# -- user_id ------------------------------------------------------------------------------------------
+
+BAD_USER_IDS = {
+    "1 MiB of NUL and non-characters": ("\x00\ufffe\uffff" * (1 << 20))[: (1 << 20) // 3],
+    "too long": "u" * (MAX_USER_ID_CHARS + 1),
+    "NUL": "user\x00id",
+    "newline": "user\nINFO forged log line",
+    "non-character": "user\ufdd0",
+    "escape": "user\x1b[31m",
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_USER_IDS))
+def test_bad_user_id_is_invalid_argument_naming_the_field_on_both_servers_and_not_logged(channels, caplog, name):
+    retrieval, ranking = channels
+    bad = BAD_USER_IDS[name]
+    with caplog.at_level(logging.INFO):
+        for call in (lambda: recommend(ranking, user_id=bad, k=2), lambda: retrieve(retrieval, user_id=bad, k=3)):
+            with pytest.raises(grpc.RpcError) as error:
+                call()
+            assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert error.value.details().startswith("user_id "), error.value.details()
+            assert bad not in error.value.details() and len(error.value.details()) < 400
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "user_id " in logged  # the refusal is logged ...
+    assert bad not in logged and repr(bad)[1:-1] not in logged  # ... without the id itself
+
+
+@pytest.mark.parametrize("good", ["", "no-such-user", "jos\u00e9 42", "u" * MAX_USER_ID_CHARS, "\u7528\u6237-7"])
+def test_acceptable_user_ids_are_served_empty_and_unknown_as_cold_start(channels, good):
+    retrieval, ranking = channels
+    assert user_id_problem(good) is None
+    answer = recommend(ranking, user_id=good, k=2)
+    assert len(answer.items) == 2 and answer.cold_start
+    messages = retrieve(retrieval, user_id=good, k=3)
+    assert messages[0].cold_start and sum(len(m.candidates) for m in messages) == 3
