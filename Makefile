@@ -51,8 +51,10 @@ BENCH_ARGS ?=
 bench: bundle
 	$(PY) -m loadtest.bench --bundle $(BUNDLE) $(BENCH_ARGS)
 
+# Regenerates the stubs, then the recsys.v1 descriptor snapshot (refused when the change breaks v1).
 protos: install
 	$(PY) protos/generate.py
+	$(PY) protos/snapshot.py
 
 clean-bundle:
 	rm -rf $(BUNDLE)

@@ -8,8 +8,9 @@ Each Locust user is an internal service in a closed loop: it picks a user from t
 users.json (or, at `--cold-start-share`, an id nobody has seen), and calls
   - `Recommend` on `--host` (the ranking server), in generate mode at `--generate-share`, score mode
     otherwise, with `--k` and `--candidates`, recorded as "Recommend/score" or "Recommend/generate";
-  - `Retrieve` on `--retrieval-host` (default: `--host`) at `--retrieve-share` of its calls,
-    recorded as "Retrieve" (timed until the stream is drained).
+  - `Retrieve` on `--retrieval-host` (the retrieval server; required while `--retrieve-share` > 0,
+    the run refuses to start without it) at `--retrieve-share` of its calls, recorded as "Retrieve"
+    (timed until the stream is drained). `--retrieve-share 0` drives the ranking server alone.
 Every call carries a deadline (`--*-deadline-ms`) and a request id ("locust-..."), so the servers'
 logs show which requests were load. A degraded Recommend answer (retrieval order, LLM skipped)
 counts as a failure unless `--degraded-ok`. With `--slo FILE` the run's exit code is the gate's:
@@ -41,7 +42,8 @@ log = logging.getLogger("locustfile")
 def add_options(parser) -> None:
     group = parser.add_argument_group("recsys traffic (loadtest/locustfile.py)")
     group.add_argument("--retrieval-host", default="", metavar="HOST:PORT",
-                       help="retrieval server for Retrieve calls (default: --host)")
+                       help="retrieval server for the Retrieve share of the calls; required unless "
+                            "--retrieve-share 0 (the ranking server does not serve Retrieve)")
     group.add_argument("--bundle", default="bundle", metavar="DIR", help="bundle whose users.json users are sampled")
     group.add_argument("--slo", default="", metavar="TOML",
                        help="SLO profile (e.g. loadtest/slo/cpu.toml): exit 3 when any limit is broken")
@@ -131,8 +133,20 @@ def check_options(environment, **_kwargs) -> None:
     try:
         Traffic.from_options(options)
         SLO = SloProfile.load(options.slo) if options.slo and not worker else None
+        if not worker:
+            check_retrieve_target(options)
     except (BundleError, SloError, OSError, ValueError) as e:
         raise SystemExit(f"locustfile: {e}") from e
+
+
+def check_retrieve_target(options) -> None:
+    """Retrieve calls need the retrieval server: sent to --host (the ranking server) they would all
+    be UNIMPLEMENTED and break the gate without saying why."""
+    if options.retrieve_share > 0 and not options.retrieval_host:
+        raise ValueError(f"--retrieve-share {options.retrieve_share:g} sends Retrieve calls, but no --retrieval-host "
+                         f"is given (--host is the ranking server, which does not serve Retrieve): add "
+                         f"--retrieval-host HOST:PORT of the retrieval server, or --retrieve-share 0 to load the "
+                         f"ranking server alone")
 
 
 @events.test_start.add_listener
@@ -161,8 +175,8 @@ class RecsysCaller(GrpcUser):
         self.tls_ca, self.tls_cert, self.tls_key = (Path(p) if p else None for p in pem_files)
         self.traffic = TRAFFIC
         self.ranking = ranking_pb2_grpc.RankingServiceStub(self.channel(self.host))
-        self.retrieval = retrieval_pb2_grpc.RetrievalServiceStub(
-            self.channel(self.traffic.retrieval_host or self.host))
+        self.retrieval = (retrieval_pb2_grpc.RetrievalServiceStub(self.channel(self.traffic.retrieval_host))
+                          if self.traffic.retrieval_host else None)
 
     def wait_time(self) -> float:
         mean = self.traffic.think_time_s
@@ -171,7 +185,7 @@ class RecsysCaller(GrpcUser):
     @task
     def call(self) -> None:
         with self.rpc_errors_recorded():
-            if random.random() < self.traffic.retrieve_share:
+            if self.retrieval is not None and random.random() < self.traffic.retrieve_share:
                 self.retrieve()
             else:
                 self.recommend()

@@ -9,6 +9,9 @@ is UNAVAILABLE naming its address.
 
 Health (grpc.health.v1) says NOT_SERVING until the LLM is loaded and warmed up, then SERVING.
 SIGTERM or SIGINT drains: health NOT_SERVING, no new RPCs, in-flight ones finish within --grace, exit 0.
+
+Test-only: the environment variable RANKING_INJECT_DELAY_MS=N delays every Recommend by N ms (a server
+slowed on purpose, to show an SLO gate catches it; ranking_server/inject.py). Never set it in production.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from palr.catalog import Catalog
 from palr.ranking import MODES as RANKING_MODES
 from palr.serving.errors import check_known_ids, invalid_argument
+from palr.serving.validation import check_user_id
 from recsys.v1 import ranking_pb2
 
 # the wire enum ↔ palr.ranking.MODES: RANKING_MODE_<MODE> for each mode; UNSPECIFIED is the first (score)
@@ -56,6 +57,7 @@ class RequestPlanner:
         self.max_candidates = max_candidates
 
     def plan(self, request: ranking_pb2.RecommendRequest, request_id: str) -> Plan:
+        check_user_id(request.user_id)
         if request.mode not in MODES:
             raise invalid_argument(f"mode: unknown value {request.mode}; use RANKING_MODE_SCORE or "
                                    f"RANKING_MODE_GENERATE")

@@ -30,6 +30,7 @@ import grpc
 from palr.catalog import Item
 from palr.serving.errors import RequestError, invalid_argument, request_id
 from ranking_server.config import RankingServerConfig
+from ranking_server.inject import injected_delay_s
 from ranking_server.engines.base import EngineError, EngineOverloaded, InvalidRequest, RankingEngine
 from ranking_server.metrics import COLD_STARTS, DEGRADED, RECOMMEND, REJECTED, STAGE_SECONDS
 from ranking_server.planner import Plan, RequestPlanner, valid_request_id
@@ -75,6 +76,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         self.engine: RankingEngine | None = None
         self.prompts: PromptBuilder | None = None
         self._engine_ids = itertools.count()
+        self._injected_delay_s = injected_delay_s()  # test-only (RANKING_INJECT_DELAY_MS), 0 by default
 
     def attach(self, engine: RankingEngine | None, prompts: PromptBuilder | None) -> None:
         """Connects the warmed-up engine and the prompt builder (its tokenizer); until then (and after
@@ -96,6 +98,8 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
                 raise invalid_argument("request_id (or x-request-id metadata) must be 1 to 128 printable ASCII "
                                        "characters without spaces")
             response = await self._recommend(request, rid, started, deadline)
+            if self._injected_delay_s:
+                await asyncio.sleep(self._injected_delay_s)
         return response
 
     async def _recommend(self, request: ranking_pb2.RecommendRequest, rid: str, started: float,

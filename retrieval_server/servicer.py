@@ -12,6 +12,7 @@ import numpy as np
 
 from palr.catalog import Catalog
 from palr.serving.errors import RequestError, check_known_ids, invalid_argument, request_id
+from palr.serving.validation import check_user_id
 from recsys.v1 import retrieval_pb2, retrieval_pb2_grpc
 from retrieval_server.metrics import COLD_STARTS, RETRIEVE, TRUNCATED
 from palr.sasrec_onnx import Query, Ranked
@@ -82,6 +83,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
     def plan(self, request: retrieval_pb2.RetrieveRequest) -> Plan:
         """Validates the request (INVALID_ARGUMENT naming the field) and resolves its history:
         explicit `history` wins, else the user's stored history, else none (cold start)."""
+        check_user_id(request.user_id)
         if not 1 <= request.k <= self.max_k:
             raise invalid_argument(f"k must be between 1 and {self.max_k}, got {request.k}")
         if request.chunk_size < 0:

@@ -34,6 +34,8 @@ from prometheus_client import start_http_server
 
 from palr.serving.config import ServerConfig, message_size_options
 
+from palr.serving.interceptors import server_interceptors
+
 log = logging.getLogger(__name__)
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -64,7 +66,8 @@ class GrpcServer:
         self.config = config
         self.service_names = list(service_names)
         # No SO_REUSEPORT: a second server on a taken port must fail, not silently share it.
-        self.grpc = grpc.aio.server(options=[*message_size_options(config.max_message_bytes), ("grpc.so_reuseport", 0)])
+        self.grpc = grpc.aio.server(options=[*message_size_options(config.max_message_bytes), ("grpc.so_reuseport", 0)],
+                                    interceptors=server_interceptors())
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection([*self.service_names, HEALTH_SERVICE, reflection.SERVICE_NAME],

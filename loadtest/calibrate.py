@@ -1,0 +1,160 @@
+"""`python -m loadtest calibrate`: measure this machine and write an SLO file sized to it.
+
+    python -m loadtest calibrate --bundle bundle --out loadtest/slo/this-machine.toml
+    python -m loadtest calibrate --ranking HOST:PORT --retrieval HOST:PORT --bundle bundle --out FILE
+
+Runs the documented load (loadtest/slo/cpu.toml's: the locustfile's default mix, -u 2, closed
+loop) against running servers, or against both tiers started on `--bundle` (loadtest.with_servers'
+`two_tier`) when no `--ranking` is given; reads Locust's percentiles per request name from its CSV;
+and writes an SLO TOML (the format loadtest/slo.py reads) whose limits are the measured values
+times a stated margin: by default 1.5x p50 and p95 and 2x p99, with a floor (`--floor-ms`) so
+millisecond RPCs are not gated on scheduling noise. The file's comments say the machine, date,
+load and margins. A gate with these limits breaks on a 2x slowdown (tests/test_calibrate.py).
+Measure on the machine and load the gate will run under; measure long enough that p99 is not one call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import logging
+import math
+import os
+import platform
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loadtest.servers import REPO
+
+log = logging.getLogger("calibrate")
+
+PERCENTILES = (50, 95, 99)
+TOTAL = "Aggregated"
+
+
+@dataclass
+class CalibrateConfig:
+    bundle: Path = field(default=Path("bundle"), metadata={"help": "bundle the servers serve", "metavar": "DIR"})
+    out: Path = field(default=Path("reports/slo-calibrated.toml"), metadata={
+        "help": "SLO file to write", "metavar": "TOML"})
+    ranking: str = field(default="", metadata={
+        "help": "a running ranking server; empty: start both tiers on --bundle", "metavar": "HOST:PORT"})
+    retrieval: str = field(default="", metadata={
+        "help": "a running retrieval server (with --ranking)", "metavar": "HOST:PORT"})
+    users: int = field(default=2, metadata={"help": "Locust users (-u), closed loop"})
+    duration: str = field(default="3m", metadata={"help": "Locust run time (-t)"})
+    margin_p50: float = field(default=1.5, metadata={"help": "limit = measured p50 x this"})
+    margin_p95: float = field(default=1.5, metadata={"help": "limit = measured p95 x this"})
+    margin_p99: float = field(default=2.0, metadata={"help": "limit = measured p99 x this"})
+    floor_ms: float = field(default=0.0, metadata={"help": "no limit below this many milliseconds"})
+    max_error_rate: float = field(default=0.01, metadata={"help": "error budget per RPC and overall"})
+    locust_args: str = field(default="", metadata={
+        "help": "extra locustfile flags, one string (e.g. '--k 3 --candidates 6')", "metavar": "FLAGS"})
+    ranking_args: str = field(default="", metadata={"help": "extra ranking_server flags (when starting them)",
+                                                    "metavar": "FLAGS"})
+
+    @property
+    def margins(self) -> dict[int, float]:
+        return {50: self.margin_p50, 95: self.margin_p95, 99: self.margin_p99}
+
+
+def read_stats(csv_path: Path) -> dict[str, dict]:
+    """Locust's <prefix>_stats.csv → {name: {"requests", "failures", 50, 95, 99}} (ms)."""
+    rows = {}
+    with open(csv_path, newline="") as f:
+        for row in csv.DictReader(f):
+            rows[row["Name"]] = {"requests": int(row["Request Count"]), "failures": int(row["Failure Count"]),
+                                 **{p: float(row[f"{p}%"]) for p in PERCENTILES if row.get(f"{p}%") not in (None, "N/A")}}
+    return rows
+
+
+def limit_ms(measured: float, margin: float, floor: float) -> float:
+    """measured x margin, rounded up to 2 significant digits (Locust's own precision), at least floor."""
+    value = max(measured * margin, floor, 1.0)
+    digits = 10 ** max(math.floor(math.log10(value)) - 1, 0)
+    return float(math.ceil(value / digits) * digits)
+
+
+def slo_toml(stats: dict[str, dict], config: CalibrateConfig, load: str) -> str:
+    """The SLO file for `stats` (one Locust run) with `config`'s margins."""
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    machine = f"{platform.node()}: {platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}"
+    margins = ", ".join(f"{m:g}x p{p}" for p, m in config.margins.items())
+    lines = [f"# SLO profile calibrated by `python -m loadtest calibrate` on {now}.",
+             f"# Machine: {machine}; load average at the end {os.getloadavg()[0]:.1f}.",
+             f"# Load: {load}",
+             f"# Margin: limit = measured x ({margins}), rounded up to 2 significant digits"
+             + (f", at least {config.floor_ms:g} ms" if config.floor_ms else "") + ";",
+             f"# error budget {config.max_error_rate:g}. Measured (ms):"]
+    for name, row in stats.items():
+        if name != TOTAL:
+            lines.append(f"#   {name:<20} " + "  ".join(f"p{p} {row.get(p, float('nan')):g}" for p in PERCENTILES)
+                         + f"  ({row['requests']} calls, {row['failures']} failed)")
+    lines += ["", f'description = "calibrated on {platform.node()} {now}: {margins}"', "measured = true",
+              f"max_error_rate = {config.max_error_rate:g}"]
+    for name, row in stats.items():
+        if name == TOTAL or not row["requests"] or not all(p in row for p in PERCENTILES):
+            continue
+        lines += ["", f'[rpc."{name}"]']
+        lines += [f"p{p}_ms = {limit_ms(row[p], config.margins[p], config.floor_ms):g}" for p in PERCENTILES]
+        lines.append(f"max_error_rate = {config.max_error_rate:g}")
+    return "\n".join(lines) + "\n"
+
+
+def run_locust(ranking: str, retrieval: str, config: CalibrateConfig, csv_prefix: Path,
+               slo: Path | None = None) -> subprocess.CompletedProcess:
+    """The documented load against the two servers (gated by `slo` when given)."""
+    argv = [sys.executable, "-m", "locust", "-f", str(REPO / "loadtest" / "locustfile.py"), "--headless",
+            "--host", ranking, "--retrieval-host", retrieval, "--bundle", str(config.bundle),
+            "-u", str(config.users), "-r", str(config.users), "-t", config.duration, "--stop-timeout", "60",
+            "--csv", str(csv_prefix), "--only-summary", *config.locust_args.split()]
+    if slo is not None:
+        argv += ["--slo", str(slo)]
+    return subprocess.run(argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+
+
+def calibrate(config: CalibrateConfig) -> Path:
+    """Measures and writes `config.out`; returns its path."""
+    config.out.parent.mkdir(parents=True, exist_ok=True)
+    csv_prefix = config.out.with_suffix("")
+    load = f"locustfile default mix, -u {config.users} -t {config.duration} {config.locust_args}".strip()
+    if config.ranking:
+        if not config.retrieval:
+            raise ValueError("--ranking needs --retrieval (the load includes Retrieve calls)")
+        run = run_locust(config.ranking, config.retrieval, config, csv_prefix)
+    else:
+        from loadtest.with_servers import TwoTierConfig, two_tier
+
+        with two_tier(TwoTierConfig(bundle=config.bundle, log_dir=config.out.parent,
+                                    ranking_args=config.ranking_args)) as (retrieval, ranking):
+            run = run_locust(ranking.target, retrieval.target, config, csv_prefix)
+    stats_csv = Path(f"{csv_prefix}_stats.csv")
+    if not stats_csv.exists():
+        raise RuntimeError(f"Locust wrote no statistics (exit {run.returncode}):\n{run.stdout[-3000:]}")
+    stats = read_stats(stats_csv)
+    if not stats.get(TOTAL, {}).get("requests"):
+        raise RuntimeError(f"the calibration run recorded no requests:\n{run.stdout[-3000:]}")
+    config.out.write_text(slo_toml(stats, config, load))
+    log.info("wrote %s from %d requests", config.out, stats[TOTAL]["requests"])
+    return config.out
+
+
+def main(argv: list[str] | None = None) -> int:
+    from palr.cli import add_config_arguments, build_config
+
+    parser = argparse.ArgumentParser(prog="python -m loadtest calibrate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(parser, CalibrateConfig)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        out = calibrate(build_config(CalibrateConfig, args))
+    except (RuntimeError, TimeoutError, ValueError) as e:
+        log.error("%s", e)
+        return 1
+    print(out)
+    return 0

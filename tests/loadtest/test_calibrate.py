@@ -1,0 +1,64 @@
+"""`python -m loadtest calibrate`: the SLO file it writes (limits = measured x the stated margins,
+loadable by loadtest/slo.py), and that a gate calibrated on the tiny bundle breaks (exit 3) when
+the ranking server is slowed (RANKING_INJECT_DELAY_MS, the test-only injected delay)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from loadtest.calibrate import CalibrateConfig, calibrate, limit_ms, read_stats, run_locust, slo_toml
+from loadtest.servers import ServerProcess
+from loadtest.slo import EXIT_BROKEN, SloProfile
+
+STATS = {"Recommend/score": {"requests": 40, "failures": 0, 50: 120.0, 95: 200.0, 99: 260.0},
+         "Retrieve": {"requests": 10, "failures": 0, 50: 4.0, 95: 9.0, 99: 11.0},
+         "Aggregated": {"requests": 50, "failures": 0, 50: 100.0, 95: 190.0, 99: 250.0}}
+
+
+def test_limits_are_the_measured_values_times_the_margins_and_the_file_loads(tmp_path):
+    path = tmp_path / "slo.toml"
+    path.write_text(slo_toml(STATS, CalibrateConfig(), "test load"))
+    profile = SloProfile.load(path)
+    limits = {rpc.name: rpc.percentiles_ms for rpc in profile.rpcs}
+    assert limits["Recommend/score"] == {50: 180.0, 95: 300.0, 99: 520.0}  # 1.5x, 1.5x, 2x
+    assert limits["Retrieve"] == {50: 6.0, 95: 14.0, 99: 22.0}
+    assert "Aggregated" not in limits and profile.max_error_rate == 0.01
+    text = path.read_text()
+    assert "Margin: limit = measured x (1.5x p50, 1.5x p95, 2x p99)" in text and "Machine: " in text
+    assert "Load: test load" in text
+
+
+def test_limits_round_up_to_two_significant_digits_and_respect_the_floor():
+    assert limit_ms(1234.0, 1.5, 0) == 1900.0 and limit_ms(3.1, 2.0, 0) == 7.0
+    assert limit_ms(3.1, 2.0, 25.0) == 25.0
+    assert all(limit_ms(v, 1.5, 0) >= v * 1.5 for v in (0.7, 9.9, 101.0, 55555.0))
+    assert not math.isnan(limit_ms(0.0, 1.5, 0))
+
+
+LOAD = "--k 3 --candidates 6 --generate-share 0 --retrieve-share 0.3"
+
+
+@pytest.fixture
+def retrieval(tiny_llm_bundle):
+    with ServerProcess("retrieval_server", ["--bundle", str(tiny_llm_bundle)]) as server:
+        yield server
+
+
+def test_a_gate_calibrated_here_breaks_when_the_ranking_server_is_slowed_2x(tiny_llm_bundle, retrieval, tmp_path,
+                                                                           monkeypatch):
+    config = CalibrateConfig(bundle=tiny_llm_bundle, out=tmp_path / "calibrated.toml", users=2, duration="6s",
+                             locust_args=LOAD)
+    with ServerProcess("ranking_server", ["--bundle", str(tiny_llm_bundle), "--retrieval", retrieval.target]) as ranking:
+        config.ranking, config.retrieval = ranking.target, retrieval.target
+        slo = calibrate(config)
+    measured = read_stats(tmp_path / "calibrated_stats.csv")["Recommend/score"]
+    assert measured["requests"] > 3
+    # every Recommend now takes at least its old p99 longer: p50 and p95 at least double
+    monkeypatch.setenv("RANKING_INJECT_DELAY_MS", str(max(measured[99], measured[50] * 2)))
+    with ServerProcess("ranking_server", ["--bundle", str(tiny_llm_bundle), "--retrieval", retrieval.target]) as slowed:
+        run = run_locust(slowed.target, retrieval.target, config, tmp_path / "slowed", slo=slo)
+    assert "delayed on purpose" in slowed.log_path.read_text()
+    assert run.returncode == EXIT_BROKEN, run.stdout[-3000:]
+    assert "BROKEN  Recommend/score p50" in run.stdout
