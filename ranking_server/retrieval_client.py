@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from palr.serving import tracing
 from palr.serving.channels import open_channel
 
 from palr.serving.errors import RequestError
@@ -37,7 +38,9 @@ class RetrievalClient:
         """Yields the retrieval stream's messages as they arrive. `timeout` (seconds) is what is left
         of the caller's deadline; the request id travels in the request and as `x-request-id`."""
         request.chunk_size = request.chunk_size or self.chunk_size
-        call = self.stub.Retrieve(request, timeout=timeout, metadata=(("x-request-id", request.request_id),))
+        # the current span (the servicer's retrieval.stream) travels as W3C trace context in the metadata
+        metadata = (("x-request-id", request.request_id), *tracing.context_metadata())
+        call = self.stub.Retrieve(request, timeout=timeout, metadata=metadata)
         try:
             async for message in call:
                 yield message

@@ -12,6 +12,7 @@ from palr.bundle import Bundle
 from palr.catalog import Catalog
 from palr.profiles import Profiles
 from palr.prompt import PromptSettings
+from palr.serving import tracing
 from palr.serving.server import GrpcServer
 from ranking_server.config import RankingServerConfig
 from ranking_server.engines.factory import LLM_ARTIFACT, build_engine
@@ -34,7 +35,7 @@ class RankingServer:
     `start()` (listening, NOT_SERVING) → `load()` (tokenizer, engine, warm-up) → `server.set_serving()`
     → `drain()`."""
 
-    def __init__(self, config: RankingServerConfig):
+    def __init__(self, config: RankingServerConfig, tracer_provider=None):
         self.config = config
         bundle = Bundle.open(config.bundle)
         bundle.verify(ARTIFACTS)
@@ -45,8 +46,10 @@ class RankingServer:
         default_candidates, max_candidates = candidate_limits(config, self.ranker)
         self.planner = RequestPlanner(self.catalog, {u: e["history"] for u, e in users.items()},
                                       default_candidates=default_candidates, max_candidates=max_candidates)
+        traces = tracer_provider or tracing.tracer_provider("ranking_server", config.otlp_endpoint)
         self.retrieval = RetrievalClient(config)
-        self.servicer = RankingServicer(config, self.planner, self.retrieval, llm_version=bundle.version(LLM_ARTIFACT))
+        self.servicer = RankingServicer(config, self.planner, self.retrieval, llm_version=bundle.version(LLM_ARTIFACT),
+                                        tracer=tracing.tracer(traces, "ranking_server"))
         self.server = GrpcServer(config, [SERVICE_NAME])
         ranking_pb2_grpc.add_RankingServiceServicer_to_server(self.servicer, self.server.grpc)
         self.engine: RankingEngine | None = None

@@ -26,9 +26,11 @@ import uuid
 from dataclasses import dataclass, field
 
 import grpc
+from opentelemetry import trace
 
 from palr.catalog import Item
 from palr.serving.errors import RequestError, invalid_argument, request_id
+from palr.serving import tracing
 from ranking_server.config import RankingServerConfig
 from ranking_server.inject import injected_delay_s
 from ranking_server.engines.base import EngineError, EngineOverloaded, InvalidRequest, RankingEngine
@@ -68,8 +70,9 @@ class Answer:
 
 class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
     def __init__(self, config: RankingServerConfig, planner: RequestPlanner, retrieval: RetrievalClient,
-                 llm_version: str):
+                 llm_version: str, tracer=None):
         self.config = config
+        self.tracer = tracer or tracing.tracer(None, "ranking_server")  # no-op unless --otlp-endpoint
         self.planner = planner
         self.retrieval = retrieval
         self.llm_version = llm_version
@@ -92,7 +95,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         bad_rid = not valid_request_id(rid)
         if bad_rid:
             rid = "invalid-" + uuid.uuid4().hex[:16]  # what the logs call it
-        async with RECOMMEND.track(context, rid, log):
+        async with RECOMMEND.track(context, rid, log, self.tracer):
             if bad_rid:
                 REJECTED.labels("invalid_argument").inc()
                 raise invalid_argument("request_id (or x-request-id metadata) must be 1 to 128 printable ASCII "
@@ -112,7 +115,10 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         except RequestError:
             REJECTED.labels("invalid_argument").inc()
             raise
-        retrieved = await self._retrieve(plan, deadline)
+        with self.tracer.start_as_current_span("retrieval.stream", kind=trace.SpanKind.CLIENT,
+                                               attributes={"request.id": plan.request_id,
+                                                           "rpc.service": "recsys.v1.RetrievalService"}):
+            retrieved = await self._retrieve(plan, deadline)
         retrieval_ms = 1e3 * (time.perf_counter() - started)
         k = min(plan.k, len(retrieved.items))
         if retrieved.cold_start or not retrieved.items:
@@ -164,6 +170,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         if budget <= 0:
             return self._degrade(plan, retrieval_order, "deadline", "no time left for the LLM", 0.0)
         submitted = time.perf_counter()
+        submitted_ns = tracing.now_ns()
         try:
             result = await asyncio.wait_for(self.engine.rank(engine_request), budget)
         except asyncio.TimeoutError:  # wait_for cancelled engine.rank, which aborted the engine request
@@ -178,12 +185,17 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         except EngineError as e:
             return self._degrade(plan, retrieval_order, "engine_error", str(e), submitted)
         waited_ms = 1e3 * (time.perf_counter() - submitted)
+        tracing.add_stage_spans(self.tracer, submitted_ns, result.timings, {
+            "request.id": plan.request_id, "ranking.mode": plan.mode, "llm.prompt_tokens": result.prompt_tokens,
+            "llm.cached_tokens": result.cached_tokens, "llm.generated_tokens": result.generated_tokens,
+            "llm.candidates": len(retrieved.items)})
         return Answer(ranking=self.prompts.ranking(result, retrieved.scores, k),
                       queue_ms=result.timings.queue_ms, ranking_ms=waited_ms - result.timings.queue_ms)
 
     def _degrade(self, plan: Plan, retrieval_order: list[tuple[int, float]], reason: str, detail: str,
                  submitted: float) -> Answer:
         DEGRADED.labels(reason).inc()
+        trace.get_current_span().set_attribute("ranking.degraded_reason", reason)
         log.warning("rid=%s degraded (%s): %s; answering in retrieval order", plan.request_id, reason, detail)
         waited_ms = 1e3 * (time.perf_counter() - submitted) if submitted else 0.0
         return Answer(ranking=retrieval_order, ranking_ms=waited_ms, degraded_reason=reason)

@@ -10,6 +10,7 @@ from typing import Sequence
 from palr.bundle import Bundle
 from palr.catalog import Catalog
 from palr.users import load_histories
+from palr.serving import tracing
 from palr.serving.server import GrpcServer
 from recsys.v1 import retrieval_pb2_grpc
 from retrieval_server.batcher import DirectRunner, MicroBatcher
@@ -28,7 +29,7 @@ class RetrievalServer:
     `run()` is the whole life; tests drive the steps:
     `start()` (listening, NOT_SERVING) → `load()` (ORT + warm-up) → `server.set_serving()` → `drain()`."""
 
-    def __init__(self, config: RetrievalServerConfig):
+    def __init__(self, config: RetrievalServerConfig, tracer_provider=None):
         self.config = config
         bundle = Bundle.open(config.bundle)
         bundle.verify(ARTIFACTS)
@@ -39,9 +40,11 @@ class RetrievalServer:
         if max_k > top_k:
             raise ValueError(f"--max-k {max_k} is larger than the model's top_k {top_k} (fixed at ONNX export)")
         catalog = Catalog.load(bundle.path("catalog"))
+        traces = tracer_provider or tracing.tracer_provider("retrieval_server", config.otlp_endpoint)
         self.servicer = RetrievalServicer(catalog, load_histories(bundle.path("users"), catalog),
                                           max_len=int(meta["max_len"]), max_k=max_k, chunk_size=config.chunk_size,
-                                          model_version=bundle.version(ARTIFACT))
+                                          model_version=bundle.version(ARTIFACT),
+                                          tracer=tracing.tracer(traces, "retrieval_server"))
         self.server = GrpcServer(config, [SERVICE_NAME])
         retrieval_pb2_grpc.add_RetrievalServiceServicer_to_server(self.servicer, self.server.grpc)
         self.model: SasrecOnnx | None = None

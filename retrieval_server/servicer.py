@@ -35,8 +35,9 @@ class Plan:
 
 class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
     def __init__(self, catalog: Catalog, stored_histories: dict[str, list[int]], *, max_len: int, max_k: int,
-                 chunk_size: int, model_version: str):
+                 chunk_size: int, model_version: str, tracer=None):
         self.catalog = catalog
+        self.tracer = tracer  # palr.serving.tracing (None: tracing off)
         self.stored_histories = stored_histories
         self.max_len = max_len
         self.max_k = max_k
@@ -55,7 +56,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
 
     async def Retrieve(self, request: retrieval_pb2.RetrieveRequest, context: grpc.aio.ServicerContext) -> None:
         rid = request_id(request.request_id, context)
-        async with RETRIEVE.track(context, rid, log):
+        async with RETRIEVE.track(context, rid, log, self.tracer):
             await self._retrieve(request, context, rid)
 
     async def _retrieve(self, request: retrieval_pb2.RetrieveRequest, context: grpc.aio.ServicerContext,

@@ -14,7 +14,8 @@ LB_POLICIES = ("pick_first", "round_robin")
 
 def open_channel(target: str, *, tls_ca: Path | None = None, tls_cert: Path | None = None,
                  tls_key: Path | None = None, server_name: str | None = None,
-                 max_message_bytes: int | None = None, load_balancing: str | None = None, aio: bool = True):
+                 max_message_bytes: int | None = None, load_balancing: str | None = None, aio: bool = True,
+                 interceptors: list | None = None):
     """A client channel to `target`: TLS when a CA or client certificate is given (the CA verifies
     the server; cert + key are this client's identity for mutual TLS), plaintext otherwise.
     `server_name` overrides the name checked against the server certificate.
@@ -33,10 +34,11 @@ def open_channel(target: str, *, tls_ca: Path | None = None, tls_cert: Path | No
             raise ValueError(f"load_balancing must be one of {LB_POLICIES}, got {load_balancing!r}")
         options.append(("grpc.service_config", json.dumps({"loadBalancingConfig": [{load_balancing: {}}]})))
     module = grpc.aio if aio else grpc
+    extra = {"interceptors": interceptors} if aio and interceptors else {}  # (aio channels take interceptors)
     if not (tls_ca or tls_cert):
-        return module.insecure_channel(target, options=options)
+        return module.insecure_channel(target, options=options, **extra)
     credentials = grpc.ssl_channel_credentials(
         root_certificates=Path(tls_ca).read_bytes() if tls_ca else None,
         private_key=Path(tls_key).read_bytes() if tls_key else None,
         certificate_chain=Path(tls_cert).read_bytes() if tls_cert else None)
-    return module.secure_channel(target, credentials, options=options)
+    return module.secure_channel(target, credentials, options=options, **extra)

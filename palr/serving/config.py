@@ -13,6 +13,9 @@ class ServerConfig:
     host: str = field(default="127.0.0.1", metadata={
         "help": "address to listen on; loopback by default, 0.0.0.0 or [::] to accept remote clients"})
     port: int = field(default=50051, metadata={"help": "gRPC port (0 = any free port)"})
+    otlp_endpoint: str = field(default="", metadata={
+        "help": "OpenTelemetry collector to export traces to over OTLP/gRPC, e.g. http://localhost:4317 "
+                "(empty = tracing off, no cost per request); see docs/tracing.md", "metavar": "URL"})
     max_message_bytes: int = field(default=4 * 1024 * 1024, metadata={
         "help": "largest request or response message in bytes; larger requests get RESOURCE_EXHAUSTED"})
     metrics_port: int = field(default=0, metadata={

@@ -10,6 +10,7 @@ import time
 import grpc
 from prometheus_client import Counter, Gauge, Histogram
 
+from palr.serving import tracing
 from palr.serving.errors import RequestError
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512,
@@ -22,18 +23,22 @@ class RpcMetrics:
     Create one per RPC per process (prometheus_client registers names process-wide)."""
 
     def __init__(self, prefix: str, rpc: str):
+        self.rpc = rpc
         self.requests = Counter(f"{prefix}_requests", f"{rpc} RPCs by final status code", ["code"])
         self.latency = Histogram(f"{prefix}_request_seconds", f"{rpc} latency from handler start to last message",
                                  buckets=LATENCY_BUCKETS)
         self.in_flight = Gauge(f"{prefix}_requests_in_flight", f"{rpc} RPCs being handled now")
 
     @contextlib.asynccontextmanager
-    async def track(self, context: grpc.aio.ServicerContext, rid: str, logger: logging.Logger):
-        """Wraps a handler: counts and times it; a RequestError becomes its status code, any other
-        exception INTERNAL (logged with traceback); the server keeps serving either way."""
+    async def track(self, context: grpc.aio.ServicerContext, rid: str, logger: logging.Logger, tracer=None):
+        """Wraps a handler: counts and times it (and traces it: `tracer`, palr.serving.tracing); a
+        RequestError becomes its status code, any other exception INTERNAL (logged with traceback); the
+        server keeps serving either way."""
         started = time.perf_counter()
         code = grpc.StatusCode.OK
         self.in_flight.inc()
+        span_scope = tracing.server_span(tracer or tracing.tracer(None, ""), self.rpc, context, rid)
+        span = span_scope.__enter__()
         try:
             yield
         except RequestError as e:
@@ -49,6 +54,8 @@ class RpcMetrics:
             logger.exception("rid=%s failed", rid)
             await context.abort(code, f"internal error (request id {rid}); see the server log")
         finally:
+            span.set_attribute("rpc.grpc.status_code", code.name)
+            span_scope.__exit__(None, None, None)
             self.in_flight.dec()
             self.requests.labels(code.name).inc()
             self.latency.observe(time.perf_counter() - started)

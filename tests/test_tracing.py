@@ -1,0 +1,89 @@
+"""OpenTelemetry across both tiers (real servers in process on the tiny bundle, the SDK's in-memory
+exporter): one Recommend is one trace whose ranking-server span is the parent, through the retrieval
+stream's client span, of the retrieval server's span (W3C trace context in gRPC metadata), with the
+engine's queue / prefill / decode spans carrying the request's attributes; with no endpoint, no spans."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import grpc
+import pytest
+
+from palr.bundle import Bundle
+from palr.serving import tracing
+from ranking_server.config import RankingServerConfig
+from ranking_server.server import RankingServer
+from recsys.v1 import ranking_pb2, ranking_pb2_grpc
+from retrieval_server.config import RetrievalServerConfig
+from retrieval_server.server import RetrievalServer
+
+pytest.importorskip("opentelemetry.sdk")
+
+
+@pytest.fixture(scope="module")
+def traced(server_loop, tiny_llm_bundle: Path):
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+
+    async def up(server):
+        await server.start()
+        await server.load()
+        await server.server.set_serving()
+        return server
+
+    async def make_retrieval():
+        return RetrievalServer(RetrievalServerConfig(bundle=tiny_llm_bundle, port=0),
+                               tracing.tracer_provider("retrieval_server", exporter=exporter))
+    retrieval = server_loop.run(up(server_loop.run(make_retrieval())), timeout=120)
+
+    async def make_ranking():
+        return RankingServer(RankingServerConfig(bundle=tiny_llm_bundle, retrieval=retrieval.server.address, port=0),
+                             tracing.tracer_provider("ranking_server", exporter=exporter))
+    ranking = server_loop.run(up(server_loop.run(make_ranking())), timeout=120)
+    try:
+        yield exporter, ranking
+    finally:
+        server_loop.run(ranking.drain())
+        server_loop.run(retrieval.drain())
+
+
+def test_one_recommend_is_one_trace_across_both_servers(traced, tiny_llm_bundle):
+    exporter, ranking = traced
+    users = json.loads(Bundle.open(tiny_llm_bundle).path("users").read_text())["users"]
+    user = next(u for u, e in users.items() if e["history"])
+    exporter.clear()
+    with grpc.insecure_channel(ranking.server.address) as channel:
+        ranking_pb2_grpc.RankingServiceStub(channel).Recommend(
+            ranking_pb2.RecommendRequest(user_id=user, k=2, request_id="traced-1"), timeout=60)
+    spans = exporter.get_finished_spans()
+    by_name = {}
+    for span in spans:
+        by_name.setdefault(span.name, []).append(span)
+    assert len({span.context.trace_id for span in spans}) == 1, [s.name for s in spans]
+    recommend = by_name["Recommend"]
+    retrieve = by_name["Retrieve"]
+    services = {span.resource.attributes["service.name"]: span for span in recommend + retrieve
+                if span.kind.name == "SERVER"}
+    assert set(services) == {"ranking_server", "retrieval_server"}
+    root = services["ranking_server"]
+    assert root.parent is None
+    stream = by_name["retrieval.stream"][0]  # the ranking server's client span of the Retrieve stream
+    assert services["retrieval_server"].parent.span_id == stream.context.span_id, "retrieval is the child"
+    assert stream.parent.span_id == root.context.span_id
+    for name in ("engine.queue", "engine.prefill", "engine.decode"):
+        span = by_name[name][0]
+        assert span.parent.span_id == root.context.span_id
+        assert span.attributes["request.id"].startswith("traced-1")
+        assert span.attributes["ranking.mode"] == "score" and span.attributes["llm.prompt_tokens"] > 0
+    queue, prefill = by_name["engine.queue"][0], by_name["engine.prefill"][0]
+    assert queue.end_time == prefill.start_time <= prefill.end_time
+
+
+def test_tracing_is_off_without_an_endpoint():
+    assert tracing.tracer_provider("ranking_server", "") is None
+    from opentelemetry import trace
+
+    assert isinstance(tracing.tracer(None, "x"), trace.NoOpTracer) and tracing.context_metadata() == []
