@@ -33,6 +33,7 @@ import grpc.experimental.gevent as grpc_gevent
 from locust import User
 from locust.env import Environment
 
+from palr.serving import tracing
 from palr.serving.channels import open_channel
 
 # gRPC's core must cooperate with gevent before the first channel is created.
@@ -79,16 +80,32 @@ def rpc_name(method: str | bytes) -> str:
 
 
 class LocustInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
-    """Fires Locust's `request` event for every unary and server-streaming call on its channel."""
+    """Fires Locust's `request` event for every unary and server-streaming call on its channel; with a
+    `tracer` (the locustfile's --otlp-endpoint) each call is a CLIENT span whose W3C trace context travels
+    in the call's metadata, so the servers' spans of that call are its children."""
 
     def __init__(self, environment: Environment,
                  name_of: Callable[[str, Any], str] = lambda method, request: method,
-                 failure_of: Callable[[str, Any], Exception | None] = lambda method, response: None):
+                 failure_of: Callable[[str, Any], Exception | None] = lambda method, response: None,
+                 tracer=None):
         self.environment = environment
         self.name_of = name_of
         self.failure_of = failure_of
+        self.tracer = tracer or tracing.tracer(None, "locust")
 
     def intercept_unary_unary(self, continuation, client_call_details, request):
+        from opentelemetry import trace
+
+        with self.tracer.start_as_current_span(rpc_name(client_call_details.method), kind=trace.SpanKind.CLIENT):
+            return self._unary_unary(continuation, tracing.with_trace_context(client_call_details), request)
+
+    def intercept_unary_stream(self, continuation, client_call_details, request):
+        from opentelemetry import trace
+
+        with self.tracer.start_as_current_span(rpc_name(client_call_details.method), kind=trace.SpanKind.CLIENT):
+            return self._unary_stream(continuation, tracing.with_trace_context(client_call_details), request)
+
+    def _unary_unary(self, continuation, client_call_details, request):
         started = time.perf_counter()
         call = continuation(client_call_details, request)
         try:
@@ -99,7 +116,7 @@ class LocustInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClient
             self._fire(client_call_details, request, started, response, response.ByteSize(), None)
         return call
 
-    def intercept_unary_stream(self, continuation, client_call_details, request):
+    def _unary_stream(self, continuation, client_call_details, request):
         started = time.perf_counter()
         call = continuation(client_call_details, request)
         messages, size, error = [], 0, None
@@ -134,6 +151,7 @@ class GrpcUser(User):
     tls_ca: Path | None = None
     tls_cert: Path | None = None
     tls_key: Path | None = None
+    tracer = None  # an OpenTelemetry tracer (palr.serving.tracing): each call a CLIENT span; None: off
 
     def __init__(self, environment: Environment):
         super().__init__(environment)
@@ -143,7 +161,7 @@ class GrpcUser(User):
         """This user's channel to `target`, created on first use, every call reported to Locust."""
         if target not in self._channels:
             raw = open_channel(target, tls_ca=self.tls_ca, tls_cert=self.tls_cert, tls_key=self.tls_key, aio=False)
-            interceptor = LocustInterceptor(self.environment, self.request_name, self.response_failure)
+            interceptor = LocustInterceptor(self.environment, self.request_name, self.response_failure, self.tracer)
             self._channels[target] = grpc.intercept_channel(raw, interceptor)
         return self._channels[target]
 

@@ -31,6 +31,7 @@ from locust.runners import WorkerRunner
 
 from loadtest.grpc_user import GrpcUser
 from loadtest.slo import SloError, SloProfile, gate
+from palr.serving import tracing
 from palr.bundle import Bundle, BundleError
 from ranking_server.planner import MODES
 from recsys.v1 import ranking_pb2, ranking_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
@@ -68,6 +69,9 @@ def add_options(parser) -> None:
     group.add_argument("--grpc-tls-ca", default="", metavar="PEM", help="CA that signed the servers' certificates (TLS)")
     group.add_argument("--grpc-tls-cert", default="", metavar="PEM", help="client certificate (mutual TLS)")
     group.add_argument("--grpc-tls-key", default="", metavar="PEM", help="client key (mutual TLS)")
+    group.add_argument("--otlp-endpoint", default="", metavar="URL",
+                       help="OpenTelemetry collector (OTLP/gRPC): each call a CLIENT span whose trace context the "
+                            "servers continue (docs/tracing.md); empty: off")
 
 
 @dataclass(frozen=True)
@@ -116,6 +120,7 @@ def bundle_users(bundle_dir: Path) -> list[str]:
 
 
 TRAFFIC: Traffic | None = None
+TRACER = None  # --otlp-endpoint
 SLO: SloProfile | None = None
 
 
@@ -152,8 +157,10 @@ def check_retrieve_target(options) -> None:
 @events.test_start.add_listener
 def load_traffic(environment, **_kwargs) -> None:
     """Built when the run starts: in distributed mode a worker has the master's options by then."""
-    global TRAFFIC
+    global TRAFFIC, TRACER
     TRAFFIC = traffic = Traffic.from_options(environment.parsed_options)
+    endpoint = getattr(environment.parsed_options, "otlp_endpoint", "")
+    TRACER = tracing.tracer(tracing.tracer_provider("locust", endpoint), "locust") if endpoint else None
     log.info("traffic: %d users from %s; Retrieve %.0f%%, Recommend generate %.0f%% / score %.0f%%; SLO %s",
              len(traffic.users), environment.parsed_options.bundle, 100 * traffic.retrieve_share,
              100 * traffic.generate_share, 100 * (1 - traffic.generate_share), SLO.path if SLO else "none")
@@ -174,6 +181,7 @@ class RecsysCaller(GrpcUser):
         pem_files = (options.grpc_tls_ca, options.grpc_tls_cert, options.grpc_tls_key)
         self.tls_ca, self.tls_cert, self.tls_key = (Path(p) if p else None for p in pem_files)
         self.traffic = TRAFFIC
+        self.tracer = TRACER
         self.ranking = ranking_pb2_grpc.RankingServiceStub(self.channel(self.host))
         self.retrieval = (retrieval_pb2_grpc.RetrievalServiceStub(self.channel(self.traffic.retrieval_host))
                           if self.traffic.retrieval_host else None)

@@ -82,6 +82,32 @@ def test_one_recommend_is_one_trace_across_both_servers(traced, tiny_llm_bundle)
     assert queue.end_time == prefill.start_time <= prefill.end_time
 
 
+def test_a_callers_client_span_is_the_parent_of_the_servers(traced, tiny_llm_bundle):
+    """What the Locust user's interceptor does (loadtest/grpc_user.py, not imported here: it turns gevent on
+    for the whole process): a CLIENT span per call, its context put in the call's metadata by
+    `tracing.with_trace_context`; the ranking server's Recommend span continues that trace under it."""
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter, ranking = traced
+    caller = InMemorySpanExporter()
+    tracer = tracing.tracer(tracing.tracer_provider("locust", exporter=caller), "locust")
+
+    class Traced(grpc.UnaryUnaryClientInterceptor):
+        def intercept_unary_unary(self, continuation, details, request):
+            with tracer.start_as_current_span("Recommend", kind=trace.SpanKind.CLIENT):
+                return continuation(tracing.with_trace_context(details), request)
+
+    users = json.loads(Bundle.open(tiny_llm_bundle).path("users").read_text())["users"]
+    exporter.clear()
+    with grpc.insecure_channel(ranking.server.address) as raw:
+        ranking_pb2_grpc.RankingServiceStub(grpc.intercept_channel(raw, Traced())).Recommend(
+            ranking_pb2.RecommendRequest(user_id=next(u for u, e in users.items() if e["history"]), k=2), timeout=60)
+    (client,) = caller.get_finished_spans()
+    server = next(s for s in exporter.get_finished_spans() if s.name == "Recommend")
+    assert server.parent.span_id == client.context.span_id and server.context.trace_id == client.context.trace_id
+
+
 def test_tracing_is_off_without_an_endpoint():
     assert tracing.tracer_provider("ranking_server", "") is None
     from opentelemetry import trace

@@ -102,6 +102,10 @@ def choose(latency: dict, quality: dict, config) -> tuple[str, dict[str, str]]:
         if good and faster:
             winners.append(dtype)
     best = min(winners, key=lambda d: mode_latency_ms(latency[d], "score", config.generate_tokens), default="fp32")
+    for dtype in winners:  # passed the bar, but only the fastest is kept
+        if dtype != best:
+            verdicts[dtype] = verdicts[dtype].replace("kept: ", f"rejected: passes, but {LABELS.get(best, best)} is "
+                                                                f"faster; ", 1)
     return best, verdicts
 
 

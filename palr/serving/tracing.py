@@ -62,6 +62,26 @@ def context_metadata() -> list[tuple[str, str]]:
     return list(carrier.items())
 
 
+def with_trace_context(details):
+    """Sync gRPC client call `details` plus the current span's trace context in the metadata (unchanged when
+    none is recording): what the Locust user's interceptor sends (loadtest/grpc_user.py)."""
+    import collections
+
+    import grpc
+
+    extra = context_metadata()
+    if not extra:
+        return details
+
+    class CallDetails(collections.namedtuple("CallDetails", ("method", "timeout", "metadata", "credentials",
+                                                             "wait_for_ready", "compression")),
+                      grpc.ClientCallDetails):
+        pass
+
+    return CallDetails(details.method, details.timeout, [*(details.metadata or ()), *extra], details.credentials,
+                       getattr(details, "wait_for_ready", None), getattr(details, "compression", None))
+
+
 def tracer(provider, name: str):
     """The provider's tracer, or OpenTelemetry's no-op tracer when tracing is off."""
     from opentelemetry import trace
