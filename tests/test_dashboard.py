@@ -84,20 +84,10 @@ def scrape(port: int) -> dict[str, set[str]]:
 @pytest.fixture(scope="module")
 def exported(server_loop, tiny_llm_bundle: Path) -> dict[str, set[str]]:
     """Sample name → its label names, from both servers' /metrics after real traffic."""
-    async def up(server):
-        await server.start()
-        await server.load()
-        await server.server.set_serving()
-        return server
-
-    async def make_retrieval():
-        return RetrievalServer(RetrievalServerConfig(bundle=tiny_llm_bundle, port=0, metrics_port=free_port()))
-    retrieval = server_loop.run(up(server_loop.run(make_retrieval())), timeout=120)
-
-    async def make_ranking():
-        return RankingServer(RankingServerConfig(bundle=tiny_llm_bundle, retrieval=retrieval.server.address, port=0,
-                                                 metrics_port=free_port()))
-    ranking = server_loop.run(up(server_loop.run(make_ranking())), timeout=120)
+    retrieval = server_loop.serve(lambda: RetrievalServer(RetrievalServerConfig(
+        bundle=tiny_llm_bundle, port=0, metrics_port=free_port())))
+    ranking = server_loop.serve(lambda: RankingServer(RankingServerConfig(
+        bundle=tiny_llm_bundle, retrieval=retrieval.server.address, port=0, metrics_port=free_port())))
     try:
         users = json.loads(Bundle.open(tiny_llm_bundle).path("users").read_text())["users"]
         user = next(u for u, e in users.items() if e["history"])

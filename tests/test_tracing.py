@@ -28,21 +28,12 @@ def traced(server_loop, tiny_llm_bundle: Path):
 
     exporter = InMemorySpanExporter()
 
-    async def up(server):
-        await server.start()
-        await server.load()
-        await server.server.set_serving()
-        return server
-
-    async def make_retrieval():
-        return RetrievalServer(RetrievalServerConfig(bundle=tiny_llm_bundle, port=0),
-                               tracing.tracer_provider("retrieval_server", exporter=exporter))
-    retrieval = server_loop.run(up(server_loop.run(make_retrieval())), timeout=120)
-
-    async def make_ranking():
-        return RankingServer(RankingServerConfig(bundle=tiny_llm_bundle, retrieval=retrieval.server.address, port=0),
-                             tracing.tracer_provider("ranking_server", exporter=exporter))
-    ranking = server_loop.run(up(server_loop.run(make_ranking())), timeout=120)
+    retrieval = server_loop.serve(lambda: RetrievalServer(
+        RetrievalServerConfig(bundle=tiny_llm_bundle, port=0),
+        tracing.tracer_provider("retrieval_server", exporter=exporter)))
+    ranking = server_loop.serve(lambda: RankingServer(
+        RankingServerConfig(bundle=tiny_llm_bundle, retrieval=retrieval.server.address, port=0),
+        tracing.tracer_provider("ranking_server", exporter=exporter)))
     try:
         yield exporter, ranking
     finally:
