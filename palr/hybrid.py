@@ -37,11 +37,6 @@ class ItemTokens:
         row = self.rows.get(item_id)
         return None if row is None else self.offset + row
 
-    @property
-    def vocab_size(self) -> int:
-        """The vocabulary once the item rows are folded in (rows are 1-based catalog indices; row 0 is padding)."""
-        return self.offset + max(self.rows.values(), default=0) + 1
-
     @classmethod
     def for_catalog(cls, offset: int, item_ids: Iterable[str]) -> "ItemTokens":
         """Rows = catalog indices (1-based, in catalog order), as the SASRec embedding table has them."""

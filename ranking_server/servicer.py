@@ -170,7 +170,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         if budget <= 0:
             return self._degrade(plan, retrieval_order, "deadline", "no time left for the LLM", 0.0)
         submitted = time.perf_counter()
-        submitted_ns = tracing.now_ns()
+        submitted_ns = time.time_ns()  # the engine spans' clock (epoch ns)
         try:
             result = await asyncio.wait_for(self.engine.rank(engine_request), budget)
         except asyncio.TimeoutError:  # wait_for cancelled engine.rank, which aborted the engine request

@@ -15,7 +15,6 @@ interceptor and no span: nothing is paid per request.
 from __future__ import annotations
 
 import contextlib
-import time
 from typing import Any
 
 
@@ -99,7 +98,3 @@ def add_stage_spans(tracer_, submitted_ns: int, timings, attributes: dict[str, A
         span = tracer_.start_span(name, start_time=start, attributes=attributes)
         span.end(end_time=end)
         start = end
-
-
-def now_ns() -> int:
-    return time.time_ns()
