@@ -96,8 +96,13 @@ def test_abort_of_a_queued_request(ortgenai_bundle, reference):
 
     async def scenario():
         first = asyncio.ensure_future(engine.rank(long))
+        await asyncio.sleep(0)  # submitted first: it takes the one slot
         second = asyncio.ensure_future(engine.rank(queued))
-        await asyncio.sleep(0.05)
+        for _ in range(2000):  # until the short one waits behind the long one (not a fixed sleep: load varies)
+            stats = engine.stats()
+            if stats.active == 1 and stats.queued == 1:
+                break
+            await asyncio.sleep(0.005)
         assert engine.abort("queued")
         with pytest.raises(EngineAborted):
             await second
