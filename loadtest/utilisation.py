@@ -55,7 +55,7 @@ def utilisation_row(dtype: str, peak_s: float, prefill_s: float, parameters: int
     peak = flops_per_s(matmul_flops(n), peak_s)
     prefill = flops_per_s(prefill_flops(parameters, tokens), prefill_s)
     return {"dtype": dtype, "source": source, "matmul_n": n, "matmul_ms": round(1e3 * peak_s, 2),
-            "peak_gflops": round(peak / 1e9, 2), "prompt_tokens": tokens, "prefill_ms": round(1e3 * prefill_s, 1),
+            "peak_gflops": round(peak / 1e9, 2), "prompt_tokens": tokens, "prefill_ms": round(1e3 * prefill_s, 2),
             "prefill_gflops": round(prefill / 1e9, 2), "utilisation": round(prefill / peak, 3) if peak else None}
 
 
