@@ -51,14 +51,15 @@ def profiles_for(method: str, bundle: Bundle, catalog: Catalog, histories) -> li
 
 def readout(model, prompt, prefix, examples, histories, profiles, catalog) -> dict:
     """LLM-alone and best-fused NDCG@10 of one (model, profiles) pair in score mode."""
-    from palr.llm import score_labels
+    from palr.llm import score_candidates
     from palr.ranking import fit_fusion_weight
 
     started = time.perf_counter()
     llm = []
     for x, history, profile in zip(examples, histories, profiles):
-        parts = prompt.retrieval(profile, history, [catalog.by_id(i) for i in x["candidates"]])
-        llm.append(score_labels(model, parts.input_ids, parts.label_token_ids, prefix=prefix))
+        trends = x.get("trend") if prompt.settings.trend else None
+        parts = prompt.retrieval(profile, history, [catalog.by_id(i) for i in x["candidates"]], trends)
+        llm.append(score_candidates(model, parts.input_ids, parts.readout, prefix=prefix))
     weight, curve = fit_fusion_weight(llm, [x["retrieval_scores"] for x in examples],
                                       [x["target_position"] for x in examples])
     return {"llm_ndcg@10": curve[0.0], "fused_ndcg@10": curve[weight], "fusion_weight": weight,
@@ -66,18 +67,20 @@ def readout(model, prompt, prefix, examples, histories, profiles, catalog) -> di
 
 
 def model_prompt(model, tokenizer, settings, meta: dict, catalog):
-    """The bundle's prompt for a model: hybrid where the model's vocabulary holds the item rows (the merged
-    ranker), the text variant of the same settings where it does not (the untuned base model)."""
+    """The bundle's prompt for a model: as trained where the model's vocabulary holds the extra rows (the
+    merged ranker), else the plain text variant of the same settings (the untuned base model: titles, no
+    trend tokens, the label readout)."""
     from palr.hybrid import ItemTokens
     from palr.prompt import PalrPrompt, PromptSettings
 
-    if settings.prompt == "text":
-        return PalrPrompt(tokenizer, settings)
-    offset, rows = int(meta["item_tokens"]["offset"]), int(meta["item_tokens"]["rows"])
-    if model.get_input_embeddings().num_embeddings < offset + rows:
-        log.info("%s has no item rows in its vocabulary: text prompts for it", model.name_or_path)
-        return PalrPrompt(tokenizer, PromptSettings.from_dict({**settings.to_dict(), "prompt": "text"}))
-    return PalrPrompt(tokenizer, settings, ItemTokens.for_catalog(offset, [item.id for item in catalog.items]))
+    tokens = meta["item_tokens"]
+    vocabulary = ItemTokens.for_catalog(int(tokens["offset"]), [item.id for item in catalog.items],
+                                        int(tokens.get("trend_buckets") or 0))
+    if model.get_input_embeddings().num_embeddings < vocabulary.offset + vocabulary.size:
+        log.info("%s has no extra rows in its vocabulary: plain text prompts for it", model.name_or_path)
+        plain = {**settings.to_dict(), "prompt": "text", "trend": False, "readout": "label"}
+        return PalrPrompt(tokenizer, PromptSettings.from_dict(plain))
+    return PalrPrompt(tokenizer, settings, vocabulary)
 
 
 def run(config: CompareProfilesConfig) -> dict:

@@ -6,7 +6,8 @@ served graph) retrieves the top-K (history excluded); the LLM ranks those K with
 profile and fusion weight the server uses (`llm/ranker.json`), through the one-at-a-time reference
 implementations in `palr/llm.py` (which the serving engine reproduces):
 
-    score     one forward pass, label log-probs, fused with the retrieval scores
+    score     one forward pass, each candidate's readout log-prob (+ the head's trend bias), fused with the
+              retrieval scores
     generate  constrained greedy decoding of `generate_k` answer lines (labels or titles), the fusion
               term as per-candidate bias; the model can only name candidates, each at most once
 
@@ -33,7 +34,8 @@ from palr import metrics
 from palr.bundle import Bundle, fingerprint
 from palr.catalog import Catalog
 from palr.profiles import Profiles
-from palr.ranking import MODES, calibrated, complete_order, fuse, generation_bias, order_by_scores, target_rank
+from palr.ranking import (MODES, calibrated, complete_order, fuse, generation_bias, order_by_scores, target_rank,
+                          trend_bias)
 
 log = logging.getLogger(__name__)
 
@@ -71,15 +73,16 @@ def run(config: EvaluateRankingConfig) -> dict:
     from transformers import AutoTokenizer
 
     from palr.decoding import answer_constraint
-    from palr.llm import compute_prefix, generate_constrained, load_causal_lm, score_labels
+    from palr.llm import compute_prefix, generate_constrained, load_causal_lm, score_candidates
     from palr.hybrid import ranker_prompt
+    from palr.trends import TrendSettings, TrendTable
     from palr.sasrec_onnx import Query, SasrecOnnx
 
     unknown = set(config.modes) - set(MODES)
     if unknown:
         raise ValueError(f"--modes {sorted(unknown)}: choose from {', '.join(MODES)}")
     bundle = Bundle.open(config.bundle)
-    inputs = [config.llm, "ranker", "sasrec_onnx", "catalog", "profiles"]
+    inputs = [config.llm, "ranker", "sasrec_onnx", "catalog", "profiles"] + (["trends"] if bundle.has("trends") else [])
     step_fp = fingerprint(STEP, VERSION, config_record(config) | {"tier": "ranking", "bundle": None, "batch_size": None},
                           [bundle.version(name) for name in inputs])
     report_path = bundle.reports_dir() / REPORT
@@ -107,7 +110,9 @@ def run(config: EvaluateRankingConfig) -> dict:
     prompt = ranker_prompt(tokenizer, ranker, catalog)
     prefix = compute_prefix(model, prompt.prefix_ids())
     weight = float(ranker["fusion_weight"])
-    label_bias = ranker.get("label_bias")
+    trend = TrendSettings(**ranker["trend"]) if ranker.get("trend") else None
+    table = TrendTable.load(bundle.path("trends")) if trend else None
+    candidate_readout = prompt.settings.readout == "candidate"
     generate_k = min(int(ranker["generate_k"]), config.candidates)
 
     rows = []
@@ -116,22 +121,26 @@ def run(config: EvaluateRankingConfig) -> dict:
         retrieval_scores = [float(s) for s in ranked.scores]
         target = corpus.split.test[user]
         position = next((i for i, c in enumerate(candidates) if c.id == target), None)
-        parts = prompt.retrieval(profiles[user], [catalog.by_id(i) for i in history], candidates)
-        row = {"user": user, "target_position": position, "retrieval_rank": target_rank(range(len(candidates)), position)}
+        # the request's moment: the user's last history interaction (as the server does for stored users)
+        trends = table.buckets(table.as_of[user], [int(i) for i in ranked.indices], trend) if trend else None
+        bias = trend_bias(ranker.get("trend_bias"), trends)
+        parts = prompt.retrieval(profiles[user], [catalog.by_id(i) for i in history], candidates, trends)
+        row = {"user": user, "target_position": position, "retrieval_rank": target_rank(range(len(candidates)), position),
+               "trend": trends}
         if "score" in config.modes:
             t0 = time.perf_counter()
-            llm = score_labels(model, parts.input_ids, parts.label_token_ids, prefix=prefix)
+            llm = score_candidates(model, parts.input_ids, parts.readout, prefix=prefix)
             row["score_seconds"] = time.perf_counter() - t0
             row["llm_scores"] = llm
-            row["llm_rank"] = target_rank(order_by_scores(calibrated(llm, label_bias)), position)
-            row["score_rank"] = target_rank(order_by_scores(fuse(llm, retrieval_scores, weight, label_bias)), position)
+            row["llm_rank"] = target_rank(order_by_scores(calibrated(llm, bias)), position)
+            row["score_rank"] = target_rank(order_by_scores(fuse(llm, retrieval_scores, weight, bias)), position)
         if "generate" in config.modes:
             t0 = time.perf_counter()
             constraint = answer_constraint(ranker["generate_format"], parts.label_token_ids,
                                            parts.candidate_line_ids, generate_k)
             emitted = generate_constrained(model, parts.input_ids, constraint,
-                                           bias=generation_bias(retrieval_scores, weight, label_bias),
-                                           prefix=prefix)
+                                           bias=generation_bias(retrieval_scores, weight, bias), prefix=prefix,
+                                           readout=parts.readout if candidate_readout else None)
             row["generate_seconds"] = time.perf_counter() - t0
             row["emitted"] = emitted
             row["generate_invalid"] = len(set(emitted)) != len(emitted) or any(
@@ -183,8 +192,9 @@ def summarise(rows: list[dict], config: EvaluateRankingConfig, ranker: dict, wei
             report[f"{name}_vs_retrieval_ndcg@{K}"] = paired["ratio"]
             report[f"{name}_vs_retrieval_ndcg@{K}_ci95"] = [round(paired["low"], 4), round(paired["high"], 4)]
     if "score" in config.modes:  # position bias: where the LLM's own top-1 sits in the (retrieval-ordered) list
-        for key, bias in (("llm_top1_by_position", ranker.get("label_bias")), ("llm_top1_by_position_raw", None)):
-            firsts = [order_by_scores(calibrated(r["llm_scores"], bias))[0] for r in rows]
+        for key, with_bias in (("llm_top1_by_position", True), ("llm_top1_by_position_raw", False)):
+            firsts = [order_by_scores(calibrated(r["llm_scores"], trend_bias(ranker.get("trend_bias"), r["trend"])
+                                                 if with_bias else None))[0] for r in rows]
             report[key] = [firsts.count(p) for p in range(config.candidates)]
     report.update({"fusion_weight": weight, "generate_format": ranker["generate_format"], "generate_k": generate_k,
                    "llm": config.llm, "profile_method": ranker["profile_method"], "seed": config.seed})

@@ -33,8 +33,7 @@ log = logging.getLogger(__name__)
 
 LORA_DIR = "llm/lora"
 CHECKPOINT_DIR = "llm/checkpoints"
-LABEL_BIAS = "label_bias.json"
-VERSION = 2  # 2: listwise label-logit loss, item projector of hybrid prompts
+VERSION = 3  # 2: listwise label-logit loss, item projector; 3: candidate readout, trend rows and bias, generate loss
 
 
 @dataclass
@@ -56,6 +55,7 @@ class FinetuneConfig:
     batch_size: int = field(default=8, metadata={"help": "examples per optimizer step"})
     lr: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0: no clipping)"})
     warmup_steps: int = field(default=10, metadata={"help": "linear warmup steps before the cosine decay"})
     max_tokens: int = field(default=1024, metadata={"help": "examples longer than this are left out"})
     save_every: int = field(default=25, metadata={"help": "checkpoint every N steps (0 = only at the end)"})
@@ -77,11 +77,12 @@ class FinetuneConfig:
                 "scores, i.e. the fused score the ranker serves, so the LLM learns what the retriever misses "
                 "(0: the LLM alone; needs retrieval scores in the examples: sft-data --negatives holdout)"})
     projector_lr: float = field(default=1e-3, metadata={"help": "hybrid prompts: peak learning rate of the item projector"})
-    label_bias: bool = field(default=False, metadata={
-        "help": "listwise loss: learn one additive bias per label letter with the ranker (the base model prefers "
-                "some letters, a position bias the shuffled training orders make it unlearn slowly); serving adds "
-                "it to the label scores (llm/ranker.json label_bias)"})
-    label_bias_lr: float = field(default=3e-2, metadata={"help": "peak learning rate of the label bias"})
+    head_lr: float = field(default=1e-2, metadata={
+        "help": "peak learning rate of the ranking head's own rows: the score row (zero at the start, so the ranker "
+                "starts as the retrieval order), the trend-token rows and the per-trend-bucket bias"})
+    generate_loss: float = field(default=0.5, metadata={
+        "help": "candidate readout: weight of the listwise loss on the label logits after the prompt plus the "
+                "(fixed) fused scores, what generate mode decodes (0: generate mode gets untrained labels)"})
 
 
 # -- data -----------------------------------------------------------------------------------------
@@ -98,19 +99,24 @@ def load_rows(path: Path, max_tokens: int, loss: str) -> list[dict]:
     return kept
 
 
-def batch_loss(model, rows: list[dict], config: "FinetuneConfig", pad_id: int, items=None, label_bias=None):
+def batch_loss(model, rows: list[dict], config: "FinetuneConfig", pad_id: int, extra=None):
     """The configured loss on one batch of rows (see FinetuneConfig.loss)."""
     import torch
 
     total = torch.zeros(())
     if config.loss in ("lm", "both"):
         answered = [(r["input_ids"], r["answer_ids"]) for r in rows if r["answer_ids"]]
-        total = total + answer_loss(model, [t.to(config.device) for t in collate(answered, pad_id)], items)
+        rows_out = extra() if extra is not None else None
+        total = total + answer_loss(model, [t.to(config.device) for t in collate(answered, pad_id)], rows_out)
     if config.loss in ("listwise", "both"):
         ranked = [r for r in rows if r.get("target_position") is not None]
         if ranked:
             weight = config.fusion_in_loss if all(r.get("retrieval_scores") for r in ranked) else 0.0
-            total = total + listwise_loss(label_logits(model, ranked, pad_id, items), ranked, weight, label_bias)
+            scores, labels = readout_scores(model, ranked, pad_id, extra, with_labels=config.generate_loss > 0)
+            fused = fused_scores(scores, ranked, weight, extra)
+            total = total + listwise_loss(fused, ranked)
+            if labels is not None:  # generate mode decodes labels with the fused scores as bias: train it so
+                total = total + config.generate_loss * listwise_loss(labels + fused.detach(), ranked)
     return total
 
 
@@ -178,30 +184,71 @@ def left_pad(sequences: list[list[int]], pad_id: int):
     return input_ids, mask, (mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def label_logits(model, rows: list[dict], pad_id: int, items=None) -> "torch.Tensor":
-    """Next-token logits of each row's candidate labels after its prompt `[B, L]` (fp32): one forward
-    over the prompts (no answer tokens), the LM head applied to the label rows only."""
+def readout_scores(model, rows: list[dict], pad_id: int, extra=None, with_labels: bool = False):
+    """Each row's candidate readout logits `[B, C]` (fp32): the score row at each candidate's last token for
+    candidate-readout examples (`readout_positions`), else each label's logit after the prompt; one forward
+    over the left-padded prompts. With `with_labels` (candidate readout), also the label logits after the
+    prompt `[B, C]` (what generate mode decodes), else None."""
     import torch
 
     from palr.hybrid import input_embeddings
 
     lm = _causal_lm(model)
     input_ids, mask, position_ids = left_pad([r["input_ids"] for r in rows], pad_id)
-    embeds = input_embeddings(lm, input_ids, items)
-    hidden = lm.model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids,
-                      use_cache=False).last_hidden_state[:, -1].float()  # [B, D]
-    labels = torch.tensor([r["label_token_ids"] for r in rows])  # [B, L]
-    return torch.einsum("bd,bld->bl", hidden, lm.get_output_embeddings().weight[labels].float())
+    rows_out = extra() if extra is not None else None  # [X, D]
+    hidden = lm.model(inputs_embeds=input_embeddings(lm, input_ids, rows_out), attention_mask=mask,
+                      position_ids=position_ids, use_cache=False).last_hidden_state  # [B, T, D]
+    width = input_ids.shape[1]
+    head = lm.get_output_embeddings().weight
+    vocab = head.shape[0]
+    positions, tokens = [], []
+    for r in rows:
+        pad = width - len(r["input_ids"])
+        if r.get("readout_positions"):
+            positions.append([pad + p for p in r["readout_positions"]])
+            tokens.append(r["readout_tokens"])
+        else:
+            positions.append([width - 1] * len(r["label_token_ids"]))
+            tokens.append(r["label_token_ids"])
+    positions, tokens = torch.tensor(positions), torch.tensor(tokens)  # [B, C]
+    picked = hidden[torch.arange(len(rows))[:, None], positions].float()  # [B, C, D]
+    weights = output_rows(head, tokens, rows_out, vocab).float()  # [B, C, D]
+    scores = (picked * weights).sum(-1)  # [B, C]
+    labels = None
+    if with_labels and any(r.get("readout_positions") for r in rows):
+        label_ids = torch.tensor([r["label_token_ids"] for r in rows])  # [B, C]
+        labels = torch.einsum("bd,bcd->bc", hidden[:, -1].float(), head[label_ids].float())
+    return scores, labels
 
 
-def listwise_loss(logits, rows: list[dict], fusion_weight: float, label_bias=None) -> "torch.Tensor":
-    """Cross-entropy of the target among the candidates over logits (+ the label bias) + weight *
-    log_softmax(retrieval scores)."""
+def output_rows(head, tokens, extra_rows, vocab: int):
+    """LM-head rows of `tokens` `[..., D]`: text tokens from the head, extra tokens (the score row) from the
+    trained extra rows (the merge folds them into the head)."""
     import torch
 
-    fused = logits if label_bias is None else logits + label_bias[:logits.shape[1]]
+    text = head[tokens.clamp(max=vocab - 1)]
+    if extra_rows is None:
+        return text
+    extra = extra_rows[(tokens - vocab).clamp(min=0)]
+    return torch.where((tokens >= vocab)[..., None], extra.to(text.dtype), text)
+
+
+def fused_scores(scores, rows: list[dict], fusion_weight: float, extra=None):
+    """The served score `[B, C]`: readout logits + the head's trend bias + weight * log_softmax(retrieval)."""
+    import torch
+
+    fused = scores
+    if extra is not None and extra.trend_buckets and rows[0].get("trend") is not None:
+        fused = fused + extra.trend_bias[torch.tensor([r["trend"] for r in rows])]
     if fusion_weight:
-        fused = logits + fusion_weight * torch.log_softmax(torch.tensor([r["retrieval_scores"] for r in rows]), -1)
+        fused = fused + fusion_weight * torch.log_softmax(torch.tensor([r["retrieval_scores"] for r in rows]), -1)
+    return fused
+
+
+def listwise_loss(fused, rows: list[dict]):
+    """Cross-entropy of the target among the candidates over the fused scores `[B, C]`."""
+    import torch
+
     return torch.nn.functional.cross_entropy(fused, torch.tensor([r["target_position"] for r in rows]))
 
 
@@ -243,9 +290,9 @@ def lora_model(base_dir: Path, config: FinetuneConfig):
     return model
 
 
-def validation_ndcg(model, valid: list[dict], pad_id: int = 0, items=None, k: int = 10, batch: int = 8,
-                    label_bias=None) -> float:
-    """Score-mode NDCG@k of the LLM alone over validation users (a target not retrieved is a miss)."""
+def validation_ndcg(model, valid: list[dict], pad_id: int = 0, extra=None, k: int = 10, batch: int = 8) -> float:
+    """Score-mode NDCG@k of the LLM alone (its head's trend bias included) over validation users (a target
+    not retrieved is a miss)."""
     import torch
 
     from palr.metrics import ndcg
@@ -256,8 +303,8 @@ def validation_ndcg(model, valid: list[dict], pad_id: int = 0, items=None, k: in
     scores = []
     with torch.no_grad():
         for start in range(0, len(valid), batch):
-            logits = label_logits(model, valid[start:start + batch], pad_id, items)
-            scores += (logits if label_bias is None else logits + label_bias[:logits.shape[1]]).tolist()
+            rows = valid[start:start + batch]
+            scores += fused_scores(readout_scores(model, rows, pad_id, extra)[0], rows, 0.0, extra).tolist()
     ranks = [target_rank(order_by_scores(s), x["target_position"]) for s, x in zip(scores, valid)]
     model.train(was_training)
     return ndcg(ranks, k)
@@ -310,22 +357,26 @@ def _run_fingerprint(bundle: Bundle, config: FinetuneConfig) -> str:
     return fingerprint("finetune", VERSION, settings, bundle.version("llm_base"), bundle.version("sft_data"))
 
 
-def make_projector(bundle: Bundle, meta: dict, hidden: int):
-    """The item projector of hybrid prompts (None for text prompts): frozen SASRec item embeddings of the
-    checkpoint sft-data built the prompts against (`meta["item_tokens"]["table"]`) → the LLM's input space."""
-    if meta["prompt"].get("prompt", "text") == "text":
-        return None
+def make_extra_rows(bundle: Bundle, meta: dict, model, tokenizer):
+    """The ranker's extra vocabulary rows (palr.hybrid.extra_rows): the frozen SASRec item embeddings of the
+    checkpoint sft-data built the prompts against (`meta["item_tokens"]["table"]`) through a projector, the
+    trend rows (initialised from the digit tokens " 0", " 1", ...), the score row and the trend bias."""
+    from palr.hybrid import extra_rows
     from palr.sasrec import SASRec
-    from palr.hybrid import item_projector
 
-    table = meta["item_tokens"]["table"]
-    return item_projector(SASRec.load(bundle.path(table)).item_emb.weight, hidden)
+    tokens = meta["item_tokens"]
+    buckets = int(tokens.get("trend_buckets") or 0)
+    embedding = model.get_input_embeddings().weight.detach()
+    digits = [tokenizer.encode(f" {b}", add_special_tokens=False)[-1] for b in range(buckets)]
+    table = SASRec.load(bundle.path(tokens["table"])).item_emb.weight
+    return extra_rows(table, embedding.shape[1], buckets, embedding[digits] if buckets else None)
 
 
 def projector_settings(bundle: Bundle, meta: dict) -> dict:
-    table = meta["item_tokens"]["table"]
-    return {"table": table, "table_version": bundle.version(table), "offset": meta["item_tokens"]["offset"],
-            "rows": meta["item_tokens"]["rows"], "prompt": meta["prompt"]["prompt"]}
+    tokens = meta["item_tokens"]
+    return {"table": tokens["table"], "table_version": bundle.version(tokens["table"]), "offset": tokens["offset"],
+            "rows": tokens["rows"], "trend_buckets": tokens.get("trend_buckets", 0),
+            "score_token": tokens.get("score_token"), "prompt": meta["prompt"]["prompt"]}
 
 
 def train(bundle: Bundle, config: FinetuneConfig, run_fp: str) -> dict:
@@ -348,46 +399,35 @@ def train(bundle: Bundle, config: FinetuneConfig, run_fp: str) -> dict:
     steps = config.max_steps or max(1, math.ceil(config.epochs * len(examples) / config.batch_size))
     model = lora_model(bundle.path("llm_base"), config)
     model.train()
-    projector = make_projector(bundle, meta, model.config.get_text_config().hidden_size)
-    groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": config.lr}]
-    label_bias = None
-    if config.label_bias and config.loss != "lm":
-        label_bias = torch.nn.Parameter(torch.zeros(len(meta["prompt"]["label_alphabet"])))
-        groups.append({"params": [label_bias], "lr": config.label_bias_lr})
-    if projector is not None:
-        projector.to(config.device).train()
-        groups.append({"params": list(projector.parameters()), "lr": config.projector_lr})
+    extra = make_extra_rows(bundle, meta, model, tokenizer).to(config.device).train()
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": config.lr},
+              {"params": list(extra.net.parameters()), "lr": config.projector_lr},
+              {"params": [extra.score, extra.trend, extra.trend_bias], "lr": config.head_lr, "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, min(config.warmup_steps, steps // 4), steps)
 
     checkpoints = bundle.root / CHECKPOINT_DIR
     record = {"steps": steps, "examples": len(examples), "batch_size": config.batch_size, "loss": config.loss,
               "layers": model.config.get_text_config().num_hidden_layers,
-              "fusion_in_loss": config.fusion_in_loss, "hybrid": projector is not None, "losses": [],
+              "fusion_in_loss": config.fusion_in_loss, "prompt": meta["prompt"]["prompt"],
+              "readout": meta["prompt"].get("readout", "label"), "losses": [],
               "valid_ndcg@10": {}, "best_step": None, "seconds": 0.0}
     start = 0
     if not config.force and (found := latest_checkpoint(checkpoints, run_fp)):
         path, state = found
         restore(path, state, model, optimizer, scheduler)
-        if projector is not None:
-            from safetensors.torch import load_file
+        from safetensors.torch import load_file
 
-            projector.load_state_dict(load_file(str(path / WEIGHTS)))
-        if label_bias is not None:
-            with torch.no_grad():
-                label_bias.copy_(torch.tensor(json.loads((path / LABEL_BIAS).read_text())))
+        extra.load_state_dict(load_file(str(path / WEIGHTS)))
         start, record = state["step"], state["record"]
         log.info("resuming from %s (step %d of %d)", path, start, steps)
     elif config.force:
         shutil.rmtree(checkpoints, ignore_errors=True)
     best_dir = checkpoints / "best"
-    settings = projector_settings(bundle, meta) if projector is not None else {}
+    settings = projector_settings(bundle, meta)
 
     def save_extras(directory: Path) -> None:
-        if projector is not None:
-            save_projector(directory, projector, settings)
-        if label_bias is not None:
-            (directory / LABEL_BIAS).write_text(json.dumps([round(float(b), 6) for b in label_bias.detach()]) + "\n")
+        save_projector(directory, extra, settings)
 
     def save_adapter(directory: Path) -> None:
         model.save_pretrained(directory)
@@ -402,8 +442,10 @@ def train(bundle: Bundle, config: FinetuneConfig, run_fp: str) -> dict:
     progress = tqdm(range(start, end), initial=start, total=steps, desc="finetune", unit="step")
     for step in progress:
         rows = [examples[i] for i in batch_indices(len(examples), config.batch_size, step, config.seed)]
-        loss = batch_loss(model, rows, config, pad_id, projector() if projector is not None else None, label_bias)
+        loss = batch_loss(model, rows, config, pad_id, extra)
         loss.backward()
+        if config.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_([p for group in groups for p in group["params"]], config.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -411,9 +453,7 @@ def train(bundle: Bundle, config: FinetuneConfig, run_fp: str) -> dict:
         progress.set_postfix(loss=f"{record['losses'][-1]:.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
         done = step + 1
         if config.eval_every and (done % config.eval_every == 0 or done == steps):
-            with torch.no_grad():
-                items = projector() if projector is not None else None
-            score = validation_ndcg(model, valid, pad_id, items, label_bias=label_bias)
+            score = validation_ndcg(model, valid, pad_id, extra)
             record["valid_ndcg@10"][str(done)] = score
             log.info("step %d: loss %.4f, validation NDCG@10 (LLM alone, %d users) %.4f", done,
                      record["losses"][-1], len(valid), score)
@@ -439,7 +479,7 @@ def train(bundle: Bundle, config: FinetuneConfig, run_fp: str) -> dict:
     (out / "training.json").write_text(json.dumps(record, indent=1) + "\n")
     first, last = record["losses"][:10], record["losses"][-10:]
     log.info("trained %d steps (%s loss%s) in %.0f s; loss %.3f (first 10) → %.3f (last 10); kept step %d → %s",
-             steps, config.loss, ", hybrid prompts" if projector is not None else "", record["seconds"],
+             steps, config.loss, f", {record['prompt']} prompts, {record['readout']} readout", record["seconds"],
              sum(first) / len(first), sum(last) / len(last), record["best_step"], out)
     return record
 

@@ -11,6 +11,10 @@ exactly as training and evaluation did:
     candidates        K, and the label strings and token ids for up to K candidates
     fusion_weight     weight of the retrieval log-probability in the fused score (palr/ranking.py),
                       fit here on validation users (valid.jsonl) by grid search over NDCG@10
+    item_tokens       the extra vocabulary folded into the merged checkpoint (palr/hybrid.py: item soft
+                      tokens, trend tokens, the score row)
+    trend, trend_bias how candidates' trend tokens are counted (palr/trends.py) and the ranking head's
+                      learned bias per trend bucket
     generate_format   "titles" (each answer line: a label, then its title; `TitleConstraint`) or
                       "labels" (`LabelConstraint`); generate_k: lines written
     profile_method    how profiles.json was made
@@ -36,7 +40,7 @@ log = logging.getLogger(__name__)
 MERGED_DIR = "llm/merged"
 RANKER_FILE = "llm/ranker.json"
 GENERATE_FORMATS = ("titles", "labels")
-VERSION = 3  # 2: fusion grid up to 1000; 3: item projector folded into the vocabulary
+VERSION = 4  # 2: fusion grid up to 1000; 3: item projector folded into the vocabulary; 4: trend and score rows
 
 
 @dataclass
@@ -54,38 +58,42 @@ class MergeConfig:
     force: bool = field(default=False, metadata={"help": "redo the step even if its inputs are unchanged"})
 
 
-def merge(base_dir: Path, lora_dir: Path, out: Path, probe_ids: list[int], tolerance: float, layers: int = 0) -> float:
-    """Merges, saves model + tokenizer to `out`; returns max |merged - adapter| logits on `probe_ids`.
+def merge(base_dir: Path, lora_dir: Path, out: Path, probe: dict, tolerance: float, layers: int = 0) -> float:
+    """Merges, saves model + tokenizer to `out`; returns max |merged - adapter| over the probe's text logits
+    and its readout logits.
 
-    With an item projector in `lora_dir` (hybrid prompts), its output for every item is folded into the
-    merged model's input embeddings as extra vocabulary rows (palr/hybrid.py), so the merged checkpoint
-    takes hybrid prompts as plain token ids; the check runs the adapter model on projected embeddings."""
+    The extra rows in `lora_dir` (item projector, trend rows, score row; palr/hybrid.py) are folded into the
+    merged model's vocabulary, so the merged checkpoint takes the ranker's prompts as plain token ids and its
+    LM head holds the score row; the check runs the adapter model on the extra rows computed on the fly."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from palr.hybrid import WEIGHTS, fold_into_vocabulary, input_embeddings, load_projector, read_settings
-
+    from palr.hybrid import fold_into_vocabulary, input_embeddings, load_projector, read_settings
     from palr.llm import keep_first_layers
 
     base = keep_first_layers(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32), layers)
     vocab = base.get_input_embeddings().num_embeddings
-    projector = load_projector(lora_dir, base.config.get_text_config().hidden_size) \
-        if (lora_dir / WEIGHTS).is_file() else None
+    extra = load_projector(lora_dir, base.config.get_text_config().hidden_size)
     model = PeftModel.from_pretrained(base, lora_dir).eval()
-    ids = torch.tensor([probe_ids])  # [1, T]
+    ids = torch.tensor([probe["input_ids"]])  # [1, T]
+    positions = probe.get("readout_positions") or []
     with torch.inference_mode():
-        items = projector() if projector is not None else None
-        adapter_logits = model(inputs_embeds=input_embeddings(base, ids, items)).logits[..., :vocab]  # [1, T, V]
+        rows = extra()  # [X, D]
+        hidden = model.get_base_model().model(inputs_embeds=input_embeddings(base, ids, rows)).last_hidden_state
+        adapter_logits = base.lm_head(hidden)[..., :vocab]  # [1, T, V]
+        adapter_read = hidden[0, positions] @ rows[-1] if positions else None  # the score row at each candidate
     merged = model.merge_and_unload().eval()
-    if projector is not None:
-        settings = read_settings(lora_dir)
-        size = fold_into_vocabulary(merged, projector, int(settings["offset"]))
-        log.info("folded %d projected item embeddings into the vocabulary (%d -> %d ids)", size - vocab, vocab, size)
+    size = fold_into_vocabulary(merged, extra, int(read_settings(lora_dir)["offset"]))
+    log.info("folded %d extra rows (items, trend tokens, score row) into the vocabulary (%d -> %d ids)",
+             size - vocab, vocab, size)
     with torch.inference_mode():
-        diff = float((merged(input_ids=ids).logits[..., :vocab] - adapter_logits).abs().max())
-    log.info("merged vs adapter logits over %d tokens: max |diff| = %.3g (tolerance %.3g)", len(probe_ids), diff,
-             tolerance)
+        logits = merged(input_ids=ids).logits  # [1, T, V + X]
+        diff = float((logits[..., :vocab] - adapter_logits).abs().max())
+        if adapter_read is not None:
+            diff = max(diff, float((logits[0, positions, size - 1] - adapter_read).abs().max()))
+    log.info("merged vs adapter logits (text vocabulary and readouts) over %d tokens: max |diff| = %.3g "
+             "(tolerance %.3g)", ids.shape[1], diff, tolerance)
     if diff > tolerance:
         raise RuntimeError(f"merged model's logits differ from the adapter model's by {diff:.3g} (> {tolerance:.3g})")
     shutil.rmtree(out, ignore_errors=True)
@@ -94,19 +102,29 @@ def merge(base_dir: Path, lora_dir: Path, out: Path, probe_ids: list[int], toler
     return diff
 
 
-def fit_fusion(model_dir: Path, valid: list[dict], bias: list[float] | None = None) -> tuple[float, dict]:
+def example_readout(row: dict):
+    """The readout an SFT example was built with: the candidate readout it stores, else its labels."""
+    from palr.prompt import Readout
+
+    if row.get("readout_positions"):
+        return Readout(tuple(row["readout_positions"]), tuple(row["readout_tokens"]))
+    return Readout.after_prompt(len(row["input_ids"]), row["label_token_ids"])
+
+
+def fit_fusion(model_dir: Path, valid: list[dict], bias_by_bucket: list[float] | None = None) -> tuple[float, dict]:
     """Score-mode LLM log-probs on validation users → the NDCG@10-best retrieval weight, and what the
     validation users say about it (retrieval order, LLM alone, fused, by weight)."""
-    from palr.llm import compute_prefix, load_causal_lm, score_labels
+    from palr.llm import compute_prefix, load_causal_lm, score_candidates
     from palr.metrics import ndcg
-    from palr.ranking import fit_fusion_weight, target_rank
+    from palr.ranking import fit_fusion_weight, target_rank, trend_bias
 
     model, _ = load_causal_lm(model_dir)
     prefix = compute_prefix(model, valid[0]["input_ids"][: valid[0]["prefix_len"]])
-    llm = [score_labels(model, x["input_ids"], x["label_token_ids"], prefix=prefix)
+    llm = [score_candidates(model, x["input_ids"], example_readout(x), prefix=prefix)
            for x in tqdm(valid, desc="fusion (validation)", unit="user")]
     targets = [x["target_position"] for x in valid]
-    weight, curve = fit_fusion_weight(llm, [x["retrieval_scores"] for x in valid], targets, label_bias=bias)
+    biases = [trend_bias(bias_by_bucket, x.get("trend")) for x in valid]
+    weight, curve = fit_fusion_weight(llm, [x["retrieval_scores"] for x in valid], targets, candidate_bias=biases)
     retrieval = ndcg([target_rank(range(len(x["candidates"])), t) for x, t in zip(valid, targets)], 10)
     log.info("fusion weight %.2f fit on %d validation users: NDCG@10 retrieval %.4f, LLM alone %.4f, fused %.4f; "
              "by weight: %s", weight, len(valid), retrieval, curve[0.0], curve[weight],
@@ -132,10 +150,14 @@ def keep_projector(bundle: Bundle) -> None:
     bundle.add_artifact("projector", PROJECTOR_DIR, **read_settings(target))
 
 
-def label_bias(bundle: Bundle, k: int) -> list[float] | None:
-    """The per-label bias finetune learned (llm/lora/label_bias.json), for the K labels; None without one."""
-    path = bundle.path("lora") / "label_bias.json"
-    return json.loads(path.read_text())[:k] if path.is_file() else None
+def learned_trend_bias(bundle: Bundle) -> list[float] | None:
+    """The ranking head's bias per trend bucket, as fine-tuned (None without trend tokens)."""
+    from safetensors.torch import load_file
+
+    from palr.hybrid import WEIGHTS
+
+    bias = load_file(str(bundle.path("lora") / WEIGHTS)).get("trend_bias")
+    return [round(float(b), 6) for b in bias] if bias is not None and bias.numel() else None
 
 
 def ranker_record(bundle: Bundle, config: MergeConfig, weight: float, validation: dict) -> dict:
@@ -147,7 +169,8 @@ def ranker_record(bundle: Bundle, config: MergeConfig, weight: float, validation
     settings = PromptSettings.from_dict(meta["prompt"])
     # labels are text tokens whatever the prompt: a text prompt of the same settings gives their ids
     prompt = PalrPrompt(AutoTokenizer.from_pretrained(bundle.path("llm_base")),
-                        PromptSettings.from_dict({**meta["prompt"], "prompt": "text"}))
+                        PromptSettings.from_dict({**meta["prompt"], "prompt": "text", "trend": False,
+                                                  "readout": "label"}))
     k = meta["candidates"]
     if not 1 <= config.generate_k <= k:
         raise ValueError(f"--generate-k {config.generate_k} must be between 1 and the candidate count {k}")
@@ -161,8 +184,9 @@ def ranker_record(bundle: Bundle, config: MergeConfig, weight: float, validation
         "generate_format": config.generate_format,
         "generate_k": config.generate_k,
         "profile_method": meta["profile_method"],
-        "item_tokens": meta.get("item_tokens") if settings.prompt != "text" else None,
-        "label_bias": label_bias(bundle, k),
+        "item_tokens": meta["item_tokens"],
+        "trend": meta.get("trend"),
+        "trend_bias": learned_trend_bias(bundle) if meta.get("trend") else None,
         "lora": bundle.version("lora"),
     }
 
@@ -178,13 +202,13 @@ def run(config: MergeConfig) -> Path:
         return out
     started = time.perf_counter()
     valid = read_jsonl(bundle.path("sft_data") / "valid.jsonl")
-    diff = merge(bundle.path("llm_base"), bundle.path("lora"), out, valid[0]["input_ids"], config.tolerance,
+    diff = merge(bundle.path("llm_base"), bundle.path("lora"), out, valid[0], config.tolerance,
                  int(bundle.artifact("lora").get("layers") or 0))
     bundle.add_artifact("llm_merged", MERGED_DIR, dtype="float32", merge_max_abs_diff=diff)
     keep_projector(bundle)
     fusion_valid = valid[: config.fusion_users]
     meta = json.loads((bundle.path("sft_data") / "meta.json").read_text())
-    bias = label_bias(bundle, meta["candidates"])
+    bias = learned_trend_bias(bundle) if meta.get("trend") else None
     weight, validation = fit_fusion(out, fusion_valid, bias) if fusion_valid else (0.0, {})
     ranker = ranker_record(bundle, config, weight, validation)
     ranker_path = bundle.root / RANKER_FILE

@@ -10,6 +10,10 @@
                  valid item as target (absent when not retrieved, as at test time). For model
                  selection and for fitting the fusion weight. Test items never appear in it.
 
+Each candidate line ends with the candidate's trend token (palr/trends.py: its interactions in the 30
+days before the example's moment, the time of its history's last item), and score mode reads the
+score row at that token (`--readout candidate`): examples store the readout positions and the buckets.
+
 Candidates never include the user's other interactions (later training items, valid and test
 items): negatives are items the user did not interact with, and held-out items appear nowhere.
 Every example stores item ids (for the leakage test) and the exact token ids `palr.prompt` built
@@ -31,12 +35,13 @@ from palr.bundle import Bundle, BundleError, fingerprint
 from palr.catalog import Catalog
 from palr.corpus import Corpus
 from palr.profiles import Profiles
-from palr.prompt import RECOMMEND, RETRIEVAL, PalrPrompt, PromptSettings
+from palr.prompt import READOUTS, RECOMMEND, RETRIEVAL, PalrPrompt, PromptSettings
+from palr.trends import TrendSettings, TrendTable
 
 log = logging.getLogger(__name__)
 
 SFT_DIR = "llm/sft"
-VERSION = 3  # 3: held-out SASRec negatives, hybrid prompts, retrieval scores of training examples
+VERSION = 4  # 3: held-out SASRec negatives, hybrid prompts, retrieval scores; 4: trend tokens, candidate readout
 
 
 @dataclass
@@ -49,6 +54,14 @@ class SftDataConfig(PromptSettings):
     prompt: str = field(default="hybrid", metadata={
         "help": "how items appear: text (title), hybrid (title + a soft token carrying its SASRec embedding, "
                 "RSLLM) or ids (the soft token alone); see palr/hybrid.py", "choices": ("text", "hybrid", "ids")})
+    trend: bool = field(default=True, metadata={
+        "help": "end each candidate line with its trend token (interactions in the --trend-window-days before the "
+                "request, bucketed; palr/trends.py): the time signal SASRec lacks"})
+    trend_window_days: float = field(default=30.0, metadata={"help": "trend tokens: the counting window"})
+    trend_buckets: int = field(default=8, metadata={"help": "trend tokens: buckets 0, 1, 2-3, 4-7, ... (the last open)"})
+    readout: str = field(default="candidate", metadata={
+        "help": "what score mode reads: candidate (a score row at each candidate's last token: no label-letter "
+                "position bias) or label (each label's logit after the prompt)", "choices": READOUTS})
     negatives: str = field(default="holdout", metadata={
         "help": "where training candidates come from: holdout (a SASRec trained without each user's last "
                 "--holdout-items training items ranks those positions as the served one ranks test users; only "
@@ -77,6 +90,9 @@ class SftDataConfig(PromptSettings):
     def prompt_settings(self) -> PromptSettings:
         return PromptSettings.from_dict(self.to_dict())
 
+    def trend_settings(self) -> TrendSettings:
+        return TrendSettings(self.trend_window_days, self.trend_buckets)
+
 
 @dataclass
 class Cut:
@@ -87,6 +103,7 @@ class Cut:
     target: str  # the next item
     following: list[str]  # the user's training items after the target
     held_out: list[str]  # the user's valid/test items that come after (never in a training example)
+    moment: float = 0.0  # when the history ends (its last interaction): what trends are counted before
 
     @property
     def later(self) -> list[str]:
@@ -104,7 +121,7 @@ def training_cuts(corpus: Corpus, users: list[str], per_user: int, config: SftDa
         first = max(config.min_history, len(train) - config.recent_window, 1)
         points = list(range(first, len(train)))
         for t in sorted(rng.sample(points, min(per_user, len(points)))):
-            cuts.append(Cut(user, train[:t], train[t], train[t + 1:], held_out))
+            cuts.append(Cut(user, train[:t], train[t], train[t + 1:], held_out, corpus.time_before(user, t)))
     return cuts
 
 
@@ -121,15 +138,29 @@ def retrieve(sasrec, catalog: Catalog, cuts: list[Cut], k: int) -> list[tuple[li
     return out
 
 
+@dataclass
+class Trends:
+    """Each candidate's trend bucket as of a cut's moment (None: trend tokens off)."""
+
+    table: TrendTable | None
+    settings: TrendSettings
+    catalog: Catalog
+
+    def __call__(self, cut: Cut, candidates: list[str]) -> list[int] | None:
+        if self.table is None:
+            return None
+        return self.table.buckets(cut.moment, self.catalog.indices(candidates), self.settings)
+
+
 def retrieval_examples(prompt: PalrPrompt, catalog: Catalog, cuts: list[Cut], retrieved, profiles: list[str],
-                       orders: int, rng: random.Random) -> list[dict]:
+                       orders: int, rng: random.Random, trends: Trends) -> list[dict]:
     """Training Recommend_Retrieval: the target put in (replacing the last candidate) if missing, order shuffled."""
     examples = []
     for cut, (ids, _), profile in zip(cuts, retrieved, profiles):
         pool = ids if cut.target in ids else ids[:-1] + [cut.target]
         for _ in range(orders):
             candidates = rng.sample(pool, len(pool))
-            examples.append(_retrieval_example(prompt, catalog, cut, candidates, None, profile))
+            examples.append(_retrieval_example(prompt, catalog, cut, candidates, None, profile, trends))
     return examples
 
 
@@ -139,7 +170,8 @@ def holdout_cuts(corpus: Corpus, users: list[str], items: int) -> list[Cut]:
     for user in users:
         train = corpus.split.train[user]
         held_out = [corpus.split.valid[user], corpus.split.test[user]]
-        cuts += [Cut(user, train[:t], train[t], train[t + 1:], held_out) for t in range(len(train) - items, len(train))]
+        cuts += [Cut(user, train[:t], train[t], train[t + 1:], held_out, corpus.time_before(user, t))
+                 for t in range(len(train) - items, len(train))]
     return cuts
 
 
@@ -154,7 +186,7 @@ def holdout_retrieve(model, catalog: Catalog, cuts: list[Cut], k: int) -> list[t
 
 
 def natural_examples(prompt: PalrPrompt, catalog: Catalog, cuts: list[Cut], retrieved, profiles: list[str],
-                     orders: int, rng: random.Random) -> list[dict]:
+                     orders: int, rng: random.Random, trends: Trends) -> list[dict]:
     """Training Recommend_Retrieval from the held-out SASRec: only cuts whose target it retrieved, its
     candidates as they are (none put in: an inserted target would be the one the retriever scored lowest,
     which a ranker would learn), order shuffled with the retrieval scores kept alongside (for the fused loss)."""
@@ -165,18 +197,24 @@ def natural_examples(prompt: PalrPrompt, catalog: Catalog, cuts: list[Cut], retr
         for _ in range(orders):
             order = rng.sample(range(len(ids)), len(ids))
             examples.append(_retrieval_example(prompt, catalog, cut, [ids[j] for j in order],
-                                               [scores[j] for j in order], profile))
+                                               [scores[j] for j in order], profile, trends))
     return examples
 
 
 def _retrieval_example(prompt: PalrPrompt, catalog: Catalog, cut: Cut, candidates: list[str],
-                       scores: list[float] | None, profile: str) -> dict:
+                       scores: list[float] | None, profile: str, trends: Trends) -> dict:
     position = candidates.index(cut.target) if cut.target in candidates else None
-    parts = prompt.retrieval(profile, [catalog.by_id(i) for i in cut.history], [catalog.by_id(i) for i in candidates])
+    buckets = trends(cut, candidates)
+    parts = prompt.retrieval(profile, [catalog.by_id(i) for i in cut.history], [catalog.by_id(i) for i in candidates],
+                             buckets)
+    candidate_readout = prompt.settings.readout == "candidate"
     return {
         "task": RETRIEVAL, "user": cut.user, "history": cut.history, "candidates": candidates,
         "retrieval_scores": scores, "target": cut.target, "target_position": position, "profile": profile,
+        "moment": cut.moment, "trend": buckets,
         "prefix_len": len(parts.prefix_ids), "input_ids": parts.input_ids, "label_token_ids": parts.label_token_ids,
+        "readout_positions": list(parts.readout.positions) if candidate_readout else None,
+        "readout_tokens": list(parts.readout.tokens) if candidate_readout else None,
         "answer_ids": prompt.retrieval_answer(parts, position) if position is not None else [],
     }
 
@@ -237,7 +275,7 @@ def run(config: SftDataConfig) -> Path:
     from palr.sasrec_onnx import SasrecOnnx
 
     bundle = Bundle.open(config.bundle)
-    inputs = ["catalog", "users", "sasrec_onnx", "sasrec_torch", "profiles", "llm_base"]
+    inputs = ["catalog", "users", "sasrec_onnx", "sasrec_torch", "profiles", "llm_base"] + (["trends"] if config.trend else [])
     step_fp = fingerprint("sft-data", VERSION, config_record(config) | {"force": None, "bundle": None, "threads": None},
                           [bundle.version(name) for name in inputs])
     out = bundle.root / SFT_DIR
@@ -253,9 +291,10 @@ def run(config: SftDataConfig) -> Path:
 
         holdout = train_holdout(bundle, corpus, config.holdout_items, config.holdout_epochs, config.threads)
     vocab = AutoConfig.from_pretrained(bundle.path("llm_base")).get_text_config().vocab_size
-    item_tokens = ItemTokens.for_catalog(vocab, [item.id for item in catalog.items])
-    prompt = PalrPrompt(AutoTokenizer.from_pretrained(bundle.path("llm_base")), config.prompt_settings(),
-                        item_tokens if config.prompt != "text" else None)
+    item_tokens = ItemTokens.for_catalog(vocab, [item.id for item in catalog.items],
+                                         config.trend_buckets if config.trend else 0)
+    prompt = PalrPrompt(AutoTokenizer.from_pretrained(bundle.path("llm_base")), config.prompt_settings(), item_tokens)
+    trends = Trends(TrendTable.load(bundle.path("trends")) if config.trend else None, config.trend_settings(), catalog)
     prompt.label_token_ids(config.candidates)  # fails clearly now if K candidates cannot be labelled
     sasrec = SasrecOnnx.from_bundle(bundle)
     profile = profile_source(bundle, catalog)
@@ -271,10 +310,10 @@ def run(config: SftDataConfig) -> Path:
     profiles = profile([[catalog.by_id(i) for i in c.history] for c in cuts + rec_cuts], progress="profiles (train)")
     if holdout is not None:
         train = natural_examples(prompt, catalog, cuts, holdout_retrieve(holdout, catalog, cuts, config.candidates),
-                                 profiles[:len(cuts)], config.orders_per_example, rng)
+                                 profiles[:len(cuts)], config.orders_per_example, rng, trends)
     else:
         train = retrieval_examples(prompt, catalog, cuts, retrieve(sasrec, catalog, cuts, config.candidates),
-                                   profiles[:len(cuts)], config.orders_per_example, rng)
+                                   profiles[:len(cuts)], config.orders_per_example, rng, trends)
     retrieval_cuts = len(cuts)
     train += recommend_examples(prompt, catalog, rec_cuts, profiles[len(cuts):], config.recommend_next)
     rng.shuffle(train)
@@ -282,9 +321,10 @@ def run(config: SftDataConfig) -> Path:
     valid_users = sorted(corpus.split.valid)
     if 0 < config.valid_users < len(valid_users):  # its own generator: the same users whatever the training options
         valid_users = sorted(random.Random(config.seed + 1).sample(valid_users, config.valid_users))
-    valid_cuts = [Cut(u, corpus.split.train[u], corpus.split.valid[u], [], [corpus.split.test[u]]) for u in valid_users]
+    valid_cuts = [Cut(u, corpus.split.train[u], corpus.split.valid[u], [], [corpus.split.test[u]],
+                      corpus.time_before(u, len(corpus.split.train[u]))) for u in valid_users]
     valid_profiles = profile([[catalog.by_id(i) for i in c.history] for c in valid_cuts], progress="profiles (valid)")
-    valid = [_retrieval_example(prompt, catalog, cut, ids, scores, p) for cut, (ids, scores), p in
+    valid = [_retrieval_example(prompt, catalog, cut, ids, scores, p, trends) for cut, (ids, scores), p in
              zip(valid_cuts, retrieve(sasrec, catalog, valid_cuts, config.candidates), valid_profiles)]
 
     write_jsonl(out / "train.jsonl", train)
@@ -295,8 +335,9 @@ def run(config: SftDataConfig) -> Path:
             "profile_method": Profiles.load(bundle.path("profiles")).method,
             "negatives": config.negatives, "retrieval_cuts": retrieval_cuts,
             "target_retrieved_rate": round(tasks[RETRIEVAL] / max(1, retrieval_cuts * config.orders_per_example), 4),
-            "item_tokens": {"offset": vocab, "rows": len(catalog) + 1, "table": item_table_artifact(config),
+            "item_tokens": {**item_tokens.to_dict(), "table": item_table_artifact(config),
                             "table_version": bundle.version(item_table_artifact(config))},
+            "trend": config.trend_settings().to_dict() if config.trend else None,
             "train_examples": len(train), "valid_examples": len(valid), "tasks": tasks,
             "train_tokens": sum(lengths), "median_tokens": lengths[len(lengths) // 2] if lengths else 0,
             "valid_target_retrieved": sum(x["target_position"] is not None for x in valid)}

@@ -25,6 +25,8 @@ STEPS: dict[str, Step] = {s.name: s for s in (
          "re-export sasrec.onnx (masking + top-k in the graph) from models/sasrec.pt"),
     Step("evaluate-retrieval", "compile.evaluate_retrieval", "EvaluateRetrievalConfig",
          "evaluate the retrieval tier (sasrec.onnx) on the test split → reports/eval_retrieval.json"),
+    Step("trends", "compile.trends", "TrendsConfig",
+         "the interactions' timeline the ranker's per-candidate trend tokens are counted from → trends.npz"),
     Step("base-model", "compile.base_model", "BaseModelConfig",
          "the base LLM as a plain HF checkpoint in llm/base/ (GGUF dequantized, or --base-model DIR)"),
     Step("profiles", "compile.profiles", "ProfilesConfig",
@@ -49,7 +51,7 @@ STEPS: dict[str, Step] = {s.name: s for s in (
 #   instruction data → LoRA → merged ranker → its evaluation), then the deployment build for this machine
 #   (target detected: hf-cpu on CPU, hf-cuda/trtllm on a GPU)
 ALL: tuple[str, ...] = ("sasrec", "export-onnx", "evaluate-retrieval",
-                        "base-model", "profiles", "sft-data", "finetune", "merge", "evaluate-ranking",
+                        "trends", "base-model", "profiles", "sft-data", "finetune", "merge", "evaluate-ranking",
                         "build")
 
 # `compile evaluate --tier retrieval|ranking` (what README and hooks say) → the tier's own step

@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
-from palr.llm import PrefixKV, compute_prefix, generate_constrained, score_labels
+from palr.llm import PrefixKV, compute_prefix, generate_constrained, score_candidates
 from ranking_server.engines.base import EngineError
 from ranking_server.engines.config import EngineConfig
 from ranking_server.engines.hf import HFEngine, Row
@@ -59,11 +59,12 @@ class SequentialEngine(LoopEngine):
             prefix = self._prefix(request.prefix_ids)
             cached = len(prefix) if prefix else 0
             if request.mode == "score":
-                scores = score_labels(self.model, request.input_ids, request.label_token_ids, prefix)
+                scores = score_candidates(self.model, request.input_ids, request.score_readout(), prefix)
                 order = sorted(range(len(scores)), key=lambda c: -scores[c])
             else:
                 scores = None
-                order = generate_constrained(self.model, request.input_ids, pending.constraint, request.bias, prefix)
+                order = generate_constrained(self.model, request.input_ids, pending.constraint, request.bias, prefix,
+                                             request.readout)
         except Exception as e:  # noqa: BLE001 - fail this request, keep serving
             self._fail(pending, EngineError(f"reference run failed: {e!r}"))
             return True

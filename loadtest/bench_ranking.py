@@ -53,7 +53,6 @@ def load_workload(bundle_dir: Path, n: int, *, candidates: int = 0, generate_k: 
     from palr.bundle import Bundle
     from palr.catalog import Catalog
     from palr.llm import load_causal_lm
-    from palr.profiles import Profiles
     from ranking_server.planner import Plan
     from ranking_server.prompts import PromptBuilder
     from palr.sasrec_onnx import Query, SasrecOnnx
@@ -72,7 +71,7 @@ def load_workload(bundle_dir: Path, n: int, *, candidates: int = 0, generate_k: 
         [Query(history=catalog.indices(histories[u]), exclude=catalog.indices(histories[u]), k=k_candidates)
          for u in users])
     model, tokenizer = load_causal_lm(bundle.path("llm_merged"), device)
-    builder = PromptBuilder(tokenizer, ranker, catalog, Profiles.load(bundle.path("profiles")).profiles)
+    builder = PromptBuilder.for_bundle(bundle, tokenizer, ranker, catalog)
     requests: dict[str, list[EngineRequest]] = {mode: [] for mode in MODES}
     for user, top in zip(users, ranked):
         items = builder.candidates([catalog.item(int(i)).id for i in top.indices])
@@ -80,7 +79,7 @@ def load_workload(bundle_dir: Path, n: int, *, candidates: int = 0, generate_k: 
         for mode in MODES:
             plan = Plan(request_id=f"bench-{user}", user_id=user, history=histories[user], history_source="stored",
                         exclude=[], k=k_generate, num_candidates=k_candidates, mode=mode)
-            requests[mode].append(builder.engine_request(plan.request_id, plan, items, scores))
+            requests[mode].append(builder.engine_request(plan.request_id, plan, items, scores).request)
     workload = Workload(model, requests, users, k_candidates, k_generate, ranker["generate_format"])
     log.info("workload: %s", workload.describe())
     return workload

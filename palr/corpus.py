@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from palr.catalog import Catalog
-from palr.data import DatasetFiles, Split, leave_one_out, read_interactions, user_sequences
+from palr.data import DatasetFiles, Split, leave_one_out, read_interactions, user_sequences, user_times
 
 log = logging.getLogger(__name__)
 
@@ -19,6 +19,7 @@ class Corpus:
     split: Split
     catalog: Catalog
     num_interactions: int
+    times: dict[str, list[float]]  # user → timestamps, aligned with `sequences`
 
     @classmethod
     def load(cls, data_dir: str | Path, min_length: int = 3) -> "Corpus":
@@ -29,7 +30,13 @@ class Corpus:
         catalog = Catalog.build(files, split.train, sequences)
         log.info("%s: %d users (%d too short to split), %d items, %d interactions",
                  files.name, len(split.train), len(split.too_short), len(catalog), len(interactions))
-        return cls(files, sequences, split, catalog, len(interactions))
+        return cls(files, sequences, split, catalog, len(interactions), user_times(interactions))
+
+    def time_before(self, user: str, position: int) -> float:
+        """When the user's item at `position` - 1 happened: the moment a history of `position` items ends."""
+        if position <= 0:
+            raise ValueError(f"a history of {position} items has no last interaction")
+        return self.times[user][position - 1]
 
     def dataset_info(self) -> dict:
         """What the manifest records about the data a bundle was built from."""

@@ -145,15 +145,21 @@ def read_interactions(path: str | Path, user_field: str = "user_id", item_field:
     ]
 
 
-def user_sequences(interactions: list[Interaction]) -> dict[str, list[str]]:
-    """Each user's items in chronological order; equal timestamps keep file order."""
+def _chronological(interactions: list[Interaction]) -> dict[str, list[Interaction]]:
     by_user: dict[str, list[Interaction]] = {}
     for x in interactions:
         by_user.setdefault(x.user_id, []).append(x)
-    return {
-        user: [x.item_id for x in sorted(xs, key=lambda x: (x.timestamp, x.order))]
-        for user, xs in by_user.items()
-    }
+    return {user: sorted(xs, key=lambda x: (x.timestamp, x.order)) for user, xs in by_user.items()}
+
+
+def user_sequences(interactions: list[Interaction]) -> dict[str, list[str]]:
+    """Each user's items in chronological order; equal timestamps keep file order."""
+    return {user: [x.item_id for x in xs] for user, xs in _chronological(interactions).items()}
+
+
+def user_times(interactions: list[Interaction]) -> dict[str, list[float]]:
+    """Each user's interaction timestamps, aligned with `user_sequences` (the same order)."""
+    return {user: [x.timestamp for x in xs] for user, xs in _chronological(interactions).items()}
 
 
 @dataclass

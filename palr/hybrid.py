@@ -28,33 +28,67 @@ SETTINGS = "projector.json"
 
 @dataclass(frozen=True)
 class ItemTokens:
-    """Item id -> soft-token id (`offset` = the base LLM's vocabulary size, + the item's table row)."""
+    """The ranker's extra vocabulary after the base LLM's (`offset` = its size):
+
+        offset + row                      an item's soft token (row = its SASRec table row; 0 is padding)
+        offset + table_rows + b           trend bucket b of a candidate (palr/trends.py), b < trend_buckets
+        offset + table_rows + trend_buckets   the score row: the LM-head row score mode reads at each
+                                          candidate's last token (`PromptSettings.readout` "candidate")
+
+    All of it is folded into the merged checkpoint like the LoRA weights (`fold_into_vocabulary`), so an
+    engine sees plain token ids."""
 
     offset: int
     rows: dict[str, int]
+    table_rows: int = 0          # rows of the item table (catalog + 1); 0: max(rows) + 1
+    trend_buckets: int = 0
+
+    def __post_init__(self):
+        if not self.table_rows:
+            object.__setattr__(self, "table_rows", max(self.rows.values(), default=0) + 1)
 
     def token(self, item_id: str) -> int | None:
         row = self.rows.get(item_id)
         return None if row is None else self.offset + row
 
+    def trend_token(self, bucket: int) -> int:
+        if not 0 <= bucket < self.trend_buckets:
+            raise ValueError(f"trend bucket {bucket} outside 0..{self.trend_buckets - 1}")
+        return self.offset + self.table_rows + bucket
+
+    @property
+    def score_token(self) -> int:
+        return self.offset + self.table_rows + self.trend_buckets
+
+    @property
+    def size(self) -> int:
+        """Extra rows: item table, trend buckets, score row."""
+        return self.table_rows + self.trend_buckets + 1
+
     @classmethod
-    def for_catalog(cls, offset: int, item_ids: Iterable[str]) -> "ItemTokens":
+    def for_catalog(cls, offset: int, item_ids: Iterable[str], trend_buckets: int = 0) -> "ItemTokens":
         """Rows = catalog indices (1-based, in catalog order), as the SASRec embedding table has them."""
-        return cls(offset, {item_id: i + 1 for i, item_id in enumerate(item_ids)})
+        rows = {item_id: i + 1 for i, item_id in enumerate(item_ids)}
+        return cls(offset, rows, len(rows) + 1, trend_buckets)
+
+    def to_dict(self) -> dict:
+        return {"offset": self.offset, "rows": self.table_rows, "trend_buckets": self.trend_buckets,
+                "score_token": self.score_token}
 
 
 def ranker_prompt(tokenizer, ranker: dict, catalog):
-    """The PALR prompt a ranker (`llm/ranker.json`) was trained with, for this catalog: its settings and, for
-    hybrid prompts, each catalog item's soft token (items beyond the trained table: titles alone). Evaluation,
-    serving and the benchmark all build prompts through here."""
+    """The PALR prompt a ranker (`llm/ranker.json`) was trained with, for this catalog: its settings and its
+    extra vocabulary (soft tokens of the catalog's items; items beyond the trained table: titles alone).
+    Evaluation, serving and the benchmark all build prompts through here."""
     from palr.prompt import PalrPrompt, PromptSettings
 
     settings = PromptSettings.from_dict(ranker["prompt"])
+    meta = ranker.get("item_tokens")
     tokens = None
-    if settings.prompt != "text":
-        meta = ranker["item_tokens"]
-        rows = {item.id: i + 1 for i, item in enumerate(catalog.items) if i + 1 < int(meta["rows"])}
-        tokens = ItemTokens(int(meta["offset"]), rows)
+    if meta:
+        table_rows = int(meta["rows"])
+        rows = {item.id: i + 1 for i, item in enumerate(catalog.items) if i + 1 < table_rows}
+        tokens = ItemTokens(int(meta["offset"]), rows, table_rows, int(meta.get("trend_buckets", 0)))
     return PalrPrompt(tokenizer, settings, tokens)
 
 
@@ -71,22 +105,39 @@ def _torch():
     return torch
 
 
-def item_projector(table, hidden: int):
-    """MLP from the frozen item-embedding table `[N, d]` into the LLM's input space (LLaRA's projector:
-    Linear-GELU-Linear); its forward returns the projected table `[N, hidden]`."""
+def extra_rows(table, hidden: int, trend_buckets: int = 0, trend_init=None):
+    """The ranker's extra vocabulary rows as one trainable module (layout: `ItemTokens`): forward returns
+    `[table_rows + trend_buckets + 1, hidden]`, i.e.
+
+      items   the frozen item-embedding table `[N, d]` through an MLP into the LLM's input space (LLaRA's
+              projector: Linear-GELU-Linear)
+      trend   one learned input row per trend bucket (initialised from `trend_init`, e.g. digit tokens)
+      score   the score row: score mode reads `hidden · score` at each candidate (zero at the start, so
+              an untrained ranker adds nothing to the retrieval order it is fused with)
+
+    and `trend_bias` `[trend_buckets]`, a learned additive score per trend bucket (the ranking head's bias,
+    applied outside the network: llm/ranker.json trend_bias)."""
     torch = _torch()
 
-    class ItemProjector(torch.nn.Module):
+    class ExtraRows(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.register_buffer("table", table.detach().clone().float())  # [N, d], frozen
             d = table.shape[1]
             self.net = torch.nn.Sequential(torch.nn.Linear(d, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, hidden))
+            init = trend_init if trend_init is not None else torch.zeros(trend_buckets, hidden)
+            self.trend = torch.nn.Parameter(init.detach().clone().float().reshape(trend_buckets, hidden))  # [B, D]
+            self.score = torch.nn.Parameter(torch.zeros(hidden))  # [D]
+            self.trend_bias = torch.nn.Parameter(torch.zeros(trend_buckets))  # [B]
+
+        @property
+        def trend_buckets(self) -> int:
+            return self.trend.shape[0]
 
         def forward(self):
-            return self.net(self.table)  # [N, hidden]
+            return torch.cat([self.net(self.table), self.trend, self.score[None]], 0)  # [N + B + 1, hidden]
 
-    return ItemProjector()
+    return ExtraRows()
 
 
 def input_embeddings(model, input_ids, items=None):
@@ -120,26 +171,35 @@ def save_projector(directory: Path, projector, settings: dict) -> None:
 
 
 def load_projector(directory: Path, hidden: int):
+    """The extra rows module saved by `save_projector`."""
     from safetensors.torch import load_file
 
     state = load_file(str(Path(directory) / WEIGHTS))
-    projector = item_projector(state["table"], hidden)
-    projector.load_state_dict(state)
-    return projector.eval()
+    module = extra_rows(state["table"], hidden, state["trend"].shape[0])
+    module.load_state_dict(state)
+    return module.eval()
 
 
-def fold_into_vocabulary(model, projector, offset: int) -> int:
-    """Appends the projected item table to the model's input embeddings (ids offset.. offset+N); the
-    text vocabulary and everything else unchanged. With tied embeddings the LM head gains the same rows,
-    which no constraint ever allows and score mode never reads. Returns the new vocabulary size."""
+def fold_into_vocabulary(model, rows, offset: int) -> int:
+    """Appends the extra rows (`extra_rows`: items, trend buckets, score row) to the model's vocabulary at ids
+    offset..; the text vocabulary and everything else unchanged. Input embeddings get every row. The LM head
+    must give the score row (what score mode reads): with tied embeddings it is the same matrix; an untied
+    head gets the score row and zeros elsewhere (no constraint ever allows an extra token). Returns the new
+    vocabulary size."""
     torch = _torch()
     if model.get_input_embeddings().num_embeddings != offset:
         raise ValueError(f"model vocabulary {model.get_input_embeddings().num_embeddings} != item token offset "
                          f"{offset}: fold once, into the base vocabulary")
     with torch.no_grad():
-        items = projector()  # [N, D]
-        size = offset + items.shape[0]
+        extra = rows()  # [X, D]
+        size = offset + extra.shape[0]
         model.resize_token_embeddings(size, mean_resizing=False)
         weight = model.get_input_embeddings().weight
-        weight[offset:size] = items.to(weight.dtype)
+        weight[offset:size] = extra.to(weight.dtype)
+        head = model.get_output_embeddings()
+        if head is not None and head.weight.data_ptr() != weight.data_ptr():
+            head.weight[offset:size] = 0
+            head.weight[size - 1] = extra[-1].to(head.weight.dtype)
+            if getattr(head, "bias", None) is not None:
+                head.bias[offset:size] = 0
     return size

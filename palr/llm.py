@@ -1,6 +1,6 @@
 """The causal LM on token ids: loading, and the ONE-AT-A-TIME REFERENCE for both ranking modes.
 
-`score_labels` and `generate_constrained` define what a correct answer is: compile's evaluation
+`score_candidates` and `generate_constrained` define what a correct answer is: compile's evaluation
 uses them, the benchmark's one-at-a-time baseline is them, and every batching engine is tested to
 reproduce them. They run one prompt at a time, plainly, with the model's own KV cache.
 
@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 
 from palr.decoding import DecodingConstraint, LabelConstraint
+from palr.prompt import Readout
+from palr.ranking import decoding_bias
 
 
 def default_dtype(device: str) -> torch.dtype:
@@ -98,31 +100,57 @@ def compute_prefix(model, prefix_ids: Sequence[int]) -> PrefixKV:
 
 @torch.inference_mode()
 def _prefill(model, input_ids: Sequence[int], prefix: PrefixKV | None):
-    """Next-token logits after the prompt `[V]` (fp32) and the KV cache holding the whole prompt.
+    """Hidden states of the prompt's run part `[T, D]` (after the final norm), the KV cache holding the
+    whole prompt, and the position of the first row (the prefix length, or 0).
 
     With `prefix`, `input_ids` must start with `prefix.ids`; only the rest is run."""
     ids = [int(t) for t in input_ids]
-    cache = None
+    cache, start = None, 0
     if prefix is not None:
         if tuple(ids[: len(prefix)]) != prefix.ids or len(ids) == len(prefix):
             raise ValueError("input_ids must be the prefix followed by at least one more token")
-        ids, cache = ids[len(prefix):], prefix.cache()
+        ids, cache, start = ids[len(prefix):], prefix.cache(), len(prefix)
     if not ids:
         raise ValueError("input_ids is empty")
     tokens = torch.tensor([ids], device=model_device(model))  # [1, T]
-    out = model(input_ids=tokens, past_key_values=cache, use_cache=True, logits_to_keep=1)
-    return out.logits[0, -1].float(), out.past_key_values  # [V]
+    out = model.get_decoder()(input_ids=tokens, past_key_values=cache, use_cache=True)
+    return out.last_hidden_state[0], out.past_key_values, start  # [T, D]
 
 
-def _check_labels(model, label_token_ids: Sequence[int]) -> list[int]:
-    labels = [int(t) for t in label_token_ids]
+def token_logits(lm_head, hidden: torch.Tensor, token_ids: Sequence[int]) -> torch.Tensor:
+    """LM-head logits of only these tokens: `[..., D] -> [..., len(token_ids)]` (fp32). Shared by the
+    reference and the engines so they agree exactly."""
+    index = torch.as_tensor(list(token_ids), device=hidden.device)
+    logits = hidden @ lm_head.weight[index].T
+    if getattr(lm_head, "bias", None) is not None:
+        logits = logits + lm_head.bias[index]
+    return logits.float()
+
+
+def readout_logits(lm_head, hidden: torch.Tensor, start: int, readout: Readout) -> torch.Tensor:
+    """Each candidate's readout logit `[C]`: token `readout.tokens[c]` at prompt position
+    `readout.positions[c]`, from hidden states `[T, D]` of positions start.. start + T."""
+    rows = torch.as_tensor([p - start for p in readout.positions], device=hidden.device)
+    if bool((rows < 0).any()) or bool((rows >= hidden.shape[0]).any()):
+        raise ValueError(f"readout positions {list(readout.positions)} outside the run part "
+                         f"[{start}, {start + hidden.shape[0]}) of the prompt")
+    picked = hidden[rows]  # [C, D]
+    index = torch.as_tensor(list(readout.tokens), device=hidden.device)
+    logits = (picked * lm_head.weight[index]).sum(-1)  # [C]
+    if getattr(lm_head, "bias", None) is not None:
+        logits = logits + lm_head.bias[index]
+    return logits.float()
+
+
+def _check_tokens(model, token_ids: Sequence[int]) -> list[int]:
+    tokens = [int(t) for t in token_ids]
     vocab = model.config.get_text_config().vocab_size
-    if not labels:
-        raise ValueError("label_token_ids is empty: there is no candidate to rank")
-    bad = [t for t in labels if not 0 <= t < vocab]
+    if not tokens:
+        raise ValueError("the readout is empty: there is no candidate to rank")
+    bad = [t for t in tokens if not 0 <= t < vocab]
     if bad:
-        raise ValueError(f"label token ids {bad} are outside the vocabulary (size {vocab})")
-    return labels
+        raise ValueError(f"token ids {bad} are outside the vocabulary (size {vocab})")
+    return tokens
 
 
 def label_log_probs(label_logits: torch.Tensor) -> list[float]:
@@ -155,22 +183,35 @@ def pick_token(logits: torch.Tensor, constraint: DecodingConstraint,
     return pick_allowed(allowed, logits[index], constraint, bias)
 
 
+def score_candidates(model, input_ids: Sequence[int], readout: Readout,
+                     prefix: PrefixKV | None = None) -> list[float]:
+    """Score mode: one forward pass; each candidate's readout logit (a label after the prompt, or the score
+    row at the candidate's own last token), log-softmax over the candidates. Candidate order."""
+    _check_tokens(model, readout.tokens)
+    hidden, _, start = _prefill(model, input_ids, prefix)
+    return label_log_probs(readout_logits(model.get_output_embeddings(), hidden, start, readout))
+
+
 def score_labels(model, input_ids: Sequence[int], label_token_ids: Sequence[int],
                  prefix: PrefixKV | None = None) -> list[float]:
-    """Score mode: one forward pass; the log-probability of each candidate's label as the next token,
-    normalised over the labels. Returns one value per candidate, in candidate order."""
-    labels = _check_labels(model, label_token_ids)
-    logits, _ = _prefill(model, input_ids, prefix)
-    return label_log_probs(logits[torch.as_tensor(labels, device=logits.device)])
+    """`score_candidates` with the label readout: each label's log-probability as the next token."""
+    return score_candidates(model, input_ids, Readout.after_prompt(len(input_ids), label_token_ids), prefix)
 
 
 @torch.inference_mode()
 def generate_constrained(model, input_ids: Sequence[int], constraint: DecodingConstraint,
-                         bias: Sequence[float] | None = None, prefix: PrefixKV | None = None) -> list[int]:
-    """Generate mode: greedy decoding under `constraint` with the KV cache, until it is done.
+                         bias: Sequence[float] | None = None, prefix: PrefixKV | None = None,
+                         readout: Readout | None = None) -> list[int]:
+    """Generate mode: greedy decoding under `constraint` with the KV cache, until it is done. With a
+    `readout` (candidate-readout rankers), each candidate's readout logit from the same prefill joins its
+    bias (`palr.ranking.decoding_bias`), as the ranker was trained.
 
     Returns the emitted candidate positions in order (`constraint.emitted()`)."""
-    logits, cache = _prefill(model, input_ids, prefix)
+    hidden, cache, start = _prefill(model, input_ids, prefix)
+    head = model.get_output_embeddings()
+    if readout is not None:
+        bias = decoding_bias(bias, readout_logits(head, hidden, start, readout).tolist())
+    logits = head(hidden[-1]).float()  # [V]
     device = model_device(model)
     while True:
         token = pick_token(logits, constraint, bias)
@@ -185,5 +226,5 @@ def generate_constrained(model, input_ids: Sequence[int], constraint: DecodingCo
 def generate_labels(model, input_ids: Sequence[int], label_token_ids: Sequence[int], k: int,
                     bias: Sequence[float] | None = None, prefix: PrefixKV | None = None) -> list[int]:
     """Generate mode with single-token labels: exactly k distinct candidates, in the model's order."""
-    labels = _check_labels(model, label_token_ids)
+    labels = _check_tokens(model, label_token_ids)
     return generate_constrained(model, input_ids, LabelConstraint(labels, k), bias, prefix)

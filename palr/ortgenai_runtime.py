@@ -62,3 +62,19 @@ class GeneratorSlot:
         self.generator.append_tokens(np.asarray(tokens, dtype=np.int32))
         self.tokens.extend(tokens)
         return self.generator.get_logits().reshape(-1)
+
+    def feed_reading(self, tokens: list[int], readout) -> tuple[np.ndarray, list[float]]:
+        """Feed a whole prompt (into an empty cache) in pieces that end at the readout positions
+        (`palr.prompt.Readout`: the generator gives the logits after the last token fed); returns the
+        logits after the prompt `[V]` and each candidate's readout logit."""
+        read = [0.0] * len(readout)
+        stops = sorted({int(p) for p in readout.positions} | {len(tokens) - 1})
+        start, logits = len(self.tokens), None
+        for stop in stops:
+            if stop >= start:
+                logits = self.feed(tokens[start:stop + 1])
+                start = stop + 1
+            for c, (position, token) in enumerate(zip(readout.positions, readout.tokens)):
+                if position == stop:
+                    read[c] = float(logits[int(token)])
+        return logits, read

@@ -17,9 +17,12 @@ candidates, each behind a single-token label (" A" ... " T"):
         ...<|im_end|> <|im_start|>assistant
     answer  " B Scream\\n"   (label, then the title line, copied from the candidate list)
 
-Score mode reads the next-token log-probabilities of the labels after the suffix (one forward
-pass). Generate mode lets the model write answer lines: a label, then that candidate's title line,
-so what it writes is exactly a candidate line (see `palr.decoding.TitleConstraint`).
+Score mode reads one logit per candidate in one forward pass (`Readout`): with `readout="label"` the
+labels' next-token logits after the suffix (a verbalizer); with `readout="candidate"` the score row's
+logit at each candidate's own last token (no label-letter prior, so no position bias from it). With
+`trend=True` each candidate line ends with its trend token (palr/trends.py) and that is where the
+candidate readout reads. Generate mode lets the model write answer lines: a label, then that
+candidate's title line, so what it writes is exactly a candidate line (see `palr.decoding.TitleConstraint`).
 
 Every piece (preamble, profile, each title, each separator) is tokenized on its own and the ids
 are concatenated, so a title is the same token sequence wherever it appears (history, candidate
@@ -33,6 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 
 RECOMMEND = "recommend"  # history → the next item titles (training only)
+READOUTS = ("label", "candidate")
 RETRIEVAL = "retrieval"  # history + candidates → the label of the next item (training and serving)
 TASKS = (RECOMMEND, RETRIEVAL)
 PROMPTS = ("text", "hybrid", "ids")
@@ -66,6 +70,13 @@ class PromptSettings:
     prompt: str = field(default="text", metadata={
         "help": "how items appear: text (title), hybrid (title + a soft token carrying its SASRec embedding, "
                 "RSLLM) or ids (the soft token alone); see palr/hybrid.py", "choices": ("text", "hybrid", "ids")})
+    trend: bool = field(default=False, metadata={
+        "help": "end each candidate line with its trend token: how much the item was watched in the days before "
+                "the request (palr/trends.py)"})
+    readout: str = field(default="label", metadata={
+        "help": "what score mode reads: label (each candidate label's logit after the prompt, a verbalizer) or "
+                "candidate (the score row's logit at each candidate's last token: no label-letter prior)",
+        "choices": READOUTS})
 
     def to_dict(self) -> dict:
         """Only the prompt's own fields (a step config that extends this class carries more)."""
@@ -81,6 +92,27 @@ class PromptSettings:
 
 
 @dataclass(frozen=True)
+class Readout:
+    """What score mode reads, per candidate (candidate order): the logit of `tokens[c]` at prompt position
+    `positions[c]` (0-based in prefix + suffix). The scores are their log-softmax over the candidates."""
+
+    positions: tuple[int, ...]
+    tokens: tuple[int, ...]
+
+    def __post_init__(self):
+        if len(self.positions) != len(self.tokens):
+            raise ValueError(f"readout: {len(self.positions)} positions for {len(self.tokens)} tokens")
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @classmethod
+    def after_prompt(cls, prompt_len: int, labels: Sequence[int]) -> "Readout":
+        """The label readout: each label's logit after the prompt's last token."""
+        return cls((prompt_len - 1,) * len(labels), tuple(int(t) for t in labels))
+
+
+@dataclass(frozen=True)
 class PromptParts:
     """Token ids of one prompt. `input_ids` = prefix + suffix, as the model sees them."""
 
@@ -88,6 +120,7 @@ class PromptParts:
     suffix_ids: list[int]
     label_token_ids: list[int]  # one per candidate, in candidate order ([] for RECOMMEND)
     candidate_line_ids: list[list[int]]  # each candidate's title line after its label, "\n" included
+    readout: Readout | None = None  # what score mode reads (RETRIEVAL only)
 
     @property
     def input_ids(self) -> list[int]:
@@ -115,10 +148,18 @@ class PalrPrompt:
         self.settings = PromptSettings.from_dict((settings or PromptSettings()).to_dict())
         if self.settings.prompt not in PROMPTS:
             raise PromptError(f"prompt must be one of {PROMPTS}, got {self.settings.prompt!r}")
-        if self.settings.prompt != "text" and item_tokens is None:
-            raise PromptError(f"a {self.settings.prompt} prompt needs the items' soft tokens (the bundle's "
-                              f"llm/projector; palr.hybrid.ItemTokens)")
-        self.item_tokens = item_tokens if self.settings.prompt != "text" else None
+        if self.settings.readout not in READOUTS:
+            raise PromptError(f"readout must be one of {READOUTS}, got {self.settings.readout!r}")
+        needs = [what for what, needed in (("soft tokens", self.settings.prompt != "text"),
+                                           ("trend tokens", self.settings.trend),
+                                           ("a score row", self.settings.readout == "candidate")) if needed]
+        if needs and item_tokens is None:
+            raise PromptError(f"this prompt needs the ranker's extra vocabulary for {', '.join(needs)} "
+                              f"(palr.hybrid.ItemTokens, from llm/ranker.json)")
+        if self.settings.trend and not item_tokens.trend_buckets:
+            raise PromptError("trend prompts need trend tokens: the extra vocabulary has no trend buckets")
+        self.vocabulary = item_tokens  # the extra vocabulary (trend and score tokens)
+        self.item_tokens = item_tokens if self.settings.prompt != "text" else None  # soft tokens
         self._labels = self._single_token_labels()
         self._head, self._tail = self._frame()
         self._newline = self._ids("\n")
@@ -208,15 +249,32 @@ class PalrPrompt:
             ids += (self._ids(";") if i else []) + self.item_ids(item, self.settings.history_years)
         return ids + self._newline
 
-    def retrieval(self, profile: str, history: Sequence[Title], candidates: Sequence[Title]) -> PromptParts:
-        """Recommend_Retrieval: pick from the candidates. What score and generate modes run."""
+    def retrieval(self, profile: str, history: Sequence[Title], candidates: Sequence[Title],
+                  trends: Sequence[int] | None = None) -> PromptParts:
+        """Recommend_Retrieval: pick from the candidates. What score and generate modes run.
+
+        Each candidate line is its label, the item, and (trend prompts) its trend token (`trends`: one
+        bucket per candidate, palr/trends.py); a candidate's last token is where a candidate readout reads."""
         labels = self.label_token_ids(len(candidates))
+        if self.settings.trend and (trends is None or len(trends) != len(candidates)):
+            raise PromptError(f"a trend prompt needs one trend bucket per candidate "
+                              f"({len(candidates)}), got {None if trends is None else len(trends)}")
+        prefix = self.prefix_ids(RETRIEVAL)
         lines = [self.title_line_ids(c) for c in candidates]
         suffix = self._context_ids(profile, history) + self._ids("Candidates:") + self._newline
-        for label, item in zip(labels, candidates):
-            suffix += [label] + self.item_ids(item, self.settings.candidate_years) + self._newline
+        ends = []
+        for c, (label, item) in enumerate(zip(labels, candidates)):
+            suffix += [label] + self.item_ids(item, self.settings.candidate_years)
+            if self.settings.trend:
+                suffix.append(self.vocabulary.trend_token(int(trends[c])))
+            ends.append(len(prefix) + len(suffix) - 1)
+            suffix += self._newline
         suffix += self._ids(self._tail)
-        return PromptParts(self.prefix_ids(RETRIEVAL), suffix, labels, lines)
+        if self.settings.readout == "candidate":
+            readout = Readout(tuple(ends), (self.vocabulary.score_token,) * len(candidates))
+        else:
+            readout = Readout((len(prefix) + len(suffix) - 1,) * len(candidates), tuple(labels))
+        return PromptParts(prefix, suffix, labels, lines, readout)
 
     def recommend(self, profile: str, history: Sequence[Title]) -> PromptParts:
         """Recommend: name the next items (no candidates). Training only."""

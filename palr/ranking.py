@@ -1,14 +1,18 @@
 """From engine outputs to a ranking: score fusion and ordering, shared by evaluation and the server.
 
-Fusion (LlamaRec-style two-tier): the LLM's log-probability of each candidate's label plus `weight`
-times the retrieval tier's log-probability of that candidate (log-softmax of its scores over the K
-candidates, so both terms live on the same scale):
+Fusion (LlamaRec-style two-tier): the LLM's log-probability of each candidate (log-softmax of its readout
+logits over the K candidates) plus the ranking head's per-candidate bias (the learned bias of the
+candidate's trend bucket, `trend_bias`; 0 without trend prompts) plus `weight` times the retrieval tier's
+log-probability of that candidate (log-softmax of its scores over the K candidates, so the terms live
+on the same scale):
 
-    fused_c = llm_c + weight * log_softmax(retrieval)_c
+    fused_c = llm_c + bias_c + weight * log_softmax(retrieval)_c
 
-weight 0 ranks by the LLM alone; a large weight approaches the retrieval order. In generate mode the
-same term is the per-candidate `bias` added to the label logits (`generation_bias`), so both modes
-fuse identically. The weight is fit on the validation split (`fit_fusion_weight`), never on test.
+weight 0 ranks by the LLM alone (its head's bias included); a large weight approaches the retrieval
+order. In generate mode `bias_c + weight * log_softmax(retrieval)_c` is the per-candidate `bias` added to
+the label logits (`generation_bias`), and a candidate-readout ranker adds its readout logits of the same
+prefill (`decoding_bias`), so both modes fuse the same terms. The weight is fit on the validation split
+(`fit_fusion_weight`), never on test.
 """
 
 from __future__ import annotations
@@ -35,34 +39,50 @@ def log_softmax(values: Sequence[float]) -> list[float]:
     return [v - log_norm if math.isfinite(v) else -math.inf for v in values]
 
 
+def trend_bias(bias_by_bucket: Sequence[float] | None, trends: Sequence[int] | None) -> list[float] | None:
+    """The ranking head's bias of each candidate: the learned bias of its trend bucket (None: no bias)."""
+    if not bias_by_bucket or trends is None:
+        return None
+    return [float(bias_by_bucket[b]) for b in trends]
+
+
 def generation_bias(retrieval_scores: Sequence[float], weight: float,
-                    label_bias: Sequence[float] | None = None) -> list[float] | None:
-    """The per-candidate additive logit that fuses retrieval into LLM decoding (plus the ranker's learned
-    per-label bias, which removes the LLM's preference for some label letters); None when both are 0."""
+                    candidate_bias: Sequence[float] | None = None) -> list[float] | None:
+    """The per-candidate additive logit that fuses retrieval (and the head's per-candidate bias) into LLM
+    decoding; None when both are 0."""
     n = len(retrieval_scores)
-    if weight == 0 and not label_bias:
+    if weight == 0 and not candidate_bias:
         return None
     retrieval = log_softmax(retrieval_scores) if weight else [0.0] * n
-    labels = list(label_bias[:n]) if label_bias else [0.0] * n
-    if len(labels) < n:
-        raise ValueError(f"label_bias has {len(labels)} values for {n} candidates")
-    return [weight * r + b for r, b in zip(retrieval, labels)]
+    extra = list(candidate_bias) if candidate_bias else [0.0] * n
+    if len(extra) != n:
+        raise ValueError(f"candidate bias has {len(extra)} values for {n} candidates")
+    return [weight * r + b for r, b in zip(retrieval, extra)]
+
+
+def decoding_bias(bias: Sequence[float] | None, readout: Sequence[float]) -> list[float]:
+    """Generate mode of a candidate-readout ranker: the fusion bias plus each candidate's readout logit."""
+    if bias is None:
+        return [float(r) for r in readout]
+    if len(bias) != len(readout):
+        raise ValueError(f"bias has {len(bias)} values for {len(readout)} readouts")
+    return [float(b) + float(r) for b, r in zip(bias, readout)]
 
 
 def fuse(llm_scores: Sequence[float], retrieval_scores: Sequence[float], weight: float,
-         label_bias: Sequence[float] | None = None) -> list[float]:
-    """One fused score per candidate (candidate order): LLM + label bias + weight * retrieval log-softmax."""
+         candidate_bias: Sequence[float] | None = None) -> list[float]:
+    """One fused score per candidate (candidate order): LLM + head bias + weight * retrieval log-softmax."""
     if len(llm_scores) != len(retrieval_scores):
         raise ValueError(f"{len(llm_scores)} LLM scores for {len(retrieval_scores)} candidates")
-    bias = generation_bias(retrieval_scores, weight, label_bias) or [0.0] * len(llm_scores)
+    bias = generation_bias(retrieval_scores, weight, candidate_bias) or [0.0] * len(llm_scores)
     return [s + b for s, b in zip(llm_scores, bias)]
 
 
-def calibrated(llm_scores: Sequence[float], label_bias: Sequence[float] | None) -> list[float]:
-    """The LLM's own scores with the learned label bias added: "the LLM alone" (fusion weight 0)."""
-    if not label_bias:
+def calibrated(llm_scores: Sequence[float], candidate_bias: Sequence[float] | None) -> list[float]:
+    """The LLM's own scores with its head's per-candidate bias: "the LLM alone" (fusion weight 0)."""
+    if not candidate_bias:
         return list(llm_scores)
-    return [s + b for s, b in zip(llm_scores, label_bias)]
+    return [s + b for s, b in zip(llm_scores, candidate_bias)]
 
 
 def order_by_scores(scores: Sequence[float]) -> list[int]:
@@ -84,14 +104,16 @@ def target_rank(order: Sequence[int], target_position: int | None) -> Rank:
 def fit_fusion_weight(llm_scores: Sequence[Sequence[float]], retrieval_scores: Sequence[Sequence[float]],
                       target_positions: Sequence[int | None], k: int = 10,
                       grid: Sequence[float] = FUSION_GRID,
-                      label_bias: Sequence[float] | None = None) -> tuple[float, dict[float, float]]:
+                      candidate_bias: Sequence[Sequence[float] | None] | None = None) -> tuple[float, dict[float, float]]:
     """The grid weight with the best NDCG@k over (validation) users; ties go to the smaller weight.
+    `candidate_bias`: each user's per-candidate head bias (`trend_bias`), or None.
 
     Returns (weight, {weight: ndcg}). A target that was not retrieved is a miss for every weight."""
+    biases = candidate_bias if candidate_bias is not None else [None] * len(llm_scores)
     curve = {}
     for weight in grid:
-        ranks = [target_rank(order_by_scores(fuse(s, r, weight, label_bias)), t)
-                 for s, r, t in zip(llm_scores, retrieval_scores, target_positions)]
+        ranks = [target_rank(order_by_scores(fuse(s, r, weight, b)), t)
+                 for s, r, t, b in zip(llm_scores, retrieval_scores, target_positions, biases)]
         curve[weight] = ndcg(ranks, k)
     best = max(grid, key=lambda w: (curve[w], -w))
     return best, curve

@@ -42,6 +42,7 @@ class Plan:
     k: int
     num_candidates: int
     mode: str               # "score" or "generate"
+    as_of: float = 0.0      # the caller's moment (Unix s) for candidates' trends; 0: the default (palr/trends.py)
 
     @property
     def proto_mode(self) -> int:
@@ -65,6 +66,9 @@ class RequestPlanner:
             raise invalid_argument(f"num_candidates must be between 1 and {self.max_candidates} "
                                    f"(0 = the server's default, {self.default_candidates}), got {request.num_candidates}")
         num_candidates = request.num_candidates or self.default_candidates
+        if request.as_of_unix_s < 0:
+            raise invalid_argument(f"as_of_unix_s must be a Unix time in seconds (0: the default), got "
+                                   f"{request.as_of_unix_s}")
         if not 1 <= request.k <= num_candidates:
             raise invalid_argument(f"k must be between 1 and num_candidates ({num_candidates}), got {request.k}")
         history = self._known_ids("history", request.history)
@@ -74,7 +78,8 @@ class RequestPlanner:
             history = self.stored_histories.get(request.user_id, [])
             source = "stored" if history else "none"
         return Plan(request_id=request_id, user_id=request.user_id, history=history, history_source=source,
-                    exclude=exclude, k=request.k, num_candidates=num_candidates, mode=MODES[request.mode])
+                    exclude=exclude, k=request.k, num_candidates=num_candidates, mode=MODES[request.mode],
+                    as_of=float(request.as_of_unix_s))
 
     def _known_ids(self, field_name: str, item_ids: Sequence[str]) -> list[str]:
         check_known_ids(field_name, item_ids, self.catalog)

@@ -3,7 +3,8 @@ the engine's answer to a ranking.
 
     PromptBuilder.candidates(chunk)       per retrieval chunk, as it arrives: catalog items, title
                                           lines tokenized (cached, so the prompt below reuses them)
-    PromptBuilder.engine_request(...)     the PALR prompt (palr.prompt) as prefix/suffix token ids
+    PromptBuilder.engine_request(...)     the PALR prompt (palr.prompt) as prefix/suffix token ids, each
+                                          candidate's trend as of the request's moment (palr.trends)
     PromptBuilder.ranking(...)            engine answer + retrieval scores → top-k (palr.ranking)
 
 Prompts, fusion and ordering come from `palr/` — the same functions `compile evaluate-ranking` uses —
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import grpc
 
@@ -21,23 +23,48 @@ from palr.catalog import Catalog, Item
 from palr.decoding import answer_constraint
 from palr.hybrid import ranker_prompt
 from palr.profiles import StatsProfiler
-from palr.ranking import complete_order, fuse, generation_bias, order_by_scores
+from palr.ranking import complete_order, fuse, generation_bias, order_by_scores, trend_bias
 from palr.serving.errors import RequestError
+from palr.trends import TrendSettings, TrendTable
 from ranking_server.engines.base import EngineRequest, EngineResult
 from ranking_server.planner import Plan
+
+
+@dataclass(frozen=True)
+class RankingJob:
+    """What the engine is asked, and what the answer is fused with besides the retrieval scores."""
+
+    request: EngineRequest
+    candidate_bias: list[float] | None  # the ranking head's per-candidate bias (its trend bucket's), or None
 
 
 class PromptBuilder:
     """Builds PALR prompts as training did (`llm/ranker.json`) and turns answers into rankings."""
 
-    def __init__(self, tokenizer, ranker: dict, catalog: Catalog, stored_profiles: dict[str, str]):
+    def __init__(self, tokenizer, ranker: dict, catalog: Catalog, stored_profiles: dict[str, str],
+                 trends: TrendTable | None = None):
         self.prompt = ranker_prompt(tokenizer, ranker, catalog)
         self.fusion_weight = float(ranker["fusion_weight"])
-        self.label_bias = ranker.get("label_bias")  # the ranker's learned per-label bias (None: none)
+        self.trend = TrendSettings(**ranker["trend"]) if ranker.get("trend") else None
+        if self.trend and trends is None:
+            raise ValueError("this ranker's prompts carry trend tokens: the bundle's trends.npz is needed")
+        self.trends = trends
+        self.trend_bias = ranker.get("trend_bias")  # the head's learned bias per trend bucket (None: none)
         self.generate_format = ranker["generate_format"]
         self.catalog = catalog
         self.stored_profiles = stored_profiles
         self.stats_profiler = StatsProfiler(catalog)
+
+    @classmethod
+    def for_bundle(cls, bundle, tokenizer, ranker: dict, catalog: Catalog) -> "PromptBuilder":
+        """The builder for a bundle's ranker: its stored profiles and (trend prompts) its trends table."""
+        from palr.profiles import Profiles
+
+        trends = None
+        if ranker.get("trend"):
+            bundle.verify(["trends"])
+            trends = TrendTable.load(bundle.path("trends"))
+        return cls(tokenizer, ranker, catalog, Profiles.load(bundle.path("profiles")).profiles, trends)
 
     def candidates(self, item_ids: Sequence[str]) -> list[Item]:
         """One retrieval chunk → catalog items, their title lines tokenized now (while the rest of the
@@ -58,22 +85,46 @@ class PromptBuilder:
             return self.stored_profiles.get(plan.user_id, "")
         return self.stats_profiler([self.catalog.by_id(i) for i in plan.history])
 
+    def moment(self, plan: Plan) -> float:
+        """When the request is for (palr/trends.py): the caller's `as_of`, else a stored user's last
+        interaction, else the newest interaction the bundle knows."""
+        if plan.as_of:
+            return plan.as_of
+        if plan.history_source == "stored" and plan.user_id in self.trends.as_of:
+            return self.trends.as_of[plan.user_id]
+        return self.trends.latest
+
+    def candidate_trends(self, plan: Plan, candidates: Sequence[Item]) -> list[int] | None:
+        if self.trend is None:
+            return None
+        return self.trends.buckets(self.moment(plan), [self.catalog.index(c.id) for c in candidates], self.trend)
+
     def engine_request(self, engine_id: str, plan: Plan, candidates: Sequence[Item],
-                       retrieval_scores: Sequence[float]) -> EngineRequest:
-        parts = self.prompt.retrieval(self.profile(plan), [self.catalog.by_id(i) for i in plan.history], candidates)
+                       retrieval_scores: Sequence[float]) -> RankingJob:
+        trends = self.candidate_trends(plan, candidates)
+        parts = self.prompt.retrieval(self.profile(plan), [self.catalog.by_id(i) for i in plan.history], candidates,
+                                      trends)
+        bias = trend_bias(self.trend_bias, trends)
+        readout = parts.readout if self.prompt.settings.readout == "candidate" else None
         k = min(plan.k, len(candidates))
         if plan.mode == "score":
-            return EngineRequest(engine_id, parts.prefix_ids, parts.suffix_ids, parts.label_token_ids, "score", k)
-        return EngineRequest(engine_id, parts.prefix_ids, parts.suffix_ids, parts.label_token_ids, "generate", k,
-                             bias=generation_bias(retrieval_scores, self.fusion_weight, self.label_bias),
-                             constraint=functools.partial(answer_constraint, self.generate_format, parts.label_token_ids,
-                                                          parts.candidate_line_ids, k))
+            request = EngineRequest(engine_id, parts.prefix_ids, parts.suffix_ids, parts.label_token_ids, "score", k,
+                                    readout=readout)
+        else:
+            request = EngineRequest(engine_id, parts.prefix_ids, parts.suffix_ids, parts.label_token_ids, "generate",
+                                    k, bias=generation_bias(retrieval_scores, self.fusion_weight, bias),
+                                    constraint=functools.partial(answer_constraint, self.generate_format,
+                                                                 parts.label_token_ids, parts.candidate_line_ids, k),
+                                    readout=readout)
+        return RankingJob(request, bias)
 
-    def ranking(self, result: EngineResult, retrieval_scores: Sequence[float], k: int) -> list[tuple[int, float]]:
-        """(candidate position, score) for the top k. Score mode: LLM label log-prob fused with the
-        retrieval score. Generate mode: the model's order; score 1 / (rank + 1) (it names, not scores)."""
+    def ranking(self, result: EngineResult, retrieval_scores: Sequence[float], k: int,
+                candidate_bias: Sequence[float] | None = None) -> list[tuple[int, float]]:
+        """(candidate position, score) for the top k. Score mode: the LLM's log-prob plus its head's
+        per-candidate bias, fused with the retrieval score. Generate mode: the model's order; score
+        1 / (rank + 1) (it names, not scores)."""
         if result.mode == "score":
-            fused = fuse(result.scores, retrieval_scores, self.fusion_weight, self.label_bias)
+            fused = fuse(result.scores, retrieval_scores, self.fusion_weight, candidate_bias)
             return [(position, fused[position]) for position in order_by_scores(fused)[:k]]
         order = complete_order(result.order, len(retrieval_scores))[:k]
         return [(position, 1.0 / (rank + 1)) for rank, position in enumerate(order)]

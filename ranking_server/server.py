@@ -10,13 +10,12 @@ import time
 
 from palr.bundle import Bundle
 from palr.catalog import Catalog
-from palr.profiles import Profiles
 from palr.prompt import PromptSettings
 from palr.serving import tracing
 from palr.serving.server import GrpcServer
 from ranking_server.config import RankingServerConfig
 from ranking_server.engines.factory import LLM_ARTIFACT, build_engine
-from ranking_server.engines.base import EngineRequest, RankingEngine
+from ranking_server.engines.base import RankingEngine
 from ranking_server.metrics import ENGINE
 from ranking_server.planner import Plan, RequestPlanner
 from ranking_server.prompts import PromptBuilder
@@ -88,8 +87,7 @@ class RankingServer:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(self.bundle.path(LLM_ARTIFACT))
-        profiles = Profiles.load(self.bundle.path("profiles"))
-        return PromptBuilder(tokenizer, self.ranker, self.catalog, profiles.profiles)
+        return PromptBuilder.for_bundle(self.bundle, tokenizer, self.ranker, self.catalog)
 
     async def _warm_up(self, prompts: PromptBuilder) -> None:
         """One score and one generate request on popular items: the shared prefix's KV is computed
@@ -101,8 +99,7 @@ class RankingServer:
         for mode in ("score", "generate"):
             plan = Plan(request_id=f"warm-up-{mode}", user_id="", history=history, history_source="request",
                         exclude=[], k=min(2, n), num_candidates=n, mode=mode)
-            request: EngineRequest = prompts.engine_request(plan.request_id, plan, popular[:n], [0.0] * n)
-            await self.engine.rank(request)
+            await self.engine.rank(prompts.engine_request(plan.request_id, plan, popular[:n], [0.0] * n).request)
         log.info("warmed up (score + generate, %d candidates) in %.2f s", n, time.perf_counter() - started)
 
     async def _watch_engine(self, engine: RankingEngine) -> None:

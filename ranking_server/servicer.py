@@ -163,8 +163,8 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
     async def _rank(self, plan: Plan, retrieved: Retrieved, k: int, deadline: float) -> Answer:
         """The LLM's ranking, or the retrieval order flagged degraded when the deadline comes first or
         the engine fails."""
-        engine_request = self.prompts.engine_request(f"{plan.request_id}#{next(self._engine_ids)}", plan,
-                                                     retrieved.items, retrieved.scores)
+        job = self.prompts.engine_request(f"{plan.request_id}#{next(self._engine_ids)}", plan, retrieved.items,
+                                          retrieved.scores)
         retrieval_order = [(i, retrieved.scores[i]) for i in range(k)]
         budget = self._time_left(deadline)
         if budget <= 0:
@@ -172,7 +172,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         submitted = time.perf_counter()
         submitted_ns = time.time_ns()  # the engine spans' clock (epoch ns)
         try:
-            result = await asyncio.wait_for(self.engine.rank(engine_request), budget)
+            result = await asyncio.wait_for(self.engine.rank(job.request), budget)
         except asyncio.TimeoutError:  # wait_for cancelled engine.rank, which aborted the engine request
             return self._degrade(plan, retrieval_order, "deadline",
                                  f"LLM aborted after {budget * 1e3:.0f} ms to keep the deadline", submitted)
@@ -189,7 +189,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             "request.id": plan.request_id, "ranking.mode": plan.mode, "llm.prompt_tokens": result.prompt_tokens,
             "llm.cached_tokens": result.cached_tokens, "llm.generated_tokens": result.generated_tokens,
             "llm.candidates": len(retrieved.items)})
-        return Answer(ranking=self.prompts.ranking(result, retrieved.scores, k),
+        return Answer(ranking=self.prompts.ranking(result, retrieved.scores, k, job.candidate_bias),
                       queue_ms=result.timings.queue_ms, ranking_ms=waited_ms - result.timings.queue_ms)
 
     def _degrade(self, plan: Plan, retrieval_order: list[tuple[int, float]], reason: str, detail: str,

@@ -8,8 +8,8 @@ repeated) and medians are reported, next to the load average before and after.
 A runner answers four questions on token ids:
     prefill(ids) -> seconds           one forward pass over the prompt (score mode's cost)
     decode(ids, steps) -> seconds     median time of one decode step after that prompt
-    score(probe) -> [log-prob]        score mode, as palr.llm.score_labels
-    generate(probe, k) -> [position]  generate mode (k labels), as palr.llm.generate_labels
+    score(probe) -> [log-prob]        score mode, as palr.llm.score_candidates
+    generate(probe, k) -> [position]  generate mode (k labels), as palr.llm.generate_constrained
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ import torch
 
 from palr import metrics
 from palr.decoding import LabelConstraint
-from palr.llm import generate_labels, label_log_probs, pick_allowed, score_labels
+from palr.llm import generate_constrained, label_log_probs, pick_allowed, score_candidates
+from palr.prompt import Readout
+from palr.ranking import decoding_bias
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,11 @@ class Probe:
     label_token_ids: list[int]
     target_position: int | None
     validation: bool = True
+    readout: Readout | None = None  # a candidate-readout ranker's (None: the labels after the prompt)
+
+    def score_readout(self) -> Readout:
+        return self.readout if self.readout is not None else Readout.after_prompt(len(self.input_ids),
+                                                                                   self.label_token_ids)
 
 
 def load_probes(bundle, tokenizer, n: int, prompt_tokens: int, seed: int = 0) -> tuple[list[Probe], str]:
@@ -54,7 +61,8 @@ def load_probes(bundle, tokenizer, n: int, prompt_tokens: int, seed: int = 0) ->
         with path.open() as f:
             rows = [json.loads(line) for line in f if line.strip()][:n]
         if rows:
-            return [Probe(r["input_ids"], r["label_token_ids"], r.get("target_position")) for r in rows], \
+            return [Probe(r["input_ids"], r["label_token_ids"], r.get("target_position"), readout=stored_readout(r))
+                    for r in rows], \
                 f"{len(rows)} validation users from {path.relative_to(bundle.root)}"
     rng = random.Random(seed)
     labels = [tokenizer.encode(f" {chr(ord('A') + i)}", add_special_tokens=False)[0] for i in range(20)]
@@ -62,6 +70,13 @@ def load_probes(bundle, tokenizer, n: int, prompt_tokens: int, seed: int = 0) ->
     probes = [Probe([rng.randrange(100, vocab) for _ in range(prompt_tokens)], labels, None, validation=False)
               for _ in range(n)]
     return probes, f"{n} synthetic prompts of {prompt_tokens} random tokens (the bundle has no sft_data)"
+
+
+def stored_readout(row: dict) -> Readout | None:
+    """The candidate readout an SFT example was built with (None: a label-readout ranker's example)."""
+    if not row.get("readout_positions"):
+        return None
+    return Readout(tuple(row["readout_positions"]), tuple(row["readout_tokens"]))
 
 
 def latency_prompt(probes: Sequence[Probe], tokens: int) -> list[int]:
@@ -107,10 +122,11 @@ class TorchRunner:
         return statistics.median(times)
 
     def score(self, probe: Probe) -> list[float]:
-        return score_labels(self.model, probe.input_ids, probe.label_token_ids)
+        return score_candidates(self.model, probe.input_ids, probe.score_readout())
 
     def generate(self, probe: Probe, k: int) -> list[int]:
-        return generate_labels(self.model, probe.input_ids, probe.label_token_ids, k)
+        return generate_constrained(self.model, probe.input_ids, LabelConstraint(probe.label_token_ids, k),
+                                    readout=probe.readout)
 
 
 class OrtGenaiRunner:
@@ -141,16 +157,20 @@ class OrtGenaiRunner:
             times.append(time.perf_counter() - started)
         return statistics.median(times)
 
+    def _read(self, probe: Probe) -> tuple[np.ndarray, list[float]]:
+        self._slot.start([])
+        return self._slot.feed_reading(probe.input_ids, probe.score_readout())
+
     def score(self, probe: Probe) -> list[float]:
-        logits = self._fresh(probe.input_ids)
-        return label_log_probs(torch.from_numpy(logits[probe.label_token_ids]))
+        return label_log_probs(torch.tensor(self._read(probe)[1]))
 
     def generate(self, probe: Probe, k: int) -> list[int]:
         constraint = LabelConstraint(probe.label_token_ids, k)
-        logits = self._fresh(probe.input_ids)
+        logits, read = self._read(probe)
+        bias = decoding_bias(None, read) if probe.readout is not None else None
         while True:
             allowed = constraint.allowed_tokens()
-            token = pick_allowed(allowed, torch.from_numpy(logits[allowed]), constraint)
+            token = pick_allowed(allowed, torch.from_numpy(logits[allowed]), constraint, bias)
             constraint.advance(token)
             if constraint.done:
                 return constraint.emitted()

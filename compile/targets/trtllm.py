@@ -4,7 +4,8 @@ and saved with `llm.save(dir)`; the `trtllm` ranking engine loads it (ranking_se
     BuildConfig(max_input_len, max_seq_len, max_batch_size, max_num_tokens)
         plugin_config.use_paged_context_fmha = True   # KV block reuse of the shared prompt prefix needs it
         kv_cache_type: paged (the default; checked in the saved config)
-        gather_context_logits = False                 # score mode reads generation logits instead
+        gather_context_logits = candidate readout     # a candidate-readout ranker reads context logits; a
+                                                      # label-readout one the generation logits
     LLM(model=merged, tokenizer=merged, dtype=bf16|fp16, tensor_parallel_size=tp, build_config=...,
         [quant_config=QuantConfig(QuantAlgo.FP8, kv_cache_quant_algo=FP8) | QuantConfig(W4A16_AWQ),
          calib_config=CalibConfig(calib_dataset=...)])          # tensorrt_llm._tensorrt_engine.LLM in 1.x
@@ -50,15 +51,21 @@ def quant_arguments(quantization: str, calib_dataset: str, compute_capability: s
     return {"quant_config": quant, "calib_config": CalibConfig(calib_dataset=calib_dataset)}
 
 
-def trt_build_config(config):
-    """BuildConfig with our limits, paged context FMHA on, no context logits."""
+def trt_build_config(config, context_logits: bool = False):
+    """BuildConfig with our limits, paged context FMHA on, context logits only where the ranker reads them."""
     from tensorrt_llm.llmapi import BuildConfig
 
     build_config = BuildConfig(max_input_len=config.max_input_len, max_seq_len=config.max_seq_len,
                                max_batch_size=config.max_batch_size, max_num_tokens=config.max_num_tokens,
-                               gather_context_logits=False)
+                               gather_context_logits=context_logits)
     build_config.plugin_config.use_paged_context_fmha = True
     return build_config
+
+
+def ranker_readout(bundle) -> str:
+    """What the bundle's ranker reads in score mode (llm/ranker.json prompt.readout)."""
+    ranker = json.loads(bundle.path("ranker").read_text()) if bundle.has("ranker") else {}
+    return ranker.get("prompt", {}).get("readout", "label")
 
 
 def check_saved_engine(out) -> dict:
@@ -89,8 +96,9 @@ def build(ctx: BuildContext) -> BuildResult:
     llm_class = trt_backend_llm_class()
     log.info("trtllm: building %s (%s, tp %d, quantization %s) with TensorRT-LLM %s", ctx.source, dtype, config.tp,
              config.quantization, tensorrt_llm.__version__)
+    candidate_readout = ranker_readout(ctx.bundle) == "candidate"
     llm = llm_class(model=str(ctx.source), tokenizer=str(ctx.source), dtype=DTYPE_NAMES[dtype],
-                    tensor_parallel_size=config.tp, build_config=trt_build_config(config),
+                    tensor_parallel_size=config.tp, build_config=trt_build_config(config, candidate_readout),
                     **quant_arguments(config.quantization, config.calib_dataset, machine.compute_capability))
     try:
         llm.save(str(ctx.out))
@@ -101,7 +109,8 @@ def build(ctx: BuildContext) -> BuildResult:
             shutil.copy2(ctx.source / name, ctx.out / name)
     engine = check_saved_engine(ctx.out)
     meta = {"dtype": dtype, "quantization": None if config.quantization == "none" else config.quantization,
-            "tensor_parallel_size": config.tp, "requires_isa": [], "serves_modes": ["score", "generate"], **engine}
+            "tensor_parallel_size": config.tp, "requires_isa": [], "serves_modes": ["score", "generate"],
+            "context_logits": candidate_readout, **engine}
     return BuildResult(meta, {"engine_config": json.loads((ctx.out / "config.json").read_text())},
                        summary=f"{dtype}{'/' + config.quantization if config.quantization != 'none' else ''}, "
                                f"tp {config.tp}, engine version {engine['engine_version']}")

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from palr.decoding import DecodingConstraint, LabelConstraint
 from palr.errors import EngineError
+from palr.prompt import Readout
 from palr.ranking import MODES
 
 __all__ = ["MODES", "EngineError"]  # re-exported: every engine takes them from here
@@ -41,10 +42,13 @@ class EngineRequest:
     """One ranking request on token ids. The prompt is `prefix_ids + suffix_ids`; `prefix_ids` is the
     instruction preamble shared by all requests (its KV is reused), `suffix_ids` this user's part.
 
-    mode "score": one forward pass, a log-probability per candidate label.
+    mode "score": one forward pass, a log-probability per candidate: the log-softmax over the candidates of
+    their `readout` logits (`palr.prompt.Readout`: token and prompt position per candidate; None = each
+    label's logit after the prompt).
     mode "generate": the model names `k` distinct candidates in order, under `constraint()` (default:
     `LabelConstraint(label_token_ids, k)`), with `bias` (one additive logit per candidate) applied to
-    the token that starts each candidate.
+    the token that starts each candidate; with a `readout` (candidate-readout rankers) each candidate's
+    readout logit from the same prefill joins its bias (`palr.ranking.decoding_bias`).
     """
 
     request_id: str
@@ -55,10 +59,17 @@ class EngineRequest:
     k: int = 10
     bias: Sequence[float] | None = None
     constraint: Callable[[], DecodingConstraint] | None = field(default=None, compare=False)
+    readout: Readout | None = None
 
     @property
     def input_ids(self) -> list[int]:
         return [*self.prefix_ids, *self.suffix_ids]
+
+    def score_readout(self) -> Readout:
+        """What score mode reads: the request's readout, or each label after the prompt."""
+        if self.readout is not None:
+            return self.readout
+        return Readout.after_prompt(len(self.prefix_ids) + len(self.suffix_ids), self.label_token_ids)
 
     def validate(self, vocab_size: int, max_seq_len: int) -> DecodingConstraint | None:
         """Check the request; returns a fresh constraint for generate mode (None for score mode).
@@ -76,18 +87,37 @@ class EngineRequest:
             raise InvalidRequest(f"token ids {bad[:5]} are outside the vocabulary (size {vocab_size})")
         if self.bias is not None and len(self.bias) != len(labels):
             raise InvalidRequest(f"bias has {len(self.bias)} values for {len(labels)} candidates")
+        if self.readout is not None:
+            self._validate_readout(len(labels), vocab_size)
         constraint = None
         if self.mode == "generate":
             try:
                 constraint = self.constraint() if self.constraint else LabelConstraint(labels, self.k)
             except ValueError as e:
                 raise InvalidRequest(f"k/label_token_ids: {e}") from e
-        elif len(set(labels)) != len(labels):
+        elif self.readout is None and len(set(labels)) != len(labels):
             raise InvalidRequest(f"label_token_ids has duplicates: {labels}")
         needed = len(self.prefix_ids) + len(self.suffix_ids) + (constraint.max_new_tokens if constraint else 0)
         if needed > max_seq_len:
             raise InvalidRequest(f"prompt plus generated tokens ({needed}) exceed max_seq_len={max_seq_len}")
         return constraint
+
+
+    def _validate_readout(self, candidates: int, vocab_size: int) -> None:
+        readout = self.readout
+        if len(readout) != candidates:
+            raise InvalidRequest(f"readout has {len(readout)} entries for {candidates} candidates")
+        start, end = len(self.prefix_ids), len(self.prefix_ids) + len(self.suffix_ids)
+        outside = [p for p in readout.positions if not start <= int(p) < end]
+        if outside:
+            raise InvalidRequest(f"readout positions {outside[:5]} are outside the request's own tokens "
+                                 f"[{start}, {end}) (never in the shared prefix)")
+        bad = [t for t in readout.tokens if not 0 <= int(t) < vocab_size]
+        if bad:
+            raise InvalidRequest(f"readout token ids {bad[:5]} are outside the vocabulary (size {vocab_size})")
+        pairs = list(zip(readout.positions, readout.tokens))
+        if len(set(pairs)) != len(pairs):
+            raise InvalidRequest("readout reads the same token at the same position for two candidates")
 
 
 @dataclass(frozen=True)
@@ -101,7 +131,7 @@ class EngineTimings:
 @dataclass(frozen=True)
 class EngineResult:
     """`order`: candidate positions best first (score mode: by score; generate mode: as emitted).
-    `scores`: score mode only, the label log-probability of each candidate, in candidate order."""
+    `scores`: score mode only, each candidate's log-probability (its readout), in candidate order."""
 
     request_id: str
     mode: str

@@ -77,7 +77,12 @@ def engine_from_build(bundle, target: str, engine_config: EngineConfig, trtllm_c
     if spec.engine == "trtllm":
         from ranking_server.engines.trtllm import TrtllmConfig, TrtllmEngine
 
-        return TrtllmEngine(path, trtllm_config or TrtllmConfig.of(engine_config))
+        trtllm_config = trtllm_config or TrtllmConfig.of(engine_config)
+        if entry.get("context_logits") and trtllm_config.enable_block_reuse:
+            # readouts are read from context logits, which reused KV blocks do not have (trtllm_requests)
+            log.info("trtllm: KV block reuse off (this ranker reads each candidate's own prompt position)")
+            trtllm_config = dataclasses.replace(trtllm_config, enable_block_reuse=False)
+        return TrtllmEngine(path, trtllm_config)
     raise ValueError(f"no engine serves target {target}")
 
 

@@ -6,8 +6,9 @@ One engine thread runs the scheduler. Every step it
   2. runs ONE batched decode pass for every request that is generating (one token each);
   3. spends what is left of `max_tokens_per_step` on prompt chunks of requests still prefilling
      (long prompts are chunked, so decodes keep flowing while a new prompt goes in);
-  4. finishes what is done: score mode reads the label logits at the prompt's last position; generate
-     mode picks each row's next token under its own constraint. Finished requests leave the batch.
+  4. finishes what is done: score mode reads each candidate's readout logit (a label after the prompt, or
+     the score row at the candidate's own last token, taken from whichever chunk held that position);
+     generate mode picks each row's next token under its own constraint. Finished requests leave.
 
 KV layout (`SlotKVCache`): slots `[0, n_decoding)` hold generating requests, the next slots hold
 requests still prefilling, the rest are free; so a decode pass reads one contiguous view. Moving
@@ -28,7 +29,9 @@ from dataclasses import dataclass
 import torch
 
 from palr.decoding import DecodingConstraint
-from palr.llm import label_log_probs, model_device, pick_allowed
+from palr.llm import label_log_probs, model_device, pick_allowed, readout_logits, token_logits
+from palr.prompt import Readout
+from palr.ranking import decoding_bias
 from ranking_server.engines.base import EngineError
 from ranking_server.engines.config import EngineConfig
 from ranking_server.engines.kv import SlotKVCache
@@ -50,6 +53,9 @@ class Row:
     snapshot_at: int = 0           # store the prefix KV once `length` reaches this (0: no)
     next_token: int | None = None  # generate mode: the token to feed next
     generated: int = 0
+    readout: Readout | None = None     # what score mode reads (positions in the prompt)
+    read: list[float | None] | None = None  # each candidate's readout logit, once its position has run
+    bias: list[float] | None = None    # generate mode: the decoding bias (request bias + readouts)
 
     @property
     def constraint(self) -> DecodingConstraint | None:
@@ -123,7 +129,10 @@ class HFEngine(LoopEngine):
 
     def _admit(self, pending: Pending) -> None:
         request = pending.request
-        row = Row(pending, slot=len(self._slots), todo=request.input_ids)
+        readout = request.score_readout() if request.mode == "score" or request.readout is not None else None
+        row = Row(pending, slot=len(self._slots), todo=request.input_ids, readout=readout,
+                  read=[None] * len(readout) if readout is not None else None,
+                  bias=list(request.bias) if request.bias is not None else None)
         self._slots.append(row)
         self._by_id[pending.request_id] = row
         key = tuple(int(t) for t in request.prefix_ids)
@@ -177,28 +186,34 @@ class HFEngine(LoopEngine):
     # ---- model work ---------------------------------------------------------------------------
 
     def _forward(self, first: int, tokens: list[list[int]], starts: list[int]) -> torch.Tensor:
-        """Run rows `[first, first + B)` on their new tokens; hidden state at each row's last token `[B, D]`."""
-        counts = [len(t) for t in tokens]
-        plan = self.kv.plan(first, starts, counts)
+        """Run rows `[first, first + B)` on their new tokens; their hidden states `[B, T, D]` (row i's
+        tokens in columns `[0, len(tokens[i]))`)."""
+        plan = self.kv.plan(first, starts, [len(t) for t in tokens])
         ids = torch.tensor([t + [0] * (plan.width - len(t)) for t in tokens], device=self.device)  # [B, T]
         out = self.decoder(input_ids=ids, attention_mask=plan.attention_mask(),
                            position_ids=plan.position_ids(), past_key_values=self.kv, use_cache=True)
-        last = torch.tensor(counts, device=self.device) - 1
-        return out.last_hidden_state[torch.arange(len(tokens), device=self.device), last]  # [B, D]
+        return out.last_hidden_state
 
     def _token_logits(self, hidden: torch.Tensor, token_ids: list[int]) -> torch.Tensor:
         """LM-head logits of only these tokens: `[B, D] -> [B, len(token_ids)]` (fp32)."""
-        index = torch.tensor(token_ids, device=self.device)
-        weight = self.lm_head.weight[index]  # [A, D]
-        logits = hidden @ weight.T
-        if self.lm_head.bias is not None:
-            logits = logits + self.lm_head.bias[index]
-        return logits.float()
+        return token_logits(self.lm_head, hidden, token_ids)
+
+    def _read(self, row: Row, hidden: torch.Tensor, start: int) -> None:
+        """Readout logits of the row's candidates whose positions are among `hidden` `[n, D]` (prompt
+        positions start.. start + n)."""
+        if row.readout is None:
+            return
+        end = start + hidden.shape[0]
+        here = [c for c, p in enumerate(row.readout.positions) if start <= p < end]
+        if here:
+            part = Readout(tuple(row.readout.positions[c] for c in here), tuple(row.readout.tokens[c] for c in here))
+            for c, value in zip(here, readout_logits(self.lm_head, hidden, start, part).tolist()):
+                row.read[c] = value
 
     def _decode(self, rows: list[Row]) -> None:
         """One batched decode pass over slots `[0, len(rows))`, then each row's constrained pick."""
         try:
-            hidden = self._forward(0, [[s.next_token] for s in rows], [s.length for s in rows])
+            hidden = self._forward(0, [[s.next_token] for s in rows], [s.length for s in rows])[:, 0]  # [B, D]
         except Exception as e:  # noqa: BLE001 - fail these rows, keep serving
             self._fail_rows(rows, e, "decode pass")
             return
@@ -226,9 +241,8 @@ class HFEngine(LoopEngine):
 
     def _emit(self, row: Row, allowed: list[int], allowed_logits: torch.Tensor) -> None:
         """Pick the row's next token under its constraint; finish it when the constraint is done."""
-        request = row.pending.request
         try:
-            token = pick_allowed(allowed, allowed_logits, row.constraint, request.bias)
+            token = pick_allowed(allowed, allowed_logits, row.constraint, row.bias)
             row.constraint.advance(token)
         except Exception as e:  # noqa: BLE001 - a bad constraint fails its own request only
             self._fail_rows([row], e, "constrained decoding")
@@ -252,7 +266,8 @@ class HFEngine(LoopEngine):
             self._fail_rows(rows, e, "prefill pass")
             return
         self._count(prompt_tokens=sum(n for _, n in group))
-        for row, n in group:  # all lengths first: finishing rows below move other rows' KV
+        for i, (row, n) in enumerate(group):  # all lengths first: finishing rows below move other rows' KV
+            self._read(row, hidden[i, :n], row.length)
             row.todo = row.todo[n:]
             row.length += n
             if row.snapshot_at and row.length >= row.snapshot_at:
@@ -260,19 +275,24 @@ class HFEngine(LoopEngine):
                 if self.prefixes.get(key) is None:
                     self.prefixes.put(key, self.kv.read_prefix(row.slot, row.snapshot_at))
                 row.snapshot_at = 0
-        for i, row in enumerate(rows):
+        for i, (row, n) in enumerate(group):
             if not row.todo:
-                self._prompt_done(row, hidden[i])
+                self._prompt_done(row, hidden[i, n - 1])
 
     def _prompt_done(self, row: Row, hidden: torch.Tensor) -> None:
-        """Score mode: label log-probs, done. Generate mode: first pick, then join the decoding rows."""
+        """Score mode: readout log-probs, done. Generate mode: first pick, then join the decoding rows."""
         pending = row.pending
         pending.prefilled = time.perf_counter()
         self._count(cached_tokens=row.cached)
         request = pending.request
+        if row.read is not None and any(v is None for v in row.read):
+            self._fail_rows([row], EngineError("a readout position was never run (inside the cached prefix?)"),
+                            "readout")
+            return
+        if request.mode == "generate" and request.readout is not None:
+            row.bias = decoding_bias(row.bias, row.read)
         if request.mode == "score":
-            labels = [int(t) for t in request.label_token_ids]
-            scores = label_log_probs(self._token_logits(hidden[None], labels)[0])
+            scores = label_log_probs(torch.tensor(row.read))
             order = sorted(range(len(scores)), key=lambda c: -scores[c])
             self._leave(row)
             self._finish(pending, order, scores, row.cached, 0)

@@ -31,6 +31,7 @@ import torch
 
 from palr.llm import label_log_probs, pick_allowed
 from palr.ortgenai_runtime import GeneratorSlot, genai_config, load_model
+from palr.ranking import decoding_bias
 from ranking_server.engines.base import EngineError
 from ranking_server.engines.config import EngineConfig
 from ranking_server.engines.loop import LoopEngine, Pending, StepRecord
@@ -45,6 +46,19 @@ class Running:
     cached: int = 0
     next_token: int | None = None    # generate mode: chosen, not fed yet
     generated: int = 0
+    length: int = 0                  # tokens in the generator's cache
+    readout: object = None           # palr.prompt.Readout: what score mode reads (None: nothing)
+    read: list | None = None         # each candidate's readout logit, once its position has run
+    bias: list | None = None         # generate mode: request bias (+ readouts)
+
+    def chunk(self, budget: int) -> int:
+        """Prompt tokens to feed now: within `budget`, ending at the next readout position if one comes."""
+        n = min(len(self.todo), budget)
+        if self.readout is not None:
+            ahead = [p for p in self.readout.positions if p >= self.length]
+            if ahead:
+                n = min(n, min(ahead) - self.length + 1)
+        return n
 
 
 class OrtGenaiEngine(LoopEngine):
@@ -80,7 +94,8 @@ class OrtGenaiEngine(LoopEngine):
         for running in [r for r in self._active if r.todo]:
             if budget <= 0:
                 break
-            chunk, running.todo = running.todo[:budget], running.todo[budget:]
+            n = running.chunk(budget)
+            chunk, running.todo = running.todo[:n], running.todo[n:]
             budget -= len(chunk)
             prefilling.append(len(chunk))
             self._feed(running, chunk)
@@ -98,7 +113,10 @@ class OrtGenaiEngine(LoopEngine):
             log.exception("ortgenai: cannot start a generator")
             self._fail(pending, EngineError(f"ortgenai generator: {e!r}"))
             return
-        self._active.append(Running(pending, slot, todo=request.input_ids[cached:], cached=cached))
+        readout = request.score_readout() if request.mode == "score" or request.readout is not None else None
+        self._active.append(Running(pending, slot, todo=request.input_ids[cached:], cached=cached, length=cached,
+                                    readout=readout, read=[None] * len(readout) if readout is not None else None,
+                                    bias=list(request.bias) if request.bias is not None else None))
 
     def _generator_for(self, prefix: list[int]) -> GeneratorSlot:
         """An idle generator whose cache starts with `prefix`, else any idle one, else a new one."""
@@ -134,14 +152,21 @@ class OrtGenaiEngine(LoopEngine):
             self._leave(running, healthy=False)
             self._fail(running.pending, EngineError(f"ortgenai forward failed: {e!r}"))
             return
+        running.length += len(tokens)
+        if running.readout is not None and running.next_token is None:
+            last = running.length - 1
+            for c, (position, token) in enumerate(zip(running.readout.positions, running.readout.tokens)):
+                if position == last:
+                    running.read[c] = float(logits[int(token)])
         if running.todo:
             return
         request = running.pending.request
+        if running.next_token is None and request.mode == "generate" and request.readout is not None:
+            running.bias = decoding_bias(running.bias, running.read)
         if running.next_token is None and request.mode == "score":
             running.pending.prefilled = time.perf_counter()
             self._count(cached_tokens=running.cached)
-            labels = [int(t) for t in request.label_token_ids]
-            scores = label_log_probs(torch.from_numpy(logits[labels]))
+            scores = label_log_probs(torch.tensor(running.read))
             self._leave(running)
             self._finish(running.pending, sorted(range(len(scores)), key=lambda c: -scores[c]), scores,
                          running.cached, 0)
@@ -155,7 +180,7 @@ class OrtGenaiEngine(LoopEngine):
         constraint = running.pending.constraint
         allowed = constraint.allowed_tokens()
         try:
-            token = pick_allowed(allowed, torch.from_numpy(logits[allowed]), constraint, running.pending.request.bias)
+            token = pick_allowed(allowed, torch.from_numpy(logits[allowed]), constraint, running.bias)
             constraint.advance(token)
         except Exception as e:  # noqa: BLE001 - a bad constraint fails its own request only
             self._leave(running)

@@ -20,6 +20,7 @@ EngineError says what to install when it is missing.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import threading
 import time
@@ -27,13 +28,18 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from palr.decoding import LabelConstraint, TitleConstraint
+from palr.llm import label_log_probs
+from palr.ranking import decoding_bias
 from palr.trtllm_runtime import import_trtllm, read_engine_config, trt_backend_llm_class
 from ranking_server.engines.base import (
     EngineAborted, EngineError, EngineOverloaded, EngineRequest, EngineResult, EngineStats, EngineTimings,
     InvalidRequest, RankingEngine)
 from ranking_server.engines.config import EngineConfig
-from ranking_server.engines.trtllm_requests import ConstraintLogitsProcessor, emitted_order, label_scores, sampling_kwargs
+from ranking_server.engines.trtllm_requests import (ConstraintLogitsProcessor, emitted_order, label_scores,
+                                                   readout_from_context, sampling_kwargs)
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +105,18 @@ class TrtllmEngine(RankingEngine):
         if len(request.input_ids) > self.max_input_len:
             raise InvalidRequest(f"prompt of {len(request.input_ids)} tokens exceeds the engine's max_input_len "
                                  f"{self.max_input_len}")
+        started = time.perf_counter()
+        if request.mode == "generate" and request.readout is not None:
+            # the readouts of a first (score) pass join the decoding bias: two prefills (see trtllm_requests)
+            scored = await self._run(dataclasses.replace(request, mode="score"), None)
+            read = readout_from_context(scored.outputs[0].context_logits, len(request.input_ids), request.readout)
+            request = dataclasses.replace(request, bias=decoding_bias(request.bias, read), readout=None)
+        output, first_token = await self._run(request, constraint, streaming=request.mode == "generate")
+        return self._result(request, output, started, first_token)
+
+    async def _run(self, request: EngineRequest, constraint, streaming: bool = False):
+        """Submit one request to the executor and wait for it: (RequestOutput, time of the first streamed
+        part or None)."""
         with self._lock:
             if len(self._outputs) >= self.config.max_batch_size + self.config.max_queue:
                 self._counts["rejected"] += 1
@@ -106,13 +124,11 @@ class TrtllmEngine(RankingEngine):
             if request.request_id in self._outputs:
                 raise InvalidRequest(f"request_id {request.request_id!r} is already in flight")
             params = self._sampling_params(**sampling_kwargs(request, constraint, self.end_id))
-            started = time.perf_counter()
-            output = self.llm.generate_async(request.input_ids, sampling_params=params,
-                                             streaming=request.mode == "generate")
+            output = self.llm.generate_async(request.input_ids, sampling_params=params, streaming=streaming)
             self._outputs[request.request_id] = output
         first_token = None
         try:
-            if request.mode == "generate":
+            if streaming:
                 async for _ in output:  # streaming: the first part marks the end of prefill
                     first_token = first_token or time.perf_counter()
             else:
@@ -127,7 +143,7 @@ class TrtllmEngine(RankingEngine):
         finally:
             with self._lock:
                 self._outputs.pop(request.request_id, None)
-        return self._result(request, output, started, first_token)
+        return output, first_token
 
     def _result(self, request: EngineRequest, output, started: float, first_token: float | None) -> EngineResult:
         completion = output.outputs[0]
@@ -136,7 +152,11 @@ class TrtllmEngine(RankingEngine):
             raise EngineAborted(f"request {request.request_id} aborted")
         now = time.perf_counter()
         if request.mode == "score":
-            scores = label_scores(completion.generation_logits, request.label_token_ids)
+            if request.readout is not None:
+                scores = label_log_probs(torch.tensor(readout_from_context(
+                    output.context_logits, len(request.input_ids), request.readout)))
+            else:
+                scores = label_scores(completion.generation_logits, request.label_token_ids)
             order, generated, prefilled = sorted(range(len(scores)), key=lambda c: -scores[c]), 0, now
         else:
             order, generated = emitted_order(request.validate(self.vocab_size, self.max_seq_len),

@@ -9,6 +9,13 @@ step are the next-token logits after the prompt, and the label log-softmax of th
 blocks are reused gets context logits only for the recomputed part, while the last prompt position
 is always recomputed, so generation logits are exact under reuse.
 
+Candidate readout (`EngineRequest.readout`, the score row read at each candidate's last prompt token):
+`return_context_logits=True` (the engine is built with `gather_context_logits`) and the readout logits
+are read from the context logits, whose rows are the last recomputed prompt positions (`readout_from_context`;
+a position inside a reused KV block has no row, so the factory turns block reuse off for such rankers).
+Generate mode of such a ranker first runs that score request, then decodes with the readouts added to the
+bias (`palr.ranking.decoding_bias`): two prefills, where the torch engines need one.
+
 Generate mode: greedy (`top_k=1`) with a per-request `logits_processor`. A processor, not guided
 decoding: a regex/grammar over the labels cannot say "each label at most once, exactly k of them"
 without listing every ordering (k! · C(n, k) alternatives), while a processor asks the request's
@@ -82,6 +89,8 @@ class ConstraintLogitsProcessor:
 def sampling_kwargs(request: EngineRequest, constraint: DecodingConstraint | None, end_id: int) -> dict[str, Any]:
     """Keyword arguments of `tensorrt_llm.SamplingParams` for one request (greedy, no detokenization)."""
     common = {"top_k": 1, "detokenize": False, "end_id": int(end_id)}
+    if request.mode == "score" and request.readout is not None:
+        return {**common, "max_tokens": 1, "return_context_logits": True}
     if request.mode == "score":
         return {**common, "max_tokens": 1, "return_generation_logits": True}
     if constraint is None:
@@ -94,6 +103,18 @@ def label_scores(generation_logits: torch.Tensor, label_token_ids: Sequence[int]
     """Score mode: label log-probs from the logits of the one generated step (`[..., steps, V]`)."""
     first = generation_logits.reshape(-1, generation_logits.shape[-1])[0]  # [V]
     return label_log_probs(first[torch.as_tensor(list(label_token_ids), device=first.device)])
+
+
+def readout_from_context(context_logits: torch.Tensor, prompt_len: int, readout) -> list[float]:
+    """Each candidate's readout logit from context logits `[..., R, V]`, whose R rows are the prompt's last R
+    positions (all of them without KV block reuse). Raises EngineError for a position with no row."""
+    rows = context_logits.reshape(-1, context_logits.shape[-1])  # [R, V]
+    first = prompt_len - rows.shape[0]
+    missing = [p for p in readout.positions if p < first]
+    if missing:
+        raise EngineError(f"readout positions {missing[:3]} fall in KV blocks reused from an earlier request "
+                          f"(context logits start at {first}); serve candidate-readout rankers with block reuse off")
+    return [float(rows[p - first, t]) for p, t in zip(readout.positions, readout.tokens)]
 
 
 def emitted_order(constraint: DecodingConstraint, token_ids: Sequence[int]) -> tuple[list[int], int]:

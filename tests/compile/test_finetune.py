@@ -79,34 +79,56 @@ def test_resume_continues_exactly_from_the_checkpoint(bundle_copy, tmp_path):
         assert torch.equal(a[name], b[name]), name
 
 
-def test_listwise_loss_is_the_cross_entropy_of_the_target_over_fused_label_logits(tiny_llama_dir):
-    """label_logits = the LM head's label rows at the prompt's last position (by hand: one prompt at a
-    time, full logits); listwise_loss = -log softmax(logits + w · log_softmax(retrieval scores))[target]."""
+@pytest.mark.parametrize("readout", ["label", "candidate"])
+def test_listwise_loss_is_the_cross_entropy_of_the_target_over_fused_readouts(tiny_llama_dir, readout):
+    """readout_scores = each label's LM-head row at the prompt's last position (label readout), or the score
+    row at each candidate's own position, soft and trend tokens embedded by the extra rows (candidate
+    readout); by hand: one prompt at a time, full hidden states. The loss = -log softmax(readout +
+    trend_bias[trend] + w · log_softmax(retrieval scores))[target]."""
     import math
     import random
 
     from transformers import AutoModelForCausalLM
 
-    from compile.finetune import label_logits, listwise_loss
+    from compile.finetune import fused_scores, listwise_loss, readout_scores
+    from palr.hybrid import extra_rows, input_embeddings
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    vocab = model.config.vocab_size
+    torch.manual_seed(0)
+    extra = extra_rows(torch.randn(6, 64), model.config.hidden_size, 3)
+    with torch.no_grad():
+        extra.score.normal_()
+        extra.trend_bias.copy_(torch.tensor([-1.0, 0.25, 0.5]))
     rng = random.Random(0)
     labels = list(range(330, 335))
-    rows = [{"input_ids": [rng.randrange(100, 40000) for _ in range(n)], "label_token_ids": labels,
-             "retrieval_scores": sorted((rng.uniform(-2, 5) for _ in labels), reverse=True),
-             "target_position": rng.randrange(len(labels))} for n in (3, 11, 7)]  # different lengths: padding
+    rows = []
+    for n in (9, 17, 12):  # different lengths: padding
+        ids = [rng.choice([rng.randrange(100, 40000), vocab + rng.randrange(1, 9)]) for _ in range(n)]
+        row = {"input_ids": ids, "label_token_ids": labels, "target_position": rng.randrange(len(labels)),
+               "retrieval_scores": sorted((rng.uniform(-2, 5) for _ in labels), reverse=True)}
+        if readout == "candidate":
+            row |= {"readout_positions": sorted(rng.sample(range(n), len(labels))),
+                    "readout_tokens": [vocab + 6 + 3] * len(labels), "trend": [rng.randrange(3) for _ in labels]}
+        rows.append(row)
     with torch.no_grad():
-        batched = label_logits(model, rows, pad_id=0)
-        loss = float(listwise_loss(batched, rows, fusion_weight=0.7))
+        scores, _ = readout_scores(model, rows, pad_id=0, extra=extra)
+        loss = float(listwise_loss(fused_scores(scores, rows, 0.7, extra), rows))
     by_hand = []
     for i, row in enumerate(rows):
         with torch.no_grad():
-            logits = model(input_ids=torch.tensor([row["input_ids"]])).logits[0, -1]  # [V]
-        label_logit = [float(logits[t]) for t in labels]
-        assert batched[i].tolist() == pytest.approx(label_logit, abs=1e-4)
-        scores = row["retrieval_scores"]
-        log_norm = max(scores) + math.log(sum(math.exp(s - max(scores)) for s in scores))
-        fused = [x + 0.7 * (s - log_norm) for x, s in zip(label_logit, scores)]
+            hidden = model.model(inputs_embeds=input_embeddings(model, torch.tensor([row["input_ids"]]),
+                                                                extra())).last_hidden_state[0]  # [T, D]
+            if readout == "label":
+                read = [float(x) for x in model.lm_head(hidden[-1])[labels]]
+                bias = [0.0] * len(labels)
+            else:
+                read = [float(hidden[p] @ extra.score) for p in row["readout_positions"]]
+                bias = [float(extra.trend_bias[b]) for b in row["trend"]]
+        assert scores[i].tolist() == pytest.approx(read, abs=1e-4)
+        retrieval = row["retrieval_scores"]
+        log_norm = max(retrieval) + math.log(sum(math.exp(s - max(retrieval)) for s in retrieval))
+        fused = [x + b + 0.7 * (s - log_norm) for x, b, s in zip(read, bias, retrieval)]
         top = max(fused)
         by_hand.append(-(fused[row["target_position"]] - top - math.log(sum(math.exp(f - top) for f in fused))))
     assert loss == pytest.approx(sum(by_hand) / len(by_hand), abs=1e-4)

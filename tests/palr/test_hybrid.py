@@ -1,6 +1,8 @@
-"""Hybrid prompts (palr/hybrid.py): each item's soft token sits right after its title and carries that
-item's projected SASRec embedding; folding the projector into the vocabulary changes no logit; the
-projector round-trips through its files; the in-flight engine ranks hybrid prompts as the reference does."""
+"""Hybrid prompts and the ranker's extra vocabulary (palr/hybrid.py): each item's soft token sits right after
+its title and carries that item's projected SASRec embedding; a trend prompt ends each candidate line with
+its trend token, where the candidate readout reads; folding the extra rows into the vocabulary changes no
+logit and puts the score row in the LM head (tied or not); the rows round-trip through their files; the
+in-flight engine ranks hybrid and candidate-readout prompts as the reference does."""
 
 from __future__ import annotations
 
@@ -11,8 +13,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from palr.hybrid import (  # noqa: E402
-    ItemTokens, fold_into_vocabulary, input_embeddings, item_projector, load_projector, save_projector)
-from palr.prompt import PalrPrompt, PromptError, PromptSettings  # noqa: E402
+    ItemTokens, extra_rows, fold_into_vocabulary, input_embeddings, load_projector, save_projector)
+from palr.prompt import PalrPrompt, PromptError, PromptSettings, Readout  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -57,14 +59,46 @@ def test_an_item_without_an_embedding_is_shown_by_its_title_alone(tokenizer, ml1
         PalrPrompt(tokenizer, PromptSettings(prompt="hybrid"))
 
 
+def test_trend_prompt_ends_each_candidate_line_with_its_trend_token_where_the_readout_reads(tokenizer, ml100k):
+    catalog = ml100k.catalog
+    offset = len(tokenizer)
+    tokens = ItemTokens.for_catalog(offset, [item.id for item in catalog.items], trend_buckets=8)
+    history, candidates = catalog.items[:3], catalog.items[3:8]
+    trends = [0, 7, 3, 3, 1]
+    settings = PromptSettings(history_items=3, prompt="hybrid", trend=True, readout="candidate")
+    parts = PalrPrompt(tokenizer, settings, tokens).retrieval("", history, candidates, trends)
+    ids = parts.input_ids
+    assert tokens.score_token == offset + len(catalog) + 1 + 8, "layout: items, trend buckets, then the score row"
+    assert parts.readout.tokens == (tokens.score_token,) * 5
+    for c, (position, item) in enumerate(zip(parts.readout.positions, candidates)):
+        assert ids[position] == tokens.trend_token(trends[c]), "each candidate is read at its own trend token"
+        assert ids[position - 1] == tokens.token(item.id), "right after the candidate's soft token"
+        assert ids[position + 1:position + 1 + len(parts.candidate_line_ids[c][-1:])] == parts.candidate_line_ids[c][-1:]
+    plain = PalrPrompt(tokenizer, PromptSettings(history_items=3, prompt="hybrid"), tokens).retrieval("", history,
+                                                                                                     candidates)
+    assert [t for t in ids if not offset + len(catalog) + 1 <= t] == plain.input_ids, "trend tokens are all it adds"
+    assert plain.readout == Readout.after_prompt(len(plain.input_ids), plain.label_token_ids), "label readout"
+    with pytest.raises(PromptError, match="trend bucket per candidate"):
+        PalrPrompt(tokenizer, settings, tokens).retrieval("", history, candidates)
+    with pytest.raises(PromptError, match="trend buckets"):
+        PalrPrompt(tokenizer, settings, ItemTokens.for_catalog(offset, [item.id for item in catalog.items]))
+
+
+TREND_BUCKETS = 3
+
+
 @pytest.fixture(scope="module")
 def tiny_hybrid(tiny_llama_dir):
-    """The tiny random Llama and a projector over a random 64-d item table (11 rows)."""
+    """The tiny random Llama and extra rows over a random 64-d item table (11 rows), 3 trend buckets and a
+    random score row (so candidate readouts differ)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
     torch.manual_seed(0)
-    projector = item_projector(torch.randn(11, 64), model.config.hidden_size).eval()
+    projector = extra_rows(torch.randn(11, 64), model.config.hidden_size, TREND_BUCKETS).eval()
+    with torch.no_grad():
+        projector.score.normal_()
+        projector.trend.normal_()
     return model, projector
 
 
@@ -89,14 +123,33 @@ def test_folding_the_projector_into_the_vocabulary_changes_no_logit(tiny_hybrid,
     with torch.no_grad():
         on_the_fly = model(inputs_embeds=input_embeddings(model, ids, projector())).logits  # [1, T, V]
     folded = copy.deepcopy(model)
-    assert fold_into_vocabulary(folded, projector, vocab) == vocab + 11
+    assert fold_into_vocabulary(folded, projector, vocab) == vocab + 11 + TREND_BUCKETS + 1
     with torch.no_grad():
-        logits = folded(input_ids=ids).logits[..., :vocab]
-    assert float((logits - on_the_fly).abs().max()) <= 1e-5
+        full = folded(input_ids=ids).logits
+        hidden = folded.model(input_ids=ids).last_hidden_state
+    assert float((full[..., :vocab] - on_the_fly[..., :vocab]).abs().max()) <= 1e-5
+    score_row = vocab + 11 + TREND_BUCKETS
+    assert torch.allclose(full[0, :, score_row], hidden[0] @ projector.score.detach(), atol=1e-5), \
+        "the LM head's last row is the score row"
     save_projector(tmp_path / "projector", projector, {"offset": vocab})
     again = load_projector(tmp_path / "projector", model.config.hidden_size)
     with torch.no_grad():
         assert torch.equal(again(), projector())
+
+
+def test_an_untied_head_gets_the_score_row_and_nothing_else(tiny_hybrid):
+    import copy
+
+    model, projector = tiny_hybrid
+    untied = copy.deepcopy(model)
+    vocab = untied.get_input_embeddings().num_embeddings
+    untied.lm_head.weight = torch.nn.Parameter(untied.lm_head.weight.detach().clone())
+    untied.config.tie_word_embeddings = False
+    size = fold_into_vocabulary(untied, projector, vocab)
+    head = untied.get_output_embeddings().weight.detach()
+    assert head.data_ptr() != untied.get_input_embeddings().weight.data_ptr()
+    assert torch.equal(head[size - 1], projector.score.detach())
+    assert not bool(head[vocab:size - 1].any()), "no extra token but the score row can win a logit"
 
 
 def test_in_flight_engine_ranks_hybrid_prompts_as_the_reference(tiny_hybrid):
@@ -131,3 +184,49 @@ def test_in_flight_engine_ranks_hybrid_prompts_as_the_reference(tiny_hybrid):
             assert result.scores == pytest.approx(want, abs=1e-5)
         else:
             assert result.order == generate_constrained(folded, request.input_ids, LabelConstraint(labels, 3))
+
+
+def test_in_flight_engine_reads_each_candidates_position_as_the_reference(tiny_hybrid):
+    """Candidate readout: score mode reads the score row at each candidate's last token; generate mode adds
+    those readouts to its bias. Prompts chunked across steps (max_tokens_per_step 5), shared prefix reused."""
+    import copy
+
+    from palr.decoding import LabelConstraint
+    from palr.llm import generate_constrained, score_candidates
+    from ranking_server.engines.base import EngineRequest
+    from ranking_server.engines.hf import EngineConfig, HFEngine
+
+    model, projector = tiny_hybrid
+    vocab = model.get_input_embeddings().num_embeddings
+    folded = copy.deepcopy(model)
+    fold_into_vocabulary(folded, projector, vocab)
+    score_token = vocab + 11 + TREND_BUCKETS
+    trend = vocab + 11
+    labels = list(range(300, 304))
+    prefix = [11, 12, 13, 14]
+    suffix = [40, 41, labels[0], 20, vocab + 1, trend + 2, 9, labels[1], 21, vocab + 2, trend, 9,
+              labels[2], vocab + 4, trend + 1, 9, labels[3], 22, 23, vocab + 7, trend + 2, 9, 50, 51]
+    ends = [len(prefix) + i for i, t in enumerate(suffix) if trend <= t < score_token]
+    readout = Readout(tuple(ends), (score_token,) * 4)
+    bias = [0.3, -0.2, 0.0, 0.5]
+    requests = [EngineRequest("s", prefix, suffix, labels, mode="score", readout=readout),
+                EngineRequest("g", prefix, suffix, labels, mode="generate", k=3, bias=bias, readout=readout),
+                EngineRequest("s2", prefix, suffix[:-2] + [52], labels, mode="score", readout=readout)]
+    engine = HFEngine(folded, EngineConfig(max_batch_size=4, max_tokens_per_step=5))
+
+    async def all_at_once():
+        return await asyncio.gather(*(engine.rank(r) for r in requests))
+
+    try:
+        results = asyncio.run(all_at_once())
+    finally:
+        engine.close()
+    want = score_candidates(folded, requests[0].input_ids, readout)
+    assert results[0].scores == pytest.approx(want, abs=1e-5)
+    assert len(set(round(x, 4) for x in want)) == 4, "the readouts differ from candidate to candidate"
+    assert results[2].scores == pytest.approx(score_candidates(folded, requests[2].input_ids, readout), abs=1e-5)
+    assert results[1].order == generate_constrained(folded, requests[1].input_ids, LabelConstraint(labels, 3),
+                                                    bias, readout=readout)
+    with pytest.raises(Exception, match="outside the request's own tokens"):
+        EngineRequest("bad", prefix, suffix, labels, mode="score",
+                      readout=Readout((1, 2, 3, 4), (score_token,) * 4)).validate(vocab + 20, 512)

@@ -95,13 +95,21 @@ def test_training_ids_equal_serving_ids(tiny_llm_bundle):
     catalog = Catalog.load(bundle / "catalog.json")
     from palr.hybrid import ranker_prompt
 
+    from palr.trends import TrendSettings, TrendTable
+
     serving = ranker_prompt(AutoTokenizer.from_pretrained(bundle / "llm" / "merged"), ranker, catalog)  # as the server
+    table, trend = TrendTable.load(bundle / "trends.npz"), TrendSettings(**ranker["trend"])
     rows = [json.loads(line) for line in (bundle / "llm" / "sft" / "train.jsonl").read_text().splitlines()]
     checked = 0
     for row in rows:
         if row["task"] == RETRIEVAL:
-            parts = serving.retrieval(row["profile"], items(catalog, row["history"]), items(catalog, row["candidates"]))
+            trends = table.buckets(row["moment"], catalog.indices(row["candidates"]), trend)
+            assert trends == row["trend"], "the server counts trends as training did"
+            parts = serving.retrieval(row["profile"], items(catalog, row["history"]), items(catalog, row["candidates"]),
+                                      trends)
             assert parts.input_ids == row["input_ids"]
+            assert list(parts.readout.positions) == row["readout_positions"]
+            assert list(parts.readout.tokens) == row["readout_tokens"]
             assert parts.label_token_ids == row["label_token_ids"]
             assert len(parts.prefix_ids) == row["prefix_len"]
             assert serving.retrieval_answer(parts, row["target_position"]) == row["answer_ids"]

@@ -143,31 +143,38 @@ class Reference:
     model: object
     prompt: object
     retrieval_stub: retrieval_pb2_grpc.RetrievalServiceStub
+    trends: object  # palr.trends.TrendTable
 
     def retrieved(self, num_candidates: int, **fields) -> list[retrieval_pb2.Candidate]:
         request = retrieval_pb2.RetrieveRequest(k=num_candidates, **fields)
         return [c for m in self.retrieval_stub.Retrieve(request, timeout=30) for c in m.candidates]
 
-    def ranking(self, mode: int, k: int, num_candidates: int, user_id: str = "", history=()) -> list[tuple[str, float]]:
+    def ranking(self, mode: int, k: int, num_candidates: int, user_id: str = "", history=(),
+                as_of: float = 0.0) -> list[tuple[str, float]]:
         from palr.decoding import TitleConstraint
-        from palr.llm import generate_constrained, score_labels
+        from palr.llm import generate_constrained, score_candidates
         from palr.profiles import StatsProfiler
-        from palr.ranking import complete_order, fuse, generation_bias, order_by_scores
+        from palr.ranking import complete_order, fuse, generation_bias, order_by_scores, trend_bias
+        from palr.trends import TrendSettings
 
         candidates = self.retrieved(num_candidates, user_id=user_id, history=list(history))
         ids, scores = [c.item_id for c in candidates], [c.score for c in candidates]
         items = [self.catalog.by_id(i) for i in ids]
-        if history:
+        if history:  # the moment: the newest interaction the bundle knows
             seen, profile = list(history), StatsProfiler(self.catalog)([self.catalog.by_id(i) for i in history])
-        else:
-            seen, profile = self.histories[user_id], self.profiles[user_id]
-        parts = self.prompt.retrieval(profile, [self.catalog.by_id(i) for i in seen], items)
+            moment = self.trends.latest
+        else:  # the moment: the stored user's last interaction
+            seen, profile, moment = self.histories[user_id], self.profiles[user_id], self.trends.as_of[user_id]
+        trends = self.trends.buckets(as_of or moment, self.catalog.indices(ids), TrendSettings(**self.ranker["trend"]))
+        bias = trend_bias(self.ranker["trend_bias"], trends)
+        parts = self.prompt.retrieval(profile, [self.catalog.by_id(i) for i in seen], items, trends)
         weight = float(self.ranker["fusion_weight"])
         if mode == GENERATE:
             constraint = TitleConstraint(parts.label_token_ids, parts.candidate_line_ids, k)
-            emitted = generate_constrained(self.model, parts.input_ids, constraint, bias=generation_bias(scores, weight))
+            emitted = generate_constrained(self.model, parts.input_ids, constraint,
+                                           bias=generation_bias(scores, weight, bias), readout=parts.readout)
             return [(ids[p], 1.0 / (r + 1)) for r, p in enumerate(complete_order(emitted, len(ids))[:k])]
-        fused = fuse(score_labels(self.model, parts.input_ids, parts.label_token_ids), scores, weight)
+        fused = fuse(score_candidates(self.model, parts.input_ids, parts.readout), scores, weight, bias)
         return [(ids[p], fused[p]) for p in order_by_scores(fused)[:k]]
 
 
@@ -176,6 +183,7 @@ def reference(bundle, retrieval) -> Reference:
     from palr.llm import load_causal_lm
     from palr.profiles import Profiles
     from palr.hybrid import ranker_prompt
+    from palr.trends import TrendTable
 
     opened = Bundle.open(bundle)
     ranker = json.loads(opened.path("ranker").read_text())
@@ -187,7 +195,8 @@ def reference(bundle, retrieval) -> Reference:
                      profiles=Profiles.load(opened.path("profiles")).profiles, ranker=ranker, model=model,
                      prompt=ranker_prompt(tokenizer, ranker, Catalog.load(opened.path("catalog"))),
                      retrieval_stub=retrieval_pb2_grpc.RetrievalServiceStub(
-                         grpc.insecure_channel(retrieval.server.address)))
+                         grpc.insecure_channel(retrieval.server.address)),
+                     trends=TrendTable.load(opened.path("trends")))
 
 
 def some_users(reference: Reference, n: int) -> list[str]:
@@ -229,6 +238,22 @@ def test_both_modes_rank_k_distinct_candidates_exactly_as_the_evaluation_does(st
     assert response.model_version == (f"sasrec:{reference.bundle.version('sasrec_onnx')} "
                                       f"llm:{reference.bundle.version('llm_merged')}")
     assert response.timings.ranking_ms > 0
+
+
+def test_candidates_trends_are_counted_as_of_the_moment_the_caller_names(stub, reference):
+    """as_of_unix_s moves the moment the candidates' trend tokens are counted at (palr/trends.py): the
+    answer is the evaluation path's at that moment, and a moment with other trends ranks differently."""
+    user = some_users(reference, 1)[0]
+    times = reference.trends.times
+    early, late = float(times[len(times) // 10]), float(times[-1])
+    answers = {}
+    for as_of in (early, late):
+        response = recommend(stub, user_id=user, k=8, mode=SCORE, num_candidates=12, as_of_unix_s=int(as_of))
+        expected = reference.ranking(SCORE, 8, 12, user, as_of=int(as_of))
+        assert [item.item_id for item in response.items] == [i for i, _ in expected]
+        assert [item.score for item in response.items] == pytest.approx([s for _, s in expected], abs=1e-4)
+        answers[as_of] = [(item.item_id, round(item.score, 4)) for item in response.items]
+    assert answers[early] != answers[late]
 
 
 def test_unspecified_mode_is_score_mode_and_zero_candidates_is_the_default(stub, reference, ranking):
@@ -289,6 +314,7 @@ def test_request_id_comes_from_the_field_or_metadata_and_reaches_both_servers_lo
     ({"k": 3, "request_id": "has a space"}, "request_id"),
     ({"k": 3, "request_id": "x" * 129}, "request_id"),
     ({"k": 3, "request_id": "ünïcode"}, "request_id"),
+    ({"k": 3, "as_of_unix_s": -5}, "as_of_unix_s"),
 ])
 def test_bad_requests_are_invalid_argument_naming_the_field(stub, reference, fields, named):
     with pytest.raises(grpc.RpcError) as error:

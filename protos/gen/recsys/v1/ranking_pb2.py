@@ -24,23 +24,23 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17recsys/v1/ranking.proto\x12\trecsys.v1\"\xa2\x01\n\x10RecommendRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0f\n\x07history\x18\x02 \x03(\t\x12\t\n\x01k\x18\x03 \x01(\x05\x12$\n\x04mode\x18\x04 \x01(\x0e\x32\x16.recsys.v1.RankingMode\x12\x16\n\x0enum_candidates\x18\x05 \x01(\x05\x12\x0f\n\x07\x65xclude\x18\x06 \x03(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\t\"a\n\nRankedItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x0c\n\x04rank\x18\x04 \x01(\x05\x12\x16\n\x0eretrieval_rank\x18\x05 \x01(\x05\"\\\n\x0cStageTimings\x12\x14\n\x0cretrieval_ms\x18\x01 \x01(\x01\x12\x10\n\x08queue_ms\x18\x02 \x01(\x01\x12\x12\n\nranking_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\"\xf3\x01\n\x11RecommendResponse\x12$\n\x05items\x18\x01 \x03(\x0b\x32\x15.recsys.v1.RankedItem\x12(\n\x07timings\x18\x02 \x01(\x0b\x32\x17.recsys.v1.StageTimings\x12\x10\n\x08\x64\x65graded\x18\x03 \x01(\x08\x12\x17\n\x0f\x64\x65graded_reason\x18\x04 \x01(\t\x12\x12\n\ncold_start\x18\x05 \x01(\x08\x12\x15\n\rmodel_version\x18\x06 \x01(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12$\n\x04mode\x18\x08 \x01(\x0e\x32\x16.recsys.v1.RankingMode*^\n\x0bRankingMode\x12\x1c\n\x18RANKING_MODE_UNSPECIFIED\x10\x00\x12\x16\n\x12RANKING_MODE_SCORE\x10\x01\x12\x19\n\x15RANKING_MODE_GENERATE\x10\x02\x32X\n\x0eRankingService\x12\x46\n\tRecommend\x12\x1b.recsys.v1.RecommendRequest\x1a\x1c.recsys.v1.RecommendResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17recsys/v1/ranking.proto\x12\trecsys.v1\"\xb8\x01\n\x10RecommendRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0f\n\x07history\x18\x02 \x03(\t\x12\t\n\x01k\x18\x03 \x01(\x05\x12$\n\x04mode\x18\x04 \x01(\x0e\x32\x16.recsys.v1.RankingMode\x12\x16\n\x0enum_candidates\x18\x05 \x01(\x05\x12\x0f\n\x07\x65xclude\x18\x06 \x03(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12\x14\n\x0c\x61s_of_unix_s\x18\x08 \x01(\x03\"a\n\nRankedItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05title\x18\x02 \x01(\t\x12\r\n\x05score\x18\x03 \x01(\x02\x12\x0c\n\x04rank\x18\x04 \x01(\x05\x12\x16\n\x0eretrieval_rank\x18\x05 \x01(\x05\"\\\n\x0cStageTimings\x12\x14\n\x0cretrieval_ms\x18\x01 \x01(\x01\x12\x10\n\x08queue_ms\x18\x02 \x01(\x01\x12\x12\n\nranking_ms\x18\x03 \x01(\x01\x12\x10\n\x08total_ms\x18\x04 \x01(\x01\"\xf3\x01\n\x11RecommendResponse\x12$\n\x05items\x18\x01 \x03(\x0b\x32\x15.recsys.v1.RankedItem\x12(\n\x07timings\x18\x02 \x01(\x0b\x32\x17.recsys.v1.StageTimings\x12\x10\n\x08\x64\x65graded\x18\x03 \x01(\x08\x12\x17\n\x0f\x64\x65graded_reason\x18\x04 \x01(\t\x12\x12\n\ncold_start\x18\x05 \x01(\x08\x12\x15\n\rmodel_version\x18\x06 \x01(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\t\x12$\n\x04mode\x18\x08 \x01(\x0e\x32\x16.recsys.v1.RankingMode*^\n\x0bRankingMode\x12\x1c\n\x18RANKING_MODE_UNSPECIFIED\x10\x00\x12\x16\n\x12RANKING_MODE_SCORE\x10\x01\x12\x19\n\x15RANKING_MODE_GENERATE\x10\x02\x32X\n\x0eRankingService\x12\x46\n\tRecommend\x12\x1b.recsys.v1.RecommendRequest\x1a\x1c.recsys.v1.RecommendResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'recsys.v1.ranking_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RANKINGMODE']._serialized_start=642
-  _globals['_RANKINGMODE']._serialized_end=736
+  _globals['_RANKINGMODE']._serialized_start=664
+  _globals['_RANKINGMODE']._serialized_end=758
   _globals['_RECOMMENDREQUEST']._serialized_start=39
-  _globals['_RECOMMENDREQUEST']._serialized_end=201
-  _globals['_RANKEDITEM']._serialized_start=203
-  _globals['_RANKEDITEM']._serialized_end=300
-  _globals['_STAGETIMINGS']._serialized_start=302
-  _globals['_STAGETIMINGS']._serialized_end=394
-  _globals['_RECOMMENDRESPONSE']._serialized_start=397
-  _globals['_RECOMMENDRESPONSE']._serialized_end=640
-  _globals['_RANKINGSERVICE']._serialized_start=738
-  _globals['_RANKINGSERVICE']._serialized_end=826
+  _globals['_RECOMMENDREQUEST']._serialized_end=223
+  _globals['_RANKEDITEM']._serialized_start=225
+  _globals['_RANKEDITEM']._serialized_end=322
+  _globals['_STAGETIMINGS']._serialized_start=324
+  _globals['_STAGETIMINGS']._serialized_end=416
+  _globals['_RECOMMENDRESPONSE']._serialized_start=419
+  _globals['_RECOMMENDRESPONSE']._serialized_end=662
+  _globals['_RANKINGSERVICE']._serialized_start=760
+  _globals['_RANKINGSERVICE']._serialized_end=848
 # @@protoc_insertion_point(module_scope)

@@ -17,7 +17,7 @@ RANKING_MODE_SCORE: RankingMode
 RANKING_MODE_GENERATE: RankingMode
 
 class RecommendRequest(_message.Message):
-    __slots__ = ("user_id", "history", "k", "mode", "num_candidates", "exclude", "request_id")
+    __slots__ = ("user_id", "history", "k", "mode", "num_candidates", "exclude", "request_id", "as_of_unix_s")
     USER_ID_FIELD_NUMBER: _ClassVar[int]
     HISTORY_FIELD_NUMBER: _ClassVar[int]
     K_FIELD_NUMBER: _ClassVar[int]
@@ -25,6 +25,7 @@ class RecommendRequest(_message.Message):
     NUM_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     EXCLUDE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    AS_OF_UNIX_S_FIELD_NUMBER: _ClassVar[int]
     user_id: str
     history: _containers.RepeatedScalarFieldContainer[str]
     k: int
@@ -32,7 +33,8 @@ class RecommendRequest(_message.Message):
     num_candidates: int
     exclude: _containers.RepeatedScalarFieldContainer[str]
     request_id: str
-    def __init__(self, user_id: _Optional[str] = ..., history: _Optional[_Iterable[str]] = ..., k: _Optional[int] = ..., mode: _Optional[_Union[RankingMode, str]] = ..., num_candidates: _Optional[int] = ..., exclude: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    as_of_unix_s: int
+    def __init__(self, user_id: _Optional[str] = ..., history: _Optional[_Iterable[str]] = ..., k: _Optional[int] = ..., mode: _Optional[_Union[RankingMode, str]] = ..., num_candidates: _Optional[int] = ..., exclude: _Optional[_Iterable[str]] = ..., request_id: _Optional[str] = ..., as_of_unix_s: _Optional[int] = ...) -> None: ...
 
 class RankedItem(_message.Message):
     __slots__ = ("item_id", "title", "score", "rank", "retrieval_rank")
