@@ -140,7 +140,8 @@ def run(config: EvaluateRankingConfig) -> dict:
                                            parts.candidate_line_ids, generate_k)
             emitted = generate_constrained(model, parts.input_ids, constraint,
                                            bias=generation_bias(retrieval_scores, weight, bias), prefix=prefix,
-                                           readout=parts.readout if candidate_readout else None)
+                                           readout=parts.readout if candidate_readout else None,
+                                           logit_weight=float(ranker.get("generate_logit_weight", 1.0)))
             row["generate_seconds"] = time.perf_counter() - t0
             row["emitted"] = emitted
             row["generate_invalid"] = len(set(emitted)) != len(emitted) or any(

@@ -17,6 +17,8 @@ exactly as training and evaluation did:
                       learned bias per trend bucket
     generate_format   "titles" (each answer line: a label, then its title; `TitleConstraint`) or
                       "labels" (`LabelConstraint`); generate_k: lines written
+    generate_logit_weight  generate mode decodes labels by this weight times their logits plus the fused
+                      score-mode terms as bias; fit on validation (0: generate follows the score order)
     profile_method    how profiles.json was made
 """
 
@@ -40,7 +42,7 @@ log = logging.getLogger(__name__)
 MERGED_DIR = "llm/merged"
 RANKER_FILE = "llm/ranker.json"
 GENERATE_FORMATS = ("titles", "labels")
-VERSION = 4  # 2: fusion grid up to 1000; 3: item projector folded into the vocabulary; 4: trend and score rows
+VERSION = 5  # 2: fusion grid up to 1000; 3: item projector folded; 4: trend and score rows; 5: generate logit weight
 
 
 @dataclass
@@ -111,26 +113,63 @@ def example_readout(row: dict):
     return Readout.after_prompt(len(row["input_ids"]), row["label_token_ids"])
 
 
-def fit_fusion(model_dir: Path, valid: list[dict], bias_by_bucket: list[float] | None = None) -> tuple[float, dict]:
-    """Score-mode LLM log-probs on validation users → the NDCG@10-best retrieval weight, and what the
-    validation users say about it (retrieval order, LLM alone, fused, by weight)."""
-    from palr.llm import compute_prefix, load_causal_lm, score_candidates
+def fit_fusion(model_dir: Path, valid: list[dict], bias_by_bucket: list[float] | None = None) -> tuple[float, float, dict]:
+    """Score-mode readouts on validation users → the NDCG@10-best retrieval weight, and for a candidate-readout
+    ranker the weight of the label logits in generate mode (`fit_generate_logit_weight`); what the validation
+    users say about them (retrieval order, LLM alone, fused, by weight)."""
+    import torch
+
+    from palr.llm import compute_prefix, label_log_probs, load_causal_lm, read_prompt
     from palr.metrics import ndcg
+    from palr.prompt import Readout
     from palr.ranking import fit_fusion_weight, target_rank, trend_bias
 
     model, _ = load_causal_lm(model_dir)
     prefix = compute_prefix(model, valid[0]["input_ids"][: valid[0]["prefix_len"]])
-    llm = [score_candidates(model, x["input_ids"], example_readout(x), prefix=prefix)
-           for x in tqdm(valid, desc="fusion (validation)", unit="user")]
+    reads = [read_prompt(model, x["input_ids"], [example_readout(x), Readout.after_prompt(len(x["input_ids"]),
+                                                                                          x["label_token_ids"])],
+                         prefix=prefix) for x in tqdm(valid, desc="fusion (validation)", unit="user")]
+    llm = [label_log_probs(torch.tensor(read)) for read, _ in reads]
     targets = [x["target_position"] for x in valid]
+    retrieval_scores = [x["retrieval_scores"] for x in valid]
     biases = [trend_bias(bias_by_bucket, x.get("trend")) for x in valid]
-    weight, curve = fit_fusion_weight(llm, [x["retrieval_scores"] for x in valid], targets, candidate_bias=biases)
+    weight, curve = fit_fusion_weight(llm, retrieval_scores, targets, candidate_bias=biases)
     retrieval = ndcg([target_rank(range(len(x["candidates"])), t) for x, t in zip(valid, targets)], 10)
     log.info("fusion weight %.2f fit on %d validation users: NDCG@10 retrieval %.4f, LLM alone %.4f, fused %.4f; "
              "by weight: %s", weight, len(valid), retrieval, curve[0.0], curve[weight],
              ", ".join(f"{w:g}: {v:.4f}" for w, v in curve.items()))
-    return weight, {"users": len(valid), "retrieval_ndcg@10": retrieval, "llm_ndcg@10": curve[0.0],
-                    "fused_ndcg@10": curve[weight], "ndcg@10_by_weight": {str(w): v for w, v in curve.items()}}
+    validation = {"users": len(valid), "retrieval_ndcg@10": retrieval, "llm_ndcg@10": curve[0.0],
+                  "fused_ndcg@10": curve[weight], "ndcg@10_by_weight": {str(w): v for w, v in curve.items()}}
+    logit_weight = 1.0
+    if valid[0].get("readout_positions"):
+        logit_weight, generate_curve = fit_generate_logit_weight(reads, retrieval_scores, biases, targets, weight)
+        validation["generate_first_step_ndcg@10_by_logit_weight"] = {str(g): v for g, v in generate_curve.items()}
+        log.info("generate mode: label-logit weight %.2f (first-step order NDCG@10 by weight: %s)", logit_weight,
+                 ", ".join(f"{g:g}: {v:.4f}" for g, v in generate_curve.items()))
+    return weight, logit_weight, validation
+
+
+GENERATE_LOGIT_GRID = (0.0, 0.1, 0.25, 0.5, 1.0)
+
+
+def fit_generate_logit_weight(reads, retrieval_scores, biases, targets, weight: float) -> tuple[float, dict]:
+    """Generate mode of a candidate-readout ranker decodes labels by `g * label logit + bias`, the bias being
+    the fused score-mode terms (readout, trend bias, weight * retrieval). The grid `g` whose first decoding
+    step orders the validation users' candidates best (NDCG@10 of that order: the emitted list follows it up
+    to what later steps change); ties go to the larger `g` (more of the model's own answer). `g` = 0 makes
+    generate mode the score-mode order."""
+    from palr.metrics import ndcg
+    from palr.ranking import decoding_bias, generation_bias, order_by_scores, target_rank
+
+    curve = {}
+    for g in GENERATE_LOGIT_GRID:
+        ranks = []
+        for (read, labels), scores, bias, target in zip(reads, retrieval_scores, biases, targets):
+            fused = decoding_bias(generation_bias(scores, weight, bias), read)
+            ranks.append(target_rank(order_by_scores([g * label + f for label, f in zip(labels, fused)]), target))
+        curve[g] = ndcg(ranks, 10)
+    best = max(GENERATE_LOGIT_GRID, key=lambda g: (round(curve[g], 6), g))
+    return best, curve
 
 
 def keep_projector(bundle: Bundle) -> None:
@@ -209,8 +248,8 @@ def run(config: MergeConfig) -> Path:
     fusion_valid = valid[: config.fusion_users]
     meta = json.loads((bundle.path("sft_data") / "meta.json").read_text())
     bias = learned_trend_bias(bundle) if meta.get("trend") else None
-    weight, validation = fit_fusion(out, fusion_valid, bias) if fusion_valid else (0.0, {})
-    ranker = ranker_record(bundle, config, weight, validation)
+    weight, logit_weight, validation = fit_fusion(out, fusion_valid, bias) if fusion_valid else (0.0, 1.0, {})
+    ranker = ranker_record(bundle, config, weight, validation) | {"generate_logit_weight": logit_weight}
     ranker_path = bundle.root / RANKER_FILE
     ranker_path.write_text(json.dumps(ranker, indent=2) + "\n")
     bundle.add_artifact("ranker", RANKER_FILE, fusion_weight=weight, generate_format=config.generate_format)

@@ -64,7 +64,7 @@ class SequentialEngine(LoopEngine):
             else:
                 scores = None
                 order = generate_constrained(self.model, request.input_ids, pending.constraint, request.bias, prefix,
-                                             request.readout)
+                                             request.readout, request.logit_weight)
         except Exception as e:  # noqa: BLE001 - fail this request, keep serving
             self._fail(pending, EngineError(f"reference run failed: {e!r}"))
             return True

@@ -5,7 +5,9 @@ In one run, on the bundle's merged PALR model with real prompts (loadtest/bench_
 1. batching: one-at-a-time (`sequential`), `static` and `inflight` engines at concurrency 1, 4, 16, 64,
    score and generate modes, closed loop (throughput, p50/p95 latency, mean batch per step);
 2. score vs generate latency: the in-flight engine at concurrency 1;
-3. prefix reuse on vs off: score mode, in-flight engine, concurrency 1;
+3. prefix reuse on vs off, and per-user context reuse on vs off (prefix only): score mode, in-flight
+   engine, concurrency 1; and within the context-reuse cell, the requests that found their user's
+   context cached against those that computed it (what a hit saves; needs repeats: `--pattern zipf`);
 4. ORT vs torch eager retrieval: loadtest/bench_retrieval.py's model comparison at batch 1 and 32;
 5. a mixed cell (score and generate requests together, `--mixed-share` generate, at concurrency 16)
    under static and in-flight batching: the score requests' own p95 in each;
@@ -34,7 +36,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from loadtest.bench_ranking import MIXED, PATTERNS, Cell, load_workload, measure, request_order
+from loadtest.bench_ranking import MIXED, Cell, load_workload, measure, request_order
+from loadtest.patterns import PATTERNS
 from loadtest.report import machine_info, markdown_table, write_report
 from ranking_server.config import RankingServerConfig
 from loadtest.baselines import STRATEGIES
@@ -55,6 +58,11 @@ RATIOS: dict[str, tuple[Cell, Cell, str]] = {
     "score_vs_generate_latency": (Cell("score", "inflight", 1), Cell("generate", "inflight", 1), "p50_ms"),
     "prefix_reuse_on_vs_off_latency": (Cell("score", "inflight", 1), Cell("score", "inflight", 1, prefix_reuse=False),
                                        "p50_ms"),
+    # issue 12: a user's repeat call runs only its candidates (meaningful with repeats: --pattern zipf)
+    "context_reuse_on_vs_off_latency": (Cell("score", "inflight", 1),
+                                        Cell("score", "inflight", 1, context_reuse=False), "p50_ms"),
+    "context_hit_vs_miss_latency": (Cell("score", "inflight", 1), Cell("score", "inflight", 1),
+                                    ("context_hit_p50_ms", "context_miss_p50_ms")),
     # score requests' own p95 when a share of generate requests runs with them (issue 12 item 4)
     "mixed_inflight_vs_static_score_p95_c16": (Cell(MIXED, "inflight", 16), Cell(MIXED, "static", 16),
                                                "score_p95_ms"),
@@ -69,6 +77,8 @@ GOALS: dict[str, tuple[str, float]] = {
     "inflight_vs_sequential_p95_c16_score": ("<", 1.0),
     "score_vs_generate_latency": ("<=", 0.2),
     "prefix_reuse_on_vs_off_latency": ("<=", 0.7),
+    "context_reuse_on_vs_off_latency": ("<=", 0.5),
+    "context_hit_vs_miss_latency": ("<=", 0.4),
     "mixed_inflight_vs_static_score_p95_c16": ("<=", 0.5),
     RETRIEVAL_RATIO: ("<=", 0.5),
 }
@@ -242,11 +252,12 @@ def round_ratios(runs: dict[Cell, list[dict]], n_rounds: int) -> dict[str, list[
     """Each ratio per round, from the two cells measured in that round."""
     out: dict[str, list[float]] = {}
     for name, (numerator, denominator, metric) in RATIOS.items():
+        top_metric, bottom_metric = metric if isinstance(metric, tuple) else (metric, metric)
         for number in range(n_rounds):
             top = next((r for r in runs.get(numerator, []) if r["round"] == number), None)
             bottom = next((r for r in runs.get(denominator, []) if r["round"] == number), None)
-            if top and bottom and bottom[metric]:
-                out.setdefault(name, []).append(round(top[metric] / bottom[metric], 4))
+            if top and bottom and top.get(top_metric) and bottom.get(bottom_metric):
+                out.setdefault(name, []).append(round(top[top_metric] / bottom[bottom_metric], 4))
     return out
 
 
@@ -255,9 +266,11 @@ def cell_rows(runs: dict[Cell, list[dict]]) -> list[dict]:
     rows = []
     for cell, summaries in runs.items():
         row = {"mode": cell.mode, "strategy": cell.strategy, "concurrency": cell.concurrency,
-               "prefix_reuse": cell.prefix_reuse, "rounds": len(summaries), "requests": summaries[0]["requests"]}
-        for metric in ("throughput_rps", "p50_ms", "p95_ms", "p99_ms", "mean_ms", "mean_batch", *MIXED_METRICS):
-            if metric in MIXED_METRICS and cell.mode != MIXED:
+               "prefix_reuse": cell.prefix_reuse, "context_reuse": cell.prefix_reuse and cell.context_reuse,
+               "rounds": len(summaries), "requests": summaries[0]["requests"]}
+        for metric in ("throughput_rps", "p50_ms", "p95_ms", "p99_ms", "mean_ms", "mean_batch", *MIXED_METRICS,
+                       *CONTEXT_METRICS):
+            if (metric in MIXED_METRICS and cell.mode != MIXED) or not any(metric in s for s in summaries):
                 continue
             values = [s[metric] for s in summaries if s.get(metric) is not None]
             row[metric] = round(statistics.median(values), 4 if metric == "throughput_rps" else 1) if values else None
@@ -273,6 +286,7 @@ def cell_rows(runs: dict[Cell, list[dict]]) -> list[dict]:
 
 
 MIXED_METRICS = ("score_p50_ms", "score_p95_ms", "generate_p50_ms", "generate_p95_ms")
+CONTEXT_METRICS = ("context_hits", "context_misses", "context_hit_p50_ms", "context_miss_p50_ms")
 
 
 def pattern_summary(order: list[int], config: BenchConfig) -> dict:
@@ -314,7 +328,7 @@ def plot(report: dict, out: Path) -> list[str]:
 
     names = []
     for mode in dict.fromkeys(r["mode"] for r in report["cells"] if r["mode"] != MIXED):
-        rows = [r for r in report["cells"] if r["mode"] == mode and r["prefix_reuse"]]
+        rows = [r for r in report["cells"] if r["mode"] == mode and r["prefix_reuse"] and r["context_reuse"]]
         path = Path(out) / f"bench_{mode}.png"
         latency_vs_throughput(rows, f"{mode} mode: latency vs throughput per strategy", path)
         names.append(path.name)
@@ -328,7 +342,7 @@ def markdown(report: dict) -> str:
     before, after, w = report["machine_before"], report["machine_after"], report["workload"]
     rounds = report["config"]["repeats"]
     parts = [
-        "# Benchmark: batching strategies, ranking modes, prefix reuse, retrieval engines",
+        "# Benchmark: batching strategies, ranking modes, prefix and context reuse, retrieval engines",
         f"{before['cpus']} CPUs ({before['processor']}), load average {before['load_average_1_5_15']} before and "
         f"{after['load_average_1_5_15']} after ({before['at']}, {report['seconds']:.0f} s). Numbers taken while "
         f"the machine was busy with other work are not final.",
@@ -349,7 +363,7 @@ def markdown(report: dict) -> str:
     columns = ["strategy", "concurrency", "requests", "throughput_rps", "p50_ms", "p95_ms", "mean_batch",
                "vs_sequential_throughput", "vs_sequential_p95", "vs_rounds", "rounds"]
     for mode in dict.fromkeys(r["mode"] for r in report["cells"] if r["mode"] != MIXED):
-        rows = [r for r in report["cells"] if r["mode"] == mode and r["prefix_reuse"]]
+        rows = [r for r in report["cells"] if r["mode"] == mode and r["prefix_reuse"] and r["context_reuse"]]
         rows.sort(key=lambda r: (r["concurrency"], list(STRATEGIES).index(r["strategy"])))
         plots = [name for name in report["plots"] if name.startswith(f"bench_{mode}")]
         parts += [f"## {mode} mode: one-at-a-time vs static vs in-flight batching",
@@ -368,9 +382,12 @@ def markdown(report: dict) -> str:
                                          "score_p95_ms", "generate_p50_ms", "generate_p95_ms", "rounds"])]
     prefix = [r for r in report["cells"] if r["mode"] == "score" and r["strategy"] == "inflight"
               and r["concurrency"] == 1]
-    if len(prefix) == 2:
-        parts += ["## Shared-prefix KV reuse (score mode, in-flight engine, concurrency 1)",
-                  markdown_table(prefix, ["prefix_reuse", "requests", "p50_ms", "p95_ms", "rounds"])]
+    if len(prefix) >= 2:
+        parts += ["## KV reuse: shared prefix and per-user context (score mode, in-flight engine, concurrency 1)",
+                  "context_hit/miss_p50_ms: within the context-reuse cell, requests whose user's context was cached "
+                  "against those that computed it.",
+                  markdown_table(prefix, ["prefix_reuse", "context_reuse", "requests", "p50_ms", "p95_ms",
+                                          "context_hits", "context_hit_p50_ms", "context_miss_p50_ms", "rounds"])]
     if "utilisation" in report:
         u = report["utilisation"]
         parts += ["## Utilisation: score-mode prefill FLOP/s against this machine's matmul peak (same run)",

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loadtest.patterns import PATTERNS, zipf_weights
 from palr.ranking import MODES
 from ranking_server.engines.base import EngineRequest
 
@@ -98,14 +99,16 @@ class Cell:
     mode: str
     strategy: str
     concurrency: int
-    prefix_reuse: bool = True
+    prefix_reuse: bool = True   # False: no KV reuse at all (neither the shared prefix nor user contexts)
+    context_reuse: bool = True  # False: the shared prefix only (per-user context KV cache off)
 
     @property
     def key(self) -> str:
-        return f"{self.mode}/{self.strategy}/c{self.concurrency}" + ("" if self.prefix_reuse else "/no-prefix-reuse")
+        reuse = "" if not self.prefix_reuse else ("" if self.context_reuse else "/no-context-reuse")
+        return f"{self.mode}/{self.strategy}/c{self.concurrency}" + ("" if self.prefix_reuse else "/no-prefix-reuse") \
+            + reuse
 
 
-PATTERNS = ("uniform", "zipf")
 MIXED = "mixed"
 
 
@@ -120,10 +123,7 @@ def request_order(users: int, n: int, pattern: str = "uniform", exponent: float 
         return [i % users for i in range(n)]
     if pattern != "zipf":
         raise ValueError(f"unknown request pattern {pattern!r}; choose from {', '.join(PATTERNS)}")
-    if exponent <= 0:
-        raise ValueError(f"the Zipf exponent must be > 0, got {exponent}")
-    weights = [1.0 / (k ** exponent) for k in range(1, users + 1)]
-    return random.Random(seed).choices(range(users), weights=weights, k=n)
+    return random.Random(seed).choices(range(users), weights=zipf_weights(users, exponent), k=n)
 
 
 def mixed_modes(n: int, generate_share: float) -> list[str]:
@@ -150,12 +150,28 @@ def measure(cell: Cell, workload: Workload, engine_config, requests: int, order:
         raise ValueError(f"request order of {len(users)} requests for a cell of {n}")
     modes = mixed_modes(n, generate_share) if cell.mode == MIXED else [cell.mode] * n
     batch = [workload.requests[m][u % len(workload.requests[m])] for m, u in zip(modes, users)]
-    config = dataclasses.replace(engine_config, prefix_reuse=cell.prefix_reuse)
+    context = engine_config.context_cache_mb if cell.prefix_reuse and cell.context_reuse else 0.0
+    config = dataclasses.replace(engine_config, prefix_reuse=cell.prefix_reuse, context_cache_mb=context)
     result = run_strategy(cell.strategy, workload.model, batch, cell.concurrency, config, warmup=1)
     summary = {**result.summary(), "requests": n, "p99_ms": round(result.percentile_ms(99), 1)}
     if cell.mode == MIXED:
         summary.update(per_mode(result.latencies_ms if not result.errors else None, modes))
+    if context and not result.errors:
+        summary.update(context_split(result, batch))
     return summary
+
+
+def context_split(result, batch: list[EngineRequest]) -> dict:
+    """p50 of the requests that found their user's context cached (hits) and of those that computed it
+    (misses), within one cell: what a hit saves, measured side by side."""
+    import numpy as np
+
+    hits = [c > len(r.prefix_ids) for c, r in zip(result.cached_tokens, batch)]
+    out = {"context_hits": sum(hits), "context_misses": len(hits) - sum(hits)}
+    for name, wanted in (("hit", True), ("miss", False)):
+        values = [x for x, h in zip(result.latencies_ms, hits) if h == wanted]
+        out[f"context_{name}_p50_ms"] = round(float(np.percentile(values, 50)), 1) if values else None
+    return out
 
 
 def per_mode(latencies_ms: list[float] | None, modes: list[str]) -> dict:

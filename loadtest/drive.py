@@ -37,6 +37,7 @@ class DriveResult:
     latencies_ms: list[float]
     errors: dict[str, int] = field(default_factory=dict)
     stats: EngineStats | None = None
+    cached_tokens: list[int] = field(default_factory=list)  # per answered request, aligned with latencies_ms
 
     @property
     def throughput_rps(self) -> float:
@@ -60,6 +61,7 @@ async def drive(engine: RankingEngine, requests: Sequence[EngineRequest], concur
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
     latencies: list[float | None] = [None] * len(requests)
+    cached: list[int] = [0] * len(requests)
     errors: Counter[str] = Counter()
     order = iter(range(len(requests)))
 
@@ -68,17 +70,19 @@ async def drive(engine: RankingEngine, requests: Sequence[EngineRequest], concur
             request = dataclasses.replace(requests[i], request_id=f"{requests[i].request_id}#{i}")
             started = time.perf_counter()
             try:
-                await engine.rank(request)
+                result = await engine.rank(request)
             except Exception as e:  # noqa: BLE001 - counted, the run goes on
                 errors[type(e).__name__] += 1
                 continue
             latencies[i] = 1e3 * (time.perf_counter() - started)
+            cached[i] = result.cached_tokens
 
     started = time.perf_counter()
     await asyncio.gather(*(caller() for _ in range(concurrency)))
     wall = time.perf_counter() - started
-    return DriveResult(strategy or engine.name, concurrency, wall, [x for x in latencies if x is not None],
-                       dict(errors), engine.stats())
+    answered = [i for i, x in enumerate(latencies) if x is not None]
+    return DriveResult(strategy or engine.name, concurrency, wall, [latencies[i] for i in answered],
+                       dict(errors), engine.stats(), [cached[i] for i in answered])
 
 
 def run_strategy(strategy: str, model, requests: Sequence[EngineRequest], concurrency: int,

@@ -30,6 +30,7 @@ from locust import events, task
 from locust.runners import WorkerRunner
 
 from loadtest.grpc_user import GrpcUser
+from loadtest.patterns import PATTERNS, zipf_weights
 from loadtest.slo import SloError, SloProfile, gate
 from palr.serving import tracing
 from palr.bundle import Bundle, BundleError
@@ -54,6 +55,11 @@ def add_options(parser) -> None:
                        help="fraction of Recommend calls in generate mode; the rest use score mode")
     group.add_argument("--cold-start-share", type=float, default=0.0,
                        help="fraction of calls for user ids the bundle does not know (popularity answers)")
+    group.add_argument("--user-pattern", default="uniform", choices=PATTERNS,
+                       help="which known user each call is for: uniform, or zipf (a few users come back often, as "
+                            "refreshing feeds do: what the ranking engine's per-user context cache serves)")
+    group.add_argument("--zipf-exponent", type=float, default=1.1,
+                       help="--user-pattern zipf: P(user of rank k) ~ 1/k^exponent")
     group.add_argument("--k", type=int, default=10, help="items per Recommend answer")
     group.add_argument("--candidates", type=int, default=0,
                        help="retrieved candidates the LLM ranks per Recommend (0: the server's default)")
@@ -89,25 +95,38 @@ class Traffic:
     deadlines_s: dict[str, float]
     think_time_s: float
     degraded_ok: bool
+    user_weights: list[float] | None = None  # --user-pattern zipf (None: uniform)
 
     @classmethod
     def from_options(cls, options) -> "Traffic":
         for name in ("retrieve_share", "generate_share", "cold_start_share"):
             if not 0 <= getattr(options, name) <= 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(options, name)}")
-        return cls(users=bundle_users(Path(options.bundle)), retrieval_host=options.retrieval_host,
+        users = bundle_users(Path(options.bundle))
+        return cls(users=users, retrieval_host=options.retrieval_host,
                    retrieve_share=options.retrieve_share, generate_share=options.generate_share,
                    cold_start_share=options.cold_start_share, k=options.k, candidates=options.candidates,
                    retrieve_k=options.retrieve_k,
                    deadlines_s={"score": options.score_deadline_ms / 1e3,
                                 "generate": options.generate_deadline_ms / 1e3,
                                 "retrieve": options.retrieve_deadline_ms / 1e3},
-                   think_time_s=options.think_time_ms / 1e3, degraded_ok=options.degraded_ok)
+                   think_time_s=options.think_time_ms / 1e3, degraded_ok=options.degraded_ok,
+                   user_weights=user_weights(users, options.user_pattern, options.zipf_exponent))
 
     def user_id(self) -> str:
         if self.cold_start_share and random.random() < self.cold_start_share:
             return f"locust-new-{uuid.uuid4().hex[:8]}"
+        if self.user_weights:
+            return random.choices(self.users, weights=self.user_weights)[0]
         return random.choice(self.users)
+
+
+def user_weights(users: list[str], pattern: str, exponent: float) -> list[float] | None:
+    """Weights of the users in their (shuffled once, seeded) order: Zipf over that order, or None."""
+    if pattern == "uniform":
+        return None
+    random.Random(0).shuffle(users)
+    return zipf_weights(len(users), exponent)
 
 
 def bundle_users(bundle_dir: Path) -> list[str]:
@@ -161,8 +180,10 @@ def load_traffic(environment, **_kwargs) -> None:
     TRAFFIC = traffic = Traffic.from_options(environment.parsed_options)
     endpoint = getattr(environment.parsed_options, "otlp_endpoint", "")
     TRACER = tracing.tracer(tracing.tracer_provider("locust", endpoint), "locust") if endpoint else None
-    log.info("traffic: %d users from %s; Retrieve %.0f%%, Recommend generate %.0f%% / score %.0f%%; SLO %s",
-             len(traffic.users), environment.parsed_options.bundle, 100 * traffic.retrieve_share,
+    options = environment.parsed_options
+    pattern = f"zipf (exponent {options.zipf_exponent:g})" if traffic.user_weights else "uniform"
+    log.info("traffic: %d users from %s, %s; Retrieve %.0f%%, Recommend generate %.0f%% / score %.0f%%; SLO %s",
+             len(traffic.users), options.bundle, pattern, 100 * traffic.retrieve_share,
              100 * traffic.generate_share, 100 * (1 - traffic.generate_share), SLO.path if SLO else "none")
 
 

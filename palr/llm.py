@@ -162,34 +162,45 @@ def label_log_probs(label_logits: torch.Tensor) -> list[float]:
 
 
 def pick_allowed(allowed: Sequence[int], allowed_logits: torch.Tensor, constraint: DecodingConstraint,
-                 bias: Sequence[float] | None = None) -> int:
-    """Greedy choice under the constraint: argmax of logit + bias over `allowed` (first on ties).
+                 bias: Sequence[float] | None = None, logit_weight: float = 1.0) -> int:
+    """Greedy choice under the constraint: argmax of logit_weight * logit + bias over `allowed` (first on
+    ties). `logit_weight`: how much the model's own next-token logits count against the bias (the ranker's
+    `generate_logit_weight`, fit on validation).
 
     allowed_logits: `[A]`, the logits of `allowed` (= `constraint.allowed_tokens()`). Shared by the
     reference and the engines so they agree exactly."""
     if not allowed:
         raise ValueError("the constraint allows no token (it is done)")
-    scores = allowed_logits.float()  # [A]
+    scores = allowed_logits.float() * logit_weight  # [A]
     if bias is not None:
         scores = scores + torch.tensor(constraint.token_bias(bias), device=scores.device)
     return int(allowed[int(torch.argmax(scores))])
 
 
 def pick_token(logits: torch.Tensor, constraint: DecodingConstraint,
-               bias: Sequence[float] | None = None) -> int:
+               bias: Sequence[float] | None = None, logit_weight: float = 1.0) -> int:
     """`pick_allowed` on full next-token logits `[V]`."""
     allowed = constraint.allowed_tokens()
     index = torch.as_tensor(allowed, dtype=torch.long, device=logits.device)
-    return pick_allowed(allowed, logits[index], constraint, bias)
+    return pick_allowed(allowed, logits[index], constraint, bias, logit_weight)
 
 
 def score_candidates(model, input_ids: Sequence[int], readout: Readout,
                      prefix: PrefixKV | None = None) -> list[float]:
     """Score mode: one forward pass; each candidate's readout logit (a label after the prompt, or the score
     row at the candidate's own last token), log-softmax over the candidates. Candidate order."""
-    _check_tokens(model, readout.tokens)
+    return label_log_probs(torch.tensor(read_prompt(model, input_ids, [readout], prefix)[0]))
+
+
+def read_prompt(model, input_ids: Sequence[int], readouts: Sequence[Readout],
+                prefix: PrefixKV | None = None) -> list[list[float]]:
+    """One forward pass over the prompt; the raw logits of each readout (e.g. the candidate readout and the
+    labels after the prompt, which generate mode decodes from)."""
+    for readout in readouts:
+        _check_tokens(model, readout.tokens)
     hidden, _, start = _prefill(model, input_ids, prefix)
-    return label_log_probs(readout_logits(model.get_output_embeddings(), hidden, start, readout))
+    head = model.get_output_embeddings()
+    return [readout_logits(head, hidden, start, readout).tolist() for readout in readouts]
 
 
 def score_labels(model, input_ids: Sequence[int], label_token_ids: Sequence[int],
@@ -201,7 +212,7 @@ def score_labels(model, input_ids: Sequence[int], label_token_ids: Sequence[int]
 @torch.inference_mode()
 def generate_constrained(model, input_ids: Sequence[int], constraint: DecodingConstraint,
                          bias: Sequence[float] | None = None, prefix: PrefixKV | None = None,
-                         readout: Readout | None = None) -> list[int]:
+                         readout: Readout | None = None, logit_weight: float = 1.0) -> list[int]:
     """Generate mode: greedy decoding under `constraint` with the KV cache, until it is done. With a
     `readout` (candidate-readout rankers), each candidate's readout logit from the same prefill joins its
     bias (`palr.ranking.decoding_bias`), as the ranker was trained.
@@ -214,7 +225,7 @@ def generate_constrained(model, input_ids: Sequence[int], constraint: DecodingCo
     logits = head(hidden[-1]).float()  # [V]
     device = model_device(model)
     while True:
-        token = pick_token(logits, constraint, bias)
+        token = pick_token(logits, constraint, bias, logit_weight)
         constraint.advance(token)
         if constraint.done:
             return constraint.emitted()

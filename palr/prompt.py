@@ -121,6 +121,7 @@ class PromptParts:
     label_token_ids: list[int]  # one per candidate, in candidate order ([] for RECOMMEND)
     candidate_line_ids: list[list[int]]  # each candidate's title line after its label, "\n" included
     readout: Readout | None = None  # what score mode reads (RETRIEVAL only)
+    context_len: int = 0  # suffix tokens before the candidates (profile, history): the same on a user's calls
 
     @property
     def input_ids(self) -> list[int]:
@@ -262,6 +263,7 @@ class PalrPrompt:
         prefix = self.prefix_ids(RETRIEVAL)
         lines = [self.title_line_ids(c) for c in candidates]
         suffix = self._context_ids(profile, history) + self._ids("Candidates:") + self._newline
+        context_len = len(suffix)
         ends = []
         for c, (label, item) in enumerate(zip(labels, candidates)):
             suffix += [label] + self.item_ids(item, self.settings.candidate_years)
@@ -274,7 +276,7 @@ class PalrPrompt:
             readout = Readout(tuple(ends), (self.vocabulary.score_token,) * len(candidates))
         else:
             readout = Readout((len(prefix) + len(suffix) - 1,) * len(candidates), tuple(labels))
-        return PromptParts(prefix, suffix, labels, lines, readout)
+        return PromptParts(prefix, suffix, labels, lines, readout, context_len)
 
     def recommend(self, profile: str, history: Sequence[Title]) -> PromptParts:
         """Recommend: name the next items (no candidates). Training only."""

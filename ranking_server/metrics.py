@@ -13,6 +13,8 @@ Engine (read from `engine.stats()` at every scrape, so they cost nothing per req
     ranking_engine_tokens_per_second        tokens run per second of engine busy time (since start)
     ranking_engine_tokens{kind}             prompt | cached (prefix KV reused) | generated, counters
     ranking_engine_requests{outcome}        completed | failed | aborted | rejected, counters
+    ranking_engine_context_cache{event}     hit | miss | evict of the per-user context KV cache, counters
+    ranking_engine_context_cache_bytes      memory the cached user contexts hold
     ranking_engine_steps, ranking_engine_busy_seconds, ranking_engine_mean_batch_size,
     ranking_engine_healthy
 """
@@ -73,6 +75,15 @@ class EngineCollector:
         for outcome in ("completed", "failed", "aborted", "rejected"):
             requests.add_metric([outcome], getattr(stats, outcome))
         yield requests
+        cache = CounterMetricFamily("ranking_engine_context_cache", "per-user context KV cache: requests that found "
+                                    "their context (hit), that computed it (miss), contexts dropped (evict)",
+                                    labels=["event"])
+        for event, value in (("hit", stats.context_hits), ("miss", stats.context_misses),
+                             ("evict", stats.context_evictions)):
+            cache.add_metric([event], value)
+        yield cache
+        yield GaugeMetricFamily("ranking_engine_context_cache_bytes", "memory the cached user contexts hold",
+                                value=stats.context_bytes)
         yield CounterMetricFamily("ranking_engine_steps", "engine iterations that ran the model", value=stats.steps)
         yield CounterMetricFamily("ranking_engine_busy_seconds", "time the engine spent running steps",
                                   value=stats.busy_s)

@@ -51,6 +51,7 @@ class PromptBuilder:
         self.trends = trends
         self.trend_bias = ranker.get("trend_bias")  # the head's learned bias per trend bucket (None: none)
         self.generate_format = ranker["generate_format"]
+        self.generate_logit_weight = float(ranker.get("generate_logit_weight", 1.0))
         self.catalog = catalog
         self.stored_profiles = stored_profiles
         self.stats_profiler = StatsProfiler(catalog)
@@ -109,13 +110,14 @@ class PromptBuilder:
         k = min(plan.k, len(candidates))
         if plan.mode == "score":
             request = EngineRequest(engine_id, parts.prefix_ids, parts.suffix_ids, parts.label_token_ids, "score", k,
-                                    readout=readout)
+                                    readout=readout, context_len=parts.context_len)
         else:
             request = EngineRequest(engine_id, parts.prefix_ids, parts.suffix_ids, parts.label_token_ids, "generate",
                                     k, bias=generation_bias(retrieval_scores, self.fusion_weight, bias),
                                     constraint=functools.partial(answer_constraint, self.generate_format,
                                                                  parts.label_token_ids, parts.candidate_line_ids, k),
-                                    readout=readout)
+                                    readout=readout, context_len=parts.context_len,
+                                    logit_weight=self.generate_logit_weight)
         return RankingJob(request, bias)
 
     def ranking(self, result: EngineResult, retrieval_scores: Sequence[float], k: int,

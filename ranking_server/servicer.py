@@ -188,7 +188,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         tracing.add_stage_spans(self.tracer, submitted_ns, result.timings, {
             "request.id": plan.request_id, "ranking.mode": plan.mode, "llm.prompt_tokens": result.prompt_tokens,
             "llm.cached_tokens": result.cached_tokens, "llm.generated_tokens": result.generated_tokens,
-            "llm.candidates": len(retrieved.items)})
+            "llm.candidates": len(retrieved.items), "llm.batch_size": result.batch_size})
         return Answer(ranking=self.prompts.ranking(result, retrieved.scores, k, job.candidate_bias),
                       queue_ms=result.timings.queue_ms, ranking_ms=waited_ms - result.timings.queue_ms)
 

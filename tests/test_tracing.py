@@ -69,6 +69,7 @@ def test_one_recommend_is_one_trace_across_both_servers(traced, tiny_llm_bundle)
         assert span.parent.span_id == root.context.span_id
         assert span.attributes["request.id"].startswith("traced-1")
         assert span.attributes["ranking.mode"] == "score" and span.attributes["llm.prompt_tokens"] > 0
+        assert span.attributes["llm.batch_size"] >= 1, "the running batch the request was part of"
     queue, prefill = by_name["engine.queue"][0], by_name["engine.prefill"][0]
     assert queue.end_time == prefill.start_time <= prefill.end_time
 

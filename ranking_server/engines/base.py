@@ -40,15 +40,18 @@ class InvalidRequest(EngineError, ValueError):
 @dataclass(frozen=True)
 class EngineRequest:
     """One ranking request on token ids. The prompt is `prefix_ids + suffix_ids`; `prefix_ids` is the
-    instruction preamble shared by all requests (its KV is reused), `suffix_ids` this user's part.
+    instruction preamble shared by all requests (its KV is reused), `suffix_ids` this user's part, whose
+    first `context_len` tokens are the user's context (profile + history: its KV may be kept for the
+    user's next call), the rest the candidates.
 
     mode "score": one forward pass, a log-probability per candidate: the log-softmax over the candidates of
     their `readout` logits (`palr.prompt.Readout`: token and prompt position per candidate; None = each
     label's logit after the prompt).
     mode "generate": the model names `k` distinct candidates in order, under `constraint()` (default:
     `LabelConstraint(label_token_ids, k)`), with `bias` (one additive logit per candidate) applied to
-    the token that starts each candidate; with a `readout` (candidate-readout rankers) each candidate's
-    readout logit from the same prefill joins its bias (`palr.ranking.decoding_bias`).
+    the token that starts each candidate, the model's logits weighted by `logit_weight`; with a `readout`
+    (candidate-readout rankers) each candidate's readout logit from the same prefill joins its bias
+    (`palr.ranking.decoding_bias`).
     """
 
     request_id: str
@@ -60,10 +63,17 @@ class EngineRequest:
     bias: Sequence[float] | None = None
     constraint: Callable[[], DecodingConstraint] | None = field(default=None, compare=False)
     readout: Readout | None = None
+    context_len: int = 0
+    logit_weight: float = 1.0  # generate mode: weight of the model's own logits against the bias
 
     @property
     def input_ids(self) -> list[int]:
         return [*self.prefix_ids, *self.suffix_ids]
+
+    @property
+    def context_key(self) -> tuple[int, ...]:
+        """The prompt up to the end of the user's context: what a context KV cache is keyed by."""
+        return tuple(int(t) for t in (*self.prefix_ids, *self.suffix_ids[:self.context_len]))
 
     def score_readout(self) -> Readout:
         """What score mode reads: the request's readout, or each label after the prompt."""
@@ -79,6 +89,9 @@ class EngineRequest:
             raise InvalidRequest(f"mode must be one of {MODES}, got {self.mode!r}")
         if not self.suffix_ids:
             raise InvalidRequest("suffix_ids is empty: the prompt must end with the request's own tokens")
+        if not 0 <= self.context_len < len(self.suffix_ids):
+            raise InvalidRequest(f"context_len must be between 0 and {len(self.suffix_ids) - 1} (the candidates "
+                                 f"follow the context), got {self.context_len}")
         labels = list(self.label_token_ids)
         if not labels:
             raise InvalidRequest("label_token_ids is empty: there is no candidate to rank")
@@ -107,11 +120,12 @@ class EngineRequest:
         readout = self.readout
         if len(readout) != candidates:
             raise InvalidRequest(f"readout has {len(readout)} entries for {candidates} candidates")
-        start, end = len(self.prefix_ids), len(self.prefix_ids) + len(self.suffix_ids)
+        start = len(self.prefix_ids) + self.context_len
+        end = len(self.prefix_ids) + len(self.suffix_ids)
         outside = [p for p in readout.positions if not start <= int(p) < end]
         if outside:
             raise InvalidRequest(f"readout positions {outside[:5]} are outside the request's own tokens "
-                                 f"[{start}, {end}) (never in the shared prefix)")
+                                 f"[{start}, {end}) (never in the shared prefix or the user's context)")
         bad = [t for t in readout.tokens if not 0 <= int(t) < vocab_size]
         if bad:
             raise InvalidRequest(f"readout token ids {bad[:5]} are outside the vocabulary (size {vocab_size})")
@@ -141,6 +155,7 @@ class EngineResult:
     cached_tokens: int      # prompt tokens whose KV came from the shared-prefix cache
     generated_tokens: int
     timings: EngineTimings
+    batch_size: int = 0     # most requests in the engine's running batch while this one ran (0: not known)
 
 
 @dataclass
@@ -157,7 +172,11 @@ class EngineStats:
     rejected: int = 0                # EngineOverloaded
     steps: int = 0                   # engine iterations that ran the model
     prompt_tokens: int = 0           # prompt tokens run through the model (cached prefix excluded)
-    cached_tokens: int = 0           # prompt tokens served from the prefix cache
+    cached_tokens: int = 0           # prompt tokens served from the prefix or context cache
+    context_hits: int = 0            # requests whose user context KV was cached
+    context_misses: int = 0          # requests with a context that was not (it is stored when computed)
+    context_evictions: int = 0       # contexts dropped to stay within --context-cache-mb
+    context_bytes: int = 0           # memory the cached contexts hold now
     generated_tokens: int = 0
     busy_s: float = 0.0              # time spent running steps
     max_active: int = 0              # highest concurrent batch seen

@@ -28,6 +28,9 @@ class EngineConfig:
     prefix_reuse: bool = field(default=True, metadata={
         "help": "compute the shared instruction prefix's KV once and reuse it for every request"})
     prefix_cache_size: int = field(default=4, metadata={"help": "distinct shared prefixes kept (LRU)"})
+    context_cache_mb: float = field(default=256.0, metadata={
+        "help": "memory for the KV of recent users' contexts (profile + history, keyed by their exact token ids; "
+                "LRU): a user's repeat call computes only its candidates (0: off)"})
     threads: int = field(default=0, metadata={"help": "torch threads of the engine (0 = torch's default)"})
 
     def __post_init__(self) -> None:
@@ -37,7 +40,7 @@ class EngineConfig:
         for name in ("max_batch_size", "max_tokens_per_step", "max_seq_len", "prefix_cache_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_queue", "threads"):
+        for name in ("max_queue", "threads", "context_cache_mb"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_tokens_per_step < self.max_batch_size:

@@ -1,8 +1,10 @@
 """`hf` engine: the transformers model with in-flight (continuous) batching, CPU and CUDA.
 
 One engine thread runs the scheduler. Every step it
-  1. admits waiting requests into free slots (up to `max_batch_size`), copying the shared prefix's KV
-     from a small LRU when it has it (`prefix_reuse`), so only the rest of the prompt is run;
+  1. admits waiting requests into free slots (up to `max_batch_size`), copying the longest cached start
+     of the prompt into the slot: the user's context (profile + history, an LRU bounded by
+     `context_cache_mb`: a user's repeat call runs only its candidates), else the shared instruction
+     prefix (`prefix_reuse`); what was not cached is stored once the slot has computed it;
   2. runs ONE batched decode pass for every request that is generating (one token each);
   3. spends what is left of `max_tokens_per_step` on prompt chunks of requests still prefilling
      (long prompts are chunked, so decodes keep flowing while a new prompt goes in);
@@ -24,7 +26,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+import dataclasses
+from dataclasses import dataclass, field
 
 import torch
 
@@ -49,8 +52,8 @@ class Row:
     slot: int
     todo: list[int]                # prompt tokens not yet in the KV cache
     length: int = 0                # tokens in the KV cache
-    cached: int = 0                # prompt tokens copied from the prefix cache
-    snapshot_at: int = 0           # store the prefix KV once `length` reaches this (0: no)
+    cached: int = 0                # prompt tokens copied from the prefix or context cache
+    snapshots: list = field(default_factory=list)  # (length, key, cache): store the KV once `length` reaches it
     next_token: int | None = None  # generate mode: the token to feed next
     generated: int = 0
     readout: Readout | None = None     # what score mode reads (positions in the prompt)
@@ -60,6 +63,11 @@ class Row:
     @property
     def constraint(self) -> DecodingConstraint | None:
         return self.pending.constraint
+
+
+def kv_bytes(layers) -> int:
+    """Memory of one stored KV (per layer: keys, values)."""
+    return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in layers)
 
 
 class HFEngine(LoopEngine):
@@ -77,6 +85,7 @@ class HFEngine(LoopEngine):
         self.device = model_device(model)
         self.kv = SlotKVCache(model.config, config.max_batch_size, config.max_seq_len, model.dtype, self.device)
         self.prefixes = LRU(config.prefix_cache_size)
+        self.contexts = LRU(config.context_cache_mb * 2 ** 20, weigh=kv_bytes)
         self._slots: list[Row] = []        # index = slot; [0, n_decoding) are generating
         self._n_decoding = 0
         self._by_id: dict[str, Row] = {}
@@ -135,15 +144,27 @@ class HFEngine(LoopEngine):
                   bias=list(request.bias) if request.bias is not None else None)
         self._slots.append(row)
         self._by_id[pending.request_id] = row
-        key = tuple(int(t) for t in request.prefix_ids)
-        if self.config.prefix_reuse and key:
-            stored = self.prefixes.get(key)
+        for key, cache in self._reusable_starts(request):  # the longest first
+            stored = cache.get(key)
             if stored is not None:
                 self.kv.write_prefix(row.slot, stored)
                 row.length = row.cached = len(key)
-                row.todo = [int(t) for t in request.suffix_ids]
-            else:
-                row.snapshot_at = len(key)
+                row.todo = request.input_ids[len(key):]
+                break
+            row.snapshots.append((len(key), key, cache))
+
+    def _reusable_starts(self, request) -> list[tuple[tuple[int, ...], LRU]]:
+        """(prompt start, its cache), longest first: the user's context, the shared prefix."""
+        starts = []
+        if self.config.context_cache_mb and request.context_len:
+            starts.append((request.context_key, self.contexts))
+        if self.config.prefix_reuse and request.prefix_ids:
+            starts.append((tuple(int(t) for t in request.prefix_ids), self.prefixes))
+        return starts
+
+    def stats(self):
+        return dataclasses.replace(super().stats(), context_hits=self.contexts.hits, context_misses=self.contexts.misses,
+                                   context_evictions=self.contexts.evictions, context_bytes=int(self.contexts.weight))
 
     def _swap(self, i: int, j: int) -> None:
         if i == j:
@@ -242,7 +263,7 @@ class HFEngine(LoopEngine):
     def _emit(self, row: Row, allowed: list[int], allowed_logits: torch.Tensor) -> None:
         """Pick the row's next token under its constraint; finish it when the constraint is done."""
         try:
-            token = pick_allowed(allowed, allowed_logits, row.constraint, row.bias)
+            token = pick_allowed(allowed, allowed_logits, row.constraint, row.bias, row.pending.request.logit_weight)
             row.constraint.advance(token)
         except Exception as e:  # noqa: BLE001 - a bad constraint fails its own request only
             self._fail_rows([row], e, "constrained decoding")
@@ -270,11 +291,11 @@ class HFEngine(LoopEngine):
             self._read(row, hidden[i, :n], row.length)
             row.todo = row.todo[n:]
             row.length += n
-            if row.snapshot_at and row.length >= row.snapshot_at:
-                key = tuple(int(t) for t in row.pending.request.prefix_ids)
-                if self.prefixes.get(key) is None:
-                    self.prefixes.put(key, self.kv.read_prefix(row.slot, row.snapshot_at))
-                row.snapshot_at = 0
+            for snapshot in [s for s in row.snapshots if row.length >= s[0]]:
+                at, key, cache = snapshot
+                if key not in cache:
+                    cache.put(key, self.kv.read_prefix(row.slot, at))
+                row.snapshots.remove(snapshot)
         for i, (row, n) in enumerate(group):
             if not row.todo:
                 self._prompt_done(row, hidden[i, n - 1])

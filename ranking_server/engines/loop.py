@@ -47,6 +47,7 @@ class Pending:
     submitted: float = field(default_factory=time.perf_counter)
     admitted: float = 0.0
     prefilled: float = 0.0
+    peak_batch: int = 0  # most requests in the running batch in a step this request took part in
 
     @property
     def request_id(self) -> str:
@@ -218,6 +219,8 @@ class LoopEngine(RankingEngine):
             self._max["active"] = max(self._max["active"], record.held)
             self._max["step_tokens"] = max(self._max["step_tokens"], record.tokens)
             self.step_log.append(record)
+            for pending in self._running.values():
+                pending.peak_batch = max(pending.peak_batch, record.held)
 
     def _count(self, **amounts: int) -> None:
         with self._cv:
@@ -227,10 +230,12 @@ class LoopEngine(RankingEngine):
                 cached_tokens: int, generated_tokens: int) -> None:
         now = time.perf_counter()
         request = pending.request
+        with self._cv:  # the batch of the step finishing it: everything still admitted now
+            batch = max(pending.peak_batch, len(self._running))
         result = EngineResult(request.request_id, request.mode, order, scores,
                               prompt_tokens=len(request.prefix_ids) + len(request.suffix_ids),
                               cached_tokens=cached_tokens, generated_tokens=generated_tokens,
-                              timings=pending.timings(now))
+                              timings=pending.timings(now), batch_size=batch)
         self._count(completed=1)
         self._deliver(pending, result, None)
 

@@ -15,8 +15,9 @@ requests that joined at different times with per-token control (its `Engine` con
 takes only grammars, which cannot say "each label at most once"), so batching here buys fairness,
 not throughput.
 
-Prefix reuse: an idle generator keeps its KV cache. A request whose shared prefix is what that
-cache starts with rewinds to it (`Generator.rewind_to`) and runs only its own suffix.
+Prefix and context reuse: an idle generator keeps its KV cache. A request whose user context (prefix +
+profile + history: a repeat call of the same user) or shared prefix is what that cache starts with
+rewinds to it (`Generator.rewind_to`) and runs only the rest.
 """
 
 from __future__ import annotations
@@ -105,10 +106,14 @@ class OrtGenaiEngine(LoopEngine):
 
     def _admit(self, pending: Pending) -> None:
         request = pending.request
-        prefix = [int(t) for t in request.prefix_ids] if self.config.prefix_reuse else []
+        starts = []  # cached starts worth finding, longest first
+        if self.config.context_cache_mb and request.context_len:
+            starts.append(list(request.context_key))
+        if self.config.prefix_reuse and request.prefix_ids:
+            starts.append([int(t) for t in request.prefix_ids])
         try:
-            slot = self._generator_for(prefix)
-            cached = slot.start(prefix)
+            slot, start = self._generator_for(starts)
+            cached = slot.start(start)
         except Exception as e:  # noqa: BLE001 - a generator that cannot start fails this request only
             log.exception("ortgenai: cannot start a generator")
             self._fail(pending, EngineError(f"ortgenai generator: {e!r}"))
@@ -118,15 +123,17 @@ class OrtGenaiEngine(LoopEngine):
                                     readout=readout, read=[None] * len(readout) if readout is not None else None,
                                     bias=list(request.bias) if request.bias is not None else None))
 
-    def _generator_for(self, prefix: list[int]) -> GeneratorSlot:
-        """An idle generator whose cache starts with `prefix`, else any idle one, else a new one."""
-        for i, slot in enumerate(self._idle):
-            if prefix and slot.tokens[:len(prefix)] == prefix:
-                return self._idle.pop(i)
+    def _generator_for(self, starts: list[list[int]]) -> tuple[GeneratorSlot, list[int]]:
+        """An idle generator whose cache starts with the longest of `starts` (and that start), else any idle
+        one, else a new one."""
+        for start in starts:
+            for i, slot in enumerate(self._idle):
+                if slot.tokens[:len(start)] == start:
+                    return self._idle.pop(i), start
         if self._idle:
-            return self._idle.pop()
+            return self._idle.pop(), starts[-1] if starts else []
         self._generators += 1
-        return GeneratorSlot(self.model, self.max_seq_len)
+        return GeneratorSlot(self.model, self.max_seq_len), starts[-1] if starts else []
 
     def _leave(self, running: Running, healthy: bool = True) -> None:
         self._active.remove(running)
@@ -180,7 +187,8 @@ class OrtGenaiEngine(LoopEngine):
         constraint = running.pending.constraint
         allowed = constraint.allowed_tokens()
         try:
-            token = pick_allowed(allowed, torch.from_numpy(logits[allowed]), constraint, running.bias)
+            token = pick_allowed(allowed, torch.from_numpy(logits[allowed]), constraint, running.bias,
+                                 running.pending.request.logit_weight)
             constraint.advance(token)
         except Exception as e:  # noqa: BLE001 - a bad constraint fails its own request only
             self._leave(running)

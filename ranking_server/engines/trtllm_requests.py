@@ -49,8 +49,10 @@ class ConstraintLogitsProcessor:
     taken as "before generation".
     """
 
-    def __init__(self, constraint: DecodingConstraint, bias: Sequence[float] | None, end_id: int):
+    def __init__(self, constraint: DecodingConstraint, bias: Sequence[float] | None, end_id: int,
+                 logit_weight: float = 1.0):
         self.constraint = constraint
+        self.logit_weight = float(logit_weight)
         self.bias = [float(b) for b in bias] if bias is not None else None
         self.end_id = int(end_id)
         self._start: int | None = None  # len(token_ids[0]) at the first call
@@ -65,6 +67,8 @@ class ConstraintLogitsProcessor:
             mask = torch.full((logits.shape[-1],), -math.inf, dtype=logits.dtype, device=logits.device)  # [V]
             mask[torch.tensor(allowed, device=logits.device)] = torch.tensor(extra, dtype=logits.dtype,
                                                                              device=logits.device)
+            if self.logit_weight != 1.0:
+                logits *= self.logit_weight
             logits += mask  # broadcast over TensorRT-LLM's leading [beam, 1] dimensions
 
     def catch_up(self, tokens: Sequence[int]) -> None:
@@ -96,7 +100,7 @@ def sampling_kwargs(request: EngineRequest, constraint: DecodingConstraint | Non
     if constraint is None:
         raise EngineError("generate mode needs a constraint (EngineRequest.validate returns it)")
     return {**common, "max_tokens": constraint.max_new_tokens + 1,
-            "logits_processor": ConstraintLogitsProcessor(constraint, request.bias, end_id)}
+            "logits_processor": ConstraintLogitsProcessor(constraint, request.bias, end_id, request.logit_weight)}
 
 
 def label_scores(generation_logits: torch.Tensor, label_token_ids: Sequence[int]) -> list[float]:

@@ -49,3 +49,21 @@ def test_ranker_json_describes_prompt_labels_fusion_and_generate_format(tiny_llm
     assert ranker["generate_format"] in ("titles", "labels") and 1 <= ranker["generate_k"] <= k
     curve = ranker["fusion_validation"]["ndcg@10_by_weight"]  # {weight: validation NDCG@10}
     assert curve[str(ranker["fusion_weight"])] == max(curve.values()), "the best validation weight was kept"
+    generate = ranker["fusion_validation"]["generate_first_step_ndcg@10_by_logit_weight"]
+    assert generate[str(ranker["generate_logit_weight"])] == max(generate.values())
+    assert ranker["trend"] == {"window_days": 30.0, "buckets": 8} and len(ranker["trend_bias"]) == 8
+    assert ranker["prompt"]["readout"] == "candidate" and ranker["item_tokens"]["score_token"] > ranker["item_tokens"]["offset"]
+
+
+def test_generate_logit_weight_is_the_one_whose_first_step_orders_validation_best():
+    """Two candidates, retrieval slightly prefers the first; the label logits prefer the second. Where the
+    second is the target they win a weight > 0; where the first is, generate mode keeps the fused order
+    (weight 0)."""
+    from compile.merge import fit_generate_logit_weight
+
+    reads = [([0.0, 0.0], [0.0, 3.0])]  # (readout logits, label logits) per user
+    scores, biases = [[1.0, 0.9]], [None]
+    weight, curve = fit_generate_logit_weight(reads, scores, biases, [1], 1.0)
+    assert weight == 1.0 and curve[0.0] < curve[1.0]
+    weight, curve = fit_generate_logit_weight(reads, scores, biases, [0], 1.0)
+    assert weight == 0.0 and curve[0.0] > curve[1.0]

@@ -72,3 +72,12 @@ def test_pattern_summary_counts_repeats():
     config = BenchConfig(requests=4, concurrency=[1, 4], pattern="zipf", zipf_exponent=1.5)
     assert pattern_summary([0, 0, 1, 0, 9, 9], config) == {"pattern": "zipf", "distinct_users": 2,
                                                            "repeat_share": 0.5, "zipf_exponent": 1.5}
+
+
+def test_zipf_weights_fall_with_rank():
+    from loadtest.patterns import zipf_weights
+
+    weights = zipf_weights(4, 1.0)
+    assert weights == [1.0, 0.5, 1 / 3, 0.25]
+    with pytest.raises(ValueError, match="exponent"):
+        zipf_weights(3, 0)

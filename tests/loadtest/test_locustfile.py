@@ -97,9 +97,11 @@ def test_generous_slo_passes(servers, tiny_llm_bundle, tmp_path):
     limits = "p50_ms = 600000\np95_ms = 600000\np99_ms = 600000\nmax_error_rate = 0.0\n"
     slo = write(tmp_path / "generous.toml", "max_error_rate = 0.0\n" + "".join(
         f"[rpc.\"{name}\"]\n{limits}" for name in ("Recommend/score", "Recommend/generate", "Retrieve")))
-    run = two_tier_locust(servers, tiny_llm_bundle, slo, tmp_path, seconds=4)
+    run = two_tier_locust(servers, tiny_llm_bundle, slo, tmp_path, "--user-pattern", "zipf", "--zipf-exponent", "1.5",
+                          seconds=4)
     assert run.returncode == 0, run.stdout[-3000:]
     assert "SLO gate passed: 13 limits held" in run.stdout and "BROKEN" not in run.stdout
+    assert "zipf (exponent 1.5)" in run.stdout
     rows = {line.split(",")[1]: line.split(",") for line in (tmp_path / "locust_stats.csv").read_text().splitlines()[1:]}
     assert int(rows["Aggregated"][2]) > 5 and int(rows["Aggregated"][3]) == 0  # requests, failures
 

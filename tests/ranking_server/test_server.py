@@ -172,7 +172,8 @@ class Reference:
         if mode == GENERATE:
             constraint = TitleConstraint(parts.label_token_ids, parts.candidate_line_ids, k)
             emitted = generate_constrained(self.model, parts.input_ids, constraint,
-                                           bias=generation_bias(scores, weight, bias), readout=parts.readout)
+                                           bias=generation_bias(scores, weight, bias), readout=parts.readout,
+                                           logit_weight=self.ranker.get("generate_logit_weight", 1.0))
             return [(ids[p], 1.0 / (r + 1)) for r, p in enumerate(complete_order(emitted, len(ids))[:k])]
         fused = fuse(score_candidates(self.model, parts.input_ids, parts.readout), scores, weight, bias)
         return [(ids[p], fused[p]) for p in order_by_scores(fused)[:k]]

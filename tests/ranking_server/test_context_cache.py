@@ -1,0 +1,142 @@
+"""Per-user context KV reuse in the in-flight engine (issue 12): a user's repeat call finds its context
+(profile + history) cached and runs only its candidates; the answers equal a cold computation's (score and
+generate, candidate readout included); a different context never reuses another's KV; the cache stays
+within its byte bound, evicting the least recently used; it works inside in-flight batching."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from palr.decoding import LabelConstraint  # noqa: E402
+from palr.llm import generate_constrained, load_causal_lm, score_candidates  # noqa: E402
+from palr.prompt import Readout  # noqa: E402
+from ranking_server.engines.base import EngineRequest  # noqa: E402
+from ranking_server.engines.config import EngineConfig  # noqa: E402
+from ranking_server.engines.hf import HFEngine, kv_bytes  # noqa: E402
+from tests.fixtures.engine_workload import label_ids  # noqa: E402
+
+PREFIX = list(range(500, 530))
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama_dir):
+    model, tokenizer = load_causal_lm(tiny_llama_dir)
+    return model, label_ids(tokenizer, 8)
+
+
+def user_request(rid: str, context: list[int], labels: list[int], rng: random.Random, mode: str = "score",
+                 readout: bool = False) -> EngineRequest:
+    """A prompt PREFIX + context + 8 candidate lines of 3 tokens (label, two item tokens)."""
+    candidates = []
+    ends = []
+    for label in labels:
+        candidates += [label, rng.randrange(100, 40000), rng.randrange(100, 40000)]
+        ends.append(len(PREFIX) + len(context) + len(candidates) - 1)
+    suffix = context + candidates + [rng.randrange(100, 40000)]
+    chosen = Readout(tuple(ends), tuple(labels)) if readout else None  # a positional readout (any token rows)
+    return EngineRequest(rid, PREFIX, suffix, labels, mode=mode, k=3, readout=chosen, context_len=len(context))
+
+
+def reference(model, request: EngineRequest):
+    if request.mode == "score":
+        return score_candidates(model, request.input_ids, request.score_readout())
+    return generate_constrained(model, request.input_ids, LabelConstraint(list(request.label_token_ids), request.k),
+                                request.bias, readout=request.readout)
+
+
+def run(engine, requests):
+    async def all_at_once():
+        return await asyncio.gather(*(engine.rank(r) for r in requests))
+    return asyncio.run(all_at_once())
+
+
+def check(model, request, result):
+    want = reference(model, request)
+    if request.mode == "score":
+        assert result.scores == pytest.approx(want, abs=1e-5)
+        assert result.order == sorted(range(len(want)), key=lambda c: -want[c])
+    else:
+        assert result.order == want
+
+
+@pytest.mark.parametrize("readout", [False, True], ids=["label-readout", "candidate-readout"])
+def test_a_repeat_call_computes_only_its_candidates_and_answers_as_a_cold_one(tiny, readout):
+    model, labels = tiny
+    rng = random.Random(0)
+    alice = [rng.randrange(100, 40000) for _ in range(60)]
+    engine = HFEngine(model, EngineConfig(max_batch_size=4, max_tokens_per_step=64))
+    try:
+        first = [user_request("a1", alice, labels, rng, "score", readout)]
+        repeat = [user_request("a2", alice, labels, rng, "score", readout),
+                  user_request("a3", alice, labels, rng, "generate", readout)]
+        cold = run(engine, first)
+        warm = run(engine, repeat)
+        stats = engine.stats()
+    finally:
+        engine.close()
+    for request, result in zip(first + repeat, cold + warm):
+        check(model, request, result)
+    assert cold[0].cached_tokens == 0, "nothing cached before the first call"
+    assert [r.cached_tokens for r in warm] == [len(PREFIX) + len(alice)] * 2, "the repeat calls ran only candidates"
+    assert stats.context_hits == 2 and stats.context_misses == 1
+    assert stats.context_bytes > 0 and stats.cached_tokens == 2 * (len(PREFIX) + len(alice))
+
+
+def test_contexts_are_never_shared_between_users_and_stay_within_the_byte_bound(tiny):
+    model, labels = tiny
+    rng = random.Random(1)
+    users = [[rng.randrange(100, 40000) for _ in range(50)] for _ in range(3)]
+    probe = HFEngine(model, EngineConfig(max_batch_size=1, max_tokens_per_step=256))
+    try:
+        run(probe, [user_request("p", users[0], labels, rng)])
+        one_context = probe.stats().context_bytes
+    finally:
+        probe.close()
+    bound_mb = 1.5 * one_context / 2 ** 20  # room for one context, not two
+    engine = HFEngine(model, EngineConfig(max_batch_size=2, max_tokens_per_step=256, context_cache_mb=bound_mb))
+    try:
+        requests = [user_request(f"u{i}", context, labels, rng) for i, context in enumerate(users)]
+        results = [run(engine, [r])[0] for r in requests]  # one after another: each a different user
+        after_three = engine.stats()
+        again = user_request("u2-again", users[2], labels, rng)
+        hit = run(engine, [again])[0]
+        stats = engine.stats()
+    finally:
+        engine.close()
+    for request, result in zip(requests + [again], results + [hit]):
+        check(model, request, result)
+    assert [r.cached_tokens for r in results] == [0] + [len(PREFIX)] * 2, "only the shared prefix is reused"
+    assert after_three.context_misses == 3 and after_three.context_hits == 0
+    assert after_three.context_evictions == 2 and after_three.context_bytes == one_context <= bound_mb * 2 ** 20
+    assert hit.cached_tokens == len(PREFIX) + len(users[2]) and stats.context_hits == 1, "the newest one stayed"
+
+
+def test_context_reuse_inside_in_flight_batching(tiny):
+    """Two users' calls interleaved in one running batch, prompts chunked: every answer is the reference's,
+    and the repeat calls of each user hit."""
+    model, labels = tiny
+    rng = random.Random(2)
+    contexts = [[rng.randrange(100, 40000) for _ in range(40)] for _ in range(2)]
+    engine = HFEngine(model, EngineConfig(max_batch_size=3, max_tokens_per_step=48))
+    try:
+        warm = run(engine, [user_request(f"w{u}", c, labels, rng) for u, c in enumerate(contexts)])
+        requests = [user_request(f"r{i}", contexts[i % 2], labels, rng, "generate" if i % 3 == 0 else "score",
+                                 readout=i % 2 == 1) for i in range(6)]
+        results = run(engine, requests)
+        stats = engine.stats()
+    finally:
+        engine.close()
+    for request, result in zip(requests, results):
+        check(model, request, result)
+    assert all(r.cached_tokens == len(PREFIX) + 40 for r in results)
+    assert stats.context_hits == 6 and stats.context_misses == 2 and len(warm) == 2
+
+
+def test_kv_bytes_counts_keys_and_values():
+    layers = [(torch.zeros(3, 10, 4), torch.zeros(3, 10, 4))] * 2
+    assert kv_bytes(layers) == 2 * 2 * 3 * 10 * 4 * 4
