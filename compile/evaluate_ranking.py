@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from compile.sft_data import load_corpus
 from palr import metrics
 from palr.bundle import Bundle, fingerprint
 from palr.catalog import Catalog
+from palr.data import sample_users
 from palr.profiles import Profiles
 from palr.ranking import (MODES, calibrated, complete_order, fuse, generation_bias, order_by_scores, target_rank,
                           trend_bias)
@@ -63,10 +63,6 @@ class EvaluateRankingConfig:
 
 def load_ranker(bundle: Bundle) -> dict:
     return json.loads(bundle.path("ranker").read_text())
-
-
-def sample_users(users: list[str], n: int, seed: int) -> list[str]:
-    return sorted(random.Random(seed).sample(users, n)) if 0 < n < len(users) else users
 
 
 def run(config: EvaluateRankingConfig) -> dict:

@@ -194,3 +194,11 @@ def leave_one_out(sequences: dict[str, list[str]], min_length: int = 3) -> Split
             continue
         train[user], valid[user], test[user] = items[:-2], items[-2], items[-1]
     return Split(train=train, valid=valid, test=test, too_short=sorted(too_short))
+
+
+def sample_users(users: list[str], n: int, seed: int) -> list[str]:
+    """`n` of `users` drawn with `seed`, sorted (all of them when n is 0 or not smaller): the evaluation's
+    test-user sample, which the served check (loadtest/served_quality.py) asks the servers for too."""
+    import random
+
+    return sorted(random.Random(seed).sample(users, n)) if 0 < n < len(users) else users

@@ -1,0 +1,146 @@
+"""`python -m loadtest.served_quality --bundle DIR`: the held-out check of the RUNNING system.
+
+Asks the two servers over gRPC, as any caller would, for the test users' recommendations and scores the
+answers against the test split (each user's last item, never seen by any model): NDCG@10 and HR@10 of
+the ranking tier's top 10 (score and generate mode) next to the retrieval tier's own order (its Retrieve
+stream, top 10), over the same users, with paired bootstrap 95 % intervals of the ratios. Users: the same
+seeded sample `compile evaluate --tier ranking` ranks offline, so the two reports compare like with like.
+Also counts answers that are degraded, repeat an item or name one that was not retrieved (invalid).
+
+Starts both servers on free loopback ports (as `make demo` does) unless `--ranking`/`--retrieval` name
+running ones. Writes reports/served_quality.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import grpc
+
+from loadtest.with_servers import TwoTierConfig, two_tier
+from palr import metrics
+from recsys.v1 import ranking_pb2, ranking_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
+
+log = logging.getLogger("served_quality")
+
+MODES = {"score": ranking_pb2.RANKING_MODE_SCORE, "generate": ranking_pb2.RANKING_MODE_GENERATE}
+K = 10
+
+
+@dataclass
+class ServedQualityConfig:
+    bundle: Path = field(default=Path("bundle"), metadata={"help": "bundle the servers serve", "metavar": "DIR"})
+    data: Path = field(default=Path("data/ml-100k"), metadata={
+        "help": "the dataset the bundle was built from (its test split is the answer key)", "metavar": "DIR"})
+    users: int = field(default=500, metadata={"help": "test users asked (0 = all); seeded as compile evaluate"})
+    seed: int = field(default=0, metadata={"help": "seed of the user sample (compile evaluate's default)"})
+    modes: list[str] = field(default_factory=lambda: list(MODES), metadata={"help": "ranking modes asked"})
+    candidates: int = field(default=20, metadata={"help": "num_candidates of each request (the ranker's K)"})
+    concurrency: int = field(default=4, metadata={"help": "callers at once"})
+    deadline: float = field(default=60.0, metadata={"help": "seconds each call may take"})
+    ranking: str = field(default="", metadata={"help": "a running ranking server (HOST:PORT); default: start both"})
+    retrieval: str = field(default="", metadata={"help": "a running retrieval server (HOST:PORT)"})
+    out: Path = field(default=Path("reports"), metadata={"help": "where served_quality.json goes", "metavar": "DIR"})
+
+
+def ask(targets: tuple[str, str], users: list[str], config: ServedQualityConfig) -> list[dict]:
+    """Per user: the retrieval order's and each mode's top-10 item ids, flags and latencies."""
+    ranking_target, retrieval_target = targets
+    with grpc.insecure_channel(ranking_target) as ranking_channel, \
+            grpc.insecure_channel(retrieval_target) as retrieval_channel:
+        ranking = ranking_pb2_grpc.RankingServiceStub(ranking_channel)
+        retrieval = retrieval_pb2_grpc.RetrievalServiceStub(retrieval_channel)
+
+        def one(user: str) -> dict:
+            request = retrieval_pb2.RetrieveRequest(user_id=user, k=config.candidates, request_id=f"quality-{user}-r")
+            candidates = [c.item_id for m in retrieval.Retrieve(request, timeout=config.deadline) for c in m.candidates]
+            row = {"user": user, "retrieval": candidates[:K], "candidates": candidates}
+            for mode in config.modes:
+                started = time.perf_counter()
+                response = ranking.Recommend(ranking_pb2.RecommendRequest(
+                    user_id=user, k=K, mode=MODES[mode], num_candidates=config.candidates,
+                    request_id=f"quality-{user}-{mode}"), timeout=config.deadline)
+                row[mode] = [item.item_id for item in response.items]
+                row[f"{mode}_ms"] = 1e3 * (time.perf_counter() - started)
+                row[f"{mode}_degraded"] = response.degraded
+            return row
+
+        with ThreadPoolExecutor(config.concurrency) as pool:
+            return list(pool.map(one, users))
+
+
+def summarise(rows: list[dict], held_out: dict[str, str], config: ServedQualityConfig) -> dict:
+    def ranks(key: str) -> list[int | None]:
+        return [r[key].index(held_out[r["user"]]) if held_out[r["user"]] in r[key] else None for r in rows]
+
+    retrieval = ranks("retrieval")
+    report = {"users": len(rows), "k": K, "candidates": config.candidates,
+              "retrieval_ndcg@10": metrics.ndcg(retrieval, K), "retrieval_hr@10": metrics.hit_rate(retrieval, K)}
+    base = metrics.per_user_ndcg(retrieval, K)
+    for mode in config.modes:
+        got = ranks(mode)
+        paired = metrics.paired_bootstrap_ratio(metrics.per_user_ndcg(got, K), base)
+        report |= {f"{mode}_ndcg@10": metrics.ndcg(got, K), f"{mode}_hr@10": metrics.hit_rate(got, K),
+                   f"{mode}_vs_retrieval_ndcg@10": round(paired["ratio"], 4),
+                   f"{mode}_vs_retrieval_ndcg@10_ci95": [round(paired["low"], 4), round(paired["high"], 4)],
+                   f"{mode}_degraded": sum(r[f"{mode}_degraded"] for r in rows),
+                   f"{mode}_invalid": sum(len(set(r[mode])) != len(r[mode]) or not set(r[mode]) <= set(r["candidates"])
+                                          for r in rows),
+                   f"{mode}_same_as_retrieval": sum(r[mode] == r["retrieval"] for r in rows),
+                   f"{mode}_p50_ms": round(statistics.median(r[f"{mode}_ms"] for r in rows), 1)}
+    return report
+
+
+def run(config: ServedQualityConfig) -> dict:
+    from palr.corpus import Corpus
+
+    from palr.data import sample_users
+
+    split = Corpus.load(config.data).split
+    users = sample_users(sorted(split.test), config.users, config.seed)  # compile evaluate's sample
+    started = time.perf_counter()
+    if config.ranking and config.retrieval:
+        rows = ask((config.ranking, config.retrieval), users, config)
+    else:
+        with two_tier(TwoTierConfig(bundle=config.bundle, log_dir=config.out,
+                                    retrieval_args="--log-level WARNING")) as (retrieval, ranking):
+            rows = ask((ranking.target, retrieval.target), users, config)
+    report = {**summarise(rows, split.test, config), "seconds": round(time.perf_counter() - started, 1),
+              "config": json.loads(json.dumps(asdict(config), default=str))}
+    config.out.mkdir(parents=True, exist_ok=True)
+    (config.out / "served_quality.json").write_text(json.dumps(report, indent=2) + "\n")
+    for mode in config.modes:
+        log.info("served %s mode, %d test users: NDCG@10 %.4f vs retrieval %.4f = %.3fx (95%% CI %s); %d degraded, "
+                 "%d invalid, %d identical to the retrieval order; p50 %.0f ms", mode, report["users"],
+                 report[f"{mode}_ndcg@10"], report["retrieval_ndcg@10"], report[f"{mode}_vs_retrieval_ndcg@10"],
+                 report[f"{mode}_vs_retrieval_ndcg@10_ci95"], report[f"{mode}_degraded"], report[f"{mode}_invalid"],
+                 report[f"{mode}_same_as_retrieval"], report[f"{mode}_p50_ms"])
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    from palr.cli import add_config_arguments, build_config
+
+    parser = argparse.ArgumentParser(prog="python -m loadtest.served_quality", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(parser, ServedQualityConfig)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = build_config(ServedQualityConfig, args)
+    unknown = set(config.modes) - set(MODES)
+    if unknown:
+        parser.error(f"--modes {sorted(unknown)}: choose from {', '.join(MODES)}")
+    run(config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
