@@ -152,6 +152,17 @@ def test_an_untied_head_gets_the_score_row_and_nothing_else(tiny_hybrid):
     assert not bool(head[vocab:size - 1].any()), "no extra token but the score row can win a logit"
 
 
+def rank_all_at_once(engine, requests):
+    """Every request submitted at once (they share the running batch); the engine closed after."""
+    async def all_at_once():
+        return await asyncio.gather(*(engine.rank(r) for r in requests))
+
+    try:
+        return asyncio.run(all_at_once())
+    finally:
+        engine.close()
+
+
 def test_in_flight_engine_ranks_hybrid_prompts_as_the_reference(tiny_hybrid):
     import copy
 
@@ -169,15 +180,7 @@ def test_in_flight_engine_ranks_hybrid_prompts_as_the_reference(tiny_hybrid):
     suffixes = [[20, vocab + 1, 21, vocab + 2, 22], [23, vocab + 4, vocab + 5, 24, 25, vocab + 9, 26]]
     requests = [EngineRequest(f"s{i}", prefix, s, labels, mode="score") for i, s in enumerate(suffixes)]
     requests += [EngineRequest(f"g{i}", prefix, s, labels, mode="generate", k=3) for i, s in enumerate(suffixes)]
-    engine = HFEngine(folded, EngineConfig(max_batch_size=4, max_tokens_per_step=64))
-
-    async def all_at_once():
-        return await asyncio.gather(*(engine.rank(r) for r in requests))
-
-    try:
-        results = asyncio.run(all_at_once())
-    finally:
-        engine.close()
+    results = rank_all_at_once(HFEngine(folded, EngineConfig(max_batch_size=4, max_tokens_per_step=64)), requests)
     for request, result in zip(requests, results):
         if request.mode == "score":
             want = score_labels(folded, request.input_ids, labels)
@@ -212,15 +215,7 @@ def test_in_flight_engine_reads_each_candidates_position_as_the_reference(tiny_h
     requests = [EngineRequest("s", prefix, suffix, labels, mode="score", readout=readout),
                 EngineRequest("g", prefix, suffix, labels, mode="generate", k=3, bias=bias, readout=readout),
                 EngineRequest("s2", prefix, suffix[:-2] + [52], labels, mode="score", readout=readout)]
-    engine = HFEngine(folded, EngineConfig(max_batch_size=4, max_tokens_per_step=5))
-
-    async def all_at_once():
-        return await asyncio.gather(*(engine.rank(r) for r in requests))
-
-    try:
-        results = asyncio.run(all_at_once())
-    finally:
-        engine.close()
+    results = rank_all_at_once(HFEngine(folded, EngineConfig(max_batch_size=4, max_tokens_per_step=5)), requests)
     want = score_candidates(folded, requests[0].input_ids, readout)
     assert results[0].scores == pytest.approx(want, abs=1e-5)
     assert len(set(round(x, 4) for x in want)) == 4, "the readouts differ from candidate to candidate"
