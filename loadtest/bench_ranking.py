@@ -39,10 +39,14 @@ class Workload:
     candidates: int
     generate_k: int
     generate_format: str
+    build_model: Any = None  # the bundle's hf-cpu build for this machine (its chosen precision), if any
+    build_dtype: str = ""
 
     def describe(self) -> dict:
         prompts = [len(r.prefix_ids) + len(r.suffix_ids) for r in self.requests["score"]]
+        contexts = [r.context_len for r in self.requests["score"]]
         return {"users": len(self.users), "candidates": self.candidates, "generate_k": self.generate_k,
+                "context_tokens_mean": round(sum(contexts) / len(contexts), 1), "build_dtype": self.build_dtype,
                 "generate_format": self.generate_format, "prefix_tokens": len(self.requests["score"][0].prefix_ids),
                 "prompt_tokens_mean": round(sum(prompts) / len(prompts), 1), "prompt_tokens_min": min(prompts),
                 "prompt_tokens_max": max(prompts)}
@@ -81,9 +85,26 @@ def load_workload(bundle_dir: Path, n: int, *, candidates: int = 0, generate_k: 
             plan = Plan(request_id=f"bench-{user}", user_id=user, history=histories[user], history_source="stored",
                         exclude=[], k=k_generate, num_candidates=k_candidates, mode=mode)
             requests[mode].append(builder.engine_request(plan.request_id, plan, items, scores).request)
-    workload = Workload(model, requests, users, k_candidates, k_generate, ranker["generate_format"])
+    build_model, build_dtype = hf_cpu_build(bundle) if device == "cpu" else (None, "")
+    workload = Workload(model, requests, users, k_candidates, k_generate, ranker["generate_format"], build_model,
+                        build_dtype)
     log.info("workload: %s", workload.describe())
     return workload
+
+
+def hf_cpu_build(bundle) -> tuple[Any, str]:
+    """(model, dtype) of the bundle's hf-cpu build when it was made for this machine, else (None, "")."""
+    from palr.builds import BuildMismatch, open_build
+    from palr.hf_build import load_hf_build
+
+    if not bundle.has("engine:hf-cpu"):
+        return None, ""
+    try:
+        path, entry = open_build(bundle, "hf-cpu")
+    except BuildMismatch as e:
+        log.warning("the bundle's hf-cpu build is not for this machine (%s): no build cells", e)
+        return None, ""
+    return load_hf_build(path)[0], str(entry.get("dtype"))
 
 
 def sample_users(users: list[str], n: int, seed: int) -> list[str]:
@@ -101,12 +122,13 @@ class Cell:
     concurrency: int
     prefix_reuse: bool = True   # False: no KV reuse at all (neither the shared prefix nor user contexts)
     context_reuse: bool = True  # False: the shared prefix only (per-user context KV cache off)
+    build: bool = False         # the bundle's hf-cpu build (its precision) instead of the fp32 merged model
 
     @property
     def key(self) -> str:
         reuse = "" if not self.prefix_reuse else ("" if self.context_reuse else "/no-context-reuse")
         return f"{self.mode}/{self.strategy}/c{self.concurrency}" + ("" if self.prefix_reuse else "/no-prefix-reuse") \
-            + reuse
+            + reuse + ("/hf-cpu-build" if self.build else "")
 
 
 MIXED = "mixed"
@@ -152,7 +174,10 @@ def measure(cell: Cell, workload: Workload, engine_config, requests: int, order:
     batch = [workload.requests[m][u % len(workload.requests[m])] for m, u in zip(modes, users)]
     context = engine_config.context_cache_mb if cell.prefix_reuse and cell.context_reuse else 0.0
     config = dataclasses.replace(engine_config, prefix_reuse=cell.prefix_reuse, context_cache_mb=context)
-    result = run_strategy(cell.strategy, workload.model, batch, cell.concurrency, config, warmup=1)
+    model = workload.build_model if cell.build else workload.model
+    if model is None:
+        raise ValueError(f"{cell.key}: the bundle has no hf-cpu build for this machine (python -m compile build)")
+    result = run_strategy(cell.strategy, model, batch, cell.concurrency, config, warmup=1)
     summary = {**result.summary(), "requests": n, "p99_ms": round(result.percentile_ms(99), 1)}
     if cell.mode == MIXED:
         summary.update(per_mode(result.latencies_ms if not result.errors else None, modes))

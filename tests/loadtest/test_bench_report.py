@@ -105,3 +105,22 @@ def test_bench_run_reports_utilisation_side_by_side(tiny_llm_bundle, tmp_path):
     assert direct["prefill_gflops"] == pytest.approx(
         2 * section["parameters"] * direct["prompt_tokens"] / (direct["prefill_ms"] / 1e3) / 1e9, rel=0.01, abs=0.01)
     assert "## Utilisation" in (tmp_path / "bench.md").read_text()
+
+
+def test_bench_measures_the_bundles_hf_cpu_build_beside_the_fp32_model(hf_cpu_bundle, tmp_path):
+    """With a build for this machine, the score cell runs on it too and the default-vs-fp32 ratio is
+    taken within the round (the fp32 cell without context reuse is the issue-12 baseline)."""
+    import json
+
+    from loadtest.bench_all import BenchConfig, run
+    from palr.bundle import Bundle
+
+    run(BenchConfig(bundle=hf_cpu_bundle, out=tmp_path, concurrency=[1], strategies=["inflight"], modes=["score"],
+                    requests=2, repeats=1, candidates=6, skip_retrieval=True, utilisation_repeats=0))
+    report = json.loads((tmp_path / "bench.json").read_text())
+    dtype = str(Bundle.open(hf_cpu_bundle).artifact("engine:hf-cpu").get("dtype"))
+    assert report["workload"]["build_dtype"] == dtype
+    models = {(c["model"], c["context_reuse"]) for c in report["cells"] if c["mode"] == "score"}
+    assert {("hf-cpu build", True), ("fp32 merged", True), ("fp32 merged", False)} <= models
+    assert report["ratios"]["default_vs_fp32_prefix_only_latency"] > 0
+    assert "hf-cpu build" in (tmp_path / "bench.md").read_text()
