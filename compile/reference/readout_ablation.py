@@ -36,9 +36,10 @@ from palr.bundle import Bundle
 from palr.corpus import Corpus
 from palr.data import read_interactions
 from palr.profiles import StatsProfiler
-from palr.prompt import RETRIEVAL, PalrPrompt, PromptSettings
+from palr.prompt import RETRIEVAL, PromptSettings
 from palr.ranking import fit_fusion_weight, fuse, order_by_scores, target_rank
 from palr.sasrec import SASRec
+from ranker_ablation import HybridPrompt  # the same folder: scripts run as `python compile/reference/...`
 
 log = logging.getLogger("exp")
 DAY = 86400.0
@@ -105,17 +106,12 @@ def prepare(bundle: Bundle, data: Path, K: int, window: float, cache: Path):
     return out
 
 
-class Builder(PalrPrompt):
-    """PALR prompt with optional per-candidate trend tokens; records each candidate's last position."""
+class Builder(HybridPrompt):
+    """The hybrid prompt with optional per-candidate trend tokens; records each candidate's last position."""
 
     def __init__(self, tokenizer, settings, offset, trend_offset, titles, soft, trend):
-        super().__init__(tokenizer, settings)
-        self.offset, self.trend_offset = offset, trend_offset
-        self.titles, self.soft, self.trend = titles, soft, trend
-
-    def _item(self, item, index, with_year):
-        ids = list(self._title_ids(item.title, item.year, with_year)) if self.titles else []
-        return ids + ([self.offset + index] if self.soft else [])
+        super().__init__(tokenizer, settings, offset, titles, soft)
+        self.trend_offset, self.trend = trend_offset, trend
 
     def build(self, profile, history, candidates, trends):
         ids = self.prefix_ids(RETRIEVAL)
