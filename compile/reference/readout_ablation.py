@@ -109,9 +109,14 @@ def prepare(bundle: Bundle, data: Path, K: int, window: float, cache: Path):
 class Builder(HybridPrompt):
     """The hybrid prompt with optional per-candidate trend tokens; records each candidate's last position."""
 
-    def __init__(self, tokenizer, settings, offset, trend_offset, titles, soft, trend):
+    def __init__(self, tokenizer, settings, offset, trend_offset, titles, soft, trend, candidate_titles=True):
         super().__init__(tokenizer, settings, offset, titles, soft)
-        self.trend_offset, self.trend = trend_offset, trend
+        self.trend_offset, self.trend, self.candidate_titles = trend_offset, trend, candidate_titles
+
+    def _candidate(self, item, index):
+        if self.candidate_titles:
+            return self._item(item, index, self.settings.candidate_years)
+        return [self.offset + index]  # the soft token alone: a short line, the user's context carries the text
 
     def build(self, profile, history, candidates, trends):
         ids = self.prefix_ids(RETRIEVAL)
@@ -124,7 +129,7 @@ class Builder(HybridPrompt):
         labels = self.label_token_ids(len(candidates))
         ends = []
         for lab, (item, idx), tr in zip(labels, candidates, trends):
-            ids += [lab] + self._item(item, idx, self.settings.candidate_years)
+            ids += [lab] + self._candidate(item, idx)
             if self.trend:
                 ids += [self.trend_offset + tr]
             ends.append(len(ids) - 1)
@@ -239,6 +244,7 @@ def main():
     p.add_argument("--window", type=float, default=30)
     p.add_argument("--titles", type=int, default=1)
     p.add_argument("--soft", type=int, default=1)
+    p.add_argument("--candidate-titles", type=int, default=1, help="0: candidates are their soft token alone")
     p.add_argument("--profile", type=int, default=1)
     p.add_argument("--history", type=int, default=10)
     p.add_argument("--w", type=float, default=1.0)
@@ -279,7 +285,7 @@ def main():
     V = lm.config.vocab_size
     N = cat.num_indices
     builder = Builder(tok, PromptSettings(history_items=a.history, profile=bool(a.profile)), V, V + N,
-                      bool(a.titles), bool(a.soft), bool(a.trend))
+                      bool(a.titles), bool(a.soft), bool(a.trend), bool(a.candidate_titles))
     profiler = StatsProfiler(cat)
     train = encode(train_rows, builder, cat, profiler, random.Random(1))
     random.Random(2).shuffle(train)
