@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import time
@@ -73,7 +74,26 @@ def run(config: RetrievalBenchConfig) -> dict:
 
 # -- 1. the model: ORT vs torch eager ---------------------------------------------------------------
 
+@contextlib.contextmanager
+def torch_threads(threads: int):
+    """torch's intra-op thread count set to `threads` inside the block and restored after it: the full
+    report runs this comparison between the LLM cells of one process, which must keep their threads."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def model_latency(bundle, config: RetrievalBenchConfig) -> list[dict]:
+    with torch_threads(config.threads):
+        return _model_latency(bundle, config)
+
+
+def _model_latency(bundle, config: RetrievalBenchConfig) -> list[dict]:
     import numpy as np
     import torch
 
@@ -82,7 +102,6 @@ def model_latency(bundle, config: RetrievalBenchConfig) -> list[dict]:
     from palr.sasrec_onnx import SasrecOnnx, pack_excludes
     from palr.users import load_histories
 
-    torch.set_num_threads(config.threads)
     onnx_model = SasrecOnnx.from_bundle(bundle, threads=config.threads)
     torch_model = SASRecTopK(SASRec.load(bundle.path("sasrec_torch")), onnx_model.top_k).eval()
     histories = list(load_histories(bundle.path("users"), Catalog.load(bundle.path("catalog"))).values())

@@ -124,3 +124,22 @@ def test_bench_measures_the_bundles_hf_cpu_build_beside_the_fp32_model(hf_cpu_bu
     assert {("hf-cpu build", True), ("fp32 merged", True), ("fp32 merged", False)} <= models
     assert report["ratios"]["default_vs_fp32_prefix_only_latency"] > 0
     assert "hf-cpu build" in (tmp_path / "bench.md").read_text()
+
+
+def test_the_retrieval_comparison_leaves_torchs_thread_count_as_it_found_it(tiny_bundle):
+    """It runs torch at 1 thread between the LLM cells of the full report: the cells after it (and the
+    utilisation section) must keep the process's own thread count (they ran at half speed when it leaked)."""
+    import torch
+
+    from loadtest.bench_retrieval import RetrievalBenchConfig, model_latency
+    from palr.bundle import Bundle
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        rows = model_latency(Bundle.open(tiny_bundle), RetrievalBenchConfig(bundle=tiny_bundle, threads=1,
+                                                                            batch_sizes=[1], model_calls=10))
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+    assert {r["engine"] for r in rows} == {"onnxruntime", "torch eager"} and rows[0]["top_k_ids_equal"]
