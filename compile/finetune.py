@@ -26,7 +26,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from compile.llm_common import config_record
-from compile.sft_data import read_jsonl
+from compile.sft_data import candidate_readout, example_readout, read_jsonl
 from palr.bundle import Bundle, fingerprint
 
 log = logging.getLogger(__name__)
@@ -203,19 +203,15 @@ def readout_scores(model, rows: list[dict], pad_id: int, extra=None, with_labels
     vocab = head.shape[0]
     positions, tokens = [], []
     for r in rows:
-        pad = width - len(r["input_ids"])
-        if r.get("readout_positions"):
-            positions.append([pad + p for p in r["readout_positions"]])
-            tokens.append(r["readout_tokens"])
-        else:
-            positions.append([width - 1] * len(r["label_token_ids"]))
-            tokens.append(r["label_token_ids"])
+        readout, pad = example_readout(r), width - len(r["input_ids"])
+        positions.append([pad + p for p in readout.positions])
+        tokens.append(list(readout.tokens))
     positions, tokens = torch.tensor(positions), torch.tensor(tokens)  # [B, C]
     picked = hidden[torch.arange(len(rows))[:, None], positions].float()  # [B, C, D]
     weights = output_rows(head, tokens, rows_out, vocab).float()  # [B, C, D]
     scores = (picked * weights).sum(-1)  # [B, C]
     labels = None
-    if with_labels and any(r.get("readout_positions") for r in rows):
+    if with_labels and any(candidate_readout(r) is not None for r in rows):
         label_ids = torch.tensor([r["label_token_ids"] for r in rows])  # [B, C]
         labels = torch.einsum("bd,bcd->bc", hidden[:, -1].float(), head[label_ids].float())
     return scores, labels

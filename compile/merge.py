@@ -34,7 +34,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from compile.llm_common import config_record
-from compile.sft_data import read_jsonl
+from compile.sft_data import candidate_readout, example_readout, read_jsonl
 from palr.bundle import Bundle, fingerprint
 
 log = logging.getLogger(__name__)
@@ -104,15 +104,6 @@ def merge(base_dir: Path, lora_dir: Path, out: Path, probe: dict, tolerance: flo
     return diff
 
 
-def example_readout(row: dict):
-    """The readout an SFT example was built with: the candidate readout it stores, else its labels."""
-    from palr.prompt import Readout
-
-    if row.get("readout_positions"):
-        return Readout(tuple(row["readout_positions"]), tuple(row["readout_tokens"]))
-    return Readout.after_prompt(len(row["input_ids"]), row["label_token_ids"])
-
-
 def fit_fusion(model_dir: Path, valid: list[dict], bias_by_bucket: list[float] | None = None) -> tuple[float, float, dict]:
     """Score-mode readouts on validation users → the NDCG@10-best retrieval weight, and for a candidate-readout
     ranker the weight of the label logits in generate mode (`fit_generate_logit_weight`); what the validation
@@ -141,7 +132,7 @@ def fit_fusion(model_dir: Path, valid: list[dict], bias_by_bucket: list[float] |
     validation = {"users": len(valid), "retrieval_ndcg@10": retrieval, "llm_ndcg@10": curve[0.0],
                   "fused_ndcg@10": curve[weight], "ndcg@10_by_weight": {str(w): v for w, v in curve.items()}}
     logit_weight = 1.0
-    if valid[0].get("readout_positions"):
+    if candidate_readout(valid[0]) is not None:
         logit_weight, generate_curve = fit_generate_logit_weight(reads, retrieval_scores, biases, targets, weight)
         validation["generate_first_step_ndcg@10_by_logit_weight"] = {str(g): v for g, v in generate_curve.items()}
         log.info("generate mode: label-logit weight %.2f (first-step order NDCG@10 by weight: %s)", logit_weight,
@@ -199,7 +190,8 @@ def learned_trend_bias(bundle: Bundle) -> list[float] | None:
     return [round(float(b), 6) for b in bias] if bias is not None and bias.numel() else None
 
 
-def ranker_record(bundle: Bundle, config: MergeConfig, weight: float, validation: dict) -> dict:
+def ranker_record(bundle: Bundle, config: MergeConfig, weight: float, validation: dict,
+                  trend_bias: list[float] | None) -> dict:
     from transformers import AutoTokenizer
 
     from palr.prompt import PalrPrompt, PromptSettings
@@ -225,7 +217,7 @@ def ranker_record(bundle: Bundle, config: MergeConfig, weight: float, validation
         "profile_method": meta["profile_method"],
         "item_tokens": meta["item_tokens"],
         "trend": meta.get("trend"),
-        "trend_bias": learned_trend_bias(bundle) if meta.get("trend") else None,
+        "trend_bias": trend_bias,
         "lora": bundle.version("lora"),
     }
 
@@ -249,7 +241,7 @@ def run(config: MergeConfig) -> Path:
     meta = json.loads((bundle.path("sft_data") / "meta.json").read_text())
     bias = learned_trend_bias(bundle) if meta.get("trend") else None
     weight, logit_weight, validation = fit_fusion(out, fusion_valid, bias) if fusion_valid else (0.0, 1.0, {})
-    ranker = ranker_record(bundle, config, weight, validation) | {"generate_logit_weight": logit_weight}
+    ranker = ranker_record(bundle, config, weight, validation, bias) | {"generate_logit_weight": logit_weight}
     ranker_path = bundle.root / RANKER_FILE
     ranker_path.write_text(json.dumps(ranker, indent=2) + "\n")
     bundle.add_artifact("ranker", RANKER_FILE, fusion_weight=weight, generate_format=config.generate_format)

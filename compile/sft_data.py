@@ -35,7 +35,7 @@ from palr.bundle import Bundle, BundleError, fingerprint
 from palr.catalog import Catalog
 from palr.corpus import Corpus
 from palr.profiles import Profiles
-from palr.prompt import READOUTS, RECOMMEND, RETRIEVAL, PalrPrompt, PromptSettings
+from palr.prompt import READOUTS, RECOMMEND, RETRIEVAL, PalrPrompt, PromptSettings, Readout
 from palr.trends import TrendSettings, TrendTable
 
 log = logging.getLogger(__name__)
@@ -217,6 +217,19 @@ def _retrieval_example(prompt: PalrPrompt, catalog: Catalog, cut: Cut, candidate
         "readout_tokens": list(parts.readout.tokens) if candidate_readout else None,
         "answer_ids": prompt.retrieval_answer(parts, position) if position is not None else [],
     }
+
+
+def candidate_readout(row: dict) -> Readout | None:
+    """The candidate readout a retrieval example was built with (None: a label-readout ranker's example)."""
+    if not row.get("readout_positions"):
+        return None
+    return Readout(tuple(row["readout_positions"]), tuple(row["readout_tokens"]))
+
+
+def example_readout(row: dict) -> Readout:
+    """What score mode reads on a retrieval example: its candidate readout, else its labels after the prompt."""
+    readout = candidate_readout(row)
+    return readout if readout is not None else Readout.after_prompt(len(row["input_ids"]), row["label_token_ids"])
 
 
 def recommend_examples(prompt: PalrPrompt, catalog: Catalog, cuts: list[Cut], profiles: list[str],

@@ -28,6 +28,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from compile.sft_data import candidate_readout
 from palr import metrics
 from palr.decoding import LabelConstraint
 from palr.llm import generate_constrained, label_log_probs, pick_allowed, score_candidates
@@ -61,7 +62,7 @@ def load_probes(bundle, tokenizer, n: int, prompt_tokens: int, seed: int = 0) ->
         with path.open() as f:
             rows = [json.loads(line) for line in f if line.strip()][:n]
         if rows:
-            return [Probe(r["input_ids"], r["label_token_ids"], r.get("target_position"), readout=stored_readout(r))
+            return [Probe(r["input_ids"], r["label_token_ids"], r.get("target_position"), readout=candidate_readout(r))
                     for r in rows], \
                 f"{len(rows)} validation users from {path.relative_to(bundle.root)}"
     rng = random.Random(seed)
@@ -70,13 +71,6 @@ def load_probes(bundle, tokenizer, n: int, prompt_tokens: int, seed: int = 0) ->
     probes = [Probe([rng.randrange(100, vocab) for _ in range(prompt_tokens)], labels, None, validation=False)
               for _ in range(n)]
     return probes, f"{n} synthetic prompts of {prompt_tokens} random tokens (the bundle has no sft_data)"
-
-
-def stored_readout(row: dict) -> Readout | None:
-    """The candidate readout an SFT example was built with (None: a label-readout ranker's example)."""
-    if not row.get("readout_positions"):
-        return None
-    return Readout(tuple(row["readout_positions"]), tuple(row["readout_tokens"]))
 
 
 def latency_prompt(probes: Sequence[Probe], tokens: int) -> list[int]:

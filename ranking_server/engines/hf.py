@@ -215,10 +215,6 @@ class HFEngine(LoopEngine):
                            position_ids=plan.position_ids(), past_key_values=self.kv, use_cache=True)
         return out.last_hidden_state
 
-    def _token_logits(self, hidden: torch.Tensor, token_ids: list[int]) -> torch.Tensor:
-        """LM-head logits of only these tokens: `[B, D] -> [B, len(token_ids)]` (fp32)."""
-        return token_logits(self.lm_head, hidden, token_ids)
-
     def _read(self, row: Row, hidden: torch.Tensor, start: int) -> None:
         """Readout logits of the row's candidates whose positions are among `hidden` `[n, D]` (prompt
         positions start.. start + n)."""
@@ -245,7 +241,7 @@ class HFEngine(LoopEngine):
         if not union:
             return
         column = {t: i for i, t in enumerate(union)}
-        logits = self._token_logits(hidden, union)  # [B, U]
+        logits = token_logits(self.lm_head, hidden, union)  # [B, U]
         for i, row in enumerate(rows):
             if row in allowed:
                 self._emit(row, allowed[row], logits[i, [column[t] for t in allowed[row]]])
@@ -322,4 +318,4 @@ class HFEngine(LoopEngine):
         self._n_decoding += 1
         allowed = self._allowed_tokens([row]).get(row)
         if allowed:
-            self._emit(row, allowed, self._token_logits(hidden[None], allowed)[0])
+            self._emit(row, allowed, token_logits(self.lm_head, hidden[None], allowed)[0])
