@@ -32,7 +32,7 @@ class SequentialEngine(LoopEngine):
         config = config or EngineConfig()
         super().__init__(name, vocab_size=model.config.get_text_config().vocab_size,
                          max_seq_len=config.max_seq_len, max_queue=config.max_queue,
-                         num_threads=config.num_threads)
+                         num_threads=config.num_threads, score_first_ms=config.score_first_ms)
         self.config = config
         self.model = model
         self._prefixes: LRU[PrefixKV] = LRU(config.prefix_cache_size)

@@ -9,8 +9,9 @@ In one run, on the bundle's merged PALR model with real prompts (loadtest/bench_
    engine, concurrency 1; and within the context-reuse cell, the requests that found their user's
    context cached against those that computed it (what a hit saves; needs repeats: `--pattern zipf`);
 4. ORT vs torch eager retrieval: loadtest/bench_retrieval.py's model comparison at batch 1 and 32;
-5. a mixed cell (score and generate requests together, `--mixed-share` generate, at concurrency 16)
-   under static and in-flight batching: the score requests' own p95 in each;
+5. a mixed cell (score and generate requests together, `--mixed-share` generate, at concurrency 16,
+   `--mixed-requests` in all, so requests keep arriving while others decode) under static and in-flight
+   batching: the score requests' own p95 in each;
 6. utilisation: score-mode prefill FLOP/s against this machine's matmul peak (fp32 and the bundle's
    hf-cpu build's precision), measured right after the last round (loadtest/utilisation.py).
 
@@ -89,8 +90,8 @@ GOALS: dict[str, tuple[str, float]] = {
 COMPARE = {">=": lambda a, b: a >= b, "<": lambda a, b: a < b, "<=": lambda a, b: a <= b}
 
 # `--quick`: a smoke run of every code path in a few minutes (options given explicitly still win)
-QUICK = {"concurrency": [1, 16], "requests": 4, "repeats": 1, "candidates": 10, "generate_k": 2,
-         "retrieval_calls": 50}
+QUICK = {"concurrency": [1, 16], "requests": 4, "mixed_requests": 16, "repeats": 1, "candidates": 10,
+         "generate_k": 2, "retrieval_calls": 50}
 
 
 @dataclass
@@ -127,6 +128,9 @@ class BenchConfig:
     mixed_share: float = field(default=0.2, metadata={
         "help": "share of generate requests in the mixed cell (score and generate together at concurrency 16, "
                 "static vs in-flight); 0: no mixed cell"})
+    mixed_requests: int = field(default=64, metadata={
+        "help": "requests in the mixed cell: several per caller, so later requests arrive while generate requests "
+                "decode (with one each, every request arrives at once and the cell measures a single burst)"})
     build_cells: bool = field(default=True, metadata={
         "help": "measure the bundle's hf-cpu build (its precision) beside the fp32 model in the latency cells"})
     utilisation_repeats: int = field(default=5, metadata={
@@ -139,8 +143,8 @@ class BenchConfig:
                 raise ValueError(f"--{name} {sorted(unknown)}: choose from {', '.join(allowed)}")
         if not 0 <= self.mixed_share < 1:
             raise ValueError(f"--mixed-share must be in [0, 1), got {self.mixed_share}")
-        if self.requests < 1 or self.repeats < 1 or min(self.concurrency) < 1:
-            raise ValueError("--requests, --repeats and every --concurrency must be >= 1")
+        if min(self.requests, self.mixed_requests, self.repeats, *self.concurrency) < 1:
+            raise ValueError("--requests, --mixed-requests, --repeats and every --concurrency must be >= 1")
 
 
 def sweep_cells(config: BenchConfig) -> list[Cell]:
@@ -179,7 +183,8 @@ def run(config: BenchConfig) -> dict:
     if config.build_cells and workload.build_model is None:
         log.info("no hf-cpu build of this bundle for this machine: the latency cells use the fp32 model only")
         config = dataclasses.replace(config, build_cells=False)
-    order = request_order(len(workload.users), n_users, config.pattern, config.zipf_exponent, config.seed)
+    order = request_order(len(workload.users), max(n_users, config.mixed_requests), config.pattern,
+                          config.zipf_exponent, config.seed)
     warm_up(workload, engine_config)
     rounds = [sweep_cells(config)] + [headline_cells(config) for _ in range(config.repeats - 1)]
     total = sum(len(r) for r in rounds)
@@ -189,7 +194,8 @@ def run(config: BenchConfig) -> dict:
     for number, cells in enumerate(rounds):
         for cell in (cells if number % 2 == 0 else list(reversed(cells))):
             done += 1
-            summary = measure(cell, workload, engine_config, config.requests, order, config.mixed_share)
+            requests = config.mixed_requests if cell.mode == MIXED else config.requests
+            summary = measure(cell, workload, engine_config, requests, order, config.mixed_share)
             runs.setdefault(cell, []).append({**summary, "round": number})
             log.info("[%d/%d, %.0f s] round %d %s: %.3f req/s, p50 %.0f ms, p95 %.0f ms, mean batch %s%s", done, total,
                      time.perf_counter() - started, number + 1, cell.key, summary["throughput_rps"], summary["p50_ms"],

@@ -31,6 +31,10 @@ class EngineConfig:
     context_cache_mb: float = field(default=256.0, metadata={
         "help": "memory for the KV of recent users' contexts (profile + history, keyed by their exact token ids; "
                 "LRU): a user's repeat call computes only its candidates (0: off)"})
+    score_first_ms: float = field(default=500.0, metadata={
+        "help": "score requests go ahead of generate requests that arrived up to this long before them, in "
+                "admission and in the order prompts run (a score request ends with its prompt; a generate one "
+                "then decodes); generate requests older than this keep their turn (0 = arrival order)"})
     threads: int = field(default=0, metadata={"help": "torch threads of the engine (0 = torch's default)"})
 
     def __post_init__(self) -> None:
@@ -40,7 +44,7 @@ class EngineConfig:
         for name in ("max_batch_size", "max_tokens_per_step", "max_seq_len", "prefix_cache_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_queue", "threads", "context_cache_mb"):
+        for name in ("max_queue", "threads", "context_cache_mb", "score_first_ms"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_tokens_per_step < self.max_batch_size:

@@ -7,7 +7,8 @@ One engine thread runs the scheduler. Every step it
      prefix (`prefix_reuse`); what was not cached is stored once the slot has computed it;
   2. runs ONE batched decode pass for every request that is generating (one token each);
   3. spends what is left of `max_tokens_per_step` on prompt chunks of requests still prefilling
-     (long prompts are chunked, so decodes keep flowing while a new prompt goes in);
+     (long prompts are chunked, so decodes keep flowing while a new prompt goes in), score requests
+     first (`score_first_ms`: a score request is done when its prompt is);
   4. finishes what is done: score mode reads each candidate's readout logit (a label after the prompt, or
      the score row at the candidate's own last token, taken from whichever chunk held that position);
      generate mode picks each row's next token under its own constraint. Finished requests leave.
@@ -77,7 +78,8 @@ class HFEngine(LoopEngine):
         config = config or EngineConfig()
         text = model.config.get_text_config()
         super().__init__(name, vocab_size=text.vocab_size, max_seq_len=config.max_seq_len,
-                         max_queue=config.max_queue, num_threads=config.num_threads)
+                         max_queue=config.max_queue, num_threads=config.num_threads,
+                         score_first_ms=config.score_first_ms)
         self.config = config
         self.model = model
         self.decoder = model.get_decoder()
@@ -114,14 +116,14 @@ class HFEngine(LoopEngine):
             self._admit(pending)
 
     def _plan_prefill(self, budget: int) -> list[tuple[Row, int]]:
-        """Prompt chunks for this step within the token budget, oldest request first (slot order is
-        not arrival order once rows have moved).
+        """Prompt chunks for this step within the token budget, in `_priority` order (arrival, score
+        requests ahead; slot order is not arrival order once rows have moved).
 
         A prompt that fits in what is left of the budget runs whole; only the first prompt of a
         step is cut to fit. Cutting a prompt that would fit a later step only adds a pass: each
         pass re-reads all the weights, which on CPU costs as much as a short prompt."""
         chunks = []
-        for row in sorted(self._slots[self._n_decoding:], key=lambda row: row.pending.submitted):
+        for row in sorted(self._slots[self._n_decoding:], key=lambda row: self._priority(row.pending)):
             n = len(row.todo)
             if budget <= 0 or (n > budget and chunks):
                 break

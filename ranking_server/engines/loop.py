@@ -5,6 +5,10 @@ loop with `call_soon_threadsafe`, aborts, health, close and counters.
 Where a request goes:  `rank()` (caller's event loop) validates it, appends it to `waiting` (or raises
 EngineOverloaded at once) and awaits a future;  the engine thread takes it from `waiting` when its
 scheduler (`_step`, per backend) admits it, runs it, and settles the future.
+
+Who goes first: `_priority` (arrival order, with score requests moved `score_first_ms` ahead: a score
+request ends with its prompt, a generate one goes on decoding, so a score request should not queue
+behind generate prompts that arrived just before it; the bound keeps generate requests from starving).
 """
 
 from __future__ import annotations
@@ -77,7 +81,7 @@ class LoopEngine(RankingEngine):
     `_fail`); `_release(pending)` frees what an aborted running request holds (its batch slot)."""
 
     def __init__(self, name: str, *, vocab_size: int, max_seq_len: int, max_queue: int,
-                 num_threads: int | None = None, step_log_size: int = 4096):
+                 num_threads: int | None = None, score_first_ms: float = 0.0, step_log_size: int = 4096):
         if max_queue < 0:
             raise ValueError(f"max_queue must be >= 0, got {max_queue}")
         self.name = name
@@ -85,6 +89,7 @@ class LoopEngine(RankingEngine):
         self.max_seq_len = max_seq_len
         self.max_queue = max_queue
         self.num_threads = num_threads
+        self.score_first_s = score_first_ms / 1e3
         self._cv = threading.Condition()
         self._waiting: deque[Pending] = deque()
         self._running: dict[str, Pending] = {}  # admitted, not settled; guarded by _cv
@@ -190,12 +195,17 @@ class LoopEngine(RankingEngine):
             if ran:
                 self._busy_s += time.perf_counter() - started
 
+    def _priority(self, pending: Pending) -> float:
+        """Scheduling key, lowest first: the arrival time, `score_first_s` earlier for a score request."""
+        return pending.submitted - (self.score_first_s if pending.request.mode == "score" else 0.0)
+
     def _take(self, n: int) -> list[Pending]:
-        """Admit up to n waiting requests (FIFO), stamping their admission time."""
+        """Admit up to n waiting requests in `_priority` order, stamping their admission time."""
         now = time.perf_counter()
         with self._cv:
-            taken = [self._waiting.popleft() for _ in range(min(n, len(self._waiting)))]
+            taken = sorted(self._waiting, key=self._priority)[:max(n, 0)]
             for pending in taken:
+                self._waiting.remove(pending)
                 pending.admitted = now
                 self._running[pending.request_id] = pending
         return taken

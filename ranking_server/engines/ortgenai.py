@@ -69,7 +69,7 @@ class OrtGenaiEngine(LoopEngine):
         meta = genai_config(model_dir)["model"]
         max_seq_len = min(config.max_seq_len, int(meta.get("context_length") or config.max_seq_len))
         super().__init__(name, vocab_size=int(meta["vocab_size"]), max_seq_len=max_seq_len,
-                         max_queue=config.max_queue)
+                         max_queue=config.max_queue, score_first_ms=config.score_first_ms)
         self.config = config
         self.model = load_model(model_dir, config.num_threads)
         self._idle: list[GeneratorSlot] = []

@@ -248,6 +248,37 @@ def test_abort_while_queued_and_while_decoding_frees_the_slot(tiny):
     assert stats.aborted == 3 and stats.active == 0 and stats.completed == 1
 
 
+@pytest.mark.parametrize("score_first_ms, wait_ms, first", [(500.0, 0, "score"), (0.0, 0, "generate"),
+                                                             (20.0, 100, "generate")],
+                         ids=["score-first", "arrival-order", "old-generate-keeps-its-turn"])
+def test_score_requests_go_ahead_of_recent_generate_requests(tiny, score_first_ms, wait_ms, first):
+    """One slot, held; a generate request queues, then (wait_ms later) a score request: which runs first."""
+    model, labels = tiny
+    engine = HFEngine(model, EngineConfig(max_batch_size=1, max_tokens_per_step=8, score_first_ms=score_first_ms))
+    finished: list[str] = []
+
+    async def scenario():
+        held, constraint = gated_request(labels, "held")
+        running = asyncio.ensure_future(engine.rank(held))
+        await asyncio.to_thread(constraint.reached.wait, 10)
+        tasks = []
+        for mode in ("generate", "score"):
+            task = asyncio.ensure_future(engine.rank(plain(labels, mode, mode=mode)))
+            task.add_done_callback(lambda t, mode=mode: finished.append(mode))
+            tasks.append(task)
+            await wait_until(lambda: engine.stats().queued == len(tasks))
+            await asyncio.sleep(wait_ms / 1e3)
+        constraint.gate.set()
+        return await asyncio.gather(running, *tasks)
+
+    try:
+        results = asyncio.run(scenario())
+    finally:
+        engine.close()
+    assert finished[0] == first and sorted(finished) == ["generate", "score"]
+    assert results[1].order == generate_labels(model, [5, 6, 7, 21, 22, 23], labels, 3)  # same answers either way
+
+
 class FaultyConstraint(LabelConstraint):
     """Breaks on its third token (in `advance`, or in `allowed_tokens`): a bug in one request's constraint."""
 
