@@ -14,7 +14,7 @@ import sys
 
 from compile.presets import PRESETS, preset_for
 from compile.steps import EVALUATE_ALIAS, STEPS, resolve_alias
-from palr.cli import add_config_arguments, build_config
+from palr.cli import LOG_FORMAT, add_config_arguments, build_config
 
 
 def _step_parser(step: str) -> tuple[argparse.ArgumentParser, type, object]:
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     step = argv[0]
     parser, config_cls, module = _step_parser(step)
     args = parser.parse_args(argv[1:])
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
     preset = getattr(args, "preset", None)
     config = build_config(config_cls, args, preset_for(preset, step), **({"preset": preset} if preset else {}))
     logging.getLogger("compile").info("%s: %s", step, config)

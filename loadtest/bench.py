@@ -17,7 +17,7 @@ import importlib
 import logging
 import sys
 
-from palr.cli import add_config_arguments, build_config
+from palr.cli import LOG_FORMAT, add_config_arguments, build_config
 
 # name → (module, config class, one-line help). Modules are imported to build their options, so
 # they keep heavy imports (torch, onnxruntime) inside functions.
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
             sub.add_argument("--quick", action="store_true", help=f"smoke-run sizes: {module.QUICK}")
         add_config_arguments(sub, getattr(module, config_name))
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
     module_name, config_name, _ = BENCHMARKS[args.benchmark]
     module = importlib.import_module(module_name)
     quick = module.QUICK if getattr(args, "quick", False) else None

@@ -300,17 +300,9 @@ def markdown(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m loadtest.bench_gpu [options]` (the same as `python -m loadtest.bench gpu`)."""
-    import argparse
+    from palr.cli import config_main
 
-    from palr.cli import add_config_arguments, build_config
-
-    parser = argparse.ArgumentParser(prog="python -m loadtest.bench_gpu", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(parser, GpuBenchConfig)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run(build_config(GpuBenchConfig, parser.parse_args(argv)))
-    return 0
-
+    return config_main(argv, "python -m loadtest.bench_gpu", __doc__, GpuBenchConfig, run)
 
 if __name__ == "__main__":
     sys.exit(main())

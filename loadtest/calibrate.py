@@ -15,7 +15,6 @@ Measure on the machine and load the gate will run under; measure long enough tha
 
 from __future__ import annotations
 
-import argparse
 import csv
 import datetime
 import logging
@@ -144,17 +143,7 @@ def calibrate(config: CalibrateConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from palr.cli import add_config_arguments, build_config
+    from palr.cli import config_main
 
-    parser = argparse.ArgumentParser(prog="python -m loadtest calibrate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(parser, CalibrateConfig)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        out = calibrate(build_config(CalibrateConfig, args))
-    except (RuntimeError, TimeoutError, ValueError) as e:
-        log.error("%s", e)
-        return 1
-    print(out)
-    return 0
+    return config_main(argv, "python -m loadtest calibrate", __doc__, CalibrateConfig,
+                       lambda config: print(calibrate(config)), (RuntimeError, TimeoutError), "calibration failed")

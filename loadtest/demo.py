@@ -11,7 +11,6 @@ and exit 0).
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import subprocess
@@ -138,19 +137,11 @@ def run(config: DemoConfig) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from palr.cli import add_config_arguments, build_config
+    from palr.cli import config_main
 
-    parser = argparse.ArgumentParser(prog="python -m loadtest.demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(parser, DemoConfig)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return run(build_config(DemoConfig, args))
-    except (BundleError, RuntimeError, TimeoutError, grpc.RpcError, subprocess.CalledProcessError) as e:
-        log.error("%s", e)
-        return 1
-
+    return config_main(argv, "python -m loadtest.demo", __doc__, DemoConfig, run,
+                       (BundleError, RuntimeError, TimeoutError, grpc.RpcError, subprocess.CalledProcessError),
+                       "demo failed")
 
 if __name__ == "__main__":
     sys.exit(main())

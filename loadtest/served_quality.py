@@ -13,7 +13,6 @@ running ones. Writes reports/served_quality.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import statistics
@@ -49,6 +48,11 @@ class ServedQualityConfig:
     ranking: str = field(default="", metadata={"help": "a running ranking server (HOST:PORT); default: start both"})
     retrieval: str = field(default="", metadata={"help": "a running retrieval server (HOST:PORT)"})
     out: Path = field(default=Path("reports"), metadata={"help": "where served_quality.json goes", "metavar": "DIR"})
+
+    def __post_init__(self) -> None:
+        unknown = set(self.modes) - set(MODES)
+        if unknown:
+            raise ValueError(f"--modes {sorted(unknown)}: choose from {', '.join(MODES)}")
 
 
 def ask(targets: tuple[str, str], users: list[str], config: ServedQualityConfig) -> list[dict]:
@@ -127,20 +131,9 @@ def run(config: ServedQualityConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from palr.cli import add_config_arguments, build_config
+    from palr.cli import config_main
 
-    parser = argparse.ArgumentParser(prog="python -m loadtest.served_quality", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_config_arguments(parser, ServedQualityConfig)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = build_config(ServedQualityConfig, args)
-    unknown = set(config.modes) - set(MODES)
-    if unknown:
-        parser.error(f"--modes {sorted(unknown)}: choose from {', '.join(MODES)}")
-    run(config)
-    return 0
-
+    return config_main(argv, "python -m loadtest.served_quality", __doc__, ServedQualityConfig, run)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -74,7 +74,7 @@ def run(config: TwoTierConfig, command: Sequence[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from palr.cli import add_config_arguments, build_config
+    from palr.cli import LOG_FORMAT, add_config_arguments, build_config
 
     parser = argparse.ArgumentParser(prog="python -m loadtest.with_servers", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("no command given (put it after --)")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     try:
         code = run(build_config(TwoTierConfig, args), command)
     except (RuntimeError, TimeoutError) as e:

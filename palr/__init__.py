@@ -8,7 +8,7 @@
     targets, machine, builds          build targets, what this machine is, the build check
     hf_build, ortgenai_runtime, trtllm_runtime, errors
                                       build-record format and engine-library helpers both sides need
-    cli                               dataclass → argparse, the one preset merge, server_main
+    cli                               dataclass → argparse, the one preset merge, config_main (every entry point)
     serving/                          gRPC plumbing of the servers (the domain modules never import it)
 
 Importing `palr` itself is light; torch and onnxruntime come in only with the modules that need them.

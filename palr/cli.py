@@ -11,7 +11,7 @@ import argparse
 import dataclasses
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -62,28 +62,41 @@ def build_config(config_cls: type, args: argparse.Namespace | Mapping[str, Any],
     return config_cls(**values)
 
 
-def server_main(argv: list[str] | None, prog: str, description: str, config_cls: type, server_module: str) -> int:
-    """A server's `__main__`: flags from `config_cls`, logging, then `server_module.serve(config)` until
-    SIGTERM. The server module is imported after parsing, so `--help` stays fast. Exit 1 with the reason
-    logged when the bundle, the options or the port are refused."""
-    import asyncio
-    import importlib
-    import logging
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
-    from palr.bundle import BundleError
+
+def config_main(argv: list[str] | None, prog: str, description: str, config_cls: type,
+                run: Callable[[Any], int | None], errors: tuple[type[BaseException], ...] = (),
+                failure: str = "failed") -> int:
+    """An entry point's whole `main`: flags from `config_cls` plus `--log-level`, logging, the config
+    (`build_config`), then `run(config)`; its int is the exit code (None: 0). A refused config
+    (ValueError) or one of `errors` is logged as "<failure>: <reason>" and exits 1, not a traceback."""
+    import logging
 
     parser = argparse.ArgumentParser(prog=prog, description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser, config_cls)
     parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    log = logging.getLogger(prog.split()[-1])
+    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
     try:
-        config = build_config(config_cls, args)
-        serve = importlib.import_module(server_module).serve
-        asyncio.run(serve(config))
-    except (BundleError, ValueError, OSError) as e:
-        log.error("cannot serve: %s", e)
+        code = run(build_config(config_cls, args))
+    except (ValueError, *errors) as e:
+        logging.getLogger(prog.split()[-1]).error("%s: %s", failure, e)
         return 1
-    return 0
+    return code or 0
+
+
+def server_main(argv: list[str] | None, prog: str, description: str, config_cls: type, server_module: str) -> int:
+    """A server's `__main__`: `config_main` running `server_module.serve(config)` until SIGTERM. The
+    server module is imported after parsing, so `--help` stays fast. Exit 1 with the reason logged
+    when the bundle, the options or the port are refused."""
+    import asyncio
+    import importlib
+
+    from palr.bundle import BundleError
+
+    def serve(config) -> None:
+        asyncio.run(importlib.import_module(server_module).serve(config))
+
+    return config_main(argv, prog, description, config_cls, serve, (BundleError, OSError), "cannot serve")
