@@ -114,6 +114,9 @@ class BenchConfig:
     generate_k: int = field(default=0, metadata={
         "help": "answer lines in generate mode (0: llm/ranker.json's generate_k)"})
     seed: int = field(default=0, metadata={"help": "which users are sampled"})
+    generate_logit_weight: float | None = field(default=None, metadata={
+        "help": "generate mode's weight of the model's logits instead of the ranker's (the shipped fit's 0 writes "
+                "the answer with no decode pass; 1 measures decoding, what batching speeds up)"})
     threads: int = field(default=0, metadata={"help": "torch threads of the engines (0: torch's default)"})
     max_batch_size: int = field(default=RankingServerConfig.max_batch_size, metadata={
         "help": "engine batch slots (the server's default)"})
@@ -177,7 +180,7 @@ def run(config: BenchConfig) -> dict:
         torch.set_num_threads(config.threads)
     n_users = max(config.requests, max(config.concurrency))
     workload = load_workload(config.bundle, n_users, candidates=config.candidates, generate_k=config.generate_k,
-                             seed=config.seed)
+                             seed=config.seed, generate_logit_weight=config.generate_logit_weight)
     engine_config = EngineConfig(max_batch_size=config.max_batch_size, max_tokens_per_step=config.max_tokens_per_step,
                                  threads=config.threads)
     if config.build_cells and workload.build_model is None:
@@ -366,7 +369,9 @@ def markdown(report: dict) -> str:
         f"the machine was busy with other work are not final.",
         f"Workload: {w['users']} real users, their SASRec top-{w['candidates']} candidates, PALR prompts of "
         f"{w['prompt_tokens_min']}-{w['prompt_tokens_max']} tokens (mean {w['prompt_tokens_mean']}, shared prefix "
-        f"{w['prefix_tokens']}); generate mode writes {w['generate_k']} answer lines ({w['generate_format']}). "
+        f"{w['prefix_tokens']}); generate mode writes {w['generate_k']} answer lines ({w['generate_format']}, "
+        f"logit weight {', '.join(map(str, w.get('generate_logit_weight', [])))}"
+        f"{': the bias order, no decode pass' if w.get('generate_logit_weight') == [0.0] else ''}). "
         f"Closed loop: each of `concurrency` callers sends its next request when its last one is answered. "
         f"Users per request: {w['pattern']}"
         + (f" (exponent {w['zipf_exponent']})" if w.get("zipf_exponent") else "")

@@ -44,17 +44,20 @@ class Workload:
 
     def describe(self) -> dict:
         prompts = [len(r.prefix_ids) + len(r.suffix_ids) for r in self.requests["score"]]
+        weights = {r.logit_weight for r in self.requests["generate"]}
         contexts = [r.context_len for r in self.requests["score"]]
         return {"users": len(self.users), "candidates": self.candidates, "generate_k": self.generate_k,
                 "context_tokens_mean": round(sum(contexts) / len(contexts), 1), "build_dtype": self.build_dtype,
-                "generate_format": self.generate_format, "prefix_tokens": len(self.requests["score"][0].prefix_ids),
+                "generate_format": self.generate_format, "generate_logit_weight": sorted(weights),
+                "prefix_tokens": len(self.requests["score"][0].prefix_ids),
                 "prompt_tokens_mean": round(sum(prompts) / len(prompts), 1), "prompt_tokens_min": min(prompts),
                 "prompt_tokens_max": max(prompts)}
 
 
 def load_workload(bundle_dir: Path, n: int, *, candidates: int = 0, generate_k: int = 0, seed: int = 0,
-                  device: str = "cpu") -> Workload:
-    """`n` requests per mode for `n` users sampled (with `seed`) from the bundle's users with a history."""
+                  device: str = "cpu", generate_logit_weight: float | None = None) -> Workload:
+    """`n` requests per mode for `n` users sampled (with `seed`) from the bundle's users with a history.
+    `generate_logit_weight`: instead of the ranker's (a weight of 0 writes the answer without decoding)."""
     from palr.bundle import Bundle
     from palr.catalog import Catalog
     from palr.llm import load_causal_lm
@@ -84,7 +87,10 @@ def load_workload(bundle_dir: Path, n: int, *, candidates: int = 0, generate_k: 
         for mode in MODES:
             plan = Plan(request_id=f"bench-{user}", user_id=user, history=histories[user], history_source="stored",
                         exclude=[], k=k_generate, num_candidates=k_candidates, mode=mode)
-            requests[mode].append(builder.engine_request(plan.request_id, plan, items, scores).request)
+            request = builder.engine_request(plan.request_id, plan, items, scores).request
+            if mode == "generate" and generate_logit_weight is not None:
+                request = dataclasses.replace(request, logit_weight=generate_logit_weight)
+            requests[mode].append(request)
     build_model, build_dtype = hf_cpu_build(bundle) if device == "cpu" else (None, "")
     workload = Workload(model, requests, users, k_candidates, k_generate, ranker["generate_format"], build_model,
                         build_dtype)

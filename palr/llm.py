@@ -177,6 +177,19 @@ def pick_allowed(allowed: Sequence[int], allowed_logits: torch.Tensor, constrain
     return int(allowed[int(torch.argmax(scores))])
 
 
+def emit_by_bias(constraint: DecodingConstraint, bias: Sequence[float] | None) -> int:
+    """Generate mode when the model's logits count zero (`logit_weight` 0, what the shipped rankers' fit
+    chose): every pick is the argmax of the bias alone, so the constrained answer is written without a
+    decode pass, exactly as `pick_allowed` would pick from any logits. Returns the tokens written; the
+    answer is `constraint.emitted()`."""
+    written = 0
+    while not constraint.done:
+        allowed = constraint.allowed_tokens()
+        constraint.advance(pick_allowed(allowed, torch.zeros(len(allowed)), constraint, bias, 0.0))
+        written += 1
+    return written
+
+
 def pick_token(logits: torch.Tensor, constraint: DecodingConstraint,
                bias: Sequence[float] | None = None, logit_weight: float = 1.0) -> int:
     """`pick_allowed` on full next-token logits `[V]`."""
@@ -215,13 +228,17 @@ def generate_constrained(model, input_ids: Sequence[int], constraint: DecodingCo
                          readout: Readout | None = None, logit_weight: float = 1.0) -> list[int]:
     """Generate mode: greedy decoding under `constraint` with the KV cache, until it is done. With a
     `readout` (candidate-readout rankers), each candidate's readout logit from the same prefill joins its
-    bias (`palr.ranking.decoding_bias`), as the ranker was trained.
+    bias (`palr.ranking.decoding_bias`), as the ranker was trained. With `logit_weight` 0 the prompt's pass
+    is the only one (`emit_by_bias`).
 
     Returns the emitted candidate positions in order (`constraint.emitted()`)."""
     hidden, cache, start = _prefill(model, input_ids, prefix)
     head = model.get_output_embeddings()
     if readout is not None:
         bias = decoding_bias(bias, readout_logits(head, hidden, start, readout).tolist())
+    if logit_weight == 0:
+        emit_by_bias(constraint, bias)
+        return constraint.emitted()
     logits = head(hidden[-1]).float()  # [V]
     device = model_device(model)
     while True:

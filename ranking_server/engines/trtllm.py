@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from palr.decoding import LabelConstraint, TitleConstraint
-from palr.llm import label_log_probs
+from palr.llm import emit_by_bias, label_log_probs
 from palr.ranking import decoding_bias
 from palr.trtllm_runtime import import_trtllm, read_engine_config, trt_backend_llm_class
 from ranking_server.engines.base import (
@@ -111,6 +111,8 @@ class TrtllmEngine(RankingEngine):
             scored = await self._run(dataclasses.replace(request, mode="score"), None)
             read = readout_from_context(scored.outputs[0].context_logits, len(request.input_ids), request.readout)
             request = dataclasses.replace(request, bias=decoding_bias(request.bias, read), readout=None)
+            if request.logit_weight == 0:  # the answer is the bias's order: no second pass (palr.llm.emit_by_bias)
+                return self._by_bias(request, constraint, started)
         output, first_token = await self._run(request, constraint, streaming=request.mode == "generate")
         return self._result(request, output, started, first_token)
 
@@ -144,6 +146,17 @@ class TrtllmEngine(RankingEngine):
             with self._lock:
                 self._outputs.pop(request.request_id, None)
         return output, first_token
+
+    def _by_bias(self, request: EngineRequest, constraint, started: float) -> EngineResult:
+        """Generate mode at logit weight 0, after the score pass: the constrained answer in the bias's order."""
+        written = emit_by_bias(constraint, request.bias)
+        now = time.perf_counter()
+        self._count("completed", prompt_tokens=len(request.input_ids), generated_tokens=written)
+        timings = EngineTimings(queue_ms=0.0, prefill_ms=1e3 * (now - started), decode_ms=0.0,
+                                total_ms=1e3 * (now - started))
+        return EngineResult(request.request_id, request.mode, constraint.emitted(), None,
+                            prompt_tokens=len(request.input_ids), cached_tokens=0, generated_tokens=written,
+                            timings=timings)
 
     def _result(self, request: EngineRequest, output, started: float, first_token: float | None) -> EngineResult:
         completion = output.outputs[0]

@@ -1,0 +1,95 @@
+"""Generate mode at logit weight 0 (what the shipped rankers' validation fit chose): the model's next-token
+logits count zero, so the answer is the bias's order (retrieval + trend + the candidate readouts of the
+prompt's pass) and no decode pass runs. It must equal what decoding with the logits weighted 0 writes,
+in the reference and in every engine."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from loadtest.baselines import STRATEGIES, strategy_engine  # noqa: E402
+from palr.decoding import LabelConstraint, TitleConstraint  # noqa: E402
+from palr.llm import emit_by_bias, generate_constrained, load_causal_lm, pick_token  # noqa: E402
+from palr.prompt import Readout  # noqa: E402
+from ranking_server.engines.base import EngineRequest  # noqa: E402
+from ranking_server.engines.config import EngineConfig  # noqa: E402
+from tests.fixtures.engine_workload import label_ids  # noqa: E402
+
+N = 8
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama_dir):
+    model, tokenizer = load_causal_lm(tiny_llama_dir)
+    return model, label_ids(tokenizer, N)
+
+
+def decode_weighted_zero(model, input_ids, constraint, bias) -> list[int]:
+    """The long way: feed every emitted token through the model and pick from its logits weighted 0."""
+    ids = list(input_ids)
+    while not constraint.done:
+        logits = model(input_ids=torch.tensor([ids])).logits[0, -1].float()  # [V]
+        token = pick_token(logits, constraint, bias, logit_weight=0.0)
+        constraint.advance(token)
+        ids.append(token)
+    return constraint.emitted()
+
+
+def constraints(labels, lines, k):
+    return {"labels": lambda: LabelConstraint(labels, k), "titles": lambda: TitleConstraint(labels, lines, k)}
+
+
+@pytest.mark.parametrize("answer", ["labels", "titles"])
+def test_the_bias_order_is_what_decoding_with_logits_weighted_zero_writes(tiny, answer):
+    model, labels = tiny
+    rng = random.Random(1)
+    prompt = [rng.randrange(100, 40000) for _ in range(30)]
+    lines = [[rng.randrange(100, 40000) for _ in range(rng.randint(1, 3))] for _ in labels]
+    bias = [rng.uniform(-1, 1) for _ in labels]
+    make = constraints(labels, lines, k=5)[answer]
+    slow = decode_weighted_zero(model, prompt, make(), bias)
+    fast = make()
+    written = emit_by_bias(fast, bias)
+    assert fast.emitted() == slow == sorted(range(N), key=lambda c: -bias[c])[:5]
+    assert written == (5 if answer == "labels" else 5 + sum(len(lines[c]) for c in slow))
+    assert generate_constrained(model, prompt, make(), bias, logit_weight=0.0) == slow
+
+
+def request(rid: str, labels, rng: random.Random) -> EngineRequest:
+    """A generate request with a candidate readout (each candidate's last token) and a bias, weight 0."""
+    prefix = [rng.randrange(100, 40000) for _ in range(20)]
+    candidates, ends = [], []
+    for label in labels:
+        candidates += [label, rng.randrange(100, 40000)]
+        ends.append(len(prefix) + len(candidates) - 1)
+    return EngineRequest(rid, prefix, candidates + [rng.randrange(100, 40000)], labels, mode="generate", k=4,
+                         bias=[rng.uniform(-0.5, 0.5) for _ in labels],
+                         readout=Readout(tuple(ends), tuple(labels)), logit_weight=0.0)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_engines_answer_without_a_decode_pass(tiny, strategy):
+    model, labels = tiny
+    rng = random.Random(2)
+    requests = [request(f"g{i}", labels, rng) for i in range(6)]
+    engine = strategy_engine(strategy, model, EngineConfig(max_batch_size=4, max_tokens_per_step=64))
+
+    async def all_at_once():
+        return await asyncio.gather(*(engine.rank(r) for r in requests))
+
+    try:
+        results = asyncio.run(all_at_once())
+        steps = list(engine.step_log)
+    finally:
+        engine.close()
+    for r, result in zip(requests, results):
+        want = generate_constrained(model, r.input_ids, LabelConstraint(labels, r.k), r.bias, readout=r.readout,
+                                    logit_weight=0.0)
+        assert result.order == want and result.generated_tokens == r.k and len(set(want)) == r.k
+    # one-at-a-time runs the reference (no step ever decodes there); the batching engines must not decode either
+    assert all(step.decoding == 0 for step in steps), "a decode pass ran though the logits count zero"
