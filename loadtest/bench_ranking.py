@@ -71,7 +71,7 @@ def load_workload(bundle_dir: Path, n: int, *, candidates: int = 0, generate_k: 
     catalog = Catalog.load(bundle.path("catalog"))
     histories = {u: e["history"] for u, e in json.loads(bundle.path("users").read_text())["users"].items()
                  if e["history"]}
-    users = sample_users(sorted(histories), n, seed)
+    users = users_for_load(sorted(histories), n, seed)
     k_candidates = candidates or int(ranker["candidates"])
     k_generate = min(generate_k or int(ranker["generate_k"]), k_candidates)
 
@@ -113,8 +113,9 @@ def hf_cpu_build(bundle) -> tuple[Any, str]:
     return load_hf_build(path)[0], str(entry.get("dtype"))
 
 
-def sample_users(users: list[str], n: int, seed: int) -> list[str]:
-    """`n` users drawn without replacement (cycling when the bundle has fewer)."""
+def users_for_load(users: list[str], n: int, seed: int) -> list[str]:
+    """`n` users to send load for: drawn without replacement, cycling when the bundle has fewer (unlike
+    `palr.data.sample_users`, the evaluation's sample, which never repeats a user)."""
     shuffled = random.Random(seed).sample(users, len(users))
     return [shuffled[i % len(shuffled)] for i in range(n)]
 
