@@ -68,8 +68,9 @@ class SftDataConfig(PromptSettings):
                 "examples whose target it retrieved, in its top-K; see compile/holdout.py) or sasrec (the bundle's "
                 "SASRec on training prefixes it was trained on, the target put in when missing)",
         "choices": ("holdout", "sasrec")})
-    holdout_items: int = field(default=8, metadata={
-        "help": "holdout: training items held out per user (each one a cut point)"})
+    holdout_items: int = field(default=16, metadata={
+        "help": "holdout: training items held out per user (each one a cut point; 16: ~5,800 examples on "
+                "ML-100k, 8: ~2,700; docs/results.md measures both)"})
     holdout_epochs: int = field(default=0, metadata={
         "help": "holdout: epochs of the held-out SASRec (0 = the bundle SASRec's best epoch)"})
     threads: int = field(default=0, metadata={"help": "torch threads for the held-out SASRec (0 = torch's default)"})
