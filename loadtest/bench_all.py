@@ -122,6 +122,8 @@ class BenchConfig:
         "help": "engine batch slots (the server's default)"})
     max_tokens_per_step: int = field(default=RankingServerConfig.max_tokens_per_step, metadata={
         "help": "engine token budget per step (the server's default)"})
+    score_first_ms: float = field(default=RankingServerConfig.score_first_ms, metadata={
+        "help": "engine priority of score over generate requests (the server's default; 0: arrival order)"})
     retrieval_calls: int = field(default=300, metadata={"help": "timed SASRec calls per engine and batch size"})
     skip_retrieval: bool = field(default=False, metadata={"help": "leave out ORT vs torch retrieval"})
     pattern: str = field(default="uniform", metadata={
@@ -182,7 +184,7 @@ def run(config: BenchConfig) -> dict:
     workload = load_workload(config.bundle, n_users, candidates=config.candidates, generate_k=config.generate_k,
                              seed=config.seed, generate_logit_weight=config.generate_logit_weight)
     engine_config = EngineConfig(max_batch_size=config.max_batch_size, max_tokens_per_step=config.max_tokens_per_step,
-                                 threads=config.threads)
+                                 threads=config.threads, score_first_ms=config.score_first_ms)
     if config.build_cells and workload.build_model is None:
         log.info("no hf-cpu build of this bundle for this machine: the latency cells use the fp32 model only")
         config = dataclasses.replace(config, build_cells=False)
