@@ -92,7 +92,8 @@ def test_abort_of_a_queued_request(ortgenai_bundle, reference):
     engine = engine_from_build(Bundle.open(ortgenai_bundle), "ortgenai-cpu", EngineConfig(max_batch_size=1,
                                                                                             max_tokens_per_step=8))
     long = EngineRequest("long", [], list(range(1000, 1400)), labels[:5], "generate", k=5)
-    queued = EngineRequest("queued", [], [5, 6, 7], labels[:5])
+    # generate too: a score request would go ahead of it (score_first_ms) and take the slot first
+    queued = EngineRequest("queued", [], [5, 6, 7], labels[:5], "generate", k=2)
 
     async def scenario():
         first = asyncio.ensure_future(engine.rank(long))
