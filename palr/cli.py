@@ -66,11 +66,12 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def config_main(argv: list[str] | None, prog: str, description: str, config_cls: type,
-                run: Callable[[Any], int | None], errors: tuple[type[BaseException], ...] = (),
+                run: Callable[[Any], Any], errors: tuple[type[BaseException], ...] = (),
                 failure: str = "failed") -> int:
     """An entry point's whole `main`: flags from `config_cls` plus `--log-level`, logging, the config
-    (`build_config`), then `run(config)`; its int is the exit code (None: 0). A refused config
-    (ValueError) or one of `errors` is logged as "<failure>: <reason>" and exits 1, not a traceback."""
+    (`build_config`), then `run(config)`: an int it returns is the exit code, anything else (None, a
+    report) means 0. A refused config (ValueError) or one of `errors` is logged as "<failure>: <reason>"
+    and exits 1, not a traceback."""
     import logging
 
     parser = argparse.ArgumentParser(prog=prog, description=description,
@@ -84,7 +85,7 @@ def config_main(argv: list[str] | None, prog: str, description: str, config_cls:
     except (ValueError, *errors) as e:
         logging.getLogger(prog.split()[-1]).error("%s: %s", failure, e)
         return 1
-    return code or 0
+    return code if isinstance(code, int) else 0
 
 
 def server_main(argv: list[str] | None, prog: str, description: str, config_cls: type, server_module: str) -> int:

@@ -1,0 +1,55 @@
+"""`palr.cli.config_main`, every entry point's main: flags from the config dataclass, the exit code from
+what `run` returns (an int), 0 for a returned report, 1 with the reason logged for a refused config."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import pytest
+
+from palr.cli import config_main
+
+
+@dataclass
+class Config:
+    users: int = field(default=5, metadata={"help": "how many"})
+    name: str = "x"
+
+    def __post_init__(self):
+        if self.users < 0:
+            raise ValueError(f"--users must be >= 0, got {self.users}")
+
+
+def main(argv, run, errors=()):
+    return config_main(argv, "python -m example", "an example", Config, run, errors, "example failed")
+
+
+def test_flags_reach_the_config_and_an_int_is_the_exit_code():
+    seen = []
+    assert main(["--users", "7", "--name", "y"], lambda c: seen.append(c) or 3) == 3
+    assert seen == [Config(users=7, name="y")]
+
+
+@pytest.mark.parametrize("returned", [None, {"users": 943}, [1, 2]], ids=["none", "a-report", "a-list"])
+def test_a_returned_report_is_success(returned):
+    assert main([], lambda c: returned) == 0
+
+
+def test_a_refused_config_or_a_listed_error_exits_1_with_the_reason(caplog):
+    with caplog.at_level(logging.ERROR):
+        assert main(["--users", "-1"], lambda c: 0) == 1
+    assert "example failed: --users must be >= 0, got -1" in caplog.text
+
+    def broken(config):
+        raise TimeoutError("servers did not come up")
+
+    assert main([], broken, (TimeoutError,)) == 1
+    with pytest.raises(KeyError):  # anything not listed is a bug: it propagates
+        main([], lambda c: {}["missing"])
+
+
+def test_help_exits_0(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"], lambda c: 0)
+    assert e.value.code == 0 and "--users USERS" in capsys.readouterr().out
