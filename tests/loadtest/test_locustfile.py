@@ -129,7 +129,7 @@ def test_bad_options_stop_the_run_before_it_starts(tiny_bundle, tmp_path):
 # -- the benchmark report's code path on the tiny bundle -------------------------------------------------
 
 def test_bench_report_measures_every_cell_and_writes_ratios_goals_and_plots(tiny_llm_bundle, tmp_path):
-    from loadtest.bench_all import GOALS, RATIOS, RETRIEVAL_RATIO, BenchConfig, run
+    from loadtest.bench_all import DECODING_GOALS, GOALS, RATIOS, RETRIEVAL_RATIO, BenchConfig, run
 
     report = run(BenchConfig(bundle=tiny_llm_bundle, out=tmp_path, concurrency=[1, 16], requests=3, repeats=2,
                              candidates=6, generate_k=2, retrieval_calls=10))
@@ -147,6 +147,9 @@ def test_bench_report_measures_every_cell_and_writes_ratios_goals_and_plots(tiny
             continue
         goal = saved["goals"][name]
         op, threshold = GOALS[name]
+        if saved["workload"]["generate_logit_weight"] == [0.0] and name in DECODING_GOALS:
+            assert goal["met"] is None  # generate ran no decode pass: nothing to batch, not applicable
+            continue
         assert goal["met"] == {">=": value >= threshold, "<": value < threshold, "<=": value <= threshold}[op]
     cells = {(c["mode"], c["strategy"], c["concurrency"], c["prefix_reuse"]): c for c in saved["cells"]}
     for mode in ("score", "generate"):
@@ -166,3 +169,14 @@ def test_bench_report_measures_every_cell_and_writes_ratios_goals_and_plots(tiny
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     markdown = (tmp_path / "bench.md").read_text()
     assert "| inflight_vs_sequential_throughput_c16 |" in markdown and "![generate mode](bench_generate.png)" in markdown
+
+
+def test_decoding_goals_do_not_apply_when_generate_runs_no_decode_pass():
+    from loadtest.bench_all import DECODING_GOALS, goals
+
+    ratios = {"inflight_vs_sequential_throughput_c16": 1.01, "context_hit_vs_miss_latency": 0.65}
+    decoding, bias_only = goals(ratios), goals(ratios, generate_decodes=False)
+    assert decoding["inflight_vs_sequential_throughput_c16"]["met"] is False
+    assert bias_only["inflight_vs_sequential_throughput_c16"]["met"] is None
+    assert bias_only["context_hit_vs_miss_latency"]["met"] is False  # not about decoding: still judged
+    assert "context_hit_vs_miss_latency" not in DECODING_GOALS
