@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 
 from palr.decoding import DecodingConstraint
-from palr.llm import emit_by_bias, label_log_probs, model_device, pick_allowed, readout_logits, token_logits
+from palr.llm import label_log_probs, model_device, pick_allowed, readout_logits, token_logits
 from palr.prompt import Readout
 from palr.ranking import decoding_bias
 from ranking_server.engines.base import EngineError
@@ -274,16 +274,6 @@ class HFEngine(LoopEngine):
         else:
             row.next_token = token
 
-    def _finish_by_bias(self, row: Row) -> None:
-        try:
-            written = emit_by_bias(row.constraint, row.bias)
-        except Exception as e:  # noqa: BLE001 - a bad constraint fails its own request only
-            self._fail_rows([row], e, "constrained decoding")
-            return
-        self._count(generated_tokens=written)
-        self._leave(row)
-        self._finish(row.pending, row.constraint.emitted(), None, row.cached, written)
-
     def _prefill(self, group: list[tuple[Row, int]]) -> None:
         """Run one pass of prompt chunks for rows in contiguous slots; finish the prompts that are done."""
         rows = [row for row, _ in group]
@@ -326,8 +316,9 @@ class HFEngine(LoopEngine):
             self._leave(row)
             self._finish(pending, order, scores, row.cached, 0)
             return
-        if request.logit_weight == 0:  # the answer is the bias's order: no decode pass (palr.llm.emit_by_bias)
-            self._finish_by_bias(row)
+        if request.logit_weight == 0:  # the answer is the bias's order: no decode pass
+            self._leave(row)
+            self._finish_by_bias(pending, row.bias, row.cached)
             return
         self._swap(row.slot, self._n_decoding)
         self._n_decoding += 1

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from palr.decoding import DecodingConstraint
+from palr.llm import emit_by_bias
 from ranking_server.engines.base import (
     EngineAborted, EngineError, EngineOverloaded, EngineRequest, EngineResult, EngineStats,
     EngineTimings, InvalidRequest, RankingEngine)
@@ -201,9 +202,11 @@ class LoopEngine(RankingEngine):
 
     def _take(self, n: int) -> list[Pending]:
         """Admit up to n waiting requests in `_priority` order, stamping their admission time."""
+        if n <= 0:  # every step asks, also when no slot is free: no sort then
+            return []
         now = time.perf_counter()
         with self._cv:
-            taken = sorted(self._waiting, key=self._priority)[:max(n, 0)]
+            taken = sorted(self._waiting, key=self._priority)[:n]
             for pending in taken:
                 self._waiting.remove(pending)
                 pending.admitted = now
@@ -248,6 +251,18 @@ class LoopEngine(RankingEngine):
                               timings=pending.timings(now), batch_size=batch)
         self._count(completed=1)
         self._deliver(pending, result, None)
+
+    def _finish_by_bias(self, pending: Pending, bias: list[float] | None, cached_tokens: int) -> None:
+        """Generate mode at logit weight 0, once the prompt's pass has run and the caller has freed the
+        request's slot: the constrained answer in the bias's order, no decode pass (`palr.llm.emit_by_bias`)."""
+        try:
+            written = emit_by_bias(pending.constraint, bias)
+        except Exception as e:  # noqa: BLE001 - a bad constraint fails its own request only
+            log.exception("constrained decoding failed for %s", pending.request_id)
+            self._fail(pending, EngineError(f"constrained decoding failed: {e!r}"))
+            return
+        self._count(generated_tokens=written)
+        self._finish(pending, pending.constraint.emitted(), None, cached_tokens, written)
 
     def _fail(self, pending: Pending, error: EngineError) -> None:
         self._count(aborted=1) if isinstance(error, EngineAborted) else self._count(failed=1)

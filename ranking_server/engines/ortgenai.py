@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from palr.llm import emit_by_bias, label_log_probs, pick_allowed
+from palr.llm import label_log_probs, pick_allowed
 from palr.ortgenai_runtime import GeneratorSlot, genai_config, load_model
 from palr.ranking import decoding_bias
 from ranking_server.engines.base import EngineError
@@ -181,21 +181,11 @@ class OrtGenaiEngine(LoopEngine):
         if running.next_token is None:
             running.pending.prefilled = time.perf_counter()
             self._count(cached_tokens=running.cached)
-            if request.logit_weight == 0:  # the answer is the bias's order: no decode step (palr.llm.emit_by_bias)
-                self._finish_by_bias(running)
+            if request.logit_weight == 0:  # the answer is the bias's order: no decode step
+                self._leave(running)
+                self._finish_by_bias(running.pending, running.bias, running.cached)
                 return
         self._emit(running, logits)
-
-    def _finish_by_bias(self, running: Running) -> None:
-        try:
-            written = emit_by_bias(running.pending.constraint, running.bias)
-        except Exception as e:  # noqa: BLE001 - a bad constraint fails its own request only
-            self._leave(running)
-            self._fail(running.pending, EngineError(f"constrained decoding failed: {e!r}"))
-            return
-        self._count(generated_tokens=written)
-        self._leave(running)
-        self._finish(running.pending, running.pending.constraint.emitted(), None, running.cached, written)
 
     def _emit(self, running: Running, logits: np.ndarray) -> None:
         constraint = running.pending.constraint
