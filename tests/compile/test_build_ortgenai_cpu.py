@@ -144,3 +144,19 @@ def test_a_build_that_won_no_mode_is_refused(ortgenai_bundle, tmp_path):
     bundle.save()
     with pytest.raises(BuildMismatch, match="no ranking mode where onnxruntime-genai beats torch"):
         ortgenai_engine(Bundle.open(bundle_dir), EngineConfig(), lambda: None)
+
+
+def test_generate_at_logit_weight_zero_writes_the_bias_order_without_decoding(ortgenai_bundle, reference):
+    _, labels = reference
+    engine = engine_from_build(Bundle.open(ortgenai_bundle), "ortgenai-cpu", EngineConfig(max_batch_size=2,
+                                                                                            max_tokens_per_step=64))
+    bias = [0.1, 0.5, -0.2, 0.3, 0.0]
+    request = EngineRequest("zero", [], list(range(500, 540)), labels[:5], "generate", k=3, bias=bias,
+                            logit_weight=0.0)
+    try:
+        result = asyncio.run(engine.rank(request))
+        steps = list(engine.step_log)
+    finally:
+        engine.close()
+    assert result.order == [1, 3, 0] and result.generated_tokens == 3
+    assert steps and all(step.decoding == 0 for step in steps), "a decode step ran though the logits count zero"
