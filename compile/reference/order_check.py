@@ -5,10 +5,10 @@ order and averaged with the reversed order (does the causal candidate readout de
 
 Prints the fused NDCG@10 / retrieval at several fusion weights, forward and averaged."""
 import argparse
+import json
 
 import numpy as np
 import torch
-from transformers import AutoTokenizer  # noqa: F401  (the prompt's tokenizer comes with the merged model)
 
 from compile.holdout import top_k
 from palr import metrics
@@ -29,8 +29,6 @@ def main():
     p.add_argument("--data", default="data/ml-100k")
     a = p.parse_args()
     torch.set_num_threads(2)
-    import json
-
     bundle = Bundle.open(a.bundle)
     catalog, corpus = Catalog.load(bundle.path("catalog")), Corpus.load(a.data)
     ranker = json.loads(bundle.path("ranker").read_text())
