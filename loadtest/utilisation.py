@@ -2,8 +2,11 @@
 
     peak       a 2048^3 torch.matmul (2 * 2048^3 FLOPs), median of a few, in fp32 and in the dtype the
                bundle's hf-cpu build runs its matmuls in (bf16 for bf16 / bf16-body builds)
-    prefill    one forward pass over a real score prompt (the bench's workload, the full prompt: no
-               prefix reuse), median of a few, on the bench's model in that precision
+    prefill    one forward pass of the decoder over a real score prompt (the bench's workload, the full
+               prompt: no prefix reuse), median of a few, on the bench's model in that precision: the
+               decoder alone, as the engines run it (they read a few rows of the LM head afterwards, never
+               the whole vocabulary; a full-vocabulary head at one position reads 117 MB of fp32 weights on
+               SmolLM2, ~9 ms, which the parameter count below leaves out)
     FLOP/s     2 x non-embedding parameters x prompt tokens / prefill time
 
 Non-embedding parameters: every parameter of the decoder layers plus the final norm, without the
@@ -82,18 +85,18 @@ def measure(model, input_ids: list[int], dtypes: list[str], repeats: int = 5, n:
     for dtype in dict.fromkeys(dtypes):
         torch_dtype = torch.bfloat16 if MATMUL_DTYPE.get(dtype, "fp32") == "bf16" else torch.float32
         a, b = torch.randn(n, n, dtype=torch_dtype), torch.randn(n, n, dtype=torch_dtype)
-        candidate = variant(model, dtype)
+        decoder = variant(model, dtype).get_decoder()
         ids = torch.tensor([input_ids])
         with torch.inference_mode():
             a @ b
-            candidate(input_ids=ids[:, :16], use_cache=True, logits_to_keep=1)  # warm-up
+            decoder(input_ids=ids[:, :16], use_cache=True)  # warm-up
             peaks, prefills = [], []
             for _ in range(repeats):
                 started = time.perf_counter()
                 a @ b
                 peaks.append(time.perf_counter() - started)
                 started = time.perf_counter()
-                candidate(input_ids=ids, use_cache=True, logits_to_keep=1)
+                decoder(input_ids=ids, use_cache=True)
                 prefills.append(time.perf_counter() - started)
         row = utilisation_row(dtype, statistics.median(peaks), statistics.median(prefills), parameters, len(input_ids),
                               n)
@@ -103,7 +106,7 @@ def measure(model, input_ids: list[int], dtypes: list[str], repeats: int = 5, n:
         log.info("utilisation %s: peak %.1f GFLOP/s, prefill %.1f GFLOP/s (%d tokens, %.0f ms) = %.0f %%", dtype,
                  row["peak_gflops"], row["prefill_gflops"], len(input_ids), row["prefill_ms"],
                  100 * (row["utilisation"] or 0))
-        del candidate
+        del decoder
     return rows
 
 
