@@ -127,15 +127,17 @@ class Builder(HybridPrompt):
             ids += (self._ids(";") if i else []) + self._item(item, idx, self.settings.history_years)
         ids += self._newline + self._ids("Candidates:") + self._newline
         labels = self.label_token_ids(len(candidates))
-        ends = []
+        ends, starts = [], []
         for lab, (item, idx), tr in zip(labels, candidates, trends):
+            starts.append(len(ids))
             ids += [lab] + self._candidate(item, idx)
             if self.trend:
                 ids += [self.trend_offset + tr]
             ends.append(len(ids) - 1)
             ids += self._newline
+        starts.append(len(ids))  # the tail
         ids += self._ids(self._tail)
-        return ids, labels, ends
+        return ids, labels, ends, starts
 
 
 def encode(rows, builder, cat, profiler, rng=None):
@@ -146,9 +148,9 @@ def encode(rows, builder, cat, profiler, rng=None):
         if rng is not None:
             rng.shuffle(perm)
         cands = [(cat.by_id(r["candidates"][j]), cat.index(r["candidates"][j])) for j in perm]
-        ids, labels, ends = builder.build(profiler([h for h, _ in hist]), hist, cands, [r["trend"][j] for j in perm])
+        ids, labels, ends, starts = builder.build(profiler([h for h, _ in hist]), hist, cands, [r["trend"][j] for j in perm])
         tp = perm.index(r["target_position"]) if r["target_position"] is not None else None
-        out.append({"ids": ids, "labels": labels, "ends": ends, "scores": [r["scores"][j] for j in perm],
+        out.append({"ids": ids, "labels": labels, "ends": ends, "starts": starts, "scores": [r["scores"][j] for j in perm],
                     "trend": [r["trend"][j] for j in perm], "target": tp})
     return out
 
@@ -180,7 +182,27 @@ def embed(base, ids, rows):
     return out
 
 
-def forward_scores(lm, extras, exs, pad, readout, beta=False):
+def block_mask(exs, width):
+    """[B, 1, T, T] bool and positions [B, T]: each candidate line sees the context and itself only (not the
+    other candidates), at the same positions for every line: scores independent of the candidates' order."""
+    allowed = torch.zeros((len(exs), 1, width, width), dtype=torch.bool)
+    pos = torch.zeros((len(exs), width), dtype=torch.long)
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    for i, e in enumerate(exs):
+        o, n = width - len(e["ids"]), len(e["ids"])
+        s = e["starts"]
+        allowed[i, 0, o:, o:] = causal[:n, :n]
+        p = torch.arange(n)
+        for a, b in zip(s[:-1], s[1:]):
+            allowed[i, 0, o + a:o + b, o + s[0]:o + a] = False  # not the earlier candidates
+            p[a:b] = s[0] + torch.arange(b - a)
+        p[s[-1]:] = s[0] + max(b - a for a, b in zip(s[:-1], s[1:])) + torch.arange(n - s[-1])
+        pos[i, o:] = p
+        allowed[i, 0, :o, 0] = True  # padding rows: attend somewhere (their output is never read)
+    return allowed, pos
+
+
+def forward_scores(lm, extras, exs, pad, readout, beta=False, block=False):
     base = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
     width = max(len(e["ids"]) for e in exs)
     ids = torch.full((len(exs), width), pad, dtype=torch.long)
@@ -189,6 +211,8 @@ def forward_scores(lm, extras, exs, pad, readout, beta=False):
         ids[i, width - len(e["ids"]):] = torch.tensor(e["ids"])
         mask[i, width - len(e["ids"]):] = 1
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    if block:
+        mask, pos = block_mask(exs, width)
     h = base.model(inputs_embeds=embed(base, ids, extras.rows()), attention_mask=mask, position_ids=pos,
                    use_cache=False).last_hidden_state  # [B, T, D]
     if readout == "label":
@@ -221,11 +245,11 @@ def crossfit(llm, retr, targets):
 
 
 @torch.no_grad()
-def evaluate(lm, extras, valid, pad, readout, beta, bs=32):
+def evaluate(lm, extras, valid, pad, readout, beta, block=False, bs=32):
     lm.eval()
     llm = []
     for s in range(0, len(valid), bs):
-        llm += forward_scores(lm, extras, valid[s:s + bs], pad, readout, beta).log_softmax(-1).tolist()
+        llm += forward_scores(lm, extras, valid[s:s + bs], pad, readout, beta, block).log_softmax(-1).tolist()
     lm.train()
     targets = [e["target"] for e in valid]
     retr = [e["scores"] for e in valid]
@@ -263,6 +287,8 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tag", default="e")
     p.add_argument("--beta", type=int, default=0, help="score head: + a learned bias per trend bucket")
+    p.add_argument("--block", type=int, default=0,
+                   help="1: candidate lines attend to the context and themselves only, at the same positions")
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     torch.set_num_threads(a.threads)
@@ -333,7 +359,7 @@ def main():
     while True:
         batch = train[(step * a.bs) % len(train):][:a.bs]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(a.autocast)):
-            logits = forward_scores(lm, extras, batch, pad, a.readout, bool(a.beta))
+            logits = forward_scores(lm, extras, batch, pad, a.readout, bool(a.beta), bool(a.block))
         loss = listwise(logits.float(), batch, a.w)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params + list(extras.parameters()), 1.0)
@@ -346,7 +372,7 @@ def main():
         done = el > a.minutes * 60 or seen >= min(a.max_examples, len(train))
         if seen >= next_eval or done:
             next_eval += a.eval_examples or 0
-            ev = evaluate(lm, extras, valid, pad, a.readout, bool(a.beta))
+            ev = evaluate(lm, extras, valid, pad, a.readout, bool(a.beta), bool(a.block))
             scores = ev.pop("llm_scores")
             record["evals"].append({"seen": seen, "train_s": round(el), **ev})
             log.info("seen %d (%.0f s): LLM alone %.4f (%.3fx), fused cross-fit %.4f (%.3fx) weights %s, top1 %s",
