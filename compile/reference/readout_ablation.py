@@ -150,7 +150,8 @@ def encode(rows, builder, cat, profiler, rng=None):
         cands = [(cat.by_id(r["candidates"][j]), cat.index(r["candidates"][j])) for j in perm]
         ids, labels, ends, starts = builder.build(profiler([h for h, _ in hist]), hist, cands, [r["trend"][j] for j in perm])
         tp = perm.index(r["target_position"]) if r["target_position"] is not None else None
-        out.append({"ids": ids, "labels": labels, "ends": ends, "starts": starts, "scores": [r["scores"][j] for j in perm],
+        out.append({"ids": ids, "labels": labels, "ends": ends, "starts": starts, "items": [idx for _, idx in cands],
+                    "scores": [r["scores"][j] for j in perm],
                     "trend": [r["trend"][j] for j in perm], "target": tp})
     return out
 
@@ -226,6 +227,26 @@ def forward_scores(lm, extras, exs, pad, readout, beta=False, block=False):
     return out
 
 
+def title_table(tok, cat, E, max_tokens=16):
+    """[N, D]: each item's title as the mean of its tokens' input embeddings (row 0, padding: zeros)."""
+    rows = torch.zeros(cat.num_indices, E.shape[1])
+    for i in range(1, cat.num_indices):
+        ids = tok.encode(" " + cat.item(i).title, add_special_tokens=False)[:max_tokens]
+        rows[i] = E[ids].float().mean(0)
+    return rows
+
+
+def align_loss(extras, titles, exs, tau):
+    """RSLLM-style item alignment: InfoNCE between each batch item's projected SASRec embedding and its
+    title's text embedding, the batch's other items as negatives, both directions."""
+    idx = torch.tensor(sorted({i for e in exs for i in e["items"]}))
+    p = F.normalize(extras.net(extras.table[idx]), dim=-1)  # [I, D]
+    t = F.normalize(titles[idx], dim=-1)  # [I, D]
+    logits = p @ t.T / tau
+    target = torch.arange(len(idx))
+    return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+
+
 def listwise(logits, exs, w):
     r = torch.log_softmax(torch.tensor([e["scores"] for e in exs]), -1)
     return F.cross_entropy(logits + w * r, torch.tensor([e["target"] for e in exs]))
@@ -287,6 +308,12 @@ def main():
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tag", default="e")
     p.add_argument("--beta", type=int, default=0, help="score head: + a learned bias per trend bucket")
+    p.add_argument("--stage1", type=float, default=0.0,
+                   help="RSLLM's two stages: this share of --minutes on text-only prompts (no item soft tokens), "
+                        "then hybrid prompts on the next examples")
+    p.add_argument("--align", type=float, default=0.0,
+                   help="+ this times the item alignment loss (projected SASRec embedding vs title embedding)")
+    p.add_argument("--tau", type=float, default=0.07, help="temperature of the alignment loss")
     p.add_argument("--block", type=int, default=0,
                    help="1: candidate lines attend to the context and themselves only, at the same positions")
     a = p.parse_args()
@@ -315,6 +342,12 @@ def main():
     profiler = StatsProfiler(cat)
     train = encode(train_rows, builder, cat, profiler, random.Random(1))
     random.Random(2).shuffle(train)
+    train_text = None
+    if a.stage1:  # the same examples, in the same order and candidate order, without item soft tokens
+        text_builder = Builder(tok, PromptSettings(history_items=a.history, profile=bool(a.profile)), V, V + N,
+                               bool(a.titles), False, bool(a.trend), True)
+        train_text = encode(train_rows, text_builder, cat, profiler, random.Random(1))
+        random.Random(2).shuffle(train_text)
     valid = encode(valid_rows, builder, cat, profiler)
     lens = sorted(len(e["ids"]) for e in train)
     log.info("train %d examples (median %d tokens), valid %d users (%d retrieved)", len(train),
@@ -324,6 +357,7 @@ def main():
     yes = tok.encode(" yes", add_special_tokens=False)[-1]
     extras = Extras(SASRec.load(bundle.path("sasrec_holdout")).item_emb.weight.detach().clone(),
                     lm.config.hidden_size, E[digits], E[yes] * (a.score_init == "yes"))
+    titles = title_table(tok, cat, E) if a.align else None
     lora = LoraConfig(r=a.rank, lora_alpha=2 * a.rank, lora_dropout=0.05,
                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM")
     lm = get_peft_model(lm, lora)
@@ -357,10 +391,14 @@ def main():
     started, step, seen = time.perf_counter(), 0, 0
     next_eval = a.eval_examples or 10 ** 12
     while True:
-        batch = train[(step * a.bs) % len(train):][:a.bs]
+        start = (step * a.bs) % len(train)
+        text_stage = train_text is not None and time.perf_counter() - started < a.stage1 * a.minutes * 60
+        batch = (train_text if text_stage else train)[start:][:a.bs]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(a.autocast)):
             logits = forward_scores(lm, extras, batch, pad, a.readout, bool(a.beta), bool(a.block))
         loss = listwise(logits.float(), batch, a.w)
+        if a.align:
+            loss = loss + a.align * align_loss(extras, titles, batch, a.tau)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params + list(extras.parameters()), 1.0)
         opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
@@ -368,7 +406,7 @@ def main():
         seen += len(batch)
         el = time.perf_counter() - started
         if step % 10 == 0:
-            log.info("step %d loss %.4f, %.2f examples/s", step, loss.item(), seen / el)
+            log.info("step %d loss %.4f, %.2f examples/s%s", step, loss.item(), seen / el, " (text-only)" if text_stage else "")
         done = el > a.minutes * 60 or seen >= min(a.max_examples, len(train))
         if seen >= next_eval or done:
             next_eval += a.eval_examples or 0
