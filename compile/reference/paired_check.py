@@ -17,6 +17,7 @@ from pathlib import Path
 
 from palr import metrics
 from palr.ranking import fuse, order_by_scores, target_rank
+from readout_ablation import rows_cache  # the same folder: scripts run as `python compile/reference/...`
 
 
 def per_user(llm: list[list[float]], rows: list[dict], weight: float | None) -> list[float]:
@@ -36,7 +37,7 @@ def main():
     p.add_argument("--window", type=float, default=30, help="the runs' --window (names the cached rows)")
     p.add_argument("--weight", type=float, default=1.0, help="fusion weight of the retrieval log-softmax")
     a = p.parse_args()
-    _, rows = pickle.loads((a.bundle / f"exp_rows_w{a.window:g}.pkl").read_bytes())
+    _, rows = pickle.loads(rows_cache(a.bundle, a.window).read_bytes())
     llm_a, llm_b = json.loads(a.a.read_text()), json.loads(a.b.read_text())
     rows = rows[:len(llm_a)]
     if len(llm_a) != len(llm_b):

@@ -63,6 +63,11 @@ class Events:
         return np.bincount(self.items[lo:hi], minlength=self.n)
 
 
+def rows_cache(bundle_dir: Path, window: float) -> Path:
+    """Where prepare's (train, valid) rows for one --window are cached (paired_check.py reads them too)."""
+    return bundle_dir / f"exp_rows_w{window:g}.pkl"
+
+
 def prepare(bundle: Bundle, data: Path, K: int, window: float, cache: Path):
     if cache.is_file():
         return pickle.loads(cache.read_bytes())
@@ -321,8 +326,7 @@ def main():
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     bundle = Bundle.open(a.bundle)
-    train_rows, valid_rows = prepare(bundle, Path(a.data), 20, a.window,
-                                     Path(a.bundle) / f"exp_rows_w{a.window:g}.pkl")
+    train_rows, valid_rows = prepare(bundle, Path(a.data), 20, a.window, rows_cache(Path(a.bundle), a.window))
     if a.valid_users:
         valid_rows = valid_rows[:a.valid_users]
     from palr.catalog import Catalog
@@ -337,17 +341,21 @@ def main():
                                                                 attn_implementation="sdpa"), a.layers)
     V = lm.config.vocab_size
     N = cat.num_indices
-    builder = Builder(tok, PromptSettings(history_items=a.history, profile=bool(a.profile)), V, V + N,
-                      bool(a.titles), bool(a.soft), bool(a.trend), bool(a.candidate_titles))
+    settings = PromptSettings(history_items=a.history, profile=bool(a.profile))
     profiler = StatsProfiler(cat)
-    train = encode(train_rows, builder, cat, profiler, random.Random(1))
-    random.Random(2).shuffle(train)
-    train_text = None
-    if a.stage1:  # the same examples, in the same order and candidate order, without item soft tokens
-        text_builder = Builder(tok, PromptSettings(history_items=a.history, profile=bool(a.profile)), V, V + N,
-                               bool(a.titles), False, bool(a.trend), True)
-        train_text = encode(train_rows, text_builder, cat, profiler, random.Random(1))
-        random.Random(2).shuffle(train_text)
+
+    def builder_for(soft, candidate_titles):
+        return Builder(tok, settings, V, V + N, bool(a.titles), soft, bool(a.trend), candidate_titles)
+
+    def shuffled_train(b):  # the same examples, candidate orders and example order whatever the builder
+        rows = encode(train_rows, b, cat, profiler, random.Random(1))
+        random.Random(2).shuffle(rows)
+        return rows
+
+    builder = builder_for(bool(a.soft), bool(a.candidate_titles))
+    train = shuffled_train(builder)
+    # --stage1: the text-only stage sees the same examples without item soft tokens
+    train_text = shuffled_train(builder_for(False, True)) if a.stage1 else None
     valid = encode(valid_rows, builder, cat, profiler)
     lens = sorted(len(e["ids"]) for e in train)
     log.info("train %d examples (median %d tokens), valid %d users (%d retrieved)", len(train),
