@@ -63,9 +63,10 @@ class Events:
         return np.bincount(self.items[lo:hi], minlength=self.n)
 
 
-def rows_cache(bundle_dir: Path, window: float) -> Path:
-    """Where prepare's (train, valid) rows for one --window are cached (paired_check.py reads them too)."""
-    return bundle_dir / f"exp_rows_w{window:g}.pkl"
+def rows_cache(bundle_dir: Path, window: float, k: int = 20) -> Path:
+    """Where prepare's (train, valid) rows for one --window and k candidates are cached (paired_check.py and
+    candidate_count.py read them too)."""
+    return bundle_dir / (f"exp_rows_w{window:g}.pkl" if k == 20 else f"exp_rows_w{window:g}_k{k}.pkl")
 
 
 def prepare(bundle: Bundle, data: Path, K: int, window: float, cache: Path):
@@ -257,8 +258,8 @@ def listwise(logits, exs, w):
     return F.cross_entropy(logits + w * r, torch.tensor([e["target"] for e in exs]))
 
 
-def crossfit(llm, retr, targets):
-    """2-fold: weight fit on one half of the users, NDCG@10 on the other; returns (ndcg over all, weights)."""
+def crossfit_ranks(llm, retr, targets):
+    """2-fold: weight fit on one half of the users, the target's rank on the other; returns (ranks, weights)."""
     n = len(targets)
     halves = [list(range(0, n, 2)), list(range(1, n, 2))]
     ranks, weights = [None] * n, []
@@ -267,7 +268,27 @@ def crossfit(llm, retr, targets):
         weights.append(w)
         for i in score_on:
             ranks[i] = target_rank(order_by_scores(fuse(llm[i], retr[i], w)), targets[i])
+    return ranks, weights
+
+
+def crossfit(llm, retr, targets):
+    """crossfit_ranks as (NDCG@10 over all users, weights)."""
+    ranks, weights = crossfit_ranks(llm, retr, targets)
     return metrics.ndcg(ranks, 10), weights
+
+
+def trend_weights(rows, steps=300):
+    """The linear baseline's per-bucket weights [8]: retrieval log-softmax + w[trend bucket], fit listwise on
+    rows (prepare's: "trend", "scores", "target_position" set)."""
+    w = torch.zeros(8, requires_grad=True)
+    opt = torch.optim.Adam([w], lr=0.05)
+    buckets = torch.tensor([r["trend"] for r in rows])  # [R, K]
+    retr = torch.log_softmax(torch.tensor([r["scores"] for r in rows]), -1)  # [R, K]
+    targets = torch.tensor([r["target_position"] for r in rows])  # [R]
+    for _ in range(steps):
+        loss = F.cross_entropy(retr + w[buckets], targets)
+        opt.zero_grad(); loss.backward(); opt.step()
+    return [float(x) for x in w.detach()]
 
 
 @torch.no_grad()
@@ -326,7 +347,7 @@ def main():
     torch.set_num_threads(a.threads)
     torch.manual_seed(0)
     bundle = Bundle.open(a.bundle)
-    train_rows, valid_rows = prepare(bundle, Path(a.data), 20, a.window, rows_cache(Path(a.bundle), a.window))
+    train_rows, valid_rows = prepare(bundle, Path(a.data), 20, a.window, rows_cache(Path(a.bundle), a.window, 20))
     if a.valid_users:
         valid_rows = valid_rows[:a.valid_users]
     from palr.catalog import Catalog
@@ -375,21 +396,14 @@ def main():
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     retrieval = metrics.ndcg([target_rank(range(20), e["target"]) for e in valid], 10)
     # the linear baseline: retrieval log-softmax + a per-bucket weight, fit listwise on the same training rows
-    bw = torch.zeros(8, requires_grad=True)
-    bopt = torch.optim.Adam([bw], lr=0.05)
-    tr_b = torch.tensor([e["trend"] for e in train])
-    tr_r = torch.log_softmax(torch.tensor([e["scores"] for e in train]), -1)
-    tr_t = torch.tensor([e["target"] for e in train])
-    for _ in range(300):
-        loss = F.cross_entropy(tr_r + bw[tr_b], tr_t)
-        bopt.zero_grad(); loss.backward(); bopt.step()
-    lin = [[float(bw.detach()[b]) for b in e["trend"]] for e in valid]
+    bw = trend_weights(train_rows)
+    lin = [[bw[b] for b in e["trend"]] for e in valid]
     lin_ranks = [target_rank(order_by_scores([x + r for x, r in zip(l, torch.log_softmax(torch.tensor(e["scores"]), -1).tolist())]), e["target"])
                  for l, e in zip(lin, valid)]
     lin_ndcg = metrics.ndcg(lin_ranks, 10)
     lin_x, _ = crossfit(lin, [e["scores"] for e in valid], [e["target"] for e in valid])
     log.info("retrieval NDCG@10 %.4f; linear retrieval+trend (w=1) %.4f (%.3fx), cross-fit %.4f; bucket weights %s",
-             retrieval, lin_ndcg, lin_ndcg / retrieval, lin_x, [round(float(x), 2) for x in bw])
+             retrieval, lin_ndcg, lin_ndcg / retrieval, lin_x, [round(x, 2) for x in bw])
     record = {"args": vars(a), "retrieval": retrieval, "linear_trend": lin_ndcg, "linear_trend_xfit": lin_x,
               "train_examples": len(train), "evals": []}
     steps = min(len(train), a.max_examples) // a.bs
