@@ -1,0 +1,53 @@
+"""Research script: two bundles' `compile evaluate --tier ranking` side by side on the same test users.
+
+    python compile/reference/paired_bundles.py BUNDLE_A BUNDLE_B [--mode score]
+
+Reads each bundle's per-user rows (reports/eval_ranking_users.jsonl), keeps the users both evaluated, and
+prints NDCG@10 of A, of B and of the retrieval order with paired bootstrap 95 % intervals of A / B and of
+each over retrieval. A report, not a choice: settings are chosen on validation, never on these users.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from palr import metrics
+
+USERS_REPORT = Path("reports/eval_ranking_users.jsonl")
+
+
+def ranks_by_user(bundle: Path, key: str) -> dict[str, int | None]:
+    rows = [json.loads(line) for line in (bundle / USERS_REPORT).read_text().splitlines() if line.strip()]
+    return {r["user"]: r[key] for r in rows}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("a", type=Path, help="bundle of the variant")
+    p.add_argument("b", type=Path, help="bundle of the reference")
+    p.add_argument("--mode", default="score", choices=("score", "llm", "generate"),
+                   help="which ranking to compare: score mode, the LLM alone, generate mode")
+    a = p.parse_args()
+    key = f"{a.mode}_rank"
+    rank_a, rank_b = ranks_by_user(a.a, key), ranks_by_user(a.b, key)
+    retrieval_a, retrieval_b = ranks_by_user(a.a, "retrieval_rank"), ranks_by_user(a.b, "retrieval_rank")
+    users = sorted(set(rank_a) & set(rank_b))
+    if not users:
+        raise SystemExit(f"{a.a} and {a.b} evaluated no user in common")
+    differ = [u for u in users if retrieval_a[u] != retrieval_b[u]]
+    if differ:
+        print(f"note: the retrieval rank of the target differs for {len(differ)} of {len(users)} users "
+              f"(different SASRec); ratios use A's retrieval order")
+    nd = {name: metrics.per_user_ndcg([ranks[u] for u in users], 10)
+          for name, ranks in (("A", rank_a), ("B", rank_b), ("retrieval", retrieval_a))}
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    print(f"{len(users)} users, {a.mode}: NDCG@10 A {mean(nd['A']):.4f}, B {mean(nd['B']):.4f}, "
+          f"retrieval {mean(nd['retrieval']):.4f}")
+    for name, num, den in (("A / B", "A", "B"), ("A / retrieval", "A", "retrieval"), ("B / retrieval", "B", "retrieval")):
+        ci = metrics.paired_bootstrap_ratio(nd[num], nd[den])
+        print(f"{name:>14}: {ci['ratio']:.3f} (95 % CI {ci['low']:.3f} - {ci['high']:.3f})")
+
+
+if __name__ == "__main__":
+    main()
