@@ -12,13 +12,15 @@ import argparse
 import json
 from pathlib import Path
 
+from compile.evaluate_ranking import USERS_REPORT
 from palr import metrics
-
-USERS_REPORT = Path("reports/eval_ranking_users.jsonl")
+from palr.bundle import Bundle
+from paired_check import print_paired  # the same folder: scripts run as `python compile/reference/...`
 
 
 def ranks_by_user(bundle: Path, key: str) -> dict[str, int | None]:
-    rows = [json.loads(line) for line in (bundle / USERS_REPORT).read_text().splitlines() if line.strip()]
+    path = Bundle.open(bundle).reports_dir() / USERS_REPORT
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return {r["user"]: r[key] for r in rows}
 
 
@@ -44,9 +46,7 @@ def main():
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     print(f"{len(users)} users, {a.mode}: NDCG@10 A {mean(nd['A']):.4f}, B {mean(nd['B']):.4f}, "
           f"retrieval {mean(nd['retrieval']):.4f}")
-    for name, num, den in (("A / B", "A", "B"), ("A / retrieval", "A", "retrieval"), ("B / retrieval", "B", "retrieval")):
-        ci = metrics.paired_bootstrap_ratio(nd[num], nd[den])
-        print(f"{name:>14}: {ci['ratio']:.3f} (95 % CI {ci['low']:.3f} - {ci['high']:.3f})")
+    print_paired(nd["A"], nd["B"], nd["retrieval"])
 
 
 if __name__ == "__main__":

@@ -29,6 +29,13 @@ def per_user(llm: list[list[float]], rows: list[dict], weight: float | None) -> 
     return metrics.per_user_ndcg(ranks, 10)
 
 
+def print_paired(nd_a: list[float], nd_b: list[float], nd_r: list[float]) -> None:
+    """A / B, A / retrieval and B / retrieval of per-user NDCG@10, each with its paired bootstrap 95 % interval."""
+    for name, num, den in (("A / B", nd_a, nd_b), ("A / retrieval", nd_a, nd_r), ("B / retrieval", nd_b, nd_r)):
+        ci = metrics.paired_bootstrap_ratio(num, den)
+        print(f"{name:>14}: {ci['ratio']:.3f} (95 % CI {ci['low']:.3f} - {ci['high']:.3f})")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("a", type=Path, help="exp_<tag>_scores.json of the variant")
@@ -46,9 +53,7 @@ def main():
     mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
     print(f"{len(rows)} users, fusion weight {a.weight:g}: NDCG@10 A {mean(nd_a):.4f}, B {mean(nd_b):.4f}, "
           f"retrieval {mean(nd_r):.4f}")
-    for name, num, den in (("A / B", nd_a, nd_b), ("A / retrieval", nd_a, nd_r), ("B / retrieval", nd_b, nd_r)):
-        ci = metrics.paired_bootstrap_ratio(num, den)
-        print(f"{name:>14}: {ci['ratio']:.3f} (95 % CI {ci['low']:.3f} - {ci['high']:.3f})")
+    print_paired(nd_a, nd_b, nd_r)
 
 
 if __name__ == "__main__":

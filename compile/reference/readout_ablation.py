@@ -277,18 +277,24 @@ def crossfit(llm, retr, targets):
     return metrics.ndcg(ranks, 10), weights
 
 
+def linear_weights(retr, targets, indices, sizes, steps):
+    """A listwise linear re-ranker: retrieval log-softmax [R, K] + the sum over features of w_f[index_f] ([R, K]
+    each), fit by cross-entropy on targets [R]; returns each feature's weights [size_f]."""
+    ws = [torch.zeros(n, requires_grad=True) for n in sizes]
+    opt = torch.optim.Adam(ws, lr=0.05)
+    for _ in range(steps):
+        loss = F.cross_entropy(retr + sum(w[i] for w, i in zip(ws, indices)), targets)
+        opt.zero_grad(); loss.backward(); opt.step()
+    return [w.detach() for w in ws]
+
+
 def trend_weights(rows, steps=300):
     """The linear baseline's per-bucket weights [8]: retrieval log-softmax + w[trend bucket], fit listwise on
     rows (prepare's: "trend", "scores", "target_position" set)."""
-    w = torch.zeros(8, requires_grad=True)
-    opt = torch.optim.Adam([w], lr=0.05)
-    buckets = torch.tensor([r["trend"] for r in rows])  # [R, K]
     retr = torch.log_softmax(torch.tensor([r["scores"] for r in rows]), -1)  # [R, K]
     targets = torch.tensor([r["target_position"] for r in rows])  # [R]
-    for _ in range(steps):
-        loss = F.cross_entropy(retr + w[buckets], targets)
-        opt.zero_grad(); loss.backward(); opt.step()
-    return [float(x) for x in w.detach()]
+    (w,) = linear_weights(retr, targets, [torch.tensor([r["trend"] for r in rows])], [8], steps)
+    return [float(x) for x in w]
 
 
 @torch.no_grad()

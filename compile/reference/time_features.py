@@ -17,14 +17,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from palr import metrics
 from palr.bundle import Bundle
 from palr.corpus import Corpus
 from palr.ranking import target_rank
 from palr.trends import DAY_S, TrendTable
-from readout_ablation import crossfit_ranks, prepare, rows_cache  # the same folder
+from readout_ablation import crossfit_ranks, linear_weights, prepare, rows_cache  # the same folder
 
 CUTS = ("30,60,90,120,150,180", "30,90,180", "60,150", "60", "30", "90")
 
@@ -38,17 +37,6 @@ def ages(rows, corpus: Corpus, first_seen: np.ndarray) -> np.ndarray:
         days = (moment - first) / DAY_S
         out.append(np.where(np.isfinite(days) & (days >= 0), days, -1.0))
     return np.array(out)
-
-
-def fit(retr, targets, indices, sizes, steps=400):
-    """A listwise linear re-ranker: retrieval log-softmax [R, K] + sum over features of w_f[index_f] ([R, K]
-    each); returns the weights [size_f] of each feature."""
-    ws = [torch.zeros(n, requires_grad=True) for n in sizes]
-    opt = torch.optim.Adam(ws, lr=0.05)
-    for _ in range(steps):
-        loss = F.cross_entropy(retr + sum(w[i] for w, i in zip(ws, indices)), targets)
-        opt.zero_grad(); loss.backward(); opt.step()
-    return [w.detach() for w in ws]
 
 
 def main():
@@ -71,7 +59,7 @@ def main():
     retrieval = metrics.per_user_ndcg([target_rank(range(20), t) for t in valid_targets], 10)
 
     def report(name, train_indices, valid_indices, sizes):
-        ws = fit(retr, targets, train_indices, sizes)
+        ws = linear_weights(retr, targets, train_indices, sizes, steps=400)
         scores = sum(w[i] for w, i in zip(ws, valid_indices)).tolist()
         ranks, fusion = crossfit_ranks(scores, [r["scores"] for r in valid], valid_targets)
         ci = metrics.paired_bootstrap_ratio(metrics.per_user_ndcg(ranks, 10), retrieval)
