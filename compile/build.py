@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 VERSION = 1
 SOURCE = "llm_merged"
-DTYPES = ("auto", "fp32", "bf16", "bf16-body", "fp16", "int8", "int8-wo", "int4")
+DTYPES = ("auto", "fp32", "bf16", "bf16-body", "bf16-body-fp32-last", "fp16", "int8", "int8-wo", "int4")
 QUANTIZATIONS = ("none", "fp8", "int4_awq")
 INSTALL_HINTS = {
     "hf-cpu": "pip install -e '.[serve]' (after the CPU torch pin, see the Makefile)",
@@ -58,7 +58,7 @@ class BuildConfig:
                 "no CUDA → hf-cpu", "choices": tuple(TARGETS)})
     dtype: str = field(default="auto", metadata={
         "help": "auto: measured (CPU targets) or bf16 (fp16 before SM 8.0) on GPUs; hf-cpu: fp32|bf16|bf16-body "
-                "(bf16 body, fp32 head)|int8 (dynamic int8)|int8-wo (torchao weight-only), ortgenai-cpu: fp32|int4, GPUs: bf16|fp16", "choices": DTYPES})
+                "(bf16 body, fp32 head)|bf16-body-fp32-last (and the last layer fp32)|int8 (dynamic int8)|int8-wo (torchao weight-only), ortgenai-cpu: fp32|int4, GPUs: bf16|fp16", "choices": DTYPES})
     quantization: str = field(default="none", metadata={
         "help": "trtllm only: fp8 (FP8 weights/activations + FP8 KV cache, SM 8.9+) or int4_awq (W4A16 AWQ)",
         "choices": QUANTIZATIONS})
@@ -73,7 +73,8 @@ class BuildConfig:
     measure: bool = field(default=True, metadata={
         "help": "CPU targets: measure the candidates side by side and keep the winner; --no-measure takes "
                 "--dtype (auto: fp32) without measuring"})
-    candidates: list[str] = field(default_factory=lambda: ["fp32", "bf16", "bf16-body", "int8", "int8-wo"], metadata={
+    candidates: list[str] = field(default_factory=lambda: [
+        "fp32", "bf16", "bf16-body", "bf16-body-fp32-last", "int8", "int8-wo"], metadata={
         "help": "hf-cpu: dtypes measured against each other (fp32 is always the reference; the bf16 ones only "
                 "where the CPU has avx512_bf16 or amx_bf16)"})
     probe_users: int = field(default=100, metadata={

@@ -1,7 +1,9 @@
 """How close score-mode prefill runs to this machine's matmul peak, measured side by side in one run.
 
     peak       a 2048^3 torch.matmul (2 * 2048^3 FLOPs), median of a few, in fp32 and in the dtype the
-               bundle's hf-cpu build runs its matmuls in (bf16 for bf16 / bf16-body builds)
+               bundle's hf-cpu build runs its matmuls in (bf16 for bf16 / bf16-body builds); for a build
+               whose layers differ (bf16-body-fp32-last), the time of the same FLOPs split as its layers
+               are: share_bf16 x t(bf16 matmul) + share_fp32 x t(fp32 matmul)
     prefill    one forward pass of the decoder over a real score prompt (the bench's workload, the full
                prompt: no prefix reuse), median of a few, on the bench's model in that precision: the
                decoder alone, as the engines run it (they read a few rows of the LM head afterwards, never
@@ -28,7 +30,8 @@ log = logging.getLogger(__name__)
 MATMUL_N = 2048
 PARAMETERS = "non-embedding (decoder layers + final norm; no token embeddings, no LM head)"
 # which matmul dtype a build candidate (compile/targets/hf_cpu.py) runs its decoder in
-MATMUL_DTYPE = {"fp32": "fp32", "bf16": "bf16", "bf16-body": "bf16", "int8": "fp32", "int8-wo": "fp32"}
+MATMUL_DTYPE = {"fp32": "fp32", "bf16": "bf16", "bf16-body": "bf16", "bf16-body-fp32-last": "bf16", "int8": "fp32",
+                "int8-wo": "fp32"}
 
 
 def matmul_flops(n: int = MATMUL_N) -> int:
@@ -62,6 +65,26 @@ def utilisation_row(dtype: str, peak_s: float, prefill_s: float, parameters: int
             "prefill_gflops": round(prefill / 1e9, 2), "utilisation": round(prefill / peak, 3) if peak else None}
 
 
+def matmul_shares(candidate: str, model) -> dict:
+    """{torch dtype: share of the decoder layers whose matmuls run in it} for `model` made `candidate`."""
+    import torch
+
+    if MATMUL_DTYPE.get(candidate, "fp32") != "bf16":
+        return {torch.float32: 1.0}
+    from palr.precision import layer_dtypes
+
+    dtypes = layer_dtypes(model)
+    return {d: dtypes.count(d) / len(dtypes) for d in dict.fromkeys(dtypes)}
+
+
+def shares_label(shares: dict) -> str:
+    """"bf16", or "bf16 75 % + fp32 25 %" for a mixed build."""
+    names = {"torch.bfloat16": "bf16", "torch.float32": "fp32"}
+    if len(shares) == 1:
+        return names.get(str(next(iter(shares))), str(next(iter(shares))))
+    return " + ".join(f"{names.get(str(d), str(d))} {100 * s:.0f} %" for d, s in shares.items())
+
+
 def chosen_dtype(bundle_dir) -> tuple[str, str]:
     """(the hf-cpu build's candidate, how it was found): the bundle's engine:hf-cpu dtype, else fp32."""
     from palr.bundle import Bundle
@@ -83,30 +106,35 @@ def measure(model, input_ids: list[int], dtypes: list[str], repeats: int = 5, n:
     parameters = non_embedding_parameters(model)
     rows = []
     for dtype in dict.fromkeys(dtypes):
-        torch_dtype = torch.bfloat16 if MATMUL_DTYPE.get(dtype, "fp32") == "bf16" else torch.float32
-        a, b = torch.randn(n, n, dtype=torch_dtype), torch.randn(n, n, dtype=torch_dtype)
-        decoder = variant(model, dtype).get_decoder()
+        candidate = variant(model, dtype)
+        shares = matmul_shares(dtype, candidate)
+        pairs = {d: (torch.randn(n, n, dtype=d), torch.randn(n, n, dtype=d)) for d in shares}
+        decoder = candidate.get_decoder()
         ids = torch.tensor([input_ids])
         with torch.inference_mode():
-            a @ b
+            for a, b in pairs.values():
+                a @ b
             decoder(input_ids=ids[:, :16], use_cache=True)  # warm-up
             peaks, prefills = [], []
             for _ in range(repeats):
-                started = time.perf_counter()
-                a @ b
-                peaks.append(time.perf_counter() - started)
+                peak = 0.0
+                for d, (a, b) in pairs.items():
+                    started = time.perf_counter()
+                    a @ b
+                    peak += shares[d] * (time.perf_counter() - started)
+                peaks.append(peak)
                 started = time.perf_counter()
                 decoder(input_ids=ids, use_cache=True)
                 prefills.append(time.perf_counter() - started)
         row = utilisation_row(dtype, statistics.median(peaks), statistics.median(prefills), parameters, len(input_ids),
                               n)
-        row["matmul_dtype"] = MATMUL_DTYPE.get(dtype, "fp32")
+        row["matmul_dtype"] = shares_label(shares)
         row["prefill_ms_runs"] = [round(1e3 * x, 1) for x in prefills]
         rows.append(row)
         log.info("utilisation %s: peak %.1f GFLOP/s, prefill %.1f GFLOP/s (%d tokens, %.0f ms) = %.0f %%", dtype,
                  row["peak_gflops"], row["prefill_gflops"], len(input_ids), row["prefill_ms"],
                  100 * (row["utilisation"] or 0))
-        del decoder
+        del decoder, candidate
     return rows
 
 

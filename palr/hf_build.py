@@ -4,10 +4,12 @@ how to load it so the model runs as it was measured at build time.
     engines/hf-cpu/
       config.json  model.safetensors  tokenizer files
       build.json   {"dtype": "fp32" | "bf16" | "fp16", "quantization": null | "dynamic-int8" | "int8-weight-only",
-                    "body_dtype": null | "bf16", "num_threads": 2, "attn_implementation": "sdpa"}
+                    "body_dtype": null | "bf16", "fp32_last_layers": 0 | 1, "num_threads": 2,
+                    "attn_implementation": "sdpa"}
 
 `body_dtype` (absent in older builds: null) casts the decoder layers to that dtype at load while the
-final norm, the LM head and the scores stay in `dtype` (fp32): see `palr.precision.body_dtype`.
+final norm, the LM head and the scores stay in `dtype` (fp32), and so do the last `fp32_last_layers`
+decoder layers (absent: 0): see `palr.precision.body_dtype`.
 `int8-weight-only` is torchao's weight-only int8 of the decoder's Linear layers, also applied at load.
 
 Dynamic int8 (torch.ao `quantize_dynamic` of the decoder's Linear layers: int8 weights, activations
@@ -44,19 +46,29 @@ def quantize_dynamic_int8(model):
 
 
 def save_hf_build(out: Path, model, tokenizer, *, dtype: str, quantization: str | None,
-                  num_threads: int | None, attn_implementation: str, body_dtype: str | None = None) -> dict[str, Any]:
+                  num_threads: int | None, attn_implementation: str, body_dtype: str | None = None,
+                  fp32_last_layers: int = 0) -> dict[str, Any]:
     """Writes the checkpoint in `dtype` (fp32 under int8 or a bf16 body: applied at load) and build.json."""
     if (quantization or body_dtype) and dtype != "fp32":
         raise ValueError(f"{quantization or 'a ' + str(body_dtype) + ' body'} applies to an fp32 model, not {dtype}")
     if body_dtype is not None and body_dtype not in DTYPES:
         raise ValueError(f"unknown body dtype {body_dtype!r}")
+    if fp32_last_layers and body_dtype is None:
+        raise ValueError("fp32_last_layers applies to a model with a body dtype")
     out.mkdir(parents=True, exist_ok=True)
     model.to(DTYPES[dtype]).save_pretrained(out)
     tokenizer.save_pretrained(out)
-    record = {"dtype": dtype, "quantization": quantization, "body_dtype": body_dtype, "num_threads": num_threads,
+    record = {"dtype": dtype, "quantization": quantization, "body_dtype": body_dtype,
+              "fp32_last_layers": fp32_last_layers, "num_threads": num_threads,
               "attn_implementation": attn_implementation}
     (out / BUILD_FILE).write_text(json.dumps(record, indent=2) + "\n")
     return record
+
+
+def body_tail(record: dict[str, Any]) -> str:
+    """", last N layers fp32" for a build that keeps them so, else ""."""
+    n = record.get("fp32_last_layers", 0)
+    return f", last {n} layer{'s' if n > 1 else ''} fp32" if n else ""
 
 
 def read_build(path: Path) -> dict[str, Any]:
@@ -83,11 +95,11 @@ def load_hf_build(path: Path, device: str = "cpu"):
     elif record["quantization"]:
         raise ValueError(f"{path}: unknown quantization {record['quantization']!r} in {BUILD_FILE}")
     if record.get("body_dtype"):
-        body_dtype(model, DTYPES[record["body_dtype"]])
+        body_dtype(model, DTYPES[record["body_dtype"]], record.get("fp32_last_layers", 0))
     if record.get("num_threads") and device == "cpu":
         torch.set_num_threads(int(record["num_threads"]))
     log.info("hf build %s: %s%s%s, attention %s, %s threads", path, record["dtype"],
              f" ({record['quantization']})" if record["quantization"] else "",
-             f" ({record['body_dtype']} body)" if record.get("body_dtype") else "", record["attn_implementation"],
+             f" ({record['body_dtype']} body{body_tail(record)})" if record.get("body_dtype") else "", record["attn_implementation"],
              record.get("num_threads") or "default")
     return model, AutoTokenizer.from_pretrained(path), record

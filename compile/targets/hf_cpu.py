@@ -3,7 +3,9 @@ without ranking worse than fp32.
 
 Candidates (each a `TorchRunner` on the same weights): fp32; bf16 (fast only with AVX512-BF16 or
 AMX, emulated otherwise); bf16-body ("bf16 body, fp32 head": decoder layers in bf16, final norm, LM
-head and scores in fp32, `palr.precision.body_dtype`); dynamic int8 (torch.ao `quantize_dynamic`:
+head and scores in fp32, `palr.precision.body_dtype`); bf16-body-fp32-last (the same with the last
+decoder layer in fp32 too: the 4-layer ranker's bf16-body sits at the quality bar, this one above it);
+dynamic int8 (torch.ao `quantize_dynamic`:
 int8 weights for the decoder's Linear layers, activations quantized per call; fbgemm needs AVX2);
 int8-wo (torchao int8 weight-only of the same layers; needs torchao). The bf16 candidates are
 measured only where the CPU has native bf16 (avx512_bf16 or amx_bf16 in `palr.hardware`'s ISA
@@ -34,14 +36,17 @@ log = logging.getLogger(__name__)
 
 NATIVE_BF16 = "amx_bf16|avx512_bf16"
 # What a candidate needs from the CPU to run as measured ("a|b": either).
-REQUIRES_ISA = {"fp32": [], "bf16": [NATIVE_BF16], "bf16-body": [NATIVE_BF16], "int8": ["avx2"], "int8-wo": []}
-LABELS = {"fp32": "fp32", "bf16": "bf16", "bf16-body": "bf16 body, fp32 head", "int8": "dynamic int8",
+REQUIRES_ISA = {"fp32": [], "bf16": [NATIVE_BF16], "bf16-body": [NATIVE_BF16], "bf16-body-fp32-last": [NATIVE_BF16],
+                "int8": ["avx2"], "int8-wo": []}
+LABELS = {"fp32": "fp32", "bf16": "bf16", "bf16-body": "bf16 body, fp32 head",
+          "bf16-body-fp32-last": "bf16 body, last layer and head fp32", "int8": "dynamic int8",
           "int8-wo": "int8 weight-only (torchao)"}
 # How each candidate is saved (build.json): the fp32 checkpoint plus what to apply at load, or plain bf16.
 BUILD_RECORDS = {
     "fp32": {"dtype": "fp32", "quantization": None, "body_dtype": None},
     "bf16": {"dtype": "bf16", "quantization": None, "body_dtype": None},
     "bf16-body": {"dtype": "fp32", "quantization": None, "body_dtype": "bf16"},
+    "bf16-body-fp32-last": {"dtype": "fp32", "quantization": None, "body_dtype": "bf16", "fp32_last_layers": 1},
     "int8": {"dtype": "fp32", "quantization": DYNAMIC_INT8, "body_dtype": None},
     "int8-wo": {"dtype": "fp32", "quantization": INT8_WEIGHT_ONLY, "body_dtype": None},
 }
@@ -56,8 +61,9 @@ def variant(model, dtype: str):
         return quantize_dynamic_int8(copy.deepcopy(model))
     if dtype == "int8-wo":
         return int8_weight_only(copy.deepcopy(model))
-    if dtype == "bf16-body":
-        return body_dtype(copy.deepcopy(model), torch.bfloat16)
+    record = BUILD_RECORDS[dtype]
+    if record["body_dtype"]:
+        return body_dtype(copy.deepcopy(model), DTYPES[record["body_dtype"]], record.get("fp32_last_layers", 0))
     return copy.deepcopy(model).to(DTYPES[dtype])
 
 
@@ -147,7 +153,7 @@ def build(ctx: BuildContext) -> BuildResult:
     record = save_hf_build(ctx.out, model, tokenizer, **BUILD_RECORDS[dtype], num_threads=threads,
                            attn_implementation="sdpa")
     meta = {"dtype": dtype, "quantization": record["quantization"], "body_dtype": record["body_dtype"],
-            "tensor_parallel_size": 1, "num_threads": threads,
+            "fp32_last_layers": record["fp32_last_layers"], "tensor_parallel_size": 1, "num_threads": threads,
             "attn_implementation": record["attn_implementation"], "requires_isa": REQUIRES_ISA[dtype],
             "serves_modes": list(MODES)}
     if record["quantization"] == INT8_WEIGHT_ONLY:

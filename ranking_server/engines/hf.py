@@ -34,6 +34,7 @@ import torch
 
 from palr.decoding import DecodingConstraint
 from palr.llm import label_log_probs, model_device, pick_allowed, readout_logits, token_logits
+from palr.precision import layer_dtypes
 from palr.prompt import Readout
 from palr.ranking import decoding_bias
 from ranking_server.engines.base import EngineError
@@ -85,7 +86,8 @@ class HFEngine(LoopEngine):
         self.decoder = model.get_decoder()
         self.lm_head = model.get_output_embeddings()
         self.device = model_device(model)
-        self.kv = SlotKVCache(model.config, config.max_batch_size, config.max_seq_len, model.dtype, self.device)
+        self.kv = SlotKVCache(model.config, config.max_batch_size, config.max_seq_len, layer_dtypes(model),
+                              self.device)
         self.prefixes = LRU(config.prefix_cache_size)
         self.contexts = LRU(config.context_cache_mb * 2 ** 20, weigh=kv_bytes)
         self._slots: list[Row] = []        # index = slot; [0, n_decoding) are generating

@@ -54,14 +54,19 @@ class StepPlan:
 class SlotKVCache(Cache):
     """Per-slot keys/values for every layer, plus the plan of the forward pass under way."""
 
-    def __init__(self, config, slots: int, max_len: int, dtype: torch.dtype, device: torch.device | str):
+    def __init__(self, config, slots: int, max_len: int, dtype: torch.dtype | Sequence[torch.dtype],
+                 device: torch.device | str):
+        """`dtype`: of every layer's keys/values, or one per layer (a bf16 body with fp32 last layers)."""
         super().__init__(layers=[])
         text = config.get_text_config()
         kv_heads = getattr(text, "num_key_value_heads", None) or text.num_attention_heads
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         shape = (slots, kv_heads, max_len, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(text.num_hidden_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(text.num_hidden_layers)]
+        dtypes = [dtype] * text.num_hidden_layers if isinstance(dtype, torch.dtype) else list(dtype)
+        if len(dtypes) != text.num_hidden_layers:
+            raise ValueError(f"{len(dtypes)} layer dtypes for {text.num_hidden_layers} layers")
+        self.keys = [torch.zeros(shape, dtype=d, device=device) for d in dtypes]
+        self.values = [torch.zeros(shape, dtype=d, device=device) for d in dtypes]
         self.slots, self.max_len = slots, max_len
         self.device = torch.device(device)
         self._plan: StepPlan | None = None

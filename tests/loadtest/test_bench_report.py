@@ -9,7 +9,8 @@ import pytest
 from loadtest.bench_all import cell_rows, vs_within_rounds
 from loadtest.bench_ranking import Cell
 from loadtest.utilisation import (
-    MATMUL_DTYPE, engine_row, flops_per_s, matmul_flops, non_embedding_parameters, prefill_flops, utilisation_row)
+    MATMUL_DTYPE, engine_row, flops_per_s, matmul_flops, matmul_shares, non_embedding_parameters, prefill_flops,
+    shares_label, utilisation_row)
 
 
 def summary(round_, throughput, p95, **extra):
@@ -48,6 +49,22 @@ def test_non_embedding_parameters_count_decoder_layers_and_final_norm_only():
     per_layer = 64 * 64 * 2 + 64 * 32 * 2 + 64 * 128 * 3 + 2 * 64  # q, o; k, v (GQA); gate, up, down; 2 norms
     assert non_embedding_parameters(model) == 2 * per_layer + 64
     assert non_embedding_parameters(model) == model.num_parameters() - 1000 * 64  # all but the (tied) embeddings
+
+
+def test_a_mixed_build_peak_is_split_as_its_layers_are():
+    torch = pytest.importorskip("torch")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from compile.targets.hf_cpu import variant
+
+    config = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2)
+    model = LlamaForCausalLM(config).eval()
+    mixed = matmul_shares("bf16-body-fp32-last", variant(model, "bf16-body-fp32-last"))
+    assert mixed == {torch.bfloat16: 0.75, torch.float32: 0.25}
+    assert shares_label(mixed) == "bf16 75 % + fp32 25 %"
+    assert matmul_shares("bf16-body", variant(model, "bf16-body")) == {torch.bfloat16: 1.0}
+    assert matmul_shares("int8", model) == {torch.float32: 1.0} and shares_label({torch.float32: 1.0}) == "fp32"
 
 
 def test_vs_sequential_is_taken_within_one_round():
