@@ -40,16 +40,25 @@ def training_config(bundle: Bundle, epochs: int, threads: int) -> SASRecConfig:
     return SASRecConfig(epochs=epochs, patience=max(3, epochs // 4), threads=threads, **arch)
 
 
+MIN_HISTORY = 2  # training items every user keeps before its first held-out one
+
+
+def held_out_count(train_items: int, items: int) -> int:
+    """How many of a user's `train_items` training items are held out: the last `items`, or all but
+    MIN_HISTORY for a user with fewer (ML-100k users have 18 to 735 training items)."""
+    return max(0, min(items, train_items - MIN_HISTORY))
+
+
 def held_out_split(corpus: Corpus, items: int) -> EncodedSplit:
-    """Each user's training items minus the last `items`; validation target: the first held-out item."""
+    """Each user's training items minus its held-out ones (`held_out_count`); validation target: the first
+    held-out item. Users with no item to hold out are left out."""
     catalog, split = corpus.catalog, corpus.split
-    users = sorted(split.train)
-    short = [u for u in users if len(split.train[u]) <= items + 1]
-    if short:
-        raise ValueError(f"--holdout-items {items}: {len(short)} users have no more training items than that "
-                         f"(e.g. {short[0]}); choose fewer")
-    return EncodedSplit(users, [catalog.indices(split.train[u][:-items]) for u in users],
-                        [catalog.index(split.train[u][-items]) for u in users])
+    counts = {u: held_out_count(len(split.train[u]), items) for u in sorted(split.train)}
+    users = [u for u, n in counts.items() if n > 0]
+    if not users:
+        raise ValueError(f"--holdout-items {items}: no user has more than {MIN_HISTORY} training items")
+    return EncodedSplit(users, [catalog.indices(split.train[u][:-counts[u]]) for u in users],
+                        [catalog.index(split.train[u][-counts[u]]) for u in users])
 
 
 def train_holdout(bundle: Bundle, corpus: Corpus, items: int, epochs: int = 0, threads: int = 0) -> SASRec:

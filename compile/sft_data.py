@@ -69,8 +69,8 @@ class SftDataConfig(PromptSettings):
                 "SASRec on training prefixes it was trained on, the target put in when missing)",
         "choices": ("holdout", "sasrec")})
     holdout_items: int = field(default=16, metadata={
-        "help": "holdout: training items held out per user (each one a cut point; 16: ~5,800 examples on "
-                "ML-100k, 8: ~2,700; docs/results.md measures both)"})
+        "help": "holdout: training items held out per user, at most (each one a cut point; a user keeps at least "
+                "2 training items; 16: ~5,800 examples on ML-100k, 8: ~2,700; docs/results.md measures both)"})
     holdout_epochs: int = field(default=0, metadata={
         "help": "holdout: epochs of the held-out SASRec (0 = the bundle SASRec's best epoch)"})
     threads: int = field(default=0, metadata={"help": "torch threads for the held-out SASRec (0 = torch's default)"})
@@ -166,13 +166,16 @@ def retrieval_examples(prompt: PalrPrompt, catalog: Catalog, cuts: list[Cut], re
 
 
 def holdout_cuts(corpus: Corpus, users: list[str], items: int) -> list[Cut]:
-    """Every held-out position: the last `items` training items of each user, each with its prefix."""
+    """Every held-out position: each user's last `items` training items (fewer for a user with fewer:
+    `compile.holdout.held_out_count`), each with its prefix."""
+    from compile.holdout import held_out_count
+
     cuts = []
     for user in users:
         train = corpus.split.train[user]
         held_out = [corpus.split.valid[user], corpus.split.test[user]]
         cuts += [Cut(user, train[:t], train[t], train[t + 1:], held_out, corpus.time_before(user, t))
-                 for t in range(len(train) - items, len(train))]
+                 for t in range(len(train) - held_out_count(len(train), items), len(train))]
     return cuts
 
 

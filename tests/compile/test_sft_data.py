@@ -72,3 +72,25 @@ def test_validation_file_is_the_valid_split_in_retrieval_order_without_test_item
         assert (position is None) == (row["target"] not in row["candidates"])
         if position is not None:
             assert row["candidates"][position] == row["target"]
+
+
+def test_held_out_cuts_are_each_users_last_training_items_capped_for_short_users(ml100k):
+    from compile.holdout import MIN_HISTORY, held_out_count, held_out_split
+    from compile.sft_data import holdout_cuts
+
+    split = ml100k.split
+    lengths = {u: len(items) for u, items in split.train.items()}
+    short = min(lengths, key=lengths.get)  # 18 training items on ML-100k
+    long = max(lengths, key=lengths.get)
+    assert held_out_count(lengths[long], 32) == 32 and held_out_count(lengths[short], 32) == lengths[short] - MIN_HISTORY
+    assert held_out_count(lengths[short], 8) == 8 and held_out_count(2, 8) == 0
+    cuts = holdout_cuts(ml100k, [short, long], 32)
+    by_user = {u: [c for c in cuts if c.user == u] for u in (short, long)}
+    assert len(by_user[long]) == 32 and len(by_user[short]) == lengths[short] - MIN_HISTORY
+    for user, user_cuts in by_user.items():
+        train = split.train[user]
+        assert [c.target for c in user_cuts] == train[-len(user_cuts):]
+        assert all(c.history == train[:len(c.history)] and len(c.history) >= MIN_HISTORY for c in user_cuts)
+    encoded = held_out_split(ml100k, 32)  # the held-out SASRec never trains on a held-out position
+    row = encoded.users.index(short)
+    assert len(encoded.train[row]) == MIN_HISTORY and encoded.valid[row] == ml100k.catalog.index(split.train[short][MIN_HISTORY])
