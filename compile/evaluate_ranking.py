@@ -1,7 +1,9 @@
 """`compile evaluate-ranking` (alias `compile evaluate --tier ranking`): the two-tier system on test
-users → reports/eval_ranking.json.
+users → reports/eval_ranking.json; with `--split valid` on validation users → reports/eval_ranking_valid.json
+(where settings are chosen: the test split is only read to report).
 
-Protocol: each sampled test user's history is train + valid items; SASRec (ONNX Runtime, the
+Protocol: each sampled test user's history is train + valid items (a validation user's: its train items,
+the profile made from them, the trend counts as of its last train item); SASRec (ONNX Runtime, the
 served graph) retrieves the top-K (history excluded); the LLM ranks those K with the prompt,
 profile and fusion weight the server uses (`llm/ranker.json`), through the one-at-a-time reference
 implementations in `palr/llm.py` (which the serving engine reproduces):
@@ -14,7 +16,9 @@ implementations in `palr/llm.py` (which the serving engine reproduces):
 Metrics are full-catalog HR@10 / NDCG@10 (a target SASRec did not retrieve is a miss), next to
 SASRec's own order on the same users. Extra keys: LLM-only score mode (weight 0), fusion weight,
 seconds per user (wall clock; only meaningful on a quiet machine). Per-user rows go to
-reports/eval_ranking_users.jsonl.
+reports/eval_ranking_users.jsonl (eval_ranking_valid_users.jsonl). On validation the fusion weight was fit on
+the first `merge --fusion-users` of sft-data's validation users, so those users are in-sample for that one
+number (the report says how many).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from compile.llm_common import config_record
-from compile.sft_data import load_corpus
+from compile.sft_data import load_corpus, profile_source
 from palr import metrics
 from palr.bundle import Bundle, fingerprint
 from palr.catalog import Catalog
@@ -43,6 +47,14 @@ STEP = "evaluate-ranking"
 VERSION = 1
 REPORT = "eval_ranking.json"
 USERS_REPORT = "eval_ranking_users.jsonl"
+SPLITS = ("test", "valid")
+
+
+def report_names(split: str) -> tuple[str, str]:
+    """(report, per-user report) file names of an evaluation on `split`."""
+    if split == "test":
+        return REPORT, USERS_REPORT
+    return REPORT.replace(".json", f"_{split}.json"), USERS_REPORT.replace("_users", f"_{split}_users")
 K = 10
 
 
@@ -51,7 +63,10 @@ class EvaluateRankingConfig:
     bundle: Path = field(default=Path("bundle"), metadata={"help": "bundle to evaluate"})
     data: Path = field(default=Path("data/ml-100k"), metadata={"help": "the dataset the bundle was built from"})
     users: int = field(default=0, metadata={
-        "help": "evaluate N randomly chosen test users (0 = all of them)"})
+        "help": "evaluate N randomly chosen users of the split (0 = all of them)"})
+    split: str = field(default="test", metadata={
+        "help": "test: the report (history = train + valid, target = test); valid: where settings are chosen "
+                "(history = train, target = valid; profiles made from the train items)", "choices": SPLITS})
     candidates: int = field(default=20, metadata={"help": "K, SASRec candidates the LLM ranks"})
     modes: list[str] = field(default_factory=lambda: list(MODES), metadata={
         "help": f"modes to evaluate ({', '.join(MODES)})"})
@@ -59,6 +74,16 @@ class EvaluateRankingConfig:
         "help": "the LLM artifact to rank with (llm_base measures the untuned model)",
         "choices": ["llm_merged", "llm_base"]})
     seed: int = field(default=0, metadata={"help": "seed of the user sample"})
+
+
+def stored_profiles(bundle: Bundle, users: list[str]) -> dict[str, str]:
+    """profiles.json's profiles (made from each user's train + valid items: what serving reads)."""
+    profiles = Profiles.load(bundle.path("profiles")).profiles
+    missing = [u for u in users if u not in profiles]
+    if missing:
+        raise ValueError(f"profiles.json has no profile for {len(missing)} users (e.g. {missing[:3]}); "
+                         f"rerun `compile profiles` for all users")
+    return profiles
 
 
 def load_ranker(bundle: Bundle) -> dict:
@@ -81,23 +106,26 @@ def run(config: EvaluateRankingConfig) -> dict:
     inputs = [config.llm, "ranker", "sasrec_onnx", "catalog", "profiles"] + (["trends"] if bundle.has("trends") else [])
     step_fp = fingerprint(STEP, VERSION, config_record(config) | {"tier": "ranking", "bundle": None, "batch_size": None},
                           [bundle.version(name) for name in inputs])
-    report_path = bundle.reports_dir() / REPORT
-    if bundle.step_is_current(STEP, step_fp, inputs) and report_path.is_file():
+    report_name, users_report = report_names(config.split)
+    report_path = bundle.reports_dir() / report_name
+    step = STEP if config.split == "test" else f"{STEP}:{config.split}"  # each split keeps its own record
+    if bundle.step_is_current(step, step_fp, inputs) and report_path.is_file():
         log.info("evaluate ranking: skipped, %s is current", report_path)
         return json.loads(report_path.read_text())
     bundle.verify(inputs)
     started = time.perf_counter()
     corpus = load_corpus(bundle, config.data)
     catalog = Catalog.load(bundle.path("catalog"))
-    profiles = Profiles.load(bundle.path("profiles")).profiles
     ranker = load_ranker(bundle)
-    users = sample_users(sorted(corpus.split.test), config.users, config.seed)
-    missing = [u for u in users if u not in profiles]
-    if missing:
-        raise ValueError(f"profiles.json has no profile for {len(missing)} users (e.g. {missing[:3]}); "
-                         f"rerun `compile profiles` for all users")
-
-    histories = [corpus.split.test_history(u) for u in users]
+    targets = getattr(corpus.split, config.split)
+    users = sample_users(sorted(targets), config.users, config.seed)
+    if config.split == "test":
+        histories = [corpus.split.test_history(u) for u in users]
+        profiles = stored_profiles(bundle, users)
+    else:
+        histories = [corpus.split.train[u] for u in users]
+        profiles = dict(zip(users, profile_source(bundle, catalog)([[catalog.by_id(i) for i in h] for h in histories],
+                                                                   progress="profiles (valid)")))
     sasrec = SasrecOnnx.from_bundle(bundle)
     retrieved = sasrec.retrieve([Query(history=catalog.indices(h), exclude=catalog.indices(h), k=config.candidates)
                                  for h in histories])
@@ -115,13 +143,16 @@ def run(config: EvaluateRankingConfig) -> dict:
     for user, history, ranked in tqdm(list(zip(users, histories, retrieved)), desc="evaluate ranking", unit="user"):
         candidates = [catalog.item(int(i)) for i in ranked.indices]
         retrieval_scores = [float(s) for s in ranked.scores]
-        target = corpus.split.test[user]
+        target = targets[user]
         position = next((i for i, c in enumerate(candidates) if c.id == target), None)
         # the request's moment: the user's last history interaction (as the server does for stored users)
-        trends = table.buckets(table.as_of[user], [int(i) for i in ranked.indices], trend) if trend else None
+        trends = None
+        if trend:
+            as_of = table.as_of[user] if config.split == "test" else corpus.time_before(user, len(history))
+            trends = table.buckets(as_of, [int(i) for i in ranked.indices], trend)
         bias = trend_bias(ranker.get("trend_bias"), trends)
         parts = prompt.retrieval(profiles[user], [catalog.by_id(i) for i in history], candidates, trends)
-        row = {"user": user, "target_position": position, "retrieval_rank": target_rank(range(len(candidates)), position),
+        row = {"user": user, "target": target, "target_position": position, "retrieval_rank": target_rank(range(len(candidates)), position),
                "trend": trends}
         if "score" in config.modes:
             t0 = time.perf_counter()
@@ -146,16 +177,19 @@ def run(config: EvaluateRankingConfig) -> dict:
         rows.append(row)
 
     report = summarise(rows, config, ranker, weight, generate_k)
+    report["split"] = config.split
+    if config.split == "valid":
+        report["fusion_fit_users_in_sample"] = int((ranker.get("fusion_validation") or {}).get("users", 0))
     report["seconds"] = round(time.perf_counter() - started, 1)
     report_path.write_text(json.dumps(report, indent=2) + "\n")
-    with (bundle.reports_dir() / USERS_REPORT).open("w") as f:
+    with (bundle.reports_dir() / users_report).open("w") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
-    bundle.record_step(STEP, step_fp, time.perf_counter() - started,
+    bundle.record_step(step, step_fp, time.perf_counter() - started,
                        **{k: v for k, v in report.items() if k.endswith("ndcg@10")})
     bundle.save()
-    log.info("evaluate ranking (%d users, K=%d): NDCG@10 retrieval %.4f | score %.4f, %.3fx retrieval (95%% CI %s; "
-             "LLM alone %.4f) | generate %s; fusion weight %.2f → %s", len(rows), config.candidates,
+    log.info("evaluate ranking (%s, %d users, K=%d): NDCG@10 retrieval %.4f | score %.4f, %.3fx retrieval (95%% CI %s; "
+             "LLM alone %.4f) | generate %s; fusion weight %.2f → %s", config.split, len(rows), config.candidates,
              report["retrieval_ndcg@10"], report.get("score_ndcg@10", float("nan")),
              report.get("score_vs_retrieval_ndcg@10", float("nan")), report.get("score_vs_retrieval_ndcg@10_ci95"),
              report.get("llm_score_ndcg@10", float("nan")),

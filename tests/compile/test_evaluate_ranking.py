@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 
 import pytest
 
@@ -44,6 +45,23 @@ def test_report_metrics_follow_from_the_per_user_ranks(report, user_rows, ml100k
         assert len(emitted) == len(set(emitted)) and all(0 <= i < 20 for i in emitted)
         if row["target_position"] is None:  # not retrieved: a miss in every mode
             assert row["score_rank"] is row["generate_rank"] is row["retrieval_rank"] is None
+
+
+def test_validation_split_evaluates_valid_targets_into_its_own_report(tiny_llm_bundle, ml100k_dir, ml100k, tmp_path):
+    from compile.evaluate_ranking import EvaluateRankingConfig, report_names, run
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_llm_bundle, bundle)
+    test_report = (bundle / "reports" / "eval_ranking.json").read_text()
+    report = run(EvaluateRankingConfig(bundle=bundle, data=ml100k_dir, users=6, split="valid", modes=["score"]))
+    assert report_names("valid") == ("eval_ranking_valid.json", "eval_ranking_valid_users.jsonl")
+    assert report["split"] == "valid" and report["users"] == 6 and "fusion_fit_users_in_sample" in report
+    rows = [json.loads(x) for x in (bundle / "reports" / "eval_ranking_valid_users.jsonl").read_text().splitlines()]
+    assert [r["target"] for r in rows] == [ml100k.split.valid[r["user"]] for r in rows]
+    assert report["score_ndcg@10"] == pytest.approx(metrics.ndcg([r["score_rank"] for r in rows], 10))
+    assert (bundle / "reports" / "eval_ranking.json").read_text() == test_report  # the test report is untouched
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert {"evaluate-ranking", "evaluate-ranking:valid"} <= set(manifest["steps"])
 
 
 def test_title_constraint_writes_k_whole_candidate_lines():
