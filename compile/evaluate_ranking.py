@@ -38,8 +38,8 @@ from palr.bundle import Bundle, fingerprint
 from palr.catalog import Catalog
 from palr.data import sample_users
 from palr.profiles import Profiles
-from palr.ranking import (MODES, calibrated, complete_order, fuse, generation_bias, order_by_scores, target_rank,
-                          trend_bias)
+from palr.ranking import (MODES, calibrated, complete_order, fuse, generation_bias, order_by_scores, retrieval_prior,
+                          target_rank, trend_bias)
 
 log = logging.getLogger(__name__)
 
@@ -151,8 +151,10 @@ def run(config: EvaluateRankingConfig) -> dict:
             as_of = table.as_of[user] if config.split == "test" else corpus.time_before(user, len(history))
             trends = table.buckets(as_of, [int(i) for i in ranked.indices], trend)
         bias = trend_bias(ranker.get("trend_bias"), trends)
+        prior = retrieval_prior(retrieval_scores, trends, ranker.get("retrieval_trend_weights"))
         parts = prompt.retrieval(profiles[user], [catalog.by_id(i) for i in history], candidates, trends)
-        row = {"user": user, "target": target, "target_position": position, "retrieval_rank": target_rank(range(len(candidates)), position),
+        row = {"user": user, "target": target, "target_position": position, "retrieval_scores": retrieval_scores,
+               "retrieval_rank": target_rank(range(len(candidates)), position),
                "trend": trends}
         if "score" in config.modes:
             t0 = time.perf_counter()
@@ -160,13 +162,13 @@ def run(config: EvaluateRankingConfig) -> dict:
             row["score_seconds"] = time.perf_counter() - t0
             row["llm_scores"] = llm
             row["llm_rank"] = target_rank(order_by_scores(calibrated(llm, bias)), position)
-            row["score_rank"] = target_rank(order_by_scores(fuse(llm, retrieval_scores, weight, bias)), position)
+            row["score_rank"] = target_rank(order_by_scores(fuse(llm, prior, weight, bias)), position)
         if "generate" in config.modes:
             t0 = time.perf_counter()
             constraint = answer_constraint(ranker["generate_format"], parts.label_token_ids,
                                            parts.candidate_line_ids, generate_k)
             emitted = generate_constrained(model, parts.input_ids, constraint,
-                                           bias=generation_bias(retrieval_scores, weight, bias), prefix=prefix,
+                                           bias=generation_bias(prior, weight, bias), prefix=prefix,
                                            readout=parts.readout if candidate_readout else None,
                                            logit_weight=float(ranker.get("generate_logit_weight", 1.0)))
             row["generate_seconds"] = time.perf_counter() - t0

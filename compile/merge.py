@@ -9,8 +9,11 @@ exactly as training and evaluation did:
 
     prompt            PromptSettings (palr/prompt.py) the SFT data was built with
     candidates        K, and the label strings and token ids for up to K candidates
-    fusion_weight     weight of the retrieval log-probability in the fused score (palr/ranking.py),
-                      fit here on validation users (valid.jsonl) by grid search over NDCG@10
+    fusion_weight     weight of the retrieval term in the fused score (palr/ranking.py), fit here on
+                      validation users (valid.jsonl) by grid search over NDCG@10
+    retrieval_trend_weights  the retrieval term's weight per candidate trend bucket (`retrieval_prior`:
+                      retrieval log-softmax + w[bucket], a linear re-ranker fit listwise on the training
+                      examples; null: the retrieval scores alone, `--no-retrieval-trend`)
     item_tokens       the extra vocabulary folded into the merged checkpoint (palr/hybrid.py: item soft
                       tokens, trend tokens, the score row)
     trend, trend_bias how candidates' trend tokens are counted (palr/trends.py) and the ranking head's
@@ -57,6 +60,10 @@ class MergeConfig:
                 "was trained at the label) or titles (a label, then that candidate's title, PALR-style)",
         "choices": GENERATE_FORMATS})
     generate_k: int = field(default=10, metadata={"help": "lines generate mode writes (items it ranks)"})
+    retrieval_trend: bool = field(default=True, metadata={
+        "help": "trend rankers: fuse the LLM with retrieval + a per-trend-bucket weight fit listwise on the training "
+                "examples (a linear re-ranker of the retriever; ranker.json retrieval_trend_weights) instead of "
+                "the retrieval scores alone"})
     force: bool = field(default=False, metadata={"help": "redo the step even if its inputs are unchanged"})
 
 
@@ -104,7 +111,22 @@ def merge(base_dir: Path, lora_dir: Path, out: Path, probe: dict, tolerance: flo
     return diff
 
 
-def fit_fusion(model_dir: Path, valid: list[dict], bias_by_bucket: list[float] | None = None) -> tuple[float, float, dict]:
+def fit_retrieval_trend_weights(train: list[dict], buckets: int) -> list[float] | None:
+    """`palr.ranking.retrieval_prior`'s per-bucket weights, fit on the training examples that carry trend
+    buckets and their retriever's scores (the held-out SASRec's: as the served one ranks unseen positions)."""
+    from palr.ranking import fit_bucket_weights
+
+    rows = [x for x in train if x.get("trend") and x.get("retrieval_scores") and x.get("target_position") is not None]
+    if not rows:
+        return None
+    weights = fit_bucket_weights([x["retrieval_scores"] for x in rows], [x["trend"] for x in rows],
+                                 [x["target_position"] for x in rows], buckets)
+    log.info("retrieval + trend weights fit on %d training examples: %s", len(rows), weights)
+    return weights
+
+
+def fit_fusion(model_dir: Path, valid: list[dict], bias_by_bucket: list[float] | None = None,
+               retrieval_trend_weights: list[float] | None = None) -> tuple[float, float, dict]:
     """Score-mode readouts on validation users → the NDCG@10-best retrieval weight, and for a candidate-readout
     ranker the weight of the label logits in generate mode (`fit_generate_logit_weight`); what the validation
     users say about them (retrieval order, LLM alone, fused, by weight)."""
@@ -113,7 +135,7 @@ def fit_fusion(model_dir: Path, valid: list[dict], bias_by_bucket: list[float] |
     from palr.llm import compute_prefix, label_log_probs, load_causal_lm, read_prompt
     from palr.metrics import ndcg
     from palr.prompt import Readout
-    from palr.ranking import fit_fusion_weight, target_rank, trend_bias
+    from palr.ranking import fit_fusion_weight, retrieval_prior, target_rank, trend_bias
 
     model, _ = load_causal_lm(model_dir)
     prefix = compute_prefix(model, valid[0]["input_ids"][: valid[0]["prefix_len"]])
@@ -122,7 +144,7 @@ def fit_fusion(model_dir: Path, valid: list[dict], bias_by_bucket: list[float] |
                          prefix=prefix) for x in tqdm(valid, desc="fusion (validation)", unit="user")]
     llm = [label_log_probs(torch.tensor(read)) for read, _ in reads]
     targets = [x["target_position"] for x in valid]
-    retrieval_scores = [x["retrieval_scores"] for x in valid]
+    retrieval_scores = [retrieval_prior(x["retrieval_scores"], x.get("trend"), retrieval_trend_weights) for x in valid]
     biases = [trend_bias(bias_by_bucket, x.get("trend")) for x in valid]
     weight, curve = fit_fusion_weight(llm, retrieval_scores, targets, candidate_bias=biases)
     retrieval = ndcg([target_rank(range(len(x["candidates"])), t) for x, t in zip(valid, targets)], 10)
@@ -191,7 +213,7 @@ def learned_trend_bias(bundle: Bundle) -> list[float] | None:
 
 
 def ranker_record(bundle: Bundle, config: MergeConfig, weight: float, validation: dict,
-                  trend_bias: list[float] | None) -> dict:
+                  trend_bias: list[float] | None, retrieval_trend_weights: list[float] | None = None) -> dict:
     from transformers import AutoTokenizer
 
     from palr.prompt import PalrPrompt, PromptSettings
@@ -218,6 +240,7 @@ def ranker_record(bundle: Bundle, config: MergeConfig, weight: float, validation
         "item_tokens": meta["item_tokens"],
         "trend": meta.get("trend"),
         "trend_bias": trend_bias,
+        "retrieval_trend_weights": retrieval_trend_weights,
         "lora": bundle.version("lora"),
     }
 
@@ -240,8 +263,14 @@ def run(config: MergeConfig) -> Path:
     fusion_valid = valid[: config.fusion_users]
     meta = json.loads((bundle.path("sft_data") / "meta.json").read_text())
     bias = learned_trend_bias(bundle) if meta.get("trend") else None
-    weight, logit_weight, validation = fit_fusion(out, fusion_valid, bias) if fusion_valid else (0.0, 1.0, {})
-    ranker = ranker_record(bundle, config, weight, validation, bias) | {"generate_logit_weight": logit_weight}
+    prior_weights = None
+    if meta.get("trend") and config.retrieval_trend:
+        prior_weights = fit_retrieval_trend_weights(read_jsonl(bundle.path("sft_data") / "train.jsonl"),
+                                                    int(meta["trend"]["buckets"]))
+    weight, logit_weight, validation = fit_fusion(out, fusion_valid, bias, prior_weights) if fusion_valid \
+        else (0.0, 1.0, {})
+    ranker = ranker_record(bundle, config, weight, validation, bias, prior_weights) | {
+        "generate_logit_weight": logit_weight}
     ranker_path = bundle.root / RANKER_FILE
     ranker_path.write_text(json.dumps(ranker, indent=2) + "\n")
     bundle.add_artifact("ranker", RANKER_FILE, fusion_weight=weight, generate_format=config.generate_format)

@@ -39,6 +39,37 @@ def log_softmax(values: Sequence[float]) -> list[float]:
     return [v - log_norm if math.isfinite(v) else -math.inf for v in values]
 
 
+def retrieval_prior(retrieval_scores: Sequence[float], trends: Sequence[int] | None,
+                    weights_by_bucket: Sequence[float] | None) -> list[float]:
+    """The retrieval term the LLM is fused with: SASRec's log-softmax plus a linear weight per candidate trend
+    bucket (`ranker.json` "retrieval_trend_weights", fit on the training examples: a linear re-ranker of the
+    retriever), or the retrieval scores as they are without weights. `fuse` log-softmaxes it again, which
+    shifts it by a constant per request and changes no order."""
+    if not weights_by_bucket or trends is None:
+        return list(retrieval_scores)
+    if len(trends) != len(retrieval_scores):
+        raise ValueError(f"{len(trends)} trend buckets for {len(retrieval_scores)} candidates")
+    return [s + float(weights_by_bucket[b]) for s, b in zip(log_softmax(retrieval_scores), trends)]
+
+
+def fit_bucket_weights(retrieval_scores, trends, targets, buckets: int, steps: int = 300, lr: float = 0.05) -> list[float]:
+    """Per-bucket weights w [buckets] of the listwise linear re-ranker log_softmax(retrieval) + w[trend bucket],
+    fit by cross-entropy on the target positions (each list: `[n, K]`, targets `[n]`)."""
+    import torch
+    import torch.nn.functional as F
+
+    base = torch.log_softmax(torch.tensor(retrieval_scores, dtype=torch.float32), -1)  # [n, K]
+    index, target = torch.tensor(trends), torch.tensor(targets)  # [n, K], [n]
+    weights = torch.zeros(buckets, requires_grad=True)
+    opt = torch.optim.Adam([weights], lr=lr)
+    for _ in range(steps):
+        loss = F.cross_entropy(base + weights[index], target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return [round(float(w), 6) for w in weights.detach()]
+
+
 def trend_bias(bias_by_bucket: Sequence[float] | None, trends: Sequence[int] | None) -> list[float] | None:
     """The ranking head's bias of each candidate: the learned bias of its trend bucket (None: no bias)."""
     if not bias_by_bucket or trends is None:

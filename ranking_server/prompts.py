@@ -23,7 +23,7 @@ from palr.catalog import Catalog, Item
 from palr.decoding import answer_constraint
 from palr.hybrid import ranker_prompt
 from palr.profiles import StatsProfiler
-from palr.ranking import complete_order, fuse, generation_bias, order_by_scores, trend_bias
+from palr.ranking import complete_order, fuse, generation_bias, order_by_scores, retrieval_prior, trend_bias
 from palr.serving.errors import RequestError
 from palr.trends import TrendSettings, TrendTable
 from ranking_server.engines.base import EngineRequest, EngineResult
@@ -36,6 +36,7 @@ class RankingJob:
 
     request: EngineRequest
     candidate_bias: list[float] | None  # the ranking head's per-candidate bias (its trend bucket's), or None
+    retrieval_term: list[float]         # what the answer is fused with: `palr.ranking.retrieval_prior`
 
 
 class PromptBuilder:
@@ -50,6 +51,7 @@ class PromptBuilder:
             raise ValueError("this ranker's prompts carry trend tokens: the bundle's trends.npz is needed")
         self.trends = trends
         self.trend_bias = ranker.get("trend_bias")  # the head's learned bias per trend bucket (None: none)
+        self.retrieval_trend_weights = ranker.get("retrieval_trend_weights")  # the retrieval term's, fit in merge
         self.generate_format = ranker["generate_format"]
         self.generate_logit_weight = float(ranker.get("generate_logit_weight", 1.0))
         self.catalog = catalog
@@ -106,6 +108,7 @@ class PromptBuilder:
         parts = self.prompt.retrieval(self.profile(plan), [self.catalog.by_id(i) for i in plan.history], candidates,
                                       trends)
         bias = trend_bias(self.trend_bias, trends)
+        prior = retrieval_prior(retrieval_scores, trends, self.retrieval_trend_weights)
         readout = parts.readout if self.prompt.settings.readout == "candidate" else None
         k = min(plan.k, len(candidates))
         if plan.mode == "score":
@@ -113,20 +116,21 @@ class PromptBuilder:
                                     readout=readout, context_len=parts.context_len)
         else:
             request = EngineRequest(engine_id, parts.prefix_ids, parts.suffix_ids, parts.label_token_ids, "generate",
-                                    k, bias=generation_bias(retrieval_scores, self.fusion_weight, bias),
+                                    k, bias=generation_bias(prior, self.fusion_weight, bias),
                                     constraint=functools.partial(answer_constraint, self.generate_format,
                                                                  parts.label_token_ids, parts.candidate_line_ids, k),
                                     readout=readout, context_len=parts.context_len,
                                     logit_weight=self.generate_logit_weight)
-        return RankingJob(request, bias)
+        return RankingJob(request, bias, prior)
 
-    def ranking(self, result: EngineResult, retrieval_scores: Sequence[float], k: int,
+    def ranking(self, result: EngineResult, retrieval_term: Sequence[float], k: int,
                 candidate_bias: Sequence[float] | None = None) -> list[tuple[int, float]]:
         """(candidate position, score) for the top k. Score mode: the LLM's log-prob plus its head's
-        per-candidate bias, fused with the retrieval score. Generate mode: the model's order; score
-        1 / (rank + 1) (it names, not scores)."""
+        per-candidate bias, fused with the retrieval term (`RankingJob.retrieval_term`: the retrieval scores
+        with the ranker's trend weights). Generate mode: the model's order; score 1 / (rank + 1) (it names,
+        not scores)."""
         if result.mode == "score":
-            fused = fuse(result.scores, retrieval_scores, self.fusion_weight, candidate_bias)
+            fused = fuse(result.scores, retrieval_term, self.fusion_weight, candidate_bias)
             return [(position, fused[position]) for position in order_by_scores(fused)[:k]]
-        order = complete_order(result.order, len(retrieval_scores))[:k]
+        order = complete_order(result.order, len(retrieval_term))[:k]
         return [(position, 1.0 / (rank + 1)) for rank, position in enumerate(order)]

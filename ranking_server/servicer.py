@@ -189,7 +189,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             "request.id": plan.request_id, "ranking.mode": plan.mode, "llm.prompt_tokens": result.prompt_tokens,
             "llm.cached_tokens": result.cached_tokens, "llm.generated_tokens": result.generated_tokens,
             "llm.candidates": len(retrieved.items), "llm.batch_size": result.batch_size})
-        return Answer(ranking=self.prompts.ranking(result, retrieved.scores, k, job.candidate_bias),
+        return Answer(ranking=self.prompts.ranking(result, job.retrieval_term, k, job.candidate_bias),
                       queue_ms=result.timings.queue_ms, ranking_ms=waited_ms - result.timings.queue_ms)
 
     def _degrade(self, plan: Plan, retrieval_order: list[tuple[int, float]], reason: str, detail: str,

@@ -52,7 +52,17 @@ def test_ranker_json_describes_prompt_labels_fusion_and_generate_format(tiny_llm
     generate = ranker["fusion_validation"]["generate_first_step_ndcg@10_by_logit_weight"]
     assert generate[str(ranker["generate_logit_weight"])] == max(generate.values())
     assert ranker["trend"] == {"window_days": 30.0, "buckets": 8} and len(ranker["trend_bias"]) == 8
+    assert len(ranker["retrieval_trend_weights"]) == 8  # the retrieval term's, fit on the training examples
     assert ranker["prompt"]["readout"] == "candidate" and ranker["item_tokens"]["score_token"] > ranker["item_tokens"]["offset"]
+
+
+def test_retrieval_trend_weights_are_the_listwise_fit_on_the_training_examples(tiny_llm_bundle):
+    from compile.merge import fit_retrieval_trend_weights
+
+    ranker = json.loads((tiny_llm_bundle / "llm" / "ranker.json").read_text())
+    train = [json.loads(x) for x in (tiny_llm_bundle / "llm" / "sft" / "train.jsonl").read_text().splitlines()]
+    assert fit_retrieval_trend_weights(train, 8) == ranker["retrieval_trend_weights"]
+    assert fit_retrieval_trend_weights([{**x, "trend": None} for x in train], 8) is None
 
 
 def test_generate_logit_weight_is_the_one_whose_first_step_orders_validation_best():

@@ -154,7 +154,7 @@ class Reference:
         from palr.decoding import TitleConstraint
         from palr.llm import generate_constrained, score_candidates
         from palr.profiles import StatsProfiler
-        from palr.ranking import complete_order, fuse, generation_bias, order_by_scores, trend_bias
+        from palr.ranking import complete_order, fuse, generation_bias, order_by_scores, retrieval_prior, trend_bias
         from palr.trends import TrendSettings
 
         candidates = self.retrieved(num_candidates, user_id=user_id, history=list(history))
@@ -167,6 +167,7 @@ class Reference:
             seen, profile, moment = self.histories[user_id], self.profiles[user_id], self.trends.as_of[user_id]
         trends = self.trends.buckets(as_of or moment, self.catalog.indices(ids), TrendSettings(**self.ranker["trend"]))
         bias = trend_bias(self.ranker["trend_bias"], trends)
+        scores = retrieval_prior(scores, trends, self.ranker.get("retrieval_trend_weights"))
         parts = self.prompt.retrieval(profile, [self.catalog.by_id(i) for i in seen], items, trends)
         weight = float(self.ranker["fusion_weight"])
         if mode == GENERATE:

@@ -1,0 +1,42 @@
+"""palr.ranking's retrieval term: retrieval log-softmax + a per-trend-bucket weight, and the listwise fit of
+those weights (synthetic lists where a bucket carries signal; a hand computation of the term)."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+
+from palr.ranking import fit_bucket_weights, fuse, log_softmax, order_by_scores, retrieval_prior
+
+
+def test_retrieval_prior_adds_each_candidates_bucket_weight_to_the_log_softmax():
+    scores, trends, weights = [2.0, 1.0, 0.0], [0, 2, 1], [0.0, 0.5, 3.0]
+    norm = math.log(math.exp(2.0) + math.exp(1.0) + 1.0)
+    assert retrieval_prior(scores, trends, weights) == pytest.approx([2.0 - norm, 1.0 - norm + 3.0, 0.0 - norm + 0.5])
+    assert retrieval_prior(scores, trends, None) == scores and retrieval_prior(scores, None, weights) == scores
+    with pytest.raises(ValueError, match="2 trend buckets for 3 candidates"):
+        retrieval_prior(scores, [0, 1], weights)
+    # fused with an LLM at weight w: w x (log-softmax + weights); the order moves to the trending candidate
+    fused = fuse([0.0, 0.0, 0.0], retrieval_prior(scores, trends, weights), 1.0)
+    assert order_by_scores(fused) == [1, 0, 2]
+    assert order_by_scores(fuse([0.0] * 3, scores, 1.0)) == [0, 1, 2]
+    assert log_softmax(retrieval_prior(scores, trends, weights)) == pytest.approx(
+        log_softmax([s + w for s, w in zip(log_softmax(scores), [0.0, 3.0, 0.5])]))
+
+
+def test_bucket_weights_learn_which_bucket_holds_the_target():
+    rng = random.Random(0)
+    scores, trends, targets = [], [], []
+    for _ in range(400):  # retrieval scores say nothing; the target is always the one candidate in bucket 3
+        trend = [rng.choice([0, 1, 2]) for _ in range(10)]
+        target = rng.randrange(10)
+        trend[target] = 3
+        scores.append([rng.gauss(0, 1) for _ in range(10)])
+        trends.append(trend)
+        targets.append(target)
+    weights = fit_bucket_weights(scores, trends, targets, buckets=4)
+    assert len(weights) == 4 and weights[3] > max(weights[:3]) + 2
+    hits = sum(order_by_scores(retrieval_prior(s, t, weights))[0] == y for s, t, y in zip(scores, trends, targets))
+    assert hits == len(targets)
