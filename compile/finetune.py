@@ -77,6 +77,10 @@ class FinetuneConfig:
         "help": "listwise loss: the label logits plus this times the retrieval log-softmax of the candidates' SASRec "
                 "scores, i.e. the fused score the ranker serves, so the LLM learns what the retriever misses "
                 "(0: the LLM alone; needs retrieval scores in the examples: sft-data --negatives holdout)"})
+    retrieval_trend: bool = field(default=False, metadata={
+        "help": "trend rankers: the fused training score uses the retrieval term merge fuses with when its "
+                "--retrieval-trend is on (retrieval log-softmax + per-trend-bucket weights fit on these training "
+                "examples, palr.ranking.retrieval_prior), so the LLM learns what that linear re-ranker misses"})
     projector_lr: float = field(default=1e-3, metadata={"help": "hybrid prompts: peak learning rate of the item projector"})
     head_lr: float = field(default=1e-2, metadata={
         "help": "peak learning rate of the ranking head's own rows: the score row (zero at the start, so the ranker "
@@ -98,6 +102,17 @@ def load_rows(path: Path, max_tokens: int, loss: str) -> list[dict]:
     if not kept:
         raise ValueError(f"{path}: no training example for the {loss} loss")
     return kept
+
+
+def with_retrieval_prior(train: list[dict], buckets: int, *row_lists: list[dict]) -> tuple[list[dict], ...]:
+    """Each row list with its retrieval scores replaced by the retrieval term merge will fuse with
+    (`palr.ranking.retrieval_prior`, the weights fit on all of `train` exactly as merge fits them)."""
+    from compile.merge import fit_retrieval_trend_weights
+    from palr.ranking import retrieval_prior
+
+    weights = fit_retrieval_trend_weights(train, buckets)
+    return tuple([{**r, "retrieval_scores": retrieval_prior(r["retrieval_scores"], r.get("trend"), weights)}
+                  if r.get("retrieval_scores") else r for r in rows] for rows in row_lists)
 
 
 def batch_loss(model, rows: list[dict], config: "FinetuneConfig", pad_id: int, extra=None):
@@ -391,6 +406,9 @@ def train(bundle: Bundle, config: FinetuneConfig, run_fp: str) -> dict:
     meta = json.loads((sft / "meta.json").read_text())
     examples = load_rows(sft / "train.jsonl", config.max_tokens, config.loss)
     valid = [x for x in read_jsonl(sft / "valid.jsonl")][: config.valid_examples] if config.eval_every else []
+    if config.retrieval_trend and meta.get("trend"):
+        examples, valid = with_retrieval_prior(read_jsonl(sft / "train.jsonl"), int(meta["trend"]["buckets"]),
+                                               examples, valid)
     tokenizer = AutoTokenizer.from_pretrained(bundle.path("llm_base"))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     steps = config.max_steps or max(1, math.ceil(config.epochs * len(examples) / config.batch_size))
