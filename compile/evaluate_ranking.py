@@ -48,6 +48,7 @@ VERSION = 1
 REPORT = "eval_ranking.json"
 USERS_REPORT = "eval_ranking_users.jsonl"
 SPLITS = ("test", "valid")
+K = 10
 
 
 def report_names(split: str) -> tuple[str, str]:
@@ -55,7 +56,6 @@ def report_names(split: str) -> tuple[str, str]:
     if split == "test":
         return REPORT, USERS_REPORT
     return REPORT.replace(".json", f"_{split}.json"), USERS_REPORT.replace("_users", f"_{split}_users")
-K = 10
 
 
 @dataclass

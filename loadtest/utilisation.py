@@ -79,10 +79,12 @@ def matmul_shares(candidate: str, model) -> dict:
 
 def shares_label(shares: dict) -> str:
     """"bf16", or "bf16 75 % + fp32 25 %" for a mixed build."""
-    names = {"torch.bfloat16": "bf16", "torch.float32": "fp32"}
+    from palr.hf_build import DTYPES
+
+    names = {dtype: name for name, dtype in DTYPES.items()}
     if len(shares) == 1:
-        return names.get(str(next(iter(shares))), str(next(iter(shares))))
-    return " + ".join(f"{names.get(str(d), str(d))} {100 * s:.0f} %" for d, s in shares.items())
+        return names[next(iter(shares))]
+    return " + ".join(f"{names[d]} {100 * s:.0f} %" for d, s in shares.items())
 
 
 def chosen_dtype(bundle_dir) -> tuple[str, str]:

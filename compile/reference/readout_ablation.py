@@ -37,7 +37,7 @@ from palr.corpus import Corpus
 from palr.data import read_interactions
 from palr.profiles import StatsProfiler
 from palr.prompt import RETRIEVAL, PromptSettings
-from palr.ranking import fit_fusion_weight, fuse, order_by_scores, target_rank
+from palr.ranking import fit_bucket_weights, fit_fusion_weight, fuse, order_by_scores, target_rank
 from palr.sasrec import SASRec
 from ranker_ablation import HybridPrompt  # the same folder: scripts run as `python compile/reference/...`
 
@@ -291,10 +291,8 @@ def linear_weights(retr, targets, indices, sizes, steps):
 def trend_weights(rows, steps=300):
     """The linear baseline's per-bucket weights [8]: retrieval log-softmax + w[trend bucket], fit listwise on
     rows (prepare's: "trend", "scores", "target_position" set)."""
-    retr = torch.log_softmax(torch.tensor([r["scores"] for r in rows]), -1)  # [R, K]
-    targets = torch.tensor([r["target_position"] for r in rows])  # [R]
-    (w,) = linear_weights(retr, targets, [torch.tensor([r["trend"] for r in rows])], [8], steps)
-    return [float(x) for x in w]
+    return fit_bucket_weights([r["scores"] for r in rows], [r["trend"] for r in rows],
+                              [r["target_position"] for r in rows], 8, steps)
 
 
 @torch.no_grad()

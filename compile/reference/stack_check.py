@@ -4,9 +4,9 @@
     python compile/reference/stack_check.py --bundle B
 
 Today's fusion: LLM readout + the head's trend bias + w * retrieval log-softmax. The stack: the same LLM term
-+ w * (retrieval log-softmax + per-trend-bucket weights), the bucket weights fit listwise on the bundle's
-training examples (llm/sft/train.jsonl: the held-out SASRec's scores, as `trend_weights` in readout_ablation),
-so w -> infinity is the linear re-ranker without the LLM. On the bundle's validation rows
++ w * (retrieval log-softmax + per-trend-bucket weights): `palr.ranking.retrieval_prior` with the weights
+`compile merge` fits on the bundle's training examples (`fit_retrieval_trend_weights`, llm/sft/train.jsonl: the
+held-out SASRec's scores), so w -> infinity is the linear re-ranker without the LLM. On the bundle's validation rows
 (reports/eval_ranking_valid_users.jsonl, all users), each with its weight cross-fit on two halves of the users
 (`readout_ablation.crossfit_ranks`), ratios to the retrieval order with paired bootstrap 95 % intervals.
 """
@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from compile.evaluate_ranking import report_names
+from compile.merge import fit_retrieval_trend_weights
 from palr import metrics
-from palr.ranking import log_softmax, target_rank
-from readout_ablation import crossfit_ranks, trend_weights  # the same folder: scripts run as `python compile/reference/...`
+from palr.ranking import log_softmax, order_by_scores, retrieval_prior, target_rank
+from readout_ablation import crossfit_ranks  # the same folder: scripts run as `python compile/reference/...`
 
 
 def main():
@@ -29,17 +30,15 @@ def main():
     p.add_argument("--bundle", type=Path, default=Path("bundle"))
     a = p.parse_args()
     train = [json.loads(line) for line in (a.bundle / "llm" / "sft" / "train.jsonl").read_text().splitlines()]
-    train = [{**r, "scores": r["retrieval_scores"]} for r in train if r.get("trend") and r.get("target_position") is not None]
-    buckets = np.array(trend_weights(train))
+    buckets = fit_retrieval_trend_weights(train, 8)
     head = np.array(json.loads((a.bundle / "llm" / "ranker.json").read_text())["trend_bias"])
     rows = [json.loads(line) for line in (a.bundle / "reports" / report_names("valid")[1]).read_text().splitlines()]
     llm = [list(np.array(r["llm_scores"]) + head[r["trend"]]) for r in rows]
     retrieval = [log_softmax(r["retrieval_scores"]) for r in rows]
-    stacked = [list(np.array(x) + buckets[r["trend"]]) for x, r in zip(retrieval, rows)]
+    stacked = [retrieval_prior(r["retrieval_scores"], r["trend"], buckets) for r in rows]
     targets = [r["target_position"] for r in rows]
     base = metrics.per_user_ndcg([target_rank(range(20), t) for t in targets], 10)
-    linear = metrics.per_user_ndcg([target_rank(sorted(range(20), key=lambda c: -s[c]), t)
-                                    for s, t in zip(stacked, targets)], 10)
+    linear = metrics.per_user_ndcg([target_rank(order_by_scores(s), t) for s, t in zip(stacked, targets)], 10)
     print(f"{len(train)} training examples: trend-bucket weights {np.round(buckets, 3).tolist()}")
     print(f"{len(rows)} validation users, retrieval NDCG@10 {np.mean(base):.4f}")
     for name, per_user in [("linear retrieval + trend, no LLM", linear),
