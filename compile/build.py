@@ -81,7 +81,10 @@ class BuildConfig:
         "help": "validation prompts for the quality comparison: enough to tell a candidate's top-1 agreement from "
                 "the --min-agreement bar (with 8, one reordered probe is 0.875 and fails 0.9; a 4-layer ranker's "
                 "bf16-body measured 0.875 on 8 and 16 probes, 0.88 and 0.94 in two builds on 100)"})
-    generate_probes: int = field(default=8, metadata={"help": "of those, how many also run generate mode"})
+    generate_probes: int = field(default=8, metadata={
+        "help": "of those, how many also generate whole lists (exact-list agreement, for the record); generate "
+                "mode's first pick, what the quality bar reads, comes from each probe's prompt pass, so it is "
+                "measured on all of them"})
     generate_k: int = field(default=5, metadata={"help": "labels generated per probe in the quality comparison"})
     generate_tokens: int = field(default=0, metadata={
         "help": "tokens of a generate-mode request in the latency model (prefill + (n-1) decode steps); 0: what "

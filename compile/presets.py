@@ -24,7 +24,7 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
         "evaluate-ranking": {"users": 500},  # ranking tier only (retrieval always ranks every test user)
         # every candidate: the bf16 ones are measured only where the CPU has avx512_bf16/amx_bf16
         # (elsewhere they are emulated, ~5x slower, and the build skips them)
-        "build": {"generate_probes": 4, "repeats": 3},  # 100 score probes as full: ~30 s more, a fair bar
+        "build": {"generate_probes": 4, "repeats": 3},  # 100 probes as full (score and first pick): a fair bar
     },
     "tiny": {
         "sasrec": {"epochs": 1, "max_steps": 10, "max_len": 20, "hidden": 32, "ffn_hidden": 64},

@@ -25,8 +25,8 @@ import torch
 
 from compile.targets import BuildContext, BuildResult
 from compile.targets.measure import (
-    TorchRunner, latency_prompt, load_average, load_probes, measure_latency, measure_quality, mode_latency_ms,
-    quality_ok)
+    TorchRunner, generate_logit_weight, latency_prompt, load_average, load_probes, measure_latency, measure_quality,
+    mode_latency_ms, quality_ok)
 from palr.builds import isa_satisfied
 from palr.ranking import MODES
 from palr.precision import INT8_WEIGHT_ONLY, body_dtype, int8_weight_only, torchao_version
@@ -101,8 +101,10 @@ def choose(latency: dict, quality: dict, config) -> tuple[str, dict[str, str]]:
                   / mode_latency_ms(ref_lat, m, config.generate_tokens) for m in MODES}
         good = all(quality_ok(quality[dtype], ref_q, config.min_agreement, config.max_ndcg_drop, m) for m in MODES)
         faster = all(r <= 1 - config.min_gain for r in ratios.values())
+        q = quality[dtype]
         why = (f"{LABELS.get(dtype, dtype)}: score {ratios['score']:.2f}x, generate {ratios['generate']:.2f}x fp32 latency; top-1 agreement "
-               f"{quality[dtype]['score_top1_agreement']:.2f}")
+               f"{q['score_top1_agreement']:.2f}, generate first pick {q['generate_first_agreement']:.2f} "
+               f"({q['generate_first_probes']} probes)")
         verdicts[dtype] = ("kept: " if good and faster else "rejected: ") + why + (
             "" if good else " (ranks differently)") + ("" if faster else " (not faster in both modes)")
         if good and faster:
@@ -175,7 +177,8 @@ def measure_and_choose(ctx: BuildContext, model, tokenizer, report: dict) -> tup
     log.info("hf-cpu: measuring %s on %s (latency: %d-token prompt, %d rounds; quality: %s)", ", ".join(candidates),
              ctx.machine.cpu_name, len(ids), config.repeats, source)
     latency = measure_latency(runners, ids, config.repeats, config.decode_steps)
-    quality = measure_quality(runners, runners[0], probes, config.generate_k, config.generate_probes)
+    quality = measure_quality(runners, runners[0], probes, config.generate_k, config.generate_probes,
+                              generate_logit_weight(ctx.bundle))
     best, verdicts = choose(latency, quality, config)
     if config.dtype != "auto":
         best = config.dtype

@@ -8,8 +8,11 @@ repeated) and medians are reported, next to the load average before and after.
 A runner answers four questions on token ids:
     prefill(ids) -> seconds           one forward pass over the prompt (score mode's cost)
     decode(ids, steps) -> seconds     median time of one decode step after that prompt
-    score(probe) -> [log-prob]        score mode, as palr.llm.score_candidates
-    generate(probe, k) -> [position]  generate mode (k labels), as palr.llm.generate_constrained
+    read(probe) -> Read               one forward pass: what score mode reads and the labels' next-token logits
+    generate(probe, k, w) -> [pos]    generate mode (k labels), as palr.llm.generate_constrained
+
+Generate mode's first pick comes from the prompt's forward pass alone (`first_pick`), so its agreement
+with the reference is measured on every probe; whole generated lists (decode steps) on the first few.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import torch
 from compile.sft_data import candidate_readout
 from palr import metrics
 from palr.decoding import LabelConstraint
-from palr.llm import generate_constrained, label_log_probs, pick_allowed, score_candidates
+from palr.llm import generate_constrained, label_log_probs, pick_allowed, read_prompt
 from palr.prompt import Readout
 from palr.ranking import decoding_bias
 
@@ -79,6 +82,29 @@ def latency_prompt(probes: Sequence[Probe], tokens: int) -> list[int]:
     return [pool[i % len(pool)] for i in range(tokens)]
 
 
+@dataclass(frozen=True)
+class Read:
+    """One prompt's forward pass: the raw logits score mode reads (candidate order) and the candidates'
+    label logits as the next token after the prompt (what generate mode's first step decodes from)."""
+
+    readout: list[float]
+    labels: list[float]
+
+    def scores(self) -> list[float]:
+        """Score mode: log-softmax of the readout over the candidates (palr.llm.score_candidates)."""
+        return label_log_probs(torch.tensor(self.readout))
+
+    def first_pick(self, probe: Probe, k: int, logit_weight: float) -> int:
+        """Generate mode's first emitted position, as the engines pick it (palr.llm.pick_allowed): the
+        label logits times `logit_weight`, plus the readout logits for a candidate-readout ranker."""
+        constraint = LabelConstraint(probe.label_token_ids, k)
+        allowed = constraint.allowed_tokens()
+        by_token = dict(zip(probe.label_token_ids, self.labels))
+        bias = decoding_bias(None, self.readout) if probe.readout is not None else None
+        token = pick_allowed(allowed, torch.tensor([by_token[t] for t in allowed]), constraint, bias, logit_weight)
+        return probe.label_token_ids.index(token)
+
+
 class Runner(Protocol):
     name: str
 
@@ -86,9 +112,9 @@ class Runner(Protocol):
 
     def decode(self, ids: list[int], steps: int) -> float: ...
 
-    def score(self, probe: Probe) -> list[float]: ...
+    def read(self, probe: Probe) -> Read: ...
 
-    def generate(self, probe: Probe, k: int) -> list[int]: ...
+    def generate(self, probe: Probe, k: int, logit_weight: float) -> list[int]: ...
 
 
 class TorchRunner:
@@ -115,12 +141,14 @@ class TorchRunner:
             cache, token = out.past_key_values, int(out.logits[0, -1].argmax())
         return statistics.median(times)
 
-    def score(self, probe: Probe) -> list[float]:
-        return score_candidates(self.model, probe.input_ids, probe.score_readout())
+    def read(self, probe: Probe) -> Read:
+        after = Readout.after_prompt(len(probe.input_ids), probe.label_token_ids)
+        readout, labels = read_prompt(self.model, probe.input_ids, [probe.score_readout(), after])
+        return Read(readout, labels)
 
-    def generate(self, probe: Probe, k: int) -> list[int]:
+    def generate(self, probe: Probe, k: int, logit_weight: float) -> list[int]:
         return generate_constrained(self.model, probe.input_ids, LabelConstraint(probe.label_token_ids, k),
-                                    readout=probe.readout)
+                                    readout=probe.readout, logit_weight=logit_weight)
 
 
 class OrtGenaiRunner:
@@ -155,16 +183,17 @@ class OrtGenaiRunner:
         self._slot.start([])
         return self._slot.feed_reading(probe.input_ids, probe.score_readout())
 
-    def score(self, probe: Probe) -> list[float]:
-        return label_log_probs(torch.tensor(self._read(probe)[1]))
+    def read(self, probe: Probe) -> Read:
+        logits, readout = self._read(probe)
+        return Read(list(readout), [float(logits[t]) for t in probe.label_token_ids])
 
-    def generate(self, probe: Probe, k: int) -> list[int]:
+    def generate(self, probe: Probe, k: int, logit_weight: float) -> list[int]:
         constraint = LabelConstraint(probe.label_token_ids, k)
         logits, read = self._read(probe)
         bias = decoding_bias(None, read) if probe.readout is not None else None
         while True:
             allowed = constraint.allowed_tokens()
-            token = pick_allowed(allowed, torch.from_numpy(logits[allowed]), constraint, bias)
+            token = pick_allowed(allowed, torch.from_numpy(logits[allowed]), constraint, bias, logit_weight)
             constraint.advance(token)
             if constraint.done:
                 return constraint.emitted()
@@ -193,40 +222,63 @@ def measure_latency(runners: Sequence[Runner], ids: list[int], repeats: int, dec
             for name in prefill}
 
 
+@dataclass(frozen=True)
+class Answers:
+    """One runner's answers to the probes: score-mode log-probs, generate mode's first picks (all
+    probes), and whole generated lists (the first few probes)."""
+
+    scores: list[list[float]]
+    first_picks: list[int]
+    orders: list[list[int]]
+
+
 def measure_quality(runners: Sequence[Runner], reference: Runner, probes: Sequence[Probe], k: int,
-                    generate_probes: int) -> dict[str, dict]:
-    """Each runner's rankings against the reference's on the same probes (score mode on all of them,
-    generate mode with k labels on the first `generate_probes`), and NDCG@10 where targets are known."""
-    ref_scores = [reference.score(p) for p in probes]
+                    generate_probes: int, logit_weight: float = 1.0) -> dict[str, dict]:
+    """Each runner's rankings against the reference's on the same probes: score mode and generate mode's
+    first pick on all of them (one forward pass each), whole generated lists of k labels on the first
+    `generate_probes`; NDCG@10 where targets are known. `logit_weight`: the ranker's generate logit weight."""
     gen_probes = list(probes[:generate_probes])
-    ref_orders = [reference.generate(p, min(k, len(p.label_token_ids))) for p in gen_probes]
+
+    def answers(runner: Runner) -> Answers:
+        reads = [runner.read(p) for p in probes]
+        return Answers([r.scores() for r in reads],
+                       [r.first_pick(p, _k(p, k), logit_weight) for r, p in zip(reads, probes)],
+                       [runner.generate(p, _k(p, k), logit_weight) for p in gen_probes])
+
+    ref = answers(reference)
     out = {}
     for runner in runners:
-        scores = ref_scores if runner is reference else [runner.score(p) for p in probes]
-        orders = ref_orders if runner is reference else [runner.generate(p, min(k, len(p.label_token_ids)))
-                                                         for p in gen_probes]
-        out[runner.name] = quality_summary(scores, ref_scores, orders, ref_orders, probes, k)
-        log.info("quality of %s on %d probes: %s", runner.name, len(probes), out[runner.name])
+        out[runner.name] = quality_summary(ref if runner is reference else answers(runner), ref, probes, k)
+        log.info("quality of %s on %d probes (%d generated): %s", runner.name, len(probes), len(gen_probes),
+                 out[runner.name])
     return out
 
 
-def quality_summary(scores: Sequence[Sequence[float]], ref_scores: Sequence[Sequence[float]],
-                    orders: Sequence[Sequence[int]], ref_orders: Sequence[Sequence[int]],
-                    probes: Sequence[Probe], k: int) -> dict[str, Any]:
-    top = [_order(s) for s in scores]
-    ref_top = [_order(s) for s in ref_scores]
+def quality_summary(answers: Answers, ref: Answers, probes: Sequence[Probe], k: int) -> dict[str, Any]:
+    top = [_order(s) for s in answers.scores]
+    ref_top = [_order(s) for s in ref.scores]
     summary = {
         "score_top1_agreement": _mean([a[0] == b[0] for a, b in zip(top, ref_top)]),
         f"score_top{k}_overlap": _mean([len(set(a[:k]) & set(b[:k])) / min(k, len(a)) for a, b in zip(top, ref_top)]),
         "score_max_abs_logprob_diff": round(max(float(np.max(np.abs(np.subtract(a, b))))
-                                                for a, b in zip(scores, ref_scores)), 6),
-        "generate_exact_agreement": _mean([list(a) == list(b) for a, b in zip(orders, ref_orders)]),
-        "generate_first_agreement": _mean([a[0] == b[0] for a, b in zip(orders, ref_orders)]),
+                                                for a, b in zip(answers.scores, ref.scores)), 6),
+        "generate_first_agreement": _mean([a == b for a, b in zip(answers.first_picks, ref.first_picks)]),
+        "generate_first_probes": len(answers.first_picks),
+        "generate_exact_agreement": _mean([list(a) == list(b) for a, b in zip(answers.orders, ref.orders)]),
+        "generate_exact_probes": len(answers.orders),
     }
     if all(p.validation for p in probes):
         ranks = [None if p.target_position is None else order.index(p.target_position) for order, p in zip(top, probes)]
         summary["score_ndcg@10"] = round(metrics.ndcg(ranks, 10), 4)
     return summary
+
+
+def generate_logit_weight(bundle) -> float:
+    """The ranker's weight of the label logits in generate mode (`llm/ranker.json`, fit by `compile
+    merge`); 1.0 (the model's own logits) for a bundle without one."""
+    if not bundle.has("ranker"):
+        return 1.0
+    return float(json.loads(bundle.path("ranker").read_text()).get("generate_logit_weight", 1.0))
 
 
 def quality_ok(candidate: dict, reference: dict, min_agreement: float, max_ndcg_drop: float, mode: str) -> bool:
@@ -242,6 +294,10 @@ def mode_latency_ms(latency: dict, mode: str, generate_tokens: int) -> float:
     if mode == "score":
         return latency["prefill_ms"]
     return latency["prefill_ms"] + (generate_tokens - 1) * latency["decode_ms"]
+
+
+def _k(probe: Probe, k: int) -> int:
+    return min(k, len(probe.label_token_ids))
 
 
 def _order(scores: Sequence[float]) -> list[int]:
