@@ -207,11 +207,11 @@ def score_candidates(model, input_ids: Sequence[int], readout: Readout,
 
 def read_prompt(model, input_ids: Sequence[int], readouts: Sequence[Readout],
                 prefix: PrefixKV | None = None) -> list[list[float]]:
-    """One forward pass over the prompt; the raw logits of each readout (e.g. the candidate readout and the
-    labels after the prompt, which generate mode decodes from)."""
+    """One forward pass over the prompt, as far as the readouts need it (`Readout.end`); the raw logits of
+    each readout (e.g. the candidate readout and the labels after the prompt, which generate mode decodes from)."""
     for readout in readouts:
         _check_tokens(model, readout.tokens)
-    hidden, _, start = _prefill(model, input_ids, prefix)
+    hidden, _, start = _prefill(model, list(input_ids)[:max(r.end for r in readouts)], prefix)
     head = model.get_output_embeddings()
     return [readout_logits(head, hidden, start, readout).tolist() for readout in readouts]
 

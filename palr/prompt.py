@@ -106,6 +106,12 @@ class Readout:
     def __len__(self) -> int:
         return len(self.tokens)
 
+    @property
+    def end(self) -> int:
+        """The prompt tokens this readout needs: up to its last position. A causal model's later tokens
+        cannot change these logits, so score mode runs no further (the chat template's closing turn)."""
+        return max(self.positions) + 1
+
     @classmethod
     def after_prompt(cls, prompt_len: int, labels: Sequence[int]) -> "Readout":
         """The label readout: each label's logit after the prompt's last token."""

@@ -71,6 +71,13 @@ class EngineRequest:
         return [*self.prefix_ids, *self.suffix_ids]
 
     @property
+    def run_ids(self) -> list[int]:
+        """The prompt tokens an engine runs: all of them in generate mode; score mode stops at its last
+        readout position (`Readout.end`: the closing chat turn after the candidates changes no score)."""
+        ids = self.input_ids
+        return ids[:self.score_readout().end] if self.mode == "score" else ids
+
+    @property
     def context_key(self) -> tuple[int, ...]:
         """The prompt up to the end of the user's context: what a context KV cache is keyed by."""
         return tuple(int(t) for t in (*self.prefix_ids, *self.suffix_ids[:self.context_len]))

@@ -143,7 +143,7 @@ class HFEngine(LoopEngine):
     def _admit(self, pending: Pending) -> None:
         request = pending.request
         readout = request.score_readout() if request.mode == "score" or request.readout is not None else None
-        row = Row(pending, slot=len(self._slots), todo=request.input_ids, readout=readout,
+        row = Row(pending, slot=len(self._slots), todo=request.run_ids, readout=readout,
                   read=[None] * len(readout) if readout is not None else None,
                   bias=list(request.bias) if request.bias is not None else None)
         self._slots.append(row)
@@ -153,7 +153,7 @@ class HFEngine(LoopEngine):
             if stored is not None:
                 self.kv.write_prefix(row.slot, stored)
                 row.length = row.cached = len(key)
-                row.todo = request.input_ids[len(key):]
+                row.todo = request.run_ids[len(key):]
                 break
             row.snapshots.append((len(key), key, cache))
 

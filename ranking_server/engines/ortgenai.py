@@ -119,7 +119,7 @@ class OrtGenaiEngine(LoopEngine):
             self._fail(pending, EngineError(f"ortgenai generator: {e!r}"))
             return
         readout = request.score_readout() if request.mode == "score" or request.readout is not None else None
-        self._active.append(Running(pending, slot, todo=request.input_ids[cached:], cached=cached, length=cached,
+        self._active.append(Running(pending, slot, todo=request.run_ids[cached:], cached=cached, length=cached,
                                     readout=readout, read=[None] * len(readout) if readout is not None else None,
                                     bias=list(request.bias) if request.bias is not None else None))
 

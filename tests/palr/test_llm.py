@@ -12,7 +12,8 @@ torch = pytest.importorskip("torch")
 
 from palr.decoding import LabelConstraint  # noqa: E402
 from palr.llm import (  # noqa: E402
-    compute_prefix, generate_constrained, generate_labels, load_causal_lm, score_labels)
+    compute_prefix, generate_constrained, generate_labels, load_causal_lm, score_candidates, score_labels)
+from palr.prompt import Readout  # noqa: E402
 
 LETTERS = [f" {chr(ord('A') + i)}" for i in range(20)]
 
@@ -61,6 +62,23 @@ def test_score_labels_equals_full_forward_log_softmax(tiny, labels):
         got = score_labels(model, ids, labels)
         assert got == pytest.approx(expected, abs=1e-4)
         assert sum(math.exp(x) for x in got) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_a_candidate_readout_runs_only_up_to_its_last_position_and_reads_what_the_whole_prompt_gives(tiny, labels):
+    """Score mode stops at `Readout.end` (the closing chat turn after the candidates is not run): the scores
+    equal the log-softmax of the readout logits from a plain forward pass over the whole prompt."""
+    model, _ = tiny
+    rng = random.Random(5)
+    ids = random_prompt(rng, 80)
+    readout = Readout(tuple(range(20, 60, 5)), tuple(labels[:8]))  # 8 candidates; 20 tokens after the last
+    assert readout.end == 56
+    with torch.no_grad():
+        hidden = model.model(input_ids=torch.tensor([ids])).last_hidden_state[0]  # [T, D]
+    head = model.get_output_embeddings().weight
+    logits = torch.stack([hidden[p] @ head[t] for p, t in zip(readout.positions, readout.tokens)]).double()
+    expected = torch.log_softmax(logits, -1).tolist()
+    assert score_candidates(model, ids, readout) == pytest.approx(expected, abs=1e-4)
+    assert score_candidates(model, ids[:readout.end], readout) == score_candidates(model, ids, readout)
 
 
 def test_prefix_reuse_gives_the_same_scores(tiny, labels):

@@ -85,6 +85,12 @@ def test_a_repeat_call_computes_only_its_candidates_and_answers_as_a_cold_one(ti
     assert [r.cached_tokens for r in warm] == [len(PREFIX) + len(alice)] * 2, "the repeat calls ran only candidates"
     assert stats.context_hits == 2 and stats.context_misses == 1
     assert stats.context_bytes > 0 and stats.cached_tokens == 2 * (len(PREFIX) + len(alice))
+    # score mode runs up to its last readout position: the prompt's last token (after the candidates) is not
+    # run under a candidate readout; generate mode runs the whole prompt
+    requests = first + repeat
+    assert stats.prompt_tokens == sum(len(r.run_ids) for r in requests) - stats.cached_tokens
+    tails = [len(r.input_ids) - len(r.run_ids) for r in requests]
+    assert tails == ([1, 1, 0] if readout else [0, 0, 0])
 
 
 def test_contexts_are_never_shared_between_users_and_stay_within_the_byte_bound(tiny):
