@@ -9,27 +9,18 @@ retrieval tier does not look it up again. The prompt and the ranking are `rankin
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from palr.catalog import Catalog
 from palr.ranking import MODES as RANKING_MODES
 from palr.serving.errors import check_known_ids, invalid_argument
-from palr.serving.validation import check_user_id
+from palr.serving.validation import check_item_id_count, check_user_id
 from recsys.v1 import ranking_pb2
 
 # the wire enum ↔ palr.ranking.MODES: RANKING_MODE_<MODE> for each mode; UNSPECIFIED is the first (score)
 PROTO_MODES = {mode: ranking_pb2.RankingMode.Value(f"RANKING_MODE_{mode.upper()}") for mode in RANKING_MODES}
 MODES = {ranking_pb2.RANKING_MODE_UNSPECIFIED: RANKING_MODES[0], **{v: mode for mode, v in PROTO_MODES.items()}}
-# Request ids go into logs and into `x-request-id` metadata (printable ASCII only).
-REQUEST_ID = re.compile(r"[\x21-\x7e]{1,128}")
-
-
-def valid_request_id(value: str) -> bool:
-    return bool(REQUEST_ID.fullmatch(value))
-
-
 @dataclass(frozen=True)
 class Plan:
     """A validated request, history resolved."""
@@ -82,5 +73,6 @@ class RequestPlanner:
                     as_of=float(request.as_of_unix_s))
 
     def _known_ids(self, field_name: str, item_ids: Sequence[str]) -> list[str]:
+        check_item_id_count(field_name, item_ids)
         check_known_ids(field_name, item_ids, self.catalog)
         return list(item_ids)

@@ -22,7 +22,6 @@ import asyncio
 import itertools
 import logging
 import time
-import uuid
 from dataclasses import dataclass, field
 
 import grpc
@@ -31,11 +30,12 @@ from opentelemetry import trace
 from palr.catalog import Item
 from palr.serving.errors import RequestError, invalid_argument, request_id
 from palr.serving import tracing
+from palr.serving.validation import REQUEST_ID_RULE, loggable_request_id
 from ranking_server.config import RankingServerConfig
 from ranking_server.inject import injected_delay_s
 from ranking_server.engines.base import EngineError, EngineOverloaded, InvalidRequest, RankingEngine
 from ranking_server.metrics import COLD_STARTS, DEGRADED, RECOMMEND, REJECTED, STAGE_SECONDS
-from ranking_server.planner import Plan, RequestPlanner, valid_request_id
+from ranking_server.planner import Plan, RequestPlanner
 from ranking_server.prompts import PromptBuilder
 from ranking_server.retrieval_client import RetrievalClient
 from recsys.v1 import ranking_pb2, ranking_pb2_grpc, retrieval_pb2
@@ -91,15 +91,11 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         started = time.perf_counter()
         remaining = context.time_remaining()
         deadline = started + (remaining if remaining is not None else self.config.default_deadline_ms / 1e3)
-        rid = request_id(request.request_id, context)
-        bad_rid = not valid_request_id(rid)
-        if bad_rid:
-            rid = "invalid-" + uuid.uuid4().hex[:16]  # what the logs call it
+        rid, rid_ok = loggable_request_id(request_id(request.request_id, context))
         async with RECOMMEND.track(context, rid, log, self.tracer):
-            if bad_rid:
+            if not rid_ok:
                 REJECTED.labels("invalid_argument").inc()
-                raise invalid_argument("request_id (or x-request-id metadata) must be 1 to 128 printable ASCII "
-                                       "characters without spaces")
+                raise invalid_argument(REQUEST_ID_RULE)
             response = await self._recommend(request, rid, started, deadline)
             if self._injected_delay_s:
                 await asyncio.sleep(self._injected_delay_s)
@@ -139,13 +135,14 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
 
     async def _retrieve(self, plan: Plan, deadline: float) -> Retrieved:
         """Streams the candidates; each chunk is tokenized as it arrives. The history sent is the one the
-        planner resolved (explicit > stored > none), so the retrieval tier does not resolve it again."""
-        timeout = self._time_left(deadline)
+        planner resolved (explicit > stored > none), so the retrieval tier does not resolve it again.
+
+        Retrieval may use the whole time left: the degrade reserve is kept for the LLM's abort, and a
+        deadline shorter than it still gets the retrieval order (degraded: no time for the LLM)."""
+        timeout = deadline - time.perf_counter()
         if timeout <= 0:
             REJECTED.labels("deadline").inc()
-            raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED,
-                               f"deadline too short: {(timeout * 1e3 + self.config.degrade_reserve_ms):.0f} ms left, "
-                               f"{self.config.degrade_reserve_ms:.0f} ms of it kept to answer")
+            raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before retrieval started")
         request = retrieval_pb2.RetrieveRequest(user_id=plan.user_id, history=plan.history, k=plan.num_candidates,
                                                 exclude=plan.exclude, request_id=plan.request_id)
         retrieved = Retrieved()

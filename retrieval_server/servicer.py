@@ -12,7 +12,7 @@ import numpy as np
 
 from palr.catalog import Catalog
 from palr.serving.errors import RequestError, check_known_ids, invalid_argument, request_id
-from palr.serving.validation import check_user_id
+from palr.serving.validation import REQUEST_ID_RULE, check_item_id_count, check_user_id, loggable_request_id
 from recsys.v1 import retrieval_pb2, retrieval_pb2_grpc
 from retrieval_server.metrics import COLD_STARTS, RETRIEVE, TRUNCATED
 from palr.sasrec_onnx import Query, Ranked
@@ -55,8 +55,10 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
         self._model = model
 
     async def Retrieve(self, request: retrieval_pb2.RetrieveRequest, context: grpc.aio.ServicerContext) -> None:
-        rid = request_id(request.request_id, context)
+        rid, rid_ok = loggable_request_id(request_id(request.request_id, context))
         async with RETRIEVE.track(context, rid, log, self.tracer):
+            if not rid_ok:
+                raise invalid_argument(REQUEST_ID_RULE)
             await self._retrieve(request, context, rid)
 
     async def _retrieve(self, request: retrieval_pb2.RetrieveRequest, context: grpc.aio.ServicerContext,
@@ -121,5 +123,6 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
             yield retrieval_pb2.RetrieveResponse(candidates=candidates, model_version=self.model_version, **flags)
 
     def _indices(self, field_name: str, item_ids: Sequence[str]) -> list[int]:
+        check_item_id_count(field_name, item_ids)
         check_known_ids(field_name, item_ids, self.catalog)
         return self.catalog.indices(item_ids)

@@ -141,3 +141,40 @@ def test_acceptable_user_ids_are_served_empty_and_unknown_as_cold_start(channels
     assert len(answer.items) == 2 and answer.cold_start
     messages = retrieve(retrieval, user_id=good, k=3)
     assert messages[0].cold_start and sum(len(m.candidates) for m in messages) == 3
+
+
+# -- request_id ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("bad", ["rid\nINFO forged log line", "with space", "r" * 129, "caf\u00e9"],
+                         ids=["newline", "space", "too long", "non-ASCII"])
+def test_bad_request_id_is_invalid_argument_on_both_servers_and_not_logged(channels, tiny_llm_bundle, caplog, bad):
+    retrieval, ranking = channels
+    user = known_user(tiny_llm_bundle)
+    with caplog.at_level(logging.INFO):
+        for call in (lambda: recommend(ranking, user_id=user, k=2, request_id=bad),
+                     lambda: retrieve(retrieval, user_id=user, k=3, request_id=bad)):
+            with pytest.raises(grpc.RpcError) as error:
+                call()
+            assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert error.value.details().startswith("request_id "), error.value.details()
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert "rid=invalid-" in logged and bad not in logged
+    assert retrieve(retrieval, user_id=user, k=3, request_id="fine-id-1")
+
+
+# -- item-id lists --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("field_name", ["history", "exclude"])
+def test_an_item_id_list_over_the_limit_is_invalid_argument_on_both_servers(channels, tiny_llm_bundle, field_name):
+    from palr.serving.validation import MAX_ITEM_IDS
+
+    retrieval, ranking = channels
+    item = json.loads(Bundle.open(tiny_llm_bundle).path("users").read_text())["users"][known_user(tiny_llm_bundle)][
+        "history"][0]
+    too_many = {field_name: [item] * (MAX_ITEM_IDS + 1)}
+    for call in (lambda: recommend(ranking, k=2, **too_many), lambda: retrieve(retrieval, k=3, **too_many)):
+        with pytest.raises(grpc.RpcError) as error:
+            call()
+        assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert error.value.details().startswith(f"{field_name} has {MAX_ITEM_IDS + 1} item ids"), error.value.details()
+    assert recommend(ranking, k=2, **{field_name: [item] * MAX_ITEM_IDS}).items  # the limit itself is served

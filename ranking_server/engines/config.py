@@ -35,7 +35,9 @@ class EngineConfig:
         "help": "score requests go ahead of generate requests that arrived up to this long before them, in "
                 "admission and in the order prompts run (a score request ends with its prompt; a generate one "
                 "then decodes); generate requests older than this keep their turn (0 = arrival order)"})
-    threads: int = field(default=0, metadata={"help": "torch threads of the engine (0 = torch's default)"})
+    threads: int = field(default=0, metadata={
+        "help": "torch threads of the engine (0 = the count the bundle's build measured fastest on this machine, "
+                "else torch's default)"})
 
     def __post_init__(self) -> None:
         parent = getattr(super(), "__post_init__", None)

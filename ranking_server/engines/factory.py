@@ -64,6 +64,8 @@ def engine_from_build(bundle, target: str, engine_config: EngineConfig, trtllm_c
                           f"--target {target}")
     path, entry = open_build(bundle, target, Machine.detect(spec.device))
     threads = engine_config.threads or entry.get("num_threads") or 0
+    log.info("%s engine threads: %s", target, f"{threads} (--threads)" if engine_config.threads else
+             f"{threads} (measured fastest by the build)" if threads else "torch's default")
     if spec.engine == "hf":
         from palr.hf_build import load_hf_build
         from ranking_server.engines.hf import HFEngine

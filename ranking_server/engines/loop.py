@@ -83,8 +83,9 @@ class LoopEngine(RankingEngine):
 
     def __init__(self, name: str, *, vocab_size: int, max_seq_len: int, max_queue: int,
                  num_threads: int | None = None, score_first_ms: float = 0.0, step_log_size: int = 4096):
-        if max_queue < 0:
-            raise ValueError(f"max_queue must be >= 0, got {max_queue}")
+        if max_queue < 1:  # every request waits in the queue before the engine thread admits it
+            raise ValueError(f"--max-queue must be >= 1 for the in-process engines (each request waits there "
+                             f"until the engine thread admits it), got {max_queue}")
         self.name = name
         self.vocab_size = vocab_size
         self.max_seq_len = max_seq_len
@@ -119,6 +120,8 @@ class LoopEngine(RankingEngine):
         loop = asyncio.get_running_loop()
         pending = Pending(request, constraint, loop.create_future(), loop)
         with self._cv:
+            if not self.check_health():  # again under the lock: a loop that died or closed meanwhile drains
+                raise EngineError(f"{self.name} engine is not running")  # no queue any more
             if len(self._waiting) >= self.max_queue:
                 self._counts["rejected"] += 1
                 raise EngineOverloaded(f"{self.name} engine queue is full ({self.max_queue} waiting)")
@@ -133,12 +136,20 @@ class LoopEngine(RankingEngine):
             raise
 
     def abort(self, request_id: str) -> bool:
+        """A queued request leaves the queue at once (it holds nothing of the engine's, and must not count
+        against `max_queue` while a long step runs); a running one is released at the next step."""
         with self._cv:
-            if not self._known(request_id):
+            queued = next((p for p in self._waiting if p.request_id == request_id), None)
+            if queued is not None:
+                self._waiting.remove(queued)
+            elif request_id in self._running:
+                self._aborts.add(request_id)
+                self._cv.notify()
+            else:
                 return False
-            self._aborts.add(request_id)
-            self._cv.notify()
-            return True
+        if queued is not None:
+            self._fail(queued, EngineAborted(f"request {request_id} aborted while queued"))
+        return True
 
     def check_health(self) -> bool:
         return self._thread.is_alive() and not self._closed and self._crash is None
@@ -171,7 +182,8 @@ class LoopEngine(RankingEngine):
                 self._run()
         except BaseException as e:  # noqa: BLE001 - a dead loop must fail everyone, whatever killed it
             log.exception("%s engine loop crashed", self.name)
-            self._crash = e
+            with self._cv:
+                self._crash = e
             self._fail_everything(EngineError(f"{self.name} engine loop crashed: {e!r}"))
 
     def _run(self) -> None:
@@ -182,12 +194,7 @@ class LoopEngine(RankingEngine):
                 if self._closed:
                     return
                 aborted, self._aborts = self._aborts, set()
-                queued = [p for p in self._waiting if p.request_id in aborted]
-                for pending in queued:
-                    self._waiting.remove(pending)
                 running = [self._running[i] for i in aborted if i in self._running]
-            for pending in queued:
-                self._fail(pending, EngineAborted(f"request {pending.request_id} aborted while queued"))
             for pending in running:
                 self._release(pending)
                 self._fail(pending, EngineAborted(f"request {pending.request_id} aborted while running"))

@@ -228,8 +228,12 @@ def test_abort_while_queued_and_while_decoding_frees_the_slot(tiny):
         await wait_until(lambda: engine.stats().queued == 2)
         assert engine.stats().active == 1
         assert engine.abort("queued") and engine.abort("decoding")
+        # a queued request leaves the queue at once, while the engine thread is still held in its step
+        assert engine.stats().queued == 1 and engine.stats().active == 1
+        await wait_until(queued.done)
         cancelled.cancel()  # a caller giving up aborts its request too
         await wait_until(cancelled.done)
+        assert engine.stats().queued == 0 and not decoding.done()
         assert not engine.abort("never-seen")
         constraint.gate.set()
         for task, error in ((decoding, EngineAborted), (queued, EngineAborted), (cancelled, asyncio.CancelledError)):
@@ -387,6 +391,8 @@ def test_config_and_strategy_validation(tiny):
         EngineConfig(max_batch_size=8, max_tokens_per_step=4)
     with pytest.raises(ValueError, match="unknown engine strategy"):
         strategy_engine("speculative", model)
+    with pytest.raises(ValueError, match="--max-queue must be >= 1"):  # every request waits there first
+        HFEngine(model, EngineConfig(max_queue=0))
 
 
 @pytest.mark.gpu
