@@ -248,7 +248,8 @@ def utilisation(workload, runs: dict[Cell, list[dict]], config: BenchConfig) -> 
     prompt = max(([*r.prefix_ids, *r.suffix_ids] for r in workload.requests["score"]), key=len)
     out = u.section(workload.model, prompt, config.bundle, config.utilisation_repeats)
     cell = runs.get(Cell("score", "inflight", 1, prefix_reuse=False))
-    tokens = workload.describe()["prompt_tokens_mean"]
+    scores = workload.requests["score"]
+    tokens = sum(len(r.run_ids) for r in scores) / len(scores)  # what score mode runs (up to its last readout)
     engine = u.engine_row(out["rows"][0], cell[-1] if cell else None, out["parameters"], tokens)
     if engine:
         out["rows"].append(engine)
