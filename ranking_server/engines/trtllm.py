@@ -108,8 +108,9 @@ class TrtllmEngine(RankingEngine):
         started = time.perf_counter()
         if request.mode == "generate" and request.readout is not None:
             # the readouts of a first (score) pass join the decoding bias: two prefills (see trtllm_requests)
-            scored = await self._run(dataclasses.replace(request, mode="score"), None)
-            read = readout_from_context(scored.outputs[0].context_logits, len(request.input_ids), request.readout)
+            score_pass = dataclasses.replace(request, mode="score")
+            scored = await self._run(score_pass, None)
+            read = readout_from_context(scored.outputs[0].context_logits, len(score_pass.run_ids), request.readout)
             request = dataclasses.replace(request, bias=decoding_bias(request.bias, read), readout=None)
             if request.logit_weight == 0:  # the answer is the bias's order: no second pass (palr.llm.emit_by_bias)
                 return self._by_bias(request, constraint, started)
@@ -126,7 +127,8 @@ class TrtllmEngine(RankingEngine):
             if request.request_id in self._outputs:
                 raise InvalidRequest(f"request_id {request.request_id!r} is already in flight")
             params = self._sampling_params(**sampling_kwargs(request, constraint, self.end_id))
-            output = self.llm.generate_async(request.input_ids, sampling_params=params, streaming=streaming)
+            # score mode stops at its last readout position (EngineRequest.run_ids); generate runs the whole prompt
+            output = self.llm.generate_async(request.run_ids, sampling_params=params, streaming=streaming)
             self._outputs[request.request_id] = output
         first_token = None
         try:
@@ -167,7 +169,7 @@ class TrtllmEngine(RankingEngine):
         if request.mode == "score":
             if request.readout is not None:
                 scores = label_log_probs(torch.tensor(readout_from_context(
-                    output.context_logits, len(request.input_ids), request.readout)))
+                    output.context_logits, len(request.run_ids), request.readout)))
             else:
                 scores = label_scores(completion.generation_logits, request.label_token_ids)
             order, generated, prefilled = sorted(range(len(scores)), key=lambda c: -scores[c]), 0, now
