@@ -8,14 +8,18 @@
     valid.jsonl  one Recommend_Retrieval example per sampled user from the valid split: history =
                  training items, candidates = SASRec's top-K in retrieval order with its scores, the
                  valid item as target (absent when not retrieved, as at test time). For model
-                 selection and for fitting the fusion weight. Test items never appear in it.
+                 selection and for fitting the fusion weight. The candidates are what serving (and
+                 `evaluate-ranking --split valid`) retrieves for that history: only the history is
+                 excluded. Masking the user's test item too would choose the fusion weight on lists
+                 that know the test label (it moved the quick bundle's weight from 0.75 to 5).
 
 Each candidate line ends with the candidate's trend token (palr/trends.py: its interactions in the 30
 days before the example's moment, the time of its history's last item), and score mode reads the
 score row at that token (`--readout candidate`): examples store the readout positions and the buckets.
 
-Candidates never include the user's other interactions (later training items, valid and test
-items): negatives are items the user did not interact with, and held-out items appear nowhere.
+Training candidates never include the user's other interactions (later training items, valid and test
+items): negatives are items the user did not interact with, and held-out items appear in no training
+example.
 Every example stores item ids (for the leakage test) and the exact token ids `palr.prompt` built
 (what finetune trains on); `meta.json` keeps the prompt settings that serving must reuse.
 """
@@ -103,7 +107,7 @@ class Cut:
     history: list[str]  # item ids, oldest first
     target: str  # the next item
     following: list[str]  # the user's training items after the target
-    held_out: list[str]  # the user's valid/test items that come after (never in a training example)
+    held_out: list[str]  # training cuts: the user's valid/test items (never in a training example); validation: []
     moment: float = 0.0  # when the history ends (its last interaction): what trends are counted before
 
     @property
@@ -338,7 +342,7 @@ def run(config: SftDataConfig) -> Path:
     valid_users = sorted(corpus.split.valid)
     if 0 < config.valid_users < len(valid_users):  # its own generator: the same users whatever the training options
         valid_users = sorted(random.Random(config.seed + 1).sample(valid_users, config.valid_users))
-    valid_cuts = [Cut(u, corpus.split.train[u], corpus.split.valid[u], [], [corpus.split.test[u]],
+    valid_cuts = [Cut(u, corpus.split.train[u], corpus.split.valid[u], [], [],  # serving's mask: the history only
                       corpus.time_before(u, len(corpus.split.train[u]))) for u in valid_users]
     valid_profiles = profile([[catalog.by_id(i) for i in c.history] for c in valid_cuts], progress="profiles (valid)")
     valid = [_retrieval_example(prompt, catalog, cut, ids, scores, p, trends) for cut, (ids, scores), p in

@@ -27,10 +27,10 @@ for u in users:
 train_rows = make_examples(corpus, hold, cuts, 20)
 rng = random.Random(0)
 vusers = sorted(rng.sample(users, 300))
-vcuts = [(u, split.train[u], split.valid[u], [split.test[u]]) for u in vusers]
+vcuts = [(u, split.train[u], split.valid[u], []) for u in vusers]  # serving's mask: the history only
 valid_rows = make_examples(corpus, main, vcuts, 20, natural_only=False)
 # all validation users for a bigger sample
-allv = make_examples(corpus, main, [(u, split.train[u], split.valid[u], [split.test[u]]) for u in users], 20, natural_only=False)
+allv = make_examples(corpus, main, [(u, split.train[u], split.valid[u], []) for u in users], 20, natural_only=False)
 
 pop = np.zeros(cat.num_indices)
 for it in cat.items:

@@ -36,7 +36,7 @@ def main():
     users = sorted(corpus.split.train)
     histories = [corpus.split.train[u] for u in users]
     indices, scores = top_k(SASRec.load(bundle.path("sasrec_torch")), [catalog.indices(h) for h in histories],
-                            [catalog.indices(h + [corpus.split.test[u]]) for h, u in zip(histories, users)], 20)
+                            [catalog.indices(h) for h in histories], 20)  # serving's mask: the history only
     model, tokenizer = load_causal_lm(bundle.path("llm_merged"))
     prompt = ranker_prompt(tokenizer, ranker, catalog)
     prefix = compute_prefix(model, prompt.prefix_ids())

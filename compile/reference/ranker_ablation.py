@@ -244,7 +244,7 @@ def main():
              len(main_rows) / len(cuts))
     rng = random.Random(0)
     vusers = sorted(rng.sample(users, a.valid_users)) if a.valid_users < len(users) else users
-    vcuts = [(u, split.train[u], split.valid[u], [split.test[u]]) for u in vusers]
+    vcuts = [(u, split.train[u], split.valid[u], []) for u in vusers]  # serving's mask: the history only
     valid_rows = make_examples(corpus, main_model, vcuts, a.K, natural_only=False)
 
     from peft import LoraConfig, get_peft_model

@@ -65,8 +65,9 @@ class Events:
 
 def rows_cache(bundle_dir: Path, window: float, k: int = 20) -> Path:
     """Where prepare's (train, valid) rows for one --window and k candidates are cached (paired_check.py and
-    candidate_count.py read them too)."""
-    return bundle_dir / (f"exp_rows_w{window:g}.pkl" if k == 20 else f"exp_rows_w{window:g}_k{k}.pkl")
+    candidate_count.py read them too). "v2": validation candidates masked as serving masks them (the
+    history only); v1 caches also masked the user's test item."""
+    return bundle_dir / (f"exp_rows_v2_w{window:g}.pkl" if k == 20 else f"exp_rows_v2_w{window:g}_k{k}.pkl")
 
 
 def prepare(bundle: Bundle, data: Path, K: int, window: float, cache: Path):
@@ -105,7 +106,7 @@ def prepare(bundle: Bundle, data: Path, K: int, window: float, cache: Path):
         tr = split.train[u]
         cuts += [(u, tr[:t], tr[t], tr[t + 1:] + [split.valid[u], split.test[u]]) for t in range(len(tr) - M, len(tr))]
     train = rows_for(hold, cuts, True)
-    vcuts = [(u, split.train[u], split.valid[u], [split.test[u]]) for u in users]
+    vcuts = [(u, split.train[u], split.valid[u], []) for u in users]  # serving's mask: the history only
     valid = rows_for(main, vcuts, False)
     out = (train, valid)
     cache.write_bytes(pickle.dumps(out))

@@ -1,5 +1,6 @@
 """compile sft-data: examples come from the TRAIN split only; no valid or test interaction appears in a
-training example (history, target or candidate), and no test item appears in the validation file."""
+training example (history, target or candidate); the validation file's candidates are exactly what serving
+retrieves for the history (only the history masked: never the test item, which would leak its label)."""
 
 from __future__ import annotations
 
@@ -58,14 +59,25 @@ def test_retrieval_candidates_hold_the_target_once_and_no_later_item(train_rows,
     assert len(positions) >= 5, "candidate order is shuffled: the target is not always at one label"
 
 
-def test_validation_file_is_the_valid_split_in_retrieval_order_without_test_items(valid_rows, ml100k):
+def test_validation_file_is_the_valid_split_with_the_candidates_serving_retrieves(valid_rows, ml100k,
+                                                                                 tiny_llm_bundle):
+    from palr.bundle import Bundle
+    from palr.catalog import Catalog
+    from palr.sasrec_onnx import Query, SasrecOnnx
+
+    bundle = Bundle.open(tiny_llm_bundle)
+    catalog = Catalog.load(bundle.path("catalog"))
     split = ml100k.split
     assert valid_rows
-    for row in valid_rows:
+    served = SasrecOnnx.from_bundle(bundle).retrieve(
+        [Query(history=catalog.indices(r["history"]), exclude=catalog.indices(r["history"]), k=len(r["candidates"]))
+         for r in valid_rows])
+    for row, ranked in zip(valid_rows, served):
         user = row["user"]
         assert row["history"] == split.train[user]
         assert row["target"] == split.valid[user]
-        assert split.test[user] not in set(row["candidates"]) | set(row["history"]) | {row["target"]}
+        assert split.test[user] not in set(row["history"]) | {row["target"]}
+        assert row["candidates"] == [catalog.item(int(i)).id for i in ranked.indices], "not serving's candidates"
         scores = row["retrieval_scores"]
         assert scores == sorted(scores, reverse=True), "candidates keep SASRec's order"
         position = row["target_position"]
