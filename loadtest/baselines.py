@@ -64,12 +64,12 @@ class SequentialEngine(LoopEngine):
             else:
                 scores = None
                 order = generate_constrained(self.model, request.input_ids, pending.constraint, request.bias, prefix,
-                                             request.readout, request.logit_weight)
+                                             request.readout, request.logit_weight, self.config.draft_tokens)
         except Exception as e:  # noqa: BLE001 - fail this request, keep serving
             self._fail(pending, EngineError(f"reference run failed: {e!r}"))
             return True
         pending.prefilled = time.perf_counter() if request.mode == "score" else 0.0
-        prompt = len(request.input_ids) - cached
+        prompt = len(request.run_ids) - cached
         generated = len(order) if request.mode == "generate" else 0
         self._count(prompt_tokens=prompt, cached_tokens=cached, generated_tokens=generated)
         self._record_step(StepRecord(0, 1, prompt + generated, 1))

@@ -19,8 +19,13 @@ Pure Python on purpose: no torch here, so `import palr` stays light.
 
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+
+# Generate mode checks a draft of the bias's own next picks in one pass (`palr.llm.draft_by_bias`): at most
+# this many tokens a pass (1 = plain decoding, one token a pass). The answer is the same either way.
+DRAFT_TOKENS = 16
 
 
 class DecodingConstraint(ABC):
@@ -53,6 +58,10 @@ class DecodingConstraint(ABC):
     @abstractmethod
     def emitted(self) -> list[int]:
         """Candidate positions (0-based, in candidate order of the prompt) in the order emitted."""
+
+    def fork(self) -> "DecodingConstraint":
+        """An independent copy in the same state: generate mode tries picks ahead on it (its drafts)."""
+        return copy.deepcopy(self)
 
 
 class LabelConstraint(DecodingConstraint):

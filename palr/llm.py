@@ -13,13 +13,13 @@ model pay for them.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from palr.decoding import DecodingConstraint, LabelConstraint
+from palr.decoding import DRAFT_TOKENS, DecodingConstraint, LabelConstraint
 from palr.prompt import Readout
 from palr.ranking import decoding_bias
 
@@ -178,16 +178,56 @@ def pick_allowed(allowed: Sequence[int], allowed_logits: torch.Tensor, constrain
 
 
 def emit_by_bias(constraint: DecodingConstraint, bias: Sequence[float] | None) -> int:
-    """Generate mode when the model's logits count zero (`logit_weight` 0, what the shipped rankers' fit
-    chose): every pick is the argmax of the bias alone, so the constrained answer is written without a
+    """Generate mode when the model's logits count zero (`logit_weight` 0, a weight the rankers' fit may
+    choose): every pick is the argmax of the bias alone, so the constrained answer is written without a
     decode pass, exactly as `pick_allowed` would pick from any logits. Returns the tokens written; the
     answer is `constraint.emitted()`."""
+    return sum(1 for _ in _bias_picks(constraint, bias, None))
+
+
+def draft_by_bias(constraint: DecodingConstraint, bias: Sequence[float] | None, limit: int) -> list[int]:
+    """The next (at most `limit`) tokens the bias alone would pick: generate mode's draft. The bias (the
+    fused scores) decides most picks when the logit weight is small, so one forward pass over the draft
+    checks several tokens at once (`accept_draft`); `constraint` is not changed."""
+    return list(_bias_picks(constraint.fork(), bias, limit))
+
+
+def _bias_picks(constraint: DecodingConstraint, bias: Sequence[float] | None, limit: int | None):
+    """Advance `constraint` by the bias's picks (`pick_allowed` at logit weight 0), yielding each token."""
     written = 0
-    while not constraint.done:
+    while not constraint.done and (limit is None or written < limit):
         allowed = constraint.allowed_tokens()
-        constraint.advance(pick_allowed(allowed, torch.zeros(len(allowed)), constraint, bias, 0.0))
+        token = pick_allowed(allowed, torch.zeros(len(allowed)), constraint, bias, 0.0)
+        constraint.advance(token)
         written += 1
-    return written
+        yield token
+
+
+def accept_draft(constraint: DecodingConstraint, draft: Sequence[int],
+                 allowed_logits_at: Callable[[int, list[int]], torch.Tensor],
+                 bias: Sequence[float] | None, logit_weight: float) -> tuple[int, int]:
+    """Speculative decoding's check, exact for greedy picks: after a pass that fed the last picked token and
+    `draft[:-1]`, pick position j's token from its logits (`allowed_logits_at(j, allowed)`: `[A]`) under the
+    constraint (advancing it), as plain decoding would, while the picks equal the draft. Returns (tokens
+    picked, the last pick): the pass's first `picked` fed tokens are right (keep their KV, drop the rest) and
+    the last pick is the next token to feed. One pick per pass when the draft is wrong from its first token."""
+    picked, token = 0, -1
+    for j, drafted in enumerate(draft):
+        allowed = constraint.allowed_tokens()
+        token = pick_allowed(allowed, allowed_logits_at(j, allowed), constraint, bias, logit_weight)
+        constraint.advance(token)
+        picked += 1
+        if token != drafted or constraint.done:
+            break
+    return picked, token
+
+
+def next_draft_limit(limit: int, most: int, picked: int, drafted: int, last_matched: bool) -> int:
+    """How many tokens to draft next: twice as many after a wholly accepted draft (up to `most`), else as many
+    as were right. A draft that keeps missing falls back to one token a pass: plain decoding."""
+    if picked == drafted and last_matched:
+        return min(most, 2 * limit)
+    return max(1, picked - 1)
 
 
 def pick_token(logits: torch.Tensor, constraint: DecodingConstraint,
@@ -225,11 +265,14 @@ def score_labels(model, input_ids: Sequence[int], label_token_ids: Sequence[int]
 @torch.inference_mode()
 def generate_constrained(model, input_ids: Sequence[int], constraint: DecodingConstraint,
                          bias: Sequence[float] | None = None, prefix: PrefixKV | None = None,
-                         readout: Readout | None = None, logit_weight: float = 1.0) -> list[int]:
+                         readout: Readout | None = None, logit_weight: float = 1.0,
+                         draft_tokens: int = DRAFT_TOKENS) -> list[int]:
     """Generate mode: greedy decoding under `constraint` with the KV cache, until it is done. With a
     `readout` (candidate-readout rankers), each candidate's readout logit from the same prefill joins its
     bias (`palr.ranking.decoding_bias`), as the ranker was trained. With `logit_weight` 0 the prompt's pass
-    is the only one (`emit_by_bias`).
+    is the only one (`emit_by_bias`). Otherwise each pass after the prompt checks a draft of up to
+    `draft_tokens` tokens, the bias's own picks (`draft_by_bias`, `accept_draft`): the same answer as one
+    token a pass (`draft_tokens` 1), in fewer passes when the bias decides most picks.
 
     Returns the emitted candidate positions in order (`constraint.emitted()`)."""
     hidden, cache, start = _prefill(model, input_ids, prefix)
@@ -239,16 +282,20 @@ def generate_constrained(model, input_ids: Sequence[int], constraint: DecodingCo
     if logit_weight == 0:
         emit_by_bias(constraint, bias)
         return constraint.emitted()
-    logits = head(hidden[-1]).float()  # [V]
-    device = model_device(model)
-    while True:
-        token = pick_token(logits, constraint, bias, logit_weight)
-        constraint.advance(token)
-        if constraint.done:
-            return constraint.emitted()
-        out = model(input_ids=torch.tensor([[token]], device=device), past_key_values=cache,
-                    use_cache=True)
-        logits, cache = out.logits[0, -1].float(), out.past_key_values  # [V]
+    token = pick_token(head(hidden[-1]).float(), constraint, bias, logit_weight)
+    constraint.advance(token)
+    device, limit = model_device(model), max(1, draft_tokens)
+    while not constraint.done:
+        draft = draft_by_bias(constraint, bias, limit)
+        fed = [token, *draft[:-1]]
+        rows = model.get_decoder()(input_ids=torch.tensor([fed], device=device), past_key_values=cache,
+                                   use_cache=True).last_hidden_state[0]  # [n, D]
+        picked, token = accept_draft(constraint, draft,
+                                     lambda j, allowed: token_logits(head, rows[j], allowed), bias, logit_weight)
+        if picked < len(fed):
+            cache.crop(picked - len(fed))  # drop the KV of the fed tokens after the first wrong pick
+        limit = next_draft_limit(limit, max(1, draft_tokens), picked, len(draft), token == draft[picked - 1])
+    return constraint.emitted()
 
 
 def generate_labels(model, input_ids: Sequence[int], label_token_ids: Sequence[int], k: int,

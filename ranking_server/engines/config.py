@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from palr.decoding import DRAFT_TOKENS
+
 
 @dataclass
 class EngineConfig:
@@ -35,6 +37,10 @@ class EngineConfig:
         "help": "score requests go ahead of generate requests that arrived up to this long before them, in "
                 "admission and in the order prompts run (a score request ends with its prompt; a generate one "
                 "then decodes); generate requests older than this keep their turn (0 = arrival order)"})
+    draft_tokens: int = field(default=DRAFT_TOKENS, metadata={
+        "help": "generate mode: each decode pass checks up to this many of the bias's own next picks at once "
+                "(a draft; the same answers, fewer passes when the fused scores decide most picks; 1 = one token "
+                "a pass)"})
     threads: int = field(default=0, metadata={
         "help": "torch threads of the engine (0 = the count the bundle's build measured fastest on this machine, "
                 "else torch's default)"})
@@ -43,7 +49,7 @@ class EngineConfig:
         parent = getattr(super(), "__post_init__", None)
         if parent:
             parent()
-        for name in ("max_batch_size", "max_tokens_per_step", "max_seq_len", "prefix_cache_size"):
+        for name in ("max_batch_size", "max_tokens_per_step", "max_seq_len", "prefix_cache_size", "draft_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_queue", "threads", "context_cache_mb", "score_first_ms"):

@@ -5,7 +5,10 @@ One engine thread runs the scheduler. Every step it
      of the prompt into the slot: the user's context (profile + history, an LRU bounded by
      `context_cache_mb`: a user's repeat call runs only its candidates), else the shared instruction
      prefix (`prefix_reuse`); what was not cached is stored once the slot has computed it;
-  2. runs ONE batched decode pass for every request that is generating (one token each);
+  2. runs ONE batched decode pass for every request that is generating: each feeds its next token and a
+     draft of the bias's own next picks (`draft_tokens`; the fused scores decide most picks when the label-
+     logit weight is small), keeps what its constrained picks confirm and drops the rest's KV (exact:
+     the answers of one token a pass, in fewer passes);
   3. spends what is left of `max_tokens_per_step` on prompt chunks of requests still prefilling
      (long prompts are chunked, so decodes keep flowing while a new prompt goes in), score requests
      first (`score_first_ms`: a score request is done when its prompt is);
@@ -33,7 +36,9 @@ from dataclasses import dataclass, field
 import torch
 
 from palr.decoding import DecodingConstraint
-from palr.llm import label_log_probs, model_device, pick_allowed, readout_logits, token_logits
+from palr.llm import (
+    accept_draft, draft_by_bias, label_log_probs, model_device, next_draft_limit, pick_allowed, readout_logits,
+    token_logits)
 from palr.precision import layer_dtypes
 from palr.prompt import Readout
 from palr.ranking import decoding_bias
@@ -58,6 +63,7 @@ class Row:
     snapshots: list = field(default_factory=list)  # (length, key, cache): store the KV once `length` reaches it
     next_token: int | None = None  # generate mode: the token to feed next
     generated: int = 0
+    draft_limit: int = 1           # generate mode: tokens to draft in the next pass (palr.llm.next_draft_limit)
     readout: Readout | None = None     # what score mode reads (positions in the prompt)
     read: list[float | None] | None = None  # each candidate's readout logit, once its position has run
     bias: list[float] | None = None    # generate mode: the decoding bias (request bias + readouts)
@@ -104,12 +110,11 @@ class HFEngine(LoopEngine):
         held = len(self._slots)
         budget = self.config.max_tokens_per_step
         decoding = self._slots[:self._n_decoding]
-        if decoding:
-            self._decode(decoding)
-        chunks = self._plan_prefill(budget - len(decoding))
+        fed = self._decode(decoding, budget) if decoding else 0
+        chunks = self._plan_prefill(budget - fed)
         for group in self._prefill_groups(chunks):
             self._prefill(group)
-        self._record_step(StepRecord(len(decoding), len(chunks), len(decoding) + sum(n for _, n in chunks), held))
+        self._record_step(StepRecord(len(decoding), len(chunks), fed + sum(n for _, n in chunks), held))
         return True
 
     def _admit_new(self) -> None:
@@ -144,6 +149,7 @@ class HFEngine(LoopEngine):
         request = pending.request
         readout = request.score_readout() if request.mode == "score" or request.readout is not None else None
         row = Row(pending, slot=len(self._slots), todo=request.run_ids, readout=readout,
+                  draft_limit=self.config.draft_tokens,
                   read=[None] * len(readout) if readout is not None else None,
                   bias=list(request.bias) if request.bias is not None else None)
         self._slots.append(row)
@@ -231,24 +237,47 @@ class HFEngine(LoopEngine):
             for c, value in zip(here, readout_logits(self.lm_head, hidden, start, part).tolist()):
                 row.read[c] = value
 
-    def _decode(self, rows: list[Row]) -> None:
-        """One batched decode pass over slots `[0, len(rows))`, then each row's constrained pick."""
+    def _decode(self, rows: list[Row], budget: int) -> int:
+        """One batched decode pass over slots `[0, len(rows))`: each row feeds its next token and a draft of
+        the bias's next picks (`palr.llm.draft_by_bias`, within `budget` tokens in all), keeps the fed tokens
+        its constrained picks confirm (`accept_draft`), and finishes when its constraint is done. Returns
+        the tokens fed."""
+        share = max(1, budget // len(rows))
+        drafts, failed = [], []
+        for row in rows:  # nobody leaves before the pass: rows must stay in slots [0, len(rows))
+            try:
+                drafts.append(draft_by_bias(row.constraint, row.bias, min(row.draft_limit, share)))
+            except Exception as e:  # noqa: BLE001 - a bad constraint fails its own request only
+                drafts.append([])
+                failed.append((row, e))
+        fed = [[row.next_token, *draft[:-1]] for row, draft in zip(rows, drafts)]
         try:
-            hidden = self._forward(0, [[s.next_token] for s in rows], [s.length for s in rows])[:, 0]  # [B, D]
+            hidden = self._forward(0, fed, [s.length for s in rows])  # [B, T, D]
         except Exception as e:  # noqa: BLE001 - fail these rows, keep serving
             self._fail_rows(rows, e, "decode pass")
-            return
-        for row in rows:  # all lengths first: a row leaving below moves other rows' KV up to their length
-            row.length += 1
-        allowed = self._allowed_tokens(rows)
-        union = sorted({t for tokens in allowed.values() for t in tokens})
-        if not union:
-            return
-        column = {t: i for i, t in enumerate(union)}
-        logits = token_logits(self.lm_head, hidden, union)  # [B, U]
-        for i, row in enumerate(rows):
-            if row in allowed:
-                self._emit(row, allowed[row], logits[i, [column[t] for t in allowed[row]]])
+            return sum(map(len, fed))
+        for i, (row, draft) in enumerate(zip(rows, drafts)):  # all lengths first: a row leaving below moves
+            if not draft:                                      # other rows' KV up to their length
+                continue
+            try:
+                picked, token = accept_draft(row.constraint, draft,
+                                             lambda j, allowed, i=i: token_logits(self.lm_head, hidden[i, j], allowed),
+                                             row.bias, row.pending.request.logit_weight)
+            except Exception as e:  # noqa: BLE001
+                failed.append((row, e))
+                continue
+            row.length += picked
+            row.generated += picked
+            row.next_token = token
+            row.draft_limit = next_draft_limit(row.draft_limit, self.config.draft_tokens, picked, len(draft),
+                                               token == draft[picked - 1])
+            self._count(generated_tokens=picked)
+        for row, error in failed:
+            self._fail_rows([row], error, "constrained decoding")
+        for row in [r for r in rows if r.pending.request_id in self._by_id and r.constraint.done]:
+            self._leave(row)
+            self._finish(row.pending, row.constraint.emitted(), None, row.cached, row.generated)
+        return sum(map(len, fed))
 
     def _allowed_tokens(self, rows: list[Row]) -> dict[Row, list[int]]:
         """Each row's allowed tokens; a row whose constraint raises fails alone (and leaves)."""

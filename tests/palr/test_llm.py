@@ -10,7 +10,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from palr.decoding import LabelConstraint  # noqa: E402
+from palr.decoding import LabelConstraint, TitleConstraint  # noqa: E402
 from palr.llm import (  # noqa: E402
     compute_prefix, generate_constrained, generate_labels, load_causal_lm, score_candidates, score_labels)
 from palr.prompt import Readout  # noqa: E402
@@ -130,6 +130,44 @@ def test_constrained_greedy_equals_brute_force_without_cache(tiny, labels, seed)
     got = generate_labels(model, ids, labels[:n], k, bias=bias)
     assert got == brute_force_generate(model, ids, labels[:n], k, bias)
     assert len(got) == k and len(set(got)) == k and all(0 <= c < n for c in got)
+
+
+def decoder_passes(model):
+    """Counts the decoder's forward passes (a hook on the decoder module)."""
+    calls = []
+    handle = model.get_decoder().register_forward_hook(lambda *_: calls.append(1))
+    return calls, handle
+
+
+@pytest.mark.parametrize("title_lines", [False, True], ids=["labels", "titles"])
+@pytest.mark.parametrize("logit_weight, spread", [(0.1, 3.0), (1.0, 0.3), (1.0, 0.0)],
+                         ids=["bias-decides", "logits-count", "no-bias"])
+def test_drafted_decoding_writes_what_one_token_a_pass_writes(tiny, labels, title_lines, logit_weight, spread):
+    """Generate mode checks a draft of the bias's own picks in one pass: the answers equal plain decoding's
+    (one token a pass) whatever decides the picks, and take fewer passes when the bias decides them."""
+    model, _ = tiny
+    rng = random.Random(11)
+    passes = {}
+    for seed in range(3):
+        ids = random_prompt(rng, 40)
+        bias = [rng.uniform(-spread, spread) for _ in range(10)] if spread else None
+        lines = [random_prompt(rng, rng.randint(1, 4)) for _ in range(10)]
+
+        def constraint():
+            return TitleConstraint(labels[:10], lines, 6) if title_lines else LabelConstraint(labels[:10], 6)
+        answers = {}
+        for draft in (1, 16):
+            calls, handle = decoder_passes(model)
+            try:
+                answers[draft] = generate_constrained(model, ids, constraint(), bias, logit_weight=logit_weight,
+                                                      draft_tokens=draft)
+            finally:
+                handle.remove()
+            passes[draft] = passes.get(draft, 0) + len(calls)
+        assert answers[16] == answers[1]
+    assert passes[16] <= passes[1]
+    if logit_weight < 1:
+        assert passes[16] < passes[1] / 2, passes
 
 
 def test_generate_with_prefix_reuse_matches_without(tiny, labels):

@@ -92,6 +92,32 @@ def test_batched_results_equal_one_at_a_time(tiny, workload, strategy, prefix_re
         assert all(step.prefilling == 0 for step in engine.step_log if step.decoding > 0)
 
 
+@pytest.mark.parametrize("logit_weight, spread", [(0.1, 3.0), (1.0, 0.3)], ids=["bias-decides", "logits-count"])
+def test_drafted_decode_passes_answer_as_one_token_a_pass(tiny, logit_weight, spread):
+    """In flight, each decode pass checks every generating row's draft (the bias's own next picks): the
+    answers equal the reference's, and the same requests take fewer steps than one token a pass when the bias
+    decides most picks."""
+    model, labels = tiny
+    rng = random.Random(3)
+    requests = [EngineRequest(f"g{i}", [5, 6, 7], [rng.randrange(100, 40000) for _ in range(rng.randint(5, 30))],
+                              labels[:12], mode="generate", k=8, logit_weight=logit_weight,
+                              bias=[rng.uniform(-spread, spread) for _ in range(12)]) for i in range(8)]
+    expected = [generate_constrained(model, r.input_ids, LabelConstraint(labels[:12], 8), r.bias,
+                                     logit_weight=logit_weight, draft_tokens=1) for r in requests]
+    steps = {}
+    for draft in (1, 16):
+        engine = HFEngine(model, EngineConfig(max_batch_size=4, max_tokens_per_step=64, draft_tokens=draft))
+        try:
+            results = asyncio.run(staggered(engine, requests))
+            steps[draft] = engine.stats().steps
+        finally:
+            engine.close()
+        assert [r.order for r in results] == expected
+        assert all(r.generated_tokens == 8 for r in results)
+    if logit_weight < 1:
+        assert steps[16] < steps[1], steps
+
+
 class SpelledConstraint(DecodingConstraint):
     """Candidates written as several tokens (like PALR titles): the first token chooses a candidate
     not written yet (bias applies there), the rest of its tokens are forced."""
@@ -160,7 +186,15 @@ class GatedConstraint(LabelConstraint):
 
     def __init__(self, labels, k, at):
         super().__init__(labels, k)
+        self.labels, self.k = list(labels), k
         self.at, self.reached, self.gate = at, threading.Event(), threading.Event()
+
+    def fork(self):
+        """Drafts try picks ahead on an ungated copy; the decoding itself still stops at the gate."""
+        twin = LabelConstraint(self.labels, self.k)
+        for position in self.emitted():
+            twin.advance(self.labels[position])
+        return twin
 
     def allowed_tokens(self):
         if len(self.emitted()) == self.at and not self.gate.is_set():
