@@ -38,9 +38,9 @@ class EngineConfig:
                 "admission and in the order prompts run (a score request ends with its prompt; a generate one "
                 "then decodes); generate requests older than this keep their turn (0 = arrival order)"})
     draft_tokens: int = field(default=DRAFT_TOKENS, metadata={
-        "help": "generate mode: each decode pass checks up to this many of the bias's own next picks at once "
-                "(a draft; the same answers, fewer passes when the fused scores decide most picks; 1 = one token "
-                "a pass)"})
+        "help": "generate mode: each decode pass checks up to this many of the bias's own next picks, shared "
+                "among the generating requests (a draft; the same answers, fewer passes when the fused scores "
+                "decide most picks; 1 = one token a pass)"})
     threads: int = field(default=0, metadata={
         "help": "torch threads of the engine (0 = the count the bundle's build measured fastest on this machine, "
                 "else torch's default)"})

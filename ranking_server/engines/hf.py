@@ -6,9 +6,9 @@ One engine thread runs the scheduler. Every step it
      `context_cache_mb`: a user's repeat call runs only its candidates), else the shared instruction
      prefix (`prefix_reuse`); what was not cached is stored once the slot has computed it;
   2. runs ONE batched decode pass for every request that is generating: each feeds its next token and a
-     draft of the bias's own next picks (`draft_tokens`; the fused scores decide most picks when the label-
-     logit weight is small), keeps what its constrained picks confirm and drops the rest's KV (exact:
-     the answers of one token a pass, in fewer passes);
+     draft of the bias's own next picks (`draft_tokens` a pass, shared by the generating rows; the fused
+     scores decide most picks when the label-logit weight is small), keeps what its constrained picks
+     confirm and drops the rest's KV (exact: the answers of one token a pass, in fewer passes);
   3. spends what is left of `max_tokens_per_step` on prompt chunks of requests still prefilling
      (long prompts are chunked, so decodes keep flowing while a new prompt goes in), score requests
      first (`score_first_ms`: a score request is done when its prompt is);
@@ -239,10 +239,11 @@ class HFEngine(LoopEngine):
 
     def _decode(self, rows: list[Row], budget: int) -> int:
         """One batched decode pass over slots `[0, len(rows))`: each row feeds its next token and a draft of
-        the bias's next picks (`palr.llm.draft_by_bias`, within `budget` tokens in all), keeps the fed tokens
-        its constrained picks confirm (`accept_draft`), and finishes when its constraint is done. Returns
-        the tokens fed."""
-        share = max(1, budget // len(rows))
+        the bias's next picks (`palr.llm.draft_by_bias`), keeps the fed tokens its constrained picks confirm
+        (`accept_draft`), and finishes when its constraint is done. The rows share `draft_tokens` a pass
+        (and `budget`): a lone row drafts many, a full batch one each, since on a compute-bound device a
+        wider pass costs more and a draft that misses is work thrown away. Returns the tokens fed."""
+        share = max(1, min(budget, self.config.draft_tokens) // len(rows))
         drafts, failed = [], []
         for row in rows:  # nobody leaves before the pass: rows must stay in slots [0, len(rows))
             try:
