@@ -2,8 +2,9 @@
 
   1. enters `Recommend`: request id, deadline (the caller's, or --default-deadline-ms), validation;
   2. streams candidates from the retrieval tier (`RetrievalClient.stream`), turning each chunk into
-     catalog items and tokenized title lines as it arrives, with the deadline minus
-     --degrade-reserve-ms as its timeout;
+     catalog items and tokenized title lines as it arrives, with what is left of the deadline as its
+     timeout (the retrieval order is the degraded answer, so a deadline shorter than
+     --degrade-reserve-ms still gets it, without the LLM);
   3. cold start (no history): answers the popularity candidates as they are (the LLM would see no
      user at all: no history, no profile);
   4. WAITS in the engine: `await engine.rank(...)` queues for a batch slot, then the MODEL RUNS on

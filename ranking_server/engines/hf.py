@@ -243,7 +243,8 @@ class HFEngine(LoopEngine):
         (`accept_draft`), and finishes when its constraint is done. The rows share `draft_tokens` a pass
         (and `budget`): a lone row drafts many, a full batch one each, since on a compute-bound device a
         wider pass costs more and a draft that misses is work thrown away. Returns the tokens fed."""
-        share = max(1, min(budget, self.config.draft_tokens) // len(rows))
+        room = budget if len(self._slots) == len(rows) else budget // 2  # prompts waiting keep half the step
+        share = max(1, min(room, self.config.draft_tokens) // len(rows))
         drafts, failed = [], []
         for row in rows:  # nobody leaves before the pass: rows must stay in slots [0, len(rows))
             try:

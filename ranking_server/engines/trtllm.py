@@ -177,7 +177,7 @@ class TrtllmEngine(RankingEngine):
             order, generated = emitted_order(request.validate(self.vocab_size, self.max_seq_len),
                                              list(completion.token_ids))
             scores, prefilled = None, first_token or now
-        self._count("completed", prompt_tokens=len(request.input_ids), generated_tokens=generated)
+        self._count("completed", prompt_tokens=len(request.run_ids), generated_tokens=generated)
         # queue time is inside TensorRT-LLM's executor and not reported per request: prefill_ms includes it
         timings = EngineTimings(queue_ms=0.0, prefill_ms=1e3 * (prefilled - started),
                                 decode_ms=1e3 * (now - prefilled), total_ms=1e3 * (now - started))

@@ -118,6 +118,31 @@ def test_drafted_decode_passes_answer_as_one_token_a_pass(tiny, logit_weight, sp
         assert steps[16] < steps[1], steps
 
 
+def test_drafts_leave_room_for_waiting_prompts(tiny):
+    """A generating request whose drafts are all accepted does not take a small step budget from a prompt
+    that waits: the prompt keeps being fed while the drafts are checked."""
+    model, labels = tiny
+    bias = [float(20 - i) * 10 for i in range(20)]  # the bias decides every pick: every draft is accepted
+    generate = EngineRequest("g", [5, 6, 7], [8, 9, 10, 11], labels, mode="generate", k=16, bias=bias,
+                             logit_weight=0.1)
+    score = EngineRequest("s", [5, 6, 7], list(range(200, 260)), labels)
+    engine = HFEngine(model, EngineConfig(max_batch_size=2, max_tokens_per_step=8, draft_tokens=16,
+                                          score_first_ms=0))  # arrival order: the generate prompt runs first
+
+    async def both():
+        return await asyncio.gather(engine.rank(generate), engine.rank(score))
+
+    try:
+        results = asyncio.run(both())
+        log = list(engine.step_log)
+    finally:
+        engine.close()
+    assert results[0].order == generate_constrained(model, generate.input_ids, LabelConstraint(labels, 16), bias,
+                                                    logit_weight=0.1, draft_tokens=1)
+    decoding = [step for step in log if step.decoding]
+    assert decoding and all(step.prefilling for step in decoding), f"the prompt waited for the drafts: {log}"
+
+
 class SpelledConstraint(DecodingConstraint):
     """Candidates written as several tokens (like PALR titles): the first token chooses a candidate
     not written yet (bias applies there), the rest of its tokens are forced."""
