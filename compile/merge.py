@@ -53,8 +53,9 @@ class MergeConfig:
     bundle: Path = field(default=Path("bundle"), metadata={"help": "bundle directory (needs llm_base, lora, sft_data)"})
     tolerance: float = field(default=1e-3, metadata={
         "help": "max |logit difference| allowed between the merged and the adapter model"})
-    fusion_users: int = field(default=300, metadata={
-        "help": "validation users the fusion weight is fit on (0 = no fusion: weight 0)"})
+    fusion_users: int = field(default=100_000, metadata={
+        "help": "validation users the fusion weight is fit on, at most (all of valid.jsonl by default; 0 = no "
+                "fusion: weight 0)"})
     generate_format: str = field(default="labels", metadata={
         "help": "what generate mode writes per line: labels (one label token per candidate: the listwise ranker "
                 "was trained at the label) or titles (a label, then that candidate's title, PALR-style)",

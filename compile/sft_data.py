@@ -88,7 +88,9 @@ class SftDataConfig(PromptSettings):
     recent_window: int = field(default=20, metadata={
         "help": "examples predict one of each user's last N training items (closest to test time)"})
     users: int = field(default=0, metadata={"help": "use only N randomly chosen users (0 = all)"})
-    valid_users: int = field(default=300, metadata={"help": "users in valid.jsonl (0 = all)"})
+    valid_users: int = field(default=0, metadata={
+        "help": "users in valid.jsonl (0 = all 943: the fusion weight fit on them has flat curves, so fewer users "
+                "make its choice noisy)"})
     seed: int = field(default=0, metadata={"help": "random seed (users, cut points, candidate orders)"})
     force: bool = field(default=False, metadata={"help": "redo the step even if its inputs are unchanged"})
 
