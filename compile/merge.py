@@ -164,14 +164,18 @@ def fit_fusion(model_dir: Path, valid: list[dict], bias_by_bucket: list[float] |
 
 
 GENERATE_LOGIT_GRID = (0.0, 0.1, 0.25, 0.5, 1.0)
+# A weight > 0 makes every generate request decode (k more passes); it is kept only for a validation gain of at
+# least this much over weight 0 (the score-mode order, no decode pass): a smaller one is noise on ~1k users.
+GENERATE_DECODE_MIN_GAIN = 0.01
 
 
 def fit_generate_logit_weight(reads, retrieval_scores, biases, targets, weight: float) -> tuple[float, dict]:
     """Generate mode of a candidate-readout ranker decodes labels by `g * label logit + bias`, the bias being
     the fused score-mode terms (readout, trend bias, weight * retrieval). The grid `g` whose first decoding
     step orders the validation users' candidates best (NDCG@10 of that order: the emitted list follows it up
-    to what later steps change); ties go to the larger `g` (more of the model's own answer). `g` = 0 makes
-    generate mode the score-mode order."""
+    to what later steps change; ties go to the larger `g`), if it beats `g` = 0 by `GENERATE_DECODE_MIN_GAIN`
+    (relative); else 0, which
+    makes generate mode the score-mode order at score mode's cost (no decode pass)."""
     from palr.metrics import ndcg
     from palr.ranking import decoding_bias, generation_bias, order_by_scores, target_rank
 
@@ -183,6 +187,8 @@ def fit_generate_logit_weight(reads, retrieval_scores, biases, targets, weight: 
             ranks.append(target_rank(order_by_scores([g * label + f for label, f in zip(labels, fused)]), target))
         curve[g] = ndcg(ranks, 10)
     best = max(GENERATE_LOGIT_GRID, key=lambda g: (round(curve[g], 6), g))
+    if curve[best] < curve[0.0] * (1 + GENERATE_DECODE_MIN_GAIN):
+        best = 0.0
     return best, curve
 
 

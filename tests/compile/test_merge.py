@@ -77,3 +77,20 @@ def test_generate_logit_weight_is_the_one_whose_first_step_orders_validation_bes
     assert weight == 1.0 and curve[0.0] < curve[1.0]
     weight, curve = fit_generate_logit_weight(reads, scores, biases, [0], 1.0)
     assert weight == 0.0 and curve[0.0] > curve[1.0]
+
+
+def test_generate_decodes_only_for_a_validation_gain_beyond_noise():
+    """A weight > 0 costs every generate request its decode passes: a gain under GENERATE_DECODE_MIN_GAIN over
+    weight 0 keeps 0 (no decode pass), a larger one is kept."""
+    from compile.merge import GENERATE_DECODE_MIN_GAIN, fit_generate_logit_weight
+
+    # 200 users whose target the fused order ranks 2nd, 1st or 3rd; the label logits move one user's target up
+    reads = [([0.0, 0.0, 0.0], [0.0, 0.0, 0.0])] * 199 + [([0.0, 0.0, 0.0], [0.0, 3.0, 0.0])]
+    scores, biases = [[1.0, 0.9, 0.8]] * 200, [None] * 200
+    targets = [1] * 200
+    weight, curve = fit_generate_logit_weight(reads, scores, biases, targets, 1.0)
+    assert curve[1.0] > curve[0.0] and curve[1.0] < curve[0.0] * (1 + GENERATE_DECODE_MIN_GAIN)
+    assert weight == 0.0
+    reads = [([0.0, 0.0, 0.0], [0.0, 3.0, 0.0])] * 200  # now the logits move every user's target up
+    weight, curve = fit_generate_logit_weight(reads, scores, biases, targets, 1.0)
+    assert weight > 0 and curve[weight] >= curve[0.0] * (1 + GENERATE_DECODE_MIN_GAIN)
