@@ -284,17 +284,18 @@ def generate_constrained(model, input_ids: Sequence[int], constraint: DecodingCo
         return constraint.emitted()
     token = pick_token(head(hidden[-1]).float(), constraint, bias, logit_weight)
     constraint.advance(token)
-    device, limit = model_device(model), max(1, draft_tokens)
+    device, decoder = model_device(model), model.get_decoder()
+    most = limit = max(1, draft_tokens)
     while not constraint.done:
         draft = draft_by_bias(constraint, bias, limit)
         fed = [token, *draft[:-1]]
-        rows = model.get_decoder()(input_ids=torch.tensor([fed], device=device), past_key_values=cache,
-                                   use_cache=True).last_hidden_state[0]  # [n, D]
+        rows = decoder(input_ids=torch.tensor([fed], device=device), past_key_values=cache,
+                       use_cache=True).last_hidden_state[0]  # [n, D]
         picked, token = accept_draft(constraint, draft,
                                      lambda j, allowed: token_logits(head, rows[j], allowed), bias, logit_weight)
         if picked < len(fed):
             cache.crop(picked - len(fed))  # drop the KV of the fed tokens after the first wrong pick
-        limit = next_draft_limit(limit, max(1, draft_tokens), picked, len(draft), token == draft[picked - 1])
+        limit = next_draft_limit(limit, most, picked, len(draft), token == draft[picked - 1])
     return constraint.emitted()
 
 

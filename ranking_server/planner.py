@@ -21,6 +21,8 @@ from recsys.v1 import ranking_pb2
 # the wire enum ↔ palr.ranking.MODES: RANKING_MODE_<MODE> for each mode; UNSPECIFIED is the first (score)
 PROTO_MODES = {mode: ranking_pb2.RankingMode.Value(f"RANKING_MODE_{mode.upper()}") for mode in RANKING_MODES}
 MODES = {ranking_pb2.RANKING_MODE_UNSPECIFIED: RANKING_MODES[0], **{v: mode for mode, v in PROTO_MODES.items()}}
+
+
 @dataclass(frozen=True)
 class Plan:
     """A validated request, history resolved."""
