@@ -38,8 +38,8 @@ from palr.bundle import Bundle, fingerprint
 from palr.catalog import Catalog
 from palr.data import sample_users
 from palr.profiles import Profiles
-from palr.ranking import (MODES, calibrated, complete_order, fuse, generation_bias, order_by_scores, retrieval_prior,
-                          target_rank, trend_bias)
+from palr.ranking import (MODES, calibrated, complete_order, fuse, generate_logit_weight, generation_bias,
+                          order_by_scores, retrieval_prior, target_rank, trend_bias)
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ def run(config: EvaluateRankingConfig) -> dict:
             emitted = generate_constrained(model, parts.input_ids, constraint,
                                            bias=generation_bias(prior, weight, bias), prefix=prefix,
                                            readout=parts.readout if candidate_readout else None,
-                                           logit_weight=float(ranker.get("generate_logit_weight", 1.0)))
+                                           logit_weight=generate_logit_weight(ranker))
             row["generate_seconds"] = time.perf_counter() - t0
             row["emitted"] = emitted
             row["generate_invalid"] = len(set(emitted)) != len(emitted) or any(

@@ -91,6 +91,12 @@ def generation_bias(retrieval_scores: Sequence[float], weight: float,
     return [weight * r + b for r, b in zip(retrieval, extra)]
 
 
+def generate_logit_weight(ranker: dict) -> float:
+    """Generate mode's weight of the label logits for a ranker (`llm/ranker.json`, fit by `compile merge`);
+    1.0, the model's own logits, for a ranker written before merge fit one."""
+    return float(ranker.get("generate_logit_weight", 1.0))
+
+
 def decoding_bias(bias: Sequence[float] | None, readout: Sequence[float]) -> list[float]:
     """Generate mode of a candidate-readout ranker: the fusion bias plus each candidate's readout logit."""
     if bias is None:

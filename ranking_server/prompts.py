@@ -23,7 +23,8 @@ from palr.catalog import Catalog, Item
 from palr.decoding import answer_constraint
 from palr.hybrid import ranker_prompt
 from palr.profiles import StatsProfiler
-from palr.ranking import complete_order, fuse, generation_bias, order_by_scores, retrieval_prior, trend_bias
+from palr.ranking import (complete_order, fuse, generate_logit_weight, generation_bias, order_by_scores,
+                          retrieval_prior, trend_bias)
 from palr.serving.errors import RequestError
 from palr.trends import TrendSettings, TrendTable
 from ranking_server.engines.base import EngineRequest, EngineResult
@@ -53,7 +54,7 @@ class PromptBuilder:
         self.trend_bias = ranker.get("trend_bias")  # the head's learned bias per trend bucket (None: none)
         self.retrieval_trend_weights = ranker.get("retrieval_trend_weights")  # the retrieval term's, fit in merge
         self.generate_format = ranker["generate_format"]
-        self.generate_logit_weight = float(ranker.get("generate_logit_weight", 1.0))
+        self.generate_logit_weight = generate_logit_weight(ranker)
         self.catalog = catalog
         self.stored_profiles = stored_profiles
         self.stats_profiler = StatsProfiler(catalog)

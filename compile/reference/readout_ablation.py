@@ -332,6 +332,8 @@ def main():
     p.add_argument("--head-lr", type=float, default=1e-2, help="trend rows and the score row")
     p.add_argument("--score-init", default="zero", choices=("zero", "yes"))
     p.add_argument("--rank", type=int, default=8)
+    p.add_argument("--modules", default="q_proj,k_proj,v_proj,o_proj",
+                   help="comma-separated module names that get LoRA adapters")
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--autocast", type=int, default=0)
     p.add_argument("--eval-examples", type=int, default=0, help="evaluate every N examples (0: at the end)")
@@ -393,7 +395,7 @@ def main():
                     lm.config.hidden_size, E[digits], E[yes] * (a.score_init == "yes"))
     titles = title_table(tok, cat, E) if a.align else None
     lora = LoraConfig(r=a.rank, lora_alpha=2 * a.rank, lora_dropout=0.05,
-                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM")
+                      target_modules=a.modules.split(","), task_type="CAUSAL_LM")
     lm = get_peft_model(lm, lora)
     params = [q for q in lm.parameters() if q.requires_grad]
     opt = torch.optim.AdamW([{"params": params, "lr": a.lr}, {"params": list(extras.net.parameters()), "lr": a.extras_lr},

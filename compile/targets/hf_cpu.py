@@ -25,8 +25,8 @@ import torch
 
 from compile.targets import BuildContext, BuildResult
 from compile.targets.measure import (
-    TorchRunner, generate_logit_weight, latency_prompt, load_average, load_probes, measure_latency, measure_quality,
-    mode_latency_ms, quality_ok)
+    TorchRunner, bundle_generate_logit_weight, latency_prompt, load_average, load_probes, measure_latency,
+    measure_quality, mode_latency_ms, quality_ok)
 from palr.builds import isa_satisfied
 from palr.ranking import MODES
 from palr.precision import INT8_WEIGHT_ONLY, body_dtype, int8_weight_only, torchao_version
@@ -178,7 +178,7 @@ def measure_and_choose(ctx: BuildContext, model, tokenizer, report: dict) -> tup
              ctx.machine.cpu_name, len(ids), config.repeats, source)
     latency = measure_latency(runners, ids, config.repeats, config.decode_steps)
     quality = measure_quality(runners, runners[0], probes, config.generate_k, config.generate_probes,
-                              generate_logit_weight(ctx.bundle))
+                              bundle_generate_logit_weight(ctx.bundle))
     best, verdicts = choose(latency, quality, config)
     if config.dtype != "auto":
         best = config.dtype

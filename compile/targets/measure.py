@@ -36,7 +36,7 @@ from palr import metrics
 from palr.decoding import LabelConstraint
 from palr.llm import generate_constrained, label_log_probs, pick_allowed, read_prompt
 from palr.prompt import Readout
-from palr.ranking import decoding_bias
+from palr.ranking import decoding_bias, generate_logit_weight
 
 log = logging.getLogger(__name__)
 
@@ -273,12 +273,10 @@ def quality_summary(answers: Answers, ref: Answers, probes: Sequence[Probe], k: 
     return summary
 
 
-def generate_logit_weight(bundle) -> float:
-    """The ranker's weight of the label logits in generate mode (`llm/ranker.json`, fit by `compile
-    merge`); 1.0 (the model's own logits) for a bundle without one."""
-    if not bundle.has("ranker"):
-        return 1.0
-    return float(json.loads(bundle.path("ranker").read_text()).get("generate_logit_weight", 1.0))
+def bundle_generate_logit_weight(bundle) -> float:
+    """The weight of the label logits in generate mode of the bundle's ranker (`palr.ranking.generate_logit_weight`;
+    a bundle without a ranker.json gets its default)."""
+    return generate_logit_weight(json.loads(bundle.path("ranker").read_text()) if bundle.has("ranker") else {})
 
 
 def quality_ok(candidate: dict, reference: dict, min_agreement: float, max_ndcg_drop: float, mode: str) -> bool:

@@ -23,8 +23,8 @@ import sys
 
 from compile.targets import BuildContext, BuildResult
 from compile.targets.measure import (
-    OrtGenaiRunner, TorchRunner, generate_logit_weight, latency_prompt, load_average, load_probes, measure_latency,
-    measure_quality, mode_latency_ms, quality_ok)
+    OrtGenaiRunner, TorchRunner, bundle_generate_logit_weight, latency_prompt, load_average, load_probes,
+    measure_latency, measure_quality, mode_latency_ms, quality_ok)
 from compile.targets.hf_cpu import cpu_cores
 from palr.ortgenai_runtime import import_ortgenai
 from palr.ranking import MODES
@@ -116,7 +116,7 @@ def measure_and_choose(ctx: BuildContext, reference: TorchRunner, tokenizer, dir
              ", ".join(r.name for r in runners), len(ids), config.repeats, threads, source)
     latency = measure_latency(runners, ids, config.repeats, config.decode_steps)
     quality = measure_quality(runners, reference, probes, config.generate_k, config.generate_probes,
-                              generate_logit_weight(ctx.bundle))
+                              bundle_generate_logit_weight(ctx.bundle))
     verdicts = {p: modes_won(latency, quality, f"ortgenai-{p}", config) for p in dirs}
     kept = max(dirs, key=lambda p: (len(verdicts[p][0]),
                                     -mode_latency_ms(latency[f"ortgenai-{p}"], "generate", config.generate_tokens)))
