@@ -136,6 +136,14 @@ def served_generate_tokens(bundle: Bundle) -> tuple[int, str]:
     return round(k * (1 + mean)), f"llm/ranker.json: {k} title lines of 1 label + {mean:.1f} tokens on average"
 
 
+def build_inputs(bundle: Bundle) -> list[str]:
+    """Versions of what a build reads: the merged model, and (where the bundle has them) the ranker, whose
+    generate logit weight and answer length the builds measure with, and the SFT data, whose validation
+    users are the quality probes. A refit ranker.json leaves the merged weights byte-identical, yet its
+    build must be measured again."""
+    return [bundle.version(SOURCE)] + [bundle.version(name) for name in ("ranker", "sft_data") if bundle.has(name)]
+
+
 def options_record(config: BuildConfig) -> dict:
     """The config as JSON values, without what does not change the build."""
     record = json.loads(json.dumps(config.__dict__, default=str))
@@ -150,7 +158,7 @@ def run(config: BuildConfig) -> Path:
     spec = target_spec(target)
     name = artifact_name(target)
     step = f"build:{target}"
-    step_fp = fingerprint(step, VERSION, options_record(config) | {"target": target}, bundle.version(SOURCE))
+    step_fp = fingerprint(step, VERSION, options_record(config) | {"target": target}, build_inputs(bundle))
     if not config.force and bundle.has(name) and bundle.manifest.steps.get(step, {}).get("fingerprint") == step_fp:
         path, entry = open_build(bundle, target)  # refuses a build made for other hardware or changed since
         log.info("build: %s is current and fits this machine (%s, %s); skipping", path, entry.get("device_name"),

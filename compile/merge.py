@@ -39,6 +39,7 @@ from tqdm import tqdm
 from compile.llm_common import config_record
 from compile.sft_data import candidate_readout, example_readout, read_jsonl
 from palr.bundle import Bundle, fingerprint
+from palr.ranking import FUSION_GRID
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +170,12 @@ GENERATE_LOGIT_GRID = (0.0, 0.1, 0.25, 0.5, 1.0)
 GENERATE_DECODE_MIN_GAIN = 0.01
 
 
+def fit_grids() -> dict:
+    """The code-level choices of the fits: part of merge's fingerprint, so changing one refits existing bundles."""
+    return {"fusion_grid": FUSION_GRID, "generate_logit_grid": GENERATE_LOGIT_GRID,
+            "generate_decode_min_gain": GENERATE_DECODE_MIN_GAIN}
+
+
 def fit_generate_logit_weight(reads, retrieval_scores, biases, targets, weight: float) -> tuple[float, dict]:
     """Generate mode of a candidate-readout ranker decodes labels by `g * label logit + bias`, the bias being
     the fused score-mode terms (readout, trend bias, weight * retrieval). The grid `g` whose first decoding
@@ -255,7 +262,7 @@ def ranker_record(bundle: Bundle, config: MergeConfig, weight: float, validation
 def run(config: MergeConfig) -> Path:
     bundle = Bundle.open(config.bundle)
     inputs = ["llm_base", "lora", "sft_data"]
-    step_fp = fingerprint("merge", VERSION, config_record(config) | {"bundle": None, "force": None},
+    step_fp = fingerprint("merge", VERSION, config_record(config) | {"bundle": None, "force": None}, fit_grids(),
                           [bundle.version(name) for name in inputs])
     out = bundle.root / MERGED_DIR
     if not config.force and bundle.step_is_current("merge", step_fp, ["llm_merged", "ranker"]):

@@ -7,7 +7,7 @@
                      (the hierarchical summarisation of LLM-TRSR), so any length fits the context.
 
 Each user's profile comes from train + valid items (the history a test-time request sees; never
-the test item). LLM summaries are cached by history in `profiles/llm_cache.json`, so `sft-data`
+the test item). LLM summaries are cached by history in `profiles/llm_cache_<model and prompts>.json`, so `sft-data`
 reuses them for its examples' own (shorter) histories and a rerun only computes what is new.
 """
 
@@ -31,7 +31,7 @@ from palr.profiles import METHODS, Profiles, StatsProfiler
 log = logging.getLogger(__name__)
 
 PROFILES_FILE = "profiles.json"
-CACHE_FILE = "profiles/llm_cache.json"
+CACHE_DIR = "profiles"
 
 # The small model lists genres when asked for them and its reply is started for it ("Keywords:");
 # asked for "a description of the taste" it writes chatty sentences instead (measured on SmolLM2-135M).
@@ -148,7 +148,14 @@ def profiler(bundle: Bundle, catalog: Catalog, config: ProfilesConfig):
     if config.method == "stats":
         stats = StatsProfiler(catalog)
         return lambda histories, progress="profiles": [stats(h) for h in histories]
-    return LlmSummariser(bundle.path("llm_base"), config, bundle.root / CACHE_FILE)
+    return LlmSummariser(bundle.path("llm_base"), config, llm_cache_path(bundle))
+
+
+def llm_cache_path(bundle: Bundle) -> Path:
+    """The summaries' cache of the bundle's base model and these prompts: another model (`--base-model`) or
+    another prompt text starts a cache of its own instead of reusing summaries it did not write."""
+    key = fingerprint(bundle.version("llm_base"), SUMMARISE, FOLD, REPLY_START)[:12]
+    return bundle.root / CACHE_DIR / f"llm_cache_{key}.json"
 
 
 def method_settings(config: ProfilesConfig) -> dict:

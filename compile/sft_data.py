@@ -45,7 +45,8 @@ from palr.trends import TrendSettings, TrendTable
 log = logging.getLogger(__name__)
 
 SFT_DIR = "llm/sft"
-VERSION = 4  # 3: held-out SASRec negatives, hybrid prompts, retrieval scores; 4: trend tokens, candidate readout
+VERSION = 5  # 3: held-out SASRec negatives, hybrid prompts, retrieval scores; 4: trend tokens, candidate readout;
+# 5: validation candidates exactly as serving retrieves them (history masked, not the test item)
 
 
 @dataclass

@@ -211,3 +211,17 @@ def test_ranking_server_refuses_to_start_on_a_build_for_another_machine(hf_cpu_b
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "cannot serve: refusing engine:hf-cpu" in result.stderr
     assert "built for cuda: NVIDIA H100 80GB HBM3 (SM 9.0)" in result.stderr
+
+
+def test_a_refit_ranker_json_makes_compile_build_measure_again(hf_cpu_bundle_copy, caplog):
+    """A refit ranker.json (here: another generate label-logit weight) leaves the merged weights unchanged, but
+    the build measured its generate-mode bar with the old one: `compile build` builds again instead of skipping."""
+    bundle = Bundle.open(hf_cpu_bundle_copy)
+    ranker = json.loads(bundle.path("ranker").read_text())
+    ranker["generate_logit_weight"] = 0.5 if ranker.get("generate_logit_weight") != 0.5 else 0.25
+    bundle.path("ranker").write_text(json.dumps(ranker))
+    bundle.add_artifact("ranker", bundle.artifact("ranker")["path"])
+    bundle.save()
+    with caplog.at_level("INFO"):
+        build.run(build_config(hf_cpu_bundle_copy, "hf-cpu"))
+    assert "skipping" not in caplog.text and "build: hf-cpu on" in caplog.text

@@ -94,3 +94,25 @@ def test_generate_decodes_only_for_a_validation_gain_beyond_noise():
     reads = [([0.0, 0.0, 0.0], [0.0, 3.0, 0.0])] * 200  # now the logits move every user's target up
     weight, curve = fit_generate_logit_weight(reads, scores, biases, targets, 1.0)
     assert weight > 0 and curve[weight] >= curve[0.0] * (1 + GENERATE_DECODE_MIN_GAIN)
+
+
+def test_a_changed_fit_rule_refits_an_existing_bundle(tiny_llm_bundle, tmp_path, monkeypatch, caplog):
+    """The fits' code-level choices are part of merge's fingerprint: an unchanged bundle skips merge, and the
+    same bundle after a change of GENERATE_DECODE_MIN_GAIN is merged and fit again (not served stale)."""
+    from compile import merge
+    from compile.presets import preset_for
+    from palr.bundle import Bundle
+    from tests.fixtures.builds import copy_bundle
+
+    bundle = copy_bundle(tiny_llm_bundle, tmp_path / "bundle")
+    config = merge.MergeConfig(bundle=bundle, **preset_for("tiny", "merge"))
+    with caplog.at_level("INFO", logger="compile.merge"):
+        merge.run(config)
+    assert "merged model is current" in caplog.text
+    before = Bundle.open(bundle).manifest.steps["merge"]["fingerprint"]
+    caplog.clear()
+    monkeypatch.setattr(merge, "GENERATE_DECODE_MIN_GAIN", merge.GENERATE_DECODE_MIN_GAIN * 2)
+    with caplog.at_level("INFO", logger="compile.merge"):
+        merge.run(config)
+    assert "merged model is current" not in caplog.text
+    assert Bundle.open(bundle).manifest.steps["merge"]["fingerprint"] != before
