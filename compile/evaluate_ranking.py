@@ -74,6 +74,7 @@ class EvaluateRankingConfig:
         "help": "the LLM artifact to rank with (llm_base measures the untuned model)",
         "choices": ["llm_merged", "llm_base"]})
     seed: int = field(default=0, metadata={"help": "seed of the user sample"})
+    force: bool = field(default=False, metadata={"help": "evaluate again even if the report is current"})
 
 
 def stored_profiles(bundle: Bundle, users: list[str]) -> dict[str, str]:
@@ -104,12 +105,12 @@ def run(config: EvaluateRankingConfig) -> dict:
         raise ValueError(f"--modes {sorted(unknown)}: choose from {', '.join(MODES)}")
     bundle = Bundle.open(config.bundle)
     inputs = [config.llm, "ranker", "sasrec_onnx", "catalog", "profiles"] + (["trends"] if bundle.has("trends") else [])
-    step_fp = fingerprint(STEP, VERSION, config_record(config) | {"tier": "ranking", "bundle": None, "batch_size": None},
+    step_fp = fingerprint(STEP, VERSION, config_record(config) | {"tier": "ranking", "bundle": None, "force": None},
                           [bundle.version(name) for name in inputs])
     report_name, users_report = report_names(config.split)
     report_path = bundle.reports_dir() / report_name
     step = STEP if config.split == "test" else f"{STEP}:{config.split}"  # each split keeps its own record
-    if bundle.step_is_current(step, step_fp, inputs) and report_path.is_file():
+    if not config.force and bundle.step_is_current(step, step_fp, inputs) and report_path.is_file():
         log.info("evaluate ranking: skipped, %s is current", report_path)
         return json.loads(report_path.read_text())
     bundle.verify(inputs)

@@ -3,6 +3,7 @@ shares with the server: TitleConstraint decoding and score fusion."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -47,7 +48,8 @@ def test_report_metrics_follow_from_the_per_user_ranks(report, user_rows, ml100k
             assert row["score_rank"] is row["generate_rank"] is row["retrieval_rank"] is None
 
 
-def test_validation_split_evaluates_valid_targets_into_its_own_report(tiny_llm_bundle, ml100k_dir, ml100k, tmp_path):
+def test_validation_split_evaluates_valid_targets_into_its_own_report(tiny_llm_bundle, ml100k_dir, ml100k, tmp_path,
+                                                                     caplog):
     from compile.evaluate_ranking import EvaluateRankingConfig, report_names, run
 
     bundle = tmp_path / "bundle"
@@ -62,6 +64,13 @@ def test_validation_split_evaluates_valid_targets_into_its_own_report(tiny_llm_b
     assert (bundle / "reports" / "eval_ranking.json").read_text() == test_report  # the test report is untouched
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert {"evaluate-ranking", "evaluate-ranking:valid"} <= set(manifest["steps"])
+    config = EvaluateRankingConfig(bundle=bundle, data=ml100k_dir, users=6, split="valid", modes=["score"])
+    with caplog.at_level("INFO", logger="compile.evaluate_ranking"):
+        run(config)  # current: read back
+        assert "skipped" in caplog.text
+        caplog.clear()
+        run(dataclasses.replace(config, force=True))
+        assert "skipped" not in caplog.text
 
 
 def test_title_constraint_writes_k_whole_candidate_lines():
