@@ -105,7 +105,8 @@ def run(config: EvaluateRankingConfig) -> dict:
         raise ValueError(f"--modes {sorted(unknown)}: choose from {', '.join(MODES)}")
     bundle = Bundle.open(config.bundle)
     inputs = [config.llm, "ranker", "sasrec_onnx", "catalog", "profiles"] + (["trends"] if bundle.has("trends") else [])
-    step_fp = fingerprint(STEP, VERSION, config_record(config) | {"tier": "ranking", "bundle": None, "force": None},
+    step_fp = fingerprint(STEP, VERSION, config_record(config) | {"tier": "ranking", "bundle": None, "force": None,
+                                                                 "data": bundle.manifest.dataset.get("checksum")},
                           [bundle.version(name) for name in inputs])
     report_name, users_report = report_names(config.split)
     report_path = bundle.reports_dir() / report_name

@@ -300,8 +300,11 @@ def run(config: SftDataConfig) -> Path:
 
     bundle = Bundle.open(config.bundle)
     inputs = ["catalog", "users", "sasrec_onnx", "sasrec_torch", "profiles", "llm_base"] + (["trends"] if config.trend else [])
-    step_fp = fingerprint("sft-data", VERSION, config_record(config) | {"force": None, "bundle": None, "threads": None},
-                          [bundle.version(name) for name in inputs])
+    # the dataset by its checksum, not its path (load_corpus refuses other data): `--data` spelt another way
+    # must not redo sft-data and with it the finetune
+    record = config_record(config) | {"force": None, "bundle": None, "threads": None,
+                                      "data": bundle.manifest.dataset.get("checksum")}
+    step_fp = fingerprint("sft-data", VERSION, record, [bundle.version(name) for name in inputs])
     out = bundle.root / SFT_DIR
     if not config.force and bundle.step_is_current("sft-data", step_fp, ["sft_data"]):
         log.info("SFT data is current (%s); skipping", out)

@@ -106,3 +106,19 @@ def test_held_out_cuts_are_each_users_last_training_items_capped_for_short_users
     encoded = held_out_split(ml100k, 32)  # the held-out SASRec never trains on a held-out position
     row = encoded.users.index(short)
     assert len(encoded.train[row]) == MIN_HISTORY and encoded.valid[row] == ml100k.catalog.index(split.train[short][MIN_HISTORY])
+
+
+def test_the_dataset_reached_by_another_path_does_not_redo_sft_data(tiny_llm_bundle, ml100k_dir, tmp_path, caplog):
+    """The fingerprint holds the dataset's checksum, not the `--data` path: the same files reached another way
+    (here a symlink) keep sft-data, and with it the finetune, current."""
+    from compile import pipeline, sft_data
+    from tests.fixtures.builds import copy_bundle
+
+    bundle = copy_bundle(tiny_llm_bundle, tmp_path / "bundle")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.symlink_to(ml100k_dir)
+    step = next(s for s in pipeline.STEPS if s.name == "sft-data")
+    config = pipeline.step_config(pipeline.PipelineConfig(bundle=bundle, data=elsewhere, preset="tiny"), step, sft_data)
+    with caplog.at_level("INFO", logger="compile.sft_data"):
+        sft_data.run(config)
+    assert "SFT data is current" in caplog.text
