@@ -39,8 +39,25 @@ class MicroBatcher(Generic[Item, Result]):
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="micro-batcher")
+        self._task.add_done_callback(self._loop_ended)
+
+    def _loop_ended(self, task: asyncio.Task) -> None:
+        """The loop only ends by `close`; if it died, say so and fail the waiting requests (they would
+        otherwise wait for their deadlines, or forever)."""
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("micro-batcher stopped: %r; requests fail until the server restarts", task.exception())
+        self._fail_pending(RuntimeError(f"micro-batcher stopped: {task.exception()!r}"))
+
+    def _fail_pending(self, error: Exception) -> None:
+        while self._pending:
+            _, future = self._pending.popleft()
+            if not future.done():
+                future.set_exception(error)
 
     async def submit(self, item: Item) -> Result:
+        if self._task is not None and self._task.done():
+            raise RuntimeError("micro-batcher is not running")
         future = asyncio.get_running_loop().create_future()
         self._pending.append((item, future))
         self._arrived.set()
@@ -51,18 +68,15 @@ class MicroBatcher(Generic[Item, Result]):
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(Exception, asyncio.CancelledError):
                 await self._task
-        while self._pending:
-            _, future = self._pending.popleft()
-            if not future.done():
-                future.set_exception(RuntimeError("server is shutting down"))
+        self._fail_pending(RuntimeError("server is shutting down"))
         self._executor.shutdown(wait=True)
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = [(item, future) for item, future in await self._next_batch() if not future.cancelled()]
+            batch = await self._next_batch()
             if not batch:
                 continue
             try:
@@ -83,9 +97,13 @@ class MicroBatcher(Generic[Item, Result]):
             await self._arrived.wait()
         if self.window_s > 0 and len(self._pending) < self.max_batch_size:
             self._full.clear()
-            with contextlib.suppress(TimeoutError):
+            with contextlib.suppress(asyncio.TimeoutError):  # not the builtin TimeoutError before 3.11
                 await asyncio.wait_for(self._full.wait(), self.window_s)
-        batch = [self._pending.popleft() for _ in range(min(self.max_batch_size, len(self._pending)))]
+        batch = []
+        while self._pending and len(batch) < self.max_batch_size:  # requests cancelled meanwhile take no place
+            item, future = self._pending.popleft()
+            if not future.cancelled():
+                batch.append((item, future))
         if len(self._pending) < self.max_batch_size:
             self._full.clear()
         return batch

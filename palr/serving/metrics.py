@@ -46,8 +46,13 @@ class RpcMetrics:
             logger.info("rid=%s %s: %s", rid, code.name, e)
             await context.abort(code, str(e))
         except asyncio.CancelledError:
-            code = grpc.StatusCode.CANCELLED
-            logger.info("rid=%s cancelled by the client", rid)
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= 0:  # gRPC cancels a handler whose deadline passed too
+                code = grpc.StatusCode.DEADLINE_EXCEEDED
+                logger.info("rid=%s deadline exceeded", rid)
+            else:
+                code = grpc.StatusCode.CANCELLED
+                logger.info("rid=%s cancelled by the client", rid)
             raise
         except Exception:
             code = grpc.StatusCode.INTERNAL

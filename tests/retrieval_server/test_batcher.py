@@ -110,3 +110,56 @@ def test_nothing_is_lost_under_many_concurrent_submissions(runner):
     fn = Squares()
     make = (lambda: MicroBatcher(fn, max_batch_size=16)) if runner is MicroBatcher else (lambda: DirectRunner(fn, 2))
     assert asyncio.run(_submit_all(make(), range(500))) == [x * x for x in range(500)]
+
+
+def test_requests_cancelled_while_queued_take_no_place_in_a_batch():
+    """Two of six queued requests are cancelled (their deadlines passed) while a call runs: the next call takes
+    four live requests, not four entries of which two are dead."""
+    gate, batches = threading.Event(), []
+
+    def held(items):
+        batches.append(list(items))
+        gate.wait(5)
+        return [x * x for x in items]
+
+    async def scenario():
+        batcher = MicroBatcher(held, max_batch_size=4)
+        batcher.start()
+        try:
+            first = asyncio.create_task(batcher.submit(0))
+            await asyncio.sleep(0.05)  # the first call is running and holds the worker
+            queued = [asyncio.create_task(batcher.submit(x)) for x in range(1, 7)]
+            await asyncio.sleep(0.01)
+            queued[0].cancel()
+            queued[1].cancel()
+            gate.set()
+            return await asyncio.gather(first, *queued[2:])
+        finally:
+            await batcher.close()
+
+    assert asyncio.run(scenario()) == [0, 9, 16, 25, 36]
+    assert batches == [[0], [3, 4, 5, 6]]
+
+
+def test_a_dead_batch_loop_fails_waiting_requests_instead_of_leaving_them_hanging(caplog):
+    """A bug inside the loop itself (not in the batch function, whose errors go to its callers) ends the loop:
+    the waiting request fails at once with the reason in the log, later ones are refused, close() still works."""
+    async def broken_next_batch():
+        await asyncio.sleep(0.05)  # the request below is waiting by then
+        raise KeyError("a bug")
+
+    async def scenario():
+        batcher = MicroBatcher(Squares(), max_batch_size=4)
+        batcher._next_batch = broken_next_batch
+        batcher.start()
+        try:
+            with pytest.raises(RuntimeError, match="micro-batcher stopped"):
+                await asyncio.wait_for(batcher.submit(1), 2)
+            with pytest.raises(RuntimeError, match="not running"):
+                await batcher.submit(2)
+        finally:
+            await batcher.close()
+
+    with caplog.at_level("ERROR", logger="retrieval_server.batcher"):
+        asyncio.run(scenario())
+    assert "micro-batcher stopped" in caplog.text

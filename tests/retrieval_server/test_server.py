@@ -319,3 +319,37 @@ def test_random_requests_get_answers_or_invalid_argument_never_a_crash(stub, fac
 
     check()
     assert retrieve(stub, user_id="no-such-user", k=1)
+
+
+def test_requests_whose_deadline_passes_in_the_queue_are_counted_as_deadline_exceeded(server_loop, tiny_bundle, facts):
+    """Three requests with a 0.2 s deadline wait behind a slow ORT call (0.8 s, slowed on purpose): the callers
+    get DEADLINE_EXCEEDED, and the server counts them so, not as cancelled by the client."""
+    import threading
+    import time
+
+    server = start(server_loop, RetrievalServerConfig(bundle=tiny_bundle, port=0, metrics_port=free_port()))
+    try:
+        run_batch = server.runner.run_batch
+        server.runner.run_batch = lambda items: (time.sleep(0.8), run_batch(items))[1]
+        before = scrape_metrics(server.server.metrics_port)
+        user = some_users(facts, 1)[0]
+        with grpc.insecure_channel(server.server.address) as channel:
+            stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
+            slow = threading.Thread(target=lambda: list(stub.Retrieve(retrieval_pb2.RetrieveRequest(user_id=user, k=3),
+                                                                      timeout=10)))
+            slow.start()
+            time.sleep(0.2)  # the slow call is running
+            codes = []
+            for _ in range(3):
+                with pytest.raises(grpc.RpcError) as error:
+                    list(stub.Retrieve(retrieval_pb2.RetrieveRequest(user_id=user, k=3), timeout=0.2))
+                codes.append(error.value.code())
+            slow.join()
+        time.sleep(0.2)
+        after = scrape_metrics(server.server.metrics_port)
+        delta = lambda name: after.get(name, 0.0) - before.get(name, 0.0)  # noqa: E731
+        assert codes == [grpc.StatusCode.DEADLINE_EXCEEDED] * 3
+        assert delta('retrieval_requests_total{code="DEADLINE_EXCEEDED"}') == 3
+        assert delta('retrieval_requests_total{code="CANCELLED"}') == 0
+    finally:
+        server_loop.run(server.drain())
