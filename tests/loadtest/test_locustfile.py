@@ -124,6 +124,9 @@ def test_bad_options_stop_the_run_before_it_starts(tiny_bundle, tmp_path):
     assert run.returncode != 0 and "unknown key 'p50'" in run.stdout
     run = locust("127.0.0.1:1", tmp_path / "no-bundle", SLO_DIR / "h100.toml", tmp_path, seconds=1)
     assert run.returncode != 0 and "no-bundle" in run.stdout
+    typo = write(tmp_path / "typo.toml", "[rpc.\"Recommend/Score\"]\np95_ms = 1\n")  # would check nothing
+    run = locust("127.0.0.1:1", tiny_bundle, typo, tmp_path, seconds=1)
+    assert run.returncode != 0 and "[rpc.'Recommend/Score'] names no request this load test makes" in run.stdout
 
 
 # -- the benchmark report's code path on the tiny bundle -------------------------------------------------
