@@ -13,6 +13,7 @@ running ones. Writes reports/served_quality.json.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import statistics
@@ -64,21 +65,35 @@ def ask(targets: tuple[str, str], users: list[str], config: ServedQualityConfig)
         retrieval = retrieval_pb2_grpc.RetrievalServiceStub(retrieval_channel)
 
         def one(user: str) -> dict:
+            """A failed call is an answer without items (a miss), its status code kept: one error must not
+            throw away every other user's answer."""
             request = retrieval_pb2.RetrieveRequest(user_id=user, k=config.candidates, request_id=f"quality-{user}-r")
-            candidates = [c.item_id for m in retrieval.Retrieve(request, timeout=config.deadline) for c in m.candidates]
-            row = {"user": user, "retrieval": candidates[:K], "candidates": candidates}
+            row = {"user": user, "errors": {}}
+            try:
+                candidates = [c.item_id for m in retrieval.Retrieve(request, timeout=config.deadline)
+                              for c in m.candidates]
+            except grpc.RpcError as e:
+                candidates, row["errors"]["retrieval"] = [], e.code().name
+            row |= {"retrieval": candidates[:K], "candidates": candidates}
             for mode in config.modes:
                 started = time.perf_counter()
-                response = ranking.Recommend(ranking_pb2.RecommendRequest(
-                    user_id=user, k=K, mode=MODES[mode], num_candidates=config.candidates,
-                    request_id=f"quality-{user}-{mode}"), timeout=config.deadline)
-                row[mode] = [item.item_id for item in response.items]
+                try:
+                    response = ranking.Recommend(ranking_pb2.RecommendRequest(
+                        user_id=user, k=K, mode=MODES[mode], num_candidates=config.candidates,
+                        request_id=f"quality-{user}-{mode}"), timeout=config.deadline)
+                    row[mode], row[f"{mode}_degraded"] = [item.item_id for item in response.items], response.degraded
+                except grpc.RpcError as e:
+                    row[mode], row[f"{mode}_degraded"], row["errors"][mode] = [], False, e.code().name
                 row[f"{mode}_ms"] = 1e3 * (time.perf_counter() - started)
-                row[f"{mode}_degraded"] = response.degraded
             return row
 
         with ThreadPoolExecutor(config.concurrency) as pool:
             return list(pool.map(one, users))
+
+
+def error_codes(rows: list[dict], call: str) -> dict[str, int]:
+    """Failed calls by gRPC status code (their answers were scored as misses)."""
+    return dict(collections.Counter(r["errors"][call] for r in rows if call in r["errors"]))
 
 
 def summarise(rows: list[dict], held_out: dict[str, str], config: ServedQualityConfig) -> dict:
@@ -87,15 +102,19 @@ def summarise(rows: list[dict], held_out: dict[str, str], config: ServedQualityC
 
     retrieval = ranks("retrieval")
     report = {"users": len(rows), "k": K, "candidates": config.candidates,
-              "retrieval_ndcg@10": metrics.ndcg(retrieval, K), "retrieval_hr@10": metrics.hit_rate(retrieval, K)}
+              "retrieval_ndcg@10": metrics.ndcg(retrieval, K), "retrieval_hr@10": metrics.hit_rate(retrieval, K),
+              "retrieval_errors": error_codes(rows, "retrieval")}
     base = metrics.per_user_ndcg(retrieval, K)
     for mode in config.modes:
         got = ranks(mode)
-        paired = metrics.paired_bootstrap_ratio(metrics.per_user_ndcg(got, K), base)
+        # no ratio where retrieval scored nothing (the offline report leaves it out too; JSON has no NaN)
+        paired = metrics.paired_bootstrap_ratio(metrics.per_user_ndcg(got, K), base) if any(base) else None
         report |= {f"{mode}_ndcg@10": metrics.ndcg(got, K), f"{mode}_hr@10": metrics.hit_rate(got, K),
-                   f"{mode}_vs_retrieval_ndcg@10": round(paired["ratio"], 4),
-                   f"{mode}_vs_retrieval_ndcg@10_ci95": [round(paired["low"], 4), round(paired["high"], 4)],
+                   f"{mode}_vs_retrieval_ndcg@10": round(paired["ratio"], 4) if paired else None,
+                   f"{mode}_vs_retrieval_ndcg@10_ci95": [round(paired["low"], 4), round(paired["high"], 4)]
+                   if paired else None,
                    f"{mode}_degraded": sum(r[f"{mode}_degraded"] for r in rows),
+                   f"{mode}_errors": error_codes(rows, mode),
                    f"{mode}_invalid": sum(len(set(r[mode])) != len(r[mode]) or not set(r[mode]) <= set(r["candidates"])
                                           for r in rows),
                    f"{mode}_same_as_retrieval": sum(r[mode] == r["retrieval"] for r in rows),
@@ -122,11 +141,11 @@ def run(config: ServedQualityConfig) -> dict:
     config.out.mkdir(parents=True, exist_ok=True)
     (config.out / "served_quality.json").write_text(json.dumps(report, indent=2) + "\n")
     for mode in config.modes:
-        log.info("served %s mode, %d test users: NDCG@10 %.4f vs retrieval %.4f = %.3fx (95%% CI %s); %d degraded, "
-                 "%d invalid, %d identical to the retrieval order; p50 %.0f ms", mode, report["users"],
+        log.info("served %s mode, %d test users: NDCG@10 %.4f vs retrieval %.4f = %sx (95%% CI %s); %d degraded, "
+                 "%d invalid, %d identical to the retrieval order, failed calls %s; p50 %.0f ms", mode, report["users"],
                  report[f"{mode}_ndcg@10"], report["retrieval_ndcg@10"], report[f"{mode}_vs_retrieval_ndcg@10"],
                  report[f"{mode}_vs_retrieval_ndcg@10_ci95"], report[f"{mode}_degraded"], report[f"{mode}_invalid"],
-                 report[f"{mode}_same_as_retrieval"], report[f"{mode}_p50_ms"])
+                 report[f"{mode}_same_as_retrieval"], report[f"{mode}_errors"] or "none", report[f"{mode}_p50_ms"])
     return report
 
 

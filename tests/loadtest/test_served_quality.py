@@ -4,6 +4,7 @@ offline; the served answers score exactly what the offline evaluation measured, 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -11,16 +12,29 @@ import pytest
 
 def test_served_answers_score_what_the_offline_evaluation_measured(tiny_llm_bundle, ml100k_dir, tmp_path):
     from loadtest.served_quality import ServedQualityConfig, run
+    from loadtest.with_servers import TwoTierConfig, two_tier
 
     offline = json.loads((tiny_llm_bundle / "reports" / "eval_ranking.json").read_text())
-    config = ServedQualityConfig(bundle=tiny_llm_bundle, data=ml100k_dir, users=offline["users"],
-                                 seed=offline["seed"], concurrency=2, out=tmp_path)
-    report = run(config)
+    with two_tier(TwoTierConfig(bundle=tiny_llm_bundle, log_dir=tmp_path, startup_timeout=300)) as (retrieval, ranking):
+        config = ServedQualityConfig(bundle=tiny_llm_bundle, data=ml100k_dir, users=offline["users"],
+                                     seed=offline["seed"], concurrency=2, out=tmp_path, ranking=ranking.target,
+                                     retrieval=retrieval.target)
+        report = run(config)
+        # calls the servers refuse (more candidates than they allow) are counted by code and scored as misses;
+        # the other users' answers are kept and the report is written
+        refused = run(dataclasses.replace(config, candidates=100_000, out=tmp_path / "refused"))
+    assert refused["users"] == offline["users"] and refused["score_ndcg@10"] == 0
+    assert refused["score_vs_retrieval_ndcg@10"] is None  # no ratio over a retrieval that scored nothing
+    assert refused["retrieval_errors"] == {"INVALID_ARGUMENT": offline["users"]}
+    assert refused["score_errors"] == refused["generate_errors"] == {"INVALID_ARGUMENT": offline["users"]}
     assert report["users"] == offline["users"]
     assert json.loads((tmp_path / "served_quality.json").read_text())["users"] == report["users"]
     for key in ("retrieval_ndcg@10", "score_ndcg@10", "generate_ndcg@10"):
         assert report[key] == pytest.approx(offline[key], abs=1e-9), key
     for mode in ("score", "generate"):
-        assert report[f"{mode}_invalid"] == report[f"{mode}_degraded"] == 0
-        low, high = report[f"{mode}_vs_retrieval_ndcg@10_ci95"]
-        assert low <= report[f"{mode}_vs_retrieval_ndcg@10"] <= high or report["retrieval_ndcg@10"] == 0
+        assert report[f"{mode}_invalid"] == report[f"{mode}_degraded"] == 0 and report[f"{mode}_errors"] == {}
+        if report["retrieval_ndcg@10"] > 0:
+            low, high = report[f"{mode}_vs_retrieval_ndcg@10_ci95"]
+            assert low <= report[f"{mode}_vs_retrieval_ndcg@10"] <= high
+        else:
+            assert report[f"{mode}_vs_retrieval_ndcg@10"] is None
