@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import signal
 import subprocess
 import sys
 import time
@@ -55,8 +56,12 @@ def two_tier(config: TwoTierConfig) -> Iterator[tuple[ServerProcess, ServerProce
             log.info("%s SERVING on %s after %.1f s (log: %s)", server.module, server.target, seconds, server.log_path)
         yield retrieval, ranking
     finally:
-        for server in reversed(started):
-            code = server.stop()
+        for server in reversed(started):  # each one, whatever the other did: none is left running
+            try:
+                code = server.stop()
+            except RuntimeError as e:  # it did not drain in time and was killed
+                log.warning("%s", e)
+                continue
             (log.info if code == 0 else log.warning)("%s stopped, exit code %d", server.module, code)
 
 
@@ -70,7 +75,17 @@ def run(config: TwoTierConfig, command: Sequence[str]) -> int:
     with two_tier(config) as (retrieval, ranking):
         argv = [arg.replace("{ranking}", ranking.target).replace("{retrieval}", retrieval.target) for arg in command]
         log.info("running: %s", " ".join(argv))
-        return subprocess.run(argv).returncode
+        child = subprocess.Popen(argv)
+        try:
+            return child.wait()
+        finally:  # interrupted (Ctrl-C, SIGTERM): the command goes too, before the servers it was using
+            if child.poll() is None:
+                child.terminate()
+                try:
+                    child.wait(30)
+                except subprocess.TimeoutExpired:
+                    child.kill()
+                    child.wait()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     if not command:
         parser.error("no command given (put it after --)")
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    # SIGTERM (a CI timeout, `timeout 10m make loadtest`) unwinds like Ctrl-C, so both servers are stopped
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
     try:
         code = run(build_config(TwoTierConfig, args), command)
     except (RuntimeError, TimeoutError) as e:
