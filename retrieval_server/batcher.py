@@ -71,7 +71,7 @@ class MicroBatcher(Generic[Item, Result]):
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await self._task
         self._fail_pending(RuntimeError("server is shutting down"))
-        self._executor.shutdown(wait=True)
+        await asyncio.to_thread(self._executor.shutdown, True)  # a running call may take a while: not on the loop
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -122,4 +122,4 @@ class DirectRunner(Generic[Item, Result]):
         return results[0]
 
     async def close(self) -> None:
-        self._executor.shutdown(wait=True)
+        await asyncio.to_thread(self._executor.shutdown, True)  # a running call may take a while: not on the loop
