@@ -25,12 +25,17 @@ class RetrievalServerConfig(ServerConfig):
                 "full; 0 = batch only what queued up while the previous call ran"})
     workers: int = field(default=1, metadata={
         "help": "ORT calls that may run at once when batching is off (--max-batch-size 1)"})
+    max_queue: int = field(default=1024, metadata={
+        "help": "requests that may wait for the model at once (queued or in an ORT call); one more is refused "
+                "with RESOURCE_EXHAUSTED at once instead of waiting behind them (0 = no limit)"})
 
     def __post_init__(self) -> None:
         super().__post_init__()
         for name in ("threads", "chunk_size", "max_batch_size", "workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_queue < 0:
+            raise ValueError(f"max_queue must be >= 0 (0 = no limit), got {self.max_queue}")
         if self.max_k < 0:
             raise ValueError(f"max_k must be >= 0, got {self.max_k}")
         if self.batch_window_ms < 0:

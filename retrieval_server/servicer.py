@@ -35,7 +35,7 @@ class Plan:
 
 class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
     def __init__(self, catalog: Catalog, stored_histories: dict[str, list[int]], *, max_len: int, max_k: int,
-                 chunk_size: int, model_version: str, tracer=None):
+                 chunk_size: int, model_version: str, max_queue: int = 0, tracer=None):
         self.catalog = catalog
         self.tracer = tracer  # palr.serving.tracing (None: tracing off)
         self.stored_histories = stored_histories
@@ -43,6 +43,8 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
         self.max_k = max_k
         self.chunk_size = chunk_size
         self.model_version = model_version
+        self.max_queue = max_queue  # requests waiting for the model at once (0: no limit)
+        self._waiting = 0
         self._item_ids = [""] + [item.id for item in catalog.items]  # index → id (0 = padding)
         total = sum(item.train_count for item in catalog.items) or 1
         self._popularity_share = np.array([0.0] + [item.train_count / total for item in catalog.items],
@@ -61,6 +63,19 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
                 raise invalid_argument(REQUEST_ID_RULE)
             await self._retrieve(request, context, rid)
 
+    async def _ask_model(self, query: Query) -> Ranked:
+        """The model's answer, or RESOURCE_EXHAUSTED at once when `max_queue` requests already wait for it:
+        under overload a caller learns it now and can go elsewhere, instead of waiting out its deadline."""
+        if self.max_queue and self._waiting >= self.max_queue:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"{self._waiting} requests already wait for the model (--max-queue {self.max_queue}); "
+                               f"retry later or elsewhere")
+        self._waiting += 1
+        try:
+            return await self._model(query)
+        finally:
+            self._waiting -= 1
+
     async def _retrieve(self, request: retrieval_pb2.RetrieveRequest, context: grpc.aio.ServicerContext,
                         rid: str) -> None:
         started = time.perf_counter()
@@ -68,7 +83,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
             raise RequestError(grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry when health is SERVING")
         plan = self.plan(request)
         if plan.history:
-            ranked = await self._model(Query(history=plan.history, exclude=plan.exclude, k=plan.k))
+            ranked = await self._ask_model(Query(history=plan.history, exclude=plan.exclude, k=plan.k))
         else:
             COLD_STARTS.inc()
             ranked = self.popular(plan.exclude, plan.k)

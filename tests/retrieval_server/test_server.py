@@ -353,3 +353,35 @@ def test_requests_whose_deadline_passes_in_the_queue_are_counted_as_deadline_exc
         assert delta('retrieval_requests_total{code="CANCELLED"}') == 0
     finally:
         server_loop.run(server.drain())
+
+
+def test_over_max_queue_is_resource_exhausted_at_once_and_the_server_keeps_serving(server_loop, tiny_bundle, facts):
+    """--max-queue 2: while two requests wait for a slow ORT call (slowed on purpose), a third is refused with
+    RESOURCE_EXHAUSTED at once instead of waiting behind them; the waiting ones are answered, and so is the next."""
+    import threading
+    import time
+
+    server = start(server_loop, RetrievalServerConfig(bundle=tiny_bundle, port=0, max_queue=2))
+    try:
+        run_batch = server.runner.run_batch
+        server.runner.run_batch = lambda items: (time.sleep(0.6), run_batch(items))[1]
+        user = some_users(facts, 1)[0]
+        with grpc.insecure_channel(server.server.address) as channel:
+            stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
+            ask = lambda: list(stub.Retrieve(retrieval_pb2.RetrieveRequest(user_id=user, k=3), timeout=10))  # noqa: E731
+            answers = []
+            waiting = [threading.Thread(target=lambda: answers.append(ask())) for _ in range(2)]
+            for thread in waiting:
+                thread.start()
+            time.sleep(0.2)  # both wait for the model
+            started = time.perf_counter()
+            with pytest.raises(grpc.RpcError) as error:
+                ask()
+            refused_after = time.perf_counter() - started
+            for thread in waiting:
+                thread.join()
+            assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-queue 2" in error.value.details()
+            assert refused_after < 0.3  # at once, not after the slow call
+            assert len(answers) == 2 and all(answers) and ask()
+    finally:
+        server_loop.run(server.drain())
