@@ -380,7 +380,8 @@ def test_over_max_queue_is_resource_exhausted_at_once_and_the_server_keeps_servi
             refused_after = time.perf_counter() - started
             for thread in waiting:
                 thread.join()
-            assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "--max-queue 2" in error.value.details()
+            assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "--max-queue 2" in error.value.details()
             assert refused_after < 0.3  # at once, not after the slow call
             assert len(answers) == 2 and all(answers) and ask()
     finally:
