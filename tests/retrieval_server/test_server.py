@@ -368,7 +368,8 @@ def test_over_max_queue_is_resource_exhausted_at_once_and_the_server_keeps_servi
         user = some_users(facts, 1)[0]
         with grpc.insecure_channel(server.server.address) as channel:
             stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
-            ask = lambda: list(stub.Retrieve(retrieval_pb2.RetrieveRequest(user_id=user, k=3), timeout=10))  # noqa: E731
+            request = retrieval_pb2.RetrieveRequest(user_id=user, k=3)
+            ask = lambda: list(stub.Retrieve(request, timeout=10))  # noqa: E731
             answers = []
             waiting = [threading.Thread(target=lambda: answers.append(ask())) for _ in range(2)]
             for thread in waiting:
