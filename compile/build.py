@@ -33,6 +33,7 @@ from compile.targets import BUILDERS, BuildContext
 from palr.bundle import Bundle, fingerprint
 from palr.builds import artifact_name, open_build
 from palr.machine import Machine, cuda_devices, library_version
+from palr.ranking import load_ranker
 from palr.targets import TARGETS, target_spec
 
 log = logging.getLogger(__name__)
@@ -120,7 +121,7 @@ def served_generate_tokens(bundle: Bundle) -> tuple[int, str]:
     """Tokens one generate-mode request writes as the server runs it (llm/ranker.json), and how that was found."""
     if not bundle.has("ranker"):
         return 10, "no llm/ranker.json: 10 (k=10 labels)"
-    ranker = json.loads(bundle.path("ranker").read_text())
+    ranker = load_ranker(bundle)
     k = int(ranker["generate_k"])
     if ranker["generate_format"] == "labels":
         return k, f"llm/ranker.json: {k} labels"

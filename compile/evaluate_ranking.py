@@ -39,7 +39,7 @@ from palr.catalog import Catalog
 from palr.data import sample_users
 from palr.profiles import Profiles
 from palr.ranking import (MODES, calibrated, complete_order, fuse, generate_logit_weight, generation_bias,
-                          order_by_scores, retrieval_prior, target_rank, trend_bias)
+                          load_ranker, order_by_scores, retrieval_prior, target_rank, trend_bias)
 
 log = logging.getLogger(__name__)
 
@@ -85,10 +85,6 @@ def stored_profiles(bundle: Bundle, users: list[str]) -> dict[str, str]:
         raise ValueError(f"profiles.json has no profile for {len(missing)} users (e.g. {missing[:3]}); "
                          f"rerun `compile profiles` for all users")
     return profiles
-
-
-def load_ranker(bundle: Bundle) -> dict:
-    return json.loads(bundle.path("ranker").read_text())
 
 
 def run(config: EvaluateRankingConfig) -> dict:

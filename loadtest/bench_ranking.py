@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from loadtest.patterns import PATTERNS, zipf_weights
-from palr.ranking import MODES
+from palr.ranking import MODES, load_ranker
 from ranking_server.engines.base import EngineRequest
 
 log = logging.getLogger(__name__)
@@ -67,7 +67,7 @@ def load_workload(bundle_dir: Path, n: int, *, candidates: int = 0, generate_k: 
 
     bundle = Bundle.open(bundle_dir)
     bundle.verify(list(ARTIFACTS))
-    ranker = json.loads(bundle.path("ranker").read_text())
+    ranker = load_ranker(bundle)
     catalog = Catalog.load(bundle.path("catalog"))
     histories = {u: e["history"] for u, e in json.loads(bundle.path("users").read_text())["users"].items()
                  if e["history"]}

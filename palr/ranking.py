@@ -17,6 +17,7 @@ prefill (`decoding_bias`), so both modes fuse the same terms. The weight is fit 
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 
@@ -89,6 +90,12 @@ def generation_bias(retrieval_scores: Sequence[float], weight: float,
     if len(extra) != n:
         raise ValueError(f"candidate bias has {len(extra)} values for {n} candidates")
     return [weight * r + b for r, b in zip(retrieval, extra)]
+
+
+def load_ranker(bundle) -> dict:
+    """The bundle's `llm/ranker.json` (written by `compile merge`: prompt settings, fusion weights, generate
+    format); {} for a bundle without one, where each reader's defaults apply."""
+    return json.loads(bundle.path("ranker").read_text()) if bundle.has("ranker") else {}
 
 
 def generate_logit_weight(ranker: dict) -> float:

@@ -11,6 +11,7 @@ import time
 from palr.bundle import Bundle
 from palr.catalog import Catalog
 from palr.prompt import PromptSettings
+from palr.ranking import load_ranker
 from palr.serving import tracing
 from palr.serving.server import GrpcServer
 from ranking_server.config import RankingServerConfig
@@ -39,7 +40,7 @@ class RankingServer:
         bundle = Bundle.open(config.bundle)
         bundle.verify(ARTIFACTS)
         self.bundle = bundle
-        self.ranker = json.loads(bundle.path("ranker").read_text())
+        self.ranker = load_ranker(bundle)
         self.catalog = Catalog.load(bundle.path("catalog"))
         users = json.loads(bundle.path("users").read_text())["users"]
         default_candidates, max_candidates = candidate_limits(config, self.ranker)

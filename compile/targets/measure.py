@@ -36,7 +36,7 @@ from palr import metrics
 from palr.decoding import LabelConstraint
 from palr.llm import generate_constrained, label_log_probs, pick_allowed, read_prompt
 from palr.prompt import Readout
-from palr.ranking import decoding_bias, generate_logit_weight
+from palr.ranking import decoding_bias, generate_logit_weight, load_ranker
 
 log = logging.getLogger(__name__)
 
@@ -276,7 +276,7 @@ def quality_summary(answers: Answers, ref: Answers, probes: Sequence[Probe], k: 
 def bundle_generate_logit_weight(bundle) -> float:
     """The weight of the label logits in generate mode of the bundle's ranker (`palr.ranking.generate_logit_weight`;
     a bundle without a ranker.json gets its default)."""
-    return generate_logit_weight(json.loads(bundle.path("ranker").read_text()) if bundle.has("ranker") else {})
+    return generate_logit_weight(load_ranker(bundle))
 
 
 def quality_ok(candidate: dict, reference: dict, min_agreement: float, max_ndcg_drop: float, mode: str) -> bool:

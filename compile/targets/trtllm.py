@@ -24,6 +24,7 @@ import shutil
 
 from compile.targets import BuildContext, BuildResult
 from compile.targets.hf_cuda import gpu_dtype
+from palr.ranking import load_ranker
 from palr.trtllm_runtime import import_trtllm, read_engine_config, trt_backend_llm_class
 
 log = logging.getLogger(__name__)
@@ -64,8 +65,7 @@ def trt_build_config(config, context_logits: bool = False):
 
 def ranker_readout(bundle) -> str:
     """What the bundle's ranker reads in score mode (llm/ranker.json prompt.readout)."""
-    ranker = json.loads(bundle.path("ranker").read_text()) if bundle.has("ranker") else {}
-    return ranker.get("prompt", {}).get("readout", "label")
+    return load_ranker(bundle).get("prompt", {}).get("readout", "label")
 
 
 def check_saved_engine(out) -> dict:
