@@ -31,7 +31,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from compile.llm_common import config_record
+from compile.llm_common import fingerprint_record
 from compile.sft_data import load_corpus, profile_source
 from palr import metrics
 from palr.bundle import Bundle, fingerprint
@@ -101,8 +101,7 @@ def run(config: EvaluateRankingConfig) -> dict:
         raise ValueError(f"--modes {sorted(unknown)}: choose from {', '.join(MODES)}")
     bundle = Bundle.open(config.bundle)
     inputs = [config.llm, "ranker", "sasrec_onnx", "catalog", "profiles"] + (["trends"] if bundle.has("trends") else [])
-    step_fp = fingerprint(STEP, VERSION, config_record(config) | {"tier": "ranking", "bundle": None, "force": None,
-                                                                 "data": bundle.manifest.dataset.get("checksum")},
+    step_fp = fingerprint(STEP, VERSION, fingerprint_record(config, bundle) | {"tier": "ranking"},
                           [bundle.version(name) for name in inputs])
     report_name, users_report = report_names(config.split)
     report_path = bundle.reports_dir() / report_name

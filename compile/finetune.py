@@ -25,7 +25,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from compile.llm_common import config_record
+from compile.llm_common import config_record, fingerprint_record
 from compile.sft_data import candidate_readout, example_readout, read_jsonl
 from palr.bundle import Bundle, fingerprint
 
@@ -365,7 +365,7 @@ def restore(path: Path, state: dict, model, optimizer, scheduler) -> None:
 # -- the step -------------------------------------------------------------------------------------
 
 def _run_fingerprint(bundle: Bundle, config: FinetuneConfig) -> str:
-    settings = config_record(config) | {"bundle": None, "force": None, "stop_after": None, "threads": None}
+    settings = fingerprint_record(config, bundle, "stop_after", "threads")
     return fingerprint("finetune", VERSION, settings, bundle.version("llm_base"), bundle.version("sft_data"))
 
 

@@ -10,3 +10,14 @@ from typing import Any
 def config_record(config: Any) -> dict[str, Any]:
     """A step config as plain JSON values (paths as strings), for the manifest's step record."""
     return json.loads(json.dumps(asdict(config), default=str))
+
+
+def fingerprint_record(config: Any, bundle: Any, *unused: str) -> dict[str, Any]:
+    """A step config as its fingerprint sees it: the bundle path, `force` and the `unused` fields (what does
+    not change the output) blanked, and the dataset by the checksum the bundle was built from, not the
+    `--data` path it is read from (the steps refuse other data), so the same files reached another way
+    do not redo the step."""
+    record = config_record(config) | {name: None for name in ("bundle", "force", *unused)}
+    if "data" in record:
+        record["data"] = bundle.manifest.dataset.get("checksum")
+    return record

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from compile.llm_common import config_record
+from compile.llm_common import config_record, fingerprint_record
 from compile.sft_data import candidate_readout, example_readout, read_jsonl
 from palr.bundle import Bundle, fingerprint
 from palr.ranking import FUSION_GRID
@@ -262,7 +262,7 @@ def ranker_record(bundle: Bundle, config: MergeConfig, weight: float, validation
 def run(config: MergeConfig) -> Path:
     bundle = Bundle.open(config.bundle)
     inputs = ["llm_base", "lora", "sft_data"]
-    step_fp = fingerprint("merge", VERSION, config_record(config) | {"bundle": None, "force": None}, fit_grids(),
+    step_fp = fingerprint("merge", VERSION, fingerprint_record(config, bundle), fit_grids(),
                           [bundle.version(name) for name in inputs])
     out = bundle.root / MERGED_DIR
     if not config.force and bundle.step_is_current("merge", step_fp, ["llm_merged", "ranker"]):

@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from compile.llm_common import config_record
+from compile.llm_common import config_record, fingerprint_record
 from compile.profiles import ProfilesConfig, profiler
 from palr.bundle import Bundle, BundleError, fingerprint
 from palr.catalog import Catalog
@@ -300,11 +300,8 @@ def run(config: SftDataConfig) -> Path:
 
     bundle = Bundle.open(config.bundle)
     inputs = ["catalog", "users", "sasrec_onnx", "sasrec_torch", "profiles", "llm_base"] + (["trends"] if config.trend else [])
-    # the dataset by its checksum, not its path (load_corpus refuses other data): `--data` spelt another way
-    # must not redo sft-data and with it the finetune
-    record = config_record(config) | {"force": None, "bundle": None, "threads": None,
-                                      "data": bundle.manifest.dataset.get("checksum")}
-    step_fp = fingerprint("sft-data", VERSION, record, [bundle.version(name) for name in inputs])
+    step_fp = fingerprint("sft-data", VERSION, fingerprint_record(config, bundle, "threads"),
+                          [bundle.version(name) for name in inputs])
     out = bundle.root / SFT_DIR
     if not config.force and bundle.step_is_current("sft-data", step_fp, ["sft_data"]):
         log.info("SFT data is current (%s); skipping", out)
