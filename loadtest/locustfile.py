@@ -138,6 +138,8 @@ def bundle_users(bundle_dir: Path) -> list[str]:
     return known
 
 
+# the names this load test files its calls under (`RecsysCaller.request_name`): what an SLO file may limit
+REQUEST_NAMES = tuple(f"Recommend/{mode}" for mode in dict.fromkeys(MODES.values())) + ("Retrieve",)
 TRAFFIC: Traffic | None = None
 TRACER = None  # --otlp-endpoint
 SLO: SloProfile | None = None
@@ -165,18 +167,13 @@ def check_options(environment, **_kwargs) -> None:
         raise SystemExit(f"locustfile: {e}") from e
 
 
-def request_names() -> list[str]:
-    """The names this load test files its calls under (`RecsysCaller.request_name`): what an SLO file may limit."""
-    return [f"Recommend/{mode}" for mode in dict.fromkeys(MODES.values())] + ["Retrieve"]
-
-
 def check_slo_names(profile: SloProfile) -> None:
     """An [rpc.NAME] this load test never records would be reported as "no requests" and its limits never
     checked: a typo must stop the run, not pass the gate."""
-    unknown = [rpc.name for rpc in profile.rpcs if rpc.name not in request_names()]
+    unknown = [rpc.name for rpc in profile.rpcs if rpc.name not in REQUEST_NAMES]
     if unknown:
         raise ValueError(f"{profile.path}: {', '.join(f'[rpc.{n!r}]' for n in unknown)} names no request this load "
-                         f"test makes (it makes {', '.join(request_names())}): its limits would never be checked")
+                         f"test makes (it makes {', '.join(REQUEST_NAMES)}): its limits would never be checked")
 
 
 def check_retrieve_target(options) -> None:
