@@ -181,8 +181,7 @@ def fit_generate_logit_weight(reads, retrieval_scores, biases, targets, weight: 
     the fused score-mode terms (readout, trend bias, weight * retrieval). The grid `g` whose first decoding
     step orders the validation users' candidates best (NDCG@10 of that order: the emitted list follows it up
     to what later steps change; ties go to the larger `g`), if it beats `g` = 0 by `GENERATE_DECODE_MIN_GAIN`
-    (relative); else 0, which
-    makes generate mode the score-mode order at score mode's cost (no decode pass)."""
+    (relative); else 0, which makes generate mode the score-mode order at score mode's cost (no decode pass)."""
     from palr.metrics import ndcg
     from palr.ranking import decoding_bias, generation_bias, order_by_scores, target_rank
 
