@@ -16,7 +16,8 @@ Measured values are Locust's own statistics (the numbers in its CSV/HTML reports
 workers in distributed mode): percentiles over all requests of that name, failed ones included,
 from Locust's response-time buckets (2 significant digits, so within ~5 %). A limit is broken
 when the measured value is above it. An RPC that got no requests is reported and not checked; a
-run with no requests at all breaks the gate.
+run with no requests at all breaks the gate, and so does one whose task code raised (Locust's
+"exceptions" table: a bug in the load test means the calls it meant to make were not made).
 """
 
 from __future__ import annotations
@@ -166,6 +167,7 @@ def gate(environment, profile: SloProfile) -> bool:
     failures within the error budget do not fail the run). Returns True when the gate passed."""
     checks, unexercised = evaluate(profile, environment.stats)
     empty = not environment.stats.total.num_requests
+    raised = task_exceptions(environment.runner)
     broken = [c for c in checks if c.broken]
     log.info("SLO gate %s%s", profile.path, "" if profile.measured else
              " (limits derived on paper, not yet measured on this target)")
@@ -173,13 +175,29 @@ def gate(environment, profile: SloProfile) -> bool:
         (log.error if check.broken else log.info)("%s", check.line())
     for name in unexercised:
         log.warning("  skip  %s: no requests in this run, not checked", name)
+    if raised:
+        log.error("SLO gate BROKEN: the load test's task code raised %d time(s), so calls it meant to make were not "
+                  "made: %s", sum(count for count, _ in raised), "; ".join(f"{count}x {msg}" for count, msg in raised))
     if empty:
         log.error("SLO gate BROKEN: the run recorded no requests at all")
     elif broken:
         log.error("SLO gate BROKEN: %d of %d limits exceeded: %s", len(broken), len(checks),
                   "; ".join(f"{c.rpc} {c.what} {c.measured:g} > {c.limit:g}" for c in broken))
-    else:
+    elif not raised:
         log.info("SLO gate passed: %d limits held", len(checks))
-    passed = not (empty or broken)
+    passed = not (empty or broken or raised)
     environment.process_exit_code = 0 if passed else EXIT_BROKEN
     return passed
+
+
+def task_exceptions(runner) -> list[tuple[int, str]]:
+    """(occurrences, message) of each distinct exception the task code raised: gRPC errors are not among
+    them (they are failed requests, see grpc_user.rpc_errors_recorded), so these are bugs."""
+    if runner is None:
+        return []
+    return [(row["count"], f"{row['msg']} at `{_last_line(row['traceback'])}`") for row in runner.exceptions.values()]
+
+
+def _last_line(traceback: str) -> str:
+    lines = traceback.strip().splitlines()
+    return lines[-1].strip() if lines else "?"
