@@ -40,7 +40,7 @@ test: data
 # Load test of both tiers on $(BUNDLE) with Locust over gRPC, gated by an SLO profile: starts the two
 # servers, runs Locust headless, stops them; exits with Locust's code (3 = an SLO was broken).
 SLO         ?= loadtest/slo/cpu.toml
-LOCUST_ARGS ?= -u 2 -r 2 -t 3m --stop-timeout 60
+LOCUST_ARGS ?= -u 2 -r 2 -t 3m --stop-timeout 120
 loadtest: bundle
 	$(PY) -m loadtest.with_servers --bundle $(BUNDLE) -- $(VENV)/bin/locust -f loadtest/locustfile.py --headless \
 		--host {ranking} --retrieval-host {retrieval} --bundle $(BUNDLE) --slo $(SLO) $(LOCUST_ARGS) \

@@ -108,7 +108,7 @@ def run_locust(ranking: str, retrieval: str, config: CalibrateConfig, csv_prefix
     """The documented load against the two servers (gated by `slo` when given)."""
     argv = [sys.executable, "-m", "locust", "-f", str(REPO / "loadtest" / "locustfile.py"), "--headless",
             "--host", ranking, "--retrieval-host", retrieval, "--bundle", str(config.bundle),
-            "-u", str(config.users), "-r", str(config.users), "-t", config.duration, "--stop-timeout", "60",
+            "-u", str(config.users), "-r", str(config.users), "-t", config.duration, "--stop-timeout", "120",
             "--csv", str(csv_prefix), "--only-summary", *config.locust_args.split()]
     if slo is not None:
         argv += ["--slo", str(slo)]

@@ -1,7 +1,7 @@
 """Locust load test of the two-tier system over gRPC, with an SLO gate.
 
     locust -f loadtest/locustfile.py --headless --host 127.0.0.1:50052 --retrieval-host 127.0.0.1:50051 \\
-        --bundle bundle --slo loadtest/slo/cpu.toml -u 2 -r 2 -t 3m --stop-timeout 60 \\
+        --bundle bundle --slo loadtest/slo/cpu.toml -u 2 -r 2 -t 3m --stop-timeout 120 \\
         --csv reports/locust --html reports/locust.html
 
 Each Locust user is an internal service in a closed loop: it picks a user from the bundle's
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import random
 import uuid
 from dataclasses import dataclass
@@ -113,6 +114,12 @@ class Traffic:
                    think_time_s=options.think_time_ms / 1e3, degraded_ok=options.degraded_ok,
                    user_weights=user_weights(users, options.user_pattern, options.zipf_exponent))
 
+    def longest_deadline_s(self) -> float:
+        """The longest deadline of the calls this traffic makes: how long a call may still run when -t ends."""
+        kinds = {"score": self.generate_share < 1, "generate": self.generate_share > 0,
+                 "retrieve": bool(self.retrieval_host) and self.retrieve_share > 0}
+        return max((self.deadlines_s[kind] for kind, made in kinds.items() if made), default=0.0)
+
     def user_id(self) -> str:
         if self.cold_start_share and random.random() < self.cold_start_share:
             return f"locust-new-{uuid.uuid4().hex[:8]}"
@@ -157,14 +164,24 @@ def check_options(environment, **_kwargs) -> None:
     if not environment.host and not worker:
         raise SystemExit("locustfile: --host HOST:PORT (the ranking server) is required")
     try:
-        Traffic.from_options(options)
+        traffic = Traffic.from_options(options)
         SLO = SloProfile.load(options.slo) if options.slo and not worker else None
         if SLO is not None:
             check_slo_names(SLO)
         if not worker:
             check_retrieve_target(options)
+            warn_short_stop_timeout(float(options.stop_timeout or 0), traffic.longest_deadline_s())
     except (BundleError, SloError, OSError, ValueError) as e:
         raise SystemExit(f"locustfile: {e}") from e
+
+
+def warn_short_stop_timeout(stop_timeout_s: float, longest_deadline_s: float) -> None:
+    """Locust drops the calls still running when -t ends unless --stop-timeout waits for them: the slowest
+    calls, so a too-short wait flatters the tail the SLO gate checks."""
+    if stop_timeout_s < longest_deadline_s:
+        log.warning("--stop-timeout %gs is shorter than the longest call deadline (%gs): calls still running when "
+                    "the run ends after that are dropped, not counted, and the percentiles look better than they "
+                    "were; use --stop-timeout %d", stop_timeout_s, longest_deadline_s, math.ceil(longest_deadline_s))
 
 
 def check_slo_names(profile: SloProfile) -> None:

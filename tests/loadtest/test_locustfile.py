@@ -23,9 +23,10 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
-def locust(host: str, bundle: Path, slo: Path, out: Path, *extra: str, seconds: int = 3) -> subprocess.CompletedProcess:
+def locust(host: str, bundle: Path, slo: Path, out: Path, *extra: str, seconds: int = 3,
+           locustfile: Path = REPO / "loadtest" / "locustfile.py") -> subprocess.CompletedProcess:
     """The README's headless command as a subprocess; its stdout and stderr (Locust logs there) in .stdout."""
-    argv = [sys.executable, "-m", "locust", "-f", str(REPO / "loadtest" / "locustfile.py"), "--headless",
+    argv = [sys.executable, "-m", "locust", "-f", str(locustfile), "--headless",
             "--host", host, "--bundle", str(bundle), "--slo", str(slo), "-u", "2", "-r", "2", "-t", f"{seconds}s",
             "--csv", str(out / "locust"), "--html", str(out / "locust.html"), "--only-summary", *extra]
     return subprocess.run(argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -102,6 +103,8 @@ def test_generous_slo_passes(servers, tiny_llm_bundle, tmp_path):
     assert run.returncode == 0, run.stdout[-3000:]
     assert "SLO gate passed: 13 limits held" in run.stdout and "BROKEN" not in run.stdout
     assert "zipf (exponent 1.5)" in run.stdout
+    # no --stop-timeout: the calls running when -t ends would be dropped; the run says so at its start
+    assert "--stop-timeout 0s is shorter than the longest call deadline (120s)" in run.stdout
     rows = {line.split(",")[1]: line.split(",") for line in (tmp_path / "locust_stats.csv").read_text().splitlines()[1:]}
     assert int(rows["Aggregated"][2]) > 5 and int(rows["Aggregated"][3]) == 0  # requests, failures
 
@@ -116,6 +119,32 @@ def test_errors_carry_the_grpc_status_and_count_against_the_error_budget(servers
     assert "GrpcStatusError('INVALID_ARGUMENT: " in run.stdout  # Locust's failure table, by status code
     assert "BROKEN  Retrieve error rate: measured 100.00%, limit 1.00%" in run.stdout
     assert "BROKEN  Recommend/score error rate: measured 100.00%, limit 1.00%" in run.stdout
+
+
+BUGGY_LOCUSTFILE = """
+from locust import task
+from loadtest.locustfile import RecsysCaller  # the traffic options and the SLO gate
+
+
+class BuggyCaller(RecsysCaller):
+    @task
+    def call(self):
+        self.recommend()  # a real call, recorded
+        raise KeyError("a bug in the task code")
+"""
+
+
+def test_a_task_that_raises_breaks_the_gate_even_when_every_limit_holds(servers, tiny_llm_bundle, tmp_path):
+    """Locust counts a task's exception apart from the requests: the gate passed such runs."""
+    slo = write(tmp_path / "generous.toml", "[rpc.\"Recommend/score\"]\np99_ms = 600000\nmax_error_rate = 0.0\n")
+    buggy = write(tmp_path / "buggy_locustfile.py", BUGGY_LOCUSTFILE)
+    _, ranking = servers
+    run = locust(ranking.target, tiny_llm_bundle, slo, tmp_path, "--retrieve-share", "0", "--generate-share", "0",
+                 "--k", "3", "--candidates", "6", "BuggyCaller", seconds=2, locustfile=buggy)
+    assert run.returncode == EXIT_BROKEN, run.stdout[-3000:]
+    assert "ok  Recommend/score p99" in run.stdout  # the limits held ...
+    assert re.search(r"SLO gate BROKEN: the load test's task code raised \d+ time\(s\).*a bug in the task code.* at `raise KeyError", run.stdout)
+    assert "SLO gate passed" not in run.stdout
 
 
 def test_bad_options_stop_the_run_before_it_starts(tiny_bundle, tmp_path):
