@@ -8,7 +8,8 @@ loop) against running servers, or against both tiers started on `--bundle` (load
 `two_tier`) when no `--ranking` is given; reads Locust's percentiles per request name from its CSV;
 and writes an SLO TOML (the format loadtest/slo.py reads) whose limits are the measured values
 times a stated margin: by default 1.5x p50 and p95 and 2x p99, with a floor (`--floor-ms`) so
-millisecond RPCs are not gated on scheduling noise. The file's comments say the machine, date,
+millisecond RPCs are not gated on scheduling noise. A run that failed more calls than the error
+budget writes nothing (its fast failures would set the limits). The file's comments say the machine, date,
 load and margins. A gate with these limits breaks on a 2x slowdown (tests/test_calibrate.py).
 Measure on the machine and load the gate will run under; measure long enough that p99 is not one call.
 """
@@ -68,6 +69,12 @@ def read_stats(csv_path: Path) -> dict[str, dict]:
             rows[row["Name"]] = {"requests": int(row["Request Count"]), "failures": int(row["Failure Count"]),
                                  **{p: float(row[f"{p}%"]) for p in PERCENTILES if row.get(f"{p}%") not in (None, "N/A")}}
     return rows
+
+
+def over_budget(stats: dict[str, dict], budget: float) -> list[str]:
+    """'NAME: F of N failed' for each request name whose failure rate is above `budget`."""
+    return [f"{name}: {row['failures']} of {row['requests']} failed" for name, row in stats.items()
+            if name != TOTAL and row["requests"] and row["failures"] / row["requests"] > budget]
 
 
 def limit_ms(measured: float, margin: float, floor: float) -> float:
@@ -137,6 +144,11 @@ def calibrate(config: CalibrateConfig) -> Path:
     stats = read_stats(stats_csv)
     if not stats.get(TOTAL, {}).get("requests"):
         raise RuntimeError(f"the calibration run recorded no requests:\n{run.stdout[-3000:]}")
+    failing = over_budget(stats, config.max_error_rate)
+    if failing:
+        raise RuntimeError(f"the calibration run failed more calls than the error budget ({config.max_error_rate:.2%}) "
+                           f"allows: {'; '.join(failing)}. Limits measured on failing calls would gate a broken "
+                           f"server; nothing written (Locust's failures:\n{run.stdout[-3000:]})")
     config.out.write_text(slo_toml(stats, config, load))
     log.info("wrote %s from %d requests", config.out, stats[TOTAL]["requests"])
     return config.out

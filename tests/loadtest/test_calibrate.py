@@ -62,3 +62,15 @@ def test_a_gate_calibrated_here_breaks_when_the_ranking_server_is_slowed_2x(tiny
     assert "delayed on purpose" in slowed.log_path.read_text()
     assert run.returncode == EXIT_BROKEN, run.stdout[-3000:]
     assert "BROKEN  Recommend/score p50" in run.stdout
+
+
+def test_a_run_that_fails_its_calls_writes_no_slo(tiny_llm_bundle, retrieval, tmp_path):
+    """k above what the ranking server allows: every Recommend is INVALID_ARGUMENT in a millisecond; limits
+    measured on those would gate a broken server."""
+    config = CalibrateConfig(bundle=tiny_llm_bundle, out=tmp_path / "calibrated.toml", users=2, duration="2s",
+                             locust_args="--k 1000 --candidates 6 --generate-share 0 --retrieve-share 0.3")
+    with ServerProcess("ranking_server", ["--bundle", str(tiny_llm_bundle), "--retrieval", retrieval.target]) as ranking:
+        config.ranking, config.retrieval = ranking.target, retrieval.target
+        with pytest.raises(RuntimeError, match=r"error budget \(1\.00%\).*Recommend/score: (\d+) of \1 failed"):
+            calibrate(config)
+    assert not config.out.exists()
