@@ -3,7 +3,8 @@
 Starts the retrieval server, then the ranking server pointed at it (each on a free loopback port,
 waiting for health SERVING), runs COMMAND with `{ranking}` and `{retrieval}` in its arguments
 replaced by the servers' HOST:PORT, stops both with SIGTERM (they drain and exit 0) and exits with
-COMMAND's exit code. `make loadtest` runs Locust this way:
+COMMAND's exit code. Interrupted (Ctrl-C, or SIGTERM from a CI timeout), it lets COMMAND finish what it
+does on SIGINT (Locust: the SLO gate and its reports) before stopping the servers. `make loadtest` runs Locust this way:
 
     python -m loadtest.with_servers --bundle bundle -- locust -f loadtest/locustfile.py --headless \\
         --host {ranking} --retrieval-host {retrieval} --bundle bundle --slo loadtest/slo/cpu.toml -u 2 -r 2 -t 3m
@@ -71,6 +72,9 @@ def _start(server: ServerProcess, timeout: float) -> float:
     return time.perf_counter() - began
 
 
+COMMAND_GRACE_S = 150.0  # an interrupted command's time to finish (Locust: --stop-timeout 120, then its reports)
+
+
 def run(config: TwoTierConfig, command: Sequence[str]) -> int:
     with two_tier(config) as (retrieval, ranking):
         argv = [arg.replace("{ranking}", ranking.target).replace("{retrieval}", retrieval.target) for arg in command]
@@ -78,14 +82,31 @@ def run(config: TwoTierConfig, command: Sequence[str]) -> int:
         child = subprocess.Popen(argv)
         try:
             return child.wait()
-        finally:  # interrupted (Ctrl-C, SIGTERM): the command goes too, before the servers it was using
+        except KeyboardInterrupt:  # Ctrl-C reached the whole process group: the command has its SIGINT already
+            _wait_for_command(child, signal_first=None)
+            raise
+        finally:  # SIGTERM to this process alone: the command is interrupted as Ctrl-C would, before its servers go
             if child.poll() is None:
-                child.terminate()
-                try:
-                    child.wait(30)
-                except subprocess.TimeoutExpired:
-                    child.kill()
-                    child.wait()
+                _wait_for_command(child, signal_first=signal.SIGINT)
+
+
+def _wait_for_command(child: subprocess.Popen, signal_first: int | None) -> None:
+    """Lets an interrupted command finish what it does on SIGINT (Locust: its gate, CSV and HTML reports)
+    within COMMAND_GRACE_S; then SIGTERM, then SIGKILL."""
+    if signal_first is not None:
+        child.send_signal(signal_first)
+    log.info("waiting up to %.0f s for the interrupted command to finish", COMMAND_GRACE_S)
+    try:
+        child.wait(COMMAND_GRACE_S)
+        return
+    except subprocess.TimeoutExpired:
+        log.warning("the command did not exit within %.0f s of its interrupt: terminating it", COMMAND_GRACE_S)
+    child.terminate()
+    try:
+        child.wait(10)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,6 +128,9 @@ def main(argv: list[str] | None = None) -> int:
     except (RuntimeError, TimeoutError) as e:
         log.error("%s", e)
         return 1
+    except KeyboardInterrupt:
+        log.warning("interrupted (Ctrl-C): the command finished its reports, both servers are stopped")
+        return 128 + signal.SIGINT
     log.info("command exited with %d", code)
     return code
 
