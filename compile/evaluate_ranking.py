@@ -32,10 +32,11 @@ from pathlib import Path
 from tqdm import tqdm
 
 from compile.llm_common import fingerprint_record
-from compile.sft_data import load_corpus, profile_source
+from compile.sft_data import profile_source
 from palr import metrics
 from palr.bundle import Bundle, fingerprint
 from palr.catalog import Catalog
+from palr.corpus import Corpus
 from palr.data import sample_users
 from palr.profiles import Profiles
 from palr.ranking import (MODES, calibrated, complete_order, fuse, generate_logit_weight, generation_bias,
@@ -111,7 +112,7 @@ def run(config: EvaluateRankingConfig) -> dict:
         return json.loads(report_path.read_text())
     bundle.verify(inputs)
     started = time.perf_counter()
-    corpus = load_corpus(bundle, config.data)
+    corpus = Corpus.load_for(bundle, config.data)
     catalog = Catalog.load(bundle.path("catalog"))
     ranker = load_ranker(bundle)
     targets = getattr(corpus.split, config.split)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from palr import metrics
-from palr.bundle import Bundle, BundleError, fingerprint
+from palr.bundle import Bundle, fingerprint
 from palr.catalog import Catalog
 from palr.corpus import Corpus
 from palr.sasrec_onnx import Query, SasrecOnnx
@@ -73,11 +73,7 @@ def popularity_ranks(catalog: Catalog, histories: list[list[int]], targets: list
 
 def run(config: EvaluateRetrievalConfig) -> dict:
     bundle = Bundle.open(config.bundle)
-    corpus = Corpus.load(config.data)
-    built_from = bundle.manifest.dataset.get("checksum")
-    if built_from != corpus.files.checksum():
-        raise BundleError(f"{config.bundle} was built from other data than {config.data} "
-                          f"(dataset checksum {str(built_from)[:12]} != {corpus.files.checksum()[:12]})")
+    corpus = Corpus.load_for(bundle, config.data)
     model = bundle.artifact("sasrec_onnx")
     report_path = bundle.root / "reports" / REPORT
     step_fp = fingerprint(STEP, VERSION, model["sha256"], bundle.artifact("catalog")["sha256"], corpus.split.checksum())

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from compile.llm_common import config_record, fingerprint_record
 from compile.profiles import ProfilesConfig, profiler
-from palr.bundle import Bundle, BundleError, fingerprint
+from palr.bundle import Bundle, fingerprint
 from palr.catalog import Catalog
 from palr.corpus import Corpus
 from palr.profiles import Profiles
@@ -271,16 +271,6 @@ def read_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def load_corpus(bundle: Bundle, data: Path) -> Corpus:
-    """The dataset, checked to be the one the bundle was built from (the split must match)."""
-    corpus = Corpus.load(data)
-    built_from = bundle.manifest.dataset.get("checksum")
-    if built_from and built_from != corpus.files.checksum():
-        raise BundleError(f"{bundle.root} was built from other data than {data} "
-                          f"(dataset checksum {str(built_from)[:12]} != {corpus.files.checksum()[:12]})")
-    return corpus
-
-
 def profile_source(bundle: Bundle, catalog: Catalog):
     """The profile method chosen by `compile profiles`, with its settings, for arbitrary histories."""
     chosen = Profiles.load(bundle.path("profiles"))
@@ -307,7 +297,7 @@ def run(config: SftDataConfig) -> Path:
         log.info("SFT data is current (%s); skipping", out)
         return out
     started = time.perf_counter()
-    corpus = load_corpus(bundle, config.data)
+    corpus = Corpus.load_for(bundle, config.data)
     catalog = Catalog.load(bundle.path("catalog"))
     holdout = None
     if config.negatives == "holdout":

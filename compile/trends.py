@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from compile.llm_common import config_record
-from compile.sft_data import load_corpus
 from palr.bundle import Bundle, fingerprint
+from palr.corpus import Corpus
 from palr.trends import FILE, TrendTable
 
 log = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ def run(config: TrendsConfig) -> Path:
         log.info("trends are current (%s); skipping", out)
         return out
     started = time.perf_counter()
-    table = TrendTable.from_corpus(load_corpus(bundle, config.data))
+    table = TrendTable.from_corpus(Corpus.load_for(bundle, config.data))
     table.save(out)
     bundle.add_artifact(ARTIFACT, FILE, events=len(table), users=len(table.as_of),
                         first=float(table.times[0]) if len(table) else None, latest=table.latest,

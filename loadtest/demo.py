@@ -61,7 +61,7 @@ class Demo:
         bundle = Bundle.open(config.bundle)
         users = json.loads(bundle.path("users").read_text())["users"]
         return cls(config, Catalog.load(bundle.path("catalog")), {u: e["history"] for u, e in users.items()},
-                   held_out_items(config.data / "ml-100k"))
+                   held_out_items(bundle, config.data / "ml-100k"))
 
     def users(self) -> list[str]:
         return self.config.users or list(self.histories)[:3]
@@ -70,13 +70,13 @@ class Demo:
         return self.catalog.by_id(item_id).label if item_id in self.catalog else item_id
 
 
-def held_out_items(data_dir: Path) -> dict[str, str]:
-    """Each user's test item (the split the bundle was built with); {} without the dataset."""
+def held_out_items(bundle: Bundle, data_dir: Path) -> dict[str, str]:
+    """Each user's test item (the split the bundle was built with, checked); {} without the dataset."""
     if not data_dir.is_dir():
         return {}
     from palr.corpus import Corpus
 
-    return dict(Corpus.load(data_dir).split.test)
+    return dict(Corpus.load_for(bundle, data_dir).split.test)
 
 
 def ensure_bundle(config: DemoConfig) -> None:

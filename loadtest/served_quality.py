@@ -123,11 +123,11 @@ def summarise(rows: list[dict], held_out: dict[str, str], config: ServedQualityC
 
 
 def run(config: ServedQualityConfig) -> dict:
+    from palr.bundle import Bundle
     from palr.corpus import Corpus
-
     from palr.data import sample_users
 
-    split = Corpus.load(config.data).split
+    split = Corpus.load_for(Bundle.open(config.bundle), config.data).split  # the answer key: the bundle's own
     users = sample_users(sorted(split.test), config.users, config.seed)  # compile evaluate's sample
     started = time.perf_counter()
     if config.ranking and config.retrieval:
@@ -150,9 +150,11 @@ def run(config: ServedQualityConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from palr.bundle import BundleError
     from palr.cli import config_main
 
-    return config_main(argv, "python -m loadtest.served_quality", __doc__, ServedQualityConfig, run)
+    return config_main(argv, "python -m loadtest.served_quality", __doc__, ServedQualityConfig, run,
+                       (BundleError, OSError, RuntimeError, TimeoutError), "served quality check failed")
 
 if __name__ == "__main__":
     sys.exit(main())

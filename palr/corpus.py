@@ -6,6 +6,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
+from palr.bundle import Bundle, BundleError
 from palr.catalog import Catalog
 from palr.data import DatasetFiles, Split, leave_one_out, read_interactions, user_sequences, user_times
 
@@ -31,6 +32,16 @@ class Corpus:
         log.info("%s: %d users (%d too short to split), %d items, %d interactions",
                  files.name, len(split.train), len(split.too_short), len(catalog), len(interactions))
         return cls(files, sequences, split, catalog, len(interactions), user_times(interactions))
+
+    @classmethod
+    def load_for(cls, bundle: Bundle, data_dir: str | Path) -> "Corpus":
+        """The dataset, checked to be the one `bundle` was built from: its splits are the bundle's answer key."""
+        corpus = cls.load(data_dir)
+        built_from = bundle.manifest.dataset.get("checksum")
+        if built_from and built_from != corpus.files.checksum():
+            raise BundleError(f"{bundle.root} was built from other data than {data_dir} "
+                              f"(dataset checksum {str(built_from)[:12]} != {corpus.files.checksum()[:12]})")
+        return corpus
 
     def time_before(self, user: str, position: int) -> float:
         """When the user's item at `position` - 1 happened: the moment a history of `position` items ends."""

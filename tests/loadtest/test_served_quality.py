@@ -38,3 +38,19 @@ def test_served_answers_score_what_the_offline_evaluation_measured(tiny_llm_bund
             assert low <= report[f"{mode}_vs_retrieval_ndcg@10"] <= high
         else:
             assert report[f"{mode}_vs_retrieval_ndcg@10"] is None
+
+
+def test_data_the_bundle_was_not_built_from_is_refused_before_any_server_starts(tiny_llm_bundle, ml100k_dir, tmp_path,
+                                                                               caplog):
+    """Another dataset's test split is another answer key: scored against it the served answers mean nothing."""
+    import shutil
+
+    from loadtest.served_quality import main
+
+    other = tmp_path / "ml-100k"
+    shutil.copytree(ml100k_dir, other)
+    inter = other / "ml-100k.inter"
+    inter.write_text("".join(inter.read_text().splitlines(keepends=True)[:-1]))  # one interaction fewer
+    code = main(["--bundle", str(tiny_llm_bundle), "--data", str(other), "--out", str(tmp_path / "reports")])
+    assert code == 1 and not (tmp_path / "reports").exists()
+    assert f"was built from other data than {other}" in caplog.text
