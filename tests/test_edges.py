@@ -11,6 +11,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from prometheus_client import REGISTRY
 
 from palr.bundle import Bundle
 from palr.serving.validation import MAX_USER_ID_CHARS, user_id_problem
@@ -65,6 +66,10 @@ def recommend(channel, **fields) -> ranking_pb2.RecommendResponse:
     return ranking_pb2_grpc.RankingServiceStub(channel).Recommend(ranking_pb2.RecommendRequest(**fields), timeout=60)
 
 
+def unparsable_count(method: str) -> float:
+    return REGISTRY.get_sample_value("recsys_unparsable_requests_total", {"method": method}) or 0.0
+
+
 def retrieve(channel, **fields) -> list[retrieval_pb2.RetrieveResponse]:
     return list(retrieval_pb2_grpc.RetrievalServiceStub(channel).Retrieve(retrieval_pb2.RetrieveRequest(**fields),
                                                                           timeout=30))
@@ -76,9 +81,11 @@ def retrieve(channel, **fields) -> list[retrieval_pb2.RetrieveResponse]:
 def test_unparsable_recommend_body_is_invalid_argument_and_the_server_keeps_serving(channels, tiny_llm_bundle, body):
     _, ranking = channels
     raw = ranking.unary_unary(RECOMMEND)  # no serializers: bytes in, bytes out
+    before = unparsable_count(RECOMMEND)
     with pytest.raises(grpc.RpcError) as error:
         raw(body, timeout=30)
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert unparsable_count(RECOMMEND) == before + 1  # counted (the servicer's metrics never see it)
     assert "did not parse as recsys.v1.RecommendRequest" in error.value.details()
     assert recommend(ranking, user_id=known_user(tiny_llm_bundle), k=2).items
 
@@ -87,9 +94,11 @@ def test_unparsable_recommend_body_is_invalid_argument_and_the_server_keeps_serv
 def test_unparsable_retrieve_body_is_invalid_argument_and_the_server_keeps_serving(channels, tiny_llm_bundle, body):
     retrieval, _ = channels
     raw = retrieval.unary_stream(RETRIEVE)
+    before = unparsable_count(RETRIEVE)
     with pytest.raises(grpc.RpcError) as error:
         list(raw(body, timeout=30))
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert unparsable_count(RETRIEVE) == before + 1
     assert "did not parse as recsys.v1.RetrieveRequest" in error.value.details()
     assert retrieve(retrieval, user_id=known_user(tiny_llm_bundle), k=3)
 

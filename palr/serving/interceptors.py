@@ -4,7 +4,8 @@
 (random bytes, a message of another schema cut short) is the caller's error. Left to grpc.aio,
 the deserializer's `DecodeError` is answered UNKNOWN, which callers and meshes read as a server
 bug; here it is answered INVALID_ARGUMENT, "request body did not parse as recsys.v1.<Message>",
-and counted, and the server keeps serving.
+counted in `recsys_unparsable_requests_total{method}` (the servicer, and so its own
+`*_requests_total`, never sees it), and the server keeps serving.
 
 How: each unary-request method handler gets a deserializer that returns a marker instead of
 raising, and a behavior that aborts on that marker before the servicer sees it. Handlers with
@@ -20,8 +21,12 @@ from typing import Any, Callable
 import grpc
 from google.protobuf import descriptor_pool
 from google.protobuf.message import DecodeError
+from prometheus_client import Counter
 
 log = logging.getLogger(__name__)
+
+UNPARSABLE = Counter("recsys_unparsable_requests", "request bodies that did not parse as the method's message, "
+                     "answered INVALID_ARGUMENT before any servicer saw them", ["method"])
 
 
 class Unparsed:
@@ -50,11 +55,14 @@ def message_name(method: str, deserializer: Callable) -> str:
         return "the method's request message"
 
 
-def _safe(deserializer: Callable, name: str) -> Callable[[bytes], Any]:
+def _safe(deserializer: Callable, name: str, method: str) -> Callable[[bytes], Any]:
+    unparsable = UNPARSABLE.labels(method)
+
     def deserialize(body: bytes) -> Any:
         try:
             return deserializer(body)
         except DecodeError as e:
+            unparsable.inc()
             return Unparsed(name, e, len(body))
     return deserialize
 
@@ -110,7 +118,7 @@ class ParseErrorInterceptor(grpc.aio.ServerInterceptor):
     @staticmethod
     def _guard(method: str, handler):
         name = message_name(method, handler.request_deserializer)
-        deserializer = _safe(handler.request_deserializer, name)
+        deserializer = _safe(handler.request_deserializer, name, method)
         if handler.response_streaming:
             return grpc.unary_stream_rpc_method_handler(_guarded(handler.unary_stream), deserializer,
                                                         handler.response_serializer)
