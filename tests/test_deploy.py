@@ -67,7 +67,9 @@ def test_container_arguments_are_accepted_by_the_server_and_probes_use_its_healt
         path = str(getattr(args, flag))
         assert any(path.startswith(mounts[s] + "/") for s in secrets), f"--{flag} {path} is not on a secret volume"
     grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
-    assert grace > float(args.grace)
+    # NOT_SERVING for a readiness period while still answering, then the drain: all before the kubelet's SIGKILL
+    assert float(args.drain_delay) >= container["readinessProbe"]["periodSeconds"]
+    assert grace > float(args.drain_delay) + float(args.grace)
 
 
 def test_ranking_dials_the_headless_retrieval_service_with_round_robin_and_mutual_tls():

@@ -31,6 +31,10 @@ class ServerConfig:
         "metavar": "PEM"})
     grace: float = field(default=10.0, metadata={
         "help": "seconds in-flight RPCs get to finish after SIGTERM/SIGINT before they are cancelled"})
+    drain_delay: float = field(default=0.0, metadata={
+        "help": "seconds between health turning NOT_SERVING on SIGTERM/SIGINT and new RPCs being refused: time "
+                "for load balancers and clients that watch health to stop sending (set it to about the readiness "
+                "probe's period behind Kubernetes); RPCs that arrive meanwhile are still answered"})
 
     def __post_init__(self) -> None:
         parent = getattr(super(), "__post_init__", None)  # cooperative: a config may mix in more dataclasses
@@ -48,6 +52,8 @@ class ServerConfig:
             raise ValueError(f"max_message_bytes must be positive, got {self.max_message_bytes}")
         if self.grace < 0:
             raise ValueError(f"grace must be >= 0 seconds, got {self.grace}")
+        if self.drain_delay < 0:
+            raise ValueError(f"drain_delay must be >= 0 seconds, got {self.drain_delay}")
 
     @property
     def tls(self) -> str:

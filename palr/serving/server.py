@@ -9,7 +9,8 @@ Both servers are grpc.aio servers with the same operational surface, so it lives
 - server reflection (so `grpcurl list/describe` work without the .proto files),
 - TLS and mutual TLS from PEM files, and the matching client channel,
 - Prometheus metrics over HTTP on `metrics_port`, and per-RPC metrics by status code,
-- SIGTERM/SIGINT: health → NOT_SERVING, stop accepting, finish in-flight RPCs within `grace`, exit 0.
+- SIGTERM/SIGINT: health → NOT_SERVING, `drain_delay` seconds still accepting (callers watching health move
+  away), stop accepting, finish in-flight RPCs within `grace`, exit 0.
 
 Typical use (see retrieval_server/server.py):
 
@@ -129,10 +130,15 @@ class GrpcServer:
         log.error("health NOT_SERVING: %s", reason)
 
     async def drain(self) -> None:
-        """Health → NOT_SERVING, refuse new RPCs, give in-flight ones `grace` seconds, stop."""
+        """Health → NOT_SERVING, `drain_delay` seconds still answering new RPCs (while the callers that watch
+        health move away), then refuse new RPCs, give in-flight ones `grace` seconds, stop."""
         started = time.perf_counter()
-        log.info("draining: health NOT_SERVING, no new RPCs, in-flight RPCs get up to %.1f s", self.config.grace)
         await self.health.enter_graceful_shutdown()
+        if self.config.drain_delay:
+            log.info("draining: health NOT_SERVING; still answering new RPCs for %.1f s (--drain-delay)",
+                     self.config.drain_delay)
+            await asyncio.sleep(self.config.drain_delay)
+        log.info("draining: health NOT_SERVING, no new RPCs, in-flight RPCs get up to %.1f s", self.config.grace)
         await self.grpc.stop(self.config.grace)
         if self._health_grpc is not None:
             await self._health_grpc.stop(0)

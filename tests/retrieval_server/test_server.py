@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from dataclasses import dataclass
 
 import grpc
@@ -251,6 +252,23 @@ def test_health_is_not_serving_and_retrieve_unavailable_until_the_model_is_warm(
             assert retrieve(retrieval_pb2_grpc.RetrievalServiceStub(channel), user_id="no-such-user", k=3)
     finally:
         server_loop.run(server.drain())
+
+
+def test_drain_delay_keeps_answering_while_health_says_not_serving_then_refuses(server_loop, tiny_bundle):
+    """Behind a load balancer that polls health, new RPCs keep coming for a moment after SIGTERM: with
+    --drain-delay they are answered while health already says NOT_SERVING; after it, refused."""
+    server = start(server_loop, RetrievalServerConfig(bundle=tiny_bundle, port=0, drain_delay=1.5, grace=1))
+    with grpc.insecure_channel(server.server.address) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
+        drained = server_loop.submit(server.drain())
+        time.sleep(0.5)  # SIGTERM has arrived, the delay is running
+        assert health.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status == NOT_SERVING
+        assert retrieve(stub, user_id="no-such-user", k=3)  # still answered
+        drained.result(30)
+        with pytest.raises(grpc.RpcError) as error:
+            retrieve(stub, user_id="no-such-user", k=3)
+        assert error.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
 def test_reflection_lists_and_describes_the_service(server):
