@@ -82,6 +82,9 @@ class GrpcServer:
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_grpc)
         self._metrics_httpd = None
         self._stop_requested: asyncio.Event | None = None
+        self._serving = False   # health says SERVING (a drain delay is only for callers that were sent here)
+        self._draining = False
+        self._skip_delay = asyncio.Event()  # a second SIGTERM/SIGINT while draining: no more waiting
 
     @property
     def address(self) -> str:
@@ -122,22 +125,31 @@ class GrpcServer:
 
     async def set_serving(self) -> None:
         await self._set_health(SERVING)
+        self._serving = not self._draining
         log.info("health SERVING (%s)", ", ".join(self.service_names) or "overall")
 
     async def set_not_serving(self, reason: str) -> None:
         """Health → NOT_SERVING while still answering RPCs (e.g. the model failed after start-up)."""
         await self._set_health(NOT_SERVING)
+        self._serving = False
         log.error("health NOT_SERVING: %s", reason)
 
     async def drain(self) -> None:
-        """Health → NOT_SERVING, `drain_delay` seconds still answering new RPCs (while the callers that watch
-        health move away), then refuse new RPCs, give in-flight ones `grace` seconds, stop."""
+        """Health → NOT_SERVING; if it was SERVING, `drain_delay` seconds still answering new RPCs (while the
+        callers that watch health move away; a second stop request ends it); then refuse new RPCs, give
+        in-flight ones `grace` seconds, stop."""
         started = time.perf_counter()
+        self._draining = True
+        was_serving, self._serving = self._serving, False
         await self.health.enter_graceful_shutdown()
-        if self.config.drain_delay:
-            log.info("draining: health NOT_SERVING; still answering new RPCs for %.1f s (--drain-delay)",
-                     self.config.drain_delay)
-            await asyncio.sleep(self.config.drain_delay)
+        if self.config.drain_delay and was_serving:
+            log.info("draining: health NOT_SERVING; still answering new RPCs for %.1f s (--drain-delay; a second "
+                     "SIGTERM/SIGINT skips the rest)", self.config.drain_delay)
+            try:
+                await asyncio.wait_for(self._skip_delay.wait(), self.config.drain_delay)
+                log.info("second stop request: the rest of the drain delay skipped")
+            except asyncio.TimeoutError:
+                pass
         log.info("draining: health NOT_SERVING, no new RPCs, in-flight RPCs get up to %.1f s", self.config.grace)
         await self.grpc.stop(self.config.grace)
         if self._health_grpc is not None:
@@ -148,8 +160,10 @@ class GrpcServer:
         log.info("drained and stopped in %.2f s", time.perf_counter() - started)
 
     def request_stop(self) -> None:
-        """What SIGTERM/SIGINT do: ask `run()` to drain."""
-        if self._stop_requested is not None:
+        """What SIGTERM/SIGINT do: ask `run()` to drain; while draining, end the drain delay."""
+        if self._draining:
+            self._skip_delay.set()
+        elif self._stop_requested is not None:
             self._stop_requested.set()
 
     async def run(self, load: Callable[[], Awaitable[None]]) -> None:
@@ -165,10 +179,12 @@ class GrpcServer:
                 await self.set_serving()
                 await self._stop_requested.wait()
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
-            if self.port is not None:  # else it never listened: nothing to drain
-                await self.drain()
+            try:
+                if self.port is not None:  # else it never listened: nothing to drain
+                    await self.drain()  # the handlers stay: a second signal shortens the drain, never kills it
+            finally:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(sig)
 
     def _on_signal(self, sig: signal.Signals) -> None:
         log.info("received %s", signal.Signals(sig).name)

@@ -271,6 +271,17 @@ def test_drain_delay_keeps_answering_while_health_says_not_serving_then_refuses(
         assert error.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
+def test_a_second_stop_request_ends_the_drain_delay(server_loop, tiny_bundle):
+    """The second SIGTERM/SIGINT (an impatient operator, a supervisor) skips the rest of the delay; it used to
+    find the signal handlers gone and kill the server mid-drain."""
+    server = start(server_loop, RetrievalServerConfig(bundle=tiny_bundle, port=0, drain_delay=60, grace=1))
+    drained = server_loop.submit(server.drain())
+    time.sleep(0.5)
+    assert not drained.done()
+    server_loop.loop.call_soon_threadsafe(server.server.request_stop)  # what the signal handler calls
+    drained.result(10)  # well before the 60 s delay
+
+
 def test_reflection_lists_and_describes_the_service(server):
     with grpc.insecure_channel(server.server.address) as channel:
         database = ProtoReflectionDescriptorDatabase(channel)
