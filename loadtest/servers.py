@@ -61,8 +61,10 @@ class ServerProcess:
     """
 
     def __init__(self, module: str, args: list[str], *, host: str = "127.0.0.1", port: int | None = None,
-                 log_path: Path | None = None, channel_kwargs: dict[str, Any] | None = None):
+                 log_path: Path | None = None, channel_kwargs: dict[str, Any] | None = None,
+                 own_session: bool = False):
         self.module = module
+        self.own_session = own_session  # True: a Ctrl-C in the terminal reaches only the parent, which stops it
         self.host = host
         self.port = port or free_port(host)
         self.argv = [sys.executable, "-m", module, *args, "--host", host, "--port", str(self.port)]
@@ -77,7 +79,7 @@ class ServerProcess:
     def start(self, timeout: float = 120.0) -> "ServerProcess":
         with self.log_path.open("wb") as log_file:
             self.process = subprocess.Popen(self.argv, stdout=log_file, stderr=subprocess.STDOUT,
-                                            env=_env_with_repo())
+                                            env=_env_with_repo(), start_new_session=self.own_session)
         self.wait_serving(timeout)
         return self
 

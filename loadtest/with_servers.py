@@ -3,8 +3,10 @@
 Starts the retrieval server, then the ranking server pointed at it (each on a free loopback port,
 waiting for health SERVING), runs COMMAND with `{ranking}` and `{retrieval}` in its arguments
 replaced by the servers' HOST:PORT, stops both with SIGTERM (they drain and exit 0) and exits with
-COMMAND's exit code. Interrupted (Ctrl-C, or SIGTERM from a CI timeout), it lets COMMAND finish what it
-does on SIGINT (Locust: the SLO gate and its reports) before stopping the servers. `make loadtest` runs Locust this way:
+COMMAND's exit code. The servers and COMMAND run in their own sessions, so an interrupt (Ctrl-C, a CI
+timeout's SIGTERM to the process group, a closed terminal's SIGHUP) reaches with_servers alone: it
+passes exactly one SIGINT to COMMAND (Locust then runs its SLO gate and writes its reports), waits for
+it while both servers keep serving, then stops them; a second interrupt stops COMMAND at once. `make loadtest` runs Locust this way:
 
     python -m loadtest.with_servers --bundle bundle -- locust -f loadtest/locustfile.py --headless \\
         --host {ranking} --retrieval-host {retrieval} --bundle bundle --slo loadtest/slo/cpu.toml -u 2 -r 2 -t 3m
@@ -41,14 +43,15 @@ class TwoTierConfig:
 
 
 @contextlib.contextmanager
-def two_tier(config: TwoTierConfig) -> Iterator[tuple[ServerProcess, ServerProcess]]:
-    """(retrieval, ranking) servers, both SERVING; stopped (SIGTERM, drained) on exit."""
+def two_tier(config: TwoTierConfig, own_session: bool = False) -> Iterator[tuple[ServerProcess, ServerProcess]]:
+    """(retrieval, ranking) servers, both SERVING; stopped (SIGTERM, drained) on exit. `own_session`: the
+    terminal's signals do not reach them (the caller stops them)."""
     config.log_dir.mkdir(parents=True, exist_ok=True)
     retrieval = ServerProcess("retrieval_server", ["--bundle", str(config.bundle), *config.retrieval_args.split()],
-                              log_path=config.log_dir / "retrieval_server.log")
+                              log_path=config.log_dir / "retrieval_server.log", own_session=own_session)
     ranking = ServerProcess("ranking_server", ["--bundle", str(config.bundle), "--retrieval", retrieval.target,
                                                *config.ranking_args.split()],
-                            log_path=config.log_dir / "ranking_server.log")
+                            log_path=config.log_dir / "ranking_server.log", own_session=own_session)
     started: list[ServerProcess] = []
     try:
         for server in (retrieval, ranking):
@@ -72,41 +75,53 @@ def _start(server: ServerProcess, timeout: float) -> float:
     return time.perf_counter() - began
 
 
-COMMAND_GRACE_S = 150.0  # an interrupted command's time to finish (Locust: --stop-timeout 120, then its reports)
+COMMAND_GRACE_S = 150.0  # an interrupted command's time to finish (Locust: up to --stop-timeout 120, reports)
+
+
+class Interrupted(Exception):
+    """SIGTERM (a CI timeout) or SIGHUP (a closed terminal) reached with_servers."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum: int, _frame) -> None:
+    raise Interrupted(signum)
 
 
 def run(config: TwoTierConfig, command: Sequence[str]) -> int:
-    with two_tier(config) as (retrieval, ranking):
+    with two_tier(config, own_session=True) as (retrieval, ranking):
         argv = [arg.replace("{ranking}", ranking.target).replace("{retrieval}", retrieval.target) for arg in command]
         log.info("running: %s", " ".join(argv))
-        child = subprocess.Popen(argv)
+        child = subprocess.Popen(argv, start_new_session=True)
         try:
             return child.wait()
-        except KeyboardInterrupt:  # Ctrl-C reached the whole process group: the command has its SIGINT already
-            _wait_for_command(child, signal_first=None)
-            raise
-        finally:  # SIGTERM to this process alone: the command is interrupted as Ctrl-C would, before its servers go
+        except (KeyboardInterrupt, Interrupted) as e:
+            signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+            log.warning("%s: passing SIGINT to the command, waiting up to %.0f s for it to finish (its reports); "
+                        "the servers keep serving meanwhile; interrupt again to stop it at once",
+                        signal.Signals(signum).name, COMMAND_GRACE_S)
+            child.send_signal(signal.SIGINT)
+            try:
+                code = child.wait(COMMAND_GRACE_S)
+                log.info("the interrupted command exited with %d", code)
+            except subprocess.TimeoutExpired:
+                log.warning("the command did not finish within %.0f s of its SIGINT", COMMAND_GRACE_S)
+            return 128 + signum
+        finally:  # not finished (timed out, or a second interrupt): it goes, before the servers it was using
             if child.poll() is None:
-                _wait_for_command(child, signal_first=signal.SIGINT)
+                _stop(child)
 
 
-def _wait_for_command(child: subprocess.Popen, signal_first: int | None) -> None:
-    """Lets an interrupted command finish what it does on SIGINT (Locust: its gate, CSV and HTML reports)
-    within COMMAND_GRACE_S; then SIGTERM, then SIGKILL."""
-    if signal_first is not None:
-        child.send_signal(signal_first)
-    log.info("waiting up to %.0f s for the interrupted command to finish", COMMAND_GRACE_S)
-    try:
-        child.wait(COMMAND_GRACE_S)
-        return
-    except subprocess.TimeoutExpired:
-        log.warning("the command did not exit within %.0f s of its interrupt: terminating it", COMMAND_GRACE_S)
+def _stop(child: subprocess.Popen) -> None:
     child.terminate()
     try:
         child.wait(10)
     except subprocess.TimeoutExpired:
         child.kill()
         child.wait()
+    log.warning("the command was stopped (exit %d)", child.returncode)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,16 +136,18 @@ def main(argv: list[str] | None = None) -> int:
     if not command:
         parser.error("no command given (put it after --)")
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
-    # SIGTERM (a CI timeout, `timeout 10m make loadtest`) unwinds like Ctrl-C, so both servers are stopped
-    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+    # SIGTERM (a CI timeout, `timeout 10m make loadtest`) and SIGHUP are handled like Ctrl-C (see `run`)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _raise_interrupted)
     try:
         code = run(build_config(TwoTierConfig, args), command)
     except (RuntimeError, TimeoutError) as e:
         log.error("%s", e)
         return 1
-    except KeyboardInterrupt:
-        log.warning("interrupted (Ctrl-C): the command finished its reports, both servers are stopped")
-        return 128 + signal.SIGINT
+    except (KeyboardInterrupt, Interrupted) as e:  # while the servers were starting or stopping
+        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+        log.warning("interrupted (%s); the servers that had started are stopped", signal.Signals(signum).name)
+        return 128 + signum
     log.info("command exited with %d", code)
     return code
 
