@@ -116,8 +116,10 @@ class Traffic:
 
     def longest_deadline_s(self) -> float:
         """The longest deadline of the calls this traffic makes: how long a call may still run when -t ends."""
-        kinds = {"score": self.generate_share < 1, "generate": self.generate_share > 0,
-                 "retrieve": bool(self.retrieval_host) and self.retrieve_share > 0}
+        retrieve = bool(self.retrieval_host) and self.retrieve_share > 0
+        recommend = not (retrieve and self.retrieve_share >= 1)
+        kinds = {"score": recommend and self.generate_share < 1, "generate": recommend and self.generate_share > 0,
+                 "retrieve": retrieve}
         return max((self.deadlines_s[kind] for kind, made in kinds.items() if made), default=0.0)
 
     def user_id(self) -> str:

@@ -199,5 +199,6 @@ def task_exceptions(runner) -> list[tuple[int, str]]:
 
 
 def _last_line(traceback: str) -> str:
-    lines = traceback.strip().splitlines()
-    return lines[-1].strip() if lines else "?"
+    """The code line a formatted traceback ends at (not the ~~~^^^ marker line Python 3.11+ adds under it)."""
+    lines = [line.strip() for line in traceback.splitlines() if line.strip() and set(line.strip()) - set("~^")]
+    return lines[-1] if lines else "?"
