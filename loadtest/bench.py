@@ -28,6 +28,9 @@ BENCHMARKS: dict[str, tuple[str, str, str]] = {
     "retrieval": ("loadtest.bench_retrieval", "RetrievalBenchConfig",
                   "SASRec ORT vs torch eager at batch 1/32; Retrieve RPC p50/p99 at concurrency 1/8/32, "
                   "micro-batching on vs off"),
+    "mixed": ("loadtest.bench_mixed", "MixedBenchConfig",
+              "score and generate requests together (80/20), closed loop and open loop (Poisson arrivals at shares "
+              "of capacity), static vs in-flight batching: the score requests' own p95 → reports/bench_mixed.*"),
     "gpu": ("loadtest.bench_gpu", "GpuBenchConfig",
             "hf engine on a random-weight Llama-2-7B-shape model on one CUDA GPU: score p50/p99, throughput at "
             "concurrency 1/8/32, generate time per token, vs memory-bandwidth and FLOP/s limits"),

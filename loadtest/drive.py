@@ -5,15 +5,19 @@ one-at-a-time, static and in-flight batching (and prefix reuse on/off) side by s
     ratio(results["inflight"].throughput_rps, results["sequential"].throughput_rps)
 
 `drive` is a closed loop: `concurrency` callers, each sending its next request as soon as the last
-one answered, like the Locust users do over gRPC, minus the network. Every strategy gets the same
-model object and the same requests.
+one answered, like the Locust users do over gRPC, minus the network. `drive_open` is an open loop:
+requests arrive at Poisson times at a given rate whether or not earlier ones were answered, as the
+independent users behind a calling service do. Every strategy gets the same model object and the
+same requests.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import logging
+import random
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -85,17 +89,57 @@ async def drive(engine: RankingEngine, requests: Sequence[EngineRequest], concur
                        dict(errors), engine.stats(), [cached[i] for i in answered])
 
 
+def arrival_times(n: int, rate_rps: float, seed: int = 0) -> list[float]:
+    """Seconds after the start at which each of `n` requests arrives: a Poisson process at `rate_rps`
+    (exponential gaps), the same for every strategy given the same seed."""
+    if rate_rps <= 0:
+        raise ValueError(f"an open loop needs a positive arrival rate, got {rate_rps}")
+    rng = random.Random(seed)
+    return list(itertools.accumulate(rng.expovariate(rate_rps) for _ in range(n)))
+
+
+async def drive_open(engine: RankingEngine, requests: Sequence[EngineRequest], rate_rps: float, seed: int = 0,
+                     strategy: str = "") -> DriveResult:
+    """Send request i at `arrival_times(...)[i]`, answered or not the ones before; a latency runs from the
+    request's scheduled arrival to its answer (so time the event loop was late counts too)."""
+    arrivals = arrival_times(len(requests), rate_rps, seed)
+    latencies: list[float | None] = [None] * len(requests)
+    cached: list[int] = [0] * len(requests)
+    errors: Counter[str] = Counter()
+    started = time.perf_counter()
+
+    async def one(i: int) -> None:
+        await asyncio.sleep(max(0.0, started + arrivals[i] - time.perf_counter()))
+        request = dataclasses.replace(requests[i], request_id=f"{requests[i].request_id}#{i}")
+        try:
+            result = await engine.rank(request)
+        except Exception as e:  # noqa: BLE001 - counted, the run goes on
+            errors[type(e).__name__] += 1
+            return
+        latencies[i] = 1e3 * (time.perf_counter() - started - arrivals[i])
+        cached[i] = result.cached_tokens
+
+    await asyncio.gather(*(one(i) for i in range(len(requests))))
+    wall = time.perf_counter() - started
+    answered = [i for i, x in enumerate(latencies) if x is not None]
+    return DriveResult(strategy or engine.name, 0, wall, [latencies[i] for i in answered], dict(errors),
+                       engine.stats(), [cached[i] for i in answered])
+
+
 def run_strategy(strategy: str, model, requests: Sequence[EngineRequest], concurrency: int,
-                 config=None, warmup: int = 2) -> DriveResult:
-    """Build one engine, warm it up on the first `warmup` requests, drive all requests, close it."""
+                 config=None, warmup: int = 2, rate_rps: float = 0.0) -> DriveResult:
+    """Build one engine, warm it up on the first `warmup` requests, drive all requests (closed loop at
+    `concurrency`, or open loop at `rate_rps` when it is > 0), close it."""
     engine = strategy_engine(strategy, model, config)
     try:
         if warmup:
             asyncio.run(drive(engine, requests[:warmup], 1))
-        result = asyncio.run(drive(engine, requests, concurrency, strategy))
+        result = asyncio.run(drive_open(engine, requests, rate_rps, strategy=strategy) if rate_rps > 0
+                             else drive(engine, requests, concurrency, strategy))
     finally:
         engine.close()
-    log.info("%s c=%d: %s", strategy, concurrency, result.summary())
+    log.info("%s %s: %s", strategy, f"open loop {rate_rps:.2f} req/s" if rate_rps > 0 else f"c={concurrency}",
+             result.summary())
     return result
 
 

@@ -81,3 +81,26 @@ def test_zipf_weights_fall_with_rank():
     assert weights == [1.0, 0.5, 1 / 3, 0.25]
     with pytest.raises(ValueError, match="exponent"):
         zipf_weights(3, 0)
+
+
+def test_the_mixed_benchmark_runs_closed_and_open_loops_for_both_strategies(tiny_llm_bundle, tmp_path):
+    """`python -m loadtest.bench mixed --quick` on the tiny bundle: every cell answered every request, the open
+    loop's rate is its share of static batching's closed-loop throughput in the same round."""
+    import json
+
+    from loadtest.bench import main
+
+    assert main(["mixed", "--bundle", str(tiny_llm_bundle), "--quick", "--out", str(tmp_path), "--requests", "10",
+                 "--loads", "0.5", "0.9"]) == 0
+    report = json.loads((tmp_path / "bench_mixed.json").read_text())
+    rows = report["rows"]
+    assert {(r["arrivals"], r["load"], r["strategy"]) for r in rows} == {
+        (arrivals, load, s) for arrivals, load in (("closed", None), ("open", 0.5), ("open", 0.9))
+        for s in ("static", "inflight")}
+    for row in rows:
+        assert row["ok"] == 10 and row["errors"] == {} and row["score_requests"] == 8 and row["generate_requests"] == 2
+        assert row["score_p95_ms"] >= row["score_p50_ms"] > 0
+    capacity = next(r["throughput_rps"] for r in rows if r["arrivals"] == "closed" and r["strategy"] == "static")
+    assert {r["rate_rps"] for r in rows if r["arrivals"] == "open"} == {round(0.5 * capacity, 3), round(0.9 * capacity, 3)}
+    assert set(report["ratios"]) == {"closed c16", "open 0.5 x capacity", "open 0.9 x capacity"}
+    assert "In-flight / static" in (tmp_path / "bench_mixed.md").read_text()

@@ -52,3 +52,26 @@ def test_drive_counts_errors_instead_of_stopping(model):
         engine.close()
     assert result.errors.get("EngineOverloaded", 0) > 0
     assert len(result.latencies_ms) + sum(result.errors.values()) == 8
+
+
+def test_arrival_times_are_a_seeded_poisson_process():
+    from loadtest.drive import arrival_times
+
+    times = arrival_times(4000, rate_rps=20.0, seed=3)
+    gaps = [b - a for a, b in zip([0.0, *times], times)]
+    assert all(g > 0 for g in gaps) and times == arrival_times(4000, 20.0, seed=3) != arrival_times(4000, 20.0, seed=4)
+    assert abs(sum(gaps) / len(gaps) - 1 / 20.0) < 0.1 / 20.0  # mean gap 1/rate (4000 draws: within 10 %)
+    with pytest.raises(ValueError):
+        arrival_times(3, rate_rps=0.0)
+
+
+@pytest.mark.parametrize("strategy", ["static", "inflight"])
+def test_the_open_loop_sends_at_the_arrival_times_whether_or_not_earlier_requests_were_answered(model, strategy):
+    from loadtest.drive import arrival_times, run_strategy
+
+    config = EngineConfig(max_batch_size=4, max_tokens_per_step=64)
+    batch = requests("generate", n=12)
+    result = run_strategy(strategy, model, batch, concurrency=1, config=config, warmup=1, rate_rps=200.0)
+    assert result.errors == {} and len(result.latencies_ms) == 12 and result.concurrency == 0
+    assert result.wall_s >= arrival_times(12, 200.0)[-1]  # the last request arrived on schedule, not earlier
+    assert result.stats.max_active > 1  # 200 req/s outpaces the answers: requests overlapped
