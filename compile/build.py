@@ -31,7 +31,7 @@ from pathlib import Path
 
 from compile.targets import BUILDERS, BuildContext
 from palr.bundle import Bundle, fingerprint
-from palr.builds import artifact_name, open_build
+from palr.builds import SOURCE, artifact_name, open_build
 from palr.machine import Machine, cuda_devices, library_version
 from palr.ranking import load_ranker
 from palr.targets import TARGETS, target_spec
@@ -39,7 +39,6 @@ from palr.targets import TARGETS, target_spec
 log = logging.getLogger(__name__)
 
 VERSION = 1
-SOURCE = "llm_merged"
 DTYPES = ("auto", "fp32", "bf16", "bf16-body", "bf16-body-fp32-last", "fp16", "int8", "int8-wo", "int4")
 QUANTIZATIONS = ("none", "fp8", "int4_awq")
 INSTALL_HINTS = {

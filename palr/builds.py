@@ -89,6 +89,9 @@ def refuse(name: str, entry: dict[str, Any], machine: Machine, problems: list[st
         + f"\nRebuild it on this machine: python -m compile build --bundle {bundle_root} --target {target} --force")
 
 
+SOURCE = "llm_merged"  # the artifact every build is made from; its version is recorded in the build's entry
+
+
 def artifact_name(target: str) -> str:
     return f"engine:{target}"
 
@@ -106,6 +109,12 @@ def open_build(bundle, target: str, machine: Machine | None = None) -> tuple[Pat
         raise BuildMismatch(f"refusing {name}: its files are not the ones that were built ({e})\n"
                             f"Rebuild it: python -m compile build --bundle {bundle.root} --target {target} "
                             f"--force") from None
+    built_from, merged_now = entry.get("source"), bundle.version(SOURCE)
+    if built_from != merged_now:
+        raise BuildMismatch(f"refusing {name}: it was built from {SOURCE} version {built_from}, and the bundle's "
+                            f"{SOURCE} is now {merged_now} (the model was merged again since): serving it would "
+                            f"answer with the old weights under the new ranker, catalog and prompts.\nRebuild it: "
+                            f"python -m compile build --bundle {bundle.root} --target {target} --force")
     machine = machine or Machine.detect(spec.device)
     problems = check_build(entry, machine)
     if problems:
