@@ -138,6 +138,7 @@ class Bundle:
         self.manifest.updated_at = _now()
         self.manifest.packages = package_versions()
         fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".manifest.", suffix=".json")
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it 0600: a server running as another user must read it
         with os.fdopen(fd, "w") as f:
             f.write(self.manifest.to_json())
         os.replace(tmp, self.root / MANIFEST)
@@ -161,6 +162,7 @@ class Bundle:
         """Records a file or directory under the bundle with its checksums and metadata."""
         rel = Path(rel_path).as_posix()
         files = file_checksums(self.root / rel)
+        _readable(self.root / rel, files)
         entry = {"path": rel, "sha256": combined_checksum(files), "files": files, "created_at": _now(), **meta}
         self.manifest.artifacts[name] = entry
         return entry
@@ -214,3 +216,20 @@ class Bundle:
         path = self.root / "reports"
         path.mkdir(parents=True, exist_ok=True)
         return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _readable(path: Path, files: dict[str, str]) -> None:
+    """Artifacts readable by whoever the umask lets read (some writers, e.g. safetensors' atomic save, leave
+    0600): a server running as another user than the build (deploy/k8s: uid 10001) must open them."""
+    readable = 0o444 & ~_umask()
+    for name in files:
+        file = path if path.is_file() else path / name
+        mode = file.stat().st_mode
+        if mode & readable != readable:
+            file.chmod(mode | readable)

@@ -44,3 +44,24 @@ def test_bad_manifests_are_refused(tmp_path):
     b = Bundle.open_or_create(tmp_path / "new")
     with pytest.raises(BundleError, match="no artifact 'llm'"):
         b.artifact("llm")
+
+
+def test_manifest_and_artifacts_are_readable_by_other_users(tmp_path):
+    """A server runs as another user than the build (deploy/k8s: uid 10001): mkstemp's 0600 manifest and a
+    writer's 0600 weights made it fail with a bare PermissionError."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        b = Bundle.open_or_create(tmp_path)
+        (tmp_path / "dir").mkdir()
+        weights = tmp_path / "dir" / "model.safetensors"
+        weights.write_bytes(b"\0" * 10)
+        weights.chmod(0o600)  # as safetensors' atomic save leaves it
+        b.add_artifact("d", "dir")
+        b.save()
+    finally:
+        os.umask(old)
+    for path in (tmp_path / "manifest.json", weights):
+        assert stat.S_IMODE(path.stat().st_mode) & 0o444 == 0o444, path
