@@ -7,6 +7,7 @@ Import-light: torch and the engine libraries are imported only to look at a CUDA
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import platform
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -114,3 +115,8 @@ class Machine:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def cpu_cores() -> int:
+    """The cores this process may run on (its affinity: a container's CPU set), not the host's count."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 
 import torch
 
@@ -28,6 +27,7 @@ from compile.targets.measure import (
     TorchRunner, bundle_generate_logit_weight, latency_prompt, load_average, load_probes, measure_latency,
     measure_quality, mode_latency_ms, quality_ok)
 from palr.builds import isa_satisfied
+from palr.machine import cpu_cores
 from palr.ranking import MODES
 from palr.precision import INT8_WEIGHT_ONLY, body_dtype, int8_weight_only, torchao_version
 from palr.hf_build import DTYPES, DYNAMIC_INT8, quantize_dynamic_int8, save_hf_build
@@ -84,10 +84,6 @@ def plan_candidates(requested, cpu_isa, torchao: str | None = None) -> tuple[lis
         else:
             measured.append(dtype)
     return measured, skipped
-
-
-def cpu_cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def choose(latency: dict, quality: dict, config) -> tuple[str, dict[str, str]]:
@@ -147,10 +143,13 @@ def build(ctx: BuildContext) -> BuildResult:
         dtype, threads = measure_and_choose(ctx, model, tokenizer, report)
     else:
         dtype = "fp32" if config.dtype == "auto" else config.dtype
+        if dtype not in REQUIRES_ISA:
+            raise ValueError(f"hf-cpu builds {', '.join(CANDIDATES)}, not {dtype}")
+        _, skipped = plan_candidates([dtype], ctx.machine.cpu_isa, torchao_version())
+        if dtype in skipped:  # unmeasured is no excuse for a build this machine cannot run
+            raise ValueError(f"--dtype {dtype}: {skipped[dtype]}")
         threads = config.threads or None
         report["decision"] = f"--no-measure: {dtype} as asked"
-    if dtype not in REQUIRES_ISA:
-        raise ValueError(f"hf-cpu builds {', '.join(CANDIDATES)}, not {dtype}")
     report["load_average_after"] = load_average()
     record = save_hf_build(ctx.out, model, tokenizer, **BUILD_RECORDS[dtype], num_threads=threads,
                            attn_implementation="sdpa")

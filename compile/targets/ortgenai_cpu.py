@@ -25,7 +25,7 @@ from compile.targets import BuildContext, BuildResult
 from compile.targets.measure import (
     OrtGenaiRunner, TorchRunner, bundle_generate_logit_weight, latency_prompt, load_average, load_probes,
     measure_latency, measure_quality, mode_latency_ms, quality_ok)
-from compile.targets.hf_cpu import cpu_cores
+from palr.machine import cpu_cores
 from palr.ortgenai_runtime import import_ortgenai
 from palr.ranking import MODES
 

@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 from palr.builds import BuildMismatch, artifact_name, open_build
 from palr.bundle import Bundle, BundleError
-from palr.machine import Machine
+from palr.machine import Machine, cpu_cores
 from palr.ranking import MODES
 from palr.targets import target_for, target_spec
 from ranking_server.engines.base import RankingEngine
@@ -62,10 +62,10 @@ def engine_from_build(bundle, target: str, engine_config: EngineConfig, trtllm_c
         raise BundleError(f"{bundle.root}: no {artifact_name(target)} build for --engine {spec.engine} --device "
                           f"{spec.device}; make it on this machine: python -m compile build --bundle {bundle.root} "
                           f"--target {target}")
-    path, entry = open_build(bundle, target, Machine.detect(spec.device))
-    threads = engine_config.threads or entry.get("num_threads") or 0
-    log.info("%s engine threads: %s", target, f"{threads} (--threads)" if engine_config.threads else
-             f"{threads} (measured fastest by the build)" if threads else "torch's default")
+    machine = Machine.detect(spec.device)
+    path, entry = open_build(bundle, target, machine)
+    threads, why = engine_threads(entry, machine, engine_config.threads)
+    log.info("%s engine threads: %s", target, f"{threads} ({why})" if threads else why)
     if spec.engine == "hf":
         from palr.hf_build import load_hf_build
         from ranking_server.engines.hf import HFEngine
@@ -86,6 +86,21 @@ def engine_from_build(bundle, target: str, engine_config: EngineConfig, trtllm_c
             trtllm_config = dataclasses.replace(trtllm_config, enable_block_reuse=False)
         return TrtllmEngine(path, trtllm_config)
     raise ValueError(f"no engine serves target {target}")
+
+
+def engine_threads(entry: dict, machine: Machine, configured: int) -> tuple[int, str]:
+    """(threads, why): --threads; else the count the build measured fastest, if this is the CPU it measured
+    on and has that many cores; else 0 (torch's default: this machine's cores)."""
+    if configured:
+        return configured, "--threads"
+    measured = int(entry.get("num_threads") or 0)
+    if not measured:
+        return 0, "torch's default"
+    cores = cpu_cores()
+    if entry.get("device") == "cpu" and (entry.get("device_name") != machine.cpu_name or measured > cores):
+        return 0, (f"torch's default: the build measured {measured} fastest on {entry.get('device_name')}, this "
+                   f"is {machine.cpu_name} with {cores} cores")
+    return measured, "measured fastest by the build"
 
 
 def ortgenai_engine(bundle, engine_config: EngineConfig, torch_engine: Callable[[], RankingEngine]) -> RankingEngine:

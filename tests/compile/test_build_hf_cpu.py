@@ -156,6 +156,48 @@ def test_changed_file_is_refused(hf_cpu_bundle_copy):
     assert "config.json checksum" in message
 
 
+def test_a_build_made_from_an_earlier_merge_is_refused(hf_cpu_bundle_copy):
+    """merge ran again (a new LoRA, new item tokens): the old build's own files still check out, but its weights
+    are not the bundle's model any more; it used to be served under the new ranker and catalog."""
+    bundle = Bundle.open(hf_cpu_bundle_copy)
+    generation = bundle.path("llm_merged") / "generation_config.json"
+    generation.write_text(generation.read_text().replace("{", '{\n  "_merged_again": true,', 1))
+    bundle.add_artifact("llm_merged", bundle.artifact("llm_merged")["path"])  # what merge records
+    bundle.save()
+    message = refusal(hf_cpu_bundle_copy)
+    assert "it was built from llm_merged version" in message and "merged again since" in message
+    assert f"compile build --bundle {hf_cpu_bundle_copy} --target hf-cpu --force" in message
+
+
+def test_an_unmeasured_build_is_still_refused_a_precision_this_cpu_lacks(tiny_llm_bundle, tmp_path):
+    """--no-measure --dtype bf16 on a CPU without native bf16 wrote a build its own server then refused."""
+    from compile.targets import BuildContext
+    from compile.targets.hf_cpu import build as build_hf_cpu
+
+    bundle = Bundle.open(tiny_llm_bundle)
+    no_bf16 = Machine(device="cpu", device_name="test CPU", compute_capability=None, gpu_count=0,
+                      cpu_name="test CPU", cpu_isa=("avx2", "fma", "avx512f"))
+    config = build_config(tiny_llm_bundle, "hf-cpu", measure=False, dtype="bf16")
+    with pytest.raises(ValueError, match="--dtype bf16: not measured: CPU lacks amx_bf16/avx512_bf16"):
+        build_hf_cpu(BuildContext(config, no_bf16, bundle, bundle.path("llm_merged"), tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_builds_thread_count_applies_only_on_the_cpu_that_measured_it(hf_cpu_bundle):
+    """A build made on a 2-core box ran a 32-core server on 2 threads; one made on 64 cores oversubscribed a
+    4-CPU pod."""
+    from palr.machine import cpu_cores
+    from ranking_server.engines.factory import engine_threads
+
+    here = Machine.detect("cpu")
+    entry = {**Bundle.open(hf_cpu_bundle).artifact(NAME), "num_threads": 1}
+    assert engine_threads(entry, here, 0) == (1, "measured fastest by the build")
+    assert engine_threads(entry, here, 3) == (3, "--threads")
+    threads, why = engine_threads({**entry, "device_name": "Other CPU"}, here, 0)
+    assert threads == 0 and why.startswith("torch's default: the build measured 1 fastest on Other CPU")
+    assert engine_threads({**entry, "num_threads": cpu_cores() + 1}, here, 0)[0] == 0
+
+
 def test_server_engine_loading_refuses_before_loading_anything(hf_cpu_bundle_copy):
     edit_entry(hf_cpu_bundle_copy, engine_libraries={"torch": "1.0.0"})
     with pytest.raises(BuildMismatch, match="torch: built with 1.0.0"):
