@@ -25,6 +25,7 @@ import importlib
 import json
 import logging
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -174,9 +175,8 @@ def run(config: BuildConfig) -> Path:
                            f"({machine.describe()}); build it on the GPU it will serve on, or use --target hf-cpu")
     started = time.perf_counter()
     final = bundle.root / "engines" / target
-    scratch = final.with_name(f".{target}.building")
-    shutil.rmtree(scratch, ignore_errors=True)
-    scratch.mkdir(parents=True)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{target}.building."))  # one per build process
     if not config.generate_tokens:
         tokens, why = served_generate_tokens(bundle)
         config = dataclasses.replace(config, generate_tokens=tokens)

@@ -207,7 +207,7 @@ def keep_projector(bundle: Bundle) -> None:
     target = bundle.root / PROJECTOR_DIR
     shutil.rmtree(target, ignore_errors=True)
     if not (lora / WEIGHTS).is_file():
-        bundle.manifest.artifacts.pop("projector", None)
+        bundle.remove_artifact("projector")
         return
     target.mkdir(parents=True)
     for name in (WEIGHTS, SETTINGS):

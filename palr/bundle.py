@@ -12,6 +12,8 @@ Servers call `Bundle.open(dir).verify([...])` before loading anything.
 
 from __future__ import annotations
 
+import copy
+import fcntl
 import hashlib
 import importlib.metadata
 import json
@@ -25,6 +27,7 @@ from typing import Any
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
+LOCK = ".lock"  # flock(2) target serialising manifest writers
 TRACKED_PACKAGES = ("torch", "transformers", "peft", "onnxruntime", "onnx", "numpy", "grpcio",
                     "onnxruntime-genai", "tensorrt_llm", "tensorrt-llm")
 
@@ -113,6 +116,7 @@ class Bundle:
     def __init__(self, root: str | Path, manifest: Manifest):
         self.root = Path(root)
         self.manifest = manifest
+        self._as_opened = _entries(manifest)  # what save() compares with to know what this process changed
 
     # -- opening -------------------------------------------------------------------------------
 
@@ -134,14 +138,36 @@ class Bundle:
         return cls(root, Manifest(created_at=_now()))
 
     def save(self) -> None:
-        """Writes the manifest atomically (temp file + rename)."""
-        self.manifest.updated_at = _now()
-        self.manifest.packages = package_versions()
-        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".manifest.", suffix=".json")
-        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it 0600: a server running as another user must read it
-        with os.fdopen(fd, "w") as f:
-            f.write(self.manifest.to_json())
-        os.replace(tmp, self.root / MANIFEST)
+        """Writes the manifest atomically (temp file + rename) under an exclusive lock on `.lock`, merged with
+        what is on disk: the artifacts and steps this process added, changed or removed since it opened the
+        bundle are its own; every other entry is kept as another process saved it meanwhile (two targets
+        built at once on a shared volume each kept only their own entry before)."""
+        with open(self.root / LOCK, "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            path = self.root / MANIFEST
+            if path.is_file():
+                self._merge_into(Manifest.from_json(path.read_text(), path))
+            self.manifest.updated_at = _now()
+            self.manifest.packages = package_versions()
+            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".manifest.", suffix=".json")
+            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it 0600: a server running as another user must read it
+            with os.fdopen(fd, "w") as f:
+                f.write(self.manifest.to_json())
+            os.replace(tmp, path)
+            self._as_opened = _entries(self.manifest)
+
+    def _merge_into(self, on_disk: Manifest) -> None:
+        """This manifest := `on_disk` plus this process's own changes (see `save`)."""
+        for kind in ("artifacts", "steps"):
+            opened, ours, merged = self._as_opened[kind], getattr(self.manifest, kind), dict(getattr(on_disk, kind))
+            for name in set(opened) | set(ours):
+                if name not in ours:
+                    merged.pop(name, None)  # removed here
+                elif opened.get(name) != ours[name]:
+                    merged[name] = ours[name]  # added or changed here
+            setattr(self.manifest, kind, merged)
+        if self.manifest.dataset == self._as_opened["dataset"]:
+            self.manifest.dataset = on_disk.dataset
 
     # -- artifacts -----------------------------------------------------------------------------
 
@@ -166,6 +192,10 @@ class Bundle:
         entry = {"path": rel, "sha256": combined_checksum(files), "files": files, "created_at": _now(), **meta}
         self.manifest.artifacts[name] = entry
         return entry
+
+    def remove_artifact(self, name: str) -> None:
+        """Forgets an artifact (its files stay); `save` removes it from the manifest on disk too."""
+        self.manifest.artifacts.pop(name, None)
 
     def version(self, name: str) -> str:
         """A short version string for an artifact: its checksum prefix."""
@@ -225,11 +255,20 @@ def _umask() -> int:
 
 
 def _readable(path: Path, files: dict[str, str]) -> None:
-    """Artifacts readable by whoever the umask lets read (some writers, e.g. safetensors' atomic save, leave
-    0600): a server running as another user than the build (deploy/k8s: uid 10001) must open them."""
-    readable = 0o444 & ~_umask()
-    for name in files:
-        file = path if path.is_file() else path / name
-        mode = file.stat().st_mode
-        if mode & readable != readable:
-            file.chmod(mode | readable)
+    """Artifacts readable (and their folders searchable) by whoever the umask lets (some writers leave 0600
+    files, e.g. safetensors' atomic save, or 0700 folders, e.g. mkdtemp): a server running as another user
+    than the build (deploy/k8s: uid 10001) must open them."""
+    allowed = ~_umask()
+    targets = [(path, 0o444)] if path.is_file() else [(path / name, 0o444) for name in files]
+    if path.is_dir():
+        targets += [(folder, 0o555) for folder in (path, *(p for p in path.rglob("*") if p.is_dir()))]
+    for target, wanted in targets:
+        wanted &= allowed
+        mode = target.stat().st_mode
+        if mode & wanted != wanted:
+            target.chmod(mode | wanted)
+
+
+def _entries(manifest: Manifest) -> dict[str, Any]:
+    """A deep copy of what `Bundle.save` merges: artifacts, steps and the dataset record."""
+    return copy.deepcopy({"artifacts": manifest.artifacts, "steps": manifest.steps, "dataset": manifest.dataset})

@@ -55,7 +55,7 @@ def test_manifest_and_artifacts_are_readable_by_other_users(tmp_path):
     old = os.umask(0o022)
     try:
         b = Bundle.open_or_create(tmp_path)
-        (tmp_path / "dir").mkdir()
+        (tmp_path / "dir").mkdir(mode=0o700)  # as mkdtemp makes a build's scratch folder
         weights = tmp_path / "dir" / "model.safetensors"
         weights.write_bytes(b"\0" * 10)
         weights.chmod(0o600)  # as safetensors' atomic save leaves it
@@ -65,3 +65,29 @@ def test_manifest_and_artifacts_are_readable_by_other_users(tmp_path):
         os.umask(old)
     for path in (tmp_path / "manifest.json", weights):
         assert stat.S_IMODE(path.stat().st_mode) & 0o444 == 0o444, path
+    assert stat.S_IMODE((tmp_path / "dir").stat().st_mode) & 0o555 == 0o555
+
+
+def test_two_writers_keep_each_others_entries(tmp_path):
+    """Two targets built at once on one bundle (a shared volume): each process saved the manifest it had
+    opened plus its own entry, so the last save dropped the other's. Now a save merges with the disk."""
+    base = Bundle.open_or_create(tmp_path)
+    for name in ("kept", "removed", "edited"):
+        (tmp_path / f"{name}.txt").write_text(name)
+        base.add_artifact(name, f"{name}.txt")
+    base.save()
+    first, second = Bundle.open(tmp_path), Bundle.open(tmp_path)
+    (tmp_path / "cpu.txt").write_text("cpu build")
+    first.add_artifact("engine:hf-cpu", "cpu.txt")
+    first.record_step("build:hf-cpu", "fp-cpu", 1.0)
+    first.remove_artifact("removed")
+    first.artifact("edited")["note"] = "changed in place"
+    first.save()
+    (tmp_path / "gpu.txt").write_text("gpu build")
+    second.add_artifact("engine:hf-cuda", "gpu.txt")
+    second.record_step("build:hf-cuda", "fp-cuda", 1.0)
+    second.save()  # opened before `first` saved
+    merged = Bundle.open(tmp_path).manifest
+    assert {"engine:hf-cpu", "engine:hf-cuda", "kept", "edited"} == set(merged.artifacts)
+    assert merged.artifacts["edited"]["note"] == "changed in place"
+    assert set(merged.steps) == {"build:hf-cpu", "build:hf-cuda"}
