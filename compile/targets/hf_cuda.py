@@ -5,7 +5,10 @@ Attention: the in-flight `hf` engine runs every batch with a per-row 4-D mask an
 ids over its slot KV cache (`engines/kv.py`). flash-attention 2 in transformers takes no 4-D
 masks, so even where `flash_attn` is installed the engine's kernel is SDPA (PyTorch picks its
 memory-efficient kernel for masked batches); the build records which was available and why.
-With --measure, one prefill and a few decode steps are timed on the GPU for the report.
+With --measure, one prefill and a few decode steps are timed on the GPU for the report, and the
+half-precision model must rank like the fp32 one on the bundle's validation probes (the hf-cpu bar:
+top-1 agreement and NDCG@10, score mode and generate mode's first pick); one that does not is
+rejected and the build keeps fp32 (quality first; plain bf16 reordered this ranker's candidates on CPU).
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ import statistics
 import time
 
 from compile.targets import BuildContext, BuildResult
+from compile.targets.measure import TorchRunner, bundle_generate_logit_weight, load_probes, measure_quality, quality_ok
 from palr.hf_build import DTYPES, save_hf_build
+from palr.ranking import MODES
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +69,23 @@ def time_on_gpu(model, prompt_tokens: int, decode_steps: int) -> dict:
     return {f"{k}_ms": round(1e3 * statistics.median(v), 3) for k, v in times.items()}
 
 
+def keep_if_it_ranks_like(dtype: str, model, reference, ctx: BuildContext, tokenizer) -> tuple[str, dict]:
+    """(`dtype` if `model` ranks the bundle's validation probes like the fp32 `reference`, else "fp32"; the
+    comparison). Device-agnostic: the build runs it on the GPU."""
+    config = ctx.config
+    probes, source = load_probes(ctx.bundle, tokenizer, config.probe_users, config.prompt_tokens)
+    runners = [TorchRunner("fp32", reference), TorchRunner(dtype, model)]
+    quality = measure_quality(runners, runners[0], probes, config.generate_k, config.generate_probes,
+                              bundle_generate_logit_weight(ctx.bundle))
+    good = all(quality_ok(quality[dtype], quality["fp32"], config.min_agreement, config.max_ndcg_drop, mode)
+               for mode in MODES)
+    q = quality[dtype]
+    verdict = (f"{dtype}: top-1 agreement with fp32 {q['score_top1_agreement']:.2f}, generate first pick "
+               f"{q['generate_first_agreement']:.2f} ({source}; bar {config.min_agreement:g})")
+    log.info("hf-cuda %s → %s", verdict, "kept" if good else "rejected: ranks differently, keeping fp32")
+    return (dtype if good else "fp32"), {**quality, "verdict": ("kept: " if good else "rejected: ") + verdict}
+
+
 def build(ctx: BuildContext) -> BuildResult:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -75,6 +97,13 @@ def build(ctx: BuildContext) -> BuildResult:
     report = {"attention": {"implementation": attention, "why": why}}
     if config.measure:
         model.to("cuda").eval()
+        if dtype != "fp32":
+            reference = AutoModelForCausalLM.from_pretrained(ctx.source, dtype=DTYPES["fp32"],
+                                                             attn_implementation=attention).to("cuda").eval()
+            dtype, report["quality"] = keep_if_it_ranks_like(dtype, model, reference, ctx, tokenizer)
+            if dtype == "fp32":
+                model = reference
+            del reference
         report["latency_batch1"] = time_on_gpu(model, config.prompt_tokens, config.decode_steps)
         model.to("cpu")
     save_hf_build(ctx.out, model, tokenizer, dtype=dtype, quantization=None, num_threads=None,

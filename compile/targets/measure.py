@@ -34,7 +34,7 @@ import torch
 from compile.sft_data import candidate_readout
 from palr import metrics
 from palr.decoding import LabelConstraint
-from palr.llm import generate_constrained, label_log_probs, pick_allowed, read_prompt
+from palr.llm import generate_constrained, label_log_probs, model_device, pick_allowed, read_prompt
 from palr.prompt import Readout
 from palr.ranking import decoding_bias, generate_logit_weight, load_ranker
 
@@ -126,20 +126,23 @@ class TorchRunner:
     @torch.inference_mode()
     def prefill(self, ids: list[int]) -> float:
         started = time.perf_counter()
-        self.model(input_ids=torch.tensor([ids]), use_cache=True, logits_to_keep=1)
+        self.model(input_ids=self._tensor([ids]), use_cache=True, logits_to_keep=1)
         return time.perf_counter() - started
 
     @torch.inference_mode()
     def decode(self, ids: list[int], steps: int) -> float:
-        out = self.model(input_ids=torch.tensor([ids]), use_cache=True, logits_to_keep=1)
+        out = self.model(input_ids=self._tensor([ids]), use_cache=True, logits_to_keep=1)
         cache, token = out.past_key_values, int(out.logits[0, -1].argmax())
         times = []
         for _ in range(steps):
             started = time.perf_counter()
-            out = self.model(input_ids=torch.tensor([[token]]), past_key_values=cache, use_cache=True)
+            out = self.model(input_ids=self._tensor([[token]]), past_key_values=cache, use_cache=True)
             times.append(time.perf_counter() - started)
             cache, token = out.past_key_values, int(out.logits[0, -1].argmax())
         return statistics.median(times)
+
+    def _tensor(self, ids: list[list[int]]) -> torch.Tensor:
+        return torch.tensor(ids, device=model_device(self.model))
 
     def read(self, probe: Probe) -> Read:
         after = Readout.after_prompt(len(probe.input_ids), probe.label_token_ids)

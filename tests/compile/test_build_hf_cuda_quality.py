@@ -1,0 +1,40 @@
+"""hf-cuda's quality bar, run here on the CPU (the build runs the same code on its GPU): a half-precision
+model is kept only if it ranks the bundle's validation probes like the fp32 one, else the build keeps fp32.
+Before, hf-cuda (and trtllm) kept bf16 unmeasured, though plain bf16 reordered this ranker's candidates."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from compile.targets import BuildContext  # noqa: E402
+from compile.targets.hf_cuda import keep_if_it_ranks_like  # noqa: E402
+from palr.bundle import Bundle  # noqa: E402
+from palr.machine import Machine  # noqa: E402
+from tests.fixtures.builds import build_config  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def models(tiny_llm_bundle):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = Bundle.open(tiny_llm_bundle).path("llm_merged")
+    load = lambda dtype: AutoModelForCausalLM.from_pretrained(source, dtype=dtype).eval()  # noqa: E731
+    return load(torch.bfloat16), load(torch.float32), AutoTokenizer.from_pretrained(source)
+
+
+@pytest.mark.parametrize("bar, kept", [(dict(min_agreement=0.0, max_ndcg_drop=1.0), "bf16"),
+                                       (dict(min_agreement=1.01), "fp32")])
+def test_half_precision_is_kept_only_when_it_ranks_like_fp32(tiny_llm_bundle, tmp_path, models, bar, kept):
+    bf16, fp32, tokenizer = models
+    bundle = Bundle.open(tiny_llm_bundle)
+    config = dataclasses.replace(build_config(tiny_llm_bundle, "hf-cuda"), probe_users=8, generate_probes=2, **bar)
+    ctx = BuildContext(config, Machine.detect("cpu"), bundle, bundle.path("llm_merged"), tmp_path)
+    dtype, quality = keep_if_it_ranks_like("bf16", bf16, fp32, ctx, tokenizer)
+    assert dtype == kept
+    assert quality["fp32"]["score_top1_agreement"] == 1.0  # the reference against itself
+    assert 0.0 <= quality["bf16"]["score_top1_agreement"] <= 1.0
+    assert quality["verdict"].startswith("kept: bf16" if kept == "bf16" else "rejected: bf16")
