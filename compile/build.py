@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from compile.targets import BUILDERS, BuildContext
-from palr.bundle import Bundle, fingerprint
+from palr.bundle import Bundle, file_checksums, fingerprint
 from palr.builds import SOURCE, artifact_name, open_build
 from palr.machine import Machine, cuda_devices, library_version
 from palr.ranking import load_ranker
@@ -188,10 +188,13 @@ def run(config: BuildConfig) -> Path:
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
+    files = file_checksums(scratch)  # before the swap: a big engine takes a minute to hash
+    # the swap: from here to save() the manifest names the old build's checksums over the new files (a
+    # server starting meanwhile refuses to); milliseconds, not the hashing time
     shutil.rmtree(final, ignore_errors=True)
     scratch.rename(final)
     seconds = time.perf_counter() - started
-    entry = bundle.add_artifact(name, final.relative_to(bundle.root), **machine.build_record(spec),
+    entry = bundle.add_artifact(name, final.relative_to(bundle.root), files=files, **machine.build_record(spec),
                                 **result.meta, source=bundle.version(SOURCE),
                                 build_options=options_record(config) | {"target": target}, build_seconds=round(seconds, 1))
     report = {"target": target, "machine": machine.to_dict(), "seconds": round(seconds, 1),

@@ -184,10 +184,12 @@ class Bundle:
             have = ", ".join(sorted(self.manifest.artifacts)) or "none"
             raise BundleError(f"{self.root}: bundle has no artifact {name!r} (has: {have})") from None
 
-    def add_artifact(self, name: str, rel_path: str | Path, **meta: Any) -> dict[str, Any]:
-        """Records a file or directory under the bundle with its checksums and metadata."""
+    def add_artifact(self, name: str, rel_path: str | Path, *, files: dict[str, str] | None = None,
+                     **meta: Any) -> dict[str, Any]:
+        """Records a file or directory under the bundle with its checksums and metadata. `files`: the
+        checksums, when the caller took them before moving the files into place (`file_checksums`)."""
         rel = Path(rel_path).as_posix()
-        files = file_checksums(self.root / rel)
+        files = file_checksums(self.root / rel) if files is None else files
         _readable(self.root / rel, files)
         entry = {"path": rel, "sha256": combined_checksum(files), "files": files, "created_at": _now(), **meta}
         self.manifest.artifacts[name] = entry
