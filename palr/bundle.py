@@ -23,7 +23,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -44,17 +44,16 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def file_checksums(path: Path) -> dict[str, str]:
-    """sha256 of a file, or of every file under a directory, keyed by relative path."""
+def file_checksums(path: Path, only: Callable[[str], bool] | None = None) -> dict[str, str]:
+    """sha256 of a file, or of every file under a directory (whose relative path passes `only`, if
+    given), keyed by relative path."""
     if path.is_file():
         return {path.name: sha256_file(path)}
     if not path.is_dir():
         raise BundleError(f"{path}: no such file or directory")
-    return {
-        p.relative_to(path).as_posix(): sha256_file(p)
-        for p in sorted(path.rglob("*"))
-        if p.is_file() and "__pycache__" not in p.parts
-    }
+    files = {p.relative_to(path).as_posix(): p for p in sorted(path.rglob("*"))
+             if p.is_file() and "__pycache__" not in p.parts}
+    return {rel: sha256_file(p) for rel, p in files.items() if only is None or only(rel)}
 
 
 def combined_checksum(files: dict[str, str]) -> str:
@@ -203,18 +202,20 @@ class Bundle:
         """A short version string for an artifact: its checksum prefix."""
         return self.artifact(name)["sha256"][:12]
 
-    def verify(self, names: list[str] | None = None) -> None:
-        """Re-hashes artifacts; BundleError naming every missing or changed file."""
+    def verify(self, names: list[str] | None = None, only: Callable[[str], bool] | None = None) -> None:
+        """Re-hashes artifacts (of a directory artifact, only the files whose relative path passes `only`, if
+        given); BundleError naming every missing or changed file."""
         problems = []
         for name in names if names is not None else sorted(self.manifest.artifacts):
             entry = self.artifact(name)
             base = self.root / entry["path"]
             try:
-                actual = file_checksums(base)
+                actual = file_checksums(base, only if base.is_dir() else None)
             except BundleError as e:
                 problems.append(f"{name}: {e}")
                 continue
-            expected = entry.get("files", {})
+            expected = {rel: digest for rel, digest in entry.get("files", {}).items()
+                        if only is None or not base.is_dir() or only(rel)}
             for rel in sorted(set(expected) | set(actual)):
                 if rel not in actual:
                     problems.append(f"{name}: {rel} is missing")

@@ -27,6 +27,12 @@ from recsys.v1 import ranking_pb2_grpc
 log = logging.getLogger(__name__)
 
 ARTIFACTS = ["catalog", "users", "profiles", "ranker"]  # + the engine's own, verified by build_engine
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
+
+
+def not_weights(rel: str) -> bool:
+    """llm/merged's files other than weights: tokenizer, chat template, configs (cheap to hash)."""
+    return not rel.endswith(WEIGHT_SUFFIXES)
 
 
 class RankingServer:
@@ -39,6 +45,9 @@ class RankingServer:
         self.config = config
         bundle = Bundle.open(config.bundle)
         bundle.verify(ARTIFACTS)
+        # the tokenizer and configs the prompts are built with, also when a build serves (the weights are checked
+        # by the engine that loads them; when a build serves, llm/merged's are not loaded at all)
+        bundle.verify([LLM_ARTIFACT], only=not_weights)
         self.bundle = bundle
         self.ranker = load_ranker(bundle)
         self.catalog = Catalog.load(bundle.path("catalog"))

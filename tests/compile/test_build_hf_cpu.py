@@ -267,3 +267,16 @@ def test_a_refit_ranker_json_makes_compile_build_measure_again(hf_cpu_bundle_cop
     with caplog.at_level("INFO"):
         build.run(build_config(hf_cpu_bundle_copy, "hf-cpu"))
     assert "skipping" not in caplog.text and "build: hf-cpu on" in caplog.text
+
+
+def test_a_changed_tokenizer_in_llm_merged_is_refused_though_a_build_serves(hf_cpu_bundle_copy):
+    """With a build, llm/merged's weights are never loaded, but its tokenizer builds every prompt: it was read
+    unverified (an interrupted merge rewrites llm/merged before the manifest). Only its small files are hashed."""
+    from ranking_server.config import RankingServerConfig
+    from ranking_server.server import RankingServer, not_weights
+
+    assert not_weights("tokenizer.json") and not not_weights("model.safetensors")
+    tokenizer = Bundle.open(hf_cpu_bundle_copy).path("llm_merged") / "tokenizer_config.json"
+    tokenizer.write_text(tokenizer.read_text().replace("{", '{\n  "model_max_length": 7,', 1))
+    with pytest.raises(BundleError, match="llm_merged: tokenizer_config.json checksum"):
+        RankingServer(RankingServerConfig(bundle=hf_cpu_bundle_copy, port=0, retrieval="127.0.0.1:9"))
