@@ -75,7 +75,8 @@ def engine_from_build(bundle, target: str, engine_config: EngineConfig, trtllm_c
     if spec.engine == "ortgenai":
         from ranking_server.engines.ortgenai import OrtGenaiEngine
 
-        return OrtGenaiEngine(path, dataclasses.replace(engine_config, threads=threads))
+        # its genai_config.json carries the build machine's thread count: "default" must mean this machine's
+        return OrtGenaiEngine(path, dataclasses.replace(engine_config, threads=threads or cpu_cores()))
     if spec.engine == "trtllm":
         from ranking_server.engines.trtllm import TrtllmConfig, TrtllmEngine
 
