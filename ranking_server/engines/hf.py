@@ -50,6 +50,8 @@ from ranking_server.engines.lru import LRU
 
 log = logging.getLogger(__name__)
 
+MAX_FAILED_PASSES = 3  # forward passes failing in a row that stop the engine (the device, not the requests)
+
 
 @dataclass(eq=False)
 class Row:
@@ -98,6 +100,7 @@ class HFEngine(LoopEngine):
         self.contexts = LRU(config.context_cache_mb * 2 ** 20, weigh=kv_bytes)
         self._slots: list[Row] = []        # index = slot; [0, n_decoding) are generating
         self._n_decoding = 0
+        self._failed_passes = 0            # forward passes failed in a row (see _pass_failed)
         self._by_id: dict[str, Row] = {}
         self.start()
 
@@ -223,7 +226,17 @@ class HFEngine(LoopEngine):
         ids = torch.tensor([t + [0] * (plan.width - len(t)) for t in tokens], device=self.device)  # [B, T]
         out = self.decoder(input_ids=ids, attention_mask=plan.attention_mask(),
                            position_ids=plan.position_ids(), past_key_values=self.kv, use_cache=True)
+        self._failed_passes = 0
         return out.last_hidden_state
+
+    def _pass_failed(self, rows: list[Row], error: Exception, what: str) -> None:
+        """A forward pass raised: its rows fail; after MAX_FAILED_PASSES in a row the device is what is broken
+        (a sticky CUDA error), not the requests, and the loop stops so health says so (it stayed SERVING while
+        every answer came back degraded)."""
+        self._failed_passes += 1
+        if self._failed_passes >= MAX_FAILED_PASSES:  # the loop's crash handler fails every request, these too
+            raise EngineError(f"{self._failed_passes} forward passes failed in a row; the last: {error!r}")
+        self._fail_rows(rows, error, what)
 
     def _read(self, row: Row, hidden: torch.Tensor, start: int) -> None:
         """Readout logits of the row's candidates whose positions are among `hidden` `[n, D]` (prompt
@@ -256,7 +269,7 @@ class HFEngine(LoopEngine):
         try:
             hidden = self._forward(0, fed, [s.length for s in rows])  # [B, T, D]
         except Exception as e:  # noqa: BLE001 - fail these rows, keep serving
-            self._fail_rows(rows, e, "decode pass")
+            self._pass_failed(rows, e, "decode pass")
             return sum(map(len, fed))
         for i, (row, draft) in enumerate(zip(rows, drafts)):  # all lengths first: a row leaving below moves
             if not draft:                                      # other rows' KV up to their length
@@ -315,21 +328,38 @@ class HFEngine(LoopEngine):
         try:
             hidden = self._forward(first, [row.todo[:n] for row, n in group], [s.length for s in rows])
         except Exception as e:  # noqa: BLE001
-            self._fail_rows(rows, e, "prefill pass")
+            self._pass_failed(rows, e, "prefill pass")
             return
         self._count(prompt_tokens=sum(n for _, n in group))
+        failed = []
         for i, (row, n) in enumerate(group):  # all lengths first: finishing rows below move other rows' KV
-            self._read(row, hidden[i, :n], row.length)
+            try:
+                self._read(row, hidden[i, :n], row.length)
+            except Exception as e:  # noqa: BLE001 - e.g. a one-off device error: this row only, after the loop
+                failed.append((row, e))
             row.todo = row.todo[n:]
             row.length += n
             for snapshot in [s for s in row.snapshots if row.length >= s[0]]:
-                at, key, cache = snapshot
-                if key not in cache:
-                    cache.put(key, self.kv.read_prefix(row.slot, at))
+                self._store_snapshot(row, *snapshot)
                 row.snapshots.remove(snapshot)
+        for row, error in failed:
+            self._fail_rows([row], error, "readout")
         for i, (row, n) in enumerate(group):
-            if not row.todo:
-                self._prompt_done(row, hidden[i, n - 1])
+            if not row.todo and row.pending.request_id in self._by_id:
+                try:
+                    self._prompt_done(row, hidden[i, n - 1])
+                except Exception as e:  # noqa: BLE001
+                    self._fail_rows([row], e, "readout")
+
+    def _store_snapshot(self, row: Row, at: int, key, cache) -> None:
+        """Keeps the row's KV up to `at` for later requests with the same prefix or context; an optimisation,
+        so a failure (a one-off out-of-memory copying it) is logged and skipped, not the request's error."""
+        if key in cache:
+            return
+        try:
+            cache.put(key, self.kv.read_prefix(row.slot, at))
+        except Exception:  # noqa: BLE001
+            log.warning("could not keep a %d-token KV snapshot; serving on without it", at, exc_info=True)
 
     def _prompt_done(self, row: Row, hidden: torch.Tensor) -> None:
         """Score mode: readout log-probs, done. Generate mode: first pick, then join the decoding rows."""

@@ -472,3 +472,45 @@ def test_inflight_engine_runs_on_cuda(tiny_llama_dir):
             assert result.scores == pytest.approx(reference(model, request), abs=5e-2)
         else:
             assert len(result.order) == request.k and len(set(result.order)) == request.k
+
+
+def test_a_device_that_fails_every_pass_turns_the_engine_unhealthy(tiny):
+    """One failed pass fails its rows and the engine serves on; passes failing in a row mean the device is broken
+    (a sticky CUDA error): the engine stops so health says so, instead of answering every request degraded."""
+    from ranking_server.engines.hf import MAX_FAILED_PASSES
+
+    model, labels = tiny
+    engine = HFEngine(model, EngineConfig(max_batch_size=1, max_tokens_per_step=64))
+    working = engine.decoder
+    try:
+        def broken(*args, **kwargs):  # fault injection: the device errors on every forward pass
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+        engine.decoder = broken
+        with pytest.raises(EngineError, match="prefill pass failed.*illegal memory access"):
+            asyncio.run(engine.rank(plain(labels, "once")))
+        assert engine.check_health()  # one failure: the request's, not the engine's
+        engine.decoder = working
+        assert asyncio.run(engine.rank(plain(labels, "recovered"))).scores  # and the count starts again
+        engine.decoder = broken
+        for i in range(MAX_FAILED_PASSES):
+            with pytest.raises(EngineError):
+                asyncio.run(engine.rank(plain(labels, f"broken-{i}")))
+        assert not engine.check_health() and not engine.stats().healthy
+    finally:
+        engine.close()
+
+
+def test_a_failed_snapshot_copy_is_skipped_not_the_requests_error(tiny, caplog):
+    model, labels = tiny
+    engine = HFEngine(model, EngineConfig(max_batch_size=2, max_tokens_per_step=64))
+    try:
+        def out_of_memory(*args, **kwargs):  # fault injection: copying the prefix KV fails once in a while
+            raise RuntimeError("CUDA out of memory")
+
+        engine.kv.read_prefix = out_of_memory
+        result = asyncio.run(engine.rank(plain(labels, "served")))
+        assert result.scores and engine.check_health()
+        assert "could not keep a" in caplog.text
+    finally:
+        engine.close()
