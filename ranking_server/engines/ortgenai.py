@@ -189,8 +189,8 @@ class OrtGenaiEngine(LoopEngine):
 
     def _emit(self, running: Running, logits: np.ndarray) -> None:
         constraint = running.pending.constraint
-        allowed = constraint.allowed_tokens()
         try:
+            allowed = constraint.allowed_tokens()
             token = pick_allowed(allowed, torch.from_numpy(logits[allowed]), constraint, running.bias,
                                  running.pending.request.logit_weight)
             constraint.advance(token)

@@ -160,3 +160,29 @@ def test_generate_at_logit_weight_zero_writes_the_bias_order_without_decoding(or
         engine.close()
     assert result.order == [1, 3, 0] and result.generated_tokens == 3
     assert steps and all(step.decoding == 0 for step in steps), "a decode step ran though the logits count zero"
+
+
+def test_a_constraint_that_raises_fails_its_request_alone(ortgenai_bundle, reference):
+    """As in the hf engine: a bug in one request's constraint (here in allowed_tokens) fails that request; it
+    was called outside the guard and took the engine loop down for everyone."""
+    from palr.decoding import LabelConstraint
+    from palr.errors import EngineError
+
+    _, labels = reference
+
+    class Broken(LabelConstraint):
+        def allowed_tokens(self):
+            raise RuntimeError("constraint bug in allowed_tokens")
+
+    engine = engine_from_build(Bundle.open(ortgenai_bundle), "ortgenai-cpu", EngineConfig(max_batch_size=2,
+                                                                                            max_tokens_per_step=64))
+    try:
+        bad = EngineRequest("bad", [], [5, 6, 7], labels[:5], "generate", k=3,
+                            constraint=lambda: Broken(labels[:5], 3))
+        with pytest.raises(EngineError, match="constrained decoding failed.*constraint bug"):
+            asyncio.run(engine.rank(bad))
+        assert engine.check_health()
+        good = EngineRequest("good", [], [5, 6, 7], labels[:5], "generate", k=3)
+        assert len(asyncio.run(engine.rank(good)).order) == 3
+    finally:
+        engine.close()
