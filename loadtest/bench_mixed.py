@@ -26,7 +26,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from loadtest.bench_ranking import load_workload, mixed_modes, per_mode, request_order
+from loadtest.bench_ranking import load_workload, mixed_modes, per_mode, request_order, workload_batch
 from loadtest.report import machine_info, markdown_table, write_report
 from ranking_server.config import RankingServerConfig
 
@@ -73,7 +73,7 @@ def run(config: MixedBenchConfig) -> dict:
                                  score_first_ms=RankingServerConfig.score_first_ms)
     modes = mixed_modes(config.requests, config.generate_share)
     order = request_order(len(workload.users), config.requests, seed=config.seed)
-    batch = [workload.requests[m][u % len(workload.requests[m])] for m, u in zip(modes, order)]
+    batch = workload_batch(workload, modes, order)
     run_strategy("inflight", workload.model, batch[:4], 2, engine_config, warmup=1)  # process warm-up
 
     def cell(strategy: str, rate_rps: float = 0.0) -> dict:

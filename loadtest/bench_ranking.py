@@ -163,6 +163,11 @@ def mixed_modes(n: int, generate_share: float) -> list[str]:
     return ["generate" if int((i + 1) * generate_share) > int(i * generate_share) else "score" for i in range(n)]
 
 
+def workload_batch(workload: Workload, modes: list[str], users: list[int]) -> list[EngineRequest]:
+    """Request i: the workload's request in `modes[i]` for user `users[i]` (an index into its users)."""
+    return [workload.requests[m][u % len(workload.requests[m])] for m, u in zip(modes, users)]
+
+
 def measure(cell: Cell, workload: Workload, engine_config, requests: int, order: list[int] | None = None,
             generate_share: float = 0.2) -> dict:
     """Drives `max(requests, concurrency)` requests through a fresh engine (every caller sends at
@@ -178,7 +183,7 @@ def measure(cell: Cell, workload: Workload, engine_config, requests: int, order:
     if len(users) < n:
         raise ValueError(f"request order of {len(users)} requests for a cell of {n}")
     modes = mixed_modes(n, generate_share) if cell.mode == MIXED else [cell.mode] * n
-    batch = [workload.requests[m][u % len(workload.requests[m])] for m, u in zip(modes, users)]
+    batch = workload_batch(workload, modes, users)
     context = engine_config.context_cache_mb if cell.prefix_reuse and cell.context_reuse else 0.0
     config = dataclasses.replace(engine_config, prefix_reuse=cell.prefix_reuse, context_cache_mb=context)
     model = workload.build_model if cell.build else workload.model

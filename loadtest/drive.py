@@ -59,34 +59,46 @@ class DriveResult:
                 "mean_batch": self.stats.mean_batch if self.stats else None}
 
 
+class _Calls:
+    """What both drivers record: each request's latency and cached tokens (by its index), errors by type."""
+
+    def __init__(self, engine: RankingEngine, requests: Sequence[EngineRequest]):
+        self.engine, self.requests = engine, requests
+        self.latencies: list[float | None] = [None] * len(requests)
+        self.cached: list[int] = [0] * len(requests)
+        self.errors: Counter[str] = Counter()
+
+    async def send(self, i: int, since: float) -> None:
+        """Request i (its id made unique per run); its latency runs from `since` (a perf_counter time)."""
+        request = dataclasses.replace(self.requests[i], request_id=f"{self.requests[i].request_id}#{i}")
+        try:
+            result = await self.engine.rank(request)
+        except Exception as e:  # noqa: BLE001 - counted, the run goes on
+            self.errors[type(e).__name__] += 1
+            return
+        self.latencies[i] = 1e3 * (time.perf_counter() - since)
+        self.cached[i] = result.cached_tokens
+
+    def result(self, strategy: str, concurrency: int, wall_s: float) -> DriveResult:
+        answered = [i for i, x in enumerate(self.latencies) if x is not None]
+        return DriveResult(strategy or self.engine.name, concurrency, wall_s, [self.latencies[i] for i in answered],
+                           dict(self.errors), self.engine.stats(), [self.cached[i] for i in answered])
+
+
 async def drive(engine: RankingEngine, requests: Sequence[EngineRequest], concurrency: int,
                 strategy: str = "") -> DriveResult:
     """Send every request through `engine` with `concurrency` callers in a closed loop."""
     if concurrency < 1:
         raise ValueError(f"concurrency must be >= 1, got {concurrency}")
-    latencies: list[float | None] = [None] * len(requests)
-    cached: list[int] = [0] * len(requests)
-    errors: Counter[str] = Counter()
-    order = iter(range(len(requests)))
+    calls, order = _Calls(engine, requests), iter(range(len(requests)))
 
     async def caller():
         for i in order:
-            request = dataclasses.replace(requests[i], request_id=f"{requests[i].request_id}#{i}")
-            started = time.perf_counter()
-            try:
-                result = await engine.rank(request)
-            except Exception as e:  # noqa: BLE001 - counted, the run goes on
-                errors[type(e).__name__] += 1
-                continue
-            latencies[i] = 1e3 * (time.perf_counter() - started)
-            cached[i] = result.cached_tokens
+            await calls.send(i, time.perf_counter())
 
     started = time.perf_counter()
     await asyncio.gather(*(caller() for _ in range(concurrency)))
-    wall = time.perf_counter() - started
-    answered = [i for i, x in enumerate(latencies) if x is not None]
-    return DriveResult(strategy or engine.name, concurrency, wall, [latencies[i] for i in answered],
-                       dict(errors), engine.stats(), [cached[i] for i in answered])
+    return calls.result(strategy, concurrency, time.perf_counter() - started)
 
 
 def arrival_times(n: int, rate_rps: float, seed: int = 0) -> list[float]:
@@ -103,27 +115,15 @@ async def drive_open(engine: RankingEngine, requests: Sequence[EngineRequest], r
     """Send request i at `arrival_times(...)[i]`, answered or not the ones before; a latency runs from the
     request's scheduled arrival to its answer (so time the event loop was late counts too)."""
     arrivals = arrival_times(len(requests), rate_rps, seed)
-    latencies: list[float | None] = [None] * len(requests)
-    cached: list[int] = [0] * len(requests)
-    errors: Counter[str] = Counter()
+    calls = _Calls(engine, requests)
     started = time.perf_counter()
 
     async def one(i: int) -> None:
         await asyncio.sleep(max(0.0, started + arrivals[i] - time.perf_counter()))
-        request = dataclasses.replace(requests[i], request_id=f"{requests[i].request_id}#{i}")
-        try:
-            result = await engine.rank(request)
-        except Exception as e:  # noqa: BLE001 - counted, the run goes on
-            errors[type(e).__name__] += 1
-            return
-        latencies[i] = 1e3 * (time.perf_counter() - started - arrivals[i])
-        cached[i] = result.cached_tokens
+        await calls.send(i, started + arrivals[i])
 
     await asyncio.gather(*(one(i) for i in range(len(requests))))
-    wall = time.perf_counter() - started
-    answered = [i for i, x in enumerate(latencies) if x is not None]
-    return DriveResult(strategy or engine.name, 0, wall, [latencies[i] for i in answered], dict(errors),
-                       engine.stats(), [cached[i] for i in answered])
+    return calls.result(strategy, 0, time.perf_counter() - started)
 
 
 def run_strategy(strategy: str, model, requests: Sequence[EngineRequest], concurrency: int,

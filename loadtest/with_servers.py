@@ -90,6 +90,11 @@ def _raise_interrupted(signum: int, _frame) -> None:
     raise Interrupted(signum)
 
 
+def interrupt_signal(interrupt: KeyboardInterrupt | Interrupted) -> int:
+    """The signal behind an interrupt: Ctrl-C's SIGINT, or the one `Interrupted` carries."""
+    return interrupt.signum if isinstance(interrupt, Interrupted) else signal.SIGINT
+
+
 def run(config: TwoTierConfig, command: Sequence[str]) -> int:
     with two_tier(config, own_session=True) as (retrieval, ranking):
         argv = [arg.replace("{ranking}", ranking.target).replace("{retrieval}", retrieval.target) for arg in command]
@@ -98,7 +103,7 @@ def run(config: TwoTierConfig, command: Sequence[str]) -> int:
         try:
             return child.wait()
         except (KeyboardInterrupt, Interrupted) as e:
-            signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+            signum = interrupt_signal(e)
             log.warning("%s: passing SIGINT to the command, waiting up to %.0f s for it to finish (its reports); "
                         "the servers keep serving meanwhile; interrupt again to stop it at once",
                         signal.Signals(signum).name, COMMAND_GRACE_S)
@@ -145,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("%s", e)
         return 1
     except (KeyboardInterrupt, Interrupted) as e:  # while the servers were starting or stopping
-        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+        signum = interrupt_signal(e)
         log.warning("interrupted (%s); the servers that had started are stopped", signal.Signals(signum).name)
         return 128 + signum
     log.info("command exited with %d", code)

@@ -209,13 +209,13 @@ class Bundle:
         for name in names if names is not None else sorted(self.manifest.artifacts):
             entry = self.artifact(name)
             base = self.root / entry["path"]
+            keep = only if base.is_dir() else None  # a single-file artifact is checked whole
             try:
-                actual = file_checksums(base, only if base.is_dir() else None)
+                actual = file_checksums(base, keep)
             except BundleError as e:
                 problems.append(f"{name}: {e}")
                 continue
-            expected = {rel: digest for rel, digest in entry.get("files", {}).items()
-                        if only is None or not base.is_dir() or only(rel)}
+            expected = {rel: digest for rel, digest in entry.get("files", {}).items() if keep is None or keep(rel)}
             for rel in sorted(set(expected) | set(actual)):
                 if rel not in actual:
                     problems.append(f"{name}: {rel} is missing")

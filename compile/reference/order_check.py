@@ -5,7 +5,6 @@ order and averaged with the reversed order (does the causal candidate readout de
 
 Prints the fused NDCG@10 / retrieval at several fusion weights, forward and averaged."""
 import argparse
-import json
 
 import numpy as np
 import torch
@@ -18,7 +17,7 @@ from palr.corpus import Corpus
 from palr.hybrid import ranker_prompt
 from palr.llm import compute_prefix, load_causal_lm, read_prompt
 from palr.profiles import StatsProfiler
-from palr.ranking import fuse, order_by_scores, target_rank, trend_bias
+from palr.ranking import fuse, load_ranker, order_by_scores, target_rank, trend_bias
 from palr.sasrec import SASRec
 from palr.trends import TrendSettings, TrendTable
 
@@ -31,7 +30,7 @@ def main():
     torch.set_num_threads(2)
     bundle = Bundle.open(a.bundle)
     catalog, corpus = Catalog.load(bundle.path("catalog")), Corpus.load(a.data)
-    ranker = json.loads(bundle.path("ranker").read_text())
+    ranker = load_ranker(bundle)
     table, settings = TrendTable.load(bundle.path("trends")), TrendSettings(**ranker["trend"])
     users = sorted(corpus.split.train)
     histories = [corpus.split.train[u] for u in users]
