@@ -109,7 +109,7 @@ class StaticBatchingEngine(HFEngine):
         for pending in self._take(self.config.max_batch_size):
             self._admit(pending)
 
-    def _plan_prefill(self, budget: int) -> list[tuple[Row, int]]:
+    def _plan_prefill(self, budget: int, cut_first: bool = True) -> list[tuple[Row, int]]:
         """The whole batch's prompts at once, no token budget."""
         return [(row, len(row.todo)) for row in self._slots[self._n_decoding:]]
 

@@ -10,8 +10,10 @@ One engine thread runs the scheduler. Every step it
      scores decide most picks when the label-logit weight is small), keeps what its constrained picks
      confirm and drops the rest's KV (exact: the answers of one token a pass, in fewer passes);
   3. spends what is left of `max_tokens_per_step` on prompt chunks of requests still prefilling
-     (long prompts are chunked, so decodes keep flowing while a new prompt goes in), score requests
-     first (`score_first_ms`: a score request is done when its prompt is);
+     (long prompts are chunked, so decodes keep flowing while a new prompt goes in), one pass per
+     prompt, score requests first (`score_first_ms`: a score request is done when its prompt is);
+     between passes it admits what arrived and plans again, so a new score request waits for the
+     pass that is running, not for the rest of the step;
   4. finishes what is done: score mode reads each candidate's readout logit (a label after the prompt, or
      the score row at the candidate's own last token, taken from whichever chunk held that position);
      generate mode picks each row's next token under its own constraint. Finished requests leave.
@@ -114,28 +116,40 @@ class HFEngine(LoopEngine):
         budget = self.config.max_tokens_per_step
         decoding = self._slots[:self._n_decoding]
         fed = self._decode(decoding, budget) if decoding else 0
-        chunks = self._plan_prefill(budget - fed)
-        for group in self._prefill_groups(chunks):
-            self._prefill(group)
+        chunks = self._prefill_passes(budget - fed)
         self._record_step(StepRecord(len(decoding), len(chunks), fed + sum(n for _, n in chunks), held))
         return True
 
+    def _prefill_passes(self, budget: int) -> list[tuple[Row, int]]:
+        """Spend `budget` on prompt passes; between passes, requests that arrived meanwhile are admitted and
+        the plan is made again, so a score request that arrives mid-step waits for the pass that is running,
+        not for every prompt the step had planned (one pass is ~one prompt; a step held several). Returns the
+        chunks that ran."""
+        ran = []
+        while chunks := self._plan_prefill(budget, cut_first=not ran):
+            group = self._prefill_groups(chunks)[0]
+            self._prefill(group)
+            ran += group
+            budget -= sum(n for _, n in group)
+            self._admit_new()
+        return ran
+
     def _admit_new(self) -> None:
-        """In-flight: fill every free slot from the queue, at every step."""
+        """In-flight: fill every free slot from the queue, at every step and between prompt passes."""
         for pending in self._take(self.config.max_batch_size - len(self._slots)):
             self._admit(pending)
 
-    def _plan_prefill(self, budget: int) -> list[tuple[Row, int]]:
-        """Prompt chunks for this step within the token budget, in `_priority` order (arrival, score
-        requests ahead; slot order is not arrival order once rows have moved).
+    def _plan_prefill(self, budget: int, cut_first: bool = True) -> list[tuple[Row, int]]:
+        """Prompt chunks within the token budget, in `_priority` order (arrival, score requests ahead;
+        slot order is not arrival order once rows have moved).
 
         A prompt that fits in what is left of the budget runs whole; only the first prompt of a
-        step is cut to fit. Cutting a prompt that would fit a later step only adds a pass: each
-        pass re-reads all the weights, which on CPU costs as much as a short prompt."""
+        step is cut to fit (`cut_first`). Cutting a prompt that would fit a later step only adds a pass:
+        each pass re-reads all the weights, which on CPU costs as much as a short prompt."""
         chunks = []
         for row in sorted(self._slots[self._n_decoding:], key=lambda row: self._priority(row.pending)):
             n = len(row.todo)
-            if budget <= 0 or (n > budget and chunks):
+            if budget <= 0 or (n > budget and (chunks or not cut_first)):
                 break
             chunks.append((row, min(n, budget)))
             budget -= chunks[-1][1]

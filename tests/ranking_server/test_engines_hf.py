@@ -342,6 +342,48 @@ def test_score_requests_go_ahead_of_recent_generate_requests(tiny, score_first_m
     assert results[1].order == generate_labels(model, [5, 6, 7, 21, 22, 23], labels, 3)  # same answers either way
 
 
+class PassGatedEngine(HFEngine):
+    """Records the request ids of every prompt pass; the first pass waits on `gate` once it has run."""
+
+    def __init__(self, model, config):
+        self.passes: list[list[str]] = []
+        self.first_ran, self.gate = threading.Event(), threading.Event()
+        super().__init__(model, config)
+
+    def _prefill(self, group):
+        super()._prefill(group)
+        self.passes.append([row.pending.request_id for row, _ in group])
+        if len(self.passes) == 1:
+            self.first_ran.set()
+            self.gate.wait(10)
+
+
+def test_a_score_request_arriving_mid_step_runs_next_not_after_the_steps_plan(tiny):
+    """Three generate prompts fit one step's budget; a score request arrives while the first runs. It goes
+    next (admitted between passes, ahead by `score_first_ms`), not after the two prompts the step had planned."""
+    model, labels = tiny
+    engine = PassGatedEngine(model, EngineConfig(max_batch_size=4, max_tokens_per_step=256))
+    generates = [plain(labels, f"g{i}", mode="generate", k=3, suffix=range(30 + i, 90 + i)) for i in range(3)]
+    score = plain(labels, "s", suffix=range(100, 160))
+
+    async def scenario():
+        tasks = [asyncio.ensure_future(engine.rank(r)) for r in generates]
+        await asyncio.to_thread(engine.first_ran.wait, 10)
+        tasks.append(asyncio.ensure_future(engine.rank(score)))
+        await wait_until(lambda: engine.stats().queued == 1)
+        engine.gate.set()
+        return await asyncio.gather(*tasks)
+
+    try:
+        results = asyncio.run(scenario())
+    finally:
+        engine.close()
+    assert engine.passes[:2] == [["g0"], ["s"]], engine.passes
+    assert results[3].scores == pytest.approx(score_labels(model, score.input_ids, labels), abs=1e-4)
+    for request, result in zip(generates, results):
+        assert result.order == generate_labels(model, request.input_ids, labels, 3)
+
+
 class FaultyConstraint(LabelConstraint):
     """Breaks on its third token (in `advance`, or in `allowed_tokens`): a bug in one request's constraint."""
 
