@@ -42,6 +42,10 @@ class RankingServerConfig(ServerConfig, EngineConfig):
     retrieval_chunk_size: int = field(default=0, metadata={
         "help": "candidates per streamed retrieval message (0 = the retrieval server's default)"})
 
+    max_seq_len: int = field(default=0, metadata={
+        "help": "prompt + generated tokens per request (the size of one KV slot of the hf and ortgenai engines); "
+                "0 = the longest prompt + answer this bundle can build with --max-k candidates (computed at start-up). "
+                "A smaller value that the longest prompt cannot fit stops the server at start-up"})
     # -- candidates ----------------------------------------------------------------------------
     candidates: int = field(default=0, metadata={
         "help": "candidates retrieved and ranked when a request's num_candidates is 0; 0 = the K the "

@@ -124,6 +124,26 @@ class PromptBuilder:
                                     logit_weight=self.generate_logit_weight)
         return RankingJob(request, bias, prior)
 
+    def longest_requests(self, candidates: int) -> list[EngineRequest]:
+        """A score and a generate request on the longest prompt this builder makes with `candidates` candidates:
+        the catalog's longest title lines as the history and as the candidates, the longest stored profile,
+        generate mode naming every candidate. No real request needs more tokens."""
+        longest = sorted(self.catalog.items, key=lambda item: -len(self.prompt.title_line_ids(item)))
+        history = [item.id for item in longest[:self.prompt.settings.history_items]]
+        user = max(self.stored_profiles, key=lambda u: len(self.stored_profiles[u]), default="")
+        plans = [Plan(request_id=f"longest-{mode}", user_id=user, history=history,
+                      history_source="stored" if user else "request", exclude=[], k=candidates,
+                      num_candidates=candidates, mode=mode) for mode in ("score", "generate")]
+        return [self.engine_request(plan.request_id, plan, longest[:candidates], [0.0] * candidates).request
+                for plan in plans]
+
+    def longest_need(self, candidates: int) -> int:
+        """Prompt + generated tokens of the longest request (`longest_requests`): the KV slot every request fits."""
+        def need(request: EngineRequest) -> int:
+            constraint = request.validate(vocab_size=2 ** 62, max_seq_len=2 ** 62)  # sizes only
+            return len(request.input_ids) + (constraint.max_new_tokens if constraint else 0)
+        return max(need(r) for r in self.longest_requests(candidates))
+
     def ranking(self, result: EngineResult, retrieval_term: Sequence[float], k: int,
                 candidate_bias: Sequence[float] | None = None) -> list[tuple[int, float]]:
         """(candidate position, score) for the top k. Score mode: the LLM's log-prob plus its head's

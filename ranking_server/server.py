@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -16,7 +17,7 @@ from palr.serving import tracing
 from palr.serving.server import GrpcServer
 from ranking_server.config import RankingServerConfig
 from ranking_server.engines.factory import LLM_ARTIFACT, build_engine
-from ranking_server.engines.base import RankingEngine
+from ranking_server.engines.base import InvalidRequest, RankingEngine
 from ranking_server.metrics import ENGINE
 from ranking_server.planner import Plan, RequestPlanner
 from ranking_server.prompts import PromptBuilder
@@ -75,7 +76,7 @@ class RankingServer:
     async def load(self) -> None:
         """Tokenizer, engine and warm-up in threads (health keeps answering), then connects them."""
         prompts = await asyncio.to_thread(self._prompt_builder)
-        self.engine = await asyncio.to_thread(build_engine, self.bundle, self.config)
+        self.engine = await asyncio.to_thread(build_engine, self.bundle, self._sized(prompts))
         await self._warm_up(prompts)
         self.servicer.attach(self.engine, prompts)
         ENGINE.attach(self.engine)
@@ -99,18 +100,32 @@ class RankingServer:
         tokenizer = AutoTokenizer.from_pretrained(self.bundle.path(LLM_ARTIFACT))
         return PromptBuilder.for_bundle(self.bundle, tokenizer, self.ranker, self.catalog)
 
+    def _sized(self, prompts: PromptBuilder) -> RankingServerConfig:
+        """The config with `--max-seq-len 0` resolved: the longest prompt + answer the bundle can build."""
+        if self.config.max_seq_len:
+            return self.config
+        need = prompts.longest_need(self.planner.max_candidates)
+        log.info("max_seq_len %d: the longest prompt + answer this bundle builds with %d candidates", need,
+                 self.planner.max_candidates)
+        return dataclasses.replace(self.config, max_seq_len=need)
+
     async def _warm_up(self, prompts: PromptBuilder) -> None:
-        """One score and one generate request on popular items: the shared prefix's KV is computed
-        and cached, and the first real request pays no first-call costs."""
+        """One score and one generate request on the longest prompt this server can be asked to build: the
+        catalog's longest titles as the history and as `max_candidates` candidates, the longest stored profile,
+        generate mode naming all of them. The shared prefix's KV is computed and cached, the first real request
+        pays no first-call costs (`PromptBuilder.longest_requests`), and a prompt that cannot fit the engine (`--max-seq-len`) stops the server
+        here, at start-up, instead of failing the users whose titles happen to be long."""
         started = time.perf_counter()
-        popular = [self.catalog.item(i) for i in self.catalog.popularity_order()]
-        n = self.planner.default_candidates
-        history = [item.id for item in popular[n:n + 10]]
-        for mode in ("score", "generate"):
-            plan = Plan(request_id=f"warm-up-{mode}", user_id="", history=history, history_source="request",
-                        exclude=[], k=min(2, n), num_candidates=n, mode=mode)
-            await self.engine.rank(prompts.engine_request(plan.request_id, plan, popular[:n], [0.0] * n).request)
-        log.info("warmed up (score + generate, %d candidates) in %.2f s", n, time.perf_counter() - started)
+        n = self.planner.max_candidates
+        for request in prompts.longest_requests(n):
+            try:
+                await self.engine.rank(request)
+            except InvalidRequest as e:
+                raise ValueError(f"the longest {request.mode} prompt this bundle can build ({n} candidates, the longest "
+                                 f"titles and profile) does not fit the engine: {e}. Raise --max-seq-len (the KV slot "
+                                 f"of the hf/ortgenai engines; a trtllm engine's is its build's) or lower --max-k") from e
+        log.info("warmed up on the longest prompt (score + generate, %d candidates, %d prompt tokens) in %.2f s", n,
+                 len(request.input_ids), time.perf_counter() - started)
 
     async def _watch_engine(self, engine: RankingEngine) -> None:
         """Health follows the engine: once its loop has failed, NOT_SERVING for good (requests still get

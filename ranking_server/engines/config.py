@@ -26,7 +26,8 @@ class EngineConfig:
         "help": "requests waiting for a batch slot; beyond it requests are rejected at once "
                 "(EngineOverloaded; the server answers RESOURCE_EXHAUSTED)"})
     max_seq_len: int = field(default=1024, metadata={
-        "help": "prompt + generated tokens per request (the size of one KV slot)"})
+        "help": "prompt + generated tokens per request (the size of one KV slot); the ranking server's 0 sizes it "
+                "to the longest prompt + answer its bundle can build"})
     prefix_reuse: bool = field(default=True, metadata={
         "help": "compute the shared instruction prefix's KV once and reuse it for every request"})
     prefix_cache_size: int = field(default=4, metadata={"help": "distinct shared prefixes kept (LRU)"})
@@ -49,10 +50,10 @@ class EngineConfig:
         parent = getattr(super(), "__post_init__", None)
         if parent:
             parent()
-        for name in ("max_batch_size", "max_tokens_per_step", "max_seq_len", "prefix_cache_size", "draft_tokens"):
+        for name in ("max_batch_size", "max_tokens_per_step", "prefix_cache_size", "draft_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_queue", "threads", "context_cache_mb", "score_first_ms"):
+        for name in ("max_queue", "max_seq_len", "threads", "context_cache_mb", "score_first_ms"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_tokens_per_step < self.max_batch_size:

@@ -83,6 +83,8 @@ class LoopEngine(RankingEngine):
 
     def __init__(self, name: str, *, vocab_size: int, max_seq_len: int, max_queue: int,
                  num_threads: int | None = None, score_first_ms: float = 0.0, step_log_size: int = 4096):
+        if max_seq_len < 1:  # 0 means "size it to the bundle": the server resolves it before building an engine
+            raise ValueError(f"max_seq_len must be >= 1 when an engine is built, got {max_seq_len}")
         if max_queue < 1:  # every request waits in the queue before the engine thread admits it
             raise ValueError(f"--max-queue must be >= 1 for the in-process engines (each request waits there "
                              f"until the engine thread admits it), got {max_queue}")

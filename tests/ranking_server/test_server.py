@@ -427,6 +427,40 @@ def test_health_is_not_serving_until_the_model_is_loaded_and_warmed_up(server_lo
         server_loop.run(server.drain())
 
 
+def test_a_prompt_that_cannot_fit_max_seq_len_stops_the_server_at_start_up(server_loop, bundle, retrieval, ranking):
+    """The warm-up runs the longest prompt the bundle can build: one token short of it in the KV slot and the
+    server refuses to load, naming the flag (before, it loaded and failed the users with long titles with
+    INVALID_ARGUMENT); at its length it loads, and that is the default. No real user's request needs more."""
+    prompts = ranking.servicer.prompts
+    n = ranking.planner.max_candidates
+    vocab = ranking.engine.vocab_size
+
+    def needed(request):
+        constraint = request.validate(vocab, 10 ** 9)
+        return len(request.input_ids) + (constraint.max_new_tokens if constraint else 0)
+
+    longest = prompts.longest_need(n)
+    assert ranking.engine.max_seq_len == longest  # the default (--max-seq-len 0) sizes the KV slot to it
+    catalog = prompts.catalog
+    for user in list(prompts.stored_profiles)[:20]:  # real users, their stored histories, the most popular items
+        plan = ranking.planner.plan(ranking_pb2.RecommendRequest(user_id=user, k=n, num_candidates=n,
+                                                                 mode=ranking_pb2.RANKING_MODE_GENERATE), user)
+        candidates = [catalog.item(i) for i in catalog.popularity_order()[:n]]
+        assert needed(prompts.engine_request(user, plan, candidates, [0.0] * n).request) <= longest
+
+    short = start_ranking(server_loop, bundle, retrieval.server.address, warm=False, max_seq_len=longest - 1)
+    try:
+        with pytest.raises(ValueError, match="does not fit the engine.*--max-seq-len"):
+            server_loop.run(short.load(), timeout=120)
+    finally:
+        server_loop.run(short.drain())
+    server = start_ranking(server_loop, bundle, retrieval.server.address, max_seq_len=longest)
+    try:
+        assert server.engine.stats().completed == 2
+    finally:
+        server_loop.run(server.drain())
+
+
 def test_health_turns_not_serving_when_the_engine_fails_and_requests_degrade(server_loop, bundle, retrieval,
                                                                            reference):
     server = start_ranking(server_loop, bundle, retrieval.server.address, engine_check_s=0.05)
