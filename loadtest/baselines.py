@@ -1,8 +1,9 @@
 """Baselines for the benchmark only: what in-flight batching is measured against.
 
 - `SequentialEngine` (one-at-a-time): a FIFO worker that runs each request alone through the
-  reference in `palr.llm` (with the same shared-prefix switch). An abort takes effect between
-  requests: one already running completes.
+  reference in `palr.llm`, reusing the same KV as the in-flight engine (the shared prefix, and each user's
+  context within `context_cache_mb`), so the comparison measures batching only. An abort takes effect
+  between requests: one already running completes.
 - `StaticBatchingEngine`: collects up to `max_batch_size` requests (or waits `batch_timeout_ms`),
   prefills them as one right-padded batch, decodes them together until ALL are done, and only then
   takes the next batch. Same kernels and KV cache as the in-flight engine, so the comparison
@@ -14,13 +15,14 @@ Both answer through the same interface as the serving engine.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass, field
 
 from palr.llm import PrefixKV, compute_prefix, generate_constrained, score_candidates
 from ranking_server.engines.base import EngineError
 from ranking_server.engines.config import EngineConfig
-from ranking_server.engines.hf import HFEngine, Row
+from ranking_server.engines.hf import HFEngine, Row, kv_bytes
 from ranking_server.engines.loop import LoopEngine, Pending, StepRecord
 from ranking_server.engines.lru import LRU
 
@@ -36,6 +38,7 @@ class SequentialEngine(LoopEngine):
         self.config = config
         self.model = model
         self._prefixes: LRU[PrefixKV] = LRU(config.prefix_cache_size)
+        self.contexts: LRU[PrefixKV] = LRU(config.context_cache_mb * 2 ** 20, weigh=lambda kv: kv_bytes(kv.layers))
         self.start()
 
     def _prefix(self, prefix_ids) -> PrefixKV | None:
@@ -49,6 +52,24 @@ class SequentialEngine(LoopEngine):
             self._prefixes.put(key, prefix)
         return prefix
 
+    def _cached_start(self, request) -> PrefixKV | None:
+        """The longest start of the prompt whose KV is kept: the user's context (computed from the shared
+        prefix on a miss, a pass of its own; the in-flight engine snapshots it from the prompt's one pass),
+        else the shared prefix, as the in-flight engine reuses them."""
+        prefix = self._prefix(request.prefix_ids)
+        if not (self.config.context_cache_mb and request.context_len and prefix is not None):
+            return prefix
+        context = self.contexts.get(request.context_key)
+        if context is None:
+            context = compute_prefix(self.model, request.context_key, base=prefix)
+            self._count(prompt_tokens=len(context) - len(prefix))
+            self.contexts.put(request.context_key, context)
+        return context
+
+    def stats(self):
+        return dataclasses.replace(super().stats(), context_hits=self.contexts.hits, context_misses=self.contexts.misses,
+                                   context_evictions=self.contexts.evictions, context_bytes=int(self.contexts.weight))
+
     def _step(self) -> bool:
         taken = self._take(1)
         if not taken:
@@ -56,7 +77,7 @@ class SequentialEngine(LoopEngine):
         pending = taken[0]
         request = pending.request
         try:
-            prefix = self._prefix(request.prefix_ids)
+            prefix = self._cached_start(request)
             cached = len(prefix) if prefix else 0
             if request.mode == "score":
                 scores = score_candidates(self.model, request.input_ids, request.score_readout(), prefix)

@@ -106,8 +106,10 @@ class BenchConfig:
     strategies: list[str] = field(default_factory=lambda: list(STRATEGIES), metadata={
         "help": f"engines to compare: {', '.join(STRATEGIES)}"})
     modes: list[str] = field(default_factory=lambda: list(MODES), metadata={"help": "ranking modes"})
-    requests: int = field(default=16, metadata={
-        "help": "requests per cell; a cell with more callers than this sends one request per caller"})
+    requests: int = field(default=64, metadata={
+        "help": "requests per cell (64: four per caller at concurrency 16, so the cell measures steady traffic, not "
+                "one burst of simultaneous first requests); a cell with more callers than this sends one request per "
+                "caller"})
     repeats: int = field(default=3, metadata={
         "help": "rounds of the headline cells (the first round also runs the full sweep); ratios are medians"})
     candidates: int = field(default=0, metadata={"help": "candidates per prompt (0: the K the LLM was tuned with)"})

@@ -87,12 +87,18 @@ class PrefixKV:
 
 
 @torch.inference_mode()
-def compute_prefix(model, prefix_ids: Sequence[int]) -> PrefixKV:
-    """Run the prefix once and keep its KV."""
+def compute_prefix(model, prefix_ids: Sequence[int], base: PrefixKV | None = None) -> PrefixKV:
+    """Run the prefix once and keep its KV; with `base` (a start of `prefix_ids` already computed), only
+    the rest is run."""
     if not prefix_ids:
         raise ValueError("prefix_ids is empty")
-    ids = torch.tensor([list(prefix_ids)], device=model_device(model))  # [1, P]
-    out = model(input_ids=ids, use_cache=True)
+    ids = [int(t) for t in prefix_ids]
+    if base is not None and (tuple(ids[:len(base)]) != base.ids or len(ids) == len(base)):
+        raise ValueError("prefix_ids must be the base's ids followed by at least one more token")
+    start = len(base) if base is not None else 0
+    tokens = torch.tensor([ids[start:]], device=model_device(model))  # [1, P - start]
+    out = model.get_decoder()(input_ids=tokens, past_key_values=base.cache() if base is not None else None,
+                              use_cache=True)  # the decoder alone: no LM head over every prefix position
     cache = out.past_key_values
     layers = tuple((layer.keys, layer.values) for layer in cache.layers)
     return PrefixKV(tuple(int(t) for t in prefix_ids), layers)

@@ -146,3 +146,28 @@ def test_context_reuse_inside_in_flight_batching(tiny):
 def test_kv_bytes_counts_keys_and_values():
     layers = [(torch.zeros(3, 10, 4), torch.zeros(3, 10, 4))] * 2
     assert kv_bytes(layers) == 2 * 2 * 3 * 10 * 4 * 4
+
+
+def test_the_one_at_a_time_baseline_reuses_contexts_as_the_engine_does(tiny):
+    """The benchmark's one-at-a-time baseline keeps user contexts too (so in-flight vs one-at-a-time measures
+    batching, not caching): a repeat call starts from the cached context and answers as a cold call."""
+    from loadtest.baselines import SequentialEngine
+
+    model, labels = tiny
+    rng = random.Random(4)
+    alice, bob = ([rng.randrange(100, 40000) for _ in range(40)] for _ in range(2))
+    requests = [user_request("a1", alice, labels, rng), user_request("b1", bob, labels, rng),
+                user_request("a2", alice, labels, rng), user_request("a3", alice, labels, rng, "generate", True)]
+    engine = SequentialEngine(model, EngineConfig())
+    try:
+        results = [run(engine, [r])[0] for r in requests]
+        stats = engine.stats()
+    finally:
+        engine.close()
+    for request, result in zip(requests, results):
+        check(model, request, result)
+    start = [len(PREFIX) + len(alice), len(PREFIX) + len(bob)]
+    assert [r.cached_tokens for r in results] == [start[0], start[1], start[0], start[0]]
+    assert stats.context_hits == 2 and stats.context_misses == 2 and stats.context_bytes > 0
+    assert stats.prompt_tokens == len(PREFIX) + sum(len(r.run_ids) for r in requests) \
+        - sum(r.cached_tokens for r in results) + len(alice) + len(bob)
