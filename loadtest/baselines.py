@@ -52,19 +52,20 @@ class SequentialEngine(LoopEngine):
             self._prefixes.put(key, prefix)
         return prefix
 
-    def _cached_start(self, request) -> PrefixKV | None:
-        """The longest start of the prompt whose KV is kept: the user's context (computed from the shared
-        prefix on a miss, a pass of its own; the in-flight engine snapshots it from the prompt's one pass),
-        else the shared prefix, as the in-flight engine reuses them."""
+    def _cached_start(self, request) -> tuple[PrefixKV | None, int]:
+        """The longest start of the prompt whose KV is kept, and how many of its tokens were cached before this
+        request: the user's context (computed from the shared prefix on a miss, a pass of its own; the in-flight
+        engine snapshots it from the prompt's one pass), else the shared prefix, as the in-flight engine reuses
+        them."""
         prefix = self._prefix(request.prefix_ids)
-        if not (self.config.context_cache_mb and request.context_len and prefix is not None):
-            return prefix
+        if not (self.config.context_cache_mb and request.context_len):
+            return prefix, len(prefix) if prefix else 0
         context = self.contexts.get(request.context_key)
-        if context is None:
-            context = compute_prefix(self.model, request.context_key, base=prefix)
-            self._count(prompt_tokens=len(context) - len(prefix))
-            self.contexts.put(request.context_key, context)
-        return context
+        if context is not None:
+            return context, len(context)
+        context = compute_prefix(self.model, request.context_key, base=prefix)  # its tokens count in _step
+        self.contexts.put(request.context_key, context)
+        return context, len(prefix) if prefix else 0
 
     def stats(self):
         return dataclasses.replace(super().stats(), context_hits=self.contexts.hits, context_misses=self.contexts.misses,
@@ -77,8 +78,7 @@ class SequentialEngine(LoopEngine):
         pending = taken[0]
         request = pending.request
         try:
-            prefix = self._cached_start(request)
-            cached = len(prefix) if prefix else 0
+            prefix, cached = self._cached_start(request)
             if request.mode == "score":
                 scores = score_candidates(self.model, request.input_ids, request.score_readout(), prefix)
                 order = sorted(range(len(scores)), key=lambda c: -scores[c])
@@ -136,6 +136,13 @@ class StaticBatchingEngine(HFEngine):
 
     def _prefill_groups(self, chunks):
         return [chunks] if chunks else []
+
+    def _prefill_passes(self, budget: int) -> list[tuple[Row, int]]:
+        """One padded pass over the whole batch's prompts; nobody is admitted between passes."""
+        chunks = self._plan_prefill(budget)
+        if chunks:
+            self._prefill(chunks)
+        return chunks
 
 
 # benchmark strategy -> engine class over an already loaded model (the same weights for all)

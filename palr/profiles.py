@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,6 +24,7 @@ from palr.catalog import Catalog, Item
 
 METHODS = ("stats", "llm")
 _UNKNOWN_GENRES = {"unknown", "(no genres listed)", ""}
+POPULARITY = ("mainstream", "popular films", "lesser-known films")  # median item in the top 10 %, 25 %, the rest
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,23 @@ class StatsProfiler:
         """Where the history's median item sits in the catalog's popularity order."""
         ranks = sorted(self._popularity_rank[self.catalog.index(item.id)] for item in items)
         median = ranks[len(ranks) // 2]
-        return "mainstream" if median < 0.1 else "popular films" if median < 0.25 else "lesser-known films"
+        mainstream, popular, rest = POPULARITY
+        return mainstream if median < 0.1 else popular if median < 0.25 else rest
+
+    def longest(self, tokens: Callable[[str], int]) -> str:
+        """A profile at least as long, in `tokens(text)`, as any this profiler writes for this catalog: the
+        longest genre names in every slot, two decades, the longest popularity phrase."""
+        genres = sorted({g for item in self.catalog.items for g in item.genres if g not in _UNKNOWN_GENRES},
+                        key=lambda g: -tokens(" " + g))
+        decades = sorted({item.year[:3] + "0s" for item in self.catalog.items if item.year},
+                         key=lambda d: -tokens(" " + d))
+        parts = [", ".join(genres[:self.settings.genres])]
+        if self.settings.recent_genres and genres:
+            parts.append("lately " + ", ".join(genres[:self.settings.recent_genres]))
+        if decades:
+            parts.append(max([f"mostly {decades[0]}", " and ".join(decades[:2])], key=tokens))
+        parts.append(max(POPULARITY, key=tokens))
+        return "; ".join(p for p in parts if p)
 
     def __call__(self, history: Sequence[Item]) -> str:
         """e.g. "Drama, Comedy, Thriller; lately Action, Sci-Fi; mostly 1990s; mainstream"; "" if empty."""

@@ -104,10 +104,11 @@ class PromptBuilder:
         return self.trends.buckets(self.moment(plan), [self.catalog.index(c.id) for c in candidates], self.trend)
 
     def engine_request(self, engine_id: str, plan: Plan, candidates: Sequence[Item],
-                       retrieval_scores: Sequence[float]) -> RankingJob:
+                       retrieval_scores: Sequence[float], profile: str | None = None) -> RankingJob:
+        """`profile`: the keywords to show (default: the plan's, `profile(plan)`)."""
         trends = self.candidate_trends(plan, candidates)
-        parts = self.prompt.retrieval(self.profile(plan), [self.catalog.by_id(i) for i in plan.history], candidates,
-                                      trends)
+        parts = self.prompt.retrieval(self.profile(plan) if profile is None else profile,
+                                      [self.catalog.by_id(i) for i in plan.history], candidates, trends)
         bias = trend_bias(self.trend_bias, trends)
         prior = retrieval_prior(retrieval_scores, trends, self.retrieval_trend_weights)
         readout = parts.readout if self.prompt.settings.readout == "candidate" else None
@@ -125,17 +126,21 @@ class PromptBuilder:
         return RankingJob(request, bias, prior)
 
     def longest_requests(self, candidates: int) -> list[EngineRequest]:
-        """A score and a generate request on the longest prompt this builder makes with `candidates` candidates:
-        the catalog's longest title lines as the history and as the candidates, the longest stored profile,
-        generate mode naming every candidate. No real request needs more tokens."""
-        longest = sorted(self.catalog.items, key=lambda item: -len(self.prompt.title_line_ids(item)))
-        history = [item.id for item in longest[:self.prompt.settings.history_items]]
-        user = max(self.stored_profiles, key=lambda u: len(self.stored_profiles[u]), default="")
-        plans = [Plan(request_id=f"longest-{mode}", user_id=user, history=history,
-                      history_source="stored" if user else "request", exclude=[], k=candidates,
-                      num_candidates=candidates, mode=mode) for mode in ("score", "generate")]
-        return [self.engine_request(plan.request_id, plan, longest[:candidates], [0.0] * candidates).request
-                for plan in plans]
+        """A score and a generate request at least as long as any this builder makes with `candidates`
+        candidates: the longest history item in every history place (a request may repeat one), the items
+        whose candidate line plus answer line are longest as the candidates, the longest profile (stored, or
+        the stats profiler's longest for histories sent with a request), generate mode naming every candidate."""
+        prompt, settings = self.prompt, self.prompt.settings
+        history_item = max(self.catalog.items, key=lambda item: len(prompt.item_ids(item, settings.history_years)))
+        lines = sorted(self.catalog.items, key=lambda item: -(len(prompt.item_ids(item, settings.candidate_years))
+                                                             + len(prompt.title_line_ids(item))))[:candidates]
+        tokens = lambda text: len(prompt.tokenizer.encode(text, add_special_tokens=False))  # noqa: E731
+        profile = max([*self.stored_profiles.values(), self.stats_profiler.longest(tokens)], key=tokens)
+        n = len(lines)
+        plans = [Plan(request_id=f"longest-{mode}", user_id="", history=[history_item.id] * settings.history_items,
+                      history_source="request", exclude=[], k=n, num_candidates=n, mode=mode)
+                 for mode in ("score", "generate")]
+        return [self.engine_request(plan.request_id, plan, lines, [0.0] * n, profile=profile).request for plan in plans]
 
     def longest_need(self, candidates: int) -> int:
         """Prompt + generated tokens of the longest request (`longest_requests`): the KV slot every request fits."""

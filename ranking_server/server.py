@@ -27,6 +27,8 @@ from recsys.v1 import ranking_pb2_grpc
 
 log = logging.getLogger(__name__)
 
+SLOT_BLOCK = 64  # --max-seq-len 0 sizes KV slots in whole blocks of this many tokens
+
 ARTIFACTS = ["catalog", "users", "profiles", "ranker"]  # + the engine's own, verified by build_engine
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".gguf")
 
@@ -76,7 +78,8 @@ class RankingServer:
     async def load(self) -> None:
         """Tokenizer, engine and warm-up in threads (health keeps answering), then connects them."""
         prompts = await asyncio.to_thread(self._prompt_builder)
-        self.engine = await asyncio.to_thread(build_engine, self.bundle, self._sized(prompts))
+        config = await asyncio.to_thread(self._sized, prompts)
+        self.engine = await asyncio.to_thread(build_engine, self.bundle, config)
         await self._warm_up(prompts)
         self.servicer.attach(self.engine, prompts)
         ENGINE.attach(self.engine)
@@ -101,13 +104,15 @@ class RankingServer:
         return PromptBuilder.for_bundle(self.bundle, tokenizer, self.ranker, self.catalog)
 
     def _sized(self, prompts: PromptBuilder) -> RankingServerConfig:
-        """The config with `--max-seq-len 0` resolved: the longest prompt + answer the bundle can build."""
+        """The config with `--max-seq-len 0` resolved: the longest prompt + answer the bundle can build, rounded
+        up to a multiple of SLOT_BLOCK tokens."""
         if self.config.max_seq_len:
             return self.config
         need = prompts.longest_need(self.planner.max_candidates)
-        log.info("max_seq_len %d: the longest prompt + answer this bundle builds with %d candidates", need,
-                 self.planner.max_candidates)
-        return dataclasses.replace(self.config, max_seq_len=need)
+        size = -(-need // SLOT_BLOCK) * SLOT_BLOCK
+        log.info("max_seq_len %d: the longest prompt + answer this bundle builds with %d candidates is %d tokens",
+                 size, self.planner.max_candidates, need)
+        return dataclasses.replace(self.config, max_seq_len=size)
 
     async def _warm_up(self, prompts: PromptBuilder) -> None:
         """One score and one generate request on the longest prompt this server can be asked to build: the
@@ -117,7 +122,7 @@ class RankingServer:
         here, at start-up, instead of failing the users whose titles happen to be long."""
         started = time.perf_counter()
         n = self.planner.max_candidates
-        for request in prompts.longest_requests(n):
+        for request in await asyncio.to_thread(prompts.longest_requests, n):
             try:
                 await self.engine.rank(request)
             except InvalidRequest as e:

@@ -102,6 +102,7 @@ class HFEngine(LoopEngine):
         self.contexts = LRU(config.context_cache_mb * 2 ** 20, weigh=kv_bytes)
         self._slots: list[Row] = []        # index = slot; [0, n_decoding) are generating
         self._n_decoding = 0
+        self._held = 0                     # most slots held at once in the current step
         self._failed_passes = 0            # forward passes failed in a row (see _pass_failed)
         self._by_id: dict[str, Row] = {}
         self.start()
@@ -112,12 +113,12 @@ class HFEngine(LoopEngine):
         self._admit_new()
         if not self._slots:
             return False
-        held = len(self._slots)
+        self._held = len(self._slots)
         budget = self.config.max_tokens_per_step
         decoding = self._slots[:self._n_decoding]
         fed = self._decode(decoding, budget) if decoding else 0
         chunks = self._prefill_passes(budget - fed)
-        self._record_step(StepRecord(len(decoding), len(chunks), fed + sum(n for _, n in chunks), held))
+        self._record_step(StepRecord(len(decoding), len(chunks), fed + sum(n for _, n in chunks), self._held))
         return True
 
     def _prefill_passes(self, budget: int) -> list[tuple[Row, int]]:
@@ -132,6 +133,7 @@ class HFEngine(LoopEngine):
             ran += group
             budget -= sum(n for _, n in group)
             self._admit_new()
+            self._held = max(self._held, len(self._slots))  # slots held at once during the step
         return ran
 
     def _admit_new(self) -> None:

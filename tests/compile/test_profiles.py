@@ -7,6 +7,8 @@ import json
 import shutil
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from compile.profiles import LlmSummariser, ProfilesConfig, _clean_keywords, run
 from palr.catalog import Catalog, Item
@@ -24,6 +26,35 @@ def test_stats_profile_names_top_genres_recent_taste_era_and_popularity():
     assert profile(items) == "Drama, Horror, Thriller; lately Horror, Thriller; 1990s and 1970s; lesser-known films"
     assert profile(items[:2]) == "Drama; mostly 1990s; mainstream"  # the two most popular of 12 items
     assert profile([]) == ""
+
+
+GENRES = ["Drama", "Sci-Fi", "Film-Noir", "Children's", "Documentary", "War", "Musical", "Action"]
+CATALOG = Catalog([item(i, GENRES[i % 8: i % 8 + 1 + i % 3], year=str(1930 + 7 * (i % 10)), count=i % 13)
+                   for i in range(1, 60)])
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokens(smollm2_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+    return lambda text: len(tokenizer.encode(text, add_special_tokens=False))
+
+
+@pytest.mark.parametrize("measure", ["smollm2 tokens", "characters", "words"])
+def test_the_longest_stats_profile_bounds_every_profile(smollm2_tokens, measure):
+    """What sizes the ranking server's KV slots: no history's profile is longer, in the real tokenizer's tokens
+    (or characters, or words), than `StatsProfiler.longest`."""
+    tokens = {"smollm2 tokens": smollm2_tokens, "characters": len, "words": lambda text: len(text.split())}[measure]
+    profile = StatsProfiler(CATALOG, StatsProfileSettings(recent_items=4))
+    bound = tokens(profile.longest(tokens))
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(st.integers(1, 59), min_size=1, max_size=30))
+    def check(history):
+        assert tokens(profile([CATALOG.item(i) for i in history])) <= bound
+
+    check()
 
 
 def test_bundle_profiles_come_from_train_plus_valid_only(tiny_llm_bundle, ml100k):

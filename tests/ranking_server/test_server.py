@@ -29,7 +29,7 @@ from palr.catalog import Catalog
 from palr.serving.server import NOT_SERVING, SERVING
 from ranking_server.config import RankingServerConfig
 from ranking_server.metrics import ENGINE
-from ranking_server.server import RankingServer
+from ranking_server.server import SLOT_BLOCK, RankingServer
 from ranking_server.servicer import SERVICE_NAME
 from recsys.v1 import ranking_pb2, ranking_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
 from retrieval_server.config import RetrievalServerConfig
@@ -440,7 +440,7 @@ def test_a_prompt_that_cannot_fit_max_seq_len_stops_the_server_at_start_up(serve
         return len(request.input_ids) + (constraint.max_new_tokens if constraint else 0)
 
     longest = prompts.longest_need(n)
-    assert ranking.engine.max_seq_len == longest  # the default (--max-seq-len 0) sizes the KV slot to it
+    assert ranking.engine.max_seq_len == -(-longest // SLOT_BLOCK) * SLOT_BLOCK  # the default (--max-seq-len 0)
     catalog = prompts.catalog
     for user in list(prompts.stored_profiles)[:20]:  # real users, their stored histories, the most popular items
         plan = ranking.planner.plan(ranking_pb2.RecommendRequest(user_id=user, k=n, num_candidates=n,
