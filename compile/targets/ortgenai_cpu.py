@@ -3,10 +3,12 @@ for the ranking modes where it measures faster than torch without ranking differ
 
     python -m onnxruntime_genai.models.builder -m SRC -i SRC -o OUT -p fp32|int4 -e cpu -c CACHE
 
-Each precision asked for (default: fp32 and int4) is built, then measured side by side with torch
-fp32 on the same prompts: latency per mode (score = prefill; generate = prefill + decode steps) and
-quality per mode (score: top-1 agreement and NDCG@10; generate: first-pick agreement). A mode is won
-when the precision is at least --min-gain faster there AND ranks like torch there. The precision
+Each precision asked for (default: fp32 and int4) is built, then measured side by side with torch on
+the same prompts: latency per mode (score = prefill; generate = prefill + decode steps) against the torch
+model that would serve the mode otherwise (the bundle's hf-cpu build when it has one for this machine, its
+precision; else fp32), and quality per mode against torch fp32 (score: top-1 agreement and NDCG@10;
+generate: first-pick agreement). A mode is won when the precision is at least --min-gain faster there
+AND ranks like torch there. The precision
 that wins the most modes is kept (ties: the faster generate mode); its won modes are recorded as
 `serves_modes`, which is what the ranking server routes to it (the rest stays on torch). When no
 mode is won, the build is still written (so the numbers are on record) with `serves_modes: []`,
@@ -51,14 +53,17 @@ def set_threads(model_dir, threads: int) -> None:
     path.write_text(json.dumps(config, indent=4) + "\n")
 
 
-def modes_won(latency: dict, quality: dict, name: str, config) -> tuple[list[str], dict[str, str]]:
+def modes_won(latency: dict, quality: dict, name: str, config, baseline: str = "torch-fp32"
+              ) -> tuple[list[str], dict[str, str]]:
+    """The modes where runner `name` is faster than `baseline` (the torch model that would serve them) and
+    ranks like torch fp32; why, per mode."""
     won, why = [], {}
     for mode in MODES:
         ratio = (mode_latency_ms(latency[name], mode, config.generate_tokens)
-                 / mode_latency_ms(latency["torch-fp32"], mode, config.generate_tokens))
+                 / mode_latency_ms(latency[baseline], mode, config.generate_tokens))
         good = quality_ok(quality[name], quality["torch-fp32"], config.min_agreement, config.max_ndcg_drop, mode)
         fast = ratio <= 1 - config.min_gain
-        why[mode] = (f"{ratio:.2f}x torch latency, "
+        why[mode] = (f"{ratio:.2f}x {baseline} latency, "
                      + ("ranks like torch" if good else "ranks differently") + ("" if fast else ", not faster"))
         if good and fast:
             won.append(mode)
@@ -89,8 +94,9 @@ def build(ctx: BuildContext) -> BuildResult:
             tokenizer = AutoTokenizer.from_pretrained(ctx.source)
             reference = TorchRunner("torch-fp32", AutoModelForCausalLM.from_pretrained(
                 ctx.source, dtype=torch.float32, attn_implementation="sdpa").eval().requires_grad_(False))
-            torch.set_num_threads(threads)
-            kept, won = measure_and_choose(ctx, reference, tokenizer, dirs, threads, report)
+            served = served_torch(ctx.bundle)
+            torch.set_num_threads(threads)  # torch and onnxruntime-genai on the same threads
+            kept, won = measure_and_choose(ctx, reference, tokenizer, dirs, threads, report, served)
         else:
             kept, won = precisions[0], list(MODES)
             report["decision"] = f"--no-measure: {kept} for every mode, as asked"
@@ -106,18 +112,38 @@ def build(ctx: BuildContext) -> BuildResult:
     return BuildResult(meta, report, summary=f"{kept}, serves {', '.join(won) or 'no mode'}; {report['decision']}")
 
 
+def served_torch(bundle) -> TorchRunner | None:
+    """The bundle's hf-cpu build, when it has one made for this machine: what serves the modes onnxruntime-genai
+    does not win, so what it has to beat."""
+    from palr.builds import BuildMismatch, open_build
+    from palr.hf_build import load_hf_build
+
+    if not bundle.has("engine:hf-cpu"):
+        return None
+    try:
+        path, entry = open_build(bundle, "hf-cpu")
+    except BuildMismatch as e:
+        log.info("ortgenai-cpu: the bundle's hf-cpu build is not for this machine (%s); latency against torch fp32", e)
+        return None
+    return TorchRunner(f"torch-hf-cpu-{entry.get('dtype')}", load_hf_build(path)[0])
+
+
 def measure_and_choose(ctx: BuildContext, reference: TorchRunner, tokenizer, dirs: dict, threads: int,
-                       report: dict) -> tuple[str, list[str]]:
+                       report: dict, served: TorchRunner | None = None) -> tuple[str, list[str]]:
+    """Measure every precision beside torch fp32 (the quality reference) and `served` (the latency baseline,
+    when the bundle has an hf-cpu build); keep the precision that wins the most modes."""
     config = ctx.config
     probes, source = load_probes(ctx.bundle, tokenizer, config.probe_users, config.prompt_tokens)
     ids = latency_prompt(probes, config.prompt_tokens)
-    runners = [reference] + [OrtGenaiRunner(f"ortgenai-{p}", d, threads) for p, d in dirs.items()]
+    baseline = served or reference
+    runners = [reference, *([served] if served else [])] + [OrtGenaiRunner(f"ortgenai-{p}", d, threads)
+                                                           for p, d in dirs.items()]
     log.info("ortgenai-cpu: measuring %s (latency: %d-token prompt, %d rounds, %d threads; quality: %s)",
              ", ".join(r.name for r in runners), len(ids), config.repeats, threads, source)
     latency = measure_latency(runners, ids, config.repeats, config.decode_steps)
     quality = measure_quality(runners, reference, probes, config.generate_k, config.generate_probes,
                               bundle_generate_logit_weight(ctx.bundle))
-    verdicts = {p: modes_won(latency, quality, f"ortgenai-{p}", config) for p in dirs}
+    verdicts = {p: modes_won(latency, quality, f"ortgenai-{p}", config, baseline.name) for p in dirs}
     kept = max(dirs, key=lambda p: (len(verdicts[p][0]),
                                     -mode_latency_ms(latency[f"ortgenai-{p}"], "generate", config.generate_tokens)))
     won = verdicts[kept][0]
@@ -125,7 +151,8 @@ def measure_and_choose(ctx: BuildContext, reference: TorchRunner, tokenizer, dir
         log.info("ortgenai-cpu %-14s prefill %.1f ms, decode %.2f ms/token, top-1 agreement %.2f, generate agreement %.2f",
                  runner.name, latency[runner.name]["prefill_ms"], latency[runner.name]["decode_ms"],
                  quality[runner.name]["score_top1_agreement"], quality[runner.name]["generate_first_agreement"])
-    report.update({"probes": source, "latency_prompt_tokens": len(ids), "latency": latency, "quality": quality,
+    report.update({"probes": source, "latency_prompt_tokens": len(ids), "latency_baseline": baseline.name,
+                   "latency": latency, "quality": quality,
                    "modes": {p: {"won": w, "why": why} for p, (w, why) in verdicts.items()},
                    "decision": f"kept {kept}: wins {', '.join(won) or 'no mode'} "
                                f"({'; '.join(f'{m}: {verdicts[kept][1][m]}' for m in MODES)})"})

@@ -54,10 +54,23 @@ def test_build_records_the_onnx_model_and_what_it_measured(ortgenai_bundle):
     genai = json.loads((bundle.path(NAME) / "genai_config.json").read_text())
     assert genai["model"]["decoder"]["session_options"]["intra_op_num_threads"] == 1
     report = json.loads((ortgenai_bundle / "reports" / "build_ortgenai-cpu.json").read_text())
-    assert set(report["latency"]) == {"torch-fp32", "ortgenai-fp32"}
+    assert set(report["latency"]) == {"torch-fp32", "ortgenai-fp32"} and report["latency_baseline"] == "torch-fp32"
     assert report["quality"]["ortgenai-fp32"]["score_max_abs_logprob_diff"] < 1e-3  # fp32 graph ≈ torch fp32
     assert report["modes"]["fp32"]["won"] == entry["serves_modes"]
     assert set(report["modes"]["fp32"]["why"]) == {"score", "generate"}
+
+
+def test_with_an_hf_cpu_build_a_mode_is_won_against_that_build(hf_cpu_bundle, tmp_path):
+    """The modes onnxruntime-genai does not win are served by the bundle's hf-cpu build (its precision), not by
+    torch fp32: that build is what its latency is measured against; quality stays against torch fp32."""
+    bundle = copy_bundle(hf_cpu_bundle, tmp_path / "bundle")
+    build.run(build_config(bundle, "ortgenai-cpu", dtype="fp32", threads=1))
+    served = f"torch-hf-cpu-{Bundle.open(bundle).artifact('engine:hf-cpu')['dtype']}"
+    report = json.loads((bundle / "reports" / "build_ortgenai-cpu.json").read_text())
+    assert report["latency_baseline"] == served
+    assert set(report["latency"]) == {"torch-fp32", served, "ortgenai-fp32"}
+    assert all(f"x {served} latency" in why for why in report["modes"]["fp32"]["why"].values())
+    assert report["quality"][served]["score_top1_agreement"] >= 0  # measured beside, against torch fp32
 
 
 def test_inflight_answers_equal_the_torch_reference_with_prefix_reuse(ortgenai_bundle, reference):
