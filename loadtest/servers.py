@@ -67,7 +67,9 @@ class ServerProcess:
         self.own_session = own_session  # True: a Ctrl-C in the terminal reaches only the parent, which stops it
         self.host = host
         self.port = port or free_port(host)
-        self.argv = [sys.executable, "-m", module, *args, "--host", host, "--port", str(self.port)]
+        # --parent-pid: the server drains and exits if this process dies, even by SIGKILL (no orphans)
+        self.argv = [sys.executable, "-m", module, *args, "--host", host, "--port", str(self.port),
+                     "--parent-pid", str(os.getpid())]
         self.log_path = Path(log_path) if log_path else _temp_log(module)
         self.channel_kwargs = channel_kwargs or {}
         self.process: subprocess.Popen | None = None

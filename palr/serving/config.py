@@ -36,6 +36,11 @@ class ServerConfig:
                 "for load balancers and clients that watch health to stop sending (set it to about the readiness "
                 "probe's period behind Kubernetes); RPCs that arrive meanwhile are still answered"})
 
+    parent_pid: int = field(default=0, metadata={
+        "help": "drain and exit once process PID is no longer this server's parent (it died, even by SIGKILL): "
+                "what loadtest's server harness passes, so a killed harness leaves no server behind; 0 = off",
+        "metavar": "PID"})
+
     def __post_init__(self) -> None:
         parent = getattr(super(), "__post_init__", None)  # cooperative: a config may mix in more dataclasses
         if parent:
@@ -54,6 +59,8 @@ class ServerConfig:
             raise ValueError(f"grace must be >= 0 seconds, got {self.grace}")
         if self.drain_delay < 0:
             raise ValueError(f"drain_delay must be >= 0 seconds, got {self.drain_delay}")
+        if self.parent_pid < 0:
+            raise ValueError(f"parent_pid must be >= 0, got {self.parent_pid}")
 
     @property
     def tls(self) -> str:

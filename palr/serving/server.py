@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import time
 from pathlib import Path
@@ -173,18 +174,29 @@ class GrpcServer:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_signal, sig)
+        watch = asyncio.create_task(self._watch_parent()) if self.config.parent_pid else None
         try:
             await self.start()
             if await self._run_unless_stopped(load()):
                 await self.set_serving()
                 await self._stop_requested.wait()
         finally:
+            if watch is not None:
+                watch.cancel()
             try:
                 if self.port is not None:  # else it never listened: nothing to drain
                     await self.drain()  # the handlers stay: a second signal shortens the drain, never kills it
             finally:
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     loop.remove_signal_handler(sig)
+
+    async def _watch_parent(self, every_s: float = 1.0) -> None:
+        """`--parent-pid`: once that process is no longer our parent (it died; we were re-parented), drain as on
+        SIGTERM, so a harness killed with SIGKILL leaves no server behind."""
+        while os.getppid() == self.config.parent_pid:
+            await asyncio.sleep(every_s)
+        log.warning("parent process %d is gone; draining", self.config.parent_pid)
+        self.request_stop()
 
     def _on_signal(self, sig: signal.Signals) -> None:
         log.info("received %s", signal.Signals(sig).name)

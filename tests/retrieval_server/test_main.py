@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -99,3 +100,41 @@ def test_help_explains_every_flag():
                  "--tls-cert", "--tls-key", "--tls-client-ca", "--grace", "--max-batch-size", "--batch-window-ms"):
         assert flag in result.stdout
 
+
+
+def test_a_server_started_by_a_harness_that_is_killed_drains_and_exits(tiny_bundle, tmp_path):
+    """`ServerProcess` passes `--parent-pid`: when the harness dies by SIGKILL (no chance to stop its servers),
+    the server notices it was re-parented, drains and exits 0 instead of running on as an orphan."""
+    pid_file = tmp_path / "server.pid"
+    harness = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time, pathlib\n"
+        "from loadtest.servers import ServerProcess\n"
+        f"server = ServerProcess('retrieval_server', ['--bundle', {str(tiny_bundle)!r}]).start()\n"
+        f"pathlib.Path({str(pid_file)!r}).write_text(str(server.process.pid))\n"
+        "time.sleep(600)\n")], cwd=REPO)
+    server_pid = None
+    try:
+        deadline = time.monotonic() + 120
+        while not pid_file.exists():
+            assert harness.poll() is None and time.monotonic() < deadline, "the harness never got its server up"
+            time.sleep(0.1)
+        server_pid = int(pid_file.read_text())
+        harness.kill()
+        harness.wait(10)
+        deadline = time.monotonic() + 30
+        while _alive(server_pid):
+            assert time.monotonic() < deadline, "the orphaned server is still running 30 s after its harness died"
+            time.sleep(0.2)
+    finally:
+        harness.kill()
+        if server_pid and _alive(server_pid):
+            os.kill(server_pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    """Running (a zombie waiting for its new parent to reap it counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
