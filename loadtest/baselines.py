@@ -130,16 +130,9 @@ class StaticBatchingEngine(HFEngine):
         for pending in self._take(self.config.max_batch_size):
             self._admit(pending)
 
-    def _plan_prefill(self, budget: int, cut_first: bool = True) -> list[tuple[Row, int]]:
-        """The whole batch's prompts at once, no token budget."""
-        return [(row, len(row.todo)) for row in self._slots[self._n_decoding:]]
-
-    def _prefill_groups(self, chunks):
-        return [chunks] if chunks else []
-
     def _prefill_passes(self, budget: int) -> list[tuple[Row, int]]:
-        """One padded pass over the whole batch's prompts; nobody is admitted between passes."""
-        chunks = self._plan_prefill(budget)
+        """One padded pass over the whole batch's prompts, no token budget; nobody is admitted between passes."""
+        chunks = [(row, len(row.todo)) for row in self._slots[self._n_decoding:]]
         if chunks:
             self._prefill(chunks)
         return chunks

@@ -122,16 +122,15 @@ class HFEngine(LoopEngine):
         return True
 
     def _prefill_passes(self, budget: int) -> list[tuple[Row, int]]:
-        """Spend `budget` on prompt passes; between passes, requests that arrived meanwhile are admitted and
-        the plan is made again, so a score request that arrives mid-step waits for the pass that is running,
-        not for every prompt the step had planned (one pass is ~one prompt; a step held several). Returns the
-        chunks that ran."""
+        """Spend `budget` on prompt passes, one prompt chunk a pass (prefill is compute-bound on CPU, so padding
+        rows of different lengths into one pass would only add work). Before each pass the next chunk is chosen
+        again, after admitting what arrived, so a score request that arrives mid-step waits for the pass that is
+        running, not for every prompt the step could hold. Returns the chunks that ran."""
         ran = []
-        while chunks := self._plan_prefill(budget, cut_first=not ran):
-            group = self._prefill_groups(chunks)[0]
-            self._prefill(group)
-            ran += group
-            budget -= sum(n for _, n in group)
+        while (chunk := self._next_chunk(budget, cut=not ran)) is not None:
+            self._prefill([chunk])
+            ran.append(chunk)
+            budget -= chunk[1]
             self._admit_new()
             self._held = max(self._held, len(self._slots))  # slots held at once during the step
         return ran
@@ -141,26 +140,19 @@ class HFEngine(LoopEngine):
         for pending in self._take(self.config.max_batch_size - len(self._slots)):
             self._admit(pending)
 
-    def _plan_prefill(self, budget: int, cut_first: bool = True) -> list[tuple[Row, int]]:
-        """Prompt chunks within the token budget, in `_priority` order (arrival, score requests ahead;
-        slot order is not arrival order once rows have moved).
+    def _next_chunk(self, budget: int, cut: bool) -> tuple[Row, int] | None:
+        """The next prompt chunk within the token budget: the prefilling row first in `_priority` order
+        (arrival, score requests ahead; slot order is not arrival order once rows have moved), or None.
 
-        A prompt that fits in what is left of the budget runs whole; only the first prompt of a
-        step is cut to fit (`cut_first`). Cutting a prompt that would fit a later step only adds a pass:
-        each pass re-reads all the weights, which on CPU costs as much as a short prompt."""
-        chunks = []
-        for row in sorted(self._slots[self._n_decoding:], key=lambda row: self._priority(row.pending)):
-            n = len(row.todo)
-            if budget <= 0 or (n > budget and (chunks or not cut_first)):
-                break
-            chunks.append((row, min(n, budget)))
-            budget -= chunks[-1][1]
-        return chunks
-
-    def _prefill_groups(self, chunks: list[tuple[Row, int]]) -> list[list[tuple[Row, int]]]:
-        """In-flight: one pass per prompt chunk. Prefill is compute-bound on CPU, so padding rows of
-        different lengths into one pass would only add work."""
-        return [[chunk] for chunk in chunks]
+        A prompt that fits in what is left of the budget runs whole; only the first prompt of a step is cut to
+        fit (`cut`). Cutting a prompt that would fit a later step only adds a pass: each pass re-reads all the
+        weights, which on CPU costs as much as a short prompt."""
+        prefilling = self._slots[self._n_decoding:]
+        if budget <= 0 or not prefilling:
+            return None
+        row = min(prefilling, key=lambda row: self._priority(row.pending))
+        n = len(row.todo)
+        return (row, min(n, budget)) if n <= budget or cut else None
 
     # ---- admission and leaving ----------------------------------------------------------------
 
