@@ -40,6 +40,11 @@ class RankingJob:
     retrieval_term: list[float]         # what the answer is fused with: `palr.ranking.retrieval_prior`
 
 
+def slot_tokens(requests: Sequence[EngineRequest]) -> int:
+    """Prompt + generated tokens of the longest of `requests`: the KV slot every one of them fits."""
+    return max(r.tokens_needed(r.validate(vocab_size=2 ** 62, max_seq_len=2 ** 62)) for r in requests)  # sizes only
+
+
 class PromptBuilder:
     """Builds PALR prompts as training did (`llm/ranker.json`) and turns answers into rankings."""
 
@@ -141,13 +146,6 @@ class PromptBuilder:
                       history_source="request", exclude=[], k=n, num_candidates=n, mode=mode)
                  for mode in ("score", "generate")]
         return [self.engine_request(plan.request_id, plan, lines, [0.0] * n, profile=profile).request for plan in plans]
-
-    def longest_need(self, candidates: int) -> int:
-        """Prompt + generated tokens of the longest request (`longest_requests`): the KV slot every request fits."""
-        def need(request: EngineRequest) -> int:
-            constraint = request.validate(vocab_size=2 ** 62, max_seq_len=2 ** 62)  # sizes only
-            return len(request.input_ids) + (constraint.max_new_tokens if constraint else 0)
-        return max(need(r) for r in self.longest_requests(candidates))
 
     def ranking(self, result: EngineResult, retrieval_term: Sequence[float], k: int,
                 candidate_bias: Sequence[float] | None = None) -> list[tuple[int, float]]:

@@ -17,10 +17,10 @@ from palr.serving import tracing
 from palr.serving.server import GrpcServer
 from ranking_server.config import RankingServerConfig
 from ranking_server.engines.factory import LLM_ARTIFACT, build_engine
-from ranking_server.engines.base import InvalidRequest, RankingEngine
+from ranking_server.engines.base import EngineRequest, InvalidRequest, RankingEngine
 from ranking_server.metrics import ENGINE
 from ranking_server.planner import Plan, RequestPlanner
-from ranking_server.prompts import PromptBuilder
+from ranking_server.prompts import PromptBuilder, slot_tokens
 from ranking_server.retrieval_client import RetrievalClient
 from ranking_server.servicer import SERVICE_NAME, RankingServicer
 from recsys.v1 import ranking_pb2_grpc
@@ -78,9 +78,9 @@ class RankingServer:
     async def load(self) -> None:
         """Tokenizer, engine and warm-up in threads (health keeps answering), then connects them."""
         prompts = await asyncio.to_thread(self._prompt_builder)
-        config = await asyncio.to_thread(self._sized, prompts)
-        self.engine = await asyncio.to_thread(build_engine, self.bundle, config)
-        await self._warm_up(prompts)
+        longest = await asyncio.to_thread(prompts.longest_requests, self.planner.max_candidates)
+        self.engine = await asyncio.to_thread(build_engine, self.bundle, self._sized(longest))
+        await self._warm_up(longest)
         self.servicer.attach(self.engine, prompts)
         ENGINE.attach(self.engine)
         if self.config.engine_check_s:
@@ -103,26 +103,26 @@ class RankingServer:
         tokenizer = AutoTokenizer.from_pretrained(self.bundle.path(LLM_ARTIFACT))
         return PromptBuilder.for_bundle(self.bundle, tokenizer, self.ranker, self.catalog)
 
-    def _sized(self, prompts: PromptBuilder) -> RankingServerConfig:
-        """The config with `--max-seq-len 0` resolved: the longest prompt + answer the bundle can build, rounded
-        up to a multiple of SLOT_BLOCK tokens."""
+    def _sized(self, longest: list[EngineRequest]) -> RankingServerConfig:
+        """The config with `--max-seq-len 0` resolved: the KV slot of the longest prompt + answer the bundle can
+        build (`longest`: `PromptBuilder.longest_requests`), rounded up to a multiple of SLOT_BLOCK tokens."""
         if self.config.max_seq_len:
             return self.config
-        need = prompts.longest_need(self.planner.max_candidates)
+        need = slot_tokens(longest)
         size = -(-need // SLOT_BLOCK) * SLOT_BLOCK
         log.info("max_seq_len %d: the longest prompt + answer this bundle builds with %d candidates is %d tokens",
                  size, self.planner.max_candidates, need)
         return dataclasses.replace(self.config, max_seq_len=size)
 
-    async def _warm_up(self, prompts: PromptBuilder) -> None:
-        """One score and one generate request on the longest prompt this server can be asked to build: the
-        catalog's longest titles as the history and as `max_candidates` candidates, the longest stored profile,
-        generate mode naming all of them. The shared prefix's KV is computed and cached, the first real request
-        pays no first-call costs (`PromptBuilder.longest_requests`), and a prompt that cannot fit the engine (`--max-seq-len`) stops the server
-        here, at start-up, instead of failing the users whose titles happen to be long."""
+    async def _warm_up(self, longest: list[EngineRequest]) -> None:
+        """One score and one generate request on the longest prompt this server can be asked to build (`longest`:
+        `PromptBuilder.longest_requests`, the longest titles and profile, `max_candidates` candidates, generate
+        naming all). The shared prefix's KV is computed and cached, the first real request pays no first-call
+        costs, and a prompt that cannot fit the engine (`--max-seq-len`) stops the server here, at start-up,
+        instead of failing the users whose titles happen to be long."""
         started = time.perf_counter()
         n = self.planner.max_candidates
-        for request in await asyncio.to_thread(prompts.longest_requests, n):
+        for request in longest:
             try:
                 await self.engine.rank(request)
             except InvalidRequest as e:
@@ -130,7 +130,7 @@ class RankingServer:
                                  f"titles and profile) does not fit the engine: {e}. Raise --max-seq-len (the KV slot "
                                  f"of the hf/ortgenai engines; a trtllm engine's is its build's) or lower --max-k") from e
         log.info("warmed up on the longest prompt (score + generate, %d candidates, %d prompt tokens) in %.2f s", n,
-                 len(request.input_ids), time.perf_counter() - started)
+                 max(len(r.input_ids) for r in longest), time.perf_counter() - started)
 
     async def _watch_engine(self, engine: RankingEngine) -> None:
         """Health follows the engine: once its loop has failed, NOT_SERVING for good (requests still get

@@ -82,6 +82,10 @@ class EngineRequest:
         """The prompt up to the end of the user's context: what a context KV cache is keyed by."""
         return tuple(int(t) for t in (*self.prefix_ids, *self.suffix_ids[:self.context_len]))
 
+    def tokens_needed(self, constraint: DecodingConstraint | None) -> int:
+        """KV positions the request takes: its prompt, plus in generate mode the most `constraint` writes."""
+        return len(self.prefix_ids) + len(self.suffix_ids) + (constraint.max_new_tokens if constraint else 0)
+
     def score_readout(self) -> Readout:
         """What score mode reads: the request's readout, or each label after the prompt."""
         if self.readout is not None:
@@ -117,7 +121,7 @@ class EngineRequest:
                 raise InvalidRequest(f"k/label_token_ids: {e}") from e
         elif self.readout is None and len(set(labels)) != len(labels):
             raise InvalidRequest(f"label_token_ids has duplicates: {labels}")
-        needed = len(self.prefix_ids) + len(self.suffix_ids) + (constraint.max_new_tokens if constraint else 0)
+        needed = self.tokens_needed(constraint)
         if needed > max_seq_len:
             raise InvalidRequest(f"prompt plus generated tokens ({needed}) exceed max_seq_len={max_seq_len}")
         return constraint

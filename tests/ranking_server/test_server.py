@@ -29,6 +29,7 @@ from palr.catalog import Catalog
 from palr.serving.server import NOT_SERVING, SERVING
 from ranking_server.config import RankingServerConfig
 from ranking_server.metrics import ENGINE
+from ranking_server.prompts import slot_tokens
 from ranking_server.server import SLOT_BLOCK, RankingServer
 from ranking_server.servicer import SERVICE_NAME
 from recsys.v1 import ranking_pb2, ranking_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
@@ -433,20 +434,14 @@ def test_a_prompt_that_cannot_fit_max_seq_len_stops_the_server_at_start_up(serve
     INVALID_ARGUMENT); at its length it loads, and that is the default. No real user's request needs more."""
     prompts = ranking.servicer.prompts
     n = ranking.planner.max_candidates
-    vocab = ranking.engine.vocab_size
-
-    def needed(request):
-        constraint = request.validate(vocab, 10 ** 9)
-        return len(request.input_ids) + (constraint.max_new_tokens if constraint else 0)
-
-    longest = prompts.longest_need(n)
+    longest = slot_tokens(prompts.longest_requests(n))
     assert ranking.engine.max_seq_len == -(-longest // SLOT_BLOCK) * SLOT_BLOCK  # the default (--max-seq-len 0)
     catalog = prompts.catalog
     for user in list(prompts.stored_profiles)[:20]:  # real users, their stored histories, the most popular items
         plan = ranking.planner.plan(ranking_pb2.RecommendRequest(user_id=user, k=n, num_candidates=n,
                                                                  mode=ranking_pb2.RANKING_MODE_GENERATE), user)
         candidates = [catalog.item(i) for i in catalog.popularity_order()[:n]]
-        assert needed(prompts.engine_request(user, plan, candidates, [0.0] * n).request) <= longest
+        assert slot_tokens([prompts.engine_request(user, plan, candidates, [0.0] * n).request]) <= longest
 
     short = start_ranking(server_loop, bundle, retrieval.server.address, warm=False, max_seq_len=longest - 1)
     try:
