@@ -100,17 +100,10 @@ def load_workload(bundle_dir: Path, n: int, *, candidates: int = 0, generate_k: 
 
 def hf_cpu_build(bundle) -> tuple[Any, str]:
     """(model, dtype) of the bundle's hf-cpu build when it was made for this machine, else (None, "")."""
-    from palr.builds import BuildMismatch, open_build
-    from palr.hf_build import load_hf_build
+    from palr.hf_build import load_bundle_hf_cpu
 
-    if not bundle.has("engine:hf-cpu"):
-        return None, ""
-    try:
-        path, entry = open_build(bundle, "hf-cpu")
-    except BuildMismatch as e:
-        log.warning("the bundle's hf-cpu build is not for this machine (%s): no build cells", e)
-        return None, ""
-    return load_hf_build(path)[0], str(entry.get("dtype"))
+    loaded = load_bundle_hf_cpu(bundle, without="no build cells")
+    return (loaded[0], str(loaded[1].get("dtype"))) if loaded else (None, "")
 
 
 def users_for_load(users: list[str], n: int, seed: int) -> list[str]:

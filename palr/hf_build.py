@@ -78,6 +78,21 @@ def read_build(path: Path) -> dict[str, Any]:
     return json.loads(file.read_text())
 
 
+def load_bundle_hf_cpu(bundle, without: str) -> tuple[Any, dict[str, Any]] | None:
+    """(model, manifest entry) of the bundle's hf-cpu build when it has one made for this machine, else None
+    (a build for another machine is logged, with `without`: what the caller does instead)."""
+    from palr.builds import BuildMismatch, open_build
+
+    if not bundle.has("engine:hf-cpu"):
+        return None
+    try:
+        path, entry = open_build(bundle, "hf-cpu")
+    except BuildMismatch as e:
+        log.warning("the bundle's hf-cpu build is not for this machine (%s): %s", e, without)
+        return None
+    return load_hf_build(path)[0], entry
+
+
 def load_hf_build(path: Path, device: str = "cpu"):
     """(model, tokenizer, build record) as the build says: dtype, attention, int8 quantization, threads."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

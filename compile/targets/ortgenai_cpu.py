@@ -115,17 +115,10 @@ def build(ctx: BuildContext) -> BuildResult:
 def served_torch(bundle) -> TorchRunner | None:
     """The bundle's hf-cpu build, when it has one made for this machine: what serves the modes onnxruntime-genai
     does not win, so what it has to beat."""
-    from palr.builds import BuildMismatch, open_build
-    from palr.hf_build import load_hf_build
+    from palr.hf_build import load_bundle_hf_cpu
 
-    if not bundle.has("engine:hf-cpu"):
-        return None
-    try:
-        path, entry = open_build(bundle, "hf-cpu")
-    except BuildMismatch as e:
-        log.info("ortgenai-cpu: the bundle's hf-cpu build is not for this machine (%s); latency against torch fp32", e)
-        return None
-    return TorchRunner(f"torch-hf-cpu-{entry.get('dtype')}", load_hf_build(path)[0])
+    loaded = load_bundle_hf_cpu(bundle, without="ortgenai-cpu measures latency against torch fp32")
+    return TorchRunner(f"torch-hf-cpu-{loaded[1].get('dtype')}", loaded[0]) if loaded else None
 
 
 def measure_and_choose(ctx: BuildContext, reference: TorchRunner, tokenizer, dirs: dict, threads: int,
