@@ -86,20 +86,12 @@ class PrefixKV:
         return DynamicCache(ddp_cache_data=self.layers)
 
 
-@torch.inference_mode()
 def compute_prefix(model, prefix_ids: Sequence[int], base: PrefixKV | None = None) -> PrefixKV:
     """Run the prefix once and keep its KV; with `base` (a start of `prefix_ids` already computed), only
     the rest is run."""
     if not prefix_ids:
         raise ValueError("prefix_ids is empty")
-    ids = [int(t) for t in prefix_ids]
-    if base is not None and (tuple(ids[:len(base)]) != base.ids or len(ids) == len(base)):
-        raise ValueError("prefix_ids must be the base's ids followed by at least one more token")
-    start = len(base) if base is not None else 0
-    tokens = torch.tensor([ids[start:]], device=model_device(model))  # [1, P - start]
-    out = model.get_decoder()(input_ids=tokens, past_key_values=base.cache() if base is not None else None,
-                              use_cache=True)  # the decoder alone: no LM head over every prefix position
-    cache = out.past_key_values
+    _, cache, _ = _prefill(model, prefix_ids, base)  # the decoder alone: no LM head over every prefix position
     layers = tuple((layer.keys, layer.values) for layer in cache.layers)
     return PrefixKV(tuple(int(t) for t in prefix_ids), layers)
 
