@@ -118,9 +118,21 @@ def ortgenai_engine(bundle, engine_config: EngineConfig, torch_engine: Callable[
         return ortgenai
     from ranking_server.engines.routed import ModeRouter
 
-    log.info("ortgenai serves %s (what its build won); torch serves the rest", ", ".join(won))
+    log.info("ortgenai serves %s (what its build won); torch serves the rest, taking turns on the CPU",
+             ", ".join(won))
     torch = torch_engine()
+    share_device(ortgenai, torch)
     return ModeRouter({m: ortgenai if m in won else torch for m in MODES})
+
+
+def share_device(*engines: RankingEngine) -> None:
+    """In-process engines on one device compute in turns (`DeviceTurns`), not at once."""
+    from ranking_server.engines.loop import DeviceTurns, LoopEngine
+
+    turns = DeviceTurns()
+    for engine in engines:
+        if isinstance(engine, LoopEngine):
+            engine.share_device(turns)
 
 
 def _torch_engine(bundle: Bundle, device: str, engine_config: EngineConfig) -> RankingEngine:

@@ -32,6 +32,44 @@ from ranking_server.engines.base import (
 log = logging.getLogger(__name__)
 
 
+class DeviceTurns:
+    """Engine threads that share one device take turns on it, in the order they asked (a FIFO ticket lock).
+
+    Two engine threads computing at once on a CPU (a `ModeRouter` of ortgenai and torch) each run a thread pool
+    sized for all the cores, so both slow down and neither engine's priorities (score first) hold across them;
+    a plain Lock would let the thread that just released it take it straight back. An engine holds a turn for
+    one step (handing it over between the passes of a step measured worse: each switch leaves the other pool's
+    threads spinning while this one computes)."""
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._next_ticket = 0  # the ticket the next thread to ask gets
+        self._serving = 0      # the ticket whose holder computes now
+
+    @contextlib.contextmanager
+    def turn(self):
+        with self._cv:
+            self._wait_for(self._take_ticket())
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._serving += 1
+                self._cv.notify_all()
+
+    def waiting(self) -> int:
+        """How many threads wait for a turn (besides the one holding it)."""
+        return max(0, self._next_ticket - self._serving - 1)
+
+    def _take_ticket(self) -> int:
+        self._next_ticket += 1
+        return self._next_ticket - 1
+
+    def _wait_for(self, ticket: int) -> None:
+        while self._serving != ticket:
+            self._cv.wait()
+
+
 class StepRecord(NamedTuple):
     """One engine step: rows decoded, rows that ran a prompt chunk, tokens run, slots held."""
 
@@ -105,12 +143,17 @@ class LoopEngine(RankingEngine):
         self._token_hist: Counter[int] = Counter()
         self._max = Counter()  # "active", "step_tokens"
         self._busy_s = 0.0
+        self.device_turns = DeviceTurns()  # this engine's alone unless `share_device` gives it one it shares
         self.step_log: deque[StepRecord] = deque(maxlen=step_log_size)  # the latest steps, oldest first
         self._thread = threading.Thread(target=self._main, name=f"{name}-engine", daemon=True)
 
     def start(self) -> "LoopEngine":
         self._thread.start()
         return self
+
+    def share_device(self, turns: DeviceTurns) -> None:
+        """Compute only in turns with the other engines holding `turns` (from the next step on)."""
+        self.device_turns = turns
 
     # ---- asyncio side -------------------------------------------------------------------------
 
@@ -200,8 +243,9 @@ class LoopEngine(RankingEngine):
             for pending in running:
                 self._release(pending)
                 self._fail(pending, EngineAborted(f"request {pending.request_id} aborted while running"))
-            started = time.perf_counter()
-            ran = self._step()
+            with self.device_turns.turn():
+                started = time.perf_counter()
+                ran = self._step()
             if ran:
                 self._busy_s += time.perf_counter() - started
 

@@ -2,7 +2,8 @@
 
 The ortgenai CPU build wins only some ranking modes on a given machine (measured by
 `compile build --target ortgenai-cpu`, recorded as `serves_modes`): those modes go to it and the
-others stay on the torch engine, behind the one interface the server holds.
+others stay on the torch engine, behind the one interface the server holds. The factory has the two
+compute in turns on the one CPU (`ranking_server.engines.loop.DeviceTurns`).
 """
 
 from __future__ import annotations

@@ -140,6 +140,7 @@ def test_only_the_modes_the_build_won_go_to_onnxruntime_genai(ortgenai_bundle, r
     try:
         assert isinstance(engine, ModeRouter)
         assert engine.by_mode["generate"].name == "ortgenai" and engine.by_mode["score"].name == "hf-inflight"
+        assert engine.by_mode["generate"].device_turns is engine.by_mode["score"].device_turns  # one CPU, in turns
         score = EngineRequest("s", [], list(range(500, 560)), labels[:6])
         generate = EngineRequest("g", [], list(range(500, 560)), labels[:6], "generate", k=2)
         asyncio.run(engine.rank(score))

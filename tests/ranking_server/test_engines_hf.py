@@ -556,3 +556,79 @@ def test_a_failed_snapshot_copy_is_skipped_not_the_requests_error(tiny, caplog):
         assert "could not keep a" in caplog.text
     finally:
         engine.close()
+
+
+def overlap_probe(engines, hold_s=0.005):
+    """Wraps each engine's forward pass: counts passes running at once (max in `seen["most"]`), each held
+    `hold_s` longer so that two unsynchronised engine threads surely overlap."""
+    lock, seen = threading.Lock(), {"now": 0, "most": 0}
+
+    def wrap(forward):
+        def probed(*args, **kwargs):
+            with lock:
+                seen["now"] += 1
+                seen["most"] = max(seen["most"], seen["now"])
+            try:
+                time.sleep(hold_s)
+                return forward(*args, **kwargs)
+            finally:
+                with lock:
+                    seen["now"] -= 1
+        return probed
+
+    for engine in engines:
+        engine._forward = wrap(engine._forward)
+    return seen
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["turns", "alone"])
+def test_engines_sharing_a_device_never_compute_at_once(tiny, workload, shared):
+    """A ModeRouter's two engines (ortgenai + torch on one CPU) take turns: no forward pass of one runs while
+    the other's does, and both still answer exactly; without shared turns they do overlap (the probe works)."""
+    from ranking_server.engines.factory import share_device
+
+    model, _ = tiny
+    requests, expected = workload
+    config = EngineConfig(max_batch_size=4, max_tokens_per_step=32)
+    engines = [HFEngine(model, config, name=f"hf-{i}") for i in range(2)]
+    if shared:
+        share_device(*engines)
+    seen = overlap_probe(engines)
+
+    async def both():  # score requests to one engine, generate requests to the other, all at once
+        return await asyncio.gather(*(engines[r.mode == "generate"].rank(r) for r in requests))
+
+    try:
+        results = asyncio.run(both())
+    finally:
+        for engine in engines:
+            engine.close()
+    for request, result in zip(requests, results):
+        assert_matches_reference(request, result, expected[request.request_id])
+    assert (seen["most"] == 1) if shared else (seen["most"] == 2)
+
+
+def test_device_turns_go_in_the_order_asked():
+    """The thread that just had a turn queues behind the ones already waiting (a plain Lock lets it retake)."""
+    from ranking_server.engines.loop import DeviceTurns
+
+    turns, order = DeviceTurns(), []
+
+    def until(predicate):
+        deadline = time.monotonic() + 5
+        while not predicate() and time.monotonic() < deadline:
+            time.sleep(0.001)
+
+    def engine(name: str, steps: int):
+        for _ in range(steps):
+            with turns.turn():
+                order.append(name)
+                until(lambda: turns.waiting() >= 1 or len(order) == 6)  # hold it until the other thread waits
+
+    threads = [threading.Thread(target=engine, args=(name, 3)) for name in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert order in (list("ababab"), list("bababa"))
+    assert turns.waiting() == 0
