@@ -60,7 +60,10 @@ def test_sigterm_finishes_in_flight_requests_then_exits_zero_and_refuses_new_con
                 watch.cancel()
                 return await asyncio.gather(*calls), sent, finished
 
-        counts, sigterm_at, finished = asyncio.run(scenario())
+        try:
+            counts, sigterm_at, finished = asyncio.run(scenario())
+        except grpc.RpcError as e:  # rare (~1 run in 50 under CPU load): keep what the server said for the diagnosis
+            pytest.fail(f"an in-flight call failed: {e}\nserver log:\n{server.log_path.read_text()[-4000:]}")
         assert counts == [5] * IN_FLIGHT  # every in-flight request completed OK...
         assert min(finished) > sigterm_at  # ...after SIGTERM
         assert server.process.wait(30) == 0
