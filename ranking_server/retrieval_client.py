@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 # Statuses the caller gets as they are (with the retrieval tier named): they describe its request
 # or its deadline. Any other failure means the retrieval tier cannot serve us now: UNAVAILABLE.
 PASSED_THROUGH = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED)
+RETRIEVE_METHOD = f"{retrieval_pb2.DESCRIPTOR.services_by_name['RetrievalService'].full_name}/Retrieve"
 
 
 class RetrievalClient:
@@ -29,7 +30,8 @@ class RetrievalClient:
         self.channel = open_channel(config.retrieval, tls_ca=config.retrieval_tls_ca,
                                     tls_cert=config.retrieval_tls_cert, tls_key=config.retrieval_tls_key,
                                     max_message_bytes=config.max_message_bytes,
-                                    load_balancing=config.retrieval_lb, aio=True)
+                                    load_balancing=config.retrieval_lb, aio=True,
+                                    retry_methods=[RETRIEVE_METHOD], max_attempts=config.retrieval_attempts)
         self.stub = retrieval_pb2_grpc.RetrievalServiceStub(self.channel)
         self.chunk_size = config.retrieval_chunk_size
 

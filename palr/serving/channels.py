@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
@@ -12,10 +13,29 @@ from palr.serving.config import message_size_options
 LB_POLICIES = ("pick_first", "round_robin")
 
 
+def service_config(load_balancing: str | None = None, retry_methods: Sequence[str] = (),
+                   max_attempts: int = 1) -> dict:
+    """gRPC's service config: the load-balancing policy, and a retry policy for `retry_methods`
+    ("package.Service/Method"): a call that ends UNAVAILABLE before any response reached the client is
+    tried again, up to `max_attempts` in all, with exponential backoff, within the call's deadline.
+    gRPC only retries uncommitted calls, so an answer is never replayed or duplicated."""
+    config: dict = {}
+    if load_balancing:
+        if load_balancing not in LB_POLICIES:
+            raise ValueError(f"load_balancing must be one of {LB_POLICIES}, got {load_balancing!r}")
+        config["loadBalancingConfig"] = [{load_balancing: {}}]
+    if retry_methods and max_attempts > 1:
+        names = [dict(zip(("service", "method"), m.split("/"))) for m in retry_methods]
+        config["methodConfig"] = [{"name": names, "retryPolicy": {
+            "maxAttempts": max_attempts, "initialBackoff": "0.05s", "maxBackoff": "0.5s", "backoffMultiplier": 2,
+            "retryableStatusCodes": ["UNAVAILABLE"]}}]
+    return config
+
+
 def open_channel(target: str, *, tls_ca: Path | None = None, tls_cert: Path | None = None,
                  tls_key: Path | None = None, server_name: str | None = None,
                  max_message_bytes: int | None = None, load_balancing: str | None = None, aio: bool = True,
-                 interceptors: list | None = None):
+                 interceptors: list | None = None, retry_methods: Sequence[str] = (), max_attempts: int = 1):
     """A client channel to `target`: TLS when a CA or client certificate is given (the CA verifies
     the server; cert + key are this client's identity for mutual TLS), plaintext otherwise.
     `server_name` overrides the name checked against the server certificate.
@@ -23,16 +43,16 @@ def open_channel(target: str, *, tls_ca: Path | None = None, tls_cert: Path | No
     `target` is anything gRPC resolves: "host:port", or "dns:///name:port" (every address the name
     resolves to, e.g. a Kubernetes headless Service's pods). `load_balancing` picks gRPC's
     client-side policy over those addresses: "round_robin" (spread RPCs over all ready backends)
-    or "pick_first" (gRPC's default: one backend at a time)."""
+    or "pick_first" (gRPC's default: one backend at a time). `retry_methods`, `max_attempts`: see
+    `service_config`."""
     if bool(tls_cert) != bool(tls_key):
         raise ValueError("a client certificate needs its key (tls_cert and tls_key go together)")
     options = message_size_options(max_message_bytes) if max_message_bytes else []
     if server_name:
         options.append(("grpc.ssl_target_name_override", server_name))
-    if load_balancing:
-        if load_balancing not in LB_POLICIES:
-            raise ValueError(f"load_balancing must be one of {LB_POLICIES}, got {load_balancing!r}")
-        options.append(("grpc.service_config", json.dumps({"loadBalancingConfig": [{load_balancing: {}}]})))
+    config = service_config(load_balancing, retry_methods, max_attempts)
+    if config:
+        options.append(("grpc.service_config", json.dumps(config)))
     module = grpc.aio if aio else grpc
     extra = {"interceptors": interceptors} if aio and interceptors else {}  # (aio channels take interceptors)
     if not (tls_ca or tls_cert):
