@@ -38,8 +38,7 @@ class DeviceTurns:
     Two engine threads computing at once on a CPU (a `ModeRouter` of ortgenai and torch) each run a thread pool
     sized for all the cores, so both slow down and neither engine's priorities (score first) hold across them;
     a plain Lock would let the thread that just released it take it straight back. An engine holds a turn for
-    one step (handing it over between the passes of a step measured worse: each switch leaves the other pool's
-    threads spinning while this one computes)."""
+    one step (handing it over between the passes of a step measured worse: docs/serving.md)."""
 
     def __init__(self) -> None:
         self._cv = threading.Condition()
