@@ -42,9 +42,10 @@ class RankingServerConfig(ServerConfig, EngineConfig):
     retrieval_chunk_size: int = field(default=0, metadata={
         "help": "candidates per streamed retrieval message (0 = the retrieval server's default)"})
     retrieval_attempts: int = field(default=3, metadata={
-        "help": "attempts of a Retrieve call that ends UNAVAILABLE before any answer arrived (a replica restarting "
-                "or draining): gRPC retries it with backoff (50 ms, doubling, <= 500 ms), within the caller's "
-                "deadline, on the next ready replica under round_robin; 1 = no retry"})
+        "help": "attempts of a Retrieve call that ends UNAVAILABLE before the retrieval server sent headers or a "
+                "message (a replica restarting or draining): gRPC retries it with backoff (50 ms, doubling, <= 500 "
+                "ms), within the caller's deadline, on the next ready replica under round_robin, and stops retrying "
+                "while most calls fail (retry throttling); 1 = no retry"})
 
     max_seq_len: int = field(default=0, metadata={
         "help": "prompt + generated tokens per request (the size of one KV slot of the hf and ortgenai engines); "
@@ -80,7 +81,7 @@ class RankingServerConfig(ServerConfig, EngineConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()  # ServerConfig, then EngineConfig (cooperative)
-        if not 1 <= self.retrieval_attempts <= 5:  # gRPC caps a retry policy's maxAttempts at 5
+        if not 1 <= self.retrieval_attempts <= 5:  # gRPC clamps a retry policy's maxAttempts to 5
             raise ValueError(f"--retrieval-attempts must be in [1, 5], got {self.retrieval_attempts}")
         if bool(self.retrieval_tls_cert) != bool(self.retrieval_tls_key):
             raise ValueError("--retrieval-tls-cert and --retrieval-tls-key go together")

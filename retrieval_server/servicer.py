@@ -90,6 +90,8 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
         truncated = len(plan.history) > self.max_len
         if truncated:
             TRUNCATED.inc()
+        # Headers go out with the first message: a failure before it (e.g. UNAVAILABLE while loading) is one the
+        # ranking server's client may retry; sending headers earlier would commit the call and end its retries.
         for message in self.messages(ranked, plan.chunk_size, cold_start=not plan.history,
                                      history_length=min(len(plan.history), self.max_len),
                                      history_truncated=truncated):

@@ -50,39 +50,50 @@ class ItemTimes:
 
 
 def user_numbers(row, corpus: Corpus, items: ItemTimes) -> dict[str, float]:
+    """The row's user's numbers (module docstring), as of the row's moment: its last history item's time."""
     history = row["history"]
     times = corpus.times[row["user"]][:len(history)]
-    moment = times[-1]
-    now = lambda n: float(np.mean([bucket(items.count(i, moment)) for i in history[-n:]]))  # noqa: E731
-    return {"at watch": float(np.mean([bucket(items.count(i, t)) for i, t in zip(history[-20:], times[-20:])])),
-            "now 20": now(20), "now 10": now(10),
+
+    def mean_bucket(pairs) -> float:
+        return float(np.mean([bucket(items.count(item, moment)) for item, moment in pairs]))
+
+    return {"at watch": mean_bucket(zip(history[-20:], times[-20:])),
+            "now 20": mean_bucket((item, times[-1]) for item in history[-20:]),
+            "now 10": mean_bucket((item, times[-1]) for item in history[-10:]),
             "gap": (times[-1] - times[-2]) / DAY_S if len(times) > 1 else 1e9}
 
 
+def groups_of(numbers_train: np.ndarray, numbers_valid: np.ndarray, groups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each user's quantile group ([R, 1], [U, 1]); the edges come from the training rows."""
+    edges = np.quantile(numbers_train, np.linspace(0, 1, groups + 1)[1:-1])
+    return (torch.tensor(np.digitize(numbers_train, edges))[:, None],
+            torch.tensor(np.digitize(numbers_valid, edges))[:, None])
+
+
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--bundle", type=Path, default=Path("bundle"))
-    p.add_argument("--data", type=Path, default=Path("data/ml-100k"))
-    p.add_argument("--buckets", type=int, nargs="+", default=[2, 3, 4], help="quantile groups of users")
-    a = p.parse_args()
-    train, valid = prepare(Bundle.open(a.bundle), a.data, 20, 30.0, rows_cache(a.bundle, 30.0))
-    corpus = Corpus.load(a.data)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bundle", type=Path, default=Path("bundle"))
+    parser.add_argument("--data", type=Path, default=Path("data/ml-100k"))
+    parser.add_argument("--buckets", type=int, nargs="+", default=[2, 3, 4], help="quantile groups of users")
+    args = parser.parse_args()
+    train, valid = prepare(Bundle.open(args.bundle), args.data, 20, 30.0, rows_cache(args.bundle, 30.0))
+    corpus = Corpus.load(args.data)
     items = ItemTimes(corpus)
     numbers_train = [user_numbers(r, corpus, items) for r in train]
     numbers_valid = [user_numbers(r, corpus, items) for r in valid]
-    retr = torch.log_softmax(torch.tensor([r["scores"] for r in train]), -1)  # [R, 20]
+    retrieval_log_probs = torch.log_softmax(torch.tensor([r["scores"] for r in train]), -1)  # [R, 20]
     targets = torch.tensor([r["target_position"] for r in train])  # [R]
     trend_train, trend_valid = torch.tensor([r["trend"] for r in train]), torch.tensor([r["trend"] for r in valid])
     valid_targets = [r["target_position"] for r in valid]
     retrieval = metrics.per_user_ndcg([target_rank(range(20), t) for t in valid_targets], 10)
 
     def ndcg(train_index, valid_index, size):
-        (w,) = linear_weights(retr, targets, [train_index], [size], steps=400)
+        (w,) = linear_weights(retrieval_log_probs, targets, [train_index], [size], steps=400)
         ranks, fusion = crossfit_ranks(w[valid_index].tolist(), [r["scores"] for r in valid], valid_targets)
         return metrics.per_user_ndcg(ranks, 10), fusion
 
-    def ratio(a, b) -> str:
-        ci = metrics.paired_bootstrap_ratio(a, b)
+    def ratio(ndcg_a, ndcg_b) -> str:
+        ci = metrics.paired_bootstrap_ratio(ndcg_a, ndcg_b)
         return f"{ci['ratio']:.3f}x ({ci['low']:.3f} - {ci['high']:.3f})"
 
     alone, fusion = ndcg(trend_train, trend_valid, 8)
@@ -91,10 +102,8 @@ def main():
     for name in numbers_train[0]:
         x_train = np.array([n[name] for n in numbers_train])
         x_valid = np.array([n[name] for n in numbers_valid])
-        for groups in a.buckets:
-            edges = np.quantile(x_train, np.linspace(0, 1, groups + 1)[1:-1])
-            g_train = torch.tensor(np.digitize(x_train, edges))[:, None]  # [R, 1]
-            g_valid = torch.tensor(np.digitize(x_valid, edges))[:, None]  # [U, 1]
+        for groups in args.buckets:
+            g_train, g_valid = groups_of(x_train, x_valid, groups)
             crossed, fusion = ndcg(trend_train + 8 * g_train, trend_valid + 8 * g_valid, 8 * groups)
             print(f"{f'trend x {name} ({groups} groups)':32s} {ratio(crossed, retrieval)} of retrieval, "
                   f"{ratio(crossed, alone)} of the trend bucket alone, fusion weights {fusion}", flush=True)

@@ -16,20 +16,29 @@ LB_POLICIES = ("pick_first", "round_robin")
 def service_config(load_balancing: str | None = None, retry_methods: Sequence[str] = (),
                    max_attempts: int = 1) -> dict:
     """gRPC's service config: the load-balancing policy, and a retry policy for `retry_methods`
-    ("package.Service/Method"): a call that ends UNAVAILABLE before any response reached the client is
-    tried again, up to `max_attempts` in all, with exponential backoff, within the call's deadline.
-    gRPC only retries uncommitted calls, so an answer is never replayed or duplicated."""
+    ("package.Service/Method"): a call that ends UNAVAILABLE before the server sent it headers or a message
+    is tried again, up to `max_attempts` in all, with exponential backoff, within the call's deadline.
+    gRPC only retries such uncommitted calls, so an answer is never replayed or duplicated; retry throttling
+    (gRPC's token bucket: 10 tokens, +0.1 a success, -1 a failure, no retries below half) stops retries when
+    most calls fail, e.g. every replica still loading."""
     config: dict = {}
     if load_balancing:
         if load_balancing not in LB_POLICIES:
             raise ValueError(f"load_balancing must be one of {LB_POLICIES}, got {load_balancing!r}")
         config["loadBalancingConfig"] = [{load_balancing: {}}]
     if retry_methods and max_attempts > 1:
-        names = [dict(zip(("service", "method"), m.split("/"))) for m in retry_methods]
-        config["methodConfig"] = [{"name": names, "retryPolicy": {
+        config["methodConfig"] = [{"name": [_method_name(m) for m in retry_methods], "retryPolicy": {
             "maxAttempts": max_attempts, "initialBackoff": "0.05s", "maxBackoff": "0.5s", "backoffMultiplier": 2,
             "retryableStatusCodes": ["UNAVAILABLE"]}}]
+        config["retryThrottling"] = {"maxTokens": 10, "tokenRatio": 0.1}
     return config
+
+
+def _method_name(method: str) -> dict:
+    service, _, name = method.partition("/")
+    if not service or not name or "/" in name:
+        raise ValueError(f"a retried method is 'package.Service/Method', got {method!r}")
+    return {"service": service, "method": name}
 
 
 def open_channel(target: str, *, tls_ca: Path | None = None, tls_cert: Path | None = None,

@@ -243,6 +243,8 @@ class LoopEngine(RankingEngine):
                 self._release(pending)
                 self._fail(pending, EngineAborted(f"request {pending.request_id} aborted while running"))
             with self.device_turns.turn():
+                if self._closed:  # closed while waiting for the turn
+                    return
                 started = time.perf_counter()
                 ran = self._step()
             if ran:
@@ -350,7 +352,8 @@ class LoopEngine(RankingEngine):
 
     @abstractmethod
     def _step(self) -> bool:
-        """Admit what the policy allows and run one iteration; True if model work ran."""
+        """Admit what the policy allows and run one iteration; True if model work ran. It runs inside a device
+        turn (`DeviceTurns`), so it must not wait for arrivals when its engine shares the device."""
 
     @abstractmethod
     def _release(self, pending: Pending) -> None:

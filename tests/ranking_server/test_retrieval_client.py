@@ -74,3 +74,11 @@ def test_other_failures_and_streams_already_answering_are_not_retried(code, sent
     with pytest.raises(RequestError) as error:
         asyncio.run(retrieve(servicer, attempts=3))
     assert servicer.calls == 1 and error.value.code == code
+
+
+def test_a_retried_method_must_name_service_and_method():
+    from palr.serving.channels import service_config
+
+    assert service_config(retry_methods=["pkg.Svc/Get"], max_attempts=1) == {}  # 1 attempt: no retry policy
+    with pytest.raises(ValueError, match="package.Service/Method"):
+        service_config(retry_methods=["pkg.Svc"], max_attempts=3)
