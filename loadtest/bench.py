@@ -31,6 +31,9 @@ BENCHMARKS: dict[str, tuple[str, str, str]] = {
     "mixed": ("loadtest.bench_mixed", "MixedBenchConfig",
               "score and generate requests together (80/20), closed loop and open loop (Poisson arrivals at shares "
               "of capacity), static vs in-flight batching: the score requests' own p95 → reports/bench_mixed.*"),
+    "router": ("loadtest.bench_router", "RouterBenchConfig",
+               "two engines on one CPU behind a ModeRouter (what --engine ortgenai serves when its build won some "
+               "modes), computing at once vs in turns, against one engine → reports/bench_router.*"),
     "gpu": ("loadtest.bench_gpu", "GpuBenchConfig",
             "hf engine on a random-weight Llama-2-7B-shape model on one CUDA GPU: score p50/p99, throughput at "
             "concurrency 1/8/32, generate time per token, vs memory-bandwidth and FLOP/s limits"),

@@ -104,3 +104,22 @@ def test_the_mixed_benchmark_runs_closed_and_open_loops_for_both_strategies(tiny
     assert {r["rate_rps"] for r in rows if r["arrivals"] == "open"} == {round(0.5 * capacity, 3), round(0.9 * capacity, 3)}
     assert set(report["ratios"]) == {"closed c16", "open 0.5 x capacity", "open 0.9 x capacity"}
     assert "In-flight / static" in (tmp_path / "bench_mixed.md").read_text()
+
+
+def test_the_router_benchmark_compares_one_engine_with_a_router_at_once_and_in_turns(tiny_llm_bundle, tmp_path):
+    """`python -m loadtest.bench router` on the tiny bundle: every setup answered every request in both loops; the
+    open loop arrives at its share of the one engine's closed-loop throughput in that round."""
+    import json
+
+    from loadtest.bench import main
+
+    assert main(["router", "--bundle", str(tiny_llm_bundle), "--out", str(tmp_path), "--requests", "10",
+                 "--repeats", "1", "--load", "0.5"]) == 0
+    rows = json.loads((tmp_path / "bench_router.json").read_text())["rows"]
+    assert sorted((r["arrivals"], r["setup"]) for r in rows) == sorted(
+        (arrivals, s) for arrivals in ("closed c16", "open") for s in ("one engine", "router, at once", "router, in turns"))
+    for row in rows:
+        assert row["ok"] == 10 and row["errors"] == {} and row["score_requests"] == 8 and row["generate_requests"] == 2
+    capacity = next(r["throughput_rps"] for r in rows if r["arrivals"] == "closed c16" and r["setup"] == "one engine")
+    assert {r["rate_rps"] for r in rows if r["arrivals"] == "open"} == {round(0.5 * capacity, 3)}
+    assert "in turns" in (tmp_path / "bench_router.md").read_text()
