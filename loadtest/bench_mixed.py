@@ -26,9 +26,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from loadtest.bench_ranking import load_workload, mixed_modes, per_mode, request_order, workload_batch
+from loadtest.bench_ranking import (load_workload, mixed_modes, per_mode, request_order, server_engine_config,
+                                    workload_batch)
 from loadtest.report import machine_info, markdown_table, write_report
-from ranking_server.config import RankingServerConfig
 
 STRATEGIES = ("static", "inflight")
 CLOSED_CONCURRENCY = 16
@@ -61,16 +61,13 @@ class MixedBenchConfig:
 
 def run(config: MixedBenchConfig) -> dict:
     from loadtest.drive import run_strategy
-    from ranking_server.engines.config import EngineConfig
 
     started = time.perf_counter()
     before = machine_info()
     workload = load_workload(config.bundle, CLOSED_CONCURRENCY, candidates=config.candidates,
                              generate_k=config.generate_k, seed=config.seed,
                              generate_logit_weight=config.generate_logit_weight)
-    engine_config = EngineConfig(max_batch_size=RankingServerConfig.max_batch_size,
-                                 max_tokens_per_step=RankingServerConfig.max_tokens_per_step,
-                                 score_first_ms=RankingServerConfig.score_first_ms)
+    engine_config = server_engine_config()
     modes = mixed_modes(config.requests, config.generate_share)
     order = request_order(len(workload.users), config.requests, seed=config.seed)
     batch = workload_batch(workload, modes, order)

@@ -98,6 +98,16 @@ def load_workload(bundle_dir: Path, n: int, *, candidates: int = 0, generate_k: 
     return workload
 
 
+def server_engine_config():
+    """The engine limits `python -m ranking_server` runs with by default (batch, token budget, score first)."""
+    from ranking_server.config import RankingServerConfig
+    from ranking_server.engines.config import EngineConfig
+
+    return EngineConfig(max_batch_size=RankingServerConfig.max_batch_size,
+                        max_tokens_per_step=RankingServerConfig.max_tokens_per_step,
+                        score_first_ms=RankingServerConfig.score_first_ms)
+
+
 def hf_cpu_build(bundle) -> tuple[Any, str]:
     """(model, dtype) of the bundle's hf-cpu build when it was made for this machine, else (None, "")."""
     from palr.hf_build import load_bundle_hf_cpu

@@ -11,14 +11,13 @@ Reported per cell: throughput and each mode's p50/p95; writes reports/bench_rout
 
 from __future__ import annotations
 
-import asyncio
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from loadtest.bench_ranking import load_workload, mixed_modes, per_mode, request_order, workload_batch
+from loadtest.bench_ranking import (load_workload, mixed_modes, per_mode, request_order, server_engine_config,
+                                    workload_batch)
 from loadtest.report import machine_info, markdown_table, write_report
-from ranking_server.config import RankingServerConfig
 
 SETUPS = ("one engine", "router, at once", "router, in turns")
 CONCURRENCY = 16
@@ -57,25 +56,18 @@ def build(setup: str, model, engine_config):
 
 
 def run(config: RouterBenchConfig) -> dict:
-    from loadtest.drive import drive, drive_open
-    from ranking_server.engines.config import EngineConfig
+    from loadtest.drive import run_engine
 
     started = time.perf_counter()
     before = machine_info()
     workload = load_workload(config.bundle, CONCURRENCY, generate_logit_weight=config.generate_logit_weight)
-    engine_config = EngineConfig(max_batch_size=RankingServerConfig.max_batch_size,
-                                 max_tokens_per_step=RankingServerConfig.max_tokens_per_step,
-                                 score_first_ms=RankingServerConfig.score_first_ms)
+    engine_config = server_engine_config()
     modes = mixed_modes(config.requests, config.generate_share)
     batch = workload_batch(workload, modes, request_order(len(workload.users), config.requests))
 
     def cell(setup: str, rate_rps: float = 0.0) -> dict:
-        engine = build(setup, workload.model, engine_config)
-        try:
-            asyncio.run(drive(engine, batch[:2], 1))  # warm-up
-            result = asyncio.run(drive_open(engine, batch, rate_rps) if rate_rps else drive(engine, batch, CONCURRENCY))
-        finally:
-            engine.close()
+        result = run_engine(build(setup, workload.model, engine_config), batch, CONCURRENCY, rate_rps=rate_rps,
+                            label=setup)
         return {"setup": setup, "arrivals": "open" if rate_rps else f"closed c{CONCURRENCY}",
                 "rate_rps": round(rate_rps, 3) if rate_rps else None, "ok": len(result.latencies_ms),
                 "throughput_rps": round(result.throughput_rps, 2), "errors": dict(result.errors),
