@@ -48,7 +48,9 @@ class DeviceTurns:
     @contextlib.contextmanager
     def turn(self):
         with self._cv:
-            self._wait_for(self._take_ticket())
+            ticket, self._next_ticket = self._next_ticket, self._next_ticket + 1
+            while self._serving != ticket:
+                self._cv.wait()
         try:
             yield
         finally:
@@ -59,14 +61,6 @@ class DeviceTurns:
     def waiting(self) -> int:
         """How many threads wait for a turn (besides the one holding it)."""
         return max(0, self._next_ticket - self._serving - 1)
-
-    def _take_ticket(self) -> int:
-        self._next_ticket += 1
-        return self._next_ticket - 1
-
-    def _wait_for(self, ticket: int) -> None:
-        while self._serving != ticket:
-            self._cv.wait()
 
 
 class StepRecord(NamedTuple):

@@ -105,7 +105,6 @@ def test_help_explains_every_flag():
         assert flag in result.stdout
 
 
-
 def test_a_server_started_by_a_harness_that_is_killed_drains_and_exits(tiny_bundle, tmp_path):
     """`ServerProcess` passes `--parent-pid`: when the harness dies by SIGKILL (no chance to stop its servers),
     the server notices it was re-parented, drains and exits 0 instead of running on as an orphan."""
