@@ -8,6 +8,8 @@ In one run, on the bundle's merged PALR model with real prompts (loadtest/bench_
 3. prefix reuse on vs off, and per-user context reuse on vs off (prefix only): score mode, in-flight
    engine, concurrency 1; and within the context-reuse cell, the requests that found their user's
    context cached against those that computed it (what a hit saves; needs repeats: `--pattern zipf`);
+   and the same engine behind the server's answer cache (an exact repeat answered without the model)
+   against it without, with the cache's hits against its misses;
 4. ORT vs torch eager retrieval: loadtest/bench_retrieval.py's model comparison at batch 1 and 32;
 5. a mixed cell (score and generate requests together, `--mixed-share` generate, at concurrency 16,
    `--mixed-requests` in all, so requests keep arriving while others decode) under static and in-flight
@@ -68,6 +70,14 @@ RATIOS: dict[str, tuple[Cell, Cell, str]] = {
                                             Cell("score", "inflight", 1, context_reuse=False), "p50_ms"),
     "context_hit_vs_miss_latency": (Cell("score", "inflight", 1), Cell("score", "inflight", 1),
                                     ("context_hit_p50_ms", "context_miss_p50_ms")),
+    # the engine behind the server's AnswerCache (an exact repeat, same prompt and candidates, is answered
+    # without the model) against the same engine without it; and within that cell, the repeats it answered
+    # against the requests the model ran
+    "answer_cache_on_vs_off_latency": (Cell("score", "inflight", 1, answer_cache=True), Cell("score", "inflight", 1),
+                                       "p50_ms"),
+    "answer_hit_vs_miss_latency": (Cell("score", "inflight", 1, answer_cache=True),
+                                   Cell("score", "inflight", 1, answer_cache=True),
+                                   ("answer_hit_p50_ms", "answer_miss_p50_ms")),
     # score requests' own p95 when a share of generate requests runs with them (issue 12 item 4)
     "mixed_inflight_vs_static_score_p95_c16": (Cell(MIXED, "inflight", 16), Cell(MIXED, "static", 16),
                                                "score_p95_ms"),
@@ -290,10 +300,10 @@ def cell_rows(runs: dict[Cell, list[dict]]) -> list[dict]:
     for cell, summaries in runs.items():
         row = {"mode": cell.mode, "strategy": cell.strategy, "concurrency": cell.concurrency,
                "prefix_reuse": cell.prefix_reuse, "context_reuse": cell.prefix_reuse and cell.context_reuse,
-               "model": "hf-cpu build" if cell.build else "fp32 merged",
+               "model": "hf-cpu build" if cell.build else "fp32 merged", "answer_cache": cell.answer_cache,
                "rounds": len(summaries), "requests": summaries[0]["requests"]}
         for metric in ("throughput_rps", "p50_ms", "p95_ms", "p99_ms", "mean_ms", "mean_batch", *MIXED_METRICS,
-                       *CONTEXT_METRICS):
+                       *CONTEXT_METRICS, *ANSWER_METRICS):
             if (metric in MIXED_METRICS and cell.mode != MIXED) or not any(metric in s for s in summaries):
                 continue
             values = [s[metric] for s in summaries if s.get(metric) is not None]
@@ -312,6 +322,7 @@ def cell_rows(runs: dict[Cell, list[dict]]) -> list[dict]:
 
 MIXED_METRICS = ("score_p50_ms", "score_p95_ms", "generate_p50_ms", "generate_p95_ms")
 CONTEXT_METRICS = ("context_hits", "context_misses", "context_hit_p50_ms", "context_miss_p50_ms")
+ANSWER_METRICS = ("answer_hits", "answer_misses", "answer_hit_p50_ms", "answer_miss_p50_ms")
 
 
 def pattern_summary(order: list[int], config: BenchConfig) -> dict:
@@ -423,11 +434,14 @@ def markdown(report: dict) -> str:
     prefix = [r for r in report["cells"] if r["mode"] == "score" and r["strategy"] == "inflight"
               and r["concurrency"] == 1]
     if len(prefix) >= 2:
-        parts += ["## KV reuse: shared prefix and per-user context (score mode, in-flight engine, concurrency 1)",
-                  "context_hit/miss_p50_ms: within the context-reuse cell, requests whose user's context was cached "
-                  "against those that computed it.",
-                  markdown_table(prefix, ["model", "prefix_reuse", "context_reuse", "requests", "p50_ms", "p95_ms",
-                                          "context_hits", "context_hit_p50_ms", "context_miss_p50_ms", "rounds"])]
+        parts += ["## Reuse: shared prefix, per-user context, answers of exact repeats (score mode, in-flight engine, "
+                  "concurrency 1)",
+                  "context_hit/miss_p50_ms: within a context-reuse cell, requests whose user's context was cached "
+                  "against those that computed it. answer_hit/miss_p50_ms: within the answer-cache cell (the server's "
+                  "default: exact repeats answered without the model), the repeats against the requests the model ran.",
+                  markdown_table(prefix, ["model", "prefix_reuse", "context_reuse", "answer_cache", "requests", "p50_ms",
+                                          "p95_ms", "context_hits", "context_hit_p50_ms", "context_miss_p50_ms",
+                                          "answer_hits", "answer_hit_p50_ms", "answer_miss_p50_ms", "rounds"])]
     if "utilisation" in report:
         u = report["utilisation"]
         parts += ["## Utilisation: score-mode prefill FLOP/s against this machine's matmul peak (same run)",

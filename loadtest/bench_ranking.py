@@ -133,12 +133,13 @@ class Cell:
     prefix_reuse: bool = True   # False: no KV reuse at all (neither the shared prefix nor user contexts)
     context_reuse: bool = True  # False: the shared prefix only (per-user context KV cache off)
     build: bool = False         # the bundle's hf-cpu build (its precision) instead of the fp32 merged model
+    answer_cache: bool = False  # behind an AnswerCache, as the server runs it (exact repeats answered unrun)
 
     @property
     def key(self) -> str:
         reuse = "" if not self.prefix_reuse else ("" if self.context_reuse else "/no-context-reuse")
         return f"{self.mode}/{self.strategy}/c{self.concurrency}" + ("" if self.prefix_reuse else "/no-prefix-reuse") \
-            + reuse + ("/hf-cpu-build" if self.build else "")
+            + reuse + ("/hf-cpu-build" if self.build else "") + ("/answer-cache" if self.answer_cache else "")
 
 
 MIXED = "mixed"
@@ -179,7 +180,9 @@ def measure(cell: Cell, workload: Workload, engine_config, requests: int, order:
     errors). `order`: the user of each request (`request_order`; default: every user in turn).
     A `mixed` cell sends score and generate requests together (`mixed_modes`) and also reports each
     mode's own p50/p95."""
-    from loadtest.drive import run_strategy
+    from loadtest.baselines import strategy_engine
+    from loadtest.drive import run_engine
+    from ranking_server.engines.answers import AnswerCache
 
     n = max(requests, cell.concurrency)
     users = order[:n] if order is not None else [i % len(workload.users) for i in range(n)]
@@ -192,11 +195,16 @@ def measure(cell: Cell, workload: Workload, engine_config, requests: int, order:
     model = workload.build_model if cell.build else workload.model
     if model is None:
         raise ValueError(f"{cell.key}: the bundle has no hf-cpu build for this machine (python -m compile build)")
-    result = run_strategy(cell.strategy, model, batch, cell.concurrency, config, warmup=1)
+    engine = strategy_engine(cell.strategy, model, config)
+    if cell.answer_cache:
+        engine = AnswerCache(engine, config.answer_cache_size)
+    result = run_engine(engine, batch, cell.concurrency, warmup=1, label=cell.strategy)
     summary = {**result.summary(), "requests": n, "p99_ms": round(result.percentile_ms(99), 1)}
     if cell.mode == MIXED:
         summary.update(per_mode(result.latencies_ms if not result.errors else None, modes))
-    if context and not result.errors:
+    if cell.answer_cache and not result.errors:
+        summary.update(answer_split(result))
+    elif context and not result.errors:
         summary.update(context_split(result, batch))
     return summary
 
@@ -211,6 +219,19 @@ def context_split(result, batch: list[EngineRequest]) -> dict:
     for name, wanted in (("hit", True), ("miss", False)):
         values = [x for x, h in zip(result.latencies_ms, hits) if h == wanted]
         out[f"context_{name}_p50_ms"] = round(float(np.percentile(values, 50)), 1) if values else None
+    return out
+
+
+def answer_split(result) -> dict:
+    """p50 of the requests answered from the AnswerCache (exact repeats: hits) and of those the model ran
+    (misses), within one cell."""
+    import numpy as np
+
+    hits = sum(result.answer_reused)
+    out = {"answer_hits": hits, "answer_misses": len(result.answer_reused) - hits}
+    for name, wanted in (("hit", True), ("miss", False)):
+        values = [x for x, h in zip(result.latencies_ms, result.answer_reused) if h == wanted]
+        out[f"answer_{name}_p50_ms"] = round(float(np.percentile(values, 50)), 2) if values else None
     return out
 
 

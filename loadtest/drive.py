@@ -42,6 +42,7 @@ class DriveResult:
     errors: dict[str, int] = field(default_factory=dict)
     stats: EngineStats | None = None
     cached_tokens: list[int] = field(default_factory=list)  # per answered request, aligned with latencies_ms
+    answer_reused: list[bool] = field(default_factory=list)  # per answered request: an AnswerCache hit
 
     @property
     def throughput_rps(self) -> float:
@@ -60,12 +61,14 @@ class DriveResult:
 
 
 class _Calls:
-    """What both drivers record: each request's latency and cached tokens (by its index), errors by type."""
+    """What both drivers record: each request's latency, cached tokens and whether its answer was a kept one
+    (by its index), errors by type."""
 
     def __init__(self, engine: RankingEngine, requests: Sequence[EngineRequest]):
         self.engine, self.requests = engine, requests
         self.latencies: list[float | None] = [None] * len(requests)
         self.cached: list[int] = [0] * len(requests)
+        self.reused: list[bool] = [False] * len(requests)
         self.errors: Counter[str] = Counter()
 
     async def send(self, i: int, since: float) -> None:
@@ -78,11 +81,13 @@ class _Calls:
             return
         self.latencies[i] = 1e3 * (time.perf_counter() - since)
         self.cached[i] = result.cached_tokens
+        self.reused[i] = result.answer_reused
 
     def result(self, strategy: str, concurrency: int, wall_s: float) -> DriveResult:
         answered = [i for i, x in enumerate(self.latencies) if x is not None]
         return DriveResult(strategy or self.engine.name, concurrency, wall_s, [self.latencies[i] for i in answered],
-                           dict(self.errors), self.engine.stats(), [self.cached[i] for i in answered])
+                           dict(self.errors), self.engine.stats(), [self.cached[i] for i in answered],
+                           [self.reused[i] for i in answered])
 
 
 async def drive(engine: RankingEngine, requests: Sequence[EngineRequest], concurrency: int,

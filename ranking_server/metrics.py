@@ -15,6 +15,7 @@ Engine (read from `engine.stats()` at every scrape, so they cost nothing per req
     ranking_engine_requests{outcome}        completed | failed | aborted | rejected, counters
     ranking_engine_context_cache{event}     hit | miss | evict of the per-user context KV cache, counters
     ranking_engine_context_cache_bytes      memory the cached user contexts hold
+    ranking_engine_answer_cache{event}      hit | miss | evict of the answers kept for exact repeats
     ranking_engine_steps, ranking_engine_busy_seconds, ranking_engine_mean_batch_size,
     ranking_engine_healthy
 """
@@ -84,6 +85,13 @@ class EngineCollector:
         yield cache
         yield GaugeMetricFamily("ranking_engine_context_cache_bytes", "memory the cached user contexts hold",
                                 value=stats.context_bytes)
+        answers = CounterMetricFamily("ranking_engine_answer_cache", "answers of exact repeats: requests answered "
+                                      "from the cache (hit), run by the model (miss), answers dropped (evict)",
+                                      labels=["event"])
+        for event, value in (("hit", stats.answer_hits), ("miss", stats.answer_misses),
+                             ("evict", stats.answer_evictions)):
+            answers.add_metric([event], value)
+        yield answers
         yield CounterMetricFamily("ranking_engine_steps", "engine iterations that ran the model", value=stats.steps)
         yield CounterMetricFamily("ranking_engine_busy_seconds", "time the engine spent running steps",
                                   value=stats.busy_s)

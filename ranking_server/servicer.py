@@ -67,6 +67,7 @@ class Answer:
     queue_ms: float = 0.0
     ranking_ms: float = 0.0
     degraded_reason: str = ""
+    reused: bool = False  # the engine's kept answer to an identical earlier request (no model time)
 
 
 class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
@@ -126,11 +127,12 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             answer = await self._rank(plan, retrieved, k, deadline)
         total_ms = 1e3 * (time.perf_counter() - started)
         self._observe(retrieval_ms, answer, total_ms)
-        log.info("rid=%s user=%r history=%d (%s) mode=%s k=%d -> %d of %d candidates%s%s; retrieval %.1f ms, "
+        log.info("rid=%s user=%r history=%d (%s) mode=%s k=%d -> %d of %d candidates%s%s%s; retrieval %.1f ms, "
                  "queue %.1f ms, ranking %.1f ms, total %.1f ms", rid, plan.user_id, len(plan.history),
                  plan.history_source, plan.mode, plan.k, len(answer.ranking), len(retrieved.items),
                  " cold start" if retrieved.cold_start else "",
                  f" DEGRADED ({answer.degraded_reason})" if answer.degraded_reason else "",
+                 " (a repeat: the kept answer)" if answer.reused else "",
                  retrieval_ms, answer.queue_ms, answer.ranking_ms, total_ms)
         return self._response(plan, retrieved, answer, retrieval_ms, total_ms)
 
@@ -186,9 +188,11 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         tracing.add_stage_spans(self.tracer, submitted_ns, result.timings, {
             "request.id": plan.request_id, "ranking.mode": plan.mode, "llm.prompt_tokens": result.prompt_tokens,
             "llm.cached_tokens": result.cached_tokens, "llm.generated_tokens": result.generated_tokens,
-            "llm.candidates": len(retrieved.items), "llm.batch_size": result.batch_size})
+            "llm.candidates": len(retrieved.items), "llm.batch_size": result.batch_size,
+            "llm.answer_reused": result.answer_reused})
         return Answer(ranking=self.prompts.ranking(result, job.retrieval_term, k, job.candidate_bias),
-                      queue_ms=result.timings.queue_ms, ranking_ms=waited_ms - result.timings.queue_ms)
+                      queue_ms=result.timings.queue_ms, ranking_ms=waited_ms - result.timings.queue_ms,
+                      reused=result.answer_reused)
 
     def _degrade(self, plan: Plan, retrieval_order: list[tuple[int, float]], reason: str, detail: str,
                  submitted: float) -> Answer:

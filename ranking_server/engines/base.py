@@ -167,6 +167,7 @@ class EngineResult:
     generated_tokens: int
     timings: EngineTimings
     batch_size: int = 0     # most requests in the engine's running batch while this one ran (0: not known)
+    answer_reused: bool = False  # the answer to an identical earlier request (`AnswerCache`): no model time
 
 
 @dataclass
@@ -188,6 +189,9 @@ class EngineStats:
     context_misses: int = 0          # requests with a context that was not (it is stored when computed)
     context_evictions: int = 0       # contexts dropped to stay within --context-cache-mb
     context_bytes: int = 0           # memory the cached contexts hold now
+    answer_hits: int = 0             # requests answered from `AnswerCache` (an identical earlier request's answer)
+    answer_misses: int = 0           # cacheable requests the engine ran (their answers are then kept)
+    answer_evictions: int = 0        # answers dropped to stay within --answer-cache-size
     generated_tokens: int = 0
     busy_s: float = 0.0              # time spent running steps
     max_active: int = 0              # highest concurrent batch seen

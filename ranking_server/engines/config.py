@@ -34,6 +34,10 @@ class EngineConfig:
     context_cache_mb: float = field(default=256.0, metadata={
         "help": "memory for the KV of recent users' contexts (profile + history, keyed by their exact token ids; "
                 "LRU): a user's repeat call computes only its candidates (0: off)"})
+    answer_cache_size: int = field(default=4096, metadata={
+        "help": "answers kept for requests that repeat exactly (the same prompt tokens, candidates and mode: a "
+                "user's repeat call with no new interaction); a repeat is answered without running the model "
+                "(LRU, ~1 KB an answer; 0: off)"})
     score_first_ms: float = field(default=500.0, metadata={
         "help": "score requests go ahead of generate requests that arrived up to this long before them, in "
                 "admission and in the order prompts run (a score request ends with its prompt; a generate one "
@@ -53,7 +57,7 @@ class EngineConfig:
         for name in ("max_batch_size", "max_tokens_per_step", "prefix_cache_size", "draft_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_queue", "max_seq_len", "threads", "context_cache_mb", "score_first_ms"):
+        for name in ("max_queue", "max_seq_len", "threads", "context_cache_mb", "answer_cache_size", "score_first_ms"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_tokens_per_step < self.max_batch_size:

@@ -12,6 +12,9 @@ naming what the build was made for and what this machine is. Only then is anythi
                        stay on the torch engine (`ModeRouter`)
     trtllm             TrtllmEngine over the TensorRT-LLM engine directory
 
+Whichever it is, it answers behind an `AnswerCache` (`--answer-cache-size`): a request identical to one
+answered before gets that answer without running the model.
+
 Runs in a worker thread while health says NOT_SERVING; it may take seconds (weights load).
 """
 
@@ -27,6 +30,7 @@ from palr.bundle import Bundle, BundleError
 from palr.machine import Machine, cpu_cores
 from palr.ranking import MODES
 from palr.targets import target_for, target_spec
+from ranking_server.engines.answers import with_answer_cache
 from ranking_server.engines.base import RankingEngine
 from ranking_server.engines.config import EngineConfig
 
@@ -45,10 +49,12 @@ def build_engine(bundle: Bundle, config) -> RankingEngine:
     target = target_for(config.engine, config.device)  # ValueError for e.g. --engine trtllm --device cpu
     engine_config = EngineConfig.of(config)
     if config.engine == "ortgenai":
-        return ortgenai_engine(bundle, engine_config, lambda: _torch_engine(bundle, config.device, engine_config))
-    if config.engine == "trtllm":
-        return engine_from_build(bundle, target, engine_config)
-    return _torch_engine(bundle, config.device, engine_config)
+        engine = ortgenai_engine(bundle, engine_config, lambda: _torch_engine(bundle, config.device, engine_config))
+    elif config.engine == "trtllm":
+        engine = engine_from_build(bundle, target, engine_config)
+    else:
+        engine = _torch_engine(bundle, config.device, engine_config)
+    return with_answer_cache(engine, engine_config.answer_cache_size)
 
 
 def has_build(bundle, target: str) -> bool:

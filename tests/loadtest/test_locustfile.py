@@ -196,6 +196,10 @@ def test_bench_report_measures_every_cell_and_writes_ratios_goals_and_plots(tiny
     assert cells[("generate", "inflight", 16, True)]["mean_batch"] > 1.0  # 16 callers' decodes shared steps
     assert cells[("score", "inflight", 1, False)]["rounds"] == 2  # prefix reuse off
     assert cells[("score", "static", 1, True)]["rounds"] == 1  # sweep-only cells run once
+    answers = [c for c in saved["cells"] if c["answer_cache"]]
+    assert len(answers) == 1 and answers[0]["rounds"] == 2
+    assert answers[0]["answer_hits"] >= 1  # the warm-up's request comes again: answered without the model
+    assert answers[0]["answer_hits"] + answers[0]["answer_misses"] == answers[0]["requests"]
     workload = saved["workload"]
     assert workload["candidates"] == 6 and workload["prompt_tokens_min"] > workload["prefix_tokens"] > 0
     for name in saved["plots"]:

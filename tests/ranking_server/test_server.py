@@ -39,7 +39,9 @@ from retrieval_server.server import RetrievalServer
 SCORE, GENERATE, UNSPECIFIED = (ranking_pb2.RANKING_MODE_SCORE, ranking_pb2.RANKING_MODE_GENERATE,
                                 ranking_pb2.RANKING_MODE_UNSPECIFIED)
 FUSION_WEIGHT = 0.5
-SLOW = dict(max_batch_size=1, max_tokens_per_step=1, max_queue=1, max_k=26, degrade_reserve_ms=500)
+# the slow server's model runs every request (no kept answers): its tests need the model's time
+SLOW = dict(max_batch_size=1, max_tokens_per_step=1, max_queue=1, max_k=26, degrade_reserve_ms=500,
+            answer_cache_size=0)
 
 
 # -- servers -----------------------------------------------------------------------------------------
@@ -98,7 +100,8 @@ def ranking(server_loop, bundle, retrieval):
 
 @pytest.fixture(scope="module")
 def slow(server_loop, bundle, retrieval):
-    """One batch slot, one token per engine step, one queue place, 500 ms kept to answer degraded."""
+    """One batch slot, one token per engine step, one queue place, 500 ms kept to answer degraded, no answer
+    cache."""
     server = start_ranking(server_loop, bundle, retrieval.server.address, metrics_port=free_port(), **SLOW)
     yield server
     server_loop.run(server.drain())
@@ -435,7 +438,8 @@ def test_a_prompt_that_cannot_fit_max_seq_len_stops_the_server_at_start_up(serve
     prompts = ranking.servicer.prompts
     n = ranking.planner.max_candidates
     longest = slot_tokens(prompts.longest_requests(n))
-    assert ranking.engine.max_seq_len == -(-longest // SLOT_BLOCK) * SLOT_BLOCK  # the default (--max-seq-len 0)
+    served = ranking.engine.engine  # the hf engine behind the server's AnswerCache
+    assert served.max_seq_len == -(-longest // SLOT_BLOCK) * SLOT_BLOCK  # the default (--max-seq-len 0)
     catalog = prompts.catalog
     for user in list(prompts.stored_profiles)[:20]:  # real users, their stored histories, the most popular items
         plan = ranking.planner.plan(ranking_pb2.RecommendRequest(user_id=user, k=n, num_candidates=n,
@@ -469,7 +473,7 @@ def test_health_turns_not_serving_when_the_engine_fails_and_requests_degrade(ser
             def broken_step():  # fault injection: the engine loop itself fails (not one request)
                 raise RuntimeError("scheduler bug")
 
-            server.engine._step = broken_step
+            server.engine.engine._step = broken_step  # the hf engine behind the AnswerCache
             response = recommend(ranking_pb2_grpc.RankingServiceStub(channel), user_id=user, k=3)
             assert response.degraded and [i.retrieval_rank for i in response.items] == [0, 1, 2]
             wait_until(lambda: check() == NOT_SERVING, timeout=10, what="health NOT_SERVING")
@@ -500,20 +504,25 @@ def test_retrieval_over_mutual_tls_then_unavailable_naming_its_address_once_it_i
 def test_metrics_show_stages_codes_cold_starts_and_engine_counters(ranking, stub, reference):
     ENGINE.attach(ranking.engine)  # one serving engine per process; these tests run several
     before = scrape_metrics(ranking.server.metrics_port)
-    recommend(stub, user_id=some_users(reference, 1)[0], k=3)
-    recommend(stub, user_id=some_users(reference, 1)[0], k=3, mode=GENERATE)
+    asked = dict(user_id=some_users(reference, 1)[0], k=3, num_candidates=7)  # 7: no other test asks for it
+    first = recommend(stub, **asked)
+    repeat = recommend(stub, **asked)  # an exact repeat: the engine's kept answer, no model time
+    recommend(stub, **asked, mode=GENERATE)
     recommend(stub, user_id="no-such-user", k=3)
     with pytest.raises(grpc.RpcError):
         recommend(stub, user_id="no-such-user", k=0)
     after = scrape_metrics(ranking.server.metrics_port)
     delta = lambda name: after.get(name, 0.0) - before.get(name, 0.0)  # noqa: E731
-    assert delta('ranking_requests_total{code="OK"}') == 3
+    assert delta('ranking_requests_total{code="OK"}') == 4
     assert delta('ranking_requests_total{code="INVALID_ARGUMENT"}') == 1
     assert delta('ranking_rejected_total{reason="invalid_argument"}') == 1
     assert delta("ranking_cold_starts_total") == 1
     for stage in ("retrieval", "queue", "ranking", "total"):
-        assert delta(f'ranking_stage_seconds_count{{stage="{stage}"}}') == 3
-    assert delta('ranking_engine_requests_total{outcome="completed"}') == 2
+        assert delta(f'ranking_stage_seconds_count{{stage="{stage}"}}') == 4
+    assert delta('ranking_engine_requests_total{outcome="completed"}') == 2  # the repeat did not run the model
+    assert (delta('ranking_engine_answer_cache_total{event="hit"}'),
+            delta('ranking_engine_answer_cache_total{event="miss"}')) == (1, 2)
+    assert [(i.item_id, i.score) for i in repeat.items] == [(i.item_id, i.score) for i in first.items]
     assert delta('ranking_engine_tokens_total{kind="generated"}') >= 3
     assert delta('ranking_engine_tokens_total{kind="cached"}') > 0  # the shared prefix's KV was reused
     assert after["ranking_engine_tokens_per_second"] > 0 and after["ranking_engine_healthy"] == 1

@@ -1,0 +1,141 @@
+"""`AnswerCache` over the real in-flight engine on a tiny transformer: an exact repeat gets the answer the
+model gave (and would give again) without running it; anything that changes the answer (the prompt, the
+candidates' readout, the mode, generate's k / bias / logit weight) is run; the bound evicts the least
+recently used; failures and constraints that cannot be keyed are never kept."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import functools
+import random
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from palr.decoding import LabelConstraint, answer_constraint  # noqa: E402
+from palr.llm import load_causal_lm  # noqa: E402
+from palr.prompt import Readout  # noqa: E402
+from ranking_server.engines.answers import AnswerCache, answer_key, with_answer_cache  # noqa: E402
+from ranking_server.engines.base import EngineRequest, InvalidRequest  # noqa: E402
+from ranking_server.engines.config import EngineConfig  # noqa: E402
+from ranking_server.engines.hf import HFEngine  # noqa: E402
+from tests.fixtures.engine_workload import label_ids  # noqa: E402
+
+PREFIX = list(range(500, 520))
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama_dir):
+    model, tokenizer = load_causal_lm(tiny_llama_dir)
+    return model, label_ids(tokenizer, 6)
+
+
+@pytest.fixture
+def cached(tiny):
+    model, _ = tiny
+    engine = AnswerCache(HFEngine(model, EngineConfig(max_batch_size=2, max_tokens_per_step=128)), size=3)
+    yield engine
+    engine.close()
+
+
+def request(rid: str, labels: list[int], seed: int = 0, mode: str = "score", readout: bool = True,
+            **fields) -> EngineRequest:
+    """PREFIX + a 30-token context + one 3-token line per candidate (label, two item tokens) + a closing token."""
+    rng = random.Random(seed)
+    suffix = [rng.randrange(100, 40000) for _ in range(30)]
+    ends = []
+    for label in labels:
+        suffix += [label, rng.randrange(100, 40000), rng.randrange(100, 40000)]
+        ends.append(len(PREFIX) + len(suffix) - 1)
+    suffix.append(rng.randrange(100, 40000))
+    chosen = Readout(tuple(ends), tuple(labels)) if readout else None
+    return EngineRequest(rid, PREFIX, suffix, labels, mode=mode, k=3, readout=chosen, context_len=30, **fields)
+
+
+def rank(engine, *requests):
+    return [asyncio.run(engine.rank(r)) for r in requests]
+
+
+@pytest.mark.parametrize("mode", ["score", "generate"])
+def test_an_exact_repeat_gets_the_models_answer_without_running_it(tiny, cached, mode):
+    _, labels = tiny
+    first, again = rank(cached, request("u1", labels, mode=mode), request("u1-again", labels, mode=mode))
+    ran = cached.engine.stats()
+    assert not first.answer_reused and again.answer_reused
+    assert again.request_id == "u1-again"
+    assert (again.order, again.scores) == (first.order, first.scores)
+    assert again.cached_tokens == again.prompt_tokens == first.prompt_tokens and again.generated_tokens == 0
+    assert ran.completed == 1, "the model ran once"
+    stats = cached.stats()
+    assert (stats.answer_hits, stats.answer_misses, stats.completed) == (1, 1, 1)
+    cold = HFEngine(tiny[0], EngineConfig(max_batch_size=2, max_tokens_per_step=128))
+    try:  # what the model answers the repeat when asked afresh
+        fresh = rank(cold, request("u1-fresh", labels, mode=mode))[0]
+    finally:
+        cold.close()
+    assert again.order == fresh.order
+    if mode == "score":
+        assert again.scores == pytest.approx(fresh.scores, abs=1e-5)
+
+
+def test_whatever_changes_the_answer_is_run_and_what_does_not_is_not(tiny, cached):
+    _, labels = tiny
+    base = request("a", labels)
+    variants = [
+        request("b", labels, seed=1),                         # another user's prompt
+        request("c", labels[:5]),                             # another candidate list
+        request("d", labels, readout=False),                  # labels read after the prompt, not per line
+        request("e", labels, mode="generate"),                # the other mode
+    ]
+    rank(cached, base, *variants)
+    assert cached.stats().answer_misses == 5 and cached.stats().answer_hits == 0
+    # score mode returns the readouts only: generate's k, bias and weight change nothing it answers
+    same = dataclasses.replace(base, request_id="a2", k=5, bias=[0.1] * len(labels), logit_weight=0.5)
+    assert answer_key(same) == answer_key(base)
+    generate = request("g", labels, mode="generate")
+    for change in (dict(k=4), dict(bias=[0.2] * len(labels)), dict(logit_weight=0.3)):
+        assert answer_key(dataclasses.replace(generate, **change)) != answer_key(generate), change
+
+
+def test_the_bound_evicts_the_least_recently_used_answer(tiny, cached):
+    _, labels = tiny
+    users = [request(f"u{i}", labels, seed=i) for i in range(4)]
+    rank(cached, users[0], users[1], users[2], users[0], users[3])  # u1 is the least recent when u3 comes
+    assert cached.stats().answer_evictions == 1
+    assert [r.answer_reused for r in rank(cached, users[0], users[2], users[1])] == [True, True, False]
+
+
+def test_failures_and_custom_constraints_are_never_kept(tiny, cached):
+    _, labels = tiny
+    bad = dataclasses.replace(request("bad", labels), prefix_ids=[10 ** 9])  # outside the vocabulary
+    for _ in range(2):
+        with pytest.raises(InvalidRequest):
+            rank(cached, bad)
+    assert cached.stats().answer_misses == 2 and cached.stats().answer_hits == 0
+    custom = request("custom", labels, mode="generate", constraint=lambda: LabelConstraint(labels, 3))
+    assert answer_key(custom) is None
+    assert [r.answer_reused for r in rank(cached, custom, dataclasses.replace(custom, request_id="c2"))] == [False,
+                                                                                                          False]
+
+
+def test_a_constraint_factory_over_plain_values_is_part_of_the_key(tiny):
+    _, labels = tiny
+    lines = [[label, 7, 8] for label in labels]
+    with_lines = lambda lines: request("t", labels, mode="generate", constraint=functools.partial(  # noqa: E731
+        answer_constraint, "titles", labels, lines, 3))
+    assert answer_key(with_lines(lines)) == answer_key(with_lines([list(line) for line in lines]))
+    assert answer_key(with_lines(lines)) != answer_key(with_lines(lines[:-1] + [[labels[-1], 7, 9]]))
+    assert answer_key(with_lines(lines)) != answer_key(request("t", labels, mode="generate"))
+    assert answer_key(request("t", labels, mode="generate", constraint=functools.partial(
+        answer_constraint, "titles", labels, object(), 3))) is None  # not a plain value
+
+
+def test_size_zero_is_the_engine_itself(tiny):
+    engine = HFEngine(tiny[0], EngineConfig(max_batch_size=1))
+    try:
+        assert with_answer_cache(engine, 0) is engine
+        assert isinstance(with_answer_cache(engine, 1), AnswerCache)
+    finally:
+        engine.close()
