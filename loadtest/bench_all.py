@@ -307,7 +307,8 @@ def cell_rows(runs: dict[Cell, list[dict]]) -> list[dict]:
             if (metric in MIXED_METRICS and cell.mode != MIXED) or not any(metric in s for s in summaries):
                 continue
             values = [s[metric] for s in summaries if s.get(metric) is not None]
-            row[metric] = round(statistics.median(values), 4 if metric == "throughput_rps" else 1) if values else None
+            digits = 4 if metric == "throughput_rps" else 3 if metric == "answer_hit_p50_ms" else 1  # a hit: ~0.1 ms
+            row[metric] = round(statistics.median(values), digits) if values else None
         row["errors"] = sum(sum(s["errors"].values()) for s in summaries)
         row["runs"] = summaries
         rows.append(row)

@@ -12,6 +12,7 @@ closed-loop driver `loadtest/drive.py` on a freshly built engine.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import logging
@@ -181,7 +182,7 @@ def measure(cell: Cell, workload: Workload, engine_config, requests: int, order:
     A `mixed` cell sends score and generate requests together (`mixed_modes`) and also reports each
     mode's own p50/p95."""
     from loadtest.baselines import strategy_engine
-    from loadtest.drive import run_engine
+    from loadtest.drive import drive, run_engine
     from ranking_server.engines.answers import AnswerCache
 
     n = max(requests, cell.concurrency)
@@ -196,9 +197,11 @@ def measure(cell: Cell, workload: Workload, engine_config, requests: int, order:
     if model is None:
         raise ValueError(f"{cell.key}: the bundle has no hf-cpu build for this machine (python -m compile build)")
     engine = strategy_engine(cell.strategy, model, config)
-    if cell.answer_cache:
-        engine = AnswerCache(engine, config.answer_cache_size)
-    result = run_engine(engine, batch, cell.concurrency, warmup=1, label=cell.strategy)
+    warmup = 1
+    if cell.answer_cache:  # warmed up without the cache, so no measured request is a hit on the warm-up's answer
+        asyncio.run(drive(engine, batch[:1], 1))
+        engine, warmup = AnswerCache(engine, config.answer_cache_size), 0
+    result = run_engine(engine, batch, cell.concurrency, warmup=warmup, label=cell.strategy)
     summary = {**result.summary(), "requests": n, "p99_ms": round(result.percentile_ms(99), 1)}
     if cell.mode == MIXED:
         summary.update(per_mode(result.latencies_ms if not result.errors else None, modes))
@@ -231,7 +234,7 @@ def answer_split(result) -> dict:
     out = {"answer_hits": hits, "answer_misses": len(result.answer_reused) - hits}
     for name, wanted in (("hit", True), ("miss", False)):
         values = [x for x, h in zip(result.latencies_ms, result.answer_reused) if h == wanted]
-        out[f"answer_{name}_p50_ms"] = round(float(np.percentile(values, 50)), 2) if values else None
+        out[f"answer_{name}_p50_ms"] = round(float(np.percentile(values, 50)), 3) if values else None
     return out
 
 

@@ -137,7 +137,7 @@ class RankingServer:
         retrieval order flagged degraded meanwhile; a restart is the way back)."""
         while engine.check_health():
             await asyncio.sleep(self.config.engine_check_s)
-        await self.server.set_not_serving(f"the {type(engine).__name__} engine has failed; answering in retrieval "
+        await self.server.set_not_serving(f"the {engine.name} engine has failed; answering in retrieval "
                                           f"order (degraded) until this server is restarted")
 
     async def _close(self) -> None:

@@ -5,11 +5,12 @@ the same prompt: the same history, the same retrieved candidates, the same trend
 another candidate list or a trend bucket that moved makes a different prompt). The per-user context KV cache
 (`HFEngine`) still computes such a call's candidate lines, ~60 % of its tokens; this computes nothing. The
 ranking engines are deterministic (greedy, constrained decoding), so a kept answer is exactly the one the
-model would give again; it is keyed by a digest of everything the engine's answer depends on (mode, the
-prompt's token ids, readout, labels, k, bias, logit weight) and lives as long as the engine (a new model
+model would give again; it is keyed by a digest of the request as the engine sees it (all but its id; score mode
+leaves out k and the logit weight, which it never reads) and lives as long as the engine (a new model
 means a new engine, so no answer outlives the model that gave it). Only answers are kept: a failure, an
-abort or a timeout is never cached. A generate request's constraint factory is part of the key when it is a
-`functools.partial` over plain values (the server's); one that cannot be keyed (a lambda) is not cached.
+abort or a timeout is never cached, and a failed engine (health false) answers nothing from it either. A
+generate request's constraint factory is part of the key when it is a `functools.partial` of a module-level
+function over plain values (the server's); one that cannot be keyed (a lambda) is not cached.
 
 Bounded by `answer_cache_size` entries (LRU; an entry is its answer and a 16-byte key: ~1 KB). Wraps any
 `RankingEngine` (hf, ortgenai, trtllm, a ModeRouter), so every backend gains it.
@@ -20,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import inspect
 import struct
 import threading
 import time
@@ -51,32 +53,37 @@ def _plain(value):
 
 
 def constraint_part(factory) -> bytes | None:
-    """A generate request's constraint factory as bytes: a `functools.partial` of a named function over plain
-    values (what `ranking_server.prompts` builds); None for anything else (a lambda, a closure: not keyable)."""
+    """A generate request's constraint factory as bytes: a `functools.partial` of a module-level function over
+    plain values (what `ranking_server.prompts` builds); None for anything else (a lambda, a closure, a bound
+    method: what they hold is not in the key)."""
     if factory is None:
         return b"\xff"
-    if not isinstance(factory, functools.partial) or "<" in factory.func.__qualname__:
+    func = getattr(factory, "func", None)
+    if not isinstance(factory, functools.partial) or not inspect.isfunction(func) or "<" in func.__qualname__:
         return None
     try:
-        spec = (factory.func.__module__, factory.func.__qualname__, _plain(factory.args),
-                _plain(sorted(factory.keywords.items())))
+        spec = (func.__module__, func.__qualname__, _plain(factory.args), _plain(sorted(factory.keywords.items())))
     except TypeError:
         return None
     return repr(spec).encode()
 
 
 def answer_key(request: EngineRequest) -> bytes | None:
-    """A digest of what the engine's answer to `request` depends on, or None when it cannot be cached.
-    Score mode reads only the prompt up to its last readout (`run_ids`); the rest of a score request (k,
-    bias, logit weight, constraint) changes nothing the engine returns."""
-    readout = request.score_readout() if request.mode == "score" else request.readout
-    parts = [request.mode.encode(), _ints(request.run_ids), _ints(request.label_token_ids),
-             _ints(readout.positions) + _ints(readout.tokens) if readout is not None else b"\xff"]
-    if request.mode != "score":
-        constraint = constraint_part(request.constraint)
-        if constraint is None:
-            return None
-        parts += [_ints([request.k]), _floats(request.bias), _floats([request.logit_weight]), constraint]
+    """A digest of the request as the engine sees it, or None when it cannot be cached. Two requests with the
+    same key are the same request but for its id, so a kept answer is valid for both (the first one passed the
+    engine's checks); score mode leaves out k and the logit weight, which it never reads."""
+    try:
+        readout = request.readout
+        parts = [request.mode.encode(), _ints(request.prefix_ids), _ints(request.suffix_ids),
+                 _ints(request.label_token_ids), _ints([request.context_len]), _floats(request.bias),
+                 _ints(readout.positions) + _ints(readout.tokens) if readout is not None else b"\xff"]
+        if request.mode != "score":
+            constraint = constraint_part(request.constraint)
+            if constraint is None:
+                return None
+            parts += [_ints([request.k]), _floats([request.logit_weight]), constraint]
+    except (struct.error, TypeError, ValueError, OverflowError):  # not plain numbers: the engine will say why
+        return None
     digest = hashlib.blake2b(digest_size=16)
     for part in parts:
         digest.update(_ints([len(part)]) + part)
@@ -99,11 +106,11 @@ class AnswerCache(RankingEngine):
         started = time.perf_counter()
         with self._lock:
             kept = self._answers.get(key)
-        if kept is not None:
+        if kept is not None and self.engine.check_health():  # a failed engine answers nothing, kept or not
             return _reused(kept, request.request_id, 1e3 * (time.perf_counter() - started))
         result = await self.engine.rank(request)
         with self._lock:
-            self._answers.put(key, result)
+            self._answers.put(key, _copy(result))
         return result
 
     def abort(self, request_id: str) -> bool:
@@ -122,12 +129,16 @@ class AnswerCache(RankingEngine):
         self.engine.close()
 
 
+def _copy(result: EngineResult, **changes) -> EngineResult:
+    """`result` with lists of its own (neither the caller nor the cache can change the other's)."""
+    scores = list(result.scores) if result.scores is not None else None
+    return dataclasses.replace(result, order=list(result.order), scores=scores, **changes)
+
+
 def _reused(kept: EngineResult, request_id: str, total_ms: float) -> EngineResult:
     """The kept answer for a new request: no queue, no model time, every prompt token reused."""
-    return dataclasses.replace(kept, request_id=request_id, order=list(kept.order),
-                               scores=list(kept.scores) if kept.scores is not None else None,
-                               cached_tokens=kept.prompt_tokens, generated_tokens=0,
-                               timings=EngineTimings(0.0, 0.0, 0.0, total_ms), batch_size=0, answer_reused=True)
+    return _copy(kept, request_id=request_id, cached_tokens=kept.prompt_tokens, generated_tokens=0,
+                 timings=EngineTimings(0.0, 0.0, 0.0, total_ms), batch_size=0, answer_reused=True)
 
 
 def with_answer_cache(engine: RankingEngine, size: int) -> RankingEngine:

@@ -190,7 +190,7 @@ class EngineStats:
     context_evictions: int = 0       # contexts dropped to stay within --context-cache-mb
     context_bytes: int = 0           # memory the cached contexts hold now
     answer_hits: int = 0             # requests answered from `AnswerCache` (an identical earlier request's answer)
-    answer_misses: int = 0           # cacheable requests the engine ran (their answers are then kept)
+    answer_misses: int = 0           # cacheable requests passed to the engine (the answers among them are kept)
     answer_evictions: int = 0        # answers dropped to stay within --answer-cache-size
     generated_tokens: int = 0
     busy_s: float = 0.0              # time spent running steps

@@ -18,7 +18,7 @@ from palr.decoding import LabelConstraint, answer_constraint  # noqa: E402
 from palr.llm import load_causal_lm  # noqa: E402
 from palr.prompt import Readout  # noqa: E402
 from ranking_server.engines.answers import AnswerCache, answer_key, with_answer_cache  # noqa: E402
-from ranking_server.engines.base import EngineRequest, InvalidRequest  # noqa: E402
+from ranking_server.engines.base import EngineError, EngineRequest, InvalidRequest  # noqa: E402
 from ranking_server.engines.config import EngineConfig  # noqa: E402
 from ranking_server.engines.hf import HFEngine  # noqa: E402
 from tests.fixtures.engine_workload import label_ids  # noqa: E402
@@ -91,9 +91,10 @@ def test_whatever_changes_the_answer_is_run_and_what_does_not_is_not(tiny, cache
     ]
     rank(cached, base, *variants)
     assert cached.stats().answer_misses == 5 and cached.stats().answer_hits == 0
-    # score mode returns the readouts only: generate's k, bias and weight change nothing it answers
-    same = dataclasses.replace(base, request_id="a2", k=5, bias=[0.1] * len(labels), logit_weight=0.5)
-    assert answer_key(same) == answer_key(base)
+    # score mode returns the readouts only: generate's k and logit weight change nothing it answers
+    assert answer_key(dataclasses.replace(base, request_id="a2", k=5, logit_weight=0.5)) == answer_key(base)
+    for change in (dict(bias=[0.1] * len(labels)), dict(context_len=20)):  # the request differs: so does the key
+        assert answer_key(dataclasses.replace(base, **change)) != answer_key(base), change
     generate = request("g", labels, mode="generate")
     for change in (dict(k=4), dict(bias=[0.2] * len(labels)), dict(logit_weight=0.3)):
         assert answer_key(dataclasses.replace(generate, **change)) != answer_key(generate), change
@@ -139,3 +140,33 @@ def test_size_zero_is_the_engine_itself(tiny):
         assert isinstance(with_answer_cache(engine, 1), AnswerCache)
     finally:
         engine.close()
+
+
+def test_neither_the_caller_nor_the_cache_can_change_the_others_answer(tiny, cached):
+    _, labels = tiny
+    first = rank(cached, request("m", labels))[0]
+    want = (list(first.order), list(first.scores))
+    first.order.reverse()
+    first.scores.append(0.0)
+    again = rank(cached, request("m2", labels))[0]
+    assert again.answer_reused and (again.order, again.scores) == want
+    again.order.clear()
+    assert rank(cached, request("m3", labels))[0].order == want[0]
+
+
+def test_a_failed_engine_answers_nothing_from_the_cache(tiny, cached):
+    _, labels = tiny
+    rank(cached, request("f", labels))
+    cached.engine.close()  # what a dead engine loop looks like from outside: health false
+    assert not cached.check_health()
+    with pytest.raises(EngineError):
+        rank(cached, request("f2", labels))
+
+
+def test_a_bound_method_factory_is_not_keyed():
+    class Maker:
+        def constraint(self):
+            return LabelConstraint([1, 2, 3], 2)
+
+    bound = functools.partial(Maker().constraint)
+    assert answer_key(EngineRequest("b", [], [5, 6, 7], [1, 2, 3], "generate", 2, constraint=bound)) is None
