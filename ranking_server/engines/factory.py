@@ -49,7 +49,7 @@ def build_engine(bundle: Bundle, config) -> RankingEngine:
     target = target_for(config.engine, config.device)  # ValueError for e.g. --engine trtllm --device cpu
     engine_config = EngineConfig.of(config)
     if config.engine == "ortgenai":
-        engine = ortgenai_engine(bundle, engine_config, lambda: _torch_engine(bundle, config.device, engine_config))
+        engine = ortgenai_engine(bundle, engine_config, lambda part: _torch_engine(bundle, config.device, part))
     elif config.engine == "trtllm":
         engine = engine_from_build(bundle, target, engine_config)
     else:
@@ -110,8 +110,10 @@ def engine_threads(entry: dict, machine: Machine, configured: int) -> tuple[int,
     return measured, "measured fastest by the build"
 
 
-def ortgenai_engine(bundle, engine_config: EngineConfig, torch_engine: Callable[[], RankingEngine]) -> RankingEngine:
-    """The ortgenai build for the modes it won; `torch_engine()` for the others (if any)."""
+def ortgenai_engine(bundle, engine_config: EngineConfig,
+                    torch_engine: Callable[[EngineConfig], RankingEngine]) -> RankingEngine:
+    """The ortgenai build for the modes it won; `torch_engine(config)` for the others (if any), the two under one
+    queue bound and one context-cache budget."""
     target = "ortgenai-cpu"
     entry = bundle.artifact(artifact_name(target))
     won = [m for m in MODES if m in (entry.get("serves_modes") or [])]
@@ -119,16 +121,19 @@ def ortgenai_engine(bundle, engine_config: EngineConfig, torch_engine: Callable[
         raise BuildMismatch(f"refusing {artifact_name(target)}: its build measured no ranking mode where "
                             f"onnxruntime-genai beats torch on this model (reports/build_{target}.json); "
                             f"serve with --engine hf")
-    ortgenai = engine_from_build(bundle, target, engine_config)
     if len(won) == len(MODES):
-        return ortgenai
+        return engine_from_build(bundle, target, engine_config)
     from ranking_server.engines.routed import ModeRouter
 
-    log.info("ortgenai serves %s (what its build won); torch serves the rest, taking turns on the CPU",
-             ", ".join(won))
-    torch = torch_engine()
+    # two engines, one budget: each keeps the KV of its own modes' user contexts in half of --context-cache-mb
+    half = dataclasses.replace(engine_config, context_cache_mb=engine_config.context_cache_mb / 2)
+    log.info("ortgenai serves %s (what its build won); torch serves the rest, taking turns on the CPU, <= %d "
+             "requests waiting in both, %.0f MB of user contexts each", ", ".join(won), engine_config.max_queue,
+             half.context_cache_mb)
+    ortgenai = engine_from_build(bundle, target, half)
+    torch = torch_engine(half)
     share_device(ortgenai, torch)
-    return ModeRouter({m: ortgenai if m in won else torch for m in MODES})
+    return ModeRouter({m: ortgenai if m in won else torch for m in MODES}, max_queue=engine_config.max_queue)
 
 
 def share_device(*engines: RankingEngine) -> None:

@@ -136,11 +136,15 @@ def test_only_the_modes_the_build_won_go_to_onnxruntime_genai(ortgenai_bundle, r
     bundle.save()
     model, labels = reference
     config = EngineConfig(max_batch_size=2, max_tokens_per_step=64)
-    engine = ortgenai_engine(Bundle.open(bundle_dir), config, lambda: HFEngine(model, config))
+    engine = ortgenai_engine(Bundle.open(bundle_dir), config, lambda part: HFEngine(model, part))
     try:
         assert isinstance(engine, ModeRouter)
         assert engine.by_mode["generate"].name == "ortgenai" and engine.by_mode["score"].name == "hf-inflight"
         assert engine.by_mode["generate"].device_turns is engine.by_mode["score"].device_turns  # one CPU, in turns
+        # one queue bound for the caller, one context-cache budget split between the two
+        assert engine.max_queue == config.max_queue
+        assert [engine.by_mode[m].config.context_cache_mb for m in ("score", "generate")] == [
+            config.context_cache_mb / 2] * 2
         score = EngineRequest("s", [], list(range(500, 560)), labels[:6])
         generate = EngineRequest("g", [], list(range(500, 560)), labels[:6], "generate", k=2)
         asyncio.run(engine.rank(score))
@@ -157,7 +161,7 @@ def test_a_build_that_won_no_mode_is_refused(ortgenai_bundle, tmp_path):
     bundle.artifact(NAME)["serves_modes"] = []
     bundle.save()
     with pytest.raises(BuildMismatch, match="no ranking mode where onnxruntime-genai beats torch"):
-        ortgenai_engine(Bundle.open(bundle_dir), EngineConfig(), lambda: None)
+        ortgenai_engine(Bundle.open(bundle_dir), EngineConfig(), lambda part: None)
 
 
 def test_generate_at_logit_weight_zero_writes_the_bias_order_without_decoding(ortgenai_bundle, reference):

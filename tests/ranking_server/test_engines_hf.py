@@ -608,6 +608,40 @@ def test_engines_sharing_a_device_never_compute_at_once(tiny, workload, shared):
     assert (seen["most"] == 1) if shared else (seen["most"] == 2)
 
 
+def test_a_routers_queue_bound_counts_the_requests_waiting_in_both_engines(tiny):
+    """`--max-queue` is one bound for a ModeRouter's caller: with one request running and one waiting in each
+    engine (each engine's own bound is 4), a third waiting request is refused at once, whatever its mode."""
+    from ranking_server.engines.routed import ModeRouter
+
+    model, labels = tiny
+    slow = EngineConfig(max_batch_size=1, max_tokens_per_step=1, max_queue=4)  # ~200 steps a request
+    engines = [HFEngine(model, slow, name=f"hf-{i}") for i in range(2)]
+    router = ModeRouter({"score": engines[0], "generate": engines[1]}, max_queue=2)
+    request = lambda rid, mode: EngineRequest(rid, [], list(range(500, 700)), labels[:4], mode, k=2)  # noqa: E731
+
+    async def scenario():
+        tasks = []
+        for i, mode in enumerate(("score", "generate")):  # one running in each engine
+            tasks.append(asyncio.ensure_future(router.rank(request(f"run-{mode}", mode))))
+            await wait_until(lambda i=i: engines[i].stats().active == 1)
+        for mode in ("score", "generate"):  # one waiting in each: two in all
+            tasks.append(asyncio.ensure_future(router.rank(request(f"wait-{mode}", mode))))
+            await asyncio.sleep(0)  # rank() runs until the request is queued
+        assert [e.stats().queued for e in engines] == [1, 1] and router.queued() == 2
+        for mode in ("score", "generate"):
+            with pytest.raises(EngineOverloaded, match="2 waiting in all"):
+                await router.rank(request(f"refused-{mode}", mode))
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    try:
+        asyncio.run(scenario())
+        assert router.stats().rejected == 2
+    finally:
+        router.close()
+
+
 def test_device_turns_go_in_the_order_asked():
     """The thread that just had a turn queues behind the ones already waiting (a plain Lock lets it retake)."""
     from ranking_server.engines.loop import DeviceTurns
