@@ -18,6 +18,7 @@ Bounded by `answer_cache_size` entries (LRU; an entry is its answer and a 16-byt
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import functools
 import hashlib
@@ -91,12 +92,16 @@ def answer_key(request: EngineRequest) -> bytes | None:
 
 
 class AnswerCache(RankingEngine):
-    """`engine` behind an LRU of its answers (`size` entries; 0 keeps none)."""
+    """`engine` behind an LRU of its answers (`size` entries; 0 keeps none). A request identical to one the
+    engine is running now waits for that one's answer instead of running too (two surfaces of a page asking at
+    once); if that one fails or is cancelled, the waiting request runs itself."""
 
     def __init__(self, engine: RankingEngine, size: int):
         self.engine = engine
         self.name = engine.name
         self._answers: LRU[EngineResult] = LRU(size)
+        self._running: dict[bytes, asyncio.Future] = {}  # key -> the answer of the identical request running now
+        self._joined = 0  # requests answered by an identical request that was running (counted as hits)
         self._lock = threading.Lock()  # rank may be awaited from several event loops (the benchmark's threads)
 
     async def rank(self, request: EngineRequest) -> EngineResult:
@@ -106,12 +111,32 @@ class AnswerCache(RankingEngine):
         started = time.perf_counter()
         with self._lock:
             kept = self._answers.get(key)
+            running = self._running.get(key)
+        if kept is None and running is not None and running.get_loop() is asyncio.get_running_loop():
+            kept = await asyncio.shield(running)  # None: it failed or was cancelled; then this one runs
+            if kept is not None:
+                with self._lock:
+                    self._joined += 1
         if kept is not None and self.engine.check_health():  # a failed engine answers nothing, kept or not
             return _reused(kept, request.request_id, 1e3 * (time.perf_counter() - started))
-        result = await self.engine.rank(request)
+        return await self._run(key, request)
+
+    async def _run(self, key: bytes, request: EngineRequest) -> EngineResult:
+        """Run `request` on the engine, keep its answer, and hand it to identical requests that came meanwhile."""
+        answer = asyncio.get_running_loop().create_future()
         with self._lock:
-            self._answers.put(key, _copy(result))
-        return result
+            mine = self._running.setdefault(key, answer) is answer
+        result = None
+        try:
+            result = await self.engine.rank(request)
+            with self._lock:
+                self._answers.put(key, _copy(result))
+            return result
+        finally:
+            if mine:
+                with self._lock:
+                    del self._running[key]
+                answer.set_result(_copy(result) if result is not None else None)
 
     def abort(self, request_id: str) -> bool:
         return self.engine.abort(request_id)
@@ -120,8 +145,9 @@ class AnswerCache(RankingEngine):
         return self.engine.check_health()
 
     def stats(self) -> EngineStats:
-        with self._lock:
-            hits, misses, evictions = self._answers.hits, self._answers.misses, self._answers.evictions
+        with self._lock:  # a request that joined a running one missed the LRU first: it counts as a hit only
+            hits, misses = self._answers.hits + self._joined, self._answers.misses - self._joined
+            evictions = self._answers.evictions
         return dataclasses.replace(self.engine.stats(), answer_hits=hits, answer_misses=misses,
                                    answer_evictions=evictions)
 

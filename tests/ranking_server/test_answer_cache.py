@@ -170,3 +170,38 @@ def test_a_bound_method_factory_is_not_keyed():
 
     bound = functools.partial(Maker().constraint)
     assert answer_key(EngineRequest("b", [], [5, 6, 7], [1, 2, 3], "generate", 2, constraint=bound)) is None
+
+
+def test_identical_requests_at_once_run_the_model_once(tiny, cached):
+    _, labels = tiny
+
+    async def together():
+        return await asyncio.gather(*(cached.rank(request(f"page-{i}", labels)) for i in range(3)))
+
+    results = asyncio.run(together())
+    assert cached.engine.stats().completed == 1, "one forward pass for three identical requests"
+    assert [r.answer_reused for r in results] == [False, True, True]
+    assert all((r.order, r.scores) == (results[0].order, results[0].scores) for r in results)
+    assert (cached.stats().answer_hits, cached.stats().answer_misses) == (2, 1)
+
+
+def test_a_request_waiting_on_a_cancelled_identical_one_runs_itself(tiny):
+    _, labels = tiny
+    slow = AnswerCache(HFEngine(tiny[0], EngineConfig(max_batch_size=1, max_tokens_per_step=1)), size=3)
+
+    async def scenario():
+        first = asyncio.ensure_future(slow.rank(request("leaves", labels)))
+        await asyncio.sleep(0.05)  # running (one token a step)
+        second = asyncio.ensure_future(slow.rank(request("stays", labels)))
+        await asyncio.sleep(0.05)  # waiting on the first, not in the engine's queue (one batch slot: it would be)
+        assert slow.engine.stats().queued == 0 and slow.engine.stats().active == 1
+        first.cancel()
+        return await second
+
+    try:
+        result = asyncio.run(scenario())
+        stats = slow.stats()
+    finally:
+        slow.close()
+    assert result.request_id == "stays" and not result.answer_reused and len(result.order) == len(labels)
+    assert (stats.completed, stats.aborted, stats.answer_hits) == (1, 1, 0)
