@@ -186,16 +186,34 @@ def test_identical_requests_at_once_run_the_model_once(tiny, cached):
 
 
 def test_a_request_waiting_on_a_cancelled_identical_one_runs_itself(tiny):
+    """The test holds the engine's device turn, so nothing is admitted until it lets go: the first request waits
+    in the engine's queue, the identical second one waits on the first (not in the queue), and when the first is
+    cancelled the second enters the queue itself and is answered once the device is free."""
+    from ranking_server.engines.loop import DeviceTurns
+
     _, labels = tiny
-    slow = AnswerCache(HFEngine(tiny[0], EngineConfig(max_batch_size=1, max_tokens_per_step=1)), size=3)
+    turns = DeviceTurns()
+    slow = AnswerCache(HFEngine(tiny[0], EngineConfig(max_batch_size=1)), size=3)
+    slow.engine.share_device(turns)
+    queued = lambda: slow.engine.stats().queued  # noqa: E731
+
+    async def until(predicate):
+        for _ in range(1000):
+            if predicate():
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("not reached")
 
     async def scenario():
-        first = asyncio.ensure_future(slow.rank(request("leaves", labels)))
-        await asyncio.sleep(0.05)  # running (one token a step)
-        second = asyncio.ensure_future(slow.rank(request("stays", labels)))
-        await asyncio.sleep(0.05)  # waiting on the first, not in the engine's queue (one batch slot: it would be)
-        assert slow.engine.stats().queued == 0 and slow.engine.stats().active == 1
-        first.cancel()
+        with turns.turn():  # the device is the test's: the engine admits nothing
+            first = asyncio.ensure_future(slow.rank(request("leaves", labels)))
+            await until(lambda: queued() == 1)
+            second = asyncio.ensure_future(slow.rank(request("stays", labels)))
+            for _ in range(5):
+                await asyncio.sleep(0.01)
+            assert queued() == 1, "the identical request waits on the first, not in the engine's queue"
+            first.cancel()
+            await until(lambda: first.done() and queued() == 1)  # the first left; the second queued itself
         return await second
 
     try:
