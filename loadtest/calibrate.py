@@ -53,8 +53,10 @@ class CalibrateConfig:
     max_error_rate: float = field(default=0.01, metadata={"help": "error budget per RPC and overall"})
     locust_args: str = field(default="", metadata={
         "help": "extra locustfile flags, one string (e.g. '--k 3 --candidates 6')", "metavar": "FLAGS"})
-    ranking_args: str = field(default="", metadata={"help": "extra ranking_server flags (when starting them)",
-                                                    "metavar": "FLAGS"})
+    ranking_args: str = field(default="--answer-cache-size 0", metadata={
+        "help": "extra ranking_server flags (when starting them); the default turns the answer cache off so the "
+                "limits measure the model: Locust's callers repeat users far more often than real traffic, and an "
+                "exact repeat is answered without it", "metavar": "FLAGS"})
 
     @property
     def margins(self) -> dict[int, float]:
