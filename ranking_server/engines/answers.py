@@ -4,8 +4,9 @@ A user's repeat call with nothing new (a feed refreshing, a page reloading, a se
 the same prompt: the same history, the same retrieved candidates, the same trend tokens (a new interaction,
 another candidate list or a trend bucket that moved makes a different prompt). The per-user context KV cache
 (`HFEngine`) still computes such a call's candidate lines, ~60 % of its tokens; this computes nothing. The
-ranking engines are deterministic (greedy, constrained decoding), so a kept answer is exactly the one the
-model would give again; it is keyed by a digest of the request as the engine sees it (all but its id; score mode
+ranking engines are deterministic (greedy, constrained decoding), so a kept answer is the one the model gives
+again (in fp32 exactly; a bf16 build or a GPU may differ in the last bits between batch shapes and between a
+cached and a computed context, as any two runs of the request may); it is keyed by a digest of the request as the engine sees it (all but its id; score mode
 leaves out k and the logit weight, which it never reads) and lives as long as the engine (a new model
 means a new engine, so no answer outlives the model that gave it). Only answers are kept: a failure, an
 abort or a timeout is never cached, and a failed engine (health false) answers nothing from it either. A
