@@ -6,11 +6,11 @@ another candidate list or a trend bucket that moved makes a different prompt). T
 (`HFEngine`) still computes such a call's candidate lines, ~60 % of its tokens; this computes nothing. The
 ranking engines are deterministic (greedy, constrained decoding), so a kept answer is the one the model gives
 again (in fp32 exactly; a bf16 build or a GPU may differ in the last bits between batch shapes and between a
-cached and a computed context, as any two runs of the request may); it is keyed by a digest of the request as the engine sees it (all but its id; score mode
-leaves out k and the logit weight, which it never reads) and lives as long as the engine (a new model
-means a new engine, so no answer outlives the model that gave it). Only answers are kept: a failure, an
-abort or a timeout is never cached, and a failed engine (health false) answers nothing from it either. A
-generate request's constraint factory is part of the key when it is a `functools.partial` of a module-level
+cached and a computed context, as any two runs of the request may). It is keyed by a digest of the request as
+the engine sees it (all but its id; score mode leaves out k and the logit weight, which it never reads) and
+lives as long as the engine (a new model means a new engine, so no answer outlives the model that gave it).
+Only answers are kept: a failure, an abort or a timeout is never cached, and a failed engine (health false)
+answers nothing from it either. A generate request's constraint factory is part of the key when it is a `functools.partial` of a module-level
 function over plain values (the server's); one that cannot be keyed (a lambda) is not cached.
 
 Bounded by `answer_cache_size` entries (LRU; an entry is its answer and a 16-byte key: ~1 KB). Wraps any
