@@ -10,8 +10,9 @@ cached and a computed context, as any two runs of the request may). It is keyed 
 the engine sees it (all but its id; score mode leaves out k and the logit weight, which it never reads) and
 lives as long as the engine (a new model means a new engine, so no answer outlives the model that gave it).
 Only answers are kept: a failure, an abort or a timeout is never cached, and a failed engine (health false)
-answers nothing from it either. A generate request's constraint factory is part of the key when it is a `functools.partial` of a module-level
-function over plain values (the server's); one that cannot be keyed (a lambda) is not cached.
+answers nothing from it either. A generate request's constraint factory is part of the key when it is a
+`functools.partial` of a module-level function over plain values (the server's); one that cannot be keyed (a
+lambda) is not cached.
 
 Bounded by `answer_cache_size` entries (LRU; an entry is its answer and a 16-byte key: ~1 KB). Wraps any
 `RankingEngine` (hf, ortgenai, trtllm, a ModeRouter), so every backend gains it.
