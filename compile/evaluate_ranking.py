@@ -36,6 +36,7 @@ from compile.sft_data import profile_source
 from palr import metrics
 from palr.bundle import Bundle, fingerprint
 from palr.catalog import Catalog
+from palr.collab import CollabTable
 from palr.corpus import Corpus
 from palr.data import sample_users
 from palr.profiles import Profiles
@@ -45,7 +46,7 @@ from palr.ranking import (MODES, calibrated, complete_order, fuse, generate_logi
 log = logging.getLogger(__name__)
 
 STEP = "evaluate-ranking"
-VERSION = 1
+VERSION = 2  # 2: the retrieval term's EASE scores
 REPORT = "eval_ranking.json"
 USERS_REPORT = "eval_ranking_users.jsonl"
 SPLITS = ("test", "valid")
@@ -88,6 +89,19 @@ def stored_profiles(bundle: Bundle, users: list[str]) -> dict[str, str]:
     return profiles
 
 
+def collab_table(bundle: Bundle, ranker: dict, corpus: Corpus, catalog: Catalog, split: str) -> CollabTable | None:
+    """The EASE table the retrieval term reads (None: the ranker weighs none): the bundle's (train + valid
+    items) for test users, as serving has it; for validation users one fit on the training items alone at the
+    same l2, so no validation target is in it."""
+    if not ranker.get("retrieval_collab_weight"):
+        return None
+    if split == "test":
+        return CollabTable.load(bundle.path("collab"))
+    users = sorted(corpus.split.train)
+    return CollabTable.fit([catalog.indices(corpus.split.train[u]) for u in users], catalog.num_indices,
+                           float(bundle.artifact("collab")["l2"]))
+
+
 def run(config: EvaluateRankingConfig) -> dict:
     from transformers import AutoTokenizer
 
@@ -101,7 +115,8 @@ def run(config: EvaluateRankingConfig) -> dict:
     if unknown:
         raise ValueError(f"--modes {sorted(unknown)}: choose from {', '.join(MODES)}")
     bundle = Bundle.open(config.bundle)
-    inputs = [config.llm, "ranker", "sasrec_onnx", "catalog", "profiles"] + (["trends"] if bundle.has("trends") else [])
+    inputs = [config.llm, "ranker", "sasrec_onnx", "catalog", "profiles"] + \
+        [name for name in ("trends", "collab") if bundle.has(name)]
     step_fp = fingerprint(STEP, VERSION, fingerprint_record(config, bundle) | {"tier": "ranking"},
                           [bundle.version(name) for name in inputs])
     report_name, users_report = report_names(config.split)
@@ -134,6 +149,7 @@ def run(config: EvaluateRankingConfig) -> dict:
     weight = float(ranker["fusion_weight"])
     trend = TrendSettings(**ranker["trend"]) if ranker.get("trend") else None
     table = TrendTable.load(bundle.path("trends")) if trend else None
+    collab = collab_table(bundle, ranker, corpus, catalog, config.split)
     candidate_readout = prompt.settings.readout == "candidate"
     generate_k = min(int(ranker["generate_k"]), config.candidates)
 
@@ -149,11 +165,15 @@ def run(config: EvaluateRankingConfig) -> dict:
             as_of = table.as_of[user] if config.split == "test" else corpus.time_before(user, len(history))
             trends = table.buckets(as_of, [int(i) for i in ranked.indices], trend)
         bias = trend_bias(ranker.get("trend_bias"), trends)
-        prior = retrieval_prior(retrieval_scores, trends, ranker.get("retrieval_trend_weights"))
+        collab_scores = collab.scores(catalog.indices(history), [int(i) for i in ranked.indices]) if collab else None
+        prior = retrieval_prior(retrieval_scores, trends, ranker.get("retrieval_trend_weights"), collab_scores,
+                                ranker.get("retrieval_collab_weight"))
         parts = prompt.retrieval(profiles[user], [catalog.by_id(i) for i in history], candidates, trends)
-        row = {"user": user, "target": target, "target_position": position, "retrieval_scores": retrieval_scores,
+        row = {"user": user, "target": target, "target_position": position, "candidates": [c.id for c in candidates],
+               "retrieval_scores": retrieval_scores,
                "retrieval_rank": target_rank(range(len(candidates)), position),
-               "trend": trends}
+               "retrieval_term_rank": target_rank(order_by_scores(prior), position),
+               "trend": trends, "collab": collab_scores}
         if "score" in config.modes:
             t0 = time.perf_counter()
             llm = score_candidates(model, parts.input_ids, parts.readout, prefix=prefix)
@@ -188,9 +208,10 @@ def run(config: EvaluateRankingConfig) -> dict:
     bundle.record_step(step, step_fp, time.perf_counter() - started,
                        **{k: v for k, v in report.items() if k.endswith("ndcg@10")})
     bundle.save()
-    log.info("evaluate ranking (%s, %d users, K=%d): NDCG@10 retrieval %.4f | score %.4f, %.3fx retrieval (95%% CI %s; "
-             "LLM alone %.4f) | generate %s; fusion weight %.2f → %s", config.split, len(rows), config.candidates,
-             report["retrieval_ndcg@10"], report.get("score_ndcg@10", float("nan")),
+    log.info("evaluate ranking (%s, %d users, K=%d): NDCG@10 retrieval %.4f | retrieval term alone (no LLM) %.4f | "
+             "score %.4f, %.3fx retrieval (95%% CI %s; LLM alone %.4f) | generate %s; fusion weight %.2f → %s",
+             config.split, len(rows), config.candidates, report["retrieval_ndcg@10"], report["retrieval_term_ndcg@10"],
+             report.get("score_ndcg@10", float("nan")),
              report.get("score_vs_retrieval_ndcg@10", float("nan")), report.get("score_vs_retrieval_ndcg@10_ci95"),
              report.get("llm_score_ndcg@10", float("nan")),
              f"{report['generate_ndcg@10']:.4f} ({report.get('generate_vs_retrieval_ndcg@10', float('nan')):.3f}x, "
@@ -207,6 +228,7 @@ def summarise(rows: list[dict], config: EvaluateRankingConfig, ranker: dict, wei
 
     report: dict = {"users": len(rows), "k": config.candidates}
     add("retrieval", "retrieval_rank")
+    add("retrieval_term", "retrieval_term_rank")  # the linear re-ranker the LLM is fused with, no LLM
     if "score" in config.modes:
         add("score", "score_rank")
         add("llm_score", "llm_rank")
@@ -217,11 +239,17 @@ def summarise(rows: list[dict], config: EvaluateRankingConfig, ranker: dict, wei
         report["generate_seconds_per_user"] = sum(r["generate_seconds"] for r in rows) / len(rows)
     report["target_retrieved_rate"] = sum(r["target_position"] is not None for r in rows) / len(rows)
     retrieval = metrics.per_user_ndcg([r["retrieval_rank"] for r in rows], K)
-    for name, key in (("score", "score_rank"), ("llm_score", "llm_rank"), ("generate", "generate_rank")):
+    for name, key in (("retrieval_term", "retrieval_term_rank"), ("score", "score_rank"), ("llm_score", "llm_rank"),
+                      ("generate", "generate_rank")):
         if f"{name}_ndcg@{K}" in report and report[f"retrieval_ndcg@{K}"] > 0:
             paired = metrics.paired_bootstrap_ratio(metrics.per_user_ndcg([r[key] for r in rows], K), retrieval)
             report[f"{name}_vs_retrieval_ndcg@{K}"] = paired["ratio"]
             report[f"{name}_vs_retrieval_ndcg@{K}_ci95"] = [round(paired["low"], 4), round(paired["high"], 4)]
+    if "score" in config.modes and report[f"retrieval_term_ndcg@{K}"] > 0:  # what the LLM adds to the linear term
+        paired = metrics.paired_bootstrap_ratio(metrics.per_user_ndcg([r["score_rank"] for r in rows], K),
+                                                metrics.per_user_ndcg([r["retrieval_term_rank"] for r in rows], K))
+        report[f"score_vs_retrieval_term_ndcg@{K}"] = paired["ratio"]
+        report[f"score_vs_retrieval_term_ndcg@{K}_ci95"] = [round(paired["low"], 4), round(paired["high"], 4)]
     if "score" in config.modes:  # position bias: where the LLM's own top-1 sits in the (retrieval-ordered) list
         for key, with_bias in (("llm_top1_by_position", True), ("llm_top1_by_position_raw", False)):
             firsts = [order_by_scores(calibrated(r["llm_scores"], trend_bias(ranker.get("trend_bias"), r["trend"])

@@ -110,8 +110,9 @@ def with_retrieval_prior(train: list[dict], buckets: int, *row_lists: list[dict]
     from compile.merge import fit_retrieval_trend_weights
     from palr.ranking import retrieval_prior
 
-    weights = fit_retrieval_trend_weights(train, buckets)
-    return tuple([{**r, "retrieval_scores": retrieval_prior(r["retrieval_scores"], r.get("trend"), weights)}
+    weights, collab_weight = fit_retrieval_trend_weights(train, buckets)
+    return tuple([{**r, "retrieval_scores": retrieval_prior(r["retrieval_scores"], r.get("trend"), weights,
+                                                            r.get("collab"), collab_weight)}
                   if r.get("retrieval_scores") else r for r in rows] for rows in row_lists)
 
 

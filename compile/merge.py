@@ -14,6 +14,8 @@ exactly as training and evaluation did:
     retrieval_trend_weights  the retrieval term's weight per candidate trend bucket (`retrieval_prior`:
                       retrieval log-softmax + w[bucket], a linear re-ranker fit listwise on the training
                       examples; null: the retrieval scores alone, `--no-retrieval-trend`)
+    retrieval_collab_weight  the retrieval term's weight of each candidate's EASE score (palr/collab.py), fit
+                      with the bucket weights on the training examples that carry the scores (null: none)
     item_tokens       the extra vocabulary folded into the merged checkpoint (palr/hybrid.py: item soft
                       tokens, trend tokens, the score row)
     trend, trend_bias how candidates' trend tokens are counted (palr/trends.py) and the ranking head's
@@ -46,7 +48,8 @@ log = logging.getLogger(__name__)
 MERGED_DIR = "llm/merged"
 RANKER_FILE = "llm/ranker.json"
 GENERATE_FORMATS = ("titles", "labels")
-VERSION = 5  # 2: fusion grid up to 1000; 3: item projector folded; 4: trend and score rows; 5: generate logit weight
+VERSION = 6  # 2: fusion grid up to 1000; 3: item projector folded; 4: trend and score rows; 5: generate logit weight;
+# 6: the EASE score's weight in the retrieval term
 
 
 @dataclass
@@ -63,9 +66,10 @@ class MergeConfig:
         "choices": GENERATE_FORMATS})
     generate_k: int = field(default=10, metadata={"help": "lines generate mode writes (items it ranks)"})
     retrieval_trend: bool = field(default=True, metadata={
-        "help": "trend rankers: fuse the LLM with retrieval + a per-trend-bucket weight fit listwise on the training "
-                "examples (a linear re-ranker of the retriever; ranker.json retrieval_trend_weights) instead of "
-                "the retrieval scores alone"})
+        "help": "fuse the LLM with retrieval + a per-trend-bucket weight (trend rankers) + a weight of the EASE "
+                "score (examples that carry it: sft-data --collab), fit listwise on the training examples (a linear "
+                "re-ranker of the retriever; ranker.json retrieval_trend_weights, retrieval_collab_weight) instead "
+                "of the retrieval scores alone"})
     force: bool = field(default=False, metadata={"help": "redo the step even if its inputs are unchanged"})
 
 
@@ -113,22 +117,29 @@ def merge(base_dir: Path, lora_dir: Path, out: Path, probe: dict, tolerance: flo
     return diff
 
 
-def fit_retrieval_trend_weights(train: list[dict], buckets: int) -> list[float] | None:
-    """`palr.ranking.retrieval_prior`'s per-bucket weights, fit on the training examples that carry trend
-    buckets and their retriever's scores (the held-out SASRec's: as the served one ranks unseen positions)."""
-    from palr.ranking import fit_bucket_weights
+def fit_retrieval_trend_weights(train: list[dict], buckets: int) -> tuple[list[float] | None, float | None]:
+    """`palr.ranking.retrieval_prior`'s weights (per trend bucket; of the EASE score), fit on the training
+    examples that carry their retriever's scores (the held-out SASRec's: as the served one ranks unseen
+    positions) and the features: (None, None) when none carries trend buckets or EASE scores."""
+    from palr.ranking import fit_prior_weights
 
-    rows = [x for x in train if x.get("trend") and x.get("retrieval_scores") and x.get("target_position") is not None]
-    if not rows:
-        return None
-    weights = fit_bucket_weights([x["retrieval_scores"] for x in rows], [x["trend"] for x in rows],
-                                 [x["target_position"] for x in rows], buckets)
-    log.info("retrieval + trend weights fit on %d training examples: %s", len(rows), weights)
-    return weights
+    rows = [x for x in train if x.get("retrieval_scores") and x.get("target_position") is not None]
+    trend = bool(rows) and all(x.get("trend") for x in rows)
+    collab = bool(rows) and all(x.get("collab") for x in rows)
+    if not (trend or collab):
+        return None, None
+    weights, collab_weight = fit_prior_weights([x["retrieval_scores"] for x in rows],
+                                               [x["trend"] for x in rows] if trend else None,
+                                               [x["target_position"] for x in rows], buckets,
+                                               [x["collab"] for x in rows] if collab else None)
+    log.info("retrieval term fit on %d training examples: trend weights %s, EASE weight %s", len(rows),
+             weights if trend else None, collab_weight)
+    return (weights if trend else None), collab_weight
 
 
 def fit_fusion(model_dir: Path, valid: list[dict], bias_by_bucket: list[float] | None = None,
-               retrieval_trend_weights: list[float] | None = None) -> tuple[float, float, dict]:
+               retrieval_trend_weights: list[float] | None = None,
+               retrieval_collab_weight: float | None = None) -> tuple[float, float, dict]:
     """Score-mode readouts on validation users → the NDCG@10-best retrieval weight, and for a candidate-readout
     ranker the weight of the label logits in generate mode (`fit_generate_logit_weight`); what the validation
     users say about them (retrieval order, LLM alone, fused, by weight)."""
@@ -146,7 +157,8 @@ def fit_fusion(model_dir: Path, valid: list[dict], bias_by_bucket: list[float] |
                          prefix=prefix) for x in tqdm(valid, desc="fusion (validation)", unit="user")]
     llm = [label_log_probs(torch.tensor(read)) for read, _ in reads]
     targets = [x["target_position"] for x in valid]
-    retrieval_scores = [retrieval_prior(x["retrieval_scores"], x.get("trend"), retrieval_trend_weights) for x in valid]
+    retrieval_scores = [retrieval_prior(x["retrieval_scores"], x.get("trend"), retrieval_trend_weights,
+                                        x.get("collab"), retrieval_collab_weight) for x in valid]
     biases = [trend_bias(bias_by_bucket, x.get("trend")) for x in valid]
     weight, curve = fit_fusion_weight(llm, retrieval_scores, targets, candidate_bias=biases)
     retrieval = ndcg([target_rank(range(len(x["candidates"])), t) for x, t in zip(valid, targets)], 10)
@@ -226,7 +238,8 @@ def learned_trend_bias(bundle: Bundle) -> list[float] | None:
 
 
 def ranker_record(bundle: Bundle, config: MergeConfig, weight: float, validation: dict,
-                  trend_bias: list[float] | None, retrieval_trend_weights: list[float] | None = None) -> dict:
+                  trend_bias: list[float] | None, retrieval_trend_weights: list[float] | None = None,
+                  retrieval_collab_weight: float | None = None) -> dict:
     from transformers import AutoTokenizer
 
     from palr.prompt import PalrPrompt, PromptSettings
@@ -254,6 +267,7 @@ def ranker_record(bundle: Bundle, config: MergeConfig, weight: float, validation
         "trend": meta.get("trend"),
         "trend_bias": trend_bias,
         "retrieval_trend_weights": retrieval_trend_weights,
+        "retrieval_collab_weight": retrieval_collab_weight,
         "lora": bundle.version("lora"),
     }
 
@@ -276,13 +290,13 @@ def run(config: MergeConfig) -> Path:
     fusion_valid = valid[: config.fusion_users]
     meta = json.loads((bundle.path("sft_data") / "meta.json").read_text())
     bias = learned_trend_bias(bundle) if meta.get("trend") else None
-    prior_weights = None
-    if meta.get("trend") and config.retrieval_trend:
-        prior_weights = fit_retrieval_trend_weights(read_jsonl(bundle.path("sft_data") / "train.jsonl"),
-                                                    int(meta["trend"]["buckets"]))
-    weight, logit_weight, validation = fit_fusion(out, fusion_valid, bias, prior_weights) if fusion_valid \
-        else (0.0, 1.0, {})
-    ranker = ranker_record(bundle, config, weight, validation, bias, prior_weights) | {
+    prior_weights, collab_weight = None, None
+    if config.retrieval_trend:
+        prior_weights, collab_weight = fit_retrieval_trend_weights(
+            read_jsonl(bundle.path("sft_data") / "train.jsonl"), int((meta.get("trend") or {}).get("buckets", 1)))
+    weight, logit_weight, validation = fit_fusion(out, fusion_valid, bias, prior_weights, collab_weight) \
+        if fusion_valid else (0.0, 1.0, {})
+    ranker = ranker_record(bundle, config, weight, validation, bias, prior_weights, collab_weight) | {
         "generate_logit_weight": logit_weight}
     ranker_path = bundle.root / RANKER_FILE
     ranker_path.write_text(json.dumps(ranker, indent=2) + "\n")

@@ -37,6 +37,7 @@ from compile.llm_common import config_record, fingerprint_record
 from compile.profiles import ProfilesConfig, profiler
 from palr.bundle import Bundle, fingerprint
 from palr.catalog import Catalog
+from palr.collab import CollabTable
 from palr.corpus import Corpus
 from palr.profiles import Profiles
 from palr.prompt import READOUTS, RECOMMEND, RETRIEVAL, PalrPrompt, PromptSettings, Readout
@@ -45,8 +46,8 @@ from palr.trends import TrendSettings, TrendTable
 log = logging.getLogger(__name__)
 
 SFT_DIR = "llm/sft"
-VERSION = 5  # 3: held-out SASRec negatives, hybrid prompts, retrieval scores; 4: trend tokens, candidate readout;
-# 5: validation candidates exactly as serving retrieves them (history masked, not the test item)
+VERSION = 6  # 3: held-out SASRec negatives, hybrid prompts, retrieval scores; 4: trend tokens, candidate readout;
+# 5: validation candidates exactly as serving retrieves them (history masked, not the test item); 6: EASE scores
 
 
 @dataclass
@@ -64,6 +65,10 @@ class SftDataConfig(PromptSettings):
                 "request, bucketed; palr/trends.py): the time signal SASRec lacks"})
     trend_window_days: float = field(default=30.0, metadata={"help": "trend tokens: the counting window"})
     trend_buckets: int = field(default=8, metadata={"help": "trend tokens: buckets 0, 1, 2-3, 4-7, ... (the last open)"})
+    collab: bool = field(default=True, metadata={
+        "help": "store each candidate's EASE score (palr/collab.py) in the examples, for the retrieval term merge "
+                "fits: training examples scored by a table fit without the held-out items (holdout negatives "
+                "only), validation ones by a table fit on training items; needs `compile collab`"})
     readout: str = field(default="candidate", metadata={
         "help": "what score mode reads: candidate (a score row at each candidate's last token: no label-letter "
                 "position bias) or label (each label's logit after the prompt)", "choices": READOUTS})
@@ -160,15 +165,51 @@ class Trends:
         return self.table.buckets(cut.moment, self.catalog.indices(candidates), self.settings)
 
 
+@dataclass
+class Collab:
+    """Each candidate's EASE score from a cut's history (None: no table)."""
+
+    table: CollabTable | None
+    catalog: Catalog
+
+    def __call__(self, cut: Cut, candidates: list[str]) -> list[float] | None:
+        if self.table is None:
+            return None
+        return self.table.scores(self.catalog.indices(cut.history), self.catalog.indices(candidates))
+
+
+def collab_tables(bundle: Bundle, corpus: Corpus, catalog: Catalog, config: SftDataConfig) -> tuple[Collab, Collab]:
+    """The training examples' scorer (a table fit on each user's training items minus the held-out ones, as the
+    held-out SASRec saw them: no example is scored by a table that knew its target) and the validation
+    examples' (fit on every user's training items: no validation item), at the bundle table's l2."""
+    from compile.holdout import held_out_count
+
+    none = Collab(None, catalog)
+    if not config.collab:
+        return none, none
+    l2 = float(bundle.artifact("collab")["l2"])
+    split = corpus.split
+    users = sorted(split.train)
+    valid = CollabTable.fit([catalog.indices(split.train[u]) for u in users], catalog.num_indices, l2)
+    if config.negatives != "holdout":
+        log.warning("--collab: training examples carry no EASE score with --negatives %s (their targets are "
+                    "training items every table has seen); merge then fits no collab weight", config.negatives)
+        return none, Collab(valid, catalog)
+    kept = [split.train[u][:len(split.train[u]) - held_out_count(len(split.train[u]), config.holdout_items)]
+            for u in users]
+    return Collab(CollabTable.fit([catalog.indices(h) for h in kept], catalog.num_indices, l2), catalog), \
+        Collab(valid, catalog)
+
+
 def retrieval_examples(prompt: PalrPrompt, catalog: Catalog, cuts: list[Cut], retrieved, profiles: list[str],
-                       orders: int, rng: random.Random, trends: Trends) -> list[dict]:
+                       orders: int, rng: random.Random, trends: Trends, collab: Collab) -> list[dict]:
     """Training Recommend_Retrieval: the target put in (replacing the last candidate) if missing, order shuffled."""
     examples = []
     for cut, (ids, _), profile in zip(cuts, retrieved, profiles):
         pool = ids if cut.target in ids else ids[:-1] + [cut.target]
         for _ in range(orders):
             candidates = rng.sample(pool, len(pool))
-            examples.append(_retrieval_example(prompt, catalog, cut, candidates, None, profile, trends))
+            examples.append(_retrieval_example(prompt, catalog, cut, candidates, None, profile, trends, collab))
     return examples
 
 
@@ -197,7 +238,7 @@ def holdout_retrieve(model, catalog: Catalog, cuts: list[Cut], k: int) -> list[t
 
 
 def natural_examples(prompt: PalrPrompt, catalog: Catalog, cuts: list[Cut], retrieved, profiles: list[str],
-                     orders: int, rng: random.Random, trends: Trends) -> list[dict]:
+                     orders: int, rng: random.Random, trends: Trends, collab: Collab) -> list[dict]:
     """Training Recommend_Retrieval from the held-out SASRec: only cuts whose target it retrieved, its
     candidates as they are (none put in: an inserted target would be the one the retriever scored lowest,
     which a ranker would learn), order shuffled with the retrieval scores kept alongside (for the fused loss)."""
@@ -208,12 +249,12 @@ def natural_examples(prompt: PalrPrompt, catalog: Catalog, cuts: list[Cut], retr
         for _ in range(orders):
             order = rng.sample(range(len(ids)), len(ids))
             examples.append(_retrieval_example(prompt, catalog, cut, [ids[j] for j in order],
-                                               [scores[j] for j in order], profile, trends))
+                                               [scores[j] for j in order], profile, trends, collab))
     return examples
 
 
 def _retrieval_example(prompt: PalrPrompt, catalog: Catalog, cut: Cut, candidates: list[str],
-                       scores: list[float] | None, profile: str, trends: Trends) -> dict:
+                       scores: list[float] | None, profile: str, trends: Trends, collab: Collab) -> dict:
     position = candidates.index(cut.target) if cut.target in candidates else None
     buckets = trends(cut, candidates)
     parts = prompt.retrieval(profile, [catalog.by_id(i) for i in cut.history], [catalog.by_id(i) for i in candidates],
@@ -222,7 +263,7 @@ def _retrieval_example(prompt: PalrPrompt, catalog: Catalog, cut: Cut, candidate
     return {
         "task": RETRIEVAL, "user": cut.user, "history": cut.history, "candidates": candidates,
         "retrieval_scores": scores, "target": cut.target, "target_position": position, "profile": profile,
-        "moment": cut.moment, "trend": buckets,
+        "moment": cut.moment, "trend": buckets, "collab": collab(cut, candidates),
         "prefix_len": len(parts.prefix_ids), "input_ids": parts.input_ids, "label_token_ids": parts.label_token_ids,
         "readout_positions": list(parts.readout.positions) if candidate_readout else None,
         "readout_tokens": list(parts.readout.tokens) if candidate_readout else None,
@@ -289,7 +330,8 @@ def run(config: SftDataConfig) -> Path:
     from palr.sasrec_onnx import SasrecOnnx
 
     bundle = Bundle.open(config.bundle)
-    inputs = ["catalog", "users", "sasrec_onnx", "sasrec_torch", "profiles", "llm_base"] + (["trends"] if config.trend else [])
+    inputs = ["catalog", "users", "sasrec_onnx", "sasrec_torch", "profiles", "llm_base"] + \
+        (["trends"] if config.trend else []) + (["collab"] if config.collab else [])
     step_fp = fingerprint("sft-data", VERSION, fingerprint_record(config, bundle, "threads"),
                           [bundle.version(name) for name in inputs])
     out = bundle.root / SFT_DIR
@@ -309,6 +351,7 @@ def run(config: SftDataConfig) -> Path:
                                          config.trend_buckets if config.trend else 0)
     prompt = PalrPrompt(AutoTokenizer.from_pretrained(bundle.path("llm_base")), config.prompt_settings(), item_tokens)
     trends = Trends(TrendTable.load(bundle.path("trends")) if config.trend else None, config.trend_settings(), catalog)
+    train_collab, valid_collab = collab_tables(bundle, corpus, catalog, config)
     prompt.label_token_ids(config.candidates)  # fails clearly now if K candidates cannot be labelled
     sasrec = SasrecOnnx.from_bundle(bundle)
     profile = profile_source(bundle, catalog)
@@ -324,10 +367,10 @@ def run(config: SftDataConfig) -> Path:
     profiles = profile([[catalog.by_id(i) for i in c.history] for c in cuts + rec_cuts], progress="profiles (train)")
     if holdout is not None:
         train = natural_examples(prompt, catalog, cuts, holdout_retrieve(holdout, catalog, cuts, config.candidates),
-                                 profiles[:len(cuts)], config.orders_per_example, rng, trends)
+                                 profiles[:len(cuts)], config.orders_per_example, rng, trends, train_collab)
     else:
         train = retrieval_examples(prompt, catalog, cuts, retrieve(sasrec, catalog, cuts, config.candidates),
-                                   profiles[:len(cuts)], config.orders_per_example, rng, trends)
+                                   profiles[:len(cuts)], config.orders_per_example, rng, trends, train_collab)
     retrieval_cuts = len(cuts)
     train += recommend_examples(prompt, catalog, rec_cuts, profiles[len(cuts):], config.recommend_next)
     rng.shuffle(train)
@@ -338,7 +381,8 @@ def run(config: SftDataConfig) -> Path:
     valid_cuts = [Cut(u, corpus.split.train[u], corpus.split.valid[u], [], [],  # serving's mask: the history only
                       corpus.time_before(u, len(corpus.split.train[u]))) for u in valid_users]
     valid_profiles = profile([[catalog.by_id(i) for i in c.history] for c in valid_cuts], progress="profiles (valid)")
-    valid = [_retrieval_example(prompt, catalog, cut, ids, scores, p, trends) for cut, (ids, scores), p in
+    valid = [_retrieval_example(prompt, catalog, cut, ids, scores, p, trends, valid_collab)
+             for cut, (ids, scores), p in
              zip(valid_cuts, retrieve(sasrec, catalog, valid_cuts, config.candidates), valid_profiles)]
 
     write_jsonl(out / "train.jsonl", train)

@@ -27,6 +27,8 @@ STEPS: dict[str, Step] = {s.name: s for s in (
          "evaluate the retrieval tier (sasrec.onnx) on the test split → reports/eval_retrieval.json"),
     Step("trends", "compile.trends", "TrendsConfig",
          "the interactions' timeline the ranker's per-candidate trend tokens are counted from → trends.npz"),
+    Step("collab", "compile.collab", "CollabConfig",
+         "EASE item-item weights over train + valid items: the ranker's co-occurrence scores → collab.npy"),
     Step("base-model", "compile.base_model", "BaseModelConfig",
          "the base LLM as a plain HF checkpoint in llm/base/ (GGUF dequantized, or --base-model DIR)"),
     Step("profiles", "compile.profiles", "ProfilesConfig",
@@ -51,7 +53,7 @@ STEPS: dict[str, Step] = {s.name: s for s in (
 #   instruction data → LoRA → merged ranker → its evaluation), then the deployment build for this machine
 #   (target detected: hf-cpu on CPU, hf-cuda/trtllm on a GPU)
 ALL: tuple[str, ...] = ("sasrec", "export-onnx", "evaluate-retrieval",
-                        "trends", "base-model", "profiles", "sft-data", "finetune", "merge", "evaluate-ranking",
+                        "trends", "collab", "base-model", "profiles", "sft-data", "finetune", "merge", "evaluate-ranking",
                         "build")
 
 # `compile evaluate --tier retrieval|ranking` (what README and hooks say) → the tier's own step

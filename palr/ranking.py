@@ -41,34 +41,58 @@ def log_softmax(values: Sequence[float]) -> list[float]:
 
 
 def retrieval_prior(retrieval_scores: Sequence[float], trends: Sequence[int] | None,
-                    weights_by_bucket: Sequence[float] | None) -> list[float]:
+                    weights_by_bucket: Sequence[float] | None, collab: Sequence[float] | None = None,
+                    collab_weight: float | None = None) -> list[float]:
     """The retrieval term the LLM is fused with: SASRec's log-softmax plus a linear weight per candidate trend
-    bucket (`ranker.json` "retrieval_trend_weights", fit on the training examples: a linear re-ranker of the
-    retriever), or the retrieval scores as they are without weights. `fuse` log-softmaxes it again, which
-    shifts it by a constant per request and changes no order."""
-    if not weights_by_bucket or trends is None:
+    bucket (`ranker.json` "retrieval_trend_weights") plus `collab_weight` × each candidate's EASE score
+    (`palr.collab`; "retrieval_collab_weight"), both fit on the training examples (`fit_prior_weights`): a
+    linear re-ranker of the retriever. Without weights (or without the features they weigh) the retrieval
+    scores as they are. `fuse` log-softmaxes it again, which shifts it by a constant per request and changes no
+    order."""
+    use_trend = bool(weights_by_bucket) and trends is not None
+    use_collab = bool(collab_weight) and collab is not None
+    if not (use_trend or use_collab):
         return list(retrieval_scores)
-    if len(trends) != len(retrieval_scores):
-        raise ValueError(f"{len(trends)} trend buckets for {len(retrieval_scores)} candidates")
-    return [s + float(weights_by_bucket[b]) for s, b in zip(log_softmax(retrieval_scores), trends)]
+    for name, values, used in (("trend buckets", trends, use_trend), ("collab scores", collab, use_collab)):
+        if used and len(values) != len(retrieval_scores):
+            raise ValueError(f"{len(values)} {name} for {len(retrieval_scores)} candidates")
+    prior = log_softmax(retrieval_scores)
+    if use_trend:
+        prior = [p + float(weights_by_bucket[b]) for p, b in zip(prior, trends)]
+    if use_collab:
+        prior = [p + float(collab_weight) * c for p, c in zip(prior, collab)]
+    return prior
 
 
-def fit_bucket_weights(retrieval_scores, trends, targets, buckets: int, steps: int = 300, lr: float = 0.05) -> list[float]:
-    """Per-bucket weights w [buckets] of the listwise linear re-ranker log_softmax(retrieval) + w[trend bucket],
-    fit by cross-entropy on the target positions (each list: `[n, K]`, targets `[n]`)."""
+def fit_prior_weights(retrieval_scores, trends, targets, buckets: int, collab=None, steps: int = 300,
+                      lr: float = 0.05) -> tuple[list[float], float | None]:
+    """`retrieval_prior`'s weights: per trend bucket w [buckets] (zeros when `trends` is None) and the EASE
+    score's weight c (None when `collab` is None) of the listwise linear re-ranker
+    log_softmax(retrieval) + w[trend bucket] + c * collab, fit by cross-entropy on the target positions (each
+    list: `[n, K]`, targets `[n]`)."""
     import torch
     import torch.nn.functional as F
 
     base = torch.log_softmax(torch.tensor(retrieval_scores, dtype=torch.float32), -1)  # [n, K]
-    index, target = torch.tensor(trends), torch.tensor(targets)  # [n, K], [n]
+    index = torch.tensor(trends) if trends is not None else torch.zeros_like(base, dtype=torch.long)  # [n, K]
+    features = torch.tensor(collab, dtype=torch.float32) if collab is not None else torch.zeros_like(base)  # [n, K]
+    target = torch.tensor(targets)  # [n]
     weights = torch.zeros(buckets, requires_grad=True)
-    opt = torch.optim.Adam([weights], lr=lr)
+    collab_weight = torch.zeros((), requires_grad=True)
+    opt = torch.optim.Adam([weights, collab_weight], lr=lr)
     for _ in range(steps):
-        loss = F.cross_entropy(base + weights[index], target)
+        loss = F.cross_entropy(base + weights[index] + collab_weight * features, target)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    return [round(float(w), 6) for w in weights.detach()]
+    bucket_weights = [round(float(w), 6) for w in weights.detach()] if trends is not None else [0.0] * buckets
+    return bucket_weights, (round(float(collab_weight.detach()), 6) if collab is not None else None)
+
+
+def fit_bucket_weights(retrieval_scores, trends, targets, buckets: int, steps: int = 300, lr: float = 0.05) -> list[float]:
+    """Per-bucket weights w [buckets] of the listwise linear re-ranker log_softmax(retrieval) + w[trend bucket]
+    (`fit_prior_weights` without the EASE score)."""
+    return fit_prior_weights(retrieval_scores, trends, targets, buckets, steps=steps, lr=lr)[0]
 
 
 def trend_bias(bias_by_bucket: Sequence[float] | None, trends: Sequence[int] | None) -> list[float] | None:

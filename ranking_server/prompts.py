@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import grpc
 
 from palr.catalog import Catalog, Item
+from palr.collab import CollabTable
 from palr.decoding import answer_constraint
 from palr.hybrid import ranker_prompt
 from palr.profiles import StatsProfiler
@@ -49,7 +50,7 @@ class PromptBuilder:
     """Builds PALR prompts as training did (`llm/ranker.json`) and turns answers into rankings."""
 
     def __init__(self, tokenizer, ranker: dict, catalog: Catalog, stored_profiles: dict[str, str],
-                 trends: TrendTable | None = None):
+                 trends: TrendTable | None = None, collab: CollabTable | None = None):
         self.prompt = ranker_prompt(tokenizer, ranker, catalog)
         self.fusion_weight = float(ranker["fusion_weight"])
         self.trend = TrendSettings(**ranker["trend"]) if ranker.get("trend") else None
@@ -58,6 +59,10 @@ class PromptBuilder:
         self.trends = trends
         self.trend_bias = ranker.get("trend_bias")  # the head's learned bias per trend bucket (None: none)
         self.retrieval_trend_weights = ranker.get("retrieval_trend_weights")  # the retrieval term's, fit in merge
+        self.retrieval_collab_weight = ranker.get("retrieval_collab_weight")  # its EASE score's weight, fit in merge
+        if self.retrieval_collab_weight and collab is None:
+            raise ValueError("this ranker's retrieval term weighs EASE scores: the bundle's collab.npy is needed")
+        self.collab = collab
         self.generate_format = ranker["generate_format"]
         self.generate_logit_weight = generate_logit_weight(ranker)
         self.catalog = catalog
@@ -66,14 +71,18 @@ class PromptBuilder:
 
     @classmethod
     def for_bundle(cls, bundle, tokenizer, ranker: dict, catalog: Catalog) -> "PromptBuilder":
-        """The builder for a bundle's ranker: its stored profiles and (trend prompts) its trends table."""
+        """The builder for a bundle's ranker: its stored profiles, (trend prompts) its trends table and (an EASE
+        weight in the retrieval term) its collab table."""
         from palr.profiles import Profiles
 
-        trends = None
+        trends = collab = None
         if ranker.get("trend"):
             bundle.verify(["trends"])
             trends = TrendTable.load(bundle.path("trends"))
-        return cls(tokenizer, ranker, catalog, Profiles.load(bundle.path("profiles")).profiles, trends)
+        if ranker.get("retrieval_collab_weight"):
+            bundle.verify(["collab"])
+            collab = CollabTable.load(bundle.path("collab"))
+        return cls(tokenizer, ranker, catalog, Profiles.load(bundle.path("profiles")).profiles, trends, collab)
 
     def candidates(self, item_ids: Sequence[str]) -> list[Item]:
         """One retrieval chunk → catalog items, their title lines tokenized now (while the rest of the
@@ -108,6 +117,12 @@ class PromptBuilder:
             return None
         return self.trends.buckets(self.moment(plan), [self.catalog.index(c.id) for c in candidates], self.trend)
 
+    def candidate_collab(self, plan: Plan, candidates: Sequence[Item]) -> list[float] | None:
+        """Each candidate's EASE score from the request's whole history (None: the ranker weighs none)."""
+        if self.collab is None:
+            return None
+        return self.collab.scores(self.catalog.indices(plan.history), [self.catalog.index(c.id) for c in candidates])
+
     def engine_request(self, engine_id: str, plan: Plan, candidates: Sequence[Item],
                        retrieval_scores: Sequence[float], profile: str | None = None) -> RankingJob:
         """`profile`: the keywords to show (default: the plan's, `profile(plan)`)."""
@@ -115,7 +130,8 @@ class PromptBuilder:
         parts = self.prompt.retrieval(self.profile(plan) if profile is None else profile,
                                       [self.catalog.by_id(i) for i in plan.history], candidates, trends)
         bias = trend_bias(self.trend_bias, trends)
-        prior = retrieval_prior(retrieval_scores, trends, self.retrieval_trend_weights)
+        prior = retrieval_prior(retrieval_scores, trends, self.retrieval_trend_weights,
+                                self.candidate_collab(plan, candidates), self.retrieval_collab_weight)
         readout = parts.readout if self.prompt.settings.readout == "candidate" else None
         k = min(plan.k, len(candidates))
         if plan.mode == "score":

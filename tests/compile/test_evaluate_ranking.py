@@ -46,6 +46,28 @@ def test_report_metrics_follow_from_the_per_user_ranks(report, user_rows, ml100k
         assert len(emitted) == len(set(emitted)) and all(0 <= i < 20 for i in emitted)
         if row["target_position"] is None:  # not retrieved: a miss in every mode
             assert row["score_rank"] is row["generate_rank"] is row["retrieval_rank"] is None
+    assert report["retrieval_term_ndcg@10"] == pytest.approx(metrics.ndcg([r["retrieval_term_rank"] for r in user_rows], 10))
+
+
+def test_the_retrieval_term_reads_the_bundles_ease_table_on_test_users(user_rows, tiny_llm_bundle, ml100k):
+    """Test users: the EASE scores are the serving table's for the user's train + valid history, weighed as
+    ranker.json says; the retrieval term's order is what the report ranks as `retrieval_term`."""
+    from palr.bundle import Bundle
+    from palr.catalog import Catalog
+    from palr.collab import CollabTable
+    from palr.ranking import order_by_scores, retrieval_prior, target_rank
+
+    bundle = Bundle.open(tiny_llm_bundle)
+    catalog, table = Catalog.load(bundle.path("catalog")), CollabTable.load(bundle.path("collab"))
+    ranker = json.loads((tiny_llm_bundle / "llm" / "ranker.json").read_text())
+    assert ranker["retrieval_collab_weight"]
+    for row in user_rows:
+        scores = row["collab"]
+        history = catalog.indices(ml100k.split.test_history(row["user"]))
+        assert scores == pytest.approx(table.scores(history, catalog.indices(row["candidates"])))
+        prior = retrieval_prior(row["retrieval_scores"], row["trend"], ranker["retrieval_trend_weights"], scores,
+                                ranker["retrieval_collab_weight"])
+        assert row["retrieval_term_rank"] == target_rank(order_by_scores(prior), row["target_position"])
 
 
 def test_validation_split_evaluates_valid_targets_into_its_own_report(tiny_llm_bundle, ml100k_dir, ml100k, tmp_path,

@@ -108,6 +108,41 @@ def test_held_out_cuts_are_each_users_last_training_items_capped_for_short_users
     assert len(encoded.train[row]) == MIN_HISTORY and encoded.valid[row] == ml100k.catalog.index(split.train[short][MIN_HISTORY])
 
 
+def test_ease_scores_come_from_tables_that_never_saw_the_examples_target(train_rows, valid_rows, ml100k,
+                                                                        tiny_llm_bundle):
+    """Training examples: a table fit on every user's training items minus the held-out ones (the examples'
+    targets); validation examples: one fit on training items only; the bundle's serving table on train + valid."""
+    import numpy as np
+
+    from compile.holdout import held_out_count
+    from palr.bundle import Bundle
+    from palr.catalog import Catalog
+    from palr.collab import CollabTable
+
+    bundle = Bundle.open(tiny_llm_bundle)
+    catalog, split = Catalog.load(bundle.path("catalog")), ml100k.split
+    l2, held = float(bundle.artifact("collab")["l2"]), int(bundle.artifact("sasrec_holdout")["held_out_items"])
+    users = sorted(split.train)
+    kept = {u: split.train[u][:len(split.train[u]) - held_out_count(len(split.train[u]), held)] for u in users}
+    holdout = CollabTable.fit([catalog.indices(kept[u]) for u in users], catalog.num_indices, l2)
+    train_only = CollabTable.fit([catalog.indices(split.train[u]) for u in users], catalog.num_indices, l2)
+    serving = CollabTable.load(bundle.path("collab"))
+    assert serving.weights.shape == (catalog.num_indices,) * 2
+
+    def expected(table, row):
+        return table.scores(catalog.indices(row["history"]), catalog.indices(row["candidates"]))
+
+    retrieval_rows = [r for r in train_rows if r["task"] == RETRIEVAL]
+    assert retrieval_rows and valid_rows
+    for row in retrieval_rows:
+        assert row["target"] not in kept[row["user"]], "the training table holds this example's target"
+        np.testing.assert_allclose(row["collab"], expected(holdout, row), rtol=1e-5, atol=1e-6)
+    for row in valid_rows:
+        np.testing.assert_allclose(row["collab"], expected(train_only, row), rtol=1e-5, atol=1e-6)
+    # the tables differ: a held-out item moves the scores (this test would pass vacuously if they did not)
+    assert not np.allclose(holdout.weights, train_only.weights) and not np.allclose(train_only.weights, serving.weights)
+
+
 def test_the_dataset_reached_by_another_path_does_not_redo_sft_data(tiny_llm_bundle, ml100k_dir, tmp_path, caplog):
     """The fingerprint holds the dataset's checksum, not the `--data` path: the same files reached another way
     (here a symlink) keep sft-data, and with it the finetune, current."""

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from palr.ranking import fit_bucket_weights, fuse, log_softmax, order_by_scores, retrieval_prior
+from palr.ranking import fit_bucket_weights, fit_prior_weights, fuse, log_softmax, order_by_scores, retrieval_prior
 
 
 def test_retrieval_prior_adds_each_candidates_bucket_weight_to_the_log_softmax():
@@ -40,3 +40,34 @@ def test_bucket_weights_learn_which_bucket_holds_the_target():
     assert len(weights) == 4 and weights[3] > max(weights[:3]) + 2
     hits = sum(order_by_scores(retrieval_prior(s, t, weights))[0] == y for s, t, y in zip(scores, trends, targets))
     assert hits == len(targets)
+
+
+def test_retrieval_prior_adds_the_weighted_ease_score_with_or_without_trend_buckets():
+    scores, trends, weights, collab = [2.0, 1.0, 0.0], [0, 2, 1], [0.0, 0.5, 3.0], [0.1, 0.0, 0.4]
+    norm = math.log(math.exp(2.0) + math.exp(1.0) + 1.0)
+    assert retrieval_prior(scores, trends, weights, collab, 10.0) == pytest.approx(
+        [2.0 - norm + 1.0, 1.0 - norm + 3.0, 0.0 - norm + 0.5 + 4.0])
+    assert retrieval_prior(scores, None, None, collab, 10.0) == pytest.approx([2.0 - norm + 1.0, 1.0 - norm, -norm + 4.0])
+    assert retrieval_prior(scores, trends, weights, collab, None) == retrieval_prior(scores, trends, weights)
+    assert retrieval_prior(scores, None, None, None, 10.0) == scores
+    with pytest.raises(ValueError, match="2 collab scores for 3 candidates"):
+        retrieval_prior(scores, trends, weights, [0.1, 0.2], 10.0)
+
+
+def test_prior_weights_learn_the_ease_scores_weight_beside_the_buckets():
+    rng = random.Random(1)
+    scores, trends, collab, targets = [], [], [], []
+    for _ in range(400):  # trend buckets say nothing; the target has the largest EASE score, by 0.3
+        values = [rng.uniform(0.0, 0.5) for _ in range(10)]
+        target = rng.randrange(10)
+        values[target] = max(values) + 0.3
+        scores.append([rng.gauss(0, 0.2) for _ in range(10)])
+        trends.append([rng.choice([0, 1]) for _ in range(10)])
+        collab.append(values)
+        targets.append(target)
+    weights, collab_weight = fit_prior_weights(scores, trends, targets, 2, collab)
+    assert collab_weight > 5 and max(abs(w) for w in weights) < 1
+    hits = sum(order_by_scores(retrieval_prior(s, t, weights, c, collab_weight))[0] == y
+               for s, t, c, y in zip(scores, trends, collab, targets))
+    assert hits == len(targets)
+    assert fit_prior_weights(scores, trends, targets, 2)[1] is None  # no scores: no weight

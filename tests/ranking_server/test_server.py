@@ -148,6 +148,7 @@ class Reference:
     prompt: object
     retrieval_stub: retrieval_pb2_grpc.RetrievalServiceStub
     trends: object  # palr.trends.TrendTable
+    collab: object  # palr.collab.CollabTable: the retrieval term's EASE scores
 
     def retrieved(self, num_candidates: int, **fields) -> list[retrieval_pb2.Candidate]:
         request = retrieval_pb2.RetrieveRequest(k=num_candidates, **fields)
@@ -171,7 +172,9 @@ class Reference:
             seen, profile, moment = self.histories[user_id], self.profiles[user_id], self.trends.as_of[user_id]
         trends = self.trends.buckets(as_of or moment, self.catalog.indices(ids), TrendSettings(**self.ranker["trend"]))
         bias = trend_bias(self.ranker["trend_bias"], trends)
-        scores = retrieval_prior(scores, trends, self.ranker.get("retrieval_trend_weights"))
+        collab = self.collab.scores(self.catalog.indices(seen), self.catalog.indices(ids))
+        scores = retrieval_prior(scores, trends, self.ranker.get("retrieval_trend_weights"), collab,
+                                 self.ranker["retrieval_collab_weight"])
         parts = self.prompt.retrieval(profile, [self.catalog.by_id(i) for i in seen], items, trends)
         weight = float(self.ranker["fusion_weight"])
         if mode == GENERATE:
@@ -189,6 +192,7 @@ def reference(bundle, retrieval) -> Reference:
     from palr.llm import load_causal_lm
     from palr.profiles import Profiles
     from palr.hybrid import ranker_prompt
+    from palr.collab import CollabTable
     from palr.trends import TrendTable
 
     opened = Bundle.open(bundle)
@@ -202,7 +206,7 @@ def reference(bundle, retrieval) -> Reference:
                      prompt=ranker_prompt(tokenizer, ranker, Catalog.load(opened.path("catalog"))),
                      retrieval_stub=retrieval_pb2_grpc.RetrievalServiceStub(
                          grpc.insecure_channel(retrieval.server.address)),
-                     trends=TrendTable.load(opened.path("trends")))
+                     trends=TrendTable.load(opened.path("trends")), collab=CollabTable.load(opened.path("collab")))
 
 
 def some_users(reference: Reference, n: int) -> list[str]:
