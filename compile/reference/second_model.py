@@ -17,12 +17,10 @@ from pathlib import Path
 
 import torch
 
-from palr import metrics
 from palr.bundle import Bundle
 from palr.corpus import Corpus
-from palr.ranking import target_rank
 from palr.sasrec import SASRec
-from readout_ablation import crossfit_ranks, prepare, rows_cache, trend_weights  # the same folder
+from trend_baseline import trend_baseline  # the same folder
 
 
 @torch.no_grad()
@@ -43,30 +41,11 @@ def main():
     parser.add_argument("--scale", type=float, nargs="+", default=[0.25, 0.5, 1.0, 2.0],
                         help="weights of the second model's log-softmax beside the trend term")
     args = parser.parse_args()
-    bundle = Bundle.open(args.bundle)
-    train, valid = prepare(bundle, args.data, 20, 30.0, rows_cache(args.bundle, 30.0))
-    second = SASRec.load(bundle.path("sasrec_holdout")).eval()
-    second_log_probs = candidate_log_probs(second, Corpus.load(args.data).catalog, valid)
-    weights = trend_weights(train)
-    targets = [r["target_position"] for r in valid]
-    scores = [r["scores"] for r in valid]
-    trend = [[float(weights[b]) for b in r["trend"]] for r in valid]
-    retrieval = metrics.per_user_ndcg([target_rank(range(20), t) for t in targets], 10)
-
-    def ratio(a, b) -> str:
-        ci = metrics.paired_bootstrap_ratio(a, b)
-        return f"{ci['ratio']:.3f}x ({ci['low']:.3f} - {ci['high']:.3f})"
-
-    ranks, fusion = crossfit_ranks(trend, scores, targets)
-    alone = metrics.per_user_ndcg(ranks, 10)
-    print(f"{len(valid)} validation users; trend bucket alone {ratio(alone, retrieval)} of retrieval, "
-          f"fusion weights {fusion}")
+    base = trend_baseline(args.bundle, args.data)
+    second = SASRec.load(Bundle.open(args.bundle).path("sasrec_holdout")).eval()
+    second_log_probs = candidate_log_probs(second, Corpus.load(args.data).catalog, base.valid)
     for scale in args.scale:
-        extra = [[t + scale * x for t, x in zip(tr, lp)] for tr, lp in zip(trend, second_log_probs)]
-        ranks, fusion = crossfit_ranks(extra, scores, targets)
-        ndcg = metrics.per_user_ndcg(ranks, 10)
-        print(f"trend + {scale:g} x second SASRec: {ratio(ndcg, retrieval)} of retrieval, {ratio(ndcg, alone)} of "
-              f"the trend bucket alone, fusion weights {fusion}", flush=True)
+        base.report("second SASRec", second_log_probs, scale)
 
 
 if __name__ == "__main__":
