@@ -147,6 +147,32 @@ class Builder(HybridPrompt):
         return ids, labels, ends, starts
 
 
+def with_ease_buckets(bundle: Bundle, data: Path, train_rows, valid_rows):
+    """The rows with "trend" replaced by each candidate's EASE rank bucket: training rows scored by a table fit
+    without each user's held-out items (their targets), validation rows by one fit on training items."""
+    from compile.holdout import held_out_count
+    from palr.collab import CollabTable
+
+    corpus = Corpus.load(data)
+    cat, split = corpus.catalog, corpus.split
+    users = sorted(split.train)
+    held = int(bundle.artifact("sasrec_holdout")["held_out_items"])
+    l2 = float(bundle.artifact("collab")["l2"])
+    kept = [split.train[u][:len(split.train[u]) - held_out_count(len(split.train[u]), held)] for u in users]
+    tables = (CollabTable.fit([cat.indices(h) for h in kept], cat.num_indices, l2),
+              CollabTable.fit([cat.indices(split.train[u]) for u in users], cat.num_indices, l2))
+
+    def bucketed(rows, table):
+        out = []
+        for r in rows:
+            scores = table.scores(cat.indices(r["history"]), cat.indices(r["candidates"]))
+            ranks = {c: k for k, c in enumerate(order_by_scores(scores))}
+            out.append({**r, "trend": [min(7, ranks[c].bit_length()) for c in range(len(scores))]})
+        return out
+
+    return bucketed(train_rows, tables[0]), bucketed(valid_rows, tables[1])
+
+
 def encode(rows, builder, cat, profiler, rng=None):
     out = []
     for r in rows:
@@ -318,6 +344,9 @@ def main():
     p.add_argument("--readout", default="cand", choices=("cand", "label"))
     p.add_argument("--trend", type=int, default=1)
     p.add_argument("--window", type=float, default=30)
+    p.add_argument("--trend-source", default="time", choices=("time", "ease"),
+                   help="ease: each candidate's trend token (and bucket) is instead its EASE rank among the 20 "
+                        "(0, 1, 2-3, 4-7, 8-15, 16+), EASE fit without the rows' targets (palr.collab)")
     p.add_argument("--titles", type=int, default=1)
     p.add_argument("--soft", type=int, default=1)
     p.add_argument("--candidate-titles", type=int, default=1, help="0: candidates are their soft token alone")
@@ -357,6 +386,8 @@ def main():
     train_rows, valid_rows = prepare(bundle, Path(a.data), 20, a.window, rows_cache(Path(a.bundle), a.window, 20))
     if a.valid_users:
         valid_rows = valid_rows[:a.valid_users]
+    if a.trend_source == "ease":
+        train_rows, valid_rows = with_ease_buckets(bundle, Path(a.data), train_rows, valid_rows)
     from palr.catalog import Catalog
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
