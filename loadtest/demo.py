@@ -28,7 +28,7 @@ from recsys.v1 import ranking_pb2, ranking_pb2_grpc
 
 log = logging.getLogger("demo")
 
-ARTIFACTS = ("catalog", "users", "sasrec_onnx", "trends", "profiles", "llm_merged", "ranker")  # what the two servers read
+ARTIFACTS = ("catalog", "users", "sasrec_onnx", "trends", "collab", "profiles", "llm_merged", "ranker")  # what the servers read
 MODE_NAMES = {ranking_pb2.RANKING_MODE_SCORE: "score", ranking_pb2.RANKING_MODE_GENERATE: "generate"}
 
 
