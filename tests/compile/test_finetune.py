@@ -142,8 +142,9 @@ def test_with_retrieval_prior_gives_the_rows_the_term_merge_fuses_with(tiny_llm_
     train = [json.loads(x) for x in (tiny_llm_bundle / "llm" / "sft" / "train.jsonl").read_text().splitlines()]
     ranked = [r for r in train if r.get("retrieval_scores")]
     (rows,) = with_retrieval_prior(train, 8, ranked)
-    weights = fit_retrieval_trend_weights(train, 8)
-    assert weights is not None and len(rows) == len(ranked)
+    weights, collab_weight = fit_retrieval_trend_weights(train, 8)
+    assert weights is not None and collab_weight is not None and len(rows) == len(ranked)
     for before, after in zip(ranked, rows):
-        assert after["retrieval_scores"] == retrieval_prior(before["retrieval_scores"], before["trend"], weights)
+        assert after["retrieval_scores"] == retrieval_prior(before["retrieval_scores"], before["trend"], weights,
+                                                            before["collab"], collab_weight)
         assert after["input_ids"] == before["input_ids"] and after["target_position"] == before["target_position"]
