@@ -39,6 +39,20 @@ def train_valid_histories(corpus: Corpus, catalog: Catalog) -> list[list[int]]:
     return [catalog.indices(split.train[u] + [split.valid[u]]) for u in sorted(split.train)]
 
 
+def training_table(bundle: Bundle, corpus: Corpus, catalog: Catalog, held_out_items: int = 0) -> CollabTable:
+    """A table at the bundle table's l2 that knows no target it will score: fit on every user's training items
+    (no validation item), or with `held_out_items` on those minus each user's held-out ones, as the held-out
+    SASRec saw them (`compile.holdout.held_out_split`: no training example's target)."""
+    from compile.holdout import held_out_split
+
+    l2 = float(bundle.artifact(ARTIFACT)["l2"])
+    if held_out_items:
+        histories = held_out_split(corpus, held_out_items).train
+    else:
+        histories = [catalog.indices(corpus.split.train[u]) for u in sorted(corpus.split.train)]
+    return CollabTable.fit(histories, catalog.num_indices, l2)
+
+
 def run(config: CollabConfig) -> Path:
     bundle = Bundle.open(config.bundle)
     out = bundle.root / FILE

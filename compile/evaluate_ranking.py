@@ -95,11 +95,11 @@ def collab_table(bundle: Bundle, ranker: dict, corpus: Corpus, catalog: Catalog,
     same l2, so no validation target is in it."""
     if not ranker.get("retrieval_collab_weight"):
         return None
+    from compile.collab import training_table
+
     if split == "test":
         return CollabTable.load(bundle.path("collab"))
-    users = sorted(corpus.split.train)
-    return CollabTable.fit([catalog.indices(corpus.split.train[u]) for u in users], catalog.num_indices,
-                           float(bundle.artifact("collab")["l2"]))
+    return training_table(bundle, corpus, catalog)
 
 
 def run(config: EvaluateRankingConfig) -> dict:

@@ -107,10 +107,10 @@ def load_rows(path: Path, max_tokens: int, loss: str) -> list[dict]:
 def with_retrieval_prior(train: list[dict], buckets: int, *row_lists: list[dict]) -> tuple[list[dict], ...]:
     """Each row list with its retrieval scores replaced by the retrieval term merge will fuse with
     (`palr.ranking.retrieval_prior`, the weights fit on all of `train` exactly as merge fits them)."""
-    from compile.merge import fit_retrieval_trend_weights
+    from compile.merge import fit_retrieval_term_weights
     from palr.ranking import retrieval_prior
 
-    weights, collab_weight = fit_retrieval_trend_weights(train, buckets)
+    weights, collab_weight = fit_retrieval_term_weights(train, buckets)
     return tuple([{**r, "retrieval_scores": retrieval_prior(r["retrieval_scores"], r.get("trend"), weights,
                                                             r.get("collab"), collab_weight)}
                   if r.get("retrieval_scores") else r for r in rows] for rows in row_lists)

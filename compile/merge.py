@@ -117,7 +117,7 @@ def merge(base_dir: Path, lora_dir: Path, out: Path, probe: dict, tolerance: flo
     return diff
 
 
-def fit_retrieval_trend_weights(train: list[dict], buckets: int) -> tuple[list[float] | None, float | None]:
+def fit_retrieval_term_weights(train: list[dict], buckets: int) -> tuple[list[float] | None, float | None]:
     """`palr.ranking.retrieval_prior`'s weights (per trend bucket; of the EASE score), fit on the training
     examples that carry their retriever's scores (the held-out SASRec's: as the served one ranks unseen
     positions) and the features: (None, None) when none carries trend buckets or EASE scores."""
@@ -292,7 +292,7 @@ def run(config: MergeConfig) -> Path:
     bias = learned_trend_bias(bundle) if meta.get("trend") else None
     prior_weights, collab_weight = None, None
     if config.retrieval_trend:
-        prior_weights, collab_weight = fit_retrieval_trend_weights(
+        prior_weights, collab_weight = fit_retrieval_term_weights(
             read_jsonl(bundle.path("sft_data") / "train.jsonl"), int((meta.get("trend") or {}).get("buckets", 1)))
     weight, logit_weight, validation = fit_fusion(out, fusion_valid, bias, prior_weights, collab_weight) \
         if fusion_valid else (0.0, 1.0, {})

@@ -182,23 +182,17 @@ def collab_tables(bundle: Bundle, corpus: Corpus, catalog: Catalog, config: SftD
     """The training examples' scorer (a table fit on each user's training items minus the held-out ones, as the
     held-out SASRec saw them: no example is scored by a table that knew its target) and the validation
     examples' (fit on every user's training items: no validation item), at the bundle table's l2."""
-    from compile.holdout import held_out_count
+    from compile.collab import training_table
 
     none = Collab(None, catalog)
     if not config.collab:
         return none, none
-    l2 = float(bundle.artifact("collab")["l2"])
-    split = corpus.split
-    users = sorted(split.train)
-    valid = CollabTable.fit([catalog.indices(split.train[u]) for u in users], catalog.num_indices, l2)
+    valid = Collab(training_table(bundle, corpus, catalog), catalog)
     if config.negatives != "holdout":
         log.warning("--collab: training examples carry no EASE score with --negatives %s (their targets are "
                     "training items every table has seen); merge then fits no collab weight", config.negatives)
-        return none, Collab(valid, catalog)
-    kept = [split.train[u][:len(split.train[u]) - held_out_count(len(split.train[u]), config.holdout_items)]
-            for u in users]
-    return Collab(CollabTable.fit([catalog.indices(h) for h in kept], catalog.num_indices, l2), catalog), \
-        Collab(valid, catalog)
+        return none, valid
+    return Collab(training_table(bundle, corpus, catalog, config.holdout_items), catalog), valid
 
 
 def retrieval_examples(prompt: PalrPrompt, catalog: Catalog, cuts: list[Cut], retrieved, profiles: list[str],

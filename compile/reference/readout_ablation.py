@@ -150,17 +150,12 @@ class Builder(HybridPrompt):
 def with_ease_buckets(bundle: Bundle, data: Path, train_rows, valid_rows):
     """The rows with "trend" replaced by each candidate's EASE rank bucket: training rows scored by a table fit
     without each user's held-out items (their targets), validation rows by one fit on training items."""
-    from compile.holdout import held_out_count
-    from palr.collab import CollabTable
+    from compile.collab import training_table
 
     corpus = Corpus.load(data)
-    cat, split = corpus.catalog, corpus.split
-    users = sorted(split.train)
+    cat = corpus.catalog
     held = int(bundle.artifact("sasrec_holdout")["held_out_items"])
-    l2 = float(bundle.artifact("collab")["l2"])
-    kept = [split.train[u][:len(split.train[u]) - held_out_count(len(split.train[u]), held)] for u in users]
-    tables = (CollabTable.fit([cat.indices(h) for h in kept], cat.num_indices, l2),
-              CollabTable.fit([cat.indices(split.train[u]) for u in users], cat.num_indices, l2))
+    tables = (training_table(bundle, corpus, cat, held), training_table(bundle, corpus, cat))
 
     def bucketed(rows, table):
         out = []

@@ -5,7 +5,7 @@
 
 Today's fusion: LLM readout + the head's trend bias + w * retrieval log-softmax. The stack: the same LLM term
 + w * (retrieval log-softmax + per-trend-bucket weights): `palr.ranking.retrieval_prior` with the weights
-`compile merge` fits on the bundle's training examples (`fit_retrieval_trend_weights`, llm/sft/train.jsonl: the
+`compile merge` fits on the bundle's training examples (`fit_retrieval_term_weights`, llm/sft/train.jsonl: the
 held-out SASRec's scores), so w -> infinity is the linear re-ranker without the LLM. On the bundle's validation rows
 (reports/eval_ranking_valid_users.jsonl, all users), each with its weight cross-fit on two halves of the users
 (`readout_ablation.crossfit_ranks`), ratios to the retrieval order with paired bootstrap 95 % intervals.
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from compile.evaluate_ranking import report_names
-from compile.merge import fit_retrieval_trend_weights
+from compile.merge import fit_retrieval_term_weights
 from palr import metrics
 from palr.ranking import log_softmax, order_by_scores, retrieval_prior, target_rank
 from readout_ablation import crossfit_ranks  # the same folder: scripts run as `python compile/reference/...`
@@ -30,7 +30,8 @@ def main():
     p.add_argument("--bundle", type=Path, default=Path("bundle"))
     a = p.parse_args()
     train = [json.loads(line) for line in (a.bundle / "llm" / "sft" / "train.jsonl").read_text().splitlines()]
-    buckets = fit_retrieval_trend_weights(train, 8)
+    # the trend-only term this script studies: the examples' EASE scores left out of the fit
+    buckets, _ = fit_retrieval_term_weights([{**x, "collab": None} for x in train], 8)
     head = np.array(json.loads((a.bundle / "llm" / "ranker.json").read_text())["trend_bias"])
     rows = [json.loads(line) for line in (a.bundle / "reports" / report_names("valid")[1]).read_text().splitlines()]
     llm = [list(np.array(r["llm_scores"]) + head[r["trend"]]) for r in rows]

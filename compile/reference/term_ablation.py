@@ -15,12 +15,9 @@ import argparse
 import json
 from pathlib import Path
 
+from compile.sft_data import read_jsonl
 from palr import metrics
 from palr.ranking import fit_prior_weights, order_by_scores, retrieval_prior, target_rank
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def main():

@@ -57,15 +57,15 @@ def test_ranker_json_describes_prompt_labels_fusion_and_generate_format(tiny_llm
 
 
 def test_retrieval_term_weights_are_the_listwise_fit_on_the_training_examples(tiny_llm_bundle):
-    from compile.merge import fit_retrieval_trend_weights
+    from compile.merge import fit_retrieval_term_weights
 
     ranker = json.loads((tiny_llm_bundle / "llm" / "ranker.json").read_text())
     train = [json.loads(x) for x in (tiny_llm_bundle / "llm" / "sft" / "train.jsonl").read_text().splitlines()]
-    weights, collab_weight = fit_retrieval_trend_weights(train, 8)
+    weights, collab_weight = fit_retrieval_term_weights(train, 8)
     assert weights == pytest.approx(ranker["retrieval_trend_weights"], abs=1e-5)
     assert collab_weight == pytest.approx(ranker["retrieval_collab_weight"], abs=1e-5) and collab_weight != 0
-    assert fit_retrieval_trend_weights([{**x, "trend": None, "collab": None} for x in train], 8) == (None, None)
-    only_collab = fit_retrieval_trend_weights([{**x, "trend": None} for x in train], 8)  # EASE alone: no buckets
+    assert fit_retrieval_term_weights([{**x, "trend": None, "collab": None} for x in train], 8) == (None, None)
+    only_collab = fit_retrieval_term_weights([{**x, "trend": None} for x in train], 8)  # EASE alone: no buckets
     assert only_collab[0] is None and only_collab[1] is not None
 
 
