@@ -135,11 +135,11 @@ class Builder(HybridPrompt):
         ids += self._newline + self._ids("Candidates:") + self._newline
         labels = self.label_token_ids(len(candidates))
         ends, starts = [], []
-        for lab, (item, idx), tr in zip(labels, candidates, trends):
+        for lab, (item, idx), toks in zip(labels, candidates, trends):
             starts.append(len(ids))
             ids += [lab] + self._candidate(item, idx)
             if self.trend:
-                ids += [self.trend_offset + tr]
+                ids += [self.trend_offset + t for t in toks]
             ends.append(len(ids) - 1)
             ids += self._newline
         starts.append(len(ids))  # the tail
@@ -168,6 +168,26 @@ def with_ease_buckets(bundle: Bundle, data: Path, train_rows, valid_rows):
     return bucketed(train_rows, tables[0]), bucketed(valid_rows, tables[1])
 
 
+def rank_buckets(scores) -> list[int]:
+    """Each candidate's rank under `scores` as a bucket: 0, 1, 2-3, 4-7, 8-15, 16+ (→ 0..5)."""
+    ranks = {c: k for k, c in enumerate(order_by_scores(scores))}
+    return [min(7, ranks[c].bit_length()) for c in range(len(scores))]
+
+
+def with_tokens(rows, features, ease_rows=None):
+    """The rows with "tok": per candidate, one token index per feature (feature f's bucket b → 8 f + b):
+    time (the 30-day trend bucket), ease (EASE rank bucket, from `ease_rows`' "trend"), retr (retrieval rank
+    bucket: the candidates are in retrieval order)."""
+    out = []
+    for k, r in enumerate(rows):
+        n = len(r["candidates"])
+        per = {"time": r["trend"], "retr": [min(7, j.bit_length()) for j in range(n)]}
+        if ease_rows is not None:
+            per["ease"] = ease_rows[k]["trend"]
+        out.append({**r, "tok": [tuple(8 * f + per[name][c] for f, name in enumerate(features)) for c in range(n)]})
+    return out
+
+
 def encode(rows, builder, cat, profiler, rng=None):
     out = []
     for r in rows:
@@ -176,25 +196,26 @@ def encode(rows, builder, cat, profiler, rng=None):
         if rng is not None:
             rng.shuffle(perm)
         cands = [(cat.by_id(r["candidates"][j]), cat.index(r["candidates"][j])) for j in perm]
-        ids, labels, ends, starts = builder.build(profiler([h for h, _ in hist]), hist, cands, [r["trend"][j] for j in perm])
+        toks = [r["tok"][j] for j in perm]
+        ids, labels, ends, starts = builder.build(profiler([h for h, _ in hist]), hist, cands, toks)
         tp = perm.index(r["target_position"]) if r["target_position"] is not None else None
         out.append({"ids": ids, "labels": labels, "ends": ends, "starts": starts, "items": [idx for _, idx in cands],
                     "scores": [r["scores"][j] for j in perm],
-                    "trend": [r["trend"][j] for j in perm], "target": tp})
+                    "trend": [r["trend"][j] for j in perm], "tok": [r["tok"][j] for j in perm], "target": tp})
     return out
 
 
 class Extras(torch.nn.Module):
     """Soft-token rows: projected SASRec items, trend buckets, and the score row."""
 
-    def __init__(self, table, hidden, init_trend, init_score):
+    def __init__(self, table, hidden, init_trend, init_score, features=1):
         super().__init__()
         self.register_buffer("table", table)
         d = table.shape[1]
         self.net = torch.nn.Sequential(torch.nn.Linear(d, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, hidden))
-        self.trend = torch.nn.Parameter(init_trend.clone())  # [8, D]
+        self.trend = torch.nn.Parameter(init_trend.repeat(max(1, features), 1).clone())  # [8 F, D]
         self.score = torch.nn.Parameter(init_score.clone())  # [D]
-        self.beta = torch.nn.Parameter(torch.zeros(8))  # per-trend-bucket bias of the score head
+        self.beta = torch.nn.Parameter(torch.zeros(8 * max(1, features)))  # per-bucket bias of the score head
 
     def rows(self):
         return torch.cat([self.net(self.table), self.trend], 0)  # [N + 8, D]
@@ -251,7 +272,7 @@ def forward_scores(lm, extras, exs, pad, readout, beta=False, block=False):
     hc = h[torch.arange(len(exs))[:, None], ends]  # [B, L, D]
     out = hc.float() @ extras.score.float()
     if beta:
-        out = out + extras.beta[torch.tensor([e["trend"] for e in exs])]
+        out = out + extras.beta[torch.tensor([e["tok"] for e in exs])].sum(-1)  # [B, L, F] → [B, L]
     return out
 
 
@@ -342,6 +363,9 @@ def main():
     p.add_argument("--trend-source", default="time", choices=("time", "ease"),
                    help="ease: each candidate's trend token (and bucket) is instead its EASE rank among the 20 "
                         "(0, 1, 2-3, 4-7, 8-15, 16+), EASE fit without the rows' targets (palr.collab)")
+    p.add_argument("--tokens", default=None,
+                   help="comma-separated per-candidate tokens, in order, from time,ease,retr (retr: the candidate's "
+                        "retrieval rank bucket); default: --trend/--trend-source's one token")
     p.add_argument("--titles", type=int, default=1)
     p.add_argument("--soft", type=int, default=1)
     p.add_argument("--candidate-titles", type=int, default=1, help="0: candidates are their soft token alone")
@@ -381,8 +405,16 @@ def main():
     train_rows, valid_rows = prepare(bundle, Path(a.data), 20, a.window, rows_cache(Path(a.bundle), a.window, 20))
     if a.valid_users:
         valid_rows = valid_rows[:a.valid_users]
-    if a.trend_source == "ease":
-        train_rows, valid_rows = with_ease_buckets(bundle, Path(a.data), train_rows, valid_rows)
+    features = (a.tokens.split(",") if a.tokens is not None
+                else [] if not a.trend else ["ease" if a.trend_source == "ease" else "time"])
+    features = [f for f in features if f]
+    if set(features) - {"time", "ease", "retr"}:
+        raise SystemExit(f"--tokens: unknown {sorted(set(features) - {'time', 'ease', 'retr'})}")
+    ease = with_ease_buckets(bundle, Path(a.data), train_rows, valid_rows) if "ease" in features else (None, None)
+    if a.trend_source == "ease" and a.tokens is None:
+        train_rows, valid_rows = ease
+    train_rows, valid_rows = with_tokens(train_rows, features, ease[0]), with_tokens(valid_rows, features, ease[1])
+    log.info("per-candidate tokens: %s", features or "none")
     from palr.catalog import Catalog
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -399,7 +431,7 @@ def main():
     profiler = StatsProfiler(cat)
 
     def builder_for(soft, candidate_titles):
-        return Builder(tok, settings, V, V + N, bool(a.titles), soft, bool(a.trend), candidate_titles)
+        return Builder(tok, settings, V, V + N, bool(a.titles), soft, bool(features), candidate_titles)
 
     def shuffled_train(b):  # the same examples, candidate orders and example order whatever the builder
         rows = encode(train_rows, b, cat, profiler, random.Random(1))
@@ -418,7 +450,7 @@ def main():
     digits = [tok.encode(f" {d}", add_special_tokens=False)[-1] for d in range(8)]
     yes = tok.encode(" yes", add_special_tokens=False)[-1]
     extras = Extras(SASRec.load(bundle.path("sasrec_holdout")).item_emb.weight.detach().clone(),
-                    lm.config.hidden_size, E[digits], E[yes] * (a.score_init == "yes"))
+                    lm.config.hidden_size, E[digits], E[yes] * (a.score_init == "yes"), len(features))
     titles = title_table(tok, cat, E) if a.align else None
     lora = LoraConfig(r=a.rank, lora_alpha=2 * a.rank, lora_dropout=0.05,
                       target_modules=a.modules.split(","), task_type="CAUSAL_LM")
