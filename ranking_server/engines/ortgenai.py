@@ -88,20 +88,21 @@ class OrtGenaiEngine(LoopEngine):
             return False
         held = len(self._active)
         decoding = [r for r in self._active if not r.todo]
-        for running in decoding:
-            self._feed(running, [running.next_token])
+        work = [(running, [running.next_token]) for running in decoding]
         budget = self.config.max_tokens_per_step - len(decoding)
-        prefilling = []
         for running in [r for r in self._active if r.todo]:
             if budget <= 0:
                 break
             n = running.chunk(budget)
             chunk, running.todo = running.todo[:n], running.todo[n:]
             budget -= len(chunk)
-            prefilling.append(len(chunk))
-            self._feed(running, chunk)
-            self._count(prompt_tokens=len(chunk))
+            work.append((running, chunk))
+        prefilling = [len(chunk) for _, chunk in work[len(decoding):]]
+        # logged before the work: a request that finishes in this step finds its step in the log when it returns
         self._record_step(StepRecord(len(decoding), len(prefilling), len(decoding) + sum(prefilling), held))
+        for running, tokens in work:
+            self._feed(running, tokens)
+        self._count(prompt_tokens=sum(prefilling))
         return True
 
     def _admit(self, pending: Pending) -> None:
