@@ -58,7 +58,8 @@ def readout(model, prompt, prefix, examples, histories, profiles, catalog) -> di
     llm = []
     for x, history, profile in zip(examples, histories, profiles):
         trends = x.get("trend") if prompt.settings.trend else None
-        parts = prompt.retrieval(profile, history, [catalog.by_id(i) for i in x["candidates"]], trends)
+        ranks = x.get("ranks") if prompt.settings.rank_tokens else None
+        parts = prompt.retrieval(profile, history, [catalog.by_id(i) for i in x["candidates"]], trends, ranks)
         llm.append(score_candidates(model, parts.input_ids, parts.readout, prefix=prefix))
     weight, curve = fit_fusion_weight(llm, [x["retrieval_scores"] for x in examples],
                                       [x["target_position"] for x in examples])
@@ -75,10 +76,11 @@ def model_prompt(model, tokenizer, settings, meta: dict, catalog):
 
     tokens = meta["item_tokens"]
     vocabulary = ItemTokens.for_catalog(int(tokens["offset"]), [item.id for item in catalog.items],
-                                        int(tokens.get("trend_buckets") or 0))
+                                        int(tokens.get("trend_buckets") or 0), int(tokens.get("rank_rows") or 0))
     if model.get_input_embeddings().num_embeddings < vocabulary.offset + vocabulary.size:
         log.info("%s has no extra rows in its vocabulary: plain text prompts for it", model.name_or_path)
-        plain = {**settings.to_dict(), "prompt": "text", "trend": False, "readout": "label"}
+        plain = {**settings.to_dict(), "prompt": "text", "trend": False, "rank_tokens": [],
+                 "readout": "label"}
         return PalrPrompt(tokenizer, PromptSettings.from_dict(plain))
     return PalrPrompt(tokenizer, settings, vocabulary)
 

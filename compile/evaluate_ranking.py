@@ -40,13 +40,14 @@ from palr.collab import CollabTable
 from palr.corpus import Corpus
 from palr.data import sample_users
 from palr.profiles import Profiles
-from palr.ranking import (MODES, calibrated, complete_order, fuse, generate_logit_weight, generation_bias,
-                          load_ranker, order_by_scores, retrieval_prior, target_rank, trend_bias)
+from palr.ranking import (MODES, calibrated, candidate_ranks, complete_order, fuse, generate_logit_weight,
+                          generation_bias, head_bias, load_ranker, order_by_scores, retrieval_prior, target_rank,
+                          uses_collab)
 
 log = logging.getLogger(__name__)
 
 STEP = "evaluate-ranking"
-VERSION = 2  # 2: the retrieval term's EASE scores
+VERSION = 3  # 2: the retrieval term's EASE scores; 3: rank tokens
 REPORT = "eval_ranking.json"
 USERS_REPORT = "eval_ranking_users.jsonl"
 SPLITS = ("test", "valid")
@@ -90,10 +91,10 @@ def stored_profiles(bundle: Bundle, users: list[str]) -> dict[str, str]:
 
 
 def collab_table(bundle: Bundle, ranker: dict, corpus: Corpus, catalog: Catalog, split: str) -> CollabTable | None:
-    """The EASE table the retrieval term reads (None: the ranker weighs none): the bundle's (train + valid
-    items) for test users, as serving has it; for validation users one fit on the training items alone at the
-    same l2, so no validation target is in it."""
-    if not ranker.get("retrieval_collab_weight"):
+    """The EASE table the ranker reads (None: it reads none; `palr.ranking.uses_collab`): the bundle's (train +
+    valid items) for test users, as serving has it; for validation users one fit on the training items alone at
+    the same l2, so no validation target is in it."""
+    if not uses_collab(ranker):
         return None
     from compile.collab import training_table
 
@@ -164,16 +165,17 @@ def run(config: EvaluateRankingConfig) -> dict:
         if trend:
             as_of = table.as_of[user] if config.split == "test" else corpus.time_before(user, len(history))
             trends = table.buckets(as_of, [int(i) for i in ranked.indices], trend)
-        bias = trend_bias(ranker.get("trend_bias"), trends)
         collab_scores = collab.scores(catalog.indices(history), [int(i) for i in ranked.indices]) if collab else None
+        ranks = candidate_ranks(prompt.settings.rank_tokens, retrieval_scores, collab_scores)
+        bias = head_bias(ranker.get("trend_bias"), trends, ranker.get("rank_bias"), ranks)
         prior = retrieval_prior(retrieval_scores, trends, ranker.get("retrieval_trend_weights"), collab_scores,
                                 ranker.get("retrieval_collab_weight"))
-        parts = prompt.retrieval(profiles[user], [catalog.by_id(i) for i in history], candidates, trends)
+        parts = prompt.retrieval(profiles[user], [catalog.by_id(i) for i in history], candidates, trends, ranks)
         row = {"user": user, "target": target, "target_position": position, "candidates": [c.id for c in candidates],
                "retrieval_scores": retrieval_scores,
                "retrieval_rank": target_rank(range(len(candidates)), position),
                "retrieval_term_rank": target_rank(order_by_scores(prior), position),
-               "trend": trends, "collab": collab_scores}
+               "trend": trends, "collab": collab_scores, "ranks": ranks}
         if "score" in config.modes:
             t0 = time.perf_counter()
             llm = score_candidates(model, parts.input_ids, parts.readout, prefix=prefix)
@@ -252,7 +254,8 @@ def summarise(rows: list[dict], config: EvaluateRankingConfig, ranker: dict, wei
         report[f"score_vs_retrieval_term_ndcg@{K}_ci95"] = [round(paired["low"], 4), round(paired["high"], 4)]
     if "score" in config.modes:  # position bias: where the LLM's own top-1 sits in the (retrieval-ordered) list
         for key, with_bias in (("llm_top1_by_position", True), ("llm_top1_by_position_raw", False)):
-            firsts = [order_by_scores(calibrated(r["llm_scores"], trend_bias(ranker.get("trend_bias"), r["trend"])
+            firsts = [order_by_scores(calibrated(r["llm_scores"], head_bias(ranker.get("trend_bias"), r["trend"],
+                                                                            ranker.get("rank_bias"), r.get("ranks"))
                                                  if with_bias else None))[0] for r in rows]
             report[key] = [firsts.count(p) for p in range(config.candidates)]
     report.update({"fusion_weight": weight, "generate_format": ranker["generate_format"], "generate_k": generate_k,

@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 
 LORA_DIR = "llm/lora"
 CHECKPOINT_DIR = "llm/checkpoints"
-VERSION = 3  # 2: listwise label-logit loss, item projector; 3: candidate readout, trend rows and bias, generate loss
+VERSION = 4  # 2: listwise label-logit loss, item projector; 3: candidate readout, trend rows and bias, generate loss;
+# 4: rank-token rows and bias
 
 
 @dataclass
@@ -73,10 +74,14 @@ class FinetuneConfig:
         "help": "listwise: cross-entropy over the candidates' label logits at the answer position (what score mode "
                 "reads; FIRST/LlamaRec-style verbalizer); lm: next-token cross-entropy over the answer (label + title "
                 "tokens); both: their sum", "choices": ("listwise", "lm", "both")})
-    fusion_in_loss: float = field(default=1.0, metadata={
-        "help": "listwise loss: the label logits plus this times the retrieval log-softmax of the candidates' SASRec "
-                "scores, i.e. the fused score the ranker serves, so the LLM learns what the retriever misses "
-                "(0: the LLM alone; needs retrieval scores in the examples: sft-data --negatives holdout)"})
+    # 0: on all 943 validation users (readout_ablation.py --tokens time,ease,retr, docs/results.md) the LLM alone
+    # ranked 1.105x retrieval trained at 0 against 1.012x at 1 (paired 1.092x, 1.032-1.153), fused with the
+    # shipped retrieval term alike (0.999x): with rank tokens the LLM sees retrieval's order and learns it
+    fusion_in_loss: float = field(default=0.0, metadata={
+        "help": "listwise loss: the readout logits plus this times the retrieval log-softmax of the candidates' "
+                "SASRec scores, so the LLM learns only what the retriever misses (needs retrieval scores in the "
+                "examples: sft-data --negatives holdout); 0: the LLM learns to rank on its own, from a prompt "
+                "that shows each candidate's retrieval and EASE rank (sft-data --rank-tokens)"})
     retrieval_trend: bool = field(default=False, metadata={
         "help": "trend rankers: the fused training score uses the retrieval term merge fuses with when its "
                 "--retrieval-trend is on (retrieval log-softmax + per-trend-bucket weights fit on these training "
@@ -84,7 +89,7 @@ class FinetuneConfig:
     projector_lr: float = field(default=1e-3, metadata={"help": "hybrid prompts: peak learning rate of the item projector"})
     head_lr: float = field(default=1e-2, metadata={
         "help": "peak learning rate of the ranking head's own rows: the score row (zero at the start, so the ranker "
-                "starts as the retrieval order), the trend-token rows and the per-trend-bucket bias"})
+                "starts as the retrieval order), the trend- and rank-token rows and their per-bucket biases"})
     generate_loss: float = field(default=0.5, metadata={
         "help": "candidate readout: weight of the listwise loss on the label logits after the prompt plus the "
                 "(fixed) fused scores, what generate mode decodes (0: generate mode gets untrained labels)"})
@@ -247,12 +252,18 @@ def output_rows(head, tokens, extra_rows, vocab: int):
 
 
 def fused_scores(scores, rows: list[dict], fusion_weight: float, extra=None):
-    """The served score `[B, C]`: readout logits + the head's trend bias + weight * log_softmax(retrieval)."""
+    """The served score `[B, C]`: readout logits + the head's trend and rank bias + weight * log_softmax(retrieval)."""
     import torch
+
+    from palr.ranking import RANK_BUCKETS
 
     fused = scores
     if extra is not None and extra.trend_buckets and rows[0].get("trend") is not None:
         fused = fused + extra.trend_bias[torch.tensor([r["trend"] for r in rows])]
+    if extra is not None and extra.rank.shape[0] and rows[0].get("ranks") is not None:
+        ranks = torch.tensor([r["ranks"] for r in rows])  # [B, C, R]: each ranking's bucket
+        rows_of = ranks + RANK_BUCKETS * torch.arange(ranks.shape[-1])  # [B, C, R]: their rank-bias rows
+        fused = fused + extra.rank_bias[rows_of].sum(-1)
     if fusion_weight:
         fused = fused + fusion_weight * torch.log_softmax(torch.tensor([r["retrieval_scores"] for r in rows]), -1)
     return fused
@@ -304,7 +315,7 @@ def lora_model(base_dir: Path, config: FinetuneConfig):
 
 
 def validation_ndcg(model, valid: list[dict], pad_id: int = 0, extra=None, k: int = 10, batch: int = 8) -> float:
-    """Score-mode NDCG@k of the LLM alone (its head's trend bias included) over validation users (a target
+    """Score-mode NDCG@k of the LLM alone (its head's trend and rank bias included) over validation users (a target
     not retrieved is a miss)."""
     import torch
 
@@ -373,22 +384,27 @@ def _run_fingerprint(bundle: Bundle, config: FinetuneConfig) -> str:
 def make_extra_rows(bundle: Bundle, meta: dict, model, tokenizer):
     """The ranker's extra vocabulary rows (palr.hybrid.extra_rows): the frozen SASRec item embeddings of the
     checkpoint sft-data built the prompts against (`meta["item_tokens"]["table"]`) through a projector, the
-    trend rows (initialised from the digit tokens " 0", " 1", ...), the score row and the trend bias."""
+    trend rows and each ranking's rank rows (initialised from the digit tokens " 0", " 1", ...), the score row and
+    the trend and rank biases."""
     from palr.hybrid import extra_rows
+    from palr.ranking import RANK_BUCKETS
     from palr.sasrec import SASRec
 
     tokens = meta["item_tokens"]
-    buckets = int(tokens.get("trend_buckets") or 0)
+    buckets, rank_rows = int(tokens.get("trend_buckets") or 0), int(tokens.get("rank_rows") or 0)
     embedding = model.get_input_embeddings().weight.detach()
-    digits = [tokenizer.encode(f" {b}", add_special_tokens=False)[-1] for b in range(buckets)]
+    digit = lambda b: tokenizer.encode(f" {b}", add_special_tokens=False)[-1]  # noqa: E731
+    trend_init = embedding[[digit(b) for b in range(buckets)]] if buckets else None
+    rank_init = embedding[[digit(r % RANK_BUCKETS) for r in range(rank_rows)]] if rank_rows else None
     table = SASRec.load(bundle.path(tokens["table"])).item_emb.weight
-    return extra_rows(table, embedding.shape[1], buckets, embedding[digits] if buckets else None)
+    return extra_rows(table, embedding.shape[1], buckets, trend_init, rank_rows, rank_init)
 
 
 def projector_settings(bundle: Bundle, meta: dict) -> dict:
     tokens = meta["item_tokens"]
     return {"table": tokens["table"], "table_version": bundle.version(tokens["table"]), "offset": tokens["offset"],
             "rows": tokens["rows"], "trend_buckets": tokens.get("trend_buckets", 0),
+            "rank_rows": tokens.get("rank_rows", 0),
             "score_token": tokens.get("score_token"), "prompt": meta["prompt"]["prompt"]}
 
 
@@ -418,7 +434,8 @@ def train(bundle: Bundle, config: FinetuneConfig, run_fp: str) -> dict:
     extra = make_extra_rows(bundle, meta, model, tokenizer).to(config.device).train()
     groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": config.lr},
               {"params": list(extra.net.parameters()), "lr": config.projector_lr},
-              {"params": [extra.score, extra.trend, extra.trend_bias], "lr": config.head_lr, "weight_decay": 0.0}]
+              {"params": [extra.score, extra.trend, extra.trend_bias, extra.rank, extra.rank_bias],
+               "lr": config.head_lr, "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, min(config.warmup_steps, steps // 4), steps)
 

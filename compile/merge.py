@@ -17,9 +17,10 @@ exactly as training and evaluation did:
     retrieval_collab_weight  the retrieval term's weight of each candidate's EASE score (palr/collab.py), fit
                       with the bucket weights on the training examples that carry the scores (null: none)
     item_tokens       the extra vocabulary folded into the merged checkpoint (palr/hybrid.py: item soft
-                      tokens, trend tokens, the score row)
+                      tokens, trend tokens, rank tokens, the score row)
     trend, trend_bias how candidates' trend tokens are counted (palr/trends.py) and the ranking head's
                       learned bias per trend bucket
+    rank_bias         the head's learned bias per rank-token row (`prompt.rank_tokens`; palr.ranking.head_bias)
     generate_format   "titles" (each answer line: a label, then its title; `TitleConstraint`) or
                       "labels" (`LabelConstraint`); generate_k: lines written
     generate_logit_weight  generate mode decodes labels by this weight times their logits plus the fused
@@ -48,8 +49,8 @@ log = logging.getLogger(__name__)
 MERGED_DIR = "llm/merged"
 RANKER_FILE = "llm/ranker.json"
 GENERATE_FORMATS = ("titles", "labels")
-VERSION = 6  # 2: fusion grid up to 1000; 3: item projector folded; 4: trend and score rows; 5: generate logit weight;
-# 6: the EASE score's weight in the retrieval term
+VERSION = 7  # 2: fusion grid up to 1000; 3: item projector folded; 4: trend and score rows; 5: generate logit weight;
+# 6: the EASE score's weight in the retrieval term; 7: rank-token bias
 
 
 @dataclass
@@ -100,7 +101,7 @@ def merge(base_dir: Path, lora_dir: Path, out: Path, probe: dict, tolerance: flo
         adapter_read = hidden[0, positions] @ rows[-1] if positions else None  # the score row at each candidate
     merged = model.merge_and_unload().eval()
     size = fold_into_vocabulary(merged, extra, int(read_settings(lora_dir)["offset"]))
-    log.info("folded %d extra rows (items, trend tokens, score row) into the vocabulary (%d -> %d ids)",
+    log.info("folded %d extra rows (items, trend and rank tokens, score row) into the vocabulary (%d -> %d ids)",
              size - vocab, vocab, size)
     with torch.inference_mode():
         logits = merged(input_ids=ids).logits  # [1, T, V + X]
@@ -139,7 +140,8 @@ def fit_retrieval_term_weights(train: list[dict], buckets: int) -> tuple[list[fl
 
 def fit_fusion(model_dir: Path, valid: list[dict], bias_by_bucket: list[float] | None = None,
                retrieval_trend_weights: list[float] | None = None,
-               retrieval_collab_weight: float | None = None) -> tuple[float, float, dict]:
+               retrieval_collab_weight: float | None = None,
+               rank_bias: list[float] | None = None) -> tuple[float, float, dict]:
     """Score-mode readouts on validation users → the NDCG@10-best retrieval weight, and for a candidate-readout
     ranker the weight of the label logits in generate mode (`fit_generate_logit_weight`); what the validation
     users say about them (retrieval order, LLM alone, fused, by weight)."""
@@ -148,7 +150,7 @@ def fit_fusion(model_dir: Path, valid: list[dict], bias_by_bucket: list[float] |
     from palr.llm import compute_prefix, label_log_probs, load_causal_lm, read_prompt
     from palr.metrics import ndcg
     from palr.prompt import Readout
-    from palr.ranking import fit_fusion_weight, retrieval_prior, target_rank, trend_bias
+    from palr.ranking import fit_fusion_weight, head_bias, retrieval_prior, target_rank
 
     model, _ = load_causal_lm(model_dir)
     prefix = compute_prefix(model, valid[0]["input_ids"][: valid[0]["prefix_len"]])
@@ -159,7 +161,7 @@ def fit_fusion(model_dir: Path, valid: list[dict], bias_by_bucket: list[float] |
     targets = [x["target_position"] for x in valid]
     retrieval_scores = [retrieval_prior(x["retrieval_scores"], x.get("trend"), retrieval_trend_weights,
                                         x.get("collab"), retrieval_collab_weight) for x in valid]
-    biases = [trend_bias(bias_by_bucket, x.get("trend")) for x in valid]
+    biases = [head_bias(bias_by_bucket, x.get("trend"), rank_bias, x.get("ranks")) for x in valid]
     weight, curve = fit_fusion_weight(llm, retrieval_scores, targets, candidate_bias=biases)
     retrieval = ndcg([target_rank(range(len(x["candidates"])), t) for x, t in zip(valid, targets)], 10)
     log.info("fusion weight %.2f fit on %d validation users: NDCG@10 retrieval %.4f, LLM alone %.4f, fused %.4f; "
@@ -227,19 +229,22 @@ def keep_projector(bundle: Bundle) -> None:
     bundle.add_artifact("projector", PROJECTOR_DIR, **read_settings(target))
 
 
-def learned_trend_bias(bundle: Bundle) -> list[float] | None:
-    """The ranking head's bias per trend bucket, as fine-tuned (None without trend tokens)."""
+def learned_head_bias(bundle: Bundle) -> tuple[list[float] | None, list[float] | None]:
+    """The ranking head's bias per trend bucket and per rank-token row, as fine-tuned (None without them)."""
     from safetensors.torch import load_file
 
     from palr.hybrid import WEIGHTS
 
-    bias = load_file(str(bundle.path("lora") / WEIGHTS)).get("trend_bias")
-    return [round(float(b), 6) for b in bias] if bias is not None and bias.numel() else None
+    weights = load_file(str(bundle.path("lora") / WEIGHTS))
+    def as_list(bias):
+        return [round(float(b), 6) for b in bias] if bias is not None and bias.numel() else None
+
+    return as_list(weights.get("trend_bias")), as_list(weights.get("rank_bias"))
 
 
 def ranker_record(bundle: Bundle, config: MergeConfig, weight: float, validation: dict,
                   trend_bias: list[float] | None, retrieval_trend_weights: list[float] | None = None,
-                  retrieval_collab_weight: float | None = None) -> dict:
+                  retrieval_collab_weight: float | None = None, rank_bias: list[float] | None = None) -> dict:
     from transformers import AutoTokenizer
 
     from palr.prompt import PalrPrompt, PromptSettings
@@ -249,7 +254,7 @@ def ranker_record(bundle: Bundle, config: MergeConfig, weight: float, validation
     # labels are text tokens whatever the prompt: a text prompt of the same settings gives their ids
     prompt = PalrPrompt(AutoTokenizer.from_pretrained(bundle.path("llm_base")),
                         PromptSettings.from_dict({**meta["prompt"], "prompt": "text", "trend": False,
-                                                  "readout": "label"}))
+                                                  "rank_tokens": [], "readout": "label"}))
     k = meta["candidates"]
     if not 1 <= config.generate_k <= k:
         raise ValueError(f"--generate-k {config.generate_k} must be between 1 and the candidate count {k}")
@@ -266,6 +271,7 @@ def ranker_record(bundle: Bundle, config: MergeConfig, weight: float, validation
         "item_tokens": meta["item_tokens"],
         "trend": meta.get("trend"),
         "trend_bias": trend_bias,
+        "rank_bias": rank_bias,
         "retrieval_trend_weights": retrieval_trend_weights,
         "retrieval_collab_weight": retrieval_collab_weight,
         "lora": bundle.version("lora"),
@@ -289,14 +295,15 @@ def run(config: MergeConfig) -> Path:
     keep_projector(bundle)
     fusion_valid = valid[: config.fusion_users]
     meta = json.loads((bundle.path("sft_data") / "meta.json").read_text())
-    bias = learned_trend_bias(bundle) if meta.get("trend") else None
+    bias, rank_bias = learned_head_bias(bundle)
+    bias = bias if meta.get("trend") else None
     prior_weights, collab_weight = None, None
     if config.retrieval_trend:
         prior_weights, collab_weight = fit_retrieval_term_weights(
             read_jsonl(bundle.path("sft_data") / "train.jsonl"), int((meta.get("trend") or {}).get("buckets", 1)))
-    weight, logit_weight, validation = fit_fusion(out, fusion_valid, bias, prior_weights, collab_weight) \
+    weight, logit_weight, validation = fit_fusion(out, fusion_valid, bias, prior_weights, collab_weight, rank_bias) \
         if fusion_valid else (0.0, 1.0, {})
-    ranker = ranker_record(bundle, config, weight, validation, bias, prior_weights, collab_weight) | {
+    ranker = ranker_record(bundle, config, weight, validation, bias, prior_weights, collab_weight, rank_bias) | {
         "generate_logit_weight": logit_weight}
     ranker_path = bundle.root / RANKER_FILE
     ranker_path.write_text(json.dumps(ranker, indent=2) + "\n")

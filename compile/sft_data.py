@@ -41,12 +41,13 @@ from palr.collab import CollabTable
 from palr.corpus import Corpus
 from palr.profiles import Profiles
 from palr.prompt import READOUTS, RECOMMEND, RETRIEVAL, PalrPrompt, PromptSettings, Readout
+from palr.ranking import RANK_BUCKETS, RANKINGS, candidate_ranks
 from palr.trends import TrendSettings, TrendTable
 
 log = logging.getLogger(__name__)
 
 SFT_DIR = "llm/sft"
-VERSION = 6  # 3: held-out SASRec negatives, hybrid prompts, retrieval scores; 4: trend tokens, candidate readout;
+VERSION = 7  # 3: held-out SASRec negatives, hybrid prompts, retrieval scores; 4: trend tokens, candidate readout;
 # 5: validation candidates exactly as serving retrieves them (history masked, not the test item); 6: EASE scores
 
 
@@ -69,6 +70,11 @@ class SftDataConfig(PromptSettings):
         "help": "store each candidate's EASE score (palr/collab.py) in the examples, for the retrieval term merge "
                 "fits: training examples scored by a table fit without the held-out items (holdout negatives "
                 "only), validation ones by a table fit on training items; needs `compile collab`"})
+    rank_tokens: list[str] = field(default_factory=lambda: ["collab", "retrieval"], metadata={
+        "help": "after the trend token, one token per named ranking (collab: the candidates' EASE scores, "
+                "retrieval: SASRec's): the candidate's rank bucket among the candidates under it "
+                "(palr.ranking.rank_buckets); needs --negatives holdout (and --collab for collab); the option "
+                "alone: none", "nargs": "*"})
     readout: str = field(default="candidate", metadata={
         "help": "what score mode reads: candidate (a score row at each candidate's last token: no label-letter "
                 "position bias) or label (each label's logit after the prompt)", "choices": READOUTS})
@@ -251,13 +257,15 @@ def _retrieval_example(prompt: PalrPrompt, catalog: Catalog, cut: Cut, candidate
                        scores: list[float] | None, profile: str, trends: Trends, collab: Collab) -> dict:
     position = candidates.index(cut.target) if cut.target in candidates else None
     buckets = trends(cut, candidates)
+    collab_scores = collab(cut, candidates)
+    ranks = candidate_ranks(prompt.settings.rank_tokens, scores, collab_scores)
     parts = prompt.retrieval(profile, [catalog.by_id(i) for i in cut.history], [catalog.by_id(i) for i in candidates],
-                             buckets)
+                             buckets, ranks)
     candidate_readout = prompt.settings.readout == "candidate"
     return {
         "task": RETRIEVAL, "user": cut.user, "history": cut.history, "candidates": candidates,
         "retrieval_scores": scores, "target": cut.target, "target_position": position, "profile": profile,
-        "moment": cut.moment, "trend": buckets, "collab": collab(cut, candidates),
+        "moment": cut.moment, "trend": buckets, "collab": collab_scores, "ranks": ranks,
         "prefix_len": len(parts.prefix_ids), "input_ids": parts.input_ids, "label_token_ids": parts.label_token_ids,
         "readout_positions": list(parts.readout.positions) if candidate_readout else None,
         "readout_tokens": list(parts.readout.tokens) if candidate_readout else None,
@@ -317,6 +325,18 @@ def item_table_artifact(config: SftDataConfig) -> str:
     return "sasrec_holdout" if config.negatives == "holdout" else "sasrec_torch"
 
 
+def check_rank_tokens(config: SftDataConfig) -> None:
+    """Rank tokens need their scores in every example: SASRec's (held-out negatives keep them) and EASE's."""
+    unknown = sorted(set(config.rank_tokens) - set(RANKINGS))
+    if unknown:
+        raise ValueError(f"--rank-tokens: unknown {unknown}; choose from {', '.join(RANKINGS)}")
+    if config.rank_tokens and config.negatives != "holdout":
+        raise ValueError(f"--rank-tokens {' '.join(config.rank_tokens)} needs --negatives holdout (training "
+                         f"examples with their retrieval scores and EASE scores); --rank-tokens alone for none")
+    if "collab" in config.rank_tokens and not config.collab:
+        raise ValueError("--rank-tokens collab needs --collab (the candidates' EASE scores)")
+
+
 def run(config: SftDataConfig) -> Path:
     from transformers import AutoConfig, AutoTokenizer
 
@@ -324,6 +344,7 @@ def run(config: SftDataConfig) -> Path:
     from palr.sasrec_onnx import SasrecOnnx
 
     bundle = Bundle.open(config.bundle)
+    check_rank_tokens(config)
     inputs = ["catalog", "users", "sasrec_onnx", "sasrec_torch", "profiles", "llm_base"] + \
         (["trends"] if config.trend else []) + (["collab"] if config.collab else [])
     step_fp = fingerprint("sft-data", VERSION, fingerprint_record(config, bundle, "threads"),
@@ -342,7 +363,8 @@ def run(config: SftDataConfig) -> Path:
         holdout = train_holdout(bundle, corpus, config.holdout_items, config.holdout_epochs, config.threads)
     vocab = AutoConfig.from_pretrained(bundle.path("llm_base")).get_text_config().vocab_size
     item_tokens = ItemTokens.for_catalog(vocab, [item.id for item in catalog.items],
-                                         config.trend_buckets if config.trend else 0)
+                                         config.trend_buckets if config.trend else 0,
+                                         RANK_BUCKETS * len(config.rank_tokens))
     prompt = PalrPrompt(AutoTokenizer.from_pretrained(bundle.path("llm_base")), config.prompt_settings(), item_tokens)
     trends = Trends(TrendTable.load(bundle.path("trends")) if config.trend else None, config.trend_settings(), catalog)
     train_collab, valid_collab = collab_tables(bundle, corpus, catalog, config)

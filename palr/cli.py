@@ -43,7 +43,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type, skip
         else:
             kwargs["type"] = tp if tp in (int, float, str, Path) else str
             if is_list:
-                kwargs["nargs"] = "+"
+                kwargs["nargs"] = f.metadata.get("nargs", "+")  # "*": the option with no value is the empty list
             if "choices" in f.metadata:
                 kwargs["choices"] = f.metadata["choices"]
             kwargs["metavar"] = f.metadata.get("metavar", f.name.upper())

@@ -32,8 +32,11 @@ class ItemTokens:
 
         offset + row                      an item's soft token (row = its SASRec table row; 0 is padding)
         offset + table_rows + b           trend bucket b of a candidate (palr/trends.py), b < trend_buckets
-        offset + table_rows + trend_buckets   the score row: the LM-head row score mode reads at each
-                                          candidate's last token (`PromptSettings.readout` "candidate")
+        offset + table_rows + trend_buckets + r * RANK_BUCKETS + b
+                                          rank token: bucket b of a candidate's rank under the prompt's r-th
+                                          ranking (`PromptSettings.rank_tokens`, palr.ranking.rank_buckets)
+        offset + table_rows + trend_buckets + rank_rows   the score row: the LM-head row score mode reads at
+                                          each candidate's last token (`PromptSettings.readout` "candidate")
 
     All of it is folded into the merged checkpoint like the LoRA weights (`fold_into_vocabulary`), so an
     engine sees plain token ids."""
@@ -42,6 +45,7 @@ class ItemTokens:
     rows: dict[str, int]
     table_rows: int = 0          # rows of the item table (catalog + 1); 0: max(rows) + 1
     trend_buckets: int = 0
+    rank_rows: int = 0           # rank-token rows: RANK_BUCKETS per ranking the prompt shows
 
     def __post_init__(self):
         if not self.table_rows:
@@ -56,24 +60,34 @@ class ItemTokens:
             raise ValueError(f"trend bucket {bucket} outside 0..{self.trend_buckets - 1}")
         return self.offset + self.table_rows + bucket
 
+    def rank_token(self, ranking: int, bucket: int) -> int:
+        """The token of rank bucket `bucket` under the prompt's `ranking`-th ranking."""
+        from palr.ranking import RANK_BUCKETS
+
+        row = ranking * RANK_BUCKETS + bucket
+        if not (0 <= bucket < RANK_BUCKETS and 0 <= row < self.rank_rows):
+            raise ValueError(f"rank bucket {bucket} of ranking {ranking} outside the {self.rank_rows} rank rows")
+        return self.offset + self.table_rows + self.trend_buckets + row
+
     @property
     def score_token(self) -> int:
-        return self.offset + self.table_rows + self.trend_buckets
+        return self.offset + self.table_rows + self.trend_buckets + self.rank_rows
 
     @property
     def size(self) -> int:
-        """Extra rows: item table, trend buckets, score row."""
-        return self.table_rows + self.trend_buckets + 1
+        """Extra rows: item table, trend buckets, rank rows, score row."""
+        return self.table_rows + self.trend_buckets + self.rank_rows + 1
 
     @classmethod
-    def for_catalog(cls, offset: int, item_ids: Iterable[str], trend_buckets: int = 0) -> "ItemTokens":
+    def for_catalog(cls, offset: int, item_ids: Iterable[str], trend_buckets: int = 0,
+                    rank_rows: int = 0) -> "ItemTokens":
         """Rows = catalog indices (1-based, in catalog order), as the SASRec embedding table has them."""
         rows = {item_id: i + 1 for i, item_id in enumerate(item_ids)}
-        return cls(offset, rows, len(rows) + 1, trend_buckets)
+        return cls(offset, rows, len(rows) + 1, trend_buckets, rank_rows)
 
     def to_dict(self) -> dict:
         return {"offset": self.offset, "rows": self.table_rows, "trend_buckets": self.trend_buckets,
-                "score_token": self.score_token}
+                "rank_rows": self.rank_rows, "score_token": self.score_token}
 
 
 def ranker_prompt(tokenizer, ranker: dict, catalog):
@@ -88,7 +102,8 @@ def ranker_prompt(tokenizer, ranker: dict, catalog):
     if meta:
         table_rows = int(meta["rows"])
         rows = {item.id: i + 1 for i, item in enumerate(catalog.items) if i + 1 < table_rows}
-        tokens = ItemTokens(int(meta["offset"]), rows, table_rows, int(meta.get("trend_buckets", 0)))
+        tokens = ItemTokens(int(meta["offset"]), rows, table_rows, int(meta.get("trend_buckets", 0)),
+                            int(meta.get("rank_rows", 0)))
     return PalrPrompt(tokenizer, settings, tokens)
 
 
@@ -105,18 +120,20 @@ def _torch():
     return torch
 
 
-def extra_rows(table, hidden: int, trend_buckets: int = 0, trend_init=None):
+def extra_rows(table, hidden: int, trend_buckets: int = 0, trend_init=None, rank_rows: int = 0, rank_init=None):
     """The ranker's extra vocabulary rows as one trainable module (layout: `ItemTokens`): forward returns
-    `[table_rows + trend_buckets + 1, hidden]`, i.e.
+    `[table_rows + trend_buckets + rank_rows + 1, hidden]`, i.e.
 
       items   the frozen item-embedding table `[N, d]` through an MLP into the LLM's input space (LLaRA's
               projector: Linear-GELU-Linear)
       trend   one learned input row per trend bucket (initialised from `trend_init`, e.g. digit tokens)
+      rank    one learned input row per rank bucket of each ranking the prompt shows (from `rank_init`)
       score   the score row: score mode reads `hidden · score` at each candidate (zero at the start, so
               an untrained ranker adds nothing to the retrieval order it is fused with)
 
-    and `trend_bias` `[trend_buckets]`, a learned additive score per trend bucket (the ranking head's bias,
-    applied outside the network: llm/ranker.json trend_bias)."""
+    and `trend_bias` `[trend_buckets]` / `rank_bias` `[rank_rows]`, a learned additive score per trend bucket and
+    per rank bucket (the ranking head's bias, applied outside the network: llm/ranker.json trend_bias,
+    rank_bias; palr.ranking.head_bias)."""
     torch = _torch()
 
     class ExtraRows(torch.nn.Module):
@@ -129,13 +146,17 @@ def extra_rows(table, hidden: int, trend_buckets: int = 0, trend_init=None):
             self.trend = torch.nn.Parameter(init.detach().clone().float().reshape(trend_buckets, hidden))  # [B, D]
             self.score = torch.nn.Parameter(torch.zeros(hidden))  # [D]
             self.trend_bias = torch.nn.Parameter(torch.zeros(trend_buckets))  # [B]
+            init = rank_init if rank_init is not None else torch.zeros(rank_rows, hidden)
+            self.rank = torch.nn.Parameter(init.detach().clone().float().reshape(rank_rows, hidden))  # [R, D]
+            self.rank_bias = torch.nn.Parameter(torch.zeros(rank_rows))  # [R]
 
         @property
         def trend_buckets(self) -> int:
             return self.trend.shape[0]
 
         def forward(self):
-            return torch.cat([self.net(self.table), self.trend, self.score[None]], 0)  # [N + B + 1, hidden]
+            rows = [self.net(self.table), self.trend, self.rank, self.score[None]]
+            return torch.cat(rows, 0)  # [N + B + R + 1, hidden]
 
     return ExtraRows()
 
@@ -175,17 +196,17 @@ def load_projector(directory: Path, hidden: int):
     from safetensors.torch import load_file
 
     state = load_file(str(Path(directory) / WEIGHTS))
-    module = extra_rows(state["table"], hidden, state["trend"].shape[0])
+    module = extra_rows(state["table"], hidden, state["trend"].shape[0], rank_rows=state["rank"].shape[0])
     module.load_state_dict(state)
     return module.eval()
 
 
 def fold_into_vocabulary(model, rows, offset: int) -> int:
-    """Appends the extra rows (`extra_rows`: items, trend buckets, score row) to the model's vocabulary at ids
-    offset..; the text vocabulary and everything else unchanged. Input embeddings get every row. The LM head
-    must give the score row (what score mode reads): with tied embeddings it is the same matrix; an untied
-    head gets the score row and zeros elsewhere (no constraint ever allows an extra token). Returns the new
-    vocabulary size."""
+    """Appends the extra rows (`extra_rows`: items, trend buckets, rank rows, score row) to the model's
+    vocabulary at ids offset..; the text vocabulary and everything else unchanged. Input embeddings get every
+    row. The LM head must give the score row (what score mode reads): with tied embeddings it is the same
+    matrix; an untied head gets the score row and zeros elsewhere (no constraint ever allows an extra token).
+    Returns the new vocabulary size."""
     torch = _torch()
     if model.get_input_embeddings().num_embeddings != offset:
         raise ValueError(f"model vocabulary {model.get_input_embeddings().num_embeddings} != item token offset "

@@ -20,8 +20,9 @@ candidates, each behind a single-token label (" A" ... " T"):
 Score mode reads one logit per candidate in one forward pass (`Readout`): with `readout="label"` the
 labels' next-token logits after the suffix (a verbalizer); with `readout="candidate"` the score row's
 logit at each candidate's own last token (no label-letter prior, so no position bias from it). With
-`trend=True` each candidate line ends with its trend token (palr/trends.py) and that is where the
-candidate readout reads. Generate mode lets the model write answer lines: a label, then that
+`trend=True` each candidate line ends with its trend token (palr/trends.py), then with `rank_tokens` one
+token per named ranking (its rank bucket among the candidates under EASE's or SASRec's scores), and the
+candidate readout reads at the line's last token. Generate mode lets the model write answer lines: a label, then that
 candidate's title line, so what it writes is exactly a candidate line (see `palr.decoding.TitleConstraint`).
 
 Every piece (preamble, profile, each title, each separator) is tokenized on its own and the ids
@@ -34,6 +35,8 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
+
+from palr.ranking import RANK_BUCKETS, RANKINGS
 
 RECOMMEND = "recommend"  # history → the next item titles (training only)
 READOUTS = ("label", "candidate")
@@ -73,6 +76,10 @@ class PromptSettings:
     trend: bool = field(default=False, metadata={
         "help": "end each candidate line with its trend token: how much the item was watched in the days before "
                 "the request (palr/trends.py)"})
+    rank_tokens: list[str] = field(default_factory=list, metadata={
+        "help": f"after the trend token, one token per named ranking ({', '.join(RANKINGS)}: EASE's or SASRec's "
+                "scores of the candidates): the candidate's rank bucket among the candidates under it "
+                "(palr.ranking.rank_buckets); the option alone: none", "nargs": "*"})
     readout: str = field(default="label", metadata={
         "help": "what score mode reads: label (each candidate label's logit after the prompt, a verbalizer) or "
                 "candidate (the score row's logit at each candidate's last token: no label-letter prior)",
@@ -165,6 +172,14 @@ class PalrPrompt:
                               f"(palr.hybrid.ItemTokens, from llm/ranker.json)")
         if self.settings.trend and not item_tokens.trend_buckets:
             raise PromptError("trend prompts need trend tokens: the extra vocabulary has no trend buckets")
+        unknown = [name for name in self.settings.rank_tokens if name not in RANKINGS]
+        if unknown:
+            raise PromptError(f"unknown rank tokens {unknown}: choose from {', '.join(RANKINGS)}")
+        if self.settings.rank_tokens and (item_tokens is None or item_tokens.rank_rows < RANK_BUCKETS * len(
+                self.settings.rank_tokens)):
+            raise PromptError(f"rank tokens {self.settings.rank_tokens} need {RANK_BUCKETS} rank rows each in the "
+                              f"extra vocabulary (palr.hybrid.ItemTokens), it has "
+                              f"{0 if item_tokens is None else item_tokens.rank_rows}")
         self.vocabulary = item_tokens  # the extra vocabulary (trend and score tokens)
         self.item_tokens = item_tokens if self.settings.prompt != "text" else None  # soft tokens
         self._labels = self._single_token_labels()
@@ -257,15 +272,21 @@ class PalrPrompt:
         return ids + self._newline
 
     def retrieval(self, profile: str, history: Sequence[Title], candidates: Sequence[Title],
-                  trends: Sequence[int] | None = None) -> PromptParts:
+                  trends: Sequence[int] | None = None, ranks: Sequence[Sequence[int]] | None = None) -> PromptParts:
         """Recommend_Retrieval: pick from the candidates. What score and generate modes run.
 
         Each candidate line is its label, the item, and (trend prompts) its trend token (`trends`: one
-        bucket per candidate, palr/trends.py); a candidate's last token is where a candidate readout reads."""
+        bucket per candidate, palr/trends.py) and rank tokens (`ranks`: per candidate, its rank bucket under each
+        of `settings.rank_tokens`, palr.ranking.candidate_ranks); a candidate's last token is where a candidate
+        readout reads."""
         labels = self.label_token_ids(len(candidates))
         if self.settings.trend and (trends is None or len(trends) != len(candidates)):
             raise PromptError(f"a trend prompt needs one trend bucket per candidate "
                               f"({len(candidates)}), got {None if trends is None else len(trends)}")
+        rankings = len(self.settings.rank_tokens)
+        if rankings and (ranks is None or len(ranks) != len(candidates) or any(len(r) != rankings for r in ranks)):
+            raise PromptError(f"a prompt with rank tokens {self.settings.rank_tokens} needs {rankings} rank "
+                              f"bucket(s) for each of the {len(candidates)} candidates")
         prefix = self.prefix_ids(RETRIEVAL)
         lines = [self.title_line_ids(c) for c in candidates]
         suffix = self._context_ids(profile, history) + self._ids("Candidates:") + self._newline
@@ -275,6 +296,8 @@ class PalrPrompt:
             suffix += [label] + self.item_ids(item, self.settings.candidate_years)
             if self.settings.trend:
                 suffix.append(self.vocabulary.trend_token(int(trends[c])))
+            for r in range(rankings):
+                suffix.append(self.vocabulary.rank_token(r, int(ranks[c][r])))
             ends.append(len(prefix) + len(suffix) - 1)
             suffix += self._newline
         suffix += self._ids(self._tail)

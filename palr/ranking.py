@@ -2,9 +2,9 @@
 
 Fusion (LlamaRec-style two-tier): the LLM's log-probability of each candidate (log-softmax of its readout
 logits over the K candidates) plus the ranking head's per-candidate bias (the learned bias of the
-candidate's trend bucket, `trend_bias`; 0 without trend prompts) plus `weight` times the retrieval tier's
-log-probability of that candidate (log-softmax of its scores over the K candidates, so the terms live
-on the same scale):
+candidate's trend bucket and of its rank tokens' buckets, `head_bias`; 0 without them) plus `weight` times
+the retrieval tier's log-probability of that candidate (log-softmax of its scores over the K candidates, so
+the terms live on the same scale):
 
     fused_c = llm_c + bias_c + weight * log_softmax(retrieval)_c
 
@@ -95,11 +95,60 @@ def fit_bucket_weights(retrieval_scores, trends, targets, buckets: int, steps: i
     return fit_prior_weights(retrieval_scores, trends, targets, buckets, steps=steps, lr=lr)[0]
 
 
-def trend_bias(bias_by_bucket: Sequence[float] | None, trends: Sequence[int] | None) -> list[float] | None:
-    """The ranking head's bias of each candidate: the learned bias of its trend bucket (None: no bias)."""
-    if not bias_by_bucket or trends is None:
+# a candidate's rank among the request's candidates under a ranking, as one prompt token (`rank_buckets`)
+RANK_BUCKETS = 6  # ranks 0, 1, 2-3, 4-7, 8-15, 16+
+RANKINGS = ("collab", "retrieval")  # collab: the candidates' EASE scores (palr.collab); retrieval: SASRec's
+
+
+def rank_buckets(scores: Sequence[float]) -> list[int]:
+    """Each candidate's rank under `scores` (0 the best; ties in candidate order) as a bucket 0, 1, 2-3, 4-7,
+    8-15, 16+ (→ 0..RANK_BUCKETS-1): an order-free signal, the same whatever order the candidates come in."""
+    buckets = [0] * len(scores)
+    for rank, position in enumerate(order_by_scores(scores)):
+        buckets[position] = min(RANK_BUCKETS - 1, rank.bit_length())
+    return buckets
+
+
+def candidate_ranks(rankings: Sequence[str], retrieval_scores: Sequence[float] | None,
+                    collab_scores: Sequence[float] | None) -> list[list[int]] | None:
+    """Per candidate, its rank bucket under each of `rankings` (names from RANKINGS, in the prompt's order):
+    `[C][R]`, what the prompt's rank tokens show and the head's rank bias reads; None without rankings."""
+    if not rankings:
         return None
-    return [float(bias_by_bucket[b]) for b in trends]
+    sources = {"collab": collab_scores, "retrieval": retrieval_scores}
+    columns = []
+    for name in rankings:
+        if name not in sources:
+            raise ValueError(f"unknown ranking {name!r}: rank tokens come from {', '.join(RANKINGS)}")
+        if sources[name] is None:
+            raise ValueError(f"{name} rank tokens need the candidates' {name} scores")
+        columns.append(rank_buckets(sources[name]))
+    if len({len(c) for c in columns}) != 1:
+        raise ValueError(f"rankings of different lengths: {[len(c) for c in columns]}")
+    return [list(row) for row in zip(*columns)]
+
+
+def uses_collab(ranker: dict) -> bool:
+    """Whether a ranker (`llm/ranker.json`) reads the candidates' EASE scores: its retrieval term weighs them or
+    its prompt shows their EASE rank."""
+    rank_tokens = (ranker.get("prompt") or {}).get("rank_tokens", [])
+    return bool(ranker.get("retrieval_collab_weight")) or "collab" in rank_tokens
+
+
+def head_bias(trend_bias: Sequence[float] | None, trends: Sequence[int] | None,
+              rank_bias: Sequence[float] | None = None, ranks: Sequence[Sequence[int]] | None = None
+              ) -> list[float] | None:
+    """The ranking head's bias of each candidate: the learned bias of its trend bucket plus, per rank token,
+    that ranking's learned bias of its rank bucket (`rank_bias`: RANK_BUCKETS values per ranking, in the
+    prompt's order); None when the ranker learned neither."""
+    terms = []
+    if trend_bias and trends is not None:
+        terms.append([float(trend_bias[b]) for b in trends])
+    if rank_bias and ranks is not None:
+        terms.append([sum(float(rank_bias[r * RANK_BUCKETS + b]) for r, b in enumerate(row)) for row in ranks])
+    if not terms:
+        return None
+    return [sum(values) for values in zip(*terms)]
 
 
 def generation_bias(retrieval_scores: Sequence[float], weight: float,
@@ -174,7 +223,7 @@ def fit_fusion_weight(llm_scores: Sequence[Sequence[float]], retrieval_scores: S
                       grid: Sequence[float] = FUSION_GRID,
                       candidate_bias: Sequence[Sequence[float] | None] | None = None) -> tuple[float, dict[float, float]]:
     """The grid weight with the best NDCG@k over (validation) users; ties go to the smaller weight.
-    `candidate_bias`: each user's per-candidate head bias (`trend_bias`), or None.
+    `candidate_bias`: each user's per-candidate head bias (`head_bias`), or None.
 
     Returns (weight, {weight: ndcg}). A target that was not retrieved is a miss for every weight."""
     biases = candidate_bias if candidate_bias is not None else [None] * len(llm_scores)

@@ -4,7 +4,8 @@ the engine's answer to a ranking.
     PromptBuilder.candidates(chunk)       per retrieval chunk, as it arrives: catalog items, title
                                           lines tokenized (cached, so the prompt below reuses them)
     PromptBuilder.engine_request(...)     the PALR prompt (palr.prompt) as prefix/suffix token ids, each
-                                          candidate's trend as of the request's moment (palr.trends)
+                                          candidate's trend as of the request's moment (palr.trends) and
+                                          its rank under EASE and SASRec (palr.ranking.candidate_ranks)
     PromptBuilder.ranking(...)            engine answer + retrieval scores → top-k (palr.ranking)
 
 Prompts, fusion and ordering come from `palr/` — the same functions `compile evaluate-ranking` uses —
@@ -24,8 +25,8 @@ from palr.collab import CollabTable
 from palr.decoding import answer_constraint
 from palr.hybrid import ranker_prompt
 from palr.profiles import StatsProfiler
-from palr.ranking import (complete_order, fuse, generate_logit_weight, generation_bias, order_by_scores,
-                          retrieval_prior, trend_bias)
+from palr.ranking import (candidate_ranks, complete_order, fuse, generate_logit_weight, generation_bias, head_bias,
+                          order_by_scores, retrieval_prior, uses_collab)
 from palr.serving.errors import RequestError
 from palr.trends import TrendSettings, TrendTable
 from ranking_server.engines.base import EngineRequest, EngineResult
@@ -37,7 +38,7 @@ class RankingJob:
     """What the engine is asked, and what the answer is fused with besides the retrieval scores."""
 
     request: EngineRequest
-    candidate_bias: list[float] | None  # the ranking head's per-candidate bias (its trend bucket's), or None
+    candidate_bias: list[float] | None  # the ranking head's per-candidate bias (trend and rank buckets'), or None
     retrieval_term: list[float]         # what the answer is fused with: `palr.ranking.retrieval_prior`
 
 
@@ -58,10 +59,12 @@ class PromptBuilder:
             raise ValueError("this ranker's prompts carry trend tokens: the bundle's trends.npz is needed")
         self.trends = trends
         self.trend_bias = ranker.get("trend_bias")  # the head's learned bias per trend bucket (None: none)
+        self.rank_bias = ranker.get("rank_bias")  # and per rank-token row (palr.ranking.head_bias)
         self.retrieval_trend_weights = ranker.get("retrieval_trend_weights")  # the retrieval term's, fit in merge
         self.retrieval_collab_weight = ranker.get("retrieval_collab_weight")  # its EASE score's weight, fit in merge
-        if self.retrieval_collab_weight and collab is None:
-            raise ValueError("this ranker's retrieval term weighs EASE scores: the bundle's collab.npy is needed")
+        if uses_collab(ranker) and collab is None:
+            raise ValueError("this ranker reads EASE scores (its retrieval term or rank tokens): the bundle's "
+                             "collab.npy is needed")
         self.collab = collab
         self.generate_format = ranker["generate_format"]
         self.generate_logit_weight = generate_logit_weight(ranker)
@@ -72,14 +75,14 @@ class PromptBuilder:
     @classmethod
     def for_bundle(cls, bundle, tokenizer, ranker: dict, catalog: Catalog) -> "PromptBuilder":
         """The builder for a bundle's ranker: its stored profiles, (trend prompts) its trends table and (an EASE
-        weight in the retrieval term) its collab table."""
+        weight in the retrieval term, EASE rank tokens) its collab table."""
         from palr.profiles import Profiles
 
         trends = collab = None
         if ranker.get("trend"):
             bundle.verify(["trends"])
             trends = TrendTable.load(bundle.path("trends"))
-        if ranker.get("retrieval_collab_weight"):
+        if uses_collab(ranker):
             bundle.verify(["collab"])
             collab = CollabTable.load(bundle.path("collab"))
         return cls(tokenizer, ranker, catalog, Profiles.load(bundle.path("profiles")).profiles, trends, collab)
@@ -118,7 +121,7 @@ class PromptBuilder:
         return self.trends.buckets(self.moment(plan), [self.catalog.index(c.id) for c in candidates], self.trend)
 
     def candidate_collab(self, plan: Plan, candidates: Sequence[Item]) -> list[float] | None:
-        """Each candidate's EASE score from the request's whole history (None: the ranker weighs none)."""
+        """Each candidate's EASE score from the request's whole history (None: the ranker reads none)."""
         if self.collab is None:
             return None
         return self.collab.scores(self.catalog.indices(plan.history), [self.catalog.index(c.id) for c in candidates])
@@ -127,11 +130,13 @@ class PromptBuilder:
                        retrieval_scores: Sequence[float], profile: str | None = None) -> RankingJob:
         """`profile`: the keywords to show (default: the plan's, `profile(plan)`)."""
         trends = self.candidate_trends(plan, candidates)
+        collab = self.candidate_collab(plan, candidates)
+        ranks = candidate_ranks(self.prompt.settings.rank_tokens, retrieval_scores, collab)
         parts = self.prompt.retrieval(self.profile(plan) if profile is None else profile,
-                                      [self.catalog.by_id(i) for i in plan.history], candidates, trends)
-        bias = trend_bias(self.trend_bias, trends)
-        prior = retrieval_prior(retrieval_scores, trends, self.retrieval_trend_weights,
-                                self.candidate_collab(plan, candidates), self.retrieval_collab_weight)
+                                      [self.catalog.by_id(i) for i in plan.history], candidates, trends, ranks)
+        bias = head_bias(self.trend_bias, trends, self.rank_bias, ranks)
+        prior = retrieval_prior(retrieval_scores, trends, self.retrieval_trend_weights, collab,
+                                self.retrieval_collab_weight)
         readout = parts.readout if self.prompt.settings.readout == "candidate" else None
         k = min(plan.k, len(candidates))
         if plan.mode == "score":

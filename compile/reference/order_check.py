@@ -17,7 +17,7 @@ from palr.corpus import Corpus
 from palr.hybrid import ranker_prompt
 from palr.llm import compute_prefix, load_causal_lm, read_prompt
 from palr.profiles import StatsProfiler
-from palr.ranking import fuse, load_ranker, order_by_scores, target_rank, trend_bias
+from palr.ranking import fuse, head_bias, load_ranker, order_by_scores, target_rank
 from palr.sasrec import SASRec
 from palr.trends import TrendSettings, TrendTable
 
@@ -51,7 +51,7 @@ def main():
         rev = prompt.retrieval(profiler(hist), hist, [items[i] for i in back], [trends[i] for i in back])
         behind = np.array(read_prompt(model, rev.input_ids, [rev.readout], prefix)[0])[back]
         target = corpus.split.valid[user]
-        rows.append((list(map(float, ss)), trend_bias(ranker.get("trend_bias"), trends),
+        rows.append((list(map(float, ss)), head_bias(ranker.get("trend_bias"), trends),
                      next((c for c, item in enumerate(items) if item.id == target), None)))
         forward.append(ahead)
         averaged.append((ahead + behind) / 2)

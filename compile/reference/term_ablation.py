@@ -53,7 +53,7 @@ def main():
     row("retrieval + trend weights (the term before EASE)", term(trend_only, None))
     row("retrieval + EASE", term(None, collab_only))
     row("retrieval + trend + EASE (the shipped term, no LLM)", term(both, both_collab))
-    row("the LLM alone (its readout + trend bias)", [u["llm_rank"] for u in users])
+    row("the LLM alone (its readout + head bias; its prompt shows EASE and SASRec ranks)", [u["llm_rank"] for u in users])
     row(f"score mode: the LLM fused with the shipped term (weight {ranker['fusion_weight']:g})",
         [u["score_rank"] for u in users])
     if all("generate_rank" in u for u in users):

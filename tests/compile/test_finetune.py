@@ -82,9 +82,9 @@ def test_resume_continues_exactly_from_the_checkpoint(bundle_copy, tmp_path):
 @pytest.mark.parametrize("readout", ["label", "candidate"])
 def test_listwise_loss_is_the_cross_entropy_of_the_target_over_fused_readouts(tiny_llama_dir, readout):
     """readout_scores = each label's LM-head row at the prompt's last position (label readout), or the score
-    row at each candidate's own position, soft and trend tokens embedded by the extra rows (candidate
+    row at each candidate's own position, soft, trend and rank tokens embedded by the extra rows (candidate
     readout); by hand: one prompt at a time, full hidden states. The loss = -log softmax(readout +
-    trend_bias[trend] + w · log_softmax(retrieval scores))[target]."""
+    trend_bias[trend] + Σ_r rank_bias[r, rank bucket] + w · log_softmax(retrieval scores))[target]."""
     import math
     import random
 
@@ -92,24 +92,30 @@ def test_listwise_loss_is_the_cross_entropy_of_the_target_over_fused_readouts(ti
 
     from compile.finetune import fused_scores, listwise_loss, readout_scores
     from palr.hybrid import extra_rows, input_embeddings
+    from palr.ranking import RANK_BUCKETS
 
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
     vocab = model.config.vocab_size
     torch.manual_seed(0)
-    extra = extra_rows(torch.randn(6, 64), model.config.hidden_size, 3)
+    extra = extra_rows(torch.randn(6, 64), model.config.hidden_size, 3, rank_rows=2 * RANK_BUCKETS)
     with torch.no_grad():
         extra.score.normal_()
+        extra.rank.normal_()
         extra.trend_bias.copy_(torch.tensor([-1.0, 0.25, 0.5]))
+        extra.rank_bias.normal_()
     rng = random.Random(0)
     labels = list(range(330, 335))
     rows = []
     for n in (9, 17, 12):  # different lengths: padding
-        ids = [rng.choice([rng.randrange(100, 40000), vocab + rng.randrange(1, 9)]) for _ in range(n)]
+        ids = [rng.choice([rng.randrange(100, 40000), vocab + rng.randrange(1, 6 + 3 + 2 * RANK_BUCKETS)])
+               for _ in range(n)]
         row = {"input_ids": ids, "label_token_ids": labels, "target_position": rng.randrange(len(labels)),
                "retrieval_scores": sorted((rng.uniform(-2, 5) for _ in labels), reverse=True)}
         if readout == "candidate":
             row |= {"readout_positions": sorted(rng.sample(range(n), len(labels))),
-                    "readout_tokens": [vocab + 6 + 3] * len(labels), "trend": [rng.randrange(3) for _ in labels]}
+                    "readout_tokens": [vocab + 6 + 3 + 2 * RANK_BUCKETS] * len(labels),
+                    "trend": [rng.randrange(3) for _ in labels],
+                    "ranks": [[rng.randrange(RANK_BUCKETS), rng.randrange(RANK_BUCKETS)] for _ in labels]}
         rows.append(row)
     with torch.no_grad():
         scores, _ = readout_scores(model, rows, pad_id=0, extra=extra)
@@ -124,7 +130,8 @@ def test_listwise_loss_is_the_cross_entropy_of_the_target_over_fused_readouts(ti
                 bias = [0.0] * len(labels)
             else:
                 read = [float(hidden[p] @ extra.score) for p in row["readout_positions"]]
-                bias = [float(extra.trend_bias[b]) for b in row["trend"]]
+                bias = [float(extra.trend_bias[b] + extra.rank_bias[r0] + extra.rank_bias[RANK_BUCKETS + r1])
+                        for b, (r0, r1) in zip(row["trend"], row["ranks"])]
         assert scores[i].tolist() == pytest.approx(read, abs=1e-4)
         retrieval = row["retrieval_scores"]
         log_norm = max(retrieval) + math.log(sum(math.exp(s - max(retrieval)) for s in retrieval))

@@ -143,6 +143,41 @@ def test_ease_scores_come_from_tables_that_never_saw_the_examples_target(train_r
     assert not np.allclose(holdout.weights, train_only.weights) and not np.allclose(train_only.weights, serving.weights)
 
 
+def test_rank_tokens_in_every_example_are_the_candidates_ranks_under_its_own_scores(train_rows, valid_rows):
+    """Each retrieval example's rank tokens: its candidates' EASE rank (from the leak-free scores the example
+    carries) and SASRec rank, bucketed; and the prompt's tokens are those (the last two of each candidate line)."""
+    from palr.ranking import RANK_BUCKETS, rank_buckets
+
+    rows = [r for r in train_rows if r["task"] == RETRIEVAL] + valid_rows
+    for row in rows:
+        expected = [list(pair) for pair in zip(rank_buckets(row["collab"]), rank_buckets(row["retrieval_scores"]))]
+        assert row["ranks"] == expected
+        ends = row["readout_positions"]
+        tokens = [row["input_ids"][e - 1:e + 1] for e in ends]
+        base = row["readout_tokens"][0] - 2 * RANK_BUCKETS  # the score row follows the rank rows
+        assert tokens == [[base + a, base + RANK_BUCKETS + b] for a, b in expected]
+    assert rows and all(sorted(a for a, _ in r["ranks"])[:2] == [0, 1] for r in rows), "ranks, not constants"
+
+
+def test_rank_tokens_need_the_scores_they_rank_by():
+    from compile.sft_data import SftDataConfig, check_rank_tokens
+    from palr.cli import add_config_arguments, build_config
+
+    with pytest.raises(ValueError, match="--negatives holdout"):
+        check_rank_tokens(SftDataConfig(negatives="sasrec"))
+    with pytest.raises(ValueError, match="needs --collab"):
+        check_rank_tokens(SftDataConfig(collab=False))
+    with pytest.raises(ValueError, match="unknown"):
+        check_rank_tokens(SftDataConfig(rank_tokens=["popularity"]))
+    check_rank_tokens(SftDataConfig(negatives="sasrec", rank_tokens=[]))  # none: any negatives
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_config_arguments(parser, SftDataConfig)
+    assert build_config(SftDataConfig, parser.parse_args(["--rank-tokens"])).rank_tokens == [], "the option alone"
+    assert build_config(SftDataConfig, parser.parse_args([])).rank_tokens == ["collab", "retrieval"]
+
+
 def test_the_dataset_reached_by_another_path_does_not_redo_sft_data(tiny_llm_bundle, ml100k_dir, tmp_path, caplog):
     """The fingerprint holds the dataset's checksum, not the `--data` path: the same files reached another way
     (here a symlink) keep sft-data, and with it the finetune, current."""

@@ -84,6 +84,39 @@ def test_trend_prompt_ends_each_candidate_line_with_its_trend_token_where_the_re
         PalrPrompt(tokenizer, settings, ItemTokens.for_catalog(offset, [item.id for item in catalog.items]))
 
 
+def test_rank_tokens_follow_the_trend_token_one_per_ranking_in_the_prompts_order(tokenizer, ml100k):
+    from palr.ranking import RANK_BUCKETS
+
+    catalog = ml100k.catalog
+    offset = len(tokenizer)
+    tokens = ItemTokens.for_catalog(offset, [item.id for item in catalog.items], trend_buckets=8,
+                                    rank_rows=2 * RANK_BUCKETS)
+    history, candidates = catalog.items[:3], catalog.items[3:7]
+    trends, ranks = [0, 7, 3, 1], [[0, 5], [1, 0], [2, 2], [5, 1]]  # per candidate: (collab, retrieval) buckets
+    settings = PromptSettings(history_items=3, prompt="hybrid", trend=True, rank_tokens=["collab", "retrieval"],
+                              readout="candidate")
+    parts = PalrPrompt(tokenizer, settings, tokens).retrieval("", history, candidates, trends, ranks)
+    ids = parts.input_ids
+    rank_base = offset + len(catalog) + 1 + 8
+    assert tokens.score_token == rank_base + 2 * RANK_BUCKETS, "layout: items, trend buckets, rank rows, score row"
+    for c, position in enumerate(parts.readout.positions):
+        assert ids[position - 2:position + 1] == [tokens.trend_token(trends[c]), rank_base + ranks[c][0],
+                                                  rank_base + RANK_BUCKETS + ranks[c][1]], \
+            "trend, then collab's then retrieval's rank token; read at the last"
+    with_trend = PalrPrompt(tokenizer, PromptSettings(history_items=3, prompt="hybrid", trend=True,
+                                                      readout="candidate"), tokens).retrieval("", history, candidates,
+                                                                                               trends)
+    assert [t for t in ids if not rank_base <= t < tokens.score_token] == \
+        [t for t in with_trend.input_ids if t != tokens.score_token], "the rank tokens are all they add"
+    with pytest.raises(PromptError, match="rank bucket"):
+        PalrPrompt(tokenizer, settings, tokens).retrieval("", history, candidates, trends, [[0, 1]] * 3)
+    with pytest.raises(PromptError, match="rank rows"):
+        PalrPrompt(tokenizer, settings, ItemTokens.for_catalog(offset, [item.id for item in catalog.items], 8,
+                                                               RANK_BUCKETS))
+    with pytest.raises(PromptError, match="unknown rank tokens"):
+        PalrPrompt(tokenizer, PromptSettings(rank_tokens=["popularity"]), tokens)
+
+
 TREND_BUCKETS = 3
 
 

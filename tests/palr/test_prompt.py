@@ -95,6 +95,7 @@ def test_training_ids_equal_serving_ids(tiny_llm_bundle):
     catalog = Catalog.load(bundle / "catalog.json")
     from palr.hybrid import ranker_prompt
 
+    from palr.ranking import candidate_ranks
     from palr.trends import TrendSettings, TrendTable
 
     serving = ranker_prompt(AutoTokenizer.from_pretrained(bundle / "llm" / "merged"), ranker, catalog)  # as the server
@@ -105,8 +106,10 @@ def test_training_ids_equal_serving_ids(tiny_llm_bundle):
         if row["task"] == RETRIEVAL:
             trends = table.buckets(row["moment"], catalog.indices(row["candidates"]), trend)
             assert trends == row["trend"], "the server counts trends as training did"
+            ranks = candidate_ranks(serving.settings.rank_tokens, row["retrieval_scores"], row["collab"])
+            assert ranks == row["ranks"], "the server ranks candidates for the rank tokens as training did"
             parts = serving.retrieval(row["profile"], items(catalog, row["history"]), items(catalog, row["candidates"]),
-                                      trends)
+                                      trends, ranks)
             assert parts.input_ids == row["input_ids"]
             assert list(parts.readout.positions) == row["readout_positions"]
             assert list(parts.readout.tokens) == row["readout_tokens"]

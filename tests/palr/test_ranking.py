@@ -71,3 +71,39 @@ def test_prior_weights_learn_the_ease_scores_weight_beside_the_buckets():
                for s, t, c, y in zip(scores, trends, collab, targets))
     assert hits == len(targets)
     assert fit_prior_weights(scores, trends, targets, 2)[1] is None  # no scores: no weight
+
+
+def test_rank_buckets_are_each_candidates_rank_bucketed_ties_in_candidate_order():
+    from palr.ranking import rank_buckets
+
+    scores = [0.5, 3.0, 0.5, 2.0] + [-1.0 - i for i in range(16)]  # ranks 2, 0, 3, 1, then 4..19
+    assert rank_buckets(scores) == [2, 0, 2, 1] + [3] * 4 + [4] * 8 + [5] * 4
+    shuffled = list(range(20))
+    random.Random(0).shuffle(shuffled)
+    assert [rank_buckets(scores)[i] for i in shuffled] == rank_buckets([scores[i] for i in shuffled]), \
+        "a candidate's bucket does not depend on the order the candidates come in (no ties)"
+
+
+def test_candidate_ranks_one_bucket_per_ranking_in_the_prompts_order():
+    from palr.ranking import candidate_ranks
+
+    retrieval, collab = [3.0, 2.0, 1.0], [0.0, 5.0, 1.0]
+    assert candidate_ranks(["collab", "retrieval"], retrieval, collab) == [[2, 0], [0, 1], [1, 2]]
+    assert candidate_ranks(["retrieval"], retrieval, None) == [[0], [1], [2]]
+    assert candidate_ranks([], retrieval, collab) is None
+    with pytest.raises(ValueError, match="collab scores"):
+        candidate_ranks(["collab"], retrieval, None)
+    with pytest.raises(ValueError, match="unknown ranking"):
+        candidate_ranks(["popularity"], retrieval, collab)
+
+
+def test_head_bias_sums_the_trend_buckets_and_each_rankings_bucket_bias():
+    from palr.ranking import RANK_BUCKETS, head_bias
+
+    trend_bias = [0.0, 1.0, 2.0]
+    rank_bias = [0.1 * b for b in range(RANK_BUCKETS)] + [-1.0 * b for b in range(RANK_BUCKETS)]
+    trends, ranks = [2, 0], [[3, 1], [0, 5]]
+    assert head_bias(trend_bias, trends, rank_bias, ranks) == pytest.approx([2.0 + 0.3 - 1.0, 0.0 + 0.0 - 5.0])
+    assert head_bias(None, trends, rank_bias, ranks) == pytest.approx([0.3 - 1.0, -5.0])
+    assert head_bias(trend_bias, trends) == [2.0, 0.0]
+    assert head_bias(None, None, None, None) is None

@@ -159,7 +159,8 @@ class Reference:
         from palr.decoding import TitleConstraint
         from palr.llm import generate_constrained, score_candidates
         from palr.profiles import StatsProfiler
-        from palr.ranking import complete_order, fuse, generation_bias, order_by_scores, retrieval_prior, trend_bias
+        from palr.ranking import (candidate_ranks, complete_order, fuse, generation_bias, head_bias, order_by_scores,
+                                  retrieval_prior)
         from palr.trends import TrendSettings
 
         candidates = self.retrieved(num_candidates, user_id=user_id, history=list(history))
@@ -171,11 +172,12 @@ class Reference:
         else:  # the moment: the stored user's last interaction
             seen, profile, moment = self.histories[user_id], self.profiles[user_id], self.trends.as_of[user_id]
         trends = self.trends.buckets(as_of or moment, self.catalog.indices(ids), TrendSettings(**self.ranker["trend"]))
-        bias = trend_bias(self.ranker["trend_bias"], trends)
         collab = self.collab.scores(self.catalog.indices(seen), self.catalog.indices(ids))
+        ranks = candidate_ranks(self.ranker["prompt"]["rank_tokens"], scores, collab)
+        bias = head_bias(self.ranker["trend_bias"], trends, self.ranker["rank_bias"], ranks)
         scores = retrieval_prior(scores, trends, self.ranker.get("retrieval_trend_weights"), collab,
                                  self.ranker["retrieval_collab_weight"])
-        parts = self.prompt.retrieval(profile, [self.catalog.by_id(i) for i in seen], items, trends)
+        parts = self.prompt.retrieval(profile, [self.catalog.by_id(i) for i in seen], items, trends, ranks)
         weight = float(self.ranker["fusion_weight"])
         if mode == GENERATE:
             constraint = TitleConstraint(parts.label_token_ids, parts.candidate_line_ids, k)
