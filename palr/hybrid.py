@@ -21,6 +21,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from palr.ranking import RANK_BUCKETS
+
 PROJECTOR_DIR = "llm/projector"
 WEIGHTS = "projector.safetensors"
 SETTINGS = "projector.json"
@@ -62,8 +64,6 @@ class ItemTokens:
 
     def rank_token(self, ranking: int, bucket: int) -> int:
         """The token of rank bucket `bucket` under the prompt's `ranking`-th ranking."""
-        from palr.ranking import RANK_BUCKETS
-
         row = ranking * RANK_BUCKETS + bucket
         if not (0 <= bucket < RANK_BUCKETS and 0 <= row < self.rank_rows):
             raise ValueError(f"rank bucket {bucket} of ranking {ranking} outside the {self.rank_rows} rank rows")

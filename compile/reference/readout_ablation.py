@@ -37,7 +37,7 @@ from palr.corpus import Corpus
 from palr.data import read_interactions
 from palr.profiles import StatsProfiler
 from palr.prompt import RETRIEVAL, PromptSettings
-from palr.ranking import fit_bucket_weights, fit_fusion_weight, fuse, order_by_scores, target_rank
+from palr.ranking import fit_bucket_weights, fit_fusion_weight, fuse, order_by_scores, rank_buckets, target_rank
 from palr.sasrec import SASRec
 from ranker_ablation import HybridPrompt  # the same folder: scripts run as `python compile/reference/...`
 
@@ -161,27 +161,20 @@ def with_ease_buckets(bundle: Bundle, data: Path, train_rows, valid_rows):
         out = []
         for r in rows:
             scores = table.scores(cat.indices(r["history"]), cat.indices(r["candidates"]))
-            ranks = {c: k for k, c in enumerate(order_by_scores(scores))}
-            out.append({**r, "trend": [min(7, ranks[c].bit_length()) for c in range(len(scores))]})
+            out.append({**r, "trend": rank_buckets(scores)})
         return out
 
     return bucketed(train_rows, tables[0]), bucketed(valid_rows, tables[1])
 
 
-def rank_buckets(scores) -> list[int]:
-    """Each candidate's rank under `scores` as a bucket: 0, 1, 2-3, 4-7, 8-15, 16+ (→ 0..5)."""
-    ranks = {c: k for k, c in enumerate(order_by_scores(scores))}
-    return [min(7, ranks[c].bit_length()) for c in range(len(scores))]
-
-
 def with_tokens(rows, features, ease_rows=None):
     """The rows with "tok": per candidate, one token index per feature (feature f's bucket b → 8 f + b):
     time (the 30-day trend bucket), ease (EASE rank bucket, from `ease_rows`' "trend"), retr (retrieval rank
-    bucket: the candidates are in retrieval order)."""
+    bucket), the pipeline's rank buckets (palr.ranking.rank_buckets)."""
     out = []
     for k, r in enumerate(rows):
         n = len(r["candidates"])
-        per = {"time": r["trend"], "retr": [min(7, j.bit_length()) for j in range(n)]}
+        per = {"time": r["trend"], "retr": rank_buckets(r["scores"])}
         if ease_rows is not None:
             per["ease"] = ease_rows[k]["trend"]
         out.append({**r, "tok": [tuple(8 * f + per[name][c] for f, name in enumerate(features)) for c in range(n)]})
