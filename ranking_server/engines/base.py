@@ -71,11 +71,19 @@ class EngineRequest:
         return [*self.prefix_ids, *self.suffix_ids]
 
     @property
+    def decodes(self) -> bool:
+        """Whether the request goes on after its prompt: generate mode with the model's logits weighted in.
+        A score request, and a generate one at `logit_weight` 0 (its answer is the bias's order, written
+        once the prompt's readouts are in), end with their prompt."""
+        return self.mode == "generate" and self.logit_weight != 0
+
+    @property
     def run_ids(self) -> list[int]:
-        """The prompt tokens an engine runs: all of them in generate mode; score mode stops at its last
-        readout position (`Readout.end`: the closing chat turn after the candidates changes no score)."""
+        """The prompt tokens an engine runs: all of them for a request that decodes; one that ends with its
+        prompt stops at its last readout position (`Readout.end`: the closing chat turn after the candidates
+        changes no readout)."""
         ids = self.input_ids
-        return ids[:self.score_readout().end] if self.mode == "score" else ids
+        return ids if self.decodes else ids[:self.score_readout().end]
 
     @property
     def context_key(self) -> tuple[int, ...]:

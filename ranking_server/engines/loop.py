@@ -6,9 +6,10 @@ Where a request goes:  `rank()` (caller's event loop) validates it, appends it t
 EngineOverloaded at once) and awaits a future;  the engine thread takes it from `waiting` when its
 scheduler (`_step`, per backend) admits it, runs it, and settles the future.
 
-Who goes first: `_priority` (arrival order, with score requests moved `score_first_ms` ahead: a score
-request ends with its prompt, a generate one goes on decoding, so a score request should not queue
-behind generate prompts that arrived just before it; the bound keeps generate requests from starving).
+Who goes first: `_priority` (arrival order, with requests that end with their prompt moved `score_first_ms`
+ahead: a score request, or a generate one at logit weight 0, is done when its prompt is, while a decoding
+generate request goes on, so the former should not queue behind decoding prompts that arrived just before
+it; the bound keeps decoding requests from starving).
 """
 
 from __future__ import annotations
@@ -245,8 +246,9 @@ class LoopEngine(RankingEngine):
                 self._busy_s += time.perf_counter() - started
 
     def _priority(self, pending: Pending) -> float:
-        """Scheduling key, lowest first: the arrival time, `score_first_s` earlier for a score request."""
-        return pending.submitted - (self.score_first_s if pending.request.mode == "score" else 0.0)
+        """Scheduling key, lowest first: the arrival time, `score_first_s` earlier for a request that ends with
+        its prompt (`EngineRequest.decodes` false: score mode, or generate mode at logit weight 0)."""
+        return pending.submitted - (0.0 if pending.request.decodes else self.score_first_s)
 
     def _take(self, n: int) -> list[Pending]:
         """Admit up to n waiting requests in `_priority` order, stamping their admission time."""

@@ -127,7 +127,8 @@ class TrtllmEngine(RankingEngine):
             if request.request_id in self._outputs:
                 raise InvalidRequest(f"request_id {request.request_id!r} is already in flight")
             params = self._sampling_params(**sampling_kwargs(request, constraint, self.end_id))
-            # score mode stops at its last readout position (EngineRequest.run_ids); generate runs the whole prompt
+            # a request that ends with its prompt stops at its last readout (EngineRequest.run_ids); one that decodes
+            # runs the whole prompt
             output = self.llm.generate_async(request.run_ids, sampling_params=params, streaming=streaming)
             self._outputs[request.request_id] = output
         first_token = None

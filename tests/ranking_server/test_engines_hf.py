@@ -3,6 +3,7 @@ limits hold, and overload / abort / bad requests / close / crash behave as the s
 
 from __future__ import annotations
 
+import dataclasses
 import asyncio
 import random
 import threading
@@ -311,11 +312,12 @@ def test_abort_while_queued_and_while_decoding_frees_the_slot(tiny):
     assert stats.aborted == 3 and stats.active == 0 and stats.completed == 1
 
 
-@pytest.mark.parametrize("score_first_ms, wait_ms, first", [(500.0, 0, "score"), (0.0, 0, "generate"),
-                                                             (20.0, 100, "generate")],
-                         ids=["score-first", "arrival-order", "old-generate-keeps-its-turn"])
-def test_score_requests_go_ahead_of_recent_generate_requests(tiny, score_first_ms, wait_ms, first):
-    """One slot, held; a generate request queues, then (wait_ms later) a score request: which runs first."""
+@pytest.mark.parametrize("score_first_ms, wait_ms, weight, first", [
+    (500.0, 0, 1.0, "score"), (0.0, 0, 1.0, "generate"), (20.0, 100, 1.0, "generate"), (500.0, 0, 0.0, "generate")],
+    ids=["score-first", "arrival-order", "old-generate-keeps-its-turn", "generate-without-decoding-keeps-its-turn"])
+def test_score_requests_go_ahead_of_recent_generate_requests(tiny, score_first_ms, wait_ms, weight, first):
+    """One slot, held; a generate request (logit weight `weight`) queues, then (wait_ms later) a score request:
+    which runs first. At weight 0 the generate request ends with its prompt, as the score one does: arrival order."""
     model, labels = tiny
     engine = HFEngine(model, EngineConfig(max_batch_size=1, max_tokens_per_step=8, score_first_ms=score_first_ms))
     finished: list[str] = []
@@ -326,7 +328,9 @@ def test_score_requests_go_ahead_of_recent_generate_requests(tiny, score_first_m
         await asyncio.to_thread(constraint.reached.wait, 10)
         tasks = []
         for mode in ("generate", "score"):
-            task = asyncio.ensure_future(engine.rank(plain(labels, mode, mode=mode)))
+            request = dataclasses.replace(plain(labels, mode, mode=mode), logit_weight=weight,
+                                          bias=[0.0] * len(labels) if weight == 0 else None)
+            task = asyncio.ensure_future(engine.rank(request))
             task.add_done_callback(lambda t, mode=mode: finished.append(mode))
             tasks.append(task)
             await wait_until(lambda: engine.stats().queued == len(tasks))
@@ -339,7 +343,10 @@ def test_score_requests_go_ahead_of_recent_generate_requests(tiny, score_first_m
     finally:
         engine.close()
     assert finished[0] == first and sorted(finished) == ["generate", "score"]
-    assert results[1].order == generate_labels(model, [5, 6, 7, 21, 22, 23], labels, 3)  # same answers either way
+    if weight:
+        assert results[1].order == generate_labels(model, [5, 6, 7, 21, 22, 23], labels, 3)  # same answers either way
+    else:
+        assert results[1].order == [0, 1, 2], "at weight 0 with a flat bias: the candidates in order"
 
 
 class PassGatedEngine(HFEngine):

@@ -85,11 +85,16 @@ def test_engines_answer_without_a_decode_pass(tiny, strategy):
     try:
         results = asyncio.run(all_at_once())
         steps = list(engine.step_log)
+        stats = engine.stats()
     finally:
         engine.close()
     for r, result in zip(requests, results):
         want = generate_constrained(model, r.input_ids, LabelConstraint(labels, r.k), r.bias, readout=r.readout,
                                     logit_weight=0.0)
         assert result.order == want and result.generated_tokens == r.k and len(set(want)) == r.k
+    # the answer is complete at the last readout: the prompt's closing token after it never runs
+    assert all(not r.decodes and len(r.run_ids) == len(r.input_ids) - 1 for r in requests)
+    if strategy != "sequential":  # the reference counts its shared prefix as cached even when it computed it
+        assert stats.prompt_tokens + stats.cached_tokens == sum(len(r.run_ids) for r in requests)
     # one-at-a-time runs the reference (no step ever decodes there); the batching engines must not decode either
     assert all(step.decoding == 0 for step in steps), "a decode pass ran though the logits count zero"
