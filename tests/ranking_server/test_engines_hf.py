@@ -367,10 +367,12 @@ class PassGatedEngine(HFEngine):
 
 def test_a_score_request_arriving_mid_step_runs_next_not_after_the_steps_plan(tiny):
     """Three generate prompts fit one step's budget; a score request arrives while the first runs. It goes
-    next (admitted between passes, ahead by `score_first_ms`), not after the two prompts the step had planned."""
+    next (admitted between passes, ahead by `score_first_ms`), not after the two prompts the step had planned.
+    The prompts' lengths differ too much to share a pass (`PAD_WASTE`)."""
     model, labels = tiny
     engine = PassGatedEngine(model, EngineConfig(max_batch_size=4, max_tokens_per_step=256))
-    generates = [plain(labels, f"g{i}", mode="generate", k=3, suffix=range(30 + i, 90 + i)) for i in range(3)]
+    generates = [plain(labels, f"g{i}", mode="generate", k=3, suffix=range(30 + i, 30 + i + n))
+                 for i, n in enumerate((60, 25, 120))]
     score = plain(labels, "s", suffix=range(100, 160))
 
     async def scenario():
@@ -389,6 +391,32 @@ def test_a_score_request_arriving_mid_step_runs_next_not_after_the_steps_plan(ti
     assert results[3].scores == pytest.approx(score_labels(model, score.input_ids, labels), abs=1e-4)
     for request, result in zip(generates, results):
         assert result.order == generate_labels(model, request.input_ids, labels, 3)
+
+
+def test_waiting_prompts_of_about_one_length_share_a_pass(tiny):
+    """Four score prompts (40 to 44 new tokens: padding within PAD_WASTE) wait while a first pass runs: the
+    next pass runs them all, in arrival order, and each gets the scores it gets alone."""
+    model, labels = tiny
+    engine = PassGatedEngine(model, EngineConfig(max_batch_size=5, max_tokens_per_step=256))
+    waiting = [plain(labels, f"s{i}", suffix=range(200 + i, 240 + 2 * i)) for i in range(4)]
+
+    async def scenario():
+        first = asyncio.ensure_future(engine.rank(plain(labels, "first", suffix=range(100, 120))))
+        await asyncio.to_thread(engine.first_ran.wait, 10)
+        tasks = []
+        for request in waiting:
+            tasks.append(asyncio.ensure_future(engine.rank(request)))
+            await wait_until(lambda: engine.stats().queued == len(tasks))
+        engine.gate.set()
+        return await asyncio.gather(first, *tasks)
+
+    try:
+        results = asyncio.run(scenario())
+    finally:
+        engine.close()
+    assert engine.passes == [["first"], ["s0", "s1", "s2", "s3"]], engine.passes
+    for request, result in zip(waiting, results[1:]):
+        assert result.scores == pytest.approx(score_labels(model, request.input_ids, labels), abs=1e-4)
 
 
 class FaultyConstraint(LabelConstraint):
