@@ -393,12 +393,14 @@ def test_a_score_request_arriving_mid_step_runs_next_not_after_the_steps_plan(ti
         assert result.order == generate_labels(model, request.input_ids, labels, 3)
 
 
-def test_waiting_prompts_of_about_one_length_share_a_pass(tiny):
-    """Four score prompts (40 to 44 new tokens: padding within PAD_WASTE) wait while a first pass runs: the
-    next pass runs them all, in arrival order, and each gets the scores it gets alone."""
+@pytest.mark.parametrize("n, passes", [(4, [["s0", "s1", "s2", "s3"]]), (2, [["s0"], ["s1"]])],
+                         ids=["a-queue-shares", "two-keep-their-own"])
+def test_waiting_prompts_of_about_one_length_share_a_pass_when_a_queue_builds(tiny, n, passes):
+    """Score prompts of 40 to 44 new tokens (padding within PAD_WASTE) wait while a first pass runs: four (at
+    least SHARE_FROM) run in one pass, in arrival order; two keep a pass each. Each gets the scores it gets alone."""
     model, labels = tiny
     engine = PassGatedEngine(model, EngineConfig(max_batch_size=5, max_tokens_per_step=256))
-    waiting = [plain(labels, f"s{i}", suffix=range(200 + i, 240 + 2 * i)) for i in range(4)]
+    waiting = [plain(labels, f"s{i}", suffix=range(200 + i, 240 + 2 * i)) for i in range(n)]
 
     async def scenario():
         first = asyncio.ensure_future(engine.rank(plain(labels, "first", suffix=range(100, 120))))
@@ -414,7 +416,7 @@ def test_waiting_prompts_of_about_one_length_share_a_pass(tiny):
         results = asyncio.run(scenario())
     finally:
         engine.close()
-    assert engine.passes == [["first"], ["s0", "s1", "s2", "s3"]], engine.passes
+    assert engine.passes == [["first"], *passes], engine.passes
     for request, result in zip(waiting, results[1:]):
         assert result.scores == pytest.approx(score_labels(model, request.input_ids, labels), abs=1e-4)
 
