@@ -39,9 +39,13 @@ class EngineConfig:
                 "user's repeat call with no new interaction); a repeat is answered without running the model "
                 "(LRU, ~1 KB an answer; 0: off)"})
     score_first_ms: float = field(default=500.0, metadata={
-        "help": "score requests go ahead of generate requests that arrived up to this long before them, in "
-                "admission and in the order prompts run (a score request ends with its prompt; a generate one "
-                "then decodes); generate requests older than this keep their turn (0 = arrival order)"})
+        "help": "requests that end with their prompt (score mode; generate mode at logit weight 0) go ahead of "
+                "decoding generate requests that arrived up to this long before them, in admission and in the "
+                "order prompts run; decoding requests older than this keep their turn (0 = arrival order)"})
+    shared_pass_tokens: int = field(default=768, metadata={
+        "help": "hf engine: once 3 or more prompts wait, prompts of about one length run in one forward pass of up "
+                "to this many padded tokens (each pass has a fixed cost, so this raises throughput under load; a "
+                "bigger pass makes a request arriving during it wait longer; 0: one prompt a pass)"})
     draft_tokens: int = field(default=DRAFT_TOKENS, metadata={
         "help": "generate mode: each decode pass checks up to this many of the bias's own next picks, shared "
                 "among the generating requests (a draft; the same answers, fewer passes when the fused scores "
@@ -57,7 +61,8 @@ class EngineConfig:
         for name in ("max_batch_size", "max_tokens_per_step", "prefix_cache_size", "draft_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_queue", "max_seq_len", "threads", "context_cache_mb", "answer_cache_size", "score_first_ms"):
+        for name in ("max_queue", "max_seq_len", "threads", "context_cache_mb", "answer_cache_size", "score_first_ms",
+                     "shared_pass_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.max_tokens_per_step < self.max_batch_size:

@@ -13,7 +13,7 @@ One engine thread runs the scheduler. Every step it
      (long prompts are chunked, so decodes keep flowing while a new prompt goes in), score requests
      first (`score_first_ms`: a score request is done when its prompt is); when a queue builds a pass
      takes the first prompt and other waiting prompts of about its length (`SHARE_FROM`, `PAD_WASTE`,
-     `SHARED_PASS_TOKENS`); between passes it admits what arrived and plans again, so a new score
+     `shared_pass_tokens`); between passes it admits what arrived and plans again, so a new score
      request waits for the pass that is running, not for the rest of the step;
   4. finishes what is done: score mode reads each candidate's readout logit (a label after the prompt, or
      the score row at the candidate's own last token, taken from whichever chunk held that position);
@@ -56,15 +56,15 @@ log = logging.getLogger(__name__)
 MAX_FAILED_PASSES = 3  # forward passes failing in a row that stop the engine (the device, not the requests)
 # Prompts share a pass when a queue builds: with at least SHARE_FROM prompts waiting, a pass takes the first one
 # and the others that fit whole, while padding every row to the longest adds at most PAD_WASTE of the pass's
-# tokens and the padded pass stays within SHARED_PASS_TOKENS (about two fresh prompts or four context hits).
-# Each pass has a fixed cost (~9 ms on the quick bundle's 4-layer bf16 build, 2 CPU cores) and wider matmuls run
-# faster: one pass over two 190-token prompts took 0.78x the time of two passes, four 350-token prompts 0.83x. A
-# bigger pass makes a score request arriving during it wait longer, so fewer waiting prompts keep one pass each
-# and the pass is capped: on the 80/20 score / decoding-generate mix (open loop, 2 rounds) this kept score p95
-# within the single-pass figures at 0.6-0.9 of capacity and took closed-loop throughput 1.17x (docs/loadtest.md).
+# tokens and the padded pass stays within `EngineConfig.shared_pass_tokens` (768: about two fresh prompts or four
+# context hits). Each pass has a fixed cost (~9 ms on the quick bundle's 4-layer bf16 build, 2 CPU cores) and wider
+# matmuls run faster: one pass over two 190-token prompts took 0.78x the time of two passes, four 350-token prompts
+# 0.83x. A bigger pass makes a score request arriving during it wait longer, so fewer waiting prompts keep one
+# pass each and the pass is capped: on the 80/20 score / decoding-generate mix (open loop, 2 rounds) this kept
+# score p95 within the single-pass figures at 0.6-0.9 of capacity and took closed-loop throughput 1.17x
+# (docs/serving.md).
 SHARE_FROM = 3
 PAD_WASTE = 0.25
-SHARED_PASS_TOKENS = 768
 
 
 @dataclass(eq=False)
@@ -149,7 +149,7 @@ class HFEngine(LoopEngine):
     def _next_pass(self, budget: int, cut: bool) -> list[tuple[Row, int]]:
         """The next prompt pass within the token budget: the first chunk (`_next_chunk`), then, when at least
         `SHARE_FROM` prompts wait, in `_priority` order the others that fit whole in what is left, within
-        `PAD_WASTE` and `SHARED_PASS_TOKENS`; their rows are moved into the slots after the first one (a pass runs
+        `PAD_WASTE` and `shared_pass_tokens`; their rows are moved into the slots after the first one (a pass runs
         contiguous slots). Empty: no pass."""
         first = self._next_chunk(budget, cut)
         if first is None:
@@ -162,7 +162,8 @@ class HFEngine(LoopEngine):
         for row in others:
             counts = [n for _, n in group] + [len(row.todo)]
             padded = max(counts) * len(counts)
-            if counts[-1] <= left and padded - sum(counts) <= PAD_WASTE * sum(counts) and padded <= SHARED_PASS_TOKENS:
+            if (counts[-1] <= left and padded - sum(counts) <= PAD_WASTE * sum(counts)
+                    and padded <= self.config.shared_pass_tokens):
                 group.append((row, counts[-1]))
                 left -= counts[-1]
         for i, (row, _) in enumerate(group):
