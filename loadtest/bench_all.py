@@ -353,10 +353,9 @@ def vs_within_rounds(runs: list[dict], base_runs: list[dict]) -> dict:
     return out
 
 
-# goals about decoding generate requests: without a decode pass (the ranker's logit weight 0) they do not apply
-# goals about decoding generate requests: without a decode pass (logit weight 0) a generate request ends with its
-# prompt and is scheduled as a score request is, so the mixed cell is score-like throughout and says nothing of a
-# score request waiting behind decoding ones
+# goals about decoding generate requests: they do not apply without a decode pass (the ranker's logit weight 0);
+# then a generate request ends with its prompt and is scheduled as a score request is, so the mixed cell is
+# score-like throughout and says nothing of a score request waiting behind decoding ones
 DECODING_GOALS = ("inflight_vs_sequential_throughput_c16", "inflight_vs_sequential_p95_c16",
                   "score_vs_generate_latency", "mixed_inflight_vs_static_score_p95_c16")
 

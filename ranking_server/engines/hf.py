@@ -147,20 +147,24 @@ class HFEngine(LoopEngine):
         return ran
 
     def _next_pass(self, budget: int, cut: bool) -> list[tuple[Row, int]]:
-        """The next prompt pass within the token budget: the first chunk (`_next_chunk`), then, when at least
-        `SHARE_FROM` prompts wait, in `_priority` order the others that fit whole in what is left, within
-        `PAD_WASTE` and `shared_pass_tokens`; their rows are moved into the slots after the first one (a pass runs
-        contiguous slots). Empty: no pass."""
-        first = self._next_chunk(budget, cut)
-        if first is None:
+        """The next prompt pass within the token budget, or [] for none. It starts with the prefilling row first
+        in `_priority` order (arrival, score requests ahead; slot order is not arrival order once rows have
+        moved): its prompt runs whole when it fits what is left of the budget, and only the first prompt of a
+        step is cut to fit (`cut`; cutting a prompt that would fit a later step only adds a pass and its fixed
+        cost). Then, when at least `SHARE_FROM` prompts wait, the others in that order that fit whole in what is
+        left, within `PAD_WASTE` and `shared_pass_tokens`; their rows are moved into the slots after the first
+        one (a pass runs contiguous slots)."""
+        waiting = sorted(self._slots[self._n_decoding:], key=lambda row: self._priority(row.pending))
+        if budget <= 0 or not waiting:
             return []
-        group, left = [first], budget - first[1]
-        if len(self._slots) - self._n_decoding < SHARE_FROM:
-            return group
-        others = sorted((r for r in self._slots[self._n_decoding:] if r is not first[0]),
-                        key=lambda row: self._priority(row.pending))
+        first, n = waiting[0], len(waiting[0].todo)
+        if n > budget and not cut:
+            return []
+        group = [(first, min(n, budget))]
+        left = budget - group[0][1]
+        others = waiting[1:] if len(waiting) >= SHARE_FROM else []  # fewer waiting: a pass each
         for row in others:
-            counts = [n for _, n in group] + [len(row.todo)]
+            counts = [count for _, count in group] + [len(row.todo)]
             padded = max(counts) * len(counts)
             if (counts[-1] <= left and padded - sum(counts) <= PAD_WASTE * sum(counts)
                     and padded <= self.config.shared_pass_tokens):
@@ -174,20 +178,6 @@ class HFEngine(LoopEngine):
         """In-flight: fill every free slot from the queue, at every step and between prompt passes."""
         for pending in self._take(self.config.max_batch_size - len(self._slots)):
             self._admit(pending)
-
-    def _next_chunk(self, budget: int, cut: bool) -> tuple[Row, int] | None:
-        """The next prompt chunk within the token budget: the prefilling row first in `_priority` order
-        (arrival, score requests ahead; slot order is not arrival order once rows have moved), or None.
-
-        A prompt that fits in what is left of the budget runs whole; only the first prompt of a step is cut to
-        fit (`cut`). Cutting a prompt that would fit a later step only adds a pass: each pass re-reads all the
-        weights, which on CPU costs as much as a short prompt."""
-        prefilling = self._slots[self._n_decoding:]
-        if budget <= 0 or not prefilling:
-            return None
-        row = min(prefilling, key=lambda row: self._priority(row.pending))
-        n = len(row.todo)
-        return (row, min(n, budget)) if n <= budget or cut else None
 
     # ---- admission and leaving ----------------------------------------------------------------
 
@@ -422,7 +412,7 @@ class HFEngine(LoopEngine):
             self._leave(row)
             self._finish(pending, order, scores, row.cached, 0)
             return
-        if request.logit_weight == 0:  # the answer is the bias's order: no decode pass
+        if not request.decodes:  # logit weight 0: the answer is the bias's order, no decode pass
             self._leave(row)
             self._finish_by_bias(pending, row.bias, row.cached)
             return

@@ -182,7 +182,7 @@ class OrtGenaiEngine(LoopEngine):
         if running.next_token is None:
             running.pending.prefilled = time.perf_counter()
             self._count(cached_tokens=running.cached)
-            if request.logit_weight == 0:  # the answer is the bias's order: no decode step
+            if not request.decodes:  # logit weight 0: the answer is the bias's order, no decode step
                 self._leave(running)
                 self._finish_by_bias(running.pending, running.bias, running.cached)
                 return

@@ -112,7 +112,7 @@ class TrtllmEngine(RankingEngine):
             scored = await self._run(score_pass, None)
             read = readout_from_context(scored.outputs[0].context_logits, len(score_pass.run_ids), request.readout)
             request = dataclasses.replace(request, bias=decoding_bias(request.bias, read), readout=None)
-            if request.logit_weight == 0:  # the answer is the bias's order: no second pass (palr.llm.emit_by_bias)
+            if not request.decodes:  # weight 0: the answer is the bias's order, no second pass (palr.llm.emit_by_bias)
                 return self._by_bias(request, constraint, started)
         output, first_token = await self._run(request, constraint, streaming=request.mode == "generate")
         return self._result(request, output, started, first_token)
