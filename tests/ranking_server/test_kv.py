@@ -1,11 +1,12 @@
 """SlotKVCache on a tiny real Llama: passes through the slot cache give the model's own hidden states, with
-the attended key view wider than the rows need (KEY_ALIGN) and stale entries from earlier requests in it."""
+the attended key view wider than the rows need (KEY_ALIGN), rows padded past their tokens (TOKEN_ALIGN) and
+stale entries from earlier requests in it."""
 
 import pytest
 import torch
 
 from palr.llm import load_causal_lm
-from ranking_server.engines.kv import KEY_ALIGN, SlotKVCache
+from ranking_server.engines.kv import KEY_ALIGN, TOKEN_ALIGN, SlotKVCache
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +33,15 @@ def test_plan_reads_an_aligned_key_view_within_the_cache(model):
         kv.plan(0, [95], [7])
 
 
+def test_plan_pads_a_prompt_pass_to_the_token_alignment_not_a_decode_pass(model):
+    kv = SlotKVCache(model.config, slots=2, max_len=100, dtype=torch.float32, device="cpu")
+    assert kv.plan(0, [0, 0], [TOKEN_ALIGN + 1, 4]).width == 2 * TOKEN_ALIGN
+    assert kv.plan(0, [0], [2 * TOKEN_ALIGN]).width == 2 * TOKEN_ALIGN
+    assert kv.plan(0, [5, 9], [3, 1]).width == 3, "a decode pass (a token and its draft a row) is not padded"
+    plan = kv.plan(0, [80], [TOKEN_ALIGN + 1])  # the padding runs past the cache's 100 positions, never stored
+    assert plan.width == 2 * TOKEN_ALIGN and plan.key_width == 100 and plan.attention_mask().shape[-1] == 100
+
+
 def test_chunked_passes_over_stale_slots_match_the_models_own_forward(model):
     decoder = model.get_decoder()
     generator = torch.Generator().manual_seed(0)
@@ -43,7 +53,8 @@ def test_chunked_passes_over_stale_slots_match_the_models_own_forward(model):
         values.normal_(0, 50, generator=generator)
     # each prompt in two chunks, both rows in one pass each time (rows of different lengths, padded)
     cuts = [17, 11]
-    _, head = forward(decoder, kv, 0, [p[:c] for p, c in zip(prompts, cuts)], [0, 0])
+    first, head = forward(decoder, kv, 0, [p[:c] for p, c in zip(prompts, cuts)], [0, 0])
+    assert first.width == 2 * TOKEN_ALIGN > max(cuts), "the test must run padding past both rows' tokens"
     plan, tail = forward(decoder, kv, 0, [p[c:] for p, c in zip(prompts, cuts)], cuts)
     assert plan.key_width > plan.kv_len, "the test must read masked keys past the rows' lengths"
     for i, (prompt, cut) in enumerate(zip(prompts, cuts)):
