@@ -4,7 +4,9 @@ One engine thread runs the scheduler. Every step it
   1. admits waiting requests into free slots (up to `max_batch_size`), copying the longest cached start
      of the prompt into the slot: the user's context (profile + history, an LRU bounded by
      `context_cache_mb`: a user's repeat call runs only its candidates), else the shared instruction
-     prefix (`prefix_reuse`); what was not cached is stored once the slot has computed it;
+     prefix (`prefix_reuse`); what was not cached is stored once the slot has computed it. A request whose
+     user's context another running request, ahead of it in turn, is computing waits for that one's pass
+     and copies the context then (a page reloading while its first call is in flight);
   2. runs ONE batched decode pass for every request that is generating: each feeds its next token and a
      draft of the bias's own next picks (`draft_tokens` a pass, shared by the generating rows; the fused
      scores decide most picks when the label-logit weight is small), keeps what its constrained picks
@@ -83,6 +85,7 @@ class Row:
     readout: Readout | None = None     # what score mode reads (positions in the prompt)
     read: list[float | None] | None = None  # each candidate's readout logit, once its position has run
     bias: list[float] | None = None    # generate mode: the decoding bias (request bias + readouts)
+    waits_for: tuple[int, ...] | None = None  # a context key another row is computing: copied once it is stored
 
     @property
     def constraint(self) -> DecodingConstraint | None:
@@ -154,7 +157,9 @@ class HFEngine(LoopEngine):
         cost). Then, when at least `SHARE_FROM` prompts wait, the others in that order that fit whole in what is
         left, within `PAD_WASTE` and `shared_pass_tokens`; their rows are moved into the slots after the first
         one (a pass runs contiguous slots)."""
-        waiting = sorted(self._slots[self._n_decoding:], key=lambda row: self._priority(row.pending))
+        self._resume_waiting()
+        waiting = sorted((row for row in self._slots[self._n_decoding:] if row.waits_for is None),
+                         key=lambda row: self._priority(row.pending))
         if budget <= 0 or not waiting:
             return []
         first, n = waiting[0], len(waiting[0].todo)
@@ -190,14 +195,49 @@ class HFEngine(LoopEngine):
                   bias=list(request.bias) if request.bias is not None else None)
         self._slots.append(row)
         self._by_id[pending.request_id] = row
+        context = self._context_computed_ahead(pending)
+        if context is not None:
+            row.waits_for = context
+        else:
+            self._copy_cached_start(row)
+
+    def _copy_cached_start(self, row: Row) -> None:
+        """Copy the longest cached start of the row's prompt into its slot; the starts not cached are stored once
+        the row has computed them (`snapshots`)."""
+        request = row.pending.request
         for key, cache in self._reusable_starts(request):  # the longest first
             stored = cache.get(key)
             if stored is not None:
                 self.kv.write_prefix(row.slot, stored)
                 row.length = row.cached = len(key)
                 row.todo = request.run_ids[len(key):]
-                break
+                return
             row.snapshots.append((len(key), key, cache))
+
+    def _computing(self, key: tuple[int, ...]) -> list[Row]:
+        """The rows that will store the context `key` once their pass reaches its end."""
+        return [row for row in self._slots if any(k == key and cache is self.contexts for _, k, cache in row.snapshots)]
+
+    def _context_computed_ahead(self, pending: Pending) -> tuple[int, ...] | None:
+        """The request's context key when it is not cached and a running row ahead of it in `_priority` order
+        computes it (that row's pass runs first anyway: waiting for it costs this request nothing and saves the
+        context's tokens); else None. A row behind it is not waited for: this one computes the context too."""
+        request = pending.request
+        if not (self.config.context_cache_mb and request.context_len):
+            return None
+        key = request.context_key
+        if key in self.contexts:
+            return None
+        ahead = [row for row in self._computing(key) if self._priority(row.pending) <= self._priority(pending)]
+        return key if ahead else None
+
+    def _resume_waiting(self) -> None:
+        """Rows waiting for a context that no row computes any more (stored, or its row failed or left) copy
+        their cached start now: a hit, or (nothing stored) they compute it themselves."""
+        for row in self._slots[self._n_decoding:]:
+            if row.waits_for is not None and not self._computing(row.waits_for):
+                row.waits_for = None
+                self._copy_cached_start(row)
 
     def _reusable_starts(self, request) -> list[tuple[tuple[int, ...], LRU]]:
         """(prompt start, its cache), longest first: the user's context, the shared prefix."""

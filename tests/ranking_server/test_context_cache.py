@@ -1,12 +1,15 @@
 """Per-user context KV reuse in the in-flight engine (issue 12): a user's repeat call finds its context
 (profile + history) cached and runs only its candidates; the answers equal a cold computation's (score and
 generate, candidate readout included); a different context never reuses another's KV; the cache stays
-within its byte bound, evicting the least recently used; it works inside in-flight batching."""
+within its byte bound, evicting the least recently used; it works inside in-flight batching, where a user's
+calls admitted together compute the context once."""
 
 from __future__ import annotations
 
 import asyncio
 import random
+import threading
+import time
 
 import pytest
 
@@ -15,9 +18,10 @@ torch = pytest.importorskip("torch")
 from palr.decoding import LabelConstraint  # noqa: E402
 from palr.llm import generate_constrained, load_causal_lm, score_candidates  # noqa: E402
 from palr.prompt import Readout  # noqa: E402
-from ranking_server.engines.base import EngineRequest  # noqa: E402
+from ranking_server.engines.base import EngineAborted, EngineRequest  # noqa: E402
 from ranking_server.engines.config import EngineConfig  # noqa: E402
 from ranking_server.engines.hf import HFEngine, kv_bytes  # noqa: E402
+from ranking_server.engines.loop import DeviceTurns  # noqa: E402
 from tests.fixtures.engine_workload import label_ids  # noqa: E402
 
 PREFIX = list(range(500, 530))
@@ -171,3 +175,89 @@ def test_the_one_at_a_time_baseline_reuses_contexts_as_the_engine_does(tiny):
     assert stats.context_hits == 2 and stats.context_misses == 2 and stats.context_bytes > 0
     assert stats.prompt_tokens == len(PREFIX) + sum(len(r.run_ids) for r in requests) - sum(r.cached_tokens
                                                                                             for r in results)
+
+
+async def until(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.002)
+
+
+def test_calls_for_one_user_admitted_together_compute_the_context_once(tiny):
+    """A user's three calls (and another user's) are admitted in one step (the engine's device turn is held while
+    they queue): the first computes the context, the two others wait for its pass and copy it (a page reloading
+    while its first call is in flight), answering as cold calls."""
+    model, labels = tiny
+    rng = random.Random(5)
+    alice, bob = ([rng.randrange(100, 40000) for _ in range(60)] for _ in range(2))
+    requests = [user_request("a1", alice, labels, rng), user_request("a2", alice, labels, rng),
+                user_request("b1", bob, labels, rng), user_request("a3", alice, labels, rng, "generate", True)]
+    engine = HFEngine(model, EngineConfig(max_batch_size=4, max_tokens_per_step=512))
+    turns = DeviceTurns()
+    engine.share_device(turns)
+
+    async def scenario():
+        with turns.turn():  # the engine cannot step: every request queues
+            tasks = [asyncio.ensure_future(engine.rank(r)) for r in requests]
+            await until(lambda: engine.stats().queued == len(requests))
+        return await asyncio.gather(*tasks)
+
+    try:
+        results = asyncio.run(scenario())
+        stats = engine.stats()
+    finally:
+        engine.close()
+    for request, result in zip(requests, results):
+        check(model, request, result)
+    context = len(PREFIX) + len(alice)
+    assert [r.cached_tokens for r in results] == [0, context, 0, context], "a2 and a3 copied a1's context"
+    assert stats.context_misses == 2 and stats.context_hits == 2, "one lookup a request"
+    assert stats.prompt_tokens == sum(len(r.run_ids) for r in requests) - stats.cached_tokens
+
+
+class FirstPassGated(HFEngine):
+    """The first prompt pass waits on `gate` once it has run."""
+
+    def __init__(self, model, config):
+        self.first_ran, self.gate, self.passes = threading.Event(), threading.Event(), 0
+        super().__init__(model, config)
+
+    def _prefill(self, group):
+        super()._prefill(group)
+        self.passes += 1
+        if self.passes == 1:
+            self.first_ran.set()
+            self.gate.wait(10)
+
+
+def test_a_call_waiting_for_a_context_computes_it_when_its_computer_leaves_first(tiny):
+    """a2 waits for a1's context; a1 is aborted after its first chunk, before the context is in: a2 computes the
+    context itself (from the shared prefix a1 stored) and answers as a cold call."""
+    model, labels = tiny
+    rng = random.Random(6)
+    alice = [rng.randrange(100, 40000) for _ in range(60)]
+    first, second = user_request("a1", alice, labels, rng), user_request("a2", alice, labels, rng)
+    engine = FirstPassGated(model, EngineConfig(max_batch_size=2, max_tokens_per_step=len(PREFIX) + 10))
+    turns = DeviceTurns()
+    engine.share_device(turns)
+
+    async def scenario():
+        with turns.turn():  # both are admitted in one step
+            tasks = [asyncio.ensure_future(engine.rank(r)) for r in (first, second)]
+            await until(lambda: engine.stats().queued == 2)
+        await asyncio.to_thread(engine.first_ran.wait, 10)  # a1's first chunk ran (the shared prefix and more)
+        assert engine.abort("a1")
+        engine.gate.set()
+        with pytest.raises(EngineAborted):
+            await tasks[0]
+        return await tasks[1]
+
+    try:
+        result = asyncio.run(scenario())
+        stats = engine.stats()
+    finally:
+        engine.close()
+    check(model, second, result)
+    assert result.cached_tokens == len(PREFIX), "the prefix a1 stored, not a context"
+    assert stats.context_misses == 2 and stats.context_hits == 0 and stats.aborted == 1
