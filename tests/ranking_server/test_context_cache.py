@@ -261,3 +261,39 @@ def test_a_call_waiting_for_a_context_computes_it_when_its_computer_leaves_first
     check(model, second, result)
     assert result.cached_tokens == len(PREFIX), "the prefix a1 stored, not a context"
     assert stats.context_misses == 2 and stats.context_hits == 0 and stats.aborted == 1
+
+
+def test_a_call_ahead_in_turn_never_waits_for_a_context_computed_behind_it(tiny):
+    """A decoding generate call for alice is computing her context (its first chunk ran) when a score call for her
+    arrives: the score call goes first (`score_first_ms`), so it computes the context itself instead of waiting for
+    the generate call's pass. (Calls admitted in one step are admitted in turn order, so the later one waits.)"""
+    model, labels = tiny
+    rng = random.Random(7)
+    alice = [rng.randrange(100, 40000) for _ in range(60)]
+    generate = user_request("g", alice, labels, rng, "generate")
+    score = user_request("s", alice, labels, rng)
+    engine = FirstPassGated(model, EngineConfig(max_batch_size=2, max_tokens_per_step=len(PREFIX) + 10))
+    finished: list[str] = []
+
+    async def scenario():
+        tasks = []
+        for request in (generate, score):
+            task = asyncio.ensure_future(engine.rank(request))
+            task.add_done_callback(lambda t, rid=request.request_id: finished.append(rid))
+            tasks.append(task)
+            if request is generate:  # its first chunk (the shared prefix and 10 context tokens) has run
+                await asyncio.to_thread(engine.first_ran.wait, 10)
+        await until(lambda: engine.stats().queued == 1)
+        engine.gate.set()
+        return await asyncio.gather(*tasks)
+
+    try:
+        results = asyncio.run(scenario())
+        stats = engine.stats()
+    finally:
+        engine.close()
+    for request, result in zip((generate, score), results):
+        check(model, request, result)
+    assert finished[0] == "s", "the score call went first"
+    assert results[1].cached_tokens == len(PREFIX), "it computed the context itself (the shared prefix was kept)"
+    assert stats.context_misses == 2 and stats.context_hits == 0
