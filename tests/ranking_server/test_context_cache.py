@@ -184,6 +184,19 @@ async def until(predicate, timeout=10.0):
         await asyncio.sleep(0.002)
 
 
+def run_scenario(engine, scenario, model, requests):
+    """Run `scenario()` (it returns the answers to `requests`), close the engine, check every answer against the
+    reference; (answers, the engine's stats)."""
+    try:
+        results = asyncio.run(scenario())
+        stats = engine.stats()
+    finally:
+        engine.close()
+    for request, result in zip(requests, results):
+        check(model, request, result)
+    return results, stats
+
+
 def test_calls_for_one_user_admitted_together_compute_the_context_once(tiny):
     """A user's three calls (and another user's) are admitted in one step (the engine's device turn is held while
     they queue): the first computes the context, the two others wait for its pass and copy it (a page reloading
@@ -203,13 +216,7 @@ def test_calls_for_one_user_admitted_together_compute_the_context_once(tiny):
             await until(lambda: engine.stats().queued == len(requests))
         return await asyncio.gather(*tasks)
 
-    try:
-        results = asyncio.run(scenario())
-        stats = engine.stats()
-    finally:
-        engine.close()
-    for request, result in zip(requests, results):
-        check(model, request, result)
+    results, stats = run_scenario(engine, scenario, model, requests)
     context = len(PREFIX) + len(alice)
     assert [r.cached_tokens for r in results] == [0, context, 0, context], "a2 and a3 copied a1's context"
     assert stats.context_misses == 2 and stats.context_hits == 2, "one lookup a request"
@@ -287,13 +294,7 @@ def test_a_call_ahead_in_turn_never_waits_for_a_context_computed_behind_it(tiny)
         engine.gate.set()
         return await asyncio.gather(*tasks)
 
-    try:
-        results = asyncio.run(scenario())
-        stats = engine.stats()
-    finally:
-        engine.close()
-    for request, result in zip((generate, score), results):
-        check(model, request, result)
+    results, stats = run_scenario(engine, scenario, model, [generate, score])
     assert finished[0] == "s", "the score call went first"
     assert results[1].cached_tokens == len(PREFIX), "it computed the context itself (the shared prefix was kept)"
     assert stats.context_misses == 2 and stats.context_hits == 0
