@@ -6,7 +6,8 @@ Each running request owns one slot (a row) and its own length. Per layer the cac
 attention reads the range as a view `[B, kv_heads, kv_len, head_dim]` (no gather), masked per row by
 a 4-D mask, with per-row `position_ids`. Stale entries past a row's length are never attended.
 The view is `KEY_ALIGN` keys wider than needed, rounded up (masked): torch's CPU flash attention runs ~2x
-slower on some odd key lengths (bf16, 350 queries: 3.9 ms at 385 keys, 1.4 ms at 416; loadtest.md).
+slower on some odd key lengths (bf16, 350 queries: 3.9 ms at 385 keys, 1.4 ms at 416; loadtest.md). Likewise
+a prompt pass's rows are right-padded to a multiple of `TOKEN_ALIGN` tokens (`pass_width`; serving.md).
 
 It is a `transformers.Cache` passed as `past_key_values`: the decoder layers call `update()`. Because
 we pass a 4-D mask and `position_ids`, the model neither builds a mask nor asks the cache for its
