@@ -99,24 +99,60 @@ def run(config: TwoTierConfig, command: Sequence[str]) -> int:
     with two_tier(config, own_session=True) as (retrieval, ranking):
         argv = [arg.replace("{ranking}", ranking.target).replace("{retrieval}", retrieval.target) for arg in command]
         log.info("running: %s", " ".join(argv))
-        child = subprocess.Popen(argv, start_new_session=True)
-        try:
-            return child.wait()
-        except (KeyboardInterrupt, Interrupted) as e:
-            signum = interrupt_signal(e)
-            log.warning("%s: passing SIGINT to the command, waiting up to %.0f s for it to finish (its reports); "
-                        "the servers keep serving meanwhile; interrupt again to stop it at once",
-                        signal.Signals(signum).name, COMMAND_GRACE_S)
-            child.send_signal(signal.SIGINT)
+        with _recorded(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as received:
+            child = subprocess.Popen(argv, start_new_session=True)
             try:
-                code = child.wait(COMMAND_GRACE_S)
-                log.info("the interrupted command exited with %d", code)
-            except subprocess.TimeoutExpired:
-                log.warning("the command did not finish within %.0f s of its SIGINT", COMMAND_GRACE_S)
+                return _wait(child, received)
+            finally:  # not finished (timed out, or a second interrupt): it goes, before the servers it was using
+                if child.poll() is None:
+                    _stop(child)
+
+
+@contextlib.contextmanager
+def _recorded(*signums: int) -> Iterator[list[int]]:
+    """While the command runs, `signums` are recorded (in the list yielded), not raised, by a handler installed
+    here: with_servers started with SIGINT ignored (a background job of a script) has no KeyboardInterrupt of
+    Python's, and it waited out the command on Ctrl-C; and one that arrives while the command is being started is
+    handled like any other (raised there, it would escape before the command was passed its SIGINT)."""
+    received: list[int] = []
+    previous = {signum: signal.signal(signum, lambda signum, _frame: received.append(signum)) for signum in signums}
+    try:
+        yield received
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _wait(child: subprocess.Popen, received: list[int]) -> int:
+    """The command's exit code; after an interrupt (`received`), the command is passed one SIGINT and given
+    COMMAND_GRACE_S to finish (its reports) while the servers keep serving, a second interrupt ends the wait:
+    128 + the first interrupt's signal."""
+    while _poll(child) is None and not received:
+        pass
+    if not received:
+        return child.returncode
+    signum = received[0]
+    log.warning("%s: passing SIGINT to the command, waiting up to %.0f s for it to finish (its reports); "
+                "the servers keep serving meanwhile; interrupt again to stop it at once",
+                signal.Signals(signum).name, COMMAND_GRACE_S)
+    child.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + COMMAND_GRACE_S
+    while _poll(child) is None:
+        if len(received) > 1:
             return 128 + signum
-        finally:  # not finished (timed out, or a second interrupt): it goes, before the servers it was using
-            if child.poll() is None:
-                _stop(child)
+        if time.monotonic() > deadline:
+            log.warning("the command did not finish within %.0f s of its SIGINT", COMMAND_GRACE_S)
+            return 128 + signum
+    log.info("the interrupted command exited with %d", child.returncode)
+    return 128 + signum
+
+
+def _poll(child: subprocess.Popen, seconds: float = 0.1) -> int | None:
+    """The command's exit code, waiting up to `seconds` for it; None while it runs."""
+    try:
+        return child.wait(seconds)
+    except subprocess.TimeoutExpired:
+        return None
 
 
 def _stop(child: subprocess.Popen) -> None:

@@ -32,13 +32,15 @@ time.sleep(120)
 """
 
 
-def start(tiny_llm_bundle, tmp_path, *command: str) -> tuple[subprocess.Popen, list[str]]:
+def start(tiny_llm_bundle, tmp_path, *command: str, sigint_ignored: bool = False) -> tuple[subprocess.Popen, list[str]]:
     """with_servers running `command`, in its own session (as a terminal's job is); its output up to the
-    command's "ready" line."""
+    command's "ready" line. `sigint_ignored`: started with SIGINT ignored, as a script's background job is (Python
+    then installs no KeyboardInterrupt handler of its own)."""
     argv = [sys.executable, "-m", "loadtest.with_servers", "--bundle", str(tiny_llm_bundle), "--log-dir", str(tmp_path),
             "--", sys.executable, "-c", *command]
+    ignore = (lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None
     process = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)
+                               start_new_session=True, preexec_fn=ignore)
     lines = []
     deadline = time.monotonic() + 300
     for line in process.stdout:
@@ -48,13 +50,15 @@ def start(tiny_llm_bundle, tmp_path, *command: str) -> tuple[subprocess.Popen, l
     return process, lines
 
 
-@pytest.mark.parametrize("interrupt", ["sigterm", "ctrl-c"])
+@pytest.mark.parametrize("interrupt", ["sigterm", "ctrl-c", "ctrl-c-started-ignoring-it"])
 def test_an_interrupt_lets_the_command_write_its_reports_then_stops_both_servers(tiny_llm_bundle, tmp_path, interrupt):
     """A CI timeout sends SIGTERM to with_servers alone; Ctrl-C sends SIGINT to the whole process group.
     Either way the command gets one SIGINT and finishes what it does then (it was terminated mid-report
-    before) while the servers still serve; then both drain and stop."""
+    before) while the servers still serve; then both drain and stop. Also when with_servers was started with
+    SIGINT ignored (a background job of a script: it waited out the command before)."""
     report = tmp_path / "report.txt"
-    process, lines = start(tiny_llm_bundle, tmp_path, REPORTING_COMMAND, str(report))
+    process, lines = start(tiny_llm_bundle, tmp_path, REPORTING_COMMAND, str(report),
+                           sigint_ignored=interrupt.endswith("ignoring-it"))
     if interrupt == "sigterm":
         process.send_signal(signal.SIGTERM)
     else:
@@ -79,3 +83,20 @@ def test_a_second_interrupt_stops_a_command_that_does_not_finish(tiny_llm_bundle
     with pytest.raises(ProcessLookupError):
         os.kill(child, 0)  # gone, not left running against stopped servers
     assert "ranking_server stopped, exit code 0" in output and "retrieval_server stopped, exit code 0" in output
+
+
+def test_an_interrupt_that_came_while_the_command_was_starting_still_reaches_it(tmp_path):
+    """A signal recorded before the wait began (it arrived while the command was being started: raised there, it
+    escaped before the command was passed its SIGINT) is handled like any other: one SIGINT, the reports."""
+    from loadtest.with_servers import _wait
+
+    report = tmp_path / "report.txt"
+    child = subprocess.Popen([sys.executable, "-c", REPORTING_COMMAND, str(report)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline().startswith("ready")
+        assert _wait(child, [signal.SIGTERM]) == 128 + signal.SIGTERM
+    finally:
+        if child.poll() is None:
+            child.kill()
+        child.wait()
+    assert child.returncode == 130 and report.read_text() == "reports written"
