@@ -7,7 +7,7 @@
     prefill    one forward pass of the decoder over a real score prompt (the bench's workload, the full
                prompt: no prefix reuse), median of a few, on the bench's model in that precision: the
                decoder alone, as the engines run it (padded as the hf engine pads a pass,
-               `ranking_server.engines.kv.pass_width`, FLOPs counted on the prompt's own tokens; the engines
+               `ranking_server.engines.kv.pass_input_ids`, FLOPs counted on the prompt's own tokens; the engines
                read a few rows of the LM head afterwards, never
                the whole vocabulary; a full-vocabulary head at one position reads 117 MB of fp32 weights on
                SmolLM2, ~9 ms, which the parameter count below leaves out)
@@ -106,7 +106,7 @@ def measure(model, input_ids: list[int], dtypes: list[str], repeats: int = 5, n:
     import torch
 
     from compile.targets.hf_cpu import variant
-    from ranking_server.engines.kv import pass_width
+    from ranking_server.engines.kv import pass_input_ids
 
     parameters = non_embedding_parameters(model)
     rows = []
@@ -115,7 +115,7 @@ def measure(model, input_ids: list[int], dtypes: list[str], repeats: int = 5, n:
         shares = matmul_shares(dtype, candidate)
         pairs = {d: (torch.randn(n, n, dtype=d), torch.randn(n, n, dtype=d)) for d in shares}
         decoder = candidate.get_decoder()
-        ids = torch.tensor([input_ids + [0] * (pass_width([len(input_ids)]) - len(input_ids))])  # [1, T], as the engine
+        ids = pass_input_ids([input_ids])  # [1, T], padded as the engine pads a pass
         with torch.inference_mode():
             for a, b in pairs.values():
                 a @ b

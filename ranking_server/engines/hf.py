@@ -49,7 +49,7 @@ from palr.prompt import Readout
 from palr.ranking import decoding_bias
 from ranking_server.engines.base import EngineError
 from ranking_server.engines.config import EngineConfig
-from ranking_server.engines.kv import SlotKVCache
+from ranking_server.engines.kv import SlotKVCache, pass_input_ids
 from ranking_server.engines.loop import LoopEngine, Pending, StepRecord
 from ranking_server.engines.lru import LRU
 
@@ -296,8 +296,7 @@ class HFEngine(LoopEngine):
         """Run rows `[first, first + B)` on their new tokens; their hidden states `[B, T, D]` (row i's
         tokens in columns `[0, len(tokens[i]))`)."""
         plan = self.kv.plan(first, starts, [len(t) for t in tokens])
-        ids = torch.tensor([t + [0] * (plan.width - len(t)) for t in tokens], device=self.device)  # [B, T]
-        out = self.decoder(input_ids=ids, attention_mask=plan.attention_mask(),
+        out = self.decoder(input_ids=pass_input_ids(tokens, self.device), attention_mask=plan.attention_mask(),
                            position_ids=plan.position_ids(), past_key_values=self.kv, use_cache=True)
         self._failed_passes = 0
         return out.last_hidden_state

@@ -35,6 +35,13 @@ def pass_width(counts: Sequence[int]) -> int:
     return most if most <= TOKEN_ALIGN else -(-most // TOKEN_ALIGN) * TOKEN_ALIGN
 
 
+def pass_input_ids(tokens: Sequence[Sequence[int]], device: torch.device | str | None = None) -> torch.Tensor:
+    """The rows' new tokens `[B, pass_width]`, right-padded with token 0 (the plan of the same counts has this
+    width; the padding's keys/values are never written)."""
+    width = pass_width([len(t) for t in tokens])
+    return torch.tensor([[*t, *[0] * (width - len(t))] for t in tokens], device=device)  # [B, T]
+
+
 @dataclass(frozen=True)
 class StepPlan:
     """Where one forward pass reads and writes: rows `[first, first + B)`, row i holding `starts[i]`

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from palr.llm import load_causal_lm
-from ranking_server.engines.kv import KEY_ALIGN, TOKEN_ALIGN, SlotKVCache
+from ranking_server.engines.kv import KEY_ALIGN, TOKEN_ALIGN, SlotKVCache, pass_input_ids
 
 
 @pytest.fixture(scope="module")
@@ -16,10 +16,9 @@ def model(tiny_llama_dir):
 
 def forward(decoder, kv, first, tokens, starts):
     plan = kv.plan(first, starts, [len(t) for t in tokens])
-    ids = torch.tensor([t + [0] * (plan.width - len(t)) for t in tokens])  # [B, T]
     with torch.inference_mode():
-        out = decoder(input_ids=ids, attention_mask=plan.attention_mask(), position_ids=plan.position_ids(),
-                      past_key_values=kv, use_cache=True)
+        out = decoder(input_ids=pass_input_ids(tokens), attention_mask=plan.attention_mask(),
+                      position_ids=plan.position_ids(), past_key_values=kv, use_cache=True)
     return plan, out.last_hidden_state  # [B, T, D]
 
 
