@@ -49,7 +49,7 @@ from palr.prompt import Readout
 from palr.ranking import decoding_bias
 from ranking_server.engines.base import EngineError
 from ranking_server.engines.config import EngineConfig
-from ranking_server.engines.kv import SlotKVCache, pass_input_ids
+from ranking_server.engines.kv import SlotKVCache, pass_input_ids, pass_width
 from ranking_server.engines.loop import LoopEngine, Pending, StepRecord
 from ranking_server.engines.lru import LRU
 
@@ -58,13 +58,13 @@ log = logging.getLogger(__name__)
 MAX_FAILED_PASSES = 3  # forward passes failing in a row that stop the engine (the device, not the requests)
 # Prompts share a pass when a queue builds: with at least SHARE_FROM prompts waiting, a pass takes the first one
 # and the others that fit whole, while padding every row to the longest adds at most PAD_WASTE of the pass's
-# tokens and the padded pass stays within `EngineConfig.shared_pass_tokens` (768: about two fresh prompts or four
-# context hits). Each pass has a fixed cost (~9 ms on the quick bundle's 4-layer bf16 build, 2 CPU cores) and wider
-# matmuls run faster: one pass over two 190-token prompts took 0.78x the time of two passes, four 350-token prompts
-# 0.83x. A bigger pass makes a score request arriving during it wait longer, so fewer waiting prompts keep one
-# pass each and the pass is capped: on the 80/20 score / decoding-generate mix (open loop, 2 rounds) this kept
-# score p95 within the single-pass figures at 0.6-0.9 of capacity and took closed-loop throughput 1.17x
-# (docs/serving.md).
+# tokens and the pass as it runs (its rows at `pass_width`) stays within `EngineConfig.shared_pass_tokens` (768:
+# about two fresh prompts or four context hits). Each pass has a fixed cost (~9 ms on the quick bundle's 4-layer
+# bf16 build, 2 CPU cores) and wider matmuls run faster: one pass over two 190-token prompts took 0.78x the time of
+# two passes, four 350-token prompts 0.83x. A bigger pass makes a score request arriving during it wait longer, so
+# fewer waiting prompts keep one pass each and the pass is capped: on the 80/20 score / decoding-generate mix (open
+# loop, 2 rounds) this kept score p95 within the single-pass figures at 0.6-0.9 of capacity and took closed-loop
+# throughput 1.17x (docs/serving.md).
 SHARE_FROM = 3
 PAD_WASTE = 0.25
 
@@ -170,9 +170,9 @@ class HFEngine(LoopEngine):
         others = waiting[1:] if len(waiting) >= SHARE_FROM else []  # fewer waiting: a pass each
         for row in others:
             counts = [count for _, count in group] + [len(row.todo)]
-            padded = max(counts) * len(counts)
+            padded = max(counts) * len(counts)  # every row padded to the longest
             if (counts[-1] <= left and padded - sum(counts) <= PAD_WASTE * sum(counts)
-                    and padded <= self.config.shared_pass_tokens):
+                    and pass_width(counts) * len(counts) <= self.config.shared_pass_tokens):  # what the pass runs
                 group.append((row, counts[-1]))
                 left -= counts[-1]
         for i, (row, _) in enumerate(group):

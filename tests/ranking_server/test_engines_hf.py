@@ -395,11 +395,14 @@ def test_a_score_request_arriving_mid_step_runs_next_not_after_the_steps_plan(ti
 
 @pytest.mark.parametrize("n, shared_pass_tokens, passes", [
     (4, 768, [["s0", "s1", "s2", "s3"]]), (4, 100, [["s0", "s1"], ["s2"], ["s3"]]),
-    (4, 0, [["s0"], ["s1"], ["s2"], ["s3"]]), (2, 768, [["s0"], ["s1"]])], ids=["a-queue-shares", "within-the-cap", "sharing-off", "two-keep-their-own"])
+    (4, 0, [["s0"], ["s1"], ["s2"], ["s3"]]), (2, 768, [["s0"], ["s1"]]),
+    (4, 130, [["s0", "s1"], ["s2"], ["s3"]])],
+    ids=["a-queue-shares", "within-the-cap", "sharing-off", "two-keep-their-own", "the-cap-counts-the-aligned-rows"])
 def test_waiting_prompts_of_about_one_length_share_a_pass_when_a_queue_builds(tiny, n, shared_pass_tokens, passes):
     """Score prompts of 40 to 43 new tokens (padding within PAD_WASTE) wait while a first pass runs: four (at
     least SHARE_FROM) run in one pass, in arrival order, as many as `shared_pass_tokens` holds padded (then the
-    two left keep a pass each, as two waiting always do). Each gets the scores it gets alone."""
+    two left keep a pass each, as two waiting always do); padded as the pass runs, each row at `pass_width` (three
+    rows of up to 42 tokens are 126 tokens, but the pass runs 3 x 48). Each gets the scores it gets alone."""
     model, labels = tiny
     engine = PassGatedEngine(model, EngineConfig(max_batch_size=5, max_tokens_per_step=256,
                                                  shared_pass_tokens=shared_pass_tokens))
