@@ -43,7 +43,7 @@ from pathlib import Path
 
 from loadtest.bench_ranking import MIXED, Cell, load_workload, measure, request_order
 from loadtest.patterns import PATTERNS
-from loadtest.report import machine_info, markdown_table, write_report
+from loadtest.report import disturbance, machine_info, markdown_table, write_report
 from ranking_server.config import RankingServerConfig
 from loadtest.baselines import STRATEGIES
 from palr.ranking import MODES
@@ -306,7 +306,7 @@ def cell_rows(runs: dict[Cell, list[dict]]) -> list[dict]:
     """One row per cell: medians over its rounds, and how it compares with one-at-a-time."""
     rows = []
     for cell, summaries in runs.items():
-        row = {"mode": cell.mode, "strategy": cell.strategy, "concurrency": cell.concurrency,
+        row = {"cell": cell.key, "mode": cell.mode, "strategy": cell.strategy, "concurrency": cell.concurrency,
                "prefix_reuse": cell.prefix_reuse, "context_reuse": cell.prefix_reuse and cell.context_reuse,
                "model": "hf-cpu build" if cell.build else "fp32 merged", "answer_cache": cell.answer_cache,
                "rounds": len(summaries), "requests": summaries[0]["requests"]}
@@ -405,7 +405,8 @@ def markdown(report: dict) -> str:
         "# Benchmark: batching strategies, ranking modes, prefix and context reuse, retrieval engines",
         f"{before['cpus']} CPUs ({before['processor']}), load average {before['load_average_1_5_15']} before and "
         f"{after['load_average_1_5_15']} after ({before['at']}, {report['seconds']:.0f} s). Numbers taken while "
-        f"the machine was busy with other work are not final.",
+        f"the machine was busy with other work are not final. "
+        + disturbance([(f"round {run['round']} {cell['cell']}", run) for cell in report["cells"] for run in cell["runs"]]),
         f"Workload: {w['users']} real users, their SASRec top-{w['candidates']} candidates, PALR prompts of "
         f"{w['prompt_tokens_min']}-{w['prompt_tokens_max']} tokens (mean {w['prompt_tokens_mean']}, shared prefix "
         f"{w['prefix_tokens']}); generate mode writes {w['generate_k']} answer lines ({w['generate_format']}, "

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from loadtest.bench_ranking import (load_workload, mixed_modes, per_mode, request_order, server_engine_config,
                                     workload_batch)
-from loadtest.report import machine_info, markdown_table, write_report
+from loadtest.report import CPU_SHARE_KEYS, disturbance, machine_info, markdown_table, write_report
 
 STRATEGIES = ("static", "inflight")
 CLOSED_CONCURRENCY = 16
@@ -116,7 +116,7 @@ def setting(row: dict) -> str:
 
 def markdown(report: dict) -> str:
     columns = ["round", "arrivals", "load", "rate_rps", "strategy", "throughput_rps", "score_p50_ms", "score_p95_ms",
-               "generate_p50_ms", "generate_p95_ms", "errors"]
+               "generate_p50_ms", "generate_p95_ms", "errors", *CPU_SHARE_KEYS]
     ratio_rows = [{"arrivals": key, **value} for key, value in report["ratios"].items()]
     return "\n\n".join([
         "# Mixed traffic: score requests behind generate requests, static vs in-flight batching",
@@ -127,5 +127,6 @@ def markdown(report: dict) -> str:
         markdown_table([{**r, "load": "-" if r["load"] is None else r["load"], "rate_rps": r.get("rate_rps", "-")}
                         for r in report["rows"]], columns),
         f"{report['seconds']} s; load average before {report['machine_before']['load_average_1_5_15']}, "
-        f"after {report['machine_after']['load_average_1_5_15']}",
+        f"after {report['machine_after']['load_average_1_5_15']}. "
+        + disturbance([(f"round {r['round']} {setting(r)} {r['strategy']}", r) for r in report["rows"]]),
     ])

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from loadtest.baselines import strategy_engine
+from loadtest.report import CpuTimes, cpu_share
 from ranking_server.engines.base import EngineRequest, EngineStats, RankingEngine
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,7 @@ class DriveResult:
     stats: EngineStats | None = None
     cached_tokens: list[int] = field(default_factory=list)  # per answered request, aligned with latencies_ms
     answer_reused: list[bool] = field(default_factory=list)  # per answered request: an AnswerCache hit
+    cpu_share: dict[str, float] = field(default_factory=dict)  # what else had the machine meanwhile (report.cpu_share)
 
     @property
     def throughput_rps(self) -> float:
@@ -57,12 +59,12 @@ class DriveResult:
                 "throughput_rps": round(self.throughput_rps, 4),
                 "p50_ms": round(self.percentile_ms(50), 1), "p95_ms": round(self.percentile_ms(95), 1),
                 "mean_ms": round(float(np.mean(self.latencies_ms)), 1) if self.latencies_ms else None,
-                "mean_batch": self.stats.mean_batch if self.stats else None}
+                "mean_batch": self.stats.mean_batch if self.stats else None, **self.cpu_share}
 
 
 class _Calls:
     """What both drivers record: each request's latency, cached tokens and whether its answer was a kept one
-    (by its index), errors by type."""
+    (by its index), errors by type; and the machine's CPU time, to say what else ran meanwhile."""
 
     def __init__(self, engine: RankingEngine, requests: Sequence[EngineRequest]):
         self.engine, self.requests = engine, requests
@@ -70,6 +72,7 @@ class _Calls:
         self.cached: list[int] = [0] * len(requests)
         self.reused: list[bool] = [False] * len(requests)
         self.errors: Counter[str] = Counter()
+        self.cpu_before = CpuTimes.now()
 
     async def send(self, i: int, since: float) -> None:
         """Request i (its id made unique per run); its latency runs from `since` (a perf_counter time)."""
@@ -87,7 +90,7 @@ class _Calls:
         answered = [i for i, x in enumerate(self.latencies) if x is not None]
         return DriveResult(strategy or self.engine.name, concurrency, wall_s, [self.latencies[i] for i in answered],
                            dict(self.errors), self.engine.stats(), [self.cached[i] for i in answered],
-                           [self.reused[i] for i in answered])
+                           [self.reused[i] for i in answered], cpu_share(self.cpu_before, CpuTimes.now()))
 
 
 async def drive(engine: RankingEngine, requests: Sequence[EngineRequest], concurrency: int,

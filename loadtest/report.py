@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -24,6 +25,62 @@ def machine_info() -> dict[str, Any]:
     return {"host": platform.node(), "cpus": os.cpu_count(), "processor": platform.processor() or platform.machine(),
             "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()],
             "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "packages": package_versions()}
+
+
+@dataclass(frozen=True)
+class CpuTimes:
+    """The machine's CPU time so far (/proc/stat, every CPU, in seconds) and this process's own."""
+
+    total_s: float  # every state, idle included
+    busy_s: float   # user, nice, system, irq, softirq: running something
+    steal_s: float  # the hypervisor ran another guest while this machine had work (a VM's noisy neighbour)
+    own_s: float    # this process's user + system time, every thread
+
+    @classmethod
+    def now(cls) -> "CpuTimes | None":
+        """None where /proc/stat is not there (not Linux)."""
+        try:
+            fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+        except OSError:
+            return None
+        if fields[:1] != ["cpu"] or len(fields) < 9:
+            return None
+        user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in fields[1:9])
+        tick, own = os.sysconf("SC_CLK_TCK"), os.times()
+        return cls(total_s=sum(int(x) for x in fields[1:9]) / tick,
+                   busy_s=(user + nice + system + irq + softirq) / tick, steal_s=steal / tick,
+                   own_s=own.user + own.system)
+
+
+def cpu_share(before: CpuTimes | None, after: CpuTimes | None) -> dict[str, float]:
+    """What else had the machine between two readings, as % of all its CPU time: `steal_pct` (taken by the
+    hypervisor) and `others_cpu_pct` (other processes). A cell with either well above 0 was measured on a
+    machine shared with something else; its latencies and any ratio taken from it say so. {} off Linux."""
+    if before is None or after is None or after.total_s <= before.total_s:
+        return {}
+    total = after.total_s - before.total_s
+    others = max(0.0, (after.busy_s - before.busy_s) - (after.own_s - before.own_s))
+    return {"steal_pct": round(100 * (after.steal_s - before.steal_s) / total, 1),
+            "others_cpu_pct": round(100 * others / total, 1)}
+
+
+DISTURBED_PCT = 5.0  # a cell whose machine was this much busy with something else is named in the report
+CPU_SHARE_KEYS = ("steal_pct", "others_cpu_pct")
+
+
+def disturbance(cells: Sequence[tuple[str, dict]]) -> str:
+    """One sentence for a report: the most CPU that steal and other processes took during any (name, summary)
+    cell, and which cells went over DISTURBED_PCT (their latencies, and ratios taken from them, are suspect)."""
+    measured = [(name, summary) for name, summary in cells if any(k in summary for k in CPU_SHARE_KEYS)]
+    if not measured:
+        return "CPU taken by other work during the cells: not measured (no /proc/stat)."
+    top = {k: max(summary.get(k, 0.0) for _, summary in measured) for k in CPU_SHARE_KEYS}
+    over = [f"{name} ({', '.join(f'{k} {summary[k]:g}' for k in CPU_SHARE_KEYS if summary.get(k, 0) > DISTURBED_PCT)})"
+            for name, summary in measured if any(summary.get(k, 0) > DISTURBED_PCT for k in CPU_SHARE_KEYS)]
+    return (f"CPU taken by other work during the cells, as % of the machine: steal (the hypervisor) up to "
+            f"{top['steal_pct']:g} %, other processes up to {top['others_cpu_pct']:g} %; "
+            + (f"over {DISTURBED_PCT:g} % in {len(over)} of {len(measured)} cells: {'; '.join(over)}." if over
+               else f"no cell over {DISTURBED_PCT:g} %."))
 
 
 def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:

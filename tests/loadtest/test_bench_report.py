@@ -140,7 +140,9 @@ def test_bench_measures_the_bundles_hf_cpu_build_beside_the_fp32_model(hf_cpu_bu
     models = {(c["model"], c["context_reuse"]) for c in report["cells"] if c["mode"] == "score"}
     assert {("hf-cpu build", True), ("fp32 merged", True), ("fp32 merged", False)} <= models
     assert report["ratios"]["default_vs_fp32_prefix_only_latency"] > 0
-    assert "hf-cpu build" in (tmp_path / "bench.md").read_text()
+    assert all("others_cpu_pct" in run and "steal_pct" in run for c in report["cells"] for run in c["runs"])
+    text = (tmp_path / "bench.md").read_text()
+    assert "hf-cpu build" in text and "CPU taken by other work during the cells" in text
 
 
 def test_the_retrieval_comparison_leaves_torchs_thread_count_as_it_found_it(tiny_bundle):

@@ -103,7 +103,9 @@ def test_the_mixed_benchmark_runs_closed_and_open_loops_for_both_strategies(tiny
     capacity = next(r["throughput_rps"] for r in rows if r["arrivals"] == "closed" and r["strategy"] == "static")
     assert {r["rate_rps"] for r in rows if r["arrivals"] == "open"} == {round(0.5 * capacity, 3), round(0.9 * capacity, 3)}
     assert set(report["ratios"]) == {"closed c16", "open 0.5 x capacity", "open 0.9 x capacity"}
-    assert "In-flight / static" in (tmp_path / "bench_mixed.md").read_text()
+    assert all(row["others_cpu_pct"] >= 0 and row["steal_pct"] >= 0 for row in rows)  # what else ran, per cell
+    text = (tmp_path / "bench_mixed.md").read_text()
+    assert "In-flight / static" in text and "CPU taken by other work during the cells" in text
 
 
 def test_the_router_benchmark_compares_one_engine_with_a_router_at_once_and_in_turns(tiny_llm_bundle, tmp_path):

@@ -1,0 +1,59 @@
+"""What else had the machine while a cell ran: another process's CPU time is counted, this process's is not."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from loadtest.report import CpuTimes, cpu_share, disturbance
+
+pytestmark = pytest.mark.skipif(not Path("/proc/stat").exists(), reason="reads /proc/stat (Linux)")
+
+BUSY_S = 1.0
+
+
+def cpu_seconds_of_others(share: dict, wall_s: float) -> float:
+    """The share back in CPU seconds: % of every CPU's time over the wall time."""
+    return share["others_cpu_pct"] / 100 * (os.cpu_count() or 1) * wall_s
+
+
+def measure(work) -> tuple[dict, float]:
+    before, started = CpuTimes.now(), time.perf_counter()
+    work()
+    return cpu_share(before, CpuTimes.now()), time.perf_counter() - started
+
+
+def spin(seconds: float) -> None:
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
+
+
+def test_another_process_spinning_is_counted():
+    child = [sys.executable, "-c", f"import time\nend = time.process_time() + {BUSY_S}\n"
+                                   "while time.process_time() < end: pass"]
+    share, wall = measure(lambda: subprocess.run(child, check=True))
+    assert set(share) == {"steal_pct", "others_cpu_pct"}
+    assert cpu_seconds_of_others(share, wall) >= 0.8 * BUSY_S  # the child's second, interpreter start aside
+
+
+def test_this_processs_own_work_is_not_counted():
+    share, wall = measure(lambda: spin(BUSY_S))
+    assert cpu_seconds_of_others(share, wall) < 0.5 * BUSY_S  # only what else the machine ran meanwhile
+
+
+def test_disturbance_names_the_cells_over_the_threshold():
+    cells = [("round 0 score/inflight/c1", {"steal_pct": 0.4, "others_cpu_pct": 1.0}),
+             ("round 1 score/inflight/c1", {"steal_pct": 12.5, "others_cpu_pct": 0.0}),
+             ("round 1 score/sequential/c1", {"steal_pct": 0.0, "others_cpu_pct": 30.0})]
+    text = disturbance(cells)
+    assert "steal (the hypervisor) up to 12.5 %" in text and "other processes up to 30 %" in text
+    assert "in 2 of 3 cells" in text and "round 1 score/inflight/c1 (steal_pct 12.5)" in text
+    assert "round 1 score/sequential/c1 (others_cpu_pct 30)" in text and "round 0" not in text
+    assert "no cell over" in disturbance(cells[:1])
+    assert "not measured" in disturbance([("a", {"p50_ms": 1.0})])
