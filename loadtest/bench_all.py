@@ -387,8 +387,7 @@ def plot(report: dict, out: Path) -> list[str]:
 
     names = []
     for mode in dict.fromkeys(r["mode"] for r in report["cells"] if r["mode"] != MIXED):
-        rows = [r for r in report["cells"] if r["mode"] == mode and r["prefix_reuse"] and r["context_reuse"]
-                and r["model"] == "fp32 merged"]
+        rows = strategy_cells(report, mode)
         path = Path(out) / f"bench_{mode}.png"
         latency_vs_throughput(rows, f"{mode} mode: latency vs throughput per strategy", path)
         names.append(path.name)
@@ -396,6 +395,13 @@ def plot(report: dict, out: Path) -> list[str]:
         by_concurrency(rows, f"{mode} mode: throughput and p95 vs concurrency (bars: range over rounds)", path)
         names.append(path.name)
     return names
+
+
+def strategy_cells(report: dict, mode: str) -> list[dict]:
+    """The cells that compare batching strategies in `mode`: the fp32 model with every reuse on and no answer
+    cache (the answer-cache cell answers repeats without the model: it belongs with the reuse cells only)."""
+    return [r for r in report["cells"] if r["mode"] == mode and r["prefix_reuse"] and r["context_reuse"]
+            and r["model"] == "fp32 merged" and not r["answer_cache"]]
 
 
 def markdown(report: dict) -> str:
@@ -426,8 +432,7 @@ def markdown(report: dict) -> str:
     columns = ["strategy", "concurrency", "requests", "throughput_rps", "p50_ms", "p95_ms", "mean_batch",
                "vs_sequential_throughput", "vs_sequential_p95", "vs_rounds", "rounds"]
     for mode in dict.fromkeys(r["mode"] for r in report["cells"] if r["mode"] != MIXED):
-        rows = [r for r in report["cells"] if r["mode"] == mode and r["prefix_reuse"] and r["context_reuse"]
-                and r["model"] == "fp32 merged"]
+        rows = strategy_cells(report, mode)
         rows.sort(key=lambda r: (r["concurrency"], list(STRATEGIES).index(r["strategy"])))
         plots = [name for name in report["plots"] if name.startswith(f"bench_{mode}")]
         parts += [f"## {mode} mode: one-at-a-time vs static vs in-flight batching",
