@@ -45,7 +45,7 @@ class CpuTimes:
             return None
         if fields[:1] != ["cpu"] or len(fields) < 9:
             return None
-        user, nice, system, idle, iowait, irq, softirq, steal = (int(x) for x in fields[1:9])
+        user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[1:9])
         tick, own = os.sysconf("SC_CLK_TCK"), os.times()
         return cls(total_s=sum(int(x) for x in fields[1:9]) / tick,
                    busy_s=(user + nice + system + irq + softirq) / tick, steal_s=steal / tick,
