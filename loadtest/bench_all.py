@@ -43,7 +43,7 @@ from pathlib import Path
 
 from loadtest.bench_ranking import MIXED, Cell, load_workload, measure, request_order
 from loadtest.patterns import PATTERNS
-from loadtest.report import disturbance, machine_info, markdown_table, write_report
+from loadtest.report import DISTURBED_PCT, disturbance, disturbed, machine_info, markdown_table, write_report
 from ranking_server.config import RankingServerConfig
 from loadtest.baselines import STRATEGIES
 from palr.ranking import MODES
@@ -240,6 +240,7 @@ def run(config: BenchConfig) -> dict:
         report["utilisation"] = utilisation(workload, runs, config)
     report["ratios"] = {name: round(statistics.median(values), 3) for name, values in ratio_runs.items()}
     report["ratio_runs"] = ratio_runs
+    report["ratio_disturbed_rounds"] = disturbed_ratio_rounds(runs, len(rounds))
     report["goals"] = goals(report["ratios"], generate_decodes=workload.describe()["generate_logit_weight"] != [0.0])
     report["machine_after"] = machine_info()
     report["seconds"] = round(time.perf_counter() - started, 1)
@@ -299,6 +300,18 @@ def round_ratios(runs: dict[Cell, list[dict]], n_rounds: int) -> dict[str, list[
             bottom = next((r for r in runs.get(denominator, []) if r["round"] == number), None)
             if top and bottom and top.get(top_metric) and bottom.get(bottom_metric):
                 out.setdefault(name, []).append(round(top[top_metric] / bottom[bottom_metric], 4))
+    return out
+
+
+def disturbed_ratio_rounds(runs: dict[Cell, list[dict]], n_rounds: int) -> dict[str, list[int]]:
+    """Per ratio, the rounds in which either of its two cells ran on a machine busy with something else
+    (`report.disturbed`): their values in `ratio_runs` are suspect."""
+    out: dict[str, list[int]] = {}
+    for name, (numerator, denominator, _) in RATIOS.items():
+        for number in range(n_rounds):
+            pair = [next((r for r in runs.get(cell, []) if r["round"] == number), None) for cell in (numerator, denominator)]
+            if all(pair) and any(disturbed(r) for r in pair):
+                out.setdefault(name, []).append(number)
     return out
 
 
@@ -425,9 +438,13 @@ def markdown(report: dict) -> str:
         + (" The workload is reduced (--candidates/--generate-k): ratios are not comparable with the goals."
            if report["config"]["candidates"] or report["config"]["generate_k"] else ""),
         f"## Headline ratios (median over {rounds} round(s), each ratio taken within one round)",
+        "disturbed rounds: rounds (from 0) in which either of the ratio's two cells had more than "
+        f"{DISTURBED_PCT:g} % of the machine taken by steal or other processes; their values are suspect.",
         markdown_table([{"ratio": name, "value": value, "goal": report["goals"].get(name, {}).get("goal", ""),
-                         "met": _met(report["goals"].get(name)), "per round": report["ratio_runs"][name]}
-                        for name, value in report["ratios"].items()], ["ratio", "value", "goal", "met", "per round"]),
+                         "met": _met(report["goals"].get(name)), "per round": report["ratio_runs"][name],
+                         "disturbed rounds": report.get("ratio_disturbed_rounds", {}).get(name, "")}
+                        for name, value in report["ratios"].items()],
+                       ["ratio", "value", "goal", "met", "per round", "disturbed rounds"]),
     ]
     columns = ["strategy", "concurrency", "requests", "throughput_rps", "p50_ms", "p95_ms", "mean_batch",
                "vs_sequential_throughput", "vs_sequential_p95", "vs_rounds", "rounds"]

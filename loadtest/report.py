@@ -68,6 +68,11 @@ DISTURBED_PCT = 5.0  # a cell whose machine was this much busy with something el
 CPU_SHARE_KEYS = ("steal_pct", "others_cpu_pct")
 
 
+def disturbed(summary: dict) -> bool:
+    """Whether a cell's machine had more than DISTURBED_PCT of its CPU taken by steal or other processes."""
+    return any(summary.get(k, 0.0) > DISTURBED_PCT for k in CPU_SHARE_KEYS)
+
+
 def disturbance(cells: Sequence[tuple[str, dict]]) -> str:
     """One sentence for a report: the most CPU that steal and other processes took during any (name, summary)
     cell, and which cells went over DISTURBED_PCT (their latencies, and ratios taken from them, are suspect)."""
@@ -76,7 +81,7 @@ def disturbance(cells: Sequence[tuple[str, dict]]) -> str:
         return "CPU taken by other work during the cells: not measured (no /proc/stat)."
     top = {k: max(summary.get(k, 0.0) for _, summary in measured) for k in CPU_SHARE_KEYS}
     over = [f"{name} ({', '.join(f'{k} {summary[k]:g}' for k in CPU_SHARE_KEYS if summary.get(k, 0) > DISTURBED_PCT)})"
-            for name, summary in measured if any(summary.get(k, 0) > DISTURBED_PCT for k in CPU_SHARE_KEYS)]
+            for name, summary in measured if disturbed(summary)]
     return (f"CPU taken by other work during the cells, as % of the machine: steal (the hypervisor) up to "
             f"{top['steal_pct']:g} %, other processes up to {top['others_cpu_pct']:g} %; "
             + (f"over {DISTURBED_PCT:g} % in {len(over)} of {len(measured)} cells: {'; '.join(over)}." if over

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from loadtest.bench_all import cell_rows, strategy_cells, vs_within_rounds
+from loadtest.bench_all import cell_rows, disturbed_ratio_rounds, strategy_cells, vs_within_rounds
 from loadtest.bench_ranking import Cell
 from loadtest.utilisation import (
     MATMUL_DTYPE, engine_row, flops_per_s, matmul_flops, matmul_shares, non_embedding_parameters, prefill_flops,
@@ -97,6 +97,21 @@ def test_the_strategy_tables_and_plots_leave_out_the_answer_cache_cell():
         ("inflight", False, True), ("sequential", False, True)]
 
 
+def test_a_ratio_names_the_rounds_in_which_either_of_its_cells_was_disturbed():
+    """in-flight vs one-at-a-time at c16 (score): round 1's one-at-a-time cell ran with 20 % steal, round 2's
+    in-flight cell beside another process; round 0 was quiet. A ratio whose cells did not both run is left out."""
+    quiet = {"steal_pct": 0.4, "others_cpu_pct": 1.0}
+    runs = {Cell("score", "inflight", 16): [summary(0, 2.0, 10, **quiet), summary(1, 2.0, 10, **quiet),
+                                            summary(2, 2.0, 10, steal_pct=0.0, others_cpu_pct=40.0)],
+            Cell("score", "sequential", 16): [summary(0, 1.0, 10, **quiet), summary(1, 1.0, 10, steal_pct=20.0),
+                                              summary(2, 1.0, 10, **quiet)],
+            Cell("score", "inflight", 1): [summary(0, 1.0, 10, steal_pct=50.0)]}
+    rounds = disturbed_ratio_rounds(runs, 3)
+    assert rounds["inflight_vs_sequential_throughput_c16_score"] == [1, 2]
+    assert rounds["inflight_vs_sequential_p95_c16_score"] == [1, 2]
+    assert "prefix_reuse_on_vs_off_latency" not in rounds  # its other cell never ran
+
+
 def test_vs_within_rounds_without_a_shared_round_gives_nothing():
     assert vs_within_rounds([summary(1, 1.0, 10)], [summary(0, 1.0, 10)]) == {}
 
@@ -155,6 +170,7 @@ def test_bench_measures_the_bundles_hf_cpu_build_beside_the_fp32_model(hf_cpu_bu
     assert all("others_cpu_pct" in run and "steal_pct" in run for c in report["cells"] for run in c["runs"])
     text = (tmp_path / "bench.md").read_text()
     assert "hf-cpu build" in text and "CPU taken by other work during the cells" in text
+    assert "disturbed rounds" in text and isinstance(report["ratio_disturbed_rounds"], dict)
 
 
 def test_the_retrieval_comparison_leaves_torchs_thread_count_as_it_found_it(tiny_bundle):
