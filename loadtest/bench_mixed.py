@@ -28,7 +28,7 @@ from pathlib import Path
 
 from loadtest.bench_ranking import (load_workload, mixed_modes, per_mode, request_order, server_engine_config,
                                     workload_batch)
-from loadtest.report import CPU_SHARE_KEYS, disturbance, machine_info, markdown_table, write_report
+from loadtest.report import CPU_SHARE_KEYS, disturbance, disturbed, machine_info, markdown_table, write_report
 
 STRATEGIES = ("static", "inflight")
 CLOSED_CONCURRENCY = 16
@@ -97,16 +97,20 @@ def run(config: MixedBenchConfig) -> dict:
 
 
 def ratios(rows: list[dict]) -> dict[str, dict]:
-    """Per arrival setting: in-flight / static score p95 in each round, and their median."""
+    """Per arrival setting: in-flight / static score p95 in each round, their median, and the rounds in which
+    either cell ran on a machine busy with something else (`report.disturbed`)."""
     out: dict[str, dict] = {}
     for key in dict.fromkeys(setting(r) for r in rows):
-        per_round = []
+        per_round, suspect = [], []
         for number in sorted({r["round"] for r in rows}):
             pair = {r["strategy"]: r for r in rows if setting(r) == key and r["round"] == number}
             if all(pair.get(s, {}).get("score_p95_ms") for s in STRATEGIES):
                 per_round.append(round(pair["inflight"]["score_p95_ms"] / pair["static"]["score_p95_ms"], 3))
+                if any(disturbed(pair[s]) for s in STRATEGIES):
+                    suspect.append(number)
         if per_round:
-            out[key] = {"inflight_vs_static_score_p95": statistics.median(per_round), "rounds": per_round}
+            out[key] = {"inflight_vs_static_score_p95": statistics.median(per_round), "rounds": per_round,
+                        "disturbed_rounds": suspect}
     return out
 
 
@@ -122,7 +126,7 @@ def markdown(report: dict) -> str:
         "# Mixed traffic: score requests behind generate requests, static vs in-flight batching",
         f"Workload: {report['workload']}",
         "## In-flight / static, score requests' p95 (median over rounds; each round's ratio)",
-        markdown_table(ratio_rows, ["arrivals", "inflight_vs_static_score_p95", "rounds"]),
+        markdown_table(ratio_rows, ["arrivals", "inflight_vs_static_score_p95", "rounds", "disturbed_rounds"]),
         "## Cells",
         markdown_table([{**r, "load": "-" if r["load"] is None else r["load"], "rate_rps": r.get("rate_rps", "-")}
                         for r in report["rows"]], columns),

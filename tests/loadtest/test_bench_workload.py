@@ -68,6 +68,18 @@ def test_mixed_rows_carry_each_modes_percentiles():
     assert "score_p95_ms" not in next(r for r in rows if r["mode"] == "score")
 
 
+def test_mixed_ratios_name_the_rounds_a_busy_machine_measured():
+    from loadtest.bench_mixed import ratios
+
+    def row(round_, strategy, p95, **share):
+        return {"round": round_, "arrivals": "open", "load": 0.8, "strategy": strategy, "score_p95_ms": p95, **share}
+
+    rows = [row(0, "static", 200.0, steal_pct=0.0), row(0, "inflight", 100.0, steal_pct=0.0),
+            row(1, "static", 200.0, others_cpu_pct=30.0), row(1, "inflight", 400.0)]
+    assert ratios(rows) == {"open 0.8 x capacity": {"inflight_vs_static_score_p95": 1.25, "rounds": [0.5, 2.0],
+                                                    "disturbed_rounds": [1]}}
+
+
 def test_pattern_summary_counts_repeats():
     config = BenchConfig(requests=4, concurrency=[1, 4], pattern="zipf", zipf_exponent=1.5)
     assert pattern_summary([0, 0, 1, 0, 9, 9], config) == {"pattern": "zipf", "distinct_users": 2,
