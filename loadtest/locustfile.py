@@ -32,6 +32,7 @@ from locust.runners import WorkerRunner
 
 from loadtest.grpc_user import GrpcUser
 from loadtest.patterns import PATTERNS, zipf_weights
+from loadtest.report import DISTURBED_PCT, CpuTimes, cpu_share
 from loadtest.slo import SloError, SloProfile, gate
 from palr.serving import tracing
 from palr.bundle import Bundle, BundleError
@@ -152,6 +153,7 @@ REQUEST_NAMES = tuple(f"Recommend/{mode}" for mode in dict.fromkeys(MODES.values
 TRAFFIC: Traffic | None = None
 TRACER = None  # --otlp-endpoint
 SLO: SloProfile | None = None
+CPU_AT_START: CpuTimes | None = None  # the machine's CPU time when the run started (the steal during it is logged)
 
 
 @events.init.add_listener
@@ -208,7 +210,8 @@ def check_retrieve_target(options) -> None:
 @events.test_start.add_listener
 def load_traffic(environment, **_kwargs) -> None:
     """Built when the run starts: in distributed mode a worker has the master's options by then."""
-    global TRAFFIC, TRACER
+    global TRAFFIC, TRACER, CPU_AT_START
+    CPU_AT_START = CpuTimes.now()
     TRAFFIC = traffic = Traffic.from_options(environment.parsed_options)
     endpoint = getattr(environment.parsed_options, "otlp_endpoint", "")
     TRACER = tracing.tracer(tracing.tracer_provider("locust", endpoint), "locust") if endpoint else None
@@ -221,9 +224,24 @@ def load_traffic(environment, **_kwargs) -> None:
 
 @events.quitting.add_listener
 def slo_gate(environment, **_kwargs) -> None:
-    """The gate runs where the statistics are: the master, or the only process (not on workers)."""
-    if SLO is not None and not isinstance(environment.runner, WorkerRunner):
+    """The gate runs where the statistics are: the master, or the only process (not on workers). Before it, what
+    the hypervisor took from this machine during the run: a limit broken on a VM that lost much of its CPU to
+    other guests may be the host's doing, not the servers'."""
+    if isinstance(environment.runner, WorkerRunner):
+        return
+    log_machine_share(cpu_share(CPU_AT_START, CpuTimes.now()))
+    if SLO is not None:
         gate(environment, SLO)
+
+
+def log_machine_share(share: dict[str, float]) -> None:
+    if not share:
+        return
+    log.info("machine during the run: steal %.1f %% of its CPU (the hypervisor), other processes %.1f %% (the "
+             "servers among them, when local)", share["steal_pct"], share["others_cpu_pct"])
+    if share["steal_pct"] > DISTURBED_PCT:
+        log.warning("the hypervisor took %.1f %% of this machine's CPU during the run: latencies, and any limit "
+                    "broken, may be the host's doing, not the servers'", share["steal_pct"])
 
 
 class RecsysCaller(GrpcUser):

@@ -103,6 +103,8 @@ def test_generous_slo_passes(servers, tiny_llm_bundle, tmp_path):
     assert run.returncode == 0, run.stdout[-3000:]
     assert "SLO gate passed: 13 limits held" in run.stdout and "BROKEN" not in run.stdout
     assert "zipf (exponent 1.5)" in run.stdout
+    if Path("/proc/stat").exists():  # what the hypervisor took from the machine during the run, before the gate
+        assert re.search(r"machine during the run: steal \d+\.\d % of its CPU", run.stdout), run.stdout[-3000:]
     # no --stop-timeout: the calls running when -t ends would be dropped; the run says so at its start
     assert "--stop-timeout 0s is shorter than the longest call deadline (120s)" in run.stdout
     rows = {line.split(",")[1]: line.split(",") for line in (tmp_path / "locust_stats.csv").read_text().splitlines()[1:]}
