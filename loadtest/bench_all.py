@@ -38,6 +38,7 @@ import dataclasses
 import logging
 import statistics
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -290,28 +291,33 @@ def retrieval_ratio(rows: list[dict]) -> float:
     return next(r["vs_torch"] for r in rows if r["engine"] == "onnxruntime" and r["batch"] == 1)
 
 
-def round_ratios(runs: dict[Cell, list[dict]], n_rounds: int) -> dict[str, list[float]]:
-    """Each ratio per round, from the two cells measured in that round."""
-    out: dict[str, list[float]] = {}
+def _ratio_rounds(runs: dict[Cell, list[dict]], n_rounds: int) -> Iterator[tuple[str, int, float, list[dict]]]:
+    """(ratio, round, value, its two cells' summaries) for every round in which both of a ratio's cells ran and
+    had the metric."""
     for name, (numerator, denominator, metric) in RATIOS.items():
         top_metric, bottom_metric = metric if isinstance(metric, tuple) else (metric, metric)
         for number in range(n_rounds):
-            top = next((r for r in runs.get(numerator, []) if r["round"] == number), None)
-            bottom = next((r for r in runs.get(denominator, []) if r["round"] == number), None)
+            top, bottom = (next((r for r in runs.get(cell, []) if r["round"] == number), None)
+                           for cell in (numerator, denominator))
             if top and bottom and top.get(top_metric) and bottom.get(bottom_metric):
-                out.setdefault(name, []).append(round(top[top_metric] / bottom[bottom_metric], 4))
+                yield name, number, round(top[top_metric] / bottom[bottom_metric], 4), [top, bottom]
+
+
+def round_ratios(runs: dict[Cell, list[dict]], n_rounds: int) -> dict[str, list[float]]:
+    """Each ratio per round, from the two cells measured in that round."""
+    out: dict[str, list[float]] = {}
+    for name, _, value, _ in _ratio_rounds(runs, n_rounds):
+        out.setdefault(name, []).append(value)
     return out
 
 
 def disturbed_ratio_rounds(runs: dict[Cell, list[dict]], n_rounds: int) -> dict[str, list[int]]:
-    """Per ratio, the rounds in which either of its two cells ran on a machine busy with something else
-    (`report.disturbed`): their values in `ratio_runs` are suspect."""
+    """Per ratio, the rounds of its `round_ratios` values in which either of its two cells ran on a machine busy
+    with something else (`report.disturbed`): those values are suspect."""
     out: dict[str, list[int]] = {}
-    for name, (numerator, denominator, _) in RATIOS.items():
-        for number in range(n_rounds):
-            pair = [next((r for r in runs.get(cell, []) if r["round"] == number), None) for cell in (numerator, denominator)]
-            if all(pair) and any(disturbed(r) for r in pair):
-                out.setdefault(name, []).append(number)
+    for name, number, _, cells in _ratio_rounds(runs, n_rounds):
+        if any(disturbed(r) for r in cells):
+            out.setdefault(name, []).append(number)
     return out
 
 

@@ -99,7 +99,8 @@ def test_the_strategy_tables_and_plots_leave_out_the_answer_cache_cell():
 
 def test_a_ratio_names_the_rounds_in_which_either_of_its_cells_was_disturbed():
     """in-flight vs one-at-a-time at c16 (score): round 1's one-at-a-time cell ran with 20 % steal, round 2's
-    in-flight cell beside another process; round 0 was quiet. A ratio whose cells did not both run is left out."""
+    in-flight cell beside another process; round 0 was quiet. A ratio with no value in a round (a cell missing, or
+    its metric) names no disturbed round there."""
     quiet = {"steal_pct": 0.4, "others_cpu_pct": 1.0}
     runs = {Cell("score", "inflight", 16): [summary(0, 2.0, 10, **quiet), summary(1, 2.0, 10, **quiet),
                                             summary(2, 2.0, 10, steal_pct=0.0, others_cpu_pct=40.0)],
@@ -110,6 +111,7 @@ def test_a_ratio_names_the_rounds_in_which_either_of_its_cells_was_disturbed():
     assert rounds["inflight_vs_sequential_throughput_c16_score"] == [1, 2]
     assert rounds["inflight_vs_sequential_p95_c16_score"] == [1, 2]
     assert "prefix_reuse_on_vs_off_latency" not in rounds  # its other cell never ran
+    assert "context_hit_vs_miss_latency" not in rounds  # its cell ran (disturbed) without the metric: no value
 
 
 def test_vs_within_rounds_without_a_shared_round_gives_nothing():
