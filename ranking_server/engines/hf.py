@@ -228,7 +228,7 @@ class HFEngine(LoopEngine):
         key = request.context_key
         if key in self.contexts:
             return None
-        ahead = [row for row in self._computing(key) if self._priority(row.pending) <= self._priority(pending)]
+        ahead = any(self._priority(row.pending) <= self._priority(pending) for row in self._computing(key))
         return key if ahead else None
 
     def _resume_waiting(self) -> None:
