@@ -21,7 +21,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,20 +52,32 @@ def two_tier(config: TwoTierConfig, own_session: bool = False) -> Iterator[tuple
     ranking = ServerProcess("ranking_server", ["--bundle", str(config.bundle), "--retrieval", retrieval.target,
                                                *config.ranking_args.split()],
                             log_path=config.log_dir / "ranking_server.log", own_session=own_session)
-    started: list[ServerProcess] = []
+    launched: list[ServerProcess] = []  # each one from the moment it is started: one still starting is stopped too
     try:
         for server in (retrieval, ranking):
+            launched.append(server)
             seconds = _start(server, config.startup_timeout)
-            started.append(server)
             log.info("%s SERVING on %s after %.1f s (log: %s)", server.module, server.target, seconds, server.log_path)
         yield retrieval, ranking
     finally:
-        for server in reversed(started):  # each one, whatever the other did: none is left running
-            try:
-                code = server.stop()
-            except RuntimeError as e:  # it did not drain in time and was killed
-                log.warning("%s", e)
-                continue
+        _stop_all(reversed(launched))
+
+
+def _stop_all(servers: Iterable[ServerProcess]) -> None:
+    """Each server drained and stopped, whatever the others did: none is left running. An interrupt while they
+    drain kills the ones not yet stopped, then goes on up."""
+    servers = list(servers)
+    for i, server in enumerate(servers):
+        try:
+            code = server.stop()
+        except RuntimeError as e:  # it did not drain in time and was killed
+            log.warning("%s", e)
+            continue
+        except BaseException:
+            for rest in servers[i:]:
+                rest.kill()
+            raise
+        if server.process is not None:
             (log.info if code == 0 else log.warning)("%s stopped, exit code %d", server.module, code)
 
 
@@ -177,8 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     if not command:
         parser.error("no command given (put it after --)")
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
-    # SIGTERM (a CI timeout, `timeout 10m make loadtest`) and SIGHUP are handled like Ctrl-C (see `run`)
-    for sig in (signal.SIGTERM, signal.SIGHUP):
+    # SIGTERM (a CI timeout, `timeout 10m make loadtest`) and SIGHUP are handled like Ctrl-C (see `run`); SIGINT
+    # gets the same handler, so one started with SIGINT ignored (a script's background job, where Python installs
+    # no KeyboardInterrupt) still stops on `kill -INT` while its servers start or stop
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _raise_interrupted)
     try:
         code = run(build_config(TwoTierConfig, args), command)

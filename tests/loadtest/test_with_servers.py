@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -83,6 +84,42 @@ def test_a_second_interrupt_stops_a_command_that_does_not_finish(tiny_llm_bundle
     with pytest.raises(ProcessLookupError):
         os.kill(child, 0)  # gone, not left running against stopped servers
     assert "ranking_server stopped, exit code 0" in output and "retrieval_server stopped, exit code 0" in output
+
+
+def _processes_watching(pid: int) -> list[int]:
+    """The servers started by process `pid` (their `--parent-pid PID`) that are still running."""
+    marker = f"--parent-pid\0{pid}\0".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and marker in (proc / "cmdline").read_bytes():
+                found.append(int(proc.name))
+        except OSError:
+            pass  # it exited meanwhile
+    return found
+
+
+def test_ctrl_c_while_the_servers_start_stops_them_even_when_started_ignoring_it(tiny_llm_bundle, tmp_path):
+    """with_servers started with SIGINT ignored (a script's background job: Python installs no KeyboardInterrupt)
+    lost a `kill -INT` that came while its servers were starting, and ran the command anyway. It now exits 130 at
+    once, and the server that was still starting is stopped with the others."""
+    argv = [sys.executable, "-m", "loadtest.with_servers", "--bundle", str(tiny_llm_bundle), "--log-dir", str(tmp_path),
+            "--", sys.executable, "-c", "print('ran', flush=True)"]
+    process = subprocess.Popen(argv, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "retrieval_server.log").exists() and process.poll() is None:
+        assert time.monotonic() < deadline, "the retrieval server was never started"
+        time.sleep(0.01)  # the handlers are installed before the first server starts, so no race with start-up
+    os.killpg(process.pid, signal.SIGINT)
+    try:
+        output = process.communicate(timeout=60)[0]
+    except subprocess.TimeoutExpired:
+        process.kill()
+        pytest.fail("with_servers did not stop on SIGINT:\n" + process.communicate()[0][-3000:])
+    assert process.returncode == 128 + signal.SIGINT, output[-3000:]
+    assert "interrupted (SIGINT)" in output and "ran" not in output.split(), output[-3000:]
+    assert _processes_watching(process.pid) == []
 
 
 def test_an_interrupt_that_came_while_the_command_was_starting_still_reaches_it(tmp_path):
