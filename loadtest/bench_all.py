@@ -16,7 +16,8 @@ In one run, on the bundle's merged PALR model with real prompts (loadtest/bench_
    `--mixed-requests` in all, so requests keep arriving while others decode) under static and in-flight
    batching: the score requests' own p95 in each;
 6. utilisation: score-mode prefill FLOP/s against this machine's matmul peak (fp32 and the bundle's
-   hf-cpu build's precision), measured right after the last round (loadtest/utilisation.py).
+   hf-cpu build's precision), measured right after the last round (loadtest/utilisation.py); the same
+   beside it on a random-weight decoder of a production-class width (hidden 2048), for scale.
 
 Which user each request is for: `--pattern uniform` (every sampled user in turn, the default) or
 `--pattern zipf` (users drawn Zipf-distributed, `--zipf-exponent`: a few users come back often).
@@ -45,6 +46,7 @@ from pathlib import Path
 from loadtest.bench_ranking import MIXED, Cell, load_workload, measure, request_order
 from loadtest.patterns import PATTERNS
 from loadtest.report import DISTURBED_PCT, disturbance, disturbed, machine_info, markdown_table, write_report
+from loadtest.utilisation import REFERENCE_WIDTH
 from ranking_server.config import RankingServerConfig
 from loadtest.baselines import STRATEGIES
 from palr.ranking import MODES
@@ -161,6 +163,9 @@ class BenchConfig:
         "help": "measure the bundle's hf-cpu build (its precision) beside the fp32 model in the latency cells"})
     utilisation_repeats: int = field(default=5, metadata={
         "help": "timed matmul-peak / prefill pairs per precision in the utilisation section (0: leave it out)"})
+    utilisation_reference_width: int = field(default=REFERENCE_WIDTH, metadata={
+        "help": "hidden size of the random-weight reference decoder measured beside the model in the utilisation "
+                "section (2048: TinyLlama-1.1B's layer; 0: leave it out)"})
 
     def __post_init__(self):
         for name, values, allowed in (("strategies", self.strategies, STRATEGIES), ("modes", self.modes, MODES)):
@@ -268,7 +273,7 @@ def utilisation(workload, runs: dict[Cell, list[dict]], config: BenchConfig) -> 
     from loadtest import utilisation as u
 
     prompt = max(([*r.prefix_ids, *r.suffix_ids] for r in workload.requests["score"]), key=len)
-    out = u.section(workload.model, prompt, config.bundle, config.utilisation_repeats)
+    out = u.section(workload.model, prompt, config.bundle, config.utilisation_repeats, config.utilisation_reference_width)
     cell = runs.get(Cell("score", "inflight", 1, prefix_reuse=False))
     scores = workload.requests["score"]
     tokens = sum(len(r.run_ids) for r in scores) / len(scores)  # what score mode runs (up to its last readout)
@@ -486,11 +491,13 @@ def markdown(report: dict) -> str:
     if "utilisation" in report:
         u = report["utilisation"]
         parts += ["## Utilisation: score-mode prefill FLOP/s against this machine's matmul peak (same run)",
-                  f"FLOP/s = 2 x {u['parameters']:,} {u['parameter_count']} parameters x prompt tokens / time; "
+                  f"FLOP/s = 2 x parameters ({u['parameter_count']}: the ranker's {u['parameters']:,}) x prompt tokens / time; "
                   f"peak: a {u['rows'][0]['matmul_n']}³ torch.matmul, median of {report['config']['utilisation_repeats']}, "
-                  f"interleaved with the prefills. Chosen precision: {u['chosen_from']}.",
-                  markdown_table(u["rows"], ["dtype", "matmul_dtype", "source", "peak_gflops", "prompt_tokens",
-                                             "prefill_ms", "prefill_gflops", "utilisation"])]
+                  f"interleaved with the prefills. Chosen precision: {u['chosen_from']}. The reference rows: the same "
+                  "code on a random-weight decoder of a production-class width, same prompt length (their own "
+                  "parameters), showing what this machine reaches when matmuls are most of a pass.",
+                  markdown_table(u["rows"], ["dtype", "matmul_dtype", "source", "parameters", "peak_gflops",
+                                             "prompt_tokens", "prefill_ms", "prefill_gflops", "utilisation"])]
     if "retrieval_model" in report:
         parts += ["## Retrieval: SASRec top-k in ONNX Runtime vs torch eager (last round)",
                   markdown_table(report["retrieval_model"], ["engine", "batch", "median_ms", "p90_ms", "vs_torch"])]

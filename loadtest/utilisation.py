@@ -13,6 +13,12 @@
                SmolLM2, ~9 ms, which the parameter count below leaves out)
     FLOP/s     2 x non-embedding parameters x prompt tokens / prefill time
 
+reference  the same two rows on a random-weight Llama decoder of a production-class width (hidden 2048,
+               MLP 5632, 32 heads / 4 KV heads: TinyLlama-1.1B's layer; 2 layers), same code, same prompt
+               length, same interleaving: what this machine and this code reach when the matmuls, not the
+               attention and element-wise ops between them, are most of a pass. On the 576-wide ranker the
+               linears alone run at about the peak, but they are only ~56 % of a bf16 pass.
+
 Non-embedding parameters: every parameter of the decoder layers plus the final norm, without the
 token embeddings and the LM head (the engines compute the head for one position and only its label
 rows, and an embedding lookup is no matmul). The attention-score FLOPs (4 x layers x hidden x context
@@ -30,6 +36,9 @@ import time
 log = logging.getLogger(__name__)
 
 MATMUL_N = 2048
+REFERENCE_WIDTH = 2048  # the reference decoder's hidden size (0: no reference rows)
+REFERENCE_LAYERS = 2
+REFERENCE_VOCAB = 1024
 PARAMETERS = "non-embedding (decoder layers + final norm; no token embeddings, no LM head)"
 # which matmul dtype a build candidate (compile/targets/hf_cpu.py) runs its decoder in
 MATMUL_DTYPE = {"fp32": "fp32", "bf16": "bf16", "bf16-body": "bf16", "bf16-body-fp32-last": "bf16", "int8": "fp32",
@@ -100,7 +109,27 @@ def chosen_dtype(bundle_dir) -> tuple[str, str]:
     return "fp32", "no engine:hf-cpu build in the bundle: fp32"
 
 
-def measure(model, input_ids: list[int], dtypes: list[str], repeats: int = 5, n: int = MATMUL_N) -> list[dict]:
+def reference_model(hidden: int, layers: int = REFERENCE_LAYERS):
+    """A random-weight fp32 Llama decoder of width `hidden` (MLP 2.75x, 64-wide heads, 8 query heads per KV
+    head: at 2048, TinyLlama-1.1B's layer), with a small vocabulary (token identity does not change a pass's time)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    heads = max(1, hidden // 64)
+    config = LlamaConfig(vocab_size=REFERENCE_VOCAB, hidden_size=hidden, intermediate_size=64 * round(2.75 * hidden / 64),
+                         num_attention_heads=heads, num_key_value_heads=max(1, heads // 8), num_hidden_layers=layers)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config).eval().requires_grad_(False)
+
+
+def reference_source(model) -> str:
+    c = model.config
+    return (f"reference: random-weight decoder, hidden {c.hidden_size}, MLP {c.intermediate_size}, "
+            f"{c.num_hidden_layers} layers")
+
+
+def measure(model, input_ids: list[int], dtypes: list[str], repeats: int = 5, n: int = MATMUL_N,
+            source: str = "direct forward") -> list[dict]:
     """Per candidate in `dtypes` (hf-cpu names): matmul peak in its matmul dtype and prefill of
     `input_ids` on `model` made that candidate, interleaved, medians of `repeats`."""
     import torch
@@ -132,12 +161,13 @@ def measure(model, input_ids: list[int], dtypes: list[str], repeats: int = 5, n:
                 decoder(input_ids=ids, use_cache=True)
                 prefills.append(time.perf_counter() - started)
         row = utilisation_row(dtype, statistics.median(peaks), statistics.median(prefills), parameters, len(input_ids),
-                              n)
+                              n, source)
+        row["parameters"] = parameters
         row["matmul_dtype"] = shares_label(shares)
         row["prefill_ms_runs"] = [round(1e3 * x, 1) for x in prefills]
         rows.append(row)
-        log.info("utilisation %s: peak %.1f GFLOP/s, prefill %.1f GFLOP/s (%d tokens, %.0f ms) = %.0f %%", dtype,
-                 row["peak_gflops"], row["prefill_gflops"], len(input_ids), row["prefill_ms"],
+        log.info("utilisation %s (%s): peak %.1f GFLOP/s, prefill %.1f GFLOP/s (%d tokens, %.0f ms) = %.0f %%", dtype,
+                 source, row["peak_gflops"], row["prefill_gflops"], len(input_ids), row["prefill_ms"],
                  100 * (row["utilisation"] or 0))
         del decoder, candidate
     return rows
@@ -150,14 +180,21 @@ def engine_row(peak_row: dict, cell: dict | None, parameters: int, tokens: float
         return None
     row = utilisation_row(peak_row["dtype"], peak_row["matmul_ms"] / 1e3, cell["p50_ms"] / 1e3, parameters,
                           round(tokens), peak_row["matmul_n"], source="engine cell score/inflight/c1/no-prefix-reuse p50")
+    row["parameters"] = parameters
     row["matmul_dtype"] = peak_row.get("matmul_dtype", "fp32")
     return row
 
 
-def section(model, input_ids: list[int], bundle_dir, repeats: int = 5) -> dict:
-    """The report's `utilisation` section: fp32 and the build's chosen precision side by side."""
+def section(model, input_ids: list[int], bundle_dir, repeats: int = 5, reference_width: int = REFERENCE_WIDTH) -> dict:
+    """The report's `utilisation` section: fp32 and the build's chosen precision side by side, on the model and
+    (`reference_width` > 0) on a random-weight decoder of that width."""
     chosen, why = chosen_dtype(bundle_dir)
     rows = measure(model, input_ids, ["fp32", chosen], repeats)
+    if reference_width:
+        reference = reference_model(reference_width)
+        rows += measure(reference, [t % REFERENCE_VOCAB for t in input_ids], ["fp32", chosen], repeats,
+                        source=reference_source(reference))
+        del reference
     return {"parameters": non_embedding_parameters(model), "parameter_count": PARAMETERS, "chosen": chosen,
             "chosen_from": why, "rows": rows,
             "flops": "2 x parameters x prompt tokens / prefill time; peak: 2 x n^3 / time of an n^3 torch.matmul"}

@@ -135,22 +135,31 @@ def test_concurrency_plot_with_the_spread_over_rounds(tmp_path):
 
 
 def test_bench_run_reports_utilisation_side_by_side(tiny_llm_bundle, tmp_path):
-    """The whole code path on the tiny bundle: the section is there with fp32 and the engine's cell."""
+    """The whole code path on the tiny bundle: the section is there with fp32, the reference decoder (its own
+    parameters, the same prompt length) and the engine's cell."""
     import json
 
     from loadtest.bench_all import BenchConfig, run
 
     run(BenchConfig(bundle=tiny_llm_bundle, out=tmp_path, concurrency=[1], strategies=["inflight"], modes=["score"],
-                    requests=2, repeats=1, candidates=6, skip_retrieval=True, utilisation_repeats=2))
+                    requests=2, repeats=1, candidates=6, skip_retrieval=True, utilisation_repeats=2,
+                    utilisation_reference_width=128))
     section = json.loads((tmp_path / "bench.json").read_text())["utilisation"]
     assert section["chosen"] == "fp32" and section["chosen_from"].startswith("no engine:hf-cpu build")
-    direct, engine = section["rows"]
+    direct, reference, engine = section["rows"]
     assert direct["dtype"] == "fp32" and direct["source"] == "direct forward" and engine["source"].startswith("engine")
-    for row in (direct, engine):
+    assert reference["source"] == "reference: random-weight decoder, hidden 128, MLP 384, 2 layers"
+    assert reference["prompt_tokens"] == direct["prompt_tokens"]
+    # 2 layers: attention 4 x 128^2 (q, o: 128 x 128; k, v: 128 x 64 with 2 heads over 1 KV head) -> 3 x 128 x 128,
+    # MLP 3 x 128 x 384, two norms of 128; plus the final norm
+    assert reference["parameters"] == 2 * (3 * 128 * 128 + 3 * 128 * 384 + 2 * 128) + 128
+    assert direct["parameters"] == engine["parameters"] == section["parameters"]
+    for row in (direct, reference, engine):
         assert row["peak_gflops"] > 0 and row["prefill_gflops"] > 0 and row["utilisation"] > 0
-    assert direct["prefill_gflops"] == pytest.approx(
-        2 * section["parameters"] * direct["prompt_tokens"] / (direct["prefill_ms"] / 1e3) / 1e9, rel=0.01, abs=0.01)
+        assert row["prefill_gflops"] == pytest.approx(
+            2 * row["parameters"] * row["prompt_tokens"] / (row["prefill_ms"] / 1e3) / 1e9, rel=0.01, abs=0.01)
     assert "## Utilisation" in (tmp_path / "bench.md").read_text()
+    assert "reference: random-weight decoder, hidden 128" in (tmp_path / "bench.md").read_text()
 
 
 def test_bench_measures_the_bundles_hf_cpu_build_beside_the_fp32_model(hf_cpu_bundle, tmp_path):
