@@ -69,34 +69,49 @@ class TrtllmEngine(RankingEngine):
     name = "trtllm"
 
     def __init__(self, engine_dir: str | Path, config: TrtllmConfig | None = None):
-        self.config = config or TrtllmConfig()
+        config = config or TrtllmConfig()
         engine_dir = Path(engine_dir)
         engine_config = read_engine_config(engine_dir)
-        self.vocab_size = int(engine_config["pretrained_config"]["vocab_size"])
-        # one position is kept for the end token a finished generate request is made to emit
-        self.max_seq_len = int(engine_config["build_config"]["max_seq_len"]) - 1
-        self.max_input_len = int(engine_config["build_config"].get("max_input_len") or self.max_seq_len)
+        build = engine_config["build_config"]
         llm_class = trt_backend_llm_class()
         from tensorrt_llm import SamplingParams
         from tensorrt_llm.llmapi import KvCacheConfig
 
         register_ipc_classes()
-        self._sampling_params = SamplingParams
         started = time.perf_counter()
-        self.llm = llm_class(
+        llm = llm_class(
             model=str(engine_dir), tokenizer=str(engine_dir),
-            kv_cache_config=KvCacheConfig(enable_block_reuse=self.config.enable_block_reuse,
-                                          free_gpu_memory_fraction=self.config.free_gpu_memory_fraction),
-            gather_generation_logits=True, max_batch_size=self.config.max_batch_size,
-            **({"max_num_tokens": self.config.max_num_tokens} if self.config.max_num_tokens else {}))
-        self.end_id = int(self.llm.tokenizer.eos_token_id)
+            kv_cache_config=KvCacheConfig(enable_block_reuse=config.enable_block_reuse,
+                                          free_gpu_memory_fraction=config.free_gpu_memory_fraction),
+            gather_generation_logits=True, max_batch_size=config.max_batch_size,
+            **({"max_num_tokens": config.max_num_tokens} if config.max_num_tokens else {}))
+        self._attach(llm, SamplingParams, int(engine_config["pretrained_config"]["vocab_size"]),
+                     int(build["max_seq_len"]), build.get("max_input_len"), config)
+        log.info("trtllm engine %s (TensorRT-LLM %s, engine version %s) loaded in %.1f s; batch <= %d, block reuse %s",
+                 engine_dir, import_trtllm().__version__, engine_config.get("version"), time.perf_counter() - started,
+                 self.config.max_batch_size, "on" if self.config.enable_block_reuse else "off")
+
+    @classmethod
+    def around(cls, llm, sampling_params, vocab_size: int, max_seq_len: int, config: TrtllmConfig | None = None):
+        """The engine around an LLM already made: `llm` answers `generate_async` as `tensorrt_llm.LLM` does and
+        `sampling_params` is its SamplingParams class (tests: a stand-in for TensorRT-LLM, which needs an NVIDIA GPU)."""
+        engine = cls.__new__(cls)
+        engine._attach(llm, sampling_params, vocab_size, max_seq_len, None, config or TrtllmConfig())
+        return engine
+
+    def _attach(self, llm, sampling_params, vocab_size: int, max_seq_len: int, max_input_len: int | None,
+                config: TrtllmConfig) -> None:
+        self.config = config
+        self.llm = llm
+        self._sampling_params = sampling_params
+        self.vocab_size = vocab_size
+        self.max_seq_len = max_seq_len - 1  # one position is kept for the end token a finished generate request emits
+        self.max_input_len = int(max_input_len or self.max_seq_len)
+        self.end_id = int(llm.tokenizer.eos_token_id)
         self._outputs: dict[str, object] = {}  # request id → RequestOutput in flight
         self._lock = threading.Lock()
         self._counts: Counter[str] = Counter()
         self._closed = False
-        log.info("trtllm engine %s (TensorRT-LLM %s, engine version %s) loaded in %.1f s; batch <= %d, block reuse %s",
-                 engine_dir, import_trtllm().__version__, engine_config.get("version"), time.perf_counter() - started,
-                 self.config.max_batch_size, "on" if self.config.enable_block_reuse else "off")
 
     async def rank(self, request: EngineRequest) -> EngineResult:
         if not self.check_health():
@@ -109,8 +124,9 @@ class TrtllmEngine(RankingEngine):
         if request.mode == "generate" and request.readout is not None:
             # the readouts of a first (score) pass join the decoding bias: two prefills (see trtllm_requests)
             score_pass = dataclasses.replace(request, mode="score")
-            scored = await self._run(score_pass, None)
-            read = readout_from_context(scored.outputs[0].context_logits, len(score_pass.run_ids), request.readout)
+            scored, _ = await self._run(score_pass, None)
+            self._check_not_aborted(request, scored)
+            read = readout_from_context(scored.context_logits, len(score_pass.run_ids), request.readout)
             request = dataclasses.replace(request, bias=decoding_bias(request.bias, read), readout=None)
             if not request.decodes:  # weight 0: the answer is the bias's order, no second pass (palr.llm.emit_by_bias)
                 return self._by_bias(request, constraint, started)
@@ -162,10 +178,8 @@ class TrtllmEngine(RankingEngine):
                             timings=timings)
 
     def _result(self, request: EngineRequest, output, started: float, first_token: float | None) -> EngineResult:
+        self._check_not_aborted(request, output)
         completion = output.outputs[0]
-        if completion.finish_reason == "cancelled" or getattr(output, "aborted", lambda: False)():
-            self._count("aborted")
-            raise EngineAborted(f"request {request.request_id} aborted")
         now = time.perf_counter()
         if request.mode == "score":
             if request.readout is not None:
@@ -184,6 +198,11 @@ class TrtllmEngine(RankingEngine):
                                 decode_ms=1e3 * (now - prefilled), total_ms=1e3 * (now - started))
         return EngineResult(request.request_id, request.mode, order, scores, prompt_tokens=len(request.input_ids),
                             cached_tokens=0, generated_tokens=generated, timings=timings)
+
+    def _check_not_aborted(self, request: EngineRequest, output) -> None:
+        if output.outputs[0].finish_reason == "cancelled" or getattr(output, "aborted", lambda: False)():
+            self._count("aborted")
+            raise EngineAborted(f"request {request.request_id} aborted")
 
     def abort(self, request_id: str) -> bool:
         with self._lock:

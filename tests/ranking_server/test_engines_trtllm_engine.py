@@ -1,0 +1,124 @@
+"""`TrtllmEngine` itself, around a stand-in for `tensorrt_llm.LLM` (TensorRT-LLM needs an NVIDIA GPU and cannot be
+installed here): the stand-in runs the tiny real Llama for the passes that end with the prompt and returns what
+TensorRT-LLM's RequestOutput carries (`context_logits` on the output, `outputs[0]` the completion). The engine's
+own code (the readout, the score pass before a generate request, abort handling) runs as on a GPU."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from palr.decoding import LabelConstraint  # noqa: E402
+from palr.llm import generate_constrained, load_causal_lm, score_candidates  # noqa: E402
+from palr.prompt import Readout  # noqa: E402
+from ranking_server.engines.base import EngineAborted, EngineRequest  # noqa: E402
+from ranking_server.engines.trtllm import TrtllmEngine  # noqa: E402
+from tests.fixtures.engine_workload import label_ids  # noqa: E402
+
+N = 6
+
+
+class SamplingParams:
+    """The fields of `tensorrt_llm.SamplingParams` the engine sets (unset flags False, as there)."""
+
+    def __init__(self, **kwargs):
+        self.return_context_logits = self.return_generation_logits = False
+        self.__dict__.update(kwargs)
+
+
+@dataclass
+class FinishedOutput:
+    """A RequestOutput that has finished: awaitable with `aresult()`, abortable."""
+
+    context_logits: torch.Tensor | None
+    outputs: list
+    aborted_by: list = field(default_factory=list)
+
+    async def aresult(self):
+        return self
+
+    def abort(self) -> None:
+        self.aborted_by.append("abort")
+
+
+class PromptPassLlm:
+    """`tensorrt_llm.LLM.generate_async` for passes of one step: the tiny Llama's logits over the prompt."""
+
+    def __init__(self, model, end_id: int, cancel: bool = False):
+        self.model, self.cancel, self.params = model, cancel, []
+        self.tokenizer = SimpleNamespace(eos_token_id=end_id)
+
+    def generate_async(self, prompt, sampling_params, streaming=False):
+        assert sampling_params.max_tokens == 1 and not streaming, "only passes that end with the prompt run here"
+        self.params.append(sampling_params)
+        with torch.inference_mode():
+            logits = self.model(input_ids=torch.tensor([list(prompt)])).logits[0].float()  # [T, V]
+        completion = SimpleNamespace(token_ids=[int(logits[-1].argmax())],
+                                     finish_reason="cancelled" if self.cancel else "length",
+                                     generation_logits=logits[-1:][None] if sampling_params.return_generation_logits
+                                     else None)  # [1, 1, V]
+        return FinishedOutput(logits if sampling_params.return_context_logits else None, [completion])
+
+    def shutdown(self) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama_dir):
+    model, tokenizer = load_causal_lm(tiny_llama_dir)
+    return model, tokenizer, label_ids(tokenizer, N)
+
+
+def readout_request(rid: str, labels, mode: str, rng: random.Random) -> EngineRequest:
+    """A candidate-readout request (each candidate's last token read), with a bias; generate mode at weight 0."""
+    prefix = [rng.randrange(100, 40000) for _ in range(12)]
+    candidates, ends = [], []
+    for label in labels:
+        candidates += [label, rng.randrange(100, 40000)]
+        ends.append(len(prefix) + len(candidates) - 1)
+    return EngineRequest(rid, prefix, candidates + [rng.randrange(100, 40000)], labels, mode=mode, k=3,
+                         bias=[rng.uniform(-0.5, 0.5) for _ in labels], readout=Readout(tuple(ends), tuple(labels)),
+                         logit_weight=0.0)
+
+
+def engine_around(llm, model) -> TrtllmEngine:
+    return TrtllmEngine.around(llm, SamplingParams, model.config.vocab_size, max_seq_len=256)
+
+
+def test_generate_with_a_readout_runs_its_score_pass_and_answers_like_the_reference(tiny):
+    """The score pass's context logits come from the RequestOutput (an AttributeError on every such request
+    before, which also failed the server's start-up warm-up)."""
+    model, tokenizer, labels = tiny
+    llm = PromptPassLlm(model, tokenizer.eos_token_id)
+    engine = engine_around(llm, model)
+    request = readout_request("g", labels, "generate", random.Random(3))
+    result = asyncio.run(engine.rank(request))
+    want = generate_constrained(model, request.input_ids, LabelConstraint(labels, request.k), request.bias,
+                                readout=request.readout, logit_weight=0.0)
+    assert result.order == want and len(set(want)) == request.k
+    assert [p.return_context_logits for p in llm.params] == [True]  # one pass: weight 0 decodes nothing
+    assert engine.stats().completed == 1 and engine.stats().active == 0
+
+
+def test_score_with_a_readout_gives_the_reference_scores(tiny):
+    model, tokenizer, labels = tiny
+    engine = engine_around(PromptPassLlm(model, tokenizer.eos_token_id), model)
+    request = readout_request("s", labels, "score", random.Random(4))
+    result = asyncio.run(engine.rank(request))
+    assert result.scores == pytest.approx(score_candidates(model, request.run_ids, request.readout), abs=1e-4)
+    assert result.order == sorted(range(N), key=lambda c: -result.scores[c])
+
+
+@pytest.mark.parametrize("mode", ["score", "generate"])
+def test_a_cancelled_pass_is_an_abort_not_a_crash(tiny, mode):
+    model, tokenizer, labels = tiny
+    engine = engine_around(PromptPassLlm(model, tokenizer.eos_token_id, cancel=True), model)
+    with pytest.raises(EngineAborted):
+        asyncio.run(engine.rank(readout_request("c", labels, mode, random.Random(5))))
+    assert engine.stats().aborted == 1 and engine.stats().active == 0
