@@ -128,12 +128,13 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         total_ms = 1e3 * (time.perf_counter() - started)
         self._observe(retrieval_ms, answer, total_ms)
         log.info("rid=%s user=%r history=%d (%s) mode=%s k=%d -> %d of %d candidates%s%s%s; retrieval %.1f ms, "
-                 "queue %.1f ms, ranking %.1f ms, total %.1f ms", rid, plan.user_id, len(plan.history),
+                 "queue %.1f ms, ranking %.1f ms%s, total %.1f ms", rid, plan.user_id, len(plan.history),
                  plan.history_source, plan.mode, plan.k, len(answer.ranking), len(retrieved.items),
                  " cold start" if retrieved.cold_start else "",
                  f" DEGRADED ({answer.degraded_reason})" if answer.degraded_reason else "",
                  " (a repeat: the kept answer)" if answer.reused else "",
-                 retrieval_ms, answer.queue_ms, answer.ranking_ms, total_ms)
+                 retrieval_ms, answer.queue_ms, answer.ranking_ms,
+                 " (the LLM's wait before its abort, queue included)" if answer.degraded_reason else "", total_ms)
         return self._response(plan, retrieved, answer, retrieval_ms, total_ms)
 
     async def _retrieve(self, plan: Plan, deadline: float) -> Retrieved:
@@ -207,8 +208,12 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         return deadline - time.perf_counter() - self.config.degrade_reserve_ms / 1e3
 
     def _observe(self, retrieval_ms: float, answer: Answer, total_ms: float) -> None:
-        for stage, ms in (("retrieval", retrieval_ms), ("queue", answer.queue_ms), ("ranking", answer.ranking_ms),
-                          ("total", total_ms)):
+        """A degraded answer's LLM wait is not split into queue and ranking (the engine request was aborted before it
+        reported one): it stays out of those two stages, which would otherwise show overload as an empty queue."""
+        stages = [("retrieval", retrieval_ms), ("total", total_ms)]
+        if not answer.degraded_reason:
+            stages += [("queue", answer.queue_ms), ("ranking", answer.ranking_ms)]
+        for stage, ms in stages:
             STAGE_SECONDS.labels(stage).observe(ms / 1e3)
 
     def _response(self, plan: Plan, retrieved: Retrieved, answer: Answer, retrieval_ms: float,

@@ -371,6 +371,13 @@ def test_queue_full_is_resource_exhausted_at_once_and_visible_in_metrics(slow, s
     assert after["ranking_engine_active"] == after["ranking_engine_queued"] == 0
 
 
+def stage_counts(server) -> dict[str, float]:
+    """Requests observed per stage of `ranking_stage_seconds`, from the server's /metrics."""
+    samples = scrape_metrics(server.server.metrics_port)
+    return {stage: samples.get(f'ranking_stage_seconds_count{{stage="{stage}"}}', 0.0)
+            for stage in ("retrieval", "queue", "ranking", "total")}
+
+
 def test_deadline_too_short_for_the_llm_aborts_it_and_answers_retrieval_order_flagged_degraded(
         slow, slow_stub, reference):
     user = some_users(reference, 1)[0]
@@ -380,11 +387,15 @@ def test_deadline_too_short_for_the_llm_aborts_it_and_answers_retrieval_order_fl
     llm_s = (full.timings.queue_ms + full.timings.ranking_ms) / 1e3
     reserve_s = SLOW["degrade_reserve_ms"] / 1e3
     before = slow.engine.stats()
+    observed = stage_counts(slow)
     deadline_s = reserve_s + 3 * full.timings.retrieval_ms / 1e3 + llm_s / 4  # the LLM gets about a quarter of it
     started = time.perf_counter()
     response = recommend(slow_stub, timeout=deadline_s, **request)
     assert time.perf_counter() - started < deadline_s
     assert response.degraded and response.degraded_reason == "deadline" and not response.cold_start
+    # the aborted wait is not split, so it counts in neither queue nor ranking (it showed as a zero queue before)
+    assert stage_counts(slow) == {**observed, "retrieval": observed["retrieval"] + 1, "total": observed["total"] + 1}
+    assert response.timings.queue_ms == 0 and response.timings.ranking_ms > 0
     candidates = [c.item_id for c in reference.retrieved(26, user_id=user)]
     assert [i.item_id for i in response.items] == candidates[:8]
     assert [i.retrieval_rank for i in response.items] == list(range(8))
