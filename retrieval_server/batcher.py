@@ -27,10 +27,12 @@ BatchFn = Callable[[Sequence[Item]], Sequence[Result]]
 
 
 class MicroBatcher(Generic[Item, Result]):
-    def __init__(self, run_batch: BatchFn, max_batch_size: int, window_s: float = 0.0):
+    def __init__(self, run_batch: BatchFn, max_batch_size: int, window_s: float = 0.0,
+                 on_stopped: Callable[[str], None] | None = None):
         self.run_batch = run_batch
         self.max_batch_size = max_batch_size
         self.window_s = window_s
+        self.on_stopped = on_stopped  # called with the reason if the loop dies (the server turns NOT_SERVING)
         self._pending: collections.deque[tuple[Item, asyncio.Future]] = collections.deque()
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="micro-batcher")
         self._arrived = asyncio.Event()
@@ -46,8 +48,11 @@ class MicroBatcher(Generic[Item, Result]):
         otherwise wait for their deadlines, or forever)."""
         if task.cancelled() or task.exception() is None:
             return
-        log.error("micro-batcher stopped: %r; requests fail until the server restarts", task.exception())
-        self._fail_pending(RuntimeError(f"micro-batcher stopped: {task.exception()!r}"))
+        reason = f"micro-batcher stopped: {task.exception()!r}"
+        log.error("%s; requests fail until the server restarts", reason)
+        self._fail_pending(RuntimeError(reason))
+        if self.on_stopped is not None:
+            self.on_stopped(reason)
 
     def _fail_pending(self, error: Exception) -> None:
         while self._pending:

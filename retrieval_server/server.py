@@ -50,6 +50,7 @@ class RetrievalServer:
         retrieval_pb2_grpc.add_RetrievalServiceServicer_to_server(self.servicer, self.server.grpc)
         self.model: SasrecOnnx | None = None
         self.runner: MicroBatcher | DirectRunner | None = None
+        self._health_task: asyncio.Task | None = None  # the NOT_SERVING a dead runner sets (kept: tasks are weak)
         log.info("bundle %s verified: %d items, %d users with history, model %s (max_len %s, top_k %d), max_k %d",
                  bundle.root, len(catalog), len(self.servicer.stored_histories), self.servicer.model_version,
                  meta["max_len"], top_k, max_k)
@@ -61,7 +62,8 @@ class RetrievalServer:
         """Loads and warms up the ORT session in a thread (health keeps answering), then connects it."""
         self.model = await asyncio.to_thread(self._load_model)
         if self.config.max_batch_size > 1:
-            self.runner = MicroBatcher(self._run_batch, self.config.max_batch_size, self.config.batch_window_ms / 1e3)
+            self.runner = MicroBatcher(self._run_batch, self.config.max_batch_size, self.config.batch_window_ms / 1e3,
+                                       on_stopped=self._runner_stopped)
             log.info("micro-batching on: up to %d requests per ORT call, window %.1f ms",
                      self.config.max_batch_size, self.config.batch_window_ms)
         else:
@@ -69,6 +71,10 @@ class RetrievalServer:
             log.info("micro-batching off: one ORT call per request, %d at a time", self.config.workers)
         self.runner.start()
         self.servicer.attach(self.runner.submit)
+
+    def _runner_stopped(self, reason: str) -> None:
+        """The micro-batcher died: every request would fail, so health says NOT_SERVING (callers move away)."""
+        self._health_task = asyncio.get_running_loop().create_task(self.server.set_not_serving(reason))
 
     async def drain(self) -> None:
         await self.server.drain()

@@ -254,6 +254,29 @@ def test_health_is_not_serving_and_retrieve_unavailable_until_the_model_is_warm(
         server_loop.run(server.drain())
 
 
+def test_a_dead_micro_batcher_turns_health_not_serving(server_loop, tiny_bundle, facts):
+    """A bug inside the micro-batcher's loop ends it and every later request would fail: health says so, so the
+    callers that watch it move away (it stayed SERVING before)."""
+    server = start(server_loop, RetrievalServerConfig(bundle=tiny_bundle, port=0))
+    try:
+        async def broken_next_batch():
+            raise KeyError("a bug in the loop")
+
+        with grpc.insecure_channel(server.server.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            check = lambda: health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=5).status  # noqa: E731
+            assert check() == SERVING
+            server.runner._next_batch = broken_next_batch  # the loop reads it again after the batch it is waiting for
+            stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
+            assert retrieve(stub, user_id=some_users(facts, 1)[0], k=3)  # a user with a history: the model runs
+            deadline = time.monotonic() + 10
+            while check() != NOT_SERVING:
+                assert time.monotonic() < deadline, "health stayed SERVING with a dead micro-batcher"
+                time.sleep(0.05)
+    finally:
+        server_loop.run(server.drain())
+
+
 def test_drain_delay_keeps_answering_while_health_says_not_serving_then_refuses(server_loop, tiny_bundle):
     """Behind a load balancer that polls health, new RPCs keep coming for a moment after SIGTERM: with
     --drain-delay they are answered while health already says NOT_SERVING; after it, refused."""
