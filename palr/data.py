@@ -13,6 +13,7 @@ works (`--data DIR`); bad files raise `AtomicFileError` naming the file and line
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,6 +30,7 @@ class AtomicTable:
     names: list[str]
     types: list[str]
     rows: list[list]  # one list per data line, values parsed by type
+    line_nos: list[int] = field(default_factory=list)  # each row's line in the file (for errors)
 
     def column(self, name: str) -> list:
         i = self.index(name)
@@ -75,7 +77,7 @@ def read_atomic(path: str | Path) -> AtomicTable:
                 )
             names.append(name)
             types.append(ftype)
-        rows = []
+        rows, line_nos = [], []
         for line_no, line in enumerate(f, start=2):
             line = line.rstrip("\r\n")
             if not line:
@@ -86,7 +88,8 @@ def read_atomic(path: str | Path) -> AtomicTable:
                     f"{path}:{line_no}: expected {len(names)} tab-separated fields, got {len(values)}"
                 )
             rows.append([_parse_value(v, t, path, line_no, n) for v, t, n in zip(values, types, names)])
-    return AtomicTable(path=path, names=names, types=types, rows=rows)
+            line_nos.append(line_no)
+    return AtomicTable(path=path, names=names, types=types, rows=rows, line_nos=line_nos)
 
 
 @dataclass(frozen=True)
@@ -139,6 +142,12 @@ def read_interactions(path: str | Path, user_field: str = "user_id", item_field:
     ti = table.names.index(time_field) if time_field in table.names else None
     if ti is not None and table.types[ti] != "float":
         raise AtomicFileError(f"{table.path}: field {time_field!r} must be float, is {table.types[ti]}")
+    if ti is not None:  # an empty or nan timestamp does not sort: the user's order, and so the split, would be wrong
+        bad = next((n for n, row in enumerate(table.rows) if not math.isfinite(row[ti])), None)
+        if bad is not None:
+            raise AtomicFileError(f"{table.path}:{table.line_nos[bad]}: field {time_field!r} is "
+                                  f"{table.rows[bad][ti]!r}; every interaction needs a finite timestamp (the "
+                                  "chronological split sorts by it)")
     return [
         Interaction(row[ui], row[ii], row[ti] if ti is not None else float(n), n)
         for n, row in enumerate(table.rows)

@@ -37,6 +37,15 @@ def test_missing_field_is_named(tmp_path):
         read_interactions(f)
 
 
+@pytest.mark.parametrize("timestamp", ["", "nan", "inf"])
+def test_an_interaction_without_a_finite_timestamp_is_refused_naming_its_line(tmp_path, timestamp):
+    """A nan timestamp compares false both ways, so the user's sort silently stopped being chronological and the
+    held-out 'last' item could be any of them."""
+    f = write(tmp_path / "x.inter", f"user_id:token\titem_id:token\ttimestamp:float\n1\t2\t5\n\n1\t3\t{timestamp}\n")
+    with pytest.raises(AtomicFileError, match=r"x\.inter:4: field 'timestamp' is .*finite timestamp"):
+        read_interactions(f)
+
+
 def test_sequences_are_chronological_with_stable_ties():
     xs = [Interaction("u", "late", 30.0, 0), Interaction("u", "tie-first", 10.0, 1),
           Interaction("v", "only", 5.0, 2), Interaction("u", "tie-second", 10.0, 3),
