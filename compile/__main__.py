@@ -14,6 +14,7 @@ import sys
 
 from compile.presets import PRESETS, preset_for
 from compile.steps import EVALUATE_ALIAS, STEPS, resolve_alias
+from palr.bundle import BundleError
 from palr.cli import LOG_FORMAT, add_config_arguments, build_config
 
 
@@ -28,6 +29,11 @@ def _step_parser(step: str) -> tuple[argparse.ArgumentParser, type, object]:
     parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
     add_config_arguments(parser, config_cls, skip=("preset",))  # a config's `preset` field comes from --preset
     return parser, config_cls, module
+
+
+# what a step raises for input it refuses (ValueError: options, malformed data files; BundleError: a bundle that is
+# incomplete, stale or built for other hardware; FileNotFoundError: a missing input): logged as one line, exit 1
+REFUSALS = (ValueError, BundleError, FileNotFoundError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,9 +53,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv[1:])
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
     preset = getattr(args, "preset", None)
-    config = build_config(config_cls, args, preset_for(preset, step), **({"preset": preset} if preset else {}))
-    logging.getLogger("compile").info("%s: %s", step, config)
-    module.run(config)
+    log = logging.getLogger("compile")
+    try:
+        config = build_config(config_cls, args, preset_for(preset, step), **({"preset": preset} if preset else {}))
+        log.info("%s: %s", step, config)
+        module.run(config)
+    except REFUSALS as e:  # a refused option, a bundle or dataset that does not fit: the reason, not a traceback
+        log.error("%s failed: %s", step, e, exc_info=log.isEnabledFor(logging.DEBUG))
+        return 1
     return 0
 
 

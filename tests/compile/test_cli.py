@@ -1,0 +1,21 @@
+"""`python -m compile <step>`: a refused option or input is one logged line and exit 1, not a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from loadtest.servers import REPO
+
+
+@pytest.mark.parametrize("args, reason", [
+    (["build", "--tp", "0"], "build failed: --tp must be >= 1, got 0"),
+    (["trends", "--bundle", "{tmp}/no-bundle"], "trends failed: "),
+])
+def test_a_refused_step_says_why_in_one_line_and_exits_1(tmp_path, args, reason):
+    argv = [sys.executable, "-m", "compile", *[a.format(tmp=tmp_path) for a in args]]
+    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert reason in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
