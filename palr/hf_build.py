@@ -93,8 +93,9 @@ def load_bundle_hf_cpu(bundle, without: str) -> tuple[Any, dict[str, Any]] | Non
     return load_hf_build(path)[0], entry
 
 
-def load_hf_build(path: Path, device: str = "cpu"):
-    """(model, tokenizer, build record) as the build says: dtype, attention, int8 quantization, threads."""
+def load_hf_build(path: Path, device: str = "cpu", threads: int | None = None):
+    """(model, tokenizer, build record) as the build says: dtype, attention, int8 quantization, threads (`threads`:
+    None = the count the build measured fastest; a count = that one; 0 = leave torch's, e.g. on another CPU)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     record = read_build(path)
@@ -111,10 +112,11 @@ def load_hf_build(path: Path, device: str = "cpu"):
         raise ValueError(f"{path}: unknown quantization {record['quantization']!r} in {BUILD_FILE}")
     if record.get("body_dtype"):
         body_dtype(model, DTYPES[record["body_dtype"]], record.get("fp32_last_layers", 0))
-    if record.get("num_threads") and device == "cpu":
-        torch.set_num_threads(int(record["num_threads"]))
+    threads = int(record.get("num_threads") or 0) if threads is None else threads
+    if threads and device == "cpu":
+        torch.set_num_threads(threads)
     log.info("hf build %s: %s%s%s, attention %s, %s threads", path, record["dtype"],
              f" ({record['quantization']})" if record["quantization"] else "",
              f" ({record['body_dtype']} body{body_tail(record)})" if record.get("body_dtype") else "", record["attn_implementation"],
-             record.get("num_threads") or "default")
+             threads or f"torch's {torch.get_num_threads()}")
     return model, AutoTokenizer.from_pretrained(path), record

@@ -76,7 +76,7 @@ def engine_from_build(bundle, target: str, engine_config: EngineConfig, trtllm_c
         from palr.hf_build import load_hf_build
         from ranking_server.engines.hf import HFEngine
 
-        model, _, _ = load_hf_build(path, spec.device)
+        model, _, _ = load_hf_build(path, spec.device, threads)  # 0: not the build machine's count
         return HFEngine(model, dataclasses.replace(engine_config, threads=threads))
     if spec.engine == "ortgenai":
         from ranking_server.engines.ortgenai import OrtGenaiEngine

@@ -198,6 +198,23 @@ def test_the_builds_thread_count_applies_only_on_the_cpu_that_measured_it(hf_cpu
     assert engine_threads({**entry, "num_threads": cpu_cores() + 1}, here, 0)[0] == 0
 
 
+def test_a_build_from_another_cpu_is_served_with_this_machines_threads_not_the_build_machines(hf_cpu_bundle_copy):
+    """engine_threads decided "torch's default" for a build measured on another CPU, but loading the build set
+    torch to the build machine's count anyway (a 2-core build ran a 32-core server on 2 threads)."""
+    import torch
+
+    measured = Bundle.open(hf_cpu_bundle_copy).artifact(NAME)["num_threads"]
+    edit_entry(hf_cpu_bundle_copy, device_name="Other CPU")
+    before = torch.get_num_threads()
+    torch.set_num_threads(measured + 1)  # whatever this process runs with, as long as it is not the build's count
+    try:
+        engine = engine_from_build(Bundle.open(hf_cpu_bundle_copy), "hf-cpu", EngineConfig())
+        engine.close()
+        assert torch.get_num_threads() == measured + 1
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_server_engine_loading_refuses_before_loading_anything(hf_cpu_bundle_copy):
     edit_entry(hf_cpu_bundle_copy, engine_libraries={"torch": "1.0.0"})
     with pytest.raises(BuildMismatch, match="torch: built with 1.0.0"):
