@@ -103,6 +103,19 @@ def collab_table(bundle: Bundle, ranker: dict, corpus: Corpus, catalog: Catalog,
     return training_table(bundle, corpus, catalog)
 
 
+def check_vocabulary(bundle: Bundle, llm: str, ranker: dict) -> None:
+    """Refuses an LLM that lacks the ranker's extra tokens (soft item, trend, rank and score tokens: rows the
+    fine-tune added past the base vocabulary) before anything runs, instead of an index error mid-evaluation."""
+    from transformers import AutoConfig
+
+    extra = ranker.get("item_tokens")
+    vocabulary = AutoConfig.from_pretrained(bundle.path(llm)).get_text_config().vocab_size
+    if extra and int(extra["offset"]) >= vocabulary:
+        raise ValueError(f"--llm {llm} has {vocabulary} tokens, but this ranker's prompts use tokens from "
+                         f"{extra['offset']} on (soft item / trend / rank / score tokens, added by the fine-tune): only "
+                         f"llm_merged has them; --llm llm_base measures the untuned model with a text-only ranker")
+
+
 def run(config: EvaluateRankingConfig) -> dict:
     from transformers import AutoTokenizer
 
@@ -131,6 +144,7 @@ def run(config: EvaluateRankingConfig) -> dict:
     corpus = Corpus.load_for(bundle, config.data)
     catalog = Catalog.load(bundle.path("catalog"))
     ranker = load_ranker(bundle)
+    check_vocabulary(bundle, config.llm, ranker)
     targets = getattr(corpus.split, config.split)
     users = sample_users(sorted(targets), config.users, config.seed)
     if config.split == "test":

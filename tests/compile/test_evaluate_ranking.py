@@ -172,3 +172,19 @@ def test_default_grid_falls_back_to_retrieval_order_when_the_llm_only_hurts():
     weight, curve = fit_fusion_weight(llm, retrieval, targets)
     retrieval_ndcg = metrics.ndcg([target_rank(range(20), t) for t in targets], 10)
     assert weight == max(curve) and curve[weight] == pytest.approx(retrieval_ndcg)
+
+
+def test_the_base_model_is_refused_up_front_for_a_ranker_whose_prompts_use_the_fine_tunes_tokens(tiny_llm_bundle):
+    """`--llm llm_base` with the pipeline's default (hybrid) ranker failed mid-run with an index error: its soft item,
+    trend, rank and score tokens are rows only the merged model has."""
+    from compile.evaluate_ranking import check_vocabulary
+    from palr.bundle import Bundle
+    from palr.ranking import load_ranker
+
+    bundle = Bundle.open(tiny_llm_bundle)
+    ranker = load_ranker(bundle)
+    assert ranker["item_tokens"], "the tiny preset's ranker should use the extra tokens, as the shipped ones do"
+    check_vocabulary(bundle, "llm_merged", ranker)
+    with pytest.raises(ValueError, match="--llm llm_base has .* tokens, but this ranker's prompts use tokens from"):
+        check_vocabulary(bundle, "llm_base", ranker)
+    check_vocabulary(bundle, "llm_base", {**ranker, "item_tokens": None})  # a text-only ranker: fine
