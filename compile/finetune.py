@@ -20,6 +20,7 @@ import math
 import random
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -336,13 +337,23 @@ def validation_ndcg(model, valid: list[dict], pad_id: int = 0, extra=None, k: in
 
 # -- checkpoints ----------------------------------------------------------------------------------
 
-def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: dict) -> Path:
+def run_checkpoints(bundle_root: Path, run_fingerprint: str) -> Path:
+    """This run's checkpoint folder (its steps and its `best/` adapter): one per set of inputs, so a run never
+    rotates away, resumes from or keeps the best adapter of a run with other inputs."""
+    return bundle_root / CHECKPOINT_DIR / run_fingerprint[:16]
+
+
+def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: dict,
+                    extras: Callable[[Path], None] = lambda _: None) -> Path:
+    """`root/step-NNNNNN` (adapter, `extras` written into it, trainer state), complete before it appears; older
+    steps of `root` removed."""
     import torch
 
     path = root / f"step-{step:06d}"
     tmp = root / f".step-{step:06d}.part"
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
+    extras(tmp)
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "torch_rng": torch.get_rng_state(), **state}, tmp / "trainer_state.pt")
     shutil.rmtree(path, ignore_errors=True)
@@ -353,10 +364,12 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: d
 
 
 def latest_checkpoint(root: Path, run_fingerprint: str):
-    """(path, state) of the newest checkpoint written by a run with these inputs, or None."""
+    """(path, state) of the newest complete checkpoint in `root` written by a run with these inputs, or None."""
     import torch
 
     for path in sorted(root.glob("step-*"), reverse=True):
+        if not (path / "trainer_state.pt").is_file():
+            continue
         state = torch.load(path / "trainer_state.pt", weights_only=False)
         if state.get("fingerprint") == run_fingerprint:
             return path, state
@@ -439,7 +452,7 @@ def train(bundle: Bundle, config: FinetuneConfig, run_fp: str) -> dict:
     optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, min(config.warmup_steps, steps // 4), steps)
 
-    checkpoints = bundle.root / CHECKPOINT_DIR
+    checkpoints = run_checkpoints(bundle.root, run_fp)
     record = {"steps": steps, "examples": len(examples), "batch_size": config.batch_size, "loss": config.loss,
               "layers": model.config.get_text_config().num_hidden_layers,
               "fusion_in_loss": config.fusion_in_loss, "prompt": meta["prompt"]["prompt"],
@@ -454,8 +467,8 @@ def train(bundle: Bundle, config: FinetuneConfig, run_fp: str) -> dict:
         extra.load_state_dict(load_file(str(path / WEIGHTS)))
         start, record = state["step"], state["record"]
         log.info("resuming from %s (step %d of %d)", path, start, steps)
-    elif config.force:
-        shutil.rmtree(checkpoints, ignore_errors=True)
+    else:  # a fresh start: no run's checkpoints are of use any more (another's inputs, or --force)
+        shutil.rmtree(bundle.root / CHECKPOINT_DIR, ignore_errors=True)
     best_dir = checkpoints / "best"
     settings = projector_settings(bundle, meta)
 
@@ -467,8 +480,8 @@ def train(bundle: Bundle, config: FinetuneConfig, run_fp: str) -> dict:
         save_extras(directory)
 
     def checkpoint(step: int) -> None:
-        save_extras(save_checkpoint(checkpoints, step, model, optimizer, scheduler,
-                                    {"step": step, "record": record, "fingerprint": run_fp}))
+        save_checkpoint(checkpoints, step, model, optimizer, scheduler,
+                        {"step": step, "record": record, "fingerprint": run_fp}, save_extras)
 
     end = min(steps, start + config.stop_after) if config.stop_after else steps
     began = time.perf_counter()

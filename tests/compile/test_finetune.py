@@ -68,7 +68,7 @@ def test_resume_continues_exactly_from_the_checkpoint(bundle_copy, tmp_path):
     run(FinetuneConfig(bundle=bundle_copy, force=True, **settings))  # uninterrupted
     run(FinetuneConfig(bundle=other, force=True, stop_after=2, **settings))  # leaves after 2 steps
     assert not (other / "llm" / "lora").exists(), "no adapter before the run is complete"
-    assert (other / "llm" / "checkpoints" / "step-000002").is_dir()
+    assert [c.name for c in (other / "llm" / "checkpoints").glob("*/step-*")] == ["step-000002"]
     run(FinetuneConfig(bundle=other, **settings))  # resumes at step 2
 
     done = [json.loads((b / "llm" / "lora" / "training.json").read_text()) for b in (bundle_copy, other)]
@@ -77,6 +77,20 @@ def test_resume_continues_exactly_from_the_checkpoint(bundle_copy, tmp_path):
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def test_a_run_with_other_inputs_resumes_from_its_own_checkpoint_not_an_earlier_runs(bundle_copy, caplog):
+    """A finished run left step-000004; an interrupted run with other inputs then saw each of its checkpoints
+    rotated away as "older" right after writing it (a projector-only folder was left in its place), and its rerun
+    crashed on that folder instead of resuming."""
+    settings = dict(max_steps=4, batch_size=4, save_every=2, seed=3)
+    run(FinetuneConfig(bundle=bundle_copy, force=True, lr=1e-2, **settings))  # leaves step-000004
+    run(FinetuneConfig(bundle=bundle_copy, lr=2e-2, stop_after=2, **settings))  # other inputs, stops after step 2
+    with caplog.at_level("INFO", logger="compile.finetune"):
+        run(FinetuneConfig(bundle=bundle_copy, lr=2e-2, **settings))
+    assert "resuming from" in caplog.text and "(step 2 of 4)" in caplog.text
+    done = json.loads((bundle_copy / "llm" / "lora" / "training.json").read_text())
+    assert len(done["losses"]) == 4
 
 
 @pytest.mark.parametrize("readout", ["label", "candidate"])
