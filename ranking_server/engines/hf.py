@@ -228,14 +228,18 @@ class HFEngine(LoopEngine):
         key = request.context_key
         if key in self.contexts:
             return None
-        ahead = any(self._priority(row.pending) <= self._priority(pending) for row in self._computing(key))
-        return key if ahead else None
+        return key if self._computed_ahead_of(key, pending) else None
+
+    def _computed_ahead_of(self, key: tuple[int, ...], pending: Pending) -> bool:
+        """Whether a row ahead of `pending` in `_priority` order computes the context `key`."""
+        return any(self._priority(row.pending) <= self._priority(pending) for row in self._computing(key))
 
     def _resume_waiting(self) -> None:
-        """Rows waiting for a context that no row computes any more (stored, or its row failed or left) copy
-        their cached start now: a hit, or (nothing stored) they compute it themselves."""
+        """Rows waiting for a context that no row ahead of them computes any more (stored, or its row failed or
+        left; a row admitted behind them since is not waited for, as at admission) copy their cached start now: a
+        hit, or (nothing stored) they compute it themselves."""
         for row in self._slots[self._n_decoding:]:
-            if row.waits_for is not None and not self._computing(row.waits_for):
+            if row.waits_for is not None and not self._computed_ahead_of(row.waits_for, row.pending):
                 row.waits_for = None
                 self._copy_cached_start(row)
 

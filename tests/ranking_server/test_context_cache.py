@@ -270,6 +270,59 @@ def test_a_call_waiting_for_a_context_computes_it_when_its_computer_leaves_first
     assert stats.context_misses == 2 and stats.context_hits == 0 and stats.aborted == 1
 
 
+def test_a_call_left_waiting_by_its_computer_does_not_wait_for_a_later_call_that_computes_it(tiny):
+    """a2 waits for a1's context; a1 is aborted after its first chunk, and a3 for the same user arrives before the
+    next step: a3 finds no row computing the context and computes it; a2, ahead of a3, computes it too instead of
+    waiting behind a3's whole prompt (it kept waiting for any computing row, also one behind it)."""
+    model, labels = tiny
+    rng = random.Random(8)
+    alice = [rng.randrange(100, 40000) for _ in range(60)]
+    first, second, third = (user_request(f"a{i}", alice, labels, rng) for i in (1, 2, 3))
+    engine = FirstPassGated(model, EngineConfig(max_batch_size=3, max_tokens_per_step=len(PREFIX) + 10))
+    turns = DeviceTurns()
+    engine.share_device(turns)
+    finished: list[str] = []
+    held, release = threading.Event(), threading.Event()
+
+    def hold_the_next_turn():
+        with turns.turn():
+            held.set()
+            release.wait(10)
+
+    async def answer(request):
+        result = await engine.rank(request)
+        finished.append(request.request_id)
+        return result
+
+    async def scenario():
+        with turns.turn():  # a1 and a2 are admitted in one step: a2 waits for a1's context
+            tasks = [asyncio.ensure_future(answer(r)) for r in (first, second)]
+            await until(lambda: engine.stats().queued == 2)
+        await asyncio.to_thread(engine.first_ran.wait, 10)  # a1's first chunk ran; the engine holds its step
+        assert engine.abort("a1")
+        holder = threading.Thread(target=hold_the_next_turn)
+        holder.start()
+        await until(lambda: turns.waiting() == 1)  # the holder asked before the engine's next step
+        engine.gate.set()
+        await asyncio.to_thread(held.wait, 10)  # the step ended and a1 left; the next step waits for the turn
+        tasks.append(asyncio.ensure_future(answer(third)))
+        await until(lambda: engine.stats().queued == 1)
+        release.set()
+        await asyncio.to_thread(holder.join, 10)
+        with pytest.raises(EngineAborted):
+            await tasks[0]
+        return await asyncio.gather(*tasks[1:])
+
+    try:
+        results = asyncio.run(scenario())
+    finally:
+        engine.close()
+    for request, result in zip((second, third), results):
+        check(model, request, result)
+    assert finished == ["a2", "a3"]
+    assert results[0].cached_tokens == len(PREFIX), "a2 waited for a3 (a context hit) though a3 came after it"
+
+
 def test_a_call_ahead_in_turn_never_waits_for_a_context_computed_behind_it(tiny):
     """A decoding generate call for alice is computing her context (its first chunk ran) when a score call for her
     arrives: the score call goes first (`score_first_ms`), so it computes the context itself instead of waiting for
