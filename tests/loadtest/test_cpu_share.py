@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from loadtest.report import CpuTimes, cpu_share, disturbance
+from loadtest.report import MIN_SHARE_CPU_S, CpuTimes, cpu_share, disturbance
 
 pytestmark = pytest.mark.skipif(not Path("/proc/stat").exists(), reason="reads /proc/stat (Linux)")
 
@@ -45,6 +46,18 @@ def test_another_process_spinning_is_counted():
 def test_this_processs_own_work_is_not_counted():
     share, wall = measure(lambda: spin(BUSY_S))
     assert cpu_seconds_of_others(share, wall) < 0.5 * BUSY_S  # only what else the machine ran meanwhile
+
+
+def test_an_interval_too_short_for_the_clock_ticks_has_no_shares():
+    """/proc/stat counts 10 ms ticks: a cell of a few milliseconds read as 0, 33 or 50 % by chance (or nothing),
+    and the report named it disturbed."""
+    share, _ = measure(lambda: spin(0.002))
+    assert share == {}
+    before = CpuTimes(total_s=100.0, busy_s=10.0, steal_s=0.0, own_s=5.0)
+    assert cpu_share(before, dataclasses.replace(before, total_s=100.0 + MIN_SHARE_CPU_S - 0.01, busy_s=10.5)) == {}
+    assert MIN_SHARE_CPU_S <= 2.0
+    assert cpu_share(before, dataclasses.replace(before, total_s=102.0, busy_s=10.5)) == {
+        "steal_pct": 0.0, "others_cpu_pct": 25.0}  # 0.5 s of others' work in 2 s of CPU time
 
 
 def test_disturbance_names_the_cells_over_the_threshold():
