@@ -68,12 +68,13 @@ def non_embedding_parameters(model) -> int:
 
 def utilisation_row(dtype: str, peak_s: float, prefill_s: float, parameters: int, tokens: int,
                     n: int = MATMUL_N, source: str = "direct forward") -> dict:
-    """One row of the report: peak and prefill FLOP/s (GFLOP/s) and their ratio."""
+    """One row of the report: peak and prefill FLOP/s (GFLOP/s) and their ratio, with the parameters counted."""
     peak = flops_per_s(matmul_flops(n), peak_s)
     prefill = flops_per_s(prefill_flops(parameters, tokens), prefill_s)
     return {"dtype": dtype, "source": source, "matmul_n": n, "matmul_ms": round(1e3 * peak_s, 2),
-            "peak_gflops": round(peak / 1e9, 2), "prompt_tokens": tokens, "prefill_ms": round(1e3 * prefill_s, 2),
-            "prefill_gflops": round(prefill / 1e9, 2), "utilisation": round(prefill / peak, 3) if peak else None}
+            "peak_gflops": round(peak / 1e9, 2), "parameters": parameters, "prompt_tokens": tokens,
+            "prefill_ms": round(1e3 * prefill_s, 2), "prefill_gflops": round(prefill / 1e9, 2),
+            "utilisation": round(prefill / peak, 3) if peak else None}
 
 
 def matmul_shares(candidate: str, model) -> dict:
@@ -162,7 +163,6 @@ def measure(model, input_ids: list[int], dtypes: list[str], repeats: int = 5, n:
                 prefills.append(time.perf_counter() - started)
         row = utilisation_row(dtype, statistics.median(peaks), statistics.median(prefills), parameters, len(input_ids),
                               n, source)
-        row["parameters"] = parameters
         row["matmul_dtype"] = shares_label(shares)
         row["prefill_ms_runs"] = [round(1e3 * x, 1) for x in prefills]
         rows.append(row)
@@ -180,7 +180,6 @@ def engine_row(peak_row: dict, cell: dict | None, parameters: int, tokens: float
         return None
     row = utilisation_row(peak_row["dtype"], peak_row["matmul_ms"] / 1e3, cell["p50_ms"] / 1e3, parameters,
                           round(tokens), peak_row["matmul_n"], source="engine cell score/inflight/c1/no-prefix-reuse p50")
-    row["parameters"] = parameters
     row["matmul_dtype"] = peak_row.get("matmul_dtype", "fp32")
     return row
 
