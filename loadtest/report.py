@@ -61,9 +61,11 @@ def cpu_share(before: CpuTimes | None, after: CpuTimes | None) -> dict[str, floa
     machine shared with something else; its latencies and any ratio taken from it say so. {} off Linux, and
     for an interval under MIN_SHARE_CPU_S of CPU time: /proc/stat counts in clock ticks (10 ms), so a cell of a
     few milliseconds read as 0, 33 or 50 % (or nothing) by chance."""
-    if before is None or after is None or after.total_s - before.total_s < MIN_SHARE_CPU_S:
+    if before is None or after is None:
         return {}
     total = after.total_s - before.total_s
+    if total < MIN_SHARE_CPU_S:
+        return {}
     others = max(0.0, (after.busy_s - before.busy_s) - (after.own_s - before.own_s))
     return {"steal_pct": round(100 * (after.steal_s - before.steal_s) / total, 1),
             "others_cpu_pct": round(100 * others / total, 1)}
