@@ -91,13 +91,16 @@ def config_main(argv: list[str] | None, prog: str, description: str, config_cls:
 def server_main(argv: list[str] | None, prog: str, description: str, config_cls: type, server_module: str) -> int:
     """A server's `__main__`: `config_main` running `server_module.serve(config)` until SIGTERM. The
     server module is imported after parsing, so `--help` stays fast. Exit 1 with the reason logged
-    when the bundle, the options or the port are refused."""
+    when the bundle, the options or the port are refused; exit 0 at once after a stop during the model
+    load (palr/serving/loading.py)."""
     import asyncio
     import importlib
 
     from palr.bundle import BundleError
+    from palr.serving.loading import exit_if_loads_abandoned
 
     def serve(config) -> None:
         asyncio.run(importlib.import_module(server_module).serve(config))
+        exit_if_loads_abandoned(0)  # stopped while loading: drained already, the load thread is not waited for
 
     return config_main(argv, prog, description, config_cls, serve, (BundleError, OSError), "cannot serve")

@@ -14,10 +14,12 @@ from palr.catalog import Catalog
 from palr.prompt import PromptSettings
 from palr.ranking import load_ranker
 from palr.serving import tracing
+from palr.serving.loading import in_load_thread
 from palr.serving.server import GrpcServer
 from ranking_server.config import RankingServerConfig
 from ranking_server.engines.factory import LLM_ARTIFACT, build_engine
 from ranking_server.engines.base import EngineRequest, InvalidRequest, RankingEngine
+from ranking_server.inject import injected_load_delay_s
 from ranking_server.metrics import ENGINE
 from ranking_server.planner import Plan, RequestPlanner
 from ranking_server.prompts import PromptBuilder, slot_tokens
@@ -66,6 +68,7 @@ class RankingServer:
         ranking_pb2_grpc.add_RankingServiceServicer_to_server(self.servicer, self.server.grpc)
         self.engine: RankingEngine | None = None
         self._engine_watch: asyncio.Task | None = None
+        self._injected_load_delay_s = injected_load_delay_s()  # test-only, 0 by default
         log.info("bundle %s verified: %d items, %d users, ranker K=%d (requests: %d candidates by default, at most "
                  "%d), fusion weight %.2f, generate format %s; retrieval tier %s (TLS %s)", bundle.root,
                  len(self.catalog), len(users), self.ranker["candidates"], default_candidates, max_candidates,
@@ -76,10 +79,13 @@ class RankingServer:
         return await self.server.start()
 
     async def load(self) -> None:
-        """Tokenizer, engine and warm-up in threads (health keeps answering), then connects them."""
-        prompts = await asyncio.to_thread(self._prompt_builder)
-        longest = await asyncio.to_thread(prompts.longest_requests, self.planner.max_candidates)
-        self.engine = await asyncio.to_thread(build_engine, self.bundle, self._sized(longest))
+        """Tokenizer, engine and warm-up in threads (health keeps answering; a stop does not wait for them:
+        palr/serving/loading.py), then connects them."""
+        if self._injected_load_delay_s:  # test-only (RANKING_INJECT_LOAD_DELAY_MS): a load that takes this long
+            await in_load_thread(time.sleep, self._injected_load_delay_s)
+        prompts = await in_load_thread(self._prompt_builder)
+        longest = await in_load_thread(prompts.longest_requests, self.planner.max_candidates)
+        self.engine = await in_load_thread(build_engine, self.bundle, self._sized(longest))
         await self._warm_up(longest)
         self.servicer.attach(self.engine, prompts)
         ENGINE.attach(self.engine)

@@ -11,6 +11,7 @@ from palr.bundle import Bundle
 from palr.catalog import Catalog
 from palr.users import load_histories
 from palr.serving import tracing
+from palr.serving.loading import in_load_thread
 from palr.serving.server import GrpcServer
 from recsys.v1 import retrieval_pb2_grpc
 from retrieval_server.batcher import DirectRunner, MicroBatcher
@@ -59,8 +60,9 @@ class RetrievalServer:
         return await self.server.start()
 
     async def load(self) -> None:
-        """Loads and warms up the ORT session in a thread (health keeps answering), then connects it."""
-        self.model = await asyncio.to_thread(self._load_model)
+        """Loads and warms up the ORT session in a thread (health keeps answering; a stop does not wait for it:
+        palr/serving/loading.py), then connects it."""
+        self.model = await in_load_thread(self._load_model)
         if self.config.max_batch_size > 1:
             self.runner = MicroBatcher(self._run_batch, self.config.max_batch_size, self.config.batch_window_ms / 1e3,
                                        on_stopped=self._runner_stopped)

@@ -75,6 +75,36 @@ def test_sigterm_finishes_in_flight_requests_then_exits_zero(tiny_llm_bundle):
             ranking.kill()
 
 
+def test_sigterm_while_the_model_loads_exits_zero_at_once_without_waiting_for_the_load(tiny_llm_bundle,
+                                                                                      monkeypatch):
+    """A load that takes ten minutes (RANKING_INJECT_LOAD_DELAY_MS blocks the load thread, as a 7B model's load
+    does): SIGTERM while health says NOT_SERVING ends the process in seconds, exit 0, not when the load ends."""
+    monkeypatch.setenv("RANKING_INJECT_LOAD_DELAY_MS", "600000")
+    ranking = ServerProcess("ranking_server", ["--bundle", str(tiny_llm_bundle), "--retrieval", "127.0.0.1:1"])
+    try:
+        with ranking.log_path.open("wb") as log_file:
+            ranking.process = subprocess.Popen(ranking.argv, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO)
+        with grpc.insecure_channel(ranking.target) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            deadline = time.monotonic() + 60
+            while True:
+                assert ranking.process.poll() is None and time.monotonic() < deadline, ranking.log_tail()
+                try:
+                    assert health.Check(health_pb2.HealthCheckRequest(), timeout=1).status == NOT_SERVING
+                    break
+                except grpc.RpcError:
+                    time.sleep(0.1)  # not listening yet
+        ranking.process.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        assert ranking.process.wait(30) == 0, ranking.log_tail()
+        assert time.monotonic() - sent < 30
+        log = ranking.log_path.read_text()
+        assert "stop requested while loading" in log
+        assert "exiting without waiting for the model load under way" in log
+    finally:
+        ranking.kill()
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "ranking_server", *args], cwd=REPO, capture_output=True,
                           text=True, timeout=120)
