@@ -13,6 +13,22 @@ from prometheus_client import Counter, Gauge, Histogram
 from palr.serving import tracing
 from palr.serving.errors import RequestError
 
+# When a stopping server's grace period ends (time.monotonic(); GrpcServer.drain sets it, start clears it): gRPC
+# then cancels the RPCs still running, and a handler cancelled from then on was cut by the stop, not by its client.
+_grace_ends_at: float | None = None
+GRACE_TIMER_SLACK_S = 0.05  # the core's timer may fire this much before the asyncio clock says so
+
+
+def note_grace_end(at: float | None) -> None:
+    """Records when the stopping server's grace period ends (None: serving, no stop under way)."""
+    global _grace_ends_at
+    _grace_ends_at = at
+
+
+def _cut_by_stop() -> bool:
+    return _grace_ends_at is not None and time.monotonic() >= _grace_ends_at - GRACE_TIMER_SLACK_S
+
+
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512,
                    1.0, 2.0, 4.0, 8.0, 16.0)
 
@@ -52,7 +68,8 @@ class RpcMetrics:
                 logger.info("rid=%s deadline exceeded", rid)
             else:
                 code = grpc.StatusCode.CANCELLED
-                logger.info("rid=%s cancelled by the client", rid)
+                logger.info("rid=%s cancelled %s", rid, "by the server's stop: its --grace period ended before this "
+                            "RPC did" if _cut_by_stop() else "by the client")
             raise
         except Exception:
             code = grpc.StatusCode.INTERNAL

@@ -37,6 +37,7 @@ from prometheus_client import start_http_server
 from palr.serving.config import ServerConfig, message_size_options
 
 from palr.serving.interceptors import server_interceptors
+from palr.serving.metrics import note_grace_end
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,7 @@ class GrpcServer:
 
     async def start(self) -> int:
         """Binds and starts serving health (NOT_SERVING) and reflection; returns the bound port."""
+        note_grace_end(None)
         await self._set_health(NOT_SERVING)
         address = f"{self.config.host}:{self.config.port}"
         credentials = server_credentials(self.config)
@@ -152,6 +154,7 @@ class GrpcServer:
             except asyncio.TimeoutError:
                 pass
         log.info("draining: health NOT_SERVING, no new RPCs, in-flight RPCs get up to %.1f s", self.config.grace)
+        note_grace_end(time.monotonic() + self.config.grace)  # RPCs cancelled after it: cut by this stop
         await self.grpc.stop(self.config.grace)
         if self._health_grpc is not None:
             await self._health_grpc.stop(0)

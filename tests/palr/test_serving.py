@@ -99,16 +99,36 @@ def test_health_not_serving_until_warm_then_serving_then_not_serving_while_drain
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
-def test_drain_cancels_what_outlives_the_grace_period(server_loop):
+def test_drain_cancels_what_outlives_the_grace_period_and_logs_it_as_the_stops(server_loop, caplog):
     service = PlumbingService(delay_s=30.0)
     server = start_server(server_loop, ServerConfig(port=0, grace=0.3), service)
-    with grpc.insecure_channel(server.address) as channel:
+    with caplog.at_level(logging.INFO), grpc.insecure_channel(server.address) as channel:
         slow = channel.unary_unary(f"/{SERVICE}/Slow").future(b"slow", timeout=20)
         assert service.entered.wait(5)
         server_loop.run(server.drain(), timeout=10)
         with pytest.raises(grpc.RpcError) as cut:
             slow.result()
         assert cut.value.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("rid=test-rid cancelled")]
+    assert said == ["rid=test-rid cancelled by the server's stop: its --grace period ended before this RPC did"]
+
+
+def test_a_call_its_client_cancels_is_logged_as_the_clients(server_loop, caplog):
+    service = PlumbingService(delay_s=30.0)
+    server = start_server(server_loop, ServerConfig(port=0, grace=0.3), service)
+    try:
+        with caplog.at_level(logging.INFO), grpc.insecure_channel(server.address) as channel:
+            slow = channel.unary_unary(f"/{SERVICE}/Slow").future(b"slow", timeout=20)
+            assert service.entered.wait(5)
+            slow.cancel()
+            for _ in range(100):
+                if any("cancelled" in r.getMessage() for r in caplog.records):
+                    break
+                threading.Event().wait(0.05)
+        said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("rid=test-rid cancelled")]
+        assert said == ["rid=test-rid cancelled by the client"]
+    finally:
+        server_loop.run(server.drain())
 
 
 def test_request_errors_keep_their_code_bugs_become_internal_and_the_server_keeps_serving(server_loop):
