@@ -80,7 +80,7 @@ def build(ctx: BuildContext) -> BuildResult:
     if any(p not in PRECISIONS for p in precisions):
         raise ValueError(f"ortgenai-cpu builds {' or '.join(PRECISIONS)}, not {config.dtype}")
     threads = config.threads or cpu_cores()
-    staging = ctx.out.with_suffix(".candidates")  # next to the scratch directory
+    staging = ctx.out.parent / f"{ctx.out.name}.candidates"  # next to this build's own scratch directory
     shutil.rmtree(staging, ignore_errors=True)
     try:
         dirs = {}

@@ -33,8 +33,24 @@ NAME = "engine:ortgenai-cpu"
 @pytest.fixture(scope="module")
 def ortgenai_bundle(tiny_llm_bundle, tmp_path_factory):
     bundle = copy_bundle(tiny_llm_bundle, tmp_path_factory.mktemp("ortgenai-build") / "bundle")
+    other = OTHER_BUILDS_STAGING(bundle)  # another build's candidates, as if it ran beside this one
+    other.mkdir(parents=True)
+    (other / "fp32").write_text("another build's model")
     build.run(build_config(bundle, "ortgenai-cpu", dtype="fp32", threads=1))
     return bundle
+
+
+def OTHER_BUILDS_STAGING(bundle):
+    """Where another build's candidates lie; the name every build shared until each got its own."""
+    return bundle / "engines" / ".ortgenai-cpu.building.candidates"
+
+
+def test_a_build_leaves_another_builds_staging_alone(ortgenai_bundle):
+    """Each build stages its candidate models next to its own scratch directory: two builds on one bundle at
+    once never delete or overwrite each other's."""
+    assert (OTHER_BUILDS_STAGING(ortgenai_bundle) / "fp32").read_text() == "another build's model"
+    assert sorted(p.name for p in (ortgenai_bundle / "engines").iterdir() if "ortgenai" in p.name) == [
+        ".ortgenai-cpu.building.candidates", "ortgenai-cpu"]
 
 
 @pytest.fixture(scope="module")
