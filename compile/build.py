@@ -32,7 +32,7 @@ from pathlib import Path
 
 from compile.targets import BUILDERS, BuildContext
 from palr.bundle import Bundle, file_checksums, fingerprint
-from palr.builds import SOURCE, artifact_name, open_build
+from palr.builds import SOURCE, artifact_name, open_build, ranker_version
 from palr.machine import Machine, cuda_devices, library_version
 from palr.ranking import load_ranker
 from palr.targets import TARGETS, target_spec
@@ -195,7 +195,7 @@ def run(config: BuildConfig) -> Path:
     scratch.rename(final)
     seconds = time.perf_counter() - started
     entry = bundle.add_artifact(name, final.relative_to(bundle.root), files=files, **machine.build_record(spec),
-                                **result.meta, source=bundle.version(SOURCE),
+                                **result.meta, source=bundle.version(SOURCE), ranker=ranker_version(bundle),
                                 build_options=options_record(config) | {"target": target}, build_seconds=round(seconds, 1))
     report = {"target": target, "machine": machine.to_dict(), "seconds": round(seconds, 1),
               "manifest_entry": {k: v for k, v in entry.items() if k != "files"}, **result.report}

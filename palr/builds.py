@@ -96,6 +96,12 @@ def artifact_name(target: str) -> str:
     return f"engine:{target}"
 
 
+def ranker_version(bundle) -> str | None:
+    """The version of the bundle's ranker (llm/ranker.json), None without one; a build records the one it was
+    measured under."""
+    return bundle.version("ranker") if bundle.has("ranker") else None
+
+
 def open_build(bundle, target: str, machine: Machine | None = None) -> tuple[Path, dict[str, Any]]:
     """(directory, manifest entry) of the bundle's build for `target`, after checking that its files
     are the ones built (sha256) and that it fits `machine` (default: this machine, on the target's
@@ -114,6 +120,11 @@ def open_build(bundle, target: str, machine: Machine | None = None) -> tuple[Pat
         raise BuildMismatch(f"refusing {name}: it was built from {SOURCE} version {built_from}, and the bundle's "
                             f"{SOURCE} is now {merged_now} (the model was merged again since): serving it would "
                             f"answer with the old weights under the new ranker, catalog and prompts.\nRebuild it: "
+                            f"python -m compile build --bundle {bundle.root} --target {target} --force")
+    if "ranker" in entry and entry["ranker"] != ranker_version(bundle):  # builds before it was recorded: not checked
+        raise BuildMismatch(f"refusing {name}: it was built and measured under ranker version {entry['ranker']}, and "
+                            f"the bundle's ranker (llm/ranker.json) is now {ranker_version(bundle)} (refit since): its "
+                            f"precision was chosen on the old ranker's scores and answer length.\nRebuild it: "
                             f"python -m compile build --bundle {bundle.root} --target {target} --force")
     machine = machine or Machine.detect(spec.device)
     problems = check_build(entry, machine)

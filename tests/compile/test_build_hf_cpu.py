@@ -169,6 +169,20 @@ def test_a_build_made_from_an_earlier_merge_is_refused(hf_cpu_bundle_copy):
     assert f"compile build --bundle {hf_cpu_bundle_copy} --target hf-cpu --force" in message
 
 
+def test_a_build_measured_under_an_earlier_ranker_is_refused(hf_cpu_bundle_copy):
+    """merge refit llm/ranker.json (fusion weights, answer format) and left the merged weights byte-identical: the
+    build's files and source still check out, but its precision was chosen on the old ranker's scores."""
+    bundle = Bundle.open(hf_cpu_bundle_copy)
+    assert bundle.artifact(NAME)["ranker"] == bundle.version("ranker")
+    ranker = bundle.path("ranker")
+    ranker.write_text(ranker.read_text().replace("{", '{\n  "_refit": true,', 1))
+    bundle.add_artifact("ranker", bundle.artifact("ranker")["path"])  # what merge records
+    bundle.save()
+    message = refusal(hf_cpu_bundle_copy)
+    assert "built and measured under ranker version" in message and "refit since" in message
+    assert f"compile build --bundle {hf_cpu_bundle_copy} --target hf-cpu --force" in message
+
+
 def test_an_unmeasured_build_is_still_refused_a_precision_this_cpu_lacks(tiny_llm_bundle, tmp_path):
     """--no-measure --dtype bf16 on a CPU without native bf16 wrote a build its own server then refused."""
     from compile.targets import BuildContext
