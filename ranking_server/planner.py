@@ -4,7 +4,8 @@
                                           the history: explicit > stored > none (cold start)
 
 The resolved history is what the ranking tier sends to the retrieval tier (explicitly), so the
-retrieval tier does not look it up again. The prompt and the ranking are `ranking_server.prompts`.
+retrieval tier does not look it up again (`retrieval_lists`: within the per-field item-id limit).
+The prompt and the ranking are `ranking_server.prompts`.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from dataclasses import dataclass
 from palr.catalog import Catalog
 from palr.ranking import MODES as RANKING_MODES
 from palr.serving.errors import check_known_ids, invalid_argument
-from palr.serving.validation import check_item_id_count, check_user_id
+from palr.serving.validation import MAX_ITEM_IDS, check_item_id_count, check_user_id
 from recsys.v1 import ranking_pb2
 
 # the wire enum ↔ palr.ranking.MODES: RANKING_MODE_<MODE> for each mode; UNSPECIFIED is the first (score)
@@ -78,3 +79,23 @@ class RequestPlanner:
         check_item_id_count(field_name, item_ids)
         check_known_ids(field_name, item_ids, self.catalog)
         return list(item_ids)
+
+
+def retrieval_lists(plan: Plan) -> tuple[list[str], list[str]]:
+    """(history, exclude) for the retrieval request, each within the `MAX_ITEM_IDS` a field may hold. A stored
+    history can be longer: the newest `MAX_ITEM_IDS` go as the history (SASRec reads only the newest
+    `max_len`), and the older items not among them go to the exclude list (newest first, as room allows), so
+    they are still never recommended again."""
+    history = plan.history[-MAX_ITEM_IDS:]
+    if len(history) == len(plan.history):
+        return history, plan.exclude
+    kept = set(history)
+    exclude = list(dict.fromkeys(plan.exclude))
+    listed = set(exclude)
+    for item in reversed(plan.history[:-MAX_ITEM_IDS]):
+        if len(exclude) == MAX_ITEM_IDS:
+            break
+        if item not in kept and item not in listed:
+            exclude.append(item)
+            listed.add(item)
+    return history, exclude

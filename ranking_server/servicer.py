@@ -36,7 +36,7 @@ from ranking_server.config import RankingServerConfig
 from ranking_server.inject import injected_delay_s
 from ranking_server.engines.base import EngineError, EngineOverloaded, InvalidRequest, RankingEngine
 from ranking_server.metrics import COLD_STARTS, DEGRADED, RECOMMEND, REJECTED, STAGE_SECONDS
-from ranking_server.planner import Plan, RequestPlanner
+from ranking_server.planner import Plan, RequestPlanner, retrieval_lists
 from ranking_server.prompts import PromptBuilder
 from ranking_server.retrieval_client import RetrievalClient
 from recsys.v1 import ranking_pb2, ranking_pb2_grpc, retrieval_pb2
@@ -147,8 +147,9 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         if timeout <= 0:
             REJECTED.labels("deadline").inc()
             raise RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before retrieval started")
-        request = retrieval_pb2.RetrieveRequest(user_id=plan.user_id, history=plan.history, k=plan.num_candidates,
-                                                exclude=plan.exclude, request_id=plan.request_id)
+        history, exclude = retrieval_lists(plan)
+        request = retrieval_pb2.RetrieveRequest(user_id=plan.user_id, history=history, k=plan.num_candidates,
+                                                exclude=exclude, request_id=plan.request_id)
         retrieved = Retrieved()
         try:
             async for message in self.retrieval.stream(request, timeout):

@@ -27,6 +27,7 @@ from loadtest.servers import free_port, scrape_metrics
 from palr.bundle import Bundle
 from palr.catalog import Catalog
 from palr.serving.server import NOT_SERVING, SERVING
+from palr.serving.validation import MAX_ITEM_IDS
 from ranking_server.config import RankingServerConfig
 from ranking_server.metrics import ENGINE
 from ranking_server.prompts import slot_tokens
@@ -295,6 +296,21 @@ def test_exclude_is_left_out_and_k_is_capped_by_what_retrieval_returns(stub, ref
     excluded = [first.items[0].item_id, first.items[1].item_id]
     again = recommend(stub, user_id=user, k=5, num_candidates=5, exclude=excluded)
     assert not set(excluded) & {i.item_id for i in again.items} and len(again.items) == 5
+
+
+def test_a_stored_history_longer_than_a_request_field_may_hold_is_served_and_its_old_items_stay_excluded(
+        stub, reference, ranking, monkeypatch):
+    """A stored history over MAX_ITEM_IDS (re-watches add up): the newest MAX_ITEM_IDS go to retrieval as the
+    history, the older items not among them as exclusions; it used to be refused with INVALID_ARGUMENT."""
+    user = some_users(reference, 1)[0]
+    history = reference.histories[user]
+    newest = (history * (MAX_ITEM_IDS // len(history) + 1))[-MAX_ITEM_IDS:]
+    first = recommend(stub, history=newest, k=5, num_candidates=5)
+    older = [first.items[0].item_id, first.items[1].item_id]  # what retrieval puts first for the newest items
+    monkeypatch.setitem(ranking.planner.stored_histories, user, older + newest)
+    answer = recommend(stub, user_id=user, k=5, num_candidates=5)
+    assert len(answer.items) == 5 and not answer.degraded
+    assert not set(older) & {i.item_id for i in answer.items}
 
 
 def test_request_id_comes_from_the_field_or_metadata_and_reaches_both_servers_logs(stub, reference, caplog):
