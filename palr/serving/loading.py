@@ -44,12 +44,12 @@ async def in_load_thread(work: Callable[..., T], *args: Any) -> T:
         try:
             result = work(*args)
         except BaseException as e:  # noqa: BLE001 (handed to the awaiting task, which re-raises it)
-            report(outcome.set_exception, e)
+            settled = (outcome.set_exception, e)
         else:
-            report(outcome.set_result, result)
-        finally:
-            with _lock:
-                _running.discard(thread)
+            settled = (outcome.set_result, result)
+        with _lock:  # off the list before the caller hears: once it has, this load is not unfinished
+            _running.discard(thread)
+        report(*settled)
 
     thread = threading.Thread(target=run, name=f"load-{getattr(work, '__name__', 'work')}", daemon=True)
     with _lock:
