@@ -390,7 +390,11 @@ def restore(path: Path, state: dict, model, optimizer, scheduler) -> None:
 # -- the step -------------------------------------------------------------------------------------
 
 def _run_fingerprint(bundle: Bundle, config: FinetuneConfig) -> str:
-    settings = fingerprint_record(config, bundle, "stop_after", "threads")
+    """What the adapter depends on. Not: where a run stops or resumes (`stop_after`, `save_every`), its threads,
+    nor how many validation examples an evaluation scores when there is none (`eval_every` 0); a change of
+    these keeps the checkpoints and the finished adapter."""
+    unused = ("stop_after", "threads", "save_every") + (() if config.eval_every else ("valid_examples",))
+    settings = fingerprint_record(config, bundle, *unused)
     return fingerprint("finetune", VERSION, settings, bundle.version("llm_base"), bundle.version("sft_data"))
 
 

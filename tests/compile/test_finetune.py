@@ -58,7 +58,8 @@ def test_loss_goes_down_on_a_tiny_run(bundle_copy):
     assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.1
 
 
-def test_resume_continues_exactly_from_the_checkpoint(bundle_copy, tmp_path):
+def test_resume_continues_exactly_from_the_checkpoint_whatever_its_checkpoint_cadence(bundle_copy, tmp_path,
+                                                                                      caplog):
     from safetensors.torch import load_file
 
     other = tmp_path / "other"
@@ -69,7 +70,9 @@ def test_resume_continues_exactly_from_the_checkpoint(bundle_copy, tmp_path):
     run(FinetuneConfig(bundle=other, force=True, stop_after=2, **settings))  # leaves after 2 steps
     assert not (other / "llm" / "lora").exists(), "no adapter before the run is complete"
     assert [c.name for c in (other / "llm" / "checkpoints").glob("*/step-*")] == ["step-000002"]
-    run(FinetuneConfig(bundle=other, **settings))  # resumes at step 2
+    with caplog.at_level("INFO", logger="compile.finetune"):
+        run(FinetuneConfig(bundle=other, **(settings | {"save_every": 1})))  # resumes at step 2, saves more often
+    assert "resuming from" in caplog.text and "(step 2 of 4)" in caplog.text
 
     done = [json.loads((b / "llm" / "lora" / "training.json").read_text()) for b in (bundle_copy, other)]
     assert done[0]["losses"] == done[1]["losses"] and len(done[0]["losses"]) == 4
