@@ -13,7 +13,7 @@ import logging
 import sys
 
 from compile.presets import PRESETS, preset_for
-from compile.steps import EVALUATE_ALIAS, STEPS, resolve_alias
+from compile.steps import EVALUATE_ALIAS, STEPS, StepFailed, resolve_alias
 from palr.bundle import BundleError
 from palr.cli import LOG_FORMAT, add_config_arguments, build_config
 
@@ -32,8 +32,9 @@ def _step_parser(step: str) -> tuple[argparse.ArgumentParser, type, object]:
 
 
 # what a step raises for input it refuses (ValueError: options, malformed data files; BundleError: a bundle that is
-# incomplete, stale or built for other hardware; FileNotFoundError: a missing input): logged as one line, exit 1
-REFUSALS = (ValueError, BundleError, FileNotFoundError)
+# incomplete, stale or built for other hardware; FileNotFoundError: a missing input) or a failure it can name
+# (StepFailed): logged as one line, exit 1
+REFUSALS = (ValueError, BundleError, FileNotFoundError, StepFailed)
 
 
 def main(argv: list[str] | None = None) -> int:

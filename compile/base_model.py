@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from compile.llm_common import config_record
+from compile.steps import StepFailed
 from palr.bundle import Bundle, fingerprint
 
 log = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ def convert_gguf(gguf: Path, out: Path, tolerance: float) -> dict:
     log.info("logits check: saved checkpoint vs GGUF-loaded model, max |diff| = %.3g (tolerance %.3g)",
              diff, tolerance)
     if diff > tolerance:
-        raise RuntimeError(f"{out}: saved checkpoint's logits differ from the GGUF-loaded model's by {diff:.3g} "
+        raise StepFailed(f"{out}: saved checkpoint's logits differ from the GGUF-loaded model's by {diff:.3g} "
                            f"(> {tolerance:.3g}); the conversion is broken")
     return {"source": "gguf", "gguf": gguf.name, "dtype": "float32", "logits_max_abs_diff": diff}
 

@@ -16,6 +16,8 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from compile.steps import StepFailed
+
 log = logging.getLogger(__name__)
 
 DATASET_WHEEL = ("recbole", "1.2.1", "recbole/dataset_example/ml-100k/")
@@ -50,10 +52,10 @@ def _download_wheel(name: str, version: str, cache_dir: Path) -> Path:
            f"{name}=={version}", "-d", str(cache_dir)]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
-        raise RuntimeError(f"`{' '.join(cmd)}` failed:\n{result.stderr.strip()}")
+        raise StepFailed(f"`{' '.join(cmd)}` failed:\n{result.stderr.strip()}")
     found = sorted(cache_dir.glob(pattern))
     if not found:
-        raise RuntimeError(f"pip download succeeded but no {pattern} in {cache_dir}")
+        raise StepFailed(f"pip download succeeded but no {pattern} in {cache_dir}")
     return found[0]
 
 

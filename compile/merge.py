@@ -41,6 +41,7 @@ from tqdm import tqdm
 
 from compile.llm_common import config_record, fingerprint_record
 from compile.sft_data import candidate_readout, example_readout, read_jsonl
+from compile.steps import StepFailed
 from palr.bundle import Bundle, fingerprint
 from palr.ranking import FUSION_GRID
 
@@ -111,7 +112,7 @@ def merge(base_dir: Path, lora_dir: Path, out: Path, probe: dict, tolerance: flo
     log.info("merged vs adapter logits (text vocabulary and readouts) over %d tokens: max |diff| = %.3g "
              "(tolerance %.3g)", ids.shape[1], diff, tolerance)
     if diff > tolerance:
-        raise RuntimeError(f"merged model's logits differ from the adapter model's by {diff:.3g} (> {tolerance:.3g})")
+        raise StepFailed(f"merged model's logits differ from the adapter model's by {diff:.3g} (> {tolerance:.3g})")
     shutil.rmtree(out, ignore_errors=True)
     merged.save_pretrained(out)
     AutoTokenizer.from_pretrained(base_dir).save_pretrained(out)

@@ -10,6 +10,11 @@ from __future__ import annotations
 from typing import NamedTuple
 
 
+class StepFailed(RuntimeError):
+    """A step stopped for a reason it can name: a library or device this machine lacks, a download or tool that
+    failed, a check of its own output that failed. `python -m compile` logs it as one line and exits 1."""
+
+
 class Step(NamedTuple):
     name: str           # as in `python -m compile <step>` and in the presets
     module: str

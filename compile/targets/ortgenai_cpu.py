@@ -24,6 +24,7 @@ import subprocess
 import sys
 
 from compile.targets import BuildContext, BuildResult
+from compile.steps import StepFailed
 from compile.targets.measure import (
     OrtGenaiRunner, TorchRunner, bundle_generate_logit_weight, latency_prompt, load_average, load_probes,
     measure_latency, measure_quality, mode_latency_ms, quality_ok)
@@ -42,7 +43,7 @@ def run_model_builder(source, out, precision: str, cache) -> None:
                "-o", str(out), "-p", precision, "-e", "cpu", "-c", str(cache)]
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
-        raise RuntimeError(f"onnxruntime-genai model builder failed ({' '.join(command)}):\n{done.stderr[-4000:]}")
+        raise StepFailed(f"onnxruntime-genai model builder failed ({' '.join(command)}):\n{done.stderr[-4000:]}")
 
 
 def set_threads(model_dir, threads: int) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 
@@ -19,3 +20,15 @@ def test_a_refused_step_says_why_in_one_line_and_exits_1(tmp_path, args, reason)
     done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 1, done.stderr[-2000:]
     assert reason in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
+
+
+def test_a_build_for_a_library_this_machine_lacks_says_so_in_one_line(tiny_llm_bundle):
+    """A failure the step can name (StepFailed: here TensorRT-LLM missing) is one line with the install hint."""
+    pytest.importorskip("torch")
+    if importlib.util.find_spec("tensorrt_llm") is not None:
+        pytest.skip("TensorRT-LLM is installed here")
+    argv = [sys.executable, "-m", "compile", "build", "--bundle", str(tiny_llm_bundle), "--target", "trtllm"]
+    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "build failed: --target trtllm needs tensorrt_llm, which is not installed here" in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
