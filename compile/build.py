@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from compile.steps import StepFailed
 from compile.targets import BUILDERS, BuildContext
 from palr.bundle import Bundle, file_checksums, fingerprint
 from palr.builds import SOURCE, artifact_name, open_build, ranker_version
@@ -137,12 +138,22 @@ def served_generate_tokens(bundle: Bundle) -> tuple[int, str]:
     return round(k * (1 + mean)), f"llm/ranker.json: {k} title lines of 1 label + {mean:.1f} tokens on average"
 
 
-def build_inputs(bundle: Bundle) -> list[str]:
+# the build a target's latency is measured against when the bundle has one (ortgenai-cpu must beat the hf-cpu
+# build that serves the modes it does not win: compile/targets/ortgenai_cpu.py served_torch)
+LATENCY_BASELINES = {"ortgenai-cpu": "hf-cpu"}
+
+
+def build_inputs(bundle: Bundle, target: str) -> list[str]:
     """Versions of what a build reads: the merged model, and (where the bundle has them) the ranker, whose
-    generate logit weight and answer length the builds measure with, and the SFT data, whose validation
-    users are the quality probes. A refit ranker.json leaves the merged weights byte-identical, yet its
-    build must be measured again."""
-    return [bundle.version(SOURCE)] + [bundle.version(name) for name in ("ranker", "sft_data") if bundle.has(name)]
+    generate logit weight and answer length the builds measure with, the SFT data, whose validation
+    users are the quality probes, and the build it is timed against (`LATENCY_BASELINES`). A refit
+    ranker.json leaves the merged weights byte-identical, and a rebuilt baseline leaves this build's
+    inputs as they were, yet either way the build must be measured again."""
+    names = [SOURCE] + [name for name in ("ranker", "sft_data") if bundle.has(name)]
+    baseline = LATENCY_BASELINES.get(target)
+    if baseline and bundle.has(artifact_name(baseline)):
+        names.append(artifact_name(baseline))
+    return [bundle.version(name) for name in names]
 
 
 def options_record(config: BuildConfig) -> dict:
@@ -159,7 +170,8 @@ def run(config: BuildConfig) -> Path:
     spec = target_spec(target)
     name = artifact_name(target)
     step = f"build:{target}"
-    step_fp = fingerprint(step, VERSION, options_record(config) | {"target": target}, build_inputs(bundle))
+    step_fp = fingerprint(step, VERSION, options_record(config) | {"target": target},
+                          build_inputs(bundle, target))
     if not config.force and bundle.has(name) and bundle.manifest.steps.get(step, {}).get("fingerprint") == step_fp:
         path, entry = open_build(bundle, target)  # refuses a build made for other hardware or changed since
         log.info("build: %s is current and fits this machine (%s, %s); skipping", path, entry.get("device_name"),
@@ -168,31 +180,31 @@ def run(config: BuildConfig) -> Path:
     machine = Machine.detect(spec.device)
     missing = [lib for lib in spec.pinned if not machine.libraries.get(lib)]
     if missing:
-        raise RuntimeError(f"--target {target} needs {', '.join(missing)}, which is not installed here. "
+        raise StepFailed(f"--target {target} needs {', '.join(missing)}, which is not installed here. "
                            f"{INSTALL_HINTS[target]}")
     if spec.device == "cuda" and not machine.gpu_count:
-        raise RuntimeError(f"--target {target} builds for an NVIDIA GPU and this machine has no CUDA device "
+        raise StepFailed(f"--target {target} builds for an NVIDIA GPU and this machine has no CUDA device "
                            f"({machine.describe()}); build it on the GPU it will serve on, or use --target hf-cpu")
     started = time.perf_counter()
     final = bundle.root / "engines" / target
     final.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{target}.building."))  # one per build process
     if not config.generate_tokens:
         tokens, why = served_generate_tokens(bundle)
         config = dataclasses.replace(config, generate_tokens=tokens)
         log.info("build: a generate-mode request writes %d tokens (%s)", tokens, why)
     builder = importlib.import_module(f"compile.targets.{BUILDERS[target]}")
     log.info("build: %s on %s", target, machine.describe(spec.pinned))
-    try:
+    scratch = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{target}.building."))  # one per build process
+    try:  # whatever fails or is interrupted until the swap leaves no scratch directory behind
         result = builder.build(BuildContext(config, machine, bundle, bundle.path(SOURCE), scratch))
+        files = file_checksums(scratch)  # before the swap: a big engine takes a minute to hash
+        # the swap: from here to save() the manifest names the old build's checksums over the new files (a
+        # server starting meanwhile refuses to); milliseconds, not the hashing time
+        shutil.rmtree(final, ignore_errors=True)
+        scratch.rename(final)
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
-    files = file_checksums(scratch)  # before the swap: a big engine takes a minute to hash
-    # the swap: from here to save() the manifest names the old build's checksums over the new files (a
-    # server starting meanwhile refuses to); milliseconds, not the hashing time
-    shutil.rmtree(final, ignore_errors=True)
-    scratch.rename(final)
     seconds = time.perf_counter() - started
     entry = bundle.add_artifact(name, final.relative_to(bundle.root), files=files, **machine.build_record(spec),
                                 **result.meta, source=bundle.version(SOURCE), ranker=ranker_version(bundle),

@@ -14,6 +14,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (pip install -e '.[ortgenai]')")
 
 from compile import build  # noqa: E402
+from compile.build import build_inputs  # noqa: E402
 from palr.bundle import Bundle  # noqa: E402
 from palr.builds import BuildMismatch  # noqa: E402
 from palr.machine import library_version  # noqa: E402
@@ -58,6 +59,19 @@ def reference(ortgenai_bundle):
     model, tokenizer = load_causal_lm(Bundle.open(ortgenai_bundle).path("llm_merged"))
     labels = label_ids(tokenizer, 20)
     return model, labels
+
+
+def test_a_new_hf_cpu_build_makes_the_ortgenai_build_measured_against_the_old_one_stale(ortgenai_bundle, tmp_path):
+    """ortgenai-cpu is timed against the bundle's hf-cpu build: once that is (re)built, the ortgenai build's step
+    is no longer current (it was skipped as current, and kept routing modes it no longer wins)."""
+    bundle = Bundle.open(copy_bundle(ortgenai_bundle, tmp_path / "bundle"))
+    before = {target: build_inputs(bundle, target) for target in ("ortgenai-cpu", "hf-cpu")}
+    hf_cpu = bundle.root / "engines" / "hf-cpu"
+    hf_cpu.mkdir()
+    (hf_cpu / "config.json").write_text("{}")
+    bundle.add_artifact("engine:hf-cpu", "engines/hf-cpu")
+    assert build_inputs(bundle, "ortgenai-cpu") != before["ortgenai-cpu"]
+    assert build_inputs(bundle, "hf-cpu") == before["hf-cpu"]
 
 
 def test_build_records_the_onnx_model_and_what_it_measured(ortgenai_bundle):
