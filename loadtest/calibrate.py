@@ -130,6 +130,8 @@ def calibrate(config: CalibrateConfig) -> Path:
     config.out.parent.mkdir(parents=True, exist_ok=True)
     csv_prefix = config.out.with_suffix("")
     load = f"locustfile default mix, -u {config.users} -t {config.duration} {config.locust_args}".strip()
+    stats_csv = Path(f"{csv_prefix}_stats.csv")
+    stats_csv.unlink(missing_ok=True)  # an earlier run's: Locust writes it only once its options were accepted
     if config.ranking:
         if not config.retrieval:
             raise ValueError("--ranking needs --retrieval (the load includes Retrieve calls)")
@@ -140,7 +142,9 @@ def calibrate(config: CalibrateConfig) -> Path:
         with two_tier(TwoTierConfig(bundle=config.bundle, log_dir=config.out.parent,
                                     ranking_args=config.ranking_args)) as (retrieval, ranking):
             run = run_locust(ranking.target, retrieval.target, config, csv_prefix)
-    stats_csv = Path(f"{csv_prefix}_stats.csv")
+    if run.returncode not in (0, 1):  # 1: some calls failed (judged against the error budget below); else a crash
+        raise RuntimeError(f"Locust exited {run.returncode} (refused options or crashed); nothing written:\n"
+                           f"{run.stdout[-3000:]}")
     if not stats_csv.exists():
         raise RuntimeError(f"Locust wrote no statistics (exit {run.returncode}):\n{run.stdout[-3000:]}")
     stats = read_stats(stats_csv)

@@ -37,6 +37,20 @@ def test_limits_round_up_to_two_significant_digits_and_respect_the_floor():
     assert not math.isnan(limit_ms(0.0, 1.5, 0))
 
 
+def test_a_locust_run_that_refuses_its_options_writes_nothing_not_an_earlier_runs_numbers(tmp_path):
+    """An unknown option in --locust-args: Locust exits 2 before it writes statistics; the previous calibration's CSV beside
+    the output used to be read as this run's, and a new SLO file written from it."""
+    out = tmp_path / "calibrated.toml"
+    stale = tmp_path / "calibrated_stats.csv"
+    stale.write_text("Type,Name,Request Count,Failure Count,50%,95%,99%\n"
+                     "grpc,Recommend/score,40,0,120,200,260\n,Aggregated,40,0,120,200,260\n")
+    config = CalibrateConfig(out=out, users=1, duration="2s", locust_args="--no-such-option 6", ranking="127.0.0.1:1",
+                             retrieval="127.0.0.1:1")
+    with pytest.raises(RuntimeError, match="Locust exited 2"):
+        calibrate(config)
+    assert not out.exists() and not stale.exists()
+
+
 LOAD = "--k 3 --candidates 6 --generate-share 0 --retrieve-share 0.3"
 
 
