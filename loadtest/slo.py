@@ -165,9 +165,12 @@ def _merged(rows: list):
 def gate(environment, profile: SloProfile) -> bool:
     """Logs every check and sets Locust's exit code: EXIT_BROKEN when any SLO is broken, else 0 (so
     failures within the error budget do not fail the run). Returns True when the gate passed."""
+    from locust import log as locust_log
+
     checks, unexercised = evaluate(profile, environment.stats)
     empty = not environment.stats.total.num_requests
     raised = task_exceptions(environment.runner)
+    crashed = locust_log.unhandled_greenlet_exception  # Locust's own exit-2 rule, which our exit code would hide
     broken = [c for c in checks if c.broken]
     log.info("SLO gate %s%s", profile.path, "" if profile.measured else
              " (limits derived on paper, not yet measured on this target)")
@@ -178,14 +181,17 @@ def gate(environment, profile: SloProfile) -> bool:
     if raised:
         log.error("SLO gate BROKEN: the load test's task code raised %d time(s), so calls it meant to make were not "
                   "made: %s", sum(count for count, _ in raised), "; ".join(f"{count}x {msg}" for count, msg in raised))
+    if crashed:
+        log.error("SLO gate BROKEN: Locust logged an unhandled exception (an event listener or greenlet failed; see "
+                  "its traceback above), so the run may not have done what it was set to")
     if empty:
         log.error("SLO gate BROKEN: the run recorded no requests at all")
     elif broken:
         log.error("SLO gate BROKEN: %d of %d limits exceeded: %s", len(broken), len(checks),
                   "; ".join(f"{c.rpc} {c.what} {c.measured:g} > {c.limit:g}" for c in broken))
-    elif not raised:
+    elif not (raised or crashed):
         log.info("SLO gate passed: %d limits held", len(checks))
-    passed = not (empty or broken or raised)
+    passed = not (empty or broken or raised or crashed)
     environment.process_exit_code = 0 if passed else EXIT_BROKEN
     return passed
 

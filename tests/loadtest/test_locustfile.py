@@ -62,6 +62,22 @@ def test_bad_slo_files_are_refused_naming_the_problem(tmp_path, text, message):
     assert message in str(error.value) and str(path) in str(error.value)
 
 
+def test_an_unhandled_exception_locust_logged_breaks_a_gate_whose_limits_held(tmp_path):
+    """Locust exits 2 after an unhandled greenlet exception (a failed event listener); the gate's exit code used
+    to override that with 0 when every limit held. In a subprocess: Locust's import patches gevent."""
+    path = write(tmp_path / "slo.toml", "[rpc.Retrieve]\np95_ms = 1000\n")
+    script = (f"import locust.log\nfrom locust.env import Environment\nfrom loadtest.slo import SloProfile, gate\n"
+              f"profile = SloProfile.load({str(path)!r})\nenv = Environment()\n"
+              f"env.stats.log_request('grpc', 'Retrieve', 5, 10)\n"
+              f"print('clean', gate(env, profile), env.process_exit_code)\n"
+              f"locust.log.unhandled_greenlet_exception = True\n"
+              f"print('crashed', gate(env, profile), env.process_exit_code)\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("\n")[:2] == ["clean True 0", f"crashed False {EXIT_BROKEN}"], done.stdout
+    assert "SLO gate BROKEN: Locust logged an unhandled exception" in done.stderr
+
+
 # -- Locust over gRPC against both real servers ----------------------------------------------------------
 
 @pytest.fixture(scope="module")
