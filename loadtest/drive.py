@@ -27,14 +27,15 @@ import numpy as np
 
 from loadtest.baselines import strategy_engine
 from loadtest.report import CpuTimes, cpu_share
-from ranking_server.engines.base import EngineRequest, EngineStats, RankingEngine
+from ranking_server.engines.base import EngineRequest, EngineStats, RankingEngine, mean_batch
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class DriveResult:
-    """Latencies of one run (in request order) and the engine's counters after it."""
+    """Latencies of one run (in request order), the engine's counters after it (since it was made) and the batch
+    sizes of this run's own steps."""
 
     strategy: str
     concurrency: int
@@ -45,6 +46,7 @@ class DriveResult:
     cached_tokens: list[int] = field(default_factory=list)  # per answered request, aligned with latencies_ms
     answer_reused: list[bool] = field(default_factory=list)  # per answered request: an AnswerCache hit
     cpu_share: dict[str, float] = field(default_factory=dict)  # what else had the machine meanwhile (report.cpu_share)
+    batch_size_hist: dict[int, int] = field(default_factory=dict)  # this run's steps by batch size (no warm-up)
 
     @property
     def throughput_rps(self) -> float:
@@ -59,7 +61,7 @@ class DriveResult:
                 "throughput_rps": round(self.throughput_rps, 4),
                 "p50_ms": round(self.percentile_ms(50), 1), "p95_ms": round(self.percentile_ms(95), 1),
                 "mean_ms": round(float(np.mean(self.latencies_ms)), 1) if self.latencies_ms else None,
-                "mean_batch": self.stats.mean_batch if self.stats else None, **self.cpu_share}
+                "mean_batch": mean_batch(self.batch_size_hist) if self.stats else None, **self.cpu_share}
 
 
 class _Calls:
@@ -73,6 +75,7 @@ class _Calls:
         self.reused: list[bool] = [False] * len(requests)
         self.errors: Counter[str] = Counter()
         self.cpu_before = CpuTimes.now()
+        self.steps_before = Counter(engine.stats().batch_size_hist)  # an engine used before: not this run's steps
 
     async def send(self, i: int, since: float) -> None:
         """Request i (its id made unique per run); its latency runs from `since` (a perf_counter time)."""
@@ -88,9 +91,11 @@ class _Calls:
 
     def result(self, strategy: str, concurrency: int, wall_s: float) -> DriveResult:
         answered = [i for i, x in enumerate(self.latencies) if x is not None]
+        stats = self.engine.stats()
         return DriveResult(strategy or self.engine.name, concurrency, wall_s, [self.latencies[i] for i in answered],
-                           dict(self.errors), self.engine.stats(), [self.cached[i] for i in answered],
-                           [self.reused[i] for i in answered], cpu_share(self.cpu_before, CpuTimes.now()))
+                           dict(self.errors), stats, [self.cached[i] for i in answered],
+                           [self.reused[i] for i in answered], cpu_share(self.cpu_before, CpuTimes.now()),
+                           dict(Counter(stats.batch_size_hist) - self.steps_before))
 
 
 async def drive(engine: RankingEngine, requests: Sequence[EngineRequest], concurrency: int,

@@ -178,6 +178,12 @@ class EngineResult:
     answer_reused: bool = False  # the answer to an identical earlier request (`AnswerCache`): no model time
 
 
+def mean_batch(batch_size_hist: dict[int, int]) -> float:
+    """Requests per step of a {batch size: steps} histogram (0.0 when it has no steps), to 2 decimals."""
+    steps = sum(batch_size_hist.values())
+    return round(sum(k * v for k, v in batch_size_hist.items()) / steps, 2) if steps else 0.0
+
+
 @dataclass
 class EngineStats:
     """A snapshot for metrics and the benchmark. Histograms map a size to how many steps had it."""
@@ -210,8 +216,7 @@ class EngineStats:
     @property
     def mean_batch(self) -> float:
         """Requests per engine step, averaged over the steps that ran (0.0 before any)."""
-        steps = sum(self.batch_size_hist.values())
-        return round(sum(k * v for k, v in self.batch_size_hist.items()) / steps, 2) if steps else 0.0
+        return mean_batch(self.batch_size_hist)
 
     @property
     def tokens_per_s(self) -> float:

@@ -11,7 +11,7 @@ pytest.importorskip("torch")
 
 from palr.llm import load_causal_lm  # noqa: E402
 from loadtest.baselines import STRATEGIES, strategy_engine  # noqa: E402
-from ranking_server.engines.base import EngineRequest  # noqa: E402
+from ranking_server.engines.base import EngineRequest, mean_batch  # noqa: E402
 from loadtest.drive import compare, drive, ratio  # noqa: E402
 from ranking_server.engines.config import EngineConfig  # noqa: E402
 
@@ -42,6 +42,20 @@ def test_compare_drives_every_strategy_with_the_same_requests(model, mode):
     assert results["sequential"].stats.max_active == 1
     assert results["inflight"].stats.max_active > 1  # concurrency 4 really batched
     assert ratio(2.0, 4.0) == 0.5
+
+
+def test_mean_batch_counts_only_the_runs_own_steps(model):
+    """One engine driven one at a time, then at concurrency 4 (as bench_gpu does level after level): the second
+    run's mean batch is its own, not its engine's lifetime mean pulled toward the first run's batch size 1."""
+    engine = strategy_engine("inflight", model, EngineConfig(max_batch_size=4, max_tokens_per_step=256))
+    try:
+        alone = asyncio.run(drive(engine, requests("score", 16), concurrency=1))
+        together = asyncio.run(drive(engine, requests("score", 16), concurrency=4))
+    finally:
+        engine.close()
+    assert alone.summary()["mean_batch"] == 1.0
+    assert sum(together.batch_size_hist.values()) + sum(alone.batch_size_hist.values()) == together.stats.steps
+    assert together.summary()["mean_batch"] == mean_batch(together.batch_size_hist) > together.stats.mean_batch
 
 
 def test_drive_counts_errors_instead_of_stopping(model):
