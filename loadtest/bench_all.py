@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import statistics
 import time
 from collections.abc import Iterator
@@ -304,8 +305,14 @@ def _ratio_rounds(runs: dict[Cell, list[dict]], n_rounds: int) -> Iterator[tuple
         for number in range(n_rounds):
             top, bottom = (next((r for r in runs.get(cell, []) if r["round"] == number), None)
                            for cell in (numerator, denominator))
-            if top and bottom and top.get(top_metric) and bottom.get(bottom_metric):
+            if top and bottom and measured(top.get(top_metric)) and measured(bottom.get(bottom_metric)):
                 yield name, number, round(top[top_metric] / bottom[bottom_metric], 4), [top, bottom]
+
+
+def measured(value) -> bool:
+    """A metric a ratio can use: a positive finite number (a cell whose requests all failed has NaN percentiles and
+    0 throughput; NaN is truthy and made medians depend on where it sat)."""
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
 def round_ratios(runs: dict[Cell, list[dict]], n_rounds: int) -> dict[str, list[float]]:
@@ -338,16 +345,19 @@ def cell_rows(runs: dict[Cell, list[dict]]) -> list[dict]:
                        *CONTEXT_METRICS, *ANSWER_METRICS):
             if (metric in MIXED_METRICS and cell.mode != MIXED) or not any(metric in s for s in summaries):
                 continue
-            values = [s[metric] for s in summaries if s.get(metric) is not None]
+            values = [s[metric] for s in summaries if s.get(metric) is not None and math.isfinite(s[metric])]
             digits = 4 if metric == "throughput_rps" else 3 if metric == "answer_hit_p50_ms" else 1  # a hit: ~0.1 ms
             row[metric] = round(statistics.median(values), digits) if values else None
         row["errors"] = sum(sum(s["errors"].values()) for s in summaries)
         row["runs"] = summaries
         rows.append(row)
-    baseline = {(r["mode"], r["concurrency"]): r for r in rows
-                if r["strategy"] == "sequential" and r["prefix_reuse"] and r["model"] == "fp32 merged"}
+    def setting(row: dict) -> tuple:  # a row is compared with the one-at-a-time cell of the same engine settings only
+        return (row["mode"], row["concurrency"], row["model"], row["prefix_reuse"], row["context_reuse"],
+                row["answer_cache"])
+
+    baseline = {setting(r): r for r in rows if r["strategy"] == "sequential"}
     for row in rows:
-        base = baseline.get((row["mode"], row["concurrency"]))
+        base = baseline.get(setting(row))
         if base:
             row.update(vs_within_rounds(row["runs"], base["runs"]))
     return rows
@@ -377,7 +387,8 @@ def vs_within_rounds(runs: list[dict], base_runs: list[dict]) -> dict:
     out: dict = {}
     for metric, name in (("throughput_rps", "vs_sequential_throughput"), ("p95_ms", "vs_sequential_p95")):
         per_round = {r["round"]: r[metric] / base_by_round[r["round"]][metric] for r in runs
-                     if r["round"] in base_by_round and r.get(metric) and base_by_round[r["round"]].get(metric)}
+                     if r["round"] in base_by_round and measured(r.get(metric))
+                     and measured(base_by_round[r["round"]].get(metric))}
         if per_round:
             out[name] = round(statistics.median(per_round.values()), 2)
             out[f"{name}_runs"] = [round(per_round[k], 3) for k in sorted(per_round)]

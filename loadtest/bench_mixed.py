@@ -21,6 +21,7 @@ decode pass and the mix is score-like throughout. Writes reports/bench_mixed.jso
 
 from __future__ import annotations
 
+import logging
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -29,6 +30,8 @@ from pathlib import Path
 from loadtest.bench_ranking import (load_workload, mixed_modes, per_mode, request_order, server_engine_config,
                                     workload_batch)
 from loadtest.report import CPU_SHARE_KEYS, disturbance, disturbed, machine_info, markdown_table, write_report
+
+log = logging.getLogger(__name__)
 
 STRATEGIES = ("static", "inflight")
 CLOSED_CONCURRENCY = 16
@@ -84,6 +87,10 @@ def run(config: MixedBenchConfig) -> dict:
         closed = {s: cell(s) for s in strategies}
         capacity = closed["static"]["throughput_rps"]
         rows += [{"round": number, "arrivals": "closed", "load": None, **closed[s]} for s in STRATEGIES]
+        if not capacity > 0:
+            log.warning("round %d: static batching answered nothing (errors %s); its open-loop cells are skipped, "
+                        "they are set as fractions of its throughput", number, closed["static"]["errors"])
+            continue
         for load in config.loads:
             rows += [{"round": number, "arrivals": "open", "load": load, "rate_rps": round(load * capacity, 3),
                       **cell(s, load * capacity)} for s in strategies]

@@ -11,6 +11,7 @@ Reported per cell: throughput and each mode's p50/p95; writes reports/bench_rout
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,6 +19,8 @@ from pathlib import Path
 from loadtest.bench_ranking import (load_workload, mixed_modes, per_mode, request_order, server_engine_config,
                                     workload_batch)
 from loadtest.report import machine_info, markdown_table, write_report
+
+log = logging.getLogger(__name__)
 
 SETUPS = ("one engine", "router, at once", "router, in turns")
 CONCURRENCY = 16
@@ -79,6 +82,10 @@ def run(config: RouterBenchConfig) -> dict:
         closed = {s: cell(s) for s in setups}
         rate = config.load * closed["one engine"]["throughput_rps"]
         rows += [{"round": number, **closed[s]} for s in SETUPS]
+        if not rate > 0:
+            log.warning("round %d: one engine answered nothing (errors %s); the open-loop cells, set as a fraction "
+                        "of its throughput, are skipped", number, closed["one engine"]["errors"])
+            continue
         rows += [{"round": number, **cell(s, rate)} for s in setups]
     report = {"benchmark": "router", "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
               "machine_before": before, "workload": workload.describe(), "rows": rows,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from loadtest.bench_all import cell_rows, disturbed_ratio_rounds, strategy_cells, vs_within_rounds
+from loadtest.bench_all import cell_rows, disturbed_ratio_rounds, round_ratios, strategy_cells, vs_within_rounds
 from loadtest.bench_ranking import Cell
 from loadtest.utilisation import (
     MATMUL_DTYPE, engine_row, flops_per_s, matmul_flops, matmul_shares, non_embedding_parameters, prefill_flops,
@@ -85,6 +85,21 @@ def test_vs_sequential_is_taken_within_one_round():
     assert rows[("sequential", 16)]["vs_sequential_throughput"] == 1.0
 
 
+def test_vs_sequential_compares_a_cell_with_the_one_at_a_time_cell_of_its_own_engine_settings():
+    """The hf-cpu build's in-flight cell against the build's own one-at-a-time cell, not the fp32 model's; a cell
+    without a one-at-a-time twin (no prefix reuse) gets no "vs" figure instead of one against other settings."""
+    runs = {Cell("score", "inflight", 16): [summary(0, 2.0, 8000)],
+            Cell("score", "sequential", 16): [summary(0, 1.0, 16000)],
+            Cell("score", "inflight", 16, build=True): [summary(0, 3.0, 4000)],
+            Cell("score", "sequential", 16, build=True): [summary(0, 2.0, 6000)],
+            Cell("score", "inflight", 16, prefix_reuse=False): [summary(0, 1.5, 9000)]}
+    rows = {r["cell"]: r for r in cell_rows(runs)}
+    assert rows["score/inflight/c16"]["vs_sequential_throughput"] == 2.0
+    build = next(r for r in rows.values() if r["model"] == "hf-cpu build" and r["strategy"] == "inflight")
+    assert build["vs_sequential_throughput"] == 1.5 and build["vs_sequential_p95"] == 0.67
+    assert "vs_sequential_throughput" not in rows["score/inflight/c16/no-prefix-reuse"]
+
+
 def test_the_strategy_tables_and_plots_leave_out_the_answer_cache_cell():
     """Its repeats are answered without the model (p50 ~0.2 ms): beside the strategies it read as a second,
     1000x faster in-flight engine at c=1."""
@@ -112,6 +127,20 @@ def test_a_ratio_names_the_rounds_in_which_either_of_its_cells_was_disturbed():
     assert rounds["inflight_vs_sequential_p95_c16_score"] == [1, 2]
     assert "prefix_reuse_on_vs_off_latency" not in rounds  # its other cell never ran
     assert "context_hit_vs_miss_latency" not in rounds  # its cell ran (disturbed) without the metric: no value
+
+
+def test_a_round_whose_cell_answered_nothing_gives_no_ratio_and_no_nan_median():
+    """Round 1's in-flight cell failed every request: NaN percentiles, 0 throughput. Its round gives no value (NaN
+    is truthy; it used to enter the median, whose result then depended on the NaN's position)."""
+    nan = float("nan")
+    failed = {**summary(1, 0.0, nan), "errors": {"EngineError": 16}}
+    runs = {Cell("score", "inflight", 16): [summary(0, 2.0, 10), failed, summary(2, 3.0, 12)],
+            Cell("score", "sequential", 16): [summary(0, 1.0, 20), summary(1, 1.0, 20), summary(2, 1.0, 20)]}
+    ratios = round_ratios(runs, 3)
+    assert ratios["inflight_vs_sequential_throughput_c16_score"] == [2.0, 3.0]
+    assert ratios["inflight_vs_sequential_p95_c16_score"] == [0.5, 0.6]
+    row = next(r for r in cell_rows(runs) if r["strategy"] == "inflight")
+    assert row["p95_ms"] == 11.0 and row["errors"] == 16
 
 
 def test_vs_within_rounds_without_a_shared_round_gives_nothing():
