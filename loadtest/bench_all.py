@@ -180,13 +180,21 @@ class BenchConfig:
 
 
 def sweep_cells(config: BenchConfig) -> list[Cell]:
-    """Round 1: every mode × concurrency × strategy, plus the prefix-reuse-off cell. The strategies
-    of one level run next to each other, in reversed order every other level (drift hits all alike)."""
+    """Round 1: every concurrency × mode × strategy, plus the cells only the ratios need (reuse off, the build,
+    the mixed cell). The strategies of one level run next to each other, in reversed order every other level
+    (drift hits all alike); the modes of one concurrency next to each other; and each ratio-only cell right
+    after the sweep cell it is divided by, so the two sides of every ratio are measured minutes apart at most,
+    not a whole sweep apart."""
     cells = []
-    for level, (mode, c) in enumerate((mode, c) for mode in config.modes for c in config.concurrency):
+    for level, (c, mode) in enumerate((c, mode) for c in config.concurrency for mode in config.modes):
         strategies = config.strategies if level % 2 == 0 else list(reversed(config.strategies))
         cells += [Cell(mode, strategy, c) for strategy in strategies]
-    return cells + [c for c in headline_cells(config) if c not in cells]
+    for cell in [c for c in headline_cells(config) if c not in cells]:
+        partners = [cells.index(other) for numerator, denominator, _ in RATIOS.values()
+                    for mine, other in ((numerator, denominator), (denominator, numerator))
+                    if mine == cell and other in cells]
+        cells.insert(max(partners) + 1 if partners else len(cells), cell)
+    return cells
 
 
 def headline_cells(config: BenchConfig) -> list[Cell]:

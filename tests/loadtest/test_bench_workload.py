@@ -153,3 +153,15 @@ def test_the_answer_cache_cell_answers_each_users_repeats_from_the_cache(tiny_ll
     assert summary["ok"] == 5 and summary["errors"] == {}
     assert (summary["answer_hits"], summary["answer_misses"]) == (3, 2)
     assert summary["answer_hit_p50_ms"] is not None and summary["answer_miss_p50_ms"] is not None
+
+
+def test_the_first_round_measures_both_sides_of_every_ratio_a_few_cells_apart():
+    """Round 0 ran the ratio-only cells (reuse off, answer cache, the build) after the whole sweep, half an hour
+    after the in-flight c1 cell they are divided by; with --quick (one round) that was the only value."""
+    from loadtest.bench_all import RATIOS
+
+    cells = sweep_cells(BenchConfig(concurrency=[1, 16], build_cells=True))
+    assert len(cells) == len(set(cells))
+    gaps = {name: abs(cells.index(top) - cells.index(bottom)) for name, (top, bottom, _) in RATIOS.items()
+            if top in cells and bottom in cells}
+    assert len(gaps) >= 10 and max(gaps.values()) <= len(cells) // 3, gaps
