@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from loadtest.report import machine_info, markdown_table, percentiles_ms, write_report
-from loadtest.servers import ServerProcess, free_port, scrape_metrics
+from loadtest.servers import ServerProcess, free_port, scrape_metrics, stop_all
 
 log = logging.getLogger(__name__)
 
@@ -171,8 +171,7 @@ def rpc_latency(bundle, config: RetrievalBenchConfig) -> list[dict]:
             rows += measure_level(servers, users, config, concurrency).values()
         return rows
     finally:
-        for server, _ in servers.values():
-            server.stop()
+        stop_all(server for server, _ in servers.values())
 
 
 def measure_level(servers: dict[str, tuple[ServerProcess, int]], users: list[str], config: RetrievalBenchConfig,

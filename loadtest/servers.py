@@ -3,6 +3,7 @@ with SIGTERM and read its exit code. Used by the demo, the benchmarks and the dr
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -12,13 +13,15 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from palr.serving.channels import open_channel
+
+log = logging.getLogger(__name__)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -134,3 +137,21 @@ class ServerProcess:
             self.stop()
         finally:
             self.kill()
+
+
+def stop_all(servers: Iterable[ServerProcess]) -> None:
+    """Each server drained and stopped, whatever the others did: none is left running. An interrupt while they
+    drain kills the ones not yet stopped, then goes on up."""
+    servers = list(servers)
+    for i, server in enumerate(servers):
+        try:
+            code = server.stop()
+        except RuntimeError as e:  # it did not drain in time and was killed
+            log.warning("%s", e)
+            continue
+        except BaseException:
+            for rest in servers[i:]:
+                rest.kill()
+            raise
+        if server.process is not None:
+            (log.info if code == 0 else log.warning)("%s stopped, exit code %d", server.module, code)

@@ -21,11 +21,11 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loadtest.servers import ServerProcess
+from loadtest.servers import ServerProcess, stop_all
 
 log = logging.getLogger("with_servers")
 
@@ -60,25 +60,7 @@ def two_tier(config: TwoTierConfig, own_session: bool = False) -> Iterator[tuple
             log.info("%s SERVING on %s after %.1f s (log: %s)", server.module, server.target, seconds, server.log_path)
         yield retrieval, ranking
     finally:
-        _stop_all(reversed(launched))
-
-
-def _stop_all(servers: Iterable[ServerProcess]) -> None:
-    """Each server drained and stopped, whatever the others did: none is left running. An interrupt while they
-    drain kills the ones not yet stopped, then goes on up."""
-    servers = list(servers)
-    for i, server in enumerate(servers):
-        try:
-            code = server.stop()
-        except RuntimeError as e:  # it did not drain in time and was killed
-            log.warning("%s", e)
-            continue
-        except BaseException:
-            for rest in servers[i:]:
-                rest.kill()
-            raise
-        if server.process is not None:
-            (log.info if code == 0 else log.warning)("%s stopped, exit code %d", server.module, code)
+        stop_all(reversed(launched))
 
 
 def _start(server: ServerProcess, timeout: float) -> float:
