@@ -116,7 +116,8 @@ class GrpcServer:
             await self._health_grpc.start()
         if self.config.metrics_port:
             try:
-                self._metrics_httpd, _ = start_http_server(self.config.metrics_port, addr=self.config.host)
+                # gRPC takes an IPv6 host in brackets ("[::]"); the HTTP server takes the bare address
+                self._metrics_httpd, _ = start_http_server(self.config.metrics_port, addr=self.config.host.strip("[]"))
             except OSError as e:
                 raise OSError(f"cannot serve metrics on {self.config.host}:{self.config.metrics_port}: {e}") from None
             self.metrics_port = self._metrics_httpd.server_port

@@ -154,6 +154,21 @@ def test_request_errors_keep_their_code_bugs_become_internal_and_the_server_keep
         server_loop.run(server.drain())
 
 
+def test_an_ipv6_host_in_brackets_serves_grpc_and_metrics(server_loop):
+    """`--host [::1]` (the bracketed form gRPC and the --help text use): the metrics port refused it ("Name or
+    service not known") and the server did not start."""
+    metrics_port = free_port()
+    server = start_server(server_loop, ServerConfig(host="[::1]", port=0, metrics_port=metrics_port))
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            assert call(channel, "Echo", b"v6") == b"v6"
+        assert server.metrics_port == metrics_port
+        samples = scrape_metrics(metrics_port, host="[::1]")
+        assert samples['test_plumbing_requests_total{code="OK"}'] >= 1
+    finally:
+        server_loop.run(server.drain())
+
+
 def test_oversized_request_is_resource_exhausted_and_the_server_keeps_serving(server_loop):
     server = start_server(server_loop, ServerConfig(port=0, max_message_bytes=1024))
     try:
