@@ -13,9 +13,9 @@ Engine (read from `engine.stats()` at every scrape, so they cost nothing per req
     ranking_engine_tokens_per_second        tokens run per second of engine busy time (since start)
     ranking_engine_tokens{kind}             prompt | cached (prefix KV reused) | generated, counters
     ranking_engine_requests{outcome}        completed | failed | aborted | rejected, counters
-    ranking_engine_context_cache{event}     hit | miss | evict of the per-user context KV cache, counters
+    ranking_engine_context_cache_total{event}  hit | miss | evict of the per-user context KV cache, counters
     ranking_engine_context_cache_bytes      memory the cached user contexts hold
-    ranking_engine_answer_cache{event}      hit | miss | evict of the answers kept for exact repeats
+    ranking_engine_answer_cache_total{event}   hit | miss | evict of the answers kept for exact repeats
     ranking_engine_steps, ranking_engine_busy_seconds, ranking_engine_mean_batch_size,
     ranking_engine_healthy
 """

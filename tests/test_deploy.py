@@ -44,7 +44,11 @@ def server_args(container: dict) -> argparse.Namespace:
 
 def test_every_manifest_parses_and_kustomize_lists_the_base_files():
     kinds = sorted(doc["kind"] for doc in documents())
-    assert kinds.count("Deployment") == 3 and kinds.count("Service") == 2  # ranking.yaml + ranking-trtllm.yaml
+    assert kinds.count("Deployment") == 3  # ranking.yaml + ranking-trtllm.yaml
+    services = {doc["metadata"]["name"]: doc["spec"] for doc in documents() if doc["kind"] == "Service"}
+    assert set(services) == {"retrieval-headless", "ranking", "ranking-headless"}
+    assert services["ranking-headless"]["clusterIP"] == "None"
+    assert services["ranking-headless"]["selector"] == services["ranking"]["selector"]
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     assert all((K8S / name).is_file() for name in kustomization["resources"])
 
@@ -70,6 +74,37 @@ def test_container_arguments_are_accepted_by_the_server_and_probes_use_its_healt
     # NOT_SERVING for a readiness period while still answering, then the drain: all before the kubelet's SIGKILL
     assert float(args.drain_delay) >= container["readinessProbe"]["periodSeconds"]
     assert grace > float(args.drain_delay) + float(args.grace)
+
+
+def test_the_containers_user_can_read_its_tls_secrets_and_the_bundle_claim_can_be_filled():
+    """Secret files are owned by root: the non-root user reads them through the pod's fsGroup and a group-readable
+    mode (0400 left them unreadable: every pod would exit "cannot serve: Permission denied"). The bundle claim is
+    written once by a Job, so it cannot be ReadOnlyMany; the serving pods mount it read-only."""
+    for deployment, container in deployments():
+        pod = deployment["spec"]["template"]["spec"]
+        user = pod["securityContext"]["runAsUser"]
+        assert user != 0 and pod["securityContext"].get("fsGroup") is not None, deployment["metadata"]["name"]
+        for volume in (v for v in pod["volumes"] if "secret" in v):
+            assert volume["secret"]["defaultMode"] & 0o040, volume  # group-readable (yaml reads 0440 as octal)
+        claims = [v for v in pod["volumes"] if "persistentVolumeClaim" in v]
+        assert claims and all(v["persistentVolumeClaim"]["readOnly"] for v in claims)
+    claim = next(doc for doc in documents() if doc["kind"] == "PersistentVolumeClaim")
+    assert "ReadWriteMany" in claim["spec"]["accessModes"]
+
+
+def test_the_gpu_image_installs_what_the_ranking_server_imports_beyond_the_ngc_base():
+    """The TensorRT-LLM image installs our package with --no-deps and lists the rest by hand; OpenTelemetry was
+    missing, and `python -m ranking_server` died on import (only --help worked). The NGC image brings torch,
+    transformers and safetensors; onnxruntime is the retrieval tier's."""
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    needed = project["dependencies"] + project["optional-dependencies"]["serve"]
+    names = {re.split(r"[<>=;\[ ]", r, maxsplit=1)[0] for r in needed} - {"torch", "transformers", "safetensors",
+                                                                            "onnxruntime"}
+    text = (DOCKER / "Dockerfile.trtllm").read_text()
+    installed = set(re.findall(r'"([A-Za-z0-9_.-]+)[<>=]', text))
+    assert names <= installed, names - installed
 
 
 def test_ranking_dials_the_headless_retrieval_service_with_round_robin_and_mutual_tls():
