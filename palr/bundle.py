@@ -266,6 +266,8 @@ def _readable(path: Path, files: dict[str, str]) -> None:
     if path.is_dir():
         targets += [(folder, 0o555) for folder in (path, *(p for p in path.rglob("*") if p.is_dir()))]
     for target, wanted in targets:
+        if target.is_symlink():  # a link to the caller's own files (compile base-model --base-model DIR): theirs
+            continue
         wanted &= allowed
         mode = target.stat().st_mode
         if mode & wanted != wanted:

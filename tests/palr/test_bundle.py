@@ -68,6 +68,24 @@ def test_manifest_and_artifacts_are_readable_by_other_users(tmp_path):
     assert stat.S_IMODE((tmp_path / "dir").stat().st_mode) & 0o555 == 0o555
 
 
+def test_an_artifact_that_links_to_the_callers_files_leaves_their_permissions_alone(tmp_path):
+    """compile base-model --base-model DIR links the caller's checkpoint into the bundle: making the artifact
+    readable used to chmod through the links (their 0600 files became 0644; someone else's failed)."""
+    import os
+    import stat
+
+    theirs = tmp_path / "checkpoint" / "model.safetensors"
+    theirs.parent.mkdir()
+    theirs.write_bytes(b"\0" * 10)
+    theirs.chmod(0o600)
+    b = Bundle.open_or_create(tmp_path / "bundle")
+    (tmp_path / "bundle" / "base").mkdir()
+    os.symlink(theirs, tmp_path / "bundle" / "base" / "model.safetensors")
+    b.add_artifact("base", "base")
+    assert stat.S_IMODE(theirs.stat().st_mode) == 0o600
+    assert b.artifact("base")["files"]["model.safetensors"]  # still hashed through the link
+
+
 def test_two_writers_keep_each_others_entries(tmp_path):
     """Two targets built at once on one bundle (a shared volume): each process saved the manifest it had
     opened plus its own entry, so the last save dropped the other's. Now a save merges with the disk."""
