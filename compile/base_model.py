@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from compile.fetch import gguf_path
 from compile.llm_common import config_record
 from compile.steps import StepFailed
 from palr.bundle import Bundle, fingerprint
@@ -37,7 +38,7 @@ CHECK_TEXT = "The user watched Toy Story (1995), Heat (1995) and Fargo (1996). N
 @dataclass
 class BaseModelConfig:
     bundle: Path = field(default=Path("bundle"), metadata={"help": "bundle directory"})
-    gguf: Path = field(default=Path("data/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
+    gguf: Path = field(default=gguf_path(Path("data")),
                        metadata={"help": "GGUF file of the embedded default LLM (used unless --base-model)"})
     base_model: Path | None = field(default=None, metadata={
         "help": "a local Llama-family Hugging Face checkpoint directory to use instead of the GGUF"})

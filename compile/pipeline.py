@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from compile.fetch import gguf_path
 from compile.presets import PRESETS, preset_for
 from compile.steps import ALL
 from compile.steps import STEPS as REGISTRY
@@ -36,12 +37,16 @@ class PipelineConfig:
     preset: str = field(default="full", metadata={"help": "option set for every step", "choices": sorted(PRESETS)})
     base_model: Path | None = field(default=None, metadata={
         "help": "ranking steps: a local Llama-family Hugging Face checkpoint to use instead of the embedded GGUF"})
+    gguf: Path | None = field(default=None, metadata={
+        "help": "the embedded LLM's GGUF (default: where `compile fetch` put it beside --data, "
+                "DATA_ROOT/models/smollm2/...)", "metavar": "FILE"})
 
 
 def step_config(config: PipelineConfig, step: Step, module: Any) -> Any:
-    """The step's config: dataclass defaults < preset < the pipeline's shared fields."""
-    return build_config(getattr(module, step.config_class), dataclasses.asdict(config),
-                        preset_for(config.preset, step.name))
+    """The step's config: dataclass defaults < preset < the pipeline's shared fields (the GGUF resolved beside the
+    dataset, as `compile fetch --data-dir` lays both out)."""
+    shared = dataclasses.asdict(config) | {"gguf": config.gguf or gguf_path(config.data.parent)}
+    return build_config(getattr(module, step.config_class), shared, preset_for(config.preset, step.name))
 
 
 def run(config: PipelineConfig) -> None:
