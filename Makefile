@@ -8,15 +8,18 @@ PY     := $(VENV)/bin/python
 BUNDLE ?= bundle
 PRESET ?= quick
 DATA   ?= data
+# where pip finds torch: empty = the configured indexes (here, a local mirror whose torch is the CPU wheel); on plain
+# PyPI, Linux's torch wheel is the CUDA build: TORCH_INDEX=https://download.pytorch.org/whl/cpu keeps it CPU-only
+TORCH_INDEX ?=
 
 .PHONY: install data demo test bundle clean-bundle protos loadtest bench
 
 # The CPU wheel of torch is pinned *before* anything that depends on torch, so pip never
-# resolves a CUDA build of several GB.
+# resolves a CUDA build of several GB (TORCH_INDEX: where that CPU wheel is, when the indexes' torch is CUDA).
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -m pip install --quiet -e '.[train,serve,test,loadtest,ortgenai]'
 	# torchao (extra cpu-quant: the hf-cpu build's int8 weight-only candidate) without its deps: keeps the torch pin
 	$(PY) -m pip install --quiet --no-deps torchao==0.18.0
