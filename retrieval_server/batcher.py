@@ -26,6 +26,11 @@ Result = TypeVar("Result")
 BatchFn = Callable[[Sequence[Item]], Sequence[Result]]
 
 
+class RunnerStopped(RuntimeError):
+    """The runner is not running (its loop died, or it is closing): the request was not run, so another
+    replica can take it as it is."""
+
+
 class MicroBatcher(Generic[Item, Result]):
     def __init__(self, run_batch: BatchFn, max_batch_size: int, window_s: float = 0.0,
                  on_stopped: Callable[[str], None] | None = None):
@@ -38,6 +43,7 @@ class MicroBatcher(Generic[Item, Result]):
         self._arrived = asyncio.Event()
         self._full = asyncio.Event()
         self._task: asyncio.Task | None = None
+        self._running: list[tuple[Item, asyncio.Future]] = []  # the batch in the worker now
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="micro-batcher")
@@ -50,19 +56,22 @@ class MicroBatcher(Generic[Item, Result]):
             return
         reason = f"micro-batcher stopped: {task.exception()!r}"
         log.error("%s; requests fail until the server restarts", reason)
-        self._fail_pending(RuntimeError(reason))
+        self._fail_pending(RunnerStopped(reason))
         if self.on_stopped is not None:
             self.on_stopped(reason)
 
     def _fail_pending(self, error: Exception) -> None:
-        while self._pending:
-            _, future = self._pending.popleft()
+        """Every request not answered yet, queued or in the batch that was running, gets `error`."""
+        waiting = [*self._pending, *self._running]
+        self._pending.clear()
+        for _, future in waiting:
             if not future.done():
                 future.set_exception(error)
 
     async def submit(self, item: Item) -> Result:
         if self._task is not None and self._task.done():
-            raise RuntimeError("micro-batcher is not running")
+            raise RunnerStopped(f"micro-batcher stopped: {self._task.exception()!r}" if not self._task.cancelled()
+                                and self._task.exception() else "micro-batcher is closed")
         future = asyncio.get_running_loop().create_future()
         self._pending.append((item, future))
         self._arrived.set()
@@ -75,15 +84,17 @@ class MicroBatcher(Generic[Item, Result]):
             self._task.cancel()
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await self._task
-        self._fail_pending(RuntimeError("server is shutting down"))
+        self._fail_pending(RunnerStopped("server is shutting down"))
         await asyncio.to_thread(self._executor.shutdown, True)  # a running call may take a while: not on the loop
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
+            self._running = []
             batch = await self._next_batch()
             if not batch:
                 continue
+            self._running = batch  # until answered: a close or a dying loop fails these too
             try:
                 results = await loop.run_in_executor(self._executor, self.run_batch, [item for item, _ in batch])
             except Exception as e:  # the callers get the error; the loop goes on

@@ -14,6 +14,7 @@ from palr.catalog import Catalog
 from palr.serving.errors import RequestError, check_known_ids, invalid_argument, request_id
 from palr.serving.validation import REQUEST_ID_RULE, check_item_id_count, check_user_id, loggable_request_id
 from recsys.v1 import retrieval_pb2, retrieval_pb2_grpc
+from retrieval_server.batcher import RunnerStopped
 from retrieval_server.metrics import COLD_STARTS, RETRIEVE, TRUNCATED
 from palr.sasrec_onnx import Query, Ranked
 
@@ -65,7 +66,9 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
 
     async def _ask_model(self, query: Query) -> Ranked:
         """The model's answer, or RESOURCE_EXHAUSTED at once when `max_queue` requests already wait for it:
-        under overload a caller learns it now and can go elsewhere, instead of waiting out its deadline."""
+        under overload a caller learns it now and can go elsewhere, instead of waiting out its deadline. A
+        runner that has stopped (its loop died; the server is closing) is UNAVAILABLE, the code callers' channels
+        retry on another replica (it was INTERNAL, which none retries)."""
         if self.max_queue and self._waiting >= self.max_queue:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f"{self._waiting} requests already wait for the model (--max-queue {self.max_queue}); "
@@ -73,6 +76,9 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
         self._waiting += 1
         try:
             return await self._model(query)
+        except RunnerStopped as e:
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, f"{e}; this replica cannot run the model, retry on "
+                                                            f"another") from None
         finally:
             self._waiting -= 1
 

@@ -8,7 +8,7 @@ import threading
 
 import pytest
 
-from retrieval_server.batcher import DirectRunner, MicroBatcher
+from retrieval_server.batcher import DirectRunner, MicroBatcher, RunnerStopped
 
 
 class Squares:
@@ -98,6 +98,31 @@ def test_a_cancelled_submission_leaves_the_others_alone():
     assert 100 not in [x for b in fn.batches for x in b]
 
 
+def test_close_fails_the_batch_that_is_running_instead_of_leaving_its_callers_waiting():
+    """close() cancels the loop while a call runs: that batch's callers get RunnerStopped, not a wait forever."""
+    gate = threading.Event()
+
+    def held(items):
+        gate.wait(5)
+        return list(items)
+
+    async def scenario():
+        batcher = MicroBatcher(held, max_batch_size=4)
+        batcher.start()
+        running = asyncio.create_task(batcher.submit(1))
+        await asyncio.sleep(0.05)  # its call holds the worker
+        closing = asyncio.create_task(batcher.close())
+        await asyncio.sleep(0.05)
+        gate.set()
+        await closing
+        with pytest.raises(RunnerStopped):
+            await asyncio.wait_for(running, 5)
+        with pytest.raises(RunnerStopped):
+            await batcher.submit(2)
+
+    asyncio.run(scenario())
+
+
 def test_direct_runner_makes_one_call_per_request():
     fn = Squares()
     results = asyncio.run(_submit_all(DirectRunner(fn, workers=2), range(6)))
@@ -153,9 +178,9 @@ def test_a_dead_batch_loop_fails_waiting_requests_instead_of_leaving_them_hangin
         batcher._next_batch = broken_next_batch
         batcher.start()
         try:
-            with pytest.raises(RuntimeError, match="micro-batcher stopped"):
+            with pytest.raises(RunnerStopped, match="micro-batcher stopped"):
                 await asyncio.wait_for(batcher.submit(1), 2)
-            with pytest.raises(RuntimeError, match="not running"):
+            with pytest.raises(RunnerStopped, match="micro-batcher stopped: KeyError"):
                 await batcher.submit(2)
         finally:
             await batcher.close()

@@ -254,9 +254,10 @@ def test_health_is_not_serving_and_retrieve_unavailable_until_the_model_is_warm(
         server_loop.run(server.drain())
 
 
-def test_a_dead_micro_batcher_turns_health_not_serving(server_loop, tiny_bundle, facts):
+def test_a_dead_micro_batcher_turns_health_not_serving_and_requests_unavailable(server_loop, tiny_bundle, facts):
     """A bug inside the micro-batcher's loop ends it and every later request would fail: health says so, so the
-    callers that watch it move away (it stayed SERVING before)."""
+    callers that watch it move away (it stayed SERVING before), and requests get UNAVAILABLE, which the callers'
+    channels retry on another replica (they got INTERNAL, which none retries)."""
     server = start(server_loop, RetrievalServerConfig(bundle=tiny_bundle, port=0))
     try:
         async def broken_next_batch():
@@ -273,6 +274,10 @@ def test_a_dead_micro_batcher_turns_health_not_serving(server_loop, tiny_bundle,
             while check() != NOT_SERVING:
                 assert time.monotonic() < deadline, "health stayed SERVING with a dead micro-batcher"
                 time.sleep(0.05)
+            with pytest.raises(grpc.RpcError) as refused:
+                retrieve(stub, user_id=some_users(facts, 1)[0], k=3)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "micro-batcher stopped" in refused.value.details()
     finally:
         server_loop.run(server.drain())
 
