@@ -196,6 +196,10 @@ def run(config: EvaluateRankingConfig) -> dict:
             row["score_seconds"] = time.perf_counter() - t0
             row["llm_scores"] = llm
             row["llm_rank"] = target_rank(order_by_scores(calibrated(llm, bias)), position)
+            # its two parts apart: the readout without the head's bias, and the bias without the LLM (learned per
+            # trend bucket and per bucket of the retriever's and EASE's rank: a re-ranker of its own)
+            row["llm_readout_rank"] = target_rank(order_by_scores(llm), position)
+            row["head_bias_rank"] = target_rank(order_by_scores(bias or [0.0] * len(llm)), position)
             row["score_rank"] = target_rank(order_by_scores(fuse(llm, prior, weight, bias)), position)
         if "generate" in config.modes:
             t0 = time.perf_counter()
@@ -225,11 +229,13 @@ def run(config: EvaluateRankingConfig) -> dict:
                        **{k: v for k, v in report.items() if k.endswith("ndcg@10")})
     bundle.save()
     log.info("evaluate ranking (%s, %d users, K=%d): NDCG@10 retrieval %.4f | retrieval term alone (no LLM) %.4f | "
-             "score %.4f, %.3fx retrieval (95%% CI %s; LLM alone %.4f) | generate %s; fusion weight %.2f → %s",
+             "score %.4f, %.3fx retrieval (95%% CI %s; LLM alone %.4f = its readout alone %.4f + its head's learned "
+             "bias, which alone is %.4f) | generate %s; fusion weight %.2f → %s",
              config.split, len(rows), config.candidates, report["retrieval_ndcg@10"], report["retrieval_term_ndcg@10"],
              report.get("score_ndcg@10", float("nan")),
              report.get("score_vs_retrieval_ndcg@10", float("nan")), report.get("score_vs_retrieval_ndcg@10_ci95"),
-             report.get("llm_score_ndcg@10", float("nan")),
+             report.get("llm_score_ndcg@10", float("nan")), report.get("llm_readout_ndcg@10", float("nan")),
+             report.get("head_bias_ndcg@10", float("nan")),
              f"{report['generate_ndcg@10']:.4f} ({report.get('generate_vs_retrieval_ndcg@10', float('nan')):.3f}x, "
              f"CI {report.get('generate_vs_retrieval_ndcg@10_ci95')})" if "generate_ndcg@10" in report else "-",
              weight, report_path)
@@ -248,6 +254,8 @@ def summarise(rows: list[dict], config: EvaluateRankingConfig, ranker: dict, wei
     if "score" in config.modes:
         add("score", "score_rank")
         add("llm_score", "llm_rank")
+        add("llm_readout", "llm_readout_rank")
+        add("head_bias", "head_bias_rank")
         report["score_seconds_per_user"] = sum(r["score_seconds"] for r in rows) / len(rows)
     if "generate" in config.modes:
         add("generate", "generate_rank")
@@ -256,6 +264,7 @@ def summarise(rows: list[dict], config: EvaluateRankingConfig, ranker: dict, wei
     report["target_retrieved_rate"] = sum(r["target_position"] is not None for r in rows) / len(rows)
     retrieval = metrics.per_user_ndcg([r["retrieval_rank"] for r in rows], K)
     for name, key in (("retrieval_term", "retrieval_term_rank"), ("score", "score_rank"), ("llm_score", "llm_rank"),
+                      ("llm_readout", "llm_readout_rank"), ("head_bias", "head_bias_rank"),
                       ("generate", "generate_rank")):
         if f"{name}_ndcg@{K}" in report and report[f"retrieval_ndcg@{K}"] > 0:
             paired = metrics.paired_bootstrap_ratio(metrics.per_user_ndcg([r[key] for r in rows], K), retrieval)
@@ -266,6 +275,11 @@ def summarise(rows: list[dict], config: EvaluateRankingConfig, ranker: dict, wei
                                                 metrics.per_user_ndcg([r["retrieval_term_rank"] for r in rows], K))
         report[f"score_vs_retrieval_term_ndcg@{K}"] = paired["ratio"]
         report[f"score_vs_retrieval_term_ndcg@{K}_ci95"] = [round(paired["low"], 4), round(paired["high"], 4)]
+    if "score" in config.modes and report[f"head_bias_ndcg@{K}"] > 0:  # what the readout adds to the head's bias
+        paired = metrics.paired_bootstrap_ratio(metrics.per_user_ndcg([r["llm_rank"] for r in rows], K),
+                                                metrics.per_user_ndcg([r["head_bias_rank"] for r in rows], K))
+        report[f"llm_score_vs_head_bias_ndcg@{K}"] = paired["ratio"]
+        report[f"llm_score_vs_head_bias_ndcg@{K}_ci95"] = [round(paired["low"], 4), round(paired["high"], 4)]
     if "score" in config.modes:  # position bias: where the LLM's own top-1 sits in the (retrieval-ordered) list
         for key, with_bias in (("llm_top1_by_position", True), ("llm_top1_by_position_raw", False)):
             firsts = [order_by_scores(calibrated(r["llm_scores"], head_bias(ranker.get("trend_bias"), r["trend"],

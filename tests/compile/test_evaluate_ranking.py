@@ -49,6 +49,24 @@ def test_report_metrics_follow_from_the_per_user_ranks(report, user_rows, ml100k
     assert report["retrieval_term_ndcg@10"] == pytest.approx(metrics.ndcg([r["retrieval_term_rank"] for r in user_rows], 10))
 
 
+def test_the_llm_alone_is_reported_beside_its_two_parts(report, user_rows, tiny_llm_bundle):
+    """"The LLM alone" is its readout plus the head's learned per-bucket bias (of the retriever's and EASE's rank):
+    the report gives the readout without the bias and the bias without the LLM, so neither is credited to the
+    other."""
+    from palr.ranking import calibrated, head_bias, load_ranker
+    from palr.bundle import Bundle
+
+    ranker = load_ranker(Bundle.open(tiny_llm_bundle))
+    for row in user_rows:
+        position = row["target_position"]
+        bias = head_bias(ranker.get("trend_bias"), row["trend"], ranker.get("rank_bias"), row["ranks"])
+        assert row["llm_readout_rank"] == target_rank(order_by_scores(row["llm_scores"]), position)
+        assert row["head_bias_rank"] == target_rank(order_by_scores(bias or [0.0] * 20), position)
+        assert row["llm_rank"] == target_rank(order_by_scores(calibrated(row["llm_scores"], bias)), position)
+    for name in ("llm_readout", "head_bias"):
+        assert report[f"{name}_ndcg@10"] == pytest.approx(metrics.ndcg([r[f"{name}_rank"] for r in user_rows], 10))
+
+
 def test_the_retrieval_term_reads_the_bundles_ease_table_on_test_users(user_rows, tiny_llm_bundle, ml100k):
     """Test users: the EASE scores are the serving table's for the user's train + valid history, weighed as
     ranker.json says; the retrieval term's order is what the report ranks as `retrieval_term`."""
