@@ -14,6 +14,7 @@ running ones. Writes reports/served_quality.json.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import logging
 import statistics
@@ -40,8 +41,11 @@ class ServedQualityConfig:
     bundle: Path = field(default=Path("bundle"), metadata={"help": "bundle the servers serve", "metavar": "DIR"})
     data: Path = field(default=Path("data/ml-100k"), metadata={
         "help": "the dataset the bundle was built from (its test split is the answer key)", "metavar": "DIR"})
-    users: int = field(default=500, metadata={"help": "test users asked (0 = all); seeded as compile evaluate"})
-    seed: int = field(default=0, metadata={"help": "seed of the user sample (compile evaluate's default)"})
+    users: int = field(default=-1, metadata={
+        "help": "test users asked (0 = all; -1 = as many as the bundle's offline evaluation, reports/eval_ranking.json, "
+                "else 500); seeded as compile evaluate"})
+    seed: int = field(default=-1, metadata={
+        "help": "seed of the user sample (-1 = the offline evaluation's, else 0, compile evaluate's default)"})
     modes: list[str] = field(default_factory=lambda: list(MODES), metadata={"help": "ranking modes asked"})
     candidates: int = field(default=20, metadata={"help": "num_candidates of each request (the ranker's K)"})
     concurrency: int = field(default=4, metadata={"help": "callers at once"})
@@ -96,14 +100,22 @@ def error_codes(rows: list[dict], call: str) -> dict[str, int]:
     return dict(collections.Counter(r["errors"][call] for r in rows if call in r["errors"]))
 
 
-def summarise(rows: list[dict], held_out: dict[str, str], config: ServedQualityConfig) -> dict:
+def summarise(asked: list[dict], held_out: dict[str, str], config: ServedQualityConfig) -> dict:
+    """Compared over the users whose Retrieve answered: without the retrieval order there is nothing to compare a
+    ranking with (counted as a retrieval miss, it raised the ratio, and every ranking answer read as invalid)."""
+    rows = [r for r in asked if "retrieval" not in r["errors"]]
+
     def ranks(key: str) -> list[int | None]:
         return [r[key].index(held_out[r["user"]]) if held_out[r["user"]] in r[key] else None for r in rows]
 
     retrieval = ranks("retrieval")
-    report = {"users": len(rows), "k": K, "candidates": config.candidates,
-              "retrieval_ndcg@10": metrics.ndcg(retrieval, K), "retrieval_hr@10": metrics.hit_rate(retrieval, K),
-              "retrieval_errors": error_codes(rows, "retrieval")}
+    report = {"users": len(rows), "users_asked": len(asked), "k": K, "candidates": config.candidates,
+              "retrieval_errors": error_codes(asked, "retrieval"),
+              **{f"{mode}_errors": error_codes(asked, mode) for mode in config.modes}}
+    if not rows:
+        log.error("no user's Retrieve answered (%s): nothing to compare the rankings with", report["retrieval_errors"])
+        return report
+    report |= {"retrieval_ndcg@10": metrics.ndcg(retrieval, K), "retrieval_hr@10": metrics.hit_rate(retrieval, K)}
     base = metrics.per_user_ndcg(retrieval, K)
     for mode in config.modes:
         got = ranks(mode)
@@ -114,7 +126,6 @@ def summarise(rows: list[dict], held_out: dict[str, str], config: ServedQualityC
                    f"{mode}_vs_retrieval_ndcg@10_ci95": [round(paired["low"], 4), round(paired["high"], 4)]
                    if paired else None,
                    f"{mode}_degraded": sum(r[f"{mode}_degraded"] for r in rows),
-                   f"{mode}_errors": error_codes(rows, mode),
                    f"{mode}_invalid": sum(len(set(r[mode])) != len(r[mode]) or not set(r[mode]) <= set(r["candidates"])
                                           for r in rows),
                    f"{mode}_same_as_retrieval": sum(r[mode] == r["retrieval"] for r in rows),
@@ -122,12 +133,28 @@ def summarise(rows: list[dict], held_out: dict[str, str], config: ServedQualityC
     return report
 
 
+def offline_sample(config: ServedQualityConfig, offline_report: Path, test_users: int) -> ServedQualityConfig:
+    """`--users -1` / `--seed -1` resolved to the offline evaluation's sample (its report's `users` and `seed`), so
+    the two compare the same users by default on every preset (the full preset evaluates all 943, the quick 500);
+    500 and 0 without a report."""
+    offline = json.loads(offline_report.read_text()) if offline_report.is_file() else {}
+    users = config.users if config.users >= 0 else int(offline.get("users", 500))
+    seed = config.seed if config.seed >= 0 else int(offline.get("seed", 0))
+    if users >= test_users:
+        users = 0  # all of them, as the evaluation's 0 is
+    log.info("asking %s test users (seed %d)%s", users or "all", seed,
+             f", as the offline evaluation {offline_report} did" if offline and config.users < 0 else "")
+    return dataclasses.replace(config, users=users, seed=seed)
+
+
 def run(config: ServedQualityConfig) -> dict:
     from palr.bundle import Bundle
     from palr.corpus import Corpus
     from palr.data import sample_users
 
-    split = Corpus.load_for(Bundle.open(config.bundle), config.data).split  # the answer key: the bundle's own
+    bundle = Bundle.open(config.bundle)
+    split = Corpus.load_for(bundle, config.data).split  # the answer key: the bundle's own
+    config = offline_sample(config, bundle.reports_dir() / "eval_ranking.json", len(split.test))
     users = sample_users(sorted(split.test), config.users, config.seed)  # compile evaluate's sample
     started = time.perf_counter()
     if config.ranking and config.retrieval:
@@ -140,7 +167,7 @@ def run(config: ServedQualityConfig) -> dict:
               "config": json.loads(json.dumps(asdict(config), default=str))}
     config.out.mkdir(parents=True, exist_ok=True)
     (config.out / "served_quality.json").write_text(json.dumps(report, indent=2) + "\n")
-    for mode in config.modes:
+    for mode in config.modes if report["users"] else ():
         log.info("served %s mode, %d test users: NDCG@10 %.4f vs retrieval %.4f = %sx (95%% CI %s); %d degraded, "
                  "%d invalid, %d identical to the retrieval order, failed calls %s; p50 %.0f ms", mode, report["users"],
                  report[f"{mode}_ndcg@10"], report["retrieval_ndcg@10"], report[f"{mode}_vs_retrieval_ndcg@10"],
