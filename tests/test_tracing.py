@@ -105,3 +105,51 @@ def test_tracing_is_off_without_an_endpoint():
     from opentelemetry import trace
 
     assert isinstance(tracing.tracer(None, "x"), trace.NoOpTracer) and tracing.context_metadata() == []
+
+
+def test_a_server_failure_marks_its_span_as_an_error_and_a_callers_mistake_does_not(server_loop):
+    """Spans of failed RPCs were closed without a status, so trace backends did not flag a server's INTERNAL."""
+    import logging
+
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import StatusCode
+
+    from palr.serving.config import ServerConfig
+    from palr.serving.errors import RequestError
+    from palr.serving.metrics import RpcMetrics
+    from palr.serving.server import GrpcServer
+
+    exporter = InMemorySpanExporter()
+    tracer = tracing.tracer(tracing.tracer_provider("test", exporter=exporter), "test")
+    rpc = RpcMetrics("test_traced", "Traced")
+
+    async def handle(request: bytes, context) -> bytes:
+        async with rpc.track(context, request.decode(), logging.getLogger(__name__), tracer):
+            if request == b"refuse":
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "field: refused on purpose")
+            if request == b"crash":
+                raise ZeroDivisionError("a bug")
+            return request
+
+    async def make() -> GrpcServer:
+        server = GrpcServer(ServerConfig(port=0), ["test.Traced"])
+        server.grpc.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+            "test.Traced", {"Call": grpc.unary_unary_rpc_method_handler(handle)})])
+        await server.start()
+        return server
+
+    server = server_loop.run(make())
+    try:
+        with grpc.insecure_channel(server.address) as channel:
+            call = channel.unary_unary("/test.Traced/Call")
+            assert call(b"ok", timeout=10) == b"ok"
+            for payload in (b"refuse", b"crash"):
+                with pytest.raises(grpc.RpcError):
+                    call(payload, timeout=10)
+    finally:
+        server_loop.run(server.drain())
+    spans = {span.attributes["request.id"]: span for span in exporter.get_finished_spans()}
+    assert {rid: span.attributes["rpc.grpc.status_code"] for rid, span in spans.items()} == {
+        "ok": "OK", "refuse": "INVALID_ARGUMENT", "crash": "INTERNAL"}
+    assert spans["crash"].status.status_code == StatusCode.ERROR
+    assert spans["ok"].status.status_code == spans["refuse"].status.status_code == StatusCode.UNSET

@@ -76,7 +76,7 @@ class RpcMetrics:
             logger.exception("rid=%s failed", rid)
             await context.abort(code, f"internal error (request id {rid}); see the server log")
         finally:
-            span.set_attribute("rpc.grpc.status_code", code.name)
+            tracing.end_status(span, code.name)
             span_scope.__exit__(None, None, None)
             self.in_flight.dec()
             self.requests.labels(code.name).inc()

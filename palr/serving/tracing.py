@@ -49,6 +49,22 @@ def server_span(tracer_, rpc: str, context, request_id: str):
         yield span
 
 
+# the codes a SERVER span reports as errors (OpenTelemetry's gRPC conventions): the server's failures, not the
+# caller's mistakes (INVALID_ARGUMENT, NOT_FOUND, ...), which leave the status unset
+SERVER_ERROR_CODES = frozenset({"UNKNOWN", "DEADLINE_EXCEEDED", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE",
+                                "DATA_LOSS"})
+
+
+def end_status(span, code_name: str) -> None:
+    """The RPC's final gRPC code on its SERVER span: the attribute always, ERROR status for a server failure (a
+    trace backend then flags it)."""
+    from opentelemetry import trace
+
+    span.set_attribute("rpc.grpc.status_code", code_name)
+    if code_name in SERVER_ERROR_CODES:
+        span.set_status(trace.Status(trace.StatusCode.ERROR, code_name))
+
+
 def context_metadata() -> list[tuple[str, str]]:
     """The current span's W3C trace context (`traceparent`, `tracestate`) as gRPC metadata; [] when no
     span is recording (tracing off)."""
