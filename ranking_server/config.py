@@ -38,7 +38,8 @@ class RankingServerConfig(ServerConfig, EngineConfig):
     retrieval_lb: str = field(default="pick_first", metadata={
         "help": "gRPC client-side load balancing over the addresses --retrieval resolves to: round_robin spreads "
                 "requests over every retrieval replica (with --retrieval dns:///NAME:PORT, e.g. a Kubernetes "
-                "headless Service), pick_first uses one at a time", "choices": ("pick_first", "round_robin")})
+                "headless Service) that say SERVING (client-side health checking: a loading, draining or failed "
+                "replica gets no calls), pick_first uses one at a time", "choices": ("pick_first", "round_robin")})
     retrieval_chunk_size: int = field(default=0, metadata={
         "help": "candidates per streamed retrieval message (0 = the retrieval server's default)"})
     retrieval_attempts: int = field(default=3, metadata={

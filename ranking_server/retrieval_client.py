@@ -31,7 +31,8 @@ class RetrievalClient:
                                     tls_cert=config.retrieval_tls_cert, tls_key=config.retrieval_tls_key,
                                     max_message_bytes=config.max_message_bytes,
                                     load_balancing=config.retrieval_lb, aio=True,
-                                    retry_methods=[RETRIEVE_METHOD], max_attempts=config.retrieval_attempts)
+                                    retry_methods=[RETRIEVE_METHOD], max_attempts=config.retrieval_attempts,
+                                    health_service=RETRIEVE_METHOD.split("/")[0])  # round_robin skips NOT_SERVING
         self.stub = retrieval_pb2_grpc.RetrievalServiceStub(self.channel)
         self.chunk_size = config.retrieval_chunk_size
 

@@ -8,6 +8,8 @@ TLS/size tests live in test_serving.py; this file covers the ranking tier and lo
 
 from __future__ import annotations
 
+import time
+
 import grpc
 import pytest
 
@@ -112,6 +114,35 @@ def test_round_robin_spreads_rpcs_over_every_address_pick_first_sticks_to_one(tw
     target = "ipv4:" + ",".join(f"127.0.0.1:{port}" for port in two_backends)  # as DNS of a headless Service
     assert answered_by(target, "round_robin") == set(two_backends)
     assert len(answered_by(target, "pick_first")) == 1
+
+
+def test_round_robin_with_health_checking_sends_nothing_to_a_backend_that_says_not_serving(server_loop):
+    """A retrieval replica whose model runner died (or that is loading or draining) says NOT_SERVING; without
+    client-side health checking it kept its share of the calls until its connection dropped."""
+    async def make(serving: bool) -> GrpcServer:
+        box: list[int] = []
+        server = GrpcServer(ServerConfig(port=0), [WHO])
+        server.grpc.add_generic_rpc_handlers([who_handler(box)])
+        box.append(await server.start())
+        if serving:
+            await server.set_serving()
+        return server
+
+    healthy, sick = server_loop.run(make(True)), server_loop.run(make(False))
+    try:
+        target = f"ipv4:127.0.0.1:{healthy.port},127.0.0.1:{sick.port}"
+        with open_channel(target, load_balancing="round_robin", aio=False, health_service=WHO) as channel:
+            who = channel.unary_unary(f"/{WHO}/Who")
+            assert {int(who(b"", timeout=10, wait_for_ready=True)) for _ in range(20)} == {healthy.port}
+            server_loop.run(sick.set_serving())
+            server_loop.run(healthy.set_not_serving("a test"))
+            deadline = time.monotonic() + 10
+            while {int(who(b"", timeout=10, wait_for_ready=True)) for _ in range(10)} != {sick.port}:
+                assert time.monotonic() < deadline, "calls still reach the backend that says NOT_SERVING"
+        assert answered_by(target, "round_robin") == {healthy.port, sick.port}  # without it: both, whatever they say
+    finally:
+        for server in (healthy, sick):
+            server_loop.run(server.drain())
 
 
 def test_unknown_load_balancing_policy_is_refused():
