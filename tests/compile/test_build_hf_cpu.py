@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import platform
+from pathlib import Path
 
 import pytest
 
@@ -156,14 +157,19 @@ def test_changed_file_is_refused(hf_cpu_bundle_copy):
     assert "config.json checksum" in message
 
 
+def rewrite_input(bundle_dir, name: str, json_file: Path, key: str) -> None:
+    """`json_file` of the bundle's artifact `name` gains `key`, and the artifact is recorded again, as merge does."""
+    json_file.write_text(json_file.read_text().replace("{", f'{{\n  "{key}": true,', 1))
+    bundle = Bundle.open(bundle_dir)
+    bundle.add_artifact(name, bundle.artifact(name)["path"])
+    bundle.save()
+
+
 def test_a_build_made_from_an_earlier_merge_is_refused(hf_cpu_bundle_copy):
     """merge ran again (a new LoRA, new item tokens): the old build's own files still check out, but its weights
     are not the bundle's model any more; it used to be served under the new ranker and catalog."""
-    bundle = Bundle.open(hf_cpu_bundle_copy)
-    generation = bundle.path("llm_merged") / "generation_config.json"
-    generation.write_text(generation.read_text().replace("{", '{\n  "_merged_again": true,', 1))
-    bundle.add_artifact("llm_merged", bundle.artifact("llm_merged")["path"])  # what merge records
-    bundle.save()
+    merged = Bundle.open(hf_cpu_bundle_copy).path("llm_merged")
+    rewrite_input(hf_cpu_bundle_copy, "llm_merged", merged / "generation_config.json", "_merged_again")
     message = refusal(hf_cpu_bundle_copy)
     assert "it was built from llm_merged version" in message and "merged again since" in message
     assert f"compile build --bundle {hf_cpu_bundle_copy} --target hf-cpu --force" in message
@@ -174,10 +180,7 @@ def test_a_build_measured_under_an_earlier_ranker_is_refused(hf_cpu_bundle_copy)
     build's files and source still check out, but its precision was chosen on the old ranker's scores."""
     bundle = Bundle.open(hf_cpu_bundle_copy)
     assert bundle.artifact(NAME)["ranker"] == bundle.version("ranker")
-    ranker = bundle.path("ranker")
-    ranker.write_text(ranker.read_text().replace("{", '{\n  "_refit": true,', 1))
-    bundle.add_artifact("ranker", bundle.artifact("ranker")["path"])  # what merge records
-    bundle.save()
+    rewrite_input(hf_cpu_bundle_copy, "ranker", bundle.path("ranker"), "_refit")
     message = refusal(hf_cpu_bundle_copy)
     assert "built and measured under ranker version" in message and "refit since" in message
     assert f"compile build --bundle {hf_cpu_bundle_copy} --target hf-cpu --force" in message
