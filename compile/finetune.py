@@ -392,8 +392,19 @@ def restore(path: Path, state: dict, model, optimizer, scheduler) -> None:
 def _run_fingerprint(bundle: Bundle, config: FinetuneConfig) -> str:
     """What the adapter depends on. Not: where a run stops or resumes (`stop_after`, `save_every`), its threads,
     nor how many validation examples an evaluation scores when there is none (`eval_every` 0); a change of
-    these keeps the checkpoints and the finished adapter."""
+    these keeps the checkpoints and the finished adapter. A run finished or begun under the earlier fingerprint
+    (which held `save_every` and `valid_examples`) keeps it, so this change retrains nothing and drops no
+    checkpoint."""
     unused = ("stop_after", "threads", "save_every") + (() if config.eval_every else ("valid_examples",))
+    current = _fingerprint(bundle, config, unused)
+    earlier = _fingerprint(bundle, config, ("stop_after", "threads"))
+    if earlier != current and (bundle.step_is_current("finetune", earlier, ["lora"])
+                               or latest_checkpoint(run_checkpoints(bundle.root, earlier), earlier)):
+        return earlier
+    return current
+
+
+def _fingerprint(bundle: Bundle, config: FinetuneConfig, unused: tuple[str, ...]) -> str:
     settings = fingerprint_record(config, bundle, *unused)
     return fingerprint("finetune", VERSION, settings, bundle.version("llm_base"), bundle.version("sft_data"))
 

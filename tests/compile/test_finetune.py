@@ -82,6 +82,25 @@ def test_resume_continues_exactly_from_the_checkpoint_whatever_its_checkpoint_ca
         assert torch.equal(a[name], b[name]), name
 
 
+def test_a_run_begun_under_the_earlier_fingerprint_resumes_after_the_upgrade(bundle_copy, caplog):
+    """The fingerprint stopped counting --save-every (stop 33): a run paused under the earlier one still resumes
+    from its checkpoint instead of starting over (and a finished one is still current)."""
+    from compile.finetune import _fingerprint, train
+    from palr.bundle import Bundle
+
+    settings = dict(max_steps=4, batch_size=4, save_every=2, seed=3)
+    paused = FinetuneConfig(bundle=bundle_copy, stop_after=2, **settings)
+    bundle = Bundle.open(bundle_copy)
+    train(bundle, paused, _fingerprint(bundle, paused, ("stop_after", "threads")))  # as the earlier code ran it
+    with caplog.at_level("INFO", logger="compile.finetune"):
+        run(FinetuneConfig(bundle=bundle_copy, **settings))
+    assert "resuming from" in caplog.text and "(step 2 of 4)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="compile.finetune"):
+        run(FinetuneConfig(bundle=bundle_copy, **settings))
+    assert "LoRA adapter is current" in caplog.text
+
+
 def test_a_run_with_other_inputs_resumes_from_its_own_checkpoint_not_an_earlier_runs(bundle_copy, caplog):
     """A finished run left step-000004; an interrupted run with other inputs then saw each of its checkpoints
     rotated away as "older" right after writing it (a projector-only folder was left in its place), and its rerun
