@@ -47,7 +47,7 @@ from palr.ranking import (MODES, calibrated, candidate_ranks, complete_order, fu
 log = logging.getLogger(__name__)
 
 STEP = "evaluate-ranking"
-VERSION = 3  # 2: the retrieval term's EASE scores; 3: rank tokens
+VERSION = 4  # 2: the retrieval term's EASE scores; 3: rank tokens; 4: the LLM alone split (readout, head bias)
 REPORT = "eval_ranking.json"
 USERS_REPORT = "eval_ranking_users.jsonl"
 SPLITS = ("test", "valid")
