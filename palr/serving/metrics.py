@@ -15,6 +15,8 @@ from palr.serving.errors import RequestError
 
 # When a stopping server's grace period ends (time.monotonic(); GrpcServer.drain sets it, start clears it): gRPC
 # then cancels the RPCs still running, and a handler cancelled from then on was cut by the stop, not by its client.
+# One per process, as a server runs one GrpcServer; where several share a process (tests), one's drain can label
+# another's client cancels (only the log line; the status code is CANCELLED either way).
 _grace_ends_at: float | None = None
 GRACE_TIMER_SLACK_S = 0.05  # the core's timer may fire this much before the asyncio clock says so
 

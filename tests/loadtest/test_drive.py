@@ -54,7 +54,9 @@ def test_mean_batch_counts_only_the_runs_own_steps(model):
     finally:
         engine.close()
     assert alone.summary()["mean_batch"] < together.summary()["mean_batch"]  # ~1 (a finishing step may overlap)
-    assert sum(together.batch_size_hist.values()) + sum(alone.batch_size_hist.values()) == together.stats.steps
+    # a step answers its requests before the engine records it: the first run's last step may count in neither
+    assert together.stats.steps - 1 <= sum(together.batch_size_hist.values()) + sum(alone.batch_size_hist.values()) \
+        <= together.stats.steps
     assert together.summary()["mean_batch"] == mean_batch(together.batch_size_hist) > together.stats.mean_batch
 
 
