@@ -186,6 +186,15 @@ def test_a_build_measured_under_an_earlier_ranker_is_refused(hf_cpu_bundle_copy)
     assert f"compile build --bundle {hf_cpu_bundle_copy} --target hf-cpu --force" in message
 
 
+def test_a_build_that_fails_before_its_builder_runs_leaves_no_scratch_folder(hf_cpu_bundle_copy):
+    """The scratch folder was made before the generate-token count was read from ranker.json: a failure there (or
+    a Ctrl-C) left `engines/.hf-cpu.building.*` behind, one per try."""
+    (hf_cpu_bundle_copy / "llm" / "ranker.json").write_text("{ not json")
+    with pytest.raises(ValueError):
+        build.run(build_config(hf_cpu_bundle_copy, "hf-cpu", generate_tokens=0, force=True))
+    assert [p.name for p in (hf_cpu_bundle_copy / "engines").iterdir()] == ["hf-cpu"]
+
+
 def test_an_unmeasured_build_is_still_refused_a_precision_this_cpu_lacks(tiny_llm_bundle, tmp_path):
     """--no-measure --dtype bf16 on a CPU without native bf16 wrote a build its own server then refused."""
     from compile.targets import BuildContext
