@@ -398,8 +398,10 @@ def _run_fingerprint(bundle: Bundle, config: FinetuneConfig) -> str:
     unused = ("stop_after", "threads", "save_every") + (() if config.eval_every else ("valid_examples",))
     current = _fingerprint(bundle, config, unused)
     earlier = _fingerprint(bundle, config, ("stop_after", "threads"))
-    if earlier != current and (bundle.step_is_current("finetune", earlier, ["lora"])
-                               or latest_checkpoint(run_checkpoints(bundle.root, earlier), earlier)):
+    recorded = bundle.manifest.steps.get("finetune", {}).get("fingerprint")
+    # which run the bundle holds is in the manifest and in the checkpoint folder's name; whether its adapter or
+    # checkpoint is intact, run() and train() check once, under the fingerprint returned here
+    if earlier != current and (recorded == earlier or any(run_checkpoints(bundle.root, earlier).glob("step-*"))):
         return earlier
     return current
 
