@@ -121,9 +121,10 @@ def open_build(bundle, target: str, machine: Machine | None = None) -> tuple[Pat
                             f"{SOURCE} is now {merged_now} (the model was merged again since): serving it would "
                             f"answer with the old weights under the new ranker, catalog and prompts.\nRebuild it: "
                             f"python -m compile build --bundle {bundle.root} --target {target} --force")
-    if "ranker" in entry and entry["ranker"] != ranker_version(bundle):  # builds before it was recorded: not checked
-        raise BuildMismatch(f"refusing {name}: it was built and measured under ranker version {entry['ranker']}, and "
-                            f"the bundle's ranker (llm/ranker.json) is now {ranker_version(bundle)} (refit since): its "
+    measured_under, ranker_now = entry.get("ranker"), ranker_version(bundle)
+    if "ranker" in entry and measured_under != ranker_now:  # builds made before it was recorded: not checked
+        raise BuildMismatch(f"refusing {name}: it was built and measured under ranker version {measured_under}, and "
+                            f"the bundle's ranker (llm/ranker.json) is now {ranker_now} (refit since): its "
                             f"precision was chosen on the old ranker's scores and answer length.\nRebuild it: "
                             f"python -m compile build --bundle {bundle.root} --target {target} --force")
     machine = machine or Machine.detect(spec.device)

@@ -21,7 +21,8 @@ log = logging.getLogger(__name__)
 # Statuses the caller gets as they are (with the retrieval tier named): they describe its request
 # or its deadline. Any other failure means the retrieval tier cannot serve us now: UNAVAILABLE.
 PASSED_THROUGH = (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED)
-RETRIEVE_METHOD = f"{retrieval_pb2.DESCRIPTOR.services_by_name['RetrievalService'].full_name}/Retrieve"
+RETRIEVAL_SERVICE = retrieval_pb2.DESCRIPTOR.services_by_name["RetrievalService"].full_name
+RETRIEVE_METHOD = f"{RETRIEVAL_SERVICE}/Retrieve"
 
 
 class RetrievalClient:
@@ -32,7 +33,7 @@ class RetrievalClient:
                                     max_message_bytes=config.max_message_bytes,
                                     load_balancing=config.retrieval_lb, aio=True,
                                     retry_methods=[RETRIEVE_METHOD], max_attempts=config.retrieval_attempts,
-                                    health_service=RETRIEVE_METHOD.split("/")[0])  # round_robin skips NOT_SERVING
+                                    health_service=RETRIEVAL_SERVICE)  # round_robin skips replicas NOT_SERVING
         self.stub = retrieval_pb2_grpc.RetrievalServiceStub(self.channel)
         self.chunk_size = config.retrieval_chunk_size
 

@@ -54,11 +54,17 @@ class MicroBatcher(Generic[Item, Result]):
         otherwise wait for their deadlines, or forever)."""
         if task.cancelled() or task.exception() is None:
             return
-        reason = f"micro-batcher stopped: {task.exception()!r}"
+        reason = self._stop_reason()
         log.error("%s; requests fail until the server restarts", reason)
         self._fail_pending(RunnerStopped(reason))
         if self.on_stopped is not None:
             self.on_stopped(reason)
+
+    def _stop_reason(self) -> str:
+        """Why the loop (done) no longer runs: the exception it died of, or a close."""
+        if self._task.cancelled() or self._task.exception() is None:
+            return "micro-batcher is closed"
+        return f"micro-batcher stopped: {self._task.exception()!r}"
 
     def _fail_pending(self, error: Exception) -> None:
         """Every request not answered yet, queued or in the batch that was running, gets `error`."""
@@ -70,8 +76,7 @@ class MicroBatcher(Generic[Item, Result]):
 
     async def submit(self, item: Item) -> Result:
         if self._task is not None and self._task.done():
-            raise RunnerStopped(f"micro-batcher stopped: {self._task.exception()!r}" if not self._task.cancelled()
-                                and self._task.exception() else "micro-batcher is closed")
+            raise RunnerStopped(self._stop_reason())
         future = asyncio.get_running_loop().create_future()
         self._pending.append((item, future))
         self._arrived.set()
