@@ -20,7 +20,7 @@ import time
 import numpy as np
 import torch
 
-from compile.sasrec import EncodedSplit, SASRecConfig, left_pad, train
+from compile.sasrec import TRAINING_OPTIONS, EncodedSplit, SASRecConfig, left_pad, train
 from palr.sasrec import SASRec, SASRecArch, mask_items
 from palr.bundle import Bundle, fingerprint
 from palr.corpus import Corpus
@@ -33,11 +33,14 @@ VERSION = 1
 
 
 def training_config(bundle: Bundle, epochs: int, threads: int) -> SASRecConfig:
-    """The bundle SASRec's architecture (manifest) with the step's defaults; `epochs` 0 = its best epoch."""
+    """The bundle SASRec's architecture and training options (batch size, learning rate, ...: both from its
+    manifest record; a bundle made before the options were recorded trained with the defaults, which are used);
+    `epochs` 0 = its best epoch."""
     meta = bundle.artifact("sasrec_torch")
     arch = {f.name: meta[f.name] for f in dataclasses.fields(SASRecArch) if f.name != "num_indices"}
+    options = {name: value for name, value in meta.get("training", {}).items() if name in TRAINING_OPTIONS}
     epochs = epochs or max(5, int(meta.get("best_epoch") or 20))
-    return SASRecConfig(epochs=epochs, patience=max(3, epochs // 4), threads=threads, **arch)
+    return SASRecConfig(epochs=epochs, patience=max(3, epochs // 4), threads=threads, **arch, **options)
 
 
 MIN_HISTORY = 2  # training items every user keeps before its first held-out one

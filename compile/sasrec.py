@@ -38,6 +38,9 @@ log = logging.getLogger(__name__)
 
 STEP = "sasrec"
 OUTPUTS = ["catalog", "users", "sasrec_torch"]
+# How the model was optimised (beside its architecture, SASRecArch): recorded with the checkpoint, so the held-out
+# SASRec (compile/holdout.py) trains as this one did.
+TRAINING_OPTIONS = ("batch_size", "lr", "weight_decay", "window_stride", "random_windows", "seed")
 VERSION = 2  # bump when training code changes what a given config produces
 
 
@@ -271,7 +274,8 @@ def run(config: SASRecConfig) -> None:
         (bundle.root / "models").mkdir(exist_ok=True)
         model.save(bundle.root / "models" / "sasrec.pt", best_epoch=best["epoch"], valid=best["valid"])
         bundle.add_artifact("sasrec_torch", "models/sasrec.pt", **dataclasses.asdict(model.arch),
-                            best_epoch=best["epoch"], valid=best["valid"])
+                            best_epoch=best["epoch"], valid=best["valid"],
+                            training={name: getattr(config, name) for name in TRAINING_OPTIONS})
         seconds = time.perf_counter() - started
         bundle.record_step(STEP, step_fp, seconds, best_epoch=best["epoch"], valid=best["valid"])
         bundle.save()

@@ -108,6 +108,26 @@ def test_held_out_cuts_are_each_users_last_training_items_capped_for_short_users
     assert len(encoded.train[row]) == MIN_HISTORY and encoded.valid[row] == ml100k.catalog.index(split.train[short][MIN_HISTORY])
 
 
+def test_the_held_out_sasrec_trains_with_the_served_sasrecs_architecture_and_options(ml100k_dir, tmp_path):
+    """A SASRec trained with non-default options records them; the held-out one takes them (and its
+    architecture) from that record. A record from before options were recorded means the defaults."""
+    from compile.holdout import training_config
+    from compile.presets import preset_for
+    from compile.sasrec import SASRecConfig, run
+    from palr.bundle import Bundle
+
+    options = {"batch_size": 16, "lr": 3e-4, "weight_decay": 1e-5, "window_stride": 5, "random_windows": False,
+               "seed": 7}
+    run(SASRecConfig(bundle=tmp_path, data=ml100k_dir, **preset_for("tiny", "sasrec") | options))
+    bundle = Bundle.open(tmp_path)
+    held_out = training_config(bundle, epochs=1, threads=1)
+    assert {name: getattr(held_out, name) for name in options} == options
+    assert (held_out.hidden, held_out.max_len, held_out.ffn_hidden) == (32, 20, 64)
+    del bundle.manifest.artifacts["sasrec_torch"]["training"]
+    defaults = SASRecConfig()
+    assert all(getattr(training_config(bundle, 1, 1), name) == getattr(defaults, name) for name in options)
+
+
 def test_ease_scores_come_from_tables_that_never_saw_the_examples_target(train_rows, valid_rows, ml100k,
                                                                         tiny_llm_bundle):
     """Training examples: a table fit on every user's training items minus the held-out ones (the examples'
