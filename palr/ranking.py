@@ -101,12 +101,11 @@ RANKINGS = ("collab", "retrieval")  # collab: the candidates' EASE scores (palr.
 
 
 def rank_buckets(scores: Sequence[float]) -> list[int]:
-    """Each candidate's rank under `scores` (0 the best; ties in candidate order) as a bucket 0, 1, 2-3, 4-7,
-    8-15, 16+ (→ 0..RANK_BUCKETS-1): an order-free signal, the same whatever order the candidates come in."""
-    buckets = [0] * len(scores)
-    for rank, position in enumerate(order_by_scores(scores)):
-        buckets[position] = min(RANK_BUCKETS - 1, rank.bit_length())
-    return buckets
+    """Each candidate's rank under `scores` (0 the best: the number of candidates scored higher, so tied
+    candidates share the best rank of their group) as a bucket 0, 1, 2-3, 4-7, 8-15, 16+ (→ 0..RANK_BUCKETS-1):
+    an order-free signal, the same whatever order the candidates come in, ties included (training shuffles
+    the candidates, serving lists them in retrieval order: a tie broken by position would differ)."""
+    return [min(RANK_BUCKETS - 1, sum(other > score for other in scores).bit_length()) for score in scores]
 
 
 def candidate_ranks(rankings: Sequence[str], retrieval_scores: Sequence[float] | None,

@@ -73,15 +73,19 @@ def test_prior_weights_learn_the_ease_scores_weight_beside_the_buckets():
     assert fit_prior_weights(scores, trends, targets, 2)[1] is None  # no scores: no weight
 
 
-def test_rank_buckets_are_each_candidates_rank_bucketed_ties_in_candidate_order():
+def test_rank_buckets_are_each_candidates_rank_bucketed_tied_candidates_sharing_the_best_rank():
     from palr.ranking import rank_buckets
 
-    scores = [0.5, 3.0, 0.5, 2.0] + [-1.0 - i for i in range(16)]  # ranks 2, 0, 3, 1, then 4..19
+    scores = [0.5, 3.0, 0.5, 2.0] + [-1.0 - i for i in range(16)]  # ranks 2, 0, 2 (tied), 1, then 4..19
     assert rank_buckets(scores) == [2, 0, 2, 1] + [3] * 4 + [4] * 8 + [5] * 4
-    shuffled = list(range(20))
-    random.Random(0).shuffle(shuffled)
-    assert [rank_buckets(scores)[i] for i in shuffled] == rank_buckets([scores[i] for i in shuffled]), \
-        "a candidate's bucket does not depend on the order the candidates come in (no ties)"
+    assert rank_buckets([0.0] * 6) == [0] * 6 and rank_buckets([1.0, 0.0, 0.0, 0.0]) == [0, 1, 1, 1]
+    tied = [0.0, 0.0, 0.0, 0.0, 1.0, 2.0] + [-1.0 - i for i in range(14)]  # the tied four rank 2..5 together
+    assert rank_buckets(tied)[:4] == [2] * 4
+    for seed, case in enumerate((scores, tied)):
+        shuffled = list(range(20))
+        random.Random(seed).shuffle(shuffled)
+        assert [rank_buckets(case)[i] for i in shuffled] == rank_buckets([case[i] for i in shuffled]), \
+            "a candidate's bucket does not depend on the order the candidates come in, ties included"
 
 
 def test_candidate_ranks_one_bucket_per_ranking_in_the_prompts_order():
