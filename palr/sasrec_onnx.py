@@ -50,12 +50,18 @@ class SasrecOnnx:
         self.session = ort.InferenceSession(str(path), _session_options(threads), providers=["CPUExecutionProvider"])
         self._check_signature()
 
-    @classmethod
-    def from_bundle(cls, bundle: Bundle, threads: int = 1) -> "SasrecOnnx":
+    @staticmethod
+    def manifest_record(bundle: Bundle) -> dict:
+        """The model's manifest record, with the `max_len` and `top_k` it was exported with (BundleError if not)."""
         meta = bundle.artifact(ARTIFACT)
         for key in ("max_len", "top_k"):
             if key not in meta:
                 raise BundleError(f"{bundle.root}: artifact {ARTIFACT!r} has no {key!r} in the manifest")
+        return meta
+
+    @classmethod
+    def from_bundle(cls, bundle: Bundle, threads: int = 1) -> "SasrecOnnx":
+        meta = cls.manifest_record(bundle)
         return cls(bundle.path(ARTIFACT), max_len=int(meta["max_len"]), top_k=int(meta["top_k"]), threads=threads)
 
     def retrieve(self, queries: Sequence[Query]) -> list[Ranked]:

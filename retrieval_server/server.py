@@ -35,7 +35,7 @@ class RetrievalServer:
         bundle = Bundle.open(config.bundle)
         bundle.verify(ARTIFACTS)
         self.bundle = bundle
-        meta = bundle.artifact(ARTIFACT)
+        meta = SasrecOnnx.manifest_record(bundle)
         top_k = int(meta["top_k"])
         max_k = config.max_k or top_k
         if max_k > top_k:
@@ -100,10 +100,11 @@ class RetrievalServer:
     def _run_batch(self, queries: Sequence[Query]) -> list[Ranked]:
         """One ORT call (in a worker thread), measured."""
         started = time.perf_counter()
-        ranked = self.model.retrieve(queries)
-        ORT_SECONDS.observe(time.perf_counter() - started)
-        ORT_BATCH_SIZE.observe(len(queries))
-        return ranked
+        try:
+            return self.model.retrieve(queries)
+        finally:  # failed calls too: a failing model shows as ORT calls, not as none
+            ORT_SECONDS.observe(time.perf_counter() - started)
+            ORT_BATCH_SIZE.observe(len(queries))
 
     async def _close_runner(self) -> None:
         if self.runner is not None:

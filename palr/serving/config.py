@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,10 +56,10 @@ class ServerConfig:
                 raise ValueError(f"{flag} {path}: no such file")
         if self.max_message_bytes <= 0:
             raise ValueError(f"max_message_bytes must be positive, got {self.max_message_bytes}")
-        if self.grace < 0:
-            raise ValueError(f"grace must be >= 0 seconds, got {self.grace}")
-        if self.drain_delay < 0:
-            raise ValueError(f"drain_delay must be >= 0 seconds, got {self.drain_delay}")
+        if not 0 <= self.grace < math.inf:  # (also refuses nan)
+            raise ValueError(f"grace must be a finite number of seconds >= 0, got {self.grace}")
+        if not 0 <= self.drain_delay < math.inf:
+            raise ValueError(f"drain_delay must be a finite number of seconds >= 0, got {self.drain_delay}")
         if self.parent_pid < 0:
             raise ValueError(f"parent_pid must be >= 0, got {self.parent_pid}")
 

@@ -225,6 +225,13 @@ def test_server_config_refuses_half_tls_settings(pki):
         ServerConfig(tls_cert=pki.server_cert, tls_key=pki.server_key.with_name("missing.key"))
 
 
+@pytest.mark.parametrize("field_name", ["grace", "drain_delay"])
+@pytest.mark.parametrize("value", [-1.0, float("nan"), float("inf")])
+def test_server_config_refuses_stop_timings_that_are_not_finite_seconds(field_name, value):
+    with pytest.raises(ValueError, match=f"{field_name} must be a finite number of seconds"):
+        ServerConfig(**{field_name: value})
+
+
 def test_a_taken_port_is_an_error_not_a_shared_port(server_loop):
     first = start_server(server_loop, ServerConfig(port=0))
     try:

@@ -335,6 +335,24 @@ def test_metrics_endpoint_counts_requests_by_code_and_ort_batches(server, stub, 
     assert after["retrieval_requests_in_flight"] == 0
 
 
+def test_a_failing_ort_call_is_counted_as_an_ort_call_and_answered_internal(server_loop, tiny_bundle, facts):
+    server = start(server_loop, RetrievalServerConfig(bundle=tiny_bundle, port=0, metrics_port=free_port()))
+    try:
+        def failing(queries):
+            raise RuntimeError("ORT failed")
+
+        server.model.retrieve = failing
+        before = scrape_metrics(server.server.metrics_port)
+        with grpc.insecure_channel(server.server.address) as channel, pytest.raises(grpc.RpcError) as failed:
+            retrieve(retrieval_pb2_grpc.RetrievalServiceStub(channel), user_id=some_users(facts, 1)[0], k=3)
+        after = scrape_metrics(server.server.metrics_port)
+        assert failed.value.code() == grpc.StatusCode.INTERNAL
+        assert after["retrieval_ort_batch_size_count"] - before.get("retrieval_ort_batch_size_count", 0.0) == 1
+        assert after["retrieval_ort_seconds_count"] - before.get("retrieval_ort_seconds_count", 0.0) == 1
+    finally:
+        server_loop.run(server.drain())
+
+
 def test_mutual_tls_retrieve_needs_a_client_certificate(server_loop, tiny_bundle, pki):
     secured = start(server_loop, RetrievalServerConfig(bundle=tiny_bundle, port=0, tls_cert=pki.server_cert,
                                                        tls_key=pki.server_key, tls_client_ca=pki.ca))
@@ -444,3 +462,22 @@ def test_over_max_queue_is_resource_exhausted_at_once_and_the_server_keeps_servi
             assert len(answers) == 2 and all(answers) and ask()
     finally:
         server_loop.run(server.drain())
+
+
+@pytest.mark.parametrize("window", [-1.0, float("nan"), float("inf"), 1001.0])
+def test_a_batch_window_that_is_not_a_sane_wait_is_refused(window):
+    """An infinite window would hold every request outside a full batch until its deadline."""
+    with pytest.raises(ValueError, match="batch_window_ms must be in"):
+        RetrievalServerConfig(batch_window_ms=window)
+
+
+def test_a_model_record_without_its_export_shape_is_a_bundle_error_not_a_traceback(tiny_bundle, tmp_path):
+    from palr.bundle import BundleError
+    from tests.fixtures.builds import copy_bundle
+
+    bundle = copy_bundle(tiny_bundle, tmp_path / "bundle")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    del manifest["artifacts"]["sasrec_onnx"]["top_k"]
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="no 'top_k' in the manifest"):
+        RetrievalServer(RetrievalServerConfig(bundle=bundle))
