@@ -50,7 +50,8 @@ class RetrievalServiceServicer:
 
     def Retrieve(self, request, context):
         """Streams the k best items for a user, `chunk_size` candidates per message,
-        best first. Items in the history and in `exclude` are never returned.
+        best first. Items in the history and in `exclude` are never returned, so
+        fewer than k come back when they leave fewer than k items in the catalog.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
