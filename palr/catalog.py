@@ -114,7 +114,8 @@ class Catalog:
 
 
 def _natural_key(item_id: str):
-    return (0, int(item_id), "") if item_id.isdigit() else (1, 0, item_id)
+    """Numeric ids first, by value ("2" before "10"), then the rest by text; "7" and "07" keep a fixed order."""
+    return (0, int(item_id), item_id) if item_id.isascii() and item_id.isdigit() else (1, 0, item_id)
 
 
 def _read_item_meta(table: AtomicTable) -> dict[str, tuple[str, str, tuple[str, ...]]]:

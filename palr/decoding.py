@@ -115,7 +115,8 @@ class LabelConstraint(DecodingConstraint):
 class TitleConstraint(DecodingConstraint):
     """Write exactly `k` candidate lines, each a label not written yet followed by that candidate's
     title line (" B" " Scream" "\\n"): the answer format `palr.prompt` trains, so the model writes
-    titles (PALR) while every line is, token for token, a line of its candidate list.
+    titles (PALR) while every line is that candidate's label and title tokens as its list line shows them
+    (the list line's soft, trend and rank tokens are not written).
 
     The choice is made at the label (same tokens, same bias, as `LabelConstraint`); the title tokens
     after it are forced. So no line can name an item outside the list or repeat one.

@@ -15,7 +15,7 @@ candidates, each behind a single-token label (" A" ... " T"):
          A Toy Story
          B Scream
         ...<|im_end|> <|im_start|>assistant
-    answer  " B Scream\\n"   (label, then the title line, copied from the candidate list)
+    answer  " B Scream\\n"   (label, then the candidate's title tokens as the list shows them, then a newline)
 
 Score mode reads one logit per candidate in one forward pass (`Readout`): with `readout="label"` the
 labels' next-token logits after the suffix (a verbalizer); with `readout="candidate"` the score row's
@@ -23,7 +23,8 @@ logit at each candidate's own last token (no label-letter prior, so no position 
 `trend=True` each candidate line ends with its trend token (palr/trends.py), then with `rank_tokens` one
 token per named ranking (its rank bucket among the candidates under EASE's or SASRec's scores), and the
 candidate readout reads at the line's last token. Generate mode lets the model write answer lines: a label, then that
-candidate's title line, so what it writes is exactly a candidate line (see `palr.decoding.TitleConstraint`).
+candidate's title tokens exactly as its list line shows them (without the line's soft, trend and rank tokens;
+see `palr.decoding.TitleConstraint`).
 
 Every piece (preamble, profile, each title, each separator) is tokenized on its own and the ids
 are concatenated, so a title is the same token sequence wherever it appears (history, candidate
@@ -193,6 +194,8 @@ class PalrPrompt:
         return list(self.tokenizer.encode(text, add_special_tokens=False)) if text else []
 
     def _single_token_labels(self) -> list[int]:
+        if not self.settings.label_alphabet:
+            raise PromptError("the label alphabet is empty: a prompt needs one label per candidate")
         ids = []
         for letter in self.settings.label_alphabet:
             text = self.settings.label_prefix + letter

@@ -1,4 +1,5 @@
-"""The bundle's users file (`users.json`: per user the training history as item ids, oldest first)."""
+"""The bundle's users file (`users.json`: per user the train + valid items as item ids, oldest first: the
+history test-time requests are ranked from)."""
 
 from __future__ import annotations
 

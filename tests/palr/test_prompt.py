@@ -39,6 +39,11 @@ def test_labels_that_are_not_single_tokens_fail_clearly(tokenizer):
         PalrPrompt(tokenizer, PromptSettings(label_prefix=" 1"))  # " 1A" splits
 
 
+def test_an_empty_label_alphabet_fails_clearly(tokenizer):
+    with pytest.raises(PromptError, match="label alphabet is empty"):
+        PalrPrompt(tokenizer, PromptSettings(label_alphabet=""))
+
+
 def test_too_many_candidates_fail_clearly(prompt):
     candidates = [Title(f"Movie {i}") for i in range(27)]
     with pytest.raises(PromptError, match="27 candidates"):
