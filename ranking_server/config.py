@@ -44,10 +44,9 @@ class RankingServerConfig(ServerConfig, EngineConfig):
         "help": "candidates per streamed retrieval message (0 = the retrieval server's default)"})
     retrieval_attempts: int = field(default=3, metadata={
         "help": "attempts of a Retrieve call that ends UNAVAILABLE before the retrieval server sent headers or a "
-                "message (a replica restarting or draining; under round_robin also RESOURCE_EXHAUSTED: a replica's "
-                "--max-queue is full): gRPC retries it with backoff (50 ms, doubling, <= 500 ms), within the "
-                "caller's deadline, on the next ready replica under round_robin, and stops retrying while most "
-                "calls fail (retry throttling); 1 = no retry"})
+                "message (a replica restarting or draining): gRPC retries it with backoff (50 ms, doubling, <= 500 "
+                "ms), within the caller's deadline, on the next ready replica under round_robin, and stops retrying "
+                "while most calls fail (retry throttling); 1 = no retry"})
 
     max_seq_len: int = field(default=0, metadata={
         "help": "prompt + generated tokens per request (the size of one KV slot of the hf and ortgenai engines); "

@@ -25,14 +25,6 @@ RETRIEVAL_SERVICE = retrieval_pb2.DESCRIPTOR.services_by_name["RetrievalService"
 RETRIEVE_METHOD = f"{RETRIEVAL_SERVICE}/Retrieve"
 
 
-def retried_codes(load_balancing: str) -> tuple[str, ...]:
-    """What a Retrieve that failed before any answer is tried again on: UNAVAILABLE (a replica restarting or
-    draining) always; under round_robin also RESOURCE_EXHAUSTED (a replica's --max-queue is full), since the
-    next attempt goes to the next replica. With one replica (pick_first) a full queue is passed to the caller
-    at once: retrying it would only add to that queue's load."""
-    return ("UNAVAILABLE", "RESOURCE_EXHAUSTED") if load_balancing == "round_robin" else ("UNAVAILABLE",)
-
-
 class RetrievalClient:
     def __init__(self, config: RankingServerConfig):
         self.target = config.retrieval
@@ -41,7 +33,6 @@ class RetrievalClient:
                                     max_message_bytes=config.max_message_bytes,
                                     load_balancing=config.retrieval_lb, aio=True,
                                     retry_methods=[RETRIEVE_METHOD], max_attempts=config.retrieval_attempts,
-                                    retry_codes=retried_codes(config.retrieval_lb),
                                     health_service=RETRIEVAL_SERVICE)  # round_robin skips replicas NOT_SERVING
         self.stub = retrieval_pb2_grpc.RetrievalServiceStub(self.channel)
         self.chunk_size = config.retrieval_chunk_size

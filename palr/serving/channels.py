@@ -22,11 +22,10 @@ NO_BDP_PROBE = ("grpc.http2.bdp_probe", 0)
 
 
 def service_config(load_balancing: str | None = None, retry_methods: Sequence[str] = (),
-                   max_attempts: int = 1, health_service: str | None = None,
-                   retry_codes: Sequence[str] = ("UNAVAILABLE",)) -> dict:
+                   max_attempts: int = 1, health_service: str | None = None) -> dict:
     """gRPC's service config: the load-balancing policy, and a retry policy for `retry_methods`
-    ("package.Service/Method"): a call that ends with one of `retry_codes` (status code names) before the server
-    sent it headers or a message is tried again, up to `max_attempts` in all, with exponential backoff, within the call's deadline.
+    ("package.Service/Method"): a call that ends UNAVAILABLE before the server sent it headers or a message
+    is tried again, up to `max_attempts` in all, with exponential backoff, within the call's deadline.
     gRPC only retries such uncommitted calls, so an answer is never replayed or duplicated; retry throttling
     (gRPC's token bucket: 10 tokens, +0.1 a success, -1 a failure, no retries below half) stops retries when
     most calls fail, e.g. every replica still loading.
@@ -44,7 +43,7 @@ def service_config(load_balancing: str | None = None, retry_methods: Sequence[st
     if retry_methods and max_attempts > 1:
         config["methodConfig"] = [{"name": [_method_name(m) for m in retry_methods], "retryPolicy": {
             "maxAttempts": max_attempts, "initialBackoff": "0.05s", "maxBackoff": "0.5s", "backoffMultiplier": 2,
-            "retryableStatusCodes": list(retry_codes)}}]
+            "retryableStatusCodes": ["UNAVAILABLE"]}}]
         config["retryThrottling"] = {"maxTokens": 10, "tokenRatio": 0.1}
     return config
 
@@ -60,7 +59,7 @@ def open_channel(target: str, *, tls_ca: Path | None = None, tls_cert: Path | No
                  tls_key: Path | None = None, server_name: str | None = None,
                  max_message_bytes: int | None = None, load_balancing: str | None = None, aio: bool = True,
                  interceptors: list | None = None, retry_methods: Sequence[str] = (), max_attempts: int = 1,
-                 health_service: str | None = None, retry_codes: Sequence[str] = ("UNAVAILABLE",)):
+                 health_service: str | None = None):
     """A client channel to `target`: TLS when a CA or client certificate is given (the CA verifies
     the server; cert + key are this client's identity for mutual TLS), plaintext otherwise.
     `server_name` overrides the name checked against the server certificate.
@@ -68,15 +67,15 @@ def open_channel(target: str, *, tls_ca: Path | None = None, tls_cert: Path | No
     `target` is anything gRPC resolves: "host:port", or "dns:///name:port" (every address the name
     resolves to, e.g. a Kubernetes headless Service's pods). `load_balancing` picks gRPC's
     client-side policy over those addresses: "round_robin" (spread RPCs over all ready backends)
-    or "pick_first" (gRPC's default: one backend at a time). `retry_methods`, `max_attempts`, `health_service`,
-    `retry_codes`: see `service_config`."""
+    or "pick_first" (gRPC's default: one backend at a time). `retry_methods`, `max_attempts`, `health_service`:
+    see `service_config`."""
     if bool(tls_cert) != bool(tls_key):
         raise ValueError("a client certificate needs its key (tls_cert and tls_key go together)")
     options = message_size_options(max_message_bytes) if max_message_bytes else []
     options.append(NO_BDP_PROBE)
     if server_name:
         options.append(("grpc.ssl_target_name_override", server_name))
-    config = service_config(load_balancing, retry_methods, max_attempts, health_service, retry_codes)
+    config = service_config(load_balancing, retry_methods, max_attempts, health_service)
     if config:
         options.append(("grpc.service_config", json.dumps(config)))
     module = grpc.aio if aio else grpc

@@ -82,39 +82,3 @@ def test_a_retried_method_must_name_service_and_method():
     assert service_config(retry_methods=["pkg.Svc/Get"], max_attempts=1) == {}  # 1 attempt: no retry policy
     with pytest.raises(ValueError, match="package.Service/Method"):
         service_config(retry_methods=["pkg.Svc"], max_attempts=3)
-
-
-def test_a_full_queue_is_retried_on_the_next_replica_under_round_robin():
-    """One replica's queue fills (it refuses its next 3 calls RESOURCE_EXHAUSTED), the other answers: under
-    round_robin every Retrieve is answered, the refused ones by the second attempt on the other replica.
-    (Retry throttling would stop the retries if refusals went on: gRPC's token bucket, see service_config.)"""
-    async def run() -> tuple[list[int], int, int]:
-        full, free = FailingFirst(0, grpc.StatusCode.RESOURCE_EXHAUSTED), FailingFirst(0, grpc.StatusCode.OK)
-        servers, ports = [], []
-        for servicer in (full, free):
-            server = grpc.aio.server()
-            retrieval_pb2_grpc.add_RetrievalServiceServicer_to_server(servicer, server)
-            ports.append(server.add_insecure_port("127.0.0.1:0"))
-            await server.start()
-            servers.append(server)
-        target = "ipv4:" + ",".join(f"127.0.0.1:{port}" for port in ports)
-        client = RetrievalClient(RankingServerConfig(retrieval=target, retrieval_lb="round_robin",
-                                                     retrieval_attempts=2))
-        try:
-            while not (full.calls and free.calls):  # until round_robin has both connections ready
-                [m async for m in client.stream(retrieval_pb2.RetrieveRequest(user_id="u", k=3), 10)]
-            full.calls = free.calls = 0
-            full.failures = 3
-            answered = []
-            for n in range(6):
-                request = retrieval_pb2.RetrieveRequest(user_id="u", k=3, request_id=f"r{n}")
-                answered.append(sum(len(m.candidates) for m in [m async for m in client.stream(request, 10)]))
-            return answered, full.calls, free.calls
-        finally:
-            await client.close()
-            for server in servers:
-                await server.stop(0)
-
-    answered, full_calls, free_calls = asyncio.run(run())
-    assert answered == [3] * 6 and full_calls >= 2  # round_robin gave the full replica its share of first attempts
-    assert free_calls == 6 - (full_calls - min(full_calls, 3))  # each refused one was answered by the other
