@@ -34,7 +34,7 @@ VERSION = 1
 
 def training_config(bundle: Bundle, epochs: int, threads: int) -> SASRecConfig:
     """The bundle SASRec's architecture and training options (batch size, learning rate, ...: both from its
-    manifest record; a bundle made before the options were recorded trained with the defaults, which are used);
+    manifest record, which `compile sasrec` completes for a bundle made before options were recorded);
     `epochs` 0 = its best epoch."""
     meta = bundle.artifact("sasrec_torch")
     arch = {f.name: meta[f.name] for f in dataclasses.fields(SASRecArch) if f.name != "num_indices"}

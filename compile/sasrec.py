@@ -259,12 +259,20 @@ def write_data_artifacts(bundle: Bundle, corpus: Corpus) -> None:
     bundle.add_artifact("users", "users.json", users=len(users), history="train + valid items, oldest first")
 
 
+def training_record(config: SASRecConfig) -> dict:
+    return {name: getattr(config, name) for name in TRAINING_OPTIONS}
+
+
 def run(config: SASRecConfig) -> None:
     corpus = Corpus.load(config.data)
     bundle = Bundle.open_or_create(config.bundle)
     step_fp = training_fingerprint(config, corpus)
     if bundle.step_is_current(STEP, step_fp, OUTPUTS):
         log.info("sasrec: skipped, data and options unchanged since %s", bundle.manifest.steps[STEP]["finished_at"])
+        record = bundle.artifact("sasrec_torch")
+        if "training" not in record:  # made before options were recorded: current means these options trained it
+            record["training"] = training_record(config)
+            bundle.save()
     else:
         started = time.perf_counter()
         data = EncodedSplit.build(corpus)
@@ -275,7 +283,7 @@ def run(config: SASRecConfig) -> None:
         model.save(bundle.root / "models" / "sasrec.pt", best_epoch=best["epoch"], valid=best["valid"])
         bundle.add_artifact("sasrec_torch", "models/sasrec.pt", **dataclasses.asdict(model.arch),
                             best_epoch=best["epoch"], valid=best["valid"],
-                            training={name: getattr(config, name) for name in TRAINING_OPTIONS})
+                            training=training_record(config))
         seconds = time.perf_counter() - started
         bundle.record_step(STEP, step_fp, seconds, best_epoch=best["epoch"], valid=best["valid"])
         bundle.save()

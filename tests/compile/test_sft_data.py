@@ -110,7 +110,8 @@ def test_held_out_cuts_are_each_users_last_training_items_capped_for_short_users
 
 def test_the_held_out_sasrec_trains_with_the_served_sasrecs_architecture_and_options(ml100k_dir, tmp_path):
     """A SASRec trained with non-default options records them; the held-out one takes them (and its
-    architecture) from that record. A record from before options were recorded means the defaults."""
+    architecture) from that record. A record from before options were recorded is completed by the next
+    `compile sasrec` (current, so trained with the options it is given); without it, the defaults."""
     from compile.holdout import training_config
     from compile.presets import preset_for
     from compile.sasrec import SASRecConfig, run
@@ -126,6 +127,10 @@ def test_the_held_out_sasrec_trains_with_the_served_sasrecs_architecture_and_opt
     del bundle.manifest.artifacts["sasrec_torch"]["training"]
     defaults = SASRecConfig()
     assert all(getattr(training_config(bundle, 1, 1), name) == getattr(defaults, name) for name in options)
+    bundle.save()  # an older bundle: no record
+    run(SASRecConfig(bundle=tmp_path, data=ml100k_dir, **preset_for("tiny", "sasrec") | options))  # skipped
+    completed = training_config(Bundle.open(tmp_path), epochs=1, threads=1)
+    assert {name: getattr(completed, name) for name in options} == options
 
 
 def test_ease_scores_come_from_tables_that_never_saw_the_examples_target(train_rows, valid_rows, ml100k,
