@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from compile.llm_common import config_record
 from palr.bundle import Bundle, fingerprint
-from palr.catalog import Catalog, Item
+from palr.catalog import Catalog, Item, natural_key
 from palr.profiles import METHODS, Profiles, StatsProfiler
 
 log = logging.getLogger(__name__)
@@ -177,7 +177,7 @@ def run(config: ProfilesConfig) -> Path:
     started = time.perf_counter()
     catalog = Catalog.load(bundle.path("catalog"))
     users = json.loads(bundle.path("users").read_text())["users"]
-    user_ids = sorted(users, key=_natural)[: config.users or None]
+    user_ids = sorted(users, key=natural_key)[: config.users or None]
     histories = [[catalog.by_id(i) for i in users[u]["history"]] for u in user_ids]
     keywords = profiler(bundle, catalog, config)(histories)
     Profiles(config.method, dict(zip(user_ids, keywords)), method_settings(config)).save(out)
@@ -188,6 +188,3 @@ def run(config: ProfilesConfig) -> Path:
              time.perf_counter() - started, out, user_ids[0], keywords[0])
     return out
 
-
-def _natural(user_id: str):
-    return (0, int(user_id), "") if user_id.isdigit() else (1, 0, user_id)

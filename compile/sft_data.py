@@ -47,8 +47,9 @@ from palr.trends import TrendSettings, TrendTable
 log = logging.getLogger(__name__)
 
 SFT_DIR = "llm/sft"
-VERSION = 7  # 3: held-out SASRec negatives, hybrid prompts, retrieval scores; 4: trend tokens, candidate readout;
+VERSION = 8  # 3: held-out SASRec negatives, hybrid prompts, retrieval scores; 4: trend tokens, candidate readout;
 # 5: validation candidates exactly as serving retrieves them (history masked, not the test item); 6: EASE scores
+# 7: rank tokens; 8: tied candidates share their best rank bucket (palr.ranking.rank_buckets), as serving now shows them
 
 
 @dataclass

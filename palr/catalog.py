@@ -108,12 +108,12 @@ class Catalog:
         items = [
             Item(id=i, title=meta.get(i, (i, "", ()))[0], year=meta.get(i, (i, "", ()))[1],
                  genres=meta.get(i, (i, "", ()))[2], train_count=counts.get(i, 0))
-            for i in sorted(ids, key=_natural_key)
+            for i in sorted(ids, key=natural_key)
         ]
         return cls(items)
 
 
-def _natural_key(item_id: str):
+def natural_key(item_id: str):
     """Numeric ids first, by value ("2" before "10"), then the rest by text; "7" and "07" keep a fixed order."""
     return (0, int(item_id), item_id) if item_id.isascii() and item_id.isdigit() else (1, 0, item_id)
 

@@ -110,9 +110,9 @@ def test_bring_your_own_dataset(tmp_path):
 def test_item_ids_sort_numbers_by_value_in_one_fixed_order_and_odd_digits_as_text():
     """Ids equal as numbers ("7", "07") once tied and took set order (changing with PYTHONHASHSEED, so catalog
     indices could change between runs); "²" is a digit to str.isdigit but not to int()."""
-    from palr.catalog import _natural_key
+    from palr.catalog import natural_key
 
     ids = ["10", "07", "a", "7", "\u00b2", "2", "007"]
     expected = ["2", "007", "07", "7", "10", "a", "\u00b2"]
-    assert sorted(ids, key=_natural_key) == expected
-    assert sorted(reversed(ids), key=_natural_key) == expected
+    assert sorted(ids, key=natural_key) == expected
+    assert sorted(reversed(ids), key=natural_key) == expected
