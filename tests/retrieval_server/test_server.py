@@ -464,10 +464,10 @@ def test_over_max_queue_is_resource_exhausted_at_once_and_the_server_keeps_servi
         server_loop.run(server.drain())
 
 
-@pytest.mark.parametrize("window", [-1.0, float("nan"), float("inf"), 1001.0])
-def test_a_batch_window_that_is_not_a_sane_wait_is_refused(window):
+@pytest.mark.parametrize("window", [-1.0, float("nan"), float("inf")])
+def test_a_batch_window_that_is_not_a_finite_wait_is_refused(window):
     """An infinite window would hold every request outside a full batch until its deadline."""
-    with pytest.raises(ValueError, match="batch_window_ms must be in"):
+    with pytest.raises(ValueError, match="batch_window_ms must be a finite number"):
         RetrievalServerConfig(batch_window_ms=window)
 
 
