@@ -35,7 +35,8 @@ class Corpus:
 
     @classmethod
     def load_for(cls, bundle: Bundle, data_dir: str | Path) -> "Corpus":
-        """The dataset, checked to be the one `bundle` was built from: its splits are the bundle's answer key."""
+        """The dataset, checked to be the one `bundle` was built from: its splits are the bundle's answer key,
+        and its catalog indexes items as the bundle's catalog.json (what the models and servers use) does."""
         corpus = cls.load(data_dir)
         built_from = bundle.manifest.dataset.get("checksum")
         if not built_from:
@@ -44,6 +45,15 @@ class Corpus:
         elif built_from != corpus.files.checksum():
             raise BundleError(f"{bundle.root} was built from other data than {data_dir} "
                               f"(dataset checksum {str(built_from)[:12]} != {corpus.files.checksum()[:12]})")
+        if "catalog" in bundle.manifest.artifacts:
+            stored = [item.id for item in Catalog.load(bundle.path("catalog")).items]
+            built = [item.id for item in corpus.catalog.items]
+            if stored != built:
+                first = next(i for i, (a, b) in enumerate(zip(stored + [None], built + [None])) if a != b)
+                raise BundleError(f"{bundle.root}: catalog.json orders items unlike the catalog built from {data_dir} "
+                                  f"(index {first + 1}: {stored[first:first + 1]} vs {built[first:first + 1]}), so "
+                                  f"item indices would point at other items; rebuild the bundle "
+                                  f"(`python -m compile all --force`)")
         return corpus
 
     def time_before(self, user: str, position: int) -> float:

@@ -81,3 +81,17 @@ def test_pipeline_runs_the_retrieval_steps_in_order(bundle_copy, ml100k_dir, cap
     assert "sasrec: skipped" in caplog.text and "export-onnx: skipped" in caplog.text  # built by tiny_bundle
     assert (bundle_copy / "reports" / "eval_retrieval.json").is_file()
     assert "all: done" in caplog.text
+
+
+def test_a_bundle_whose_catalog_orders_items_unlike_the_data_is_refused(bundle_copy, ml100k_dir):
+    """Offline steps index items through the catalog built from the data, the models and servers through the
+    bundle's catalog.json: if the two orders differed, indices would point at other items without an error."""
+    from palr.corpus import Corpus
+
+    assert Corpus.load_for(Bundle.open(bundle_copy), ml100k_dir)  # as built: the same order
+    path = bundle_copy / "catalog.json"
+    catalog = json.loads(path.read_text())
+    catalog["items"][1], catalog["items"][2] = catalog["items"][2], catalog["items"][1]
+    path.write_text(json.dumps(catalog))
+    with pytest.raises(BundleError, match="index 2: \\['3'\\] vs \\['2'\\]"):
+        Corpus.load_for(Bundle.open(bundle_copy), ml100k_dir)
