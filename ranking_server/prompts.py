@@ -15,7 +15,8 @@ so the server ranks exactly as the evaluation measured.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+import logging
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -31,6 +32,8 @@ from palr.serving.errors import RequestError
 from palr.trends import TrendSettings, TrendTable
 from ranking_server.engines.base import EngineRequest, EngineResult
 from ranking_server.planner import Plan
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -85,7 +88,21 @@ class PromptBuilder:
         if uses_collab(ranker):
             bundle.verify(["collab"])
             collab = CollabTable.load(bundle.path("collab"))
-        return cls(tokenizer, ranker, catalog, Profiles.load(bundle.path("profiles")).profiles, trends, collab)
+        profiles = Profiles.load(bundle.path("profiles"))
+        if profiles.method != "stats":
+            log.warning("this ranker was trained on %s profiles: stored users get theirs, but a request that sends "
+                        "its own history gets a statistics profile, a kind its training never showed",
+                        profiles.method)
+        return cls(tokenizer, ranker, catalog, profiles.profiles, trends, collab)
+
+    def warn_unprofiled(self, stored_users: Iterable[str]) -> int:
+        """Logs how many stored users have no stored profile (they are served an empty one, which the offline
+        evaluation refuses to measure); returns that count."""
+        missing = [u for u in stored_users if u not in self.stored_profiles]
+        if missing:
+            log.warning("%d stored users have no profile in profiles.json (e.g. %s): their prompts show an empty "
+                        "profile (rebuild it: python -m compile profiles --force)", len(missing), missing[0])
+        return len(missing)
 
     def candidates(self, item_ids: Sequence[str]) -> list[Item]:
         """One retrieval chunk → catalog items, their title lines tokenized now (while the rest of the

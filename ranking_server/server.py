@@ -84,6 +84,7 @@ class RankingServer:
         if self._injected_load_delay_s:  # test-only (RANKING_INJECT_LOAD_DELAY_MS): a load that takes this long
             await in_load_thread(time.sleep, self._injected_load_delay_s)
         prompts = await in_load_thread(self._prompt_builder)
+        prompts.warn_unprofiled(self.planner.stored_histories)
         longest = await in_load_thread(prompts.longest_requests, self.planner.max_candidates)
         self.engine = await in_load_thread(build_engine, self.bundle, self._sized(longest))
         await self._warm_up(longest)

@@ -605,3 +605,27 @@ def test_after_the_fuzz_the_server_is_healthy_and_answers(ranking, stub, referen
         status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
     assert status == SERVING and ranking.engine.check_health()
     assert len(recommend(stub, user_id=some_users(reference, 1)[0], k=4).items) == 4
+
+
+def test_load_warns_of_profiles_that_serving_cannot_match_to_training(tiny_llm_bundle, tmp_path, caplog):
+    """A ranker trained on LLM profiles gets statistics profiles for histories sent with a request; a stored
+    user without a stored profile gets an empty one (the evaluation refuses it): both are said at load."""
+    from transformers import AutoTokenizer
+
+    from ranking_server.prompts import PromptBuilder
+
+    root = tmp_path / "bundle"
+    shutil.copytree(tiny_llm_bundle, root, symlinks=True)
+    bundle = Bundle.open(root)
+    path = bundle.path("profiles")
+    profiles = json.loads(path.read_text())
+    users = sorted(profiles["profiles"])
+    del profiles["profiles"][users[0]]
+    path.write_text(json.dumps({**profiles, "method": "llm"}))
+    tokenizer = AutoTokenizer.from_pretrained(bundle.path("llm_merged"))
+    ranker = json.loads(bundle.path("ranker").read_text())
+    with caplog.at_level(logging.WARNING, logger="ranking_server.prompts"):
+        builder = PromptBuilder.for_bundle(bundle, tokenizer, ranker, Catalog.load(bundle.path("catalog")))
+        assert builder.warn_unprofiled(users) == 1 and builder.warn_unprofiled(users[1:]) == 0
+    assert "trained on llm profiles" in caplog.text
+    assert f"1 stored users have no profile in profiles.json (e.g. {users[0]})" in caplog.text
