@@ -9,7 +9,6 @@ from pathlib import Path
 from palr.serving.config import ServerConfig
 
 
-
 @dataclass
 class RetrievalServerConfig(ServerConfig):
     bundle: Path = field(default=Path("bundle"), metadata={
