@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -46,7 +47,7 @@ class RankingServerConfig(ServerConfig, EngineConfig):
         "help": "attempts of a Retrieve call that ends UNAVAILABLE before the retrieval server sent headers or a "
                 "message (a replica restarting or draining): gRPC retries it with backoff (50 ms, doubling, <= 500 "
                 "ms), within the caller's deadline, on the next ready replica under round_robin, and stops retrying "
-                "while most calls fail (retry throttling); 1 = no retry"})
+                "once failures outrun successes about 1 to 10 (retry throttling); 1 = no retry"})
 
     max_seq_len: int = field(default=0, metadata={
         "help": "prompt + generated tokens per request (the size of one KV slot of the hf and ortgenai engines); "
@@ -95,12 +96,13 @@ class RankingServerConfig(ServerConfig, EngineConfig):
         for name in ("retrieval_chunk_size", "candidates", "max_k"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.default_deadline_ms <= 0:
-            raise ValueError(f"default_deadline_ms must be > 0, got {self.default_deadline_ms}")
-        if self.engine_check_s < 0:
-            raise ValueError(f"engine_check_s must be >= 0, got {self.engine_check_s}")
-        if self.degrade_reserve_ms < 0:
-            raise ValueError(f"degrade_reserve_ms must be >= 0, got {self.degrade_reserve_ms}")
+        # (the comparisons also refuse nan; inf is no wait at all to gRPC, a sleep that never wakes to asyncio)
+        if not 0 < self.default_deadline_ms < math.inf:
+            raise ValueError(f"default_deadline_ms must be a finite number > 0, got {self.default_deadline_ms}")
+        if not 0 <= self.engine_check_s < math.inf:
+            raise ValueError(f"engine_check_s must be a finite number >= 0, got {self.engine_check_s}")
+        if not 0 <= self.degrade_reserve_ms < math.inf:
+            raise ValueError(f"degrade_reserve_ms must be a finite number >= 0, got {self.degrade_reserve_ms}")
 
     @property
     def retrieval_tls(self) -> bool:

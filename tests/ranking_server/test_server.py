@@ -629,3 +629,13 @@ def test_load_warns_of_profiles_that_serving_cannot_match_to_training(tiny_llm_b
         assert builder.warn_unprofiled(users) == 1 and builder.warn_unprofiled(users[1:]) == 0
     assert "trained on llm profiles" in caplog.text
     assert f"1 stored users have no profile in profiles.json (e.g. {users[0]})" in caplog.text
+
+
+@pytest.mark.parametrize("field_name, value", [("default_deadline_ms", float("inf")), ("default_deadline_ms", 0.0),
+                                               ("degrade_reserve_ms", float("nan")), ("engine_check_s", float("nan")),
+                                               ("engine_check_s", float("inf"))])
+def test_deadline_and_health_check_timings_must_be_finite(field_name, value):
+    """inf is an already-expired timeout to gRPC (every request without a deadline would fail), nan makes
+    asyncio.wait_for time out at once and asyncio.sleep never wake (no engine health check)."""
+    with pytest.raises(ValueError, match=f"{field_name} must be a finite number"):
+        RankingServerConfig(**{field_name: value})
