@@ -30,8 +30,9 @@ from ranking_server.engines.base import RankingEngine
 
 RECOMMEND = RpcMetrics("ranking", "Recommend")
 STAGE_SECONDS = Histogram("ranking_stage_seconds", "time per request stage: retrieval, queue (waiting for a "
-                          "batch slot), ranking (LLM), total; queue and ranking of the LLM's answers only (a degraded "
-                          "answer's aborted wait has no split)", ["stage"], buckets=LATENCY_BUCKETS)
+                          "batch slot), ranking (LLM), total; queue and ranking of the engine's answers only (not "
+                          "cold starts or empty lists, which never reach it; a degraded answer's aborted wait has no "
+                          "split)", ["stage"], buckets=LATENCY_BUCKETS)
 DEGRADED = Counter("ranking_degraded", "answers in retrieval order instead of the LLM's, by reason", ["reason"])
 REJECTED = Counter("ranking_rejected", "requests refused, by reason", ["reason"])
 COLD_STARTS = Counter("ranking_cold_starts", "answers from popularity candidates (user without history)")

@@ -68,6 +68,7 @@ class Answer:
     ranking_ms: float = 0.0
     degraded_reason: str = ""
     reused: bool = False  # the engine's kept answer to an identical earlier request (no model time)
+    by_llm: bool = False  # the engine answered (not a cold start, an empty list or a degraded answer)
 
 
 class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
@@ -194,7 +195,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             "llm.answer_reused": result.answer_reused})
         return Answer(ranking=self.prompts.ranking(result, job.retrieval_term, k, job.candidate_bias),
                       queue_ms=result.timings.queue_ms, ranking_ms=waited_ms - result.timings.queue_ms,
-                      reused=result.answer_reused)
+                      reused=result.answer_reused, by_llm=True)
 
     def _degrade(self, plan: Plan, retrieval_order: list[tuple[int, float]], reason: str, detail: str,
                  submitted: float) -> Answer:
@@ -209,10 +210,11 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         return deadline - time.perf_counter() - self.config.degrade_reserve_ms / 1e3
 
     def _observe(self, retrieval_ms: float, answer: Answer, total_ms: float) -> None:
-        """A degraded answer's LLM wait is not split into queue and ranking (the engine request was aborted before it
-        reported one): it stays out of those two stages, which would otherwise show overload as an empty queue."""
+        """Queue and ranking are observed for the engine's answers only: a degraded answer's LLM wait is not split
+        (the engine request was aborted before it reported one), and cold starts and empty lists never reach the
+        engine; their zeros would show overload as an empty queue."""
         stages = [("retrieval", retrieval_ms), ("total", total_ms)]
-        if not answer.degraded_reason:
+        if answer.by_llm:
             stages += [("queue", answer.queue_ms), ("ranking", answer.ranking_ms)]
         for stage, ms in stages:
             STAGE_SECONDS.labels(stage).observe(ms / 1e3)

@@ -27,8 +27,8 @@ def service_config(load_balancing: str | None = None, retry_methods: Sequence[st
     ("package.Service/Method"): a call that ends UNAVAILABLE before the server sent it headers or a message
     is tried again, up to `max_attempts` in all, with exponential backoff, within the call's deadline.
     gRPC only retries such uncommitted calls, so an answer is never replayed or duplicated; retry throttling
-    (gRPC's token bucket: 10 tokens, +0.1 a success, -1 a failure, no retries below half) stops retries when
-    most calls fail, e.g. every replica still loading.
+    (gRPC's token bucket: 10 tokens, +0.1 a success, -1 a failure, no retries at half or below) stops retries
+    once failed attempts outrun successes about 1 to 10, e.g. every replica still loading.
 
     `health_service` with round_robin: client-side health checking (grpc.health.v1 Watch on each backend for that
     service name): a replica that says NOT_SERVING (loading, draining, its model runner dead) gets no calls until
