@@ -296,6 +296,11 @@ def test_exclude_is_left_out_and_k_is_capped_by_what_retrieval_returns(stub, ref
     excluded = [first.items[0].item_id, first.items[1].item_id]
     again = recommend(stub, user_id=user, k=5, num_candidates=5, exclude=excluded)
     assert not set(excluded) & {i.item_id for i in again.items} and len(again.items) == 5
+    history = set(reference.histories[user])
+    left = [item.id for item in reference.catalog.items if item.id not in history][:3]
+    rest = [item.id for item in reference.catalog.items if item.id not in history and item.id not in left]
+    few = recommend(stub, user_id=user, k=5, num_candidates=5, exclude=rest)  # retrieval can return 3 items only
+    assert sorted(i.item_id for i in few.items) == sorted(left) and not few.degraded and not few.cold_start
 
 
 def test_a_stored_history_longer_than_a_request_field_may_hold_is_served_and_its_old_items_stay_excluded(
