@@ -130,6 +130,12 @@ class StaticBatchingEngine(HFEngine):
         for pending in self._take(self.config.max_batch_size):
             self._admit(pending)
 
+    def _context_computed_ahead(self, pending) -> None:
+        """Never wait for another row's context: the batch's prompts run in one pass, so a row waiting for a
+        context its batch computes would never get it and would run its whole prompt, prefix included. Each row
+        copies what is cached (the prefix, a context stored by an earlier batch) and computes the rest."""
+        return None
+
     def _prefill_passes(self, budget: int) -> list[tuple[Row, int]]:
         """One padded pass over the whole batch's prompts, no token budget; nobody is admitted between passes."""
         chunks = [(row, len(row.todo)) for row in self._slots[self._n_decoding:]]
