@@ -537,6 +537,10 @@ def test_config_and_strategy_validation(tiny):
         strategy_engine("speculative", model)
     with pytest.raises(ValueError, match="--max-queue must be >= 1"):  # every request waits there first
         HFEngine(model, EngineConfig(max_queue=0))
+    for name in ("context_cache_mb", "score_first_ms"):  # a nan cache bound never evicts; a nan priority sorts anyhow
+        for value in (-1.0, float("nan"), float("inf")):
+            with pytest.raises(ValueError, match=f"{name} must be a finite number >= 0"):
+                EngineConfig(**{name: value})
 
 
 @pytest.mark.gpu
