@@ -125,13 +125,13 @@ def ortgenai_engine(bundle, engine_config: EngineConfig,
         return engine_from_build(bundle, target, engine_config)
     from ranking_server.engines.routed import ModeRouter
 
-    # two engines, one budget: each keeps the KV of its own modes' user contexts in half of --context-cache-mb
-    half = dataclasses.replace(engine_config, context_cache_mb=engine_config.context_cache_mb / 2)
+    # --context-cache-mb bounds the torch engine's user contexts; ortgenai weighs none in bytes (it reuses an idle
+    # generator whose cache starts with the user's context: at most --max-batch-size of them), so it takes no share
     log.info("ortgenai serves %s (what its build won); torch serves the rest, taking turns on the CPU, <= %d "
-             "requests waiting in both, %.0f MB of user contexts each", ", ".join(won), engine_config.max_queue,
-             half.context_cache_mb)
-    ortgenai = engine_from_build(bundle, target, half)
-    torch = torch_engine(half)
+             "requests waiting in both, %.0f MB of user contexts in torch", ", ".join(won), engine_config.max_queue,
+             engine_config.context_cache_mb)
+    ortgenai = engine_from_build(bundle, target, engine_config)
+    torch = torch_engine(engine_config)
     share_device(ortgenai, torch)
     return ModeRouter({m: ortgenai if m in won else torch for m in MODES}, max_queue=engine_config.max_queue)
 

@@ -4,7 +4,8 @@ The ortgenai CPU build wins only some ranking modes on a given machine (measured
 `compile build --target ortgenai-cpu`, recorded as `serves_modes`): those modes go to it and the
 others stay on the torch engine, behind the one interface the server holds. The factory has the two
 compute in turns on the one CPU (`ranking_server.engines.loop.DeviceTurns`), under one queue bound (`max_queue`,
-here) and one context-cache budget (split between them): the server's flags mean what they say for the whole.
+here); `--context-cache-mb` bounds the torch engine's user contexts (ortgenai weighs none in bytes: it keeps
+idle generators, at most `--max-batch-size`).
 """
 
 from __future__ import annotations
