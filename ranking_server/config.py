@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from palr.serving.config import ServerConfig
+from palr.serving.config import ServerConfig, check_finite
 from ranking_server.engines.config import EngineConfig
 
 ENGINES = ("hf", "trtllm", "ortgenai")
@@ -96,13 +95,9 @@ class RankingServerConfig(ServerConfig, EngineConfig):
         for name in ("retrieval_chunk_size", "candidates", "max_k"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        # (the comparisons also refuse nan; inf is no wait at all to gRPC, a sleep that never wakes to asyncio)
-        if not 0 < self.default_deadline_ms < math.inf:
-            raise ValueError(f"default_deadline_ms must be a finite number > 0, got {self.default_deadline_ms}")
-        if not 0 <= self.engine_check_s < math.inf:
-            raise ValueError(f"engine_check_s must be a finite number >= 0, got {self.engine_check_s}")
-        if not 0 <= self.degrade_reserve_ms < math.inf:
-            raise ValueError(f"degrade_reserve_ms must be a finite number >= 0, got {self.degrade_reserve_ms}")
+        check_finite("default_deadline_ms", self.default_deadline_ms, positive=True)
+        check_finite("engine_check_s", self.engine_check_s)
+        check_finite("degrade_reserve_ms", self.degrade_reserve_ms)
 
     @property
     def retrieval_tls(self) -> bool:

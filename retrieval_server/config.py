@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from palr.serving.config import ServerConfig
+from palr.serving.config import ServerConfig, check_finite
 
 
 @dataclass
@@ -39,5 +38,4 @@ class RetrievalServerConfig(ServerConfig):
             raise ValueError(f"max_queue must be >= 0 (0 = no limit), got {self.max_queue}")
         if self.max_k < 0:
             raise ValueError(f"max_k must be >= 0, got {self.max_k}")
-        if not 0 <= self.batch_window_ms < math.inf:  # (also refuses nan): inf would hold a lone request forever
-            raise ValueError(f"batch_window_ms must be a finite number >= 0, got {self.batch_window_ms}")
+        check_finite("batch_window_ms", self.batch_window_ms)  # inf would hold a lone request forever

@@ -7,6 +7,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
+def check_finite(name: str, value: float, *, positive: bool = False, unit: str = "") -> None:
+    """ValueError unless `value` is a finite number >= 0 (> 0 with `positive`). The comparisons refuse nan too;
+    inf is an expired timeout to gRPC and a wait that never ends to asyncio, so neither is a setting."""
+    if not ((value > 0 if positive else value >= 0) and value < math.inf):
+        raise ValueError(f"{name} must be a finite number{f' of {unit}' if unit else ''} {'>' if positive else '>='} 0, "
+                         f"got {value}")
+
+
 @dataclass
 class ServerConfig:
     """Options every server shares; a server's own config dataclass extends this one."""
@@ -56,10 +64,8 @@ class ServerConfig:
                 raise ValueError(f"{flag} {path}: no such file")
         if self.max_message_bytes <= 0:
             raise ValueError(f"max_message_bytes must be positive, got {self.max_message_bytes}")
-        if not 0 <= self.grace < math.inf:  # (also refuses nan)
-            raise ValueError(f"grace must be a finite number of seconds >= 0, got {self.grace}")
-        if not 0 <= self.drain_delay < math.inf:
-            raise ValueError(f"drain_delay must be a finite number of seconds >= 0, got {self.drain_delay}")
+        check_finite("grace", self.grace, unit="seconds")
+        check_finite("drain_delay", self.drain_delay, unit="seconds")
         if self.parent_pid < 0:
             raise ValueError(f"parent_pid must be >= 0, got {self.parent_pid}")
 

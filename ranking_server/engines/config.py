@@ -8,10 +8,10 @@ the engine's part out of any config that has them.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 
 from palr.decoding import DRAFT_TOKENS
+from palr.serving.config import check_finite
 
 
 @dataclass
@@ -64,8 +64,7 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_queue", "max_seq_len", "threads", "context_cache_mb", "answer_cache_size", "score_first_ms",
                      "shared_pass_tokens"):
-            if not 0 <= getattr(self, name) < math.inf:  # (also refuses nan: a nan cache bound never evicts)
-                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
+            check_finite(name, getattr(self, name))  # a nan cache bound would never evict
         if self.max_tokens_per_step < self.max_batch_size:
             raise ValueError(f"max_tokens_per_step ({self.max_tokens_per_step}) must be >= max_batch_size "
                              f"({self.max_batch_size}) so every decoding request gets its token each step")
