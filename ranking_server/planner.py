@@ -21,6 +21,9 @@ from recsys.v1 import ranking_pb2
 
 # the wire enum ↔ palr.ranking.MODES: RANKING_MODE_<MODE> for each mode; UNSPECIFIED is the first (score)
 PROTO_MODES = {mode: ranking_pb2.RankingMode.Value(f"RANKING_MODE_{mode.upper()}") for mode in RANKING_MODES}
+# 1 Jan 10000 in Unix seconds: a time in milliseconds (1.8e12 today) lies far beyond, and would count every
+# candidate's trend as of a moment after all the data, so all would fall in the lowest bucket
+AS_OF_LIMIT_S = 253_402_300_800
 MODES = {ranking_pb2.RANKING_MODE_UNSPECIFIED: RANKING_MODES[0], **{v: mode for mode, v in PROTO_MODES.items()}}
 
 
@@ -60,9 +63,9 @@ class RequestPlanner:
             raise invalid_argument(f"num_candidates must be between 1 and {self.max_candidates} "
                                    f"(0 = the server's default, {self.default_candidates}), got {request.num_candidates}")
         num_candidates = request.num_candidates or self.default_candidates
-        if request.as_of_unix_s < 0:
-            raise invalid_argument(f"as_of_unix_s must be a Unix time in seconds (0: the default), got "
-                                   f"{request.as_of_unix_s}")
+        if not 0 <= request.as_of_unix_s < AS_OF_LIMIT_S:
+            raise invalid_argument(f"as_of_unix_s must be a Unix time in seconds, from 0 (the default) to before "
+                                   f"year 10000, got {request.as_of_unix_s} (milliseconds?)")
         if not 1 <= request.k <= num_candidates:
             raise invalid_argument(f"k must be between 1 and num_candidates ({num_candidates}), got {request.k}")
         history = self._known_ids("history", request.history)

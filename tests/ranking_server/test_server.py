@@ -348,6 +348,7 @@ def test_request_id_comes_from_the_field_or_metadata_and_reaches_both_servers_lo
     ({"k": 3, "request_id": "x" * 129}, "request_id"),
     ({"k": 3, "request_id": "ünïcode"}, "request_id"),
     ({"k": 3, "as_of_unix_s": -5}, "as_of_unix_s"),
+    ({"k": 3, "as_of_unix_s": 1_765_000_000_000}, "as_of_unix_s"),  # milliseconds
 ])
 def test_bad_requests_are_invalid_argument_naming_the_field(stub, reference, fields, named):
     with pytest.raises(grpc.RpcError) as error:
