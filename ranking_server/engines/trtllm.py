@@ -128,8 +128,11 @@ class TrtllmEngine(RankingEngine):
             self._check_not_aborted(request, scored)
             read = readout_from_context(scored.context_logits, len(score_pass.run_ids), request.readout)
             request = dataclasses.replace(request, bias=decoding_bias(request.bias, read), readout=None)
-            if not request.decodes:  # weight 0: the answer is the bias's order, no second pass (palr.llm.emit_by_bias)
-                return self._by_bias(request, constraint, started)
+        if request.mode == "generate" and not request.decodes:
+            # weight 0: the answer is the bias's order (palr.llm.emit_by_bias), with the readouts joined above; a
+            # label-readout ranker reads nothing from the prompt, so no pass runs at all (hf and ortgenai run its
+            # prompt and discard it; a decode here would run up to max_new_tokens steps for the same answer)
+            return self._by_bias(request, constraint, started)
         output, first_token = await self._run(request, constraint, streaming=request.mode == "generate")
         return self._result(request, output, started, first_token)
 

@@ -6,6 +6,7 @@ own code (the readout, the score pass before a generate request, abort handling)
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -15,7 +16,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from palr.decoding import LabelConstraint  # noqa: E402
-from palr.llm import generate_constrained, load_causal_lm, score_candidates  # noqa: E402
+from palr.llm import emit_by_bias, generate_constrained, load_causal_lm, score_candidates  # noqa: E402
 from palr.prompt import Readout  # noqa: E402
 from ranking_server.engines.base import EngineAborted, EngineRequest  # noqa: E402
 from ranking_server.engines.trtllm import TrtllmEngine  # noqa: E402
@@ -113,6 +114,20 @@ def test_score_with_a_readout_gives_the_reference_scores(tiny):
     result = asyncio.run(engine.rank(request))
     assert result.scores == pytest.approx(score_candidates(model, request.run_ids, request.readout), abs=1e-4)
     assert result.order == sorted(range(N), key=lambda c: -result.scores[c])
+
+
+def test_generate_at_weight_0_with_the_label_readout_answers_by_its_bias_without_a_decode(tiny):
+    """A label-readout ranker (no candidate readout) at logit weight 0: the answer is the bias's order, which the
+    prompt does not change, so nothing is submitted (before: a streamed decode of up to max_new_tokens steps)."""
+    model, tokenizer, labels = tiny
+    llm = PromptPassLlm(model, tokenizer.eos_token_id)
+    request = dataclasses.replace(readout_request("w", labels, "generate", random.Random(6)), readout=None)
+    result = asyncio.run(engine_around(llm, model).rank(request))
+    reference = LabelConstraint(labels, request.k)
+    emit_by_bias(reference, request.bias)
+    assert result.order == reference.emitted()
+    assert result.order == sorted(range(N), key=lambda c: -request.bias[c])[:request.k]
+    assert llm.params == []
 
 
 @pytest.mark.parametrize("mode", ["score", "generate"])
