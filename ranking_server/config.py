@@ -47,6 +47,12 @@ class RankingServerConfig(ServerConfig, EngineConfig):
                 "message (a replica restarting or draining): gRPC retries it with backoff (50 ms, doubling, <= 500 "
                 "ms), within the caller's deadline, on the next ready replica under round_robin, and stops retrying "
                 "once failures outrun successes about 1 to 10 (retry throttling); 1 = no retry"})
+    retrieval_queue_full_retries: int = field(default=1, metadata={
+        "help": "under round_robin, times a Retrieve refused RESOURCE_EXHAUSTED for a replica's full --max-queue "
+                "(before any answer) is sent again at once, within the caller's deadline, so the next replica "
+                "round_robin picks can serve it (most often another one: the picks of concurrent calls interleave); "
+                "counted in ranking_retrieval_queue_full_retries. Not done under pick_first (the same replica would "
+                "get it) nor for other refusals. 0 = pass the refusal on"})
 
     max_seq_len: int = field(default=0, metadata={
         "help": "prompt + generated tokens per request (the size of one KV slot of the hf and ortgenai engines); "
@@ -92,9 +98,11 @@ class RankingServerConfig(ServerConfig, EngineConfig):
             raise ValueError(f"--engine must be one of {ENGINES}, got {self.engine!r}")
         if self.device not in DEVICES:
             raise ValueError(f"--device must be one of {DEVICES}, got {self.device!r}")
-        for name in ("retrieval_chunk_size", "candidates", "max_k"):
+        for name in ("retrieval_chunk_size", "retrieval_queue_full_retries", "candidates", "max_k"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.retrieval_chunk_size > 2**31 - 1:  # an int32 in the Retrieve request
+            raise ValueError(f"retrieval_chunk_size must be < 2**31, got {self.retrieval_chunk_size}")
         check_finite("default_deadline_ms", self.default_deadline_ms, positive=True)
         check_finite("engine_check_s", self.engine_check_s)
         check_finite("degrade_reserve_ms", self.degrade_reserve_ms)

@@ -35,6 +35,9 @@ STAGE_SECONDS = Histogram("ranking_stage_seconds", "time per request stage: retr
                           "split)", ["stage"], buckets=LATENCY_BUCKETS)
 DEGRADED = Counter("ranking_degraded", "answers in retrieval order instead of the LLM's, by reason", ["reason"])
 REJECTED = Counter("ranking_rejected", "requests refused, by reason", ["reason"])
+RETRIEVAL_QUEUE_FULL_RETRIES = Counter(
+    "ranking_retrieval_queue_full_retries", "Retrieve calls sent again after a retrieval replica refused them for a "
+    "full queue (--retrieval-queue-full-retries; round_robin only)")
 COLD_STARTS = Counter("ranking_cold_starts", "answers from popularity candidates (user without history)")
 DEGRADED_REASONS = ("deadline", "engine_error")
 REJECTED_REASONS = ("invalid_argument", "queue_full", "deadline", "retrieval_unavailable", "retrieval_error", "loading")

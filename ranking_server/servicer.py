@@ -29,7 +29,7 @@ import grpc
 from opentelemetry import trace
 
 from palr.catalog import Item
-from palr.serving.errors import RequestError, invalid_argument, request_id
+from palr.serving.errors import QUEUE_FULL, RequestError, invalid_argument, request_id
 from palr.serving import tracing
 from palr.serving.validation import REQUEST_ID_RULE, loggable_request_id
 from ranking_server.config import RankingServerConfig
@@ -44,8 +44,7 @@ from recsys.v1 import ranking_pb2, ranking_pb2_grpc, retrieval_pb2
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = ranking_pb2.DESCRIPTOR.services_by_name["RankingService"].full_name
-RETRIEVAL_REJECTIONS = {grpc.StatusCode.INVALID_ARGUMENT: "invalid_argument",
-                        grpc.StatusCode.DEADLINE_EXCEEDED: "deadline",
+RETRIEVAL_REJECTIONS = {grpc.StatusCode.DEADLINE_EXCEEDED: "deadline",
                         grpc.StatusCode.UNAVAILABLE: "retrieval_unavailable"}
 
 
@@ -181,7 +180,8 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
                                  f"LLM aborted after {budget * 1e3:.0f} ms to keep the deadline", submitted)
         except EngineOverloaded as e:
             REJECTED.labels("queue_full").inc()
-            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{e}; retry later or elsewhere") from None
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{e}; retry later or elsewhere",
+                               trailing_metadata=(QUEUE_FULL,)) from None
         except InvalidRequest as e:
             REJECTED.labels("invalid_argument").inc()
             raise invalid_argument(str(e)) from None
@@ -210,11 +210,12 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         return deadline - time.perf_counter() - self.config.degrade_reserve_ms / 1e3
 
     def _observe(self, retrieval_ms: float, answer: Answer, total_ms: float) -> None:
-        """Queue and ranking are observed for the engine's answers only: a degraded answer's LLM wait is not split
-        (the engine request was aborted before it reported one), and cold starts and empty lists never reach the
-        engine; their zeros would show overload as an empty queue."""
+        """Queue and ranking are observed for the engine's answers from the model only: a degraded answer's LLM
+        wait is not split (the engine request was aborted before it reported one), cold starts and empty lists
+        never reach the engine, and a kept answer to an exact repeat (`ranking_engine_answer_cache_total`) waits
+        for no slot; their zeros would show overload as an empty queue."""
         stages = [("retrieval", retrieval_ms), ("total", total_ms)]
-        if answer.by_llm:
+        if answer.by_llm and not answer.reused:
             stages += [("queue", answer.queue_ms), ("ranking", answer.ranking_ms)]
         for stage, ms in stages:
             STAGE_SECONDS.labels(stage).observe(ms / 1e3)

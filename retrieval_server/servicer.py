@@ -11,7 +11,7 @@ import grpc
 import numpy as np
 
 from palr.catalog import Catalog
-from palr.serving.errors import RequestError, check_known_ids, invalid_argument, request_id
+from palr.serving.errors import QUEUE_FULL, RequestError, check_known_ids, invalid_argument, request_id
 from palr.serving.validation import REQUEST_ID_RULE, check_item_id_count, check_user_id, loggable_request_id
 from recsys.v1 import retrieval_pb2, retrieval_pb2_grpc
 from retrieval_server.batcher import RunnerStopped
@@ -72,7 +72,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
         if self.max_queue and self._waiting >= self.max_queue:
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
                                f"{self._waiting} requests already wait for the model (--max-queue {self.max_queue}); "
-                               f"retry later or elsewhere")
+                               f"retry later or elsewhere", trailing_metadata=(QUEUE_FULL,))
         self._waiting += 1
         try:
             return await self._model(query)

@@ -8,12 +8,19 @@ from typing import Sequence
 import grpc
 
 
-class RequestError(Exception):
-    """A request the server refuses: carries the gRPC status code; the message names the field."""
+# Trailing metadata of a RESOURCE_EXHAUSTED that means "this replica's queue is full, another may serve it", as
+# opposed to one about the request itself (a message over the size limit), which no other replica would take
+QUEUE_FULL = ("x-refused", "queue-full")
 
-    def __init__(self, code: grpc.StatusCode, message: str):
+
+class RequestError(Exception):
+    """A request the server refuses: carries the gRPC status code; the message names the field;
+    `trailing_metadata` goes with the status (e.g. `QUEUE_FULL`)."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, trailing_metadata: tuple[tuple[str, str], ...] = ()):
         super().__init__(message)
         self.code = code
+        self.trailing_metadata = trailing_metadata
 
 
 def invalid_argument(message: str) -> RequestError:

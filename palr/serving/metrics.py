@@ -62,7 +62,7 @@ class RpcMetrics:
         except RequestError as e:
             code = e.code
             logger.info("rid=%s %s: %s", rid, code.name, e)
-            await context.abort(code, str(e))
+            await context.abort(code, str(e), trailing_metadata=e.trailing_metadata)
         except asyncio.CancelledError:
             remaining = context.time_remaining()
             if remaining is not None and remaining <= 0:  # gRPC cancels a handler whose deadline passed too

@@ -21,6 +21,7 @@ from loadtest.servers import free_port, scrape_metrics
 from palr.bundle import Bundle
 from palr.catalog import Catalog
 from palr.serving.channels import open_channel
+from palr.serving.errors import QUEUE_FULL
 from palr.serving.server import NOT_SERVING, SERVING
 from recsys.v1 import retrieval_pb2, retrieval_pb2_grpc
 from retrieval_server.config import RetrievalServerConfig
@@ -458,6 +459,7 @@ def test_over_max_queue_is_resource_exhausted_at_once_and_the_server_keeps_servi
                 thread.join()
             assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "--max-queue 2" in error.value.details()
+            assert QUEUE_FULL in error.value.trailing_metadata()  # callers may send it to another replica
             assert refused_after < 0.3  # at once, not after the slow call
             assert len(answers) == 2 and all(answers) and ask()
     finally:
