@@ -12,6 +12,7 @@ Every export is checked with onnx.checker and by an ONNX Runtime run against tor
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ import torch
 
 from palr.sasrec import SASRec, SASRecTopK
 from palr.bundle import Bundle, fingerprint
+from compile.steps import StepFailed
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +95,19 @@ def check_against_torch(path: Path, wrapper: SASRecTopK, tolerance: float = 1e-4
 
 
 def export(model: SASRec, path: Path, top_k: int, opset: int = 18, exporter: str = "auto") -> tuple[str, float]:
-    """Writes the top-k graph to `path`; returns (exporter used, ORT-vs-torch max score gap)."""
+    """Writes the top-k graph to `path`, only once it is checked against torch (it is written beside it first, so a
+    failed or interrupted export leaves the model there as it was); returns (exporter used, ORT-vs-torch max score
+    gap). StepFailed when no exporter's graph passes."""
+    partial = path.with_name(path.name + ".partial")
+    try:
+        name, gap = _export_checked(model, partial, top_k, opset, exporter)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return name, gap
+
+
+def _export_checked(model: SASRec, path: Path, top_k: int, opset: int, exporter: str) -> tuple[str, float]:
     for name in ("onnxscript", "onnx_ir"):  # their graph-optimizer INFO lines drown the step's log
         logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLogger(name).level))
     wrapper = SASRecTopK(model.eval(), top_k).eval()
@@ -106,7 +120,7 @@ def export(model: SASRec, path: Path, top_k: int, opset: int = 18, exporter: str
         except Exception as e:  # noqa: BLE001 — try the next exporter, report all failures below
             log.warning("%s exporter failed: %s", name, str(e).splitlines()[0] if str(e) else type(e).__name__)
             errors.append(f"{name}: {e}")
-    raise RuntimeError("ONNX export failed:\n" + "\n".join(errors))
+    raise StepFailed("ONNX export failed:\n" + "\n".join(errors))
 
 
 def run(config: ExportConfig) -> None:

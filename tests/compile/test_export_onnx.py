@@ -80,3 +80,27 @@ def test_empty_history_and_excluding_everything(exported):
     assert np.isfinite(scores).all()  # a user with no history still gets scores (no NaN from padding)
     scores, _ = session.run(["scores", "indices"], {"history": history, "exclude": everything})
     assert np.isneginf(scores).all()  # nothing left to recommend: consumers drop non-finite scores
+
+
+def test_a_failed_export_leaves_the_served_model_as_it_was(tiny_bundle, tmp_path, monkeypatch):
+    """The graph is checked beside the served file and only then moved over it: an export whose check fails
+    is a StepFailed (one line from `python -m compile`), and sasrec.onnx still matches the manifest."""
+    import shutil
+
+    from compile import export_onnx
+    from compile.steps import StepFailed
+
+    bundle_dir = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle_dir)
+    served = (bundle_dir / "sasrec.onnx").read_bytes()
+
+    def disagree(path, wrapper, tolerance=1e-4):
+        assert path.name == "sasrec.onnx.partial"  # checked before it replaces the served one
+        raise RuntimeError("ONNX Runtime disagrees with torch (on cue)")
+
+    monkeypatch.setattr(export_onnx, "check_against_torch", disagree)
+    with pytest.raises(StepFailed, match="on cue"):
+        export_onnx.run(export_onnx.ExportConfig(bundle=bundle_dir, top_k=50, exporter="torchscript"))
+    assert (bundle_dir / "sasrec.onnx").read_bytes() == served
+    assert sorted(p.name for p in bundle_dir.glob("sasrec.onnx*")) == ["sasrec.onnx"]
+    Bundle.open(bundle_dir).verify(["sasrec_onnx"])
