@@ -58,6 +58,8 @@ class ServedQualityConfig:
         unknown = set(self.modes) - set(MODES)
         if unknown:
             raise ValueError(f"--modes {sorted(unknown)}: choose from {', '.join(MODES)}")
+        if bool(self.ranking) != bool(self.retrieval):  # else it would start its own pair and measure those
+            raise ValueError("--ranking and --retrieval go together (both: running servers; neither: start both)")
 
 
 def ask(targets: tuple[str, str], users: list[str], config: ServedQualityConfig) -> list[dict]:
@@ -176,11 +178,27 @@ def run(config: ServedQualityConfig) -> dict:
     return report
 
 
+def failed_modes(report: dict, modes: list[str]) -> list[str]:
+    """The modes with nothing measured: no user's Retrieve answered, or every call of the mode failed."""
+    return [mode for mode in modes
+            if not report["users"] or sum(report[f"{mode}_errors"].values()) >= report["users_asked"]]
+
+
+def run_checked(config: ServedQualityConfig) -> int:
+    """`run`, exit 1 when a mode measured nothing (the report is written all the same, with the failed calls'
+    codes): a check that could not ask the servers must not pass."""
+    failed = failed_modes(run(config), config.modes)
+    if failed:
+        log.error("served quality check failed: nothing measured in %s mode (see the errors in %s)",
+                  " and ".join(failed), config.out / "served_quality.json")
+    return 1 if failed else 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from palr.bundle import BundleError
     from palr.cli import config_main
 
-    return config_main(argv, "python -m loadtest.served_quality", __doc__, ServedQualityConfig, run,
+    return config_main(argv, "python -m loadtest.served_quality", __doc__, ServedQualityConfig, run_checked,
                        (BundleError, OSError, RuntimeError, TimeoutError), "served quality check failed")
 
 if __name__ == "__main__":

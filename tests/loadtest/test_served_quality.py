@@ -11,7 +11,7 @@ import pytest
 
 
 def test_served_answers_score_what_the_offline_evaluation_measured(tiny_llm_bundle, ml100k_dir, tmp_path):
-    from loadtest.served_quality import ServedQualityConfig, run
+    from loadtest.served_quality import ServedQualityConfig, failed_modes, run
     from loadtest.with_servers import TwoTierConfig, two_tier
 
     offline = json.loads((tiny_llm_bundle / "reports" / "eval_ranking.json").read_text())
@@ -26,6 +26,8 @@ def test_served_answers_score_what_the_offline_evaluation_measured(tiny_llm_bund
     assert refused["users_asked"] == offline["users"] and refused["users"] == 0
     assert "score_vs_retrieval_ndcg@10" not in refused and "retrieval_ndcg@10" not in refused  # nothing to compare
     assert refused["retrieval_errors"] == {"INVALID_ARGUMENT": offline["users"]}
+    assert failed_modes(refused, ["score", "generate"]) == ["score", "generate"]  # main exits 1
+    assert failed_modes(report, ["score", "generate"]) == []
     assert report["users"] == report["users_asked"] == offline["users"]
     assert json.loads((tmp_path / "served_quality.json").read_text())["users"] == report["users"]
     for key in ("retrieval_ndcg@10", "score_ndcg@10", "generate_ndcg@10"):
@@ -53,3 +55,21 @@ def test_data_the_bundle_was_not_built_from_is_refused_before_any_server_starts(
     code = main(["--bundle", str(tiny_llm_bundle), "--data", str(other), "--out", str(tmp_path / "reports")])
     assert code == 1 and not (tmp_path / "reports").exists()
     assert f"was built from other data than {other}" in caplog.text
+
+
+def test_a_check_that_reaches_no_server_exits_1_and_half_a_target_is_refused(tiny_llm_bundle, ml100k_dir, tmp_path):
+    """Nothing listens on the named ports: every call fails UNAVAILABLE, the report says so and the exit code is 1
+    (it was 0). One of --ranking / --retrieval alone would start a pair of servers and measure those: refused."""
+    import socket
+
+    from loadtest.served_quality import ServedQualityConfig, main
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    common = ["--bundle", str(tiny_llm_bundle), "--data", str(ml100k_dir), "--out", str(tmp_path), "--users", "5"]
+    assert main([*common, "--ranking", dead, "--retrieval", dead]) == 1
+    report = json.loads((tmp_path / "served_quality.json").read_text())
+    assert report["users"] == 0 and report["retrieval_errors"] == {"UNAVAILABLE": 5}
+    with pytest.raises(ValueError, match="go together"):
+        ServedQualityConfig(bundle=tiny_llm_bundle, data=ml100k_dir, ranking=dead)
