@@ -74,6 +74,17 @@ class MergeConfig:
                 "of the retrieval scores alone"})
     force: bool = field(default=False, metadata={"help": "redo the step even if its inputs are unchanged"})
 
+    def __post_init__(self) -> None:
+        if self.fusion_users < 0:  # valid[:-n] would silently leave out the last n users
+            raise ValueError(f"--fusion-users must be >= 0, got {self.fusion_users}")
+        if self.generate_k < 1:
+            raise ValueError(f"--generate-k must be >= 1, got {self.generate_k}")
+
+
+def check_generate_k(config: MergeConfig, candidates: int) -> None:
+    if not 1 <= config.generate_k <= candidates:
+        raise ValueError(f"--generate-k {config.generate_k} must be between 1 and the candidate count {candidates}")
+
 
 def merge(base_dir: Path, lora_dir: Path, out: Path, probe: dict, tolerance: float, layers: int = 0) -> float:
     """Merges, saves model + tokenizer to `out`; returns max |merged - adapter| over the probe's text logits
@@ -257,8 +268,7 @@ def ranker_record(bundle: Bundle, config: MergeConfig, weight: float, validation
                         PromptSettings.from_dict({**meta["prompt"], "prompt": "text", "trend": False,
                                                   "rank_tokens": [], "readout": "label"}))
     k = meta["candidates"]
-    if not 1 <= config.generate_k <= k:
-        raise ValueError(f"--generate-k {config.generate_k} must be between 1 and the candidate count {k}")
+    check_generate_k(config, k)
     return {
         "prompt": settings.to_dict(),
         "candidates": k,
@@ -289,6 +299,8 @@ def run(config: MergeConfig) -> Path:
         log.info("merged model is current (%s); skipping", out)
         return out
     started = time.perf_counter()
+    # refused before the merged model is rewritten (minutes), not after it
+    check_generate_k(config, json.loads((bundle.path("sft_data") / "meta.json").read_text())["candidates"])
     valid = read_jsonl(bundle.path("sft_data") / "valid.jsonl")
     diff = merge(bundle.path("llm_base"), bundle.path("lora"), out, valid[0], config.tolerance,
                  int(bundle.artifact("lora").get("layers") or 0))

@@ -120,3 +120,25 @@ def test_a_changed_fit_rule_refits_an_existing_bundle(tiny_llm_bundle, tmp_path,
         merge.run(config)
     assert "merged model is current" not in caplog.text
     assert Bundle.open(bundle).manifest.steps["merge"]["fingerprint"] != before
+
+
+def test_a_generate_k_over_the_candidates_is_refused_before_the_merged_model_is_touched(tiny_llm_bundle, tmp_path):
+    """It was refused after the merge had rewritten llm/merged (and the fusion fit), leaving new weights under
+    the manifest's old checksums: the ranking server then refused the bundle."""
+    import dataclasses
+
+    from compile import merge
+    from compile.presets import preset_for
+    from palr.bundle import Bundle
+    from tests.fixtures.builds import copy_bundle
+
+    bundle = copy_bundle(tiny_llm_bundle, tmp_path / "bundle")
+    k = json.loads((bundle / "llm" / "ranker.json").read_text())["candidates"]
+    config = merge.MergeConfig(bundle=bundle, **preset_for("tiny", "merge"))
+    written = {p: p.stat().st_mtime_ns for p in (bundle / "llm" / "merged").rglob("*")}
+    with pytest.raises(ValueError, match="--generate-k"):
+        merge.run(dataclasses.replace(config, generate_k=k + 1, force=True))
+    assert {p: p.stat().st_mtime_ns for p in (bundle / "llm" / "merged").rglob("*")} == written  # not rewritten
+    Bundle.open(bundle).verify(["llm_merged", "ranker"])
+    with pytest.raises(ValueError, match="--fusion-users"):
+        merge.MergeConfig(bundle=bundle, fusion_users=-1)
