@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import platform
+import shlex
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -115,14 +116,21 @@ def slo_toml(stats: dict[str, dict], config: CalibrateConfig, load: str) -> str:
 def run_locust(ranking: str, retrieval: str, config: CalibrateConfig, csv_prefix: Path,
                slo: Path | None = None) -> subprocess.CompletedProcess:
     """The documented load against the two servers (gated by `slo` when given)."""
+    return subprocess.run(locust_argv(ranking, retrieval, config, csv_prefix, slo), cwd=REPO, stdin=subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def locust_argv(ranking: str, retrieval: str, config: CalibrateConfig, csv_prefix: Path,
+                slo: Path | None = None) -> list[str]:
+    """Locust's command line. It runs in the repository, so every path it is given is absolute (relative ones
+    would be read from there, not from the caller's directory); `--locust-args` is split as a shell would."""
     argv = [sys.executable, "-m", "locust", "-f", str(REPO / "loadtest" / "locustfile.py"), "--headless",
-            "--host", ranking, "--retrieval-host", retrieval, "--bundle", str(config.bundle),
+            "--host", ranking, "--retrieval-host", retrieval, "--bundle", str(Path(config.bundle).resolve()),
             "-u", str(config.users), "-r", str(config.users), "-t", config.duration, "--stop-timeout", "120",
-            "--csv", str(csv_prefix), "--only-summary", *config.locust_args.split()]
+            "--csv", str(Path(csv_prefix).resolve()), "--only-summary", *shlex.split(config.locust_args)]
     if slo is not None:
-        argv += ["--slo", str(slo)]
-    return subprocess.run(argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+        argv += ["--slo", str(Path(slo).resolve())]
+    return argv
 
 
 def calibrate(config: CalibrateConfig) -> Path:

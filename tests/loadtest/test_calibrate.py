@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from loadtest.calibrate import CalibrateConfig, calibrate, limit_ms, read_stats, run_locust, slo_toml
+from loadtest.calibrate import CalibrateConfig, calibrate, limit_ms, locust_argv, read_stats, run_locust, slo_toml
 from loadtest.servers import ServerProcess
 from loadtest.slo import EXIT_BROKEN, SloProfile
 
@@ -49,6 +49,17 @@ def test_a_locust_run_that_refuses_its_options_writes_nothing_not_an_earlier_run
     with pytest.raises(RuntimeError, match="Locust exited 2"):
         calibrate(config)
     assert not out.exists() and not stale.exists()
+
+
+def test_locust_is_given_absolute_paths_and_shell_split_arguments(tmp_path, monkeypatch):
+    """Locust runs in the repository: relative paths from a caller elsewhere sent its CSVs there, and calibrate,
+    after the whole measurement, found none ("Locust wrote no statistics")."""
+    monkeypatch.chdir(tmp_path)
+    config = CalibrateConfig(bundle="bundle", locust_args="--tags 'a b' -L WARNING")
+    argv = locust_argv("h:1", "h:2", config, "reports/calibrated", slo="my.toml")
+    for flag, path in (("--bundle", "bundle"), ("--csv", "reports/calibrated"), ("--slo", "my.toml")):
+        assert argv[argv.index(flag) + 1] == str(tmp_path / path)
+    assert argv[-6:-2] == ["--tags", "a b", "-L", "WARNING"]  # then --slo FILE
 
 
 LOAD = "--k 3 --candidates 6 --generate-share 0 --retrieve-share 0.3"
