@@ -63,7 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     module_name, config_name, _ = BENCHMARKS[args.benchmark]
     module = importlib.import_module(module_name)
     quick = module.QUICK if getattr(args, "quick", False) else None
-    module.run(build_config(getattr(module, config_name), args, quick))
+    try:
+        config = build_config(getattr(module, config_name), args, quick)
+    except ValueError as e:  # a refused option: one line, as every entry point's (palr.cli.config_main)
+        parser.error(f"{args.benchmark}: {e}")
+    module.run(config)
     return 0
 
 

@@ -52,6 +52,11 @@ class RetrievalBenchConfig:
     skip_model: bool = field(default=False, metadata={"help": "leave out the ORT vs torch part"})
     skip_rpc: bool = field(default=False, metadata={"help": "leave out the RPC part"})
 
+    def __post_init__(self) -> None:
+        unknown = [mode for mode in self.modes if mode not in MODES]
+        if unknown:  # before any server starts, not after the modes listed before it
+            raise ValueError(f"--modes: unknown {unknown}; choose from {', '.join(repr(m) for m in MODES)}")
+
 
 def run(config: RetrievalBenchConfig) -> dict:
     from palr.bundle import Bundle

@@ -17,6 +17,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -47,10 +49,10 @@ def two_tier(config: TwoTierConfig, own_session: bool = False) -> Iterator[tuple
     """(retrieval, ranking) servers, both SERVING; stopped (SIGTERM, drained) on exit. `own_session`: the
     terminal's signals do not reach them (the caller stops them)."""
     config.log_dir.mkdir(parents=True, exist_ok=True)
-    retrieval = ServerProcess("retrieval_server", ["--bundle", str(config.bundle), *config.retrieval_args.split()],
+    retrieval = ServerProcess("retrieval_server", ["--bundle", str(config.bundle), *shlex.split(config.retrieval_args)],
                               log_path=config.log_dir / "retrieval_server.log", own_session=own_session)
     ranking = ServerProcess("ranking_server", ["--bundle", str(config.bundle), "--retrieval", retrieval.target,
-                                               *config.ranking_args.split()],
+                                               *shlex.split(config.ranking_args)],
                             log_path=config.log_dir / "ranking_server.log", own_session=own_session)
     launched: list[ServerProcess] = []  # each one from the moment it is started: one still starting is stopped too
     try:
@@ -170,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("no command given (put it after --)")
+    if shutil.which(command[0]) is None:  # before the servers' minutes of start-up, not after
+        parser.error(f"command not found: {command[0]!r}")
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     # SIGTERM (a CI timeout, `timeout 10m make loadtest`) and SIGHUP are handled like Ctrl-C (see `run`); SIGINT
     # gets the same handler, so one started with SIGINT ignored (a script's background job, where Python installs

@@ -231,3 +231,15 @@ def test_the_retrieval_comparison_leaves_torchs_thread_count_as_it_found_it(tiny
     finally:
         torch.set_num_threads(before)
     assert {r["engine"] for r in rows} == {"onnxruntime", "torch eager"} and rows[0]["top_k_ids_equal"]
+
+
+@pytest.mark.parametrize("argv, named", [(["mixed", "--loads", "2"], "mixed: "),
+                                         (["retrieval", "--modes", "micro batching"], "--modes: unknown")])
+def test_a_refused_option_is_one_line_and_exit_2_before_anything_runs(argv, named, capsys):
+    from loadtest.bench import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--bundle", "no-such-bundle"])
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err
+    assert named in error and "Traceback" not in error

@@ -137,3 +137,11 @@ def test_an_interrupt_that_came_while_the_command_was_starting_still_reaches_it(
             child.kill()
         child.wait()
     assert child.returncode == 130 and report.read_text() == "reports written"
+
+
+def test_a_command_that_does_not_exist_is_refused_before_any_server_starts(tmp_path):
+    from loadtest.with_servers import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--bundle", str(tmp_path / "no-bundle"), "--log-dir", str(tmp_path), "--", "no-such-command-xyz"])
+    assert exit_.value.code == 2 and not list(tmp_path.iterdir())  # no server was started: no log written
