@@ -23,6 +23,7 @@ run with no requests at all breaks the gate, and so does one whose task code rai
 from __future__ import annotations
 
 import logging
+import math
 import re
 import sys
 from dataclasses import dataclass, field
@@ -71,7 +72,10 @@ class SloProfile:
         rpcs = data.get("rpc", {})
         if not isinstance(rpcs, dict) or not rpcs:
             raise SloError(f"{path}: no [rpc.NAME] table; nothing to gate")
-        return cls(path, str(data.get("description", "")), bool(data.get("measured", True)),
+        measured = data.get("measured", True)
+        if not isinstance(measured, bool):  # bool("false") is True
+            raise SloError(f"{path}: measured must be true or false (unquoted), got {measured!r}")
+        return cls(path, str(data.get("description", "")), measured,
                    _rate(path, "max_error_rate", data.get("max_error_rate")),
                    tuple(_rpc(path, name, table) for name, table in rpcs.items()))
 
@@ -86,7 +90,7 @@ def _no_unknown_keys(path: Path, where: str, table: dict, allowed: set[str]) -> 
 def _rate(path: Path, key: str, value: Any) -> float | None:
     if value is None:
         return None
-    if not isinstance(value, (int, float)) or not 0 <= value <= 1:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 1:  # true is an int 1
         raise SloError(f"{path}: {key} must be a fraction in [0, 1], got {value!r}")
     return float(value)
 
@@ -102,7 +106,7 @@ def _rpc(path: Path, name: str, table: Any) -> RpcSlo:
             continue
         if not match:
             raise SloError(f"{path}: unknown key {key!r} in {where}; use pNN_ms (e.g. p95_ms) or max_error_rate")
-        if not isinstance(value, (int, float)) or value <= 0:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
             raise SloError(f"{path}: {where} {key} must be a positive number of milliseconds, got {value!r}")
         limits[int(match.group(1))] = float(value)
     return RpcSlo(name, dict(sorted(limits.items())), _rate(path, f"{where} max_error_rate", table.get("max_error_rate")))

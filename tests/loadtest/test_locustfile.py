@@ -54,6 +54,9 @@ def test_shipped_slo_profiles_load(name):
     ("p95_ms = 1\n", "unknown key(s) ['p95_ms']"),
     ("description = 'nothing'\n", "no [rpc.NAME] table"),
     ("[rpc.Retrieve\n", "Expected"),
+    ("measured = 'false'\n[rpc.Retrieve]\np95_ms = 1\n", "measured must be true or false"),  # bool("false") is True
+    ("max_error_rate = true\n[rpc.Retrieve]\np95_ms = 1\n", "fraction in [0, 1]"),  # True is an int
+    ("[rpc.Retrieve]\np95_ms = inf\n", "positive number"),  # a limit that cannot break
 ])
 def test_bad_slo_files_are_refused_naming_the_problem(tmp_path, text, message):
     path = write(tmp_path / "bad.toml", text)
