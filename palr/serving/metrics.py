@@ -77,6 +77,11 @@ class RpcMetrics:
             code = grpc.StatusCode.INTERNAL
             logger.exception("rid=%s failed", rid)
             await context.abort(code, f"internal error (request id {rid}); see the server log")
+        else:  # answered; but an answer after the deadline (a stretch without an await ran past it) never arrives
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= 0:
+                code = grpc.StatusCode.DEADLINE_EXCEEDED
+                logger.info("rid=%s answered after its deadline: the client got DEADLINE_EXCEEDED", rid)
         finally:
             tracing.end_status(span, code.name)
             span_scope.__exit__(None, None, None)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 
 import grpc
 import pytest
@@ -26,15 +27,17 @@ log = logging.getLogger(__name__)
 
 
 class PlumbingService:
-    """Echo (bytes back), Slow (echo after `delay_s`; sets `entered` on arrival), Refuse
-    (a RequestError) and Crash (a bug), each wrapped by RpcMetrics.track like real servicers."""
+    """Echo (bytes back), Slow (echo after `delay_s`; sets `entered` on arrival), Blocking (echo after blocking
+    the loop `delay_s`), Refuse (a RequestError) and Crash (a bug), each wrapped by RpcMetrics.track like real
+    servicers."""
 
     def __init__(self, delay_s: float = 0.5):
         self.delay_s = delay_s
         self.entered = threading.Event()
 
     def handler(self) -> grpc.GenericRpcHandler:
-        methods = {"Echo": self.echo, "Slow": self.slow, "Refuse": self.refuse, "Crash": self.crash}
+        methods = {"Echo": self.echo, "Slow": self.slow, "Refuse": self.refuse, "Crash": self.crash,
+                   "Blocking": self.blocking}
         return grpc.method_handlers_generic_handler(
             SERVICE, {name: grpc.unary_unary_rpc_method_handler(self._tracked(fn)) for name, fn in methods.items()})
 
@@ -50,6 +53,10 @@ class PlumbingService:
     async def slow(self, request: bytes) -> bytes:
         self.entered.set()
         await asyncio.sleep(self.delay_s)
+        return request
+
+    async def blocking(self, request: bytes) -> bytes:
+        time.sleep(self.delay_s)  # no await: nothing can cancel it when its deadline passes
         return request
 
     async def refuse(self, request: bytes) -> bytes:
@@ -240,3 +247,23 @@ def test_a_taken_port_is_an_error_not_a_shared_port(server_loop):
     finally:
         server_loop.run(first.drain())
 
+
+
+def test_an_answer_finished_after_its_deadline_is_counted_as_the_client_saw_it(server_loop):
+    """The handler returns normally, but after the deadline: the client gets DEADLINE_EXCEEDED, and so does the
+    server's count (it said OK)."""
+    metrics_port = free_port()
+    server = start_server(server_loop, ServerConfig(port=0, metrics_port=metrics_port), PlumbingService(delay_s=0.6))
+    try:
+        before = scrape_metrics(metrics_port)
+        with grpc.insecure_channel(server.address) as channel:
+            with pytest.raises(grpc.RpcError) as late:
+                call(channel, "Blocking", timeout=0.2)
+            assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert call(channel, "Echo") == b"ping"
+        after = scrape_metrics(metrics_port)
+        delta = lambda code: after.get(f'test_plumbing_requests_total{{code="{code}"}}', 0) - before.get(  # noqa: E731
+            f'test_plumbing_requests_total{{code="{code}"}}', 0)
+        assert (delta("DEADLINE_EXCEEDED"), delta("OK")) == (1, 1)
+    finally:
+        server_loop.run(server.drain())
