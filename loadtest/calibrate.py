@@ -59,6 +59,13 @@ class CalibrateConfig:
                 "limits measure the model: Locust's callers repeat users far more often than real traffic, and an "
                 "exact repeat is answered without it", "metavar": "FLAGS"})
 
+    def __post_init__(self) -> None:
+        for name in ("locust_args", "ranking_args"):  # split as a shell would: refused now, not after the servers start
+            try:
+                shlex.split(getattr(self, name))
+            except ValueError as e:
+                raise ValueError(f"--{name.replace('_', '-')}: {e}") from None
+
     @property
     def margins(self) -> dict[int, float]:
         return {50: self.margin_p50, 95: self.margin_p95, 99: self.margin_p99}

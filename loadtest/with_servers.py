@@ -43,6 +43,13 @@ class TwoTierConfig:
     ranking_args: str = field(default="", metadata={
         "help": "extra ranking_server flags, one string (e.g. '--max-batch-size 8')", "metavar": "FLAGS"})
 
+    def __post_init__(self) -> None:
+        for name in ("retrieval_args", "ranking_args"):  # split as a shell would, refused before any server starts
+            try:
+                shlex.split(getattr(self, name))
+            except ValueError as e:
+                raise ValueError(f"--{name.replace('_', '-')}: {e}") from None
+
 
 @contextlib.contextmanager
 def two_tier(config: TwoTierConfig, own_session: bool = False) -> Iterator[tuple[ServerProcess, ServerProcess]]:
@@ -181,7 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _raise_interrupted)
     try:
-        code = run(build_config(TwoTierConfig, args), command)
+        config = build_config(TwoTierConfig, args)
+    except ValueError as e:
+        parser.error(str(e))
+    try:
+        code = run(config, command)
     except (RuntimeError, TimeoutError) as e:
         log.error("%s", e)
         return 1

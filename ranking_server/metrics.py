@@ -2,11 +2,13 @@
 
 Per request (updated by the servicer):
     ranking_requests{code}                  Recommend RPCs by final status code (+ latency, in flight)
-    ranking_stage_seconds{stage}            retrieval | queue | ranking | total, per answered request
+    ranking_stage_seconds{stage}            retrieval | queue | ranking | total, per answered request (queue and
+                                            ranking: the answers the model computed)
     ranking_degraded{reason}                answers in retrieval order instead of the LLM's: deadline, engine_error
     ranking_rejected{reason}                requests refused: invalid_argument, queue_full, deadline,
                                             retrieval_unavailable, retrieval_error, loading
     ranking_cold_starts                     answers from popularity (no history)
+    ranking_retrieval_queue_full_retries    Retrieves sent again after a replica refused them for a full queue
 Engine (read from `engine.stats()` at every scrape, so they cost nothing per request):
     ranking_engine_queued                   queue depth: requests waiting for a batch slot
     ranking_engine_active                   active batch size: requests holding a slot now
@@ -30,9 +32,9 @@ from ranking_server.engines.base import RankingEngine
 
 RECOMMEND = RpcMetrics("ranking", "Recommend")
 STAGE_SECONDS = Histogram("ranking_stage_seconds", "time per request stage: retrieval, queue (waiting for a "
-                          "batch slot), ranking (LLM), total; queue and ranking of the engine's answers only (not "
-                          "cold starts or empty lists, which never reach it; a degraded answer's aborted wait has no "
-                          "split)", ["stage"], buckets=LATENCY_BUCKETS)
+                          "batch slot), ranking (LLM), total; queue and ranking of the answers the model computed "
+                          "only (not cold starts or empty lists, which never reach it, kept answers to exact repeats, "
+                          "which wait for no slot, or a degraded answer's aborted wait, which has no split)", ["stage"], buckets=LATENCY_BUCKETS)
 DEGRADED = Counter("ranking_degraded", "answers in retrieval order instead of the LLM's, by reason", ["reason"])
 REJECTED = Counter("ranking_rejected", "requests refused, by reason", ["reason"])
 RETRIEVAL_QUEUE_FULL_RETRIES = Counter(

@@ -70,7 +70,7 @@ class RetrievalClient:
                     log.info("rid=%s retrieval replica's queue is full; sending the Retrieve again (%d of %d)",
                              request.request_id, refusals, self.queue_full_retries)
                     continue
-                raise self._error(e, left) from None
+                raise self._error(e, timeout) from None
             finally:
                 call.cancel()  # no-op when the stream ended; stops the server's work when we stop early
 

@@ -121,7 +121,8 @@ class TrtllmEngine(RankingEngine):
             raise InvalidRequest(f"prompt of {len(request.input_ids)} tokens exceeds the engine's max_input_len "
                                  f"{self.max_input_len}")
         started = time.perf_counter()
-        if request.mode == "generate" and request.readout is not None:
+        score_pass_ran = request.mode == "generate" and request.readout is not None
+        if score_pass_ran:
             # the readouts of a first (score) pass join the decoding bias: two prefills (see trtllm_requests)
             score_pass = dataclasses.replace(request, mode="score")
             scored, _ = await self._run(score_pass, None)
@@ -132,7 +133,7 @@ class TrtllmEngine(RankingEngine):
             # weight 0: the answer is the bias's order (palr.llm.emit_by_bias), with the readouts joined above; a
             # label-readout ranker reads nothing from the prompt, so no pass runs at all (hf and ortgenai run its
             # prompt and discard it; a decode here would run up to max_new_tokens steps for the same answer)
-            return self._by_bias(request, constraint, started)
+            return self._by_bias(request, constraint, started, ran_prompt=score_pass_ran)
         output, first_token = await self._run(request, constraint, streaming=request.mode == "generate")
         return self._result(request, output, started, first_token)
 
@@ -169,11 +170,12 @@ class TrtllmEngine(RankingEngine):
                 self._outputs.pop(request.request_id, None)
         return output, first_token
 
-    def _by_bias(self, request: EngineRequest, constraint, started: float) -> EngineResult:
-        """Generate mode at logit weight 0, after the score pass: the constrained answer in the bias's order."""
+    def _by_bias(self, request: EngineRequest, constraint, started: float, ran_prompt: bool) -> EngineResult:
+        """Generate mode at logit weight 0: the constrained answer in the bias's order, after the score pass
+        (`ran_prompt`) or without any pass (a label-readout ranker): its prompt tokens are counted only if they ran."""
         written = emit_by_bias(constraint, request.bias)
         now = time.perf_counter()
-        self._count("completed", prompt_tokens=len(request.input_ids), generated_tokens=written)
+        self._count("completed", prompt_tokens=len(request.run_ids) if ran_prompt else 0, generated_tokens=written)
         timings = EngineTimings(queue_ms=0.0, prefill_ms=1e3 * (now - started), decode_ms=0.0,
                                 total_ms=1e3 * (now - started))
         return EngineResult(request.request_id, request.mode, constraint.emitted(), None,

@@ -60,6 +60,8 @@ def test_locust_is_given_absolute_paths_and_shell_split_arguments(tmp_path, monk
     for flag, path in (("--bundle", "bundle"), ("--csv", "reports/calibrated"), ("--slo", "my.toml")):
         assert argv[argv.index(flag) + 1] == str(tmp_path / path)
     assert argv[-6:-2] == ["--tags", "a b", "-L", "WARNING"]  # then --slo FILE
+    with pytest.raises(ValueError, match="--locust-args: No closing quotation"):
+        CalibrateConfig(locust_args="--tags 'a b")
 
 
 LOAD = "--k 3 --candidates 6 --generate-share 0 --retrieve-share 0.3"

@@ -145,3 +145,11 @@ def test_a_command_that_does_not_exist_is_refused_before_any_server_starts(tmp_p
     with pytest.raises(SystemExit) as exit_:
         main(["--bundle", str(tmp_path / "no-bundle"), "--log-dir", str(tmp_path), "--", "no-such-command-xyz"])
     assert exit_.value.code == 2 and not list(tmp_path.iterdir())  # no server was started: no log written
+
+
+def test_flags_a_shell_could_not_split_are_refused_naming_the_option(tmp_path, capsys):
+    from loadtest.with_servers import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--bundle", str(tmp_path), "--log-dir", str(tmp_path), "--ranking-args", "--x 'y", "--", "true"])
+    assert exit_.value.code == 2 and "--ranking-args: No closing quotation" in capsys.readouterr().err

@@ -122,12 +122,13 @@ def test_generate_at_weight_0_with_the_label_readout_answers_by_its_bias_without
     model, tokenizer, labels = tiny
     llm = PromptPassLlm(model, tokenizer.eos_token_id)
     request = dataclasses.replace(readout_request("w", labels, "generate", random.Random(6)), readout=None)
-    result = asyncio.run(engine_around(llm, model).rank(request))
+    engine = engine_around(llm, model)
+    result = asyncio.run(engine.rank(request))
     reference = LabelConstraint(labels, request.k)
     emit_by_bias(reference, request.bias)
     assert result.order == reference.emitted()
     assert result.order == sorted(range(N), key=lambda c: -request.bias[c])[:request.k]
-    assert llm.params == []
+    assert llm.params == [] and engine.stats().prompt_tokens == 0  # nothing ran, nothing counted as run
 
 
 @pytest.mark.parametrize("mode", ["score", "generate"])

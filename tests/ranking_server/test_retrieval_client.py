@@ -149,3 +149,9 @@ def test_other_refusals_pick_first_and_retries_0_pass_the_refusal_on(trailer, lb
         assert answered in ([0] * 6, [3] * 6) and (answering.calls == 6) == (answered == [3] * 6)
     else:
         assert answered.count(0) == refusing.calls >= 2 and answering.calls == 6 - refusing.calls
+
+
+@pytest.mark.parametrize("retries", [-1, 5])
+def test_queue_full_retries_outside_0_to_4_are_refused(retries):
+    with pytest.raises(ValueError, match="queue.full.retries"):
+        RankingServerConfig(retrieval="127.0.0.1:1", retrieval_queue_full_retries=retries)
