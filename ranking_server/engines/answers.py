@@ -114,11 +114,12 @@ class AnswerCache(RankingEngine):
         with self._lock:
             kept = self._answers.get(key)
             running = self._running.get(key)
-        if kept is None and running is not None and running.get_loop() is asyncio.get_running_loop():
-            kept = await asyncio.shield(running)  # None: it failed or was cancelled; then this one runs
-            if kept is not None:
-                with self._lock:
+        while kept is None and running is not None and running.get_loop() is asyncio.get_running_loop():
+            kept = await asyncio.shield(running)  # None: it failed or was cancelled; then one of its waiters runs
+            with self._lock:
+                if kept is not None:
                     self._joined += 1
+                running = self._running.get(key)  # the waiter that runs it again (the others join it)
         if kept is not None and self.engine.check_health():  # a failed engine answers nothing, kept or not
             return _reused(kept, request.request_id, 1e3 * (time.perf_counter() - started))
         return await self._run(key, request)

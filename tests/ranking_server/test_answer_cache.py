@@ -187,8 +187,9 @@ def test_identical_requests_at_once_run_the_model_once(tiny, cached):
 
 def test_a_request_waiting_on_a_cancelled_identical_one_runs_itself(tiny):
     """The test holds the engine's device turn, so nothing is admitted until it lets go: the first request waits
-    in the engine's queue, the identical second one waits on the first (not in the queue), and when the first is
-    cancelled the second enters the queue itself and is answered once the device is free."""
+    in the engine's queue, the identical second and third wait on the first (not in the queue), and when the first
+    is cancelled the second enters the queue itself, the third waits on it (both ran before), and both are
+    answered by one pass once the device is free."""
     from ranking_server.engines.loop import DeviceTurns
 
     _, labels = tiny
@@ -209,17 +210,22 @@ def test_a_request_waiting_on_a_cancelled_identical_one_runs_itself(tiny):
             first = asyncio.ensure_future(slow.rank(request("leaves", labels)))
             await until(lambda: queued() == 1)
             second = asyncio.ensure_future(slow.rank(request("stays", labels)))
+            third = asyncio.ensure_future(slow.rank(request("also", labels)))
             for _ in range(5):
                 await asyncio.sleep(0.01)
-            assert queued() == 1, "the identical request waits on the first, not in the engine's queue"
+            assert queued() == 1, "the identical requests wait on the first, not in the engine's queue"
             first.cancel()
             await until(lambda: first.done() and queued() == 1)  # the first left; the second queued itself
-        return await second
+            for _ in range(5):
+                await asyncio.sleep(0.01)
+            assert queued() == 1, "the third waits on the second"
+        return await asyncio.gather(second, third)
 
     try:
-        result = asyncio.run(scenario())
+        result, joined = asyncio.run(scenario())
         stats = slow.stats()
     finally:
         slow.close()
     assert result.request_id == "stays" and not result.answer_reused and len(result.order) == len(labels)
-    assert (stats.completed, stats.aborted, stats.answer_hits) == (1, 1, 0)
+    assert joined.request_id == "also" and joined.answer_reused and joined.order == result.order
+    assert (stats.completed, stats.aborted, stats.answer_hits) == (1, 1, 1)
