@@ -3,7 +3,8 @@
 A deployment build (`compile build --target T` → `engines/<T>/`, manifest artifact `engine:<T>`)
 is pinned to the hardware and libraries it was made with:
 
-    hf-cpu        transformers on CPU        pinned: device kind, torch + transformers, CPU ISA it needs
+    hf-cpu        transformers on CPU        pinned: device kind, torch + transformers (+ torchao for int8
+                                             weight-only), CPU ISA it needs
     hf-cuda       transformers on an NVIDIA GPU  pinned: device kind, SM, torch + transformers
     ortgenai-cpu  onnxruntime-genai on CPU   pinned: device kind, onnxruntime-genai, CPU ISA it needs
     trtllm        TensorRT-LLM engine        pinned: device kind, SM, tensorrt_llm (which pins TensorRT)
@@ -26,6 +27,10 @@ from typing import Any
 from palr.bundle import BundleError
 from palr.machine import Machine, library_version
 from palr.targets import TARGETS, target_spec
+
+
+# the manifest key of an int8 weight-only hf-cpu build's torchao version (torchao quantizes it at load)
+TORCHAO = "torchao"
 
 
 class BuildMismatch(BundleError):
@@ -58,6 +63,10 @@ def check_build(entry: dict[str, Any], machine: Machine) -> list[str]:
         here = machine.libraries[name] if name in machine.libraries else library_version(name)
         if built != here:
             problems.append(f"{name}: built with {built or 'none'}, this machine has {here or 'none installed'}")
+    if entry.get(TORCHAO):  # an int8 weight-only build: torchao quantizes it at load, so its version is pinned too
+        here = machine.libraries[TORCHAO] if TORCHAO in machine.libraries else library_version(TORCHAO)
+        if entry[TORCHAO] != here:
+            problems.append(f"{TORCHAO}: built with {entry[TORCHAO]}, this machine has {here or 'none installed'}")
     missing = [r for r in entry.get("requires_isa") or [] if not isa_satisfied(r, machine.cpu_isa)]
     if missing:
         problems.append(f"CPU instructions: the build needs {', '.join(missing)}; this CPU ({machine.cpu_name}) "

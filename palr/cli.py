@@ -103,4 +103,6 @@ def server_main(argv: list[str] | None, prog: str, description: str, config_cls:
         asyncio.run(importlib.import_module(server_module).serve(config))
         exit_if_loads_abandoned(0)  # stopped while loading: drained already, the load thread is not waited for
 
-    return config_main(argv, prog, description, config_cls, serve, (BundleError, OSError), "cannot serve")
+    # ImportError: a library the bundle's build needs is missing here (e.g. torchao for an int8 weight-only build)
+    return config_main(argv, prog, description, config_cls, serve, (BundleError, OSError, ImportError),
+                       "cannot serve")

@@ -28,7 +28,6 @@ from __future__ import annotations
 import torch
 
 INT8_WEIGHT_ONLY = "int8-weight-only"
-TORCHAO = "torchao"
 
 
 def _float32(value):

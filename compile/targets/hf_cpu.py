@@ -26,7 +26,7 @@ from compile.targets import BuildContext, BuildResult
 from compile.targets.measure import (
     TorchRunner, bundle_generate_logit_weight, latency_prompt, load_average, load_probes, measure_latency,
     measure_quality, mode_latency_ms, quality_ok)
-from palr.builds import isa_satisfied
+from palr.builds import TORCHAO, isa_satisfied
 from palr.machine import cpu_cores
 from palr.ranking import MODES
 from palr.precision import INT8_WEIGHT_ONLY, body_dtype, int8_weight_only, torchao_version
@@ -158,7 +158,7 @@ def build(ctx: BuildContext) -> BuildResult:
             "attn_implementation": record["attn_implementation"], "requires_isa": REQUIRES_ISA[dtype],
             "serves_modes": list(MODES)}
     if record["quantization"] == INT8_WEIGHT_ONLY:
-        meta["torchao"] = torchao_version()
+        meta[TORCHAO] = torchao_version()
     return BuildResult(meta, report, summary=f"{dtype}, {threads or 'default'} threads; {report['decision']}")
 
 

@@ -93,3 +93,18 @@ def test_cpu_build_needing_instructions_this_cpu_lacks():
     assert check_build(entry, cpu) == ["CPU instructions: the build needs amx_bf16|avx512_bf16; this CPU (AMD EPYC) "
                                        "has avx2, fma"]
     assert describe_build(entry) == "cpu: Xeon 8480+ (needs amx_bf16|avx512_bf16); bf16"
+
+
+def test_an_int8_weight_only_build_pins_torchao():
+    """torchao quantizes the int8 weight-only build at load: without it the server crashed in the load with an
+    ImportError traceback; now the build check refuses it first, and another version too."""
+    entry = {"target": "hf-cpu", "device": "cpu", "device_name": "Xeon", "requires_isa": [], "dtype": "int8-wo",
+             "engine_libraries": {"torch": "2.13.0"}, "torchao": "0.18.0"}
+    libraries = {"torch": "2.13.0"}
+    assert check_build(entry, Machine("cpu", "Xeon", None, 0, "Xeon", (), libraries | {"torchao": "0.18.0"})) == []
+    assert check_build(entry, Machine("cpu", "Xeon", None, 0, "Xeon", (), libraries | {"torchao": None})) == [
+        "torchao: built with 0.18.0, this machine has none installed"]
+    assert check_build(entry, Machine("cpu", "Xeon", None, 0, "Xeon", (), libraries | {"torchao": "0.19.0"})) == [
+        "torchao: built with 0.18.0, this machine has 0.19.0"]
+    assert check_build({k: v for k, v in entry.items() if k != "torchao"},
+                       Machine("cpu", "Xeon", None, 0, "Xeon", (), libraries | {"torchao": None})) == []
