@@ -164,9 +164,23 @@ def options_record(config: BuildConfig) -> dict:
     return record
 
 
+TRTLLM_ONLY = ("quantization", "calib_dataset", "tp", "max_batch_size", "max_num_tokens", "max_input_len",
+               "max_seq_len")
+
+
+def check_options_for(target: str, config: BuildConfig) -> None:
+    """TensorRT-LLM's options set for another target: refused (they were ignored, yet recorded as the build's)."""
+    defaults = BuildConfig()
+    changed = [name for name in TRTLLM_ONLY if getattr(config, name) != getattr(defaults, name)]
+    if target != "trtllm" and changed:
+        raise ValueError(f"--{', --'.join(n.replace('_', '-') for n in changed)}: TensorRT-LLM options, and the target "
+                         f"is {target}, which does not read them")
+
+
 def run(config: BuildConfig) -> Path:
-    bundle = Bundle.open(config.bundle)
     target = config.target or detect_target()
+    check_options_for(target, config)
+    bundle = Bundle.open(config.bundle)
     spec = target_spec(target)
     name = artifact_name(target)
     step = f"build:{target}"

@@ -14,6 +14,8 @@ from loadtest.servers import REPO
 @pytest.mark.parametrize("args, reason", [
     (["build", "--tp", "0"], "build failed: --tp must be >= 1, got 0"),
     (["trends", "--bundle", "{tmp}/no-bundle"], "trends failed: "),
+    (["build", "--bundle", "{tmp}/no-bundle", "--target", "hf-cpu", "--tp", "2", "--quantization", "fp8"],
+     "build failed: --quantization, --tp: TensorRT-LLM options, and the target is hf-cpu"),  # ignored, yet recorded
 ])
 def test_a_refused_step_says_why_in_one_line_and_exits_1(tmp_path, args, reason):
     argv = [sys.executable, "-m", "compile", *[a.format(tmp=tmp_path) for a in args]]
