@@ -111,6 +111,22 @@ def ranker_version(bundle) -> str | None:
     return bundle.version("ranker") if bundle.has("ranker") else None
 
 
+def routing_baseline(bundle) -> str | None:
+    """What an ortgenai-cpu build's modes were measured against: the version of the bundle's hf-cpu build, which
+    serves the modes onnxruntime-genai does not win (None: none, torch fp32 from llm/merged)."""
+    name = artifact_name("hf-cpu")
+    return bundle.version(name) if bundle.has(name) else None
+
+
+def stale_routing(entry: dict[str, Any], baseline_now: str | None) -> str | None:
+    """Why an ortgenai-cpu build's `serves_modes` may no longer hold (the hf-cpu build it was measured against
+    was built, rebuilt or removed since), or None. Builds made before the baseline was recorded: None."""
+    if "routing_baseline" not in entry or entry["routing_baseline"] == baseline_now:
+        return None
+    return (f"its serves_modes were measured against hf-cpu build {entry['routing_baseline'] or '(none: torch fp32)'}"
+            f", and the bundle's is now {baseline_now or '(none)'}")
+
+
 def open_build(bundle, target: str, machine: Machine | None = None) -> tuple[Path, dict[str, Any]]:
     """(directory, manifest entry) of the bundle's build for `target`, after checking that its files
     are the ones built (sha256) and that it fits `machine` (default: this machine, on the target's

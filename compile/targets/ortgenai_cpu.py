@@ -28,6 +28,7 @@ from compile.steps import StepFailed
 from compile.targets.measure import (
     OrtGenaiRunner, TorchRunner, bundle_generate_logit_weight, latency_prompt, load_average, load_probes,
     measure_latency, measure_quality, mode_latency_ms, quality_ok)
+from palr.builds import routing_baseline
 from palr.machine import cpu_cores
 from palr.ortgenai_runtime import import_ortgenai
 from palr.ranking import MODES
@@ -107,7 +108,9 @@ def build(ctx: BuildContext) -> BuildResult:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     meta = {"dtype": kept, "quantization": "int4-rtn" if kept == "int4" else None, "tensor_parallel_size": 1,
-            "num_threads": threads, "requires_isa": [], "serves_modes": won}
+            "num_threads": threads, "requires_isa": [], "serves_modes": won,
+            # what the modes were measured against (the server warns when it changed since)
+            "routing_baseline": routing_baseline(ctx.bundle) if config.measure and served else None}
     if not won:
         log.warning("ortgenai-cpu: %s wins no ranking mode on this machine; the server will not serve it", kept)
     return BuildResult(meta, report, summary=f"{kept}, serves {', '.join(won) or 'no mode'}; {report['decision']}")

@@ -25,7 +25,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from palr.builds import BuildMismatch, artifact_name, open_build
+from palr.builds import BuildMismatch, artifact_name, open_build, routing_baseline, stale_routing
 from palr.bundle import Bundle, BundleError
 from palr.machine import Machine, cpu_cores
 from palr.ranking import MODES
@@ -124,6 +124,12 @@ def ortgenai_engine(bundle, engine_config: EngineConfig,
     if len(won) == len(MODES):
         return engine_from_build(bundle, target, engine_config)
     from ranking_server.engines.routed import ModeRouter
+
+    stale = stale_routing(entry, routing_baseline(bundle))
+    if stale:  # the split may be slower than it was measured to be; the answers are the same either way
+        log.warning("ortgenai-cpu build: %s; the split of modes between the engines may no longer be the faster "
+                    "one. Measure it again: python -m compile build --bundle %s --target %s --force",
+                    stale, bundle.root, target)
 
     # --context-cache-mb bounds the torch engine's user contexts; ortgenai weighs none in bytes (it reuses an idle
     # generator whose cache starts with the user's context: at most --max-batch-size of them), so it takes no share

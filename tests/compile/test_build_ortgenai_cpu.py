@@ -85,6 +85,7 @@ def test_build_records_the_onnx_model_and_what_it_measured(ortgenai_bundle):
     assert genai["model"]["decoder"]["session_options"]["intra_op_num_threads"] == 1
     report = json.loads((ortgenai_bundle / "reports" / "build_ortgenai-cpu.json").read_text())
     assert set(report["latency"]) == {"torch-fp32", "ortgenai-fp32"} and report["latency_baseline"] == "torch-fp32"
+    assert entry["routing_baseline"] is None  # measured against torch fp32: the bundle had no hf-cpu build
     assert report["quality"]["ortgenai-fp32"]["score_max_abs_logprob_diff"] < 1e-3  # fp32 graph ≈ torch fp32
     assert report["modes"]["fp32"]["won"] == entry["serves_modes"]
     assert set(report["modes"]["fp32"]["why"]) == {"score", "generate"}
@@ -98,6 +99,8 @@ def test_with_an_hf_cpu_build_a_mode_is_won_against_that_build(hf_cpu_bundle, tm
     served = f"torch-hf-cpu-{Bundle.open(bundle).artifact('engine:hf-cpu')['dtype']}"
     report = json.loads((bundle / "reports" / "build_ortgenai-cpu.json").read_text())
     assert report["latency_baseline"] == served
+    opened = Bundle.open(bundle)
+    assert opened.artifact(NAME)["routing_baseline"] == opened.version("engine:hf-cpu")
     assert set(report["latency"]) == {"torch-fp32", served, "ortgenai-fp32"}
     assert all(f"x {served} latency" in why for why in report["modes"]["fp32"]["why"].values())
     assert report["quality"][served]["score_top1_agreement"] >= 0  # measured beside, against torch fp32

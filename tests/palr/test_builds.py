@@ -108,3 +108,16 @@ def test_an_int8_weight_only_build_pins_torchao():
         "torchao: built with 0.18.0, this machine has 0.19.0"]
     assert check_build({k: v for k, v in entry.items() if k != "torchao"},
                        Machine("cpu", "Xeon", None, 0, "Xeon", (), libraries | {"torchao": None})) == []
+
+
+def test_an_ortgenai_routing_measured_against_another_hf_cpu_build_is_stale():
+    """serves_modes says where onnxruntime-genai beat the hf-cpu build of its day; a build made, rebuilt or
+    removed since makes the split unproven (the server warns); entries from before the record are not judged."""
+    from palr.builds import stale_routing
+
+    entry = {"serves_modes": ["score"], "routing_baseline": "abc"}
+    assert stale_routing(entry, "abc") is None
+    assert "measured against hf-cpu build abc, and the bundle's is now def" in stale_routing(entry, "def")
+    assert "is now (none)" in stale_routing(entry, None)
+    assert "(none: torch fp32)" in stale_routing(entry | {"routing_baseline": None}, "def")
+    assert stale_routing({"serves_modes": ["score"]}, "def") is None
