@@ -212,7 +212,8 @@ class HFEngine(LoopEngine):
                 row.length = row.cached = len(key)
                 row.todo = request.run_ids[len(key):]
                 return
-            row.snapshots.append((len(key), key, cache))
+            if cache is not self.contexts or self._context_fits(key):  # one the cache cannot hold: no copy made
+                row.snapshots.append((len(key), key, cache))
 
     def _computing(self, key: tuple[int, ...]) -> list[Row]:
         """The rows that will store the context `key` once their pass reaches its end."""
@@ -226,9 +227,14 @@ class HFEngine(LoopEngine):
         if not (self.config.context_cache_mb and request.context_len):
             return None
         key = request.context_key
-        if key in self.contexts:
+        if key in self.contexts or not self._context_fits(key):  # never stored: waiting would only delay it
             return None
         return key if self._computed_ahead_of(key, pending) else None
+
+    def _context_fits(self, key: tuple[int, ...]) -> bool:
+        """Whether a context's KV fits the cache's whole bound (`--context-cache-mb`); the LRU keeps none that
+        does not."""
+        return len(key) * self.kv.bytes_per_token <= self.contexts.capacity
 
     def _computed_ahead_of(self, key: tuple[int, ...], pending: Pending) -> bool:
         """Whether a row ahead of `pending` in `_priority` order computes the context `key`."""

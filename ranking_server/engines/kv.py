@@ -96,6 +96,8 @@ class SlotKVCache(Cache):
         self.keys = [torch.zeros(shape, dtype=d, device=device) for d in dtypes]
         self.values = [torch.zeros(shape, dtype=d, device=device) for d in dtypes]
         self.slots, self.max_len = slots, max_len
+        # memory of one token's keys and values over all layers (what a stored prompt start weighs per token)
+        self.bytes_per_token = sum(2 * kv_heads * head_dim * k.element_size() for k in self.keys)
         self.device = torch.device(device)
         self._plan: StepPlan | None = None
         self._flat_index: torch.Tensor | None = None

@@ -351,3 +351,30 @@ def test_a_call_ahead_in_turn_never_waits_for_a_context_computed_behind_it(tiny)
     assert finished[0] == "s", "the score call went first"
     assert results[1].cached_tokens == len(PREFIX), "it computed the context itself (the shared prefix was kept)"
     assert stats.context_misses == 2 and stats.context_hits == 0
+
+
+def test_a_context_bigger_than_the_whole_cache_is_neither_waited_for_nor_copied(tiny):
+    """--context-cache-mb below one user's context: the LRU would drop it at once, so the user's second call does
+    not wait for the first's pass (it ran a pass later, computing the context all the same) and no row copies
+    the context out for a store that keeps nothing. Both calls and another user's run in one pass."""
+    model, labels = tiny
+    rng = random.Random(9)
+    alice, bob = ([rng.randrange(100, 40000) for _ in range(60)] for _ in range(2))
+    requests = [user_request("a1", alice, labels, rng), user_request("a2", alice, labels, rng),
+                user_request("b1", bob, labels, rng)]
+    engine = FirstPassGated(model, EngineConfig(max_batch_size=4, max_tokens_per_step=512, context_cache_mb=1e-4))
+    engine.gate.set()  # only its count of prompt passes is used here
+    assert (len(PREFIX) + len(alice)) * engine.kv.bytes_per_token > engine.contexts.capacity
+    turns = DeviceTurns()
+    engine.share_device(turns)
+
+    async def scenario():
+        with turns.turn():  # the engine cannot step: every request queues
+            tasks = [asyncio.ensure_future(engine.rank(r)) for r in requests]
+            await until(lambda: engine.stats().queued == len(requests))
+        return await asyncio.gather(*tasks)
+
+    results, stats = run_scenario(engine, scenario, model, requests)
+    assert engine.passes == 1, "one prompt pass: a2 did not wait for a1's context"
+    assert [r.cached_tokens for r in results] == [0, 0, 0] and stats.context_bytes == 0
+    assert stats.context_misses == 3 and stats.context_hits == 0
