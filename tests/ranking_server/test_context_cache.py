@@ -197,6 +197,21 @@ def run_scenario(engine, scenario, model, requests):
     return results, stats
 
 
+def admitted_together(engine, model, requests):
+    """`requests` queued while the test holds the engine's device turn, so they are admitted in one step;
+    (answers, stats) as `run_scenario` gives them."""
+    turns = DeviceTurns()
+    engine.share_device(turns)
+
+    async def scenario():
+        with turns.turn():  # the engine cannot step: every request queues
+            tasks = [asyncio.ensure_future(engine.rank(r)) for r in requests]
+            await until(lambda: engine.stats().queued == len(requests))
+        return await asyncio.gather(*tasks)
+
+    return run_scenario(engine, scenario, model, requests)
+
+
 def test_calls_for_one_user_admitted_together_compute_the_context_once(tiny):
     """A user's three calls (and another user's) are admitted in one step (the engine's device turn is held while
     they queue): the first computes the context, the two others wait for its pass and copy it (a page reloading
@@ -207,16 +222,7 @@ def test_calls_for_one_user_admitted_together_compute_the_context_once(tiny):
     requests = [user_request("a1", alice, labels, rng), user_request("a2", alice, labels, rng),
                 user_request("b1", bob, labels, rng), user_request("a3", alice, labels, rng, "generate", True)]
     engine = HFEngine(model, EngineConfig(max_batch_size=4, max_tokens_per_step=512))
-    turns = DeviceTurns()
-    engine.share_device(turns)
-
-    async def scenario():
-        with turns.turn():  # the engine cannot step: every request queues
-            tasks = [asyncio.ensure_future(engine.rank(r)) for r in requests]
-            await until(lambda: engine.stats().queued == len(requests))
-        return await asyncio.gather(*tasks)
-
-    results, stats = run_scenario(engine, scenario, model, requests)
+    results, stats = admitted_together(engine, model, requests)
     context = len(PREFIX) + len(alice)
     assert [r.cached_tokens for r in results] == [0, context, 0, context], "a2 and a3 copied a1's context"
     assert stats.context_misses == 2 and stats.context_hits == 2, "one lookup a request"
@@ -365,16 +371,7 @@ def test_a_context_bigger_than_the_whole_cache_is_neither_waited_for_nor_copied(
     engine = FirstPassGated(model, EngineConfig(max_batch_size=4, max_tokens_per_step=512, context_cache_mb=1e-4))
     engine.gate.set()  # only its count of prompt passes is used here
     assert (len(PREFIX) + len(alice)) * engine.kv.bytes_per_token > engine.contexts.capacity
-    turns = DeviceTurns()
-    engine.share_device(turns)
-
-    async def scenario():
-        with turns.turn():  # the engine cannot step: every request queues
-            tasks = [asyncio.ensure_future(engine.rank(r)) for r in requests]
-            await until(lambda: engine.stats().queued == len(requests))
-        return await asyncio.gather(*tasks)
-
-    results, stats = run_scenario(engine, scenario, model, requests)
+    results, stats = admitted_together(engine, model, requests)
     assert engine.passes == 1, "one prompt pass: a2 did not wait for a1's context"
     assert [r.cached_tokens for r in results] == [0, 0, 0] and stats.context_bytes == 0
     assert stats.context_misses == 3 and stats.context_hits == 0
