@@ -81,11 +81,6 @@ class MergeConfig:
             raise ValueError(f"--generate-k must be >= 1, got {self.generate_k}")
 
 
-def check_generate_k(config: MergeConfig, candidates: int) -> None:
-    if not 1 <= config.generate_k <= candidates:
-        raise ValueError(f"--generate-k {config.generate_k} must be between 1 and the candidate count {candidates}")
-
-
 def merge(base_dir: Path, lora_dir: Path, out: Path, probe: dict, tolerance: float, layers: int = 0) -> float:
     """Merges, saves model + tokenizer to `out`; returns max |merged - adapter| over the probe's text logits
     and its readout logits.
@@ -254,21 +249,20 @@ def learned_head_bias(bundle: Bundle) -> tuple[list[float] | None, list[float] |
     return as_list(weights.get("trend_bias")), as_list(weights.get("rank_bias"))
 
 
-def ranker_record(bundle: Bundle, config: MergeConfig, weight: float, validation: dict,
+def ranker_record(bundle: Bundle, config: MergeConfig, meta: dict, weight: float, validation: dict,
                   trend_bias: list[float] | None, retrieval_trend_weights: list[float] | None = None,
                   retrieval_collab_weight: float | None = None, rank_bias: list[float] | None = None) -> dict:
+    """llm/ranker.json; `meta`: the SFT data's meta.json."""
     from transformers import AutoTokenizer
 
     from palr.prompt import PalrPrompt, PromptSettings
 
-    meta = json.loads((bundle.path("sft_data") / "meta.json").read_text())
     settings = PromptSettings.from_dict(meta["prompt"])
     # labels are text tokens whatever the prompt: a text prompt of the same settings gives their ids
     prompt = PalrPrompt(AutoTokenizer.from_pretrained(bundle.path("llm_base")),
                         PromptSettings.from_dict({**meta["prompt"], "prompt": "text", "trend": False,
                                                   "rank_tokens": [], "readout": "label"}))
     k = meta["candidates"]
-    check_generate_k(config, k)
     return {
         "prompt": settings.to_dict(),
         "candidates": k,
@@ -299,15 +293,16 @@ def run(config: MergeConfig) -> Path:
         log.info("merged model is current (%s); skipping", out)
         return out
     started = time.perf_counter()
-    # refused before the merged model is rewritten (minutes), not after it
-    check_generate_k(config, json.loads((bundle.path("sft_data") / "meta.json").read_text())["candidates"])
+    meta = json.loads((bundle.path("sft_data") / "meta.json").read_text())
+    if not 1 <= config.generate_k <= meta["candidates"]:  # refused before the merged model is rewritten, not after
+        raise ValueError(f"--generate-k {config.generate_k} must be between 1 and the candidate count "
+                         f"{meta['candidates']}")
     valid = read_jsonl(bundle.path("sft_data") / "valid.jsonl")
     diff = merge(bundle.path("llm_base"), bundle.path("lora"), out, valid[0], config.tolerance,
                  int(bundle.artifact("lora").get("layers") or 0))
     bundle.add_artifact("llm_merged", MERGED_DIR, dtype="float32", merge_max_abs_diff=diff)
     keep_projector(bundle)
     fusion_valid = valid[: config.fusion_users]
-    meta = json.loads((bundle.path("sft_data") / "meta.json").read_text())
     bias, rank_bias = learned_head_bias(bundle)
     bias = bias if meta.get("trend") else None
     prior_weights, collab_weight = None, None
@@ -316,8 +311,8 @@ def run(config: MergeConfig) -> Path:
             read_jsonl(bundle.path("sft_data") / "train.jsonl"), int((meta.get("trend") or {}).get("buckets", 1)))
     weight, logit_weight, validation = fit_fusion(out, fusion_valid, bias, prior_weights, collab_weight, rank_bias) \
         if fusion_valid else (0.0, 1.0, {})
-    ranker = ranker_record(bundle, config, weight, validation, bias, prior_weights, collab_weight, rank_bias) | {
-        "generate_logit_weight": logit_weight}
+    ranker = ranker_record(bundle, config, meta, weight, validation, bias, prior_weights, collab_weight,
+                           rank_bias) | {"generate_logit_weight": logit_weight}
     ranker_path = bundle.root / RANKER_FILE
     ranker_path.write_text(json.dumps(ranker, indent=2) + "\n")
     bundle.add_artifact("ranker", RANKER_FILE, fusion_weight=weight, generate_format=config.generate_format)
