@@ -59,14 +59,13 @@ def check_build(entry: dict[str, Any], machine: Machine) -> list[str]:
         tp = int(entry.get("tensor_parallel_size") or 1)
         if machine.gpu_count and tp > machine.gpu_count:
             problems.append(f"tensor parallelism: built for {tp} GPUs, this machine has {machine.gpu_count}")
-    for name, built in (entry.get("engine_libraries") or {}).items():
+    pinned = dict(entry.get("engine_libraries") or {})
+    if entry.get(TORCHAO):  # an int8 weight-only build: torchao quantizes it at load, so its version is pinned too
+        pinned[TORCHAO] = entry[TORCHAO]
+    for name, built in pinned.items():
         here = machine.libraries[name] if name in machine.libraries else library_version(name)
         if built != here:
             problems.append(f"{name}: built with {built or 'none'}, this machine has {here or 'none installed'}")
-    if entry.get(TORCHAO):  # an int8 weight-only build: torchao quantizes it at load, so its version is pinned too
-        here = machine.libraries[TORCHAO] if TORCHAO in machine.libraries else library_version(TORCHAO)
-        if entry[TORCHAO] != here:
-            problems.append(f"{TORCHAO}: built with {entry[TORCHAO]}, this machine has {here or 'none installed'}")
     missing = [r for r in entry.get("requires_isa") or [] if not isa_satisfied(r, machine.cpu_isa)]
     if missing:
         problems.append(f"CPU instructions: the build needs {', '.join(missing)}; this CPU ({machine.cpu_name}) "
