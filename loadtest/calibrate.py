@@ -22,13 +22,13 @@ import logging
 import math
 import os
 import platform
-import shlex
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from loadtest.servers import REPO
+from loadtest.with_servers import split_flags
 
 log = logging.getLogger("calibrate")
 
@@ -60,11 +60,8 @@ class CalibrateConfig:
                 "exact repeat is answered without it", "metavar": "FLAGS"})
 
     def __post_init__(self) -> None:
-        for name in ("locust_args", "ranking_args"):  # split as a shell would: refused now, not after the servers start
-            try:
-                shlex.split(getattr(self, name))
-            except ValueError as e:
-                raise ValueError(f"--{name.replace('_', '-')}: {e}") from None
+        for name in ("locust_args", "ranking_args"):  # refused now, not after the servers start
+            split_flags(name, getattr(self, name))
 
     @property
     def margins(self) -> dict[int, float]:
@@ -134,7 +131,7 @@ def locust_argv(ranking: str, retrieval: str, config: CalibrateConfig, csv_prefi
     argv = [sys.executable, "-m", "locust", "-f", str(REPO / "loadtest" / "locustfile.py"), "--headless",
             "--host", ranking, "--retrieval-host", retrieval, "--bundle", str(Path(config.bundle).resolve()),
             "-u", str(config.users), "-r", str(config.users), "-t", config.duration, "--stop-timeout", "120",
-            "--csv", str(Path(csv_prefix).resolve()), "--only-summary", *shlex.split(config.locust_args)]
+            "--csv", str(Path(csv_prefix).resolve()), "--only-summary", *split_flags("locust_args", config.locust_args)]
     if slo is not None:
         argv += ["--slo", str(Path(slo).resolve())]
     return argv

@@ -44,11 +44,16 @@ class TwoTierConfig:
         "help": "extra ranking_server flags, one string (e.g. '--max-batch-size 8')", "metavar": "FLAGS"})
 
     def __post_init__(self) -> None:
-        for name in ("retrieval_args", "ranking_args"):  # split as a shell would, refused before any server starts
-            try:
-                shlex.split(getattr(self, name))
-            except ValueError as e:
-                raise ValueError(f"--{name.replace('_', '-')}: {e}") from None
+        for name in ("retrieval_args", "ranking_args"):  # refused before any server starts
+            split_flags(name, getattr(self, name))
+
+
+def split_flags(name: str, flags: str) -> list[str]:
+    """A config's one-string flags option split as a shell would; ValueError naming `--name` (unbalanced quotes)."""
+    try:
+        return shlex.split(flags)
+    except ValueError as e:
+        raise ValueError(f"--{name.replace('_', '-')}: {e}") from None
 
 
 @contextlib.contextmanager
@@ -56,10 +61,11 @@ def two_tier(config: TwoTierConfig, own_session: bool = False) -> Iterator[tuple
     """(retrieval, ranking) servers, both SERVING; stopped (SIGTERM, drained) on exit. `own_session`: the
     terminal's signals do not reach them (the caller stops them)."""
     config.log_dir.mkdir(parents=True, exist_ok=True)
-    retrieval = ServerProcess("retrieval_server", ["--bundle", str(config.bundle), *shlex.split(config.retrieval_args)],
+    retrieval = ServerProcess("retrieval_server",
+                              ["--bundle", str(config.bundle), *split_flags("retrieval_args", config.retrieval_args)],
                               log_path=config.log_dir / "retrieval_server.log", own_session=own_session)
     ranking = ServerProcess("ranking_server", ["--bundle", str(config.bundle), "--retrieval", retrieval.target,
-                                               *shlex.split(config.ranking_args)],
+                                               *split_flags("ranking_args", config.ranking_args)],
                             log_path=config.log_dir / "ranking_server.log", own_session=own_session)
     launched: list[ServerProcess] = []  # each one from the moment it is started: one still starting is stopped too
     try:
