@@ -51,8 +51,8 @@ class RankingServerConfig(ServerConfig, EngineConfig):
         "help": "under round_robin, times a Retrieve refused RESOURCE_EXHAUSTED for a replica's full --max-queue "
                 "(before any answer) is sent again at once, within the caller's deadline, so the next replica "
                 "round_robin picks can serve it (most often another one: the picks of concurrent calls interleave); "
-                "counted in ranking_retrieval_queue_full_retries_total. Not done under pick_first (the same replica would "
-                "get it) nor for other refusals. 0 = pass the refusal on; at most 4"})
+                "counted in ranking_retrieval_queue_full_retries_total. Not done under pick_first (the same replica "
+                "would get it) nor for other refusals. 0 = pass the refusal on; at most 4"})
 
     max_seq_len: int = field(default=0, metadata={
         "help": "prompt + generated tokens per request (the size of one KV slot of the hf and ortgenai engines); "
@@ -102,7 +102,8 @@ class RankingServerConfig(ServerConfig, EngineConfig):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.retrieval_queue_full_retries > 4:  # resent at once, without backoff: a few replicas' worth
-            raise ValueError(f"--retrieval-queue-full-retries must be in [0, 4], got {self.retrieval_queue_full_retries}")
+            raise ValueError(f"--retrieval-queue-full-retries must be in [0, 4], got "
+                             f"{self.retrieval_queue_full_retries}")
         if self.retrieval_chunk_size > 2**31 - 1:  # an int32 in the Retrieve request
             raise ValueError(f"retrieval_chunk_size must be < 2**31, got {self.retrieval_chunk_size}")
         check_finite("default_deadline_ms", self.default_deadline_ms, positive=True)

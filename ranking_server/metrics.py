@@ -34,7 +34,8 @@ RECOMMEND = RpcMetrics("ranking", "Recommend")
 STAGE_SECONDS = Histogram("ranking_stage_seconds", "time per request stage: retrieval, queue (waiting for a "
                           "batch slot), ranking (LLM), total; queue and ranking of the answers the model computed "
                           "only (not cold starts or empty lists, which never reach it, kept answers to exact repeats, "
-                          "which wait for no slot, or a degraded answer's aborted wait, which has no split)", ["stage"], buckets=LATENCY_BUCKETS)
+                          "which wait for no slot, or a degraded answer's aborted wait, which has no split)",
+                          ["stage"], buckets=LATENCY_BUCKETS)
 DEGRADED = Counter("ranking_degraded", "answers in retrieval order instead of the LLM's, by reason", ["reason"])
 REJECTED = Counter("ranking_rejected", "requests refused, by reason", ["reason"])
 RETRIEVAL_QUEUE_FULL_RETRIES = Counter(

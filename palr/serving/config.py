@@ -11,8 +11,8 @@ def check_finite(name: str, value: float, *, positive: bool = False, unit: str =
     """ValueError unless `value` is a finite number >= 0 (> 0 with `positive`). The comparisons refuse nan too;
     inf is an expired timeout to gRPC and a wait that never ends to asyncio, so neither is a setting."""
     if not ((value > 0 if positive else value >= 0) and value < math.inf):
-        raise ValueError(f"{name} must be a finite number{f' of {unit}' if unit else ''} {'>' if positive else '>='} 0, "
-                         f"got {value}")
+        bound = "> 0" if positive else ">= 0"
+        raise ValueError(f"{name} must be a finite number{f' of {unit}' if unit else ''} {bound}, got {value}")
 
 
 @dataclass
