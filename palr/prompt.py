@@ -194,7 +194,7 @@ class PalrPrompt:
         """The prompt's own text (the chat frame's control tokens included)."""
         return list(self.tokenizer.encode(text, add_special_tokens=False)) if text else []
 
-    def _data_ids(self, text: str) -> list[int]:
+    def data_ids(self, text: str) -> list[int]:
         """Text from the data (titles, profiles): "<|im_end|>" in a title is those characters, not the control
         token that would close the chat turn mid-prompt."""
         return list(self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)) if text else []
@@ -249,9 +249,9 @@ class PalrPrompt:
 
     @functools.lru_cache(maxsize=8192)
     def _title_ids(self, title: str, year: str, with_year: bool) -> tuple[int, ...]:
-        ids = self._data_ids(" " + title.strip())[: self.settings.max_title_tokens]
+        ids = self.data_ids(" " + title.strip())[: self.settings.max_title_tokens]
         if with_year and year:
-            ids += self._data_ids(f" ({year})")
+            ids += self.data_ids(f" ({year})")
         return tuple(ids)
 
     def item_ids(self, item: Title, with_year: bool) -> list[int]:
@@ -273,7 +273,7 @@ class PalrPrompt:
     def _context_ids(self, profile: str, history: Sequence[Title]) -> list[int]:
         ids: list[int] = []
         if self.settings.profile and profile.strip():
-            ids += self._ids("Profile:") + self._data_ids(" " + profile.strip()) + self._newline
+            ids += self._ids("Profile:") + self.data_ids(" " + profile.strip()) + self._newline
         recent = list(history)[-self.settings.history_items:] if self.settings.history_items > 0 else []
         ids += self._ids("Watched:")
         for i, item in enumerate(recent):

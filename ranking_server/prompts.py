@@ -177,8 +177,7 @@ class PromptBuilder:
         history_item = max(self.catalog.items, key=lambda item: len(prompt.item_ids(item, settings.history_years)))
         lines = sorted(self.catalog.items, key=lambda item: -(len(prompt.item_ids(item, settings.candidate_years))
                                                              + len(prompt.title_line_ids(item))))[:candidates]
-        tokens = lambda text: len(prompt.tokenizer.encode(  # noqa: E731 - as PalrPrompt tokenizes a profile
-            text, add_special_tokens=False, split_special_tokens=True))
+        tokens = lambda text: len(prompt.data_ids(text))  # noqa: E731
         profile = max([*self.stored_profiles.values(), self.stats_profiler.longest(tokens)], key=tokens)
         n = len(lines)
         plans = [Plan(request_id=f"longest-{mode}", user_id="", history=[history_item.id] * settings.history_items,
