@@ -39,6 +39,7 @@ SUMMARISE = "Movies this person watched: {titles}\nWhich genres and themes does 
 FOLD = ("Keywords describing one person's movie taste at different times:\n{summaries}\n"
         "Which genres and themes does this person like overall? Answer with keywords.")
 REPLY_START = "Keywords:"
+_PLACEHOLDER = "\x00MESSAGE\x00"  # where the user's message goes in the chat template
 
 
 @dataclass
@@ -86,10 +87,18 @@ class LlmSummariser:
         self.cache: dict[str, str] = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
         newline = self.tokenizer.encode("\n", add_special_tokens=False)
         self.stop_ids = [self.tokenizer.eos_token_id] + newline[-1:]
+        self._template = self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": _PLACEHOLDER}], tokenize=False, add_generation_prompt=True)
 
-    def _chat(self, text: str) -> str:
-        return self.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                                  add_generation_prompt=True) + REPLY_START
+    def _chat_ids(self, text: str) -> list[int]:
+        """The chat prompt's ids for one user message. The message holds data (titles, summaries), so it is
+        tokenized with special-token text split: "<|im_end|>" in a title is those characters, not the control
+        token that would close the turn (as `palr.prompt.PalrPrompt.data_ids` does for the ranking prompt)."""
+        head, _, tail = self._template.partition(_PLACEHOLDER)
+        encode = self.tokenizer.encode
+        return (encode(head, add_special_tokens=False)
+                + encode(text, add_special_tokens=False, split_special_tokens=True)
+                + encode(tail + REPLY_START, add_special_tokens=False))
 
     def _generate(self, prompts: list[str]) -> list[str]:
         """Greedy replies to user messages, `batch_size` at a time (left-padded)."""
@@ -97,8 +106,8 @@ class LlmSummariser:
 
         replies = []
         for start in range(0, len(prompts), self.config.batch_size):
-            chats = [self._chat(p) for p in prompts[start:start + self.config.batch_size]]
-            batch = self.tokenizer(chats, return_tensors="pt", padding=True, add_special_tokens=False)
+            ids = [self._chat_ids(p) for p in prompts[start:start + self.config.batch_size]]
+            batch = self.tokenizer.pad({"input_ids": ids}, return_tensors="pt", padding=True)
             with torch.inference_mode():
                 out = self.model.generate(**batch, max_new_tokens=self.config.max_new_tokens, do_sample=False,
                                           eos_token_id=self.stop_ids, pad_token_id=self.tokenizer.pad_token_id)
