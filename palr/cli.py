@@ -97,12 +97,14 @@ def server_main(argv: list[str] | None, prog: str, description: str, config_cls:
     import importlib
 
     from palr.bundle import BundleError
+    from palr.errors import EngineError
     from palr.serving.loading import exit_if_loads_abandoned
 
     def serve(config) -> None:
         asyncio.run(importlib.import_module(server_module).serve(config))
         exit_if_loads_abandoned(0)  # stopped while loading: drained already, the load thread is not waited for
 
-    # ImportError: a library the bundle's build needs is missing here (e.g. torchao for an int8 weight-only build)
-    return config_main(argv, prog, description, config_cls, serve, (BundleError, OSError, ImportError),
+    # ImportError: a library the bundle's build needs is missing here (e.g. torchao for an int8 weight-only build);
+    # EngineError: an engine that cannot start (palr.trtllm_runtime: TensorRT-LLM installed but failing to import)
+    return config_main(argv, prog, description, config_cls, serve, (BundleError, OSError, ImportError, EngineError),
                        "cannot serve")

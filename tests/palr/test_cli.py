@@ -8,7 +8,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from palr.cli import config_main
+from palr.cli import config_main, server_main
+from palr.trtllm_runtime import import_trtllm
 
 
 @dataclass
@@ -53,3 +54,19 @@ def test_help_exits_0(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--help"], lambda c: 0)
     assert e.value.code == 0 and "--users USERS" in capsys.readouterr().out
+
+
+async def serve(config):
+    """A server module's `serve` (this module stands in as one) whose engine cannot start: the real TensorRT-LLM
+    import, which fails on a machine without it."""
+    import_trtllm()
+
+
+def test_a_server_whose_engine_cannot_start_exits_1_with_the_reason_not_a_traceback(caplog):
+    import importlib.util
+
+    if importlib.util.find_spec("tensorrt_llm") is not None:
+        pytest.skip("TensorRT-LLM imports here: no engine error to report")
+    with caplog.at_level(logging.ERROR):
+        assert server_main([], "python -m example_server", "an example", Config, __name__) == 1
+    assert "cannot serve: the trtllm engine needs TensorRT-LLM, which is not installed here" in caplog.text
