@@ -217,25 +217,26 @@ def readout_scores(model, rows: list[dict], pad_id: int, extra=None, with_labels
     from palr.hybrid import input_embeddings
 
     lm = _causal_lm(model)
-    input_ids, mask, position_ids = left_pad([r["input_ids"] for r in rows], pad_id)
+    head = lm.get_output_embeddings().weight
+    device = head.device  # the batch is built on the CPU; the model may be on cuda (--device)
+    input_ids, mask, position_ids = (t.to(device) for t in left_pad([r["input_ids"] for r in rows], pad_id))
     rows_out = extra() if extra is not None else None  # [X, D]
     hidden = lm.model(inputs_embeds=input_embeddings(lm, input_ids, rows_out), attention_mask=mask,
                       position_ids=position_ids, use_cache=False).last_hidden_state  # [B, T, D]
     width = input_ids.shape[1]
-    head = lm.get_output_embeddings().weight
     vocab = head.shape[0]
     positions, tokens = [], []
     for r in rows:
         readout, pad = example_readout(r), width - len(r["input_ids"])
         positions.append([pad + p for p in readout.positions])
         tokens.append(list(readout.tokens))
-    positions, tokens = torch.tensor(positions), torch.tensor(tokens)  # [B, C]
-    picked = hidden[torch.arange(len(rows))[:, None], positions].float()  # [B, C, D]
+    positions, tokens = torch.tensor(positions, device=device), torch.tensor(tokens, device=device)  # [B, C]
+    picked = hidden[torch.arange(len(rows), device=device)[:, None], positions].float()  # [B, C, D]
     weights = output_rows(head, tokens, rows_out, vocab).float()  # [B, C, D]
     scores = (picked * weights).sum(-1)  # [B, C]
     labels = None
     if with_labels and any(candidate_readout(r) is not None for r in rows):
-        label_ids = torch.tensor([r["label_token_ids"] for r in rows])  # [B, C]
+        label_ids = torch.tensor([r["label_token_ids"] for r in rows], device=device)  # [B, C]
         labels = torch.einsum("bd,bcd->bc", hidden[:, -1].float(), head[label_ids].float())
     return scores, labels
 
@@ -258,15 +259,16 @@ def fused_scores(scores, rows: list[dict], fusion_weight: float, extra=None):
 
     from palr.ranking import RANK_BUCKETS
 
-    fused = scores
+    fused, device = scores, scores.device
     if extra is not None and extra.trend_buckets and rows[0].get("trend") is not None:
-        fused = fused + extra.trend_bias[torch.tensor([r["trend"] for r in rows])]
+        fused = fused + extra.trend_bias[torch.tensor([r["trend"] for r in rows], device=device)]
     if extra is not None and extra.rank.shape[0] and rows[0].get("ranks") is not None:
-        ranks = torch.tensor([r["ranks"] for r in rows])  # [B, C, R]: each ranking's bucket
-        rows_of = ranks + RANK_BUCKETS * torch.arange(ranks.shape[-1])  # [B, C, R]: their rank-bias rows
+        ranks = torch.tensor([r["ranks"] for r in rows], device=device)  # [B, C, R]: each ranking's bucket
+        rows_of = ranks + RANK_BUCKETS * torch.arange(ranks.shape[-1], device=device)  # [B, C, R]: rank-bias rows
         fused = fused + extra.rank_bias[rows_of].sum(-1)
     if fusion_weight:
-        fused = fused + fusion_weight * torch.log_softmax(torch.tensor([r["retrieval_scores"] for r in rows]), -1)
+        retrieval = torch.tensor([r["retrieval_scores"] for r in rows], device=device)  # [B, C]
+        fused = fused + fusion_weight * torch.log_softmax(retrieval, -1)
     return fused
 
 
@@ -274,7 +276,8 @@ def listwise_loss(fused, rows: list[dict]):
     """Cross-entropy of the target among the candidates over the fused scores `[B, C]`."""
     import torch
 
-    return torch.nn.functional.cross_entropy(fused, torch.tensor([r["target_position"] for r in rows]))
+    targets = torch.tensor([r["target_position"] for r in rows], device=fused.device)  # [B]
+    return torch.nn.functional.cross_entropy(fused, targets)
 
 
 def epoch_order(n: int, epoch: int, seed: int) -> list[int]:

@@ -52,8 +52,8 @@ class Corpus:
                 first = next(i for i, (a, b) in enumerate(zip(stored + [None], built + [None])) if a != b)
                 raise BundleError(f"{bundle.root}: catalog.json orders items unlike the catalog built from {data_dir} "
                                   f"(index {first + 1}: {stored[first:first + 1]} vs {built[first:first + 1]}), so "
-                                  f"item indices would point at other items; rebuild the bundle "
-                                  f"(`python -m compile all --force`)")
+                                  f"item indices would point at other items; build a new bundle from this data "
+                                  f"(`python -m compile all --bundle NEW_DIR --data {data_dir}`)")
         return corpus
 
     def time_before(self, user: str, position: int) -> float:
