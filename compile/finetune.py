@@ -564,7 +564,8 @@ def run(config: FinetuneConfig) -> Path | None:
     bundle.add_artifact("lora", LORA_DIR, steps=record["steps"], best_step=record["best_step"],
                         rank=config.rank, alpha=config.alpha, target_modules=list(config.target_modules),
                         top_layers=config.top_layers, layers=config.layers, loss=config.loss,
-                        fusion_in_loss=config.fusion_in_loss)
+                        fusion_in_loss=config.fusion_in_loss, sft_data=bundle.version("sft_data"),
+                        llm_base=bundle.version("llm_base"))  # what it was trained on: merge checks them
     bundle.record_step("finetune", run_fp, time.perf_counter() - started, config=config_record(config),
                        train_seconds=round(record["seconds"], 1))
     bundle.save()

@@ -283,6 +283,19 @@ def ranker_record(bundle: Bundle, config: MergeConfig, meta: dict, weight: float
     }
 
 
+def check_adapter_inputs(bundle: Bundle) -> None:
+    """Refuses an adapter trained on other SFT data or another base model than the bundle holds now (`sft-data`
+    rerun, or a `finetune --stop-after` run not finished, since): merging it would pair its weights and item rows
+    with the new data's candidate count, item tokens and fits. Adapters from before this was recorded pass."""
+    lora = bundle.artifact("lora")
+    for name in ("sft_data", "llm_base"):
+        trained_on, now = lora.get(name), bundle.version(name)
+        if trained_on is not None and trained_on != now:
+            raise ValueError(f"the LoRA adapter ({bundle.path('lora')}) was trained on {name} version {trained_on}, "
+                             f"and the bundle's {name} is now {now}: train it again first (python -m compile "
+                             f"finetune --bundle {bundle.root})")
+
+
 def run(config: MergeConfig) -> Path:
     bundle = Bundle.open(config.bundle)
     inputs = ["llm_base", "lora", "sft_data"]
@@ -293,6 +306,7 @@ def run(config: MergeConfig) -> Path:
         log.info("merged model is current (%s); skipping", out)
         return out
     started = time.perf_counter()
+    check_adapter_inputs(bundle)
     meta = json.loads((bundle.path("sft_data") / "meta.json").read_text())
     if not 1 <= config.generate_k <= meta["candidates"]:  # refused before the merged model is rewritten, not after
         raise ValueError(f"--generate-k {config.generate_k} must be between 1 and the candidate count "

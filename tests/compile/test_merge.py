@@ -142,3 +142,20 @@ def test_a_generate_k_over_the_candidates_is_refused_before_the_merged_model_is_
     Bundle.open(bundle).verify(["llm_merged", "ranker"])
     with pytest.raises(ValueError, match="--fusion-users"):
         merge.MergeConfig(bundle=bundle, fusion_users=-1)
+
+
+def test_an_adapter_trained_on_other_sft_data_is_refused_before_the_merged_model_is_touched(tiny_llm_bundle,
+                                                                                           tmp_path, ml100k_dir):
+    """sft-data run again (here with fewer candidates) after finetune: merge would pair the old adapter's weights
+    and item rows with the new data's candidate count and fits, and nothing refused it."""
+    from compile import merge, sft_data
+    from compile.presets import preset_for
+    from tests.fixtures.builds import copy_bundle
+
+    bundle = copy_bundle(tiny_llm_bundle, tmp_path / "bundle")
+    sft_data.run(sft_data.SftDataConfig(bundle=bundle, data=ml100k_dir, **preset_for("tiny", "sft-data"),
+                                        candidates=19))
+    written = {p: p.stat().st_mtime_ns for p in (bundle / "llm" / "merged").rglob("*")}
+    with pytest.raises(ValueError, match=r"trained on sft_data version \w+, and the bundle's sft_data is now"):
+        merge.run(merge.MergeConfig(bundle=bundle, **preset_for("tiny", "merge")))
+    assert {p: p.stat().st_mtime_ns for p in (bundle / "llm" / "merged").rglob("*")} == written
