@@ -26,7 +26,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from compile.llm_common import config_record, fingerprint_record
+from compile.llm_common import check_sft_data, config_record, fingerprint_record
 from compile.sft_data import candidate_readout, example_readout, read_jsonl
 from palr.bundle import Bundle, fingerprint
 
@@ -557,6 +557,7 @@ def run(config: FinetuneConfig) -> Path | None:
     if not config.force and bundle.step_is_current("finetune", run_fp, ["lora"]):
         log.info("LoRA adapter is current (%s); skipping", out)
         return out
+    check_sft_data(bundle, "finetune")
     started = time.perf_counter()
     record = train(bundle, config, run_fp)
     if not (out / "training.json").is_file() or len(record["losses"]) < record["steps"]:

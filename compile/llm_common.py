@@ -21,3 +21,16 @@ def fingerprint_record(config: Any, bundle: Any, *unused: str) -> dict[str, Any]
     if "data" in record:
         record["data"] = bundle.manifest.dataset.get("checksum")
     return record
+
+
+def check_sft_data(bundle: Any, step: str) -> None:
+    """StepFailed unless llm/sft holds the files `sft-data` recorded: a run of it stopped part-way leaves new and
+    old files side by side under the old version, and training or merging on them would mix two data sets."""
+    from compile.steps import StepFailed
+    from palr.bundle import BundleError
+
+    try:
+        bundle.verify(["sft_data"])
+    except BundleError as e:
+        raise StepFailed(f"{step}: the SFT data is not what sft-data wrote ({e}); make it again: python -m compile "
+                         f"sft-data --bundle {bundle.root} --force") from None

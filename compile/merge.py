@@ -39,7 +39,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from compile.llm_common import config_record, fingerprint_record
+from compile.llm_common import check_sft_data, config_record, fingerprint_record
 from compile.sft_data import candidate_readout, example_readout, read_jsonl
 from compile.steps import StepFailed
 from palr.bundle import Bundle, fingerprint
@@ -307,6 +307,7 @@ def run(config: MergeConfig) -> Path:
         return out
     started = time.perf_counter()
     check_adapter_inputs(bundle)
+    check_sft_data(bundle, "merge")
     meta = json.loads((bundle.path("sft_data") / "meta.json").read_text())
     if not 1 <= config.generate_k <= meta["candidates"]:  # refused before the merged model is rewritten, not after
         raise ValueError(f"--generate-k {config.generate_k} must be between 1 and the candidate count "

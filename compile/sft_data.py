@@ -416,7 +416,8 @@ def run(config: SftDataConfig) -> Path:
             "train_examples": len(train), "valid_examples": len(valid), "tasks": tasks,
             "train_tokens": sum(lengths), "median_tokens": lengths[len(lengths) // 2] if lengths else 0,
             "valid_target_retrieved": sum(x["target_position"] is not None for x in valid)}
-    (out / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    (out / "meta.json.part").write_text(json.dumps(meta, indent=2) + "\n")
+    (out / "meta.json.part").replace(out / "meta.json")
     bundle.add_artifact("sft_data", SFT_DIR, **{k: v for k, v in meta.items() if k != "prompt"})
     bundle.record_step("sft-data", step_fp, time.perf_counter() - started, config=config_record(config))
     bundle.save()

@@ -159,3 +159,20 @@ def test_an_adapter_trained_on_other_sft_data_is_refused_before_the_merged_model
     with pytest.raises(ValueError, match=r"trained on sft_data version \w+, and the bundle's sft_data is now"):
         merge.run(merge.MergeConfig(bundle=bundle, **preset_for("tiny", "merge")))
     assert {p: p.stat().st_mtime_ns for p in (bundle / "llm" / "merged").rglob("*")} == written
+
+
+def test_sft_data_left_part_written_is_refused_by_finetune_and_merge(tiny_llm_bundle, tmp_path):
+    """An sft-data run stopped between its files (valid.jsonl rewritten, the manifest not yet): finetune and
+    merge read the files under the old version's fingerprint and trained or fitted on a mix."""
+    from compile import finetune, merge
+    from compile.presets import preset_for
+    from compile.steps import StepFailed
+    from tests.fixtures.builds import copy_bundle
+
+    bundle = copy_bundle(tiny_llm_bundle, tmp_path / "bundle")
+    valid = bundle / "llm" / "sft" / "valid.jsonl"
+    valid.write_text("".join(valid.read_text().splitlines(keepends=True)[:-1]))  # a shorter rewrite
+    with pytest.raises(StepFailed, match="the SFT data is not what sft-data wrote"):
+        finetune.run(finetune.FinetuneConfig(bundle=bundle, **preset_for("tiny", "finetune"), force=True))
+    with pytest.raises(StepFailed, match="the SFT data is not what sft-data wrote"):
+        merge.run(merge.MergeConfig(bundle=bundle, **preset_for("tiny", "merge"), force=True))
