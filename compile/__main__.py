@@ -15,7 +15,7 @@ import sys
 from compile.presets import PRESETS, preset_for
 from compile.steps import EVALUATE_ALIAS, STEPS, StepFailed, resolve_alias
 from palr.bundle import BundleError
-from palr.cli import LOG_FORMAT, add_config_arguments, build_config
+from palr.cli import LOG_FORMAT, add_config_arguments, add_log_level, build_config
 
 
 def _step_parser(step: str) -> tuple[argparse.ArgumentParser, type, object]:
@@ -26,7 +26,7 @@ def _step_parser(step: str) -> tuple[argparse.ArgumentParser, type, object]:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default=argparse.SUPPRESS,
                         help="option set: quick (make demo), full (best quality), tiny (tests)")
-    parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
+    add_log_level(parser)
     add_config_arguments(parser, config_cls, skip=("preset",))  # a config's `preset` field comes from --preset
     return parser, config_cls, module
 

@@ -17,7 +17,7 @@ import importlib
 import logging
 import sys
 
-from palr.cli import LOG_FORMAT, add_config_arguments, build_config
+from palr.cli import LOG_FORMAT, add_config_arguments, add_log_level, build_config
 
 # name → (module, config class, one-line help). Modules are imported to build their options, so
 # they keep heavy imports (torch, onnxruntime) inside functions.
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         module = importlib.import_module(module_name)
         sub = commands.add_parser(name, help=help_text, description=help_text + "\n\n" + (module.__doc__ or ""),
                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-        sub.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
+        add_log_level(sub)
         if hasattr(module, "QUICK"):
             sub.add_argument("--quick", action="store_true", help=f"smoke-run sizes: {module.QUICK}")
         add_config_arguments(sub, getattr(module, config_name))

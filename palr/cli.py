@@ -63,6 +63,13 @@ def build_config(config_cls: type, args: argparse.Namespace | Mapping[str, Any],
 
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+
+def add_log_level(parser: argparse.ArgumentParser) -> None:
+    """`--log-level`, any case; a level logging does not know is refused by argparse (exit 2), not a traceback."""
+    parser.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS, metavar="LEVEL",
+                        help=f"logging level: {', '.join(LOG_LEVELS)} (default: INFO)")
 
 
 def config_main(argv: list[str] | None, prog: str, description: str, config_cls: type,
@@ -77,7 +84,7 @@ def config_main(argv: list[str] | None, prog: str, description: str, config_cls:
     parser = argparse.ArgumentParser(prog=prog, description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser, config_cls)
-    parser.add_argument("--log-level", default="INFO", help="logging level (default: INFO)")
+    add_log_level(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
     try:

@@ -62,8 +62,12 @@ class ServerConfig:
                            ("--tls-client-ca", self.tls_client_ca)):
             if path and not Path(path).is_file():
                 raise ValueError(f"{flag} {path}: no such file")
-        if self.max_message_bytes <= 0:
-            raise ValueError(f"max_message_bytes must be positive, got {self.max_message_bytes}")
+        if not 0 < self.max_message_bytes < 2 ** 31:  # gRPC's channel options are C ints
+            raise ValueError(f"max_message_bytes must be between 1 and {2 ** 31 - 1}, got {self.max_message_bytes}")
+        for flag, port in (("--port", self.port), ("--metrics-port", self.metrics_port),
+                           ("--health-port", self.health_port)):
+            if not 0 <= port <= 65535:  # gRPC would listen on port % 65536 and say it listens on that
+                raise ValueError(f"{flag} must be a TCP port, 0 to 65535, got {port}")
         check_finite("grace", self.grace, unit="seconds")
         check_finite("drain_delay", self.drain_delay, unit="seconds")
         if self.parent_pid < 0:

@@ -70,3 +70,10 @@ def test_a_server_whose_engine_cannot_start_exits_1_with_the_reason_not_a_traceb
     with caplog.at_level(logging.ERROR):
         assert server_main([], "python -m example_server", "an example", Config, __name__) == 1
     assert "cannot serve: the trtllm engine needs TensorRT-LLM, which is not installed here" in caplog.text
+
+
+def test_an_unknown_log_level_is_a_usage_error_not_a_traceback(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--log-level", "bogus"], lambda c: 0)
+    assert e.value.code == 2 and "invalid choice: 'BOGUS'" in capsys.readouterr().err
+    assert main(["--log-level", "warning"], lambda c: 0) == 0  # any case

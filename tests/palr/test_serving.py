@@ -245,6 +245,20 @@ def test_server_config_refuses_stop_timings_that_are_not_finite_seconds(field_na
         ServerConfig(**{field_name: value})
 
 
+@pytest.mark.parametrize("field_name", ["port", "metrics_port", "health_port"])
+@pytest.mark.parametrize("value", [-1, 65536, 70000])
+def test_server_config_refuses_a_port_outside_tcps_range(field_name, value):
+    """gRPC listened on port % 65536 (70000 became 4464) and logged that as where it listened."""
+    with pytest.raises(ValueError, match=f"--{field_name.replace('_', '-')} must be a TCP port, 0 to 65535"):
+        ServerConfig(**{field_name: value})
+
+
+@pytest.mark.parametrize("value", [0, 2 ** 31])
+def test_server_config_refuses_a_message_limit_grpc_cannot_take(value):
+    with pytest.raises(ValueError, match="max_message_bytes must be between 1 and 2147483647"):
+        ServerConfig(max_message_bytes=value)
+
+
 def test_a_taken_port_is_an_error_not_a_shared_port(server_loop):
     first = start_server(server_loop, ServerConfig(port=0))
     try:
