@@ -44,7 +44,7 @@ class RetrievalServer:
         traces = tracer_provider or tracing.tracer_provider("retrieval_server", config.otlp_endpoint)
         self.servicer = RetrievalServicer(catalog, load_histories(bundle.path("users"), catalog),
                                           max_len=int(meta["max_len"]), max_k=max_k, chunk_size=config.chunk_size,
-                                          max_queue=config.max_queue,
+                                          max_queue=config.max_queue, max_message_bytes=config.max_message_bytes,
                                           model_version=bundle.version(ARTIFACT),
                                           tracer=tracing.tracer(traces, "retrieval_server"))
         self.server = GrpcServer(config, [SERVICE_NAME])

@@ -36,8 +36,9 @@ class Plan:
 
 class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
     def __init__(self, catalog: Catalog, stored_histories: dict[str, list[int]], *, max_len: int, max_k: int,
-                 chunk_size: int, model_version: str, max_queue: int = 0, tracer=None):
+                 chunk_size: int, model_version: str, max_queue: int = 0, max_message_bytes: int = 0, tracer=None):
         self.catalog = catalog
+        self.max_message_bytes = max_message_bytes  # the server's send limit (0: none): no message is made bigger
         self.tracer = tracer  # palr.serving.tracing (None: tracing off)
         self.stored_histories = stored_histories
         self.max_len = max_len
@@ -136,14 +137,29 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
         return Ranked(indices=indices, scores=self._popularity_share[indices])
 
     def messages(self, ranked: Ranked, chunk_size: int, **flags) -> Iterator[retrieval_pb2.RetrieveResponse]:
-        """Chunks of `chunk_size` candidates in rank order; at least one message, so the flags and
-        model version arrive even when nothing is left to recommend."""
+        """Chunks of `chunk_size` candidates in rank order (fewer where a chunk would pass the server's message
+        limit: gRPC would fail the call with RESOURCE_EXHAUSTED after the first messages); at least one message,
+        so the flags and model version arrive even when nothing is left to recommend."""
         ids = [self._item_ids[i] for i in ranked.indices.tolist()]
         scores = ranked.scores.tolist()
         for start in range(0, max(len(ids), 1), chunk_size):
             candidates = [retrieval_pb2.Candidate(item_id=ids[rank], score=scores[rank], rank=rank)
                           for rank in range(start, min(start + chunk_size, len(ids)))]
-            yield retrieval_pb2.RetrieveResponse(candidates=candidates, model_version=self.model_version, **flags)
+            yield from self._within_limit(candidates, flags)
+
+    def _within_limit(self, candidates: list, flags: dict) -> Iterator[retrieval_pb2.RetrieveResponse]:
+        """One message of `candidates`, or halves of it until each fits `max_message_bytes`."""
+        message = retrieval_pb2.RetrieveResponse(candidates=candidates, model_version=self.model_version, **flags)
+        if not self.max_message_bytes or message.ByteSize() <= self.max_message_bytes:
+            yield message
+        elif len(candidates) == 1:
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"one candidate's message is {message.ByteSize()} "
+                                                                   f"bytes, over --max-message-bytes "
+                                                                   f"{self.max_message_bytes}")
+        else:
+            half = len(candidates) // 2
+            yield from self._within_limit(candidates[:half], flags)
+            yield from self._within_limit(candidates[half:], flags)
 
     def _indices(self, field_name: str, item_ids: Sequence[str]) -> list[int]:
         check_item_id_count(field_name, item_ids)

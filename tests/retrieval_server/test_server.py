@@ -198,6 +198,22 @@ def test_oversized_request_is_resource_exhausted_and_the_server_keeps_serving(st
     assert len(ranking(retrieve(stub, user_id="no-such-user", k=5))) == 5
 
 
+def test_a_chunk_over_the_message_limit_goes_out_in_smaller_messages(server_loop, tiny_bundle, facts):
+    """chunk_size has no upper bound: a chunk over --max-message-bytes failed the call with RESOURCE_EXHAUSTED
+    after it had started, and the server logged a traceback and counted INTERNAL."""
+    server = start(server_loop, RetrievalServerConfig(bundle=tiny_bundle, port=0, max_message_bytes=400))
+    try:
+        with grpc.insecure_channel(server.server.address) as channel:
+            stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
+            user, k = some_users(facts, 1)[0], facts.top_k
+            messages = retrieve(stub, user_id=user, k=k, chunk_size=k)
+            assert len(messages) > 1 and all(m.ByteSize() <= 400 for m in messages)
+            assert [c.rank for m in messages for c in m.candidates] == list(range(k))
+            assert ranking(messages) == ranking(retrieve(stub, user_id=user, k=k, chunk_size=1))
+    finally:
+        server_loop.run(server.drain())
+
+
 # -- concurrency -----------------------------------------------------------------------------------
 
 def concurrent_rankings(address: str, requests: list[dict]) -> list[list[tuple[str, float]]]:
