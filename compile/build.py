@@ -35,7 +35,7 @@ from compile.targets import BUILDERS, BuildContext
 from palr.bundle import Bundle, file_checksums, fingerprint
 from palr.builds import SOURCE, artifact_name, open_build, ranker_version
 from palr.machine import Machine, cuda_devices, library_version
-from palr.ranking import load_ranker
+from palr.ranking import generate_logit_weight, load_ranker
 from palr.targets import TARGETS, target_spec
 
 log = logging.getLogger(__name__)
@@ -90,8 +90,8 @@ class BuildConfig:
     generate_k: int = field(default=5, metadata={"help": "labels generated per probe in the quality comparison"})
     generate_tokens: int = field(default=0, metadata={
         "help": "tokens of a generate-mode request in the latency model (prefill + (n-1) decode steps); 0: what "
-                "llm/ranker.json generates (labels: k; titles: k x (1 + mean title-line tokens of the catalog)), "
-                "10 without a ranker"})
+                "llm/ranker.json generates (1 at generate_logit_weight 0: no decode step; labels: k; titles: k x "
+                "(1 + mean title-line tokens of the catalog)), 10 without a ranker"})
     prompt_tokens: int = field(default=350, metadata={"help": "prompt length of the latency measurement"})
     decode_steps: int = field(default=16, metadata={"help": "decode steps timed per latency round"})
     repeats: int = field(default=5, metadata={"help": "latency rounds (medians are reported)"})
@@ -123,6 +123,8 @@ def served_generate_tokens(bundle: Bundle) -> tuple[int, str]:
     if not bundle.has("ranker"):
         return 10, "no llm/ranker.json: 10 (k=10 labels)"
     ranker = load_ranker(bundle)
+    if generate_logit_weight(ranker) == 0:  # ranking_server: EngineRequest.decodes is false, as for score mode
+        return 1, "llm/ranker.json: generate_logit_weight 0, the answer is written from the prompt pass's scores"
     k = int(ranker["generate_k"])
     if ranker["generate_format"] == "labels":
         return k, f"llm/ranker.json: {k} labels"

@@ -323,3 +323,22 @@ def test_a_changed_tokenizer_in_llm_merged_is_refused_though_a_build_serves(hf_c
     tokenizer.write_text(tokenizer.read_text().replace("{", '{\n  "model_max_length": 7,', 1))
     with pytest.raises(BundleError, match="llm_merged: tokenizer_config.json checksum"):
         RankingServer(RankingServerConfig(bundle=hf_cpu_bundle_copy, port=0, retrieval="127.0.0.1:9"))
+
+
+@pytest.mark.parametrize("logit_weight", [0.0, 1.0])
+def test_the_latency_model_of_generate_mode_has_decode_steps_only_where_the_server_decodes(tiny_llm_bundle, tmp_path,
+                                                                                           logit_weight):
+    """At generate_logit_weight 0 the server writes the answer from the prompt pass's scores (no decode step), but
+    the build modelled generate as prefill + k title lines of decode steps: ortgenai-cpu, slower to prefill and
+    quicker to decode, then won generate mode on paper and was routed the requests it serves slower."""
+    from tests.fixtures.builds import copy_bundle
+
+    bundle_dir = copy_bundle(tiny_llm_bundle, tmp_path / "bundle")
+    ranker_path = bundle_dir / "llm" / "ranker.json"
+    ranker = json.loads(ranker_path.read_text())
+    ranker_path.write_text(json.dumps(ranker | {"generate_logit_weight": logit_weight}))
+    tokens, why = build.served_generate_tokens(Bundle.open(bundle_dir))
+    if logit_weight == 0:
+        assert tokens == 1 and "generate_logit_weight 0" in why
+    else:
+        assert tokens > ranker["generate_k"]  # k answer lines, each a label and its title's tokens
