@@ -82,6 +82,15 @@ def latency_prompt(probes: Sequence[Probe], tokens: int) -> list[int]:
     return [pool[i % len(pool)] for i in range(tokens)]
 
 
+def latency_readout_stops(probes: Sequence[Probe], tokens: int) -> list[int]:
+    """Where a candidate-readout ranker's prompt pass must stop to read a logit, within the latency prompt (it
+    starts with the first probe's tokens): the first probe's readout positions before `tokens`. Engines that read
+    only the last fed position (onnxruntime-genai) run the pass in pieces ending there, so their latency does too;
+    [] for a label-readout ranker (one piece)."""
+    readout = probes[0].readout if probes else None
+    return sorted({int(p) for p in readout.positions if p < tokens}) if readout is not None else []
+
+
 @dataclass(frozen=True)
 class Read:
     """One prompt's forward pass: the raw logits score mode reads (candidate order) and the candidates'
@@ -157,20 +166,27 @@ class TorchRunner:
 class OrtGenaiRunner:
     """An onnxruntime-genai model directory, driven like the `ortgenai` engine drives it."""
 
-    def __init__(self, name: str, model_dir: Path, num_threads: int | None = None):
+    def __init__(self, name: str, model_dir: Path, num_threads: int | None = None, readout_stops: Sequence[int] = ()):
         from palr.ortgenai_runtime import GeneratorSlot, load_model
 
         self.name = name
         self.model = load_model(model_dir, num_threads)
         self._slot = GeneratorSlot(self.model, 2048)
+        self.readout_stops = list(readout_stops)  # latency_readout_stops: the prefill's pieces end there
 
     def _fresh(self, ids: list[int]) -> np.ndarray:
         self._slot.start([])
         return self._slot.feed(ids)
 
     def prefill(self, ids: list[int]) -> float:
+        """A prompt pass as the `ortgenai` engine runs it: in pieces ending at the readout stops, then the rest."""
         started = time.perf_counter()
-        self._fresh(ids)
+        self._slot.start([])
+        start = 0
+        for stop in [p for p in self.readout_stops if p < len(ids)] + [len(ids) - 1]:
+            if stop >= start:
+                self._slot.feed(ids[start:stop + 1])
+                start = stop + 1
         return time.perf_counter() - started
 
     def decode(self, ids: list[int], steps: int) -> float:

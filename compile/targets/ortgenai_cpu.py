@@ -26,8 +26,8 @@ import sys
 from compile.targets import BuildContext, BuildResult
 from compile.steps import StepFailed
 from compile.targets.measure import (
-    OrtGenaiRunner, TorchRunner, bundle_generate_logit_weight, latency_prompt, load_average, load_probes,
-    measure_latency, measure_quality, mode_latency_ms, quality_ok)
+    OrtGenaiRunner, TorchRunner, bundle_generate_logit_weight, latency_prompt, latency_readout_stops, load_average,
+    load_probes, measure_latency, measure_quality, mode_latency_ms, quality_ok)
 from palr.builds import routing_baseline
 from palr.machine import cpu_cores
 from palr.ortgenai_runtime import import_ortgenai
@@ -133,7 +133,8 @@ def measure_and_choose(ctx: BuildContext, reference: TorchRunner, tokenizer, dir
     probes, source = load_probes(ctx.bundle, tokenizer, config.probe_users, config.prompt_tokens)
     ids = latency_prompt(probes, config.prompt_tokens)
     baseline = served or reference
-    runners = [reference, *([served] if served else [])] + [OrtGenaiRunner(f"ortgenai-{p}", d, threads)
+    stops = latency_readout_stops(probes, len(ids))
+    runners = [reference, *([served] if served else [])] + [OrtGenaiRunner(f"ortgenai-{p}", d, threads, stops)
                                                            for p, d in dirs.items()]
     log.info("ortgenai-cpu: measuring %s (latency: %d-token prompt, %d rounds, %d threads; quality: %s)",
              ", ".join(r.name for r in runners), len(ids), config.repeats, threads, source)

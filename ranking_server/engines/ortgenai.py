@@ -52,14 +52,20 @@ class Running:
     read: list | None = None         # each candidate's readout logit, once its position has run
     bias: list | None = None         # generate mode: request bias (+ readouts)
 
-    def chunk(self, budget: int) -> int:
-        """Prompt tokens to feed now: within `budget`, ending at the next readout position if one comes."""
-        n = min(len(self.todo), budget)
-        if self.readout is not None:
-            ahead = [p for p in self.readout.positions if p >= self.length]
-            if ahead:
-                n = min(n, min(ahead) - self.length + 1)
-        return n
+    def chunks(self, budget: int) -> list[int]:
+        """Sizes of the prompt chunks to feed now, in order, within `budget` tokens in all: each ends at the next
+        readout position if one comes (a generator's logits are its last position's), so a candidate-readout
+        prompt takes a chunk per candidate, all of them in one step when the budget allows."""
+        sizes, length, left = [], self.length, len(self.todo)
+        ahead = sorted(p for p in self.readout.positions if p >= length) if self.readout is not None else []
+        while left and budget > 0:
+            n = min(left, budget)
+            nearest = next((p for p in ahead if p >= length), None)
+            if nearest is not None:
+                n = min(n, nearest - length + 1)
+            sizes.append(n)
+            length, left, budget = length + n, left - n, budget - n
+        return sizes
 
 
 class OrtGenaiEngine(LoopEngine):
@@ -88,21 +94,26 @@ class OrtGenaiEngine(LoopEngine):
             return False
         held = len(self._active)
         decoding = [r for r in self._active if not r.todo]
-        work = [(running, [running.next_token]) for running in decoding]
         budget = self.config.max_tokens_per_step - len(decoding)
+        prefilling = []  # (request, its chunk sizes this step)
         for running in [r for r in self._active if r.todo]:
             if budget <= 0:
                 break
-            n = running.chunk(budget)
-            chunk, running.todo = running.todo[:n], running.todo[n:]
-            budget -= len(chunk)
-            work.append((running, chunk))
-        prefilling = [len(chunk) for _, chunk in work[len(decoding):]]
+            sizes = running.chunks(budget)
+            budget -= sum(sizes)
+            prefilling.append((running, sizes))
+        prompt_tokens = sum(sum(sizes) for _, sizes in prefilling)
         # logged before the work: a request that finishes in this step finds its step in the log when it returns
-        self._record_step(StepRecord(len(decoding), len(prefilling), len(decoding) + sum(prefilling), held))
-        for running, tokens in work:
-            self._feed(running, tokens)
-        self._count(prompt_tokens=sum(prefilling))
+        self._record_step(StepRecord(len(decoding), len(prefilling), len(decoding) + prompt_tokens, held))
+        for running in decoding:
+            self._feed(running, [running.next_token])
+        for running, sizes in prefilling:
+            for n in sizes:
+                if running not in self._active:  # its forward failed: it has left
+                    break
+                chunk, running.todo = running.todo[:n], running.todo[n:]
+                self._feed(running, chunk)
+        self._count(prompt_tokens=prompt_tokens)
         return True
 
     def _admit(self, pending: Pending) -> None:

@@ -236,3 +236,47 @@ def test_a_constraint_that_raises_fails_its_request_alone(ortgenai_bundle, refer
         assert len(asyncio.run(engine.rank(good)).order) == 3
     finally:
         engine.close()
+
+
+def test_a_candidate_readout_prompt_runs_in_one_step_and_scores_as_the_reference(ortgenai_bundle, reference):
+    """Its pieces end at each candidate's readout position; the engine fed one piece a step, so 8 candidates took
+    8 steps (each a turn on the device shared with the torch engine under a ModeRouter) with budget to spare."""
+    import random
+
+    from palr.llm import score_candidates
+    from palr.prompt import Readout
+
+    model, labels = reference
+    rng = random.Random(3)
+    prefix = [rng.randrange(100, 40000) for _ in range(24)]
+    suffix, ends = [rng.randrange(100, 40000) for _ in range(30)], []
+    for label in labels[:8]:  # candidate lines: label + two item tokens, read at the line's last token
+        suffix += [label, rng.randrange(100, 40000), rng.randrange(100, 40000)]
+        ends.append(len(prefix) + len(suffix) - 1)
+    request = EngineRequest("cand", prefix, suffix + [rng.randrange(100, 40000)], labels[:8], mode="score",
+                            readout=Readout(tuple(ends), tuple(labels[:8])))
+    engine = engine_from_build(Bundle.open(ortgenai_bundle), "ortgenai-cpu", EngineConfig(max_tokens_per_step=2048))
+    try:
+        result = asyncio.run(engine.rank(request))
+        steps = engine.stats().steps
+    finally:
+        engine.close()
+    assert steps == 1
+    assert result.scores == pytest.approx(score_candidates(model, request.input_ids, request.readout), abs=1e-4)
+
+
+def test_the_build_times_its_prompt_pass_in_the_pieces_the_engine_feeds(ortgenai_bundle):
+    """The latency model fed the whole prompt at once, while the engine feeds a candidate-readout prompt in pieces
+    ending at each readout position (one generator call each)."""
+    from compile.targets.measure import OrtGenaiRunner, Probe, latency_readout_stops
+    from palr.prompt import Readout
+
+    probe = Probe(list(range(100, 160)), [1, 2, 3], None, readout=Readout((10, 20, 70), (1, 2, 3)))
+    assert latency_readout_stops([probe], 40) == [10, 20]  # a stop past the latency prompt is not one
+    assert latency_readout_stops([Probe(list(range(100, 160)), [1, 2, 3], None)], 40) == []
+    runner = OrtGenaiRunner("ortgenai-fp32", Bundle.open(ortgenai_bundle).path(NAME), 1, [10, 20])
+    fed = []
+    feed = runner._slot.feed
+    runner._slot.feed = lambda tokens: fed.append(len(tokens)) or feed(tokens)  # counts the real generator's calls
+    runner.prefill(list(range(100, 140)))
+    assert fed == [11, 10, 19]
