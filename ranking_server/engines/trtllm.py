@@ -20,6 +20,7 @@ EngineError says what to install when it is missing.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -121,21 +122,34 @@ class TrtllmEngine(RankingEngine):
             raise InvalidRequest(f"prompt of {len(request.input_ids)} tokens exceeds the engine's max_input_len "
                                  f"{self.max_input_len}")
         started = time.perf_counter()
-        score_pass_ran = request.mode == "generate" and request.readout is not None
-        if score_pass_ran:
+        if request.mode == "generate" and request.readout is not None:
             # the readouts of a first (score) pass join the decoding bias: two prefills (see trtllm_requests)
             score_pass = dataclasses.replace(request, mode="score")
             scored, _ = await self._run(score_pass, None)
             self._check_not_aborted(request, scored)
-            read = readout_from_context(scored.context_logits, len(score_pass.run_ids), request.readout)
+            self._count(prompt_tokens=len(score_pass.run_ids))  # a pass of its own, before the generate one
+            with self._failures_counted():
+                read = readout_from_context(scored.context_logits, len(score_pass.run_ids), request.readout)
             request = dataclasses.replace(request, bias=decoding_bias(request.bias, read), readout=None)
         if request.mode == "generate" and not request.decodes:
             # weight 0: the answer is the bias's order (palr.llm.emit_by_bias), with the readouts joined above; a
             # label-readout ranker reads nothing from the prompt, so no pass runs at all (hf and ortgenai run its
             # prompt and discard it; a decode here would run up to max_new_tokens steps for the same answer)
-            return self._by_bias(request, constraint, started, ran_prompt=score_pass_ran)
+            return self._by_bias(request, constraint, started)
         output, first_token = await self._run(request, constraint, streaming=request.mode == "generate")
-        return self._result(request, output, started, first_token)
+        with self._failures_counted():
+            return self._result(request, output, started, first_token)
+
+    @contextlib.contextmanager
+    def _failures_counted(self):
+        """Counts an EngineError raised reading a finished pass's output (`_run` counts its own) as failed."""
+        try:
+            yield
+        except EngineAborted:  # counted as aborted where it is raised
+            raise
+        except EngineError:
+            self._count("failed")
+            raise
 
     async def _run(self, request: EngineRequest, constraint, streaming: bool = False):
         """Submit one request to the executor and wait for it: (RequestOutput, time of the first streamed
@@ -170,12 +184,12 @@ class TrtllmEngine(RankingEngine):
                 self._outputs.pop(request.request_id, None)
         return output, first_token
 
-    def _by_bias(self, request: EngineRequest, constraint, started: float, ran_prompt: bool) -> EngineResult:
-        """Generate mode at logit weight 0: the constrained answer in the bias's order, after the score pass
-        (`ran_prompt`) or without any pass (a label-readout ranker): its prompt tokens are counted only if they ran."""
+    def _by_bias(self, request: EngineRequest, constraint, started: float) -> EngineResult:
+        """Generate mode at logit weight 0: the constrained answer in the bias's order, after the score pass (its
+        prompt tokens counted when it ran) or without any pass (a label-readout ranker)."""
         written = emit_by_bias(constraint, request.bias)
         now = time.perf_counter()
-        self._count("completed", prompt_tokens=len(request.run_ids) if ran_prompt else 0, generated_tokens=written)
+        self._count("completed", generated_tokens=written)
         timings = EngineTimings(queue_ms=0.0, prefill_ms=1e3 * (now - started), decode_ms=0.0,
                                 total_ms=1e3 * (now - started))
         return EngineResult(request.request_id, request.mode, constraint.emitted(), None,
@@ -241,7 +255,9 @@ class TrtllmEngine(RankingEngine):
             output.abort()
         self.llm.shutdown()
 
-    def _count(self, name: str, **amounts: int) -> None:
+    def _count(self, name: str | None = None, **amounts: int) -> None:
+        """One more `name` (an outcome; None: none) and the token `amounts`."""
         with self._lock:
-            self._counts[name] += 1
+            if name:
+                self._counts[name] += 1
             self._counts.update(amounts)

@@ -138,3 +138,36 @@ def test_a_cancelled_pass_is_an_abort_not_a_crash(tiny, mode):
     with pytest.raises(EngineAborted):
         asyncio.run(engine.rank(readout_request("c", labels, mode, random.Random(5))))
     assert engine.stats().aborted == 1 and engine.stats().active == 0
+
+
+class BlockReuseLlm(PromptPassLlm):
+    """Context logits of the prompt's last 4 positions only, as TensorRT-LLM returns with KV block reuse on."""
+
+    def generate_async(self, prompt, sampling_params, streaming=False):
+        output = super().generate_async(prompt, sampling_params, streaming)
+        output.context_logits = output.context_logits[-4:]
+        return output
+
+
+@pytest.mark.parametrize("mode", ["score", "generate"])
+def test_a_readout_the_output_cannot_give_fails_the_request_and_is_counted_failed(tiny, mode):
+    """The engine's own EngineErrors after a pass (here: readout positions without context logits) reached the
+    caller but not the counts: `failed` stayed 0."""
+    from ranking_server.engines.base import EngineError
+
+    model, tokenizer, labels = tiny
+    engine = engine_around(BlockReuseLlm(model, tokenizer.eos_token_id), model)
+    with pytest.raises(EngineError, match="fall in KV blocks reused"):
+        asyncio.run(engine.rank(readout_request(mode, labels, mode, random.Random(7))))
+    stats = engine.stats()
+    assert (stats.failed, stats.completed, stats.aborted) == (1, 0, 0)
+
+
+def test_the_score_pass_of_a_generate_request_counts_its_prompt_tokens(tiny):
+    """Two passes may run for a generate request of a candidate-readout ranker; the score pass's tokens were not
+    counted (at weight 0 the generate request's own, uncut prompt was counted in their place)."""
+    model, tokenizer, labels = tiny
+    engine = engine_around(PromptPassLlm(model, tokenizer.eos_token_id), model)
+    request = readout_request("g", labels, "generate", random.Random(8))
+    asyncio.run(engine.rank(request))
+    assert engine.stats().prompt_tokens == request.readout.end  # the score pass stops at the last readout
