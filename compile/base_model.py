@@ -123,8 +123,8 @@ def link_checkpoint(source: Path, out: Path, copy: bool) -> dict:
 
 
 def run(config: BaseModelConfig) -> Path:
+    source = _source(config)  # checked first: a wrong path must not leave an empty bundle folder behind
     bundle = Bundle.open_or_create(config.bundle)
-    source = _source(config)
     step_fp = fingerprint("base-model", str(source), _source_stamp(source), config.copy, config.check_tolerance)
     out = bundle.root / BASE_DIR
     if not config.force and bundle.step_is_current("base-model", step_fp, ["llm_base"]):

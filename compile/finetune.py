@@ -1,15 +1,16 @@
 """`compile finetune`: LoRA instruction tuning of the base LLM on `llm/sft/train.jsonl` → `llm/lora/`.
 
 peft LoRA (rank, alpha, dropout, target modules and the number of top layers configurable),
-AdamW with warmup + cosine decay, loss on the answer tokens only (prompts are context), batches
-left-padded so every answer ends at the last position and the vocabulary projection runs only over
-the answer span (`logits_to_keep`), which saves ~15 % of a step on the small model.
+AdamW with warmup + cosine decay. The loss (`--loss`): listwise by default, the cross-entropy of the
+target among the candidates over the scores score mode reads (one forward over left-padded prompts);
+lm, on the answer tokens only (prompts are context), batches left-padded so every answer ends at the
+last position and the vocabulary projection runs only over the answer span (`logits_to_keep`).
 
 Seeded (data order, LoRA init, dropout). Every `--save-every` steps the adapter, optimizer, schedule
-and RNG states go to `llm/checkpoints/step-N/`; a rerun with the same inputs resumes from the latest
-one and, RNG included, continues exactly as if it had not stopped. With `--eval-every`, the adapter is
-scored on validation examples (score-mode NDCG@10 of the LLM alone, the target's rank among the
-SASRec candidates) and the best one is kept.
+and RNG states go to `llm/checkpoints/<run>/step-N/` (one folder per set of inputs); a rerun with the
+same inputs resumes from the latest one and, RNG included, continues exactly as if it had not stopped.
+With `--eval-every`, the adapter is scored on validation examples (score-mode NDCG@10 of the LLM alone,
+the target's rank among the SASRec candidates) and the best one is kept.
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ class FinetuneConfig:
     lr: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "clip the gradient norm to this (0: no clipping)"})
-    warmup_steps: int = field(default=10, metadata={"help": "linear warmup steps before the cosine decay"})
+    warmup_steps: int = field(default=10, metadata={
+        "help": "linear warmup steps before the cosine decay (at most a quarter of the run's steps)"})
     max_tokens: int = field(default=1024, metadata={"help": "examples longer than this are left out"})
     save_every: int = field(default=25, metadata={"help": "checkpoint every N steps (0 = only at the end)"})
     eval_every: int = field(default=0, metadata={

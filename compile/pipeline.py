@@ -1,6 +1,6 @@
 """`compile all`: every step in order, each skipping itself when its inputs are unchanged.
 
-    sasrec → export-onnx → evaluate-retrieval
+    sasrec → export-onnx → evaluate-retrieval → trends → collab
     → base-model → profiles → sft-data → finetune → merge → evaluate-ranking → build (this machine)
 
 The order is `compile.steps.ALL`, the steps `compile.steps.STEPS` (the one registry). A step's config

@@ -1,10 +1,14 @@
 """`compile sft-data`: PALR instruction-tuning examples from the TRAIN split, and a validation file.
 
     train.jsonl  from each user's training items only (never a valid or test interaction):
-      Recommend            history prefix → the titles of the next items
-      Recommend_Retrieval  history prefix + the trained SASRec's top-K for that prefix (ONNX
-                           Runtime; the true next item put in if missing; order shuffled)
-                           → the true item's label and title
+      Recommend_Retrieval  history prefix + a SASRec's top-K for that prefix (order shuffled) → the
+                           true item's label and title. --negatives holdout (the default): a SASRec
+                           trained without each user's last --holdout-items training items ranks
+                           those positions, and only examples whose target it retrieved are kept
+                           (compile/holdout.py); --negatives sasrec: the bundle's SASRec on sampled
+                           training prefixes, the true item put in when missing
+      Recommend            history prefix → the titles of the next items (--recommend-per-user,
+                           0 by default)
     valid.jsonl  one Recommend_Retrieval example per sampled user from the valid split: history =
                  training items, candidates = SASRec's top-K in retrieval order with its scores, the
                  valid item as target (absent when not retrieved, as at test time). For model
@@ -97,9 +101,12 @@ class SftDataConfig(PromptSettings):
         "help": "shuffled candidate orders per Recommend_Retrieval example (order augmentation)"})
     recommend_per_user: int = field(default=0, metadata={"help": "Recommend examples per user"})
     recommend_next: int = field(default=3, metadata={"help": "titles in a Recommend answer"})
-    min_history: int = field(default=5, metadata={"help": "shortest history prefix of an example"})
+    min_history: int = field(default=5, metadata={
+        "help": "sasrec negatives and Recommend examples: shortest history prefix of an example (holdout cuts "
+                "are every held-out position: see --holdout-items)"})
     recent_window: int = field(default=20, metadata={
-        "help": "examples predict one of each user's last N training items (closest to test time)"})
+        "help": "sasrec negatives and Recommend examples: they predict one of each user's last N training items "
+                "(closest to test time)"})
     users: int = field(default=0, metadata={"help": "use only N randomly chosen users (0 = all)"})
     valid_users: int = field(default=0, metadata={
         "help": "users in valid.jsonl (0 = all 943: the fusion weight fit on them has flat curves, so fewer users "
@@ -357,19 +364,19 @@ def run(config: SftDataConfig) -> Path:
     started = time.perf_counter()
     corpus = Corpus.load_for(bundle, config.data)
     catalog = Catalog.load(bundle.path("catalog"))
-    holdout = None
-    if config.negatives == "holdout":
-        from compile.holdout import train_holdout
-
-        holdout = train_holdout(bundle, corpus, config.holdout_items, config.holdout_epochs, config.threads)
     vocab = AutoConfig.from_pretrained(bundle.path("llm_base")).get_text_config().vocab_size
     item_tokens = ItemTokens.for_catalog(vocab, [item.id for item in catalog.items],
                                          config.trend_buckets if config.trend else 0,
                                          RANK_BUCKETS * len(config.rank_tokens))
     prompt = PalrPrompt(AutoTokenizer.from_pretrained(bundle.path("llm_base")), config.prompt_settings(), item_tokens)
+    prompt.label_token_ids(config.candidates)  # fails clearly now (not after the held-out SASRec's minutes)
+    holdout = None
+    if config.negatives == "holdout":
+        from compile.holdout import train_holdout
+
+        holdout = train_holdout(bundle, corpus, config.holdout_items, config.holdout_epochs, config.threads)
     trends = Trends(TrendTable.load(bundle.path("trends")) if config.trend else None, config.trend_settings(), catalog)
     train_collab, valid_collab = collab_tables(bundle, corpus, catalog, config)
-    prompt.label_token_ids(config.candidates)  # fails clearly now if K candidates cannot be labelled
     sasrec = SasrecOnnx.from_bundle(bundle)
     profile = profile_source(bundle, catalog)
     rng = random.Random(config.seed)

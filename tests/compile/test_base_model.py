@@ -50,3 +50,10 @@ def test_logit_check_is_zero_for_a_faithful_copy_and_not_for_a_changed_one(tiny_
     with torch.no_grad():
         b.model.layers[0].mlp.down_proj.weight.mul_(1.5)
     assert max_logit_difference(a, b, tokenizer) > 1e-4
+
+
+def test_a_missing_gguf_is_refused_without_leaving_an_empty_bundle_behind(tmp_path):
+    """The bundle folder was made before the GGUF was looked for; later steps then said "no manifest.json"."""
+    with pytest.raises(FileNotFoundError, match="no such GGUF file"):
+        run(BaseModelConfig(bundle=tmp_path / "new-bundle", gguf=tmp_path / "missing.gguf"))
+    assert not (tmp_path / "new-bundle").exists()
