@@ -196,7 +196,8 @@ def run(config: BuildConfig) -> Path:
     machine = Machine.detect(spec.device)
     missing = [lib for lib in spec.pinned if not machine.libraries.get(lib)]
     if missing:
-        raise StepFailed(f"--target {target} needs {', '.join(missing)}, which is not installed here. "
+        verb = "is" if len(missing) == 1 else "are"
+        raise StepFailed(f"--target {target} needs {' and '.join(missing)}, which {verb} not installed here. "
                            f"{INSTALL_HINTS[target]}")
     if spec.device == "cuda" and not machine.gpu_count:
         raise StepFailed(f"--target {target} builds for an NVIDIA GPU and this machine has no CUDA device "

@@ -1,6 +1,7 @@
 """`compile export-onnx`: models/sasrec.pt → sasrec.onnx, the graph the retrieval server runs.
 
-Contract (CONTRACTS.md): inputs `history` int64 [batch, max_len] (left-padded with 0) and
+Contract (docs/retrieval.md, "ONNX graph"; palr/sasrec_onnx.py runs it): inputs `history` int64
+[batch, max_len] (left-padded with 0) and
 `exclude` int64 [batch, n_exclude] (0-padded); outputs `scores` float32 [batch, top_k]
 (descending, masked items -inf) and `indices` int64 [batch, top_k]. Masking and top-k run in
 the graph; batch and n_exclude are dynamic, top_k is fixed here.

@@ -20,8 +20,9 @@ TARGETS: dict[str, TargetSpec] = {
     "hf-cpu": TargetSpec("hf-cpu", "cpu", "hf", ("torch", "transformers")),
     "hf-cuda": TargetSpec("hf-cuda", "cuda", "hf", ("torch", "transformers")),
     "ortgenai-cpu": TargetSpec("ortgenai-cpu", "cpu", "ortgenai", ("onnxruntime-genai",)),
-    # a tensorrt_llm release pins its TensorRT, so its version covers both (tensorrt is recorded too)
-    "trtllm": TargetSpec("trtllm", "cuda", "trtllm", ("tensorrt_llm",)),
+    # a tensorrt_llm release takes a range of TensorRT releases (1.2: tensorrt~=10.13.3), and an engine plan loads
+    # only under the TensorRT that built it: both pinned, so another one is refused up front, not at load
+    "trtllm": TargetSpec("trtllm", "cuda", "trtllm", ("tensorrt_llm", "tensorrt")),
 }
 
 

@@ -165,5 +165,5 @@ def test_engine_and_build_say_what_to_install_when_tensorrt_llm_is_missing(tmp_p
     (bundle.root / "llm" / "merged" / "config.json").write_text("{}")
     bundle.add_artifact("llm_merged", "llm/merged")
     bundle.save()
-    with pytest.raises(RuntimeError, match="--target trtllm needs tensorrt_llm, which is not installed here"):
+    with pytest.raises(RuntimeError, match="--target trtllm needs tensorrt_llm and tensorrt, which are not installed"):
         build.run(build_config(bundle.root, "trtllm"))
