@@ -79,7 +79,6 @@ class OrtGenaiEngine(LoopEngine):
         self.config = config
         self.model = load_model(model_dir, config.num_threads)
         self._idle: list[GeneratorSlot] = []
-        self._generators = 0
         self._active: list[Running] = []
         log.info("ortgenai engine: %s, vocab %d, max_seq_len %d, <= %d generators", model_dir, self.vocab_size,
                  max_seq_len, config.max_batch_size)
@@ -144,15 +143,13 @@ class OrtGenaiEngine(LoopEngine):
                     return self._idle.pop(i), start
         if self._idle:
             return self._idle.pop(), starts[-1] if starts else []
-        self._generators += 1
         return GeneratorSlot(self.model, self.max_seq_len), starts[-1] if starts else []
 
     def _leave(self, running: Running, healthy: bool = True) -> None:
+        """`running` leaves the batch; its generator is kept for reuse unless a pass on it failed (then dropped)."""
         self._active.remove(running)
         if healthy:
             self._idle.append(running.slot)
-        else:
-            self._generators -= 1
 
     def _release(self, pending: Pending) -> None:
         for running in self._active:
