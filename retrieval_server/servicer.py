@@ -86,9 +86,9 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
     async def _retrieve(self, request: retrieval_pb2.RetrieveRequest, context: grpc.aio.ServicerContext,
                         rid: str) -> None:
         started = time.perf_counter()
+        plan = self.plan(request)  # first: a malformed request is INVALID_ARGUMENT anywhere, not worth a retry
         if self._model is None:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry when health is SERVING")
-        plan = self.plan(request)
         if plan.history:
             ranked = await self._ask_model(Query(history=plan.history, exclude=plan.exclude, k=plan.k))
         else:

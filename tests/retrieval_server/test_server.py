@@ -263,6 +263,9 @@ def test_health_is_not_serving_and_retrieve_unavailable_until_the_model_is_warm(
             with pytest.raises(grpc.RpcError) as error:
                 retrieve(retrieval_pb2_grpc.RetrievalServiceStub(channel), user_id="no-such-user", k=3)
             assert error.value.code() == grpc.StatusCode.UNAVAILABLE
+            with pytest.raises(grpc.RpcError) as error:  # malformed: refused as such, not retried elsewhere
+                retrieve(retrieval_pb2_grpc.RetrievalServiceStub(channel), user_id="no-such-user", k=0)
+            assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             server_loop.run(server.load())
             server_loop.run(server.server.set_serving())
             assert [check(""), check(SERVICE_NAME)] == [SERVING, SERVING]
