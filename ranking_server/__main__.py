@@ -8,7 +8,8 @@ flagged `degraded`; a full engine queue is RESOURCE_EXHAUSTED at once; a retriev
 is UNAVAILABLE naming its address.
 
 Health (grpc.health.v1) says NOT_SERVING until the LLM is loaded and warmed up, then SERVING.
-SIGTERM or SIGINT drains: health NOT_SERVING, no new RPCs, in-flight ones finish within --grace, exit 0.
+SIGTERM or SIGINT drains: health NOT_SERVING, then (after --drain-delay, 0 by default) no new RPCs,
+in-flight ones finish within --grace, exit 0.
 
 Test-only: the environment variable RANKING_INJECT_DELAY_MS=N delays every Recommend by N ms (a server
 slowed on purpose, to show an SLO gate catches it; ranking_server/inject.py). Never set it in production.

@@ -1,7 +1,8 @@
 """`python -m retrieval_server --bundle DIR --port N`: SASRec candidates over server-streaming gRPC.
 
 Health (grpc.health.v1) says NOT_SERVING until the ONNX model is loaded and warmed up, then SERVING.
-SIGTERM or SIGINT drains: health NOT_SERVING, no new RPCs, in-flight ones finish within --grace, exit 0.
+SIGTERM or SIGINT drains: health NOT_SERVING, then (after --drain-delay, 0 by default) no new RPCs,
+in-flight ones finish within --grace, exit 0.
 """
 
 from __future__ import annotations
