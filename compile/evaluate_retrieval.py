@@ -42,6 +42,10 @@ class EvaluateRetrievalConfig:
     data: Path = field(default=Path("data/ml-100k"), metadata={"help": "the dataset the bundle was built from"})
     batch_size: int = field(default=256, metadata={"help": "users per ONNX Runtime call"})
 
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
+
 
 def onnx_ranks(model: SasrecOnnx, histories: list[list[int]], targets: list[int],
                batch_size: int) -> list[int | None]:
@@ -56,8 +60,10 @@ def onnx_ranks(model: SasrecOnnx, histories: list[list[int]], targets: list[int]
     return ranks
 
 
-def popularity_ranks(catalog: Catalog, histories: list[list[int]], targets: list[int]) -> list[int | None]:
-    """Rank of each target in the training-popularity order with the user's seen items removed."""
+def popularity_ranks(catalog: Catalog, histories: list[list[int]], targets: list[int],
+                     top_k: int | None = None) -> list[int | None]:
+    """Rank of each target in the training-popularity order with the user's seen items removed (None past `top_k`,
+    the list length the model is judged at, so both are cut alike)."""
     position = np.empty(catalog.num_indices, dtype=np.int64)  # item index → place in popularity order
     position[catalog.popularity_order()] = np.arange(len(catalog))
     ranks: list[int | None] = []
@@ -67,7 +73,8 @@ def popularity_ranks(catalog: Catalog, histories: list[list[int]], targets: list
             ranks.append(None)
             continue
         seen_before = int((position[list(seen)] < position[target]).sum()) if seen else 0
-        ranks.append(int(position[target]) - seen_before)
+        rank = int(position[target]) - seen_before
+        ranks.append(rank if top_k is None or rank < top_k else None)
     return ranks
 
 
@@ -87,7 +94,7 @@ def run(config: EvaluateRetrievalConfig) -> dict:
     histories = [catalog.indices(corpus.split.test_history(u)) for u in users]
     targets = [catalog.index(corpus.split.test[u]) for u in users]
     ranks = onnx_ranks(SasrecOnnx.from_bundle(bundle, threads=0), histories, targets, config.batch_size)
-    pop = metrics.summary(popularity_ranks(catalog, histories, targets), KS, prefix="pop_")
+    pop = metrics.summary(popularity_ranks(catalog, histories, targets, int(model["top_k"])), KS, prefix="pop_")
     report = {**metrics.summary(ranks, KS), "users": len(users), "protocol": PROTOCOL, **pop,
               "model": {"artifact": "sasrec_onnx", "version": bundle.version("sasrec_onnx"), "top_k": model["top_k"]},
               "dataset": bundle.manifest.dataset.get("name")}

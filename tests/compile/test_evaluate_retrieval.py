@@ -54,6 +54,11 @@ def test_popularity_ranks_by_brute_force(ml100k):
         unseen = [i for i in order if i not in set(history)]
         assert rank == unseen.index(target)
     assert popularity_ranks(catalog, [[order[0], 5]], [5]) == [None]  # a seen target can never be hit
+    # cut at the model's list length, as SASRec's ranks are (a model exported with --top-k 10 was judged at 20)
+    ranks = popularity_ranks(catalog, histories, targets)
+    assert popularity_ranks(catalog, histories, targets, top_k=10) == [r if r < 10 else None for r in ranks]
+    with pytest.raises(ValueError, match="--batch-size must be >= 1"):
+        EvaluateRetrievalConfig(batch_size=0)
 
 
 def test_second_run_skips_and_other_data_is_refused(bundle_copy, ml100k_dir, tmp_path, caplog):
