@@ -269,41 +269,40 @@ def test_a_taken_port_is_an_error_not_a_shared_port(server_loop):
 
 
 
-def test_an_answer_finished_after_its_deadline_is_counted_as_the_client_saw_it(server_loop):
-    """The handler returns normally, but after the deadline: the client gets DEADLINE_EXCEEDED, and so does the
-    server's count (it said OK)."""
+def codes_counted(server_loop, service: PlumbingService, calls) -> dict[str, float]:
+    """`calls(channel)` against a server of `service`; how many RPCs it counted, by status code, meanwhile."""
     metrics_port = free_port()
-    server = start_server(server_loop, ServerConfig(port=0, metrics_port=metrics_port), PlumbingService(delay_s=0.6))
+    server = start_server(server_loop, ServerConfig(port=0, metrics_port=metrics_port), service)
     try:
         before = scrape_metrics(metrics_port)
         with grpc.insecure_channel(server.address) as channel:
-            with pytest.raises(grpc.RpcError) as late:
-                call(channel, "Blocking", timeout=0.2)
-            assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            assert call(channel, "Echo") == b"ping"
+            calls(channel)
         after = scrape_metrics(metrics_port)
-        delta = lambda code: after.get(f'test_plumbing_requests_total{{code="{code}"}}', 0) - before.get(  # noqa: E731
-            f'test_plumbing_requests_total{{code="{code}"}}', 0)
-        assert (delta("DEADLINE_EXCEEDED"), delta("OK")) == (1, 1)
     finally:
         server_loop.run(server.drain())
+    key = 'test_plumbing_requests_total{{code="{}"}}'.format
+    return {code: after.get(key(code), 0) - before.get(key(code), 0) for code in ("OK", "DEADLINE_EXCEEDED")}
+
+
+def test_an_answer_finished_after_its_deadline_is_counted_as_the_client_saw_it(server_loop):
+    """The handler returns normally, but after the deadline: the client gets DEADLINE_EXCEEDED, and so does the
+    server's count (it said OK)."""
+    def calls(channel):
+        with pytest.raises(grpc.RpcError) as late:
+            call(channel, "Blocking", timeout=0.2)
+        assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert call(channel, "Echo") == b"ping"
+
+    assert codes_counted(server_loop, PlumbingService(delay_s=0.6), calls) == {"DEADLINE_EXCEEDED": 1, "OK": 1}
 
 
 def test_an_answer_sent_just_after_its_deadline_counts_ok_as_the_client_may_still_get_it(server_loop):
     """Within LATE_ANSWER_SLACK_S of the deadline the client's own timer may not have fired yet (on loopback answers
     up to 1.6 ms late arrived OK, in about a third of such calls): the server counts what it sent, not a guess."""
-    metrics_port = free_port()
-    server = start_server(server_loop, ServerConfig(port=0, metrics_port=metrics_port))
-    try:
-        before = scrape_metrics(metrics_port)
-        with grpc.insecure_channel(server.address) as channel:
-            try:
-                call(channel, "JustLate", timeout=0.2)
-            except grpc.RpcError as e:  # either outcome is possible at the client; the count is the point here
-                assert e.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        after = scrape_metrics(metrics_port)
-        delta = lambda code: after.get(f'test_plumbing_requests_total{{code="{code}"}}', 0) - before.get(  # noqa: E731
-            f'test_plumbing_requests_total{{code="{code}"}}', 0)
-        assert (delta("DEADLINE_EXCEEDED"), delta("OK")) == (0, 1)
-    finally:
-        server_loop.run(server.drain())
+    def calls(channel):
+        try:
+            call(channel, "JustLate", timeout=0.2)
+        except grpc.RpcError as e:  # either outcome is possible at the client; the count is the point here
+            assert e.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+    assert codes_counted(server_loop, PlumbingService(), calls) == {"DEADLINE_EXCEEDED": 0, "OK": 1}
