@@ -10,7 +10,7 @@ and writes an SLO TOML (the format loadtest/slo.py reads) whose limits are the m
 times a stated margin: by default 1.5x p50 and p95 and 2x p99, with a floor (`--floor-ms`) so
 millisecond RPCs are not gated on scheduling noise. A run that failed more calls than the error
 budget writes nothing (its fast failures would set the limits). The file's comments say the machine, date,
-load and margins. A gate with these limits breaks on a 2x slowdown (tests/test_calibrate.py).
+load and margins. A gate with these limits breaks on a 2x slowdown (tests/loadtest/test_calibrate.py).
 Measure on the machine and load the gate will run under; measure long enough that p99 is not one call.
 """
 
