@@ -105,14 +105,14 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
 
     async def _recommend(self, request: ranking_pb2.RecommendRequest, rid: str, started: float,
                          deadline: float) -> ranking_pb2.RecommendResponse:
-        if self.engine is None:
-            REJECTED.labels("loading").inc()
-            raise RequestError(grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry when health is SERVING")
-        try:
+        try:  # first: a malformed request is INVALID_ARGUMENT on any replica, not worth a retry elsewhere
             plan = self.planner.plan(request, rid)
         except RequestError:
             REJECTED.labels("invalid_argument").inc()
             raise
+        if self.engine is None:
+            REJECTED.labels("loading").inc()
+            raise RequestError(grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry when health is SERVING")
         with self.tracer.start_as_current_span("retrieval.stream", kind=trace.SpanKind.CLIENT,
                                                attributes={"request.id": plan.request_id,
                                                            "rpc.service": "recsys.v1.RetrievalService"}):

@@ -464,6 +464,9 @@ def test_health_is_not_serving_until_the_model_is_loaded_and_warmed_up(server_lo
             with pytest.raises(grpc.RpcError) as error:
                 recommend(ranking_pb2_grpc.RankingServiceStub(channel), user_id="no-such-user", k=1)
             assert error.value.code() == grpc.StatusCode.UNAVAILABLE and "loading" in error.value.details()
+            with pytest.raises(grpc.RpcError) as error:  # malformed: refused as such, not retried elsewhere
+                recommend(ranking_pb2_grpc.RankingServiceStub(channel), user_id="no-such-user", k=0)
+            assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             server_loop.run(server.load(), timeout=120)
             assert server.engine.stats().completed == 2  # warmed up: one score, one generate request
             server_loop.run(server.server.set_serving())
