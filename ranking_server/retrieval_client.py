@@ -13,7 +13,7 @@ import grpc
 from palr.serving import tracing
 from palr.serving.channels import open_channel
 
-from palr.serving.errors import QUEUE_FULL, RequestError
+from palr.serving.errors import QUEUE_FULL, REQUEST_ID_KEY, RequestError
 from recsys.v1 import retrieval_pb2, retrieval_pb2_grpc
 from ranking_server.config import RankingServerConfig
 from ranking_server.metrics import RETRIEVAL_QUEUE_FULL_RETRIES
@@ -50,7 +50,7 @@ class RetrievalClient:
         a full queue before any answer is sent again (`queue_full_retries` times: round_robin's next pick)."""
         request.chunk_size = request.chunk_size or self.chunk_size
         # the current span (the servicer's retrieval.stream) travels as W3C trace context in the metadata
-        metadata = (("x-request-id", request.request_id), *tracing.context_metadata())
+        metadata = ((REQUEST_ID_KEY, request.request_id), *tracing.context_metadata())
         deadline = time.monotonic() + timeout
         refusals = 0
         while True:

@@ -40,11 +40,14 @@ def check_known_ids(field_name: str, item_ids: Sequence[str], catalog) -> None:
         raise invalid_argument(f"{field_name}: unknown item ids {shown}{more}")
 
 
+REQUEST_ID_KEY = "x-request-id"  # metadata: a caller may send its request id in it; every answer carries it back
+
+
 def request_id(from_request: str, context: grpc.aio.ServicerContext) -> str:
     """The request's id for logs: its own field, else `x-request-id` metadata, else a new one."""
     if from_request:
         return from_request
     for key, value in context.invocation_metadata() or ():
-        if key == "x-request-id" and value:
+        if key == REQUEST_ID_KEY and value:
             return value
     return uuid.uuid4().hex[:16]

@@ -11,7 +11,7 @@ import grpc
 from prometheus_client import Counter, Gauge, Histogram
 
 from palr.serving import tracing
-from palr.serving.errors import RequestError
+from palr.serving.errors import REQUEST_ID_KEY, RequestError
 
 # When a stopping server's grace period ends (time.monotonic(); GrpcServer.drain sets it, start clears it): gRPC
 # then cancels the RPCs still running, and a handler cancelled from then on was cut by the stop, not by its client.
@@ -55,8 +55,11 @@ class RpcMetrics:
     async def track(self, context: grpc.aio.ServicerContext, rid: str, logger: logging.Logger, tracer=None):
         """Wraps a handler: counts and times it (and traces it: `tracer`, palr.serving.tracing); a
         RequestError becomes its status code, any other exception INTERNAL (logged with traceback); the
-        server keeps serving either way."""
+        server keeps serving either way. Every answer, error or not, carries the request id its log lines
+        name as trailing metadata `x-request-id` (one the server made up included)."""
         started = time.perf_counter()
+        rid_metadata = ((REQUEST_ID_KEY, rid),)
+        context.set_trailing_metadata(rid_metadata)
         remaining = context.time_remaining()  # None: no deadline
         deadline = None if remaining is None else time.monotonic() + remaining
         code = grpc.StatusCode.OK
@@ -68,7 +71,7 @@ class RpcMetrics:
         except RequestError as e:
             code = e.code
             logger.info("rid=%s %s: %s", rid, code.name, e)
-            await context.abort(code, str(e), trailing_metadata=e.trailing_metadata)
+            await context.abort(code, str(e), trailing_metadata=(*e.trailing_metadata, *rid_metadata))
         except asyncio.CancelledError:
             remaining = context.time_remaining()
             if remaining is not None and remaining <= 0:  # gRPC cancels a handler whose deadline passed too
@@ -82,7 +85,8 @@ class RpcMetrics:
         except Exception:
             code = grpc.StatusCode.INTERNAL
             logger.exception("rid=%s failed", rid)
-            await context.abort(code, f"internal error (request id {rid}); see the server log")
+            await context.abort(code, f"internal error (request id {rid}); see the server log",
+                                trailing_metadata=rid_metadata)
         else:  # answered; but an answer well after the deadline (a stretch without an await ran past it) never arrives
             late_s = time.monotonic() - deadline if deadline is not None else 0.0
             if late_s > LATE_ANSWER_SLACK_S:

@@ -158,6 +158,10 @@ def test_request_errors_keep_their_code_bugs_become_internal_and_the_server_keep
             assert crashed.value.code() == grpc.StatusCode.INTERNAL
             assert "test-rid" in crashed.value.details()
             assert call(channel, "Echo", b"still here") == b"still here"
+            # every answer names the request id its log lines carry, errors too (a made-up id was the logs' only)
+            _, echoed = channel.unary_unary(f"/{SERVICE}/Echo").with_call(b"ping", timeout=10)
+            for answer in (echoed, refused.value, crashed.value):
+                assert ("x-request-id", "test-rid") in tuple(answer.trailing_metadata())
         assert server.metrics_port == metrics_port
         samples = scrape_metrics(metrics_port)
         for code in ("FAILED_PRECONDITION", "INTERNAL", "OK"):
