@@ -30,11 +30,12 @@ def _queue_full(error: grpc.aio.AioRpcError) -> bool:
 
 
 class RetrievalClient:
-    def __init__(self, config: RankingServerConfig):
+    def __init__(self, config: RankingServerConfig, max_message_bytes: int | None = None):
+        """`max_message_bytes`: the channel's limit each way (default: the server's own `--max-message-bytes`)."""
         self.target = config.retrieval
         self.channel = open_channel(config.retrieval, tls_ca=config.retrieval_tls_ca,
                                     tls_cert=config.retrieval_tls_cert, tls_key=config.retrieval_tls_key,
-                                    max_message_bytes=config.max_message_bytes,
+                                    max_message_bytes=max_message_bytes or config.max_message_bytes,
                                     load_balancing=config.retrieval_lb, aio=True,
                                     retry_methods=[RETRIEVE_METHOD], max_attempts=config.retrieval_attempts,
                                     health_service=RETRIEVAL_SERVICE)  # round_robin skips replicas NOT_SERVING

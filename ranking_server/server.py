@@ -16,6 +16,7 @@ from palr.ranking import load_ranker
 from palr.serving import tracing
 from palr.serving.loading import in_load_thread
 from palr.serving.server import GrpcServer
+from palr.serving.validation import MAX_ITEM_IDS
 from ranking_server.config import RankingServerConfig
 from ranking_server.engines.factory import LLM_ARTIFACT, build_engine
 from ranking_server.engines.base import EngineRequest, InvalidRequest, RankingEngine
@@ -25,7 +26,7 @@ from ranking_server.planner import Plan, RequestPlanner
 from ranking_server.prompts import PromptBuilder, slot_tokens
 from ranking_server.retrieval_client import RetrievalClient
 from ranking_server.servicer import SERVICE_NAME, RankingServicer
-from recsys.v1 import ranking_pb2_grpc
+from recsys.v1 import ranking_pb2, ranking_pb2_grpc
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +61,12 @@ class RankingServer:
         default_candidates, max_candidates = candidate_limits(config, self.ranker)
         self.planner = RequestPlanner(self.catalog, {u: e["history"] for u, e in users.items()},
                                       default_candidates=default_candidates, max_candidates=max_candidates)
+        largest = largest_answer_bytes(self.catalog, max_candidates)
+        if config.max_message_bytes < largest:  # gRPC would refuse the answer after the work, as a traceback
+            raise ValueError(f"--max-message-bytes {config.max_message_bytes} is below the largest answer this bundle "
+                             f"can give ({largest} bytes: {max_candidates} items with its longest ids and titles)")
         traces = tracer_provider or tracing.tracer_provider("ranking_server", config.otlp_endpoint)
-        self.retrieval = RetrievalClient(config)
+        self.retrieval = RetrievalClient(config, max(config.max_message_bytes, largest_retrieve_bytes(self.catalog)))
         self.servicer = RankingServicer(config, self.planner, self.retrieval, llm_version=bundle.version(LLM_ARTIFACT),
                                         tracer=tracing.tracer(traces, "ranking_server"))
         self.server = GrpcServer(config, [SERVICE_NAME])
@@ -162,6 +167,25 @@ class RankingServer:
 async def serve(config: RankingServerConfig) -> None:
     """The whole life of `python -m ranking_server` (the gRPC server must be made inside the loop)."""
     await RankingServer(config).run()
+
+
+ANSWER_SLACK_BYTES = 4096  # an answer's fields besides its items: timings, flags, versions, ids, a degraded reason
+
+
+def largest_answer_bytes(catalog: Catalog, max_items: int) -> int:
+    """An upper bound on a Recommend answer's size: `max_items` items with the catalog's longest id and title."""
+    longest_id = max((item.id for item in catalog.items), key=lambda x: len(x.encode()))
+    longest_title = max((item.label for item in catalog.items), key=lambda x: len(x.encode()))
+    item = ranking_pb2.RankedItem(item_id=longest_id, title=longest_title, score=-1.0, rank=2 ** 30,
+                                  retrieval_rank=2 ** 30)
+    return ranking_pb2.RecommendResponse(items=[item] * max_items).ByteSize() + ANSWER_SLACK_BYTES
+
+
+def largest_retrieve_bytes(catalog: Catalog) -> int:
+    """An upper bound on the Retrieve this server sends: a history and an exclude list of `MAX_ITEM_IDS` ids each
+    (the planner sends a stored history in full), so the retrieval channel's limit is not the caller-facing one."""
+    longest_id = max(len(item.id.encode()) for item in catalog.items)
+    return 2 * MAX_ITEM_IDS * (longest_id + 3) + ANSWER_SLACK_BYTES  # per id: its bytes, a tag, a length
 
 
 def candidate_limits(config: RankingServerConfig, ranker: dict) -> tuple[int, int]:

@@ -476,6 +476,29 @@ def test_health_is_not_serving_until_the_model_is_loaded_and_warmed_up(server_lo
         server_loop.run(server.drain())
 
 
+def test_a_message_limit_below_the_largest_answer_stops_the_server_at_start_up(server_loop, bundle, retrieval):
+    """The answer went over --max-message-bytes after all the work: gRPC refused to send it (RESOURCE_EXHAUSTED at
+    the caller, a traceback in the log) while the server counted OK. The Retrieve it sends is not held to the
+    caller-facing limit: a stored history is sent in full."""
+    from ranking_server.server import largest_answer_bytes, largest_retrieve_bytes
+
+    catalog = Catalog.load(Bundle.open(bundle).path("catalog"))
+    largest = largest_answer_bytes(catalog, 20)
+    with pytest.raises(ValueError, match=f"--max-message-bytes {largest - 1} is below the largest answer this "
+                                         f"bundle can give \\({largest} bytes: 20 items"):
+        start_ranking(server_loop, bundle, retrieval.server.address, warm=False, max_message_bytes=largest - 1,
+                      max_k=20)
+    server = start_ranking(server_loop, bundle, retrieval.server.address, max_message_bytes=largest, max_k=20)
+    try:
+        with grpc.insecure_channel(server.server.address) as channel:
+            stub = ranking_pb2_grpc.RankingServiceStub(channel)
+            longest = max(server.planner.stored_histories, key=lambda u: len(server.planner.stored_histories[u]))
+            assert len(recommend(stub, user_id=longest, k=20, num_candidates=20).items) == 20
+        assert largest_retrieve_bytes(catalog) > largest
+    finally:
+        server_loop.run(server.drain())
+
+
 def test_a_prompt_that_cannot_fit_max_seq_len_stops_the_server_at_start_up(server_loop, bundle, retrieval, ranking):
     """The warm-up runs the longest prompt the bundle can build: one token short of it in the KV slot and the
     server refuses to load, naming the flag (before, it loaded and failed the users with long titles with
