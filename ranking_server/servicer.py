@@ -182,9 +182,9 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             REJECTED.labels("queue_full").inc()
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{e}; retry later or elsewhere",
                                trailing_metadata=(QUEUE_FULL,)) from None
-        except InvalidRequest as e:
-            REJECTED.labels("invalid_argument").inc()
-            raise invalid_argument(str(e)) from None
+        except InvalidRequest as e:  # the request is this server's own making (the caller's input was checked)
+            log.error("rid=%s the engine refused the request this server built: %s", plan.request_id, e)
+            return self._degrade(plan, retrieval_order, "engine_error", f"engine refused the request: {e}", submitted)
         except EngineError as e:
             return self._degrade(plan, retrieval_order, "engine_error", str(e), submitted)
         waited_ms = 1e3 * (time.perf_counter() - submitted)

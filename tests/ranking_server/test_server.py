@@ -452,6 +452,29 @@ def test_client_cancel_aborts_the_engine_request_and_frees_its_batch_slot(slow, 
     assert len(after.items) == 2 and not after.degraded
 
 
+def test_a_request_the_engine_refuses_is_answered_degraded_not_blamed_on_the_caller(server_loop, bundle, retrieval):
+    """The engine request is this server's own making (every caller field was checked before): an engine that
+    refuses it (here a real hf engine whose KV slot is too short for any prompt) degrades the answer with the
+    reason, as a failing engine does; it was INVALID_ARGUMENT, blaming the caller."""
+    from palr.llm import load_causal_lm
+    from ranking_server.engines.config import EngineConfig
+    from ranking_server.engines.hf import HFEngine
+
+    server = start_ranking(server_loop, bundle, retrieval.server.address)
+    model, _ = load_causal_lm(Bundle.open(bundle).path("llm_merged"))
+    short = HFEngine(model, EngineConfig(max_seq_len=16))
+    served, server.servicer.engine = server.servicer.engine, short
+    try:
+        with grpc.insecure_channel(server.server.address) as channel:
+            user = next(u for u, h in server.planner.stored_histories.items() if h)
+            response = recommend(ranking_pb2_grpc.RankingServiceStub(channel), user_id=user, k=3)
+        assert response.degraded and response.degraded_reason == "engine_error" and len(response.items) == 3
+    finally:
+        server.servicer.engine = served
+        short.close()
+        server_loop.run(server.drain())
+
+
 # -- operations ------------------------------------------------------------------------------------
 
 def test_health_is_not_serving_until_the_model_is_loaded_and_warmed_up(server_loop, bundle, retrieval):
