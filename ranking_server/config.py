@@ -109,6 +109,9 @@ class RankingServerConfig(ServerConfig, EngineConfig):
         check_finite("default_deadline_ms", self.default_deadline_ms, positive=True)
         check_finite("engine_check_s", self.engine_check_s)
         check_finite("degrade_reserve_ms", self.degrade_reserve_ms)
+        if self.degrade_reserve_ms >= self.default_deadline_ms:  # the LLM would never be asked without a deadline
+            raise ValueError(f"--degrade-reserve-ms {self.degrade_reserve_ms} must be below --default-deadline-ms "
+                             f"{self.default_deadline_ms}")
 
     @property
     def retrieval_tls(self) -> bool:

@@ -699,3 +699,10 @@ def test_deadline_and_health_check_timings_must_be_finite(field_name, value):
     asyncio.wait_for time out at once and asyncio.sleep never wake (no engine health check)."""
     with pytest.raises(ValueError, match=f"{field_name} must be a finite number"):
         RankingServerConfig(**{field_name: value})
+
+
+def test_a_degrade_reserve_as_long_as_the_default_deadline_is_refused():
+    """Every request without a deadline would be answered degraded, the LLM never asked."""
+    with pytest.raises(ValueError, match="--degrade-reserve-ms 30000.0 must be below --default-deadline-ms 30000.0"):
+        RankingServerConfig(degrade_reserve_ms=30_000.0)
+    RankingServerConfig(degrade_reserve_ms=29_999.0)
