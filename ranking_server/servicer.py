@@ -20,6 +20,7 @@ is RESOURCE_EXHAUSTED at once; a client that cancels aborts its engine request.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -152,11 +153,13 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
                                                 exclude=exclude, request_id=plan.request_id)
         retrieved = Retrieved()
         try:
-            async for message in self.retrieval.stream(request, timeout):
-                retrieved.items += self.prompts.candidates([c.item_id for c in message.candidates])
-                retrieved.scores += [c.score for c in message.candidates]
-                retrieved.cold_start = message.cold_start
-                retrieved.model_version = message.model_version
+            # closed on the way out, so a failure here (an unknown candidate id) cancels the Retrieve at once
+            async with contextlib.aclosing(self.retrieval.stream(request, timeout)) as stream:
+                async for message in stream:
+                    retrieved.items += self.prompts.candidates([c.item_id for c in message.candidates])
+                    retrieved.scores += [c.score for c in message.candidates]
+                    retrieved.cold_start = message.cold_start
+                    retrieved.model_version = message.model_version
         except RequestError as e:
             REJECTED.labels(RETRIEVAL_REJECTIONS.get(e.code, "retrieval_error")).inc()
             raise
