@@ -83,8 +83,9 @@ def test_unparsable_recommend_body_is_invalid_argument_and_the_server_keeps_serv
     raw = ranking.unary_unary(RECOMMEND)  # no serializers: bytes in, bytes out
     before = unparsable_count(RECOMMEND)
     with pytest.raises(grpc.RpcError) as error:
-        raw(body, timeout=30)
+        raw(body, timeout=30, metadata=(("x-request-id", "garbage-1"),))
     assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert ("x-request-id", "garbage-1") in tuple(error.value.trailing_metadata())  # the id its log line names
     assert unparsable_count(RECOMMEND) == before + 1  # counted (the servicer's metrics never see it)
     assert "did not parse as recsys.v1.RecommendRequest" in error.value.details()
     assert recommend(ranking, user_id=known_user(tiny_llm_bundle), k=2).items

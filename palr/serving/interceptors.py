@@ -23,6 +23,9 @@ from google.protobuf import descriptor_pool
 from google.protobuf.message import DecodeError
 from prometheus_client import Counter
 
+from palr.serving.errors import REQUEST_ID_KEY, request_id
+from palr.serving.validation import loggable_request_id
+
 log = logging.getLogger(__name__)
 
 UNPARSABLE = Counter("recsys_unparsable_requests", "request bodies that did not parse as the method's message, "
@@ -87,15 +90,21 @@ def _guarded(behavior: Callable) -> Callable:
 
     def sync(request, context):  # a synchronous servicer method (run in grpc's thread pool)
         if isinstance(request, Unparsed):
-            log.info("INVALID_ARGUMENT: %s", request.detail())
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.detail())
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.detail(), _logged_rid(request, context))
         return behavior(request, context)
     return sync
 
 
 async def _abort(request: Unparsed, context) -> None:
-    log.info("INVALID_ARGUMENT: %s", request.detail())
-    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.detail())
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.detail(), _logged_rid(request, context))
+
+
+def _logged_rid(request: Unparsed, context) -> tuple[tuple[str, str], ...]:
+    """Logs the refusal under the request id (the caller's `x-request-id`, else a new one; the body that would
+    carry one did not parse) and returns it as the answer's trailing metadata, as `RpcMetrics.track` does."""
+    rid, _ = loggable_request_id(request_id("", context))
+    log.info("rid=%s INVALID_ARGUMENT: %s", rid, request.detail())
+    return ((REQUEST_ID_KEY, rid),)
 
 
 class ParseErrorInterceptor(grpc.aio.ServerInterceptor):
