@@ -18,7 +18,7 @@ from loadtest.servers import free_port, scrape_metrics
 from palr.serving.channels import open_channel
 from palr.serving.config import ServerConfig
 from palr.serving.errors import RequestError
-from palr.serving.metrics import RpcMetrics
+from palr.serving.metrics import RpcMetrics, answered_code
 from palr.serving.server import NOT_SERVING, SERVING, GrpcServer
 
 SERVICE = "test.Plumbing"
@@ -37,13 +37,12 @@ class PlumbingService:
 
     def handler(self) -> grpc.GenericRpcHandler:
         methods = {"Echo": self.echo, "Slow": self.slow, "Refuse": self.refuse, "Crash": self.crash,
-                   "Blocking": self.blocking, "JustLate": self.just_late}
+                   "Blocking": self.blocking}
         return grpc.method_handlers_generic_handler(
             SERVICE, {name: grpc.unary_unary_rpc_method_handler(self._tracked(fn)) for name, fn in methods.items()})
 
     def _tracked(self, fn):
         async def handle(request: bytes, context) -> bytes:
-            self.context = context
             async with METRICS.track(context, "test-rid", log):
                 return await fn(request)
         return handle
@@ -58,11 +57,6 @@ class PlumbingService:
 
     async def blocking(self, request: bytes) -> bytes:
         time.sleep(self.delay_s)  # no await: nothing can cancel it when its deadline passes
-        return request
-
-    async def just_late(self, request: bytes) -> bytes:
-        """Blocks until 2 ms after the RPC's deadline (the context is the handler's: `_tracked` passes it)."""
-        time.sleep(self.context.time_remaining() + 0.002)
         return request
 
     async def refuse(self, request: bytes) -> bytes:
@@ -300,13 +294,8 @@ def test_an_answer_finished_after_its_deadline_is_counted_as_the_client_saw_it(s
     assert codes_counted(server_loop, PlumbingService(delay_s=0.6), calls) == {"DEADLINE_EXCEEDED": 1, "OK": 1}
 
 
-def test_an_answer_sent_just_after_its_deadline_counts_ok_as_the_client_may_still_get_it(server_loop):
-    """Within LATE_ANSWER_SLACK_S of the deadline the client's own timer may not have fired yet (on loopback answers
-    up to 1.6 ms late arrived OK, in about a third of such calls): the server counts what it sent, not a guess."""
-    def calls(channel):
-        try:
-            call(channel, "JustLate", timeout=0.2)
-        except grpc.RpcError as e:  # either outcome is possible at the client; the count is the point here
-            assert e.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-
-    assert codes_counted(server_loop, PlumbingService(), calls) == {"DEADLINE_EXCEEDED": 0, "OK": 1}
+@pytest.mark.parametrize("late_ms, code", [(-5.0, "OK"), (0.5, "OK"), (2.0, "DEADLINE_EXCEEDED"),
+                                           (600.0, "DEADLINE_EXCEEDED")])
+def test_an_answer_is_counted_as_its_client_most_likely_got_it(late_ms, code):
+    """On loopback, answers sent 0.5 ms after the deadline mostly arrived OK (14 of 15), 2 ms after never."""
+    assert answered_code(late_ms / 1e3) == getattr(grpc.StatusCode, code)
