@@ -376,6 +376,7 @@ def test_queue_full_is_resource_exhausted_at_once_and_visible_in_metrics(slow, s
         except grpc.RpcError as e:
             # a full queue is marked so, for callers that may go to another replica (palr.serving.errors)
             assert (QUEUE_FULL in e.trailing_metadata()) == (e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED)
+            assert ("x-request-id", f"burst-{i}") in e.trailing_metadata()  # beside the mark, not instead of it
             return e.code(), time.perf_counter() - started, e.details()
 
     with ThreadPoolExecutor(8) as pool:
@@ -499,25 +500,33 @@ def test_health_is_not_serving_until_the_model_is_loaded_and_warmed_up(server_lo
         server_loop.run(server.drain())
 
 
-def test_a_message_limit_below_the_largest_answer_stops_the_server_at_start_up(server_loop, bundle, retrieval):
+def test_a_message_limit_below_the_largest_answer_stops_the_server_at_start_up(server_loop, bundle, retrieval,
+                                                                              tmp_path):
     """The answer went over --max-message-bytes after all the work: gRPC refused to send it (RESOURCE_EXHAUSTED at
     the caller, a traceback in the log) while the server counted OK. The Retrieve it sends is not held to the
-    caller-facing limit: a stored history is sent in full."""
-    from ranking_server.server import largest_answer_bytes, largest_retrieve_bytes
+    caller-facing limit: a stored history goes in it in full (here one longer than that limit)."""
+    from ranking_server.server import largest_answer_bytes
+    from tests.fixtures.builds import copy_bundle
 
-    catalog = Catalog.load(Bundle.open(bundle).path("catalog"))
+    copy = Bundle.open(copy_bundle(bundle, tmp_path / "bundle"))
+    catalog = Catalog.load(copy.path("catalog"))
     largest = largest_answer_bytes(catalog, 20)
     with pytest.raises(ValueError, match=f"--max-message-bytes {largest - 1} is below the largest answer this "
                                          f"bundle can give \\({largest} bytes: 20 items"):
-        start_ranking(server_loop, bundle, retrieval.server.address, warm=False, max_message_bytes=largest - 1,
+        start_ranking(server_loop, copy.root, retrieval.server.address, warm=False, max_message_bytes=largest - 1,
                       max_k=20)
-    server = start_ranking(server_loop, bundle, retrieval.server.address, max_message_bytes=largest, max_k=20)
+    users = json.loads(copy.path("users").read_text())
+    long_history = [item.id for item in catalog.items][:1500]  # ~9 KB of ids in the Retrieve, over `largest`
+    users["users"]["long"] = {"history": long_history}
+    copy.path("users").write_text(json.dumps(users))
+    copy.add_artifact("users", "users.json", users=len(users["users"]))
+    copy.save()
+    assert retrieval_pb2.RetrieveRequest(user_id="long", history=long_history).ByteSize() > largest
+    server = start_ranking(server_loop, copy.root, retrieval.server.address, max_message_bytes=largest, max_k=20)
     try:
         with grpc.insecure_channel(server.server.address) as channel:
             stub = ranking_pb2_grpc.RankingServiceStub(channel)
-            longest = max(server.planner.stored_histories, key=lambda u: len(server.planner.stored_histories[u]))
-            assert len(recommend(stub, user_id=longest, k=20, num_candidates=20).items) == 20
-        assert largest_retrieve_bytes(catalog) > largest
+            assert len(recommend(stub, user_id="long", k=20, num_candidates=20).items) == 20
     finally:
         server_loop.run(server.drain())
 
