@@ -32,5 +32,6 @@ def check_sft_data(bundle: Any, step: str) -> None:
     try:
         bundle.verify(["sft_data"])
     except BundleError as e:
-        raise StepFailed(f"{step}: the SFT data is not what sft-data wrote ({e}); make it again: python -m compile "
-                         f"sft-data --bundle {bundle.root} --force") from None
+        raise StepFailed(f"{step}: the SFT data is not what sft-data wrote ({e}); make it again with the options it "
+                         f"was built with: python -m compile sft-data --bundle {bundle.root} --preset PRESET --force "
+                         f"(the bundle's preset)") from None

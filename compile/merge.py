@@ -292,8 +292,8 @@ def check_adapter_inputs(bundle: Bundle) -> None:
         trained_on, now = lora.get(name), bundle.version(name)
         if trained_on is not None and trained_on != now:
             raise ValueError(f"the LoRA adapter ({bundle.path('lora')}) was trained on {name} version {trained_on}, "
-                             f"and the bundle's {name} is now {now}: train it again first (python -m compile "
-                             f"finetune --bundle {bundle.root})")
+                             f"and the bundle's {name} is now {now}: train it again first with the options it "
+                             f"was built with (python -m compile finetune --bundle {bundle.root} --preset PRESET)")
 
 
 def run(config: MergeConfig) -> Path:

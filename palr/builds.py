@@ -7,7 +7,7 @@ is pinned to the hardware and libraries it was made with:
                                              weight-only), CPU ISA it needs
     hf-cuda       transformers on an NVIDIA GPU  pinned: device kind, SM, torch + transformers
     ortgenai-cpu  onnxruntime-genai on CPU   pinned: device kind, onnxruntime-genai, CPU ISA it needs
-    trtllm        TensorRT-LLM engine        pinned: device kind, SM, tensorrt_llm (which pins TensorRT)
+    trtllm        TensorRT-LLM engine        pinned: device kind, SM, tensorrt_llm and tensorrt
 
 TensorRT engines only deserialize on the SM and TensorRT release they were built with (TRT says
 "The engine plan file is generated on an incompatible device, expecting compute 9.0 got compute

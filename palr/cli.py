@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -63,13 +64,13 @@ def build_config(config_cls: type, args: argparse.Namespace | Mapping[str, Any],
 
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+LOG_LEVELS = tuple(logging.getLevelNamesMapping())  # DEBUG ... CRITICAL, and WARN, FATAL, NOTSET
 
 
 def add_log_level(parser: argparse.ArgumentParser) -> None:
     """`--log-level`, any case; a level logging does not know is refused by argparse (exit 2), not a traceback."""
     parser.add_argument("--log-level", default="INFO", type=str.upper, choices=LOG_LEVELS, metavar="LEVEL",
-                        help=f"logging level: {', '.join(LOG_LEVELS)} (default: INFO)")
+                        help="logging level: DEBUG, INFO, WARNING, ERROR or CRITICAL (default: INFO)")
 
 
 def config_main(argv: list[str] | None, prog: str, description: str, config_cls: type,
@@ -79,8 +80,6 @@ def config_main(argv: list[str] | None, prog: str, description: str, config_cls:
     (`build_config`), then `run(config)`: an int it returns is the exit code, anything else (None, a
     report) means 0. A refused config (ValueError) or one of `errors` is logged as "<failure>: <reason>"
     and exits 1, not a traceback."""
-    import logging
-
     parser = argparse.ArgumentParser(prog=prog, description=description,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_arguments(parser, config_cls)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -63,17 +63,21 @@ class GeneratorSlot:
         self.tokens.extend(tokens)
         return self.generator.get_logits().reshape(-1)
 
-    def feed_reading(self, tokens: list[int], readout) -> tuple[np.ndarray, list[float]]:
-        """Feed a whole prompt (into an empty cache) in pieces that end at the readout positions
-        (`palr.prompt.Readout`: the generator gives the logits after the last token fed); returns the
-        logits after the prompt `[V]` and each candidate's readout logit."""
-        read = [0.0] * len(readout)
-        stops = sorted({int(p) for p in readout.positions} | {len(tokens) - 1})
+    def feed_pieces(self, tokens: list[int], stops) -> Iterator[tuple[int, np.ndarray]]:
+        """Feed a whole prompt (into an empty cache) in pieces ending at each of `stops` (positions in `tokens`;
+        the generator gives the logits after the last token fed) and at its end: (stop, the logits there) each."""
         start, logits = len(self.tokens), None
-        for stop in stops:
+        for stop in sorted({int(p) for p in stops if p < len(tokens)} | {len(tokens) - 1}):
             if stop >= start:
                 logits = self.feed(tokens[start:stop + 1])
                 start = stop + 1
+            yield stop, logits
+
+    def feed_reading(self, tokens: list[int], readout) -> tuple[np.ndarray, list[float]]:
+        """Feed a whole prompt in pieces that end at the readout positions (`palr.prompt.Readout`); returns the
+        logits after the prompt `[V]` and each candidate's readout logit."""
+        read = [0.0] * len(readout)
+        for stop, logits in self.feed_pieces(tokens, readout.positions):
             for c, (position, token) in enumerate(zip(readout.positions, readout.tokens)):
                 if position == stop:
                     read[c] = float(logits[int(token)])

@@ -19,7 +19,8 @@ def import_trtllm():
     try:
         import tensorrt_llm
     except ImportError as e:
-        raise EngineError(f"the trtllm engine needs TensorRT-LLM, which is not installed here ({e}). "
+        raise EngineError(f"the trtllm engine needs TensorRT-LLM, which is not installed here or does not import "
+                          f"({e}). "
                           f"{INSTALL_HINT}") from None
     return tensorrt_llm
 

@@ -152,8 +152,8 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
         message = retrieval_pb2.RetrieveResponse(candidates=candidates, model_version=self.model_version, **flags)
         if not self.max_message_bytes or message.ByteSize() <= self.max_message_bytes:
             yield message
-        elif len(candidates) == 1:
-            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"one candidate's message is {message.ByteSize()} "
+        elif len(candidates) <= 1:  # nothing left to split
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"a message of {len(candidates)} candidates is {message.ByteSize()} "
                                                                    f"bytes, over --max-message-bytes "
                                                                    f"{self.max_message_bytes}")
         else:

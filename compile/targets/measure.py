@@ -182,11 +182,8 @@ class OrtGenaiRunner:
         """A prompt pass as the `ortgenai` engine runs it: in pieces ending at the readout stops, then the rest."""
         started = time.perf_counter()
         self._slot.start([])
-        start = 0
-        for stop in [p for p in self.readout_stops if p < len(ids)] + [len(ids) - 1]:
-            if stop >= start:
-                self._slot.feed(ids[start:stop + 1])
-                start = stop + 1
+        for _ in self._slot.feed_pieces(ids, self.readout_stops):
+            pass
         return time.perf_counter() - started
 
     def decode(self, ids: list[int], steps: int) -> float:

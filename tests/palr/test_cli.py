@@ -77,3 +77,4 @@ def test_an_unknown_log_level_is_a_usage_error_not_a_traceback(capsys):
         main(["--log-level", "bogus"], lambda c: 0)
     assert e.value.code == 2 and "invalid choice: 'BOGUS'" in capsys.readouterr().err
     assert main(["--log-level", "warning"], lambda c: 0) == 0  # any case
+    assert main(["--log-level", "warn"], lambda c: 0) == 0  # every name logging knows
