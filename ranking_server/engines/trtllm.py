@@ -160,10 +160,14 @@ class TrtllmEngine(RankingEngine):
                 raise EngineOverloaded(f"trtllm engine has {len(self._outputs)} requests in flight")
             if request.request_id in self._outputs:
                 raise InvalidRequest(f"request_id {request.request_id!r} is already in flight")
-            params = self._sampling_params(**sampling_kwargs(request, constraint, self.end_id))
-            # a request that ends with its prompt stops at its last readout (EngineRequest.run_ids); one that decodes
-            # runs the whole prompt
-            output = self.llm.generate_async(request.run_ids, sampling_params=params, streaming=streaming)
+            try:
+                params = self._sampling_params(**sampling_kwargs(request, constraint, self.end_id))
+                # a request that ends with its prompt stops at its last readout (EngineRequest.run_ids); one that
+                # decodes runs the whole prompt
+                output = self.llm.generate_async(request.run_ids, sampling_params=params, streaming=streaming)
+            except Exception as e:  # noqa: BLE001 - TensorRT-LLM refusing at submission: this request's failure
+                self._counts["failed"] += 1
+                raise EngineError(f"trtllm could not submit request {request.request_id}: {e!r}") from e
             self._outputs[request.request_id] = output
         first_token = None
         try:

@@ -171,3 +171,21 @@ def test_the_score_pass_of_a_generate_request_counts_its_prompt_tokens(tiny):
     request = readout_request("g", labels, "generate", random.Random(8))
     asyncio.run(engine.rank(request))
     assert engine.stats().prompt_tokens == request.readout.end  # the score pass stops at the last readout
+
+
+class RefusingLlm(PromptPassLlm):
+    """`generate_async` raising at submission, as TensorRT-LLM's own argument checks do (a ValueError)."""
+
+    def generate_async(self, prompt, sampling_params, streaming=False):
+        raise ValueError("prompt length exceeds max_input_len")
+
+
+def test_a_submission_trtllm_refuses_fails_the_request_as_an_engine_error(tiny):
+    """It escaped as the library's ValueError: the ranking server answered INTERNAL instead of degrading."""
+    from ranking_server.engines.base import EngineError
+
+    model, tokenizer, labels = tiny
+    engine = engine_around(RefusingLlm(model, tokenizer.eos_token_id), model)
+    with pytest.raises(EngineError, match="trtllm could not submit request s: ValueError"):
+        asyncio.run(engine.rank(readout_request("s", labels, "score", random.Random(9))))
+    assert engine.stats().failed == 1 and engine.stats().active == 0
