@@ -20,6 +20,7 @@ import time
 import numpy as np
 import torch
 
+from compile.sasrec import VERSION as SASREC_VERSION
 from compile.sasrec import TRAINING_OPTIONS, EncodedSplit, SASRecConfig, left_pad, train
 from palr.sasrec import SASRec, SASRecArch, mask_items
 from palr.bundle import Bundle, fingerprint
@@ -66,8 +67,8 @@ def held_out_split(corpus: Corpus, items: int) -> EncodedSplit:
 
 def train_holdout(bundle: Bundle, corpus: Corpus, items: int, epochs: int = 0, threads: int = 0) -> SASRec:
     config = training_config(bundle, epochs, threads)
-    step_fp = fingerprint(ARTIFACT, VERSION, items, dataclasses.asdict(config) | {"threads": None},
-                          corpus.split.checksum(), bundle.version("catalog"))
+    step_fp = fingerprint(ARTIFACT, VERSION, SASREC_VERSION, items, dataclasses.asdict(config) | {"threads": None},
+                          corpus.split.checksum(), bundle.version("catalog"))  # SASREC_VERSION: the training code's
     if bundle.step_is_current(ARTIFACT, step_fp, [ARTIFACT]):
         log.info("held-out SASRec is current (%s)", FILE)
         return SASRec.load(bundle.path(ARTIFACT))

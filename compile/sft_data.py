@@ -333,8 +333,9 @@ def item_table_artifact(config: SftDataConfig) -> str:
     return "sasrec_holdout" if config.negatives == "holdout" else "sasrec_torch"
 
 
-def check_rank_tokens(config: SftDataConfig) -> None:
-    """Rank tokens need their scores in every example: SASRec's (held-out negatives keep them) and EASE's."""
+def check_options(config: SftDataConfig) -> None:
+    """Options that cannot work together, refused before any work: rank tokens need their scores in every example
+    (SASRec's: held-out negatives keep them; EASE's), held-out negatives an item to hold out."""
     unknown = sorted(set(config.rank_tokens) - set(RANKINGS))
     if unknown:
         raise ValueError(f"--rank-tokens: unknown {unknown}; choose from {', '.join(RANKINGS)}")
@@ -343,6 +344,9 @@ def check_rank_tokens(config: SftDataConfig) -> None:
                          f"examples with their retrieval scores and EASE scores); --rank-tokens alone for none")
     if "collab" in config.rank_tokens and not config.collab:
         raise ValueError("--rank-tokens collab needs --collab (the candidates' EASE scores)")
+    if config.negatives == "holdout" and config.holdout_items < 1:
+        raise ValueError(f"--holdout-items must be >= 1 with --negatives holdout (each held-out item is a cut point), "
+                         f"got {config.holdout_items}")
 
 
 def run(config: SftDataConfig) -> Path:
@@ -352,7 +356,7 @@ def run(config: SftDataConfig) -> Path:
     from palr.sasrec_onnx import SasrecOnnx
 
     bundle = Bundle.open(config.bundle)
-    check_rank_tokens(config)
+    check_options(config)
     inputs = ["catalog", "users", "sasrec_onnx", "sasrec_torch", "profiles", "llm_base"] + \
         (["trends"] if config.trend else []) + (["collab"] if config.collab else [])
     step_fp = fingerprint("sft-data", VERSION, fingerprint_record(config, bundle, "threads"),

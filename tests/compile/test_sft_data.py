@@ -185,16 +185,18 @@ def test_rank_tokens_in_every_example_are_the_candidates_ranks_under_its_own_sco
 
 
 def test_rank_tokens_need_the_scores_they_rank_by():
-    from compile.sft_data import SftDataConfig, check_rank_tokens
+    from compile.sft_data import SftDataConfig, check_options
     from palr.cli import add_config_arguments, build_config
 
     with pytest.raises(ValueError, match="--negatives holdout"):
-        check_rank_tokens(SftDataConfig(negatives="sasrec"))
+        check_options(SftDataConfig(negatives="sasrec"))
     with pytest.raises(ValueError, match="needs --collab"):
-        check_rank_tokens(SftDataConfig(collab=False))
+        check_options(SftDataConfig(collab=False))
     with pytest.raises(ValueError, match="unknown"):
-        check_rank_tokens(SftDataConfig(rank_tokens=["popularity"]))
-    check_rank_tokens(SftDataConfig(negatives="sasrec", rank_tokens=[]))  # none: any negatives
+        check_options(SftDataConfig(rank_tokens=["popularity"]))
+    check_options(SftDataConfig(negatives="sasrec", rank_tokens=[]))  # none: any negatives
+    with pytest.raises(ValueError, match="--holdout-items must be >= 1 with --negatives holdout"):
+        check_options(SftDataConfig(holdout_items=0))
     import argparse
 
     parser = argparse.ArgumentParser()
