@@ -359,8 +359,9 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: d
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     extras(tmp)
+    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None  # LoRA dropout on --device cuda
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state(), **state}, tmp / "trainer_state.pt")
+                "torch_rng": torch.get_rng_state(), "cuda_rng": cuda_rng, **state}, tmp / "trainer_state.pt")
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
     for old in sorted(root.glob("step-*"))[:-1]:  # keep the newest only
@@ -390,6 +391,8 @@ def restore(path: Path, state: dict, model, optimizer, scheduler) -> None:
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
+    if state.get("cuda_rng") is not None and torch.cuda.is_available():  # checkpoints of runs on cuda
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
 
 
 # -- the step -------------------------------------------------------------------------------------
