@@ -359,7 +359,7 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: d
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     extras(tmp)
-    cuda_rng = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None  # LoRA dropout on --device cuda
+    cuda_rng = torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None  # LoRA dropout on --device cuda
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "torch_rng": torch.get_rng_state(), "cuda_rng": cuda_rng, **state}, tmp / "trainer_state.pt")
     shutil.rmtree(path, ignore_errors=True)
@@ -392,7 +392,7 @@ def restore(path: Path, state: dict, model, optimizer, scheduler) -> None:
     scheduler.load_state_dict(state["scheduler"])
     torch.set_rng_state(state["torch_rng"])
     if state.get("cuda_rng") is not None and torch.cuda.is_available():  # checkpoints of runs on cuda
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
+        torch.cuda.set_rng_state(state["cuda_rng"])
 
 
 # -- the step -------------------------------------------------------------------------------------

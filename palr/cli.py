@@ -64,7 +64,7 @@ def build_config(config_cls: type, args: argparse.Namespace | Mapping[str, Any],
 
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-LOG_LEVELS = tuple(logging.getLevelNamesMapping())  # DEBUG ... CRITICAL, and WARN, FATAL, NOTSET
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "WARN", "ERROR", "CRITICAL", "FATAL", "NOTSET")  # every name logging knows
 
 
 def add_log_level(parser: argparse.ArgumentParser) -> None:

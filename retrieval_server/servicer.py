@@ -153,9 +153,9 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
         if not self.max_message_bytes or message.ByteSize() <= self.max_message_bytes:
             yield message
         elif len(candidates) <= 1:  # nothing left to split
-            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"a message of {len(candidates)} candidates is {message.ByteSize()} "
-                                                                   f"bytes, over --max-message-bytes "
-                                                                   f"{self.max_message_bytes}")
+            raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"one candidate's message is {message.ByteSize()} bytes, over --max-message-bytes "
+                               f"{self.max_message_bytes}")
         else:
             half = len(candidates) // 2
             yield from self._within_limit(candidates[:half], flags)

@@ -165,7 +165,13 @@ class TrtllmEngine(RankingEngine):
                 # a request that ends with its prompt stops at its last readout (EngineRequest.run_ids); one that
                 # decodes runs the whole prompt
                 output = self.llm.generate_async(request.run_ids, sampling_params=params, streaming=streaming)
-            except Exception as e:  # noqa: BLE001 - TensorRT-LLM refusing at submission: this request's failure
+            except EngineError:
+                self._counts["failed"] += 1
+                raise
+            except ValueError as e:  # TensorRT-LLM's own argument checks: the request this server built is refused
+                self._counts["failed"] += 1
+                raise InvalidRequest(f"TensorRT-LLM refused request {request.request_id}: {e}") from e
+            except Exception as e:  # noqa: BLE001 - any other failure to submit is this request's
                 self._counts["failed"] += 1
                 raise EngineError(f"trtllm could not submit request {request.request_id}: {e!r}") from e
             self._outputs[request.request_id] = output

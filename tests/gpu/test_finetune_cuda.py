@@ -25,7 +25,8 @@ def test_listwise_finetune_runs_on_the_gpu(cuda, tiny_llm_bundle, tmp_path):
 def test_a_resumed_run_on_the_gpu_continues_as_the_uninterrupted_one(cuda, tiny_llm_bundle, tmp_path):
     """Checkpoints kept only the CPU RNG: a run resumed on cuda drew other LoRA dropout masks than the run that
     did not stop (same losses up to the GPU kernels' own non-determinism now)."""
-    settings = dict(max_steps=4, batch_size=4, lr=1e-2, save_every=2, seed=3, warmup_steps=0, device="cuda")
+    settings = dict(max_steps=4, batch_size=4, lr=1e-2, save_every=2, seed=3, warmup_steps=0, device="cuda",
+                    dropout=0.5)  # masks that matter: other draws move the adapter well past the tolerance below
     bundles = []
     for name in ("straight", "resumed"):
         bundle = shutil.copytree(tiny_llm_bundle, tmp_path / name, symlinks=True)
@@ -35,4 +36,9 @@ def test_a_resumed_run_on_the_gpu_continues_as_the_uninterrupted_one(cuda, tiny_
     run(FinetuneConfig(bundle=bundles[1], force=True, stop_after=2, **settings))
     run(FinetuneConfig(bundle=bundles[1], **settings))
     losses = [json.loads((b / "llm" / "lora" / "training.json").read_text())["losses"] for b in bundles]
-    assert losses[0] == pytest.approx(losses[1], rel=1e-3)
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+    import torch
+    from safetensors.torch import load_file
+
+    a, b = (load_file(x / "llm" / "lora" / "adapter_model.safetensors") for x in bundles)
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)

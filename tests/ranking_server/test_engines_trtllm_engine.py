@@ -180,12 +180,13 @@ class RefusingLlm(PromptPassLlm):
         raise ValueError("prompt length exceeds max_input_len")
 
 
-def test_a_submission_trtllm_refuses_fails_the_request_as_an_engine_error(tiny):
-    """It escaped as the library's ValueError: the ranking server answered INTERNAL instead of degrading."""
-    from ranking_server.engines.base import EngineError
+def test_a_submission_trtllm_refuses_fails_the_request_as_refused_by_the_engine(tiny):
+    """It escaped as the library's ValueError: the ranking server answered INTERNAL instead of degrading (an
+    engine's InvalidRequest: the server built the request, so it degrades and logs the error)."""
+    from ranking_server.engines.base import InvalidRequest
 
     model, tokenizer, labels = tiny
     engine = engine_around(RefusingLlm(model, tokenizer.eos_token_id), model)
-    with pytest.raises(EngineError, match="trtllm could not submit request s: ValueError"):
+    with pytest.raises(InvalidRequest, match="TensorRT-LLM refused request s: prompt length exceeds"):
         asyncio.run(engine.rank(readout_request("s", labels, "score", random.Random(9))))
     assert engine.stats().failed == 1 and engine.stats().active == 0

@@ -158,7 +158,8 @@ def test_engine_and_build_say_what_to_install_when_tensorrt_llm_is_missing(tmp_p
     engine_dir.mkdir()
     (engine_dir / "config.json").write_text(json.dumps(
         {"version": "1.2.1", "pretrained_config": {"vocab_size": 100}, "build_config": {"max_seq_len": 64}}))
-    with pytest.raises(EngineError, match="needs TensorRT-LLM, which is not installed here or does not import .*tensorrt-llm/release"):
+    with pytest.raises(EngineError, match="needs TensorRT-LLM, which is not installed here or does not import "
+                                         ".*tensorrt-llm/release"):
         TrtllmEngine(engine_dir)
     bundle = Bundle.open_or_create(tmp_path / "bundle")
     (bundle.root / "llm" / "merged").mkdir(parents=True)
