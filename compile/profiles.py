@@ -23,10 +23,11 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from compile.llm_common import config_record
+from compile.llm_common import config_record, write_atomically
 from palr.bundle import Bundle, fingerprint
 from palr.catalog import Catalog, Item, natural_key
 from palr.profiles import METHODS, Profiles, StatsProfiler
+from palr.prompt import chat_frame
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,6 @@ SUMMARISE = "Movies this person watched: {titles}\nWhich genres and themes does 
 FOLD = ("Keywords describing one person's movie taste at different times:\n{summaries}\n"
         "Which genres and themes does this person like overall? Answer with keywords.")
 REPLY_START = "Keywords:"
-_PLACEHOLDER = "\x00MESSAGE\x00"  # where the user's message goes in the chat template
 
 
 @dataclass
@@ -87,18 +87,16 @@ class LlmSummariser:
         self.cache: dict[str, str] = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
         newline = self.tokenizer.encode("\n", add_special_tokens=False)
         self.stop_ids = [self.tokenizer.eos_token_id] + newline[-1:]
-        self._template = self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": _PLACEHOLDER}], tokenize=False, add_generation_prompt=True)
+        self._head, self._tail = chat_frame(self.tokenizer, [])
 
     def _chat_ids(self, text: str) -> list[int]:
         """The chat prompt's ids for one user message. The message holds data (titles, summaries), so it is
         tokenized with special-token text split: "<|im_end|>" in a title is those characters, not the control
         token that would close the turn (as `palr.prompt.PalrPrompt.data_ids` does for the ranking prompt)."""
-        head, _, tail = self._template.partition(_PLACEHOLDER)
         encode = self.tokenizer.encode
-        return (encode(head, add_special_tokens=False)
+        return (encode(self._head, add_special_tokens=False)
                 + encode(text, add_special_tokens=False, split_special_tokens=True)
-                + encode(tail + REPLY_START, add_special_tokens=False))
+                + encode(self._tail + REPLY_START, add_special_tokens=False))
 
     def _generate(self, prompts: list[str]) -> list[str]:
         """Greedy replies to user messages, `batch_size` at a time (left-padded)."""
@@ -146,10 +144,7 @@ class LlmSummariser:
         return [self.cache[k] for k in keys]
 
     def save_cache(self) -> None:
-        self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.cache_path.with_suffix(".part")
-        tmp.write_text(json.dumps(self.cache, ensure_ascii=False, indent=0, sort_keys=True))
-        tmp.replace(self.cache_path)
+        write_atomically(self.cache_path, json.dumps(self.cache, ensure_ascii=False, indent=0, sort_keys=True))
 
 
 def profiler(bundle: Bundle, catalog: Catalog, config: ProfilesConfig):

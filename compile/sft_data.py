@@ -37,7 +37,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from compile.llm_common import config_record, fingerprint_record
+from compile.llm_common import config_record, fingerprint_record, write_atomically
 from compile.profiles import ProfilesConfig, profiler
 from palr.bundle import Bundle, fingerprint
 from palr.catalog import Catalog
@@ -309,12 +309,7 @@ def recommend_examples(prompt: PalrPrompt, catalog: Catalog, cuts: list[Cut], pr
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".part")
-    with tmp.open("w") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    tmp.replace(path)
+    write_atomically(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -427,8 +422,7 @@ def run(config: SftDataConfig) -> Path:
             "train_examples": len(train), "valid_examples": len(valid), "tasks": tasks,
             "train_tokens": sum(lengths), "median_tokens": lengths[len(lengths) // 2] if lengths else 0,
             "valid_target_retrieved": sum(x["target_position"] is not None for x in valid)}
-    (out / "meta.json.part").write_text(json.dumps(meta, indent=2) + "\n")
-    (out / "meta.json.part").replace(out / "meta.json")
+    write_atomically(out / "meta.json", json.dumps(meta, indent=2) + "\n")
     bundle.add_artifact("sft_data", SFT_DIR, **{k: v for k, v in meta.items() if k != "prompt"})
     bundle.record_step("sft-data", step_fp, time.perf_counter() - started, config=config_record(config))
     bundle.save()

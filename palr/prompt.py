@@ -54,6 +54,15 @@ INSTRUCTIONS = {
 _PLACEHOLDER = "\x00USER\x00"
 
 
+def chat_frame(tokenizer, earlier: list[dict]) -> tuple[str, str]:
+    """The tokenizer's chat template around one user message after the `earlier` messages, with the generation
+    prompt: (the text before the message, the text after it)."""
+    messages = [*earlier, {"role": "user", "content": _PLACEHOLDER}]
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    head, _, tail = text.partition(_PLACEHOLDER)
+    return head, tail
+
+
 class PromptError(ValueError):
     """A prompt that cannot be built as asked (too many candidates, a label that is not one token)."""
 
@@ -230,10 +239,7 @@ class PalrPrompt:
         template = getattr(self.tokenizer, "chat_template", None)
         if not (self.settings.chat_template and template):
             return "", "\nAnswer:"
-        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": _PLACEHOLDER}]
-        text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        head, _, tail = text.partition(_PLACEHOLDER)
-        return head, tail
+        return chat_frame(self.tokenizer, [{"role": "system", "content": SYSTEM}])
 
     def _prefix_ids(self, task: str) -> list[int]:
         head = self._head if self._head else SYSTEM + "\n"
