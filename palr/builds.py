@@ -4,9 +4,10 @@ A deployment build (`compile build --target T` → `engines/<T>/`, manifest arti
 is pinned to the hardware and libraries it was made with:
 
     hf-cpu        transformers on CPU        pinned: device kind, torch + transformers (+ torchao for int8
-                                             weight-only), CPU ISA it needs
+                                             weight-only), the CPU ISA it needs and the one it was measured on
     hf-cuda       transformers on an NVIDIA GPU  pinned: device kind, SM, torch + transformers
-    ortgenai-cpu  onnxruntime-genai on CPU   pinned: device kind, onnxruntime-genai, CPU ISA it needs
+    ortgenai-cpu  onnxruntime-genai on CPU   pinned: device kind, onnxruntime-genai, the CPU ISA it was
+                                             measured on
     trtllm        TensorRT-LLM engine        pinned: device kind, SM, tensorrt_llm and tensorrt
 
 TensorRT engines only deserialize on the SM and TensorRT release they were built with (TRT says
@@ -70,7 +71,26 @@ def check_build(entry: dict[str, Any], machine: Machine) -> list[str]:
     if missing:
         problems.append(f"CPU instructions: the build needs {', '.join(missing)}; this CPU ({machine.cpu_name}) "
                         f"has {', '.join(machine.cpu_isa) or 'none of the tracked ones'}")
+    elif built_on == machine.device == "cpu" and "cpu_isa" in entry:
+        problems += other_cpu_kernels(entry, machine)
     return problems
+
+
+def other_cpu_kernels(entry: dict[str, Any], machine: Machine) -> list[str]:
+    """A CPU build measured where other kernels run: its precision was kept for its speed and its ranking
+    agreement under the build machine's kernels (AMX tiles, AVX512-BF16 dot products, VNNI), which run at other
+    speeds and round differently on another instruction set (a bf16 candidate sits near the agreement bar:
+    docs/builds.md), and an fp32 build made without bf16 never measured the bf16 a newer CPU runs fast. [] when the
+    tracked flags are the same (`palr.machine.ISA_FLAGS`); entries without them (older builds) are not checked."""
+    built, here = set(entry["cpu_isa"]), set(machine.cpu_isa)
+    if built == here:
+        return []
+    differences = [f"{label} {', '.join(sorted(flags))}" for label, flags in
+                   (("lacks", built - here), ("also has", here - built)) if flags]
+    built_flags = ", ".join(entry["cpu_isa"]) or "none of the tracked flags"
+    return [f"CPU kernels: built and measured on {entry.get('device_name')} ({built_flags}); this CPU "
+            f"({machine.cpu_name}) {' and '.join(differences)}, so the precision it kept and its timings do not "
+            f"hold here"]
 
 
 def describe_build(entry: dict[str, Any]) -> str:

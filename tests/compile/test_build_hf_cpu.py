@@ -149,6 +149,22 @@ def test_a_cpu_feature_this_machine_lacks_is_refused(hf_cpu_bundle_copy):
     assert platform.machine() and "this CPU" in message
 
 
+def test_a_build_measured_on_another_instruction_set_is_refused_by_the_server_and_by_compile_build(hf_cpu_bundle_copy):
+    """The manifest's cpu_isa is the set the build was measured on; one more or one fewer tracked flag here (an AMX
+    Xeon's build on an AVX512-BF16 EPYC, say) is another machine's measurement."""
+    here = Machine.detect("cpu")
+    other = [flag for flag in ISA_FLAGS if flag not in here.cpu_isa][:1] or [here.cpu_isa[-1]]
+    built_on = sorted(set(here.cpu_isa) ^ set(other))
+    edit_entry(hf_cpu_bundle_copy, cpu_isa=built_on, device_name="Other CPU")
+    message = refusal(hf_cpu_bundle_copy)
+    assert "CPU kernels: built and measured on Other CPU (" in message
+    assert f"this CPU ({here.cpu_name}) {'lacks' if other[0] not in here.cpu_isa else 'also has'} {other[0]}" in message
+    with pytest.raises(BuildMismatch, match="CPU kernels"):
+        build.run(build_config(hf_cpu_bundle_copy, "hf-cpu"))
+    edit_entry(hf_cpu_bundle_copy, cpu_isa=list(here.cpu_isa))
+    assert open_build(Bundle.open(hf_cpu_bundle_copy), "hf-cpu")[1]["device_name"] == "Other CPU"
+
+
 def test_changed_file_is_refused(hf_cpu_bundle_copy):
     config = hf_cpu_bundle_copy / "engines" / "hf-cpu" / "config.json"
     config.write_text(config.read_text().replace('"num_hidden_layers": 2', '"num_hidden_layers": 1'))

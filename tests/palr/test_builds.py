@@ -95,6 +95,33 @@ def test_cpu_build_needing_instructions_this_cpu_lacks():
     assert describe_build(entry) == "cpu: Xeon 8480+ (needs amx_bf16|avx512_bf16); bf16"
 
 
+XEON_ISA = ["avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8"]
+EPYC_ISA = ("avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16")
+
+
+def test_a_cpu_build_is_refused_on_a_cpu_with_another_instruction_set():
+    """A bf16-body build kept under AMX was served on an AVX512-BF16 EPYC without a word (its bf16 requirement
+    holds there), and an fp32 build made without bf16 was served on an AMX Xeon: neither precision was measured
+    where it ran."""
+    xeon_build = {"target": "hf-cpu", "device": "cpu", "device_name": "Xeon 8480+", "requires_isa": ["amx_bf16|avx512_bf16"],
+                  "cpu_isa": XEON_ISA, "engine_libraries": {}, "dtype": "bf16-body"}
+    epyc = Machine("cpu", "AMD EPYC", None, 0, "AMD EPYC", EPYC_ISA, {})
+    assert check_build(xeon_build, epyc) == [
+        "CPU kernels: built and measured on Xeon 8480+ (" + ", ".join(XEON_ISA) + "); this CPU (AMD EPYC) lacks "
+        "amx_bf16, amx_int8, amx_tile and also has avx_vnni, so the precision it kept and its timings do not hold here"]
+    assert check_build(xeon_build, Machine("cpu", "Xeon 8480+", None, 0, "Xeon 8480+", tuple(XEON_ISA), {})) == []
+    old_cpu_build = {"target": "ortgenai-cpu", "device": "cpu", "device_name": "AMD EPYC", "requires_isa": [],
+                     "cpu_isa": ["avx2", "fma"], "engine_libraries": {}}
+    xeon = Machine("cpu", "Xeon 8480+", None, 0, "Xeon 8480+", tuple(XEON_ISA), {})
+    assert "this CPU (Xeon 8480+) also has amx_bf16, amx_int8, amx_tile, avx512_bf16, avx512_vnni, avx512bw, avx512f, " \
+           "f16c, so" in check_build(old_cpu_build, xeon)[0]
+    no_record = {k: v for k, v in old_cpu_build.items() if k != "cpu_isa"}  # built before the flags were recorded
+    assert check_build(no_record, xeon) == []
+    # a missing required instruction is the one problem named, not twice
+    assert [p.split(":")[0] for p in check_build(xeon_build, Machine("cpu", "AMD EPYC", None, 0, "AMD EPYC",
+                                                                   ("avx2", "fma"), {}))] == ["CPU instructions"]
+
+
 def test_an_int8_weight_only_build_pins_torchao():
     """torchao quantizes the int8 weight-only build at load: without it the server crashed in the load with an
     ImportError traceback; now the build check refuses it first, and another version too."""
