@@ -4,17 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """`path` holds `text` whole or keeps what it held: written beside it, then renamed over it (an interrupted
-    step leaves no half-written file for a later step to read)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def config_record(config: Any) -> dict[str, Any]:

@@ -23,8 +23,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from compile.llm_common import config_record, write_atomically
-from palr.bundle import Bundle, fingerprint
+from compile.llm_common import config_record
+from palr.bundle import Bundle, fingerprint, write_atomically
 from palr.catalog import Catalog, Item, natural_key
 from palr.profiles import METHODS, Profiles, StatsProfiler
 from palr.prompt import chat_frame

@@ -37,9 +37,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from compile.llm_common import config_record, fingerprint_record, write_atomically
+from compile.llm_common import config_record, fingerprint_record
 from compile.profiles import ProfilesConfig, profiler
-from palr.bundle import Bundle, fingerprint
+from palr.bundle import Bundle, fingerprint, write_atomically
 from palr.catalog import Catalog
 from palr.collab import CollabTable
 from palr.corpus import Corpus

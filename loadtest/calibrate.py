@@ -29,6 +29,7 @@ from pathlib import Path
 
 from loadtest.servers import REPO
 from loadtest.with_servers import split_flags
+from palr.bundle import write_atomically
 
 log = logging.getLogger("calibrate")
 
@@ -41,6 +42,9 @@ class CalibrateConfig:
     bundle: Path = field(default=Path("bundle"), metadata={"help": "bundle the servers serve", "metavar": "DIR"})
     out: Path = field(default=Path("reports/slo-calibrated.toml"), metadata={
         "help": "SLO file to write", "metavar": "TOML"})
+    work_dir: Path = field(default=Path("reports/calibrate"), metadata={
+        "help": "where Locust's CSVs (<out's name>_stats.csv, ...) and the servers' logs go: not beside --out, which "
+                "may be the repository's loadtest/slo/", "metavar": "DIR"})
     ranking: str = field(default="", metadata={
         "help": "a running ranking server; empty: start both tiers on --bundle", "metavar": "HOST:PORT"})
     retrieval: str = field(default="", metadata={
@@ -137,13 +141,23 @@ def locust_argv(ranking: str, retrieval: str, config: CalibrateConfig, csv_prefi
     return argv
 
 
+def task_exceptions(exceptions_csv: Path) -> list[str]:
+    """"COUNTx MESSAGE" of each row of Locust's exceptions CSV (Count, Message, Traceback, Nodes); [] without one."""
+    if not exceptions_csv.exists():
+        return []
+    with exceptions_csv.open(newline="") as f:
+        return [f"{row['Count']}x {row['Message']}" for row in csv.DictReader(f)]
+
+
 def calibrate(config: CalibrateConfig) -> Path:
     """Measures and writes `config.out`; returns its path."""
     config.out.parent.mkdir(parents=True, exist_ok=True)
-    csv_prefix = config.out.with_suffix("")
+    config.work_dir.mkdir(parents=True, exist_ok=True)
+    csv_prefix = config.work_dir / config.out.stem
     load = f"locustfile default mix, -u {config.users} -t {config.duration} {config.locust_args}".strip()
-    stats_csv = Path(f"{csv_prefix}_stats.csv")
-    stats_csv.unlink(missing_ok=True)  # an earlier run's: Locust writes it only once its options were accepted
+    stats_csv, exceptions_csv = Path(f"{csv_prefix}_stats.csv"), Path(f"{csv_prefix}_exceptions.csv")
+    for stale in (stats_csv, exceptions_csv):  # an earlier run's: Locust writes them once its options were accepted
+        stale.unlink(missing_ok=True)
     if config.ranking:
         if not config.retrieval:
             raise ValueError("--ranking needs --retrieval (the load includes Retrieve calls)")
@@ -151,7 +165,7 @@ def calibrate(config: CalibrateConfig) -> Path:
     else:
         from loadtest.with_servers import TwoTierConfig, two_tier
 
-        with two_tier(TwoTierConfig(bundle=config.bundle, log_dir=config.out.parent,
+        with two_tier(TwoTierConfig(bundle=config.bundle, log_dir=config.work_dir,
                                     ranking_args=config.ranking_args)) as (retrieval, ranking):
             run = run_locust(ranking.target, retrieval.target, config, csv_prefix)
     if run.returncode not in (0, 1):  # 1: some calls failed (judged against the error budget below); else a crash
@@ -159,6 +173,10 @@ def calibrate(config: CalibrateConfig) -> Path:
                            f"{run.stdout[-3000:]}")
     if not stats_csv.exists():
         raise RuntimeError(f"Locust wrote no statistics (exit {run.returncode}):\n{run.stdout[-3000:]}")
+    raised = task_exceptions(exceptions_csv)
+    if raised:  # Locust's exit 1 covers these too: the load test's own code failed, so its calls were not made
+        raise RuntimeError(f"the load test's task code raised ({'; '.join(raised)}): the calls it meant to make were "
+                           f"not made, so its statistics measure another load; nothing written")
     stats = read_stats(stats_csv)
     if not stats.get(TOTAL, {}).get("requests"):
         raise RuntimeError(f"the calibration run recorded no requests:\n{run.stdout[-3000:]}")
@@ -167,7 +185,7 @@ def calibrate(config: CalibrateConfig) -> Path:
         raise RuntimeError(f"the calibration run failed more calls than the error budget ({config.max_error_rate:.2%}) "
                            f"allows: {'; '.join(failing)}. Limits measured on failing calls would gate a broken "
                            f"server; nothing written (Locust's failures:\n{run.stdout[-3000:]})")
-    config.out.write_text(slo_toml(stats, config, load))
+    write_atomically(config.out, slo_toml(stats, config, load))  # a cut-short TOML can parse with fewer limits
     log.info("wrote %s from %d requests", config.out, stats[TOTAL]["requests"])
     return config.out
 

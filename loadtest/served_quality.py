@@ -28,6 +28,7 @@ import grpc
 
 from loadtest.with_servers import TwoTierConfig, two_tier
 from palr import metrics
+from palr.bundle import write_atomically
 from recsys.v1 import ranking_pb2, ranking_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
 
 log = logging.getLogger("served_quality")
@@ -168,7 +169,7 @@ def run(config: ServedQualityConfig) -> dict:
     report = {**summarise(rows, split.test, config), "seconds": round(time.perf_counter() - started, 1),
               "config": json.loads(json.dumps(asdict(config), default=str))}
     config.out.mkdir(parents=True, exist_ok=True)
-    (config.out / "served_quality.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_atomically(config.out / "served_quality.json", json.dumps(report, indent=2) + "\n")
     for mode in config.modes if report["users"] else ():
         log.info("served %s mode, %d test users: NDCG@10 %.4f vs retrieval %.4f = %sx (95%% CI %s); %d degraded, "
                  "%d invalid, %d identical to the retrieval order, failed calls %s; p50 %.0f ms", mode, report["users"],

@@ -36,6 +36,15 @@ class BundleError(RuntimeError):
     """A bundle that is missing, incomplete, corrupted, or built for other hardware."""
 
 
+def write_atomically(path: Path, text: str) -> None:
+    """`path` holds `text` whole or keeps what it held: written beside it, then renamed over it (an interrupted
+    step or report leaves no half-written file for a later reader)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".part")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:

@@ -37,6 +37,21 @@ def test_limits_round_up_to_two_significant_digits_and_respect_the_floor():
     assert not math.isnan(limit_ms(0.0, 1.5, 0))
 
 
+def test_the_task_codes_exceptions_are_read_from_locusts_csv(tmp_path):
+    """Locust exits 1 for failed calls and for exceptions in the load test's own code alike; calibrate took both
+    as "some calls failed" and wrote limits from a run whose calls were not made. Locust's columns: Count, Message,
+    Traceback, Nodes."""
+    from loadtest.calibrate import task_exceptions
+
+    path = tmp_path / "calibrated_exceptions.csv"
+    assert task_exceptions(path) == []
+    path.write_text("Count,Message,Traceback,Nodes\n")
+    assert task_exceptions(path) == []
+    path.write_text('Count,Message,Traceback,Nodes\n3,KeyError(\'x\'),"Traceback (most recent call last):\n  File ..."'
+                    ',local\n')
+    assert task_exceptions(path) == ["3x KeyError('x')"]
+
+
 def test_a_locust_run_that_refuses_its_options_writes_nothing_not_an_earlier_runs_numbers(tmp_path):
     """An unknown option in --locust-args: Locust exits 2 before it writes statistics; the previous calibration's CSV beside
     the output used to be read as this run's, and a new SLO file written from it."""
@@ -45,7 +60,7 @@ def test_a_locust_run_that_refuses_its_options_writes_nothing_not_an_earlier_run
     stale.write_text("Type,Name,Request Count,Failure Count,50%,95%,99%\n"
                      "grpc,Recommend/score,40,0,120,200,260\n,Aggregated,40,0,120,200,260\n")
     config = CalibrateConfig(out=out, users=1, duration="2s", locust_args="--no-such-option 6", ranking="127.0.0.1:1",
-                             retrieval="127.0.0.1:1")
+                             retrieval="127.0.0.1:1", work_dir=tmp_path)
     with pytest.raises(RuntimeError, match="Locust exited 2"):
         calibrate(config)
     assert not out.exists() and not stale.exists()
@@ -75,13 +90,14 @@ def retrieval(tiny_llm_bundle):
 
 def test_a_gate_calibrated_here_breaks_when_the_ranking_server_is_slowed_2x(tiny_llm_bundle, retrieval, tmp_path,
                                                                            monkeypatch):
-    config = CalibrateConfig(bundle=tiny_llm_bundle, out=tmp_path / "calibrated.toml", users=2, duration="6s",
-                             locust_args=LOAD)
+    config = CalibrateConfig(bundle=tiny_llm_bundle, out=tmp_path / "slo" / "calibrated.toml", users=2,
+                             duration="6s", locust_args=LOAD, work_dir=tmp_path)
     with ServerProcess("ranking_server", ["--bundle", str(tiny_llm_bundle), "--retrieval", retrieval.target]) as ranking:
         config.ranking, config.retrieval = ranking.target, retrieval.target
         slo = calibrate(config)
     measured = read_stats(tmp_path / "calibrated_stats.csv")["Recommend/score"]
     assert measured["requests"] > 3
+    assert [f.name for f in (tmp_path / "slo").iterdir()] == ["calibrated.toml"]  # Locust's CSVs go to --work-dir
     # every Recommend now takes at least its old p99 longer: p50 and p95 at least double
     monkeypatch.setenv("RANKING_INJECT_DELAY_MS", str(max(measured[99], measured[50] * 2)))
     with ServerProcess("ranking_server", ["--bundle", str(tiny_llm_bundle), "--retrieval", retrieval.target]) as slowed:
@@ -95,7 +111,8 @@ def test_a_run_that_fails_its_calls_writes_no_slo(tiny_llm_bundle, retrieval, tm
     """k above what the ranking server allows: every Recommend is INVALID_ARGUMENT in a millisecond; limits
     measured on those would gate a broken server."""
     config = CalibrateConfig(bundle=tiny_llm_bundle, out=tmp_path / "calibrated.toml", users=2, duration="2s",
-                             locust_args="--k 1000 --candidates 6 --generate-share 0 --retrieve-share 0.3")
+                             locust_args="--k 1000 --candidates 6 --generate-share 0 --retrieve-share 0.3",
+                             work_dir=tmp_path)
     with ServerProcess("ranking_server", ["--bundle", str(tiny_llm_bundle), "--retrieval", retrieval.target]) as ranking:
         config.ranking, config.retrieval = ranking.target, retrieval.target
         with pytest.raises(RuntimeError, match=r"error budget \(1\.00%\).*Recommend/score: (\d+) of \1 failed"):
