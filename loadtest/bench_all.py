@@ -306,14 +306,15 @@ def retrieval_ratio(rows: list[dict]) -> float:
 
 
 def _ratio_rounds(runs: dict[Cell, list[dict]], n_rounds: int) -> Iterator[tuple[str, int, float, list[dict]]]:
-    """(ratio, round, value, its two cells' summaries) for every round in which both of a ratio's cells ran and
-    had the metric."""
+    """(ratio, round, value, its two cells' summaries) for every round in which both of a ratio's cells ran, had the
+    metric and answered every request (a cell that lost requests would be compared on its survivors)."""
     for name, (numerator, denominator, metric) in RATIOS.items():
         top_metric, bottom_metric = metric if isinstance(metric, tuple) else (metric, metric)
         for number in range(n_rounds):
             top, bottom = (next((r for r in runs.get(cell, []) if r["round"] == number), None)
                            for cell in (numerator, denominator))
-            if top and bottom and measured(top.get(top_metric)) and measured(bottom.get(bottom_metric)):
+            if top and bottom and not (top.get("errors") or bottom.get("errors")) \
+                    and measured(top.get(top_metric)) and measured(bottom.get(bottom_metric)):
                 yield name, number, round(top[top_metric] / bottom[bottom_metric], 4), [top, bottom]
 
 
@@ -389,14 +390,15 @@ def pattern_summary(order: list[int], config: BenchConfig) -> dict:
 
 def vs_within_rounds(runs: list[dict], base_runs: list[dict]) -> dict:
     """A cell against its baseline (one-at-a-time at the same mode and concurrency), taken within
-    each round both ran in (never a median over rounds divided by another cell's single round);
+    each round both ran in and answered every request (never a median over rounds divided by another cell's single
+    round, nor the survivors of a cell that lost requests);
     the median of those per-round ratios, the rounds used, and the ratios per round."""
     base_by_round = {r["round"]: r for r in base_runs}
     out: dict = {}
     for metric, name in (("throughput_rps", "vs_sequential_throughput"), ("p95_ms", "vs_sequential_p95")):
         per_round = {r["round"]: r[metric] / base_by_round[r["round"]][metric] for r in runs
-                     if r["round"] in base_by_round and measured(r.get(metric))
-                     and measured(base_by_round[r["round"]].get(metric))}
+                     if r["round"] in base_by_round and not (r.get("errors") or base_by_round[r["round"]].get("errors"))
+                     and measured(r.get(metric)) and measured(base_by_round[r["round"]].get(metric))}
         if per_round:
             out[name] = round(statistics.median(per_round.values()), 2)
             out[f"{name}_runs"] = [round(per_round[k], 3) for k in sorted(per_round)]
@@ -430,7 +432,10 @@ def plot(report: dict, out: Path) -> list[str]:
 
     names = []
     for mode in dict.fromkeys(r["mode"] for r in report["cells"] if r["mode"] != MIXED):
-        rows = strategy_cells(report, mode)
+        rows = [r for r in strategy_cells(report, mode) if plottable(r)]
+        if not rows:
+            log.warning("no %s-mode cell answered in any round: no %s-mode plots", mode, mode)
+            continue
         path = Path(out) / f"bench_{mode}.png"
         latency_vs_throughput(rows, f"{mode} mode: latency vs throughput per strategy", path)
         names.append(path.name)
@@ -438,6 +443,13 @@ def plot(report: dict, out: Path) -> list[str]:
         by_concurrency(rows, f"{mode} mode: throughput and p95 vs concurrency (bars: range over rounds)", path)
         names.append(path.name)
     return names
+
+
+def plottable(row: dict) -> bool:
+    """A cell with a throughput and latencies to draw: one whose every round failed has none (its table row says
+    so; the plot leaves it out instead of failing the report)."""
+    return all(isinstance(row.get(m), (int, float)) and math.isfinite(row[m])
+               for m in ("throughput_rps", "p50_ms", "p95_ms"))
 
 
 def strategy_cells(report: dict, mode: str) -> list[dict]:
@@ -476,7 +488,7 @@ def markdown(report: dict) -> str:
                         for name, value in report["ratios"].items()],
                        ["ratio", "value", "goal", "met", "per round", "disturbed rounds"]),
     ]
-    columns = ["strategy", "concurrency", "requests", "throughput_rps", "p50_ms", "p95_ms", "mean_batch",
+    columns = ["strategy", "concurrency", "requests", "errors", "throughput_rps", "p50_ms", "p95_ms", "mean_batch",
                "vs_sequential_throughput", "vs_sequential_p95", "vs_rounds", "rounds"]
     for mode in dict.fromkeys(r["mode"] for r in report["cells"] if r["mode"] != MIXED):
         rows = strategy_cells(report, mode)
@@ -494,8 +506,9 @@ def markdown(report: dict) -> str:
         parts += [f"## Mixed traffic: {100 * (1 - share):.0f} % score and {100 * share:.0f} % generate requests together",
                   "Each mode's own p50/p95 (medians over rounds). Score requests' p95 in-flight vs static, per round: "
                   f"{report['ratio_runs'].get(name, [])} (median {report['ratios'].get(name, '')}).",
-                  markdown_table(mixed, ["strategy", "concurrency", "requests", "throughput_rps", "score_p50_ms",
-                                         "score_p95_ms", "generate_p50_ms", "generate_p95_ms", "rounds"])]
+                  markdown_table(mixed, ["strategy", "concurrency", "requests", "errors", "throughput_rps",
+                                         "score_p50_ms", "score_p95_ms", "generate_p50_ms", "generate_p95_ms",
+                                         "rounds"])]
     prefix = [r for r in report["cells"] if r["mode"] == "score" and r["strategy"] == "inflight"
               and r["concurrency"] == 1]
     if len(prefix) >= 2:
@@ -504,7 +517,8 @@ def markdown(report: dict) -> str:
                   "context_hit/miss_p50_ms: within a context-reuse cell, requests whose user's context was cached "
                   "against those that computed it. answer_hit/miss_p50_ms: within the answer-cache cell (the server's "
                   "default: exact repeats answered without the model), the repeats against the requests the model ran.",
-                  markdown_table(prefix, ["model", "prefix_reuse", "context_reuse", "answer_cache", "requests", "p50_ms",
+                  markdown_table(prefix, ["model", "prefix_reuse", "context_reuse", "answer_cache", "requests", "errors",
+                                          "p50_ms",
                                           "p95_ms", "context_hits", "context_hit_p50_ms", "context_miss_p50_ms",
                                           "answer_hits", "answer_hit_p50_ms", "answer_miss_p50_ms", "rounds"])]
     if "utilisation" in report:

@@ -85,6 +85,13 @@ class GpuBenchConfig:
     peak_flops: float = field(default=0.0, metadata={"help": "dense peak FLOP/s in --dtype (0: from the GPU name)"})
     seed: int = field(default=0, metadata={"help": "random seed (weights, prompts)"})
 
+    def __post_init__(self):
+        if self.generate_k < 2:  # the time per output token is measured between generated tokens
+            raise ValueError(f"--generate-k must be >= 2 (the time per output token needs two), got {self.generate_k}")
+        if min(self.score_requests, self.requests, self.generate_requests) < 1 or not self.concurrency \
+                or min(self.concurrency) < 1:
+            raise ValueError("--score-requests, --requests, --generate-requests and --concurrency must be >= 1")
+
 
 def gpu_peaks(name: str) -> tuple[float, float] | None:
     for fragments, bandwidth, flops in GPU_PEAKS:

@@ -13,8 +13,9 @@ earlier ones were answered. Here, per round, on the bundle's merged model with r
    (loadtest/drive.py `drive_open`), the same arrival times for both strategies; each request's latency
    runs from its arrival to its answer.
 
-Reported per cell (medians over `--repeats` rounds): score and generate requests' own p50/p95; and per
-load the ratio in-flight / static of the score requests' p95, taken within each round. Generate mode
+Reported per cell and round (one row each, `--repeats` rounds): score and generate requests' own p50/p95; and
+per load the ratio in-flight / static of the score requests' p95, taken within each round, and its median
+over the rounds. Generate mode
 decodes (`--generate-logit-weight`, 1 by default): with the shipped fit's 0 it writes its answer without a
 decode pass and the mix is score-like throughout. Writes reports/bench_mixed.json and .md.
 """
@@ -78,7 +79,7 @@ def run(config: MixedBenchConfig) -> dict:
 
     def cell(strategy: str, rate_rps: float = 0.0) -> dict:
         result = run_strategy(strategy, workload.model, batch, CLOSED_CONCURRENCY, engine_config, warmup=1,
-                              rate_rps=rate_rps)
+                              rate_rps=rate_rps, seed=config.seed)
         return {**result.summary(), **per_mode(result.latencies_ms if not result.errors else None, modes)}
 
     rows: list[dict] = []

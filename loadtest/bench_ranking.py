@@ -225,14 +225,20 @@ def answer_split(result) -> dict:
     return hit_split("answer", result.latencies_ms, result.answer_reused, digits=3)
 
 
+MIN_SPLIT = 5  # requests on each side of a hit / miss split before its p50s are reported
+
+
 def hit_split(cache: str, latencies_ms: list[float], hits: list[bool], digits: int) -> dict:
-    """`<cache>_hits`, `<cache>_misses` and the p50 of each (None without any), requests aligned with `hits`."""
+    """`<cache>_hits`, `<cache>_misses` and the p50 of each, requests aligned with `hits`; a p50 over fewer than
+    MIN_SPLIT requests is None (under uniform users the only context hit is the request whose user the warm-up
+    called: one sample made a headline ratio)."""
     import numpy as np
 
     out = {f"{cache}_hits": sum(hits), f"{cache}_misses": len(hits) - sum(hits)}
     for name, wanted in (("hit", True), ("miss", False)):
         values = [x for x, h in zip(latencies_ms, hits) if h == wanted]
-        out[f"{cache}_{name}_p50_ms"] = round(float(np.percentile(values, 50)), digits) if values else None
+        out[f"{cache}_{name}_p50_ms"] = round(float(np.percentile(values, 50)), digits) if len(values) >= MIN_SPLIT \
+            else None
     return out
 
 

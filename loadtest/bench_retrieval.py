@@ -16,6 +16,7 @@ import contextlib
 import logging
 import math
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -184,19 +185,25 @@ def measure_level(servers: dict[str, tuple[ServerProcess, int]], users: list[str
     """One concurrency level for every mode: `rpc_repeats` rounds, modes in alternating order within
     each, latencies pooled per mode, so a noisy spell on a shared machine hits all modes alike."""
     latencies: dict[str, list[float]] = {mode: [] for mode in servers}
+    errors: dict[str, Counter] = {mode: Counter() for mode in servers}
     seconds = dict.fromkeys(servers, 0.0)
     counters = {mode: server_counters(port) for mode, (_, port) in servers.items()}
     for repeat in range(config.rpc_repeats):
         for mode in (list(servers) if repeat % 2 == 0 else list(reversed(servers))):
-            got, took = asyncio.run(closed_loop(servers[mode][0].target, users, config.k, concurrency,
-                                                config.rpc_seconds / config.rpc_repeats))
+            got, failed, took = asyncio.run(closed_loop(servers[mode][0].target, users, config.k, concurrency,
+                                                        config.rpc_seconds / config.rpc_repeats))
             latencies[mode] += got
+            errors[mode] += failed
             seconds[mode] += took
     rows = {}
     for mode, (_, port) in servers.items():
         calls, requests, answered, cpu = (after - before for after, before in zip(server_counters(port), counters[mode]))
         served = len(latencies[mode])
-        rows[mode] = {"mode": mode, "concurrency": concurrency, "requests": served, **percentiles_ms(latencies[mode]),
+        if errors[mode]:
+            log.warning("%s, concurrency %d: %d calls failed (%s); the latencies are the answered calls'", mode,
+                        concurrency, sum(errors[mode].values()), dict(errors[mode]))
+        rows[mode] = {"mode": mode, "concurrency": concurrency, "requests": served,
+                      "errors": sum(errors[mode].values()), **percentiles_ms(latencies[mode]),
                       "requests_per_s": round(served / seconds[mode], 1),
                       "server_cpu_ms_per_request": round(cpu * 1e3 / answered, 3) if answered else 0.0,
                       "mean_ort_batch": round(requests / calls, 2) if calls else 0.0}
@@ -207,14 +214,16 @@ def measure_level(servers: dict[str, tuple[ServerProcess, int]], users: list[str
 
 
 async def closed_loop(target: str, users: list[str], k: int, concurrency: int,
-                      seconds: float) -> tuple[list[float], float]:
-    """`concurrency` clients on one channel, each sending its next request when the last stream ended."""
+                      seconds: float) -> tuple[list[float], Counter, float]:
+    """`concurrency` clients on one channel, each sending its next request when the last stream ended: (latencies of
+    the answered calls, failed calls by status code, seconds). A failed call is counted, not fatal to the run."""
     import grpc
 
     from recsys.v1 import retrieval_pb2, retrieval_pb2_grpc
 
     requests = [retrieval_pb2.RetrieveRequest(user_id=u, k=k) for u in users]
     latencies: list[float] = []
+    errors: Counter = Counter()
     async with grpc.aio.insecure_channel(target) as channel:
         stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
 
@@ -222,10 +231,15 @@ async def closed_loop(target: str, users: list[str], k: int, concurrency: int,
             i = first
             while until is None or time.perf_counter() < until:
                 started = time.perf_counter()
-                async for _ in stub.Retrieve(requests[i % len(requests)], timeout=30):
-                    pass
-                if record:
-                    latencies.append(time.perf_counter() - started)
+                try:
+                    async for _ in stub.Retrieve(requests[i % len(requests)], timeout=30):
+                        pass
+                except grpc.aio.AioRpcError as e:
+                    if record:
+                        errors[e.code().name] += 1
+                else:
+                    if record:
+                        latencies.append(time.perf_counter() - started)
                 i += concurrency
                 if until is None:
                     return
@@ -233,7 +247,7 @@ async def closed_loop(target: str, users: list[str], k: int, concurrency: int,
         await asyncio.gather(*(client(c, None, False) for c in range(concurrency)))  # warm-up
         started = time.perf_counter()
         await asyncio.gather(*(client(c, started + seconds, True) for c in range(concurrency)))
-        return latencies, time.perf_counter() - started
+        return latencies, errors, time.perf_counter() - started
 
 
 def server_counters(metrics_port: int) -> tuple[float, float, float, float]:
@@ -267,7 +281,7 @@ def markdown(report: dict) -> str:
         parts.append(f"## Retrieve RPC over loopback (k={report['config']['k']}, closed loop, "
                      f"{report['config']['rpc_seconds']} s per cell in {report['config']['rpc_repeats']} interleaved rounds)\n\n"
                      + markdown_table(report["rpc"], ["mode", "concurrency", "p50_ms", "p99_ms", "requests_per_s",
-                                                      "server_cpu_ms_per_request", "mean_ort_batch", "requests"]))
+                                                      "server_cpu_ms_per_request", "mean_ort_batch", "requests", "errors"]))
     for name, goal in report["goals"].items():
         parts.append(f"Goal {name}: {goal['ratio']} (goal {goal['goal']}): {'met' if goal['met'] else 'NOT met'}.")
     return "\n\n".join(parts)

@@ -140,19 +140,20 @@ async def drive_open(engine: RankingEngine, requests: Sequence[EngineRequest], r
 
 
 def run_strategy(strategy: str, model, requests: Sequence[EngineRequest], concurrency: int,
-                 config=None, warmup: int = 2, rate_rps: float = 0.0) -> DriveResult:
+                 config=None, warmup: int = 2, rate_rps: float = 0.0, seed: int = 0) -> DriveResult:
     """Build one engine of `strategy` and run it (`run_engine`)."""
-    return run_engine(strategy_engine(strategy, model, config), requests, concurrency, warmup, rate_rps, strategy)
+    return run_engine(strategy_engine(strategy, model, config), requests, concurrency, warmup, rate_rps, strategy,
+                      seed)
 
 
 def run_engine(engine: RankingEngine, requests: Sequence[EngineRequest], concurrency: int, warmup: int = 2,
-               rate_rps: float = 0.0, label: str = "") -> DriveResult:
+               rate_rps: float = 0.0, label: str = "", seed: int = 0) -> DriveResult:
     """Warm `engine` up on the first `warmup` requests, drive all requests (closed loop at `concurrency`, or open
-    loop at `rate_rps` when it is > 0), close it."""
+    loop at `rate_rps` when it is > 0, arrivals drawn with `seed`), close it."""
     try:
         if warmup:
             asyncio.run(drive(engine, requests[:warmup], 1))
-        result = asyncio.run(drive_open(engine, requests, rate_rps, strategy=label) if rate_rps > 0
+        result = asyncio.run(drive_open(engine, requests, rate_rps, seed, strategy=label) if rate_rps > 0
                              else drive(engine, requests, concurrency, label))
     finally:
         engine.close()

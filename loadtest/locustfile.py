@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from locust import events, task
-from locust.runners import WorkerRunner
+from locust.runners import STATE_RUNNING, STATE_SPAWNING, WorkerRunner
 
 from loadtest.grpc_user import GrpcUser
 from loadtest.patterns import PATTERNS, zipf_weights
@@ -229,9 +229,20 @@ def slo_gate(environment, **_kwargs) -> None:
     other guests may be the host's doing, not the servers'."""
     if isinstance(environment.runner, WorkerRunner):
         return
+    stop_users_first(environment.runner)
     log_machine_share(cpu_share(CPU_AT_START, CpuTimes.now()))
     if SLO is not None:
         gate(environment, SLO)
+
+
+def stop_users_first(runner) -> None:
+    """A run stopped by SIGTERM or Ctrl-C quits with its users still calling: Locust fires `quitting` (this gate)
+    before it stops them, so the gate judged the run without the calls still running, the slowest ones, which
+    --stop-timeout is there to wait for. Stopping them here waits as -t's end does; after -t they are stopped."""
+    if runner is not None and runner.state in (STATE_SPAWNING, STATE_RUNNING):
+        log.info("the run was interrupted: stopping the users (waiting up to --stop-timeout for the calls still "
+                 "running) before the SLO gate")
+        runner.stop()
 
 
 def log_machine_share(share: dict[str, float]) -> None:

@@ -12,10 +12,14 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from palr.bundle import package_versions
+from palr.bundle import package_versions, write_atomically
 
 
 def percentiles_ms(seconds: Sequence[float], points: Sequence[int] = (50, 90, 99)) -> dict[str, float]:
+    """Percentiles in ms of latencies in seconds; NaN for each when there are none (a cell whose every call
+    failed), so the report is written and says so instead of the run failing at its end."""
+    if not len(seconds):
+        return {f"p{p}_ms": float("nan") for p in points}
     values = np.asarray(seconds) * 1e3
     return {f"p{p}_ms": round(float(np.percentile(values, p)), 3) for p in points}
 
@@ -106,8 +110,8 @@ def write_report(out_dir: Path, name: str, data: dict[str, Any], markdown: str) 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out_dir / f"{name}.json", out_dir / f"{name}.md"
-    json_path.write_text(json.dumps(data, indent=2) + "\n")
-    md_path.write_text(markdown.rstrip() + "\n")
+    write_atomically(json_path, json.dumps(data, indent=2) + "\n")  # a half-written report would read as current
+    write_atomically(md_path, markdown.rstrip() + "\n")
     return json_path, md_path
 
 

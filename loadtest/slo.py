@@ -15,7 +15,10 @@ A profile (see loadtest/slo/cpu.toml):
 Measured values are Locust's own statistics (the numbers in its CSV/HTML reports, aggregated over
 workers in distributed mode): percentiles over all requests of that name, failed ones included,
 from Locust's response-time buckets (2 significant digits, so within ~5 %). A limit is broken
-when the measured value is above it. An RPC that got no requests is reported and not checked; a
+when the measured value is above it. Failed requests are in the percentiles (a server refusing calls in
+1 ms meets every latency limit), so a profile that sets no `max_error_rate` anywhere allows none: the gate
+then holds the whole run to an error rate of 0, as Locust's own exit code does without a gate. An RPC
+that got no requests is reported and not checked; a
 run with no requests at all breaks the gate, and so does one whose task code raised (Locust's
 "exceptions" table: a bug in the load test means the calls it meant to make were not made).
 """
@@ -75,9 +78,11 @@ class SloProfile:
         measured = data.get("measured", True)
         if not isinstance(measured, bool):  # bool("false") is True
             raise SloError(f"{path}: measured must be true or false (unquoted), got {measured!r}")
-        return cls(path, str(data.get("description", "")), measured,
-                   _rate(path, "max_error_rate", data.get("max_error_rate")),
-                   tuple(_rpc(path, name, table) for name, table in rpcs.items()))
+        rpc_slos = tuple(_rpc(path, name, table) for name, table in rpcs.items())
+        budget = _rate(path, "max_error_rate", data.get("max_error_rate"))
+        if budget is None and all(rpc.max_error_rate is None for rpc in rpc_slos):
+            budget = 0.0  # no budget set: no failure allowed (else an all-failing run passes its latency limits)
+        return cls(path, str(data.get("description", "")), measured, budget, rpc_slos)
 
 
 def _no_unknown_keys(path: Path, where: str, table: dict, allowed: set[str]) -> None:

@@ -143,6 +143,26 @@ def test_a_round_whose_cell_answered_nothing_gives_no_ratio_and_no_nan_median():
     assert row["p95_ms"] == 11.0 and row["errors"] == 16
 
 
+def test_a_round_in_which_a_cell_lost_requests_gives_no_ratio_and_the_table_shows_the_errors(tmp_path):
+    """Round 1's in-flight cell had 5 of 16 requests refused: its p95 was its survivors' and entered the headline
+    ratios and the vs-one-at-a-time columns (the tables now show each cell's errors). Plots skip a cell with nothing
+    to draw (they failed on None before the report was written)."""
+    from loadtest.bench_all import plot
+
+    lossy = {**summary(1, 2.0, 5), "errors": {"EngineOverloaded": 5}}
+    runs = {Cell("score", "inflight", 16): [summary(0, 2.0, 10), lossy, summary(2, 3.0, 12)],
+            Cell("score", "sequential", 16): [summary(0, 1.0, 20), summary(1, 1.0, 20), summary(2, 1.0, 20)]}
+    assert round_ratios(runs, 3)["inflight_vs_sequential_p95_c16_score"] == [0.5, 0.6]
+    row = next(r for r in cell_rows(runs) if r["strategy"] == "inflight")
+    assert row["vs_rounds"] == [0, 2] and row["errors"] == 5
+    nan = float("nan")
+    failed_everywhere = {Cell("generate", "inflight", 16): [{**summary(0, 0.0, nan), "errors": {"EngineError": 16}}]}
+    rows = cell_rows(runs) + cell_rows(failed_everywhere)
+    report = {"cells": rows}
+    pytest.importorskip("matplotlib")
+    assert plot(report, tmp_path) == ["bench_score.png", "bench_score_concurrency.png"]  # no generate-mode plots
+
+
 def test_vs_within_rounds_without_a_shared_round_gives_nothing():
     assert vs_within_rounds([summary(1, 1.0, 10)], [summary(0, 1.0, 10)]) == {}
 
@@ -233,13 +253,38 @@ def test_the_retrieval_comparison_leaves_torchs_thread_count_as_it_found_it(tiny
     assert {r["engine"] for r in rows} == {"onnxruntime", "torch eager"} and rows[0]["top_k_ids_equal"]
 
 
-@pytest.mark.parametrize("argv, named", [(["mixed", "--loads", "2"], "mixed: "),
-                                         (["retrieval", "--modes", "micro batching"], "--modes: unknown")])
+def test_a_failed_retrieve_is_counted_and_the_rpc_cell_still_reports(server_loop, tiny_bundle):
+    """One failed Retrieve raised out of the closed loop and lost the whole retrieval benchmark; an RPC cell with no
+    answered call crashed computing percentiles of nothing. Against the real retrieval server on port 0."""
+    import asyncio
+    import math
+
+    from loadtest.bench_retrieval import closed_loop
+    from loadtest.report import percentiles_ms
+    from tests.ranking_server.test_server import start_retrieval
+
+    retrieval = start_retrieval(server_loop, tiny_bundle)
+    try:
+        target = retrieval.server.address
+        latencies, errors, seconds = asyncio.run(closed_loop(target, ["1", "2"], 10 ** 6, 2, 0.3))  # k too large
+        assert latencies == [] and errors["INVALID_ARGUMENT"] > 0 and seconds > 0
+        latencies, errors, _ = asyncio.run(closed_loop(target, ["1", "2"], 5, 2, 0.3))
+        assert latencies and not errors
+    finally:
+        server_loop.run(retrieval.drain())
+    assert all(math.isnan(v) for v in percentiles_ms([]).values())
+
+
+@pytest.mark.parametrize("argv, named", [
+    (["mixed", "--loads", "2", "--bundle", "no-such-bundle"], "mixed: "),
+    (["retrieval", "--modes", "micro batching", "--bundle", "no-such-bundle"], "--modes: unknown"),
+    (["gpu", "--generate-k", "1", "--device", "cpu"], "--generate-k must be >= 2"),  # crashed after the whole run
+])
 def test_a_refused_option_is_one_line_and_exit_2_before_anything_runs(argv, named, capsys):
     from loadtest.bench import main
 
     with pytest.raises(SystemExit) as exit_:
-        main([*argv, "--bundle", "no-such-bundle"])
+        main(argv)
     assert exit_.value.code == 2
     error = capsys.readouterr().err
     assert named in error and "Traceback" not in error

@@ -65,6 +65,25 @@ def test_bad_slo_files_are_refused_naming_the_problem(tmp_path, text, message):
     assert message in str(error.value) and str(path) in str(error.value)
 
 
+def test_a_profile_without_an_error_budget_allows_no_failure(tmp_path):
+    """Failures count in the percentiles: a profile with latency limits only passed a run whose every call failed
+    at once (the server down: UNAVAILABLE in a millisecond). In a subprocess: Locust's import patches gevent."""
+    latency_only = write(tmp_path / "latency.toml", "[rpc.Retrieve]\np95_ms = 1000\n")
+    budgeted = write(tmp_path / "budget.toml", "[rpc.Retrieve]\np95_ms = 1000\nmax_error_rate = 1\n")
+    assert SloProfile.load(latency_only).max_error_rate == 0.0
+    assert SloProfile.load(budgeted).max_error_rate is None  # an RPC's own budget is the one that applies
+    script = (f"from locust.env import Environment\nfrom loadtest.slo import SloProfile, gate\nenv = Environment()\n"
+              f"for _ in range(20):\n    env.stats.log_request('grpc', 'Retrieve', 1, 0)\n"
+              f"    env.stats.log_error('grpc', 'Retrieve', 'UNAVAILABLE')\n"
+              f"for path in ({str(latency_only)!r}, {str(budgeted)!r}):\n"
+              f"    print(gate(env, SloProfile.load(path)), env.process_exit_code)\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("\n")[:2] == [f"False {EXIT_BROKEN}", "True 0"], done.stdout
+    assert "BROKEN  Aggregated error rate: measured 100.00%, limit 0.00%" in done.stderr
+    assert "1 of 2 limits exceeded: Aggregated error rate 1 > 0" in done.stderr  # the p95 limit held
+
+
 def test_an_unhandled_exception_locust_logged_breaks_a_gate_whose_limits_held(tmp_path):
     """Locust exits 2 after an unhandled greenlet exception (a failed event listener); the gate's exit code used
     to override that with 0 when every limit held. In a subprocess: Locust's import patches gevent."""
@@ -142,6 +161,33 @@ def test_errors_carry_the_grpc_status_and_count_against_the_error_budget(servers
     assert "BROKEN  Recommend/score error rate: measured 100.00%, limit 1.00%" in run.stdout
 
 
+def test_an_interrupted_run_is_judged_with_the_calls_it_was_running(servers, tiny_llm_bundle, tmp_path):
+    """SIGTERM: Locust fired the gate's `quitting` before stopping its users, so the gate judged fewer requests than
+    the run's final table then counted (the calls running at the signal, the slowest ones, left out)."""
+    import signal
+    import time
+
+    slo = write(tmp_path / "slo.toml", "max_error_rate = 0.0\n[rpc.\"Recommend/score\"]\np99_ms = 600000\n")
+    retrieval, ranking = servers
+    argv = [sys.executable, "-m", "locust", "-f", str(REPO / "loadtest" / "locustfile.py"), "--headless",
+            "--host", ranking.target, "--retrieval-host", retrieval.target, "--bundle", str(tiny_llm_bundle),
+            "--slo", str(slo), "-u", "4", "-r", "4", "-t", "120s", "--stop-timeout", "60", "--only-summary",
+            "--retrieve-share", "0", "--generate-share", "0", "--k", "3", "--candidates", "6"]
+    process = subprocess.Popen(argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    try:
+        time.sleep(8)  # the users are calling (4 callers, no think time: calls are in flight all the time)
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=90)
+    finally:
+        process.kill()
+    judged = re.search(r"Aggregated error rate: measured [\d.]+%, limit 0.00% \((\d+) requests\)", output)
+    final = re.search(r"^ +Aggregated +(\d+) ", output, re.MULTILINE)
+    assert judged and final, output[-3000:]
+    assert "the run was interrupted: stopping the users" in output
+    assert int(judged.group(1)) == int(final.group(1)) > 0, output[-3000:]
+
+
 BUGGY_LOCUSTFILE = """
 from locust import task
 from loadtest.locustfile import RecsysCaller  # the traffic options and the SLO gate
@@ -190,10 +236,12 @@ def test_bench_report_measures_every_cell_and_writes_ratios_goals_and_plots(tiny
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved["ratios"] == report["ratios"]
     # every headline ratio, retrieval included; the tiny bundle has no hf-cpu build, so no ratio with a build cell,
-    # and with uniform users no repeats, so no answer-cache hits to compare with its misses
+    # and with uniform users no repeats, so no answer-cache hits to compare with its misses, and no context hits but
+    # the warm-up's user (one sample: not reported)
     on_a_build = {name for name, (top, bottom, _) in RATIOS.items() if top.build or bottom.build}
     assert "inflight_vs_sequential_p95_c16_score_build" in on_a_build
-    assert set(saved["ratios"]) == set(RATIOS) - on_a_build - {"answer_hit_vs_miss_latency"} | {RETRIEVAL_RATIO}
+    assert set(saved["ratios"]) == set(RATIOS) - on_a_build - {"answer_hit_vs_miss_latency",
+                                                               "context_hit_vs_miss_latency"} | {RETRIEVAL_RATIO}
     assert saved["workload"]["build_dtype"] == ""
     for name, value in saved["ratios"].items():
         runs = saved["ratio_runs"][name]
