@@ -451,37 +451,43 @@ def test_requests_whose_deadline_passes_in_the_queue_are_counted_as_deadline_exc
 
 
 def test_over_max_queue_is_resource_exhausted_at_once_and_the_server_keeps_serving(server_loop, tiny_bundle, facts):
-    """--max-queue 2: while two requests wait for a slow ORT call (slowed on purpose), a third is refused with
-    RESOURCE_EXHAUSTED at once instead of waiting behind them; the waiting ones are answered, and so is the next."""
+    """--max-queue 2: while two requests wait for an ORT call held on purpose, a third is refused with
+    RESOURCE_EXHAUSTED at once (the held call has not returned when the refusal comes) instead of waiting behind
+    them; the waiting ones are answered, and so is the next."""
     import threading
     import time
 
     server = start(server_loop, RetrievalServerConfig(bundle=tiny_bundle, port=0, max_queue=2))
+    release = threading.Event()
     try:
         run_batch = server.runner.run_batch
-        server.runner.run_batch = lambda items: (time.sleep(0.6), run_batch(items))[1]
+        server.runner.run_batch = lambda items: (release.wait(30), run_batch(items))[1]
         user = some_users(facts, 1)[0]
         with grpc.insecure_channel(server.server.address) as channel:
             stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
             request = retrieval_pb2.RetrieveRequest(user_id=user, k=3)
-            ask = lambda: list(stub.Retrieve(request, timeout=10))  # noqa: E731
+            ask = lambda: list(stub.Retrieve(request, timeout=30))  # noqa: E731
             answers = []
             waiting = [threading.Thread(target=lambda: answers.append(ask())) for _ in range(2)]
             for thread in waiting:
                 thread.start()
-            time.sleep(0.2)  # both wait for the model
-            started = time.perf_counter()
+            deadline = time.monotonic() + 30
+            while server.servicer._waiting < 2:  # both wait for the model
+                assert time.monotonic() < deadline, "the two requests never reached the model"
+                time.sleep(0.005)
             with pytest.raises(grpc.RpcError) as error:
                 ask()
-            refused_after = time.perf_counter() - started
+            held = not answers  # refused while the model call was still held: neither waiting request answered
+            release.set()
             for thread in waiting:
                 thread.join()
             assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "--max-queue 2" in error.value.details()
             assert QUEUE_FULL in error.value.trailing_metadata()  # callers may send it to another replica
-            assert refused_after < 0.3  # at once, not after the slow call
+            assert held  # at once, not after the held call
             assert len(answers) == 2 and all(answers) and ask()
     finally:
+        release.set()
         server_loop.run(server.drain())
 
 
