@@ -9,6 +9,7 @@ step turn a ~400-token prompt into ~400 engine steps."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import shutil
@@ -438,6 +439,74 @@ def test_a_deadline_shorter_than_the_reserve_gets_the_retrieval_order_without_as
     assert [i.item_id for i in response.items] == [c.item_id for c in reference.retrieved(20, user_id=user)][:3]
     stats = slow.engine.stats()
     assert (stats.completed, stats.aborted) == (before.completed, before.aborted)
+
+
+def test_a_retrieval_tier_that_does_not_answer_in_time_is_deadline_exceeded_counted_as_such(server_loop, bundle,
+                                                                                            reference):
+    """The retrieval tier's model held (a real retrieval server whose ORT call waits on purpose): with no deadline of
+    the caller's, the server's default deadline passes in retrieval, and the caller gets DEADLINE_EXCEEDED naming
+    the retrieval server, not a hang or an INTERNAL."""
+    import threading
+
+    held = start_retrieval(server_loop, bundle)
+    release = threading.Event()
+    run_batch = held.runner.run_batch
+    held.runner.run_batch = lambda items: (release.wait(30), run_batch(items))[1]
+    server = start_ranking(server_loop, bundle, held.server.address, metrics_port=free_port(),
+                           default_deadline_ms=600, degrade_reserve_ms=100)
+    try:
+        rejected = 'ranking_rejected_total{reason="deadline"}'
+        before = scrape_metrics(server.server.metrics_port).get(rejected, 0.0)
+        with pytest.raises(grpc.RpcError) as error:
+            stub_of(server).Recommend(ranking_pb2.RecommendRequest(user_id=some_users(reference, 1)[0], k=3))
+        assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert f"retrieval server {held.server.address} did not answer within" in error.value.details()
+        assert scrape_metrics(server.server.metrics_port).get(rejected, 0.0) == before + 1
+    finally:
+        release.set()
+        server_loop.run(server.drain())
+        server_loop.run(held.drain())
+
+
+class ForeignCatalog(retrieval_pb2_grpc.RetrievalServiceServicer):
+    """A retrieval tier serving another bundle: its first chunk names item ids this catalog lacks, then it would go
+    on streaming for half a minute; records whether the ranking server cancelled the stream. (A real retrieval
+    server of another catalog would need a second dataset; this is the one stand-in for it.)"""
+
+    def __init__(self):
+        self.cancelled = asyncio.Event()
+
+    async def Retrieve(self, request, context):
+        await context.write(retrieval_pb2.RetrieveResponse(
+            candidates=[retrieval_pb2.Candidate(item_id=f"foreign-{n}", score=1.0) for n in range(3)]))
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+
+
+def test_candidates_unknown_to_this_catalog_are_internal_and_the_retrieve_is_cancelled_at_once(server_loop, bundle):
+    async def foreign_server():
+        servicer, grpc_server = ForeignCatalog(), grpc.aio.server()
+        retrieval_pb2_grpc.add_RetrievalServiceServicer_to_server(servicer, grpc_server)
+        port = grpc_server.add_insecure_port("127.0.0.1:0")
+        await grpc_server.start()
+        return servicer, grpc_server, port
+
+    servicer, foreign, port = server_loop.run(foreign_server())
+    server = start_ranking(server_loop, bundle, f"127.0.0.1:{port}")
+    try:
+        with pytest.raises(grpc.RpcError) as error:
+            stub_of(server).Recommend(ranking_pb2.RecommendRequest(user_id="1", k=3), timeout=20)
+        assert error.value.code() == grpc.StatusCode.INTERNAL
+        assert "unknown to this bundle's catalog (['foreign-0'" in error.value.details()
+        assert "serve different bundles" in error.value.details()
+        # the stream was cancelled when the request failed, not left to run out its 30 s
+        server_loop.run(asyncio.wait_for(servicer.cancelled.wait(), 10))
+    finally:
+        server_loop.run(server.drain())
+        server_loop.run(foreign.stop(0))
 
 
 def test_client_cancel_aborts_the_engine_request_and_frees_its_batch_slot(slow, slow_stub, reference):
