@@ -38,7 +38,11 @@ REFUSALS = (ValueError, BundleError, FileNotFoundError, StepFailed)
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = resolve_alias(sys.argv[1:] if argv is None else argv)
+    given = sys.argv[1:] if argv is None else argv
+    argv = resolve_alias(given)
+    if given and given[0] == EVALUATE_ALIAS and {"-h", "--help"} & set(given):
+        print(f"`python -m compile {EVALUATE_ALIAS}` is an alias: --tier retrieval (the default) runs evaluate-retrieval, "
+              f"--tier ranking runs evaluate-ranking; below, {argv[0]}'s options.\n")
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in STEPS:
         width = max(len(s) for s in STEPS)
         listing = "\n".join(f"  {name:<{width}}  {step.help}" for name, step in STEPS.items())

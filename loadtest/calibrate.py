@@ -54,7 +54,9 @@ class CalibrateConfig:
     margin_p50: float = field(default=1.5, metadata={"help": "limit = measured p50 x this"})
     margin_p95: float = field(default=1.5, metadata={"help": "limit = measured p95 x this"})
     margin_p99: float = field(default=2.0, metadata={"help": "limit = measured p99 x this"})
-    floor_ms: float = field(default=0.0, metadata={"help": "no limit below this many milliseconds"})
+    floor_ms: float = field(default=0.0, metadata={
+        "help": "every limit is at least this many milliseconds, so millisecond RPCs are not gated on scheduling "
+                "noise (0: only the 1 ms minimum)"})
     max_error_rate: float = field(default=0.01, metadata={"help": "error budget per RPC and overall"})
     locust_args: str = field(default="", metadata={
         "help": "extra locustfile flags, one string (e.g. '--k 3 --candidates 6')", "metavar": "FLAGS"})

@@ -6,10 +6,13 @@ replaced by the servers' HOST:PORT, stops both with SIGTERM (they drain and exit
 COMMAND's exit code. The servers and COMMAND run in their own sessions, so an interrupt (Ctrl-C, a CI
 timeout's SIGTERM to the process group, a closed terminal's SIGHUP) reaches with_servers alone: it
 passes exactly one SIGINT to COMMAND (Locust then runs its SLO gate and writes its reports), waits for
-it while both servers keep serving, then stops them; a second interrupt stops COMMAND at once. `make loadtest` runs Locust this way:
+it while both servers keep serving, then stops them; a second interrupt stops COMMAND at once. `make loadtest` runs Locust this way
+(the ranking server's answer cache off, so the SLO limits measure the model: Locust's callers repeat users far more
+often than real traffic; --stop-timeout so the calls running at -t's end are counted):
 
-    python -m loadtest.with_servers --bundle bundle -- locust -f loadtest/locustfile.py --headless \\
-        --host {ranking} --retrieval-host {retrieval} --bundle bundle --slo loadtest/slo/cpu.toml -u 2 -r 2 -t 3m
+    python -m loadtest.with_servers --bundle bundle --ranking-args "--answer-cache-size 0" -- \\
+        locust -f loadtest/locustfile.py --headless --host {ranking} --retrieval-host {retrieval} --bundle bundle \\
+        --slo loadtest/slo/cpu.toml -u 2 -r 2 -t 3m --stop-timeout 120 --csv reports/locust --html reports/locust.html
 """
 
 from __future__ import annotations

@@ -35,7 +35,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type, skip
             continue
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        help_text = f"{f.metadata.get('help', '')} (default: {default})".strip()
+        help_text = with_default(f.metadata.get("help", ""), default)
         tp, is_list = _base_type(hints[f.name])
         option = "--" + f.name.replace("_", "-")
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": help_text}
@@ -45,10 +45,19 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_cls: type, skip
             kwargs["type"] = tp if tp in (int, float, str, Path) else str
             if is_list:
                 kwargs["nargs"] = f.metadata.get("nargs", "+")  # "*": the option with no value is the empty list
-            if "choices" in f.metadata:
+            if "choices" in f.metadata:  # argparse lists them as the metavar ({cpu,cuda}) unless one is given
                 kwargs["choices"] = f.metadata["choices"]
-            kwargs["metavar"] = f.metadata.get("metavar", f.name.upper())
+            if "metavar" in f.metadata or "choices" not in f.metadata:
+                kwargs["metavar"] = f.metadata.get("metavar", f.name.upper())
         parser.add_argument(option, **kwargs)
+
+
+def with_default(help_text: str, default: Any) -> str:
+    """The help with "(default: X)" after it, unless the help gives its own "(default: ...)" or there is none to show
+    (None, "": the help says what leaving the option off means)."""
+    if "(default:" in help_text or default is None or default == "":
+        return help_text
+    return f"{help_text} (default: {default})".strip()
 
 
 def build_config(config_cls: type, args: argparse.Namespace | Mapping[str, Any],

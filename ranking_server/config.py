@@ -98,6 +98,9 @@ class RankingServerConfig(ServerConfig, EngineConfig):
             raise ValueError(f"--engine must be one of {ENGINES}, got {self.engine!r}")
         if self.device not in DEVICES:
             raise ValueError(f"--device must be one of {DEVICES}, got {self.device!r}")
+        if self.engine != "trtllm" and self.max_queue < 1:  # refused now, not after the model loads
+            raise ValueError(f"--max-queue must be >= 1 for the {self.engine} engine (each request waits in its "
+                             f"queue until the engine thread admits it), got {self.max_queue}")
         for name in ("retrieval_chunk_size", "retrieval_queue_full_retries", "candidates", "max_k"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")

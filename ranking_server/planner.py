@@ -65,9 +65,12 @@ class RequestPlanner:
         num_candidates = request.num_candidates or self.default_candidates
         if not 0 <= request.as_of_unix_s < AS_OF_LIMIT_S:
             raise invalid_argument(f"as_of_unix_s must be a Unix time in seconds, from 0 (the default) to before "
-                                   f"year 10000, got {request.as_of_unix_s} (milliseconds?)")
+                                   f"year 10000, got {request.as_of_unix_s}"
+                                   + (" (milliseconds?)" if request.as_of_unix_s > 0 else ""))
         if not 1 <= request.k <= num_candidates:
-            raise invalid_argument(f"k must be between 1 and num_candidates ({num_candidates}), got {request.k}")
+            raise invalid_argument(f"k must be between 1 and num_candidates ({num_candidates}), got {request.k}"
+                                   + (f"; raise num_candidates (at most {self.max_candidates})"
+                                      if num_candidates < request.k <= self.max_candidates else ""))
         history = self._known_ids("history", request.history)
         exclude = self._known_ids("exclude", request.exclude)
         source = "request"

@@ -37,7 +37,8 @@ def check_known_ids(field_name: str, item_ids: Sequence[str], catalog) -> None:
     if unknown:
         shown = ", ".join(repr(i[:40]) for i in unknown[:MAX_IDS_IN_MESSAGE])
         more = f" and {len(unknown) - MAX_IDS_IN_MESSAGE} more" if len(unknown) > MAX_IDS_IN_MESSAGE else ""
-        raise invalid_argument(f"{field_name}: unknown item ids {shown}{more}")
+        raise invalid_argument(f"{field_name}: unknown item ids {shown}{more}: not in this server's catalog (items "
+                               f"newer than its bundle, or ids of another catalog); leave them out")
 
 
 REQUEST_ID_KEY = "x-request-id"  # metadata: a caller may send its request id in it; every answer carries it back

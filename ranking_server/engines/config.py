@@ -25,7 +25,8 @@ class EngineConfig:
                 "prompts per step; see docs/results.md for measurements)"})
     max_queue: int = field(default=64, metadata={
         "help": "requests waiting for a batch slot; beyond it requests are rejected at once "
-                "(EngineOverloaded; the server answers RESOURCE_EXHAUSTED)"})
+                "(EngineOverloaded; the server answers RESOURCE_EXHAUSTED); >= 1 for the hf and ortgenai engines, "
+                "where every request waits there first (trtllm: 0 = its batch slots only)"})
     max_seq_len: int = field(default=1024, metadata={
         "help": "prompt + generated tokens per request (the size of one KV slot); the ranking server's 0 sizes it "
                 "to the longest prompt + answer its bundle can build"})

@@ -35,3 +35,15 @@ def test_a_build_for_a_library_this_machine_lacks_says_so_in_one_line(tiny_llm_b
     missing = "build failed: --target trtllm needs tensorrt_llm and tensorrt, which are not installed here"
     assert missing in done.stderr, done.stderr[-2000:]
     assert "Traceback" not in done.stderr, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("tier, shown", [([], "evaluate-retrieval"), (["--tier", "ranking"], "evaluate-ranking")])
+def test_evaluate_help_says_it_is_an_alias_and_whose_options_follow(tier, shown, capsys):
+    """`compile evaluate --help` printed evaluate-retrieval's help alone: --tier was never mentioned."""
+    from compile.__main__ import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["evaluate", *tier, "--help"])
+    out = capsys.readouterr().out
+    assert done.value.code == 0 and "--tier ranking runs evaluate-ranking" in out
+    assert f"below, {shown}'s options" in out and f"usage: python -m compile {shown}" in out

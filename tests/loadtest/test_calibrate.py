@@ -118,3 +118,13 @@ def test_a_run_that_fails_its_calls_writes_no_slo(tiny_llm_bundle, retrieval, tm
         with pytest.raises(RuntimeError, match=r"error budget \(1\.00%\).*Recommend/score: (\d+) of \1 failed"):
             calibrate(config)
     assert not config.out.exists()
+
+
+def test_python_m_loadtest_help_says_what_it_runs_and_names_the_other_commands(capsys):
+    """`python -m loadtest --help` printed a usage line to stderr and exited 2."""
+    from loadtest.__main__ import main
+
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "calibrate (write an SLO file" in out and "python -m loadtest.bench" in out and "locust -f" in out
+    assert main([]) == 2 and "python -m loadtest --help lists" in capsys.readouterr().err

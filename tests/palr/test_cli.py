@@ -56,6 +56,26 @@ def test_help_exits_0(capsys):
     assert e.value.code == 0 and "--users USERS" in capsys.readouterr().out
 
 
+@dataclass
+class Described:
+    device: str = field(default="cpu", metadata={"help": "where it runs", "choices": ("cpu", "cuda")})
+    gguf: str | None = field(default=None, metadata={"help": "the file (default: where fetch put it)"})
+    endpoint: str = field(default="", metadata={"help": "empty = off"})
+    k: int = field(default=3, metadata={"help": "how many"})
+
+
+def test_help_lists_choices_and_shows_a_default_once_and_only_a_real_one(capsys):
+    """--device showed DEVICE, hiding cpu/cuda; a help that says its default got "(default: None)" after it; an empty
+    default printed "(default: )"."""
+    with pytest.raises(SystemExit):
+        config_main(["--help"], "python -m example", "", Described, lambda c: 0)
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--device {cpu,cuda} where it runs (default: cpu)" in text
+    assert "the file (default: where fetch put it) --endpoint" in text and "(default: None)" not in text
+    assert "empty = off --k" in text and "(default: )" not in text
+    assert "--k K how many (default: 3)" in text
+
+
 async def serve(config):
     """A server module's `serve` (this module stands in as one) whose engine cannot start: the real TensorRT-LLM
     import, which fails on a machine without it."""

@@ -362,6 +362,19 @@ def test_bad_requests_are_invalid_argument_naming_the_field(stub, reference, fie
     assert recommend(stub, user_id="no-such-user", k=1).items  # and the server goes on serving
 
 
+@pytest.mark.parametrize("fields, hint, wrong", [
+    ({"k": 6, "num_candidates": 5}, "; raise num_candidates (at most 20)", None),
+    ({"k": 21}, None, "raise num_candidates"),  # over what any num_candidates allows: no such advice
+    ({"k": 3, "as_of_unix_s": 1_765_000_000_000}, "(milliseconds?)", None),
+    ({"k": 3, "as_of_unix_s": -5}, None, "milliseconds"),
+    ({"k": 3, "history": ["no-such-item"]}, "not in this server's catalog", None),
+])
+def test_a_refusal_says_what_to_do_where_the_caller_can(stub, reference, fields, hint, wrong):
+    with pytest.raises(grpc.RpcError) as error:
+        recommend(stub, user_id=some_users(reference, 1)[0], **fields)
+    assert (hint is None or hint in error.value.details()) and (wrong is None or wrong not in error.value.details())
+
+
 # -- load, deadlines, cancellation -----------------------------------------------------------------
 
 def test_queue_full_is_resource_exhausted_at_once_and_visible_in_metrics(slow, slow_stub, reference):
@@ -784,3 +797,12 @@ def test_a_degrade_reserve_as_long_as_the_default_deadline_is_refused():
     with pytest.raises(ValueError, match="--degrade-reserve-ms 30000.0 must be below --default-deadline-ms 30000.0"):
         RankingServerConfig(degrade_reserve_ms=30_000.0)
     RankingServerConfig(degrade_reserve_ms=29_999.0)
+
+
+def test_a_max_queue_the_in_process_engines_cannot_run_with_is_refused_before_the_model_loads():
+    """--max-queue 0 was refused only once the weights had loaded (HFEngine); TensorRT-LLM's 0 means its slots only."""
+    with pytest.raises(ValueError, match="--max-queue must be >= 1 for the hf engine"):
+        RankingServerConfig(max_queue=0)
+    with pytest.raises(ValueError, match="for the ortgenai engine"):
+        RankingServerConfig(max_queue=0, engine="ortgenai")
+    assert RankingServerConfig(max_queue=0, engine="trtllm", device="cuda").max_queue == 0

@@ -50,6 +50,14 @@ class RankingServiceServicer:
 
     def Recommend(self, request, context):
         """Retrieves candidates, ranks them with the LLM and answers with the top k.
+        Errors: INVALID_ARGUMENT naming the field (a malformed request: not worth
+        a retry anywhere); UNAVAILABLE while the model loads or when the retrieval
+        tier cannot be reached (retry, on another replica); RESOURCE_EXHAUSTED with
+        trailing metadata `x-refused: queue-full` when the engine's queue is full
+        (another replica may serve it); DEADLINE_EXCEEDED when the deadline passes
+        before the candidates arrive (after that the answer is the retrieval order,
+        `degraded`); INTERNAL when the two tiers disagree (different bundles or
+        limits). Every answer carries trailing metadata `x-request-id`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

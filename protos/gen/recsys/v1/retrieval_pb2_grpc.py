@@ -52,6 +52,10 @@ class RetrievalServiceServicer:
         """Streams the k best items for a user, `chunk_size` candidates per message,
         best first. Items in the history and in `exclude` are never returned, so
         fewer than k come back when they leave fewer than k items in the catalog.
+        Errors: INVALID_ARGUMENT naming the field; UNAVAILABLE while the model
+        loads (retry, on another replica); RESOURCE_EXHAUSTED with trailing
+        metadata `x-refused: queue-full` when --max-queue requests already wait
+        for the model. Every answer carries trailing metadata `x-request-id`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
