@@ -139,12 +139,14 @@ class HFEngine(LoopEngine):
     def _prefill_passes(self, budget: int) -> list[tuple[Row, int]]:
         """Spend `budget` on prompt passes (`_next_pass`). Before each pass the next one is planned again, after
         admitting what arrived, so a score request that arrives mid-step waits for the pass that is running, not
-        for every prompt the step could hold. Returns the chunks that ran."""
+        for every prompt the step could hold; a request aborted meanwhile (its caller's deadline) leaves before the
+        next pass instead of being run, oldest first, for nobody. Returns the chunks that ran."""
         ran = []
         while group := self._next_pass(budget, cut=not ran):
             self._prefill(group)
             ran += group
             budget -= sum(n for _, n in group)
+            self._drain_aborts()
             self._admit_new()
             self._held = max(self._held, len(self._slots))  # slots held at once during the step
         return ran

@@ -232,11 +232,7 @@ class LoopEngine(RankingEngine):
                     self._cv.wait()
                 if self._closed:
                     return
-                aborted, self._aborts = self._aborts, set()
-                running = [self._running[i] for i in aborted if i in self._running]
-            for pending in running:
-                self._release(pending)
-                self._fail(pending, EngineAborted(f"request {pending.request_id} aborted while running"))
+            self._drain_aborts()
             with self.device_turns.turn():
                 if self._closed:  # closed while waiting for the turn
                     return
@@ -244,6 +240,16 @@ class LoopEngine(RankingEngine):
                 ran = self._step()
             if ran:
                 self._busy_s += time.perf_counter() - started
+
+    def _drain_aborts(self) -> None:
+        """Release and fail the running requests aborted since the last look (engine thread): before each step, and
+        between the passes of one (`HFEngine._prefill_passes`), so an aborted prompt is not run for nobody."""
+        with self._cv:
+            aborted, self._aborts = self._aborts, set()
+            running = [self._running[i] for i in aborted if i in self._running]
+        for pending in running:
+            self._release(pending)
+            self._fail(pending, EngineAborted(f"request {pending.request_id} aborted while running"))
 
     def _priority(self, pending: Pending) -> float:
         """Scheduling key, lowest first: the arrival time, `score_first_s` earlier for a request that ends with
