@@ -203,8 +203,9 @@ def run(config: EvaluateRankingConfig) -> dict:
             row["score_rank"] = target_rank(order_by_scores(fuse(llm, prior, weight, bias)), position)
         if "generate" in config.modes:
             t0 = time.perf_counter()
+            k = min(generate_k, len(candidates))  # retrieval may return fewer than asked for (as the server caps k)
             constraint = answer_constraint(ranker["generate_format"], parts.label_token_ids,
-                                           parts.candidate_line_ids, generate_k)
+                                           parts.candidate_line_ids, k)
             emitted = generate_constrained(model, parts.input_ids, constraint,
                                            bias=generation_bias(prior, weight, bias), prefix=prefix,
                                            readout=parts.readout if candidate_readout else None,
@@ -212,7 +213,7 @@ def run(config: EvaluateRankingConfig) -> dict:
             row["generate_seconds"] = time.perf_counter() - t0
             row["emitted"] = emitted
             row["generate_invalid"] = len(set(emitted)) != len(emitted) or any(
-                not 0 <= i < len(candidates) for i in emitted) or len(emitted) != generate_k
+                not 0 <= i < len(candidates) for i in emitted) or len(emitted) != k
             row["generate_rank"] = target_rank(complete_order(emitted, len(candidates)), position)
         rows.append(row)
 

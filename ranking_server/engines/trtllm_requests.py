@@ -81,12 +81,18 @@ class ConstraintLogitsProcessor:
                 self.constraint.advance(int(token))
 
     def allowed_now(self) -> tuple[list[int], list[float]]:
-        """(token ids allowed at this step, additive logit for each)."""
+        """(token ids allowed at this step, additive logit for each). The bias is shifted so its largest allowed
+        value is 0: greedy picks the same token, and the values stay small where TensorRT-LLM's logits are bf16 or
+        fp16 (at the fitted fusion weight, 1000, the bias runs to -10^4, where bf16's spacing is 8 to 64 and
+        candidates a few units apart would tie, then go by label order)."""
         if self.constraint.done:
             return [self.end_id], [0.0]
         allowed = self.constraint.allowed_tokens()
-        extra = self.constraint.token_bias(self.bias) if self.bias is not None else [0.0] * len(allowed)
-        return allowed, extra
+        if self.bias is None:
+            return allowed, [0.0] * len(allowed)
+        extra = self.constraint.token_bias(self.bias)
+        top = max(extra)
+        return allowed, [e - top for e in extra] if math.isfinite(top) else extra
 
 
 

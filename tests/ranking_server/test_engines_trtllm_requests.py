@@ -40,9 +40,19 @@ def call(processor, logits, tokens):
 def test_first_step_leaves_only_the_labels_with_their_bias():
     processor = ConstraintLogitsProcessor(LabelConstraint([10, 11, 12], 2), [0.5, -1.0, 0.0], END)
     logits = call(processor, torch.zeros(1, 1, VOCAB), [1, 2, 3])  # [beam, 1, V] as the TRT backend passes them
-    assert logits[0, 0, [10, 11, 12]].tolist() == [0.5, -1.0, 0.0]
+    assert logits[0, 0, [10, 11, 12]].tolist() == [0.0, -1.5, -0.5]  # the bias, shifted to a largest 0
     others = [t for t in range(VOCAB) if t not in (10, 11, 12)]
     assert torch.isinf(logits[0, 0, others]).all() and (logits[0, 0, others] < 0).all()
+
+
+def test_a_large_fused_bias_keeps_its_order_in_bf16_logits():
+    """At fusion weight 1000 the bias is ~1000 x log-softmax: -2003, -2000 and -2002 are one bf16 value (spacing 8
+    there), so the best candidate tied with the others and the first label won; shifted to a largest 0 they differ."""
+    assert torch.tensor([-2003.0, -2000.0, -2002.0], dtype=torch.bfloat16).unique().numel() == 1
+    processor = ConstraintLogitsProcessor(LabelConstraint([10, 11, 12], 3), [-2003.0, -2000.0, -2002.0], END)
+    logits = call(processor, torch.zeros(1, 1, VOCAB, dtype=torch.bfloat16), [1, 2, 3])
+    assert logits[0, 0].argmax().item() == 11
+    assert logits[0, 0, [10, 11, 12]].tolist() == [-3.0, 0.0, -2.0]
 
 
 def test_labels_already_emitted_are_masked_then_only_the_end_token_is_left():
