@@ -29,6 +29,7 @@ import struct
 import threading
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from ranking_server.engines.base import EngineRequest, EngineResult, EngineStats, EngineTimings, RankingEngine
 from ranking_server.engines.lru import LRU
@@ -93,16 +94,29 @@ def answer_key(request: EngineRequest) -> bytes | None:
     return digest.digest()
 
 
+@dataclass(eq=False)
+class _Shared:
+    """The engine run of a request that identical requests wait on: its task, the answer handed to them (a copy, or
+    None when the run failed or was cancelled), and who still wants it."""
+
+    task: asyncio.Task
+    answer: asyncio.Future
+    waiters: int = 0           # identical requests waiting on it now
+    owner_gone: bool = False   # the request that started it was cancelled (its caller's deadline, or gone)
+
+
 class AnswerCache(RankingEngine):
     """`engine` behind an LRU of its answers (`size` entries; 0 keeps none). A request identical to one the
     engine is running now waits for that one's answer instead of running too (two surfaces of a page asking at
-    once); if that one fails or is cancelled, the waiting request runs itself."""
+    once). The run outlives the request that started it while identical ones wait on it (that one's caller gave
+    up, theirs did not: a short deadline no longer costs the others their place); it is aborted once nobody wants
+    it. If it fails, a waiting request runs itself."""
 
     def __init__(self, engine: RankingEngine, size: int):
         self.engine = engine
         self.name = engine.name
         self._answers: LRU[EngineResult] = LRU(size)
-        self._running: dict[bytes, asyncio.Future] = {}  # key -> the answer of the identical request running now
+        self._running: dict[bytes, _Shared] = {}  # key -> the identical request's run going on now
         self._joined = 0  # requests answered by an identical request that was running (counted as hits)
         self._lock = threading.Lock()  # rank may be awaited from several event loops (the benchmark's threads)
 
@@ -113,33 +127,58 @@ class AnswerCache(RankingEngine):
         started = time.perf_counter()
         with self._lock:
             kept = self._answers.get(key)
-            running = self._running.get(key)
-        while kept is None and running is not None and running.get_loop() is asyncio.get_running_loop():
-            kept = await asyncio.shield(running)  # None: it failed or was cancelled; then one of its waiters runs
+            shared = self._running.get(key)
+        while kept is None and shared is not None and shared.answer.get_loop() is asyncio.get_running_loop():
+            kept = await self._wait_on(shared)  # None: it failed or was cancelled; then one of its waiters runs
             with self._lock:
                 if kept is not None:
                     self._joined += 1
-                running = self._running.get(key)  # the waiter that runs it again (the others join it)
+                shared = self._running.get(key)  # the waiter that runs it again (the others join it)
         if kept is not None and self.engine.check_health():  # a failed engine answers nothing, kept or not
             return _reused(kept, request.request_id, 1e3 * (time.perf_counter() - started))
         return await self._run(key, request)
 
+    async def _wait_on(self, shared: _Shared) -> EngineResult | None:
+        with self._lock:
+            shared.waiters += 1
+        try:
+            return await asyncio.shield(shared.answer)
+        finally:
+            with self._lock:
+                shared.waiters -= 1
+                unwanted = shared.owner_gone and shared.waiters == 0 and not shared.task.done()
+            if unwanted:  # the last one waiting gave up too
+                shared.task.cancel()
+
     async def _run(self, key: bytes, request: EngineRequest) -> EngineResult:
         """Run `request` on the engine, keep its answer, and hand it to identical requests that came meanwhile."""
-        answer = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(self.engine.rank(request))
+        shared = _Shared(task, loop.create_future())
         with self._lock:
-            mine = self._running.setdefault(key, answer) is answer
-        result = None
+            mine = self._running.setdefault(key, shared) is shared
+        task.add_done_callback(functools.partial(self._finished, key, shared if mine else None))
         try:
-            result = await self.engine.rank(request)
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
             with self._lock:
+                shared.owner_gone = True
+                wanted = mine and shared.waiters > 0
+            if not wanted:
+                task.cancel()  # aborts the engine request
+            raise
+
+    def _finished(self, key: bytes, shared: _Shared | None, task: asyncio.Task) -> None:
+        """A run ended: keep its answer and hand it to the requests waiting on it (None to them when it failed or
+        was cancelled)."""
+        result = None if task.cancelled() or task.exception() is not None else task.result()
+        with self._lock:
+            if result is not None:
                 self._answers.put(key, _copy(result))
-            return result
-        finally:
-            if mine:
-                with self._lock:
-                    del self._running[key]
-                answer.set_result(_copy(result) if result is not None else None)
+            if shared is not None:
+                del self._running[key]
+        if shared is not None:
+            shared.answer.set_result(_copy(result) if result is not None else None)
 
     def abort(self, request_id: str) -> bool:
         return self.engine.abort(request_id)

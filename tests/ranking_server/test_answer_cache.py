@@ -185,25 +185,31 @@ def test_identical_requests_at_once_run_the_model_once(tiny, cached):
     assert (cached.stats().answer_hits, cached.stats().answer_misses) == (2, 1)
 
 
-def test_a_request_waiting_on_a_cancelled_identical_one_runs_itself(tiny):
-    """The test holds the engine's device turn, so nothing is admitted until it lets go: the first request waits
-    in the engine's queue, the identical second and third wait on the first (not in the queue), and when the first
-    is cancelled the second enters the queue itself, the third waits on it (both ran before), and both are
-    answered by one pass once the device is free."""
+def held_device_engine(tiny):
+    """An AnswerCache over an hf engine whose device turn the test can hold (nothing is admitted meanwhile)."""
     from ranking_server.engines.loop import DeviceTurns
 
-    _, labels = tiny
     turns = DeviceTurns()
-    slow = AnswerCache(HFEngine(tiny[0], EngineConfig(max_batch_size=1)), size=3)
-    slow.engine.share_device(turns)
-    queued = lambda: slow.engine.stats().queued  # noqa: E731
+    engine = AnswerCache(HFEngine(tiny[0], EngineConfig(max_batch_size=1)), size=3)
+    engine.engine.share_device(turns)
+    return engine, turns
 
-    async def until(predicate):
-        for _ in range(1000):
-            if predicate():
-                return
-            await asyncio.sleep(0.01)
-        raise AssertionError("not reached")
+
+async def until(predicate):
+    for _ in range(1000):
+        if predicate():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("not reached")
+
+
+def test_a_cancelled_request_leaves_its_run_to_the_identical_requests_waiting_on_it(tiny):
+    """The first request waits in the engine's queue (the test holds the device), the identical second and third
+    wait on it; the first's caller gives up. Its run used to be aborted and the second queued again (behind whatever
+    had come meanwhile, or refused when the queue was full); now the run goes on for the two, answered by it."""
+    _, labels = tiny
+    slow, turns = held_device_engine(tiny)
+    queued = lambda: slow.engine.stats().queued  # noqa: E731
 
     async def scenario():
         with turns.turn():  # the device is the test's: the engine admits nothing
@@ -215,17 +221,47 @@ def test_a_request_waiting_on_a_cancelled_identical_one_runs_itself(tiny):
                 await asyncio.sleep(0.01)
             assert queued() == 1, "the identical requests wait on the first, not in the engine's queue"
             first.cancel()
-            await until(lambda: first.done() and queued() == 1)  # the first left; the second queued itself
+            await until(first.done)
             for _ in range(5):
                 await asyncio.sleep(0.01)
-            assert queued() == 1, "the third waits on the second"
+            assert queued() == 1 and slow.engine.stats().aborted == 0, "the run stays queued for the two"
+        with pytest.raises(asyncio.CancelledError):
+            await first
         return await asyncio.gather(second, third)
 
     try:
-        result, joined = asyncio.run(scenario())
+        second, third = asyncio.run(scenario())
         stats = slow.stats()
     finally:
         slow.close()
-    assert result.request_id == "stays" and not result.answer_reused and len(result.order) == len(labels)
-    assert joined.request_id == "also" and joined.answer_reused and joined.order == result.order
-    assert (stats.completed, stats.aborted, stats.answer_hits) == (1, 1, 1)
+    assert (second.request_id, third.request_id) == ("stays", "also") and second.answer_reused and third.answer_reused
+    assert second.order == third.order and len(second.order) == len(labels)
+    assert (stats.completed, stats.aborted, stats.answer_hits) == (1, 0, 2)
+
+
+def test_a_run_nobody_waits_for_any_more_is_aborted(tiny):
+    """The first request's caller and then the one waiting on it both give up: the run, kept for the second, is
+    aborted when the second leaves (it would hold a batch slot for nobody)."""
+    _, labels = tiny
+    slow, turns = held_device_engine(tiny)
+
+    async def scenario():
+        with turns.turn():
+            first = asyncio.ensure_future(slow.rank(request("leaves", labels)))
+            await until(lambda: slow.engine.stats().queued == 1)
+            second = asyncio.ensure_future(slow.rank(request("leaves-too", labels)))
+            await asyncio.sleep(0.05)
+            first.cancel()
+            await until(first.done)
+            assert slow.engine.stats().aborted == 0
+            second.cancel()
+            await until(lambda: second.done() and slow.engine.stats().queued == 0)
+        after = await slow.rank(request("later", labels))  # nothing kept, nothing running: it runs
+        return after
+
+    try:
+        after = asyncio.run(scenario())
+        stats = slow.stats()
+    finally:
+        slow.close()
+    assert not after.answer_reused and (stats.completed, stats.aborted) == (1, 1)
