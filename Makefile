@@ -8,18 +8,20 @@ PY     := $(VENV)/bin/python
 BUNDLE ?= bundle
 PRESET ?= quick
 DATA   ?= data
-# where pip finds torch: empty = the configured indexes (here, a local mirror whose torch is the CPU wheel); on plain
-# PyPI, Linux's torch wheel is the CUDA build: TORCH_INDEX=https://download.pytorch.org/whl/cpu keeps it CPU-only
+# where pip finds torch: empty = the configured indexes and find-links (here, the CPU wheel on disk). The pin names the
+# CPU build (2.13.0+cpu), so an index without it fails at once ("No matching distribution") instead of installing
+# PyPI's CUDA build of several GB; there, TORCH_INDEX=https://download.pytorch.org/whl/cpu is where it is
 TORCH_INDEX ?=
 
 .PHONY: install data demo test bundle clean-bundle protos loadtest bench
 
 # The CPU wheel of torch is pinned *before* anything that depends on torch, so pip never
 # resolves a CUDA build of several GB (TORCH_INDEX: where that CPU wheel is, when the indexes' torch is CUDA).
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PY) -m pip install --quiet torch==2.13.0+cpu $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PY) -c "import sys, torch; sys.exit(f'torch {torch.__version__} is a CUDA build: rm -r $(VENV), then TORCH_INDEX=...' if torch.version.cuda else 0)"
 	$(PY) -m pip install --quiet -e '.[train,serve,test,loadtest,ortgenai]'
 	# torchao (extra cpu-quant: the hf-cpu build's int8 weight-only candidate) without its deps: keeps the torch pin
 	$(PY) -m pip install --quiet --no-deps torchao==0.18.0
