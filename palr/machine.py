@@ -57,7 +57,9 @@ def cpu_description(cpuinfo: Path = CPUINFO) -> tuple[str, list[str]]:
 
 
 def cuda_devices() -> tuple[int, str | None, str | None]:
-    """(device count, name of device 0, its compute capability "9.0"); (0, None, None) without CUDA.
+    """(device count, name of device 0, the devices' compute capability "9.0"); (0, None, None) without CUDA.
+    Devices of different capabilities (a tensor-parallel engine spans them) give "mixed: 8.0, 9.0", which no build
+    records, so a build is refused on such a machine rather than checked against device 0 alone.
 
     Uses torch when it is installed (every image we ship has it); no torch means no CUDA for us."""
     try:
@@ -66,8 +68,16 @@ def cuda_devices() -> tuple[int, str | None, str | None]:
         return 0, None, None
     if not torch.cuda.is_available():
         return 0, None, None
-    major, minor = torch.cuda.get_device_capability(0)
-    return torch.cuda.device_count(), torch.cuda.get_device_name(0), f"{major}.{minor}"
+    count = torch.cuda.device_count()
+    return count, torch.cuda.get_device_name(0), compute_capability(
+        [torch.cuda.get_device_capability(i) for i in range(count)])
+
+
+def compute_capability(capabilities: list[tuple[int, int]]) -> str:
+    """"9.0" for devices that all have it; "mixed: 8.0, 9.0" otherwise."""
+    distinct = sorted(set(capabilities))
+    names = [f"{major}.{minor}" for major, minor in distinct]
+    return names[0] if len(names) == 1 else "mixed: " + ", ".join(names)
 
 
 @dataclass(frozen=True)

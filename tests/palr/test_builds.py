@@ -148,3 +148,14 @@ def test_an_ortgenai_routing_measured_against_another_hf_cpu_build_is_stale():
     assert "is now (none)" in stale_routing(entry, None)
     assert "(none: torch fp32)" in stale_routing(entry | {"routing_baseline": None}, "def")
     assert stale_routing({"serves_modes": ["score"]}, "def") is None
+
+
+def test_gpus_of_different_compute_capabilities_are_one_mixed_value_no_build_matches():
+    """Only device 0's SM was read: a tensor-parallel engine built on two H100s passed the check on an H100 + A100."""
+    from palr.machine import compute_capability
+
+    assert compute_capability([(9, 0), (9, 0)]) == "9.0"
+    mixed = compute_capability([(9, 0), (8, 0), (9, 0)])
+    assert mixed == "mixed: 8.0, 9.0"
+    assert any(p.startswith("compute capability: built for SM 9.0") for p in
+               check_build(trtllm_entry(tensor_parallel_size=2), h100(compute_capability=mixed)))
