@@ -65,20 +65,27 @@ def test_bad_slo_files_are_refused_naming_the_problem(tmp_path, text, message):
     assert message in str(error.value) and str(path) in str(error.value)
 
 
+def gate_in_subprocess(lines: str) -> subprocess.CompletedProcess:
+    """`lines` run with a fresh Locust `env` and the gate's imports, in a subprocess (Locust's import patches
+    gevent, which must stay out of pytest); its output."""
+    script = ("import locust.log\nfrom locust.env import Environment\nfrom loadtest.slo import SloProfile, gate\n"
+              "env = Environment()\n" + lines)
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done
+
+
 def test_a_profile_without_an_error_budget_allows_no_failure(tmp_path):
     """Failures count in the percentiles: a profile with latency limits only passed a run whose every call failed
-    at once (the server down: UNAVAILABLE in a millisecond). In a subprocess: Locust's import patches gevent."""
+    at once (the server down: UNAVAILABLE in a millisecond)."""
     latency_only = write(tmp_path / "latency.toml", "[rpc.Retrieve]\np95_ms = 1000\n")
     budgeted = write(tmp_path / "budget.toml", "[rpc.Retrieve]\np95_ms = 1000\nmax_error_rate = 1\n")
     assert SloProfile.load(latency_only).max_error_rate == 0.0
     assert SloProfile.load(budgeted).max_error_rate is None  # an RPC's own budget is the one that applies
-    script = (f"from locust.env import Environment\nfrom loadtest.slo import SloProfile, gate\nenv = Environment()\n"
-              f"for _ in range(20):\n    env.stats.log_request('grpc', 'Retrieve', 1, 0)\n"
-              f"    env.stats.log_error('grpc', 'Retrieve', 'UNAVAILABLE')\n"
-              f"for path in ({str(latency_only)!r}, {str(budgeted)!r}):\n"
-              f"    print(gate(env, SloProfile.load(path)), env.process_exit_code)\n")
-    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
+    done = gate_in_subprocess(f"for _ in range(20):\n    env.stats.log_request('grpc', 'Retrieve', 1, 0)\n"
+                              f"    env.stats.log_error('grpc', 'Retrieve', 'UNAVAILABLE')\n"
+                              f"for path in ({str(latency_only)!r}, {str(budgeted)!r}):\n"
+                              f"    print(gate(env, SloProfile.load(path)), env.process_exit_code)\n")
     assert done.stdout.split("\n")[:2] == [f"False {EXIT_BROKEN}", "True 0"], done.stdout
     assert "BROKEN  Aggregated error rate: measured 100.00%, limit 0.00%" in done.stderr
     assert "1 of 2 limits exceeded: Aggregated error rate 1 > 0" in done.stderr  # the p95 limit held
@@ -86,16 +93,13 @@ def test_a_profile_without_an_error_budget_allows_no_failure(tmp_path):
 
 def test_an_unhandled_exception_locust_logged_breaks_a_gate_whose_limits_held(tmp_path):
     """Locust exits 2 after an unhandled greenlet exception (a failed event listener); the gate's exit code used
-    to override that with 0 when every limit held. In a subprocess: Locust's import patches gevent."""
+    to override that with 0 when every limit held."""
     path = write(tmp_path / "slo.toml", "[rpc.Retrieve]\np95_ms = 1000\n")
-    script = (f"import locust.log\nfrom locust.env import Environment\nfrom loadtest.slo import SloProfile, gate\n"
-              f"profile = SloProfile.load({str(path)!r})\nenv = Environment()\n"
-              f"env.stats.log_request('grpc', 'Retrieve', 5, 10)\n"
-              f"print('clean', gate(env, profile), env.process_exit_code)\n"
-              f"locust.log.unhandled_greenlet_exception = True\n"
-              f"print('crashed', gate(env, profile), env.process_exit_code)\n")
-    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
+    done = gate_in_subprocess(f"profile = SloProfile.load({str(path)!r})\n"
+                              f"env.stats.log_request('grpc', 'Retrieve', 5, 10)\n"
+                              f"print('clean', gate(env, profile), env.process_exit_code)\n"
+                              f"locust.log.unhandled_greenlet_exception = True\n"
+                              f"print('crashed', gate(env, profile), env.process_exit_code)\n")
     assert done.stdout.split("\n")[:2] == ["clean True 0", f"crashed False {EXIT_BROKEN}"], done.stdout
     assert "SLO gate BROKEN: Locust logged an unhandled exception" in done.stderr
 
