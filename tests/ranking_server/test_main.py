@@ -95,9 +95,7 @@ def test_sigterm_while_the_model_loads_exits_zero_at_once_without_waiting_for_th
                 except grpc.RpcError:
                     time.sleep(0.1)  # not listening yet
         ranking.process.send_signal(signal.SIGTERM)
-        sent = time.monotonic()
-        assert ranking.process.wait(30) == 0, ranking.log_tail()
-        assert time.monotonic() - sent < 30
+        assert ranking.process.wait(30) == 0, ranking.log_tail()  # within 30 s, or wait raises
         log = ranking.log_path.read_text()
         assert "stop requested while loading" in log
         assert "exiting without waiting for the model load under way" in log
