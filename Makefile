@@ -12,6 +12,8 @@ DATA   ?= data
 # CPU build (2.13.0+cpu), so an index without it fails at once ("No matching distribution") instead of installing
 # PyPI's CUDA build of several GB; there, TORCH_INDEX=https://download.pytorch.org/whl/cpu is where it is
 TORCH_INDEX ?=
+# the CPU build's local version label exists for Linux x86_64 only (macOS and aarch64 wheels are CPU builds as they are)
+TORCH_PIN ?= torch==2.13.0$(if $(filter Linux-x86_64,$(shell uname -s)-$(shell uname -m)),+cpu)
 
 .PHONY: install data demo test bundle clean-bundle protos loadtest bench
 
@@ -20,7 +22,7 @@ TORCH_INDEX ?=
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet torch==2.13.0+cpu $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PY) -m pip install --quiet "$(TORCH_PIN)" $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PY) -c "import sys, torch; sys.exit(f'torch {torch.__version__} is a CUDA build: rm -r $(VENV), then TORCH_INDEX=...' if torch.version.cuda else 0)"
 	$(PY) -m pip install --quiet -e '.[train,serve,test,loadtest,ortgenai]'
 	# torchao (extra cpu-quant: the hf-cpu build's int8 weight-only candidate) without its deps: keeps the torch pin

@@ -202,6 +202,10 @@ def run(config: BuildConfig) -> Path:
     if spec.device == "cuda" and not machine.gpu_count:
         raise StepFailed(f"--target {target} builds for an NVIDIA GPU and this machine has no CUDA device "
                            f"({machine.describe()}); build it on the GPU it will serve on, or use --target hf-cpu")
+    if spec.device == "cuda" and (machine.compute_capability or "").startswith("mixed"):
+        raise StepFailed(f"--target {target}: this machine's GPUs differ in compute capability "
+                         f"({machine.compute_capability}); a build is made for one kind: set CUDA_VISIBLE_DEVICES to "
+                         f"GPUs of the kind it will serve on")
     started = time.perf_counter()
     final = bundle.root / "engines" / target
     final.parent.mkdir(parents=True, exist_ok=True)

@@ -23,12 +23,14 @@ import json
 import logging
 import math
 import random
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import gevent
 from locust import events, task
-from locust.runners import STATE_RUNNING, STATE_SPAWNING, WorkerRunner
+from locust.runners import STATE_CLEANUP, STATE_RUNNING, STATE_SPAWNING, STATE_STOPPING, WorkerRunner
 
 from loadtest.grpc_user import GrpcUser
 from loadtest.patterns import PATTERNS, zipf_weights
@@ -229,20 +231,29 @@ def slo_gate(environment, **_kwargs) -> None:
     other guests may be the host's doing, not the servers'."""
     if isinstance(environment.runner, WorkerRunner):
         return
-    stop_users_first(environment.runner)
+    stop_users_first(environment.runner, float(getattr(environment.parsed_options, "stop_timeout", 0) or 0))
     log_machine_share(cpu_share(CPU_AT_START, CpuTimes.now()))
     if SLO is not None:
         gate(environment, SLO)
 
 
-def stop_users_first(runner) -> None:
+def stop_users_first(runner, stop_timeout_s: float) -> None:
     """A run stopped by SIGTERM or Ctrl-C quits with its users still calling: Locust fires `quitting` (this gate)
     before it stops them, so the gate judged the run without the calls still running, the slowest ones, which
-    --stop-timeout is there to wait for. Stopping them here waits as -t's end does; after -t they are stopped."""
-    if runner is not None and runner.state in (STATE_SPAWNING, STATE_RUNNING):
+    --stop-timeout is there to wait for. Stopping them here waits as -t's end does; a run interrupted while -t's
+    end is stopping them waits for that stop (at most --stop-timeout); after -t they are stopped."""
+    if runner is None:
+        return
+    if runner.state in (STATE_SPAWNING, STATE_RUNNING):
         log.info("the run was interrupted: stopping the users (waiting up to --stop-timeout for the calls still "
                  "running) before the SLO gate")
         runner.stop()
+    elif runner.state in (STATE_CLEANUP, STATE_STOPPING):
+        log.info("the run was interrupted while its users stop: waiting for them (at most --stop-timeout, %gs) "
+                 "before the SLO gate", stop_timeout_s)
+        deadline = time.monotonic() + stop_timeout_s
+        while runner.state in (STATE_CLEANUP, STATE_STOPPING) and time.monotonic() < deadline:
+            gevent.sleep(0.1)  # the stop goes on in its own greenlet
 
 
 def log_machine_share(share: dict[str, float]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import time
@@ -110,9 +111,22 @@ def write_report(out_dir: Path, name: str, data: dict[str, Any], markdown: str) 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     json_path, md_path = out_dir / f"{name}.json", out_dir / f"{name}.md"
-    write_atomically(json_path, json.dumps(data, indent=2) + "\n")  # a half-written report would read as current
+    # a half-written report would read as current; NaN (a cell that answered nothing) is written as null: strict
+    # JSON readers refuse the bare NaN token
+    write_atomically(json_path, json.dumps(finite(data), indent=2, allow_nan=False) + "\n")
     write_atomically(md_path, markdown.rstrip() + "\n")
     return json_path, md_path
+
+
+def finite(value: Any) -> Any:
+    """`value` with every NaN or infinite float (at any depth of dicts, lists and tuples) replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
 
 
 def _cell(value: Any) -> str:

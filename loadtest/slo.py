@@ -16,9 +16,9 @@ Measured values are Locust's own statistics (the numbers in its CSV/HTML reports
 workers in distributed mode): percentiles over all requests of that name, failed ones included,
 from Locust's response-time buckets (2 significant digits, so within ~5 %). A limit is broken
 when the measured value is above it. Failed requests are in the percentiles (a server refusing calls in
-1 ms meets every latency limit), so a profile that sets no `max_error_rate` anywhere allows none: the gate
-then holds the whole run to an error rate of 0, as Locust's own exit code does without a gate. An RPC
-that got no requests is reported and not checked; a
+1 ms meets every latency limit), so an RPC without a `max_error_rate` of its own is held to the profile's,
+and where the profile sets none either, to 0: no failure allowed, as Locust's own exit code does without
+a gate. An RPC that got no requests is reported and not checked; a
 run with no requests at all breaks the gate, and so does one whose task code raised (Locust's
 "exceptions" table: a bug in the load test means the calls it meant to make were not made).
 """
@@ -78,10 +78,10 @@ class SloProfile:
         measured = data.get("measured", True)
         if not isinstance(measured, bool):  # bool("false") is True
             raise SloError(f"{path}: measured must be true or false (unquoted), got {measured!r}")
-        rpc_slos = tuple(_rpc(path, name, table) for name, table in rpcs.items())
         budget = _rate(path, "max_error_rate", data.get("max_error_rate"))
-        if budget is None and all(rpc.max_error_rate is None for rpc in rpc_slos):
-            budget = 0.0  # no budget set: no failure allowed (else an all-failing run passes its latency limits)
+        # an RPC without a budget of its own gets the profile's, or none at all allowed (else an RPC failing every
+        # call in a millisecond passes its latency limits, and a small one hides in the aggregate's budget)
+        rpc_slos = tuple(_rpc(path, name, table, 0.0 if budget is None else budget) for name, table in rpcs.items())
         return cls(path, str(data.get("description", "")), measured, budget, rpc_slos)
 
 
@@ -100,7 +100,7 @@ def _rate(path: Path, key: str, value: Any) -> float | None:
     return float(value)
 
 
-def _rpc(path: Path, name: str, table: Any) -> RpcSlo:
+def _rpc(path: Path, name: str, table: Any, default_error_rate: float) -> RpcSlo:
     where = f"[rpc.{name!r}]"
     if not isinstance(table, dict):
         raise SloError(f"{path}: {where} must be a table")
@@ -114,7 +114,8 @@ def _rpc(path: Path, name: str, table: Any) -> RpcSlo:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
             raise SloError(f"{path}: {where} {key} must be a positive number of milliseconds, got {value!r}")
         limits[int(match.group(1))] = float(value)
-    return RpcSlo(name, dict(sorted(limits.items())), _rate(path, f"{where} max_error_rate", table.get("max_error_rate")))
+    own = _rate(path, f"{where} max_error_rate", table.get("max_error_rate"))
+    return RpcSlo(name, dict(sorted(limits.items())), default_error_rate if own is None else own)
 
 
 @dataclass(frozen=True)

@@ -178,7 +178,8 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         submitted_ns = time.time_ns()  # the engine spans' clock (epoch ns)
         try:
             result = await asyncio.wait_for(self.engine.rank(job.request), budget)
-        except asyncio.TimeoutError:  # wait_for cancelled engine.rank, which aborted the engine request
+        except asyncio.TimeoutError:  # wait_for cancelled engine.rank, which aborts the engine request (unless
+            # identical requests wait on its run: the AnswerCache keeps it going for them)
             return self._degrade(plan, retrieval_order, "deadline",
                                  f"LLM aborted after {budget * 1e3:.0f} ms to keep the deadline", submitted)
         except EngineOverloaded as e:

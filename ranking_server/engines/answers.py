@@ -9,7 +9,8 @@ again (in fp32 exactly; a bf16 build or a GPU may differ in the last bits betwee
 cached and a computed context, as any two runs of the request may). It is keyed by a digest of the request as
 the engine sees it (all but its id; score mode leaves out k and the logit weight, which it never reads) and
 lives as long as the engine (a new model means a new engine, so no answer outlives the model that gave it).
-Only answers are kept: a failure, an abort or a timeout is never cached, and a failed engine (health false)
+Only answers are kept: a failure or an abort is never cached (a run kept going for identical requests after its
+first caller's deadline passed is an answer, and is kept), and a failed engine (health false)
 answers nothing from it either. A generate request's constraint factory is part of the key when it is a
 `functools.partial` of a module-level function over plain values (the server's); one that cannot be keyed (a
 lambda) is not cached.

@@ -358,3 +358,16 @@ def test_the_latency_model_of_generate_mode_has_decode_steps_only_where_the_serv
         assert tokens == 1 and "generate_logit_weight 0" in why
     else:
         assert tokens > ranker["generate_k"]  # k answer lines, each a label and its title's tokens
+
+
+def test_a_gpu_build_on_gpus_of_different_kinds_is_refused_naming_the_remedy(tiny_llm_bundle, monkeypatch):
+    """A described machine (no GPU here): an H100 beside an A100 read as device 0's SM before; now "mixed", which
+    the build's dtype choice could not parse (a ValueError deep in the target)."""
+    from compile.steps import StepFailed
+
+    here = Machine.detect("cpu")
+    mixed = Machine(device="cuda", device_name="NVIDIA H100 80GB HBM3", compute_capability="mixed: 8.0, 9.0",
+                    gpu_count=2, cpu_name=here.cpu_name, cpu_isa=here.cpu_isa, libraries=here.libraries)
+    monkeypatch.setattr(build.Machine, "detect", staticmethod(lambda device="cpu": mixed))
+    with pytest.raises(StepFailed, match=r"GPUs differ in compute capability \(mixed: 8.0, 9.0\).*CUDA_VISIBLE_DEVICES"):
+        build.run(build_config(tiny_llm_bundle, "hf-cuda"))

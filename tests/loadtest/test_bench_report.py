@@ -275,6 +275,19 @@ def test_a_failed_retrieve_is_counted_and_the_rpc_cell_still_reports(server_loop
     assert all(math.isnan(v) for v in percentiles_ms([]).values())
 
 
+def test_a_report_with_nan_is_written_as_strict_json(tmp_path):
+    """A cell that answered nothing has NaN percentiles; json.dumps wrote the bare NaN token, which strict readers
+    refuse."""
+    import json
+
+    from loadtest.report import write_report
+
+    json_path, _ = write_report(tmp_path, "r", {"rows": [{"p50_ms": float("nan"), "ok": 1.5}], "x": (float("inf"),)},
+                                "# r")
+    assert "NaN" not in json_path.read_text() and "Infinity" not in json_path.read_text()
+    assert json.loads(json_path.read_text()) == {"rows": [{"p50_ms": None, "ok": 1.5}], "x": [None]}
+
+
 @pytest.mark.parametrize("argv, named", [
     (["mixed", "--loads", "2", "--bundle", "no-such-bundle"], "mixed: "),
     (["retrieval", "--modes", "micro batching", "--bundle", "no-such-bundle"], "--modes: unknown"),
