@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from palr.bundle import BundleError
-from palr.machine import Machine, library_version
+from palr.machine import ISA_FLAGS, Machine, library_version
 from palr.targets import TARGETS, target_spec
 
 
@@ -81,8 +81,10 @@ def other_cpu_kernels(entry: dict[str, Any], machine: Machine) -> list[str]:
     agreement under the build machine's kernels (AMX tiles, AVX512-BF16 dot products, VNNI), which run at other
     speeds and round differently on another instruction set (a bf16 candidate sits near the agreement bar:
     docs/builds.md), and an fp32 build made without bf16 never measured the bf16 a newer CPU runs fast. [] when the
-    tracked flags are the same (`palr.machine.ISA_FLAGS`); entries without them (older builds) are not checked."""
-    built, here = set(entry["cpu_isa"]), set(machine.cpu_isa)
+    tracked flags are the same (`palr.machine.ISA_FLAGS`, as far as the build tracked them too: a flag added to the
+    list later does not turn every older build away); entries without `cpu_isa` (older builds) are not checked."""
+    compared = set(entry.get("isa_tracked") or ISA_FLAGS) & set(ISA_FLAGS)
+    built, here = set(entry["cpu_isa"]) & compared, set(machine.cpu_isa) & compared
     if built == here:
         return []
     differences = [f"{label} {', '.join(sorted(flags))}" for label, flags in

@@ -119,7 +119,7 @@ class Machine:
         """The hardware part of a build's manifest entry."""
         return {"target": target.name, "engine": target.engine, "device": self.device,
                 "device_name": self.device_name, "compute_capability": self.compute_capability,
-                "cpu_name": self.cpu_name, "cpu_isa": list(self.cpu_isa),
+                "cpu_name": self.cpu_name, "cpu_isa": list(self.cpu_isa), "isa_tracked": list(ISA_FLAGS),
                 "engine_libraries": {n: self.libraries.get(n) for n in target.pinned},
                 "libraries": {n: v for n, v in self.libraries.items()}}
 

@@ -55,7 +55,7 @@ def test_build_writes_a_checkpoint_and_a_manifest_entry_pinned_to_this_machine(h
     here = Machine.detect("cpu")
     assert entry["target"] == "hf-cpu" and entry["engine"] == "hf" and entry["device"] == "cpu"
     assert entry["device_name"] == here.cpu_name and entry["compute_capability"] is None
-    assert entry["cpu_isa"] == list(here.cpu_isa)
+    assert entry["cpu_isa"] == list(here.cpu_isa) and entry["isa_tracked"] == list(ISA_FLAGS)
     assert entry["engine_libraries"] == {"torch": torch.__version__, "transformers": here.libraries["transformers"]}
     assert set(entry["libraries"]) >= {"torch", "transformers", "onnxruntime", "onnxruntime-genai", "tensorrt_llm"}
     assert entry["dtype"] in CANDIDATES and entry["tensor_parallel_size"] == 1

@@ -117,6 +117,10 @@ def test_a_cpu_build_is_refused_on_a_cpu_with_another_instruction_set():
            "f16c, so" in check_build(old_cpu_build, xeon)[0]
     no_record = {k: v for k, v in old_cpu_build.items() if k != "cpu_isa"}  # built before the flags were recorded
     assert check_build(no_record, xeon) == []
+    # a flag tracked since the build was made (not in its isa_tracked) is not held against it
+    tracked_then = [f for f in XEON_ISA if not f.startswith("amx")]
+    earlier = {**xeon_build, "cpu_isa": [f for f in XEON_ISA if f in tracked_then], "isa_tracked": tracked_then}
+    assert check_build(earlier, xeon) == []
     # a missing required instruction is the one problem named, not twice
     assert [p.split(":")[0] for p in check_build(xeon_build, Machine("cpu", "AMD EPYC", None, 0, "AMD EPYC",
                                                                    ("avx2", "fma"), {}))] == ["CPU instructions"]
