@@ -40,9 +40,12 @@ REFERENCE_WIDTH = 2048  # the reference decoder's hidden size (0: no reference r
 REFERENCE_LAYERS = 2
 REFERENCE_VOCAB = 1024
 PARAMETERS = "non-embedding (decoder layers + final norm; no token embeddings, no LM head)"
-# which matmul dtype a build candidate (compile/targets/hf_cpu.py) runs its decoder in
-MATMUL_DTYPE = {"fp32": "fp32", "bf16": "bf16", "bf16-body": "bf16", "bf16-body-fp32-last": "bf16", "int8": "fp32",
+# which matmul a build candidate (compile/targets/hf_cpu.py) runs its decoder in: "int8" is torch's dynamic int8
+# Linear (fbgemm: int8 weights, activations quantized per call), whose peak is that Linear's, not fp32's (an int8
+# build measured against the fp32 peak read as 2x "utilisation")
+MATMUL_DTYPE = {"fp32": "fp32", "bf16": "bf16", "bf16-body": "bf16", "bf16-body-fp32-last": "bf16", "int8": "int8",
                 "int8-wo": "fp32"}
+INT8 = "int8"  # the peak kind of a dynamic int8 build (a key of `matmul_shares` beside torch dtypes)
 
 
 def matmul_flops(n: int = MATMUL_N) -> int:
@@ -81,6 +84,8 @@ def matmul_shares(candidate: str, model) -> dict:
     """{torch dtype: share of the decoder layers whose matmuls run in it} for `model` made `candidate`."""
     import torch
 
+    if MATMUL_DTYPE.get(candidate, "fp32") == INT8:
+        return {INT8: 1.0}
     if MATMUL_DTYPE.get(candidate, "fp32") != "bf16":
         return {torch.float32: 1.0}
     from palr.precision import layer_dtypes
@@ -93,7 +98,7 @@ def shares_label(shares: dict) -> str:
     """"bf16", or "bf16 75 % + fp32 25 %" for a mixed build."""
     from palr.hf_build import DTYPES
 
-    names = {dtype: name for name, dtype in DTYPES.items()}
+    names = {dtype: name for name, dtype in DTYPES.items()} | {INT8: "int8 (dynamic)"}
     if len(shares) == 1:
         return names[next(iter(shares))]
     return " + ".join(f"{names[d]} {100 * s:.0f} %" for d, s in shares.items())
@@ -143,19 +148,19 @@ def measure(model, input_ids: list[int], dtypes: list[str], repeats: int = 5, n:
     for dtype in dict.fromkeys(dtypes):
         candidate = variant(model, dtype)
         shares = matmul_shares(dtype, candidate)
-        pairs = {d: (torch.randn(n, n, dtype=d), torch.randn(n, n, dtype=d)) for d in shares}
+        matmuls = {d: peak_matmul(d, n) for d in shares}
         decoder = candidate.get_decoder()
         ids = pass_input_ids([input_ids])  # [1, T], padded as the engine pads a pass
         with torch.inference_mode():
-            for a, b in pairs.values():
-                a @ b
+            for matmul in matmuls.values():
+                matmul()
             decoder(input_ids=ids[:, :16], use_cache=True)  # warm-up
             peaks, prefills = [], []
             for _ in range(repeats):
                 peak = 0.0
-                for d, (a, b) in pairs.items():
+                for d, matmul in matmuls.items():
                     started = time.perf_counter()
-                    a @ b
+                    matmul()
                     peak += shares[d] * (time.perf_counter() - started)
                 peaks.append(peak)
                 started = time.perf_counter()
@@ -171,6 +176,20 @@ def measure(model, input_ids: list[int], dtypes: list[str], repeats: int = 5, n:
                  100 * (row["utilisation"] or 0))
         del decoder, candidate
     return rows
+
+
+def peak_matmul(kind, n: int = MATMUL_N):
+    """A call doing an n x n by n x n matmul of `kind`: a torch dtype's `a @ b`, or (INT8) the dynamic int8 Linear an
+    int8 build's decoder runs (its weights quantized once, the n x n input quantized per call, as served)."""
+    import torch
+
+    a = torch.randn(n, n)
+    if kind == INT8:
+        linear = torch.ao.quantization.quantize_dynamic(torch.nn.Sequential(torch.nn.Linear(n, n, bias=False)),
+                                                        {torch.nn.Linear}, dtype=torch.qint8)
+        return lambda: linear(a)
+    a, b = a.to(kind), torch.randn(n, n, dtype=kind)
+    return lambda: a @ b
 
 
 def engine_row(peak_row: dict, cell: dict | None, parameters: int, tokens: float) -> dict | None:
@@ -196,4 +215,5 @@ def section(model, input_ids: list[int], bundle_dir, repeats: int = 5, reference
         del reference
     return {"parameters": non_embedding_parameters(model), "parameter_count": PARAMETERS, "chosen": chosen,
             "chosen_from": why, "rows": rows,
-            "flops": "2 x parameters x prompt tokens / prefill time; peak: 2 x n^3 / time of an n^3 torch.matmul"}
+            "flops": "2 x parameters x prompt tokens / prefill time; peak: 2 x n^3 / time of an n^3 torch.matmul (a dynamic "
+                     "int8 build: of its int8 Linear on an n x n input)"}

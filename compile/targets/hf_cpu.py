@@ -98,9 +98,9 @@ def choose(latency: dict, quality: dict, config) -> tuple[str, dict[str, str]]:
         good = all(quality_ok(quality[dtype], ref_q, config.min_agreement, config.max_ndcg_drop, m) for m in MODES)
         faster = all(r <= 1 - config.min_gain for r in ratios.values())
         q = quality[dtype]
-        why = (f"{LABELS.get(dtype, dtype)}: score {ratios['score']:.2f}x, generate {ratios['generate']:.2f}x fp32 latency; top-1 agreement "
-               f"{q['score_top1_agreement']:.2f}, generate first pick {q['generate_first_agreement']:.2f} "
-               f"({q['generate_first_probes']} probes)")
+        why = (f"{LABELS.get(dtype, dtype)}: score {ratios['score']:.2f}x, generate {ratios['generate']:.2f}x fp32 latency; served "
+               f"top-1 agreement {q['served_top1_agreement']:.2f}, generate first pick {q['generate_first_agreement']:.2f} "
+               f"({q['generate_first_probes']} probes; the LLM's own top-1 {q['score_top1_agreement']:.2f})")
         verdicts[dtype] = ("kept: " if good and faster else "rejected: ") + why + (
             "" if good else " (ranks differently)") + ("" if faster else " (not faster in both modes)")
         if good and faster:
@@ -189,8 +189,8 @@ def measure_and_choose(ctx: BuildContext, model, tokenizer, report: dict) -> tup
                    "candidates": {d: LABELS[d] for d in [*candidates, *skipped]}, "verdicts": verdicts, "threads": thread_table, "chosen_threads": threads,
                    "decision": f"kept {best} ({verdicts[best]})"})
     for dtype in candidates:
-        log.info("hf-cpu %-5s prefill %.1f ms, decode %.2f ms/token, top-1 agreement %.2f%s → %s", dtype,
-                 latency[dtype]["prefill_ms"], latency[dtype]["decode_ms"], quality[dtype]["score_top1_agreement"],
-                 f", NDCG@10 {quality[dtype]['score_ndcg@10']:.4f}" if "score_ndcg@10" in quality[dtype] else "",
+        log.info("hf-cpu %-5s prefill %.1f ms, decode %.2f ms/token, served top-1 agreement %.2f%s → %s", dtype,
+                 latency[dtype]["prefill_ms"], latency[dtype]["decode_ms"], quality[dtype]["served_top1_agreement"],
+                 f", served NDCG@10 {quality[dtype]['served_ndcg@10']:.4f}" if "served_ndcg@10" in quality[dtype] else "",
                  verdicts[dtype])
     return best, threads

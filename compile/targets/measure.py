@@ -36,7 +36,8 @@ from palr import metrics
 from palr.decoding import LabelConstraint
 from palr.llm import generate_constrained, label_log_probs, model_device, pick_allowed, read_prompt
 from palr.prompt import Readout
-from palr.ranking import decoding_bias, generate_logit_weight, load_ranker
+from palr.ranking import (decoding_bias, fuse, generate_logit_weight, generation_bias, head_bias, load_ranker,
+                          retrieval_prior)
 
 log = logging.getLogger(__name__)
 
@@ -44,17 +45,37 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Probe:
     """One prompt: token ids, candidate labels, and for a validation user where the true next item is
-    (None: retrieval missed it, a miss for NDCG); synthetic prompts have no target at all."""
+    (None: retrieval missed it, a miss for NDCG); synthetic prompts have no target at all. A validation probe
+    also carries what the server fuses the LLM's scores with (`palr.ranking.fuse`): the retrieval term, the head's
+    per-candidate bias and the ranker's fusion weight, so the build judges the ranking the server answers with."""
 
     input_ids: list[int]
     label_token_ids: list[int]
     target_position: int | None
     validation: bool = True
     readout: Readout | None = None  # a candidate-readout ranker's (None: the labels after the prompt)
+    prior: list[float] | None = None      # the retrieval term (`retrieval_prior`); None: nothing to fuse with
+    head_bias: list[float] | None = None  # the ranking head's learned bias per candidate (`head_bias`)
+    fusion_weight: float = 0.0
 
     def score_readout(self) -> Readout:
         return self.readout if self.readout is not None else Readout.after_prompt(len(self.input_ids),
                                                                                    self.label_token_ids)
+
+    def served(self, scores: Sequence[float]) -> list[float]:
+        """Score mode's answer as the server computes it from the LLM's scores (the scores as they are without a
+        retrieval term)."""
+        return fuse(scores, self.prior, self.fusion_weight, self.head_bias) if self.prior is not None else list(scores)
+
+    def generation_bias(self) -> list[float] | None:
+        """Generate mode's per-candidate bias as the server builds it (`prompts.engine_request`)."""
+        return generation_bias(self.prior, self.fusion_weight, self.head_bias) if self.prior is not None else None
+
+    def decoding_bias(self, readout: Sequence[float] | None) -> list[float] | None:
+        """The bias generate mode's picks add to the label logits: the fusion bias, plus the readout logits of a
+        candidate-readout ranker."""
+        bias = self.generation_bias()
+        return decoding_bias(bias, readout) if self.readout is not None and readout is not None else bias
 
 
 def load_probes(bundle, tokenizer, n: int, prompt_tokens: int, seed: int = 0) -> tuple[list[Probe], str]:
@@ -65,8 +86,9 @@ def load_probes(bundle, tokenizer, n: int, prompt_tokens: int, seed: int = 0) ->
         with path.open() as f:
             rows = [json.loads(line) for line in f if line.strip()][:n]
         if rows:
-            return [Probe(r["input_ids"], r["label_token_ids"], r.get("target_position"), readout=candidate_readout(r))
-                    for r in rows], \
+            ranker = load_ranker(bundle)
+            return [Probe(r["input_ids"], r["label_token_ids"], r.get("target_position"), readout=candidate_readout(r),
+                          **served_terms(r, ranker)) for r in rows], \
                 f"{len(rows)} validation users from {path.relative_to(bundle.root)}"
     rng = random.Random(seed)
     labels = [tokenizer.encode(f" {chr(ord('A') + i)}", add_special_tokens=False)[0] for i in range(20)]
@@ -74,6 +96,18 @@ def load_probes(bundle, tokenizer, n: int, prompt_tokens: int, seed: int = 0) ->
     probes = [Probe([rng.randrange(100, vocab) for _ in range(prompt_tokens)], labels, None, validation=False)
               for _ in range(n)]
     return probes, f"{n} synthetic prompts of {prompt_tokens} random tokens (the bundle has no sft_data)"
+
+
+def served_terms(row: dict, ranker: dict) -> dict[str, Any]:
+    """A validation row's fusion terms under the bundle's ranker, as `compile merge` fits them and the server fuses
+    them; {} without retrieval scores in the row or a ranker (nothing to fuse: the LLM's scores are the answer)."""
+    if "retrieval_scores" not in row or not ranker:
+        return {}
+    prior = retrieval_prior(row["retrieval_scores"], row.get("trend"), ranker.get("retrieval_trend_weights"),
+                            row.get("collab"), ranker.get("retrieval_collab_weight"))
+    return {"prior": prior, "head_bias": head_bias(ranker.get("trend_bias"), row.get("trend"),
+                                                   ranker.get("rank_bias"), row.get("ranks")),
+            "fusion_weight": float(ranker.get("fusion_weight", 0.0))}
 
 
 def latency_prompt(probes: Sequence[Probe], tokens: int) -> list[int]:
@@ -103,13 +137,17 @@ class Read:
         """Score mode: log-softmax of the readout over the candidates (palr.llm.score_candidates)."""
         return label_log_probs(torch.tensor(self.readout))
 
-    def first_pick(self, probe: Probe, k: int, logit_weight: float) -> int:
+    def first_pick(self, probe: Probe, k: int, logit_weight: float, served: bool = True) -> int:
         """Generate mode's first emitted position, as the engines pick it (palr.llm.pick_allowed): the
-        label logits times `logit_weight`, plus the readout logits for a candidate-readout ranker."""
+        label logits times `logit_weight`, plus the readout logits for a candidate-readout ranker, plus (`served`)
+        the fusion bias the server adds."""
         constraint = LabelConstraint(probe.label_token_ids, k)
         allowed = constraint.allowed_tokens()
         by_token = dict(zip(probe.label_token_ids, self.labels))
-        bias = decoding_bias(None, self.readout) if probe.readout is not None else None
+        if served:
+            bias = probe.decoding_bias(self.readout)
+        else:
+            bias = decoding_bias(None, self.readout) if probe.readout is not None else None
         token = pick_allowed(allowed, torch.tensor([by_token[t] for t in allowed]), constraint, bias, logit_weight)
         return probe.label_token_ids.index(token)
 
@@ -160,7 +198,7 @@ class TorchRunner:
 
     def generate(self, probe: Probe, k: int, logit_weight: float) -> list[int]:
         return generate_constrained(self.model, probe.input_ids, LabelConstraint(probe.label_token_ids, k),
-                                    readout=probe.readout, logit_weight=logit_weight)
+                                    bias=probe.generation_bias(), readout=probe.readout, logit_weight=logit_weight)
 
 
 class OrtGenaiRunner:
@@ -206,7 +244,7 @@ class OrtGenaiRunner:
     def generate(self, probe: Probe, k: int, logit_weight: float) -> list[int]:
         constraint = LabelConstraint(probe.label_token_ids, k)
         logits, read = self._read(probe)
-        bias = decoding_bias(None, read) if probe.readout is not None else None
+        bias = probe.decoding_bias(read)
         while True:
             allowed = constraint.allowed_tokens()
             token = pick_allowed(allowed, torch.from_numpy(logits[allowed]), constraint, bias, logit_weight)
@@ -244,8 +282,9 @@ class Answers:
     probes), and whole generated lists (the first few probes)."""
 
     scores: list[list[float]]
-    first_picks: list[int]
-    orders: list[list[int]]
+    first_picks: list[int]      # as served: the fusion bias added
+    orders: list[list[int]]     # as served
+    llm_first_picks: list[int]  # the LLM's own (its readout and label logits, no fusion)
 
 
 def measure_quality(runners: Sequence[Runner], reference: Runner, probes: Sequence[Probe], k: int,
@@ -259,7 +298,8 @@ def measure_quality(runners: Sequence[Runner], reference: Runner, probes: Sequen
         reads = [runner.read(p) for p in probes]
         return Answers([r.scores() for r in reads],
                        [r.first_pick(p, _k(p, k), logit_weight) for r, p in zip(reads, probes)],
-                       [runner.generate(p, _k(p, k), logit_weight) for p in gen_probes])
+                       [runner.generate(p, _k(p, k), logit_weight) for p in gen_probes],
+                       [r.first_pick(p, _k(p, k), logit_weight, served=False) for r, p in zip(reads, probes)])
 
     ref = answers(reference)
     out = {}
@@ -271,22 +311,35 @@ def measure_quality(runners: Sequence[Runner], reference: Runner, probes: Sequen
 
 
 def quality_summary(answers: Answers, ref: Answers, probes: Sequence[Probe], k: int) -> dict[str, Any]:
-    top = [_order(s) for s in answers.scores]
-    ref_top = [_order(s) for s in ref.scores]
+    """Agreement with the reference of the ranking the server answers with (`served_*`, `generate_first_*`: the
+    LLM's scores fused as served; what the bar judges) and of the LLM's own (`score_*`, `llm_first_agreement`: for
+    the record; at a large fusion weight the LLM only breaks the retrieval term's near-ties, so its own order may
+    move where the served one does not)."""
+    top, ref_top = [_order(s) for s in answers.scores], [_order(s) for s in ref.scores]
+    served = [_order(p.served(s)) for s, p in zip(answers.scores, probes)]
+    ref_served = [_order(p.served(s)) for s, p in zip(ref.scores, probes)]
     summary = {
+        "served_top1_agreement": _mean([a[0] == b[0] for a, b in zip(served, ref_served)]),
+        f"served_top{k}_overlap": _overlap(served, ref_served, k),
         "score_top1_agreement": _mean([a[0] == b[0] for a, b in zip(top, ref_top)]),
-        f"score_top{k}_overlap": _mean([len(set(a[:k]) & set(b[:k])) / min(k, len(a)) for a, b in zip(top, ref_top)]),
+        f"score_top{k}_overlap": _overlap(top, ref_top, k),
         "score_max_abs_logprob_diff": round(max(float(np.max(np.abs(np.subtract(a, b))))
                                                 for a, b in zip(answers.scores, ref.scores)), 6),
         "generate_first_agreement": _mean([a == b for a, b in zip(answers.first_picks, ref.first_picks)]),
+        "llm_first_agreement": _mean([a == b for a, b in zip(answers.llm_first_picks, ref.llm_first_picks)]),
         "generate_first_probes": len(answers.first_picks),
         "generate_exact_agreement": _mean([list(a) == list(b) for a, b in zip(answers.orders, ref.orders)]),
         "generate_exact_probes": len(answers.orders),
     }
     if all(p.validation for p in probes):
-        ranks = [None if p.target_position is None else order.index(p.target_position) for order, p in zip(top, probes)]
-        summary["score_ndcg@10"] = round(metrics.ndcg(ranks, 10), 4)
+        for name, orders in (("served_ndcg@10", served), ("score_ndcg@10", top)):
+            ranks = [None if p.target_position is None else o.index(p.target_position) for o, p in zip(orders, probes)]
+            summary[name] = round(metrics.ndcg(ranks, 10), 4)
     return summary
+
+
+def _overlap(orders: Sequence[list[int]], ref_orders: Sequence[list[int]], k: int) -> float:
+    return _mean([len(set(a[:k]) & set(b[:k])) / min(k, len(a)) for a, b in zip(orders, ref_orders)])
 
 
 def bundle_generate_logit_weight(bundle) -> float:
@@ -296,10 +349,11 @@ def bundle_generate_logit_weight(bundle) -> float:
 
 
 def quality_ok(candidate: dict, reference: dict, min_agreement: float, max_ndcg_drop: float, mode: str) -> bool:
-    """Ranks like the reference: top-1 agreement (score) or first-pick agreement (generate) at least
-    `min_agreement`, and NDCG@10 no more than `max_ndcg_drop` below the reference's."""
-    agreement = candidate["score_top1_agreement" if mode == "score" else "generate_first_agreement"]
-    ndcg_drop = reference.get("score_ndcg@10", 0.0) - candidate.get("score_ndcg@10", 0.0)
+    """Answers like the reference, as the server answers (the LLM's scores fused with the retrieval term): top-1
+    agreement of the served ranking (score) or first-pick agreement (generate) at least `min_agreement`, and the
+    served ranking's NDCG@10 no more than `max_ndcg_drop` below the reference's."""
+    agreement = candidate["served_top1_agreement" if mode == "score" else "generate_first_agreement"]
+    ndcg_drop = reference.get("served_ndcg@10", 0.0) - candidate.get("served_ndcg@10", 0.0)
     return agreement >= min_agreement and ndcg_drop <= max_ndcg_drop
 
 

@@ -146,9 +146,9 @@ def measure_and_choose(ctx: BuildContext, reference: TorchRunner, tokenizer, dir
                                     -mode_latency_ms(latency[f"ortgenai-{p}"], "generate", config.generate_tokens)))
     won = verdicts[kept][0]
     for runner in runners:
-        log.info("ortgenai-cpu %-14s prefill %.1f ms, decode %.2f ms/token, top-1 agreement %.2f, generate agreement %.2f",
-                 runner.name, latency[runner.name]["prefill_ms"], latency[runner.name]["decode_ms"],
-                 quality[runner.name]["score_top1_agreement"], quality[runner.name]["generate_first_agreement"])
+        log.info("ortgenai-cpu %-14s prefill %.1f ms, decode %.2f ms/token, served top-1 agreement %.2f, generate "
+                 "agreement %.2f", runner.name, latency[runner.name]["prefill_ms"], latency[runner.name]["decode_ms"],
+                 quality[runner.name]["served_top1_agreement"], quality[runner.name]["generate_first_agreement"])
     report.update({"probes": source, "latency_prompt_tokens": len(ids), "latency_baseline": baseline.name,
                    "latency": latency, "quality": quality,
                    "modes": {p: {"won": w, "why": why} for p, (w, why) in verdicts.items()},

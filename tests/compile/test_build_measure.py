@@ -25,24 +25,52 @@ def tiny(tiny_llama_dir):
     return model.eval().requires_grad_(False)
 
 
-def probes(n: int, candidate_readout: bool, length: int = 48, seed: int = 0) -> list[Probe]:
+def probes(n: int, candidate_readout: bool, length: int = 48, seed: int = 0, fusion_weight: float | None = None
+           ) -> list[Probe]:
+    """Random prompts; with `fusion_weight`, each carries a retrieval term and a head bias to be fused at it."""
     g = torch.Generator().manual_seed(seed)
     out = []
     for i in range(n):
         ids = torch.randint(100, 40000, (length,), generator=g).tolist()
         readout = Readout(tuple(range(8, 8 + 4 * len(LABELS), 4)), (SCORE_ROW,) * len(LABELS)) \
             if candidate_readout else None
-        out.append(Probe(ids, LABELS, target_position=i % len(LABELS), readout=readout))
+        fusion = {} if fusion_weight is None else {
+            "prior": torch.randn(len(LABELS), generator=g).tolist(), "fusion_weight": fusion_weight,
+            "head_bias": (0.1 * torch.randn(len(LABELS), generator=g)).tolist()}
+        out.append(Probe(ids, LABELS, target_position=i % len(LABELS), readout=readout, **fusion))
     return out
 
 
+@pytest.mark.parametrize("fusion_weight", [None, 0.5], ids=["no-fusion", "fused"])
 @pytest.mark.parametrize("candidate_readout", [False, True])
 @pytest.mark.parametrize("logit_weight", [1.0, 0.1, 0.0])
-def test_first_pick_from_one_forward_pass_is_what_generate_emits_first(tiny, candidate_readout, logit_weight):
+def test_first_pick_from_one_forward_pass_is_what_generate_emits_first(tiny, candidate_readout, logit_weight,
+                                                                       fusion_weight):
     runner = TorchRunner("fp32", tiny)
-    for probe in probes(6, candidate_readout):
+    for probe in probes(6, candidate_readout, fusion_weight=fusion_weight):
         generated = runner.generate(probe, 3, logit_weight)
         assert runner.read(probe).first_pick(probe, 3, logit_weight) == generated[0]
+
+
+def test_the_bar_judges_the_ranking_the_server_answers_with_not_the_llms_own():
+    """At the fitted fusion weight (1000 on the shipped rankers) the served order is the retrieval term's with the
+    LLM breaking near-ties: a precision that moves the LLM's own top-1 on every probe but no served answer passed
+    nothing before (its raw agreement was judged) and passes now; one that moves served answers still fails."""
+    from compile.targets.measure import Answers, quality_ok, quality_summary
+
+    def probe(prior, weight=1000.0):
+        return Probe([1, 2, 3], [10, 11, 12], target_position=0, prior=prior, fusion_weight=weight)
+
+    fused = [probe([0.0, -3.0, -6.0]), probe([-6.0, 0.0, -3.0])]
+    ref = Answers([[-0.1, -2.0, -3.0], [-2.0, -0.1, -3.0]], [0, 1], [], [0, 1])
+    moved = Answers([[-3.0, -0.1, -2.0], [-0.1, -3.0, -2.0]], [0, 1], [], [1, 0])  # the LLM's own top-1 moved
+    summary, ref_summary = quality_summary(moved, ref, fused, k=2), quality_summary(ref, ref, fused, k=2)
+    assert summary["score_top1_agreement"] == 0.0 and summary["llm_first_agreement"] == 0.0
+    assert summary["served_top1_agreement"] == 1.0 and summary["served_ndcg@10"] == ref_summary["served_ndcg@10"]
+    assert all(quality_ok(summary, ref_summary, 0.9, 0.01, mode) for mode in ("score", "generate"))
+    llm_decides = [probe(p, weight=0.0) for p in ([0.0, -3.0, -6.0], [-6.0, 0.0, -3.0])]  # weight 0: the LLM alone
+    summary = quality_summary(moved, ref, llm_decides, k=2)
+    assert summary["served_top1_agreement"] == 0.0 and not quality_ok(summary, ref_summary, 0.9, 0.01, "score")
 
 
 def test_first_pick_agreement_is_over_every_probe_and_whole_lists_over_the_generated_ones(tiny):

@@ -27,7 +27,7 @@ def test_flop_arithmetic():
     assert row["prefill_gflops"] == 120.0  # 2 x 1e8 x 300 / 0.5 s
     assert row["utilisation"] == pytest.approx(120 / 171.8, abs=1e-3)
     assert row["prefill_ms"] == 500.0 and row["matmul_ms"] == 100.0 and row["prompt_tokens"] == 300
-    assert MATMUL_DTYPE["bf16-body"] == "bf16" and MATMUL_DTYPE["int8"] == "fp32"
+    assert MATMUL_DTYPE["bf16-body"] == "bf16" and MATMUL_DTYPE["int8"] == "int8" and MATMUL_DTYPE["int8-wo"] == "fp32"
 
 
 def test_engine_row_uses_the_cells_p50_as_the_prefill_time():
@@ -64,7 +64,9 @@ def test_a_mixed_build_peak_is_split_as_its_layers_are():
     assert mixed == {torch.bfloat16: 0.75, torch.float32: 0.25}
     assert shares_label(mixed) == "bf16 75 % + fp32 25 %"
     assert matmul_shares("bf16-body", variant(model, "bf16-body")) == {torch.bfloat16: 1.0}
-    assert matmul_shares("int8", model) == {torch.float32: 1.0} and shares_label({torch.float32: 1.0}) == "fp32"
+    assert matmul_shares("int8-wo", model) == {torch.float32: 1.0} and shares_label({torch.float32: 1.0}) == "fp32"
+    # a dynamic int8 build is measured against its own int8 Linear, not the fp32 matmul it ran ~2.5x faster than
+    assert matmul_shares("int8", model) == {"int8": 1.0} and shares_label({"int8": 1.0}) == "int8 (dynamic)"
 
 
 def test_vs_sequential_is_taken_within_one_round():
