@@ -36,6 +36,13 @@ def answered_code(late_s: float) -> grpc.StatusCode:
     return grpc.StatusCode.DEADLINE_EXCEEDED if late_s > LATE_ANSWER_SLACK_S else grpc.StatusCode.OK
 
 
+def deadline_rounding_s(timeout_s: float) -> float:
+    """How much later than its client's the server's deadline may be: gRPC sends a timeout rounded up to three
+    significant figures of milliseconds (1.011 s goes as 1.02 s, 12.345 s as 12.4 s), so by up to 1 %, and at least
+    the millisecond it rounds to."""
+    return max(0.001, 0.01 * timeout_s)
+
+
 def _cut_by_stop() -> bool:
     return _grace_ends_at is not None and time.monotonic() >= _grace_ends_at - GRACE_TIMER_SLACK_S
 
@@ -78,8 +85,10 @@ class RpcMetrics:
             logger.info("rid=%s %s: %s", rid, code.name, e)
             await context.abort(code, str(e), trailing_metadata=(*e.trailing_metadata, *rid_metadata))
         except asyncio.CancelledError:
-            remaining = context.time_remaining()
-            if remaining is not None and remaining <= 0:  # gRPC cancels a handler whose deadline passed too
+            left = context.time_remaining()
+            # gRPC cancels a handler whose deadline passed too; the client's own deadline came up to the rounding of
+            # its timeout earlier (it cancelled then, while the server's deadline had a little left)
+            if left is not None and left <= deadline_rounding_s(remaining):
                 code = grpc.StatusCode.DEADLINE_EXCEEDED
                 logger.info("rid=%s deadline exceeded", rid)
             else:

@@ -279,7 +279,8 @@ def codes_counted(server_loop, service: PlumbingService, calls) -> dict[str, flo
     finally:
         server_loop.run(server.drain())
     key = 'test_plumbing_requests_total{{code="{}"}}'.format
-    return {code: after.get(key(code), 0) - before.get(key(code), 0) for code in ("OK", "DEADLINE_EXCEEDED")}
+    counted = {code: after.get(key(code), 0) - before.get(key(code), 0) for code in ("OK", "DEADLINE_EXCEEDED", "CANCELLED")}
+    return {code: n for code, n in counted.items() if n}
 
 
 def test_an_answer_finished_after_its_deadline_is_counted_as_the_client_saw_it(server_loop):
@@ -292,6 +293,18 @@ def test_an_answer_finished_after_its_deadline_is_counted_as_the_client_saw_it(s
         assert call(channel, "Echo") == b"ping"
 
     assert codes_counted(server_loop, PlumbingService(delay_s=0.6), calls) == {"DEADLINE_EXCEEDED": 1, "OK": 1}
+
+
+def test_a_deadline_whose_timeout_grpc_rounded_up_is_counted_deadline_exceeded_not_cancelled(server_loop):
+    """gRPC sends a 1.011 s timeout as 1.02 s: the client's deadline passes first and it cancels the call while
+    the server's deadline has ~9 ms left, which was counted CANCELLED ("by the client")."""
+    def calls(channel):
+        for timeout in (1.011, 1.091):
+            with pytest.raises(grpc.RpcError) as late:
+                call(channel, "Slow", timeout=timeout)
+            assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+    assert codes_counted(server_loop, PlumbingService(delay_s=3.0), calls) == {"DEADLINE_EXCEEDED": 2}
 
 
 @pytest.mark.parametrize("late_ms, code", [(-5.0, "OK"), (0.5, "OK"), (2.0, "DEADLINE_EXCEEDED"),
