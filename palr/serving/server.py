@@ -56,6 +56,30 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
                                        require_client_auth=client_ca is not None)
 
 
+class DrainingHealthServicer(health.aio.HealthServicer):
+    """grpc's health servicer, whose `Watch` streams end once the server stops (`end_watches`): a Watch never
+    returns on its own, so each one open (a caller's client-side health checking, a mesh's probe) counted as an
+    RPC in flight and held `stop(grace)` to the whole grace period, an idle server's too."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._stopping = asyncio.Event()
+
+    def end_watches(self) -> None:
+        self._stopping.set()
+
+    async def Watch(self, request, context) -> None:
+        watch = asyncio.ensure_future(super().Watch(request, context))
+        stopping = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({watch, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (watch, stopping):
+                task.cancel()
+        if watch.done() and not watch.cancelled():
+            watch.result()  # the stream's own end or error
+
+
 class GrpcServer:
     """A grpc.aio server with health, reflection, optional TLS, metrics and a graceful drain.
 
@@ -71,7 +95,7 @@ class GrpcServer:
         # No SO_REUSEPORT: a second server on a taken port must fail, not silently share it.
         self.grpc = grpc.aio.server(options=[*message_size_options(config.max_message_bytes), ("grpc.so_reuseport", 0)],
                                     interceptors=server_interceptors())
-        self.health = health.aio.HealthServicer()
+        self.health = DrainingHealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         reflection.enable_server_reflection([*self.service_names, HEALTH_SERVICE, reflection.SERVICE_NAME],
                                             self.grpc)
@@ -156,6 +180,7 @@ class GrpcServer:
                 pass
         log.info("draining: health NOT_SERVING, no new RPCs, in-flight RPCs get up to %.1f s", self.config.grace)
         note_grace_end(time.monotonic() + self.config.grace)  # RPCs cancelled after it: cut by this stop
+        self.health.end_watches()  # they have had NOT_SERVING; left open, each held the stop to the whole grace
         await self.grpc.stop(self.config.grace)
         if self._health_grpc is not None:
             await self._health_grpc.stop(0)

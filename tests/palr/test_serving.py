@@ -106,6 +106,19 @@ def test_health_not_serving_until_warm_then_serving_then_not_serving_while_drain
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
+def test_an_open_health_watch_does_not_hold_the_stop_to_the_whole_grace(server_loop):
+    """A Watch never returns on its own: one open (a ranking server's client-side health checking of its retrieval
+    replicas, under round_robin) counted as an RPC in flight, so an idle server's stop waited all of --grace."""
+    server = start_server(server_loop, ServerConfig(port=0, grace=60.0))
+    server_loop.run(server.set_serving())
+    with grpc.insecure_channel(server.address) as channel:
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=SERVICE))
+        assert next(watch).status == SERVING
+        server_loop.run(server.drain(), timeout=20)  # well inside the 60 s grace: the watch ended with the stop
+        statuses = [r.status for r in watch]  # the stream ends (OK) instead of being cut at the grace's end
+    assert statuses == [NOT_SERVING]
+
+
 def test_drain_cancels_what_outlives_the_grace_period_and_logs_it_as_the_stops(server_loop, caplog):
     service = PlumbingService(delay_s=30.0)
     server = start_server(server_loop, ServerConfig(port=0, grace=0.3), service)
