@@ -109,6 +109,7 @@ class GrpcServer:
         self._metrics_httpd = None
         self._stop_requested: asyncio.Event | None = None
         self._serving = False   # health says SERVING (a drain delay is only for callers that were sent here)
+        self._failed = ""       # why the model cannot serve (set_not_serving): health stays NOT_SERVING
         self._draining = False
         self._skip_delay = asyncio.Event()  # a second SIGTERM/SIGINT while draining: no more waiting
 
@@ -152,12 +153,17 @@ class GrpcServer:
         return self.port
 
     async def set_serving(self) -> None:
+        if self._failed:  # the model failed as its load ended (its watcher said so first): a restart is the way back
+            log.error("health stays NOT_SERVING: %s", self._failed)
+            return
         await self._set_health(SERVING)
         self._serving = not self._draining
         log.info("health SERVING (%s)", ", ".join(self.service_names) or "overall")
 
     async def set_not_serving(self, reason: str) -> None:
-        """Health → NOT_SERVING while still answering RPCs (e.g. the model failed after start-up)."""
+        """Health → NOT_SERVING while still answering RPCs (e.g. the model failed after start-up), for good: a later
+        `set_serving` (the end of a load whose runner died meanwhile) does not turn it back."""
+        self._failed = reason
         await self._set_health(NOT_SERVING)
         self._serving = False
         log.error("health NOT_SERVING: %s", reason)

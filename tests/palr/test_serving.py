@@ -106,6 +106,19 @@ def test_health_not_serving_until_warm_then_serving_then_not_serving_while_drain
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
 
 
+def test_a_failure_reported_before_the_load_ends_keeps_health_not_serving(server_loop):
+    """The model's watcher (a dead micro-batcher, a failed engine) may report before `run()` turns health SERVING at
+    the end of the load: SERVING then overwrote NOT_SERVING for good, with the watcher gone."""
+    server = start_server(server_loop, ServerConfig(port=0, grace=1.0))
+    try:
+        server_loop.run(server.set_not_serving("the runner died"))
+        server_loop.run(server.set_serving())
+        with grpc.insecure_channel(server.address) as channel:
+            assert [health_status(channel, name) for name in ("", SERVICE)] == [NOT_SERVING, NOT_SERVING]
+    finally:
+        server_loop.run(server.drain())
+
+
 def test_an_open_health_watch_does_not_hold_the_stop_to_the_whole_grace(server_loop):
     """A Watch never returns on its own: one open (a ranking server's client-side health checking of its retrieval
     replicas, under round_robin) counted as an RPC in flight, so an idle server's stop waited all of --grace."""
