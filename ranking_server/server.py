@@ -91,7 +91,8 @@ class RankingServer:
         prompts = await in_load_thread(self._prompt_builder)
         prompts.warn_unprofiled(self.planner.stored_histories)
         longest = await in_load_thread(prompts.longest_requests, self.planner.max_candidates)
-        self.engine = await in_load_thread(build_engine, self.bundle, self._sized(longest))
+        self.engine = await in_load_thread(build_engine, self.bundle, self._sized(longest),
+                                           on_abandoned=lambda engine: engine.close())  # a stop came during the build
         await self._warm_up(longest)
         self.servicer.attach(self.engine, prompts)
         ENGINE.attach(self.engine)

@@ -24,15 +24,19 @@ _running: set[threading.Thread] = set()  # load threads not yet returned
 _lock = threading.Lock()
 
 
-async def in_load_thread(work: Callable[..., T], *args: Any) -> T:
+async def in_load_thread(work: Callable[..., T], *args: Any, on_abandoned: Callable[[T], Any] | None = None) -> T:
     """`work(*args)` in a daemon thread; its result (or exception) when it returns. Cancelling the await
-    abandons the thread: it runs on, its outcome is dropped, and the process may exit without it."""
+    abandons the thread: it runs on, its outcome is dropped (`on_abandoned(result)` runs on it, in a thread of its
+    own: an engine built for a server that stopped meanwhile is closed, not left running), and the process may exit
+    without it."""
     loop = asyncio.get_running_loop()
     outcome: asyncio.Future = loop.create_future()
 
     def settle(setter: Callable[[Any], None], value: Any) -> None:
         if not outcome.done():  # not cancelled meanwhile
             setter(value)
+        elif on_abandoned is not None and setter == outcome.set_result:
+            _start(f"abandon-{getattr(work, '__name__', 'work')}", lambda: on_abandoned(value))
 
     def report(setter: Callable[[Any], None], value: Any) -> None:
         try:
@@ -56,6 +60,25 @@ async def in_load_thread(work: Callable[..., T], *args: Any) -> T:
         _running.add(thread)
     thread.start()
     return await outcome
+
+
+def _start(name: str, target: Callable[[], None]) -> threading.Thread:
+    """A daemon thread counted in `unfinished_loads` until `target` returns (so a process exiting meanwhile ends
+    without tearing the interpreter down beside it)."""
+    def run() -> None:
+        try:
+            target()
+        except Exception:  # noqa: BLE001 - an abandoned result's cleanup failing concerns nobody waiting
+            log.exception("%s failed", name)
+        finally:
+            with _lock:
+                _running.discard(thread)
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    with _lock:
+        _running.add(thread)
+    thread.start()
+    return thread
 
 
 def unfinished_loads() -> list[str]:

@@ -46,3 +46,37 @@ def test_a_cancelled_load_is_abandoned_not_waited_for():
             break
         threading.Event().wait(0.05)
     assert unfinished_loads() == []
+
+
+def test_what_an_abandoned_load_built_is_handed_to_its_cleanup():
+    """A stop during the engine's build abandoned the load; the engine it then finished (its thread already
+    running) was dropped, never closed: a leaked engine thread and model for the rest of the process."""
+    release, closed = threading.Event(), threading.Event()
+
+    class Engine:
+        def close(self) -> None:
+            closed.set()
+
+    def build() -> Engine:
+        release.wait(60)
+        return Engine()
+
+    async def scenario() -> None:
+        load = asyncio.create_task(in_load_thread(build, on_abandoned=Engine.close))
+        await asyncio.sleep(0.05)
+        load.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await load
+        release.set()  # the build ends while the loop still runs: its engine goes to the cleanup
+        for _ in range(200):
+            if closed.is_set():
+                return
+            await asyncio.sleep(0.05)
+
+    asyncio.run(scenario())
+    assert closed.is_set()
+    for _ in range(100):
+        if not unfinished_loads():
+            break
+        threading.Event().wait(0.05)
+    assert unfinished_loads() == []
