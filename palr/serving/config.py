@@ -26,8 +26,9 @@ class ServerConfig:
         "help": "OpenTelemetry collector to export traces to over OTLP/gRPC, e.g. http://localhost:4317 "
                 "(empty = tracing off, no cost per request); see docs/tracing.md", "metavar": "URL"})
     max_message_bytes: int = field(default=4 * 1024 * 1024, metadata={
-        "help": "largest request or response message in bytes; larger requests get RESOURCE_EXHAUSTED (the ranking "
-                "server refuses to start below the largest answer its bundle can give)"})
+        "help": "largest request or response message in bytes; larger requests get RESOURCE_EXHAUSTED (the retrieval "
+                "server splits its stream's chunks to fit; the ranking server refuses to start below the largest "
+                "answer its bundle can give)"})
     metrics_port: int = field(default=0, metadata={
         "help": "port for Prometheus metrics over HTTP on the same host (0 = off)"})
     health_port: int = field(default=0, metadata={
