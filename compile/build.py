@@ -32,7 +32,7 @@ from pathlib import Path
 
 from compile.steps import StepFailed
 from compile.targets import BUILDERS, BuildContext
-from palr.bundle import Bundle, file_checksums, fingerprint
+from palr.bundle import Bundle, file_checksums, fingerprint, write_atomically
 from palr.builds import SOURCE, artifact_name, open_build, ranker_version
 from palr.machine import Machine, cuda_devices, library_version
 from palr.ranking import generate_logit_weight, load_ranker
@@ -220,20 +220,32 @@ def run(config: BuildConfig) -> Path:
         result = builder.build(BuildContext(config, machine, bundle, bundle.path(SOURCE), scratch))
         files = file_checksums(scratch)  # before the swap: a big engine takes a minute to hash
         # the swap: from here to save() the manifest names the old build's checksums over the new files (a
-        # server starting meanwhile refuses to); milliseconds, not the hashing time
-        shutil.rmtree(final, ignore_errors=True)
+        # server starting meanwhile refuses to); milliseconds, not the hashing time. The old build is set aside,
+        # not deleted, until the manifest names the new one: a failed save puts it back
+        previous = final.with_name(f".{target}.previous")
+        shutil.rmtree(previous, ignore_errors=True)
+        if final.exists():
+            final.rename(previous)
         scratch.rename(final)
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
     seconds = time.perf_counter() - started
-    entry = bundle.add_artifact(name, final.relative_to(bundle.root), files=files, **machine.build_record(spec),
-                                **result.meta, source=bundle.version(SOURCE), ranker=ranker_version(bundle),
-                                build_options=options_record(config) | {"target": target}, build_seconds=round(seconds, 1))
+    try:
+        entry = bundle.add_artifact(name, final.relative_to(bundle.root), files=files, **machine.build_record(spec),
+                                    **result.meta, source=bundle.version(SOURCE), ranker=ranker_version(bundle),
+                                    build_options=options_record(config) | {"target": target},
+                                    build_seconds=round(seconds, 1))
+        bundle.record_step(step, step_fp, seconds, target=target)
+        bundle.save()
+    except BaseException:  # the manifest still names the old build: its files go back where they were
+        shutil.rmtree(final, ignore_errors=True)
+        if previous.exists():
+            previous.rename(final)
+        raise
+    shutil.rmtree(previous, ignore_errors=True)
     report = {"target": target, "machine": machine.to_dict(), "seconds": round(seconds, 1),
               "manifest_entry": {k: v for k, v in entry.items() if k != "files"}, **result.report}
-    (bundle.reports_dir() / f"build_{target}.json").write_text(json.dumps(report, indent=2) + "\n")
-    bundle.record_step(step, step_fp, seconds, target=target)
-    bundle.save()
+    write_atomically(bundle.reports_dir() / f"build_{target}.json", json.dumps(report, indent=2) + "\n")
     log.info("build: wrote %s in %.1f s (%d files): %s", final, seconds, len(entry["files"]), result.summary)
     return final

@@ -211,6 +211,24 @@ def test_a_build_that_fails_before_its_builder_runs_leaves_no_scratch_folder(hf_
     assert [p.name for p in (hf_cpu_bundle_copy / "engines").iterdir()] == ["hf-cpu"]
 
 
+def test_a_build_whose_manifest_cannot_be_saved_puts_the_old_build_back(hf_cpu_bundle_copy, monkeypatch):
+    """The old build was deleted before the new one was recorded: a failed save (a full disk, a kill) left files the
+    manifest's checksums did not match, and the server refused to start until a rebuild."""
+    before = Bundle.open(hf_cpu_bundle_copy).artifact(NAME)["sha256"]
+
+    def full_disk(self):
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(Bundle, "save", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        build.run(build_config(hf_cpu_bundle_copy, "hf-cpu", measure=False, dtype="fp32", force=True))
+    monkeypatch.undo()
+    assert [p.name for p in (hf_cpu_bundle_copy / "engines").iterdir()] == ["hf-cpu"]
+    bundle = Bundle.open(hf_cpu_bundle_copy)
+    assert bundle.artifact(NAME)["sha256"] == before
+    open_build(bundle, "hf-cpu")  # its files are the ones the manifest names: it serves
+
+
 def test_an_unmeasured_build_is_still_refused_a_precision_this_cpu_lacks(tiny_llm_bundle, tmp_path):
     """--no-measure --dtype bf16 on a CPU without native bf16 wrote a build its own server then refused."""
     from compile.targets import BuildContext
