@@ -41,7 +41,7 @@ from palr.corpus import Corpus
 from palr.data import sample_users
 from palr.profiles import Profiles
 from palr.ranking import (MODES, calibrated, candidate_ranks, complete_order, fuse, generate_logit_weight,
-                          generation_bias, head_bias, load_ranker, order_by_scores, retrieval_prior, target_rank,
+                          generation_bias, head_bias, load_ranker, order_by_scores, ranker_terms, target_rank,
                           uses_collab)
 
 log = logging.getLogger(__name__)
@@ -181,9 +181,7 @@ def run(config: EvaluateRankingConfig) -> dict:
             trends = table.buckets(as_of, [int(i) for i in ranked.indices], trend)
         collab_scores = collab.scores(catalog.indices(history), [int(i) for i in ranked.indices]) if collab else None
         ranks = candidate_ranks(prompt.settings.rank_tokens, retrieval_scores, collab_scores)
-        bias = head_bias(ranker.get("trend_bias"), trends, ranker.get("rank_bias"), ranks)
-        prior = retrieval_prior(retrieval_scores, trends, ranker.get("retrieval_trend_weights"), collab_scores,
-                                ranker.get("retrieval_collab_weight"))
+        prior, bias = ranker_terms(ranker, retrieval_scores, trends, collab_scores, ranks)
         parts = prompt.retrieval(profiles[user], [catalog.by_id(i) for i in history], candidates, trends, ranks)
         row = {"user": user, "target": target, "target_position": position, "candidates": [c.id for c in candidates],
                "retrieval_scores": retrieval_scores,

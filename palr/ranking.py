@@ -150,6 +150,17 @@ def head_bias(trend_bias: Sequence[float] | None, trends: Sequence[int] | None,
     return [sum(values) for values in zip(*terms)]
 
 
+def ranker_terms(ranker: dict, retrieval_scores: Sequence[float], trends: Sequence[int] | None,
+                 collab: Sequence[float] | None, ranks: Sequence[Sequence[int]] | None
+                 ) -> tuple[list[float], list[float] | None]:
+    """(retrieval term, head bias) of a request's candidates under a ranker (`llm/ranker.json`: the weights merge
+    fit and the head's learned biases): what `fuse` adds to the LLM's scores. The one place the server, the
+    evaluation and the build's probes turn a ranker's weights into fusion terms."""
+    prior = retrieval_prior(retrieval_scores, trends, ranker.get("retrieval_trend_weights"), collab,
+                            ranker.get("retrieval_collab_weight"))
+    return prior, head_bias(ranker.get("trend_bias"), trends, ranker.get("rank_bias"), ranks)
+
+
 def generation_bias(retrieval_scores: Sequence[float], weight: float,
                     candidate_bias: Sequence[float] | None = None) -> list[float] | None:
     """The per-candidate additive logit that fuses retrieval (and the head's per-candidate bias) into LLM

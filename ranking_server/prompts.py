@@ -26,8 +26,8 @@ from palr.collab import CollabTable
 from palr.decoding import answer_constraint
 from palr.hybrid import ranker_prompt
 from palr.profiles import StatsProfiler
-from palr.ranking import (candidate_ranks, complete_order, fuse, generate_logit_weight, generation_bias, head_bias,
-                          order_by_scores, retrieval_prior, uses_collab)
+from palr.ranking import (candidate_ranks, complete_order, fuse, generate_logit_weight, generation_bias,
+                          order_by_scores, ranker_terms, uses_collab)
 from palr.serving.errors import RequestError
 from palr.trends import TrendSettings, TrendTable
 from ranking_server.engines.base import EngineRequest, EngineResult
@@ -61,10 +61,7 @@ class PromptBuilder:
         if self.trend and trends is None:
             raise ValueError("this ranker's prompts carry trend tokens: the bundle's trends.npz is needed")
         self.trends = trends
-        self.trend_bias = ranker.get("trend_bias")  # the head's learned bias per trend bucket (None: none)
-        self.rank_bias = ranker.get("rank_bias")  # and per rank-token row (palr.ranking.head_bias)
-        self.retrieval_trend_weights = ranker.get("retrieval_trend_weights")  # the retrieval term's, fit in merge
-        self.retrieval_collab_weight = ranker.get("retrieval_collab_weight")  # its EASE score's weight, fit in merge
+        self.ranker = ranker  # its fusion weights and the head's learned biases (palr.ranking.ranker_terms)
         if uses_collab(ranker) and collab is None:
             raise ValueError("this ranker reads EASE scores (its retrieval term or rank tokens): the bundle's "
                              "collab.npy is needed")
@@ -151,9 +148,7 @@ class PromptBuilder:
         ranks = candidate_ranks(self.prompt.settings.rank_tokens, retrieval_scores, collab)
         parts = self.prompt.retrieval(self.profile(plan) if profile is None else profile,
                                       [self.catalog.by_id(i) for i in plan.history], candidates, trends, ranks)
-        bias = head_bias(self.trend_bias, trends, self.rank_bias, ranks)
-        prior = retrieval_prior(retrieval_scores, trends, self.retrieval_trend_weights, collab,
-                                self.retrieval_collab_weight)
+        prior, bias = ranker_terms(self.ranker, retrieval_scores, trends, collab, ranks)
         readout = parts.readout if self.prompt.settings.readout == "candidate" else None
         k = min(plan.k, len(candidates))
         if plan.mode == "score":

@@ -36,8 +36,7 @@ from palr import metrics
 from palr.decoding import LabelConstraint
 from palr.llm import generate_constrained, label_log_probs, model_device, pick_allowed, read_prompt
 from palr.prompt import Readout
-from palr.ranking import (decoding_bias, fuse, generate_logit_weight, generation_bias, head_bias, load_ranker,
-                          retrieval_prior)
+from palr.ranking import decoding_bias, fuse, generate_logit_weight, generation_bias, load_ranker, ranker_terms
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +70,10 @@ class Probe:
         """Generate mode's per-candidate bias as the server builds it (`prompts.engine_request`)."""
         return generation_bias(self.prior, self.fusion_weight, self.head_bias) if self.prior is not None else None
 
-    def decoding_bias(self, readout: Sequence[float] | None) -> list[float] | None:
-        """The bias generate mode's picks add to the label logits: the fusion bias, plus the readout logits of a
-        candidate-readout ranker."""
-        bias = self.generation_bias()
+    def decoding_bias(self, readout: Sequence[float] | None, fused: bool = True) -> list[float] | None:
+        """The bias generate mode's picks add to the label logits: the fusion bias (`fused`: as served; else the
+        LLM's own picks), plus the readout logits of a candidate-readout ranker."""
+        bias = self.generation_bias() if fused else None
         return decoding_bias(bias, readout) if self.readout is not None and readout is not None else bias
 
 
@@ -103,11 +102,8 @@ def served_terms(row: dict, ranker: dict) -> dict[str, Any]:
     them; {} without retrieval scores in the row or a ranker (nothing to fuse: the LLM's scores are the answer)."""
     if "retrieval_scores" not in row or not ranker:
         return {}
-    prior = retrieval_prior(row["retrieval_scores"], row.get("trend"), ranker.get("retrieval_trend_weights"),
-                            row.get("collab"), ranker.get("retrieval_collab_weight"))
-    return {"prior": prior, "head_bias": head_bias(ranker.get("trend_bias"), row.get("trend"),
-                                                   ranker.get("rank_bias"), row.get("ranks")),
-            "fusion_weight": float(ranker.get("fusion_weight", 0.0))}
+    prior, bias = ranker_terms(ranker, row["retrieval_scores"], row.get("trend"), row.get("collab"), row.get("ranks"))
+    return {"prior": prior, "head_bias": bias, "fusion_weight": float(ranker.get("fusion_weight", 0.0))}
 
 
 def latency_prompt(probes: Sequence[Probe], tokens: int) -> list[int]:
@@ -144,10 +140,7 @@ class Read:
         constraint = LabelConstraint(probe.label_token_ids, k)
         allowed = constraint.allowed_tokens()
         by_token = dict(zip(probe.label_token_ids, self.labels))
-        if served:
-            bias = probe.decoding_bias(self.readout)
-        else:
-            bias = decoding_bias(None, self.readout) if probe.readout is not None else None
+        bias = probe.decoding_bias(self.readout, fused=served)
         token = pick_allowed(allowed, torch.tensor([by_token[t] for t in allowed]), constraint, bias, logit_weight)
         return probe.label_token_ids.index(token)
 
