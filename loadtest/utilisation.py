@@ -84,9 +84,10 @@ def matmul_shares(candidate: str, model) -> dict:
     """{torch dtype: share of the decoder layers whose matmuls run in it} for `model` made `candidate`."""
     import torch
 
-    if MATMUL_DTYPE.get(candidate, "fp32") == INT8:
+    kind = MATMUL_DTYPE.get(candidate, "fp32")
+    if kind == INT8:
         return {INT8: 1.0}
-    if MATMUL_DTYPE.get(candidate, "fp32") != "bf16":
+    if kind != "bf16":
         return {torch.float32: 1.0}
     from palr.precision import layer_dtypes
 
