@@ -13,6 +13,7 @@ Import-light: no torch here, so the server and the benchmark import it freely.
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -76,6 +77,13 @@ class EngineRequest:
         A score request, and a generate one at `logit_weight` 0 (its answer is the bias's order, written
         once the prompt's readouts are in), end with their prompt."""
         return self.mode == "generate" and self.logit_weight != 0
+
+    @property
+    def reads_prompt(self) -> bool:
+        """Whether the answer depends on a pass over the prompt. Not for a generate request at `logit_weight` 0
+        that reads the labels (no `readout`): its picks are the bias's order (`palr.llm.emit_by_bias`), the
+        same whatever the model would compute, so no engine runs its prompt (`answer_by_bias`)."""
+        return self.mode == "score" or self.decodes or self.readout is not None
 
     @property
     def run_ids(self) -> list[int]:
@@ -176,6 +184,19 @@ class EngineResult:
     timings: EngineTimings
     batch_size: int = 0     # most requests in the engine's running batch while this one ran (0: not known)
     answer_reused: bool = False  # the answer to an identical earlier request (`AnswerCache`): no model time
+
+
+def answer_by_bias(request: EngineRequest, constraint: DecodingConstraint, started: float) -> EngineResult:
+    """A generate request at logit weight 0: the constrained answer in the bias's order, `started` (perf_counter)
+    to now; no prompt token runs (`EngineRequest.reads_prompt` is False, or its readouts are already in the
+    bias). `constraint` is the request's fresh one (`validate`), advanced here."""
+    from palr.llm import emit_by_bias  # torch: imported where used, so this module stays import-light
+
+    written = emit_by_bias(constraint, request.bias)
+    total_ms = 1e3 * (time.perf_counter() - started)
+    return EngineResult(request.request_id, request.mode, constraint.emitted(), None,
+                        prompt_tokens=len(request.input_ids), cached_tokens=0, generated_tokens=written,
+                        timings=EngineTimings(queue_ms=0.0, prefill_ms=total_ms, decode_ms=0.0, total_ms=total_ms))
 
 
 def mean_batch(batch_size_hist: dict[int, int]) -> float:

@@ -3,8 +3,9 @@ dedicated engine thread running blocking torch work, results handed back to each
 loop with `call_soon_threadsafe`, aborts, health, close and counters.
 
 Where a request goes:  `rank()` (caller's event loop) validates it, appends it to `waiting` (or raises
-EngineOverloaded at once) and awaits a future;  the engine thread takes it from `waiting` when its
-scheduler (`_step`, per backend) admits it, runs it, and settles the future.
+EngineOverloaded at once) and awaits a future (a generate request at logit weight 0 that reads no prompt
+position is answered there and then: `EngineRequest.reads_prompt`);  the engine thread takes it from
+`waiting` when its scheduler (`_step`, per backend) admits it, runs it, and settles the future.
 
 Who goes first: `_priority` (arrival order, with requests that end with their prompt moved `score_first_ms`
 ahead: a score request, or a generate one at logit weight 0, is done when its prompt is, while a decoding
@@ -28,7 +29,7 @@ from palr.decoding import DecodingConstraint
 from palr.llm import emit_by_bias
 from ranking_server.engines.base import (
     EngineAborted, EngineError, EngineOverloaded, EngineRequest, EngineResult, EngineStats,
-    EngineTimings, InvalidRequest, RankingEngine)
+    EngineTimings, InvalidRequest, RankingEngine, answer_by_bias)
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +157,10 @@ class LoopEngine(RankingEngine):
             raise EngineError(f"{self.name} engine is not running"
                               + (f" (crashed: {self._crash!r})" if self._crash else ""))
         constraint = request.validate(self.vocab_size, self.max_seq_len)
+        if not request.reads_prompt:  # generate at logit weight 0 reading the labels: the bias's order, no pass
+            result = answer_by_bias(request, constraint, time.perf_counter())
+            self._count(completed=1, generated_tokens=result.generated_tokens)
+            return result
         loop = asyncio.get_running_loop()
         pending = Pending(request, constraint, loop.create_future(), loop)
         with self._cv:

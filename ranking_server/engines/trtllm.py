@@ -32,12 +32,12 @@ from pathlib import Path
 import torch
 
 from palr.decoding import LabelConstraint, TitleConstraint
-from palr.llm import emit_by_bias, label_log_probs
+from palr.llm import label_log_probs
 from palr.ranking import decoding_bias
 from palr.trtllm_runtime import import_trtllm, read_engine_config, trt_backend_llm_class
 from ranking_server.engines.base import (
     EngineAborted, EngineError, EngineOverloaded, EngineRequest, EngineResult, EngineStats, EngineTimings,
-    InvalidRequest, RankingEngine)
+    InvalidRequest, RankingEngine, answer_by_bias)
 from ranking_server.engines.config import EngineConfig
 from ranking_server.engines.trtllm_requests import (ConstraintLogitsProcessor, emitted_order, label_scores,
                                                    readout_from_context, sampling_kwargs)
@@ -133,8 +133,8 @@ class TrtllmEngine(RankingEngine):
             request = dataclasses.replace(request, bias=decoding_bias(request.bias, read), readout=None)
         if request.mode == "generate" and not request.decodes:
             # weight 0: the answer is the bias's order (palr.llm.emit_by_bias), with the readouts joined above; a
-            # label-readout ranker reads nothing from the prompt, so no pass runs at all (hf and ortgenai run its
-            # prompt and discard it; a decode here would run up to max_new_tokens steps for the same answer)
+            # label-readout ranker reads nothing from the prompt, so no pass runs at all (EngineRequest.reads_prompt;
+            # a decode here would run up to max_new_tokens steps for the same answer)
             return self._by_bias(request, constraint, started)
         output, first_token = await self._run(request, constraint, streaming=request.mode == "generate")
         with self._failures_counted():
@@ -197,14 +197,9 @@ class TrtllmEngine(RankingEngine):
     def _by_bias(self, request: EngineRequest, constraint, started: float) -> EngineResult:
         """Generate mode at logit weight 0: the constrained answer in the bias's order, after the score pass (its
         prompt tokens counted when it ran) or without any pass (a label-readout ranker)."""
-        written = emit_by_bias(constraint, request.bias)
-        now = time.perf_counter()
-        self._count("completed", generated_tokens=written)
-        timings = EngineTimings(queue_ms=0.0, prefill_ms=1e3 * (now - started), decode_ms=0.0,
-                                total_ms=1e3 * (now - started))
-        return EngineResult(request.request_id, request.mode, constraint.emitted(), None,
-                            prompt_tokens=len(request.input_ids), cached_tokens=0, generated_tokens=written,
-                            timings=timings)
+        result = answer_by_bias(request, constraint, started)
+        self._count("completed", generated_tokens=result.generated_tokens)
+        return result
 
     def _result(self, request: EngineRequest, output, started: float, first_token: float | None) -> EngineResult:
         self._check_not_aborted(request, output)

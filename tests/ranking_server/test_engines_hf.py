@@ -15,6 +15,7 @@ torch = pytest.importorskip("torch")
 
 from palr.decoding import DecodingConstraint, LabelConstraint  # noqa: E402
 from palr.llm import generate_constrained, generate_labels, load_causal_lm, score_labels  # noqa: E402
+from palr.prompt import Readout  # noqa: E402
 from loadtest.baselines import STRATEGIES, strategy_engine  # noqa: E402
 from ranking_server.engines.base import (  # noqa: E402
     EngineAborted, EngineError, EngineOverloaded, EngineRequest, InvalidRequest)
@@ -354,7 +355,8 @@ def test_a_request_aborted_during_a_pass_leaves_before_the_next_pass_of_the_step
     ids=["score-first", "arrival-order", "old-generate-keeps-its-turn", "generate-without-decoding-keeps-its-turn"])
 def test_score_requests_go_ahead_of_recent_generate_requests(tiny, score_first_ms, wait_ms, weight, first):
     """One slot, held; a generate request (logit weight `weight`) queues, then (wait_ms later) a score request:
-    which runs first. At weight 0 the generate request ends with its prompt, as the score one does: arrival order."""
+    which runs first. At weight 0 the generate request ends with its prompt, as the score one does: arrival order
+    (it reads the labels after the prompt into its bias, so it runs the prompt: `EngineRequest.reads_prompt`)."""
     model, labels = tiny
     engine = HFEngine(model, EngineConfig(max_batch_size=1, max_tokens_per_step=8, score_first_ms=score_first_ms))
     finished: list[str] = []
@@ -365,8 +367,10 @@ def test_score_requests_go_ahead_of_recent_generate_requests(tiny, score_first_m
         await asyncio.to_thread(constraint.reached.wait, 10)
         tasks = []
         for mode in ("generate", "score"):
-            request = dataclasses.replace(plain(labels, mode, mode=mode), logit_weight=weight,
-                                          bias=[0.0] * len(labels) if weight == 0 else None)
+            request = dataclasses.replace(plain(labels, mode, mode=mode), logit_weight=weight)
+            if weight == 0:
+                request = dataclasses.replace(request, bias=[0.0] * len(labels),
+                                              readout=Readout.after_prompt(len(request.input_ids), labels))
             task = asyncio.ensure_future(engine.rank(request))
             task.add_done_callback(lambda t, mode=mode: finished.append(mode))
             tasks.append(task)
@@ -383,7 +387,8 @@ def test_score_requests_go_ahead_of_recent_generate_requests(tiny, score_first_m
     if weight:
         assert results[1].order == generate_labels(model, [5, 6, 7, 21, 22, 23], labels, 3)  # same answers either way
     else:
-        assert results[1].order == [0, 1, 2], "at weight 0 with a flat bias: the candidates in order"
+        scores = score_labels(model, [5, 6, 7, 21, 22, 23], labels)  # at weight 0 the readouts decide
+        assert results[1].order == sorted(range(len(labels)), key=lambda c: -scores[c])[:3]
 
 
 class PassGatedEngine(HFEngine):

@@ -6,6 +6,7 @@ in the reference and in every engine."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import random
 
 import pytest
@@ -98,3 +99,35 @@ def test_engines_answer_without_a_decode_pass(tiny, strategy):
         assert stats.prompt_tokens + stats.cached_tokens == sum(len(r.run_ids) for r in requests)
     # one-at-a-time runs the reference (no step ever decodes there); the batching engines must not decode either
     assert steps and all(step.decoding == 0 for step in steps), "a decode pass ran though the logits count zero"
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_label_readout_at_weight_zero_runs_no_prompt(tiny, strategy):
+    """Without a candidate readout the bias is known before any pass (the labels' logits count zero), so no
+    engine runs the prompt: no step, no prompt token, not even under a full queue."""
+    model, labels = tiny
+    rng = random.Random(3)
+    requests = [dataclasses.replace(request(f"l{i}", labels, rng), readout=None) for i in range(5)]
+    engine = strategy_engine(strategy, model, EngineConfig(max_batch_size=4, max_tokens_per_step=64, max_queue=1))
+
+    async def all_at_once():
+        return await asyncio.gather(*(engine.rank(r) for r in requests))
+
+    try:
+        results = asyncio.run(all_at_once())
+        steps = list(engine.step_log)
+        stats = engine.stats()
+    finally:
+        engine.close()
+    for r, result in zip(requests, results):
+        assert not r.reads_prompt
+        assert result.order == sorted(range(N), key=lambda c: -r.bias[c])[:r.k]
+        assert result.order == generate_constrained(model, r.input_ids, LabelConstraint(labels, r.k), r.bias,
+                                                    logit_weight=0.0)
+    assert steps == [] and stats.prompt_tokens == 0 and stats.completed == len(requests)
+    assert stats.generated_tokens == sum(r.k for r in requests)
+    # what still needs the prompt: score mode, a decoding weight, a candidate readout
+    r = requests[0]
+    assert dataclasses.replace(r, mode="score").reads_prompt
+    assert dataclasses.replace(r, logit_weight=0.1).reads_prompt
+    assert request("x", labels, rng).reads_prompt
