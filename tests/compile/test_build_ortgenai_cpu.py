@@ -6,6 +6,7 @@ by it (the rest by torch, through `ModeRouter`)."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 
 import pytest
@@ -19,6 +20,7 @@ from palr.bundle import Bundle  # noqa: E402
 from palr.builds import BuildMismatch  # noqa: E402
 from palr.machine import library_version  # noqa: E402
 from palr.llm import generate_labels, load_causal_lm, score_labels  # noqa: E402
+from palr.prompt import Readout  # noqa: E402
 from ranking_server.engines.base import EngineAborted, EngineRequest  # noqa: E402
 from ranking_server.engines.factory import engine_from_build, ortgenai_engine  # noqa: E402
 from ranking_server.engines.config import EngineConfig  # noqa: E402
@@ -196,20 +198,28 @@ def test_a_build_that_won_no_mode_is_refused(ortgenai_bundle, tmp_path):
         ortgenai_engine(Bundle.open(bundle_dir), EngineConfig(), lambda part: None)
 
 
-def test_generate_at_logit_weight_zero_writes_the_bias_order_without_decoding(ortgenai_bundle, reference):
+@pytest.mark.parametrize("reads", [False, True], ids=["label-readout", "readout-in-the-bias"])
+def test_generate_at_logit_weight_zero_writes_the_bias_order_without_decoding(ortgenai_bundle, reference, reads):
+    """Weight 0: no decode step. Reading the labels (their logits are what weight 0 multiplies) no pass at all;
+    with a readout joining the bias, one prompt pass."""
     _, labels = reference
     engine = engine_from_build(Bundle.open(ortgenai_bundle), "ortgenai-cpu", EngineConfig(max_batch_size=2,
                                                                                             max_tokens_per_step=64))
     bias = [0.1, 0.5, -0.2, 0.3, 0.0]
     request = EngineRequest("zero", [], list(range(500, 540)), labels[:5], "generate", k=3, bias=bias,
                             logit_weight=0.0)
+    if reads:
+        request = dataclasses.replace(request, readout=Readout.after_prompt(len(request.input_ids), labels[:5]))
     try:
         result = asyncio.run(engine.rank(request))
         steps = list(engine.step_log)
     finally:
         engine.close()
-    assert result.order == [1, 3, 0] and result.generated_tokens == 3
-    assert steps and all(step.decoding == 0 for step in steps), "a decode step ran though the logits count zero"
+    assert result.generated_tokens == 3 and len(set(result.order)) == 3
+    if reads:
+        assert steps and all(step.decoding == 0 for step in steps), "a decode step ran though the logits count zero"
+    else:
+        assert result.order == [1, 3, 0] and steps == [], "a pass ran though nothing of it counts"
 
 
 def test_a_constraint_that_raises_fails_its_request_alone(ortgenai_bundle, reference):
