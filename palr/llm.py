@@ -21,7 +21,7 @@ import torch
 
 from palr.decoding import DRAFT_TOKENS, DecodingConstraint, LabelConstraint
 from palr.prompt import Readout
-from palr.ranking import decoding_bias
+from palr.ranking import decoding_bias, finite_readout
 
 
 def default_dtype(device: str) -> torch.dtype:
@@ -155,7 +155,8 @@ def label_log_probs(label_logits: torch.Tensor) -> list[float]:
     """Log-softmax over the label tokens only (a distribution over the candidates).
 
     label_logits: `[L]` next-token logits of the labels, in candidate order. Shared by the reference
-    and the engines so they agree exactly."""
+    and the engines so they agree exactly. Non-finite logits raise EngineError (`palr.ranking.finite_readout`)."""
+    finite_readout(label_logits.float().tolist())
     return torch.log_softmax(label_logits.float(), dim=-1).tolist()
 
 

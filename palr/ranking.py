@@ -21,6 +21,7 @@ import json
 import math
 from collections.abc import Sequence
 
+from palr.errors import EngineError
 from palr.metrics import Rank, ndcg
 
 # the two ranking modes, chosen per request (the one list: engines, evaluation, builds, benchmarks, the proto mapping)
@@ -187,8 +188,21 @@ def generate_logit_weight(ranker: dict) -> float:
     return float(ranker.get("generate_logit_weight", 1.0))
 
 
+def finite_readout(values: Sequence[float], what: str = "readout logits") -> list[float]:
+    """`values` as floats, or EngineError naming the candidates whose value is NaN or infinite: a model that
+    overflowed its precision (or broken weights) fails the request, which the server answers degraded in the
+    retrieval order, instead of ranking by NaN (every comparison false: an arbitrary order)."""
+    values = [float(v) for v in values]
+    bad = [c for c, v in enumerate(values) if not math.isfinite(v)]
+    if bad:
+        raise EngineError(f"the model's {what} are not finite for candidates {bad[:5]} ({values[bad[0]]}): its "
+                          f"precision overflowed or its weights are broken")
+    return values
+
+
 def decoding_bias(bias: Sequence[float] | None, readout: Sequence[float]) -> list[float]:
     """Generate mode of a candidate-readout ranker: the fusion bias plus each candidate's readout logit."""
+    readout = finite_readout(readout)
     if bias is None:
         return [float(r) for r in readout]
     if len(bias) != len(readout):

@@ -98,6 +98,9 @@ def choose(latency: dict, quality: dict, config) -> tuple[str, dict[str, str]]:
         good = all(quality_ok(quality[dtype], ref_q, config.min_agreement, config.max_ndcg_drop, m) for m in MODES)
         faster = all(r <= 1 - config.min_gain for r in ratios.values())
         q = quality[dtype]
+        if "error" in q:
+            verdicts[dtype] = f"rejected: {LABELS.get(dtype, dtype)}: {q['error']}"
+            continue
         why = (f"{LABELS.get(dtype, dtype)}: score {ratios['score']:.2f}x, generate {ratios['generate']:.2f}x fp32 latency; served "
                f"top-1 agreement {q['served_top1_agreement']:.2f}, generate first pick {q['generate_first_agreement']:.2f} "
                f"({q['generate_first_probes']} probes; the LLM's own top-1 {q['score_top1_agreement']:.2f})")

@@ -34,6 +34,7 @@ import torch
 from compile.sft_data import candidate_readout
 from palr import metrics
 from palr.decoding import LabelConstraint
+from palr.errors import EngineError
 from palr.llm import generate_constrained, label_log_probs, model_device, pick_allowed, read_prompt
 from palr.prompt import Readout
 from palr.ranking import decoding_bias, fuse, generate_logit_weight, generation_bias, load_ranker, ranker_terms
@@ -294,10 +295,15 @@ def measure_quality(runners: Sequence[Runner], reference: Runner, probes: Sequen
                        [runner.generate(p, _k(p, k), logit_weight) for p in gen_probes],
                        [r.first_pick(p, _k(p, k), logit_weight, served=False) for r, p in zip(reads, probes)])
 
-    ref = answers(reference)
+    ref = answers(reference)  # the reference's non-finite readouts fail the build (EngineError)
     out = {}
     for runner in runners:
-        out[runner.name] = quality_summary(ref if runner is reference else answers(runner), ref, probes, k)
+        try:
+            out[runner.name] = quality_summary(ref if runner is reference else answers(runner), ref, probes, k)
+        except EngineError as e:  # a precision that overflows (NaN or inf readouts): rejected, not a failed build
+            log.warning("%s cannot be measured: %s", runner.name, e)
+            out[runner.name] = {"error": str(e)}
+            continue
         log.info("quality of %s on %d probes (%d generated): %s", runner.name, len(probes), len(gen_probes),
                  out[runner.name])
     return out
@@ -344,7 +350,10 @@ def bundle_generate_logit_weight(bundle) -> float:
 def quality_ok(candidate: dict, reference: dict, min_agreement: float, max_ndcg_drop: float, mode: str) -> bool:
     """Answers like the reference, as the server answers (the LLM's scores fused with the retrieval term): top-1
     agreement of the served ranking (score) or first-pick agreement (generate) at least `min_agreement`, and the
-    served ranking's NDCG@10 no more than `max_ndcg_drop` below the reference's."""
+    served ranking's NDCG@10 no more than `max_ndcg_drop` below the reference's. A candidate whose readouts were
+    not finite (`error`) fails."""
+    if "error" in candidate:
+        return False
     agreement = candidate["served_top1_agreement" if mode == "score" else "generate_first_agreement"]
     ndcg_drop = reference.get("served_ndcg@10", 0.0) - candidate.get("served_ndcg@10", 0.0)
     return agreement >= min_agreement and ndcg_drop <= max_ndcg_drop

@@ -66,7 +66,8 @@ def modes_won(latency: dict, quality: dict, name: str, config, baseline: str = "
         good = quality_ok(quality[name], quality["torch-fp32"], config.min_agreement, config.max_ndcg_drop, mode)
         fast = ratio <= 1 - config.min_gain
         why[mode] = (f"{ratio:.2f}x {baseline} latency, "
-                     + ("ranks like torch" if good else "ranks differently") + ("" if fast else ", not faster"))
+                     + ("ranks like torch" if good else quality[name].get("error", "ranks differently"))
+                 + ("" if fast else ", not faster"))
         if good and fast:
             won.append(mode)
     return won, why

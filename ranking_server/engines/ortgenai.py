@@ -177,12 +177,19 @@ class OrtGenaiEngine(LoopEngine):
         if running.todo:
             return
         request = running.pending.request
-        if running.next_token is None and request.mode == "generate" and request.readout is not None:
-            running.bias = decoding_bias(running.bias, running.read)
-        if running.next_token is None and request.mode == "score":
+        try:  # non-finite readouts (palr.ranking.finite_readout) fail this request only
+            if running.next_token is None and request.mode == "generate" and request.readout is not None:
+                running.bias = decoding_bias(running.bias, running.read)
+            scores = label_log_probs(torch.tensor(running.read)) if (
+                running.next_token is None and request.mode == "score") else None
+        except EngineError as e:
+            log.error("ortgenai readout failed for %s: %s", running.pending.request_id, e)
+            self._leave(running)
+            self._fail(running.pending, e)
+            return
+        if scores is not None:
             running.pending.prefilled = time.perf_counter()
             self._count(cached_tokens=running.cached)
-            scores = label_log_probs(torch.tensor(running.read))
             self._leave(running)
             self._finish(running.pending, sorted(range(len(scores)), key=lambda c: -scores[c]), scores,
                          running.cached, 0)

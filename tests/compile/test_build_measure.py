@@ -79,3 +79,28 @@ def test_first_pick_agreement_is_over_every_probe_and_whole_lists_over_the_gener
     assert quality["fp32"]["generate_first_agreement"] == quality["fp32"]["generate_exact_agreement"] == 1.0
     for name in quality:
         assert quality[name]["generate_first_probes"] == 10 and quality[name]["generate_exact_probes"] == 2
+
+
+def test_a_candidate_whose_readouts_overflow_is_rejected_not_the_build(tiny):
+    """A precision that reads NaN (here: its head's label rows spoilt) is rejected with the reason; the reference
+    reading NaN still fails the build, since nothing can be judged against it."""
+    import copy
+
+    from compile.targets.hf_cpu import choose
+    from compile.targets.measure import quality_ok
+    from palr.errors import EngineError
+
+    spoilt = copy.deepcopy(tiny)
+    with torch.no_grad():
+        spoilt.lm_head.weight = torch.nn.Parameter(spoilt.lm_head.weight.detach().clone())
+        spoilt.lm_head.weight[LABELS] = float("nan")
+    fp32, broken = TorchRunner("fp32", tiny), TorchRunner("bf16", spoilt)
+    quality = measure_quality([fp32, broken], fp32, probes(4, False), k=3, generate_probes=1, logit_weight=1.0)
+    assert "not finite" in quality["bf16"]["error"]
+    assert not quality_ok(quality["bf16"], quality["fp32"], 0.9, 0.01, "score")
+    config = type("C", (), {"generate_tokens": 1, "min_agreement": 0.9, "max_ndcg_drop": 0.01, "min_gain": 0.05})
+    latency = {"fp32": {"prefill_ms": 10.0, "decode_ms": 1.0}, "bf16": {"prefill_ms": 2.0, "decode_ms": 0.5}}
+    best, verdicts = choose(latency, quality, config)
+    assert best == "fp32" and verdicts["bf16"].startswith("rejected: ") and "not finite" in verdicts["bf16"]
+    with pytest.raises(EngineError):
+        measure_quality([broken], broken, probes(2, False), k=3, generate_probes=1)

@@ -111,3 +111,15 @@ def test_head_bias_sums_the_trend_buckets_and_each_rankings_bucket_bias():
     assert head_bias(None, trends, rank_bias, ranks) == pytest.approx([0.3 - 1.0, -5.0])
     assert head_bias(trend_bias, trends) == [2.0, 0.0]
     assert head_bias(None, None, None, None) is None
+
+
+def test_non_finite_readouts_fail_the_request():
+    from palr.errors import EngineError
+    from palr.ranking import decoding_bias, finite_readout
+
+    assert finite_readout([1, -2.5]) == [1.0, -2.5]
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        with pytest.raises(EngineError, match=r"not finite for candidates \[1\]"):
+            finite_readout([0.0, bad, 1.0])
+        with pytest.raises(EngineError):
+            decoding_bias([0.0, 0.0], [0.5, bad])

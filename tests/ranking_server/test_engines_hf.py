@@ -755,3 +755,28 @@ def test_device_turns_go_in_the_order_asked():
         t.join(10)
     assert order in (list("ababab"), list("bababa"))
     assert turns.waiting() == 0
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_model_that_reads_nan_fails_the_request_and_serves_on(tiny_llama_dir, strategy):
+    """A label whose logit is NaN (an overflowed precision, broken weights): the request fails with EngineError
+    (the server answers it degraded, in retrieval order) instead of ranking by NaN, and the engine serves on."""
+    model, tokenizer = load_causal_lm(tiny_llama_dir)  # a copy of its own: one lm_head row is spoilt
+    labels = label_ids(tokenizer, 8)
+    with torch.no_grad():
+        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())  # untied from embeddings
+        model.lm_head.weight[labels[0]] = float("nan")
+    engine = strategy_engine(strategy, model, EngineConfig(max_batch_size=2, max_tokens_per_step=64))
+
+    async def scenario():
+        with pytest.raises(EngineError, match="not finite for candidates \\[0\\]"):
+            await engine.rank(plain(labels, "spoilt"))
+        return await engine.rank(plain(labels[1:], "fine"))
+
+    try:
+        fine = asyncio.run(scenario())
+        healthy, stats = engine.check_health(), engine.stats()
+    finally:
+        engine.close()
+    assert healthy and stats.failed == 1 and stats.completed == 1
+    assert fine.scores == pytest.approx(score_labels(model, [5, 6, 7, 21, 22, 23], labels[1:]), abs=1e-4)
