@@ -78,11 +78,17 @@ class MicroBatcher(Generic[Item, Result]):
         if self._task is not None and self._task.done():
             raise RunnerStopped(self._stop_reason())
         future = asyncio.get_running_loop().create_future()
-        self._pending.append((item, future))
+        entry = (item, future)
+        self._pending.append(entry)
         self._arrived.set()
         if len(self._pending) >= self.max_batch_size:
             self._full.set()
-        return await future
+        try:
+            return await future
+        except asyncio.CancelledError:  # leaves the queue at once: it must not count towards a full batch
+            with contextlib.suppress(ValueError):  # not there: taken into a batch already
+                self._pending.remove(entry)
+            raise
 
     async def close(self) -> None:
         if self._task is not None:

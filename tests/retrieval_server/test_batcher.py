@@ -188,3 +188,27 @@ def test_a_dead_batch_loop_fails_waiting_requests_instead_of_leaving_them_hangin
     with caplog.at_level("ERROR", logger="retrieval_server.batcher"):
         asyncio.run(scenario())
     assert "micro-batcher stopped" in caplog.text
+
+
+def test_requests_cancelled_while_queued_do_not_cut_the_window_short():
+    """Three requests queue and are cancelled; A then B (inside the window) arrive: one batch of A and B, not A
+    alone because three dead entries made the batch look full."""
+    fn = Squares()
+
+    async def scenario():
+        batcher = MicroBatcher(fn, max_batch_size=4, window_s=0.5)
+        batcher.start()
+        try:
+            gone = [asyncio.ensure_future(batcher.submit(x)) for x in (100, 101, 102)]
+            await asyncio.sleep(0)
+            for task in gone:
+                task.cancel()
+            await asyncio.gather(*gone, return_exceptions=True)
+            a = asyncio.ensure_future(batcher.submit(2))
+            await asyncio.sleep(0.02)
+            return await asyncio.gather(a, batcher.submit(3))
+        finally:
+            await batcher.close()
+
+    assert asyncio.run(scenario()) == [4, 9]
+    assert [b for b in fn.batches if 2 in b or 3 in b] == [[2, 3]]
