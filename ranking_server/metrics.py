@@ -6,7 +6,8 @@ Per request (updated by the servicer):
                                             ranking: the answers the model computed)
     ranking_degraded{reason}                answers in retrieval order instead of the LLM's: deadline, engine_error
     ranking_rejected{reason}                requests refused: invalid_argument, queue_full, deadline,
-                                            retrieval_unavailable, retrieval_error, loading
+                                            retrieval_unavailable, retrieval_queue_full (the retrieval tier
+                                            refused it RESOURCE_EXHAUSTED), retrieval_error, loading
     ranking_cold_starts                     answers from popularity (no history)
     ranking_retrieval_queue_full_retries    Retrieves sent again after a replica refused them for a full queue
 Engine (read from `engine.stats()` at every scrape, so they cost nothing per request):
@@ -43,7 +44,8 @@ RETRIEVAL_QUEUE_FULL_RETRIES = Counter(
     "full queue (--retrieval-queue-full-retries; round_robin only)")
 COLD_STARTS = Counter("ranking_cold_starts", "answers from popularity candidates (user without history)")
 DEGRADED_REASONS = ("deadline", "engine_error")
-REJECTED_REASONS = ("invalid_argument", "queue_full", "deadline", "retrieval_unavailable", "retrieval_error", "loading")
+REJECTED_REASONS = ("invalid_argument", "queue_full", "deadline", "retrieval_unavailable", "retrieval_queue_full",
+                    "retrieval_error", "loading")
 for _reason in DEGRADED_REASONS:  # every series exists from the start, at 0, for dashboards and rate()
     DEGRADED.labels(_reason)
 for _reason in REJECTED_REASONS:

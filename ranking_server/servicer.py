@@ -46,7 +46,8 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = ranking_pb2.DESCRIPTOR.services_by_name["RankingService"].full_name
 RETRIEVAL_REJECTIONS = {grpc.StatusCode.DEADLINE_EXCEEDED: "deadline",
-                        grpc.StatusCode.UNAVAILABLE: "retrieval_unavailable"}
+                        grpc.StatusCode.UNAVAILABLE: "retrieval_unavailable",
+                        grpc.StatusCode.RESOURCE_EXHAUSTED: "retrieval_queue_full"}  # overload, not a bug
 
 
 @dataclass

@@ -481,6 +481,40 @@ def test_a_retrieval_tier_that_does_not_answer_in_time_is_deadline_exceeded_coun
         server_loop.run(held.drain())
 
 
+def test_a_retrieval_tier_refusing_for_a_full_queue_is_counted_as_retrieval_overload(server_loop, bundle, reference):
+    """A real retrieval server with --max-queue 1 whose model is held, one Retrieve waiting on it: the Recommend
+    behind it is RESOURCE_EXHAUSTED marked queue-full (another replica may take it), counted as
+    `retrieval_queue_full`, not as a `retrieval_error` (what tiers that disagree are counted as)."""
+    import threading
+
+    held = start_retrieval(server_loop, bundle, max_queue=1)
+    release = threading.Event()
+    run_batch = held.runner.run_batch
+    held.runner.run_batch = lambda items: (release.wait(30), run_batch(items))[1]
+    server = start_ranking(server_loop, bundle, held.server.address, metrics_port=free_port(),
+                           retrieval_queue_full_retries=0)
+    channel = grpc.insecure_channel(held.server.address)
+    waiting = retrieval_pb2_grpc.RetrievalServiceStub(channel).Retrieve(retrieval_pb2.RetrieveRequest(user_id="1", k=3),
+                                                                       timeout=30)
+    try:
+        wait_until(lambda: held.servicer._waiting == 1, what="one Retrieve waiting for the held model")
+        names = ('ranking_rejected_total{reason="retrieval_queue_full"}',
+                 'ranking_rejected_total{reason="retrieval_error"}')
+        before = [scrape_metrics(server.server.metrics_port).get(n, 0.0) for n in names]
+        with pytest.raises(grpc.RpcError) as error:
+            stub_of(server).Recommend(ranking_pb2.RecommendRequest(user_id=some_users(reference, 1)[0], k=3),
+                                      timeout=20)
+        assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and QUEUE_FULL in error.value.trailing_metadata()
+        after = [scrape_metrics(server.server.metrics_port).get(n, 0.0) for n in names]
+        assert after == [before[0] + 1, before[1]]
+    finally:
+        release.set()
+        waiting.cancel()
+        channel.close()
+        server_loop.run(server.drain())
+        server_loop.run(held.drain())
+
+
 class ForeignCatalog(retrieval_pb2_grpc.RetrievalServiceServicer):
     """A retrieval tier serving another bundle: its first chunk names item ids this catalog lacks, then it would go
     on streaming for half a minute; records whether the ranking server cancelled the stream. (A real retrieval

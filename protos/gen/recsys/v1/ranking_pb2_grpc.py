@@ -57,7 +57,10 @@ class RankingServiceServicer:
         (another replica may serve it); DEADLINE_EXCEEDED when the deadline passes
         before the candidates arrive (after that the answer is the retrieval order,
         `degraded`); INTERNAL when the two tiers disagree (different bundles or
-        limits). Every answer carries trailing metadata `x-request-id`.
+        limits). Every answer from the service carries trailing metadata
+        `x-request-id`; a request over the server's --max-message-bytes is refused
+        RESOURCE_EXHAUSTED by gRPC itself, before the service sees it (no id, no
+        `x-refused` mark).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -55,7 +55,9 @@ class RetrievalServiceServicer:
         Errors: INVALID_ARGUMENT naming the field; UNAVAILABLE while the model
         loads (retry, on another replica); RESOURCE_EXHAUSTED with trailing
         metadata `x-refused: queue-full` when --max-queue requests already wait
-        for the model. Every answer carries trailing metadata `x-request-id`.
+        for the model. Every answer from the service carries trailing metadata
+        `x-request-id`; a request over --max-message-bytes is refused
+        RESOURCE_EXHAUSTED by gRPC itself, before the service sees it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
