@@ -26,7 +26,7 @@ from tqdm import tqdm
 from compile.llm_common import config_record
 from palr.bundle import Bundle, fingerprint, write_atomically
 from palr.catalog import Catalog, Item, natural_key
-from palr.profiles import METHODS, Profiles, StatsProfiler
+from palr.profiles import METHODS, VERSION, Profiles, StatsProfiler
 from palr.prompt import chat_frame
 
 log = logging.getLogger(__name__)
@@ -172,8 +172,8 @@ def method_settings(config: ProfilesConfig) -> dict:
 def run(config: ProfilesConfig) -> Path:
     bundle = Bundle.open(config.bundle)
     inputs = ["catalog", "users"] + (["llm_base"] if config.method == "llm" else [])
-    step_fp = fingerprint("profiles", config.method, method_settings(config), config.users,
-                          [bundle.version(name) for name in inputs])
+    step_fp = fingerprint("profiles", VERSION, config.method, method_settings(config), config.users,
+                          [bundle.version(name) for name in inputs])  # VERSION: the profilers' code
     out = bundle.root / PROFILES_FILE
     if not config.force and bundle.step_is_current("profiles", step_fp, ["profiles"]):
         log.info("profiles are current (%s); skipping", out)

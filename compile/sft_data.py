@@ -344,6 +344,15 @@ def check_options(config: SftDataConfig) -> None:
                          f"got {config.holdout_items}")
 
 
+def step_fingerprint(config: SftDataConfig, bundle: Bundle, inputs: list[str]) -> str:
+    """What makes the step's output current: its options, its inputs' versions and the code that writes it, the
+    held-out SASRec's included (trained inside this step: its own record only counts once this step runs)."""
+    from compile import holdout, sasrec  # torch: imported when the step runs
+
+    return fingerprint("sft-data", VERSION, holdout.VERSION, sasrec.VERSION,
+                       fingerprint_record(config, bundle, "threads"), [bundle.version(name) for name in inputs])
+
+
 def run(config: SftDataConfig) -> Path:
     from transformers import AutoConfig, AutoTokenizer
 
@@ -354,8 +363,7 @@ def run(config: SftDataConfig) -> Path:
     check_options(config)
     inputs = ["catalog", "users", "sasrec_onnx", "sasrec_torch", "profiles", "llm_base"] + \
         (["trends"] if config.trend else []) + (["collab"] if config.collab else [])
-    step_fp = fingerprint("sft-data", VERSION, fingerprint_record(config, bundle, "threads"),
-                          [bundle.version(name) for name in inputs])
+    step_fp = step_fingerprint(config, bundle, inputs)
     out = bundle.root / SFT_DIR
     if not config.force and bundle.step_is_current("sft-data", step_fp, ["sft_data"]):
         log.info("SFT data is current (%s); skipping", out)

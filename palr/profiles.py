@@ -23,6 +23,7 @@ from pathlib import Path
 from palr.catalog import Catalog, Item
 
 METHODS = ("stats", "llm")
+VERSION = 1  # bump when a method's keywords for the same history change: compile's profiles step then reruns
 _UNKNOWN_GENRES = {"unknown", "(no genres listed)", ""}
 POPULARITY = ("mainstream", "popular films", "lesser-known films")  # median item in the top 10 %, 25 %, the rest
 

@@ -121,3 +121,22 @@ def test_profiles_step_llm_method_writes_profiles_json(tiny_llm_bundle, tmp_path
     profiles = json.loads((bundle / "profiles.json").read_text())
     assert profiles["method"] == "llm" and len(profiles["profiles"]) == 3
     assert profiles["settings"]["block_items"] == 3
+
+
+def test_a_new_version_of_the_profilers_code_makes_the_profiles_step_stale(tiny_llm_bundle, tmp_path, monkeypatch,
+                                                                          caplog):
+    """Serving and the test evaluation read profiles.json while sft-data computes its profiles with the code of the
+    day: a change to the profilers (palr.profiles.VERSION) must redo the step, or the two disagree."""
+    import compile.profiles
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_llm_bundle, bundle, symlinks=True)
+    config = ProfilesConfig(bundle=bundle, method="stats", users=3)
+    run(config)
+    with caplog.at_level("INFO", logger="compile.profiles"):
+        run(config)
+        assert "profiles are current" in caplog.text
+        caplog.clear()
+        monkeypatch.setattr(compile.profiles, "VERSION", compile.profiles.VERSION + 1)
+        run(config)
+        assert "profiles are current" not in caplog.text

@@ -219,3 +219,24 @@ def test_the_dataset_reached_by_another_path_does_not_redo_sft_data(tiny_llm_bun
     with caplog.at_level("INFO", logger="compile.sft_data"):
         sft_data.run(config)
     assert "SFT data is current" in caplog.text
+
+
+@pytest.mark.parametrize("module", ["holdout", "sasrec"])
+def test_a_new_version_of_the_held_out_sasrecs_code_makes_sft_data_stale(tiny_llm_bundle, ml100k_dir, module,
+                                                                        monkeypatch):
+    """The held-out SASRec is trained inside sft-data: a change to its code (the module's VERSION) must make the
+    step stale, or its own record is never looked at and the old negatives stay."""
+    import importlib
+
+    from compile import pipeline, sft_data
+    from palr.bundle import Bundle
+
+    bundle = Bundle.open(tiny_llm_bundle)
+    step = next(s for s in pipeline.STEPS if s.name == "sft-data")
+    config = pipeline.step_config(pipeline.PipelineConfig(bundle=tiny_llm_bundle, data=ml100k_dir, preset="tiny"),
+                                  step, sft_data)
+    inputs = ["catalog", "users", "sasrec_onnx", "sasrec_torch", "profiles", "llm_base"]
+    recorded = sft_data.step_fingerprint(config, bundle, inputs)
+    code = importlib.import_module(f"compile.{module}")
+    monkeypatch.setattr(code, "VERSION", code.VERSION + 1)
+    assert sft_data.step_fingerprint(config, bundle, inputs) != recorded
