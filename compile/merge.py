@@ -298,6 +298,10 @@ def check_adapter_inputs(bundle: Bundle) -> None:
 
 def run(config: MergeConfig) -> Path:
     bundle = Bundle.open(config.bundle)
+    if not bundle.has("lora"):
+        raise ValueError(f"{bundle.root} has no finished LoRA adapter to merge (a `finetune --stop-after` run not "
+                         f"finished sets the earlier one aside): run `python -m compile finetune --bundle "
+                         f"{bundle.root}` to its end first")
     inputs = ["llm_base", "lora", "sft_data"]
     step_fp = fingerprint("merge", VERSION, fingerprint_record(config, bundle), fit_grids(),
                           [bundle.version(name) for name in inputs])

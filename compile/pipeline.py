@@ -56,8 +56,12 @@ def run(config: PipelineConfig) -> None:
         step_cfg = step_config(config, step, module)
         log.info("all: step %s", step.name)
         started = time.perf_counter()
-        module.run(step_cfg)
+        result = module.run(step_cfg)
         timings.append((step.name, time.perf_counter() - started))
+        if step.name == "finetune" and result is None:  # stopped before its last step (--stop-after)
+            log.warning("all: finetune stopped before its last step; rerun to continue from its checkpoint (the "
+                        "steps after it need the finished adapter)")
+            return
     width = max(len(name) for name, _ in timings)
     log.info("all: done in %.1fs\n%s", sum(s for _, s in timings),
              "\n".join(f"  {name:<{width}}  {seconds:7.1f}s" for name, seconds in timings))

@@ -121,6 +121,23 @@ def test_a_run_with_other_inputs_resumes_from_its_own_checkpoint_not_an_earlier_
     assert len(done["losses"]) == 4
 
 
+def test_merge_refuses_an_earlier_adapter_while_a_run_with_other_options_is_unfinished(bundle_copy):
+    """The earlier run's adapter matches the bundle's SFT data and base model, so merge took it for the stopped
+    run's; the bundle now stops naming it until the new run finishes."""
+    from compile import merge
+    from palr.bundle import Bundle
+
+    settings = dict(max_steps=4, batch_size=4, save_every=2, seed=3)
+    run(FinetuneConfig(bundle=bundle_copy, force=True, lr=1e-2, **settings))
+    assert Bundle.open(bundle_copy).has("lora")
+    assert run(FinetuneConfig(bundle=bundle_copy, lr=2e-2, stop_after=2, **settings)) is None
+    assert not Bundle.open(bundle_copy).has("lora")
+    with pytest.raises(ValueError, match="no finished LoRA adapter to merge"):
+        merge.run(merge.MergeConfig(bundle=bundle_copy))
+    run(FinetuneConfig(bundle=bundle_copy, lr=2e-2, **settings))  # finished: the bundle's adapter again
+    assert Bundle.open(bundle_copy).has("lora")
+
+
 @pytest.mark.parametrize("readout", ["label", "candidate"])
 def test_listwise_loss_is_the_cross_entropy_of_the_target_over_fused_readouts(tiny_llama_dir, readout):
     """readout_scores = each label's LM-head row at the prompt's last position (label readout), or the score
