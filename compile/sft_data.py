@@ -1,6 +1,6 @@
 """`compile sft-data`: PALR instruction-tuning examples from the TRAIN split, and a validation file.
 
-    train.jsonl  from each user's training items only (never a valid or test interaction):
+    train.jsonl  from each user's training items only (no valid or test item as history or target):
       Recommend_Retrieval  history prefix + a SASRec's top-K for that prefix (order shuffled) → the
                            true item's label and title. --negatives holdout (the default): a SASRec
                            trained without each user's last --holdout-items training items ranks
@@ -21,9 +21,10 @@ Each candidate line ends with the candidate's trend token (palr/trends.py: its i
 days before the example's moment, the time of its history's last item), and score mode reads the
 score row at that token (`--readout candidate`): examples store the readout positions and the buckets.
 
-Training candidates never include the user's other interactions (later training items, valid and test
-items): negatives are items the user did not interact with, and held-out items appear in no training
-example.
+Training candidates never include the user's later training items (negatives are items the user did not
+interact with up to the training split's end, as a model trained at that moment would know them), but may
+include the user's valid and test items: a model trained before those interactions could not leave them out,
+and leaving them out would shield exactly the items the evaluation asks for from ever being a negative.
 Every example stores item ids (for the leakage test) and the exact token ids `palr.prompt` built
 (what finetune trains on); `meta.json` keeps the prompt settings that serving must reuse.
 """
@@ -43,7 +44,7 @@ from palr.bundle import Bundle, fingerprint, write_atomically
 from palr.catalog import Catalog
 from palr.collab import CollabTable
 from palr.corpus import Corpus
-from palr.profiles import Profiles
+from palr.profiles import VERSION as PROFILES_VERSION, Profiles
 from palr.prompt import READOUTS, RECOMMEND, RETRIEVAL, PalrPrompt, PromptSettings, Readout
 from palr.ranking import RANK_BUCKETS, RANKINGS, candidate_ranks
 from palr.trends import TrendSettings, TrendTable
@@ -51,9 +52,10 @@ from palr.trends import TrendSettings, TrendTable
 log = logging.getLogger(__name__)
 
 SFT_DIR = "llm/sft"
-VERSION = 8  # 3: held-out SASRec negatives, hybrid prompts, retrieval scores; 4: trend tokens, candidate readout;
+VERSION = 9  # 3: held-out SASRec negatives, hybrid prompts, retrieval scores; 4: trend tokens, candidate readout;
 # 5: validation candidates exactly as serving retrieves them (history masked, not the test item); 6: EASE scores
 # 7: rank tokens; 8: tied candidates share their best rank bucket (palr.ranking.rank_buckets), as serving now shows them
+# 9: training candidates no longer leave out the user's valid and test items (only history and later training items)
 
 
 @dataclass
@@ -129,34 +131,27 @@ class Cut:
     history: list[str]  # item ids, oldest first
     target: str  # the next item
     following: list[str]  # the user's training items after the target
-    held_out: list[str]  # training cuts: the user's valid/test items (never in a training example); validation: []
     moment: float = 0.0  # when the history ends (its last interaction): what trends are counted before
-
-    @property
-    def later(self) -> list[str]:
-        """Everything the user interacted with after the target: never a candidate."""
-        return self.following + self.held_out
 
 
 def training_cuts(corpus: Corpus, users: list[str], per_user: int, config: SftDataConfig,
                   rng: random.Random) -> list[Cut]:
-    """Cut points inside each user's TRAINING items only; the valid and test items count as `later`."""
+    """Cut points inside each user's TRAINING items only."""
     cuts = []
     for user in users:
         train = corpus.split.train[user]
-        held_out = [corpus.split.valid[user], corpus.split.test[user]]
         first = max(config.min_history, len(train) - config.recent_window, 1)
         points = list(range(first, len(train)))
         for t in sorted(rng.sample(points, min(per_user, len(points)))):
-            cuts.append(Cut(user, train[:t], train[t], train[t + 1:], held_out, corpus.time_before(user, t)))
+            cuts.append(Cut(user, train[:t], train[t], train[t + 1:], corpus.time_before(user, t)))
     return cuts
 
 
 def retrieve(sasrec, catalog: Catalog, cuts: list[Cut], k: int) -> list[tuple[list[str], list[float]]]:
-    """SASRec top-k (item ids, scores) for each cut, excluding its history and the user's later items."""
+    """SASRec top-k (item ids, scores) for each cut, excluding its history and the user's later training items."""
     from palr.sasrec_onnx import Query
 
-    queries = [Query(history=catalog.indices(c.history), exclude=catalog.indices(c.history + c.later), k=k)
+    queries = [Query(history=catalog.indices(c.history), exclude=catalog.indices(c.history + c.following), k=k)
                for c in cuts]
     out = []
     for start in range(0, len(queries), 256):
@@ -229,18 +224,17 @@ def holdout_cuts(corpus: Corpus, users: list[str], items: int) -> list[Cut]:
     cuts = []
     for user in users:
         train = corpus.split.train[user]
-        held_out = [corpus.split.valid[user], corpus.split.test[user]]
-        cuts += [Cut(user, train[:t], train[t], train[t + 1:], held_out, corpus.time_before(user, t))
+        cuts += [Cut(user, train[:t], train[t], train[t + 1:], corpus.time_before(user, t))
                  for t in range(len(train) - held_out_count(len(train), items), len(train))]
     return cuts
 
 
 def holdout_retrieve(model, catalog: Catalog, cuts: list[Cut], k: int) -> list[tuple[list[str], list[float]]]:
-    """The held-out SASRec's top-k (item ids, scores) per cut, its history and later items excluded."""
+    """The held-out SASRec's top-k (item ids, scores) per cut, its history and later training items excluded."""
     from compile.holdout import top_k
 
     indices, scores = top_k(model, [catalog.indices(c.history) for c in cuts],
-                            [catalog.indices(c.history + c.later) for c in cuts], k)
+                            [catalog.indices(c.history + c.following) for c in cuts], k)
     return [([catalog.item(int(i)).id for i in row], [float(s) for s in row_scores])
             for row, row_scores in zip(indices, scores)]
 
@@ -346,10 +340,10 @@ def check_options(config: SftDataConfig) -> None:
 
 def step_fingerprint(config: SftDataConfig, bundle: Bundle, inputs: list[str]) -> str:
     """What makes the step's output current: its options, its inputs' versions and the code that writes it, the
-    held-out SASRec's included (trained inside this step: its own record only counts once this step runs)."""
+    held-out SASRec's and the profilers' included (it trains the one and runs the other on the cuts' histories)."""
     from compile import holdout, sasrec  # torch: imported when the step runs
 
-    return fingerprint("sft-data", VERSION, holdout.VERSION, sasrec.VERSION,
+    return fingerprint("sft-data", VERSION, holdout.VERSION, sasrec.VERSION, PROFILES_VERSION,
                        fingerprint_record(config, bundle, "threads"), [bundle.version(name) for name in inputs])
 
 
@@ -409,7 +403,7 @@ def run(config: SftDataConfig) -> Path:
     valid_users = sorted(corpus.split.valid)
     if 0 < config.valid_users < len(valid_users):  # its own generator: the same users whatever the training options
         valid_users = sorted(random.Random(config.seed + 1).sample(valid_users, config.valid_users))
-    valid_cuts = [Cut(u, corpus.split.train[u], corpus.split.valid[u], [], [],  # serving's mask: the history only
+    valid_cuts = [Cut(u, corpus.split.train[u], corpus.split.valid[u], [],  # serving's mask: the history only
                       corpus.time_before(u, len(corpus.split.train[u]))) for u in valid_users]
     valid_profiles = profile([[catalog.by_id(i) for i in c.history] for c in valid_cuts], progress="profiles (valid)")
     valid = [_retrieval_example(prompt, catalog, cut, ids, scores, p, trends, valid_collab)
