@@ -563,14 +563,13 @@ def run(config: FinetuneConfig) -> Path | None:
         log.info("LoRA adapter is current (%s); skipping", out)
         return out
     check_sft_data(bundle, "finetune")
+    if bundle.has("lora"):  # an earlier run's adapter: merge would take it for this run's (its inputs may match)
+        bundle.remove_artifact("lora")  # until this run finishes; stopped, killed or crashed alike
+        bundle.save()
+        log.info("the bundle names no LoRA adapter until this run finishes (merge refuses the earlier one, %s)", out)
     started = time.perf_counter()
     record = train(bundle, config, run_fp)
     if not (out / "training.json").is_file() or len(record["losses"]) < record["steps"]:
-        if bundle.has("lora"):  # an earlier run's adapter: merge would take it for this run's (its inputs may match)
-            bundle.remove_artifact("lora")
-            bundle.save()
-            log.warning("the bundle no longer names the earlier LoRA adapter (%s) as its own: merge refuses until "
-                        "this run finishes", out)
         return None
     bundle.add_artifact("lora", LORA_DIR, steps=record["steps"], best_step=record["best_step"],
                         rank=config.rank, alpha=config.alpha, target_modules=list(config.target_modules),

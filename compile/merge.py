@@ -285,8 +285,9 @@ def ranker_record(bundle: Bundle, config: MergeConfig, meta: dict, weight: float
 
 def check_adapter_inputs(bundle: Bundle) -> None:
     """Refuses an adapter trained on other SFT data or another base model than the bundle holds now (`sft-data`
-    rerun, or a `finetune --stop-after` run not finished, since): merging it would pair its weights and item rows
-    with the new data's candidate count, item tokens and fits. Adapters from before this was recorded pass."""
+    rerun since): merging it would pair its weights and item rows with the new data's candidate count, item tokens
+    and fits. Adapters from before this was recorded pass. (While a finetune run is unfinished the bundle names no
+    adapter at all: `run` refuses first.)"""
     lora = bundle.artifact("lora")
     for name in ("sft_data", "llm_base"):
         trained_on, now = lora.get(name), bundle.version(name)
@@ -299,9 +300,9 @@ def check_adapter_inputs(bundle: Bundle) -> None:
 def run(config: MergeConfig) -> Path:
     bundle = Bundle.open(config.bundle)
     if not bundle.has("lora"):
-        raise ValueError(f"{bundle.root} has no finished LoRA adapter to merge (a `finetune --stop-after` run not "
-                         f"finished sets the earlier one aside): run `python -m compile finetune --bundle "
-                         f"{bundle.root}` to its end first")
+        raise ValueError(f"{bundle.root} has no finished LoRA adapter to merge (a finetune run that was stopped, "
+                         f"killed or failed sets the earlier one aside): run `python -m compile finetune --bundle "
+                         f"{bundle.root}` with that run's options (its --preset and the rest) to its end first")
     inputs = ["llm_base", "lora", "sft_data"]
     step_fp = fingerprint("merge", VERSION, fingerprint_record(config, bundle), fit_grids(),
                           [bundle.version(name) for name in inputs])

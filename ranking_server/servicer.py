@@ -46,8 +46,16 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME = ranking_pb2.DESCRIPTOR.services_by_name["RankingService"].full_name
 RETRIEVAL_REJECTIONS = {grpc.StatusCode.DEADLINE_EXCEEDED: "deadline",
-                        grpc.StatusCode.UNAVAILABLE: "retrieval_unavailable",
-                        grpc.StatusCode.RESOURCE_EXHAUSTED: "retrieval_queue_full"}  # overload, not a bug
+                        grpc.StatusCode.UNAVAILABLE: "retrieval_unavailable"}
+
+
+def retrieval_rejection(error: RequestError) -> str:
+    """The `ranking_rejected` reason of a failed Retrieve: a replica's full queue (RESOURCE_EXHAUSTED marked
+    `QUEUE_FULL`: overload) apart from what else fails, e.g. a message over its size limit (unmarked) or tiers
+    that disagree (`retrieval_error`: a configuration to mend)."""
+    if error.code == grpc.StatusCode.RESOURCE_EXHAUSTED and QUEUE_FULL in error.trailing_metadata:
+        return "retrieval_queue_full"
+    return RETRIEVAL_REJECTIONS.get(error.code, "retrieval_error")
 
 
 @dataclass
@@ -162,7 +170,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
                     retrieved.cold_start = message.cold_start
                     retrieved.model_version = message.model_version
         except RequestError as e:
-            REJECTED.labels(RETRIEVAL_REJECTIONS.get(e.code, "retrieval_error")).inc()
+            REJECTED.labels(retrieval_rejection(e)).inc()
             raise
         return retrieved
 

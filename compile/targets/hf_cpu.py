@@ -191,9 +191,10 @@ def measure_and_choose(ctx: BuildContext, model, tokenizer, report: dict) -> tup
     report.update({"probes": source, "latency_prompt_tokens": len(ids), "latency": latency, "quality": quality,
                    "candidates": {d: LABELS[d] for d in [*candidates, *skipped]}, "verdicts": verdicts, "threads": thread_table, "chosen_threads": threads,
                    "decision": f"kept {best} ({verdicts[best]})"})
-    for dtype in candidates:
-        log.info("hf-cpu %-5s prefill %.1f ms, decode %.2f ms/token, served top-1 agreement %.2f%s → %s", dtype,
-                 latency[dtype]["prefill_ms"], latency[dtype]["decode_ms"], quality[dtype]["served_top1_agreement"],
-                 f", served NDCG@10 {quality[dtype]['served_ndcg@10']:.4f}" if "served_ndcg@10" in quality[dtype] else "",
-                 verdicts[dtype])
+    for dtype in candidates:  # the verdict names an unmeasurable candidate's error
+        q = quality[dtype]
+        log.info("hf-cpu %-5s prefill %.1f ms, decode %.2f ms/token%s%s → %s", dtype,
+                 latency[dtype]["prefill_ms"], latency[dtype]["decode_ms"],
+                 f", served top-1 agreement {q['served_top1_agreement']:.2f}" if "error" not in q else "",
+                 f", served NDCG@10 {q['served_ndcg@10']:.4f}" if "served_ndcg@10" in q else "", verdicts[dtype])
     return best, threads

@@ -84,7 +84,7 @@ def keep_if_it_ranks_like(dtype: str, model, reference, ctx: BuildContext, token
         f"{dtype}: served top-1 agreement with fp32 {q['served_top1_agreement']:.2f}, generate first pick "
         f"{q['generate_first_agreement']:.2f}, the LLM's own top-1 {q['score_top1_agreement']:.2f} ({source}; bar "
         f"{config.min_agreement:g})")
-    log.info("hf-cuda %s → %s", verdict, "kept" if good else "rejected: ranks differently, keeping fp32")
+    log.info("hf-cuda %s → %s", verdict, "kept" if good else "rejected, keeping fp32")
     return (dtype if good else "fp32"), {**quality, "verdict": ("kept: " if good else "rejected: ") + verdict}
 
 

@@ -147,9 +147,11 @@ def measure_and_choose(ctx: BuildContext, reference: TorchRunner, tokenizer, dir
                                     -mode_latency_ms(latency[f"ortgenai-{p}"], "generate", config.generate_tokens)))
     won = verdicts[kept][0]
     for runner in runners:
-        log.info("ortgenai-cpu %-14s prefill %.1f ms, decode %.2f ms/token, served top-1 agreement %.2f, generate "
-                 "agreement %.2f", runner.name, latency[runner.name]["prefill_ms"], latency[runner.name]["decode_ms"],
-                 quality[runner.name]["served_top1_agreement"], quality[runner.name]["generate_first_agreement"])
+        q = quality[runner.name]
+        log.info("ortgenai-cpu %-14s prefill %.1f ms, decode %.2f ms/token, %s", runner.name,
+                 latency[runner.name]["prefill_ms"], latency[runner.name]["decode_ms"], q["error"] if "error" in q else
+                 f"served top-1 agreement {q['served_top1_agreement']:.2f}, generate agreement "
+                 f"{q['generate_first_agreement']:.2f}")
     report.update({"probes": source, "latency_prompt_tokens": len(ids), "latency_baseline": baseline.name,
                    "latency": latency, "quality": quality,
                    "modes": {p: {"won": w, "why": why} for p, (w, why) in verdicts.items()},

@@ -189,10 +189,14 @@ class EngineResult:
 def answer_by_bias(request: EngineRequest, constraint: DecodingConstraint, started: float) -> EngineResult:
     """A generate request at logit weight 0: the constrained answer in the bias's order, `started` (perf_counter)
     to now; no prompt token runs (`EngineRequest.reads_prompt` is False, or its readouts are already in the
-    bias). `constraint` is the request's fresh one (`validate`), advanced here."""
+    bias). `constraint` is the request's fresh one (`validate`), advanced here. A constraint that fails raises
+    EngineError (the request's own failure: the server answers it degraded)."""
     from palr.llm import emit_by_bias  # torch: imported where used, so this module stays import-light
 
-    written = emit_by_bias(constraint, request.bias)
+    try:
+        written = emit_by_bias(constraint, request.bias)
+    except Exception as e:  # noqa: BLE001 - a bad constraint fails its own request only
+        raise EngineError(f"constrained decoding failed: {e!r}") from e
     total_ms = 1e3 * (time.perf_counter() - started)
     return EngineResult(request.request_id, request.mode, constraint.emitted(), None,
                         prompt_tokens=len(request.input_ids), cached_tokens=0, generated_tokens=written,

@@ -158,7 +158,11 @@ class LoopEngine(RankingEngine):
                               + (f" (crashed: {self._crash!r})" if self._crash else ""))
         constraint = request.validate(self.vocab_size, self.max_seq_len)
         if not request.reads_prompt:  # generate at logit weight 0 reading the labels: the bias's order, no pass
-            result = answer_by_bias(request, constraint, time.perf_counter())
+            try:
+                result = answer_by_bias(request, constraint, time.perf_counter())
+            except EngineError:
+                self._count(failed=1)
+                raise
             self._count(completed=1, generated_tokens=result.generated_tokens)
             return result
         loop = asyncio.get_running_loop()

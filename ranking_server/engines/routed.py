@@ -38,7 +38,7 @@ class ModeRouter(RankingEngine):
             raise InvalidRequest(f"mode must be one of {MODES}, got {request.mode!r}")
         # exact on one event loop: an engine's rank() queues the request before its first await, and the engine
         # threads only ever shorten the queues
-        if self.max_queue and self.queued() >= self.max_queue:
+        if request.reads_prompt and self.max_queue and self.queued() >= self.max_queue:  # else: answered at rank()
             self.rejected += 1
             raise EngineOverloaded(f"{self.name}: the engines' queues are full ({self.max_queue} waiting in all)")
         return await engine.rank(request)

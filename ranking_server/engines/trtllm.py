@@ -128,9 +128,9 @@ class TrtllmEngine(RankingEngine):
             scored, _ = await self._run(score_pass, None)
             self._check_not_aborted(request, scored)
             self._count(prompt_tokens=len(score_pass.run_ids))  # a pass of its own, before the generate one
-            with self._failures_counted():
+            with self._failures_counted():  # non-finite readouts too (palr.ranking.finite_readout)
                 read = readout_from_context(scored.context_logits, len(score_pass.run_ids), request.readout)
-            request = dataclasses.replace(request, bias=decoding_bias(request.bias, read), readout=None)
+                request = dataclasses.replace(request, bias=decoding_bias(request.bias, read), readout=None)
         if request.mode == "generate" and not request.decodes:
             # weight 0: the answer is the bias's order (palr.llm.emit_by_bias), with the readouts joined above; a
             # label-readout ranker reads nothing from the prompt, so no pass runs at all (EngineRequest.reads_prompt;
@@ -197,7 +197,8 @@ class TrtllmEngine(RankingEngine):
     def _by_bias(self, request: EngineRequest, constraint, started: float) -> EngineResult:
         """Generate mode at logit weight 0: the constrained answer in the bias's order, after the score pass (its
         prompt tokens counted when it ran) or without any pass (a label-readout ranker)."""
-        result = answer_by_bias(request, constraint, started)
+        with self._failures_counted():
+            result = answer_by_bias(request, constraint, started)
         self._count("completed", generated_tokens=result.generated_tokens)
         return result
 

@@ -389,3 +389,33 @@ def test_a_gpu_build_on_gpus_of_different_kinds_is_refused_naming_the_remedy(tin
     monkeypatch.setattr(build.Machine, "detect", staticmethod(lambda device="cpu": mixed))
     with pytest.raises(StepFailed, match=r"GPUs differ in compute capability \(mixed: 8.0, 9.0\).*CUDA_VISIBLE_DEVICES"):
         build.run(build_config(tiny_llm_bundle, "hf-cuda"))
+
+
+def test_a_candidate_whose_readouts_are_not_finite_is_rejected_and_the_build_goes_on(tiny_llm_bundle, tmp_path,
+                                                                                     monkeypatch):
+    """The int8 candidate's label rows made NaN (a precision that overflows): the whole hf-cpu build, its report
+    and its log, rejects it with the reason and keeps a candidate that reads finite."""
+    from compile.targets import BuildContext
+    from compile.targets import hf_cpu
+
+    real_variant = hf_cpu.variant
+
+    def spoilt(model, dtype):
+        built = real_variant(model, dtype)
+        if dtype == "int8":
+            with torch.no_grad():
+                built.lm_head = torch.nn.Linear(built.lm_head.in_features, built.lm_head.out_features, bias=False)
+                built.lm_head.weight.fill_(float("nan"))
+        return built
+
+    if "int8" not in plan_candidates(["int8"], Machine.detect("cpu").cpu_isa, torchao_version())[0]:
+        pytest.skip("this CPU runs no dynamic int8 build (it needs avx2)")
+    monkeypatch.setattr(hf_cpu, "variant", spoilt)
+    bundle = Bundle.open(tiny_llm_bundle)
+    config = build_config(tiny_llm_bundle, "hf-cpu", candidates=["fp32", "int8"], threads=1)
+    result = hf_cpu.build(BuildContext(config, Machine.detect("cpu"), bundle, bundle.path("llm_merged"),
+                                       tmp_path / "out"))
+    report = result.report
+    assert "not finite" in report["quality"]["int8"]["error"]
+    assert report["verdicts"]["int8"].startswith("rejected: ") and "not finite" in report["verdicts"]["int8"]
+    assert report["decision"].startswith("kept fp32")

@@ -20,7 +20,8 @@ def test_the_gguf_is_looked_for_beside_the_dataset_compile_all_is_given():
     assert base_model_config(gguf=Path("/models/other.gguf")).gguf == Path("/models/other.gguf")
 
 
-def test_all_stops_after_a_finetune_that_stopped_early(tiny_llm_bundle, ml100k_dir, tmp_path, monkeypatch, caplog):
+def test_all_stops_after_a_finetune_that_stopped_early(tiny_llm_bundle, tiny_llama_dir, ml100k_dir, tmp_path,
+                                                       monkeypatch, caplog):
     """A finetune stopped before its last step (--stop-after in a preset) leaves no adapter of its own: `compile all`
     ends there instead of merging (and building, evaluating) without one. The tiny bundle's earlier steps are
     current; finetune runs again under other options and stops after 2 steps."""
@@ -34,7 +35,8 @@ def test_all_stops_after_a_finetune_that_stopped_early(tiny_llm_bundle, ml100k_d
     monkeypatch.setitem(presets.PRESETS, "tiny", tiny)
     merged_before = Bundle.open(bundle).manifest.steps["merge"]
     with caplog.at_level("INFO"):
-        pipeline.run(pipeline.PipelineConfig(bundle=bundle, data=ml100k_dir, preset="tiny"))
+        pipeline.run(pipeline.PipelineConfig(bundle=bundle, data=ml100k_dir, preset="tiny", base_model=tiny_llama_dir))
+    assert "SFT data is current" in caplog.text  # the earlier adapter's inputs: only finetune's options changed
     assert "all: finetune stopped before its last step" in caplog.text and "all: step merge" not in caplog.text
     after = Bundle.open(bundle)
     assert not after.has("lora") and after.manifest.steps["merge"] == merged_before

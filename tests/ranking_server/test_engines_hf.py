@@ -720,6 +720,9 @@ def test_a_routers_queue_bound_counts_the_requests_waiting_in_both_engines(tiny)
         for mode in ("score", "generate"):
             with pytest.raises(EngineOverloaded, match="2 waiting in all"):
                 await router.rank(request(f"refused-{mode}", mode))
+        # a generate request at logit weight 0 that reads the labels waits for nothing: answered at rank()
+        free = dataclasses.replace(request("free", "generate"), logit_weight=0.0, bias=[0.4, 0.1, 0.3, 0.2])
+        assert (await router.rank(free)).order == [0, 2]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -104,7 +104,7 @@ def test_engines_answer_without_a_decode_pass(tiny, strategy):
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_a_label_readout_at_weight_zero_runs_no_prompt(tiny, strategy):
     """Without a candidate readout the bias is known before any pass (the labels' logits count zero), so no
-    engine runs the prompt: no step, no prompt token, not even under a full queue."""
+    engine runs the prompt: no step, no prompt token, and five at once pass a queue bound of one."""
     model, labels = tiny
     rng = random.Random(3)
     requests = [dataclasses.replace(request(f"l{i}", labels, rng), readout=None) for i in range(5)]
@@ -131,3 +131,30 @@ def test_a_label_readout_at_weight_zero_runs_no_prompt(tiny, strategy):
     assert dataclasses.replace(r, mode="score").reads_prompt
     assert dataclasses.replace(r, logit_weight=0.1).reads_prompt
     assert request("x", labels, rng).reads_prompt
+
+
+class Broken(LabelConstraint):
+    """A constraint whose second pick fails (a bug in a custom answer format)."""
+
+    def advance(self, token):
+        if self.emitted():
+            raise RuntimeError("this format cannot go on")
+        super().advance(token)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_constraint_failing_without_a_pass_fails_its_request_as_an_engine_error(tiny, strategy):
+    """Answered at rank() it is still the request's own EngineError (the server degrades it), counted as failed."""
+    from ranking_server.engines.base import EngineError
+
+    model, labels = tiny
+    r = dataclasses.replace(request("broken", labels, random.Random(4)), readout=None,
+                            constraint=lambda: Broken(labels, 4))
+    engine = strategy_engine(strategy, model, EngineConfig(max_batch_size=2, max_tokens_per_step=64))
+    try:
+        with pytest.raises(EngineError, match="constrained decoding failed"):
+            asyncio.run(engine.rank(r))
+        stats = engine.stats()
+    finally:
+        engine.close()
+    assert stats.failed == 1 and stats.completed == 0

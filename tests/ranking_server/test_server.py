@@ -840,3 +840,17 @@ def test_a_max_queue_the_in_process_engines_cannot_run_with_is_refused_before_th
     with pytest.raises(ValueError, match="for the ortgenai engine"):
         RankingServerConfig(max_queue=0, engine="ortgenai")
     assert RankingServerConfig(max_queue=0, engine="trtllm", device="cuda").max_queue == 0
+
+
+def test_only_a_retrieval_refusal_marked_queue_full_counts_as_retrieval_overload():
+    """RESOURCE_EXHAUSTED from the retrieval tier is a full queue when marked so, else a message over its size limit:
+    a configuration to mend, counted with the other retrieval errors."""
+    from palr.serving.errors import RequestError
+    from ranking_server.servicer import retrieval_rejection
+
+    exhausted = grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert retrieval_rejection(RequestError(exhausted, "queue full", (QUEUE_FULL,))) == "retrieval_queue_full"
+    assert retrieval_rejection(RequestError(exhausted, "message larger than max")) == "retrieval_error"
+    assert retrieval_rejection(RequestError(grpc.StatusCode.UNAVAILABLE, "down")) == "retrieval_unavailable"
+    assert retrieval_rejection(RequestError(grpc.StatusCode.DEADLINE_EXCEEDED, "late")) == "deadline"
+    assert retrieval_rejection(RequestError(grpc.StatusCode.INTERNAL, "tiers disagree")) == "retrieval_error"

@@ -190,13 +190,13 @@ def test_a_dead_batch_loop_fails_waiting_requests_instead_of_leaving_them_hangin
     assert "micro-batcher stopped" in caplog.text
 
 
-def test_requests_cancelled_while_queued_do_not_cut_the_window_short():
-    """Three requests queue and are cancelled; A then B (inside the window) arrive: one batch of A and B, not A
-    alone because three dead entries made the batch look full."""
+def test_requests_cancelled_while_queued_do_not_fill_a_batch():
+    """Three requests queue and are cancelled; then A and B, a batch of two (the window is long: only a full batch
+    ends it early): A and B run together, not A alone because three dead entries made the batch look full."""
     fn = Squares()
 
     async def scenario():
-        batcher = MicroBatcher(fn, max_batch_size=4, window_s=0.5)
+        batcher = MicroBatcher(fn, max_batch_size=2, window_s=30.0)
         batcher.start()
         try:
             gone = [asyncio.ensure_future(batcher.submit(x)) for x in (100, 101, 102)]
@@ -204,9 +204,7 @@ def test_requests_cancelled_while_queued_do_not_cut_the_window_short():
             for task in gone:
                 task.cancel()
             await asyncio.gather(*gone, return_exceptions=True)
-            a = asyncio.ensure_future(batcher.submit(2))
-            await asyncio.sleep(0.02)
-            return await asyncio.gather(a, batcher.submit(3))
+            return await asyncio.wait_for(asyncio.gather(batcher.submit(2), batcher.submit(3)), 10)
         finally:
             await batcher.close()
 
