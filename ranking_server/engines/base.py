@@ -235,7 +235,7 @@ class EngineStats:
     busy_s: float = 0.0              # time spent running steps
     max_active: int = 0              # highest concurrent batch seen
     max_step_tokens: int = 0         # most tokens one step ran
-    batch_size_hist: dict[int, int] = field(default_factory=dict)   # requests run per step
+    batch_size_hist: dict[int, int] = field(default_factory=dict)   # requests in the running batch per step
     step_tokens_hist: dict[int, int] = field(default_factory=dict)  # tokens run per step
 
     @property

@@ -66,12 +66,19 @@ class DeviceTurns:
 
 
 class StepRecord(NamedTuple):
-    """One engine step: rows decoded, rows that ran a prompt chunk, tokens run, slots held."""
+    """One engine step: rows decoded, rows that ran a prompt chunk, tokens run, most slots held at once."""
 
     decoding: int
     prefilling: int
     tokens: int
     held: int
+
+    @property
+    def batch(self) -> int:
+        """Requests in the running batch during the step: those that ran, at most the slots held at once. A step
+        admits arrivals between its prompt passes, so under load one-at-a-time requests can each run a pass of
+        the same step, one after another, without ever sharing one (counted 1, not their number)."""
+        return min(self.decoding + self.prefilling, self.held)
 
 
 @dataclass(eq=False)
@@ -292,7 +299,7 @@ class LoopEngine(RankingEngine):
     def _record_step(self, record: StepRecord) -> None:
         with self._cv:
             self._counts["steps"] += 1
-            self._batch_hist[record.decoding + record.prefilling] += 1
+            self._batch_hist[record.batch] += 1
             self._token_hist[record.tokens] += 1
             self._max["active"] = max(self._max["active"], record.held)
             self._max["step_tokens"] = max(self._max["step_tokens"], record.tokens)
