@@ -73,22 +73,25 @@ def request(rid: str, labels, rng: random.Random) -> EngineRequest:
                          readout=Readout(tuple(ends), tuple(labels)), logit_weight=0.0)
 
 
+def all_at_once(engine, requests):
+    """Every request sent at once, then the engine closed: (results, the steps it ran, its stats)."""
+    async def send():
+        return await asyncio.gather(*(engine.rank(r) for r in requests))
+
+    try:
+        return asyncio.run(send()), list(engine.step_log), engine.stats()
+    finally:
+        engine.close()
+
+
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_engines_answer_without_a_decode_pass(tiny, strategy):
     model, labels = tiny
     rng = random.Random(2)
     requests = [request(f"g{i}", labels, rng) for i in range(6)]
-    engine = strategy_engine(strategy, model, EngineConfig(max_batch_size=4, max_tokens_per_step=64))
-
-    async def all_at_once():
-        return await asyncio.gather(*(engine.rank(r) for r in requests))
-
-    try:
-        results = asyncio.run(all_at_once())
-        steps = list(engine.step_log)
-        stats = engine.stats()
-    finally:
-        engine.close()
+    results, steps, stats = all_at_once(strategy_engine(strategy, model, EngineConfig(max_batch_size=4,
+                                                                                       max_tokens_per_step=64)),
+                                        requests)
     for r, result in zip(requests, results):
         want = generate_constrained(model, r.input_ids, LabelConstraint(labels, r.k), r.bias, readout=r.readout,
                                     logit_weight=0.0)
@@ -108,17 +111,8 @@ def test_a_label_readout_at_weight_zero_runs_no_prompt(tiny, strategy):
     model, labels = tiny
     rng = random.Random(3)
     requests = [dataclasses.replace(request(f"l{i}", labels, rng), readout=None) for i in range(5)]
-    engine = strategy_engine(strategy, model, EngineConfig(max_batch_size=4, max_tokens_per_step=64, max_queue=1))
-
-    async def all_at_once():
-        return await asyncio.gather(*(engine.rank(r) for r in requests))
-
-    try:
-        results = asyncio.run(all_at_once())
-        steps = list(engine.step_log)
-        stats = engine.stats()
-    finally:
-        engine.close()
+    results, steps, stats = all_at_once(strategy_engine(strategy, model, EngineConfig(
+        max_batch_size=4, max_tokens_per_step=64, max_queue=1)), requests)
     for r, result in zip(requests, results):
         assert not r.reads_prompt
         assert result.order == sorted(range(N), key=lambda c: -r.bias[c])[:r.k]
