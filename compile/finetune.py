@@ -478,7 +478,8 @@ def train(bundle: Bundle, config: FinetuneConfig, run_fp: str) -> dict:
     scheduler = get_cosine_schedule_with_warmup(optimizer, min(config.warmup_steps, steps // 4), steps)
 
     checkpoints = run_checkpoints(bundle.root, run_fp)
-    record = {"steps": steps, "examples": len(examples), "batch_size": config.batch_size, "loss": config.loss,
+    record = {"fingerprint": run_fp, "steps": steps, "examples": len(examples), "batch_size": config.batch_size,
+              "loss": config.loss,
               "layers": model.config.get_text_config().num_hidden_layers,
               "fusion_in_loss": config.fusion_in_loss, "prompt": meta["prompt"]["prompt"],
               "readout": meta["prompt"].get("readout", "label"), "losses": [],
@@ -563,6 +564,11 @@ def run(config: FinetuneConfig) -> Path | None:
         log.info("LoRA adapter is current (%s); skipping", out)
         return out
     check_sft_data(bundle, "finetune")
+    finished = finished_run(out, run_fp)
+    if finished is not None and not config.force:  # this run's adapter, set aside while another run was tried
+        log.info("the LoRA adapter in %s is this run's, finished (step %d): the bundle's again", out,
+                 finished["best_step"])
+        return keep_adapter(bundle, config, run_fp, finished, 0.0)
     if bundle.has("lora"):  # an earlier run's adapter: merge would take it for this run's (its inputs may match)
         bundle.remove_artifact("lora")  # until this run finishes; stopped, killed or crashed alike
         bundle.save()
@@ -571,12 +577,27 @@ def run(config: FinetuneConfig) -> Path | None:
     record = train(bundle, config, run_fp)
     if not (out / "training.json").is_file() or len(record["losses"]) < record["steps"]:
         return None
+    return keep_adapter(bundle, config, run_fp, record, time.perf_counter() - started)
+
+
+def finished_run(out: Path, run_fp: str) -> dict | None:
+    """The training record in `out` when it is a finished run with this fingerprint (its adapter beside it)."""
+    try:
+        record = json.loads((out / "training.json").read_text())
+    except (OSError, ValueError):
+        return None
+    done = record.get("fingerprint") == run_fp and len(record.get("losses", [])) >= record.get("steps", 1)
+    return record if done else None
+
+
+def keep_adapter(bundle: Bundle, config: FinetuneConfig, run_fp: str, record: dict, seconds: float) -> Path:
+    """Names the finished adapter in `llm/lora` the bundle's, with what it was trained on (merge checks them)."""
     bundle.add_artifact("lora", LORA_DIR, steps=record["steps"], best_step=record["best_step"],
                         rank=config.rank, alpha=config.alpha, target_modules=list(config.target_modules),
                         top_layers=config.top_layers, layers=config.layers, loss=config.loss,
                         fusion_in_loss=config.fusion_in_loss, sft_data=bundle.version("sft_data"),
-                        llm_base=bundle.version("llm_base"))  # what it was trained on: merge checks them
-    bundle.record_step("finetune", run_fp, time.perf_counter() - started, config=config_record(config),
+                        llm_base=bundle.version("llm_base"))
+    bundle.record_step("finetune", run_fp, seconds, config=config_record(config),
                        train_seconds=round(record["seconds"], 1))
     bundle.save()
-    return out
+    return bundle.root / LORA_DIR

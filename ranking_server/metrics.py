@@ -73,7 +73,7 @@ class EngineCollector:
             "queued": (stats.queued, "requests waiting for a batch slot (queue depth)"),
             "active": (stats.active, "requests holding a batch slot now (active batch size)"),
             "tokens_per_second": (stats.tokens_per_s, "prompt + generated tokens per second of engine busy time"),
-            "mean_batch_size": (stats.mean_batch, "requests per engine step, averaged"),
+            "mean_batch_size": (stats.mean_batch, "requests in the running batch per engine step, averaged"),
             "healthy": (float(stats.healthy), "1 while the engine loop is alive"),
         }
         for name, (value, doc) in gauges.items():

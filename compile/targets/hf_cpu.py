@@ -184,6 +184,8 @@ def measure_and_choose(ctx: BuildContext, model, tokenizer, report: dict) -> tup
     best, verdicts = choose(latency, quality, config)
     if config.dtype != "auto":
         best = config.dtype
+        if "error" in quality[best]:  # every request would degrade: refuse the build rather than ship it
+            raise ValueError(f"--dtype {best}: {quality[best]['error']}")
         verdicts[best] = f"kept: --dtype {best} asked for (measured for the record)"
     threads, thread_table = (config.threads, {}) if config.threads else measure_threads(
         next(r for r in runners if r.name == best), ids, config)

@@ -195,6 +195,8 @@ def answer_by_bias(request: EngineRequest, constraint: DecodingConstraint, start
 
     try:
         written = emit_by_bias(constraint, request.bias)
+    except EngineError:
+        raise
     except Exception as e:  # noqa: BLE001 - a bad constraint fails its own request only
         raise EngineError(f"constrained decoding failed: {e!r}") from e
     total_ms = 1e3 * (time.perf_counter() - started)

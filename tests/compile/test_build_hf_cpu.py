@@ -419,3 +419,6 @@ def test_a_candidate_whose_readouts_are_not_finite_is_rejected_and_the_build_goe
     assert "not finite" in report["quality"]["int8"]["error"]
     assert report["verdicts"]["int8"].startswith("rejected: ") and "not finite" in report["verdicts"]["int8"]
     assert report["decision"].startswith("kept fp32")
+    asked = build_config(tiny_llm_bundle, "hf-cpu", candidates=["fp32", "int8"], threads=1, dtype="int8")
+    with pytest.raises(ValueError, match="--dtype int8: .*not finite"):  # asked for, it is refused, not shipped
+        hf_cpu.build(BuildContext(asked, Machine.detect("cpu"), bundle, bundle.path("llm_merged"), tmp_path / "asked"))

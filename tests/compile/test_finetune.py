@@ -138,6 +138,31 @@ def test_merge_refuses_an_earlier_adapter_while_a_run_with_other_options_is_unfi
     assert Bundle.open(bundle_copy).has("lora")
 
 
+def test_a_crashed_run_sets_the_adapter_aside_and_going_back_takes_it_again(bundle_copy, monkeypatch, caplog):
+    """A run with other options that crashes (killed, out of memory) leaves the earlier adapter's files but not its
+    name: merge refuses; the earlier options again find that adapter finished and take it back without training."""
+    import compile.finetune
+    from palr.bundle import Bundle
+
+    settings = dict(max_steps=4, batch_size=4, save_every=2, seed=3)
+    run(FinetuneConfig(bundle=bundle_copy, force=True, lr=1e-2, **settings))
+    trained = (bundle_copy / "llm" / "lora" / "training.json").read_text()
+
+    def crash(*args, **kwargs):
+        raise MemoryError("killed mid-run")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(compile.finetune, "train", crash)
+        with pytest.raises(MemoryError):
+            run(FinetuneConfig(bundle=bundle_copy, lr=2e-2, **settings))
+    assert not Bundle.open(bundle_copy).has("lora")
+    with caplog.at_level("INFO", logger="compile.finetune"):
+        run(FinetuneConfig(bundle=bundle_copy, lr=1e-2, **settings))
+    assert "is this run's, finished" in caplog.text and "resuming" not in caplog.text
+    assert Bundle.open(bundle_copy).has("lora")
+    assert (bundle_copy / "llm" / "lora" / "training.json").read_text() == trained
+
+
 @pytest.mark.parametrize("readout", ["label", "candidate"])
 def test_listwise_loss_is_the_cross_entropy_of_the_target_over_fused_readouts(tiny_llama_dir, readout):
     """readout_scores = each label's LM-head row at the prompt's last position (label readout), or the score

@@ -37,7 +37,6 @@ def test_training_examples_learn_from_training_interactions_only(train_rows, ml1
     (negatives), as for a model trained before they happened: leaving them out would use the evaluation's labels
     to build the training lists (and shield exactly those items from ever being a negative)."""
     split = ml100k.split
-    held_out_candidates = 0
     for row in train_rows:
         user, history = row["user"], row["history"]
         train = split.train[user]
@@ -46,8 +45,25 @@ def test_training_examples_learn_from_training_interactions_only(train_rows, ml1
         targets = [row["target"]] if row["task"] == RETRIEVAL else row["targets"]
         assert targets == train[len(history): len(history) + len(targets)], "targets follow in the train split"
         assert not (set(history) | set(targets)) & held_out, f"user {user}: a valid/test item is learnt as a positive"
-        held_out_candidates += bool(set(row.get("candidates", [])) & held_out)
-    assert held_out_candidates, "no training list holds a valid or test item: they are still masked out"
+
+
+def test_training_lists_leave_out_the_history_and_later_training_items_only(tiny_llm_bundle, ml100k):
+    """The held-out SASRec's list for a cut, as long as every item it may offer: exactly the catalog minus the
+    cut's history and the user's later training items; the user's valid and test items among them."""
+    from compile.sft_data import holdout_cuts, holdout_retrieve
+    from palr.bundle import Bundle
+    from palr.catalog import Catalog
+    from palr.sasrec import SASRec
+
+    bundle = Bundle.open(tiny_llm_bundle)
+    catalog = Catalog.load(bundle.path("catalog"))
+    model = SASRec.load(bundle.path("sasrec_holdout"))
+    cuts = holdout_cuts(ml100k, sorted(ml100k.split.train)[:10], 3)
+    for cut in cuts:
+        left_out = set(cut.history) | set(cut.following)
+        (ids, _), = holdout_retrieve(model, catalog, [cut], len(catalog.items) - len(left_out))
+        assert set(ids) == {item.id for item in catalog.items} - left_out
+        assert {ml100k.split.valid[cut.user], ml100k.split.test[cut.user]} <= set(ids)
 
 
 def test_retrieval_candidates_hold_the_target_once_and_no_later_item(train_rows, ml100k, tiny_llm_bundle):
