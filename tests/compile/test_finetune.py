@@ -239,3 +239,20 @@ def test_with_retrieval_prior_gives_the_rows_the_term_merge_fuses_with(tiny_llm_
         assert after["retrieval_scores"] == retrieval_prior(before["retrieval_scores"], before["trend"], weights,
                                                             before["collab"], collab_weight)
         assert after["input_ids"] == before["input_ids"] and after["target_position"] == before["target_position"]
+
+
+def test_training_runs_with_deterministic_kernels_and_puts_the_setting_back(bundle_copy, monkeypatch):
+    """Two quick-preset runs on the same data drifted apart from step 4 without deterministic kernels (two 8-step
+    runs: different adapters; with them: the same bytes); the setting holds while training, and only then."""
+    import compile.finetune
+
+    real_train, seen = compile.finetune.train, []
+
+    def recording(*args, **kwargs):
+        seen.append(torch.are_deterministic_algorithms_enabled())
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(compile.finetune, "train", recording)
+    assert not torch.are_deterministic_algorithms_enabled()
+    run(FinetuneConfig(bundle=bundle_copy, force=True, max_steps=2, batch_size=4, save_every=0, seed=3))
+    assert seen == [True] and not torch.are_deterministic_algorithms_enabled()
