@@ -686,10 +686,13 @@ def test_health_turns_not_serving_when_the_engine_fails_and_requests_degrade(ser
             assert check() == SERVING
             user = some_users(reference, 1)[0]
 
-            def broken_step():  # fault injection: the engine loop itself fails (not one request)
+            def broken(*args):  # fault injection: the engine loop itself fails (not one request)
                 raise RuntimeError("scheduler bug")
 
-            server.engine.engine._step = broken_step  # the hf engine behind the AnswerCache
+            engine = server.engine.engine  # the hf engine behind the AnswerCache
+            # the next step, and the rest of a step still running (the warm-up's: it admits arrivals between
+            # passes, so under load the request could join it and be answered before the next step began)
+            engine._step = engine._prefill = broken
             response = recommend(ranking_pb2_grpc.RankingServiceStub(channel), user_id=user, k=3)
             assert response.degraded and [i.retrieval_rank for i in response.items] == [0, 1, 2]
             wait_until(lambda: check() == NOT_SERVING, timeout=10, what="health NOT_SERVING")
