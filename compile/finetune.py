@@ -586,8 +586,8 @@ def run(config: FinetuneConfig) -> Path | None:
 def reproducible():
     """Deterministic torch kernels while training: without them two runs on the same data and seed drifted apart
     from step 4 on this CPU (some kernel's parallel accumulation; which one was not traced), and a flat validation
-    curve then fit fusion weight 1000 in one build and 2 in the next. Same speed here (1.4-1.6 s a quick step either way); on CUDA
-    an op without a deterministic kernel warns instead of failing."""
+    curve then fit fusion weight 1000 in one build and 2 in the next. Same speed here (1.4-1.6 s a quick step either
+    way); on CUDA an op without a deterministic kernel warns instead of failing."""
     import torch
 
     before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()

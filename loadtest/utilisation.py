@@ -216,5 +216,5 @@ def section(model, input_ids: list[int], bundle_dir, repeats: int = 5, reference
         del reference
     return {"parameters": non_embedding_parameters(model), "parameter_count": PARAMETERS, "chosen": chosen,
             "chosen_from": why, "rows": rows,
-            "flops": "2 x parameters x prompt tokens / prefill time; peak: 2 x n^3 / time of an n^3 torch.matmul (a dynamic "
-                     "int8 build: of its int8 Linear on an n x n input)"}
+            "flops": "2 x parameters x prompt tokens / prefill time; peak: 2 x n^3 / time of an n^3 torch.matmul "
+                     "(a dynamic int8 build: of its int8 Linear on an n x n input)"}

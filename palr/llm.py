@@ -156,8 +156,9 @@ def label_log_probs(label_logits: torch.Tensor) -> list[float]:
 
     label_logits: `[L]` next-token logits of the labels, in candidate order. Shared by the reference
     and the engines so they agree exactly. Non-finite logits raise EngineError (`palr.ranking.finite_readout`)."""
-    finite_readout(label_logits.float().tolist())
-    return torch.log_softmax(label_logits.float(), dim=-1).tolist()
+    logits = label_logits.float()  # [L]
+    finite_readout(logits.tolist())
+    return torch.log_softmax(logits, dim=-1).tolist()
 
 
 def pick_allowed(allowed: Sequence[int], allowed_logits: torch.Tensor, constraint: DecodingConstraint,

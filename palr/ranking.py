@@ -202,12 +202,12 @@ def finite_readout(values: Sequence[float], what: str = "readout logits") -> lis
 
 def decoding_bias(bias: Sequence[float] | None, readout: Sequence[float]) -> list[float]:
     """Generate mode of a candidate-readout ranker: the fusion bias plus each candidate's readout logit."""
-    readout = finite_readout(readout)
+    readout = finite_readout(readout)  # floats
     if bias is None:
-        return [float(r) for r in readout]
+        return readout
     if len(bias) != len(readout):
         raise ValueError(f"bias has {len(bias)} values for {len(readout)} readouts")
-    return [float(b) + float(r) for b, r in zip(bias, readout)]
+    return [float(b) + r for b, r in zip(bias, readout)]
 
 
 def fuse(llm_scores: Sequence[float], retrieval_scores: Sequence[float], weight: float,

@@ -101,9 +101,10 @@ def choose(latency: dict, quality: dict, config) -> tuple[str, dict[str, str]]:
         if "error" in q:
             verdicts[dtype] = f"rejected: {LABELS.get(dtype, dtype)}: {q['error']}"
             continue
-        why = (f"{LABELS.get(dtype, dtype)}: score {ratios['score']:.2f}x, generate {ratios['generate']:.2f}x fp32 latency; served "
-               f"top-1 agreement {q['served_top1_agreement']:.2f}, generate first pick {q['generate_first_agreement']:.2f} "
-               f"({q['generate_first_probes']} probes; the LLM's own top-1 {q['score_top1_agreement']:.2f})")
+        why = (f"{LABELS.get(dtype, dtype)}: score {ratios['score']:.2f}x, generate {ratios['generate']:.2f}x fp32 "
+               f"latency; served top-1 agreement {q['served_top1_agreement']:.2f}, generate first pick "
+               f"{q['generate_first_agreement']:.2f} ({q['generate_first_probes']} probes; the LLM's own top-1 "
+               f"{q['score_top1_agreement']:.2f})")
         verdicts[dtype] = ("kept: " if good and faster else "rejected: ") + why + (
             "" if good else " (ranks differently)") + ("" if faster else " (not faster in both modes)")
         if good and faster:

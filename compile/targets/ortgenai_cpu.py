@@ -67,7 +67,7 @@ def modes_won(latency: dict, quality: dict, name: str, config, baseline: str = "
         fast = ratio <= 1 - config.min_gain
         why[mode] = (f"{ratio:.2f}x {baseline} latency, "
                      + ("ranks like torch" if good else quality[name].get("error", "ranks differently"))
-                 + ("" if fast else ", not faster"))
+                     + ("" if fast else ", not faster"))
         if good and fast:
             won.append(mode)
     return won, why

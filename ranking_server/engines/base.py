@@ -186,19 +186,25 @@ class EngineResult:
     answer_reused: bool = False  # the answer to an identical earlier request (`AnswerCache`): no model time
 
 
-def answer_by_bias(request: EngineRequest, constraint: DecodingConstraint, started: float) -> EngineResult:
-    """A generate request at logit weight 0: the constrained answer in the bias's order, `started` (perf_counter)
-    to now; no prompt token runs (`EngineRequest.reads_prompt` is False, or its readouts are already in the
-    bias). `constraint` is the request's fresh one (`validate`), advanced here. A constraint that fails raises
-    EngineError (the request's own failure: the server answers it degraded)."""
+def emit_answer(constraint: DecodingConstraint, bias: Sequence[float] | None) -> int:
+    """Generate mode at logit weight 0: `constraint` advanced through the bias's order (`palr.llm.emit_by_bias`);
+    the tokens written. A constraint that fails raises EngineError: the request's own failure (the server answers it
+    degraded), never the engine's."""
     from palr.llm import emit_by_bias  # torch: imported where used, so this module stays import-light
 
     try:
-        written = emit_by_bias(constraint, request.bias)
+        return emit_by_bias(constraint, bias)
     except EngineError:
         raise
     except Exception as e:  # noqa: BLE001 - a bad constraint fails its own request only
         raise EngineError(f"constrained decoding failed: {e!r}") from e
+
+
+def answer_by_bias(request: EngineRequest, constraint: DecodingConstraint, started: float) -> EngineResult:
+    """A generate request at logit weight 0: the constrained answer in the bias's order (`emit_answer`), `started`
+    (perf_counter) to now; no prompt token runs (`EngineRequest.reads_prompt` is False, or its readouts are already
+    in the bias). `constraint` is the request's fresh one (`validate`)."""
+    written = emit_answer(constraint, request.bias)
     total_ms = 1e3 * (time.perf_counter() - started)
     return EngineResult(request.request_id, request.mode, constraint.emitted(), None,
                         prompt_tokens=len(request.input_ids), cached_tokens=0, generated_tokens=written,

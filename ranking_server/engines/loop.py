@@ -26,10 +26,9 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from palr.decoding import DecodingConstraint
-from palr.llm import emit_by_bias
 from ranking_server.engines.base import (
     EngineAborted, EngineError, EngineOverloaded, EngineRequest, EngineResult, EngineStats,
-    EngineTimings, InvalidRequest, RankingEngine, answer_by_bias)
+    EngineTimings, InvalidRequest, RankingEngine, answer_by_bias, emit_answer)
 
 log = logging.getLogger(__name__)
 
@@ -328,10 +327,10 @@ class LoopEngine(RankingEngine):
         """Generate mode at logit weight 0, once the prompt's pass has run and the caller has freed the
         request's slot: the constrained answer in the bias's order, no decode pass (`palr.llm.emit_by_bias`)."""
         try:
-            written = emit_by_bias(pending.constraint, bias)
-        except Exception as e:  # noqa: BLE001 - a bad constraint fails its own request only
+            written = emit_answer(pending.constraint, bias)
+        except EngineError as e:
             log.exception("constrained decoding failed for %s", pending.request_id)
-            self._fail(pending, EngineError(f"constrained decoding failed: {e!r}"))
+            self._fail(pending, e)
             return
         self._count(generated_tokens=written)
         self._finish(pending, pending.constraint.emitted(), None, cached_tokens, written)
