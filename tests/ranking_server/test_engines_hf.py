@@ -97,8 +97,9 @@ def test_batched_results_equal_one_at_a_time(tiny, workload, strategy, prefix_re
 @pytest.mark.parametrize("logit_weight, spread", [(0.1, 3.0), (1.0, 0.3)], ids=["bias-decides", "logits-count"])
 def test_drafted_decode_passes_answer_as_one_token_a_pass(tiny, logit_weight, spread):
     """In flight, each decode pass checks every generating row's draft (the bias's own next picks): the
-    answers equal the reference's, and the same requests take fewer steps than one token a pass when the bias
-    decides most picks."""
+    answers equal the reference's, and the same requests take fewer row passes than one token a pass when the
+    bias decides most picks. (Row passes, not steps: how many steps they take depends on how the staggered
+    arrivals share them, which a loaded machine changes; a CI run counted 18 steps one token a pass, 19 drafted.)"""
     model, labels = tiny
     rng = random.Random(3)
     requests = [EngineRequest(f"g{i}", [5, 6, 7], [rng.randrange(100, 40000) for _ in range(rng.randint(5, 30))],
@@ -106,18 +107,18 @@ def test_drafted_decode_passes_answer_as_one_token_a_pass(tiny, logit_weight, sp
                               bias=[rng.uniform(-spread, spread) for _ in range(12)]) for i in range(8)]
     expected = [generate_constrained(model, r.input_ids, LabelConstraint(labels[:12], 8), r.bias,
                                      logit_weight=logit_weight, draft_tokens=1) for r in requests]
-    steps = {}
+    row_passes = {}
     for draft in (1, 16):
         engine = HFEngine(model, EngineConfig(max_batch_size=4, max_tokens_per_step=64, draft_tokens=draft))
         try:
             results = asyncio.run(staggered(engine, requests))
-            steps[draft] = engine.stats().steps
+            row_passes[draft] = sum(step.decoding for step in engine.step_log)  # each generating row, each pass
         finally:
             engine.close()
         assert [r.order for r in results] == expected
         assert all(r.generated_tokens == 8 for r in results)
     if logit_weight < 1:
-        assert steps[16] < steps[1], steps
+        assert row_passes[16] < row_passes[1], row_passes
 
 
 def test_drafts_leave_room_for_waiting_prompts(tiny):
