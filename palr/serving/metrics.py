@@ -36,11 +36,17 @@ def answered_code(late_s: float) -> grpc.StatusCode:
     return grpc.StatusCode.DEADLINE_EXCEEDED if late_s > LATE_ANSWER_SLACK_S else grpc.StatusCode.OK
 
 
-def deadline_rounding_s(timeout_s: float) -> float:
+# The server's deadline starts when the request reaches it, after its client's: the request's time in transit (and
+# the client's cancel's, the other way) is a few ms on loopback, more on a busy machine or a network.
+DEADLINE_TRANSIT_SLACK_S = 0.025
+
+
+def deadline_skew_s(timeout_s: float) -> float:
     """How much later than its client's the server's deadline may be: gRPC sends a timeout rounded up to three
     significant figures of milliseconds (1.011 s goes as 1.02 s, 12.345 s as 12.4 s), so by up to 1 %, and at least
-    the millisecond it rounds to."""
-    return max(0.001, 0.01 * timeout_s)
+    the millisecond it rounds to; plus the request's and the cancel's transit. A client that cancels on its own
+    that close to its deadline is counted DEADLINE_EXCEEDED too."""
+    return max(0.001, 0.01 * timeout_s) + DEADLINE_TRANSIT_SLACK_S
 
 
 def _cut_by_stop() -> bool:
@@ -87,8 +93,8 @@ class RpcMetrics:
         except asyncio.CancelledError:
             left = context.time_remaining()
             # gRPC cancels a handler whose deadline passed too; the client's own deadline came up to the rounding of
-            # its timeout earlier (it cancelled then, while the server's deadline had a little left)
-            if left is not None and left <= deadline_rounding_s(remaining):
+            # its timeout and the transit earlier (it cancelled then, while the server's deadline had a little left)
+            if left is not None and left <= deadline_skew_s(remaining):
                 code = grpc.StatusCode.DEADLINE_EXCEEDED
                 logger.info("rid=%s deadline exceeded", rid)
             else:
