@@ -28,7 +28,7 @@ from ranking_server.engines.hf import HFEngine  # noqa: E402
 from ranking_server.engines.ortgenai import OrtGenaiEngine  # noqa: E402
 from ranking_server.engines.routed import ModeRouter  # noqa: E402
 from tests.fixtures.builds import build_config, copy_bundle  # noqa: E402
-from tests.fixtures.engine_workload import label_ids, mixed_requests  # noqa: E402
+from tests.fixtures.engine_workload import GatedConstraint, label_ids, mixed_requests  # noqa: E402
 
 NAME = "engine:ortgenai-cpu"
 
@@ -136,23 +136,27 @@ def test_inflight_answers_equal_the_torch_reference_with_prefix_reuse(ortgenai_b
 
 
 def test_abort_of_a_queued_request(ortgenai_bundle, reference):
+    """The long request is held mid-decode (its constraint blocks the engine thread) while the short one waits
+    behind it for the one slot, so the abort meets it queued however fast or loaded the machine is."""
     _, labels = reference
     engine = engine_from_build(Bundle.open(ortgenai_bundle), "ortgenai-cpu", EngineConfig(max_batch_size=1,
                                                                                             max_tokens_per_step=8))
-    long = EngineRequest("long", [], list(range(1000, 1400)), labels[:5], "generate", k=5)
+    held = GatedConstraint(labels[:5], 5, at=1)
+    long = EngineRequest("long", [], list(range(1000, 1400)), labels[:5], "generate", k=5, constraint=lambda: held)
     # generate too: a score request would go ahead of it (score_first_ms) and take the slot first
     queued = EngineRequest("queued", [], [5, 6, 7], labels[:5], "generate", k=2)
 
     async def scenario():
         first = asyncio.ensure_future(engine.rank(long))
-        await asyncio.sleep(0)  # submitted first: it takes the one slot
+        assert await asyncio.to_thread(held.reached.wait, 60), "the long request never decoded"
         second = asyncio.ensure_future(engine.rank(queued))
-        for _ in range(2000):  # until the short one waits behind the long one (not a fixed sleep: load varies)
+        for _ in range(2000):
             stats = engine.stats()
             if stats.active == 1 and stats.queued == 1:
                 break
             await asyncio.sleep(0.005)
         assert engine.abort("queued")
+        held.gate.set()
         with pytest.raises(EngineAborted):
             await second
         return await first
@@ -161,6 +165,7 @@ def test_abort_of_a_queued_request(ortgenai_bundle, reference):
         result = asyncio.run(scenario())
         assert len(result.order) == 5 and engine.stats().aborted == 1
     finally:
+        held.gate.set()
         engine.close()
 
 

@@ -21,7 +21,7 @@ from ranking_server.engines.base import (  # noqa: E402
     EngineAborted, EngineError, EngineOverloaded, EngineRequest, InvalidRequest)
 from ranking_server.engines.config import EngineConfig  # noqa: E402
 from ranking_server.engines.hf import HFEngine  # noqa: E402
-from tests.fixtures.engine_workload import label_ids, mixed_requests  # noqa: E402
+from tests.fixtures.engine_workload import GatedConstraint, label_ids, mixed_requests  # noqa: E402
 
 N_LABELS = 20
 
@@ -206,29 +206,6 @@ def test_multi_token_constraints_batched_equal_reference(tiny):
         engine.close()
     assert [r.order for r in results] == expected
     assert all(r.generated_tokens > 4 for r in results)  # the forced tokens were decoded too
-
-
-class GatedConstraint(LabelConstraint):
-    """A label constraint whose decoder blocks (on the engine thread) once `at` labels are emitted,
-    until the test opens the gate: holds a request mid-decode deterministically."""
-
-    def __init__(self, labels, k, at):
-        super().__init__(labels, k)
-        self.labels, self.k = list(labels), k
-        self.at, self.reached, self.gate = at, threading.Event(), threading.Event()
-
-    def fork(self):
-        """Drafts try picks ahead on an ungated copy; the decoding itself still stops at the gate."""
-        twin = LabelConstraint(self.labels, self.k)
-        for position in self.emitted():
-            twin.advance(self.labels[position])
-        return twin
-
-    def allowed_tokens(self):
-        if len(self.emitted()) == self.at and not self.gate.is_set():
-            self.reached.set()
-            self.gate.wait(30)
-        return super().allowed_tokens()
 
 
 async def wait_until(predicate, timeout=10.0):
