@@ -116,6 +116,6 @@ class RpcMetrics:
         finally:
             tracing.end_status(span, code.name)
             span_scope.__exit__(None, None, None)
-            self.in_flight.dec()
             self.requests.labels(code.name).inc()
             self.latency.observe(time.perf_counter() - started)
+            self.in_flight.dec()  # last: a scrape that sees it done sees it counted

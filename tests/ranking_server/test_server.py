@@ -742,6 +742,9 @@ def test_metrics_show_stages_codes_cold_starts_and_engine_counters(ranking, stub
     recommend(stub, user_id="no-such-user", k=3)
     with pytest.raises(grpc.RpcError):
         recommend(stub, user_id="no-such-user", k=0)
+    # a refused call is counted after its status went out (context.abort sends it, then the handler unwinds)
+    wait_until(lambda: scrape_metrics(ranking.server.metrics_port)["ranking_requests_in_flight"] == 0, timeout=10,
+               what="the refused call counted")
     after = scrape_metrics(ranking.server.metrics_port)
     delta = lambda name: after.get(name, 0.0) - before.get(name, 0.0)  # noqa: E731
     assert delta('ranking_requests_total{code="OK"}') == 4

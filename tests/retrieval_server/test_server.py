@@ -346,7 +346,11 @@ def test_metrics_endpoint_counts_requests_by_code_and_ort_batches(server, stub, 
     retrieve(stub, user_id=some_users(facts, 1)[0], k=5)
     with pytest.raises(grpc.RpcError):
         retrieve(stub, user_id="x", k=0)
-    after = scrape()
+    # a refused call is counted after its status went out (context.abort sends it, then the handler unwinds)
+    for _ in range(1000):
+        if (after := scrape())["retrieval_requests_in_flight"] == 0:
+            break
+        time.sleep(0.01)
     delta = lambda name: after.get(name, 0.0) - before.get(name, 0.0)  # noqa: E731
     assert delta('retrieval_requests_total{code="OK"}') == 1
     assert delta('retrieval_requests_total{code="INVALID_ARGUMENT"}') == 1
