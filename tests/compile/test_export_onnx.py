@@ -34,6 +34,19 @@ def run_both(session, wrapper, history: np.ndarray, exclude: np.ndarray):
     return got, [t.numpy() for t in want]
 
 
+def assert_same_top_k(indices, scores, want_indices, want_scores, atol=1e-4):
+    """ORT's top-k equals torch's, scores within `atol`; where the two rank different items, each one's score
+    ties (within `atol`) with the item torch put there: ORT's and torch's kernels round differently by ~1e-6,
+    which can swap neighbours (or the k-th and the next) on another CPU, never a gap wider than that."""
+    np.testing.assert_allclose(scores, want_scores, rtol=0, atol=atol)
+    for row, (got, want) in enumerate(zip(indices, want_indices)):
+        torch_score = dict(zip(want.tolist(), want_scores[row].tolist()))
+        for position in np.flatnonzero(got != want):
+            item = int(got[position])
+            assert abs(torch_score.get(item, want_scores[row, -1]) - want_scores[row, position]) <= atol, \
+                f"user row {row}: ORT ranks item {item} at {position} where torch has {int(want[position])}"
+
+
 def test_manifest_records_the_contract(tiny_bundle):
     meta = Bundle.open(tiny_bundle).artifact("sasrec_onnx")
     assert meta["path"] == "sasrec.onnx"
@@ -50,8 +63,7 @@ def test_ort_matches_torch_for_200_users_with_seen_items_masked(exported):
     (scores, indices), (want_scores, want_indices) = run_both(session, wrapper, history, exclude)
     assert scores.shape == indices.shape == (200, meta["top_k"])
     assert scores.dtype == np.float32 and indices.dtype == np.int64
-    np.testing.assert_array_equal(indices, want_indices)
-    np.testing.assert_allclose(scores, want_scores, rtol=0, atol=1e-4)
+    assert_same_top_k(indices, scores, want_indices, want_scores)
     assert np.isfinite(scores).all()  # every user has more than top_k unseen items
     assert (np.diff(scores, axis=1) <= 0).all()
     for row, seen in zip(indices, rows):
@@ -66,8 +78,7 @@ def test_dynamic_batch_and_exclude_sizes(exported, batch, n_exclude):
     exclude = left_pad([r[:n_exclude] for r in rows], n_exclude)  # [batch, n_exclude] (possibly empty)
     (scores, indices), (want_scores, want_indices) = run_both(session, wrapper, history, exclude)
     assert indices.shape == (batch, meta["top_k"])
-    np.testing.assert_array_equal(indices, want_indices)
-    np.testing.assert_allclose(scores, want_scores, rtol=0, atol=1e-4)
+    assert_same_top_k(indices, scores, want_indices, want_scores)
     for row, excluded in zip(indices, exclude):
         assert not set(row.tolist()) & (set(excluded.tolist()) | {0})
 
