@@ -91,9 +91,11 @@ def test_build_report_compares_every_candidate_this_cpu_runs_on_latency_and_qual
 def test_untouched_build_starts_and_answers_like_the_reference(hf_cpu_bundle):
     bundle = Bundle.open(hf_cpu_bundle)
     model, tokenizer, _ = load_hf_build(bundle.path(NAME))
-    # bf16 KV in chunks vs one pass differ by bf16 rounding, and torchao's int8 weight-only kernels round
-    # differently for a chunk than for a whole prompt (0.01 measured); fp32 and dynamic int8 agree to float noise
-    tolerance = 0.05 if bundle.artifact(NAME)["dtype"] in ("bf16", "bf16-body", "int8-wo") else 1e-4
+    # which precision the build kept depends on the machine (its instructions, and a latency race): bf16 KV in
+    # chunks vs one pass differ by bf16 rounding, torchao's int8 weight-only kernels round differently for a chunk
+    # than for a whole prompt (0.01 measured), and dynamic int8 quantizes each chunk's activations with its own
+    # scale; fp32 agrees to float noise
+    tolerance = 1e-4 if bundle.artifact(NAME)["dtype"] == "fp32" else 0.05
     valid = [json.loads(line) for line in (bundle.path("sft_data") / "valid.jsonl").read_text().splitlines()][:2]
     engine = engine_from_build(bundle, "hf-cpu", EngineConfig(max_batch_size=2, max_tokens_per_step=64))
     try:
