@@ -103,16 +103,23 @@ def two_backends(server_loop):
         server_loop.run(server.drain())
 
 
-def answered_by(target: str, policy: str, calls: int = 20) -> set[int]:
+def answered_by(target: str, policy: str, calls: int = 20, awaited: set[int] = frozenset()) -> set[int]:
+    """The ports that answered `calls` calls, and further calls (for up to 10 s) until every port in `awaited`
+    has: the channel is ready once its first address connects, and the others may still be connecting."""
     with open_channel(target, load_balancing=policy, aio=False) as channel:
         grpc.channel_ready_future(channel).result(timeout=10)
         who = channel.unary_unary(f"/{WHO}/Who")
-        return {int(who(b"", timeout=10, wait_for_ready=True)) for _ in range(calls)}
+        seen = {int(who(b"", timeout=10, wait_for_ready=True)) for _ in range(calls)}
+        deadline = time.monotonic() + 10
+        while not awaited <= seen and time.monotonic() < deadline:
+            seen.add(int(who(b"", timeout=10, wait_for_ready=True)))
+            time.sleep(0.01)
+        return seen
 
 
 def test_round_robin_spreads_rpcs_over_every_address_pick_first_sticks_to_one(two_backends):
     target = "ipv4:" + ",".join(f"127.0.0.1:{port}" for port in two_backends)  # as DNS of a headless Service
-    assert answered_by(target, "round_robin") == set(two_backends)
+    assert answered_by(target, "round_robin", awaited=set(two_backends)) == set(two_backends)
     assert len(answered_by(target, "pick_first")) == 1
 
 
@@ -139,7 +146,8 @@ def test_round_robin_with_health_checking_sends_nothing_to_a_backend_that_says_n
             deadline = time.monotonic() + 10
             while {int(who(b"", timeout=10, wait_for_ready=True)) for _ in range(10)} != {sick.port}:
                 assert time.monotonic() < deadline, "calls still reach the backend that says NOT_SERVING"
-        assert answered_by(target, "round_robin") == {healthy.port, sick.port}  # without it: both, whatever they say
+        both = {healthy.port, sick.port}
+        assert answered_by(target, "round_robin", awaited=both) == both  # without it: both, whatever they say
     finally:
         for server in (healthy, sick):
             server_loop.run(server.drain())
