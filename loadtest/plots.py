@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 
@@ -40,9 +41,10 @@ def latency_vs_throughput(rows: list[dict], title: str, path: Path) -> Path:
 
 
 def spread(row: dict, metric: str) -> tuple[float, float, float]:
-    """(median, low, high) of `metric` over the rounds a cell ran in (`row["runs"]`); a cell measured
-    once has no spread (low = high = its value)."""
-    values = sorted(r[metric] for r in row.get("runs", []) if r.get(metric) is not None) or [row[metric]]
+    """(median, low, high) of `metric` over the rounds a cell ran in (`row["runs"]`) that measured it (a round
+    that answered nothing has NaN percentiles); a cell measured once has no spread (low = high = its value)."""
+    values = sorted(v for r in row.get("runs", []) if (v := r.get(metric)) is not None and math.isfinite(v))
+    values = values or [row[metric]]
     return row[metric], values[0], values[-1]
 
 

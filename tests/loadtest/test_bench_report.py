@@ -131,7 +131,7 @@ def test_a_ratio_names_the_rounds_in_which_either_of_its_cells_was_disturbed():
     assert "context_hit_vs_miss_latency" not in rounds  # its cell ran (disturbed) without the metric: no value
 
 
-def test_a_round_whose_cell_answered_nothing_gives_no_ratio_and_no_nan_median():
+def test_a_round_whose_cell_answered_nothing_gives_no_ratio_and_no_nan_median(tmp_path):
     """Round 1's in-flight cell failed every request: NaN percentiles, 0 throughput. Its round gives no value (NaN
     is truthy; it used to enter the median, whose result then depended on the NaN's position)."""
     nan = float("nan")
@@ -141,8 +141,14 @@ def test_a_round_whose_cell_answered_nothing_gives_no_ratio_and_no_nan_median():
     ratios = round_ratios(runs, 3)
     assert ratios["inflight_vs_sequential_throughput_c16_score"] == [2.0, 3.0]
     assert ratios["inflight_vs_sequential_p95_c16_score"] == [0.5, 0.6]
-    row = next(r for r in cell_rows(runs) if r["strategy"] == "inflight")
+    rows = cell_rows(runs)
+    row = next(r for r in rows if r["strategy"] == "inflight")
     assert row["p95_ms"] == 11.0 and row["errors"] == 16
+    assert row["throughput_rps"] == 2.5  # over the same two rounds as its latencies (was 2.0: the 0 counted)
+    pytest.importorskip("matplotlib")
+    from loadtest.bench_all import plot
+
+    assert plot({"cells": rows}, tmp_path) == ["bench_score.png", "bench_score_concurrency.png"]  # NaN's spread raised
 
 
 def test_a_round_in_which_a_cell_lost_requests_gives_no_ratio_and_the_table_shows_the_errors(tmp_path):
