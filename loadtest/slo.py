@@ -18,7 +18,8 @@ from Locust's response-time buckets (2 significant digits, so within ~5 %). A li
 when the measured value is above it. Failed requests are in the percentiles (a server refusing calls in
 1 ms meets every latency limit), so an RPC without a `max_error_rate` of its own is held to the profile's,
 and where the profile sets none either, to 0: no failure allowed, as Locust's own exit code does without
-a gate. An RPC that got no requests is reported and not checked; a
+a gate. So is a request name the profile does not list (a profile for score calls still fails a run whose
+Retrieve calls all failed). An RPC that got no requests is reported and not checked; a
 run with no requests at all breaks the gate, and so does one whose task code raised (Locust's
 "exceptions" table: a bug in the load test means the calls it meant to make were not made).
 """
@@ -140,7 +141,8 @@ class Check:
 
 
 def evaluate(profile: SloProfile, stats) -> tuple[list[Check], list[str]]:
-    """Every limit of `profile` against Locust's `RequestStats`; also the RPCs that got no requests."""
+    """Every limit of `profile` against Locust's `RequestStats`, and the error rate of every request name it does
+    not list against its budget (0 where it sets none); also the listed RPCs that got no requests."""
     entries: dict[str, list] = {}
     for entry in stats.entries.values():
         entries.setdefault(entry.name, []).append(entry)
@@ -156,6 +158,13 @@ def evaluate(profile: SloProfile, stats) -> tuple[list[Check], list[str]]:
             checks.append(Check(rpc.name, f"p{p}", float(entry.get_response_time_percentile(p / 100)), limit, requests))
         if rpc.max_error_rate is not None:
             checks.append(Check(rpc.name, "error rate", entry.fail_ratio, rpc.max_error_rate, requests))
+    listed = {rpc.name for rpc in profile.rpcs}
+    budget = 0.0 if profile.max_error_rate is None else profile.max_error_rate
+    for name, rows in sorted(entries.items()):  # the requests no [rpc.NAME] names: held to the profile's budget
+        requests = sum(e.num_requests for e in rows)
+        if name not in listed and name != TOTAL and requests:
+            entry = rows[0] if len(rows) == 1 else _merged(rows)
+            checks.append(Check(name, "error rate", entry.fail_ratio, budget, requests))
     total = stats.total
     if profile.max_error_rate is not None and total.num_requests:
         checks.append(Check(TOTAL, "error rate", total.fail_ratio, profile.max_error_rate, total.num_requests))

@@ -97,6 +97,22 @@ def test_a_profile_without_an_error_budget_allows_no_failure(tmp_path):
     assert "1 of 2 limits exceeded: Retrieve error rate 1 > 0" in done.stderr  # the p95 limit held
 
 
+def test_failures_of_a_request_the_profile_does_not_name_break_the_gate(tmp_path):
+    """A profile for score calls passed a run whose Retrieve calls all failed (nothing checked them), and an overall
+    budget let a small RPC fail every call inside it: an unnamed request is held to the profile's budget, or 0."""
+    score_only = write(tmp_path / "score.toml", "[rpc.\"Recommend/score\"]\np95_ms = 500\n")
+    budgeted = write(tmp_path / "budget.toml", "max_error_rate = 0.05\n[rpc.\"Recommend/score\"]\np95_ms = 500\n")
+    done = gate_in_subprocess("for _ in range(98):\n    env.stats.log_request('grpc', 'Recommend/score', 5, 10)\n"
+                              "for _ in range(2):\n    env.stats.log_request('grpc', 'Retrieve', 1, 0)\n"
+                              "    env.stats.log_error('grpc', 'Retrieve', 'UNAVAILABLE')\n"
+                              f"for path in ({str(score_only)!r}, {str(budgeted)!r}):\n"
+                              f"    print(gate(env, SloProfile.load(path)), env.process_exit_code)\n")
+    assert done.stdout.split("\n")[:2] == [f"False {EXIT_BROKEN}", f"False {EXIT_BROKEN}"], done.stdout
+    assert "BROKEN  Retrieve error rate: measured 100.00%, limit 0.00% (2 requests)" in done.stderr
+    assert "BROKEN  Retrieve error rate: measured 100.00%, limit 5.00% (2 requests)" in done.stderr
+    assert "1 of 4 limits exceeded: Retrieve error rate 1 > 0.05" in done.stderr  # the aggregate's 2 % held: hid there
+
+
 def test_an_unhandled_exception_locust_logged_breaks_a_gate_whose_limits_held(tmp_path):
     """Locust exits 2 after an unhandled greenlet exception (a failed event listener); the gate's exit code used
     to override that with 0 when every limit held."""
