@@ -23,6 +23,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import sys
 import time
 from dataclasses import dataclass, field
 
@@ -47,6 +48,17 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = ranking_pb2.DESCRIPTOR.services_by_name["RankingService"].full_name
 RETRIEVAL_REJECTIONS = {grpc.StatusCode.DEADLINE_EXCEEDED: "deadline",
                         grpc.StatusCode.UNAVAILABLE: "retrieval_unavailable"}
+
+
+async def within(awaitable, budget_s: float):
+    """`awaitable`'s result, or asyncio.TimeoutError after `budget_s` (it is cancelled then). Python 3.11's
+    `asyncio.wait_for` returned the result of an inner call that had just finished when its own task was cancelled
+    (the caller's cancel, or the server's stop), so a handler whose client had gone went on and was counted OK;
+    `asyncio.timeout` (3.11+) lets the cancel through."""
+    if sys.version_info < (3, 11):  # pragma: no cover - Python 3.10
+        return await asyncio.wait_for(awaitable, budget_s)
+    async with asyncio.timeout(budget_s):
+        return await awaitable
 
 
 def retrieval_rejection(error: RequestError) -> str:
@@ -186,8 +198,8 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         submitted = time.perf_counter()
         submitted_ns = time.time_ns()  # the engine spans' clock (epoch ns)
         try:
-            result = await asyncio.wait_for(self.engine.rank(job.request), budget)
-        except asyncio.TimeoutError:  # wait_for cancelled engine.rank, which aborts the engine request (unless
+            result = await within(self.engine.rank(job.request), budget)
+        except asyncio.TimeoutError:  # the timeout cancelled engine.rank, which aborts the engine request (unless
             # identical requests wait on its run: the AnswerCache keeps it going for them)
             return self._degrade(plan, retrieval_order, "deadline",
                                  f"LLM aborted after {budget * 1e3:.0f} ms to keep the deadline", submitted)
