@@ -30,7 +30,7 @@ from pathlib import Path
 
 import gevent
 from locust import events, task
-from locust.runners import STATE_CLEANUP, STATE_RUNNING, STATE_SPAWNING, STATE_STOPPING, WorkerRunner
+from locust.runners import STATE_CLEANUP, STATE_RUNNING, STATE_SPAWNING, STATE_STOPPING, MasterRunner, WorkerRunner
 
 from loadtest.grpc_user import GrpcUser
 from loadtest.patterns import PATTERNS, zipf_weights
@@ -156,6 +156,7 @@ TRAFFIC: Traffic | None = None
 TRACER = None  # --otlp-endpoint
 SLO: SloProfile | None = None
 CPU_AT_START: CpuTimes | None = None  # the machine's CPU time when the run started (the steal during it is logged)
+MASTER_RUN_TIME_S: float | None = None  # a headless master's -t, ended here (`end_distributed_run`), not by Locust
 
 
 @events.init.add_listener
@@ -179,6 +180,27 @@ def check_options(environment, **_kwargs) -> None:
             warn_short_stop_timeout(float(options.stop_timeout or 0), traffic.longest_deadline_s())
     except (BundleError, SloError, OSError, ValueError) as e:
         raise SystemExit(f"locustfile: {e}") from e
+
+
+@events.init.add_listener
+def take_over_master_run_time(environment, runner=None, **_kwargs) -> None:
+    """A headless master ends -t itself. Locust's own end quits at once: it tells the workers to quit without
+    stopping them first, waits 0.5 s and stops listening, so the stats the workers send once their last calls
+    are done (up to --stop-timeout later: the slowest calls) were lost, the gate judged the run without them,
+    and the master, left "stopping", first waited the whole --stop-timeout for nothing."""
+    global MASTER_RUN_TIME_S
+    options = environment.parsed_options
+    if isinstance(runner, MasterRunner) and options is not None and options.headless and options.run_time:
+        MASTER_RUN_TIME_S, options.run_time = options.run_time, None  # Locust reads it after `init`
+
+
+def end_distributed_run(runner: MasterRunner) -> None:
+    """Stops the workers' users, waiting (up to --stop-timeout + 60 s, Locust's own bound) for their last calls
+    and their final stats, then quits: the SLO gate runs on every call made."""
+    log.info("--run-time limit reached: stopping the workers' users, waiting for their calls still running "
+             "(at most --stop-timeout) and their final stats")
+    runner.stop()
+    runner.quit()
 
 
 def warn_short_stop_timeout(stop_timeout_s: float, longest_deadline_s: float) -> None:
@@ -213,6 +235,9 @@ def check_retrieve_target(options) -> None:
 def load_traffic(environment, **_kwargs) -> None:
     """Built when the run starts: in distributed mode a worker has the master's options by then."""
     global TRAFFIC, TRACER, CPU_AT_START
+    if MASTER_RUN_TIME_S and isinstance(environment.runner, MasterRunner):
+        log.info("run time limit set to %g s (the master stops the workers' users when it ends)", MASTER_RUN_TIME_S)
+        gevent.spawn_later(MASTER_RUN_TIME_S, end_distributed_run, environment.runner)
     CPU_AT_START = CpuTimes.now()
     TRAFFIC = traffic = Traffic.from_options(environment.parsed_options)
     endpoint = getattr(environment.parsed_options, "otlp_endpoint", "")

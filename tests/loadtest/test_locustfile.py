@@ -3,11 +3,14 @@ out of pytest) against real servers on loopback, and the SLO files the repo ship
 
 from __future__ import annotations
 
+import csv
 import json
+import os
 import re
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -249,6 +252,67 @@ def test_a_task_that_raises_breaks_the_gate_even_when_every_limit_holds(servers,
     assert re.search(r"SLO gate BROKEN: the load test's task code raised \d+ time\(s\).*'no-such-mode' "
                      r"at `self.timeout = self.traffic.deadlines_s\[", run.stdout)  # the code line, not ~~^^
     assert "SLO gate passed" not in run.stdout
+
+
+COUNTING_LOCUSTFILE = """
+import os
+from pathlib import Path
+
+from locust import events, task
+from locust.runners import WorkerRunner
+from loadtest.locustfile import RecsysCaller  # the traffic options and the SLO gate
+
+CALLS = [0]
+
+
+@events.request.add_listener
+def count(**_kwargs):
+    CALLS[0] += 1
+
+
+@events.quitting.add_listener
+def write_count(environment, **_kwargs):
+    if isinstance(environment.runner, WorkerRunner):
+        Path(os.environ["CALLS_FILE"]).write_text(str(CALLS[0]))
+
+
+class CountedCaller(RecsysCaller):
+    @task
+    def call(self):
+        self.recommend()
+"""
+
+
+def test_a_distributed_runs_gate_counts_every_call_the_workers_made(servers, tiny_llm_bundle, tmp_path):
+    """Locust's own end of -t on a master told the workers to quit without stopping them and stopped listening
+    0.5 s later: the stats they sent after their last calls were lost (the gate judged the run without them; with
+    these millisecond calls the worker was usually quicker than that), and the master, left "stopping", waited the
+    whole --stop-timeout before the gate (37 s for this 4 s run)."""
+    from loadtest.servers import free_port
+
+    _, ranking = servers
+    counting = write(tmp_path / "counting_locustfile.py", COUNTING_LOCUSTFILE)
+    slo = write(tmp_path / "generous.toml", "[rpc.\"Recommend/score\"]\np99_ms = 600000\n")
+    port, calls_file = free_port(), tmp_path / "worker_calls.txt"
+    common = ["-f", str(counting), "--bundle", str(tiny_llm_bundle), "--retrieve-share", "0",
+              "--generate-share", "0", "--k", "3", "--candidates", "6", "CountedCaller"]
+    worker = subprocess.Popen([sys.executable, "-m", "locust", *common, "--worker", "--master-port", str(port)],
+                              cwd=REPO, env={**os.environ, "CALLS_FILE": str(calls_file)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        started = time.monotonic()
+        run = locust(ranking.target, tiny_llm_bundle, slo, tmp_path, *common[2:], "--master", "--expect-workers",
+                     "1", "--master-bind-port", str(port), "--stop-timeout", "30", seconds=4, locustfile=counting)
+        took_s = time.monotonic() - started
+        worker_log = worker.communicate(timeout=60)[0]
+    finally:
+        worker.kill()
+    assert run.returncode == 0, run.stdout[-3000:] + worker_log[-2000:]
+    made = int(calls_file.read_text())
+    rows = {row["Name"]: row for row in csv.DictReader((tmp_path / "locust_stats.csv").open())}
+    assert made > 0 and int(rows["Aggregated"]["Request Count"]) == made, (made, rows["Aggregated"])
+    assert took_s < 25, f"the master took {took_s:.0f} s for a 4 s run (--stop-timeout 30)"
+    assert "SLO gate passed" in run.stdout
 
 
 def test_bad_options_stop_the_run_before_it_starts(tiny_bundle, tmp_path):
