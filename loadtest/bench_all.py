@@ -157,9 +157,10 @@ class BenchConfig:
     mixed_share: float = field(default=0.2, metadata={
         "help": "share of generate requests in the mixed cell (score and generate together at concurrency 16, "
                 "static vs in-flight); 0: no mixed cell"})
-    mixed_requests: int = field(default=64, metadata={
-        "help": "requests in the mixed cell: several per caller, so later requests arrive while generate requests "
-                "decode (with one each, every request arrives at once and the cell measures a single burst)"})
+    mixed_requests: int = field(default=192, metadata={
+        "help": "requests in the mixed cell: twelve per caller, so it measures steady traffic in which later "
+                "requests arrive while generate requests decode (with one each, every request arrives at once and the "
+                "cell measures a single burst; with four, its score p95 was still mostly the start's)"})
     build_cells: bool = field(default=True, metadata={
         "help": "measure the bundle's hf-cpu build (its precision) beside the fp32 model in the latency cells"})
     utilisation_repeats: int = field(default=5, metadata={
