@@ -67,7 +67,9 @@ class RankingServer:
                              f"can give ({largest} bytes: {max_candidates} items with its longest ids and titles)")
         traces = tracer_provider or tracing.tracer_provider("ranking_server", config.otlp_endpoint)
         self.retrieval = RetrievalClient(config, max(config.max_message_bytes, largest_retrieve_bytes(self.catalog)))
-        self.servicer = RankingServicer(config, self.planner, self.retrieval, llm_version=bundle.version(LLM_ARTIFACT),
+        ranker = f" ranker:{bundle.version('ranker')}" if bundle.has("ranker") else ""
+        self.servicer = RankingServicer(config, self.planner, self.retrieval,
+                                        bundle_versions=f"llm:{bundle.version(LLM_ARTIFACT)}{ranker}",
                                         tracer=tracing.tracer(traces, "ranking_server"))
         self.server = GrpcServer(config, [SERVICE_NAME])
         ranking_pb2_grpc.add_RankingServiceServicer_to_server(self.servicer, self.server.grpc)

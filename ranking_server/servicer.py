@@ -94,12 +94,13 @@ class Answer:
 
 class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
     def __init__(self, config: RankingServerConfig, planner: RequestPlanner, retrieval: RetrievalClient,
-                 llm_version: str, tracer=None):
+                 bundle_versions: str, tracer=None):
         self.config = config
         self.tracer = tracer or tracing.tracer(None, "ranking_server")  # no-op unless --otlp-endpoint
         self.planner = planner
         self.retrieval = retrieval
-        self.llm_version = llm_version
+        self.bundle_versions = bundle_versions  # "llm:<merged> ranker:<ranker.json>": what the bundle ranks with
+        self.model_version = ""  # the answers': sasrec's version (per answer) goes first, then these and the engine's
         self.engine: RankingEngine | None = None
         self.prompts: PromptBuilder | None = None
         self._engine_ids = itertools.count()
@@ -109,6 +110,8 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         """Connects the warmed-up engine and the prompt builder (its tokenizer); until then (and after
         `attach(None, None)` at shutdown) Recommend answers UNAVAILABLE."""
         self.engine, self.prompts = engine, prompts
+        if engine is not None:  # requests still answering after the detach at shutdown keep naming it
+            self.model_version = self.bundle_versions + (f" engine:{engine.version}" if engine.version else "")
 
     async def Recommend(self, request: ranking_pb2.RecommendRequest,
                         context: grpc.aio.ServicerContext) -> ranking_pb2.RecommendResponse:
@@ -256,5 +259,5 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
                                              ranking_ms=answer.ranking_ms, total_ms=total_ms),
             degraded=bool(answer.degraded_reason), degraded_reason=answer.degraded_reason,
             cold_start=retrieved.cold_start,
-            model_version=f"sasrec:{retrieved.model_version} llm:{self.llm_version}",
+            model_version=f"sasrec:{retrieved.model_version} {self.model_version}",
             request_id=plan.request_id, mode=plan.proto_mode)

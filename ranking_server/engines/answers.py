@@ -115,7 +115,7 @@ class AnswerCache(RankingEngine):
 
     def __init__(self, engine: RankingEngine, size: int):
         self.engine = engine
-        self.name = engine.name
+        self.name, self.version = engine.name, engine.version
         self._answers: LRU[EngineResult] = LRU(size)
         self._running: dict[bytes, _Shared] = {}  # key -> the identical request's run going on now
         self._joined = 0  # requests answered by an identical request that was running (counted as hits)

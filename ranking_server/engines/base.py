@@ -260,6 +260,7 @@ class RankingEngine(ABC):
     """What the ranking server (and the benchmark) holds. Thread-safe `abort`/`check_health`/`stats`."""
 
     name: str = "engine"
+    version: str = ""  # the weights it serves, as model_version names them (set by engines/factory.py)
 
     @abstractmethod
     async def rank(self, request: EngineRequest) -> EngineResult:

@@ -29,7 +29,7 @@ from palr.builds import BuildMismatch, artifact_name, open_build, routing_baseli
 from palr.bundle import Bundle, BundleError
 from palr.machine import Machine, cpu_cores
 from palr.ranking import MODES
-from palr.targets import target_for, target_spec
+from palr.targets import TargetSpec, target_for, target_spec
 from ranking_server.engines.answers import with_answer_cache
 from ranking_server.engines.base import RankingEngine
 from ranking_server.engines.config import EngineConfig
@@ -72,6 +72,14 @@ def engine_from_build(bundle, target: str, engine_config: EngineConfig, trtllm_c
     path, entry = open_build(bundle, target, machine)
     threads, why = engine_threads(entry, machine, engine_config.threads)
     log.info("%s engine threads: %s", target, f"{threads} ({why})" if threads else why)
+    engine = _build_engine(spec, path, entry, engine_config, threads, trtllm_config)
+    engine.version = f"{target}:{bundle.version(artifact_name(target))}"  # the build, its precision included
+    return engine
+
+
+def _build_engine(spec: TargetSpec, path, entry: dict, engine_config: EngineConfig, threads: int,
+                  trtllm_config) -> RankingEngine:
+    """The engine of `spec`'s library over the opened build at `path` (its manifest entry `entry`)."""
     if spec.engine == "hf":
         from palr.hf_build import load_hf_build
         from ranking_server.engines.hf import HFEngine
@@ -92,7 +100,7 @@ def engine_from_build(bundle, target: str, engine_config: EngineConfig, trtllm_c
             log.info("trtllm: KV block reuse off (this ranker reads each candidate's own prompt position)")
             trtllm_config = dataclasses.replace(trtllm_config, enable_block_reuse=False)
         return TrtllmEngine(path, trtllm_config)
-    raise ValueError(f"no engine serves target {target}")
+    raise ValueError(f"no engine serves target {spec.name}")
 
 
 def engine_threads(entry: dict, machine: Machine, configured: int) -> tuple[int, str]:
@@ -177,6 +185,7 @@ def _hf_engine(bundle: Bundle, device: str, engine_config: EngineConfig) -> Rank
     started = time.perf_counter()
     model, _ = load_causal_lm(bundle.path(LLM_ARTIFACT), device)
     engine = HFEngine(model, engine_config)
+    engine.version = f"merged:{bundle.version(LLM_ARTIFACT)}"  # llm/merged as merge wrote it (fp32, no build)
     log.info("hf engine: %s on %s (%s) loaded in %.2f s; batch <= %d, <= %d tokens/step, queue <= %d, "
              "prefix reuse %s", bundle.path(LLM_ARTIFACT), device, model.dtype, time.perf_counter() - started,
              engine_config.max_batch_size, engine_config.max_tokens_per_step, engine_config.max_queue,

@@ -31,6 +31,8 @@ class ModeRouter(RankingEngine):
         self.max_queue = max_queue
         self.rejected = 0
         self.name = "+".join(f"{e.name}({','.join(m for m, x in self.by_mode.items() if x is e)})" for e in self.engines)
+        self.version = "+".join(f"{e.version}({','.join(m for m, x in self.by_mode.items() if x is e)})"
+                                for e in self.engines if e.version)
 
     async def rank(self, request: EngineRequest) -> EngineResult:
         engine = self.by_mode.get(request.mode)

@@ -100,6 +100,7 @@ def test_untouched_build_starts_and_answers_like_the_reference(hf_cpu_bundle):
     engine = engine_from_build(bundle, "hf-cpu", EngineConfig(max_batch_size=2, max_tokens_per_step=64))
     try:
         assert isinstance(engine, HFEngine) and engine.check_health()
+        assert engine.version == f"hf-cpu:{bundle.version('engine:hf-cpu')}"  # model_version names the build
         for i, row in enumerate(valid):
             prefix = row["input_ids"][:row["prefix_len"]]
             request = EngineRequest(f"v{i}", prefix, row["input_ids"][row["prefix_len"]:], row["label_token_ids"])

@@ -176,9 +176,15 @@ def test_only_the_modes_the_build_won_go_to_onnxruntime_genai(ortgenai_bundle, r
     bundle.save()
     model, labels = reference
     config = EngineConfig(max_batch_size=2, max_tokens_per_step=64)
-    engine = ortgenai_engine(Bundle.open(bundle_dir), config, lambda part: HFEngine(model, part))
+    def torch_engine(part):
+        engine = HFEngine(model, part)
+        engine.version = "merged:test"
+        return engine
+
+    engine = ortgenai_engine(Bundle.open(bundle_dir), config, torch_engine)
     try:
         assert isinstance(engine, ModeRouter)
+        assert engine.version == f"merged:test(score)+ortgenai-cpu:{bundle.version(NAME)}(generate)"  # both
         assert engine.by_mode["generate"].name == "ortgenai" and engine.by_mode["score"].name == "hf-inflight"
         assert engine.by_mode["generate"].device_turns is engine.by_mode["score"].device_turns  # one CPU, in turns
         # one queue bound for the caller; the context-cache budget is torch's (ortgenai weighs none in bytes)

@@ -251,8 +251,9 @@ def test_both_modes_rank_k_distinct_candidates_exactly_as_the_evaluation_does(st
     assert [item.score for item in response.items] == pytest.approx([s for _, s in expected], abs=1e-4)
     assert not response.degraded and not response.degraded_reason and not response.cold_start
     assert response.mode == mode and response.request_id == rid
-    assert response.model_version == (f"sasrec:{reference.bundle.version('sasrec_onnx')} "
-                                      f"llm:{reference.bundle.version('llm_merged')}")
+    merged = reference.bundle.version('llm_merged')  # no deployment build here: llm/merged is what ranks
+    assert response.model_version == (f"sasrec:{reference.bundle.version('sasrec_onnx')} llm:{merged} "
+                                      f"ranker:{reference.bundle.version('ranker')} engine:merged:{merged}")
     assert response.timings.ranking_ms > 0
 
 
