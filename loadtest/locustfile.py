@@ -30,6 +30,7 @@ from pathlib import Path
 
 import gevent
 from locust import events, task
+from locust.log import greenlet_exception_logger
 from locust.runners import STATE_CLEANUP, STATE_RUNNING, STATE_SPAWNING, STATE_STOPPING, MasterRunner, WorkerRunner
 
 from loadtest.grpc_user import GrpcUser
@@ -184,23 +185,37 @@ def check_options(environment, **_kwargs) -> None:
 
 @events.init.add_listener
 def take_over_master_run_time(environment, runner=None, **_kwargs) -> None:
-    """A headless master ends -t itself. Locust's own end quits at once: it tells the workers to quit without
-    stopping them first, waits 0.5 s and stops listening, so the stats the workers send once their last calls
-    are done (up to --stop-timeout later: the slowest calls) were lost, the gate judged the run without them,
-    and the master, left "stopping", first waited the whole --stop-timeout for nothing."""
+    """A headless master ends -t itself (`end_distributed_run`). Locust's own end quits at once: it tells the
+    workers to quit and stops listening 0.5 s later, so the stats a worker sends once its last calls are done (up
+    to --stop-timeout later: the slowest calls) were lost, the gate judged the run without them, and the master,
+    left "stopping", first waited the whole --stop-timeout for nothing. (Not with a LoadTestShape, whose -t
+    Locust applies after the shape ends.)"""
     global MASTER_RUN_TIME_S
     options = environment.parsed_options
-    if isinstance(runner, MasterRunner) and options is not None and options.headless and options.run_time:
+    if (isinstance(runner, MasterRunner) and options is not None and options.headless and options.run_time
+            and environment.shape_class is None):
         MASTER_RUN_TIME_S, options.run_time = options.run_time, None  # Locust reads it after `init`
 
 
-def end_distributed_run(runner: MasterRunner) -> None:
-    """Stops the workers' users, waiting (up to --stop-timeout + 60 s, Locust's own bound) for their last calls
-    and their final stats, then quits: the SLO gate runs on every call made."""
-    log.info("--run-time limit reached: stopping the workers' users, waiting for their calls still running "
-             "(at most --stop-timeout) and their final stats")
-    runner.stop()
-    runner.quit()
+def end_distributed_run(runner: MasterRunner, stop_timeout_s: float) -> None:
+    """Tells every worker to quit and lets them: a worker stops its users (waiting up to --stop-timeout for their
+    calls), sends its final stats, then says it quit, and the master, once the last one has, stops and quits as
+    Locust's own "last worker quit" does; the SLO gate then runs on every call made. (A stop message would not do:
+    a worker sends no final stats on it, and the master forgets a stopped worker.) If the workers have not all quit
+    within --stop-timeout + 60 s (Locust's own bound on a stop), the master quits without them."""
+    from locust.rpc import Message
+
+    try:
+        workers = [client.id for client in runner.clients.all]
+        log.info("--run-time limit reached: telling %d worker(s) to quit; they finish their calls (at most "
+                 "--stop-timeout), send their final stats, then the SLO gate runs", len(workers))
+        for worker in workers:
+            runner.server.send_to_client(Message("quit", None, worker))
+        gevent.sleep(stop_timeout_s + 60)  # the master quits before this when the last worker quits
+        log.warning("workers %s did not quit within --stop-timeout + 60 s: quitting without their last stats",
+                    [c.id for c in runner.clients.all])
+    finally:  # the run ends either way (also if telling them failed)
+        runner.quit()
 
 
 def warn_short_stop_timeout(stop_timeout_s: float, longest_deadline_s: float) -> None:
@@ -236,8 +251,11 @@ def load_traffic(environment, **_kwargs) -> None:
     """Built when the run starts: in distributed mode a worker has the master's options by then."""
     global TRAFFIC, TRACER, CPU_AT_START
     if MASTER_RUN_TIME_S and isinstance(environment.runner, MasterRunner):
-        log.info("run time limit set to %g s (the master stops the workers' users when it ends)", MASTER_RUN_TIME_S)
-        gevent.spawn_later(MASTER_RUN_TIME_S, end_distributed_run, environment.runner)
+        log.info("run time limit set to %g s (this master ends it: the workers quit after their last calls and "
+                 "stats)", MASTER_RUN_TIME_S)
+        stop_timeout = float(environment.parsed_options.stop_timeout or 0)
+        ending = gevent.spawn_later(MASTER_RUN_TIME_S, end_distributed_run, environment.runner, stop_timeout)
+        ending.link_exception(greenlet_exception_logger(log))
     CPU_AT_START = CpuTimes.now()
     TRAFFIC = traffic = Traffic.from_options(environment.parsed_options)
     endpoint = getattr(environment.parsed_options, "otlp_endpoint", "")
@@ -273,6 +291,8 @@ def stop_users_first(runner, stop_timeout_s: float) -> None:
         log.info("the run was interrupted: stopping the users (waiting up to --stop-timeout for the calls still "
                  "running) before the SLO gate")
         runner.stop()
+    elif isinstance(runner, MasterRunner) and not runner.clients.all:
+        return  # a master whose workers all quit has their final stats (it stays "stopping": no worker to say so)
     elif runner.state in (STATE_CLEANUP, STATE_STOPPING):
         log.info("the run was interrupted while its users stop: waiting for them (at most --stop-timeout, %gs) "
                  "before the SLO gate", stop_timeout_s)

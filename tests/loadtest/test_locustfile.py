@@ -284,10 +284,11 @@ class CountedCaller(RecsysCaller):
 
 
 def test_a_distributed_runs_gate_counts_every_call_the_workers_made(servers, tiny_llm_bundle, tmp_path):
-    """Locust's own end of -t on a master told the workers to quit without stopping them and stopped listening
-    0.5 s later: the stats they sent after their last calls were lost (the gate judged the run without them; with
-    these millisecond calls the worker was usually quicker than that), and the master, left "stopping", waited the
-    whole --stop-timeout before the gate (37 s for this 4 s run)."""
+    """Locust's own end of -t on a master told the workers to quit and stopped listening 0.5 s later: the stats
+    they sent after their last calls could be lost (the gate judged the run without them; with these millisecond
+    calls the worker was usually quicker than that), and the master, left "stopping", waited the whole
+    --stop-timeout before the gate (37 s for this 4 s run). Stopping the workers instead lost their last stats (a
+    worker sends none on a stop) and left them running until a 60 s heartbeat timeout."""
     from loadtest.servers import free_port
 
     _, ranking = servers
@@ -304,7 +305,8 @@ def test_a_distributed_runs_gate_counts_every_call_the_workers_made(servers, tin
         run = locust(ranking.target, tiny_llm_bundle, slo, tmp_path, *common[2:], "--master", "--expect-workers",
                      "1", "--master-bind-port", str(port), "--stop-timeout", "30", seconds=4, locustfile=counting)
         took_s = time.monotonic() - started
-        worker_log = worker.communicate(timeout=60)[0]
+        worker_log = worker.communicate(timeout=90)[0]
+        worker_exit_s = time.monotonic() - started - took_s
     finally:
         worker.kill()
     assert run.returncode == 0, run.stdout[-3000:] + worker_log[-2000:]
@@ -313,6 +315,7 @@ def test_a_distributed_runs_gate_counts_every_call_the_workers_made(servers, tin
     assert made > 0 and int(rows["Aggregated"]["Request Count"]) == made, (made, rows["Aggregated"])
     assert took_s < 25, f"the master took {took_s:.0f} s for a 4 s run (--stop-timeout 30)"
     assert "SLO gate passed" in run.stdout
+    assert "Got quit message from master" in worker_log and worker_exit_s < 10  # not after a 60 s heartbeat timeout
 
 
 def test_bad_options_stop_the_run_before_it_starts(tiny_bundle, tmp_path):
