@@ -37,7 +37,8 @@ def answered_code(late_s: float) -> grpc.StatusCode:
 
 
 # The server's deadline starts when the request reaches it, after its client's: the request's time in transit (and
-# the client's cancel's, the other way) is a few ms on loopback, more on a busy machine or a network.
+# the client's cancel's, the other way) is a few ms on loopback, more on a busy machine or a network. At most a tenth
+# of the timeout, so a client that cancels a short call early is still counted CANCELLED.
 DEADLINE_TRANSIT_SLACK_S = 0.025
 
 
@@ -46,7 +47,7 @@ def deadline_skew_s(timeout_s: float) -> float:
     significant figures of milliseconds (1.011 s goes as 1.02 s, 12.345 s as 12.4 s), so by up to 1 %, and at least
     the millisecond it rounds to; plus the request's and the cancel's transit. A client that cancels on its own
     that close to its deadline is counted DEADLINE_EXCEEDED too."""
-    return max(0.001, 0.01 * timeout_s) + DEADLINE_TRANSIT_SLACK_S
+    return max(0.001, 0.01 * timeout_s) + min(DEADLINE_TRANSIT_SLACK_S, 0.1 * timeout_s)
 
 
 def _cut_by_stop() -> bool:

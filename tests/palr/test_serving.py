@@ -18,7 +18,7 @@ from loadtest.servers import free_port, scrape_metrics
 from palr.serving.channels import open_channel
 from palr.serving.config import ServerConfig
 from palr.serving.errors import RequestError
-from palr.serving.metrics import RpcMetrics, answered_code
+from palr.serving.metrics import RpcMetrics, answered_code, deadline_skew_s
 from palr.serving.server import NOT_SERVING, SERVING, GrpcServer
 
 SERVICE = "test.Plumbing"
@@ -338,6 +338,24 @@ def test_a_deadline_whose_timeout_grpc_rounded_up_is_counted_deadline_exceeded_n
             assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
     assert codes_counted(server_loop, PlumbingService(delay_s=3.0), calls, 2) == {"DEADLINE_EXCEEDED": 2}
+
+
+def test_a_client_that_cancels_well_before_its_deadline_is_counted_cancelled(server_loop):
+    """The deadline rule's slack (rounding + transit) covers the last few ms before a deadline, not a client that
+    gave up early: cancelled 0.4 s into a 1 s call, it is counted CANCELLED."""
+    def calls(channel):
+        future = channel.unary_unary(f"/{SERVICE}/Slow").future(b"ping", timeout=1.0)
+        time.sleep(0.4)
+        future.cancel()
+        assert future.cancelled()
+
+    assert codes_counted(server_loop, PlumbingService(delay_s=3.0), calls, 1) == {"CANCELLED": 1}
+
+
+def test_the_deadline_slack_is_the_timeouts_rounding_plus_transit_at_most_a_tenth_of_it():
+    assert deadline_skew_s(1.011) == pytest.approx(0.01011 + 0.025)
+    assert deadline_skew_s(0.2) == pytest.approx(0.002 + 0.02)
+    assert deadline_skew_s(0.01) == pytest.approx(0.001 + 0.001)  # a 10 ms call cancelled at 5 ms: CANCELLED
 
 
 @pytest.mark.parametrize("late_ms, code", [(-5.0, "OK"), (0.5, "OK"), (2.0, "DEADLINE_EXCEEDED"),
