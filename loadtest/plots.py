@@ -41,10 +41,11 @@ def latency_vs_throughput(rows: list[dict], title: str, path: Path) -> Path:
 
 
 def spread(row: dict, metric: str) -> tuple[float, float, float]:
-    """(median, low, high) of `metric` over the rounds a cell ran in (`row["runs"]`) that measured it (a round
-    that answered nothing has NaN percentiles); a cell measured once has no spread (low = high = its value)."""
-    values = sorted(v for r in row.get("runs", []) if (v := r.get(metric)) is not None and math.isfinite(v))
-    values = values or [row[metric]]
+    """(median, low, high) of `metric` over the rounds a cell ran in (`row["runs"]`) that answered (a round that
+    answered nothing has NaN percentiles and 0 throughput, left out of the median too); a cell measured once has no
+    spread (low = high = its value)."""
+    answered = [r for r in row.get("runs", []) if math.isfinite(r.get("p50_ms", 0.0))]  # as bench_all.cell_rows
+    values = sorted(v for r in answered if (v := r.get(metric)) is not None and math.isfinite(v)) or [row[metric]]
     return row[metric], values[0], values[-1]
 
 

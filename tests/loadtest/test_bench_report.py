@@ -145,6 +145,9 @@ def test_a_round_whose_cell_answered_nothing_gives_no_ratio_and_no_nan_median(tm
     row = next(r for r in rows if r["strategy"] == "inflight")
     assert row["p95_ms"] == 11.0 and row["errors"] == 16
     assert row["throughput_rps"] == 2.5  # over the same two rounds as its latencies (was 2.0: the 0 counted)
+    from loadtest.plots import spread
+
+    assert spread(row, "throughput_rps") == (2.5, 2.0, 3.0)  # its bar too (it reached down to the failed round's 0)
     pytest.importorskip("matplotlib")
     from loadtest.bench_all import plot
 
