@@ -54,7 +54,8 @@ async def within(awaitable, budget_s: float):
     """`awaitable`'s result, or asyncio.TimeoutError after `budget_s` (it is cancelled then). Python 3.11's
     `asyncio.wait_for` returned the result of an inner call that had just finished when its own task was cancelled
     (the caller's cancel, or the server's stop), so a handler whose client had gone went on and was counted OK;
-    `asyncio.timeout` (3.11+) lets the cancel through."""
+    `asyncio.timeout` (3.11+) lets the cancel through. On Python 3.10, which has no asyncio.timeout, the race
+    stays (wait_for's own)."""
     if sys.version_info < (3, 11):  # pragma: no cover - Python 3.10
         return await asyncio.wait_for(awaitable, budget_s)
     async with asyncio.timeout(budget_s):

@@ -30,9 +30,9 @@ class ModeRouter(RankingEngine):
         self.engines = list({id(e): e for e in self.by_mode.values()}.values())
         self.max_queue = max_queue
         self.rejected = 0
-        self.name = "+".join(f"{e.name}({','.join(m for m, x in self.by_mode.items() if x is e)})" for e in self.engines)
-        self.version = "+".join(f"{e.version}({','.join(m for m, x in self.by_mode.items() if x is e)})"
-                                for e in self.engines if e.version)
+        modes = {id(e): ",".join(m for m, x in self.by_mode.items() if x is e) for e in self.engines}
+        self.name = "+".join(f"{e.name}({modes[id(e)]})" for e in self.engines)
+        self.version = "+".join(f"{e.version or 'unversioned'}({modes[id(e)]})" for e in self.engines)
 
     async def rank(self, request: EngineRequest) -> EngineResult:
         engine = self.by_mode.get(request.mode)

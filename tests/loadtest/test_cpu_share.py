@@ -61,12 +61,8 @@ def test_this_processs_own_work_is_not_counted():
 
 def test_an_interval_too_short_for_the_clock_ticks_has_no_shares():
     """/proc/stat counts 10 ms ticks: a cell of a few milliseconds read as 0, 33 or 50 % by chance (or nothing),
-    and the report named it disturbed. (Every CPU's time counts, so on a machine with many CPUs a short spin can
-    pass the bound: what is asserted is the bound.)"""
-    before = CpuTimes.now()
-    spin(0.002)
-    after = CpuTimes.now()
-    assert (cpu_share(before, after) == {}) == (after.total_s - before.total_s < MIN_SHARE_CPU_S)
+    and the report named it disturbed. (On readings made up here: live, every CPU's time counts, so how much a
+    short spin reads depends on the machine's CPU count.)"""
     before = CpuTimes(total_s=100.0, busy_s=10.0, steal_s=0.0, own_s=5.0)
     assert cpu_share(before, dataclasses.replace(before, total_s=100.0 + MIN_SHARE_CPU_S - 0.01, busy_s=10.5)) == {}
     assert MIN_SHARE_CPU_S <= 2.0
