@@ -197,33 +197,23 @@ def take_over_master_run_time(environment, runner=None, **_kwargs) -> None:
         MASTER_RUN_TIME_S, options.run_time = options.run_time, None  # Locust reads it after `init`
 
 
-def quit_workers(runner: MasterRunner, wait_s: float) -> bool:
-    """Tells every worker to quit and waits (at most `wait_s`) until all have: a worker stops its users (waiting up
-    to --stop-timeout for their calls), sends its final stats, then says it quit, and the master, once the last one
-    has, stops (and a headless one quits) as Locust's own "last worker quit" does. (A stop message would not do: a
-    worker sends no final stats on it, and the master forgets a stopped worker.) True when all quit in time."""
+def end_distributed_run(runner: MasterRunner, stop_timeout_s: float) -> None:
+    """Tells every worker to quit and lets them: a worker stops its users (waiting up to --stop-timeout for their
+    calls), sends its final stats, then says it quit, and the master, once the last one has, stops and quits as
+    Locust's own "last worker quit" does; the SLO gate then runs on every call made. (A stop message would not do:
+    a worker sends no final stats on it, and the master forgets a stopped worker.) If the workers have not all quit
+    within --stop-timeout + 60 s (Locust's own bound on a stop), the master quits without them."""
     from locust.rpc import Message
 
-    workers = [client.id for client in runner.clients.all]
-    log.info("telling %d worker(s) to quit: they finish their calls (at most --stop-timeout) and send their final "
-             "stats before the SLO gate", len(workers))
-    for worker in workers:
-        runner.server.send_to_client(Message("quit", None, worker))
-    deadline = time.monotonic() + wait_s
-    while runner.clients.all and time.monotonic() < deadline:
-        gevent.sleep(0.1)
-    if runner.clients.all:
-        log.warning("workers %s did not quit in %.0f s: the gate runs without their last stats",
-                    [c.id for c in runner.clients.all], wait_s)
-    return not runner.clients.all
-
-
-def end_distributed_run(runner: MasterRunner, stop_timeout_s: float) -> None:
-    """-t's end on a headless master: the workers quit after their last calls and stats (`quit_workers`, at most
-    --stop-timeout + 60 s, Locust's own bound on a stop), then the master quits and the SLO gate runs."""
-    log.info("--run-time limit reached")
     try:
-        quit_workers(runner, stop_timeout_s + 60)
+        workers = [client.id for client in runner.clients.all]
+        log.info("--run-time limit reached: telling %d worker(s) to quit; they finish their calls (at most "
+                 "--stop-timeout), send their final stats, then the SLO gate runs", len(workers))
+        for worker in workers:
+            runner.server.send_to_client(Message("quit", None, worker))
+        gevent.sleep(stop_timeout_s + 60)  # the master quits before this when the last worker quits
+        log.warning("workers %s did not quit within --stop-timeout + 60 s: quitting without their last stats",
+                    [c.id for c in runner.clients.all])
     finally:  # the run ends either way (also if telling them failed)
         runner.quit()
 
@@ -293,18 +283,14 @@ def slo_gate(environment, **_kwargs) -> None:
 def stop_users_first(runner, stop_timeout_s: float) -> None:
     """A run stopped by SIGTERM or Ctrl-C quits with its users still calling: Locust fires `quitting` (this gate)
     before it stops them, so the gate judged the run without the calls still running, the slowest ones, which
-    --stop-timeout is there to wait for. Stopping them here waits as -t's end does (a master has its workers quit,
-    as at -t's end); a run interrupted while -t's end is stopping them waits for that stop (at most
-    --stop-timeout); after -t they are stopped."""
+    --stop-timeout is there to wait for. Stopping them here waits as -t's end does; a run interrupted while -t's
+    end is stopping them waits for that stop (at most --stop-timeout); after -t they are stopped."""
     if runner is None:
         return
     if runner.state in (STATE_SPAWNING, STATE_RUNNING):
         log.info("the run was interrupted: stopping the users (waiting up to --stop-timeout for the calls still "
                  "running) before the SLO gate")
-        if isinstance(runner, MasterRunner):
-            quit_workers(runner, stop_timeout_s + 60)  # a stop would lose the workers' last stats
-        else:
-            runner.stop()
+        runner.stop()
     elif isinstance(runner, MasterRunner) and not runner.clients.all:
         return  # a master whose workers all quit has their final stats (it stays "stopping": no worker to say so)
     elif runner.state in (STATE_CLEANUP, STATE_STOPPING):

@@ -7,7 +7,6 @@ import csv
 import json
 import os
 import re
-import signal
 import statistics
 import subprocess
 import sys
@@ -284,65 +283,39 @@ class CountedCaller(RecsysCaller):
 """
 
 
-def distributed_run(servers, bundle, tmp_path, seconds: int, interrupt_after_s: float | None = None):
-    """A headless master (`-t seconds`, --stop-timeout 30) and one worker of COUNTING_LOCUSTFILE against the real
-    servers, the master sent SIGINT after `interrupt_after_s` if given: (master's exit code and output, the calls the
-    worker made, the calls the master counted, the master's seconds, the worker's seconds after the master, its log)."""
-    from loadtest.servers import free_port
-
-    _, ranking = servers
-    counting = write(tmp_path / "counting_locustfile.py", COUNTING_LOCUSTFILE)
-    slo = write(tmp_path / "generous.toml", "[rpc.\"Recommend/score\"]\np99_ms = 600000\n")
-    port, calls_file = free_port(), tmp_path / "worker_calls.txt"
-    common = ["-f", str(counting), "--bundle", str(bundle), "--retrieve-share", "0", "--generate-share", "0",
-              "--k", "3", "--candidates", "6", "CountedCaller"]
-    worker = subprocess.Popen([sys.executable, "-m", "locust", *common, "--worker", "--master-port", str(port)],
-                              cwd=REPO, env={**os.environ, "CALLS_FILE": str(calls_file)},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    master = [sys.executable, "-m", "locust", *common, "--headless", "--host", ranking.target, "--slo", str(slo),
-              "-u", "2", "-r", "2", "-t", f"{seconds}s", "--csv", str(tmp_path / "locust"), "--only-summary",
-              "--master", "--expect-workers", "1", "--master-bind-port", str(port), "--stop-timeout", "30"]
-    try:
-        started = time.monotonic()
-        run = subprocess.Popen(master, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
-        if interrupt_after_s is not None:
-            time.sleep(interrupt_after_s)
-            run.send_signal(signal.SIGINT)
-        output = run.communicate(timeout=120)[0]
-        took_s = time.monotonic() - started
-        worker_log = worker.communicate(timeout=90)[0]
-        worker_after_s = time.monotonic() - started - took_s
-    finally:
-        worker.kill()
-        run.kill()
-    rows = {row["Name"]: row for row in csv.DictReader((tmp_path / "locust_stats.csv").open())}
-    return (run.returncode, output + worker_log[-2000:], int(calls_file.read_text()),
-            int(rows["Aggregated"]["Request Count"]), took_s, worker_after_s, worker_log)
-
-
 def test_a_distributed_runs_gate_counts_every_call_the_workers_made(servers, tiny_llm_bundle, tmp_path):
     """Locust's own end of -t on a master told the workers to quit and stopped listening 0.5 s later: the stats
     they sent after their last calls could be lost (the gate judged the run without them; with these millisecond
     calls the worker was usually quicker than that), and the master, left "stopping", waited the whole
     --stop-timeout before the gate (37 s for this 4 s run). Stopping the workers instead lost their last stats (a
     worker sends none on a stop) and left them running until a 60 s heartbeat timeout."""
-    code, output, made, counted, took_s, worker_after_s, worker_log = distributed_run(servers, tiny_llm_bundle,
-                                                                                      tmp_path, seconds=4)
-    assert code == 0 and "SLO gate passed" in output, output[-3000:]
-    assert made > 0 and counted == made, (made, counted)
+    from loadtest.servers import free_port
+
+    _, ranking = servers
+    counting = write(tmp_path / "counting_locustfile.py", COUNTING_LOCUSTFILE)
+    slo = write(tmp_path / "generous.toml", "[rpc.\"Recommend/score\"]\np99_ms = 600000\n")
+    port, calls_file = free_port(), tmp_path / "worker_calls.txt"
+    common = ["-f", str(counting), "--bundle", str(tiny_llm_bundle), "--retrieve-share", "0",
+              "--generate-share", "0", "--k", "3", "--candidates", "6", "CountedCaller"]
+    worker = subprocess.Popen([sys.executable, "-m", "locust", *common, "--worker", "--master-port", str(port)],
+                              cwd=REPO, env={**os.environ, "CALLS_FILE": str(calls_file)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        started = time.monotonic()
+        run = locust(ranking.target, tiny_llm_bundle, slo, tmp_path, *common[2:], "--master", "--expect-workers",
+                     "1", "--master-bind-port", str(port), "--stop-timeout", "30", seconds=4, locustfile=counting)
+        took_s = time.monotonic() - started
+        worker_log = worker.communicate(timeout=90)[0]
+        worker_exit_s = time.monotonic() - started - took_s
+    finally:
+        worker.kill()
+    assert run.returncode == 0, run.stdout[-3000:] + worker_log[-2000:]
+    made = int(calls_file.read_text())
+    rows = {row["Name"]: row for row in csv.DictReader((tmp_path / "locust_stats.csv").open())}
+    assert made > 0 and int(rows["Aggregated"]["Request Count"]) == made, (made, rows["Aggregated"])
     assert took_s < 25, f"the master took {took_s:.0f} s for a 4 s run (--stop-timeout 30)"
-    assert "Got quit message from master" in worker_log and worker_after_s < 10  # not a 60 s heartbeat timeout
-
-
-def test_an_interrupted_distributed_run_counts_every_call_the_workers_made(servers, tiny_llm_bundle, tmp_path):
-    """Ctrl-C on the master of a 60 s run after 6 s: the workers quit after their last calls and final stats, and
-    the gate counts them (a stop, as a local run does, sends no final stats from a worker)."""
-    code, output, made, counted, took_s, worker_after_s, worker_log = distributed_run(
-        servers, tiny_llm_bundle, tmp_path, seconds=60, interrupt_after_s=6)
-    assert "SLO gate passed" in output, output[-3000:]
-    assert made > 0 and counted == made, (made, counted)
-    assert took_s < 30 and "Got quit message from master" in worker_log and worker_after_s < 10
+    assert "SLO gate passed" in run.stdout
+    assert "Got quit message from master" in worker_log and worker_exit_s < 10  # not after a 60 s heartbeat timeout
 
 
 def test_bad_options_stop_the_run_before_it_starts(tiny_bundle, tmp_path):
