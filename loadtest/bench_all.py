@@ -46,7 +46,8 @@ from pathlib import Path
 
 from loadtest.bench_ranking import MIXED, Cell, load_workload, measure, request_order
 from loadtest.patterns import PATTERNS
-from loadtest.report import DISTURBED_PCT, disturbance, disturbed, machine_info, markdown_table, write_report
+from loadtest.report import (DISTURBED_PCT, answered, disturbance, disturbed, machine_info, markdown_table,
+                             write_report)
 from loadtest.utilisation import REFERENCE_WIDTH
 from ranking_server.config import RankingServerConfig
 from loadtest.baselines import STRATEGIES
@@ -347,8 +348,7 @@ def cell_rows(runs: dict[Cell, list[dict]]) -> list[dict]:
     """One row per cell: medians over its rounds, and how it compares with one-at-a-time."""
     rows = []
     for cell, summaries in runs.items():
-        # a round that answered nothing (NaN percentiles, 0 throughput) gives none of the medians, alike
-        answered = [s for s in summaries if math.isfinite(s.get("p50_ms", 0.0))] or summaries
+        rounds = [s for s in summaries if answered(s)] or summaries
         row = {"cell": cell.key, "mode": cell.mode, "strategy": cell.strategy, "concurrency": cell.concurrency,
                "prefix_reuse": cell.prefix_reuse, "context_reuse": cell.prefix_reuse and cell.context_reuse,
                "model": "hf-cpu build" if cell.build else "fp32 merged", "answer_cache": cell.answer_cache,
@@ -357,7 +357,7 @@ def cell_rows(runs: dict[Cell, list[dict]]) -> list[dict]:
                        *CONTEXT_METRICS, *ANSWER_METRICS):
             if (metric in MIXED_METRICS and cell.mode != MIXED) or not any(metric in s for s in summaries):
                 continue
-            values = [s[metric] for s in answered if s.get(metric) is not None and math.isfinite(s[metric])]
+            values = [s[metric] for s in rounds if s.get(metric) is not None and math.isfinite(s[metric])]
             digits = 4 if metric == "throughput_rps" else 3 if metric == "answer_hit_p50_ms" else 1  # a hit: ~0.1 ms
             row[metric] = round(statistics.median(values), digits) if values else None
         row["errors"] = sum(sum(s["errors"].values()) for s in summaries)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from loadtest.report import answered
+
 
 def latency_vs_throughput(rows: list[dict], title: str, path: Path) -> Path:
     """One line per strategy through its concurrency levels: throughput (x) against p95 latency
@@ -44,8 +46,8 @@ def spread(row: dict, metric: str) -> tuple[float, float, float]:
     """(median, low, high) of `metric` over the rounds a cell ran in (`row["runs"]`) that answered (a round that
     answered nothing has NaN percentiles and 0 throughput, left out of the median too); a cell measured once has no
     spread (low = high = its value)."""
-    answered = [r for r in row.get("runs", []) if math.isfinite(r.get("p50_ms", 0.0))]  # as bench_all.cell_rows
-    values = sorted(v for r in answered if (v := r.get(metric)) is not None and math.isfinite(v)) or [row[metric]]
+    rounds = [r for r in row.get("runs", []) if answered(r)]
+    values = sorted(v for r in rounds if (v := r.get(metric)) is not None and math.isfinite(v)) or [row[metric]]
     return row[metric], values[0], values[-1]
 
 

@@ -80,6 +80,12 @@ DISTURBED_PCT = 5.0  # a cell whose machine was this much busy with something el
 CPU_SHARE_KEYS = ("steal_pct", "others_cpu_pct")
 
 
+def answered(summary: dict) -> bool:
+    """Whether a cell's round answered anything: one that answered nothing has NaN percentiles and 0 throughput,
+    and gives none of a cell's medians or spreads."""
+    return math.isfinite(summary.get("p50_ms", 0.0))
+
+
 def disturbed(summary: dict) -> bool:
     """Whether a cell's machine had more than DISTURBED_PCT of its CPU taken by steal or other processes."""
     return any(summary.get(k, 0.0) > DISTURBED_PCT for k in CPU_SHARE_KEYS)
