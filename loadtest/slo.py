@@ -82,8 +82,13 @@ class SloProfile:
         budget = _rate(path, "max_error_rate", data.get("max_error_rate"))
         # an RPC without a budget of its own gets the profile's, or none at all allowed (else an RPC failing every
         # call in a millisecond passes its latency limits, and a small one hides in the aggregate's budget)
-        rpc_slos = tuple(_rpc(path, name, table, 0.0 if budget is None else budget) for name, table in rpcs.items())
+        rpc_slos = tuple(_rpc(path, name, table, default_error_rate(budget)) for name, table in rpcs.items())
         return cls(path, str(data.get("description", "")), measured, budget, rpc_slos)
+
+
+def default_error_rate(profile_budget: float | None) -> float:
+    """The error rate a request without a budget of its own is held to: the profile's, or 0 where it sets none."""
+    return 0.0 if profile_budget is None else profile_budget
 
 
 def _no_unknown_keys(path: Path, where: str, table: dict, allowed: set[str]) -> None:
@@ -153,22 +158,26 @@ def evaluate(profile: SloProfile, stats) -> tuple[list[Check], list[str]]:
         if not requests:
             unexercised.append(rpc.name)
             continue
-        entry = rows[0] if len(rows) == 1 else _merged(rows)
+        entry = _one_entry(rows)
         for p, limit in rpc.percentiles_ms.items():
             checks.append(Check(rpc.name, f"p{p}", float(entry.get_response_time_percentile(p / 100)), limit, requests))
         if rpc.max_error_rate is not None:
             checks.append(Check(rpc.name, "error rate", entry.fail_ratio, rpc.max_error_rate, requests))
     listed = {rpc.name for rpc in profile.rpcs}
-    budget = 0.0 if profile.max_error_rate is None else profile.max_error_rate
     for name, rows in sorted(entries.items()):  # the requests no [rpc.NAME] names: held to the profile's budget
         requests = sum(e.num_requests for e in rows)
         if name not in listed and name != TOTAL and requests:
-            entry = rows[0] if len(rows) == 1 else _merged(rows)
-            checks.append(Check(name, "error rate", entry.fail_ratio, budget, requests))
+            checks.append(Check(name, "error rate", _one_entry(rows).fail_ratio,
+                                default_error_rate(profile.max_error_rate), requests))
     total = stats.total
     if profile.max_error_rate is not None and total.num_requests:
         checks.append(Check(TOTAL, "error rate", total.fail_ratio, profile.max_error_rate, total.num_requests))
     return checks, unexercised
+
+
+def _one_entry(rows: list):
+    """The stats of one request name: its entry, or one merged over the request types it was recorded under."""
+    return rows[0] if len(rows) == 1 else _merged(rows)
 
 
 def _merged(rows: list):
