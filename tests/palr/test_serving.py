@@ -15,6 +15,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from loadtest.servers import free_port, scrape_metrics
+from tests.fixtures.serving import wait_until
 from palr.serving.channels import open_channel
 from palr.serving.config import ServerConfig
 from palr.serving.errors import RequestError
@@ -299,21 +300,21 @@ def codes_counted(server_loop, service: PlumbingService, calls, rpcs: int) -> di
     metrics_port = free_port()
     server = start_server(server_loop, ServerConfig(port=0, metrics_port=metrics_port), service)
     key = 'test_plumbing_requests_total{{code="{}"}}'.format
+
+    def counted() -> dict[str, float]:
+        after = scrape_metrics(metrics_port)
+        return {code: after.get(key(code), 0) - before.get(key(code), 0)
+                for code in ("OK", "DEADLINE_EXCEEDED", "CANCELLED")}
+
     try:
         before = scrape_metrics(metrics_port)
         with grpc.insecure_channel(server.address) as channel:
             calls(channel)
-        deadline = time.monotonic() + 10
-        while True:
-            after = scrape_metrics(metrics_port)
-            counted = {code: after.get(key(code), 0) - before.get(key(code), 0)
-                       for code in ("OK", "DEADLINE_EXCEEDED", "CANCELLED")}
-            if sum(counted.values()) >= rpcs or time.monotonic() > deadline:
-                break
-            time.sleep(0.01)
+        wait_until(lambda: sum(counted().values()) >= rpcs, timeout=10, what=f"the server to count {rpcs} RPCs")
+        result = counted()
     finally:
         server_loop.run(server.drain())
-    return {code: n for code, n in counted.items() if n}
+    return {code: n for code, n in result.items() if n}
 
 
 def test_an_answer_finished_after_its_deadline_is_counted_as_the_client_saw_it(server_loop):

@@ -26,6 +26,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from loadtest.servers import free_port, scrape_metrics
+from tests.fixtures.serving import wait_until
 from palr.bundle import Bundle
 from palr.catalog import Catalog
 from palr.serving.server import NOT_SERVING, SERVING
@@ -127,13 +128,6 @@ def slow_stub(slow):
 
 def recommend(stub, timeout: float = 60, metadata=None, **fields) -> ranking_pb2.RecommendResponse:
     return stub.Recommend(ranking_pb2.RecommendRequest(**fields), timeout=timeout, metadata=metadata)
-
-
-def wait_until(condition, timeout: float = 30.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.005)
 
 
 # -- what the answers are compared with --------------------------------------------------------------

@@ -18,6 +18,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from google.protobuf.descriptor_pool import DescriptorPool
 
 from loadtest.servers import free_port, scrape_metrics
+from tests.fixtures.serving import wait_until
 from palr.bundle import Bundle
 from palr.catalog import Catalog
 from palr.serving.channels import open_channel
@@ -347,10 +348,8 @@ def test_metrics_endpoint_counts_requests_by_code_and_ort_batches(server, stub, 
     with pytest.raises(grpc.RpcError):
         retrieve(stub, user_id="x", k=0)
     # a refused call is counted after its status went out (context.abort sends it, then the handler unwinds)
-    for _ in range(1000):
-        if (after := scrape())["retrieval_requests_in_flight"] == 0:
-            break
-        time.sleep(0.01)
+    wait_until(lambda: scrape()["retrieval_requests_in_flight"] == 0, timeout=10, what="the refused call counted")
+    after = scrape()
     delta = lambda name: after.get(name, 0.0) - before.get(name, 0.0)  # noqa: E731
     assert delta('retrieval_requests_total{code="OK"}') == 1
     assert delta('retrieval_requests_total{code="INVALID_ARGUMENT"}') == 1
