@@ -123,8 +123,8 @@ class AnswerCache(RankingEngine):
 
     async def rank(self, request: EngineRequest) -> EngineResult:
         key = answer_key(request) if self._answers.capacity else None
-        if key is None:
-            return await self.engine.rank(request)
+        if key is None or not self.engine.check_health():  # a failed engine answers nothing, kept or not
+            return await self.engine.rank(request)  # (and its failures are not counted as answer hits)
         started = time.perf_counter()
         with self._lock:
             kept = self._answers.get(key)
@@ -135,7 +135,7 @@ class AnswerCache(RankingEngine):
                 if kept is not None:
                     self._joined += 1
                 shared = self._running.get(key)  # the waiter that runs it again (the others join it)
-        if kept is not None and self.engine.check_health():  # a failed engine answers nothing, kept or not
+        if kept is not None:
             return _reused(kept, request.request_id, 1e3 * (time.perf_counter() - started))
         return await self._run(key, request)
 

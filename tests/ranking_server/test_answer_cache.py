@@ -161,6 +161,7 @@ def test_a_failed_engine_answers_nothing_from_the_cache(tiny, cached):
     assert not cached.check_health()
     with pytest.raises(EngineError):
         rank(cached, request("f2", labels))
+    assert (cached.stats().answer_hits, cached.stats().answer_misses) == (0, 1)  # the failed call was no hit
 
 
 def test_a_bound_method_factory_is_not_keyed():
