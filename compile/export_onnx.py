@@ -32,7 +32,7 @@ ARTIFACT = "sasrec_onnx"
 FILENAME = "sasrec.onnx"
 INPUTS = ("history", "exclude")
 OUTPUTS = ("scores", "indices")
-VERSION = 1  # bump when the exported graph changes for the same checkpoint
+VERSION = 2  # bump when the exported file changes for the same checkpoint (2: no export-time stack traces)
 
 
 @dataclass
@@ -74,6 +74,31 @@ def _export_torchscript(wrapper: SASRecTopK, args: tuple, path: Path, opset: int
 
 
 EXPORTERS = {"dynamo": _export_dynamo, "torchscript": _export_torchscript}
+SOURCE_LOCATIONS = "pkg.torch.onnx.stack_trace"  # a node's Python stack at export: absolute paths of this checkout
+
+
+def strip_source_locations(path: Path) -> None:
+    """Drops each node's export-time stack trace (and doc string) from the graph at `path`: they name the files of
+    the checkout and venv it was exported from, so the same weights exported in two clones made two files, two
+    checksums and two model versions. The graph, its names and the other node metadata stay."""
+    import onnx
+
+    model = onnx.load(str(path))
+
+    def strip(graph) -> None:
+        for node in graph.node:
+            node.doc_string = ""
+            kept = [entry for entry in node.metadata_props if entry.key != SOURCE_LOCATIONS]
+            del node.metadata_props[:]
+            node.metadata_props.extend(kept)
+            for attribute in node.attribute:
+                for subgraph in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                    strip(subgraph)
+
+    strip(model.graph)
+    for function in model.functions:
+        strip(function)
+    onnx.save(model, str(path))
 
 
 def check_against_torch(path: Path, wrapper: SASRecTopK, tolerance: float = 1e-4) -> float:
@@ -117,6 +142,7 @@ def _export_checked(model: SASRec, path: Path, top_k: int, opset: int, exporter:
     for name in ("dynamo", "torchscript") if exporter == "auto" else (exporter,):
         try:
             EXPORTERS[name](wrapper, args, path, opset)
+            strip_source_locations(path)
             return name, check_against_torch(path, wrapper)
         except Exception as e:  # noqa: BLE001 — try the next exporter, report all failures below
             log.warning("%s exporter failed: %s", name, str(e).splitlines()[0] if str(e) else type(e).__name__)

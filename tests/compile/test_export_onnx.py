@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
 
+import palr
 from compile.sasrec import left_pad
 from palr.sasrec import SASRec, SASRecTopK
 from palr.bundle import Bundle
@@ -53,6 +55,12 @@ def test_manifest_records_the_contract(tiny_bundle):
     assert (meta["max_len"], meta["top_k"], meta["num_items"]) == (20, 100, 1682)
     assert meta["opset"] >= 17 and meta["exporter"] in ("dynamo", "torchscript")
     assert meta["inputs"] == ["history", "exclude"] and meta["outputs"] == ["scores", "indices"]
+
+
+def test_the_graph_names_no_file_of_the_checkout_it_was_exported_from(tiny_bundle):
+    graph = Bundle.open(tiny_bundle).path("sasrec_onnx").read_bytes()
+    checkout, torch_dir = Path(palr.__file__).resolve().parents[1], Path(torch.__file__).resolve().parent
+    assert str(checkout).encode() not in graph and str(torch_dir).encode() not in graph
 
 
 def test_ort_matches_torch_for_200_users_with_seen_items_masked(exported):
