@@ -299,7 +299,10 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> list[int]:
 
 # -- model ----------------------------------------------------------------------------------------
 
-def lora_model(base_dir: Path, config: FinetuneConfig):
+def lora_model(base_dir: Path, config: FinetuneConfig, base_name: str | None = None):
+    """The base model at `base_dir` (its first `config.layers`) with fresh LoRA adapters. `base_name`: what the
+    saved adapter names as its base (default: `base_dir`); the bundle's relative path, so that the same training in
+    two places writes the same adapter files."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -308,6 +311,7 @@ def lora_model(base_dir: Path, config: FinetuneConfig):
 
     model = keep_first_layers(AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32,
                                                                    attn_implementation="sdpa"), config.layers)
+    model.name_or_path = model.config.name_or_path = base_name or str(base_dir)  # what the saved adapter names
     layers = model.config.get_text_config().num_hidden_layers
     top = min(config.top_layers, layers) if config.top_layers > 0 else layers
     lora = LoraConfig(r=config.rank, lora_alpha=config.alpha, lora_dropout=config.dropout,
@@ -468,7 +472,7 @@ def train(bundle: Bundle, config: FinetuneConfig, run_fp: str) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(bundle.path("llm_base"))
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     steps = config.max_steps or max(1, math.ceil(config.epochs * len(examples) / config.batch_size))
-    model = lora_model(bundle.path("llm_base"), config)
+    model = lora_model(bundle.path("llm_base"), config, bundle.artifact("llm_base")["path"])
     model.train()
     extra = make_extra_rows(bundle, meta, model, tokenizer).to(config.device).train()
     groups = [{"params": [p for p in model.parameters() if p.requires_grad], "lr": config.lr},
@@ -549,7 +553,8 @@ def train(bundle: Bundle, config: FinetuneConfig, run_fp: str) -> dict:
     else:
         record["best_step"] = steps
         save_adapter(out)
-    (out / "training.json").write_text(json.dumps(record, indent=1) + "\n")
+    timeless = {name: value for name, value in record.items() if name != "seconds"}  # the step record keeps the time
+    (out / "training.json").write_text(json.dumps(timeless, indent=1) + "\n")  # same run, same bytes, same version
     first, last = record["losses"][:10], record["losses"][-10:]
     log.info("trained %d steps (%s loss%s) in %.0f s; loss %.3f (first 10) → %.3f (last 10); kept step %d → %s",
              steps, config.loss, f", {record['prompt']} prompts, {record['readout']} readout", record["seconds"],
@@ -616,6 +621,6 @@ def keep_adapter(bundle: Bundle, config: FinetuneConfig, run_fp: str, record: di
                         fusion_in_loss=config.fusion_in_loss, sft_data=bundle.version("sft_data"),
                         llm_base=bundle.version("llm_base"))
     bundle.record_step("finetune", run_fp, seconds, config=config_record(config),
-                       train_seconds=round(record["seconds"], 1))
+                       train_seconds=round(record.get("seconds", 0.0), 1))
     bundle.save()
     return bundle.root / LORA_DIR
