@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 from compile.llm_common import check_sft_data, config_record, fingerprint_record
 from compile.sft_data import candidate_readout, example_readout, read_jsonl
+from compile.steps import StepFailed
 from palr.bundle import Bundle, fingerprint
 
 log = logging.getLogger(__name__)
@@ -348,7 +349,7 @@ def validation_ndcg(model, valid: list[dict], pad_id: int = 0, extra=None, k: in
 # -- checkpoints ----------------------------------------------------------------------------------
 
 def run_checkpoints(bundle_root: Path, run_fingerprint: str) -> Path:
-    """This run's checkpoint folder (its steps and its `best/` adapter): one per set of inputs, so a run never
+    """This run's checkpoint folder (its steps and its best adapters): one per set of inputs, so a run never
     rotates away, resumes from or keeps the best adapter of a run with other inputs."""
     return bundle_root / CHECKPOINT_DIR / run_fingerprint[:16]
 
@@ -372,6 +373,34 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: d
     for old in sorted(root.glob("step-*"))[:-1]:  # keep the newest only
         shutil.rmtree(old)
     return path
+
+
+def save_best(root: Path, step: int, save: Callable[[Path], None]) -> Path:
+    """`root/best-NNNNNN`: the adapter of step `step`, the run's best so far, complete before it appears. One folder
+    a step, so a run killed after a new best but before its next checkpoint resumes with the best its checkpoint
+    names still there (it overwrote the one `best/` before, even half-written)."""
+    path, tmp = root / f"best-{step:06d}", root / f".best-{step:06d}.part"
+    shutil.rmtree(tmp, ignore_errors=True)
+    save(tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+    return path
+
+
+def best_adapter(root: Path, step: int) -> Path:
+    """The saved best adapter of step `step` (a run begun before one folder a step: its one `best/`)."""
+    for path in (root / f"best-{step:06d}", root / "best"):
+        if (path / "adapter_model.safetensors").is_file():
+            return path
+    raise StepFailed(f"{root}: no saved adapter of the best step {step}; rerun with --force")
+
+
+def forget_bests(root: Path, keep_step: int | None) -> None:
+    """Removes the best adapters but `keep_step`'s: after a checkpoint, which names it, no resume needs them."""
+    keep = f"best-{keep_step:06d}" if keep_step is not None else None
+    for path in root.glob("best-*"):
+        if path.name != keep:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def latest_checkpoint(root: Path, run_fingerprint: str):
@@ -500,7 +529,6 @@ def train(bundle: Bundle, config: FinetuneConfig, run_fp: str) -> dict:
         log.info("resuming from %s (step %d of %d)", path, start, steps)
     else:  # a fresh start: no run's checkpoints are of use any more (another's inputs, or --force)
         shutil.rmtree(bundle.root / CHECKPOINT_DIR, ignore_errors=True)
-    best_dir = checkpoints / "best"
     settings = projector_settings(bundle, meta)
 
     def save_extras(directory: Path) -> None:
@@ -536,11 +564,12 @@ def train(bundle: Bundle, config: FinetuneConfig, run_fp: str) -> dict:
                      record["losses"][-1], len(valid), score)
             if record["best_step"] is None or score > record["valid_ndcg@10"][str(record["best_step"])]:
                 record["best_step"] = done
-                save_adapter(best_dir)
+                save_best(checkpoints, done, save_adapter)
         if (config.save_every and done % config.save_every == 0) or done == end:
             record["seconds"] += time.perf_counter() - began
             began = time.perf_counter()
             checkpoint(done)
+            forget_bests(checkpoints, record["best_step"])
     progress.close()
     if end < steps:
         log.info("stopped after step %d of %d as asked (--stop-after); rerun to continue", end, steps)
@@ -549,7 +578,7 @@ def train(bundle: Bundle, config: FinetuneConfig, run_fp: str) -> dict:
     out = bundle.root / LORA_DIR
     shutil.rmtree(out, ignore_errors=True)
     if record["best_step"] is not None:
-        shutil.copytree(best_dir, out)
+        shutil.copytree(best_adapter(checkpoints, record["best_step"]), out)
     else:
         record["best_step"] = steps
         save_adapter(out)

@@ -165,6 +165,37 @@ def test_a_crashed_run_sets_the_adapter_aside_and_going_back_takes_it_again(bund
     assert (bundle_copy / "llm" / "lora" / "training.json").read_text() == trained
 
 
+def test_a_run_killed_after_a_new_best_resumes_with_the_best_its_checkpoint_names(bundle_copy, monkeypatch):
+    """Killed after saving step 3 as its best but before step 4's checkpoint, the run resumes from step 2's checkpoint,
+    which names step 2 as the best. If the replayed steps validate lower (a GPU's kernels need not replay exactly),
+    step 2 stays the best, and the kept adapter is step 2's, not step 3's (one `best/`, overwritten at step 3, kept
+    it under step 2's name)."""
+    import compile.finetune
+    from safetensors.torch import load_file
+
+    settings = dict(max_steps=4, batch_size=4, save_every=2, eval_every=1, valid_examples=1, seed=3, lr=1e-2)
+    first_scores = iter([0.1, 0.2, 0.3])  # step 4's evaluation finds none: the run is killed there
+
+    def killed_at_step_4(*args, **kwargs):
+        try:
+            return next(first_scores)
+        except StopIteration:
+            raise KeyboardInterrupt("killed") from None
+
+    monkeypatch.setattr(compile.finetune, "validation_ndcg", killed_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        run(FinetuneConfig(bundle=bundle_copy, force=True, **settings))
+    checkpoint = next((bundle_copy / "llm" / "checkpoints").glob("*/step-000002"))
+    step_2 = load_file(checkpoint / "adapter_model.safetensors")
+
+    monkeypatch.setattr(compile.finetune, "validation_ndcg", lambda *args, **kwargs: 0.15)  # the replay: lower
+    run(FinetuneConfig(bundle=bundle_copy, **settings))
+    kept = load_file(bundle_copy / "llm" / "lora" / "adapter_model.safetensors")
+    assert json.loads((bundle_copy / "llm" / "lora" / "training.json").read_text())["best_step"] == 2
+    assert kept.keys() == step_2.keys() and all(torch.equal(kept[name], step_2[name]) for name in kept)
+    assert [p.name for p in checkpoint.parent.glob("best-*")] == ["best-000002"], "bests no resume needs are gone"
+
+
 @pytest.mark.parametrize("readout", ["label", "candidate"])
 def test_listwise_loss_is_the_cross_entropy_of_the_target_over_fused_readouts(tiny_llama_dir, readout):
     """readout_scores = each label's LM-head row at the prompt's last position (label readout), or the score
