@@ -29,6 +29,7 @@ from ranking_server.engines.ortgenai import OrtGenaiEngine  # noqa: E402
 from ranking_server.engines.routed import ModeRouter  # noqa: E402
 from tests.fixtures.builds import build_config, copy_bundle  # noqa: E402
 from tests.fixtures.engine_workload import GatedConstraint, label_ids, mixed_requests  # noqa: E402
+from tests.fixtures.serving import eventually  # noqa: E402
 
 NAME = "engine:ortgenai-cpu"
 
@@ -150,11 +151,7 @@ def test_abort_of_a_queued_request(ortgenai_bundle, reference):
         first = asyncio.ensure_future(engine.rank(long))
         assert await asyncio.to_thread(held.reached.wait, 60), "the long request never decoded"
         second = asyncio.ensure_future(engine.rank(queued))
-        for _ in range(2000):
-            stats = engine.stats()
-            if stats.active == 1 and stats.queued == 1:
-                break
-            await asyncio.sleep(0.005)
+        await eventually(lambda: (engine.stats().active, engine.stats().queued) == (1, 1), what="one active, one queued")
         assert engine.abort("queued")
         held.gate.set()
         with pytest.raises(EngineAborted):

@@ -8,6 +8,8 @@ import threading
 
 import pytest
 
+from tests.fixtures.serving import eventually, wait_until
+
 from palr.serving.loading import in_load_thread, unfinished_loads
 
 
@@ -41,11 +43,7 @@ def test_a_cancelled_load_is_abandoned_not_waited_for():
     asyncio.run(scenario())  # returns at once: the loop does not join the load thread
     assert unfinished_loads() == ["load-slow_load"]
     release.set()  # it finishes after its loop has closed: its outcome is dropped, quietly
-    for _ in range(100):
-        if not unfinished_loads():
-            break
-        threading.Event().wait(0.05)
-    assert unfinished_loads() == []
+    wait_until(lambda: not unfinished_loads(), what="the load thread to end")
 
 
 def test_what_an_abandoned_load_built_is_handed_to_its_cleanup():
@@ -68,15 +66,7 @@ def test_what_an_abandoned_load_built_is_handed_to_its_cleanup():
         with pytest.raises(asyncio.CancelledError):
             await load
         release.set()  # the build ends while the loop still runs: its engine goes to the cleanup
-        for _ in range(200):
-            if closed.is_set():
-                return
-            await asyncio.sleep(0.05)
+        await eventually(closed.is_set, what="the abandoned engine's close")
 
     asyncio.run(scenario())
-    assert closed.is_set()
-    for _ in range(100):
-        if not unfinished_loads():
-            break
-        threading.Event().wait(0.05)
-    assert unfinished_loads() == []
+    wait_until(lambda: not unfinished_loads(), what="the cleanup thread to end")

@@ -155,10 +155,7 @@ def test_a_call_its_client_cancels_is_logged_as_the_clients(server_loop, caplog)
             slow = channel.unary_unary(f"/{SERVICE}/Slow").future(b"slow", timeout=20)
             assert service.entered.wait(5)
             slow.cancel()
-            for _ in range(100):
-                if any("cancelled" in r.getMessage() for r in caplog.records):
-                    break
-                threading.Event().wait(0.05)
+            wait_until(lambda: any("cancelled" in r.getMessage() for r in caplog.records), what="the cancel's log line")
         said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("rid=test-rid cancelled")]
         assert said == ["rid=test-rid cancelled by the client"]
     finally:

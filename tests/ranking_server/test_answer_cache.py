@@ -22,6 +22,7 @@ from ranking_server.engines.base import EngineError, EngineRequest, InvalidReque
 from ranking_server.engines.config import EngineConfig  # noqa: E402
 from ranking_server.engines.hf import HFEngine  # noqa: E402
 from tests.fixtures.engine_workload import label_ids  # noqa: E402
+from tests.fixtures.serving import eventually  # noqa: E402
 
 PREFIX = list(range(500, 520))
 
@@ -196,14 +197,6 @@ def held_device_engine(tiny):
     return engine, turns
 
 
-async def until(predicate):
-    for _ in range(1000):
-        if predicate():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("not reached")
-
-
 def test_a_cancelled_request_leaves_its_run_to_the_identical_requests_waiting_on_it(tiny):
     """The first request waits in the engine's queue (the test holds the device), the identical second and third
     wait on it; the first's caller gives up. Its run used to be aborted and the second queued again (behind whatever
@@ -215,14 +208,14 @@ def test_a_cancelled_request_leaves_its_run_to_the_identical_requests_waiting_on
     async def scenario():
         with turns.turn():  # the device is the test's: the engine admits nothing
             first = asyncio.ensure_future(slow.rank(request("leaves", labels)))
-            await until(lambda: queued() == 1)
+            await eventually(lambda: queued() == 1)
             second = asyncio.ensure_future(slow.rank(request("stays", labels)))
             third = asyncio.ensure_future(slow.rank(request("also", labels)))
             for _ in range(5):
                 await asyncio.sleep(0.01)
             assert queued() == 1, "the identical requests wait on the first, not in the engine's queue"
             first.cancel()
-            await until(first.done)
+            await eventually(first.done)
             for _ in range(5):
                 await asyncio.sleep(0.01)
             assert queued() == 1 and slow.engine.stats().aborted == 0, "the run stays queued for the two"
@@ -249,14 +242,14 @@ def test_a_run_nobody_waits_for_any_more_is_aborted(tiny):
     async def scenario():
         with turns.turn():
             first = asyncio.ensure_future(slow.rank(request("leaves", labels)))
-            await until(lambda: slow.engine.stats().queued == 1)
+            await eventually(lambda: slow.engine.stats().queued == 1)
             second = asyncio.ensure_future(slow.rank(request("leaves-too", labels)))
             await asyncio.sleep(0.05)
             first.cancel()
-            await until(first.done)
+            await eventually(first.done)
             assert slow.engine.stats().aborted == 0
             second.cancel()
-            await until(lambda: second.done() and slow.engine.stats().queued == 0)
+            await eventually(lambda: second.done() and slow.engine.stats().queued == 0)
         after = await slow.rank(request("later", labels))  # nothing kept, nothing running: it runs
         return after
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import random
 import threading
-import time
 
 import pytest
 
@@ -23,6 +22,7 @@ from ranking_server.engines.config import EngineConfig  # noqa: E402
 from ranking_server.engines.hf import HFEngine, kv_bytes  # noqa: E402
 from ranking_server.engines.loop import DeviceTurns  # noqa: E402
 from tests.fixtures.engine_workload import label_ids  # noqa: E402
+from tests.fixtures.serving import eventually  # noqa: E402
 
 PREFIX = list(range(500, 530))
 
@@ -177,13 +177,6 @@ def test_the_one_at_a_time_baseline_reuses_contexts_as_the_engine_does(tiny):
                                                                                             for r in results)
 
 
-async def until(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.002)
-
-
 def run_scenario(engine, scenario, model, requests):
     """Run `scenario()` (it returns the answers to `requests`), close the engine, check every answer against the
     reference; (answers, the engine's stats)."""
@@ -206,7 +199,7 @@ def admitted_together(engine, model, requests):
     async def scenario():
         with turns.turn():  # the engine cannot step: every request queues
             tasks = [asyncio.ensure_future(engine.rank(r)) for r in requests]
-            await until(lambda: engine.stats().queued == len(requests))
+            await eventually(lambda: engine.stats().queued == len(requests))
         return await asyncio.gather(*tasks)
 
     return run_scenario(engine, scenario, model, requests)
@@ -258,7 +251,7 @@ def test_a_call_waiting_for_a_context_computes_it_when_its_computer_leaves_first
     async def scenario():
         with turns.turn():  # both are admitted in one step
             tasks = [asyncio.ensure_future(engine.rank(r)) for r in (first, second)]
-            await until(lambda: engine.stats().queued == 2)
+            await eventually(lambda: engine.stats().queued == 2)
         await asyncio.to_thread(engine.first_ran.wait, 10)  # a1's first chunk ran (the shared prefix and more)
         assert engine.abort("a1")
         engine.gate.set()
@@ -303,16 +296,16 @@ def test_a_call_left_waiting_by_its_computer_does_not_wait_for_a_later_call_that
     async def scenario():
         with turns.turn():  # a1 and a2 are admitted in one step: a2 waits for a1's context
             tasks = [asyncio.ensure_future(answer(r)) for r in (first, second)]
-            await until(lambda: engine.stats().queued == 2)
+            await eventually(lambda: engine.stats().queued == 2)
         await asyncio.to_thread(engine.first_ran.wait, 10)  # a1's first chunk ran; the engine holds its step
         assert engine.abort("a1")
         holder = threading.Thread(target=hold_the_next_turn)
         holder.start()
-        await until(lambda: turns.waiting() == 1)  # the holder asked before the engine's next step
+        await eventually(lambda: turns.waiting() == 1)  # the holder asked before the engine's next step
         engine.gate.set()
         await asyncio.to_thread(held.wait, 10)  # the step ended and a1 left; the next step waits for the turn
         tasks.append(asyncio.ensure_future(answer(third)))
-        await until(lambda: engine.stats().queued == 1)
+        await eventually(lambda: engine.stats().queued == 1)
         release.set()
         await asyncio.to_thread(holder.join, 10)
         with pytest.raises(EngineAborted):
@@ -349,7 +342,7 @@ def test_a_call_ahead_in_turn_never_waits_for_a_context_computed_behind_it(tiny)
             tasks.append(task)
             if request is generate:  # its first chunk (the shared prefix and 10 context tokens) has run
                 await asyncio.to_thread(engine.first_ran.wait, 10)
-        await until(lambda: engine.stats().queued == 1)
+        await eventually(lambda: engine.stats().queued == 1)
         engine.gate.set()
         return await asyncio.gather(*tasks)
 

@@ -22,6 +22,7 @@ from ranking_server.engines.base import (  # noqa: E402
 from ranking_server.engines.config import EngineConfig  # noqa: E402
 from ranking_server.engines.hf import HFEngine  # noqa: E402
 from tests.fixtures.engine_workload import GatedConstraint, label_ids, mixed_requests  # noqa: E402
+from tests.fixtures.serving import eventually  # noqa: E402
 
 N_LABELS = 20
 
@@ -208,13 +209,6 @@ def test_multi_token_constraints_batched_equal_reference(tiny):
     assert all(r.generated_tokens > 4 for r in results)  # the forced tokens were decoded too
 
 
-async def wait_until(predicate, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not reached"
-        await asyncio.sleep(0.002)
-
-
 def gated_request(labels, request_id, at=2, k=10):
     constraint = GatedConstraint(labels, k, at)
     request = EngineRequest(request_id, [5, 6, 7], [8, 9, 10, 11], labels, mode="generate", k=k,
@@ -262,21 +256,21 @@ def test_abort_while_queued_and_while_decoding_frees_the_slot(tiny):
         await asyncio.to_thread(constraint.reached.wait, 10)
         queued = asyncio.ensure_future(engine.rank(plain(labels, "queued")))
         cancelled = asyncio.ensure_future(engine.rank(plain(labels, "cancelled")))
-        await wait_until(lambda: engine.stats().queued == 2)
+        await eventually(lambda: engine.stats().queued == 2)
         assert engine.stats().active == 1
         assert engine.abort("queued") and engine.abort("decoding")
         # a queued request leaves the queue at once, while the engine thread is still held in its step
         assert engine.stats().queued == 1 and engine.stats().active == 1
-        await wait_until(queued.done)
+        await eventually(queued.done)
         cancelled.cancel()  # a caller giving up aborts its request too
-        await wait_until(cancelled.done)
+        await eventually(cancelled.done)
         assert engine.stats().queued == 0 and not decoding.done()
         assert not engine.abort("never-seen")
         constraint.gate.set()
         for task, error in ((decoding, EngineAborted), (queued, EngineAborted), (cancelled, asyncio.CancelledError)):
             with pytest.raises(error):
                 await task
-        await wait_until(lambda: engine.stats().active == 0 and engine.stats().queued == 0)
+        await eventually(lambda: engine.stats().active == 0 and engine.stats().queued == 0)
         after = await engine.rank(plain(labels, "after", mode="generate", k=5))  # the freed slot serves again
         return after
 
@@ -312,7 +306,7 @@ def test_a_request_aborted_during_a_pass_leaves_before_the_next_pass_of_the_step
         await asyncio.to_thread(constraint.reached.wait, 10)
         first = asyncio.ensure_future(engine.rank(plain(labels, "first")))
         second = asyncio.ensure_future(engine.rank(plain(labels, "second", suffix=(24, 25, 26))))
-        await wait_until(lambda: engine.stats().queued == 2)
+        await eventually(lambda: engine.stats().queued == 2)
         constraint.gate.set()  # the next step admits both
         with pytest.raises(EngineAborted):
             await second
@@ -352,7 +346,7 @@ def test_score_requests_go_ahead_of_recent_generate_requests(tiny, score_first_m
             task = asyncio.ensure_future(engine.rank(request))
             task.add_done_callback(lambda t, mode=mode: finished.append(mode))
             tasks.append(task)
-            await wait_until(lambda: engine.stats().queued == len(tasks))
+            await eventually(lambda: engine.stats().queued == len(tasks))
             await asyncio.sleep(wait_ms / 1e3)
         constraint.gate.set()
         return await asyncio.gather(running, *tasks)
@@ -399,7 +393,7 @@ def test_a_score_request_arriving_mid_step_runs_next_not_after_the_steps_plan(ti
         tasks = [asyncio.ensure_future(engine.rank(r)) for r in generates]
         await asyncio.to_thread(engine.first_ran.wait, 10)
         tasks.append(asyncio.ensure_future(engine.rank(score)))
-        await wait_until(lambda: engine.stats().queued == 1)
+        await eventually(lambda: engine.stats().queued == 1)
         engine.gate.set()
         return await asyncio.gather(*tasks)
 
@@ -434,7 +428,7 @@ def test_waiting_prompts_of_about_one_length_share_a_pass_when_a_queue_builds(ti
         tasks = []
         for request in waiting:
             tasks.append(asyncio.ensure_future(engine.rank(request)))
-            await wait_until(lambda: engine.stats().queued == len(tasks))
+            await eventually(lambda: engine.stats().queued == len(tasks))
         engine.gate.set()
         return await asyncio.gather(first, *tasks)
 
@@ -516,9 +510,9 @@ def test_close_stops_the_loop_and_fails_what_is_pending(tiny):
         running = asyncio.ensure_future(engine.rank(held))
         await asyncio.to_thread(constraint.reached.wait, 10)
         queued = asyncio.ensure_future(engine.rank(plain(labels, "queued")))
-        await wait_until(lambda: engine.stats().queued == 1)
+        await eventually(lambda: engine.stats().queued == 1)
         closing = asyncio.ensure_future(asyncio.to_thread(engine.close))
-        await wait_until(lambda: not engine.check_health())  # closed, while the step is still under way
+        await eventually(lambda: not engine.check_health())  # closed, while the step is still under way
         constraint.gate.set()  # the step under way completes, then the loop sees close
         await closing
         outcomes = await asyncio.gather(running, queued, return_exceptions=True)
@@ -690,7 +684,7 @@ def test_a_routers_queue_bound_counts_the_requests_waiting_in_both_engines(tiny)
         tasks = []
         for i, mode in enumerate(("score", "generate")):  # one running in each engine
             tasks.append(asyncio.ensure_future(router.rank(request(f"run-{mode}", mode))))
-            await wait_until(lambda i=i: engines[i].stats().active == 1)
+            await eventually(lambda i=i: engines[i].stats().active == 1)
         for mode in ("score", "generate"):  # one waiting in each: two in all
             tasks.append(asyncio.ensure_future(router.rank(request(f"wait-{mode}", mode))))
             await asyncio.sleep(0)  # rank() runs until the request is queued

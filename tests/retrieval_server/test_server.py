@@ -291,10 +291,7 @@ def test_a_dead_micro_batcher_turns_health_not_serving_and_requests_unavailable(
             server.runner._next_batch = broken_next_batch  # the loop reads it again after the batch it is waiting for
             stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
             assert retrieve(stub, user_id=some_users(facts, 1)[0], k=3)  # a user with a history: the model runs
-            deadline = time.monotonic() + 10
-            while check() != NOT_SERVING:
-                assert time.monotonic() < deadline, "health stayed SERVING with a dead micro-batcher"
-                time.sleep(0.05)
+            wait_until(lambda: check() == NOT_SERVING, what="health NOT_SERVING with a dead micro-batcher")
             with pytest.raises(grpc.RpcError) as refused:
                 retrieve(stub, user_id=some_users(facts, 1)[0], k=3)
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -474,10 +471,7 @@ def test_over_max_queue_is_resource_exhausted_at_once_and_the_server_keeps_servi
             waiting = [threading.Thread(target=lambda: answers.append(ask())) for _ in range(2)]
             for thread in waiting:
                 thread.start()
-            deadline = time.monotonic() + 30
-            while server.servicer._waiting < 2:  # both wait for the model
-                assert time.monotonic() < deadline, "the two requests never reached the model"
-                time.sleep(0.005)
+            wait_until(lambda: server.servicer._waiting == 2, what="both requests waiting for the model")
             with pytest.raises(grpc.RpcError) as error:
                 ask()
             held = not answers  # refused while the model call was still held: neither waiting request answered
