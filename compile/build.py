@@ -206,6 +206,9 @@ def run(config: BuildConfig) -> Path:
         raise StepFailed(f"--target {target}: this machine's GPUs differ in compute capability "
                          f"({machine.compute_capability}); a build is made for one kind: set CUDA_VISIBLE_DEVICES to "
                          f"GPUs of the kind it will serve on")
+    # what is built from and measured with are the files the manifest names (the versions the build records); a
+    # step stopped after rewriting them would otherwise pass new weights off under the old version
+    bundle.verify([name for name in (SOURCE, "ranker", "sft_data") if bundle.has(name)])
     started = time.perf_counter()
     final = bundle.root / "engines" / target
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -216,19 +219,21 @@ def run(config: BuildConfig) -> Path:
     builder = importlib.import_module(f"compile.targets.{BUILDERS[target]}")
     log.info("build: %s on %s", target, machine.describe(spec.pinned))
     scratch = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{target}.building."))  # one per build process
+    previous = final.with_name(f".{target}.previous")  # the old build, set aside during the swap
     try:  # whatever fails or is interrupted until the swap leaves no scratch directory behind
         result = builder.build(BuildContext(config, machine, bundle, bundle.path(SOURCE), scratch))
         files = file_checksums(scratch)  # before the swap: a big engine takes a minute to hash
         # the swap: from here to save() the manifest names the old build's checksums over the new files (a
         # server starting meanwhile refuses to); milliseconds, not the hashing time. The old build is set aside,
         # not deleted, until the manifest names the new one: a failed save puts it back
-        previous = final.with_name(f".{target}.previous")
         shutil.rmtree(previous, ignore_errors=True)
         if final.exists():
             final.rename(previous)
         scratch.rename(final)
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
+        if previous.exists() and not final.exists():  # stopped between the swap's two renames
+            previous.rename(final)
         raise
     seconds = time.perf_counter() - started
     try:

@@ -42,7 +42,7 @@ from tqdm import tqdm
 from compile.llm_common import check_sft_data, config_record, fingerprint_record
 from compile.sft_data import candidate_readout, example_readout, read_jsonl
 from compile.steps import StepFailed
-from palr.bundle import Bundle, fingerprint
+from palr.bundle import Bundle, file_checksums, fingerprint, write_atomically
 from palr.ranking import FUSION_GRID
 
 log = logging.getLogger(__name__)
@@ -317,11 +317,36 @@ def run(config: MergeConfig) -> Path:
     if not 1 <= config.generate_k <= meta["candidates"]:  # refused before the merged model is rewritten, not after
         raise ValueError(f"--generate-k {config.generate_k} must be between 1 and the candidate count "
                          f"{meta['candidates']}")
+    # merged and fitted beside llm/merged, which keeps the weights the manifest names until the ranker fit over them
+    # is saved with them (a merge stopped during the fit left new weights under the old version, and a build then
+    # made an engine of them under that version)
+    part = out.with_name(f".{out.name}.part")
+    try:
+        diff, ranker = merge_and_fit(bundle, config, meta, part)
+    except BaseException:
+        shutil.rmtree(part, ignore_errors=True)
+        raise
+    files = file_checksums(part)  # before the swap: the manifest names the new files milliseconds after it
+    shutil.rmtree(out, ignore_errors=True)
+    part.rename(out)
+    bundle.add_artifact("llm_merged", MERGED_DIR, files=files, dtype="float32", merge_max_abs_diff=diff)
+    keep_projector(bundle)
+    ranker_path = bundle.root / RANKER_FILE
+    write_atomically(ranker_path, json.dumps(ranker, indent=2) + "\n")
+    bundle.add_artifact("ranker", RANKER_FILE, fusion_weight=ranker["fusion_weight"],
+                        generate_format=config.generate_format)
+    bundle.record_step("merge", step_fp, time.perf_counter() - started, config=config_record(config))
+    bundle.save()
+    log.info("merged model → %s, ranker → %s (fusion weight %.2f) in %.1f s", out, ranker_path,
+             ranker["fusion_weight"], time.perf_counter() - started)
+    return out
+
+
+def merge_and_fit(bundle: Bundle, config: MergeConfig, meta: dict, out: Path) -> tuple[float, dict]:
+    """The merged model written to `out` and the ranker record fit over it: (merged vs adapter max |diff|, record)."""
     valid = read_jsonl(bundle.path("sft_data") / "valid.jsonl")
     diff = merge(bundle.path("llm_base"), bundle.path("lora"), out, valid[0], config.tolerance,
                  int(bundle.artifact("lora").get("layers") or 0))
-    bundle.add_artifact("llm_merged", MERGED_DIR, dtype="float32", merge_max_abs_diff=diff)
-    keep_projector(bundle)
     fusion_valid = valid[: config.fusion_users]
     bias, rank_bias = learned_head_bias(bundle)
     bias = bias if meta.get("trend") else None
@@ -333,11 +358,4 @@ def run(config: MergeConfig) -> Path:
         if fusion_valid else (0.0, 1.0, {})
     ranker = ranker_record(bundle, config, meta, weight, validation, bias, prior_weights, collab_weight,
                            rank_bias) | {"generate_logit_weight": logit_weight}
-    ranker_path = bundle.root / RANKER_FILE
-    ranker_path.write_text(json.dumps(ranker, indent=2) + "\n")
-    bundle.add_artifact("ranker", RANKER_FILE, fusion_weight=weight, generate_format=config.generate_format)
-    bundle.record_step("merge", step_fp, time.perf_counter() - started, config=config_record(config))
-    bundle.save()
-    log.info("merged model → %s, ranker → %s (fusion weight %.2f) in %.1f s", out, ranker_path, weight,
-             time.perf_counter() - started)
-    return out
+    return diff, ranker

@@ -209,9 +209,26 @@ def test_a_build_that_fails_before_its_builder_runs_leaves_no_scratch_folder(hf_
     """The scratch folder was made before the generate-token count was read from ranker.json: a failure there (or
     a Ctrl-C) left `engines/.hf-cpu.building.*` behind, one per try."""
     (hf_cpu_bundle_copy / "llm" / "ranker.json").write_text("{ not json")
+    bundle = Bundle.open(hf_cpu_bundle_copy)  # recorded so: the build reads it, as it would a valid one
+    entry = bundle.artifact("ranker")
+    bundle.add_artifact("ranker", entry["path"], **{k: v for k, v in entry.items()
+                                                   if k not in ("path", "sha256", "files", "created_at")})
+    bundle.save()
     with pytest.raises(ValueError):
         build.run(build_config(hf_cpu_bundle_copy, "hf-cpu", generate_tokens=0, force=True))
     assert [p.name for p in (hf_cpu_bundle_copy / "engines").iterdir()] == ["hf-cpu"]
+
+
+def test_a_build_refuses_merged_weights_the_manifest_does_not_name(hf_cpu_bundle_copy):
+    """A merge stopped after rewriting llm/merged (before it recorded the new files) left new weights under the old
+    version; the build made an engine of them and recorded it as built from that version."""
+    before = Bundle.open(hf_cpu_bundle_copy).artifact(NAME)["sha256"]
+    changed = hf_cpu_bundle_copy / "llm" / "merged" / "generation_config.json"
+    changed.write_text(changed.read_text().replace("{", '{"max_new_tokens": 7, ', 1))
+    with pytest.raises(BundleError, match="llm_merged: generation_config.json checksum"):
+        build.run(build_config(hf_cpu_bundle_copy, "hf-cpu", measure=False, dtype="fp32", force=True))
+    assert [p.name for p in (hf_cpu_bundle_copy / "engines").iterdir()] == ["hf-cpu"]
+    assert Bundle.open(hf_cpu_bundle_copy).artifact(NAME)["sha256"] == before
 
 
 def test_a_build_whose_manifest_cannot_be_saved_puts_the_old_build_back(hf_cpu_bundle_copy, monkeypatch):

@@ -144,6 +144,36 @@ def test_a_generate_k_over_the_candidates_is_refused_before_the_merged_model_is_
         merge.MergeConfig(bundle=bundle, fusion_users=-1)
 
 
+def test_a_merge_stopped_during_the_fit_leaves_the_merged_model_the_manifest_names(tiny_llm_bundle, tmp_path,
+                                                                                    monkeypatch):
+    """The merge wrote llm/merged, then fit the fusion over it for minutes: stopped there, the new weights sat under
+    the manifest's old checksums, and a build made an engine of them under the old version."""
+    import dataclasses
+
+    from safetensors.torch import load_file, save_file
+
+    from compile import merge
+    from compile.presets import preset_for
+    from palr.bundle import Bundle
+    from tests.fixtures.builds import copy_bundle
+
+    bundle = copy_bundle(tiny_llm_bundle, tmp_path / "bundle")
+    config = merge.MergeConfig(bundle=bundle, **preset_for("tiny", "merge"))
+    written = {p: p.read_bytes() for p in (bundle / "llm" / "merged").rglob("*") if p.is_file()}
+    adapter = bundle / "llm" / "lora" / "adapter_model.safetensors"  # retrained, as far as the merge can tell
+    save_file({name: 2 * tensor for name, tensor in load_file(adapter).items()}, adapter)
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(merge, "fit_fusion", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        merge.run(dataclasses.replace(config, tolerance=1.0, force=True))
+    assert {p: p.read_bytes() for p in (bundle / "llm" / "merged").rglob("*") if p.is_file()} == written
+    assert not list((bundle / "llm").glob(".merged*")), "no partial merge left beside it"
+    Bundle.open(bundle).verify(["llm_merged", "ranker"])
+
+
 def test_an_adapter_trained_on_other_sft_data_is_refused_before_the_merged_model_is_touched(tiny_llm_bundle,
                                                                                            tmp_path, ml100k_dir):
     """sft-data run again (here with fewer candidates) after finetune: merge would pair the old adapter's weights
