@@ -40,6 +40,23 @@ def test_a_directory_without_a_causal_lm_is_refused(tiny_llama_dir, tmp_path):
         run(BaseModelConfig(bundle=tmp_path / "b", base_model=tmp_path))
 
 
+def test_a_refused_base_model_leaves_the_bundles_base_as_it_was(tiny_llama_dir, tmp_path):
+    """The bundle's llm/base was deleted before the new --base-model was checked: refused, it left the bundle
+    without the base model its manifest still named (and a later --force finetune failed on it)."""
+    from palr.bundle import Bundle
+
+    out = run(BaseModelConfig(bundle=tmp_path / "b", base_model=tiny_llama_dir))
+    bad = tmp_path / "bad"
+    shutil.copytree(tiny_llama_dir, bad)
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps(config | {"architectures": ["LlamaModel"]}))
+    with pytest.raises(ValueError, match="causal LM"):
+        run(BaseModelConfig(bundle=tmp_path / "b", base_model=bad, force=True))
+    Bundle.open(tmp_path / "b").verify(["llm_base"])
+    assert (out / "model.safetensors").resolve() == (tiny_llama_dir / "model.safetensors").resolve()
+    assert [p.name for p in out.parent.iterdir()] == ["base"], "nothing half-made left beside it"
+
+
 def test_logit_check_is_zero_for_a_faithful_copy_and_not_for_a_changed_one(tiny_llama_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
