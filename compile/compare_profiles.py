@@ -22,7 +22,7 @@ from tqdm import tqdm
 from compile.profiles import ProfilesConfig, profiler
 from compile.sft_data import read_jsonl
 from palr import metrics
-from palr.bundle import Bundle
+from palr.bundle import Bundle, write_atomically
 from palr.catalog import Catalog
 from palr.profiles import METHODS as PROFILE_METHODS
 
@@ -117,6 +117,6 @@ def run(config: CompareProfilesConfig) -> dict:
             log.info("%s with %s profiles: LLM alone NDCG@10 %.4f, fused %.4f (weight %g); retrieval %.4f",
                      name, method, result["llm_ndcg@10"], result["fused_ndcg@10"], result["fusion_weight"], retrieval)
     path = bundle.reports_dir() / REPORT
-    path.write_text(json.dumps(report, indent=2))
+    write_atomically(path, json.dumps(report, indent=2))
     log.info("→ %s", path)
     return report

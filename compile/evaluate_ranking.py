@@ -34,7 +34,7 @@ from tqdm import tqdm
 from compile.llm_common import fingerprint_record
 from compile.sft_data import profile_source
 from palr import metrics
-from palr.bundle import Bundle, fingerprint
+from palr.bundle import Bundle, fingerprint, write_atomically
 from palr.catalog import Catalog
 from palr.collab import CollabTable
 from palr.corpus import Corpus
@@ -220,10 +220,10 @@ def run(config: EvaluateRankingConfig) -> dict:
     if config.split == "valid":
         report["fusion_fit_users_in_sample"] = int((ranker.get("fusion_validation") or {}).get("users", 0))
     report["seconds"] = round(time.perf_counter() - started, 1)
-    report_path.write_text(json.dumps(report, indent=2) + "\n")
-    with (bundle.reports_dir() / users_report).open("w") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+    # each file whole or as it was (a run stopped while writing the report left a truncated one that every later
+    # run, the step being current, failed to read); the users' rows first, so a current report has its rows
+    write_atomically(bundle.reports_dir() / users_report, "".join(json.dumps(row) + "\n" for row in rows))
+    write_atomically(report_path, json.dumps(report, indent=2) + "\n")
     bundle.record_step(step, step_fp, time.perf_counter() - started,
                        **{k: v for k, v in report.items() if k.endswith("ndcg@10")})
     bundle.save()

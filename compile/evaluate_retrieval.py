@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from palr import metrics
-from palr.bundle import Bundle, fingerprint
+from palr.bundle import Bundle, fingerprint, write_atomically
 from palr.catalog import Catalog
 from palr.corpus import Corpus
 from palr.sasrec_onnx import Query, SasrecOnnx
@@ -99,7 +99,7 @@ def run(config: EvaluateRetrievalConfig) -> dict:
               "model": {"artifact": "sasrec_onnx", "version": bundle.version("sasrec_onnx"), "top_k": model["top_k"]},
               "dataset": bundle.manifest.dataset.get("name")}
     report_path.parent.mkdir(parents=True, exist_ok=True)
-    report_path.write_text(json.dumps(report, indent=2) + "\n")
+    write_atomically(report_path, json.dumps(report, indent=2) + "\n")
     seconds = time.perf_counter() - started
     bundle.record_step(STEP, step_fp, seconds, **{k: report[k] for k in ("hr@10", "ndcg@10")})
     bundle.save()
