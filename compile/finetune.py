@@ -72,7 +72,7 @@ class FinetuneConfig:
     stop_after: int = field(default=0, metadata={
         "help": "leave after N steps of this run, checkpoint kept (train in pieces on a shared machine)"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0 = torch's default)"})
-    device: str = field(default="cpu", metadata={"help": "cpu or cuda"})
+    device: str = field(default="cpu", metadata={"help": "cpu or cuda", "choices": ("cpu", "cuda")})
     seed: int = field(default=0, metadata={"help": "random seed"})
     force: bool = field(default=False, metadata={"help": "retrain from scratch even if inputs are unchanged"})
     loss: str = field(default="listwise", metadata={
@@ -599,6 +599,7 @@ def run(config: FinetuneConfig) -> Path | None:
         log.info("LoRA adapter is current (%s); skipping", out)
         return out
     check_sft_data(bundle, "finetune")
+    check_device(config.device)
     finished = finished_run(out, run_fp)
     if finished is not None and not config.force:  # this run's adapter, set aside while another run was tried
         log.info("the LoRA adapter in %s is this run's, finished (step %d): the bundle's again", out,
@@ -614,6 +615,15 @@ def run(config: FinetuneConfig) -> Path | None:
     if not (out / "training.json").is_file() or len(record["losses"]) < record["steps"]:
         return None
     return keep_adapter(bundle, config, run_fp, record, time.perf_counter() - started)
+
+
+def check_device(device: str) -> None:
+    """Refuses a device this torch cannot train on, before the bundle's adapter is set aside for the run."""
+    import torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise StepFailed(f"--device cuda: this torch ({torch.__version__}) sees no CUDA GPU; train with --device cpu "
+                         f"or on the GPU machine")
 
 
 @contextlib.contextmanager

@@ -77,6 +77,14 @@ class SASRecConfig:
                 "other jobs, 1 is often several times faster than oversubscribed cores"})
     top_k: int = field(default=100, metadata={"help": "candidates the exported ONNX model returns"})
 
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "eval_every", "patience", "max_len", "top_k"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "window_stride", "threads"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+
 
 # -- data ------------------------------------------------------------------------------------------
 

@@ -289,3 +289,17 @@ def test_training_runs_with_deterministic_kernels_and_puts_the_setting_back(bund
     assert not torch.are_deterministic_algorithms_enabled()
     run(FinetuneConfig(bundle=bundle_copy, force=True, max_steps=2, batch_size=4, save_every=0, seed=3))
     assert seen == [True] and not torch.are_deterministic_algorithms_enabled()
+
+
+def test_cuda_without_a_gpu_is_refused_before_the_adapter_is_set_aside(tiny_llm_bundle, tmp_path):
+    """It failed inside training, after the bundle's adapter had been set aside: merge then refused the bundle."""
+    from compile.steps import StepFailed
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU: --device cuda is valid here")
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_llm_bundle, bundle, symlinks=True)
+    with pytest.raises(StepFailed, match="--device cuda"):
+        run(FinetuneConfig(bundle=bundle, force=True, device="cuda", max_steps=2))
+    assert Bundle.open(bundle).has("lora")
+

@@ -55,3 +55,12 @@ def test_unchanged_steps_skip_and_changed_options_rerun(bundle_copy, ml100k_dir,
     retrained = Bundle.open(bundle_copy)
     assert retrained.artifact("sasrec_torch")["sha256"] != before.artifacts["sasrec_torch"]["sha256"]
     assert retrained.manifest.steps["export-onnx"]["fingerprint"] != changed.manifest.steps["export-onnx"]["fingerprint"]
+
+
+@pytest.mark.parametrize("option", ["epochs", "batch_size", "eval_every"])
+def test_a_zero_count_is_refused_before_training(option, tmp_path):
+    """--eval-every 0 divided by zero after the first epoch, --epochs 0 failed with a KeyError, --batch-size 0 with a
+    ZeroDivisionError: tracebacks, not what was wrong."""
+    with pytest.raises(ValueError, match=f"--{option.replace('_', '-')} must be >= 1"):
+        SASRecConfig(bundle=tmp_path, **{option: 0})
+
