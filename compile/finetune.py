@@ -363,7 +363,7 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: d
     path = root / f"step-{step:06d}"
     tmp = root / f".step-{step:06d}.part"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    model.save_pretrained(tmp, save_embedding_layers=False)  # see save_adapter
     extras(tmp)
     cuda_rng = torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None  # LoRA dropout on --device cuda
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -535,7 +535,9 @@ def train(bundle: Bundle, config: FinetuneConfig, run_fp: str) -> dict:
         save_projector(directory, extra, settings)
 
     def save_adapter(directory: Path) -> None:
-        model.save_pretrained(directory)
+        # the base's embeddings are never resized here (the extra rows live in the projector): peft's "auto" would
+        # look for the base's config.json at the adapter's bundle-relative base path, then on the Hub
+        model.save_pretrained(directory, save_embedding_layers=False)
         save_extras(directory)
 
     def checkpoint(step: int) -> None:

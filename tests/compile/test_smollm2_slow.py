@@ -4,6 +4,7 @@ slow; run with `pytest -m slow`."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import shutil
 
@@ -14,6 +15,7 @@ pytestmark = pytest.mark.slow
 
 def test_smollm2_ranking_pipeline_end_to_end(tiny_bundle, ml100k_dir, smollm2_gguf, tmp_path):
     pytest.importorskip("torch")
+    from compile import pipeline
     from compile.base_model import BaseModelConfig
     from compile.base_model import run as base_model
     from compile.evaluate_ranking import EvaluateRankingConfig
@@ -33,6 +35,11 @@ def test_smollm2_ranking_pipeline_end_to_end(tiny_bundle, ml100k_dir, smollm2_gg
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["artifacts"]["llm_base"]["logits_max_abs_diff"] == 0.0  # saved == GGUF-loaded
     profiles(ProfilesConfig(bundle=bundle))
+    for step in pipeline.STEPS:  # what sft-data's defaults read beside the tiny bundle: trend and EASE tables
+        if step.name in ("trends", "collab"):
+            module = importlib.import_module(step.module)
+            module.run(pipeline.step_config(pipeline.PipelineConfig(bundle=bundle, data=ml100k_dir, preset="tiny"),
+                                            step, module))
     sft_data(SftDataConfig(bundle=bundle, data=ml100k_dir, users=8, valid_users=4, retrieval_per_user=1))
     finetune(FinetuneConfig(bundle=bundle, max_steps=2, batch_size=2, save_every=0))
     merge(MergeConfig(bundle=bundle, fusion_users=4, tolerance=1e-3))
