@@ -68,6 +68,19 @@ class Running:
         return sizes
 
 
+def pick_idle(cached: list[list[int]], starts: list[list[int]]) -> tuple[int | None, list[int]]:
+    """Which idle generator a request takes, given each one's cached tokens (least recently used first) and the
+    request's starts worth finding (longest first): (index, the start it reuses) of the first whose cache begins
+    with the longest start; else (0, the shortest start): the least recently used, so the contexts most likely
+    asked for again stay (it took the most recent one, the last user's context, before); (None, ...) when none
+    is idle."""
+    for start in starts:
+        for i, tokens in enumerate(cached):
+            if tokens[:len(start)] == start:
+                return i, start
+    return (0 if cached else None), (starts[-1] if starts else [])
+
+
 class OrtGenaiEngine(LoopEngine):
     def __init__(self, model_dir: str | Path, config: EngineConfig | None = None, name: str = "ortgenai"):
         config = config or EngineConfig()
@@ -135,18 +148,16 @@ class OrtGenaiEngine(LoopEngine):
                                     bias=list(request.bias) if request.bias is not None else None))
 
     def _generator_for(self, starts: list[list[int]]) -> tuple[GeneratorSlot, list[int]]:
-        """An idle generator whose cache starts with the longest of `starts` (and that start), else any idle
-        one, else a new one."""
-        for start in starts:
-            for i, slot in enumerate(self._idle):
-                if slot.tokens[:len(start)] == start:
-                    return self._idle.pop(i), start
-        if self._idle:
-            return self._idle.pop(), starts[-1] if starts else []
-        return GeneratorSlot(self.model, self.max_seq_len), starts[-1] if starts else []
+        """An idle generator whose cache starts with the longest of `starts` (and that start), else the least
+        recently used idle one, else a new one."""
+        i, start = pick_idle([slot.tokens for slot in self._idle], starts)
+        if i is not None:
+            return self._idle.pop(i), start
+        return GeneratorSlot(self.model, self.max_seq_len), start
 
     def _leave(self, running: Running, healthy: bool = True) -> None:
-        """`running` leaves the batch; its generator is kept for reuse unless a pass on it failed (then dropped)."""
+        """`running` leaves the batch; its generator is kept for reuse unless a pass on it failed (then dropped), at
+        the end of the idle list (most recently used last)."""
         self._active.remove(running)
         if healthy:
             self._idle.append(running.slot)

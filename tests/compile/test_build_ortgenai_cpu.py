@@ -298,3 +298,15 @@ def test_the_build_times_its_prompt_pass_in_the_pieces_the_engine_feeds(ortgenai
     runner._slot.feed = lambda tokens: fed.append(len(tokens)) or feed(tokens)  # counts the real generator's calls
     runner.prefill(list(range(100, 140)))
     assert fed == [11, 10, 19]
+
+
+def test_a_request_with_nothing_cached_takes_the_least_recently_used_generator():
+    """It took the most recently used one: the context of the user who just left, the likeliest to come back."""
+    from ranking_server.engines.ortgenai import pick_idle
+
+    prefix, alice, bob = [1, 2], [1, 2, 7, 7], [1, 2, 8, 8]
+    idle = [alice, bob]  # alice left first, bob last
+    assert pick_idle(idle, [[1, 2, 9, 9], prefix]) == (0, prefix)  # a new user overwrites alice's, the older
+    assert pick_idle(idle, [bob, prefix]) == (1, bob)  # a returning user finds their own context
+    assert pick_idle([[5, 5], alice], [[1, 2, 9], prefix]) == (1, prefix)  # the shared prefix before any slot
+    assert pick_idle([], [prefix]) == (None, prefix)
