@@ -251,6 +251,7 @@ class LoopEngine(RankingEngine):
             with self.device_turns.turn():
                 if self._closed:  # closed while waiting for the turn
                     return
+                self._drain_aborts()  # and those aborted while it waited (another engine's step): not run for nobody
                 started = time.perf_counter()
                 ran = self._step()
             if ran:

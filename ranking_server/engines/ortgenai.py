@@ -120,6 +120,7 @@ class OrtGenaiEngine(LoopEngine):
         for running in decoding:
             self._feed(running, [running.next_token])
         for running, sizes in prefilling:
+            self._drain_aborts()  # between requests' prompt chunks, as hf does between passes: none fed for nobody
             for n in sizes:
                 if running not in self._active:  # its forward failed: it has left
                     break

@@ -82,17 +82,49 @@ def test_batched_results_equal_one_at_a_time(tiny, workload, strategy, prefix_re
         assert_matches_reference(request, result, expected[request.request_id])
     assert stats.completed == 16 and stats.active == 0 and stats.failed == 0
     batches = [r.batch_size for r in results]  # the running batch each request was part of (span attribute)
-    assert max(batches) == 1 if strategy == "sequential" else 1 < max(batches) <= 4
+    # how the staggered arrivals overlap depends on the machine's speed and load (a request may finish before the
+    # next arrives): only the bounds here; that requests do join a running batch is checked deterministically in
+    # test_a_request_joins_a_running_decode_and_decodes_beside_it
+    assert max(batches) == 1 if strategy == "sequential" else max(batches) <= 4
     assert stats.max_active <= 4
     assert (stats.cached_tokens > 0) == prefix_reuse
     if strategy == "inflight":
         assert stats.max_step_tokens <= 32
-        log = list(engine.step_log)
-        assert any(step.decoding > 0 and step.prefilling > 0 for step in log), "no request joined mid-decode"
-        assert max(step.decoding for step in log) >= 2, "decode never batched"
-        assert all(step.held <= 4 and step.tokens <= 32 for step in log)
+        assert all(step.held <= 4 and step.tokens <= 32 for step in engine.step_log)
     if strategy == "static":  # nobody joins a running batch: prompts only run when no row is decoding
         assert all(step.prefilling == 0 for step in engine.step_log if step.decoding > 0)
+
+
+def test_a_request_joins_a_running_decode_and_decodes_beside_it(tiny):
+    """In-flight batching, held in place by a gated request (mid-decode at its 2nd label): requests arriving meanwhile
+    are prefilled in the next step beside its decode, then decode in the same passes as it; every answer is the
+    one-at-a-time reference's. (Staggered arrivals showed this only when they overlapped in time: a CI-order run
+    finished each generate request before the next arrived.)"""
+    model, labels = tiny
+    engine = HFEngine(model, EngineConfig(max_batch_size=4, max_tokens_per_step=64, draft_tokens=1))
+    held, constraint = gated_request(labels, "held", at=2)
+    joining = [plain(labels, "joins-generate", mode="generate", k=6), plain(labels, "joins-score")]
+
+    async def scenario():
+        first = asyncio.ensure_future(engine.rank(held))
+        await asyncio.to_thread(constraint.reached.wait, 10)
+        others = [asyncio.ensure_future(engine.rank(r)) for r in joining]
+        await eventually(lambda: engine.stats().queued == 2)
+        constraint.gate.set()
+        return await asyncio.gather(first, *others)
+
+    try:
+        results = asyncio.run(scenario())
+        log = list(engine.step_log)
+    finally:
+        engine.close()
+    assert results[0].order == generate_labels(model, held.input_ids, labels, 10)
+    assert results[1].order == generate_labels(model, joining[0].input_ids, labels, 6)
+    assert results[2].order[0] == max(range(len(labels)), key=lambda c: score_labels(
+        model, joining[1].input_ids, labels)[c])
+    assert any(step.decoding == 1 and step.prefilling == 2 for step in log), "the arrivals did not join mid-decode"
+    assert max(step.decoding for step in log) == 2, "the joining generate request never decoded beside the held one"
+    assert min(r.batch_size for r in results) > 1
 
 
 @pytest.mark.parametrize("logit_weight, spread", [(0.1, 3.0), (1.0, 0.3)], ids=["bias-decides", "logits-count"])
@@ -214,6 +246,50 @@ def gated_request(labels, request_id, at=2, k=10):
     request = EngineRequest(request_id, [5, 6, 7], [8, 9, 10, 11], labels, mode="generate", k=k,
                             constraint=lambda: constraint)
     return request, constraint
+
+
+def test_a_request_aborted_while_the_engine_waits_for_its_device_turn_is_not_run_again(tiny):
+    """Aborts were taken before the engine waited for its turn on a shared device (a ModeRouter's other engine
+    stepping): one arriving during that wait still got the next step's pass (a decode token here; for a prompt
+    that ended in that pass, a completion counted for a caller who had gone)."""
+    from ranking_server.engines.loop import DeviceTurns
+
+    model, labels = tiny
+    engine = HFEngine(model, EngineConfig(max_batch_size=1, max_tokens_per_step=8, draft_tokens=1))
+    turns = DeviceTurns()
+    engine.share_device(turns)
+    request, constraint = gated_request(labels, "gone", at=2)
+    held, release = threading.Event(), threading.Event()
+
+    def other_engine():  # asks for the device while the engine is held mid-step, keeps it until released
+        with turns.turn():
+            held.set()
+            release.wait(30)
+
+    async def scenario():
+        task = asyncio.ensure_future(engine.rank(request))
+        await asyncio.to_thread(constraint.reached.wait, 10)
+        other = threading.Thread(target=other_engine)
+        other.start()
+        await eventually(lambda: turns.waiting() == 1)  # the other engine is next
+        constraint.gate.set()
+        await asyncio.to_thread(held.wait, 10)
+        await eventually(lambda: turns.waiting() == 1)  # the engine, its step done, waits for its next turn
+        generated = engine.stats().generated_tokens
+        assert engine.abort("gone")
+        release.set()
+        other.join(10)
+        with pytest.raises(EngineAborted):
+            await task
+        return generated
+
+    try:
+        generated = asyncio.run(scenario())
+        stats = engine.stats()
+    finally:
+        engine.close()
+    assert (stats.aborted, stats.completed) == (1, 0)
+    assert stats.generated_tokens == generated, "no pass ran for the aborted request after its abort"
 
 
 def plain(labels, request_id, mode="score", k=3, suffix=(21, 22, 23)):
