@@ -92,17 +92,18 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
         if plan.history:
             ranked = await self._ask_model(Query(history=plan.history, exclude=plan.exclude, k=plan.k))
         else:
-            COLD_STARTS.inc()
             ranked = self.popular(plan.exclude, plan.k)
         truncated = len(plan.history) > self.max_len
-        if truncated:
-            TRUNCATED.inc()
         # Headers go out with the first message: a failure before it (e.g. UNAVAILABLE while loading) is one the
         # ranking server's client may retry; sending headers earlier would commit the call and end its retries.
         for message in self.messages(ranked, plan.chunk_size, cold_start=not plan.history,
                                      history_length=min(len(plan.history), self.max_len),
                                      history_truncated=truncated):
             await context.write(message)
+        if not plan.history:  # counted once answered: a call cancelled mid-stream was not
+            COLD_STARTS.inc()
+        if truncated:
+            TRUNCATED.inc()
         log.info("rid=%s user=%r history=%d (%s)%s k=%d -> %d candidates in %.1f ms", rid, request.user_id,
                  len(plan.history), plan.source, " truncated" if truncated else "", plan.k, len(ranked.indices),
                  (time.perf_counter() - started) * 1e3)
