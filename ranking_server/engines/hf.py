@@ -472,3 +472,6 @@ class HFEngine(LoopEngine):
         allowed = self._allowed_tokens([row]).get(row)
         if allowed:
             self._emit(row, allowed, token_logits(self.lm_head, hidden[None], allowed)[0])
+        elif allowed is not None:  # (None: its constraint raised, and it failed above) nothing to decode: it fails
+            self._fail_rows([row], EngineError("the answer's constraint allows no first token"),  # alone, not the
+                            "constrained decoding")  # next decode pass of every row beside it

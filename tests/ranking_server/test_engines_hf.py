@@ -292,6 +292,38 @@ def test_a_request_aborted_while_the_engine_waits_for_its_device_turn_is_not_run
     assert stats.generated_tokens == generated, "no pass ran for the aborted request after its abort"
 
 
+def test_a_constraint_that_allows_no_first_token_fails_its_request_alone(tiny):
+    """It entered the decoding rows with no token to feed, and the next decode pass failed every row in it."""
+    model, labels = tiny
+
+    class Nothing(LabelConstraint):
+        def allowed_tokens(self):
+            return []
+
+    engine = HFEngine(model, EngineConfig(max_batch_size=4, max_tokens_per_step=64, draft_tokens=1))
+    held, constraint = gated_request(labels, "held", at=1)
+    empty = EngineRequest("empty", [5, 6, 7], [30, 31], labels, mode="generate", k=3,
+                          constraint=lambda: Nothing(labels, 3))
+
+    async def scenario():
+        first = asyncio.ensure_future(engine.rank(held))
+        await asyncio.to_thread(constraint.reached.wait, 10)
+        bad = asyncio.ensure_future(engine.rank(empty))
+        await eventually(lambda: engine.stats().queued == 1)
+        constraint.gate.set()  # the empty one's prompt ends in the held one's next step
+        with pytest.raises(EngineError, match="allows no first token"):
+            await bad
+        return await first
+
+    try:
+        result = asyncio.run(scenario())
+        stats = engine.stats()
+    finally:
+        engine.close()
+    assert result.order == generate_labels(model, held.input_ids, labels, 10)
+    assert (stats.failed, stats.completed, stats.healthy) == (1, 1, True)
+
+
 def plain(labels, request_id, mode="score", k=3, suffix=(21, 22, 23)):
     return EngineRequest(request_id, [5, 6, 7], list(suffix), labels, mode=mode, k=k)
 
