@@ -92,6 +92,7 @@ class Pending:
     admitted: float = 0.0
     prefilled: float = 0.0
     peak_batch: int = 0  # most requests in the running batch in a step this request took part in
+    settled: bool = False  # answered or failed (once: a close that timed out and the engine thread may both try)
 
     @property
     def request_id(self) -> str:
@@ -321,8 +322,7 @@ class LoopEngine(RankingEngine):
                               prompt_tokens=len(request.prefix_ids) + len(request.suffix_ids),
                               cached_tokens=cached_tokens, generated_tokens=generated_tokens,
                               timings=pending.timings(now), batch_size=batch)
-        self._count(completed=1)
-        self._deliver(pending, result, None)
+        self._deliver(pending, result, None, completed=1)
 
     def _finish_by_bias(self, pending: Pending, bias: list[float] | None, cached_tokens: int) -> None:
         """Generate mode at logit weight 0, once the prompt's pass has run and the caller has freed the
@@ -337,12 +337,17 @@ class LoopEngine(RankingEngine):
         self._finish(pending, pending.constraint.emitted(), None, cached_tokens, written)
 
     def _fail(self, pending: Pending, error: EngineError) -> None:
-        self._count(aborted=1) if isinstance(error, EngineAborted) else self._count(failed=1)
-        self._deliver(pending, None, error)
+        self._deliver(pending, None, error, **{"aborted" if isinstance(error, EngineAborted) else "failed": 1})
 
-    def _deliver(self, pending: Pending, result, error) -> None:
+    def _deliver(self, pending: Pending, result, error, **counts: int) -> None:
+        """Settles `pending` and counts it, once: a second settling (close's, after its join timed out, and the
+        engine thread's for the same request) is dropped, so no request is counted failed and completed."""
         with self._cv:
+            if pending.settled:
+                return
+            pending.settled = True
             self._running.pop(pending.request_id, None)
+            self._counts.update(counts)  # before the caller hears: its stats include its own request
         try:
             pending.loop.call_soon_threadsafe(_settle, pending.future, result, error)
         except RuntimeError:  # the caller's event loop is closed: nobody is waiting any more

@@ -22,7 +22,7 @@ from ranking_server.engines.base import (  # noqa: E402
 from ranking_server.engines.config import EngineConfig  # noqa: E402
 from ranking_server.engines.hf import HFEngine  # noqa: E402
 from tests.fixtures.engine_workload import GatedConstraint, label_ids, mixed_requests  # noqa: E402
-from tests.fixtures.serving import eventually  # noqa: E402
+from tests.fixtures.serving import eventually, wait_until  # noqa: E402
 
 N_LABELS = 20
 
@@ -322,6 +322,31 @@ def test_a_constraint_that_allows_no_first_token_fails_its_request_alone(tiny):
         engine.close()
     assert result.order == generate_labels(model, held.input_ids, labels, 10)
     assert (stats.failed, stats.completed, stats.healthy) == (1, 1, True)
+
+
+def test_a_close_that_times_out_mid_step_settles_each_request_once(tiny):
+    """close() fails what is in flight when its join times out (a step still running); the engine thread, its step
+    done, finished the same request too: counted failed and completed."""
+    model, labels = tiny
+    engine = HFEngine(model, EngineConfig(max_batch_size=1, max_tokens_per_step=8, draft_tokens=1))
+    request, constraint = gated_request(labels, "last-label", at=9, k=10)  # its step would finish it
+
+    async def scenario():
+        task = asyncio.ensure_future(engine.rank(request))
+        await asyncio.to_thread(constraint.reached.wait, 10)
+        engine.close(timeout=0.05)  # the engine thread is held in its step: the join times out
+        constraint.gate.set()
+        with pytest.raises(EngineError, match="closed"):
+            await task
+
+    try:
+        asyncio.run(scenario())
+        wait_until(lambda: not engine._thread.is_alive(), what="the engine thread to end")
+    finally:
+        constraint.gate.set()
+        engine.close()
+    stats = engine.stats()
+    assert (stats.failed, stats.completed) == (1, 0)
 
 
 def plain(labels, request_id, mode="score", k=3, suffix=(21, 22, 23)):
