@@ -110,6 +110,8 @@ class TrtllmEngine(RankingEngine):
         self.max_input_len = int(max_input_len or self.max_seq_len)
         self.end_id = int(llm.tokenizer.eos_token_id)
         self._outputs: dict[str, object] = {}  # request id → RequestOutput in flight
+        self._between: set[str] = set()  # generate requests between their score pass and their generate pass
+        self._aborted: set[str] = set()  # of those, the ones aborted there: their generate pass is not submitted
         self._lock = threading.Lock()
         self._counts: Counter[str] = Counter()
         self._closed = False
@@ -125,12 +127,24 @@ class TrtllmEngine(RankingEngine):
         if request.mode == "generate" and request.readout is not None:
             # the readouts of a first (score) pass join the decoding bias: two prefills (see trtllm_requests)
             score_pass = dataclasses.replace(request, mode="score")
-            scored, _ = await self._run(score_pass, None)
-            self._check_not_aborted(request, scored)
-            self._count(prompt_tokens=len(score_pass.run_ids))  # a pass of its own, before the generate one
-            with self._failures_counted():  # non-finite readouts too (palr.ranking.finite_readout)
-                read = readout_from_context(scored.context_logits, len(score_pass.run_ids), request.readout)
-                request = dataclasses.replace(request, bias=decoding_bias(request.bias, read), readout=None)
+            with self._lock:
+                self._between.add(request.request_id)  # abort() finds it between the two passes too
+            try:
+                scored, _ = await self._run(score_pass, None)
+                self._check_not_aborted(request, scored)
+                self._count(prompt_tokens=len(score_pass.run_ids))  # a pass of its own, before the generate one
+                with self._failures_counted():  # non-finite readouts too (palr.ranking.finite_readout)
+                    read = readout_from_context(scored.context_logits, len(score_pass.run_ids), request.readout)
+                    request = dataclasses.replace(request, bias=decoding_bias(request.bias, read), readout=None)
+                with self._lock:
+                    aborted = request.request_id in self._aborted
+                if aborted:
+                    self._count("aborted")
+                    raise EngineAborted(f"request {request.request_id} aborted after its score pass")
+            finally:
+                with self._lock:
+                    self._between.discard(request.request_id)
+                    self._aborted.discard(request.request_id)
         if request.mode == "generate" and not request.decodes:
             # weight 0: the answer is the bias's order (palr.llm.emit_by_bias), with the readouts joined above; a
             # label-readout ranker reads nothing from the prompt, so no pass runs at all (EngineRequest.reads_prompt;
@@ -232,6 +246,9 @@ class TrtllmEngine(RankingEngine):
     def abort(self, request_id: str) -> bool:
         with self._lock:
             output = self._outputs.get(request_id)
+            if output is None and request_id in self._between:  # between its two passes: the second is not run
+                self._aborted.add(request_id)
+                return True
         if output is None:
             return False
         output.abort()

@@ -190,3 +190,27 @@ def test_a_submission_trtllm_refuses_fails_the_request_as_refused_by_the_engine(
     with pytest.raises(InvalidRequest, match="TensorRT-LLM refused request s: prompt length exceeds"):
         asyncio.run(engine.rank(readout_request("s", labels, "score", random.Random(9))))
     assert engine.stats().failed == 1 and engine.stats().active == 0
+
+
+def test_an_abort_between_a_generate_requests_two_passes_stops_the_second(tiny, monkeypatch):
+    """Between the score pass and the generate pass the request had no output in flight: abort() answered False
+    and the generate pass ran anyway."""
+    import ranking_server.engines.trtllm as trtllm
+
+    model, tokenizer, labels = tiny
+    llm = PromptPassLlm(model, tokenizer.eos_token_id)
+    engine = engine_around(llm, model)
+    request = dataclasses.replace(readout_request("gap", labels, "generate", random.Random(4)), logit_weight=1.0)
+    answered = []
+    joined_bias = trtllm.decoding_bias
+
+    def aborted_meanwhile(bias, read):  # runs between the passes: the caller aborts there
+        answered.append(engine.abort("gap"))
+        return joined_bias(bias, read)
+
+    monkeypatch.setattr(trtllm, "decoding_bias", aborted_meanwhile)
+    with pytest.raises(EngineAborted, match="after its score pass"):
+        asyncio.run(engine.rank(request))
+    assert answered == [True] and len(llm.params) == 1, "only the score pass was submitted"
+    stats = engine.stats()
+    assert (stats.aborted, stats.failed, stats.active) == (1, 0, 0) and not engine.abort("gap")
