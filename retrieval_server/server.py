@@ -47,6 +47,10 @@ class RetrievalServer:
                                           max_queue=config.max_queue, max_message_bytes=config.max_message_bytes,
                                           model_version=bundle.version(ARTIFACT),
                                           tracer=tracing.tracer(traces, "retrieval_server"))
+        largest = self.servicer.largest_one_candidate_message()
+        if config.max_message_bytes < largest:  # an answer would fail after its first messages went out
+            raise ValueError(f"--max-message-bytes {config.max_message_bytes} is below the biggest one-candidate "
+                             f"message this bundle's answers may need ({largest} bytes)")
         self.server = GrpcServer(config, [SERVICE_NAME])
         retrieval_pb2_grpc.add_RetrievalServiceServicer_to_server(self.servicer, self.server.grpc)
         self.model: SasrecOnnx | None = None

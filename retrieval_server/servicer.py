@@ -148,6 +148,15 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
                           for rank in range(start, min(start + chunk_size, len(ids)))]
             yield from self._within_limit(candidates, flags)
 
+    def largest_one_candidate_message(self) -> int:
+        """Bytes of the biggest message of one candidate this servicer can send (the longest item id, every flag
+        set): a `max_message_bytes` below it would fail some answers midway (`_within_limit` cannot split one)."""
+        longest = max(self._item_ids, key=lambda item_id: len(item_id.encode()))
+        message = retrieval_pb2.RetrieveResponse(
+            candidates=[retrieval_pb2.Candidate(item_id=longest, score=1.0, rank=self.max_k - 1)],
+            model_version=self.model_version, cold_start=True, history_length=self.max_len, history_truncated=True)
+        return message.ByteSize()
+
     def _within_limit(self, candidates: list, flags: dict) -> Iterator[retrieval_pb2.RetrieveResponse]:
         """One message of `candidates`, or halves of it until each fits `max_message_bytes`."""
         message = retrieval_pb2.RetrieveResponse(candidates=candidates, model_version=self.model_version, **flags)

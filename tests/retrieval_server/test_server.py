@@ -215,6 +215,13 @@ def test_a_chunk_over_the_message_limit_goes_out_in_smaller_messages(server_loop
         server_loop.run(server.drain())
 
 
+def test_a_message_limit_below_one_candidates_message_is_refused_at_start(server_loop, tiny_bundle):
+    """Below it, an answer whose candidate has a long id failed midway with RESOURCE_EXHAUSTED, after its first
+    messages had gone out (the call committed: the caller could not retry it elsewhere)."""
+    with pytest.raises(ValueError, match="--max-message-bytes 16 is below the biggest one-candidate message"):
+        start(server_loop, RetrievalServerConfig(bundle=tiny_bundle, port=0, max_message_bytes=16), warm=False)
+
+
 # -- concurrency -----------------------------------------------------------------------------------
 
 def concurrent_rankings(address: str, requests: list[dict]) -> list[list[tuple[str, float]]]:
