@@ -9,6 +9,8 @@ Per request (updated by the servicer):
                                             retrieval_unavailable, retrieval_queue_full (the retrieval tier
                                             refused it RESOURCE_EXHAUSTED), retrieval_error, loading
     ranking_cold_starts                     answers from popularity (no history)
+    ranking_retrieval_model_mismatch        answers over candidates from another SASRec than the bundle's (the
+                                            ranker's fusion weights were fit on the bundle's SASRec scores)
     ranking_retrieval_queue_full_retries    Retrieves sent again after a replica refused them for a full queue
 Engine (read from `engine.stats()` at every scrape, so they cost nothing per request):
     ranking_engine_queued                   queue depth: requests waiting for a batch slot
@@ -43,6 +45,9 @@ RETRIEVAL_QUEUE_FULL_RETRIES = Counter(
     "ranking_retrieval_queue_full_retries", "Retrieve calls sent again after a retrieval replica refused them for a "
     "full queue (--retrieval-queue-full-retries; round_robin only)")
 COLD_STARTS = Counter("ranking_cold_starts", "answers from popularity candidates (user without history)")
+RETRIEVAL_MODEL_MISMATCH = Counter(
+    "ranking_retrieval_model_mismatch", "answers ranked over candidates and scores of another SASRec than the one "
+    "this bundle's ranker was fit with (the retrieval tier's model_version is not the bundle's sasrec_onnx)")
 DEGRADED_REASONS = ("deadline", "engine_error")
 REJECTED_REASONS = ("invalid_argument", "queue_full", "deadline", "retrieval_unavailable", "retrieval_queue_full",
                     "retrieval_error", "loading")

@@ -70,7 +70,9 @@ class RankingServer:
         ranker = f" ranker:{bundle.version('ranker')}" if bundle.has("ranker") else ""
         self.servicer = RankingServicer(config, self.planner, self.retrieval,
                                         bundle_versions=f"llm:{bundle.version(LLM_ARTIFACT)}{ranker}",
-                                        tracer=tracing.tracer(traces, "ranking_server"))
+                                        tracer=tracing.tracer(traces, "ranking_server"),
+                                        retrieval_model=bundle.version("sasrec_onnx") if bundle.has("sasrec_onnx")
+                                        else None)
         self.server = GrpcServer(config, [SERVICE_NAME])
         ranking_pb2_grpc.add_RankingServiceServicer_to_server(self.servicer, self.server.grpc)
         self.engine: RankingEngine | None = None

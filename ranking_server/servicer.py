@@ -37,7 +37,7 @@ from palr.serving.validation import REQUEST_ID_RULE, loggable_request_id
 from ranking_server.config import RankingServerConfig
 from ranking_server.inject import injected_delay_s
 from ranking_server.engines.base import EngineError, EngineOverloaded, InvalidRequest, RankingEngine
-from ranking_server.metrics import COLD_STARTS, DEGRADED, RECOMMEND, REJECTED, STAGE_SECONDS
+from ranking_server.metrics import COLD_STARTS, DEGRADED, RECOMMEND, REJECTED, RETRIEVAL_MODEL_MISMATCH, STAGE_SECONDS
 from ranking_server.planner import Plan, RequestPlanner, retrieval_lists
 from ranking_server.prompts import PromptBuilder
 from ranking_server.retrieval_client import RetrievalClient
@@ -95,12 +95,14 @@ class Answer:
 
 class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
     def __init__(self, config: RankingServerConfig, planner: RequestPlanner, retrieval: RetrievalClient,
-                 bundle_versions: str, tracer=None):
+                 bundle_versions: str, tracer=None, retrieval_model: str | None = None):
         self.config = config
         self.tracer = tracer or tracing.tracer(None, "ranking_server")  # no-op unless --otlp-endpoint
         self.planner = planner
         self.retrieval = retrieval
         self.bundle_versions = bundle_versions  # "llm:<merged> ranker:<ranker.json>": what the bundle ranks with
+        self.retrieval_model = retrieval_model  # the bundle's sasrec_onnx version: the SASRec the ranker was fit on
+        self._other_models: set[str] = set()  # retrieval model versions already warned about
         self.model_version = ""  # the answers': sasrec's version (per answer) goes first, then these and the engine's
         self.engine: RankingEngine | None = None
         self.prompts: PromptBuilder | None = None
@@ -188,7 +190,21 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         except RequestError as e:
             REJECTED.labels(retrieval_rejection(e)).inc()
             raise
+        self._check_retrieval_model(retrieved.model_version)
         return retrieved
+
+    def _check_retrieval_model(self, served: str) -> None:
+        """Counts an answer over another SASRec's candidates (a rolling update, or the tiers on different bundles):
+        the ranker's fusion weights were fit on its bundle's SASRec scores, so its ranking may be worse; served
+        anyway (the answer names the SASRec it used), warned once per version."""
+        if not self.retrieval_model or not served or served == self.retrieval_model:
+            return
+        RETRIEVAL_MODEL_MISMATCH.inc()
+        if served not in self._other_models:
+            self._other_models.add(served)
+            log.warning("the retrieval tier serves SASRec %s, and this bundle's ranker was fit on %s: answers are "
+                        "ranked with weights fit for another model (counted in ranking_retrieval_model_mismatch)",
+                        served, self.retrieval_model)
 
     async def _rank(self, plan: Plan, retrieved: Retrieved, k: int, deadline: float) -> Answer:
         """The LLM's ranking, or the retrieval order flagged degraded when the deadline comes first or

@@ -251,6 +251,29 @@ def test_both_modes_rank_k_distinct_candidates_exactly_as_the_evaluation_does(st
     assert response.timings.ranking_ms > 0
 
 
+def test_candidates_from_another_sasrec_are_ranked_counted_and_warned_about(ranking, stub, reference, caplog):
+    """The ranker's fusion weights were fit on its bundle's SASRec: a retrieval tier serving another one (a rolling
+    update, or another bundle) went unnoticed. Now each such answer is counted, and each new version warned once."""
+    from prometheus_client import REGISTRY
+
+    def mismatches() -> float:
+        return REGISTRY.get_sample_value("ranking_retrieval_model_mismatch_total") or 0.0
+
+    user = some_users(reference, 1)[0]
+    before = mismatches()
+    recommend(stub, k=3, user_id=user, request_id="same-sasrec")
+    assert mismatches() == before, "the bundle's own SASRec is no mismatch"
+    fit_on, ranking.servicer.retrieval_model = ranking.servicer.retrieval_model, "fit-on-another-sasrec"
+    try:
+        with caplog.at_level(logging.WARNING, logger="ranking_server.servicer"):
+            answers = [recommend(stub, k=3, user_id=user, request_id=f"other-sasrec-{i}") for i in range(2)]
+    finally:
+        ranking.servicer.retrieval_model = fit_on
+    assert mismatches() == before + 2 and all(a.items and not a.degraded for a in answers)
+    warned = [r.getMessage() for r in caplog.records if "retrieval tier serves SASRec" in r.getMessage()]
+    assert len(warned) == 1 and "fit-on-another-sasrec" in warned[0]
+
+
 def test_candidates_trends_are_counted_as_of_the_moment_the_caller_names(stub, reference):
     """as_of_unix_s moves the moment the candidates' trend tokens are counted at (palr/trends.py): the
     answer is the evaluation path's at that moment, and a moment with other trends ranks differently."""
