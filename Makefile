@@ -38,7 +38,7 @@ bundle: data
 	$(PY) -m compile all --preset $(PRESET) --bundle $(BUNDLE) --data $(DATA)/ml-100k
 
 demo: bundle
-	$(PY) -m loadtest.demo --bundle $(BUNDLE)
+	$(PY) -m loadtest.demo --bundle $(BUNDLE) --data $(DATA)
 
 test: data
 	$(VENV)/bin/lint-imports

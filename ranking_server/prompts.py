@@ -71,6 +71,7 @@ class PromptBuilder:
         self.catalog = catalog
         self.stored_profiles = stored_profiles
         self.stats_profiler = StatsProfiler(catalog)
+        self.rebuild_profiles = "python -m compile profiles --bundle BUNDLE --method METHOD --force"  # from_bundle's
 
     @classmethod
     def for_bundle(cls, bundle, tokenizer, ranker: dict, catalog: Catalog) -> "PromptBuilder":
@@ -90,7 +91,9 @@ class PromptBuilder:
             log.warning("this ranker was trained on %s profiles: stored users get theirs, but a request that sends "
                         "its own history gets a statistics profile, a kind its training never showed",
                         profiles.method)
-        return cls(tokenizer, ranker, catalog, profiles.profiles, trends, collab)
+        builder = cls(tokenizer, ranker, catalog, profiles.profiles, trends, collab)
+        builder.rebuild_profiles = f"python -m compile profiles --bundle {bundle.root} --method {profiles.method} --force"
+        return builder
 
     def warn_unprofiled(self, stored_users: Iterable[str]) -> int:
         """Logs how many stored users have no stored profile (they are served an empty one, which the offline
@@ -98,7 +101,7 @@ class PromptBuilder:
         missing = [u for u in stored_users if u not in self.stored_profiles]
         if missing:
             log.warning("%d stored users have no profile in profiles.json (e.g. %s): their prompts show an empty "
-                        "profile (rebuild it: python -m compile profiles --force)", len(missing), missing[0])
+                        "profile (rebuild it: %s)", len(missing), missing[0], self.rebuild_profiles)
         return len(missing)
 
     def candidates(self, item_ids: Sequence[str]) -> list[Item]:

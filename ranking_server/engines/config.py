@@ -22,7 +22,7 @@ class EngineConfig:
         "help": "most requests in the engine's running batch (KV slots)"})
     max_tokens_per_step: int = field(default=2048, metadata={
         "help": "token budget of one engine step: decode tokens first, then prompt chunks (room for several "
-                "prompts per step; see docs/results.md for measurements)"})
+                "prompts per step; see docs/serving.md, Engines, for measurements)"})
     max_queue: int = field(default=64, metadata={
         "help": "requests waiting for a batch slot; beyond it requests are rejected at once "
                 "(EngineOverloaded; the server answers RESOURCE_EXHAUSTED); >= 1 for the hf and ortgenai engines, "

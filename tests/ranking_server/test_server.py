@@ -850,6 +850,8 @@ def test_load_warns_of_profiles_that_serving_cannot_match_to_training(tiny_llm_b
         assert builder.warn_unprofiled(users) == 1 and builder.warn_unprofiled(users[1:]) == 0
     assert "trained on llm profiles" in caplog.text
     assert f"1 stored users have no profile in profiles.json (e.g. {users[0]})" in caplog.text
+    # the fix names this bundle and its profiles' method (the defaults would rebuild ./bundle, with stats profiles)
+    assert f"python -m compile profiles --bundle {root} --method llm --force" in caplog.text
 
 
 @pytest.mark.parametrize("field_name, value", [("default_deadline_ms", float("inf")), ("default_deadline_ms", 0.0),
