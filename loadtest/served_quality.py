@@ -29,6 +29,7 @@ import grpc
 from loadtest.with_servers import TwoTierConfig, two_tier
 from palr import metrics
 from palr.bundle import write_atomically
+from palr.serving.channels import open_channel
 from recsys.v1 import ranking_pb2, ranking_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
 
 log = logging.getLogger("served_quality")
@@ -48,12 +49,18 @@ class ServedQualityConfig:
     seed: int = field(default=-1, metadata={
         "help": "seed of the user sample (-1 = the offline evaluation's, else 0, compile evaluate's default)"})
     modes: list[str] = field(default_factory=lambda: list(MODES), metadata={"help": "ranking modes asked"})
-    candidates: int = field(default=20, metadata={"help": "num_candidates of each request (the ranker's K)"})
+    candidates: int = field(default=0, metadata={
+        "help": "num_candidates of each request (0 = the offline evaluation's, reports/eval_ranking.json, else the "
+                "ranker's K, llm/ranker.json)"})
     concurrency: int = field(default=4, metadata={"help": "callers at once"})
     deadline: float = field(default=60.0, metadata={"help": "seconds each call may take"})
     ranking: str = field(default="", metadata={"help": "a running ranking server (HOST:PORT); default: start both"})
     retrieval: str = field(default="", metadata={"help": "a running retrieval server (HOST:PORT)"})
     out: Path = field(default=Path("reports"), metadata={"help": "where served_quality.json goes", "metavar": "DIR"})
+    tls_ca: Path | None = field(default=None, metadata={
+        "help": "with --ranking/--retrieval: the CA that signed the servers' certificates (TLS)", "metavar": "PEM"})
+    tls_cert: Path | None = field(default=None, metadata={"help": "client certificate (mutual TLS)", "metavar": "PEM"})
+    tls_key: Path | None = field(default=None, metadata={"help": "client key (mutual TLS)", "metavar": "PEM"})
 
     def __post_init__(self) -> None:
         unknown = set(self.modes) - set(MODES)
@@ -61,13 +68,20 @@ class ServedQualityConfig:
             raise ValueError(f"--modes {sorted(unknown)}: choose from {', '.join(MODES)}")
         if bool(self.ranking) != bool(self.retrieval):  # else it would start its own pair and measure those
             raise ValueError("--ranking and --retrieval go together (both: running servers; neither: start both)")
+        if (self.tls_ca or self.tls_cert) and not self.ranking:  # the servers it starts listen in plaintext
+            raise ValueError("--tls-ca/--tls-cert are for running servers: give --ranking and --retrieval too")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.candidates < 0:
+            raise ValueError(f"--candidates must be >= 0 (0: the offline evaluation's), got {self.candidates}")
 
 
 def ask(targets: tuple[str, str], users: list[str], config: ServedQualityConfig) -> list[dict]:
     """Per user: the retrieval order's and each mode's top-10 item ids, flags and latencies."""
     ranking_target, retrieval_target = targets
-    with grpc.insecure_channel(ranking_target) as ranking_channel, \
-            grpc.insecure_channel(retrieval_target) as retrieval_channel:
+    tls = {"tls_ca": config.tls_ca, "tls_cert": config.tls_cert, "tls_key": config.tls_key, "aio": False}
+    with open_channel(ranking_target, **tls) as ranking_channel, \
+            open_channel(retrieval_target, **tls) as retrieval_channel:
         ranking = ranking_pb2_grpc.RankingServiceStub(ranking_channel)
         retrieval = retrieval_pb2_grpc.RetrievalServiceStub(retrieval_channel)
 
@@ -136,18 +150,21 @@ def summarise(asked: list[dict], held_out: dict[str, str], config: ServedQuality
     return report
 
 
-def offline_sample(config: ServedQualityConfig, offline_report: Path, test_users: int) -> ServedQualityConfig:
-    """`--users -1` / `--seed -1` resolved to the offline evaluation's sample (its report's `users` and `seed`), so
-    the two compare the same users by default on every preset (the full preset evaluates all 943, the quick 500);
-    500 and 0 without a report."""
+def offline_sample(config: ServedQualityConfig, offline_report: Path, test_users: int,
+                   ranker_k: int = 20) -> ServedQualityConfig:
+    """`--users -1` / `--seed -1` / `--candidates 0` resolved to the offline evaluation's sample and candidate
+    count (its report's `users`, `seed` and `k`), so the two compare the same users and lists by default on every
+    preset (the full preset evaluates all 943, the quick 500); without a report 500 users, seed 0 and the ranker's
+    K (`ranker_k`: a server refuses more candidates than its ranker was tuned on)."""
     offline = json.loads(offline_report.read_text()) if offline_report.is_file() else {}
     users = config.users if config.users >= 0 else int(offline.get("users", 500))
     seed = config.seed if config.seed >= 0 else int(offline.get("seed", 0))
+    candidates = config.candidates or int(offline.get("k", ranker_k))
     if users >= test_users:
         users = 0  # all of them, as the evaluation's 0 is
-    log.info("asking %s test users (seed %d)%s", users or "all", seed,
+    log.info("asking %s test users (seed %d) for %d candidates%s", users or "all", seed, candidates,
              f", as the offline evaluation {offline_report} did" if offline and config.users < 0 else "")
-    return dataclasses.replace(config, users=users, seed=seed)
+    return dataclasses.replace(config, users=users, seed=seed, candidates=candidates)
 
 
 def run(config: ServedQualityConfig) -> dict:
@@ -157,7 +174,8 @@ def run(config: ServedQualityConfig) -> dict:
 
     bundle = Bundle.open(config.bundle)
     split = Corpus.load_for(bundle, config.data).split  # the answer key: the bundle's own
-    config = offline_sample(config, bundle.reports_dir() / "eval_ranking.json", len(split.test))
+    ranker_k = int(json.loads(bundle.path("ranker").read_text())["candidates"]) if bundle.has("ranker") else 20
+    config = offline_sample(config, bundle.reports_dir() / "eval_ranking.json", len(split.test), ranker_k)
     users = sample_users(sorted(split.test), config.users, config.seed)  # compile evaluate's sample
     started = time.perf_counter()
     if config.ranking and config.retrieval:

@@ -192,3 +192,14 @@ def test_plaintext_health_port_serves_probes_while_the_service_port_needs_mutual
         server_loop.run(server.drain())
     with grpc.insecure_channel(f"127.0.0.1:{server.health_port}") as probe, pytest.raises(grpc.RpcError):
         check(probe)
+
+
+def test_the_served_quality_check_asks_servers_under_mutual_tls(secured, pki, tiny_llm_bundle, ml100k_dir, tmp_path):
+    """It opened plaintext channels only: a deployment's mutual-TLS ports could not be checked."""
+    from loadtest.served_quality import ServedQualityConfig, failed_modes, run
+
+    report = run(ServedQualityConfig(bundle=tiny_llm_bundle, data=ml100k_dir, users=3, concurrency=1, out=tmp_path,
+                                     ranking=f"localhost:{secured.server.port}", retrieval=secured.config.retrieval,
+                                     tls_ca=pki.ca, tls_cert=pki.client_cert, tls_key=pki.client_key))
+    assert report["users"] == 3 and failed_modes(report, ["score", "generate"]) == []
+    assert report["score_errors"] == report["generate_errors"] == {}

@@ -29,6 +29,7 @@ def test_served_answers_score_what_the_offline_evaluation_measured(tiny_llm_bund
     assert failed_modes(refused, ["score", "generate"]) == ["score", "generate"]  # main exits 1
     assert failed_modes(report, ["score", "generate"]) == []
     assert report["users"] == report["users_asked"] == offline["users"]
+    assert report["candidates"] == offline["k"]  # and its candidate count (a fixed 20 failed on a ranker of other K)
     assert json.loads((tmp_path / "served_quality.json").read_text())["users"] == report["users"]
     for key in ("retrieval_ndcg@10", "score_ndcg@10", "generate_ndcg@10"):
         assert report[key] == pytest.approx(offline[key], abs=1e-9), key
@@ -73,3 +74,8 @@ def test_a_check_that_reaches_no_server_exits_1_and_half_a_target_is_refused(tin
     assert report["users"] == 0 and report["retrieval_errors"] == {"UNAVAILABLE": 5}
     with pytest.raises(ValueError, match="go together"):
         ServedQualityConfig(bundle=tiny_llm_bundle, data=ml100k_dir, ranking=dead)
+    with pytest.raises(ValueError, match="for running servers"):  # the pair it starts listens in plaintext
+        ServedQualityConfig(bundle=tiny_llm_bundle, data=ml100k_dir, tls_ca=tmp_path / "ca.pem")
+    with pytest.raises(ValueError, match="--tls-cert and --tls-key go together"):
+        ServedQualityConfig(bundle=tiny_llm_bundle, data=ml100k_dir, ranking=dead, retrieval=dead,
+                            tls_cert=tmp_path / "client.pem")
