@@ -41,8 +41,8 @@ from palr.corpus import Corpus
 from palr.data import sample_users
 from palr.profiles import Profiles
 from palr.ranking import (MODES, calibrated, candidate_ranks, complete_order, fuse, generate_logit_weight,
-                          generation_bias, head_bias, load_ranker, order_by_scores, ranker_terms, target_rank,
-                          uses_collab)
+                          generation_bias, head_bias, load_ranker, order_by_scores, ranker_terms, stale_ranker_inputs,
+                          target_rank, uses_collab)
 
 log = logging.getLogger(__name__)
 
@@ -144,6 +144,10 @@ def run(config: EvaluateRankingConfig) -> dict:
     corpus = Corpus.load_for(bundle, config.data)
     catalog = Catalog.load(bundle.path("catalog"))
     ranker = load_ranker(bundle)
+    stale = stale_ranker_inputs(bundle, ranker)
+    if stale:  # measured all the same, as the server would serve it
+        log.warning("the ranker was fit on other inputs than the bundle holds (%s): this measures it on data its "
+                    "weights were not fit on", "; ".join(stale))
     check_vocabulary(bundle, config.llm, ranker)
     targets = getattr(corpus.split, config.split)
     users = sample_users(sorted(targets), config.users, config.seed)

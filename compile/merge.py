@@ -43,7 +43,7 @@ from compile.llm_common import check_sft_data, config_record, fingerprint_record
 from compile.sft_data import candidate_readout, example_readout, read_jsonl
 from compile.steps import StepFailed
 from palr.bundle import Bundle, file_checksums, fingerprint, write_atomically
-from palr.ranking import FUSION_GRID
+from palr.ranking import FUSION_GRID, RANKER_INPUTS
 
 log = logging.getLogger(__name__)
 
@@ -280,6 +280,9 @@ def ranker_record(bundle: Bundle, config: MergeConfig, meta: dict, weight: float
         "retrieval_trend_weights": retrieval_trend_weights,
         "retrieval_collab_weight": retrieval_collab_weight,
         "lora": bundle.version("lora"),
+        # what the training data, and so the fits above, were built from: a server warns when the bundle holds
+        # other versions (one step rerun alone: palr.ranking.stale_ranker_inputs)
+        "fit_on": {name: bundle.version(name) for name in RANKER_INPUTS if bundle.has(name)},
     }
 
 

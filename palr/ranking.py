@@ -182,6 +182,20 @@ def load_ranker(bundle) -> dict:
     return json.loads(bundle.path("ranker").read_text()) if bundle.has("ranker") else {}
 
 
+RANKER_INPUTS = ("sasrec_onnx", "collab", "trends", "profiles")  # what a ranker's examples and fits read
+
+
+def stale_ranker_inputs(bundle, ranker: dict) -> list[str]:
+    """The artifacts whose version in `bundle` is not the one the ranker was fit on (its `fit_on`, written by merge;
+    none for a ranker written before): each as "name fit on A, the bundle holds B". A step rerun alone (compile
+    collab with another --l2, profiles with another --method) changes what the prompts and fused terms read, and
+    the ranker's weights were fit on the old."""
+    fit_on = ranker.get("fit_on") or {}
+    return [f"{name} fit on {version}, the bundle holds {bundle.version(name) if bundle.has(name) else 'none'}"
+            for name, version in sorted(fit_on.items())
+            if not bundle.has(name) or bundle.version(name) != version]
+
+
 def generate_logit_weight(ranker: dict) -> float:
     """Generate mode's weight of the label logits for a ranker (`llm/ranker.json`, fit by `compile merge`);
     1.0, the model's own logits, for a ranker written before merge fit one."""

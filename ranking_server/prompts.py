@@ -87,7 +87,11 @@ class PromptBuilder:
             bundle.verify(["collab"])
             collab = CollabTable.load(bundle.path("collab"))
         profiles = Profiles.load(bundle.path("profiles"))
-        if profiles.method != "stats":
+        trained_on = ranker.get("profile_method", profiles.method)
+        if profiles.method != trained_on:
+            log.warning("this ranker was trained on %s profiles and the bundle's are %s: stored users get profiles of "
+                        "a kind its training never showed", trained_on, profiles.method)
+        elif profiles.method != "stats":
             log.warning("this ranker was trained on %s profiles: stored users get theirs, but a request that sends "
                         "its own history gets a statistics profile, a kind its training never showed",
                         profiles.method)

@@ -12,7 +12,7 @@ import time
 from palr.bundle import Bundle
 from palr.catalog import Catalog
 from palr.prompt import PromptSettings
-from palr.ranking import load_ranker
+from palr.ranking import load_ranker, stale_ranker_inputs
 from palr.serving import tracing
 from palr.serving.loading import in_load_thread
 from palr.serving.server import GrpcServer
@@ -56,6 +56,11 @@ class RankingServer:
         bundle.verify([LLM_ARTIFACT], only=not_weights)
         self.bundle = bundle
         self.ranker = load_ranker(bundle)
+        stale = stale_ranker_inputs(bundle, self.ranker)
+        if stale:  # served all the same: the answers are valid, their ranking may be worse
+            log.warning("the ranker was fit on other inputs than the bundle holds (%s): its prompts and fused terms "
+                        "now read data its weights were not fit on; rebuild it: python -m compile all --bundle %s "
+                        "--preset PRESET", "; ".join(stale), bundle.root)
         self.catalog = Catalog.load(bundle.path("catalog"))
         users = json.loads(bundle.path("users").read_text())["users"]
         default_candidates, max_candidates = candidate_limits(config, self.ranker)

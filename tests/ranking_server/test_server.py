@@ -828,6 +828,34 @@ def test_after_the_fuzz_the_server_is_healthy_and_answers(ranking, stub, referen
     assert len(recommend(stub, user_id=some_users(reference, 1)[0], k=4).items) == 4
 
 
+def test_a_ranker_fit_on_other_inputs_than_the_bundle_holds_is_warned_about(server_loop, tiny_llm_bundle, tmp_path,
+                                                                            caplog):
+    """A step rerun alone (here profiles, rebuilt with a change) left the ranker's fits on the old inputs: served
+    without a word. The ranker records the versions it was fit on; the server names the ones that moved."""
+    from palr.ranking import stale_ranker_inputs
+
+    root = tmp_path / "bundle"
+    shutil.copytree(tiny_llm_bundle, root, symlinks=True)
+    bundle = Bundle.open(root)
+    ranker = json.loads(bundle.path("ranker").read_text())
+    assert set(ranker["fit_on"]) == {"sasrec_onnx", "collab", "trends", "profiles"}
+    assert stale_ranker_inputs(bundle, ranker) == []
+    fit_on = bundle.version("profiles")
+    path = bundle.path("profiles")
+    profiles = json.loads(path.read_text())
+    path.write_text(json.dumps(profiles | {"profiles": {u: p + " (edited)" for u, p in profiles["profiles"].items()}}))
+    entry = bundle.artifact("profiles")
+    bundle.add_artifact("profiles", entry["path"], **{k: v for k, v in entry.items()
+                                                     if k not in ("path", "sha256", "files", "created_at")})
+    bundle.save()
+    stale = stale_ranker_inputs(Bundle.open(root), ranker)
+    assert stale == [f"profiles fit on {fit_on}, the bundle holds {Bundle.open(root).version('profiles')}"]
+    with caplog.at_level(logging.WARNING, logger="ranking_server.server"):
+        server = start_ranking(server_loop, root, "127.0.0.1:1", warm=False)
+    server_loop.run(server.drain())
+    assert f"the ranker was fit on other inputs than the bundle holds ({stale[0]})" in caplog.text
+
+
 def test_load_warns_of_profiles_that_serving_cannot_match_to_training(tiny_llm_bundle, tmp_path, caplog):
     """A ranker trained on LLM profiles gets statistics profiles for histories sent with a request; a stored
     user without a stored profile gets an empty one (the evaluation refuses it): both are said at load."""
@@ -844,14 +872,19 @@ def test_load_warns_of_profiles_that_serving_cannot_match_to_training(tiny_llm_b
     del profiles["profiles"][users[0]]
     path.write_text(json.dumps({**profiles, "method": "llm"}))
     tokenizer = AutoTokenizer.from_pretrained(bundle.path("llm_merged"))
-    ranker = json.loads(bundle.path("ranker").read_text())
+    ranker = json.loads(bundle.path("ranker").read_text()) | {"profile_method": "llm"}
     with caplog.at_level(logging.WARNING, logger="ranking_server.prompts"):
         builder = PromptBuilder.for_bundle(bundle, tokenizer, ranker, Catalog.load(bundle.path("catalog")))
         assert builder.warn_unprofiled(users) == 1 and builder.warn_unprofiled(users[1:]) == 0
-    assert "trained on llm profiles" in caplog.text
+    assert "trained on llm profiles: stored users get theirs" in caplog.text
     assert f"1 stored users have no profile in profiles.json (e.g. {users[0]})" in caplog.text
     # the fix names this bundle and its profiles' method (the defaults would rebuild ./bundle, with stats profiles)
     assert f"python -m compile profiles --bundle {root} --method llm --force" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="ranking_server.prompts"):  # profiles of another kind than trained
+        PromptBuilder.for_bundle(bundle, tokenizer, ranker | {"profile_method": "stats"},
+                                 Catalog.load(bundle.path("catalog")))
+    assert "trained on stats profiles and the bundle's are llm" in caplog.text
 
 
 @pytest.mark.parametrize("field_name, value", [("default_deadline_ms", float("inf")), ("default_deadline_ms", 0.0),
