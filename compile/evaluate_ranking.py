@@ -23,6 +23,7 @@ number (the report says how many).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -70,7 +71,9 @@ class EvaluateRankingConfig:
     split: str = field(default="test", metadata={
         "help": "test: the report (history = train + valid, target = test); valid: where settings are chosen "
                 "(history = train, target = valid; profiles made from the train items)", "choices": SPLITS})
-    candidates: int = field(default=20, metadata={"help": "K, SASRec candidates the LLM ranks"})
+    candidates: int = field(default=0, metadata={
+        "help": "K, SASRec candidates the LLM ranks (0 = the ranker's, llm/ranker.json: what the server ranks by "
+                "default)"})
     modes: list[str] = field(default_factory=lambda: list(MODES), metadata={
         "help": f"modes to evaluate ({', '.join(MODES)})"})
     llm: str = field(default="llm_merged", metadata={
@@ -128,7 +131,11 @@ def run(config: EvaluateRankingConfig) -> dict:
     unknown = set(config.modes) - set(MODES)
     if unknown:
         raise ValueError(f"--modes {sorted(unknown)}: choose from {', '.join(MODES)}")
+    if config.candidates < 0:
+        raise ValueError(f"--candidates must be >= 0 (0: the ranker's K), got {config.candidates}")
     bundle = Bundle.open(config.bundle)
+    if not config.candidates:  # resolved before the fingerprint: a K=20 ranker's evaluation stays current
+        config = dataclasses.replace(config, candidates=int(load_ranker(bundle).get("candidates", 20)))
     inputs = [config.llm, "ranker", "sasrec_onnx", "catalog", "profiles"] + \
         [name for name in ("trends", "collab") if bundle.has(name)]
     step_fp = fingerprint(STEP, VERSION, fingerprint_record(config, bundle) | {"tier": "ranking"},
