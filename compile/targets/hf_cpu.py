@@ -179,7 +179,13 @@ def measure_and_choose(ctx: BuildContext, model, tokenizer, report: dict) -> tup
     runners = [TorchRunner(d, variant(model, d)) for d in candidates]
     log.info("hf-cpu: measuring %s on %s (latency: %d-token prompt, %d rounds; quality: %s)", ", ".join(candidates),
              ctx.machine.cpu_name, len(ids), config.repeats, source)
-    latency = measure_latency(runners, ids, config.repeats, config.decode_steps)
+    default_threads = torch.get_num_threads()
+    latency_threads = config.threads or default_threads  # compared at the count that will serve (--threads; else
+    torch.set_num_threads(latency_threads)  # torch's default, and the winner's count is scanned after)
+    try:
+        latency = measure_latency(runners, ids, config.repeats, config.decode_steps)
+    finally:
+        torch.set_num_threads(default_threads)
     quality = measure_quality(runners, runners[0], probes, config.generate_k, config.generate_probes,
                               bundle_generate_logit_weight(ctx.bundle))
     best, verdicts = choose(latency, quality, config)
@@ -191,7 +197,8 @@ def measure_and_choose(ctx: BuildContext, model, tokenizer, report: dict) -> tup
     threads, thread_table = (config.threads, {}) if config.threads else measure_threads(
         next(r for r in runners if r.name == best), ids, config)
     verdicts.update(skipped)
-    report.update({"probes": source, "latency_prompt_tokens": len(ids), "latency": latency, "quality": quality,
+    report.update({"probes": source, "latency_prompt_tokens": len(ids), "latency_threads": latency_threads,
+                   "latency": latency, "quality": quality,
                    "candidates": {d: LABELS[d] for d in [*candidates, *skipped]}, "verdicts": verdicts, "threads": thread_table, "chosen_threads": threads,
                    "decision": f"kept {best} ({verdicts[best]})"})
     for dtype in candidates:  # the verdict names an unmeasurable candidate's error

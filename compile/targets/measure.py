@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from compile.sft_data import candidate_readout
+from compile.steps import StepFailed
 from palr import metrics
 from palr.decoding import LabelConstraint
 from palr.errors import EngineError
@@ -295,7 +296,11 @@ def measure_quality(runners: Sequence[Runner], reference: Runner, probes: Sequen
                        [runner.generate(p, _k(p, k), logit_weight) for p in gen_probes],
                        [r.first_pick(p, _k(p, k), logit_weight, served=False) for r, p in zip(reads, probes)])
 
-    ref = answers(reference)  # the reference's non-finite readouts fail the build (EngineError)
+    try:
+        ref = answers(reference)
+    except EngineError as e:  # the reference itself is broken: nothing can be compared with it
+        raise StepFailed(f"the fp32 reference ({reference.name}) cannot rank the probes: {e}; the merged weights "
+                         f"are likely broken (a diverged fine-tune): rerun finetune and merge") from e
     out = {}
     for runner in runners:
         try:

