@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from palr.bundle import BundleError
-from palr.machine import ISA_FLAGS, Machine, library_version
+from palr.machine import ISA_FLAGS, Machine, cpu_cores, library_version
 from palr.targets import TARGETS, target_spec
 
 
@@ -178,3 +178,19 @@ def open_build(bundle, target: str, machine: Machine | None = None) -> tuple[Pat
     if problems:
         raise refuse(name, entry, machine, problems, bundle.root)
     return bundle.path(name), entry
+
+
+def engine_threads(entry: dict, machine: Machine, configured: int = 0) -> tuple[int, str]:
+    """(threads, why) a build runs with here: --threads; else the count the build measured fastest, if this is the
+    CPU it measured on and has that many cores; else 0 (torch's default: this machine's cores). The server's engines
+    and whatever times a build as served (the ortgenai build's torch baseline, the bench) use this one rule."""
+    if configured:
+        return configured, "--threads"
+    measured = int(entry.get("num_threads") or 0)
+    if not measured:
+        return 0, "torch's default"
+    cores = cpu_cores()
+    if entry.get("device") == "cpu" and (entry.get("device_name") != machine.cpu_name or measured > cores):
+        return 0, (f"torch's default: the build measured {measured} fastest on {entry.get('device_name')}, this "
+                   f"is {machine.cpu_name} with {cores} cores")
+    return measured, "measured fastest by the build"

@@ -78,19 +78,23 @@ def read_build(path: Path) -> dict[str, Any]:
     return json.loads(file.read_text())
 
 
-def load_bundle_hf_cpu(bundle, without: str) -> tuple[Any, dict[str, Any]] | None:
-    """(model, manifest entry) of the bundle's hf-cpu build when it has one made for this machine, else None
-    (a build for another machine is logged, with `without`: what the caller does instead)."""
-    from palr.builds import BuildMismatch, open_build
+def load_bundle_hf_cpu(bundle, without: str) -> tuple[Any, dict[str, Any], int] | None:
+    """(model, manifest entry, threads) of the bundle's hf-cpu build when it has one made for this machine, else
+    None (a build for another machine is logged, with `without`: what the caller does instead). `threads`: the
+    count the server would run it with here (`palr.builds.engine_threads`; 0: torch's default), left set."""
+    from palr.builds import BuildMismatch, engine_threads, open_build
+    from palr.machine import Machine
 
     if not bundle.has("engine:hf-cpu"):
         return None
+    machine = Machine.detect("cpu")
     try:
-        path, entry = open_build(bundle, "hf-cpu")
+        path, entry = open_build(bundle, "hf-cpu", machine)
     except BuildMismatch as e:
         log.warning("the bundle's hf-cpu build is not for this machine (%s): %s", e, without)
         return None
-    return load_hf_build(path)[0], entry
+    threads, _ = engine_threads(entry, machine)
+    return load_hf_build(path, threads=threads)[0], entry, threads
 
 
 def load_hf_build(path: Path, device: str = "cpu", threads: int | None = None):

@@ -17,6 +17,7 @@ with the reference is measured on every probe; whole generated lists (decode ste
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -162,19 +163,35 @@ class Runner(Protocol):
 
 
 class TorchRunner:
-    """A transformers model (fp32, bf16 or dynamic int8) through the one-at-a-time reference."""
+    """A transformers model (fp32, bf16 or dynamic int8) through the one-at-a-time reference. `threads`: the torch
+    thread count its timings run at (0: the process's), e.g. a build's served count beside candidates timed at
+    another."""
 
-    def __init__(self, name: str, model):
-        self.name, self.model = name, model
+    def __init__(self, name: str, model, threads: int = 0):
+        self.name, self.model, self.threads = name, model, threads
+
+    @contextlib.contextmanager
+    def _timed_threads(self):
+        before = torch.get_num_threads()
+        torch.set_num_threads(self.threads or before)
+        try:
+            yield
+        finally:
+            torch.set_num_threads(before)
 
     @torch.inference_mode()
     def prefill(self, ids: list[int]) -> float:
-        started = time.perf_counter()
-        self.model(input_ids=self._tensor([ids]), use_cache=True, logits_to_keep=1)
-        return time.perf_counter() - started
+        with self._timed_threads():
+            started = time.perf_counter()
+            self.model(input_ids=self._tensor([ids]), use_cache=True, logits_to_keep=1)
+            return time.perf_counter() - started
 
     @torch.inference_mode()
     def decode(self, ids: list[int], steps: int) -> float:
+        with self._timed_threads():
+            return self._decode(ids, steps)
+
+    def _decode(self, ids: list[int], steps: int) -> float:
         """A decode step as the engine runs it: the decoder, then the LM head's rows of the allowed tokens only
         (`token_logits`; here DECODE_ROWS of the prompt's own ids, a label list's size). The full-vocabulary head
         was timed before: for the 4-layer 576-wide ranker it costs about twice the decoder layers, which the

@@ -120,10 +120,15 @@ def build(ctx: BuildContext) -> BuildResult:
 def served_torch(bundle) -> TorchRunner | None:
     """The bundle's hf-cpu build, when it has one made for this machine: what serves the modes onnxruntime-genai
     does not win, so what it has to beat."""
+    import torch
+
     from palr.hf_build import load_bundle_hf_cpu
 
     loaded = load_bundle_hf_cpu(bundle, without="ortgenai-cpu measures latency against torch fp32")
-    return TorchRunner(f"torch-hf-cpu-{loaded[1].get('dtype')}", loaded[0]) if loaded else None
+    if not loaded:
+        return None
+    model, entry, threads = loaded  # timed at the count the server runs it with (it set ortgenai's count before)
+    return TorchRunner(f"torch-hf-cpu-{entry.get('dtype')}", model, threads=threads or torch.get_num_threads())
 
 
 def measure_and_choose(ctx: BuildContext, reference: TorchRunner, tokenizer, dirs: dict, threads: int,
@@ -153,6 +158,7 @@ def measure_and_choose(ctx: BuildContext, reference: TorchRunner, tokenizer, dir
                  f"served top-1 agreement {q['served_top1_agreement']:.2f}, generate agreement "
                  f"{q['generate_first_agreement']:.2f}")
     report.update({"probes": source, "latency_prompt_tokens": len(ids), "latency_baseline": baseline.name,
+                   "latency_baseline_threads": baseline.threads or threads,
                    "latency": latency, "quality": quality,
                    "modes": {p: {"won": w, "why": why} for p, (w, why) in verdicts.items()},
                    "decision": f"kept {kept}: wins {', '.join(won) or 'no mode'} "

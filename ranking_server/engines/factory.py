@@ -25,7 +25,7 @@ import logging
 import time
 from collections.abc import Callable
 
-from palr.builds import BuildMismatch, artifact_name, open_build, routing_baseline, stale_routing
+from palr.builds import BuildMismatch, artifact_name, engine_threads, open_build, routing_baseline, stale_routing
 from palr.bundle import Bundle, BundleError
 from palr.machine import Machine, cpu_cores
 from palr.ranking import MODES
@@ -101,21 +101,6 @@ def _build_engine(spec: TargetSpec, path, entry: dict, engine_config: EngineConf
             trtllm_config = dataclasses.replace(trtllm_config, enable_block_reuse=False)
         return TrtllmEngine(path, trtllm_config)
     raise ValueError(f"no engine serves target {spec.name}")
-
-
-def engine_threads(entry: dict, machine: Machine, configured: int) -> tuple[int, str]:
-    """(threads, why): --threads; else the count the build measured fastest, if this is the CPU it measured
-    on and has that many cores; else 0 (torch's default: this machine's cores)."""
-    if configured:
-        return configured, "--threads"
-    measured = int(entry.get("num_threads") or 0)
-    if not measured:
-        return 0, "torch's default"
-    cores = cpu_cores()
-    if entry.get("device") == "cpu" and (entry.get("device_name") != machine.cpu_name or measured > cores):
-        return 0, (f"torch's default: the build measured {measured} fastest on {entry.get('device_name')}, this "
-                   f"is {machine.cpu_name} with {cores} cores")
-    return measured, "measured fastest by the build"
 
 
 def ortgenai_engine(bundle, engine_config: EngineConfig,

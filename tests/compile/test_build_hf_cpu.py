@@ -267,7 +267,7 @@ def test_the_builds_thread_count_applies_only_on_the_cpu_that_measured_it(hf_cpu
     """A build made on a 2-core box ran a 32-core server on 2 threads; one made on 64 cores oversubscribed a
     4-CPU pod."""
     from palr.machine import cpu_cores
-    from ranking_server.engines.factory import engine_threads
+    from palr.builds import engine_threads
 
     here = Machine.detect("cpu")
     entry = {**Bundle.open(hf_cpu_bundle).artifact(NAME), "num_threads": 1}

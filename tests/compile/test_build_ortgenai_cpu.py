@@ -16,9 +16,10 @@ pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not instal
 
 from compile import build  # noqa: E402
 from compile.build import build_inputs  # noqa: E402
+from palr.builds import engine_threads  # noqa: E402
 from palr.bundle import Bundle  # noqa: E402
 from palr.builds import BuildMismatch  # noqa: E402
-from palr.machine import library_version  # noqa: E402
+from palr.machine import Machine, library_version  # noqa: E402
 from palr.llm import generate_labels, load_causal_lm, score_labels  # noqa: E402
 from palr.prompt import Readout  # noqa: E402
 from ranking_server.engines.base import EngineAborted, EngineRequest  # noqa: E402
@@ -102,6 +103,9 @@ def test_with_an_hf_cpu_build_a_mode_is_won_against_that_build(hf_cpu_bundle, tm
     served = f"torch-hf-cpu-{Bundle.open(bundle).artifact('engine:hf-cpu')['dtype']}"
     report = json.loads((bundle / "reports" / "build_ortgenai-cpu.json").read_text())
     assert report["latency_baseline"] == served
+    # timed at the threads the server runs that build with (it was timed at ortgenai's --threads 1)
+    served_threads = engine_threads(Bundle.open(bundle).artifact("engine:hf-cpu"), Machine.detect("cpu"))[0]
+    assert report["latency_baseline_threads"] == (served_threads or torch.get_num_threads())
     opened = Bundle.open(bundle)
     assert opened.artifact(NAME)["routing_baseline"] == opened.version("engine:hf-cpu")
     assert set(report["latency"]) == {"torch-fp32", served, "ortgenai-fp32"}
