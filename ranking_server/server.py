@@ -114,10 +114,7 @@ class RankingServer:
 
     async def run(self) -> None:
         """Serves until SIGTERM/SIGINT, then drains (see GrpcServer.run)."""
-        try:
-            await self.server.run(self.load)
-        finally:
-            await self._close()
+        await self.server.run(self.load, cleanup=self._close)
 
     def _prompt_builder(self) -> PromptBuilder:
         from transformers import AutoTokenizer

@@ -88,10 +88,7 @@ class RetrievalServer:
 
     async def run(self) -> None:
         """Serves until SIGTERM/SIGINT, then drains (see GrpcServer.run)."""
-        try:
-            await self.server.run(self.load)
-        finally:
-            await self._close_runner()
+        await self.server.run(self.load, cleanup=self._close_runner)
 
     def _load_model(self) -> SasrecOnnx:
         started = time.perf_counter()

@@ -202,9 +202,11 @@ class GrpcServer:
         elif self._stop_requested is not None:
             self._stop_requested.set()
 
-    async def run(self, load: Callable[[], Awaitable[None]]) -> None:
+    async def run(self, load: Callable[[], Awaitable[None]],
+                  cleanup: Callable[[], Awaitable[None]] | None = None) -> None:
         """Starts, runs `load` (model load + warm-up) while health says NOT_SERVING, turns SERVING,
-        and serves until SIGTERM/SIGINT, then drains. A signal during loading drains at once."""
+        and serves until SIGTERM/SIGINT, then drains and runs `cleanup` (closing the model). A signal during loading
+        drains at once; a second one shortens the drain and never kills the process, cleanup included."""
         self._stop_requested = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -222,8 +224,12 @@ class GrpcServer:
                 if self.port is not None:  # else it never listened: nothing to drain
                     await self.drain()  # the handlers stay: a second signal shortens the drain, never kills it
             finally:
-                for sig in (signal.SIGTERM, signal.SIGINT):
-                    loop.remove_signal_handler(sig)
+                try:
+                    if cleanup is not None:  # under the same handlers (an engine's join takes up to 30 s: a second
+                        await cleanup()  # Ctrl-C there raised KeyboardInterrupt, a second SIGTERM killed it, 143)
+                finally:
+                    for sig in (signal.SIGTERM, signal.SIGINT):
+                        loop.remove_signal_handler(sig)
 
     async def _watch_parent(self, every_s: float = 1.0) -> None:
         """`--parent-pid`: once that process is no longer our parent (it died; we were re-parented), drain as on

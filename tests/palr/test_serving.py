@@ -361,3 +361,30 @@ def test_the_deadline_slack_is_the_timeouts_rounding_plus_transit_at_most_a_tent
 def test_an_answer_is_counted_as_its_client_most_likely_got_it(late_ms, code):
     """On loopback, answers sent 0.5 ms after the deadline mostly arrived OK (14 of 15), 2 ms after never."""
     assert answered_code(late_ms / 1e3) == getattr(grpc.StatusCode, code)
+
+
+def test_a_second_signal_during_cleanup_neither_kills_nor_interrupts_the_server():
+    """The signal handlers were removed once the drain ended, before the servers closed their model (an engine's
+    join takes up to 30 s): a second Ctrl-C then raised KeyboardInterrupt out of asyncio.run, a second SIGTERM
+    killed the process (143). Here the cleanup itself receives the second SIGINT."""
+    import os
+    import signal
+
+    events = []
+
+    async def main() -> None:
+        server = GrpcServer(ServerConfig(port=0, grace=0.5), [SERVICE])
+
+        async def load() -> None:
+            asyncio.get_running_loop().call_later(0.2, os.kill, os.getpid(), signal.SIGINT)  # the first: drain
+
+        async def cleanup() -> None:
+            os.kill(os.getpid(), signal.SIGINT)  # the second, while the model closes
+            await asyncio.sleep(0.3)
+            events.append("closed")
+
+        await server.run(load, cleanup=cleanup)
+        events.append("returned")
+
+    asyncio.run(main())  # a KeyboardInterrupt here fails the test (and was the bug)
+    assert events == ["closed", "returned"]
