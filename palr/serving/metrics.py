@@ -60,6 +60,20 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.12
 # every p95/p99 panel under overload
 
 
+def _ended_code(context: grpc.aio.ServicerContext, remaining: float | None, rid: str,
+                logger: logging.Logger) -> grpc.StatusCode:
+    """The code of a call that ended before its handler did: DEADLINE_EXCEEDED or CANCELLED (logged)."""
+    left = context.time_remaining()
+    # gRPC cancels a handler whose deadline passed too; the client's own deadline came up to the rounding of its
+    # timeout and the transit earlier (it cancelled then, while the server's deadline had a little left)
+    if left is not None and left <= deadline_skew_s(remaining):
+        logger.info("rid=%s deadline exceeded", rid)
+        return grpc.StatusCode.DEADLINE_EXCEEDED
+    logger.info("rid=%s cancelled %s", rid, "by the server's stop: its --grace period ended before this RPC did"
+                if _cut_by_stop() else "by the client")
+    return grpc.StatusCode.CANCELLED
+
+
 class RpcMetrics:
     """Prometheus metrics for one RPC: requests by status code, latency, requests in flight.
 
@@ -94,18 +108,12 @@ class RpcMetrics:
             logger.info("rid=%s %s: %s", rid, code.name, e)
             await context.abort(code, str(e), trailing_metadata=(*e.trailing_metadata, *rid_metadata))
         except asyncio.CancelledError:
-            left = context.time_remaining()
-            # gRPC cancels a handler whose deadline passed too; the client's own deadline came up to the rounding of
-            # its timeout and the transit earlier (it cancelled then, while the server's deadline had a little left)
-            if left is not None and left <= deadline_skew_s(remaining):
-                code = grpc.StatusCode.DEADLINE_EXCEEDED
-                logger.info("rid=%s deadline exceeded", rid)
-            else:
-                code = grpc.StatusCode.CANCELLED
-                logger.info("rid=%s cancelled %s", rid, "by the server's stop: its --grace period ended before this "
-                            "RPC did" if _cut_by_stop() else "by the client")
+            code = _ended_code(context, remaining, rid, logger)
             raise
         except Exception:
+            if context.cancelled():  # the call ended (the client cancelled, its deadline passed) while the handler
+                code = _ended_code(context, remaining, rid, logger)  # waited in a write, which gRPC failed with its
+                raise  # own error before it cancelled the handler: no bug, no status to send (gRPC drops it)
             code = grpc.StatusCode.INTERNAL
             logger.exception("rid=%s failed", rid)
             await context.abort(code, f"internal error (request id {rid}); see the server log",

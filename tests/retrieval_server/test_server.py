@@ -364,6 +364,28 @@ def test_metrics_endpoint_counts_requests_by_code_and_ort_batches(server, stub, 
     assert after["retrieval_requests_in_flight"] == 0
 
 
+def test_streams_the_client_cancels_mid_write_are_never_counted_internal(server, stub, facts):
+    """A client cancelling while the handler waits in context.write (the ranking server closes a Retrieve stream
+    early) could fail that write with gRPC's ExecuteBatchError before the handler was cancelled: counted INTERNAL,
+    logged with a traceback, as if the server had a bug."""
+    def scrape() -> dict[str, float]:
+        return scrape_metrics(server.server.metrics_port)
+
+    before = scrape()
+    user = some_users(facts, 1)[0]
+    for i in range(30):
+        call = stub.Retrieve(retrieval_pb2.RetrieveRequest(user_id=user, k=facts.top_k, chunk_size=1,
+                                                           request_id=f"cancel-{i}"), timeout=30)
+        next(call)  # the first candidate arrived: the handler is writing the others
+        call.cancel()
+    wait_until(lambda: scrape()["retrieval_requests_in_flight"] == 0, timeout=30, what="the cancelled calls counted")
+    after = scrape()
+    delta = lambda code: after.get(f'retrieval_requests_total{{code="{code}"}}', 0.0) - before.get(  # noqa: E731
+        f'retrieval_requests_total{{code="{code}"}}', 0.0)
+    assert delta("INTERNAL") == 0
+    assert delta("CANCELLED") + delta("OK") == 30  # OK: the whole answer was written before the cancel came
+
+
 def test_a_failing_ort_call_is_counted_as_an_ort_call_and_answered_internal(server_loop, tiny_bundle, facts):
     server = start(server_loop, RetrievalServerConfig(bundle=tiny_bundle, port=0, metrics_port=free_port()))
     try:
