@@ -185,6 +185,9 @@ def test_plaintext_health_port_serves_probes_while_the_service_port_needs_mutual
             with pytest.raises(grpc.RpcError) as caught:
                 probe.unary_unary(f"/{WHO}/Who")(b"", timeout=5)
             assert caught.value.code() == grpc.StatusCode.UNIMPLEMENTED  # the service itself is not there
+            with pytest.raises(grpc.RpcError) as caught:  # the service port's interceptors here too
+                probe.unary_unary("/grpc.health.v1.Health/Check")(b"\xff", timeout=5)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT  # (was UNKNOWN, with a traceback)
         with grpc.insecure_channel(server.address) as plaintext, pytest.raises(grpc.RpcError) as caught:
             check(plaintext)
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE  # the service port still demands mutual TLS

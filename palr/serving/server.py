@@ -103,7 +103,8 @@ class GrpcServer:
         self.metrics_port: int | None = None
         self.health_port: int | None = None
         # health only, plaintext: the same HealthServicer, so both ports always report the same status
-        self._health_grpc = grpc.aio.server(options=[("grpc.so_reuseport", 0)]) if config.health_port else None
+        self._health_grpc = grpc.aio.server(options=[("grpc.so_reuseport", 0)], interceptors=server_interceptors()) \
+            if config.health_port else None  # (the service port's interceptors: an unparsable request's handling)
         if self._health_grpc is not None:
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_grpc)
         self._metrics_httpd = None
@@ -207,6 +208,9 @@ class GrpcServer:
         """Starts, runs `load` (model load + warm-up) while health says NOT_SERVING, turns SERVING,
         and serves until SIGTERM/SIGINT, then drains and runs `cleanup` (closing the model). A signal during loading
         drains at once; a second one shortens the drain and never kills the process, cleanup included."""
+        if self.config.parent_pid and os.getppid() != self.config.parent_pid:  # else it drained at once, exit 0
+            raise ValueError(f"--parent-pid {self.config.parent_pid} is not this process's parent ({os.getppid()}): "
+                             f"a wrapper (bash -c, nohup, uv run) between them? Pass the direct parent's PID")
         self._stop_requested = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -388,3 +388,20 @@ def test_a_second_signal_during_cleanup_neither_kills_nor_interrupts_the_server(
 
     asyncio.run(main())  # a KeyboardInterrupt here fails the test (and was the bug)
     assert events == ["closed", "returned"]
+
+
+def test_a_parent_pid_that_is_not_the_parent_is_refused_before_serving():
+    """It passed config (only negative PIDs were refused), the watch found at once that the PID was not the
+    parent, and the server drained before it had served and exited 0 (a wrapper between them: bash -c, nohup)."""
+    import os
+
+    async def main() -> None:
+        server = GrpcServer(ServerConfig(port=0, parent_pid=os.getpid()), [SERVICE])  # never its own parent
+
+        async def load() -> None:
+            raise AssertionError("loaded though refused")
+
+        await server.run(load)
+
+    with pytest.raises(ValueError, match=f"--parent-pid {os.getpid()} is not this process's parent"):
+        asyncio.run(main())
