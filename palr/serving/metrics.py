@@ -98,9 +98,9 @@ class RpcMetrics:
         remaining = context.time_remaining()  # None: no deadline
         deadline = None if remaining is None else time.monotonic() + remaining
         code = grpc.StatusCode.OK
-        self.in_flight.inc()
         span_scope = tracing.server_span(tracer or tracing.tracer(None, ""), self.rpc, context, rid)
         span = span_scope.__enter__()
+        self.in_flight.inc()  # after the span started (that may raise): the finally below always takes it back
         try:
             yield
         except RequestError as e:
