@@ -165,6 +165,7 @@ def test_a_call_its_client_cancels_is_logged_as_the_clients(server_loop, caplog)
 def test_request_errors_keep_their_code_bugs_become_internal_and_the_server_keeps_serving(server_loop):
     metrics_port = free_port()
     server = start_server(server_loop, ServerConfig(port=0, metrics_port=metrics_port))
+    before = scrape_metrics(metrics_port)  # the counters are the module's, shared with the tests before
     try:
         with grpc.insecure_channel(server.address) as channel:
             with pytest.raises(grpc.RpcError) as refused:
@@ -182,8 +183,10 @@ def test_request_errors_keep_their_code_bugs_become_internal_and_the_server_keep
                 assert ("x-request-id", "test-rid") in tuple(answer.trailing_metadata())
         assert server.metrics_port == metrics_port
         samples = scrape_metrics(metrics_port)
-        for code in ("FAILED_PRECONDITION", "INTERNAL", "OK"):
-            assert samples[f'test_plumbing_requests_total{{code="{code}"}}'] >= 1
+        counted = {code: samples.get(f'test_plumbing_requests_total{{code="{code}"}}', 0.0)
+                   - before.get(f'test_plumbing_requests_total{{code="{code}"}}', 0.0)
+                   for code in ("FAILED_PRECONDITION", "INTERNAL", "OK")}
+        assert counted == {"FAILED_PRECONDITION": 1, "INTERNAL": 1, "OK": 2}  # this test's calls, each once
         assert samples["test_plumbing_requests_in_flight"] == 0
     finally:
         server_loop.run(server.drain())
@@ -195,11 +198,12 @@ def test_an_ipv6_host_in_brackets_serves_grpc_and_metrics(server_loop):
     metrics_port = free_port()
     server = start_server(server_loop, ServerConfig(host="[::1]", port=0, metrics_port=metrics_port))
     try:
+        before = scrape_metrics(metrics_port, host="[::1]").get('test_plumbing_requests_total{code="OK"}', 0.0)
         with grpc.insecure_channel(server.address) as channel:
             assert call(channel, "Echo", b"v6") == b"v6"
         assert server.metrics_port == metrics_port
         samples = scrape_metrics(metrics_port, host="[::1]")
-        assert samples['test_plumbing_requests_total{code="OK"}'] >= 1
+        assert samples['test_plumbing_requests_total{code="OK"}'] == before + 1
     finally:
         server_loop.run(server.drain())
 
