@@ -363,7 +363,7 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: d
     path = root / f"step-{step:06d}"
     tmp = root / f".step-{step:06d}.part"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, save_embedding_layers=False)  # see save_adapter
+    save_lora(model, tmp)
     extras(tmp)
     cuda_rng = torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None  # LoRA dropout on --device cuda
     torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -401,6 +401,21 @@ def forget_bests(root: Path, keep_step: int | None) -> None:
     for path in root.glob("best-*"):
         if path.name != keep:
             shutil.rmtree(path, ignore_errors=True)
+
+
+def save_lora(model, directory: Path) -> None:
+    """The adapter's files, the same bytes for the same training: peft writes its config's set-valued fields
+    (target_modules) in hash order, which PYTHONHASHSEED changes from run to run (two identical trainings gave two
+    adapter_config.json files, so two lora versions); here sorted. The base's embeddings are never resized (the
+    extra rows live in the projector): save_embedding_layers False, else peft's "auto" looks for the base's
+    config.json at the adapter's bundle-relative base path, then on the Hub."""
+    model.save_pretrained(directory, save_embedding_layers=False)
+    sets = [name for name, value in vars(model.peft_config["default"]).items() if isinstance(value, set)]
+    path = Path(directory) / "adapter_config.json"
+    record = json.loads(path.read_text())
+    for name in sets:
+        record[name] = sorted(record[name])
+    path.write_text(json.dumps(record, indent=2, sort_keys=True))  # as peft writes it
 
 
 def latest_checkpoint(root: Path, run_fingerprint: str):
@@ -535,9 +550,7 @@ def train(bundle: Bundle, config: FinetuneConfig, run_fp: str) -> dict:
         save_projector(directory, extra, settings)
 
     def save_adapter(directory: Path) -> None:
-        # the base's embeddings are never resized here (the extra rows live in the projector): peft's "auto" would
-        # look for the base's config.json at the adapter's bundle-relative base path, then on the Hub
-        model.save_pretrained(directory, save_embedding_layers=False)
+        save_lora(model, directory)
         save_extras(directory)
 
     def checkpoint(step: int) -> None:

@@ -88,6 +88,8 @@ def test_resume_continues_exactly_from_the_checkpoint_whatever_its_checkpoint_ca
         assert torch.equal(a[name], b[name]), name
     versions = {Bundle.open(b).version("lora") for b in (bundle_copy, other)}
     assert len(versions) == 1, "the same adapter trained twice is the same artifact version (no timings in it)"
+    config = json.loads((other / "llm" / "lora" / "adapter_config.json").read_text())
+    assert config["target_modules"] == sorted(config["target_modules"]), "not in hash order (PYTHONHASHSEED)"
 
 
 def test_a_run_begun_under_the_earlier_fingerprint_resumes_after_the_upgrade(bundle_copy, caplog):
