@@ -21,7 +21,7 @@ from ranking_server.engines.answers import AnswerCache, answer_key, with_answer_
 from ranking_server.engines.base import EngineError, EngineRequest, InvalidRequest  # noqa: E402
 from ranking_server.engines.config import EngineConfig  # noqa: E402
 from ranking_server.engines.hf import HFEngine  # noqa: E402
-from tests.fixtures.engine_workload import label_ids  # noqa: E402
+from tests.fixtures.engine_workload import label_ids, run_then_close  # noqa: E402
 from tests.fixtures.serving import eventually  # noqa: E402
 
 PREFIX = list(range(500, 520))
@@ -223,11 +223,7 @@ def test_a_cancelled_request_leaves_its_run_to_the_identical_requests_waiting_on
             await first
         return await asyncio.gather(second, third)
 
-    try:
-        second, third = asyncio.run(scenario())
-        stats = slow.stats()
-    finally:
-        slow.close()
+    (second, third), stats = run_then_close(slow, scenario)
     assert (second.request_id, third.request_id) == ("stays", "also") and second.answer_reused and third.answer_reused
     assert second.order == third.order and len(second.order) == len(labels)
     assert (stats.completed, stats.aborted, stats.answer_hits) == (1, 0, 2)
@@ -253,9 +249,5 @@ def test_a_run_nobody_waits_for_any_more_is_aborted(tiny):
         after = await slow.rank(request("later", labels))  # nothing kept, nothing running: it runs
         return after
 
-    try:
-        after = asyncio.run(scenario())
-        stats = slow.stats()
-    finally:
-        slow.close()
+    after, stats = run_then_close(slow, scenario)
     assert not after.answer_reused and (stats.completed, stats.aborted) == (1, 1)

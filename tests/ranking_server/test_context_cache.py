@@ -21,7 +21,7 @@ from ranking_server.engines.base import EngineAborted, EngineRequest  # noqa: E4
 from ranking_server.engines.config import EngineConfig  # noqa: E402
 from ranking_server.engines.hf import HFEngine, kv_bytes  # noqa: E402
 from ranking_server.engines.loop import DeviceTurns  # noqa: E402
-from tests.fixtures.engine_workload import label_ids  # noqa: E402
+from tests.fixtures.engine_workload import label_ids, run_then_close  # noqa: E402
 from tests.fixtures.serving import eventually  # noqa: E402
 
 PREFIX = list(range(500, 530))
@@ -180,11 +180,7 @@ def test_the_one_at_a_time_baseline_reuses_contexts_as_the_engine_does(tiny):
 def run_scenario(engine, scenario, model, requests):
     """Run `scenario()` (it returns the answers to `requests`), close the engine, check every answer against the
     reference; (answers, the engine's stats)."""
-    try:
-        results = asyncio.run(scenario())
-        stats = engine.stats()
-    finally:
-        engine.close()
+    results, stats = run_then_close(engine, scenario)
     for request, result in zip(requests, results):
         check(model, request, result)
     return results, stats
@@ -259,11 +255,7 @@ def test_a_call_waiting_for_a_context_computes_it_when_its_computer_leaves_first
             await tasks[0]
         return await tasks[1]
 
-    try:
-        result = asyncio.run(scenario())
-        stats = engine.stats()
-    finally:
-        engine.close()
+    result, stats = run_then_close(engine, scenario)
     check(model, second, result)
     assert result.cached_tokens == len(PREFIX), "the prefix a1 stored, not a context"
     assert stats.context_misses == 2 and stats.context_hits == 0 and stats.aborted == 1

@@ -21,7 +21,8 @@ from ranking_server.engines.base import (  # noqa: E402
     EngineAborted, EngineError, EngineOverloaded, EngineRequest, InvalidRequest)
 from ranking_server.engines.config import EngineConfig  # noqa: E402
 from ranking_server.engines.hf import HFEngine  # noqa: E402
-from tests.fixtures.engine_workload import GatedConstraint, label_ids, mixed_requests  # noqa: E402
+from tests.fixtures.engine_workload import (GatedConstraint, label_ids, mixed_requests,  # noqa: E402
+                                           run_then_close)
 from tests.fixtures.serving import eventually, wait_until  # noqa: E402
 
 N_LABELS = 20
@@ -283,11 +284,7 @@ def test_a_request_aborted_while_the_engine_waits_for_its_device_turn_is_not_run
             await task
         return generated
 
-    try:
-        generated = asyncio.run(scenario())
-        stats = engine.stats()
-    finally:
-        engine.close()
+    generated, stats = run_then_close(engine, scenario)
     assert (stats.aborted, stats.completed) == (1, 0)
     assert stats.generated_tokens == generated, "no pass ran for the aborted request after its abort"
 
@@ -315,11 +312,7 @@ def test_a_constraint_that_allows_no_first_token_fails_its_request_alone(tiny):
             await bad
         return await first
 
-    try:
-        result = asyncio.run(scenario())
-        stats = engine.stats()
-    finally:
-        engine.close()
+    result, stats = run_then_close(engine, scenario)
     assert result.order == generate_labels(model, held.input_ids, labels, 10)
     assert (stats.failed, stats.completed, stats.healthy) == (1, 1, True)
 
@@ -407,11 +400,7 @@ def test_abort_while_queued_and_while_decoding_frees_the_slot(tiny):
         after = await engine.rank(plain(labels, "after", mode="generate", k=5))  # the freed slot serves again
         return after
 
-    try:
-        after = asyncio.run(scenario())
-        stats = engine.stats()
-    finally:
-        engine.close()
+    after, stats = run_then_close(engine, scenario)
     assert after.order == generate_labels(model, [5, 6, 7, 21, 22, 23], labels, 5)
     assert stats.aborted == 3 and stats.active == 0 and stats.completed == 1
 
@@ -445,11 +434,7 @@ def test_a_request_aborted_during_a_pass_leaves_before_the_next_pass_of_the_step
             await second
         return await first, await holding
 
-    try:
-        first, _ = asyncio.run(scenario())
-        stats = engine.stats()
-    finally:
-        engine.close()
+    (first, _), stats = run_then_close(engine, scenario)
     assert "second" not in ran and ran.count("first") == 1
     assert first.scores == pytest.approx(score_labels(model, [5, 6, 7, 21, 22, 23], labels), abs=1e-4)
     assert stats.aborted == 1 and stats.completed == 2 and stats.active == 0
