@@ -176,16 +176,12 @@ def measure_and_choose(ctx: BuildContext, model, tokenizer, report: dict) -> tup
         log.info("hf-cpu %s: %s", dtype, why)
     probes, source = load_probes(ctx.bundle, tokenizer, config.probe_users, config.prompt_tokens)
     ids = latency_prompt(probes, config.prompt_tokens)
-    runners = [TorchRunner(d, variant(model, d)) for d in candidates]
+    # timed at the count that will serve: --threads (else torch's default, and the winner's count is scanned after)
+    runners = [TorchRunner(d, variant(model, d), threads=config.threads) for d in candidates]
+    latency_threads = config.threads or torch.get_num_threads()
     log.info("hf-cpu: measuring %s on %s (latency: %d-token prompt, %d rounds; quality: %s)", ", ".join(candidates),
              ctx.machine.cpu_name, len(ids), config.repeats, source)
-    default_threads = torch.get_num_threads()
-    latency_threads = config.threads or default_threads  # compared at the count that will serve (--threads; else
-    torch.set_num_threads(latency_threads)  # torch's default, and the winner's count is scanned after)
-    try:
-        latency = measure_latency(runners, ids, config.repeats, config.decode_steps)
-    finally:
-        torch.set_num_threads(default_threads)
+    latency = measure_latency(runners, ids, config.repeats, config.decode_steps)
     quality = measure_quality(runners, runners[0], probes, config.generate_k, config.generate_probes,
                               bundle_generate_logit_weight(ctx.bundle))
     best, verdicts = choose(latency, quality, config)
