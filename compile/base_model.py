@@ -26,7 +26,7 @@ from pathlib import Path
 from compile.fetch import gguf_path
 from compile.llm_common import config_record
 from compile.steps import StepFailed
-from palr.bundle import Bundle, file_checksums, fingerprint
+from palr.bundle import Bundle, file_checksums, fingerprint, write_directory
 
 log = logging.getLogger(__name__)
 
@@ -122,13 +122,6 @@ def link_checkpoint(source: Path, out: Path, copy: bool) -> dict:
             "dtype": str(getattr(config, "torch_dtype", None) or getattr(config, "dtype", None))}
 
 
-def _remove(path: Path) -> None:
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-    elif path.exists():
-        shutil.rmtree(path)
-
-
 def run(config: BaseModelConfig) -> Path:
     source = _source(config)  # checked first: a wrong path must not leave an empty bundle folder behind
     bundle = Bundle.open_or_create(config.bundle)
@@ -138,20 +131,16 @@ def run(config: BaseModelConfig) -> Path:
         log.info("base model is current (%s); skipping", out)
         return out
     started = time.perf_counter()
-    # made and checked beside llm/base, which stays as the manifest names it until the new one passed (a refused
-    # --base-model or a failed conversion check deleted it first, leaving the bundle without the base it records)
-    part = out.with_name(f".{out.name}.part")
-    _remove(part)
     out.parent.mkdir(parents=True, exist_ok=True)
-    try:
+
+    def made(part: Path) -> tuple[dict, dict[str, str]]:
         meta = link_checkpoint(source, part, config.copy) if config.base_model else \
             convert_gguf(source, part, config.check_tolerance)
-        files = file_checksums(part)
-    except BaseException:
-        _remove(part)
-        raise
-    _remove(out)
-    part.rename(out)
+        return meta, file_checksums(part)
+
+    # made and checked beside llm/base, which stays as the manifest names it until the new one passed (a refused
+    # --base-model or a failed conversion check deleted it first, leaving the bundle without the base it records)
+    meta, files = write_directory(out, made)
     bundle.add_artifact("llm_base", BASE_DIR, files=files, **meta)
     bundle.record_step("base-model", step_fp, time.perf_counter() - started, config=config_record(config))
     bundle.save()

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from compile.llm_common import check_sft_data, config_record, fingerprint_record
 from compile.sft_data import candidate_readout, example_readout, read_jsonl
 from compile.steps import StepFailed
-from palr.bundle import Bundle, fingerprint
+from palr.bundle import Bundle, fingerprint, write_directory
 
 log = logging.getLogger(__name__)
 
@@ -360,16 +360,15 @@ def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: d
     steps of `root` removed."""
     import torch
 
+    def write(part: Path) -> None:
+        save_lora(model, part)
+        extras(part)
+        cuda_rng = torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None  # LoRA dropout on cuda
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "torch_rng": torch.get_rng_state(), "cuda_rng": cuda_rng, **state}, part / "trainer_state.pt")
+
     path = root / f"step-{step:06d}"
-    tmp = root / f".step-{step:06d}.part"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_lora(model, tmp)
-    extras(tmp)
-    cuda_rng = torch.cuda.get_rng_state() if torch.cuda.is_initialized() else None  # LoRA dropout on --device cuda
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "torch_rng": torch.get_rng_state(), "cuda_rng": cuda_rng, **state}, tmp / "trainer_state.pt")
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
+    write_directory(path, write)
     for old in sorted(root.glob("step-*"))[:-1]:  # keep the newest only
         shutil.rmtree(old)
     return path
@@ -379,11 +378,8 @@ def save_best(root: Path, step: int, save: Callable[[Path], None]) -> Path:
     """`root/best-NNNNNN`: the adapter of step `step`, the run's best so far, complete before it appears. One folder
     a step, so a run killed after a new best but before its next checkpoint resumes with the best its checkpoint
     names still there (it overwrote the one `best/` before, even half-written)."""
-    path, tmp = root / f"best-{step:06d}", root / f".best-{step:06d}.part"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save(tmp)
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
+    path = root / f"best-{step:06d}"
+    write_directory(path, save)
     return path
 
 

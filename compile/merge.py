@@ -42,7 +42,7 @@ from tqdm import tqdm
 from compile.llm_common import check_sft_data, config_record, fingerprint_record
 from compile.sft_data import candidate_readout, example_readout, read_jsonl
 from compile.steps import StepFailed
-from palr.bundle import Bundle, file_checksums, fingerprint, write_atomically
+from palr.bundle import Bundle, file_checksums, fingerprint, write_atomically, write_directory
 from palr.ranking import FUSION_GRID, RANKER_INPUTS
 
 log = logging.getLogger(__name__)
@@ -323,15 +323,9 @@ def run(config: MergeConfig) -> Path:
     # merged and fitted beside llm/merged, which keeps the weights the manifest names until the ranker fit over them
     # is saved with them (a merge stopped during the fit left new weights under the old version, and a build then
     # made an engine of them under that version)
-    part = out.with_name(f".{out.name}.part")
-    try:
-        diff, ranker = merge_and_fit(bundle, config, meta, part)
-    except BaseException:
-        shutil.rmtree(part, ignore_errors=True)
-        raise
-    files = file_checksums(part)  # before the swap: the manifest names the new files milliseconds after it
-    shutil.rmtree(out, ignore_errors=True)
-    part.rename(out)
+    # (checksums taken before the swap: the manifest names the new files milliseconds after it)
+    diff, ranker, files = write_directory(out, lambda part: (*merge_and_fit(bundle, config, meta, part),
+                                                             file_checksums(part)))
     bundle.add_artifact("llm_merged", MERGED_DIR, files=files, dtype="float32", merge_max_abs_diff=diff)
     keep_projector(bundle)
     ranker_path = bundle.root / RANKER_FILE

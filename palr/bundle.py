@@ -19,11 +19,12 @@ import importlib.metadata
 import json
 import os
 import platform
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -43,6 +44,33 @@ def write_atomically(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".part")
     tmp.write_text(text)
     tmp.replace(path)
+
+
+T = TypeVar("T")
+
+
+def write_directory(path: Path, write: Callable[[Path], T]) -> T:
+    """`write(part)` into a folder beside `path` (`.NAME.part`), which then replaces `path`: `path` holds the old
+    folder or the whole new one, whatever stops the write (a failed one leaves no part behind); `write`'s result.
+    The folder twin of `write_atomically` (a model, a checkpoint, an adapter)."""
+    part = path.with_name(f".{path.name}.part")
+    _remove(part)
+    try:
+        result = write(part)
+    except BaseException:
+        _remove(part)
+        raise
+    _remove(path)
+    part.rename(path)
+    return result
+
+
+def _remove(path: Path) -> None:
+    """A file, symlink or folder at `path`, gone (nothing there: nothing to do)."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
