@@ -54,7 +54,8 @@ class PromptBuilder:
     """Builds PALR prompts as training did (`llm/ranker.json`) and turns answers into rankings."""
 
     def __init__(self, tokenizer, ranker: dict, catalog: Catalog, stored_profiles: dict[str, str],
-                 trends: TrendTable | None = None, collab: CollabTable | None = None):
+                 trends: TrendTable | None = None, collab: CollabTable | None = None,
+                 rebuild_profiles: str = "python -m compile profiles --bundle BUNDLE --method METHOD --force"):
         self.prompt = ranker_prompt(tokenizer, ranker, catalog)
         self.fusion_weight = float(ranker["fusion_weight"])
         self.trend = TrendSettings(**ranker["trend"]) if ranker.get("trend") else None
@@ -71,7 +72,7 @@ class PromptBuilder:
         self.catalog = catalog
         self.stored_profiles = stored_profiles
         self.stats_profiler = StatsProfiler(catalog)
-        self.rebuild_profiles = "python -m compile profiles --bundle BUNDLE --method METHOD --force"  # from_bundle's
+        self.rebuild_profiles = rebuild_profiles  # the command warn_unprofiled names
 
     @classmethod
     def for_bundle(cls, bundle, tokenizer, ranker: dict, catalog: Catalog) -> "PromptBuilder":
@@ -95,9 +96,8 @@ class PromptBuilder:
             log.warning("this ranker was trained on %s profiles: stored users get theirs, but a request that sends "
                         "its own history gets a statistics profile, a kind its training never showed",
                         profiles.method)
-        builder = cls(tokenizer, ranker, catalog, profiles.profiles, trends, collab)
-        builder.rebuild_profiles = f"python -m compile profiles --bundle {bundle.root} --method {profiles.method} --force"
-        return builder
+        return cls(tokenizer, ranker, catalog, profiles.profiles, trends, collab,
+                   f"python -m compile profiles --bundle {bundle.root} --method {profiles.method} --force")
 
     def warn_unprofiled(self, stored_users: Iterable[str]) -> int:
         """Logs how many stored users have no stored profile (they are served an empty one, which the offline
