@@ -76,13 +76,16 @@ def fit_prior_weights(retrieval_scores, trends, targets, buckets: int, collab=No
 
     base = torch.log_softmax(torch.tensor(retrieval_scores, dtype=torch.float32), -1)  # [n, K]
     index = torch.tensor(trends) if trends is not None else torch.zeros_like(base, dtype=torch.long)  # [n, K]
+    # one-hot rows times the weights, not weights[index]: an indexed gather's backward accumulates in a
+    # thread-dependent order, so the fit (and ranker.json's version) differed run to run in the 6th decimal
+    one_hot = F.one_hot(index, buckets).to(base.dtype)  # [n, K, buckets]
     features = torch.tensor(collab, dtype=torch.float32) if collab is not None else torch.zeros_like(base)  # [n, K]
     target = torch.tensor(targets)  # [n]
     weights = torch.zeros(buckets, requires_grad=True)
     collab_weight = torch.zeros((), requires_grad=True)
     opt = torch.optim.Adam([weights, collab_weight], lr=lr)
     for _ in range(steps):
-        loss = F.cross_entropy(base + weights[index] + collab_weight * features, target)
+        loss = F.cross_entropy(base + one_hot @ weights + collab_weight * features, target)
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -123,3 +123,25 @@ def test_non_finite_readouts_fail_the_request():
             finite_readout([0.0, bad, 1.0])
         with pytest.raises(EngineError):
             decoding_bias([0.0, 0.0], [0.5, bad])
+
+
+def test_prior_weights_are_the_same_whatever_the_thread_count():
+    """ranker.json's version hashes these weights: an indexed gather's backward summed in a thread-dependent
+    order, and the fit differed run to run in the 6th decimal (with 2 threads, on the quick bundle's rows)."""
+    import torch
+
+    rng = random.Random(2)
+    n, k, buckets = 4000, 20, 8
+    scores = [[rng.gauss(0, 1) for _ in range(k)] for _ in range(n)]
+    trends = [[rng.randrange(buckets) for _ in range(k)] for _ in range(n)]
+    collab = [[rng.uniform(0, 0.5) for _ in range(k)] for _ in range(n)]
+    targets = [min(range(k), key=lambda i: (t[i] != 3, -c[i])) for t, c in zip(trends, collab)]
+    before = torch.get_num_threads()
+    try:
+        fits = []
+        for threads in (1, 2, 2, 2):
+            torch.set_num_threads(threads)
+            fits.append(fit_prior_weights(scores, trends, targets, buckets, collab, steps=100))
+    finally:
+        torch.set_num_threads(before)
+    assert fits[1:] == fits[:1] * 3
