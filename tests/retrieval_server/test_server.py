@@ -13,6 +13,7 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 import pytest
+from prometheus_client import REGISTRY
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from google.protobuf.descriptor_pool import DescriptorPool
@@ -246,6 +247,28 @@ def test_fifty_concurrent_clients_each_get_their_own_correct_answer(server, fact
             assert_same_ranking(ranked, facts.reference(history, [], fields["k"]))
         else:
             assert len(ranked) == fields["k"]
+
+
+def test_concurrent_requests_share_ort_calls_and_each_gets_its_own_answer(server_loop, tiny_bundle, facts):
+    """With a batch window, concurrent Retrieves go to ONNX Runtime together (fewer calls than requests),
+    histories of different lengths left-padded and exclude lists of different lengths padded in one batch, and
+    each caller still gets exactly its own ranking."""
+    batched = start(server_loop, RetrievalServerConfig(bundle=tiny_bundle, port=0, max_batch_size=16,
+                                                       batch_window_ms=500))
+    count = lambda: REGISTRY.get_sample_value("retrieval_ort_batch_size_count")  # noqa: E731
+    total = lambda: REGISTRY.get_sample_value("retrieval_ort_batch_size_sum")  # noqa: E731
+    try:
+        users = some_users(facts, 12)
+        excludes = [facts.histories[users[(i + 1) % len(users)]][: i % 4] for i in range(len(users))]
+        calls, requests = count(), total()
+        got = concurrent_rankings(batched.server.address, [{"user_id": u, "k": 12, "exclude": x}
+                                                           for u, x in zip(users, excludes)])
+        calls, requests = count() - calls, total() - requests
+        for user, exclude, ranked in zip(users, excludes, got):
+            assert_same_ranking(ranked, facts.reference(facts.histories[user], exclude, 12))
+        assert requests == len(users) and calls < requests, (calls, requests)
+    finally:
+        server_loop.run(batched.drain())
 
 
 def test_one_ort_call_per_request_gives_the_same_answers(server_loop, tiny_bundle, facts):
