@@ -287,7 +287,7 @@ def test_a_distributed_runs_gate_counts_every_call_the_workers_made(servers, tin
     """Locust's own end of -t on a master told the workers to quit and stopped listening 0.5 s later: the stats
     they sent after their last calls could be lost (the gate judged the run without them; with these millisecond
     calls the worker was usually quicker than that), and the master, left "stopping", waited the whole
-    --stop-timeout before the gate (37 s for this 4 s run). Stopping the workers instead lost their last stats (a
+    --stop-timeout before the gate (37 s for this 4 s run at --stop-timeout 30). Stopping the workers instead lost their last stats (a
     worker sends none on a stop) and left them running until a 60 s heartbeat timeout."""
     from loadtest.servers import free_port
 
@@ -303,7 +303,7 @@ def test_a_distributed_runs_gate_counts_every_call_the_workers_made(servers, tin
     try:
         started = time.monotonic()
         run = locust(ranking.target, tiny_llm_bundle, slo, tmp_path, *common[2:], "--master", "--expect-workers",
-                     "1", "--master-bind-port", str(port), "--stop-timeout", "30", seconds=4, locustfile=counting)
+                     "1", "--master-bind-port", str(port), "--stop-timeout", "300", seconds=4, locustfile=counting)
         took_s = time.monotonic() - started
         worker_log = worker.communicate(timeout=90)[0]
         worker_exit_s = time.monotonic() - started - took_s
@@ -313,9 +313,10 @@ def test_a_distributed_runs_gate_counts_every_call_the_workers_made(servers, tin
     made = int(calls_file.read_text())
     rows = {row["Name"]: row for row in csv.DictReader((tmp_path / "locust_stats.csv").open())}
     assert made > 0 and int(rows["Aggregated"]["Request Count"]) == made, (made, rows["Aggregated"])
-    assert took_s < 25, f"the master took {took_s:.0f} s for a 4 s run (--stop-timeout 30)"
+    # the bug waited out --stop-timeout (300 s: past locust()'s 90 s limit); the bounds leave a loaded machine room
+    assert took_s < 60, f"the master took {took_s:.0f} s for a 4 s run (--stop-timeout 300)"
     assert "SLO gate passed" in run.stdout
-    assert "Got quit message from master" in worker_log and worker_exit_s < 10  # not after a 60 s heartbeat timeout
+    assert "Got quit message from master" in worker_log and worker_exit_s < 40  # not after a 60 s heartbeat timeout
 
 
 def test_bad_options_stop_the_run_before_it_starts(tiny_bundle, tmp_path):
