@@ -203,19 +203,24 @@ def end_distributed_run(runner: MasterRunner, stop_timeout_s: float) -> None:
     Locust's own "last worker quit" does; the SLO gate then runs on every call made. (A stop message would not do:
     a worker sends no final stats on it, and the master forgets a stopped worker.) If the workers have not all quit
     within --stop-timeout + 60 s (Locust's own bound on a stop), the master quits without them."""
-    from locust.rpc import Message
-
     try:
-        workers = [client.id for client in runner.clients.all]
         log.info("--run-time limit reached: telling %d worker(s) to quit; they finish their calls (at most "
-                 "--stop-timeout), send their final stats, then the SLO gate runs", len(workers))
-        for worker in workers:
-            runner.server.send_to_client(Message("quit", None, worker))
+                 "--stop-timeout), send their final stats, then the SLO gate runs", tell_workers_to_quit(runner))
         gevent.sleep(stop_timeout_s + 60)  # the master quits before this when the last worker quits
         log.warning("workers %s did not quit within --stop-timeout + 60 s: quitting without their last stats",
                     [c.id for c in runner.clients.all])
     finally:  # the run ends either way (also if telling them failed)
         runner.quit()
+
+
+def tell_workers_to_quit(runner: MasterRunner) -> int:
+    """Sends every worker "quit" (it stops its users, sends its final stats, then says it quit); how many."""
+    from locust.rpc import Message
+
+    workers = [client.id for client in runner.clients.all]
+    for worker in workers:
+        runner.server.send_to_client(Message("quit", None, worker))
+    return len(workers)
 
 
 def warn_short_stop_timeout(stop_timeout_s: float, longest_deadline_s: float) -> None:
@@ -267,7 +272,15 @@ def load_traffic(environment, **_kwargs) -> None:
              100 * traffic.generate_share, 100 * (1 - traffic.generate_share), SLO.path if SLO else "none")
 
 
-@events.quitting.add_listener
+@events.init.add_listener
+def gate_before_the_runner_quits(environment, **_kwargs) -> None:
+    """Registers `slo_gate` on `quitting` now, after the runner's own listener, so it fires first (Locust fires
+    `quitting` in reverse): an interrupted master's own listener quits its workers and stops listening 0.5 s
+    later, so the stats a worker sends once its last calls are done (the slowest, up to --stop-timeout) were lost
+    before the gate ran."""
+    environment.events.quitting.add_listener(slo_gate)
+
+
 def slo_gate(environment, **_kwargs) -> None:
     """The gate runs where the statistics are: the master, or the only process (not on workers). Before it, what
     the hypervisor took from this machine during the run: a limit broken on a VM that lost much of its CPU to
@@ -286,6 +299,18 @@ def stop_users_first(runner, stop_timeout_s: float) -> None:
     --stop-timeout is there to wait for. Stopping them here waits as -t's end does; a run interrupted while -t's
     end is stopping them waits for that stop (at most --stop-timeout); after -t they are stopped."""
     if runner is None:
+        return
+    if isinstance(runner, MasterRunner) and runner.state in (STATE_SPAWNING, STATE_RUNNING):
+        # as -t's end does (`end_distributed_run`): a stop message would lose the workers' last stats (a worker
+        # sends none on it) and leave them running until a heartbeat timeout (the master forgets stopped ones)
+        log.info("the run was interrupted: telling %d worker(s) to quit (they finish their calls, at most "
+                 "--stop-timeout, and send their final stats) before the SLO gate", tell_workers_to_quit(runner))
+        deadline = time.monotonic() + stop_timeout_s + 60
+        while runner.clients.all and time.monotonic() < deadline:
+            gevent.sleep(0.1)
+        if runner.clients.all:
+            log.warning("workers %s did not quit within --stop-timeout + 60 s: judging without their last stats",
+                        [c.id for c in runner.clients.all])
         return
     if runner.state in (STATE_SPAWNING, STATE_RUNNING):
         log.info("the run was interrupted: stopping the users (waiting up to --stop-timeout for the calls still "

@@ -319,6 +319,58 @@ def test_a_distributed_runs_gate_counts_every_call_the_workers_made(servers, tin
     assert "Got quit message from master" in worker_log and worker_exit_s < 40  # not after a 60 s heartbeat timeout
 
 
+def test_an_interrupted_distributed_run_is_judged_with_the_workers_last_stats(tiny_llm_bundle, tmp_path, monkeypatch):
+    """SIGTERM to a master mid-run, calls taking 1.5 s: the master's own `quitting` listener, fired before the gate,
+    told the workers to quit and stopped listening 0.5 s later, so the gate judged without the stats a worker sent
+    once its running calls were done. The gate now fires first, tells the workers to quit and waits for them."""
+    import signal
+    import threading
+
+    from loadtest.servers import free_port
+    from loadtest.with_servers import TwoTierConfig, two_tier
+
+    monkeypatch.setenv("RANKING_INJECT_DELAY_MS", "1500")
+    counting = write(tmp_path / "counting_locustfile.py", COUNTING_LOCUSTFILE)
+    slo = write(tmp_path / "slo.toml", "max_error_rate = 0.0\n[rpc.\"Recommend/score\"]\np99_ms = 600000\n")
+    port, calls_file = free_port(), tmp_path / "worker_calls.txt"
+    common = ["-f", str(counting), "--bundle", str(tiny_llm_bundle), "--retrieve-share", "0",
+              "--generate-share", "0", "--k", "3", "--candidates", "6", "CountedCaller"]
+    config = TwoTierConfig(bundle=tiny_llm_bundle, log_dir=tmp_path / "logs", startup_timeout=300)
+    with two_tier(config) as (_, ranking):
+        worker = subprocess.Popen([sys.executable, "-m", "locust", *common, "--worker", "--master-port", str(port)],
+                                  cwd=REPO, env={**os.environ, "CALLS_FILE": str(calls_file)},
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        master = subprocess.Popen([sys.executable, "-m", "locust", *common, "--headless", "--host", ranking.target,
+                                   "--slo", str(slo), "-u", "2", "-r", "2", "-t", "120s", "--stop-timeout", "60",
+                                   "--only-summary", "--master", "--expect-workers", "1", "--master-bind-port",
+                                   str(port)], cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True)
+        watchdog = threading.Timer(180, lambda: (master.kill(), worker.kill()))  # a run that never gets going
+        watchdog.start()
+        try:
+            started = []
+            for line in master.stdout:
+                started.append(line)
+                if "All users spawned" in line:
+                    break
+            time.sleep(4)  # two calls each, the second one running, and a stats report in
+            master.send_signal(signal.SIGTERM)
+            output = "".join(started) + master.communicate(timeout=120)[0]
+            signalled = time.monotonic()
+            worker_log = worker.communicate(timeout=120)[0]
+            worker_exit_s = time.monotonic() - signalled
+        finally:
+            watchdog.cancel()
+            master.kill()
+            worker.kill()
+    judged = re.search(r"Aggregated error rate: measured [\d.]+%, limit 0.00% \((\d+) requests\)", output)
+    assert judged and calls_file.exists(), output[-3000:] + worker_log[-2000:]
+    assert "telling 1 worker(s) to quit" in output, output[-3000:]
+    made = int(calls_file.read_text())
+    assert made > 0 and int(judged.group(1)) == made, (made, judged.group(0), output[-3000:])
+    assert "Got quit message from master" in worker_log and worker_exit_s < 40  # not after a 60 s heartbeat timeout
+
+
 def test_bad_options_stop_the_run_before_it_starts(tiny_bundle, tmp_path):
     slo = write(tmp_path / "bad.toml", "[rpc.Retrieve]\np50 = 1\n")
     run = locust("127.0.0.1:1", tiny_bundle, slo, tmp_path, seconds=1)
