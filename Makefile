@@ -59,10 +59,11 @@ loadtest: bundle
 		--host {ranking} --retrieval-host {retrieval} --bundle $(BUNDLE) --slo $(SLO) $(LOCUST_ARGS) \
 		--csv reports/locust --html reports/locust.html
 
-# The side-by-side benchmark report (reports/bench.json, bench.md, plots); BENCH_ARGS=--quick for a smoke run.
+# The side-by-side benchmark report (reports/bench.json, bench.md, plots); BENCH_ARGS=--quick for a smoke run,
+# BENCH_ARGS="mixed --quick" (or retrieval, router) for another benchmark on the bundle.
 BENCH_ARGS ?=
 bench: bundle
-	$(PY) -m loadtest.bench --bundle $(BUNDLE) $(BENCH_ARGS)
+	$(PY) -m loadtest.bench $(BENCH_ARGS) --bundle $(BUNDLE)
 
 # Regenerates the stubs, then the recsys.v1 descriptor snapshot (refused when the change breaks v1).
 protos: install

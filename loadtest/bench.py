@@ -45,7 +45,7 @@ DEFAULT = "all"
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not set(argv) & {*BENCHMARKS, "-h", "--help"}:
+    if not set(argv) & set(BENCHMARKS) and argv[:1] not in (["-h"], ["--help"]):  # `--quick --help`: all's help
         argv = [DEFAULT, *argv]
     parser = argparse.ArgumentParser(prog="python -m loadtest.bench", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

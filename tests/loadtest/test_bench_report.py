@@ -303,6 +303,7 @@ def test_a_report_with_nan_is_written_as_strict_json(tmp_path):
     (["mixed", "--loads", "2", "--bundle", "no-such-bundle"], "mixed: "),
     (["retrieval", "--modes", "micro batching", "--bundle", "no-such-bundle"], "--modes: unknown"),
     (["gpu", "--generate-k", "1", "--device", "cpu"], "--generate-k must be >= 2"),  # crashed after the whole run
+    (["--pattern", "zipf", "--zipf-exponent", "0", "--bundle", "no-such-bundle"], "--zipf-exponent must be > 0"),
 ])
 def test_a_refused_option_is_one_line_and_exit_2_before_anything_runs(argv, named, capsys):
     from loadtest.bench import main
@@ -312,3 +313,16 @@ def test_a_refused_option_is_one_line_and_exit_2_before_anything_runs(argv, name
     assert exit_.value.code == 2
     error = capsys.readouterr().err
     assert named in error and "Traceback" not in error
+
+
+@pytest.mark.parametrize("argv, usage", [(["--quick", "--bundle", "b", "--help"], "python -m loadtest.bench all "),
+                                         (["mixed", "--quick", "--bundle", "b", "--help"], "python -m loadtest.bench mixed "),
+                                         (["--help"], "python -m loadtest.bench [-h] BENCHMARK")])
+def test_help_is_the_named_benchmarks_or_alls_when_options_come_first(argv, usage, capsys):
+    """`make bench BENCH_ARGS=...` passes the options, then --bundle: `--quick --help` is all's help (it was
+    the top-level one, and then `--bundle` was read as the benchmark's name)."""
+    from loadtest.bench import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 0 and usage in capsys.readouterr().out
