@@ -68,6 +68,9 @@ class CalibrateConfig:
     def __post_init__(self) -> None:
         for name in ("locust_args", "ranking_args"):  # refused now, not after the servers start
             split_flags(name, getattr(self, name))
+        if bool(self.ranking) != bool(self.retrieval):  # --retrieval alone: it started its own pair and measured those
+            raise ValueError("--ranking and --retrieval go together (both: running servers, the load includes "
+                             "Retrieve calls; neither: start both on --bundle)")
 
     @property
     def margins(self) -> dict[int, float]:
@@ -161,8 +164,6 @@ def calibrate(config: CalibrateConfig) -> Path:
     for stale in (stats_csv, exceptions_csv):  # an earlier run's: Locust writes them once its options were accepted
         stale.unlink(missing_ok=True)
     if config.ranking:
-        if not config.retrieval:
-            raise ValueError("--ranking needs --retrieval (the load includes Retrieve calls)")
         run = run_locust(config.ranking, config.retrieval, config, csv_prefix)
     else:
         from loadtest.with_servers import TwoTierConfig, two_tier

@@ -79,6 +79,13 @@ def test_locust_is_given_absolute_paths_and_shell_split_arguments(tmp_path, monk
         CalibrateConfig(locust_args="--tags 'a b")
 
 
+@pytest.mark.parametrize("servers", [{"ranking": "h:1"}, {"retrieval": "h:2"}])
+def test_one_running_server_without_the_other_is_refused(servers):
+    """--retrieval alone was ignored: calibrate started its own pair and measured those."""
+    with pytest.raises(ValueError, match="--ranking and --retrieval go together"):
+        CalibrateConfig(**servers)
+
+
 LOAD = "--k 3 --candidates 6 --generate-share 0 --retrieve-share 0.3"
 
 
