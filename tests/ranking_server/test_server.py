@@ -251,6 +251,33 @@ def test_both_modes_rank_k_distinct_candidates_exactly_as_the_evaluation_does(st
     assert response.timings.ranking_ms > 0
 
 
+def test_concurrent_users_each_get_their_own_ranking_from_shared_engine_steps(server_loop, bundle, retrieval,
+                                                                              reference):
+    """24 requests at once (12 users, each in score and generate mode with different candidate counts, so the
+    second of a user's calls can reuse the first's context KV): each answer is its own user's, as the reference
+    ranks it alone; the engine held several of them at once (64 tokens a step: each ~400-token prompt spans
+    several steps, so they overlap)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    server = start_ranking(server_loop, bundle, retrieval.server.address, max_tokens_per_step=64, max_k=26)
+    try:
+        stub, warm_up = stub_of(server), server.engine.stats().completed
+        calls = [(user, mode, k, num_candidates) for user in some_users(reference, 12)
+                 for mode, k, num_candidates in ((SCORE, 5, 12), (GENERATE, 4, 10))]
+        with ThreadPoolExecutor(len(calls)) as pool:
+            answers = list(pool.map(lambda c: recommend(stub, user_id=c[0], mode=c[1], k=c[2], num_candidates=c[3],
+                                                        request_id=f"together-{c[0]}-{c[1]}"), calls))
+        for (user, mode, k, num_candidates), response in zip(calls, answers):
+            expected = reference.ranking(mode, k, num_candidates, user, ())
+            assert not response.degraded and response.request_id == f"together-{user}-{mode}"
+            assert [item.item_id for item in response.items] == [i for i, _ in expected], (user, mode)
+            assert [item.score for item in response.items] == pytest.approx([s for _, s in expected], abs=1e-4)
+        stats = server.engine.stats()
+        assert stats.completed - warm_up == len(calls) and stats.max_active > 1, stats
+    finally:
+        server_loop.run(server.drain())
+
+
 def test_candidates_from_another_sasrec_are_ranked_counted_and_warned_about(ranking, stub, reference, caplog):
     """The ranker's fusion weights were fit on its bundle's SASRec: a retrieval tier serving another one (a rolling
     update, or another bundle) went unnoticed. Now each such answer is counted, and each new version warned once."""
