@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import asyncio
+import contextlib
 import random
 import threading
 import time
@@ -441,7 +442,8 @@ def test_a_request_aborted_during_a_pass_leaves_before_the_next_pass_of_the_step
 
 
 @pytest.mark.parametrize("score_first_ms, wait_ms, weight, first", [
-    (500.0, 0, 1.0, "score"), (0.0, 0, 1.0, "generate"), (20.0, 100, 1.0, "generate"), (500.0, 0, 0.0, "generate")],
+    (30_000.0, 0, 1.0, "score"), (0.0, 0, 1.0, "generate"), (20.0, 100, 1.0, "generate"),
+    (30_000.0, 0, 0.0, "generate")],  # 30 s: "recent" whatever a loaded machine puts between the two arrivals
     ids=["score-first", "arrival-order", "old-generate-keeps-its-turn", "generate-without-decoding-keeps-its-turn"])
 def test_score_requests_go_ahead_of_recent_generate_requests(tiny, score_first_ms, wait_ms, weight, first):
     """One slot, held; a generate request (logit weight `weight`) queues, then (wait_ms later) a score request:
@@ -737,18 +739,24 @@ def test_a_failed_snapshot_copy_is_skipped_not_the_requests_error(tiny, caplog):
         engine.close()
 
 
-def overlap_probe(engines, hold_s=0.005):
-    """Wraps each engine's forward pass: counts passes running at once (max in `seen["most"]`), each held
-    `hold_s` longer so that two unsynchronised engine threads surely overlap."""
+def overlap_probe(engines, meet_s=2.0):
+    """Wraps each engine's forward pass: counts passes running at once (max in `seen["most"]`). Each engine's first
+    pass waits (up to `meet_s`) inside the pass for the other engines' first passes to begin: unsynchronised engine
+    threads then surely overlap, while engines taking turns cannot meet there (the wait times out, they go on)."""
     lock, seen = threading.Lock(), {"now": 0, "most": 0}
+    meeting, met = threading.Barrier(len(engines)), set()
 
-    def wrap(forward):
+    def wrap(engine, forward):
         def probed(*args, **kwargs):
             with lock:
                 seen["now"] += 1
                 seen["most"] = max(seen["most"], seen["now"])
+                first = engine.name not in met
+                met.add(engine.name)
             try:
-                time.sleep(hold_s)
+                if first:
+                    with contextlib.suppress(threading.BrokenBarrierError):
+                        meeting.wait(meet_s)
                 return forward(*args, **kwargs)
             finally:
                 with lock:
@@ -756,7 +764,7 @@ def overlap_probe(engines, hold_s=0.005):
         return probed
 
     for engine in engines:
-        engine._forward = wrap(engine._forward)
+        engine._forward = wrap(engine, engine._forward)
     return seen
 
 
