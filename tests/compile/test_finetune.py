@@ -261,18 +261,19 @@ def test_listwise_loss_is_the_cross_entropy_of_the_target_over_fused_readouts(ti
 
 
 def test_with_retrieval_prior_gives_the_rows_the_term_merge_fuses_with(tiny_llm_bundle):
+    """Training fuses with the retrieval term serving uses: the weights merge wrote to ranker.json."""
     from compile.finetune import with_retrieval_prior
-    from compile.merge import fit_retrieval_term_weights
     from palr.ranking import retrieval_prior
 
+    ranker = json.loads((tiny_llm_bundle / "llm" / "ranker.json").read_text())
+    weights, collab_weight = ranker["retrieval_trend_weights"], ranker["retrieval_collab_weight"]
     train = [json.loads(x) for x in (tiny_llm_bundle / "llm" / "sft" / "train.jsonl").read_text().splitlines()]
     ranked = [r for r in train if r.get("retrieval_scores")]
     (rows,) = with_retrieval_prior(train, 8, ranked)
-    weights, collab_weight = fit_retrieval_term_weights(train, 8)
     assert weights is not None and collab_weight is not None and len(rows) == len(ranked)
     for before, after in zip(ranked, rows):
-        assert after["retrieval_scores"] == retrieval_prior(before["retrieval_scores"], before["trend"], weights,
-                                                            before["collab"], collab_weight)
+        assert after["retrieval_scores"] == pytest.approx(retrieval_prior(
+            before["retrieval_scores"], before["trend"], weights, before["collab"], collab_weight), abs=1e-6)
         assert after["input_ids"] == before["input_ids"] and after["target_position"] == before["target_position"]
 
 
