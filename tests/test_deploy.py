@@ -12,11 +12,12 @@ from pathlib import Path
 
 import pytest
 
+import yaml
+
 from palr.cli import add_config_arguments
 from ranking_server.config import RankingServerConfig
 from retrieval_server.config import RetrievalServerConfig
 
-yaml = pytest.importorskip("yaml")
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "deploy" / "k8s"

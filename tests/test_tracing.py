@@ -19,8 +19,6 @@ from recsys.v1 import ranking_pb2, ranking_pb2_grpc
 from retrieval_server.config import RetrievalServerConfig
 from retrieval_server.server import RetrievalServer
 
-pytest.importorskip("opentelemetry.sdk")
-
 
 @pytest.fixture(scope="module")
 def traced(server_loop, tiny_llm_bundle: Path):
