@@ -1,9 +1,10 @@
 """How concurrent requests reach a blocking batch function (ONNX Runtime) from the event loop.
 
-Two runners with the same interface (`start`, `await submit(item)`, `close`):
+Two runners with the same interface (`start`, `await submit(item, deadline)`, `close`):
 
 - `MicroBatcher` keeps one call in flight; requests that arrive meanwhile queue up and go
-  together in the next call (up to `max_batch_size`; optionally waiting `window_s` for more).
+  together in the next call (up to `max_batch_size`; optionally waiting `window_s` for more, but
+  never past the moment a waiting request's deadline needs its call to start).
   With window 0 it adds no latency when idle and batches exactly when the machine is busy.
 - `DirectRunner` makes one call per request, `workers` of them at a time.
 
@@ -16,6 +17,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Generic, Sequence, TypeVar
 
@@ -24,6 +26,7 @@ log = logging.getLogger(__name__)
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 BatchFn = Callable[[Sequence[Item]], Sequence[Result]]
+DEADLINE_RESERVE_S = 0.05  # the least a deadline's window keeps back for its call and the answer's way back
 
 
 class RunnerStopped(RuntimeError):
@@ -39,9 +42,10 @@ class MicroBatcher(Generic[Item, Result]):
         self.window_s = window_s
         self.on_stopped = on_stopped  # called with the reason if the loop dies (the server turns NOT_SERVING)
         self._pending: collections.deque[tuple[Item, asyncio.Future]] = collections.deque()
+        self._deadlines: dict[asyncio.Future, float] = {}  # time.monotonic() by which a waiting caller needs its answer
+        self._call_s = 0.0  # how long the last call took (a deadline's call starts twice that before it)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="micro-batcher")
         self._arrived = asyncio.Event()
-        self._full = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._running: list[tuple[Item, asyncio.Future]] = []  # the batch in the worker now
 
@@ -74,21 +78,24 @@ class MicroBatcher(Generic[Item, Result]):
             if not future.done():
                 future.set_exception(error)
 
-    async def submit(self, item: Item) -> Result:
+    async def submit(self, item: Item, deadline: float | None = None) -> Result:
+        """`item`'s result; `deadline` (time.monotonic()) ends the batch window early enough for its call."""
         if self._task is not None and self._task.done():
             raise RunnerStopped(self._stop_reason())
         future = asyncio.get_running_loop().create_future()
         entry = (item, future)
         self._pending.append(entry)
+        if deadline is not None:
+            self._deadlines[future] = deadline
         self._arrived.set()
-        if len(self._pending) >= self.max_batch_size:
-            self._full.set()
         try:
             return await future
         except asyncio.CancelledError:  # leaves the queue at once: it must not count towards a full batch
             with contextlib.suppress(ValueError):  # not there: taken into a batch already
                 self._pending.remove(entry)
             raise
+        finally:
+            self._deadlines.pop(future, None)
 
     async def close(self) -> None:
         if self._task is not None:
@@ -106,6 +113,7 @@ class MicroBatcher(Generic[Item, Result]):
             if not batch:
                 continue
             self._running = batch  # until answered: a close or a dying loop fails these too
+            started = time.monotonic()
             try:
                 results = await loop.run_in_executor(self._executor, self.run_batch, [item for item, _ in batch])
             except Exception as e:  # the callers get the error; the loop goes on
@@ -114,6 +122,7 @@ class MicroBatcher(Generic[Item, Result]):
                     if not future.done():
                         future.set_exception(e)
                 continue
+            self._call_s = time.monotonic() - started
             for (_, future), result in zip(batch, results):
                 if not future.done():  # else cancelled while the batch ran
                     future.set_result(result)
@@ -122,18 +131,28 @@ class MicroBatcher(Generic[Item, Result]):
         while not self._pending:
             self._arrived.clear()
             await self._arrived.wait()
-        if self.window_s > 0 and len(self._pending) < self.max_batch_size:
-            self._full.clear()
-            with contextlib.suppress(asyncio.TimeoutError):  # not the builtin TimeoutError before 3.11
-                await asyncio.wait_for(self._full.wait(), self.window_s)
+        if self.window_s > 0:
+            await self._window(time.monotonic() + self.window_s)
         batch = []
         while self._pending and len(batch) < self.max_batch_size:  # requests cancelled meanwhile take no place
             item, future = self._pending.popleft()
             if not future.cancelled():
                 batch.append((item, future))
-        if len(self._pending) < self.max_batch_size:
-            self._full.clear()
         return batch
+
+    async def _window(self, end: float) -> None:
+        """Waits for more requests until the batch is full or `end`, or, sooner, until a waiting request's deadline
+        less twice the last call's duration (a bigger batch takes longer, and the answer still has to travel), and
+        at least DEADLINE_RESERVE_S (before any call was timed)."""
+        while len(self._pending) < self.max_batch_size:
+            deadlines = [self._deadlines[f] for _, f in self._pending if f in self._deadlines]
+            close = min([end, *(d - max(2 * self._call_s, DEADLINE_RESERVE_S) for d in deadlines)])
+            remaining = close - time.monotonic()
+            if remaining <= 0:
+                return
+            self._arrived.clear()
+            with contextlib.suppress(asyncio.TimeoutError):  # not the builtin TimeoutError before 3.11
+                await asyncio.wait_for(self._arrived.wait(), remaining)
 
 
 class DirectRunner(Generic[Item, Result]):
@@ -144,7 +163,7 @@ class DirectRunner(Generic[Item, Result]):
     def start(self) -> None:
         pass
 
-    async def submit(self, item: Item) -> Result:
+    async def submit(self, item: Item, deadline: float | None = None) -> Result:  # noqa: ARG002 - no window to end
         results = await asyncio.get_running_loop().run_in_executor(self._executor, self.run_batch, [item])
         return results[0]
 

@@ -22,7 +22,8 @@ class RetrievalServerConfig(ServerConfig):
                 "per request"})
     batch_window_ms: float = field(default=0.0, metadata={
         "help": "how long the micro-batcher waits for more requests before an ORT call that is not "
-                "full; 0 = batch only what queued up while the previous call ran"})
+                "full (never past a waiting request's deadline less twice the last call's time, at least 50 ms); "
+                "0 = batch only what queued up while the previous call ran"})
     workers: int = field(default=1, metadata={
         "help": "ORT calls that may run at once when batching is off (--max-batch-size 1)"})
     max_queue: int = field(default=1024, metadata={

@@ -52,10 +52,11 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
         self._popularity_share = np.array([0.0] + [item.train_count / total for item in catalog.items],
                                           dtype=np.float32)  # [num_indices]
         self._popularity_order = catalog.popularity_order()
-        self._model: Callable[[Query], Awaitable[Ranked]] | None = None
+        self._model: Callable[[Query, float | None], Awaitable[Ranked]] | None = None
 
-    def attach(self, model: Callable[[Query], Awaitable[Ranked]]) -> None:
-        """Connects the warmed-up model; until then Retrieve answers UNAVAILABLE."""
+    def attach(self, model: Callable[[Query, float | None], Awaitable[Ranked]]) -> None:
+        """Connects the warmed-up model (called with the query and the caller's deadline on time.monotonic(), or
+        None); until then Retrieve answers UNAVAILABLE."""
         self._model = model
 
     async def Retrieve(self, request: retrieval_pb2.RetrieveRequest, context: grpc.aio.ServicerContext) -> None:
@@ -65,7 +66,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
                 raise invalid_argument(REQUEST_ID_RULE)
             await self._retrieve(request, context, rid)
 
-    async def _ask_model(self, query: Query) -> Ranked:
+    async def _ask_model(self, query: Query, deadline: float | None) -> Ranked:
         """The model's answer, or RESOURCE_EXHAUSTED at once when `max_queue` requests already wait for it:
         under overload a caller learns it now and can go elsewhere, instead of waiting out its deadline. A
         runner that has stopped (its loop died; the server is closing) is UNAVAILABLE, the code callers' channels
@@ -76,7 +77,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
                                f"retry later or elsewhere", trailing_metadata=(QUEUE_FULL,))
         self._waiting += 1
         try:
-            return await self._model(query)
+            return await self._model(query, deadline)
         except RunnerStopped as e:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, f"{e}; this replica cannot run the model, retry on "
                                                             f"another") from None
@@ -90,7 +91,9 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
         if self._model is None:
             raise RequestError(grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry when health is SERVING")
         if plan.history:
-            ranked = await self._ask_model(Query(history=plan.history, exclude=plan.exclude, k=plan.k))
+            remaining = context.time_remaining()  # None: the caller set no deadline
+            ranked = await self._ask_model(Query(history=plan.history, exclude=plan.exclude, k=plan.k),
+                                           None if remaining is None else time.monotonic() + remaining)
         else:
             ranked = self.popular(plan.exclude, plan.k)
         truncated = len(plan.history) > self.max_len

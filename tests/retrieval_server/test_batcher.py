@@ -210,3 +210,45 @@ def test_requests_cancelled_while_queued_do_not_fill_a_batch():
 
     assert asyncio.run(scenario()) == [4, 9]
     assert [b for b in fn.batches if 2 in b or 3 in b] == [[2, 3]]
+
+
+def test_a_requests_deadline_ends_the_window_early_enough_for_its_call():
+    """A 30 s window waits for more requests, but not past a waiting request's deadline less twice the last call's
+    duration (0.5 s here): the batch starts by then and answers it in time, taking the others waiting with it."""
+    import time
+
+    starts: list[float] = []
+
+    def slow_squares(items):
+        starts.append(time.monotonic())
+        time.sleep(0.5)
+        return [x * x for x in items]
+
+    async def scenario():
+        batcher = MicroBatcher(slow_squares, max_batch_size=8, window_s=30.0)
+        batcher.start()
+        try:
+            assert await batcher.submit(3, deadline=time.monotonic()) == 9  # no wait; it measures a 0.5 s call
+            first = asyncio.ensure_future(batcher.submit(1))  # no deadline: would wait out the 30 s window
+            await asyncio.sleep(0.05)
+            deadline = time.monotonic() + 2.0
+            second = await batcher.submit(2, deadline=deadline)
+            return deadline, await first, second, time.monotonic()
+        finally:
+            await batcher.close()
+
+    deadline, first, second, answered = asyncio.run(scenario())
+    assert (first, second) == (1, 4) and answered <= deadline
+    assert len(starts) == 2 and starts[1] <= deadline - 0.8  # the window closed ~1 s before the deadline
+
+
+def test_the_direct_runner_takes_a_deadline_and_ignores_it():
+    assert asyncio.run(_submit_all(DirectRunner(Squares()), [2])) == [4]
+    runner = DirectRunner(Squares())
+
+    async def one():
+        try:
+            return await runner.submit(3, deadline=0.0)
+        finally:
+            await runner.close()
+    assert asyncio.run(one()) == 9

@@ -271,6 +271,21 @@ def test_concurrent_requests_share_ort_calls_and_each_gets_its_own_answer(server
         server_loop.run(batched.drain())
 
 
+def test_a_batch_window_longer_than_a_callers_deadline_still_answers_it(server_loop, tiny_bundle, facts):
+    """--batch-window-ms 20000 and a lone caller with a 3 s deadline: the window closes in time for its call (it
+    waited the whole window and the caller got DEADLINE_EXCEEDED)."""
+    windowed = start(server_loop, RetrievalServerConfig(bundle=tiny_bundle, port=0, max_batch_size=16,
+                                                        batch_window_ms=20_000))
+    try:
+        user = some_users(facts, 1)[0]
+        with grpc.insecure_channel(windowed.server.address) as channel:
+            stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
+            ranked = ranking(stub.Retrieve(retrieval_pb2.RetrieveRequest(user_id=user, k=5), timeout=3))
+        assert_same_ranking(ranked, facts.reference(facts.histories[user], [], 5))
+    finally:
+        server_loop.run(windowed.drain())
+
+
 def test_one_ort_call_per_request_gives_the_same_answers(server_loop, tiny_bundle, facts):
     direct = start(server_loop, RetrievalServerConfig(bundle=tiny_bundle, port=0, max_batch_size=1, workers=2))
     try:
