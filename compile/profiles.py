@@ -54,6 +54,15 @@ class ProfilesConfig:
     users: int = field(default=0, metadata={"help": "profile only the first N users (0 = all); for experiments"})
     force: bool = field(default=False, metadata={"help": "redo the step even if its inputs are unchanged"})
 
+    def __post_init__(self) -> None:
+        if self.block_items < 2:  # summaries are folded block_items at a time: 1 never gets down to one
+            raise ValueError(f"--block-items must be >= 2, got {self.block_items}")
+        for name in ("max_items", "keywords", "max_new_tokens", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.users < 0:
+            raise ValueError(f"--users must be >= 0 (0 = all), got {self.users}")
+
 
 def _history_key(items: Sequence[Item], config: ProfilesConfig) -> str:
     ids = ",".join(item.id for item in items[-config.max_items:])

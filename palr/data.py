@@ -64,7 +64,14 @@ def read_atomic(path: str | Path) -> AtomicTable:
     path = Path(path)
     if not path.is_file():
         raise AtomicFileError(f"{path}: no such file")
-    with path.open(encoding="utf-8", newline="") as f:
+    try:
+        return _read_atomic(path)
+    except UnicodeDecodeError as e:  # e.g. the original Latin-1 u.item: name the file, not a bare codec error
+        raise AtomicFileError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason}); convert it to UTF-8") from None
+
+
+def _read_atomic(path: Path) -> AtomicTable:
+    with path.open(encoding="utf-8-sig", newline="") as f:  # -sig: a byte-order mark is not part of the header
         header = f.readline().rstrip("\r\n")
         if not header:
             raise AtomicFileError(f"{path}:1: empty header; expected tab-separated name:type fields")
@@ -110,7 +117,8 @@ class DatasetFiles:
         if len(inters) != 1:
             raise AtomicFileError(f"{data_dir}: expected exactly one .inter file, found {len(inters)}")
         stem = inters[0].with_suffix("")
-        item, user = stem.with_suffix(".item"), stem.with_suffix(".user")
+        # beside it, not stem.with_suffix (a dotted name, `ml.v2`, would look for `ml.item`)
+        item, user = stem.with_name(stem.name + ".item"), stem.with_name(stem.name + ".user")
         return cls(
             name=stem.name,
             inter=inters[0],

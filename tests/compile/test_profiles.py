@@ -140,3 +140,11 @@ def test_a_new_version_of_the_profilers_code_makes_the_profiles_step_stale(tiny_
         monkeypatch.setattr(compile.profiles, "VERSION", compile.profiles.VERSION + 1)
         run(config)
         assert "profiles are current" not in caplog.text
+
+
+@pytest.mark.parametrize("field, value", [("block_items", 1), ("block_items", 0), ("max_items", 0), ("users", -1)])
+def test_settings_that_cannot_work_are_refused(field, value):
+    """--block-items 1 folded one summary at a time forever (an endless loop on the GPU); 0 was a bare range()
+    error."""
+    with pytest.raises(ValueError, match=field.replace("_", "-")):
+        ProfilesConfig(**{field: value})

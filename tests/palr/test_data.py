@@ -84,6 +84,25 @@ def test_ml100k_catalog(ml100k):
     assert catalog.popularity_order()[0] == catalog.index("50")  # Star Wars
 
 
+def test_a_byte_order_mark_is_not_part_of_the_header_and_latin_1_is_named(tmp_path):
+    f = tmp_path / "x.inter"
+    f.write_bytes("\ufeffuser_id:token\titem_id:token\ttimestamp:float\n1\t2\t5\n".encode())
+    assert read_atomic(f).names == ["user_id", "item_id", "timestamp"]  # was "no field 'user_id'"
+    f = tmp_path / "x.item"
+    f.write_bytes("item_id:token\ttitle:token_seq\n1\tMis\u00e9rables\n".encode("latin-1"))
+    with pytest.raises(AtomicFileError, match=r"x\.item: not UTF-8 text"):
+        read_atomic(f)
+
+
+def test_a_dotted_dataset_name_finds_its_item_and_user_files(tmp_path):
+    d = tmp_path / "ml.v2"
+    d.mkdir()
+    for suffix in ("inter", "item", "user"):
+        write(d / f"ml.v2.{suffix}", "x:token\n")
+    files = DatasetFiles.locate(d)
+    assert (files.name, files.item, files.user) == ("ml.v2", d / "ml.v2.item", d / "ml.v2.user")  # item was None
+
+
 def test_locate_dataset_errors(tmp_path):
     with pytest.raises(AtomicFileError, match="does not exist"):
         DatasetFiles.locate(tmp_path / "nope")
