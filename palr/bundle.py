@@ -196,7 +196,7 @@ class Bundle:
         """This manifest := `on_disk` plus this process's own changes (see `save`)."""
         for kind in ("artifacts", "steps"):
             opened, ours, merged = self._as_opened[kind], getattr(self.manifest, kind), dict(getattr(on_disk, kind))
-            for name in set(opened) | set(ours):
+            for name in sorted(set(opened) | set(ours)):  # sorted: new names in one order whatever the hash seed
                 if name not in ours:
                     merged.pop(name, None)  # removed here
                 elif opened.get(name) != ours[name]:

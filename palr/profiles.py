@@ -69,10 +69,11 @@ class StatsProfiler:
     def longest(self, tokens: Callable[[str], int]) -> str:
         """A profile at least as long, in `tokens(text)`, as any this profiler writes for this catalog: the
         longest genre names in every slot, two decades, the longest popularity phrase."""
+        # ties in length broken by name: one text whatever the hash seed ordered the sets in
         genres = sorted({g for item in self.catalog.items for g in item.genres if g not in _UNKNOWN_GENRES},
-                        key=lambda g: -tokens(" " + g))
+                        key=lambda g: (-tokens(" " + g), g))
         decades = sorted({item.year[:3] + "0s" for item in self.catalog.items if item.year},
-                         key=lambda d: -tokens(" " + d))
+                         key=lambda d: (-tokens(" " + d), d))
         parts = [", ".join(genres[:self.settings.genres])]
         if self.settings.recent_genres and genres:
             parts.append("lately " + ", ".join(genres[:self.settings.recent_genres]))

@@ -15,6 +15,6 @@ def load_histories(path: Path, catalog: Catalog) -> dict[str, list[int]]:
     try:
         users = json.loads(Path(path).read_text())["users"]
         histories = {user: catalog.indices(entry["history"]) for user, entry in users.items()}
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError) as e:  # AttributeError: "users" is not an object
         raise BundleError(f"{path}: not a users file of this catalog ({type(e).__name__}: {e})") from None
     return histories

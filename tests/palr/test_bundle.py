@@ -109,3 +109,36 @@ def test_two_writers_keep_each_others_entries(tmp_path):
     assert {"engine:hf-cpu", "engine:hf-cuda", "kept", "edited"} == set(merged.artifacts)
     assert merged.artifacts["edited"]["note"] == "changed in place"
     assert set(merged.steps) == {"build:hf-cpu", "build:hf-cuda"}
+
+
+def test_new_artifacts_go_into_the_manifest_in_one_order_whatever_the_hash_seed(tmp_path):
+    """save() over a manifest on disk merged new names in set order: the same build wrote a manifest.json of
+    another key order."""
+    import os
+    import subprocess
+    import sys
+
+    script = ("import sys; from pathlib import Path; from palr.bundle import Bundle\n"
+              "root = Path(sys.argv[1]); Bundle.open_or_create(root).save(); b = Bundle.open(root)\n"
+              "for name in ('sasrec', 'catalog', 'users', 'trends', 'collab', 'profiles', 'zeta', 'alpha'):\n"
+              "    (root / name).write_text(name); b.add_artifact(name, name, kind='text')\n"
+              "b.save()\n")
+    orders = set()
+    for seed in ("1", "2", "3", "4"):
+        root = tmp_path / seed
+        root.mkdir()
+        subprocess.run([sys.executable, "-c", script, str(root)], check=True,
+                       env={**os.environ, "PYTHONHASHSEED": seed})
+        orders.add(tuple(json.loads((root / "manifest.json").read_text())["artifacts"]))
+    assert len(orders) == 1, orders
+
+
+@pytest.mark.parametrize("text", ['{"users": []}', '{"users": {"u1": {"items": []}}}', '[]', '{'])
+def test_a_users_file_of_another_shape_is_a_bundle_error(tmp_path, text):
+    from palr.catalog import Catalog, Item
+    from palr.users import load_histories
+
+    path = tmp_path / "users.json"
+    path.write_text(text)
+    with pytest.raises(BundleError, match="not a users file"):  # a list of users was a bare AttributeError
+        load_histories(path, Catalog([Item(id="1", title="One", year="", genres=(), train_count=1)]))
