@@ -31,7 +31,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from compile import export_onnx
 from palr.sasrec import PAD, SASRec, SASRecArch, mask_items
 from palr import metrics
-from palr.bundle import Bundle, fingerprint
+from palr.bundle import Bundle, fingerprint, write_atomically
 from palr.corpus import Corpus
 
 log = logging.getLogger(__name__)
@@ -263,7 +263,7 @@ def write_data_artifacts(bundle: Bundle, corpus: Corpus) -> None:
     corpus.catalog.save(bundle.root / "catalog.json")
     bundle.add_artifact("catalog", "catalog.json", items=len(corpus.catalog))
     users = {u: {"history": corpus.split.test_history(u)} for u in sorted(corpus.split.train)}
-    (bundle.root / "users.json").write_text(json.dumps({"users": users}))
+    write_atomically(bundle.root / "users.json", json.dumps({"users": users}))
     bundle.add_artifact("users", "users.json", users=len(users), history="train + valid items, oldest first")
 
 

@@ -12,6 +12,7 @@ Servers call `Bundle.open(dir).verify([...])` before loading anything.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import fcntl
 import hashlib
@@ -24,7 +25,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, BinaryIO, Callable, TypeVar
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -37,13 +38,27 @@ class BundleError(RuntimeError):
     """A bundle that is missing, incomplete, corrupted, or built for other hardware."""
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """`path` holds `text` whole or keeps what it held: written beside it, then renamed over it (an interrupted
-    step or report leaves no half-written file for a later reader)."""
+def write_atomically(path: Path, content: str | bytes | Callable[[BinaryIO], None]) -> None:
+    """`path` holds `content` whole or keeps what it held (an interrupted step or report leaves no half-written file
+    for a later reader): text (UTF-8), bytes, or a function writing to the open binary file, written to a temporary
+    file beside it (a name of its own per writer, removed if the write fails), flushed to disk, renamed over it."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".part")
-    tmp.write_text(text)
-    tmp.replace(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it 0600: a server running as another user must read it
+        with os.fdopen(fd, "wb") as f:
+            if callable(content):
+                content(f)
+            else:
+                f.write(content.encode() if isinstance(content, str) else content)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 T = TypeVar("T")
@@ -52,16 +67,21 @@ T = TypeVar("T")
 def write_directory(path: Path, write: Callable[[Path], T]) -> T:
     """`write(part)` into a folder beside `path` (`.NAME.part`), which then replaces `path`: `path` holds the old
     folder or the whole new one, whatever stops the write (a failed one leaves no part behind); `write`'s result.
-    The folder twin of `write_atomically` (a model, a checkpoint, an adapter)."""
-    part = path.with_name(f".{path.name}.part")
+    The folder twin of `write_atomically` (a model, a checkpoint, an adapter). The old folder is renamed aside
+    (`.NAME.old`) and deleted after the swap, not before: only a stop between two renames leaves `path` empty
+    (the old folder then waits at `.NAME.old`), not one during the deletion of a model of many GB."""
+    part, old = path.with_name(f".{path.name}.part"), path.with_name(f".{path.name}.old")
     _remove(part)
     try:
         result = write(part)
     except BaseException:
         _remove(part)
         raise
-    _remove(path)
+    _remove(old)
+    if path.is_symlink() or path.exists():
+        path.rename(old)
     part.rename(path)
+    _remove(old)
     return result
 
 
@@ -185,11 +205,7 @@ class Bundle:
                 self._merge_into(Manifest.from_json(path.read_text(), path))
             self.manifest.updated_at = _now()
             self.manifest.packages = package_versions()
-            fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".manifest.", suffix=".json")
-            os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes it 0600: a server running as another user must read it
-            with os.fdopen(fd, "w") as f:
-                f.write(self.manifest.to_json())
-            os.replace(tmp, path)
+            write_atomically(path, self.manifest.to_json())
             self._as_opened = _entries(self.manifest)
 
     def _merge_into(self, on_disk: Manifest) -> None:

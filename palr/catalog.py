@@ -11,6 +11,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from palr.bundle import write_atomically
 from palr.data import AtomicTable, DatasetFiles, read_atomic
 
 PAD_INDEX = 0
@@ -87,7 +88,7 @@ class Catalog:
 
     def save(self, path: str | Path) -> None:
         rows = [{**asdict(item), "genres": list(item.genres)} for item in self.items]
-        Path(path).write_text(json.dumps({"items": rows}, ensure_ascii=False, indent=0))
+        write_atomically(Path(path), json.dumps({"items": rows}, ensure_ascii=False, indent=0))
 
     @classmethod
     def load(cls, path: str | Path) -> "Catalog":

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from palr.bundle import write_atomically
+
 FILE = "collab.npy"
 
 
@@ -66,8 +68,7 @@ class CollabTable:
         return [by_column.get(c, 0.0) for c in candidates]
 
     def save(self, path: str | Path) -> None:
-        with open(path, "wb") as f:  # np.save would append .npy to a name without it
-            np.save(f, self.weights)
+        write_atomically(Path(path), lambda f: np.save(f, self.weights))  # to the open file: no .npy added
 
     @classmethod
     def load(cls, path: str | Path) -> "CollabTable":

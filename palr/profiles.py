@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from palr.bundle import write_atomically
 from palr.catalog import Catalog, Item
 
 METHODS = ("stats", "llm")
@@ -104,7 +105,7 @@ class Profiles:
     settings: dict = field(default_factory=dict)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(asdict(self), ensure_ascii=False, indent=0, sort_keys=True))
+        write_atomically(Path(path), json.dumps(asdict(self), ensure_ascii=False, indent=0, sort_keys=True))
 
     @classmethod
     def load(cls, path: str | Path) -> "Profiles":

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from palr.bundle import write_atomically
+
 DAY_S = 86400.0
 FILE = "trends.npz"
 
@@ -75,9 +77,9 @@ class TrendTable:
 
     def save(self, path: str | Path) -> None:
         users = sorted(self.as_of)
-        with open(path, "wb") as f:  # np.savez would append .npz to a name without it
-            np.savez(f, times=self.times, items=self.items, num_indices=np.int64(self.num_indices),
-                     users=np.array(users, dtype=str), as_of=np.array([self.as_of[u] for u in users], dtype=np.float64))
+        write_atomically(Path(path), lambda f: np.savez(  # to the open file: savez would add .npz to a bare name
+            f, times=self.times, items=self.items, num_indices=np.int64(self.num_indices),
+            users=np.array(users, dtype=str), as_of=np.array([self.as_of[u] for u in users], dtype=np.float64)))
 
     @classmethod
     def load(cls, path: str | Path) -> "TrendTable":

@@ -142,3 +142,58 @@ def test_a_users_file_of_another_shape_is_a_bundle_error(tmp_path, text):
     path.write_text(text)
     with pytest.raises(BundleError, match="not a users file"):  # a list of users was a bare AttributeError
         load_histories(path, Catalog([Item(id="1", title="One", year="", genres=(), train_count=1)]))
+
+
+def test_write_atomically_writes_text_bytes_or_a_writer_and_a_failed_write_keeps_the_old_file(tmp_path):
+    from palr.bundle import write_atomically
+
+    path = tmp_path / "sub" / "f.json"
+    write_atomically(path, "héllo")
+    assert path.read_text(encoding="utf-8") == "héllo"
+    write_atomically(path, b"\x00\x01")
+    assert path.read_bytes() == b"\x00\x01"
+    write_atomically(path, lambda f: f.write(b"from a writer"))
+    assert path.read_bytes() == b"from a writer"
+
+    def half_then_fail(f):
+        f.write(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_atomically(path, half_then_fail)
+    assert path.read_bytes() == b"from a writer"
+    assert sorted(p.name for p in path.parent.iterdir()) == ["f.json"]  # no temporary file left to be hashed
+    assert path.stat().st_mode & 0o777 == 0o666 & ~_current_umask()  # readable as a plain file is
+
+
+def _current_umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_write_directory_swaps_the_folder_and_a_failed_write_keeps_the_old_one(tmp_path):
+    from palr.bundle import write_directory
+
+    path = tmp_path / "model"
+    path.mkdir()
+    (path / "old.bin").write_text("old")
+
+    def fill(part):
+        part.mkdir()
+        (part / "new.bin").write_text("new")
+        return "done"
+
+    def fail(part):
+        part.mkdir()
+        (part / "half.bin").write_text("half")
+        raise RuntimeError("stopped")
+
+    with pytest.raises(RuntimeError, match="stopped"):
+        write_directory(path, fail)
+    assert [p.name for p in path.iterdir()] == ["old.bin"]
+    assert write_directory(path, fill) == "done"
+    assert [p.name for p in path.iterdir()] == ["new.bin"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no .model.part, no .model.old
