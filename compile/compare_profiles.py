@@ -24,7 +24,7 @@ from compile.sft_data import read_jsonl
 from palr import metrics
 from palr.bundle import Bundle, write_atomically
 from palr.catalog import Catalog
-from palr.profiles import METHODS as PROFILE_METHODS
+from palr.profiles import METHODS as PROFILE_METHODS, Profiles
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +43,13 @@ class CompareProfilesConfig:
 
 
 def profiles_for(method: str, bundle: Bundle, catalog: Catalog, histories) -> list[str]:
+    """`method`'s profiles of `histories`: for the bundle's own method with the settings it recorded (what the
+    merged model was tuned on), else that method's defaults."""
     if method == "none":
         return [""] * len(histories)
-    make = profiler(bundle, catalog, ProfilesConfig(bundle=bundle.root, method=method))
+    chosen = Profiles.load(bundle.path("profiles"))
+    settings = chosen.settings if chosen.method == method else {}
+    make = profiler(bundle, catalog, ProfilesConfig(bundle=bundle.root, method=method, **settings))
     return make(histories, progress=f"{method} profiles")
 
 

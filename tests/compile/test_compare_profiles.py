@@ -27,3 +27,24 @@ def test_compares_every_method_for_every_model_on_validation_users(tiny_llm_bund
     assert json.loads((bundle / "reports" / "compare_profiles.json").read_text()) == report
     with pytest.raises(ValueError, match="--methods"):
         run(CompareProfilesConfig(bundle=bundle, methods=["tfidf"]))
+
+
+def test_the_bundles_own_method_is_compared_with_the_settings_it_was_built_with(tiny_llm_bundle, tmp_path, monkeypatch):
+    """LLM profiles built with --max-items 6 --block-items 3 were compared as the defaults (40 and 20) wrote them:
+    not the profiles the merged model was tuned on."""
+    import compile.compare_profiles as compare
+    from palr.bundle import Bundle
+    from palr.profiles import Profiles
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_llm_bundle, bundle, symlinks=True)
+    settings = {"max_items": 6, "block_items": 3, "keywords": 5, "max_new_tokens": 4}
+    Profiles("llm", {}, settings).save(bundle / "profiles.json")
+    seen = {}
+    monkeypatch.setattr(compare, "profiler", lambda b, c, config: seen.setdefault(config.method, config) and
+                        (lambda histories, progress: [""] * len(histories)))
+    opened = Bundle.open(bundle)
+    for method in ("llm", "stats"):
+        compare.profiles_for(method, opened, None, [[]])
+    assert {k: getattr(seen["llm"], k) for k in settings} == settings
+    assert seen["stats"].max_items == compare.ProfilesConfig().max_items  # another method: its defaults
