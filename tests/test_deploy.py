@@ -25,8 +25,24 @@ DOCKER = REPO / "deploy" / "docker"
 SERVERS = {"retrieval_server": RetrievalServerConfig, "ranking_server": RankingServerConfig}
 
 
+OVERLAYS = ("cpu", "trtllm")  # kubectl apply -k deploy/k8s/<overlay>: base/ plus that ranking Deployment
+
+
 def documents() -> list[dict]:
-    return [doc for path in sorted(K8S.glob("*.yaml")) for doc in yaml.safe_load_all(path.read_text()) if doc]
+    """Every resource in deploy/k8s (both overlays' ranking Deployments among them), kustomizations left out."""
+    return [doc for path in sorted(K8S.rglob("*.yaml")) if path.name != "kustomization.yaml"
+            for doc in yaml.safe_load_all(path.read_text()) if doc]
+
+
+def overlay_documents(overlay: str) -> list[dict]:
+    """What `kubectl apply -k deploy/k8s/<overlay>` applies: its resources, a folder's expanded (kustomize)."""
+    def expand(folder: Path) -> list[dict]:
+        docs = []
+        for name in yaml.safe_load((folder / "kustomization.yaml").read_text())["resources"]:
+            path = (folder / name).resolve()
+            docs += expand(path) if path.is_dir() else [d for d in yaml.safe_load_all(path.read_text()) if d]
+        return docs
+    return expand(K8S / overlay)
 
 
 def deployments() -> list[tuple[dict, dict]]:
@@ -43,15 +59,26 @@ def server_args(container: dict) -> argparse.Namespace:
     return parser.parse_args(args)
 
 
-def test_every_manifest_parses_and_kustomize_lists_the_base_files():
-    kinds = sorted(doc["kind"] for doc in documents())
-    assert kinds.count("Deployment") == 3  # ranking.yaml + ranking-trtllm.yaml
-    services = {doc["metadata"]["name"]: doc["spec"] for doc in documents() if doc["kind"] == "Service"}
-    assert set(services) == {"retrieval-headless", "ranking", "ranking-headless"}
-    assert services["ranking-headless"]["clusterIP"] == "None"
-    assert services["ranking-headless"]["selector"] == services["ranking"]["selector"]
-    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
-    assert all((K8S / name).is_file() for name in kustomization["resources"])
+def test_every_manifest_parses_and_each_overlay_is_the_base_plus_its_own_ranking_deployment():
+    """One kustomization per hardware: the CPU one was the only one, and re-applying it after swapping in the GPU
+    Deployment by hand quietly put the tier back on CPU."""
+    assert not (K8S / "kustomization.yaml").exists()  # `apply -k deploy/k8s` fails instead of picking one
+    assert sorted(doc["kind"] for doc in documents()).count("Deployment") == 3  # retrieval + ranking ×2
+    for overlay in OVERLAYS:
+        docs = overlay_documents(overlay)
+        deployments_ = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Deployment"}
+        assert set(deployments_) == {"retrieval", "ranking"}, overlay
+        image = deployments_["ranking"]["spec"]["template"]["spec"]["containers"][0]["image"]
+        assert ("trtllm" in image) == (overlay == "trtllm"), image
+        services = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "Service"}
+        assert set(services) == {"retrieval-headless", "ranking", "ranking-headless"}
+        assert services["ranking-headless"]["clusterIP"] == "None"
+        assert services["ranking-headless"]["selector"] == services["ranking"]["selector"]
+        pod_labels = deployments_["ranking"]["spec"]["template"]["metadata"]["labels"]
+        assert services["ranking"]["selector"].items() <= pod_labels.items(), overlay
+        retrieval_labels = deployments_["retrieval"]["spec"]["template"]["metadata"]["labels"]
+        assert services["retrieval-headless"]["selector"].items() <= retrieval_labels.items()
+        assert {d["kind"] for d in docs} >= {"Namespace", "PersistentVolumeClaim"}
 
 
 @pytest.mark.parametrize("name", ["retrieval", "ranking", "ranking (trtllm)"])
@@ -64,6 +91,8 @@ def test_container_arguments_are_accepted_by_the_server_and_probes_use_its_healt
     assert args.host == "0.0.0.0" and args.health_port
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["grpc"]["port"] == args.health_port  # native grpc probes, plaintext health port
+    # health answers on the requests' event loop: the default 1 s timeout restarted busy pods
+    assert container["livenessProbe"].get("timeoutSeconds", 1) >= 5
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports["grpc"] == args.port and ports["health"] == args.health_port
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
