@@ -14,7 +14,7 @@ import pytest
 
 import yaml
 
-from palr.cli import add_config_arguments
+from palr.cli import add_config_arguments, add_log_level, build_config
 from ranking_server.config import RankingServerConfig
 from retrieval_server.config import RetrievalServerConfig
 
@@ -56,7 +56,21 @@ def server_args(container: dict) -> argparse.Namespace:
     module, *args = container["args"]
     parser = argparse.ArgumentParser(prog=module, exit_on_error=False)
     add_config_arguments(parser, SERVERS[module])
+    add_log_level(parser)
     return parser.parse_args(args)
+
+
+def validated_config(container: dict, root: Path):
+    """The server's config from the container's arguments, with its own checks (TLS pairs, ranges, engine
+    limits), the secret files it names made under `root` (they are mounted in the pod)."""
+    args = vars(server_args(container))
+    for name, value in args.items():
+        if isinstance(value, (str, Path)) and str(value).startswith("/tls/"):
+            path = root / str(value).lstrip("/")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("PEM")
+            args[name] = str(path)
+    return build_config(SERVERS[container["args"][0]], args)
 
 
 def test_every_manifest_parses_and_each_overlay_is_the_base_plus_its_own_ranking_deployment():
@@ -82,12 +96,13 @@ def test_every_manifest_parses_and_each_overlay_is_the_base_plus_its_own_ranking
 
 
 @pytest.mark.parametrize("name", ["retrieval", "ranking", "ranking (trtllm)"])
-def test_container_arguments_are_accepted_by_the_server_and_probes_use_its_health_port(name):
+def test_container_arguments_are_accepted_by_the_server_and_probes_use_its_health_port(name, tmp_path):
     found = [(d, c) for d, c in deployments()
              if d["metadata"]["name"] == name.split()[0] and ("trtllm" in c["image"]) == name.endswith("(trtllm)")]
     assert len(found) == 1
     deployment, container = found[0]
     args = server_args(container)
+    validated_config(container, tmp_path)  # the server's own checks pass (argparse alone took --max-queue 0)
     assert args.host == "0.0.0.0" and args.health_port
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert container[probe]["grpc"]["port"] == args.health_port  # native grpc probes, plaintext health port
