@@ -38,7 +38,7 @@ from loadtest.patterns import PATTERNS, zipf_weights
 from loadtest.report import DISTURBED_PCT, CpuTimes, cpu_share
 from loadtest.slo import SloError, SloProfile, gate
 from palr.serving import tracing
-from palr.bundle import Bundle, BundleError
+from palr.bundle import Bundle, BundleError, write_atomically
 from ranking_server.planner import MODES
 from recsys.v1 import ranking_pb2, ranking_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
 
@@ -287,19 +287,35 @@ def slo_gate(environment, **_kwargs) -> None:
     other guests may be the host's doing, not the servers'."""
     if isinstance(environment.runner, WorkerRunner):
         return
-    stop_users_first(environment.runner, float(getattr(environment.parsed_options, "stop_timeout", 0) or 0))
+    options = environment.parsed_options
+    if stop_users_first(environment.runner, float(getattr(options, "stop_timeout", 0) or 0)):
+        rewrite_html_report(environment)
     log_machine_share(cpu_share(CPU_AT_START, CpuTimes.now()))
     if SLO is not None:
         gate(environment, SLO)
 
 
-def stop_users_first(runner, stop_timeout_s: float) -> None:
+def rewrite_html_report(environment) -> None:
+    """An interrupted run's --html report, written again with every call the gate judges: Locust writes it on
+    Ctrl-C before the gate has waited for the calls still running (and on SIGTERM writes none)."""
+    from locust.html import get_html_report, process_html_filename
+
+    options = environment.parsed_options
+    if not getattr(options, "html_file", None):
+        return
+    process_html_filename(options)
+    write_atomically(Path(options.html_file), get_html_report(environment, show_download_link=False))
+    log.info("HTML report written again after the interrupted run's last calls: %s", options.html_file)
+
+
+def stop_users_first(runner, stop_timeout_s: float) -> bool:
     """A run stopped by SIGTERM or Ctrl-C quits with its users still calling: Locust fires `quitting` (this gate)
     before it stops them, so the gate judged the run without the calls still running, the slowest ones, which
     --stop-timeout is there to wait for. Stopping them here waits as -t's end does; a run interrupted while -t's
-    end is stopping them waits for that stop (at most --stop-timeout); after -t they are stopped."""
+    end is stopping them waits for that stop (at most --stop-timeout); after -t they are stopped. True when the run
+    was interrupted (it stopped or waited for them)."""
     if runner is None:
-        return
+        return False
     if isinstance(runner, MasterRunner) and runner.state in (STATE_SPAWNING, STATE_RUNNING):
         # as -t's end does (`end_distributed_run`): a stop message would lose the workers' last stats (a worker
         # sends none on it) and leave them running until a heartbeat timeout (the master forgets stopped ones)
@@ -311,19 +327,22 @@ def stop_users_first(runner, stop_timeout_s: float) -> None:
         if runner.clients.all:
             log.warning("workers %s did not quit within --stop-timeout + 60 s: judging without their last stats",
                         [c.id for c in runner.clients.all])
-        return
+        return True
     if runner.state in (STATE_SPAWNING, STATE_RUNNING):
         log.info("the run was interrupted: stopping the users (waiting up to --stop-timeout for the calls still "
                  "running) before the SLO gate")
         runner.stop()
-    elif isinstance(runner, MasterRunner) and not runner.clients.all:
-        return  # a master whose workers all quit has their final stats (it stays "stopping": no worker to say so)
-    elif runner.state in (STATE_CLEANUP, STATE_STOPPING):
+        return True
+    if isinstance(runner, MasterRunner) and not runner.clients.all:
+        return False  # a master whose workers all quit has their final stats (it stays "stopping": no worker says so)
+    if runner.state in (STATE_CLEANUP, STATE_STOPPING):
         log.info("the run was interrupted while its users stop: waiting for them (at most --stop-timeout, %gs) "
                  "before the SLO gate", stop_timeout_s)
         deadline = time.monotonic() + stop_timeout_s
         while runner.state in (STATE_CLEANUP, STATE_STOPPING) and time.monotonic() < deadline:
             gevent.sleep(0.1)  # the stop goes on in its own greenlet
+        return True
+    return False
 
 
 def log_machine_share(share: dict[str, float]) -> None:

@@ -202,7 +202,8 @@ def test_an_interrupted_run_is_judged_with_the_calls_it_was_running(servers, tin
     argv = [sys.executable, "-m", "locust", "-f", str(REPO / "loadtest" / "locustfile.py"), "--headless",
             "--host", ranking.target, "--retrieval-host", retrieval.target, "--bundle", str(tiny_llm_bundle),
             "--slo", str(slo), "-u", "4", "-r", "4", "-t", "120s", "--stop-timeout", "60", "--only-summary",
-            "--retrieve-share", "0", "--generate-share", "0", "--k", "3", "--candidates", "6"]
+            "--retrieve-share", "0", "--generate-share", "0", "--k", "3", "--candidates", "6",
+            "--html", str(tmp_path / "locust.html")]
     process = subprocess.Popen(argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True)
     watchdog = threading.Timer(180, process.kill)  # a Locust that never gets going fails the test, not the suite
@@ -225,6 +226,10 @@ def test_an_interrupted_run_is_judged_with_the_calls_it_was_running(servers, tin
     assert judged and final, output[-3000:]
     assert "the run was interrupted: stopping the users" in output
     assert int(judged.group(1)) == int(final.group(1)) > 0, output[-3000:]
+    # the HTML report too (on SIGTERM Locust wrote none; on Ctrl-C one without the calls the gate waited for)
+    html = (tmp_path / "locust.html").read_text()
+    assert re.search(r'"name": ?"Aggregated"[^}]*"num_requests": ?' + judged.group(1) + r"\b", html) or \
+        re.search(r'"num_requests": ?' + judged.group(1) + r'\b[^}]*"name": ?"Aggregated"', html), html[-2000:]
 
 
 BUGGY_LOCUSTFILE = """
