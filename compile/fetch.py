@@ -14,6 +14,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,7 +64,7 @@ def _damage(wheel: Path) -> str | None:
     try:
         with zipfile.ZipFile(wheel) as zf:
             bad = zf.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:  # zlib.error: a member's deflate data is corrupt
         return f"{type(e).__name__}: {e}"
     return f"member {bad} fails its CRC" if bad else None
 

