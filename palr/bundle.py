@@ -109,8 +109,14 @@ def file_checksums(path: Path, only: Callable[[str], bool] | None = None) -> dic
     if not path.is_dir():
         raise BundleError(f"{path}: no such file or directory")
     files = {p.relative_to(path).as_posix(): p for p in sorted(path.rglob("*"))
-             if p.is_file() and "__pycache__" not in p.parts}
+             if p.is_file() and "__pycache__" not in p.parts and not _unfinished(p.relative_to(path))}
     return {rel: sha256_file(p) for rel, p in files.items() if only is None or only(rel)}
+
+
+def _unfinished(relative: Path) -> bool:
+    """A write in progress, or left by a killed one (`write_atomically`'s `.NAME.*.part` file, `write_directory`'s
+    `.NAME.part` folder, at any depth): never part of what an artifact holds."""
+    return any(part.startswith(".") and part.endswith(".part") for part in relative.parts)
 
 
 def combined_checksum(files: dict[str, str]) -> str:

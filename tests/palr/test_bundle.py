@@ -197,3 +197,16 @@ def test_write_directory_swaps_the_folder_and_a_failed_write_keeps_the_old_one(t
     assert write_directory(path, fill) == "done"
     assert [p.name for p in path.iterdir()] == ["new.bin"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no .model.part, no .model.old
+
+
+def test_a_killed_writers_leftovers_are_not_part_of_an_artifact(tmp_path):
+    """A write killed by a signal leaves its `.NAME.*.part` (no exception ran its cleanup): file_checksums took it
+    into the folder's checksum for good (another name each time, never overwritten)."""
+    from palr.bundle import file_checksums
+
+    (tmp_path / "train.jsonl").write_text("{}\n")
+    (tmp_path / ".train.jsonl.kydq_xqh.part").write_text("{")
+    (tmp_path / ".merged.part").mkdir()
+    (tmp_path / ".merged.part" / "w.bin").write_text("half")
+    (tmp_path / ".hidden").write_text("kept: not a part file")
+    assert set(file_checksums(tmp_path)) == {"train.jsonl", ".hidden"}
