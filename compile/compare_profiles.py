@@ -20,7 +20,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from compile.profiles import ProfilesConfig, profiler
-from compile.sft_data import read_jsonl
+from compile.sft_data import profile_source, read_jsonl
 from palr import metrics
 from palr.bundle import Bundle, write_atomically
 from palr.catalog import Catalog
@@ -47,9 +47,10 @@ def profiles_for(method: str, bundle: Bundle, catalog: Catalog, histories) -> li
     merged model was tuned on), else that method's defaults."""
     if method == "none":
         return [""] * len(histories)
-    chosen = Profiles.load(bundle.path("profiles"))
-    settings = chosen.settings if chosen.method == method else {}
-    make = profiler(bundle, catalog, ProfilesConfig(bundle=bundle.root, method=method, **settings))
+    if Profiles.load(bundle.path("profiles")).method == method:
+        make = profile_source(bundle, catalog)  # as sft-data made the training prompts' profiles
+    else:
+        make = profiler(bundle, catalog, ProfilesConfig(bundle=bundle.root, method=method))
     return make(histories, progress=f"{method} profiles")
 
 

@@ -41,8 +41,14 @@ def test_the_bundles_own_method_is_compared_with_the_settings_it_was_built_with(
     settings = {"max_items": 6, "block_items": 3, "keywords": 5, "max_new_tokens": 4}
     Profiles("llm", {}, settings).save(bundle / "profiles.json")
     seen = {}
-    monkeypatch.setattr(compare, "profiler", lambda b, c, config: seen.setdefault(config.method, config) and
-                        (lambda histories, progress: [""] * len(histories)))
+    import compile.sft_data as sft_data
+
+    def capture(bundle, catalog, config):
+        seen[config.method] = config
+        return lambda histories, progress: [""] * len(histories)
+
+    monkeypatch.setattr(compare, "profiler", capture)
+    monkeypatch.setattr(sft_data, "profiler", capture)  # profile_source's, for the bundle's own method
     opened = Bundle.open(bundle)
     for method in ("llm", "stats"):
         compare.profiles_for(method, opened, None, [[]])

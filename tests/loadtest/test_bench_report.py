@@ -326,3 +326,11 @@ def test_help_is_the_named_benchmarks_or_alls_when_options_come_first(argv, usag
     with pytest.raises(SystemExit) as exit_:
         main(argv)
     assert exit_.value.code == 0 and usage in capsys.readouterr().out
+
+
+def test_the_zipf_exponent_is_checked_only_for_the_zipf_pattern():
+    from loadtest.bench_all import BenchConfig
+
+    assert BenchConfig(pattern="uniform", zipf_exponent=0).zipf_exponent == 0  # unused: not refused
+    with pytest.raises(ValueError, match="--zipf-exponent must be > 0"):
+        BenchConfig(pattern="zipf", zipf_exponent=0)

@@ -360,8 +360,8 @@ def test_an_interrupted_distributed_run_is_judged_with_the_workers_last_stats(ti
                     break
             time.sleep(4)  # two calls each, the second one running, and a stats report in
             master.send_signal(signal.SIGTERM)
-            output = "".join(started) + master.communicate(timeout=120)[0]
             signalled = time.monotonic()
+            output = "".join(started) + master.communicate(timeout=120)[0]
             worker_log = worker.communicate(timeout=120)[0]
             worker_exit_s = time.monotonic() - signalled
         finally:

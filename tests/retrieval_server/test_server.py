@@ -481,10 +481,10 @@ def test_requests_whose_deadline_passes_in_the_queue_are_counted_as_deadline_exc
     import threading
 
     server = start(server_loop, RetrievalServerConfig(bundle=tiny_bundle, port=0, metrics_port=free_port()))
-    release = threading.Event()
+    entered, release = threading.Event(), threading.Event()
     try:
         run_batch = server.runner.run_batch
-        server.runner.run_batch = lambda items: (release.wait(30), run_batch(items))[1]
+        server.runner.run_batch = lambda items: (entered.set(), release.wait(30), run_batch(items))[2]
         before = scrape_metrics(server.server.metrics_port)
         delta = lambda name: scrape_metrics(server.server.metrics_port).get(name, 0.0) - before.get(name, 0.0)  # noqa: E731
         user = some_users(facts, 1)[0]
@@ -493,7 +493,7 @@ def test_requests_whose_deadline_passes_in_the_queue_are_counted_as_deadline_exc
             held = threading.Thread(target=lambda: list(stub.Retrieve(retrieval_pb2.RetrieveRequest(user_id=user, k=3),
                                                                       timeout=30)))
             held.start()
-            wait_until(lambda: server.servicer._waiting == 1, what="the held call to reach the model")
+            assert entered.wait(30), "the held call never reached the model"
             codes = []
             for _ in range(3):
                 with pytest.raises(grpc.RpcError) as error:
