@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import time
@@ -23,6 +22,7 @@ from typing import Callable
 
 from loadtest.report import machine_info, markdown_table, percentiles_ms, write_report
 from loadtest.servers import ServerProcess, free_port, scrape_metrics, stop_all
+from palr.machine import torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -79,20 +79,6 @@ def run(config: RetrievalBenchConfig) -> dict:
 
 
 # -- 1. the model: ORT vs torch eager ---------------------------------------------------------------
-
-@contextlib.contextmanager
-def torch_threads(threads: int):
-    """torch's intra-op thread count set to `threads` inside the block and restored after it: the full
-    report runs this comparison between the LLM cells of one process, which must keep their threads."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
 
 def model_latency(bundle, config: RetrievalBenchConfig) -> list[dict]:
     with torch_threads(config.threads):

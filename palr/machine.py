@@ -6,6 +6,7 @@ Import-light: torch and the engine libraries are imported only to look at a CUDA
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import os
 import platform
@@ -130,3 +131,17 @@ class Machine:
 def cpu_cores() -> int:
     """The cores this process may run on (its affinity: a container's CPU set), not the host's count."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int):
+    """torch's intra-op thread count set to `threads` inside the block and restored after it (a measurement at
+    one count inside a process that keeps another)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

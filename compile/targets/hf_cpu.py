@@ -27,7 +27,7 @@ from compile.targets.measure import (
     TorchRunner, bundle_generate_logit_weight, latency_prompt, load_average, load_probes, measure_latency,
     measure_quality, mode_latency_ms, quality_ok)
 from palr.builds import TORCHAO, isa_satisfied
-from palr.machine import cpu_cores
+from palr.machine import cpu_cores, torch_threads
 from palr.ranking import MODES
 from palr.precision import INT8_WEIGHT_ONLY, body_dtype, int8_weight_only, torchao_version
 from palr.hf_build import DTYPES, DYNAMIC_INT8, quantize_dynamic_int8, save_hf_build
@@ -119,17 +119,13 @@ def choose(latency: dict, quality: dict, config) -> tuple[str, dict[str, str]]:
 
 def measure_threads(runner: TorchRunner, ids: list[int], config) -> tuple[int, dict]:
     """Latency at 1..cores threads (interleaved); the count with the lowest score-mode latency."""
-    before = torch.get_num_threads()
     rows = {}
-    try:
-        for _ in range(config.repeats):
-            for n in range(1, cpu_cores() + 1):
-                torch.set_num_threads(n)
+    for _ in range(config.repeats):
+        for n in range(1, cpu_cores() + 1):
+            with torch_threads(n):
                 rows.setdefault(n, {"prefill": [], "decode": []})
                 rows[n]["prefill"].append(runner.prefill(ids))
                 rows[n]["decode"].append(runner.decode(ids, config.decode_steps))
-    finally:
-        torch.set_num_threads(before)
     table = {n: {"prefill_ms": round(1e3 * sorted(r["prefill"])[len(r["prefill"]) // 2], 3),
                  "decode_ms": round(1e3 * sorted(r["decode"])[len(r["decode"]) // 2], 3)} for n, r in rows.items()}
     return min(table, key=lambda n: table[n]["prefill_ms"]), table

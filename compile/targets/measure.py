@@ -17,7 +17,6 @@ with the reference is measured on every probe; whole generated lists (decode ste
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -38,6 +37,7 @@ from palr import metrics
 from palr.decoding import LabelConstraint
 from palr.errors import EngineError
 from palr.llm import generate_constrained, label_log_probs, model_device, pick_allowed, read_prompt, token_logits
+from palr.machine import torch_threads
 from palr.prompt import Readout
 from palr.ranking import decoding_bias, fuse, generate_logit_weight, generation_bias, load_ranker, ranker_terms
 
@@ -170,25 +170,16 @@ class TorchRunner:
     def __init__(self, name: str, model, threads: int = 0):
         self.name, self.model, self.threads = name, model, threads
 
-    @contextlib.contextmanager
-    def _timed_threads(self):
-        before = torch.get_num_threads()
-        torch.set_num_threads(self.threads or before)
-        try:
-            yield
-        finally:
-            torch.set_num_threads(before)
-
     @torch.inference_mode()
     def prefill(self, ids: list[int]) -> float:
-        with self._timed_threads():
+        with torch_threads(self.threads or torch.get_num_threads()):
             started = time.perf_counter()
             self.model(input_ids=self._tensor([ids]), use_cache=True, logits_to_keep=1)
             return time.perf_counter() - started
 
     @torch.inference_mode()
     def decode(self, ids: list[int], steps: int) -> float:
-        with self._timed_threads():
+        with torch_threads(self.threads or torch.get_num_threads()):
             return self._decode(ids, steps)
 
     def _decode(self, ids: list[int], steps: int) -> float:
