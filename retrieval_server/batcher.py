@@ -17,6 +17,7 @@ import asyncio
 import collections
 import contextlib
 import logging
+import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Generic, Sequence, TypeVar
@@ -41,13 +42,13 @@ class MicroBatcher(Generic[Item, Result]):
         self.max_batch_size = max_batch_size
         self.window_s = window_s
         self.on_stopped = on_stopped  # called with the reason if the loop dies (the server turns NOT_SERVING)
-        self._pending: collections.deque[tuple[Item, asyncio.Future]] = collections.deque()
-        self._deadlines: dict[asyncio.Future, float] = {}  # time.monotonic() by which a waiting caller needs its answer
+        # (item, its caller's future, time.monotonic() by which the caller needs the answer: inf without a deadline)
+        self._pending: collections.deque[tuple[Item, asyncio.Future, float]] = collections.deque()
         self._call_s = 0.0  # how long the last call took (a deadline's call starts twice that before it)
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="micro-batcher")
         self._arrived = asyncio.Event()
         self._task: asyncio.Task | None = None
-        self._running: list[tuple[Item, asyncio.Future]] = []  # the batch in the worker now
+        self._running: list[tuple[Item, asyncio.Future, float]] = []  # the batch in the worker now
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._loop(), name="micro-batcher")
@@ -74,7 +75,7 @@ class MicroBatcher(Generic[Item, Result]):
         """Every request not answered yet, queued or in the batch that was running, gets `error`."""
         waiting = [*self._pending, *self._running]
         self._pending.clear()
-        for _, future in waiting:
+        for _, future, _ in waiting:
             if not future.done():
                 future.set_exception(error)
 
@@ -83,10 +84,8 @@ class MicroBatcher(Generic[Item, Result]):
         if self._task is not None and self._task.done():
             raise RunnerStopped(self._stop_reason())
         future = asyncio.get_running_loop().create_future()
-        entry = (item, future)
+        entry = (item, future, math.inf if deadline is None else deadline)
         self._pending.append(entry)
-        if deadline is not None:
-            self._deadlines[future] = deadline
         self._arrived.set()
         try:
             return await future
@@ -94,8 +93,6 @@ class MicroBatcher(Generic[Item, Result]):
             with contextlib.suppress(ValueError):  # not there: taken into a batch already
                 self._pending.remove(entry)
             raise
-        finally:
-            self._deadlines.pop(future, None)
 
     async def close(self) -> None:
         if self._task is not None:
@@ -115,19 +112,19 @@ class MicroBatcher(Generic[Item, Result]):
             self._running = batch  # until answered: a close or a dying loop fails these too
             started = time.monotonic()
             try:
-                results = await loop.run_in_executor(self._executor, self.run_batch, [item for item, _ in batch])
+                results = await loop.run_in_executor(self._executor, self.run_batch, [item for item, _, _ in batch])
             except Exception as e:  # the callers get the error; the loop goes on
                 log.exception("batch of %d failed", len(batch))
-                for _, future in batch:
+                for _, future, _ in batch:
                     if not future.done():
                         future.set_exception(e)
                 continue
             self._call_s = time.monotonic() - started
-            for (_, future), result in zip(batch, results):
+            for (_, future, _), result in zip(batch, results):
                 if not future.done():  # else cancelled while the batch ran
                     future.set_result(result)
 
-    async def _next_batch(self) -> list[tuple[Item, asyncio.Future]]:
+    async def _next_batch(self) -> list[tuple[Item, asyncio.Future, float]]:
         while not self._pending:
             self._arrived.clear()
             await self._arrived.wait()
@@ -135,9 +132,9 @@ class MicroBatcher(Generic[Item, Result]):
             await self._window(time.monotonic() + self.window_s)
         batch = []
         while self._pending and len(batch) < self.max_batch_size:  # requests cancelled meanwhile take no place
-            item, future = self._pending.popleft()
-            if not future.cancelled():
-                batch.append((item, future))
+            entry = self._pending.popleft()
+            if not entry[1].cancelled():
+                batch.append(entry)
         return batch
 
     async def _window(self, end: float) -> None:
@@ -145,8 +142,8 @@ class MicroBatcher(Generic[Item, Result]):
         less twice the last call's duration (a bigger batch takes longer, and the answer still has to travel), and
         at least DEADLINE_RESERVE_S (before any call was timed)."""
         while len(self._pending) < self.max_batch_size:
-            deadlines = [self._deadlines[f] for _, f in self._pending if f in self._deadlines]
-            close = min([end, *(d - max(2 * self._call_s, DEADLINE_RESERVE_S) for d in deadlines)])
+            earliest = min((deadline for _, _, deadline in self._pending), default=math.inf)  # all cancelled: none
+            close = min(end, earliest - max(2 * self._call_s, DEADLINE_RESERVE_S))
             remaining = close - time.monotonic()
             if remaining <= 0:
                 return
