@@ -42,8 +42,8 @@ from palr.corpus import Corpus
 from palr.data import sample_users
 from palr.profiles import Profiles
 from palr.ranking import (MODES, calibrated, candidate_ranks, complete_order, fuse, generate_logit_weight,
-                          generation_bias, head_bias, load_ranker, order_by_scores, ranker_terms, stale_ranker_inputs,
-                          target_rank, uses_collab)
+                          generation_bias, head_bias, load_ranker, order_by_scores, ranker_k, ranker_terms,
+                          stale_ranker_inputs, target_rank, uses_collab)
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def run(config: EvaluateRankingConfig) -> dict:
         raise ValueError(f"--candidates must be >= 0 (0: the ranker's K), got {config.candidates}")
     bundle = Bundle.open(config.bundle)
     if not config.candidates:  # resolved before the fingerprint: a K=20 ranker's evaluation stays current
-        config = dataclasses.replace(config, candidates=int(load_ranker(bundle).get("candidates", 20)))
+        config = dataclasses.replace(config, candidates=ranker_k(load_ranker(bundle)))
     inputs = [config.llm, "ranker", "sasrec_onnx", "catalog", "profiles"] + \
         [name for name in ("trends", "collab") if bundle.has(name)]
     step_fp = fingerprint(STEP, VERSION, fingerprint_record(config, bundle) | {"tier": "ranking"},

@@ -171,12 +171,12 @@ def run(config: ServedQualityConfig) -> dict:
     from palr.bundle import Bundle
     from palr.corpus import Corpus
     from palr.data import sample_users
-    from palr.ranking import load_ranker
+    from palr.ranking import load_ranker, ranker_k
 
     bundle = Bundle.open(config.bundle)
     split = Corpus.load_for(bundle, config.data).split  # the answer key: the bundle's own
-    ranker_k = int(load_ranker(bundle).get("candidates", 20))  # as compile evaluate resolves its --candidates 0
-    config = offline_sample(config, bundle.reports_dir() / "eval_ranking.json", len(split.test), ranker_k)
+    config = offline_sample(config, bundle.reports_dir() / "eval_ranking.json", len(split.test),
+                            ranker_k(load_ranker(bundle)))  # as compile evaluate resolves its --candidates 0
     users = sample_users(sorted(split.test), config.users, config.seed)  # compile evaluate's sample
     started = time.perf_counter()
     if config.ranking and config.retrieval:

@@ -185,6 +185,12 @@ def load_ranker(bundle) -> dict:
     return json.loads(bundle.path("ranker").read_text()) if bundle.has("ranker") else {}
 
 
+def ranker_k(ranker: dict) -> int:
+    """K, the candidates the ranker was tuned to rank (`llm/ranker.json`); 20 for a bundle without one: what
+    `--candidates 0` means to the offline evaluation and the served-quality check."""
+    return int(ranker.get("candidates", 20))
+
+
 RANKER_INPUTS = ("sasrec_onnx", "collab", "trends", "profiles")  # what a ranker's examples and fits read
 
 
