@@ -24,10 +24,11 @@ from pathlib import Path
 from tqdm import tqdm
 
 from compile.llm_common import config_record
-from palr.bundle import Bundle, fingerprint, write_atomically
+from palr.bundle import Bundle, BundleError, fingerprint, write_atomically
 from palr.catalog import Catalog, Item, natural_key
 from palr.profiles import METHODS, VERSION, Profiles, StatsProfiler
 from palr.prompt import chat_frame
+from palr.users import load_histories
 
 log = logging.getLogger(__name__)
 
@@ -189,9 +190,11 @@ def run(config: ProfilesConfig) -> Path:
         return out
     started = time.perf_counter()
     catalog = Catalog.load(bundle.path("catalog"))
-    users = json.loads(bundle.path("users").read_text())["users"]
+    users = load_histories(bundle.path("users"), catalog)
+    if not users:
+        raise BundleError(f"{bundle.path('users')}: no users to profile; re-run compile sasrec --force")
     user_ids = sorted(users, key=natural_key)[: config.users or None]
-    histories = [[catalog.by_id(i) for i in users[u]["history"]] for u in user_ids]
+    histories = [[catalog.item(i) for i in users[u]] for u in user_ids]
     keywords = profiler(bundle, catalog, config)(histories)
     Profiles(config.method, dict(zip(user_ids, keywords)), method_settings(config)).save(out)
     bundle.add_artifact("profiles", PROFILES_FILE, method=config.method, users=len(user_ids))

@@ -40,7 +40,7 @@ from pathlib import Path
 
 from compile.llm_common import config_record, fingerprint_record
 from compile.profiles import ProfilesConfig, profiler
-from palr.bundle import Bundle, fingerprint, write_atomically
+from palr.bundle import Bundle, BundleError, fingerprint, write_atomically
 from palr.catalog import Catalog
 from palr.collab import CollabTable
 from palr.corpus import Corpus
@@ -307,8 +307,20 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 def read_jsonl(path: Path) -> list[dict]:
+    """The rows of a bundle's example file; an empty or malformed one is a BundleError naming it (a step reading
+    it cannot do anything useful, and an IndexError or a ZeroDivisionError further on would not say why)."""
+    rows = []
     with Path(path).open() as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except ValueError as e:
+                raise BundleError(f"{path}, line {number}: not JSON ({e}); re-run the step that wrote it") from None
+    if not rows:
+        raise BundleError(f"{path}: no examples; re-run the step that wrote it (for llm/sft: compile sft-data --force)")
+    return rows
 
 
 def profile_source(bundle: Bundle, catalog: Catalog):

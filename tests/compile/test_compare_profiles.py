@@ -54,3 +54,20 @@ def test_the_bundles_own_method_is_compared_with_the_settings_it_was_built_with(
         compare.profiles_for(method, opened, None, [[]])
     assert {k: getattr(seen["llm"], k) for k in settings} == settings
     assert seen["stats"].max_items == compare.ProfilesConfig().max_items  # another method: its defaults
+
+
+@pytest.mark.parametrize("valid", ["", "\n", '{"history": [\n'])
+def test_an_empty_or_broken_example_file_is_refused_by_name(tiny_llm_bundle, tmp_path, valid):
+    """An empty valid.jsonl was a ZeroDivisionError in the retrieval NDCG; a broken line a bare JSONDecodeError."""
+    from palr.bundle import Bundle, BundleError
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_llm_bundle, bundle, symlinks=True)
+    (bundle / "llm" / "sft" / "valid.jsonl").write_text(valid)
+    recorded = Bundle.open(bundle)  # as a step that wrote it would have: checksums match, the content is the problem
+    entry = recorded.artifact("sft_data")
+    recorded.add_artifact("sft_data", entry["path"], **{k: v for k, v in entry.items()
+                                                        if k not in ("path", "sha256", "files", "created_at")})
+    recorded.save()
+    with pytest.raises(BundleError, match="valid.jsonl"):
+        run(CompareProfilesConfig(bundle=bundle, users=4, models=["llm_base"]))

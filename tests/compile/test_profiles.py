@@ -148,3 +148,19 @@ def test_settings_that_cannot_work_are_refused(field, value):
     error."""
     with pytest.raises(ValueError, match=field.replace("_", "-")):
         ProfilesConfig(**{field: value})
+
+
+@pytest.mark.parametrize("users_file", ['{"users": {}}', '{"users": {"1": {"history": ["no-such-item"]}}}'])
+def test_a_users_file_without_users_of_this_catalog_is_refused_by_name(tiny_llm_bundle, tmp_path, users_file):
+    """An empty users.json was an IndexError (after writing an empty profiles.json); an unknown item a KeyError."""
+    from palr.bundle import Bundle, BundleError
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_llm_bundle, bundle, symlinks=True)
+    (bundle / "users.json").write_text(users_file)
+    recorded = Bundle.open(bundle)  # as sasrec would have recorded it: the content is the problem, not a checksum
+    recorded.add_artifact("users", "users.json")
+    recorded.save()
+    with pytest.raises(BundleError, match="users.json"):
+        run(ProfilesConfig(bundle=bundle, method="stats", force=True))
+    assert Profiles.load(bundle / "profiles.json").profiles  # the bundle's profiles are left as they were
