@@ -18,6 +18,7 @@ import fcntl
 import hashlib
 import importlib.metadata
 import json
+import logging
 import os
 import platform
 import shutil
@@ -26,6 +27,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, TypeVar
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -69,20 +72,40 @@ def write_directory(path: Path, write: Callable[[Path], T]) -> T:
     folder or the whole new one, whatever stops the write (a failed one leaves no part behind); `write`'s result.
     The folder twin of `write_atomically` (a model, a checkpoint, an adapter). The old folder is renamed aside
     (`.NAME.old`) and deleted after the swap, not before: only a stop between two renames leaves `path` empty
-    (the old folder then waits at `.NAME.old`), not one during the deletion of a model of many GB."""
+    (the old folder then waits at `.NAME.old`), not one during the deletion of a model of many GB. Writers in one
+    folder take turns (flock on the parent folder, released by the kernel if a writer is killed; no lock file left
+    behind): a second one started meanwhile deleted the first one's part and lost it or the first one's swap."""
     part, old = path.with_name(f".{path.name}.part"), path.with_name(f".{path.name}.old")
-    _remove(part)
-    try:
-        result = write(part)
-    except BaseException:
-        _remove(part)
-        raise
-    _remove(old)
-    if path.is_symlink() or path.exists():
-        path.rename(old)
-    part.rename(path)
-    _remove(old)
+    with _exclusive(path.parent):
+        _remove(part)  # a killed writer's leftovers (no other writer holds it now)
+        try:
+            result = write(part)
+        except BaseException:
+            _remove(part)
+            raise
+        _remove(old)
+        if path.is_symlink() or path.exists():
+            path.rename(old)
+        part.rename(path)
+        _remove(old)
     return result
+
+
+@contextlib.contextmanager
+def _exclusive(folder: Path):
+    """An exclusive flock(2) on `folder` itself, held for the block (waiting, with a log line, while another holds
+    it)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another writer in %s to finish", folder)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _remove(path: Path) -> None:
@@ -115,8 +138,8 @@ def file_checksums(path: Path, only: Callable[[str], bool] | None = None) -> dic
 
 def _unfinished(relative: Path) -> bool:
     """A write in progress, or left by a killed one (`write_atomically`'s `.NAME.*.part` file, `write_directory`'s
-    `.NAME.part` folder, at any depth): never part of what an artifact holds."""
-    return any(part.startswith(".") and part.endswith(".part") for part in relative.parts)
+    `.NAME.part` and `.NAME.old` folders, at any depth): never part of what an artifact holds."""
+    return any(part.startswith(".") and part.endswith((".part", ".old")) for part in relative.parts)
 
 
 def combined_checksum(files: dict[str, str]) -> str:

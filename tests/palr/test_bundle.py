@@ -199,6 +199,46 @@ def test_write_directory_swaps_the_folder_and_a_failed_write_keeps_the_old_one(t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no .model.part, no .model.old
 
 
+def test_concurrent_writers_of_one_folder_take_turns(tmp_path):
+    """A second writer started while the first was writing deleted the first one's part: the first one's swap then
+    failed (FileNotFoundError) or swapped in the second one's half-written folder."""
+    import threading
+
+    from palr.bundle import write_directory
+
+    path, first_writing, first_may_finish = tmp_path / "model", threading.Event(), threading.Event()
+    calls = []
+
+    def first(part):
+        calls.append("first")
+        part.mkdir()
+        (part / "w.bin").write_text("first")
+        first_writing.set()
+        assert first_may_finish.wait(10)
+        return "first"
+
+    def second(part):
+        calls.append("second")
+        part.mkdir()
+        (part / "w.bin").write_text("second")
+        return "second"
+
+    results = {}
+    threads = [threading.Thread(target=lambda: results.update(first=write_directory(path, first)))]
+    threads[0].start()
+    assert first_writing.wait(10)
+    threads.append(threading.Thread(target=lambda: results.update(second=write_directory(path, second))))
+    threads[1].start()
+    threads[1].join(0.5)
+    assert calls == ["first"] and threads[1].is_alive()  # waits for the first one's swap
+    first_may_finish.set()
+    for thread in threads:
+        thread.join(10)
+    assert results == {"first": "first", "second": "second"} and calls == ["first", "second"]
+    assert (path / "w.bin").read_text() == "second"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
 def test_a_killed_writers_leftovers_are_not_part_of_an_artifact(tmp_path):
     """A write killed by a signal leaves its `.NAME.*.part` (no exception ran its cleanup): file_checksums took it
     into the folder's checksum for good (another name each time, never overwritten)."""
@@ -208,5 +248,7 @@ def test_a_killed_writers_leftovers_are_not_part_of_an_artifact(tmp_path):
     (tmp_path / ".train.jsonl.kydq_xqh.part").write_text("{")
     (tmp_path / ".merged.part").mkdir()
     (tmp_path / ".merged.part" / "w.bin").write_text("half")
+    (tmp_path / ".model.old").mkdir()  # killed between write_directory's two renames
+    (tmp_path / ".model.old" / "w.bin").write_text("old")
     (tmp_path / ".hidden").write_text("kept: not a part file")
     assert set(file_checksums(tmp_path)) == {"train.jsonl", ".hidden"}
