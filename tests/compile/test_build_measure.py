@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-torch = pytest.importorskip("torch")
+import torch  # noqa: E402 - a declared dependency: missing is a failure, not a skip
 
 from compile.targets.measure import Probe, TorchRunner, measure_quality  # noqa: E402
 from compile.targets.hf_cpu import variant  # noqa: E402

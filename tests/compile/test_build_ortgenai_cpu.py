@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-torch = pytest.importorskip("torch")
+import torch  # noqa: E402 - a declared dependency: missing is a failure, not a skip
 pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (pip install -e '.[ortgenai]')")
 
 from compile import build  # noqa: E402

@@ -8,7 +8,6 @@ import shutil
 
 import pytest
 
-pytest.importorskip("torch")
 
 from compile.compare_profiles import CompareProfilesConfig, run  # noqa: E402
 from palr.ranking import FUSION_GRID  # noqa: E402

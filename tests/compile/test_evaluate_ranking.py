@@ -143,7 +143,6 @@ def test_answer_constraint_follows_the_ranker_format():
 
 
 def test_title_constraint_under_the_reference_decoder(tiny_llama_dir):
-    pytest.importorskip("torch")
     from palr.llm import generate_constrained, load_causal_lm
 
     model, tokenizer = load_causal_lm(tiny_llama_dir)

@@ -9,7 +9,7 @@ import shutil
 
 import pytest
 
-torch = pytest.importorskip("torch")
+import torch  # noqa: E402 - a declared dependency: missing is a failure, not a skip
 
 from compile.finetune import FinetuneConfig, answer_loss, collate, load_examples, run  # noqa: E402
 from palr.bundle import Bundle  # noqa: E402

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-torch = pytest.importorskip("torch")
+import torch  # noqa: E402 - a declared dependency: missing is a failure, not a skip
 
 
 def test_merged_logits_equal_adapter_logits(tiny_llm_bundle):

@@ -14,7 +14,6 @@ pytestmark = pytest.mark.slow
 
 
 def test_smollm2_ranking_pipeline_end_to_end(tiny_bundle, ml100k_dir, smollm2_gguf, tmp_path):
-    pytest.importorskip("torch")
     from compile import pipeline
     from compile.base_model import BaseModelConfig
     from compile.base_model import run as base_model

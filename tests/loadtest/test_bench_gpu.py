@@ -8,7 +8,6 @@ import json
 
 import pytest
 
-pytest.importorskip("torch")
 
 from loadtest.bench_gpu import GpuBenchConfig, gpu_peaks, run  # noqa: E402
 

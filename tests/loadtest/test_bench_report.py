@@ -39,7 +39,7 @@ def test_engine_row_uses_the_cells_p50_as_the_prefill_time():
 
 
 def test_non_embedding_parameters_count_decoder_layers_and_final_norm_only():
-    torch = pytest.importorskip("torch")
+    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -52,7 +52,7 @@ def test_non_embedding_parameters_count_decoder_layers_and_final_norm_only():
 
 
 def test_a_mixed_build_peak_is_split_as_its_layers_are():
-    torch = pytest.importorskip("torch")
+    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from compile.targets.hf_cpu import variant

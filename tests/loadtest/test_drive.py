@@ -7,7 +7,6 @@ import random
 
 import pytest
 
-pytest.importorskip("torch")
 
 from palr.llm import load_causal_lm  # noqa: E402
 from loadtest.baselines import STRATEGIES, strategy_engine  # noqa: E402

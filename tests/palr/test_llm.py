@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-torch = pytest.importorskip("torch")
+import torch  # noqa: E402 - a declared dependency: missing is a failure, not a skip
 
 from palr.decoding import LabelConstraint, TitleConstraint  # noqa: E402
 from palr.llm import (  # noqa: E402

@@ -12,7 +12,7 @@ import random
 
 import pytest
 
-torch = pytest.importorskip("torch")
+import torch  # noqa: E402 - a declared dependency: missing is a failure, not a skip
 
 from palr.decoding import LabelConstraint, answer_constraint  # noqa: E402
 from palr.llm import load_causal_lm  # noqa: E402

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-torch = pytest.importorskip("torch")
+import torch  # noqa: E402 - a declared dependency: missing is a failure, not a skip
 
 from palr.decoding import DecodingConstraint, LabelConstraint  # noqa: E402
 from palr.llm import generate_constrained, generate_labels, load_causal_lm, score_labels  # noqa: E402

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 
-torch = pytest.importorskip("torch")
+import torch  # noqa: E402 - a declared dependency: missing is a failure, not a skip
 
 from palr.decoding import LabelConstraint  # noqa: E402
 from palr.llm import emit_by_bias, generate_constrained, load_causal_lm, score_candidates  # noqa: E402

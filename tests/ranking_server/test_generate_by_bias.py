@@ -11,7 +11,7 @@ import random
 
 import pytest
 
-torch = pytest.importorskip("torch")
+import torch  # noqa: E402 - a declared dependency: missing is a failure, not a skip
 
 from loadtest.baselines import STRATEGIES, strategy_engine  # noqa: E402
 from palr.decoding import LabelConstraint, TitleConstraint  # noqa: E402
