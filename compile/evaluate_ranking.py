@@ -107,16 +107,22 @@ def collab_table(bundle: Bundle, ranker: dict, corpus: Corpus, catalog: Catalog,
 
 
 def check_vocabulary(bundle: Bundle, llm: str, ranker: dict) -> None:
-    """Refuses an LLM that lacks the ranker's extra tokens (soft item, trend, rank and score tokens: rows the
-    fine-tune added past the base vocabulary) before anything runs, instead of an index error mid-evaluation."""
+    """Refuses an LLM that lacks the extra tokens this ranker's prompts use (soft item, trend, rank and score tokens:
+    rows the fine-tune added past the base vocabulary) before anything runs, instead of an index error mid-evaluation.
+    A text-only ranker (text prompt, label readout) runs on llm_base: its ranker.json still names the extra
+    vocabulary sft-data made, but its prompts use none of it."""
     from transformers import AutoConfig
 
+    from palr.prompt import PromptSettings
+
     extra = ranker.get("item_tokens")
+    used = PromptSettings.from_dict(ranker["prompt"]).extra_tokens_used()
     vocabulary = AutoConfig.from_pretrained(bundle.path(llm)).get_text_config().vocab_size
-    if extra and int(extra["offset"]) >= vocabulary:
+    if used and extra and int(extra["offset"]) >= vocabulary:
         raise ValueError(f"--llm {llm} has {vocabulary} tokens, but this ranker's prompts use tokens from "
-                         f"{extra['offset']} on (soft item / trend / rank / score tokens, added by the fine-tune): only "
-                         f"llm_merged has them; --llm llm_base measures the untuned model with a text-only ranker")
+                         f"{extra['offset']} on ({', '.join(used)}, added by the fine-tune): only llm_merged has "
+                         f"them; --llm llm_base measures the untuned model with a text-only ranker (sft-data "
+                         f"--prompt text --no-trend --rank-tokens --readout label)")
 
 
 def run(config: EvaluateRankingConfig) -> dict:

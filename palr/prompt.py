@@ -95,6 +95,13 @@ class PromptSettings:
                 "candidate (the score row's logit at each candidate's last token: no label-letter prior)",
         "choices": READOUTS})
 
+    def extra_tokens_used(self) -> list[str]:
+        """What of the ranker's extra vocabulary (rows the fine-tune adds past the base model's) these prompts use;
+        none: a text prompt with label readout, which the untuned base model can read."""
+        return [what for what, used in (("soft tokens", self.prompt != "text"), ("trend tokens", self.trend),
+                                        ("rank tokens", bool(self.rank_tokens)),
+                                        ("a score row", self.readout == "candidate")) if used]
+
     def to_dict(self) -> dict:
         """Only the prompt's own fields (a step config that extends this class carries more)."""
         return {f.name: getattr(self, f.name) for f in fields(PromptSettings)}
@@ -174,9 +181,7 @@ class PalrPrompt:
             raise PromptError(f"prompt must be one of {PROMPTS}, got {self.settings.prompt!r}")
         if self.settings.readout not in READOUTS:
             raise PromptError(f"readout must be one of {READOUTS}, got {self.settings.readout!r}")
-        needs = [what for what, needed in (("soft tokens", self.settings.prompt != "text"),
-                                           ("trend tokens", self.settings.trend),
-                                           ("a score row", self.settings.readout == "candidate")) if needed]
+        needs = self.settings.extra_tokens_used()
         if needs and item_tokens is None:
             raise PromptError(f"this prompt needs the ranker's extra vocabulary for {', '.join(needs)} "
                               f"(palr.hybrid.ItemTokens, from llm/ranker.json)")

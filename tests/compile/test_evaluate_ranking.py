@@ -204,4 +204,11 @@ def test_the_base_model_is_refused_up_front_for_a_ranker_whose_prompts_use_the_f
     check_vocabulary(bundle, "llm_merged", ranker)
     with pytest.raises(ValueError, match="--llm llm_base has .* tokens, but this ranker's prompts use tokens from"):
         check_vocabulary(bundle, "llm_base", ranker)
-    check_vocabulary(bundle, "llm_base", {**ranker, "item_tokens": None})  # a text-only ranker: fine
+    check_vocabulary(bundle, "llm_base", {**ranker, "item_tokens": None})  # no extra vocabulary at all: fine
+    # a text-only ranker still names the extra vocabulary sft-data made (every ranker.json does), but uses none
+    text_only = {**ranker, "prompt": {**ranker["prompt"], "prompt": "text", "trend": False, "rank_tokens": [],
+                                      "readout": "label"}}
+    check_vocabulary(bundle, "llm_base", text_only)
+    for uses in ({"trend": True}, {"rank_tokens": ["collab"]}, {"readout": "candidate"}, {"prompt": "ids"}):
+        with pytest.raises(ValueError, match="tokens from"):
+            check_vocabulary(bundle, "llm_base", {**text_only, "prompt": {**text_only["prompt"], **uses}})
