@@ -16,6 +16,7 @@ from compile.presets import PRESETS, preset_for
 from compile.steps import EVALUATE_ALIAS, STEPS, StepFailed, resolve_alias
 from palr.bundle import BundleError
 from palr.cli import LOG_FORMAT, add_config_arguments, add_log_level, build_config
+from palr.errors import EngineError
 
 
 def _step_parser(step: str) -> tuple[argparse.ArgumentParser, type, object]:
@@ -33,8 +34,9 @@ def _step_parser(step: str) -> tuple[argparse.ArgumentParser, type, object]:
 
 # what a step raises for input it refuses (ValueError: options, malformed data files; BundleError: a bundle that is
 # incomplete, stale or built for other hardware; FileNotFoundError: a missing input) or a failure it can name
-# (StepFailed): logged as one line, exit 1
-REFUSALS = (ValueError, BundleError, FileNotFoundError, StepFailed)
+# (StepFailed; EngineError: an engine library that is installed but does not load, with the runtime's install
+# hint): logged as one line, exit 1
+REFUSALS = (ValueError, BundleError, FileNotFoundError, StepFailed, EngineError)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,7 +19,8 @@ def import_ortgenai():
     try:
         import onnxruntime_genai
     except ImportError as e:
-        raise EngineError(f"the ortgenai engine needs onnxruntime-genai, which is not installed here ({e}); "
+        raise EngineError(f"the ortgenai engine needs onnxruntime-genai, which is not installed here or does not import "
+                          f"({e}); "
                           f"{INSTALL_HINT}") from None
     return onnxruntime_genai
 

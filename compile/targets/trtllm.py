@@ -22,6 +22,7 @@ import json
 import logging
 import shutil
 
+from compile.steps import StepFailed
 from compile.targets import BuildContext, BuildResult
 from compile.targets.hf_cuda import gpu_dtype
 from palr.ranking import load_ranker
@@ -74,7 +75,7 @@ def check_saved_engine(out) -> dict:
     build, plugins = engine["build_config"], engine["build_config"].get("plugin_config", {})
     kv_type = str(build.get("kv_cache_type", "PAGED")).upper()
     if "PAGED" not in kv_type or not plugins.get("use_paged_context_fmha", False):
-        raise RuntimeError(f"{out}: engine built without paged KV cache / paged context FMHA "
+        raise StepFailed(f"{out}: engine built without paged KV cache / paged context FMHA "
                            f"(kv_cache_type={kv_type}, use_paged_context_fmha={plugins.get('use_paged_context_fmha')}); "
                            f"KV block reuse needs both")
     pretrained = engine["pretrained_config"]

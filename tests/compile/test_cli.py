@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 
@@ -34,6 +35,20 @@ def test_a_build_for_a_library_this_machine_lacks_says_so_in_one_line(tiny_llm_b
     missing = "build failed: --target trtllm needs tensorrt_llm and tensorrt, which are not installed here"
     assert missing in done.stderr, done.stderr[-2000:]
     assert "Traceback" not in done.stderr, done.stderr[-2000:]
+
+
+def test_an_engine_library_that_is_installed_but_does_not_load_is_one_line(tiny_llm_bundle, tmp_path):
+    """Installed (its metadata is there, so the build's library check passes) but its import fails (a CUDA or
+    driver mismatch, a missing .so): the runtime's EngineError, with its install hint, was a traceback."""
+    broken = tmp_path / "site" / "onnxruntime_genai"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text('raise ImportError("libonnxruntime-genai.so: cannot open shared object")\n')
+    argv = [sys.executable, "-m", "compile", "build", "--bundle", str(tiny_llm_bundle), "--target", "ortgenai-cpu"]
+    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": f"{broken.parent}{os.pathsep}{REPO}"})
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "build failed: the ortgenai engine needs onnxruntime-genai" in done.stderr, done.stderr[-2000:]
+    assert "cannot open shared object" in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
 
 
 @pytest.mark.parametrize("tier, shown", [([], "evaluate-retrieval"), (["--tier", "ranking"], "evaluate-ranking")])
