@@ -8,7 +8,7 @@ from pathlib import Path
 
 from palr.bundle import Bundle, BundleError
 from palr.catalog import Catalog
-from palr.data import DatasetFiles, Split, leave_one_out, read_interactions, user_sequences, user_times
+from palr.data import AtomicFileError, DatasetFiles, Split, leave_one_out, read_interactions, user_sequences, user_times
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,9 @@ class Corpus:
         interactions = read_interactions(files.inter)
         sequences = user_sequences(interactions)
         split = leave_one_out(sequences, min_length=min_length)
+        if not split.train:  # every step after this divides by or indexes the users (sasrec's loss: ZeroDivision)
+            raise AtomicFileError(f"{files.inter}: no user has the {min_length} interactions a leave-one-out split "
+                                  f"needs ({len(split.too_short)} users, all shorter): nothing to train or evaluate on")
         catalog = Catalog.build(files, split.train, sequences)
         log.info("%s: %d users (%d too short to split), %d items, %d interactions",
                  files.name, len(split.train), len(split.too_short), len(catalog), len(interactions))

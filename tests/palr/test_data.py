@@ -126,6 +126,19 @@ def test_bring_your_own_dataset(tmp_path):
     assert corpus.split.test["u0"] == "sku4"
 
 
+@pytest.mark.parametrize("rows", ["", "u1\tsku1\t1\nu1\tsku2\t2\nu2\tsku1\t3\n"])
+def test_a_dataset_without_a_user_to_split_is_refused_naming_its_file(tmp_path, rows):
+    """A header-only .inter, or one whose users all have fewer than 3 interactions, was a ZeroDivisionError in
+    SASRec's first epoch."""
+    from palr.corpus import Corpus
+
+    d = tmp_path / "shop"
+    d.mkdir()
+    write(d / "shop.inter", "user_id:token\titem_id:token\ttimestamp:float\n" + rows)
+    with pytest.raises(AtomicFileError, match=r"shop\.inter: no user has the 3 interactions"):
+        Corpus.load(d)
+
+
 def test_item_ids_sort_numbers_by_value_in_one_fixed_order_and_odd_digits_as_text():
     """Ids equal as numbers ("7", "07") once tied and took set order (changing with PYTHONHASHSEED, so catalog
     indices could change between runs); "²" is a digit to str.isdigit but not to int()."""
