@@ -71,10 +71,13 @@ class BuildConfig:
     max_num_tokens: int = field(default=8192, metadata={"help": "trtllm: most tokens one engine iteration runs"})
     max_input_len: int = field(default=2048, metadata={"help": "trtllm: longest prompt"})
     max_seq_len: int = field(default=2560, metadata={"help": "trtllm: prompt + generated tokens"})
-    threads: int = field(default=0, metadata={"help": "CPU targets: intra-op threads (0 = measure 1..cores)"})
+    threads: int = field(default=0, metadata={
+        "help": "CPU targets: intra-op threads (0: hf-cpu measures 1..cores and keeps the fastest; ortgenai-cpu "
+                "runs on every core)"})
     measure: bool = field(default=True, metadata={
-        "help": "CPU targets: measure the candidates side by side and keep the winner; --no-measure takes "
-                "--dtype (auto: fp32) without measuring"})
+        "help": "measure the candidates side by side and keep the winner (hf-cuda: bf16 against the fp32 quality "
+                "bar); --no-measure takes --dtype (auto: fp32) without measuring or the quality bar (trtllm: not "
+                "read)"})
     candidates: list[str] = field(default_factory=lambda: [
         "fp32", "bf16", "bf16-body", "bf16-body-fp32-last", "int8", "int8-wo"], metadata={
         "help": "hf-cpu: dtypes measured against each other (fp32 is always the reference; the bf16 ones only "
@@ -103,6 +106,11 @@ class BuildConfig:
     force: bool = field(default=False, metadata={"help": "rebuild even if a current build exists"})
 
     def __post_init__(self) -> None:
+        for name in ("probe_users", "repeats", "decode_steps", "prompt_tokens", "generate_k"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.generate_probes < 0:
+            raise ValueError(f"--generate-probes must be >= 0, got {self.generate_probes}")
         if self.tp < 1:
             raise ValueError(f"--tp must be >= 1, got {self.tp}")
         if self.threads < 0:
@@ -158,25 +166,40 @@ def build_inputs(bundle: Bundle, target: str) -> list[str]:
     return [bundle.version(name) for name in names]
 
 
-def options_record(config: BuildConfig) -> dict:
-    """The config as JSON values, without what does not change the build."""
+def options_record(config: BuildConfig, target: str) -> dict:
+    """The options `target`'s builder reads, as JSON values: what the manifest records as the build's options and
+    the step's fingerprint covers (another target's option, e.g. a preset's --repeats on a GPU, changes nothing)."""
     record = json.loads(json.dumps(config.__dict__, default=str))
-    for key in ("bundle", "force"):
-        record.pop(key)
-    return record
+    return {key: value for key, value in record.items() if key in TARGET_OPTIONS[target]} | {"target": target}
 
 
-TRTLLM_ONLY = ("quantization", "calib_dataset", "tp", "max_batch_size", "max_num_tokens", "max_input_len",
-               "max_seq_len")
+# the options each target's builder reads (besides bundle, target, force)
+MEASURED = frozenset({"dtype", "measure", "probe_users", "generate_probes", "generate_k", "prompt_tokens",
+                      "decode_steps", "min_agreement", "max_ndcg_drop"})
+CPU_MEASURED = MEASURED | {"threads", "repeats", "min_gain", "generate_tokens"}
+TRTLLM = frozenset({"dtype", "quantization", "calib_dataset", "tp", "max_batch_size", "max_num_tokens",
+                    "max_input_len", "max_seq_len"})
+TARGET_OPTIONS = {"hf-cpu": CPU_MEASURED | {"candidates"}, "ortgenai-cpu": CPU_MEASURED, "hf-cuda": MEASURED,
+                  "trtllm": TRTLLM}
 
 
 def check_options_for(target: str, config: BuildConfig) -> None:
-    """TensorRT-LLM's options set for another target: refused (they were ignored, yet recorded as the build's)."""
+    """TensorRT-LLM's own options set for another target, or --calib-dataset without a --quantization: refused
+    (they were ignored, yet recorded as the build's). Other options `target` does not read (a CPU target's, which
+    presets set for every machine): a warning; they are not recorded."""
     defaults = BuildConfig()
-    changed = [name for name in TRTLLM_ONLY if getattr(config, name) != getattr(defaults, name)]
-    if target != "trtllm" and changed:
-        raise ValueError(f"--{', --'.join(n.replace('_', '-') for n in changed)}: TensorRT-LLM options, and the target "
+    changed = [f.name for f in dataclasses.fields(BuildConfig) if f.name not in ("bundle", "target", "force")
+               and getattr(config, f.name) != getattr(defaults, f.name)]
+    unread = [name for name in changed if name not in TARGET_OPTIONS[target]]
+    refused = [name for name in unread if name in TRTLLM]
+    if refused:
+        raise ValueError(f"--{', --'.join(n.replace('_', '-') for n in refused)}: TensorRT-LLM options, and the target "
                          f"is {target}, which does not read them")
+    if "calib_dataset" in changed and config.quantization == "none":
+        raise ValueError("--calib-dataset calibrates a --quantization (fp8, int4_awq); without one it is not read")
+    if unread:
+        log.warning("build: --%s not read by --target %s: ignored", ", --".join(n.replace("_", "-") for n in unread),
+                    target)
 
 
 def run(config: BuildConfig) -> Path:
@@ -186,7 +209,7 @@ def run(config: BuildConfig) -> Path:
     spec = target_spec(target)
     name = artifact_name(target)
     step = f"build:{target}"
-    step_fp = fingerprint(step, VERSION, options_record(config) | {"target": target},
+    step_fp = fingerprint(step, VERSION, options_record(config, target),
                           build_inputs(bundle, target))
     if not config.force and bundle.has(name) and bundle.manifest.steps.get(step, {}).get("fingerprint") == step_fp:
         path, entry = open_build(bundle, target)  # refuses a build made for other hardware or changed since
@@ -239,7 +262,7 @@ def run(config: BuildConfig) -> Path:
     try:
         entry = bundle.add_artifact(name, final.relative_to(bundle.root), files=files, **machine.build_record(spec),
                                     **result.meta, source=bundle.version(SOURCE), ranker=ranker_version(bundle),
-                                    build_options=options_record(config) | {"target": target},
+                                    build_options=options_record(config, target),
                                     build_seconds=round(seconds, 1))
         bundle.record_step(step, step_fp, seconds, target=target)
         bundle.save()

@@ -26,11 +26,13 @@ from palr.ranking import MODES
 log = logging.getLogger(__name__)
 
 
-def gpu_dtype(requested: str, compute_capability: str) -> str:
-    """bf16 from SM 8.0 on, fp16 before; an explicit request is checked against the GPU."""
+def gpu_dtype(requested: str, compute_capability: str, measured: bool = True) -> str:
+    """auto: bf16 from SM 8.0 on, fp16 before, when the build measures it against the fp32 quality bar; fp32 when
+    it does not (`--no-measure`: nothing would check that it ranks like fp32, as on the CPU targets). An explicit
+    request is checked against the GPU."""
     major = int(compute_capability.split(".")[0])
     if requested == "auto":
-        return "bf16" if major >= 8 else "fp16"
+        return ("bf16" if major >= 8 else "fp16") if measured else "fp32"
     if requested not in ("bf16", "fp16", "fp32"):
         raise ValueError(f"hf-cuda builds bf16, fp16 or fp32, not {requested}")
     if requested == "bf16" and major < 8:
@@ -92,7 +94,7 @@ def build(ctx: BuildContext) -> BuildResult:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     config, machine = ctx.config, ctx.machine
-    dtype = gpu_dtype(config.dtype, machine.compute_capability)
+    dtype = gpu_dtype(config.dtype, machine.compute_capability, config.measure)
     attention, why = attention_choice()
     tokenizer = AutoTokenizer.from_pretrained(ctx.source)
     model = AutoModelForCausalLM.from_pretrained(ctx.source, dtype=DTYPES[dtype], attn_implementation=attention)
