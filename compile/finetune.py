@@ -31,7 +31,7 @@ from tqdm import tqdm
 from compile.llm_common import check_sft_data, config_record, fingerprint_record
 from compile.sft_data import candidate_readout, example_readout, read_jsonl
 from compile.steps import StepFailed
-from palr.bundle import Bundle, fingerprint, write_directory
+from palr.bundle import Bundle, BundleError, fingerprint, write_directory
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +76,9 @@ class FinetuneConfig:
     seed: int = field(default=0, metadata={"help": "random seed"})
     force: bool = field(default=False, metadata={"help": "retrain from scratch even if inputs are unchanged"})
     loss: str = field(default="listwise", metadata={
-        "help": "listwise: cross-entropy over the candidates' label logits at the answer position (what score mode "
-                "reads; FIRST/LlamaRec-style verbalizer); lm: next-token cross-entropy over the answer (label + title "
+        "help": "listwise: cross-entropy of the target over the candidates' readout logits, what score mode reads "
+                "(the score row at each candidate's last token with --readout candidate, sft-data's default; the "
+                "label logits at the answer position with --readout label, a FIRST/LlamaRec-style verbalizer); lm: next-token cross-entropy over the answer (label + title "
                 "tokens); both: their sum", "choices": ("listwise", "lm", "both")})
     # 0: on all 943 validation users (readout_ablation.py --tokens time,ease,retr, docs/results.md) the LLM alone
     # ranked 1.105x retrieval trained at 0 against 1.012x at 1 (paired 1.092x, 1.032-1.153), fused with the
@@ -474,6 +475,7 @@ def make_extra_rows(bundle: Bundle, meta: dict, model, tokenizer):
     from palr.sasrec import SASRec
 
     tokens = meta["item_tokens"]
+    check_item_table(bundle, tokens)
     buckets, rank_rows = int(tokens.get("trend_buckets") or 0), int(tokens.get("rank_rows") or 0)
     embedding = model.get_input_embeddings().weight.detach()
     digit = lambda b: tokenizer.encode(f" {b}", add_special_tokens=False)[-1]  # noqa: E731
@@ -481,6 +483,16 @@ def make_extra_rows(bundle: Bundle, meta: dict, model, tokenizer):
     rank_init = embedding[[digit(r % RANK_BUCKETS) for r in range(rank_rows)]] if rank_rows else None
     table = SASRec.load(bundle.path(tokens["table"])).item_emb.weight
     return extra_rows(table, embedding.shape[1], buckets, trend_init, rank_rows, rank_init)
+
+
+def check_item_table(bundle: Bundle, tokens: dict) -> None:
+    """The SASRec checkpoint the soft tokens carry must be the one sft-data built the prompts (and drew the
+    candidates) with: a SASRec retrained since would train the projector on other embeddings than the examples
+    were made for, and projector.json would record the new version as if nothing had changed."""
+    recorded, current = tokens.get("table_version"), bundle.version(tokens["table"])
+    if recorded and recorded != current:
+        raise BundleError(f"{tokens['table']} is version {current}, but llm/sft was built against {recorded}: "
+                          f"re-run compile sft-data (SASRec changed since)")
 
 
 def projector_settings(bundle: Bundle, meta: dict) -> dict:

@@ -306,3 +306,23 @@ def test_cuda_without_a_gpu_is_refused_before_the_adapter_is_set_aside(tiny_llm_
         run(FinetuneConfig(bundle=bundle, force=True, device="cuda", max_steps=2))
     assert Bundle.open(bundle).has("lora")
 
+
+
+def test_a_sasrec_retrained_since_sft_data_is_refused_before_training(bundle_copy):
+    """The soft tokens carry the SASRec checkpoint sft-data built the examples with: finetune loaded whatever the
+    bundle held now (its fingerprint covers llm_base and sft_data only) and recorded that version as the one used."""
+    from palr.bundle import BundleError
+
+    meta_path = bundle_copy / "llm" / "sft" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    table = meta["item_tokens"]["table"]
+    meta["item_tokens"]["table_version"] = "0" * 12  # as if sft-data ran against an earlier SASRec
+    meta_path.write_text(json.dumps(meta))
+    bundle = Bundle.open(bundle_copy)  # recorded as sft-data would have
+    entry = bundle.artifact("sft_data")
+    bundle.add_artifact("sft_data", entry["path"], **{k: v for k, v in entry.items()
+                                                      if k not in ("path", "sha256", "files", "created_at")})
+    bundle.save()
+    with pytest.raises(BundleError, match=f"{table} is version .*, but llm/sft was built against 000000000000"):
+        run(FinetuneConfig(bundle=bundle_copy, max_steps=1, batch_size=4, save_every=0, force=True))
+    assert not (bundle_copy / "llm" / "lora").exists()
