@@ -82,8 +82,10 @@ class RpcMetrics:
     def __init__(self, prefix: str, rpc: str):
         self.rpc = rpc
         self.requests = Counter(f"{prefix}_requests", f"{rpc} RPCs by final status code", ["code"])
-        self.latency = Histogram(f"{prefix}_request_seconds", f"{rpc} latency from handler start to last message",
-                                 buckets=LATENCY_BUCKETS)
+        # by code: a refusal (RESOURCE_EXHAUSTED under overload, INVALID_ARGUMENT) takes microseconds, so one
+        # histogram over every outcome read lower the more calls were refused; latency panels read code="OK"
+        self.latency = Histogram(f"{prefix}_request_seconds", f"{rpc} latency from handler start to last message, "
+                                 "by final status code", ["code"], buckets=LATENCY_BUCKETS)
         self.in_flight = Gauge(f"{prefix}_requests_in_flight", f"{rpc} RPCs being handled now")
 
     @contextlib.asynccontextmanager
@@ -128,5 +130,5 @@ class RpcMetrics:
             tracing.end_status(span, code.name)
             span_scope.__exit__(None, None, None)
             self.requests.labels(code.name).inc()
-            self.latency.observe(time.perf_counter() - started)
+            self.latency.labels(code.name).observe(time.perf_counter() - started)
             self.in_flight.dec()  # last: a scrape that sees it done sees it counted
