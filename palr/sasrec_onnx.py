@@ -51,12 +51,17 @@ class SasrecOnnx:
         self._check_signature()
 
     @staticmethod
-    def manifest_record(bundle: Bundle) -> dict:
-        """The model's manifest record, with the `max_len` and `top_k` it was exported with (BundleError if not)."""
+    def manifest_record(bundle: Bundle, catalog_items: int | None = None) -> dict:
+        """The model's manifest record, with the `max_len` and `top_k` it was exported with (BundleError if not);
+        with `catalog_items`, checked to score exactly the catalog's items (a model of another catalog failed every
+        batch holding a newer item, the innocent requests in it too, or indexed past the catalog's ids)."""
         meta = bundle.artifact(ARTIFACT)
         for key in ("max_len", "top_k"):
             if key not in meta:
                 raise BundleError(f"{bundle.root}: artifact {ARTIFACT!r} has no {key!r} in the manifest")
+        if catalog_items is not None and "num_items" in meta and int(meta["num_items"]) != catalog_items:
+            raise BundleError(f"{bundle.root}: {meta['path']} scores {meta['num_items']} items, catalog.json has "
+                              f"{catalog_items}: they come from different builds (re-run compile sasrec)")
         return meta
 
     @classmethod

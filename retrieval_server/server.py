@@ -35,12 +35,12 @@ class RetrievalServer:
         bundle = Bundle.open(config.bundle)
         bundle.verify(ARTIFACTS)
         self.bundle = bundle
-        meta = SasrecOnnx.manifest_record(bundle)
+        catalog = Catalog.load(bundle.path("catalog"))
+        meta = SasrecOnnx.manifest_record(bundle, len(catalog))
         top_k = int(meta["top_k"])
         max_k = config.max_k or top_k
         if max_k > top_k:
             raise ValueError(f"--max-k {max_k} is larger than the model's top_k {top_k} (fixed at ONNX export)")
-        catalog = Catalog.load(bundle.path("catalog"))
         traces = tracer_provider or tracing.tracer_provider("retrieval_server", config.otlp_endpoint)
         self.servicer = RetrievalServicer(catalog, load_histories(bundle.path("users"), catalog),
                                           max_len=int(meta["max_len"]), max_k=max_k, chunk_size=config.chunk_size,

@@ -566,3 +566,18 @@ def test_a_model_record_without_its_export_shape_is_a_bundle_error_not_a_traceba
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match="no 'top_k' in the manifest"):
         RetrievalServer(RetrievalServerConfig(bundle=bundle))
+
+
+def test_a_model_of_another_catalog_is_refused_at_start(tiny_bundle, tmp_path):
+    """Its item count differs from catalog.json's: every batch holding an item past the model's table failed in ORT
+    (the other requests batched with it too), and a larger model indexed past the catalog's ids."""
+    from palr.bundle import BundleError
+    from tests.fixtures.builds import copy_bundle
+
+    bundle = copy_bundle(tiny_bundle, tmp_path / "bundle")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    items = manifest["artifacts"]["sasrec_onnx"]["num_items"]
+    manifest["artifacts"]["sasrec_onnx"]["num_items"] = items - 1
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match=f"scores {items - 1} items, catalog.json has {items}"):
+        RetrievalServer(RetrievalServerConfig(bundle=bundle))
