@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from palr.decoding import DRAFT_TOKENS, DecodingConstraint, LabelConstraint
+from palr.errors import EngineError
 from palr.prompt import Readout
 from palr.ranking import decoding_bias, finite_readout
 
@@ -171,6 +172,11 @@ def pick_allowed(allowed: Sequence[int], allowed_logits: torch.Tensor, constrain
     reference and the engines so they agree exactly."""
     if not allowed:
         raise ValueError("the constraint allows no token (it is done)")
+    if not bool(torch.isfinite(allowed_logits).all()):  # argmax would pick a NaN: an answer no model chose
+        bad = (~torch.isfinite(allowed_logits)).nonzero().flatten().tolist()
+        raise EngineError(f"the model's next-token logits are not finite for {len(bad)} of the {len(allowed)} "
+                          f"allowed tokens (e.g. token {allowed[bad[0]]}): its precision overflowed or its weights "
+                          f"are broken")
     scores = allowed_logits.float() * logit_weight  # [A]
     if bias is not None:
         scores = scores + torch.tensor(constraint.token_bias(bias), device=scores.device)

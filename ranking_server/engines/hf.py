@@ -299,6 +299,7 @@ class HFEngine(LoopEngine):
         log.exception("%s failed for %d request(s)", what, len(rows), exc_info=error)
         for row in rows:
             if row.pending.request_id in self._by_id:
+                self.kv.clear(row.slot)  # before it leaves: whatever the failure left there stays with no one
                 self._leave(row)
                 self._fail(row.pending, EngineError(f"{what} failed: {error!r}"))
 
@@ -441,7 +442,11 @@ class HFEngine(LoopEngine):
         if key in cache:
             return
         try:
-            cache.put(key, self.kv.read_prefix(row.slot, at))
+            layers = self.kv.read_prefix(row.slot, at)
+            if not all(bool(torch.isfinite(k).all() and torch.isfinite(v).all()) for k, v in layers):
+                log.warning("a %d-token KV snapshot is not finite (an overflowed pass); not keeping it", at)
+                return  # kept, every later call with this prefix or context would fail on it
+            cache.put(key, layers)
         except Exception:  # noqa: BLE001
             log.warning("could not keep a %d-token KV snapshot; serving on without it", at, exc_info=True)
 

@@ -156,6 +156,14 @@ class SlotKVCache(Cache):
             keys[pair, :, :length] = keys[flipped, :, :length]
             values[pair, :, :length] = values[flipped, :, :length]
 
+    def clear(self, slot: int) -> None:
+        """Zero every position of `slot`: what a failed request wrote there (non-finite values, from an overflowed
+        precision) must not reach the slot's next user, whose passes read masked keys past their own length (a
+        masked NaN is still NaN through SDPA)."""
+        for keys, values in zip(self.keys, self.values):
+            keys[slot].zero_()
+            values[slot].zero_()
+
     def move(self, src: int, dst: int, length: int) -> None:
         """Copy the first `length` positions of slot `src` into slot `dst` (src is then free)."""
         if src == dst or length == 0:

@@ -360,3 +360,34 @@ def test_a_context_bigger_than_the_whole_cache_is_neither_waited_for_nor_copied(
     assert engine.passes == 1, "one prompt pass: a2 did not wait for a1's context"
     assert [r.cached_tokens for r in results] == [0, 0, 0] and stats.context_bytes == 0
     assert stats.context_misses == 3 and stats.context_hits == 0
+
+
+def test_a_request_that_fails_on_non_finite_values_leaves_nothing_behind_for_the_next(tiny_llama_dir):
+    """A request whose keys and values went non-finite (an overflowed precision) fails alone; the slot it leaves
+    held them past the next, shorter request's length, where attention reads masked keys (a masked NaN is still
+    NaN through SDPA): that request failed too, and its user's context, cached from the spoilt pass, failed every
+    later call of the user."""
+    model, tokenizer = load_causal_lm(tiny_llama_dir)  # a copy of its own: one embedding row is spoilt
+    labels = label_ids(tokenizer, 8)
+    poison = 777
+    with torch.no_grad():
+        model.model.embed_tokens.weight = torch.nn.Parameter(model.model.embed_tokens.weight.detach().clone())
+        model.model.embed_tokens.weight[poison] = float("nan")
+    rng = random.Random(4)
+    alice, bob = ([rng.randrange(1000, 40000) for _ in range(40)] for _ in range(2))
+    spoilt = user_request("x", alice, labels, rng)
+    spoilt = EngineRequest("x", PREFIX, spoilt.suffix_ids + [poison] + list(range(1000, 1060)), labels, mode="score",
+                           k=3, context_len=len(alice))
+    engine = HFEngine(model, EngineConfig(max_batch_size=1, max_tokens_per_step=64))  # one slot: reused by the next
+    try:
+        with pytest.raises(Exception, match="not finite"):
+            run(engine, [spoilt])
+        first, again = user_request("b1", bob, labels, rng), user_request("b2", bob, labels, rng)
+        answers = [run(engine, [first])[0], run(engine, [again])[0]]
+        healthy, stats = engine.check_health(), engine.stats()
+    finally:
+        engine.close()
+    for request, result in zip([first, again], answers):
+        check(model, request, result)
+    assert answers[1].cached_tokens == len(PREFIX) + len(bob), "the second call reused its context"
+    assert healthy and stats.failed == 1 and stats.completed == 2

@@ -858,8 +858,9 @@ def test_device_turns_go_in_the_order_asked():
     assert turns.waiting() == 0
 
 
+@pytest.mark.parametrize("mode", ["score", "generate"])
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_a_model_that_reads_nan_fails_the_request_and_serves_on(tiny_llama_dir, strategy):
+def test_a_model_that_reads_nan_fails_the_request_and_serves_on(tiny_llama_dir, strategy, mode):
     """A label whose logit is NaN (an overflowed precision, broken weights): the request fails with EngineError
     (the server answers it degraded, in retrieval order) instead of ranking by NaN, and the engine serves on."""
     model, tokenizer = load_causal_lm(tiny_llama_dir)  # a copy of its own: one lm_head row is spoilt
@@ -870,8 +871,10 @@ def test_a_model_that_reads_nan_fails_the_request_and_serves_on(tiny_llama_dir, 
     engine = strategy_engine(strategy, model, EngineConfig(max_batch_size=2, max_tokens_per_step=64))
 
     async def scenario():
-        with pytest.raises(EngineError, match="not finite for candidates \\[0\\]"):
-            await engine.rank(plain(labels, "spoilt"))
+        # generate mode decoded by argmax, which picks a NaN: label 0 first, answered OK (and cached)
+        with pytest.raises(EngineError, match="not finite for candidates \\[0\\]" if mode == "score" else
+                           f"next-token logits are not finite for 1 of the 8 allowed tokens \\(e.g. token {labels[0]}"):
+            await engine.rank(plain(labels, "spoilt", mode=mode))
         return await engine.rank(plain(labels[1:], "fine"))
 
     try:
