@@ -59,7 +59,12 @@ async def in_load_thread(work: Callable[..., T], *args: Any, on_abandoned: Calla
     with _lock:
         _running.add(thread)
     thread.start()
-    return await outcome
+    try:
+        return await outcome
+    except asyncio.CancelledError:  # a stop: after the result arrived but before this task resumed, it is here
+        if on_abandoned is not None and outcome.done() and not outcome.cancelled() and outcome.exception() is None:
+            _start(f"abandon-{getattr(work, '__name__', 'work')}", lambda: on_abandoned(outcome.result()))
+        raise
 
 
 def _start(name: str, target: Callable[[], None]) -> threading.Thread:

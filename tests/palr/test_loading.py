@@ -70,3 +70,33 @@ def test_what_an_abandoned_load_built_is_handed_to_its_cleanup():
 
     asyncio.run(scenario())
     wait_until(lambda: not unfinished_loads(), what="the cleanup thread to end")
+
+
+def test_a_stop_between_the_result_and_the_callers_wakeup_still_hands_it_to_the_cleanup():
+    """The cancel landed after the result was set but before the awaiting task resumed (one loop iteration):
+    the task raised CancelledError, `settle` had seen no cancel, and the engine built was never closed."""
+    closed = threading.Event()
+
+    class Engine:
+        def close(self) -> None:
+            closed.set()
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        load = None
+        call_soon_threadsafe = loop.call_soon_threadsafe
+
+        def then_cancel(callback, *args):  # the stop's cancel right after the result's delivery, in one callback
+            def deliver_then_cancel():
+                callback(*args)
+                load.cancel()
+            return call_soon_threadsafe(deliver_then_cancel)
+
+        loop.call_soon_threadsafe = then_cancel
+        load = asyncio.create_task(in_load_thread(Engine, on_abandoned=Engine.close))
+        with pytest.raises(asyncio.CancelledError):
+            await load
+        await eventually(closed.is_set, what="the abandoned engine's close")
+
+    asyncio.run(scenario())
+    wait_until(lambda: not unfinished_loads(), what="the cleanup thread to end")
