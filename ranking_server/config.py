@@ -10,6 +10,7 @@ from ranking_server.engines.config import EngineConfig
 
 ENGINES = ("hf", "trtllm", "ortgenai")
 DEVICES = ("cpu", "cuda")
+MAX_DEFAULT_DEADLINE_MS = 86_400_000.0  # a day: gRPC's deadline arithmetic overflows past ~7e9 s (every call fails)
 
 
 @dataclass
@@ -110,6 +111,10 @@ class RankingServerConfig(ServerConfig, EngineConfig):
         if self.retrieval_chunk_size > 2**31 - 1:  # an int32 in the Retrieve request
             raise ValueError(f"retrieval_chunk_size must be < 2**31, got {self.retrieval_chunk_size}")
         check_finite("default_deadline_ms", self.default_deadline_ms, positive=True)
+        if self.default_deadline_ms > MAX_DEFAULT_DEADLINE_MS:
+            raise ValueError(f"--default-deadline-ms {self.default_deadline_ms:g} is over a day "
+                             f"({MAX_DEFAULT_DEADLINE_MS:g} ms); far larger ones (to mean 'no deadline') made every "
+                             f"call without a deadline fail at once, DEADLINE_EXCEEDED, in gRPC's deadline arithmetic")
         check_finite("engine_check_s", self.engine_check_s)
         check_finite("degrade_reserve_ms", self.degrade_reserve_ms)
         if self.degrade_reserve_ms >= self.default_deadline_ms:  # the LLM would never be asked without a deadline

@@ -924,6 +924,14 @@ def test_deadline_and_health_check_timings_must_be_finite(field_name, value):
         RankingServerConfig(**{field_name: value})
 
 
+def test_a_default_deadline_meant_as_none_is_refused():
+    """1e13 ms ('no deadline'): gRPC's deadline arithmetic overflowed and every call without a deadline failed at
+    once with DEADLINE_EXCEEDED."""
+    with pytest.raises(ValueError, match="--default-deadline-ms 1e\\+13 is over a day"):
+        RankingServerConfig(default_deadline_ms=1e13)
+    RankingServerConfig(default_deadline_ms=86_400_000.0)
+
+
 def test_a_degrade_reserve_as_long_as_the_default_deadline_is_refused():
     """Every request without a deadline would be answered degraded, the LLM never asked."""
     with pytest.raises(ValueError, match="--degrade-reserve-ms 30000.0 must be below --default-deadline-ms 30000.0"):
