@@ -90,6 +90,7 @@ class Answer:
     ranking_ms: float = 0.0
     degraded_reason: str = ""
     reused: bool = False  # the engine's kept answer to an identical earlier request (no model time)
+    joined: bool = False  # ... one running when this came: it waited for that run's slot and passes
     by_llm: bool = False  # the engine answered (not a cold start, an empty list or a degraded answer)
 
 
@@ -240,7 +241,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             "llm.answer_reused": result.answer_reused})
         return Answer(ranking=self.prompts.ranking(result, job.retrieval_term, k, job.candidate_bias),
                       queue_ms=result.timings.queue_ms, ranking_ms=waited_ms - result.timings.queue_ms,
-                      reused=result.answer_reused, by_llm=True)
+                      reused=result.answer_reused, joined=result.answer_joined, by_llm=True)
 
     def _degrade(self, plan: Plan, retrieval_order: list[tuple[int, float]], reason: str, detail: str,
                  submitted: float) -> Answer:
@@ -258,9 +259,10 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         """Queue and ranking are observed for the engine's answers from the model only: a degraded answer's LLM
         wait is not split (the engine request was aborted before it reported one), cold starts and empty lists
         never reach the engine, and a kept answer to an exact repeat (`ranking_engine_answer_cache_total`) waits
-        for no slot; their zeros would show overload as an empty queue."""
+        for no slot; their zeros would show overload as an empty queue. One that joined an identical request's run
+        waited for that run's slot and passes: observed."""
         stages = [("retrieval", retrieval_ms), ("total", total_ms)]
-        if answer.by_llm and not answer.reused:
+        if answer.by_llm and (not answer.reused or answer.joined):
             stages += [("queue", answer.queue_ms), ("ranking", answer.ranking_ms)]
         for stage, ms in stages:
             STAGE_SECONDS.labels(stage).observe(ms / 1e3)

@@ -129,14 +129,16 @@ class AnswerCache(RankingEngine):
         with self._lock:
             kept = self._answers.get(key)
             shared = self._running.get(key)
+        joined = False
         while kept is None and shared is not None and shared.answer.get_loop() is asyncio.get_running_loop():
             kept = await self._wait_on(shared)  # None: it failed or was cancelled; then one of its waiters runs
             with self._lock:
                 if kept is not None:
                     self._joined += 1
+                    joined = True
                 shared = self._running.get(key)  # the waiter that runs it again (the others join it)
         if kept is not None:
-            return _reused(kept, request.request_id, 1e3 * (time.perf_counter() - started))
+            return _reused(kept, request.request_id, 1e3 * (time.perf_counter() - started), joined)
         return await self._run(key, request)
 
     async def _wait_on(self, shared: _Shared) -> EngineResult | None:
@@ -204,10 +206,14 @@ def _copy(result: EngineResult, **changes) -> EngineResult:
     return dataclasses.replace(result, order=list(result.order), scores=scores, **changes)
 
 
-def _reused(kept: EngineResult, request_id: str, total_ms: float) -> EngineResult:
-    """The kept answer for a new request: no queue, no model time, every prompt token reused."""
+def _reused(kept: EngineResult, request_id: str, total_ms: float, joined: bool = False) -> EngineResult:
+    """The kept answer for a new request: no model time of its own, every prompt token reused. A kept one waited for
+    nothing; one that joined an identical running request waited for that run's slot (its queue time, up to this
+    one's own wait) and passes (the rest)."""
+    queue_ms = min(kept.timings.queue_ms, total_ms) if joined else 0.0
     return _copy(kept, request_id=request_id, cached_tokens=kept.prompt_tokens, generated_tokens=0,
-                 timings=EngineTimings(0.0, 0.0, 0.0, total_ms), batch_size=0, answer_reused=True)
+                 timings=EngineTimings(queue_ms, 0.0, 0.0, total_ms), batch_size=0, answer_reused=True,
+                 answer_joined=joined)
 
 
 def with_answer_cache(engine: RankingEngine, size: int) -> RankingEngine:

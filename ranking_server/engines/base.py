@@ -184,6 +184,7 @@ class EngineResult:
     timings: EngineTimings
     batch_size: int = 0     # most requests in the engine's running batch while this one ran (0: not known)
     answer_reused: bool = False  # the answer to an identical earlier request (`AnswerCache`): no model time
+    answer_joined: bool = False  # ... that was running when this one came: it waited for that run's slot and passes
 
 
 def emit_answer(constraint: DecodingConstraint, bias: Sequence[float] | None) -> int:

@@ -185,6 +185,12 @@ def test_identical_requests_at_once_run_the_model_once(tiny, cached):
     assert [r.answer_reused for r in results] == [False, True, True]
     assert all((r.order, r.scores) == (results[0].order, results[0].scores) for r in results)
     assert (cached.stats().answer_hits, cached.stats().answer_misses) == (2, 1)
+    # the two that joined waited for the run's slot and passes: their queue time is the run's, not a kept
+    # answer's 0 (the server's queue/ranking histograms count them; under overload their wait is real)
+    assert [r.answer_joined for r in results] == [False, True, True]
+    assert all(r.timings.queue_ms == min(results[0].timings.queue_ms, r.timings.total_ms) for r in results[1:])
+    later = asyncio.run(cached.rank(request("page-later", labels)))  # a kept answer: waited for nothing
+    assert later.answer_reused and not later.answer_joined and later.timings.queue_ms == 0.0
 
 
 def held_device_engine(tiny):
