@@ -22,6 +22,7 @@ rewinds to it (`Generator.rewind_to`) and runs only the rest.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -93,6 +94,7 @@ class OrtGenaiEngine(LoopEngine):
         self.model = load_model(model_dir, config.num_threads)
         self._idle: list[GeneratorSlot] = []
         self._active: list[Running] = []
+        self._context_hits = self._context_misses = 0  # requests with a context: found it in an idle generator or not
         log.info("ortgenai engine: %s, vocab %d, max_seq_len %d, <= %d generators", model_dir, self.vocab_size,
                  max_seq_len, config.max_batch_size)
         self.start()
@@ -139,6 +141,9 @@ class OrtGenaiEngine(LoopEngine):
         try:
             slot, start = self._generator_for(starts)
             cached = slot.start(start)
+            if self.config.context_cache_mb and request.context_len:  # what hf's context cache counts
+                hit = start == starts[0] and cached == len(start)
+                self._context_hits, self._context_misses = self._context_hits + hit, self._context_misses + (not hit)
         except Exception as e:  # noqa: BLE001 - a generator that cannot start fails this request only
             log.exception("ortgenai: cannot start a generator")
             self._fail(pending, EngineError(f"ortgenai generator: {e!r}"))
@@ -147,6 +152,12 @@ class OrtGenaiEngine(LoopEngine):
         self._active.append(Running(pending, slot, todo=request.run_ids[cached:], cached=cached, length=cached,
                                     readout=readout, read=[None] * len(readout) if readout is not None else None,
                                     bias=list(request.bias) if request.bias is not None else None))
+
+    def stats(self):
+        """The loop's counts, with the context reuse of the generators kept idle (its hits and misses; the idle
+        generators are not bounded in bytes, so no evictions or bytes)."""
+        return dataclasses.replace(super().stats(), context_hits=self._context_hits,
+                                   context_misses=self._context_misses)
 
     def _generator_for(self, starts: list[list[int]]) -> tuple[GeneratorSlot, list[int]]:
         """An idle generator whose cache starts with the longest of `starts` (and that start), else the least

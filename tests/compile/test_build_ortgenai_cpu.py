@@ -314,3 +314,27 @@ def test_a_request_with_nothing_cached_takes_the_least_recently_used_generator()
     assert pick_idle(idle, [bob, prefix]) == (1, bob)  # a returning user finds their own context
     assert pick_idle([[5, 5], alice], [[1, 2, 9], prefix]) == (1, prefix)  # the shared prefix before any slot
     assert pick_idle([], [prefix]) == (None, prefix)
+
+
+def test_context_reuse_is_counted_as_the_hf_engines_is(ortgenai_bundle, reference):
+    """The ortgenai engine reuses a user's context (an idle generator whose cache starts with it) but reported no
+    hits or misses: the dashboard's context-cache panel read 0 for it."""
+    model, labels = reference
+    prefix, alice, bob = list(range(500, 520)), list(range(1000, 1040)), list(range(2000, 2040))
+
+    def call(rid, context, candidates):
+        return EngineRequest(rid, prefix, context + candidates, labels[:4], "score", k=3, context_len=len(context))
+
+    requests = [call("a1", alice, [7, 8, 9]), call("a2", alice, [10, 11, 12]), call("b1", bob, [7, 8, 9])]
+    engine = engine_from_build(Bundle.open(ortgenai_bundle), "ortgenai-cpu",
+                               EngineConfig(max_batch_size=1, max_tokens_per_step=64, context_cache_mb=8))
+    try:
+        results = [asyncio.run(engine.rank(r)) for r in requests]  # one after another: a1's generator is idle
+        stats = engine.stats()
+    finally:
+        engine.close()
+    assert results[1].cached_tokens == len(prefix) + len(alice)
+    assert (stats.context_hits, stats.context_misses) == (1, 2)
+    for request, result in zip(requests, results):
+        assert result.scores == pytest.approx(score_labels(model, request.input_ids, request.label_token_ids),
+                                              abs=1e-4)
