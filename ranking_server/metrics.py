@@ -77,14 +77,15 @@ class EngineCollector:
         gauges = {
             "queued": (stats.queued, "requests waiting for a batch slot (queue depth)"),
             "active": (stats.active, "requests holding a batch slot now (active batch size)"),
-            "tokens_per_second": (stats.tokens_per_s, "prompt + generated tokens per second of engine busy time"),
+            "tokens_per_second": (stats.tokens_per_s, "prompt + decoded tokens per second of engine busy time (the model's)"),
             "mean_batch_size": (stats.mean_batch, "requests in the running batch per engine step, averaged"),
             "healthy": (float(stats.healthy), "1 while the engine loop is alive"),
         }
         for name, (value, doc) in gauges.items():
             yield GaugeMetricFamily(f"ranking_engine_{name}", doc, value=value)
-        tokens = CounterMetricFamily("ranking_engine_tokens", "tokens through the engine", labels=["kind"])
-        for kind in ("prompt", "cached", "generated"):
+        tokens = CounterMetricFamily("ranking_engine_tokens", "tokens through the engine (written: answer tokens "
+                                     "written from the bias, no model pass)", labels=["kind"])
+        for kind in ("prompt", "cached", "generated", "written"):
             tokens.add_metric([kind], getattr(stats, f"{kind}_tokens"))
         yield tokens
         requests = CounterMetricFamily("ranking_engine_requests", "engine requests by outcome", labels=["outcome"])

@@ -240,7 +240,8 @@ class EngineStats:
     answer_hits: int = 0             # requests answered from `AnswerCache` (an identical earlier request's answer)
     answer_misses: int = 0           # cacheable requests passed to the engine (the answers among them are kept)
     answer_evictions: int = 0        # answers dropped to stay within --answer-cache-size
-    generated_tokens: int = 0
+    generated_tokens: int = 0        # answer tokens the model decoded
+    written_tokens: int = 0          # answer tokens written from the bias (generate at logit weight 0): no model pass
     busy_s: float = 0.0              # time spent running steps
     max_active: int = 0              # highest concurrent batch seen
     max_step_tokens: int = 0         # most tokens one step ran
@@ -254,6 +255,7 @@ class EngineStats:
 
     @property
     def tokens_per_s(self) -> float:
+        """Tokens the model ran (prompt + decoded; not the bias-written ones) per second of engine busy time."""
         return (self.prompt_tokens + self.generated_tokens) / self.busy_s if self.busy_s else 0.0
 
 

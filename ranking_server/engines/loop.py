@@ -170,7 +170,7 @@ class LoopEngine(RankingEngine):
             except EngineError:
                 self._count(failed=1)
                 raise
-            self._count(completed=1, generated_tokens=result.generated_tokens)
+            self._count(completed=1, written_tokens=result.generated_tokens)  # no model pass: not the model's
             return result
         loop = asyncio.get_running_loop()
         pending = Pending(request, constraint, loop.create_future(), loop)
@@ -225,7 +225,7 @@ class LoopEngine(RankingEngine):
                 queued=len(self._waiting), completed=c["completed"], failed=c["failed"],
                 aborted=c["aborted"], rejected=c["rejected"], steps=c["steps"],
                 prompt_tokens=c["prompt_tokens"], cached_tokens=c["cached_tokens"],
-                generated_tokens=c["generated_tokens"], busy_s=self._busy_s,
+                generated_tokens=c["generated_tokens"], written_tokens=c["written_tokens"], busy_s=self._busy_s,
                 max_active=self._max["active"], max_step_tokens=self._max["step_tokens"],
                 batch_size_hist=dict(self._batch_hist), step_tokens_hist=dict(self._token_hist))
 
@@ -333,7 +333,7 @@ class LoopEngine(RankingEngine):
             log.exception("constrained decoding failed for %s", pending.request_id)
             self._fail(pending, e)
             return
-        self._count(generated_tokens=written)
+        self._count(written_tokens=written)
         self._finish(pending, pending.constraint.emitted(), None, cached_tokens, written)
 
     def _fail(self, pending: Pending, error: EngineError) -> None:

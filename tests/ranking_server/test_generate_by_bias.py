@@ -119,7 +119,9 @@ def test_a_label_readout_at_weight_zero_runs_no_prompt(tiny, strategy):
         assert result.order == generate_constrained(model, r.input_ids, LabelConstraint(labels, r.k), r.bias,
                                                     logit_weight=0.0)
     assert steps == [] and stats.prompt_tokens == 0 and stats.completed == len(requests)
-    assert stats.generated_tokens == sum(r.k for r in requests)
+    # written from the bias, not decoded: counted apart, out of the model's tokens per second
+    assert stats.written_tokens == sum(r.k for r in requests) and stats.generated_tokens == 0
+    assert stats.tokens_per_s == 0.0
     # what still needs the prompt: score mode, a decoding weight, a candidate readout
     r = requests[0]
     assert dataclasses.replace(r, mode="score").reads_prompt
