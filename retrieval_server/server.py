@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from typing import Sequence
 
@@ -23,6 +24,7 @@ from retrieval_server.servicer import SERVICE_NAME, RetrievalServicer
 log = logging.getLogger(__name__)
 
 ARTIFACTS = ["catalog", "users", ARTIFACT]
+MAX_FAILED_CALLS = 3  # ORT calls failing in a row that turn health NOT_SERVING (the model, not the requests)
 
 
 class RetrievalServer:
@@ -56,6 +58,9 @@ class RetrievalServer:
         self.model: SasrecOnnx | None = None
         self.runner: MicroBatcher | DirectRunner | None = None
         self._health_task: asyncio.Task | None = None  # the NOT_SERVING a dead runner sets (kept: tasks are weak)
+        self._failed_calls = 0  # ORT calls failed in a row (worker threads: under the lock)
+        self._failed_calls_lock = threading.Lock()
+        self._loop: asyncio.AbstractEventLoop | None = None
         log.info("bundle %s verified: %d items, %d users with history, model %s (max_len %s, top_k %d), max_k %d",
                  bundle.root, len(catalog), len(self.servicer.stored_histories), self.servicer.model_version,
                  meta["max_len"], top_k, max_k)
@@ -67,6 +72,7 @@ class RetrievalServer:
         """Loads and warms up the ORT session in a thread (health keeps answering; a stop does not wait for it:
         palr/serving/loading.py), then connects it."""
         self.model = await in_load_thread(self._load_model)
+        self._loop = asyncio.get_running_loop()  # where a worker thread reports calls failing in a row
         if self.config.max_batch_size > 1:
             self.runner = MicroBatcher(self._run_batch, self.config.max_batch_size, self.config.batch_window_ms / 1e3,
                                        on_stopped=self._runner_stopped)
@@ -79,7 +85,8 @@ class RetrievalServer:
         self.servicer.attach(self.runner.submit)
 
     def _runner_stopped(self, reason: str) -> None:
-        """The micro-batcher died: every request would fail, so health says NOT_SERVING (callers move away)."""
+        """The micro-batcher died, or the model failed call after call: every request would fail, so health says
+        NOT_SERVING (callers move away; a restart is the way back)."""
         self._health_task = asyncio.get_running_loop().create_task(self.server.set_not_serving(reason))
 
     async def drain(self) -> None:
@@ -99,10 +106,25 @@ class RetrievalServer:
         return model
 
     def _run_batch(self, queries: Sequence[Query]) -> list[Ranked]:
-        """One ORT call (in a worker thread), measured."""
+        """One ORT call (in a worker thread), measured. MAX_FAILED_CALLS failing in a row (an allocation failing at
+        the pod's memory limit on every call): the model, not the requests, is what is broken, and health says so
+        for good, as the ranking engine's does (it stayed SERVING, so its share of every caller's calls failed)."""
         started = time.perf_counter()
         try:
-            return self.model.retrieve(queries)
+            ranked = self.model.retrieve(queries)
+        except Exception as e:
+            with self._failed_calls_lock:
+                self._failed_calls += 1
+                failed = self._failed_calls
+            if failed == MAX_FAILED_CALLS:
+                reason = f"{failed} ONNX Runtime calls failed in a row; the last: {e!r}"
+                log.error("%s: health NOT_SERVING until this server is restarted", reason)
+                self._loop.call_soon_threadsafe(self._runner_stopped, reason)
+            raise
+        else:
+            with self._failed_calls_lock:
+                self._failed_calls = 0
+            return ranked
         finally:  # failed calls too: a failing model shows as ORT calls, not as none
             ORT_SECONDS.observe(time.perf_counter() - started)
             ORT_BATCH_SIZE.observe(len(queries))

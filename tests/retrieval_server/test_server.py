@@ -345,6 +345,47 @@ def test_a_dead_micro_batcher_turns_health_not_serving_and_requests_unavailable(
         server_loop.run(server.drain())
 
 
+@pytest.mark.parametrize("batch_size", [1, 8], ids=["direct", "micro-batched"])
+def test_a_model_failing_call_after_call_turns_health_not_serving(server_loop, tiny_bundle, facts, batch_size):
+    """ORT failing every call (an allocation at the pod's memory limit): each caller got INTERNAL while health stayed
+    SERVING, so every caller kept sending this replica its share. A failure between successes is the request's."""
+    from retrieval_server.server import MAX_FAILED_CALLS
+
+    server = start(server_loop, RetrievalServerConfig(bundle=tiny_bundle, port=0, max_batch_size=batch_size))
+    model_retrieve = server.model.retrieve
+    failing = {"on": False}
+
+    def retrieve_or_fail(queries):
+        if failing["on"]:
+            raise RuntimeError("onnxruntime: failed to allocate memory")
+        return model_retrieve(queries)
+
+    server.model.retrieve = retrieve_or_fail
+    try:
+        with grpc.insecure_channel(server.server.address) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            check = lambda: health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), timeout=5).status  # noqa: E731
+            stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
+            user = some_users(facts, 1)[0]
+
+            def failed_calls(n):
+                failing["on"] = True
+                for _ in range(n):
+                    with pytest.raises(grpc.RpcError) as failed:
+                        retrieve(stub, user_id=user, k=3)
+                    assert failed.value.code() == grpc.StatusCode.INTERNAL
+                failing["on"] = False
+
+            failed_calls(MAX_FAILED_CALLS - 1)
+            assert retrieve(stub, user_id=user, k=3)  # a success: the count starts again
+            failed_calls(MAX_FAILED_CALLS - 1)
+            assert check() == SERVING
+            failed_calls(1)
+            wait_until(lambda: check() == NOT_SERVING, what="health NOT_SERVING after calls failing in a row")
+    finally:
+        server_loop.run(server.drain())
+
+
 def test_drain_delay_keeps_answering_while_health_says_not_serving_then_refuses(server_loop, tiny_bundle):
     """Behind a load balancer that polls health, new RPCs keep coming for a moment after SIGTERM: with
     --drain-delay they are answered while health already says NOT_SERVING; after it, refused."""
