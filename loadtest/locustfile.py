@@ -281,12 +281,16 @@ def gate_before_the_runner_quits(environment, **_kwargs) -> None:
     environment.events.quitting.add_listener(slo_gate)
 
 
+JUDGED: dict[int, bool] = {}  # environments the gate has judged (by id)
+
+
 def slo_gate(environment, **_kwargs) -> None:
     """The gate runs where the statistics are: the master, or the only process (not on workers). Before it, what
     the hypervisor took from this machine during the run: a limit broken on a VM that lost much of its CPU to
     other guests may be the host's doing, not the servers'."""
-    if isinstance(environment.runner, WorkerRunner):
-        return
+    if isinstance(environment.runner, WorkerRunner) or JUDGED.get(id(environment)):
+        return  # once: after its last worker quit, a master may run Locust's shutdown (and fire `quitting`) twice
+    JUDGED[id(environment)] = True
     options = environment.parsed_options
     if stop_users_first(environment.runner, float(getattr(options, "stop_timeout", 0) or 0)):
         rewrite_html_report(environment)

@@ -320,7 +320,7 @@ def test_a_distributed_runs_gate_counts_every_call_the_workers_made(servers, tin
     assert made > 0 and int(rows["Aggregated"]["Request Count"]) == made, (made, rows["Aggregated"])
     # the bug waited out --stop-timeout (300 s: past locust()'s 90 s limit); the bounds leave a loaded machine room
     assert took_s < 60, f"the master took {took_s:.0f} s for a 4 s run (--stop-timeout 300)"
-    assert "SLO gate passed" in run.stdout
+    assert run.stdout.count("SLO gate passed") == 1, "the gate (and the HTML report) ran more than once"
     assert "Got quit message from master" in worker_log and worker_exit_s < 40  # not after a 60 s heartbeat timeout
 
 
@@ -450,3 +450,15 @@ def test_decoding_goals_do_not_apply_when_generate_runs_no_decode_pass():
     assert bias_only["inflight_vs_sequential_throughput_c16"]["met"] is None
     assert bias_only["context_hit_vs_miss_latency"]["met"] is False  # not about decoding: still judged
     assert "context_hit_vs_miss_latency" not in DECODING_GOALS
+
+
+def test_the_gate_judges_a_run_once_when_locust_fires_quitting_twice(tmp_path):
+    """After its last worker quit, a master may run Locust's shutdown twice: the gate logged its verdict (and
+    rewrote the HTML report) twice."""
+    slo = write(tmp_path / "generous.toml", "[rpc.Retrieve]\np95_ms = 1000\n")
+    done = gate_in_subprocess(f"import argparse, logging\nimport loadtest.locustfile as lf\n"
+                              f"logging.basicConfig(level='INFO')\nlf.SLO = SloProfile.load({str(slo)!r})\n"
+                              f"env.parsed_options = argparse.Namespace(stop_timeout=0)\n"
+                              f"env.stats.log_request('grpc', 'Retrieve', 1, 0)\n"
+                              f"lf.slo_gate(env)\nlf.slo_gate(env)\nprint(env.process_exit_code)\n")
+    assert done.stdout.strip() == "0" and done.stderr.count("SLO gate passed") == 1, done.stderr[-2000:]
