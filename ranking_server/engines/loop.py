@@ -31,6 +31,7 @@ from ranking_server.engines.base import (
     EngineTimings, InvalidRequest, RankingEngine, answer_by_bias, emit_answer)
 
 log = logging.getLogger(__name__)
+CLOSE_TIMEOUT_S = 30.0  # the longest a close waits for the step running (the pods' termination grace budgets it)
 
 
 class DeviceTurns:
@@ -209,7 +210,7 @@ class LoopEngine(RankingEngine):
     def check_health(self) -> bool:
         return self._thread.is_alive() and not self._closed and self._crash is None
 
-    def close(self, timeout: float = 30.0) -> None:
+    def close(self, timeout: float = CLOSE_TIMEOUT_S) -> None:
         with self._cv:
             self._closed = True
             self._cv.notify()
