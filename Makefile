@@ -54,7 +54,7 @@ SLO          ?= loadtest/slo/cpu.toml
 LOCUST_ARGS  ?= -u 2 -r 2 -t 3m --stop-timeout 120
 RANKING_ARGS ?= --answer-cache-size 0
 loadtest: bundle
-	$(PY) -m loadtest.with_servers --bundle $(BUNDLE) --ranking-args "$(RANKING_ARGS)" -- \
+	$(PY) -m loadtest.with_servers --bundle $(BUNDLE) --ranking-args="$(RANKING_ARGS)" -- \
 		$(VENV)/bin/locust -f loadtest/locustfile.py --headless \
 		--host {ranking} --retrieval-host {retrieval} --bundle $(BUNDLE) --slo $(SLO) $(LOCUST_ARGS) \
 		--csv reports/locust --html reports/locust.html

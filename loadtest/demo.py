@@ -61,7 +61,7 @@ class Demo:
         bundle = Bundle.open(config.bundle)
         users = json.loads(bundle.path("users").read_text())["users"]
         return cls(config, Catalog.load(bundle.path("catalog")), {u: e["history"] for u, e in users.items()},
-                   held_out_items(bundle, config.data / "ml-100k"))
+                   held_out_items(bundle, dataset_dir(config.data)))
 
     def users(self) -> list[str]:
         return self.config.users or list(self.histories)[:3]
@@ -70,9 +70,15 @@ class Demo:
         return self.catalog.by_id(item_id).label if item_id in self.catalog else item_id
 
 
+def dataset_dir(data: Path) -> Path:
+    """`--data` is the data root (compile fetch's `--data-dir`); the dataset folder itself is taken too."""
+    return data if any(data.glob("*.inter")) else data / "ml-100k"
+
+
 def held_out_items(bundle: Bundle, data_dir: Path) -> dict[str, str]:
     """Each user's test item (the split the bundle was built with, checked); {} without the dataset."""
     if not data_dir.is_dir():
+        log.warning("not marking held-out items: no dataset at %s (--data: the data root, e.g. data)", data_dir)
         return {}
     from palr.corpus import Corpus
 
@@ -98,8 +104,9 @@ def ensure_bundle(config: DemoConfig) -> None:
         subprocess.run([sys.executable, "-m", "compile", *step], check=True)
 
 
-def show(demo: Demo, stub: ranking_pb2_grpc.RankingServiceStub, user: str, mode: int) -> None:
-    """One Recommend call, printed: ranked titles, the held-out item's fate, per-stage timings."""
+def show(demo: Demo, stub: ranking_pb2_grpc.RankingServiceStub, user: str, mode: int) -> str:
+    """One Recommend call, printed: ranked titles, the held-out item's fate, per-stage timings; its degraded reason
+    ("" when the LLM ranked it)."""
     request = ranking_pb2.RecommendRequest(user_id=user, k=demo.config.k, mode=mode, request_id=f"demo-{user}-{mode}")
     started = time.perf_counter()
     response = stub.Recommend(request, timeout=demo.config.deadline)
@@ -120,6 +127,7 @@ def show(demo: Demo, stub: ranking_pb2_grpc.RankingServiceStub, user: str, mode:
     t = response.timings
     print(f"  timings: retrieval {t.retrieval_ms:.1f} ms | queue {t.queue_ms:.1f} ms | ranking {t.ranking_ms:.1f} ms "
           f"| total {t.total_ms:.1f} ms (client saw {wall_ms:.1f} ms); models {response.model_version}")
+    return response.degraded_reason if response.degraded else ""
 
 
 def run(config: DemoConfig) -> int:
@@ -132,12 +140,16 @@ def run(config: DemoConfig) -> int:
               f"and warmed up) on {ranking.target}: both SERVING (logs in {config.log_dir}/)")
         with grpc.insecure_channel(ranking.target) as channel:
             stub = ranking_pb2_grpc.RankingServiceStub(channel)
-            for user in demo.users():
-                show(demo, stub, user, ranking_pb2.RANKING_MODE_SCORE)
-            show(demo, stub, demo.users()[0], ranking_pb2.RANKING_MODE_GENERATE)
+            degraded = [show(demo, stub, user, ranking_pb2.RANKING_MODE_SCORE) for user in demo.users()]
+            degraded.append(show(demo, stub, demo.users()[0], ranking_pb2.RANKING_MODE_GENERATE))
     codes = {server.module: server.process.returncode for server in (ranking, retrieval)}
     print("\n" + ", ".join(f"{name} stopped (SIGTERM, drained), exit code {code}" for name, code in codes.items()))
-    return 0 if set(codes.values()) == {0} else 1
+    reasons = [reason for reason in degraded if reason]
+    if reasons:  # served, but not by the ranking tier: the demo of a two-tier system did not show one
+        print(f"{len(reasons)} of {len(degraded)} answers were degraded to the retrieval order "
+              f"({', '.join(sorted(set(reasons)))}): the LLM ranked none of them; see {config.log_dir}/ranking_server.log",
+              file=sys.stderr)
+    return 0 if set(codes.values()) == {0} and not reasons else 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -130,9 +130,10 @@ def test_help_explains_every_flag():
 
 
 def test_demo_ranks_three_users_and_one_generate_request_by_title_and_stops_both_servers(tiny_llm_bundle,
-                                                                                        ml100k_dir):
+                                                                                        ml100k_dir, tmp_path):
     result = subprocess.run([sys.executable, "-m", "loadtest.demo", "--bundle", str(tiny_llm_bundle), "--k", "5",
-                             "--data", str(ml100k_dir.parent)], cwd=REPO, capture_output=True, text=True, timeout=300)
+                             "--data", str(ml100k_dir.parent), "--log-dir", str(tmp_path)],  # not the repo's reports/
+                            cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "building it" not in out  # the bundle was complete: nothing rebuilt
