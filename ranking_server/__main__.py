@@ -3,8 +3,8 @@
 A unary `recsys.v1.RankingService/Recommend` streams candidates from the retrieval server, ranks them
 with the bundle's merged LLM (score mode: one forward pass; generate mode: constrained decoding)
 under in-flight batching, fuses the LLM's scores with the retrieval scores and answers the top k.
-When the caller's deadline nears, the LLM request is aborted and the answer is the retrieval order
-flagged `degraded`; a full engine queue is RESOURCE_EXHAUSTED at once; a retrieval tier that is down
+When the caller's deadline nears, the LLM request is aborted and the answer is the order of the ranker's
+linear term (retrieval + trend + EASE, no LLM) flagged `degraded`; a full engine queue is RESOURCE_EXHAUSTED at once; a retrieval tier that is down
 is UNAVAILABLE naming its address.
 
 Health (grpc.health.v1) says NOT_SERVING until the LLM is loaded and warmed up, then SERVING.

@@ -83,9 +83,9 @@ class RankingServerConfig(ServerConfig, EngineConfig):
     default_deadline_ms: float = field(default=30_000.0, metadata={
         "help": "deadline of a request whose caller set none"})
     degrade_reserve_ms: float = field(default=100.0, metadata={
-        "help": "time kept back from the caller's deadline to answer in retrieval order (degraded) when "
+        "help": "time kept back from the caller's deadline to answer by the linear term (degraded) when "
                 "the LLM is not done; the LLM request is aborted this long before the deadline, and a deadline "
-                "shorter than this gets the retrieval order without asking the LLM"})
+                "shorter than this gets the linear term's order without asking the LLM"})
 
     def __post_init__(self) -> None:
         super().__post_init__()  # ServerConfig, then EngineConfig (cooperative)

@@ -4,7 +4,7 @@ Per request (updated by the servicer):
     ranking_requests{code}                  Recommend RPCs by final status code (+ latency, in flight)
     ranking_stage_seconds{stage}            retrieval | queue | ranking | total, per answered request (queue and
                                             ranking: the answers the model computed)
-    ranking_degraded{reason}                answers in retrieval order instead of the LLM's: deadline, engine_error
+    ranking_degraded{reason}                answers by the linear term instead of the LLM: deadline, engine_error
     ranking_rejected{reason}                requests refused: invalid_argument, queue_full, deadline,
                                             retrieval_unavailable, retrieval_queue_full (the retrieval tier
                                             refused it RESOURCE_EXHAUSTED), retrieval_error, loading
@@ -39,7 +39,7 @@ STAGE_SECONDS = Histogram("ranking_stage_seconds", "time per request stage: retr
                           "only (not cold starts or empty lists, which never reach it, kept answers to exact repeats, "
                           "which wait for no slot, or a degraded answer's aborted wait, which has no split)",
                           ["stage"], buckets=LATENCY_BUCKETS)
-DEGRADED = Counter("ranking_degraded", "answers in retrieval order instead of the LLM's, by reason", ["reason"])
+DEGRADED = Counter("ranking_degraded", "answers by the linear term (no LLM) instead of the LLM's, by reason", ["reason"])
 REJECTED = Counter("ranking_rejected", "requests refused, by reason", ["reason"])
 RETRIEVAL_QUEUE_FULL_RETRIES = Counter(
     "ranking_retrieval_queue_full_retries", "Retrieve calls sent again after a retrieval replica refused them for a "

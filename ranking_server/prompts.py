@@ -187,6 +187,12 @@ class PromptBuilder:
                  for mode in ("score", "generate")]
         return [self.engine_request(plan.request_id, plan, lines, [0.0] * n, profile=profile).request for plan in plans]
 
+    @staticmethod
+    def linear_ranking(retrieval_term: Sequence[float], k: int) -> list[tuple[int, float]]:
+        """(candidate position, score) for the top k by the ranker's linear term alone (`RankingJob.retrieval_term`:
+        retrieval + trend + EASE, no LLM): a degraded answer's order."""
+        return [(position, retrieval_term[position]) for position in order_by_scores(retrieval_term)[:k]]
+
     def ranking(self, result: EngineResult, retrieval_term: Sequence[float], k: int,
                 candidate_bias: Sequence[float] | None = None) -> list[tuple[int, float]]:
         """(candidate position, score) for the top k. Score mode: the LLM's log-prob plus its head's

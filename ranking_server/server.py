@@ -153,7 +153,7 @@ class RankingServer:
 
     async def _watch_engine(self, engine: RankingEngine) -> None:
         """Health follows the engine: once its loop has failed, NOT_SERVING for good (requests still get
-        retrieval order flagged degraded meanwhile; a restart is the way back)."""
+        the linear term's order flagged degraded meanwhile; a restart is the way back)."""
         while engine.check_health():
             await asyncio.sleep(self.config.engine_check_s)
         await self.server.set_not_serving(f"the {engine.name} engine has failed; answering in retrieval "

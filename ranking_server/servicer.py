@@ -3,7 +3,7 @@
   1. enters `Recommend`: request id, deadline (the caller's, or --default-deadline-ms), validation;
   2. streams candidates from the retrieval tier (`RetrievalClient.stream`), turning each chunk into
      catalog items and tokenized title lines as it arrives, with what is left of the deadline as its
-     timeout (the retrieval order is the degraded answer, so a deadline shorter than
+     timeout (the linear term's order is the degraded answer, so a deadline shorter than
      --degrade-reserve-ms still gets it, without the LLM);
   3. cold start (no history): answers the popularity candidates as they are (the LLM would see no
      user at all: no history, no profile);
@@ -13,7 +13,8 @@
      answers the top k with per-stage timings.
 
 When the deadline nears first, the engine request is aborted (its batch slot freed) and the answer
-is the retrieval order flagged `degraded`; an engine that fails degrades the same way. A full queue
+is the order of the ranker's linear term (retrieval + trend + EASE, no LLM) flagged `degraded`; an engine
+that fails degrades the same way. A full queue
 is RESOURCE_EXHAUSTED at once; a client that cancels aborts its engine request.
 """
 
@@ -171,7 +172,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         planner resolved (explicit > stored > none), so the retrieval tier does not resolve it again.
 
         Retrieval may use the whole time left: the degrade reserve is kept for the LLM's abort, and a
-        deadline shorter than it still gets the retrieval order (degraded: no time for the LLM)."""
+        deadline shorter than it still gets the linear term's order (degraded: no time for the LLM)."""
         timeout = deadline - time.perf_counter()
         if timeout <= 0:
             REJECTED.labels("deadline").inc()
@@ -208,21 +209,22 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
                         served, self.retrieval_model)
 
     async def _rank(self, plan: Plan, retrieved: Retrieved, k: int, deadline: float) -> Answer:
-        """The LLM's ranking, or the retrieval order flagged degraded when the deadline comes first or
-        the engine fails."""
+        """The LLM's ranking, or, flagged degraded when the deadline comes first or the engine fails, the order of
+        the ranking tier's linear term (retrieval + trend + EASE, what the fusion adds to the LLM's scores; no model
+        time): better than the retrieval order by what that term adds (compile evaluate's `retrieval_term`)."""
         job = self.prompts.engine_request(f"{plan.request_id}#{next(self._engine_ids)}", plan, retrieved.items,
                                           retrieved.scores)
-        retrieval_order = [(i, retrieved.scores[i]) for i in range(k)]
+        linear_order = self.prompts.linear_ranking(job.retrieval_term, k)
         budget = self._time_left(deadline)
         if budget <= 0:
-            return self._degrade(plan, retrieval_order, "deadline", "no time left for the LLM", 0.0)
+            return self._degrade(plan, linear_order, "deadline", "no time left for the LLM", 0.0)
         submitted = time.perf_counter()
         submitted_ns = time.time_ns()  # the engine spans' clock (epoch ns)
         try:
             result = await within(self.engine.rank(job.request), budget)
         except asyncio.TimeoutError:  # the timeout cancelled engine.rank, which aborts the engine request (unless
             # identical requests wait on its run: the AnswerCache keeps it going for them)
-            return self._degrade(plan, retrieval_order, "deadline",
+            return self._degrade(plan, linear_order, "deadline",
                                  f"LLM aborted after {budget * 1e3:.0f} ms to keep the deadline", submitted)
         except EngineOverloaded as e:
             REJECTED.labels("queue_full").inc()
@@ -230,9 +232,9 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
                                trailing_metadata=(QUEUE_FULL,)) from None
         except InvalidRequest as e:  # the request is this server's own making (the caller's input was checked)
             log.error("rid=%s the engine refused the request this server built: %s", plan.request_id, e)
-            return self._degrade(plan, retrieval_order, "engine_error", f"engine refused the request: {e}", submitted)
+            return self._degrade(plan, linear_order, "engine_error", f"engine refused the request: {e}", submitted)
         except EngineError as e:
-            return self._degrade(plan, retrieval_order, "engine_error", str(e), submitted)
+            return self._degrade(plan, linear_order, "engine_error", str(e), submitted)
         waited_ms = 1e3 * (time.perf_counter() - submitted)
         tracing.add_stage_spans(self.tracer, submitted_ns, result.timings, {
             "request.id": plan.request_id, "ranking.mode": plan.mode, "llm.prompt_tokens": result.prompt_tokens,
@@ -243,13 +245,14 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
                       queue_ms=result.timings.queue_ms, ranking_ms=waited_ms - result.timings.queue_ms,
                       reused=result.answer_reused, joined=result.answer_joined, by_llm=True)
 
-    def _degrade(self, plan: Plan, retrieval_order: list[tuple[int, float]], reason: str, detail: str,
+    def _degrade(self, plan: Plan, linear_order: list[tuple[int, float]], reason: str, detail: str,
                  submitted: float) -> Answer:
         DEGRADED.labels(reason).inc()
         trace.get_current_span().set_attribute("ranking.degraded_reason", reason)
-        log.warning("rid=%s degraded (%s): %s; answering in retrieval order", plan.request_id, reason, detail)
+        log.warning("rid=%s degraded (%s): %s; answering by the linear term, no LLM", plan.request_id, reason,
+                    detail)
         waited_ms = 1e3 * (time.perf_counter() - submitted) if submitted else 0.0
-        return Answer(ranking=retrieval_order, ranking_ms=waited_ms, degraded_reason=reason)
+        return Answer(ranking=linear_order, ranking_ms=waited_ms, degraded_reason=reason)
 
     def _time_left(self, deadline: float) -> float:
         """Seconds until the deadline minus the reserve kept to answer degraded."""

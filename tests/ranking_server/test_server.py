@@ -153,7 +153,8 @@ class Reference:
         return [c for m in self.retrieval_stub.Retrieve(request, timeout=30) for c in m.candidates]
 
     def ranking(self, mode: int, k: int, num_candidates: int, user_id: str = "", history=(),
-                as_of: float = 0.0) -> list[tuple[str, float]]:
+                as_of: float = 0.0, llm: bool = True) -> list[tuple[str, float]]:
+        """The top k (item id, score); `llm` False: by the linear term alone, a degraded answer's order."""
         from palr.decoding import TitleConstraint
         from palr.llm import generate_constrained, score_candidates
         from palr.profiles import StatsProfiler
@@ -175,6 +176,8 @@ class Reference:
         bias = head_bias(self.ranker["trend_bias"], trends, self.ranker["rank_bias"], ranks)
         scores = retrieval_prior(scores, trends, self.ranker.get("retrieval_trend_weights"), collab,
                                  self.ranker["retrieval_collab_weight"])
+        if not llm:
+            return [(ids[p], scores[p]) for p in order_by_scores(scores)[:k]]
         parts = self.prompt.retrieval(profile, [self.catalog.by_id(i) for i in seen], items, trends, ranks)
         weight = float(self.ranker["fusion_weight"])
         if mode == GENERATE:
@@ -464,7 +467,7 @@ def stage_counts(server) -> dict[str, float]:
             for stage in ("retrieval", "queue", "ranking", "total")}
 
 
-def test_deadline_too_short_for_the_llm_aborts_it_and_answers_retrieval_order_flagged_degraded(
+def test_deadline_too_short_for_the_llm_aborts_it_and_answers_by_the_linear_term_flagged_degraded(
         slow, slow_stub, reference):
     user = some_users(reference, 1)[0]
     request = dict(user_id=user, k=8, num_candidates=26, mode=GENERATE)
@@ -493,9 +496,13 @@ def test_deadline_too_short_for_the_llm_aborts_it_and_answers_retrieval_order_fl
     # the aborted wait is not split, so it counts in neither queue nor ranking (it showed as a zero queue before)
     assert stage_counts(slow) == {**observed, "retrieval": observed["retrieval"] + 1, "total": observed["total"] + 1}
     assert response.timings.queue_ms == 0 and response.timings.ranking_ms > 0
+    # the linear term's order (retrieval + trend + EASE, no LLM), not the bare retrieval order: what the ranking tier
+    # knows without its model
+    linear = reference.ranking(GENERATE, 8, 26, user_id=user, llm=False)
+    assert [i.item_id for i in response.items] == [item for item, _ in linear]
+    assert [i.score for i in response.items] == pytest.approx([score for _, score in linear], abs=1e-5)
     candidates = [c.item_id for c in reference.retrieved(26, user_id=user)]
-    assert [i.item_id for i in response.items] == candidates[:8]
-    assert [i.retrieval_rank for i in response.items] == list(range(8))
+    assert [candidates[i.retrieval_rank] for i in response.items] == [item for item, _ in linear]
     wait_until(lambda: slow.engine.stats().aborted == before.aborted + 1, what="the engine request's abort")
     assert slow.engine.stats().active == 0 and slow.engine.stats().completed == before.completed
 
@@ -751,7 +758,8 @@ def test_health_turns_not_serving_when_the_engine_fails_and_requests_degrade(ser
             # passes, so under load the request could join it and be answered before the next step began)
             engine._step = engine._prefill = broken
             response = recommend(ranking_pb2_grpc.RankingServiceStub(channel), user_id=user, k=3)
-            assert response.degraded and [i.retrieval_rank for i in response.items] == [0, 1, 2]
+            assert response.degraded and [i.item_id for i in response.items] == [
+                item for item, _ in reference.ranking(SCORE, 3, 20, user_id=user, llm=False)]
             wait_until(lambda: check() == NOT_SERVING, timeout=10, what="health NOT_SERVING")
     finally:
         server_loop.run(server.drain())

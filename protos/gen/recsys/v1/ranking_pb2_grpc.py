@@ -55,8 +55,8 @@ class RankingServiceServicer:
         tier cannot be reached (retry, on another replica); RESOURCE_EXHAUSTED with
         trailing metadata `x-refused: queue-full` when the engine's queue is full
         (another replica may serve it); DEADLINE_EXCEEDED when the deadline passes
-        before the candidates arrive (after that the answer is the retrieval order,
-        `degraded`); INTERNAL when the two tiers disagree (different bundles or
+        before the candidates arrive (after that the answer is the ranker's linear
+        term's order, `degraded`); INTERNAL when the two tiers disagree (different bundles or
         limits). Every answer from the service carries trailing metadata
         `x-request-id`; a request over the server's --max-message-bytes is refused
         RESOURCE_EXHAUSTED by gRPC itself, before the service sees it (no id, no
