@@ -73,10 +73,12 @@ class RequestPlanner:
                                       if num_candidates < request.k <= self.max_candidates else ""))
         history = self._known_ids("history", request.history)
         exclude = self._known_ids("exclude", request.exclude)
-        source = "request"
+        stored = self.stored_histories.get(request.user_id, [])
+        # a stored user sending its own stored history is that user: its stored profile and last interaction's
+        # moment, as evaluated (it got the bundle's newest moment and a profile made from the list before)
+        source = "stored" if history and history == stored else "request"
         if not history:
-            history = self.stored_histories.get(request.user_id, [])
-            source = "stored" if history else "none"
+            history, source = stored, ("stored" if stored else "none")
         return Plan(request_id=request_id, user_id=request.user_id, history=history, history_source=source,
                     exclude=exclude, k=request.k, num_candidates=num_candidates, mode=MODES[request.mode],
                     as_of=float(request.as_of_unix_s))

@@ -231,10 +231,14 @@ def assert_consistent(response: ranking_pb2.RecommendResponse, k: int, candidate
 # -- happy paths -------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("mode", [SCORE, GENERATE])
-@pytest.mark.parametrize("who", ["stored user", "explicit history"])
+@pytest.mark.parametrize("who", ["stored user", "explicit history", "stored user sending its history"])
 def test_both_modes_rank_k_distinct_candidates_exactly_as_the_evaluation_does(stub, reference, mode, who):
+    """A stored user sending its own stored history is ranked as the stored user (its profile, its last
+    interaction's moment for the trend counts, as evaluated); it got the bundle's newest moment before."""
     user = some_users(reference, 1)[0]
     fields = {"user_id": user} if who == "stored user" else {"history": reference.histories[user][-7:]}
+    if who == "stored user sending its history":
+        fields = {"user_id": user, "history": reference.histories[user]}
     num_candidates, k = 12, 5
     started = time.perf_counter()
     rid = f"happy-{mode}-{who.replace(' ', '-')}"
@@ -243,7 +247,8 @@ def test_both_modes_rank_k_distinct_candidates_exactly_as_the_evaluation_does(st
     candidates = [c.item_id for c in reference.retrieved(num_candidates, user_id=fields.get("user_id", ""),
                                                            history=fields.get("history", []))]
     assert_consistent(response, k, candidates, wall_s)
-    expected = reference.ranking(mode, k, num_candidates, fields.get("user_id", ""), fields.get("history", ()))
+    expected = reference.ranking(mode, k, num_candidates, fields.get("user_id", ""),
+                                 () if who == "stored user sending its history" else fields.get("history", ()))
     assert [item.item_id for item in response.items] == [i for i, _ in expected]
     assert [item.score for item in response.items] == pytest.approx([s for _, s in expected], abs=1e-4)
     assert not response.degraded and not response.degraded_reason and not response.cold_start
