@@ -22,10 +22,11 @@ In one run, on the bundle's merged PALR model with real prompts (loadtest/bench_
 Which user each request is for: `--pattern uniform` (every sampled user in turn, the default) or
 `--pattern zipf` (users drawn Zipf-distributed, `--zipf-exponent`: a few users come back often).
 
-Repeats: the first round runs every cell; the next `--repeats - 1` rounds run only the cells the
-headline ratios need (in reversed order every other round, so drift hits both sides alike). Each
-ratio is taken within a round (numerator and denominator measured minutes apart at most) and its
-median over rounds is reported; each cell's numbers are medians over the rounds that ran it.
+Repeats: the first round runs every cell; the next `--repeats - 1` rounds run the cells the headline
+ratios need and every strategy at concurrency 1 and 16 (in reversed order every other round, so drift
+hits both sides alike). Each ratio is taken within a round (numerator and denominator measured minutes
+apart at most) and its median over rounds is reported; each cell's numbers are medians over the rounds
+every strategy of its setting ran in (`compared_rounds`: round 0 alone for the sweep's other levels).
 
 Writes reports/bench.json (top-level `ratios` and `goals`), reports/bench.md and two PNGs per mode:
 latency vs throughput per strategy, and throughput and p95 against concurrency per strategy with the
@@ -202,8 +203,11 @@ def sweep_cells(config: BenchConfig) -> list[Cell]:
 
 
 def headline_cells(config: BenchConfig) -> list[Cell]:
-    """The cells the ratios need, restricted to the modes and strategies asked for."""
+    """The cells the ratios need, and every strategy at concurrency 1 and 16 (the strategy tables and plots compare
+    them side by side in every round), restricted to the modes and strategies asked for."""
     wanted = [cell for numerator, denominator, _ in RATIOS.values() for cell in (numerator, denominator)]
+    wanted += [Cell(mode, strategy, c) for mode in config.modes for c in (1, HEADLINE_CONCURRENCY)
+               if c in config.concurrency for strategy in config.strategies]
     mixed = bool(config.mixed_share) and set(MODES) <= set(config.modes)
     cells = [c for c in dict.fromkeys(wanted) if (c.mode in config.modes or (c.mode == MIXED and mixed))
              and c.strategy in config.strategies and not (c.build and not config.build_cells)]
@@ -346,15 +350,31 @@ def disturbed_ratio_rounds(runs: dict[Cell, list[dict]], n_rounds: int) -> dict[
     return out
 
 
-def cell_rows(runs: dict[Cell, list[dict]]) -> list[dict]:
-    """One row per cell: medians over its rounds, and how it compares with one-at-a-time."""
-    rows = []
+def compared_rounds(runs: dict[Cell, list[dict]]) -> dict[Cell, list[int]]:
+    """Per cell, the rounds every strategy of its setting (mode, concurrency, model, reuse, answer cache) ran in:
+    what its table row and plot point are medians over, so strategies side by side are measured side by side (a
+    cell repeated in rounds 1-2 on a machine that slowed down read as slower than one measured in round 0 only)."""
+    groups: dict[tuple, set[int]] = {}
     for cell, summaries in runs.items():
-        rounds = [s for s in summaries if answered(s)] or summaries
+        key = dataclasses.replace(cell, strategy="")
+        rounds = {s["round"] for s in summaries}
+        groups[key] = groups[key] & rounds if key in groups else rounds
+    return {cell: sorted(groups[dataclasses.replace(cell, strategy="")]) or sorted(s["round"] for s in summaries)
+            for cell, summaries in runs.items()}
+
+
+def cell_rows(runs: dict[Cell, list[dict]]) -> list[dict]:
+    """One row per cell: medians over the rounds every strategy of its setting ran in (`compared_rounds`), and how
+    it compares with one-at-a-time."""
+    rows = []
+    common = compared_rounds(runs)
+    for cell, summaries in runs.items():
+        shared = [s for s in summaries if s["round"] in common[cell]]
+        rounds = [s for s in shared if answered(s)] or shared
         row = {"cell": cell.key, "mode": cell.mode, "strategy": cell.strategy, "concurrency": cell.concurrency,
                "prefix_reuse": cell.prefix_reuse, "context_reuse": cell.prefix_reuse and cell.context_reuse,
                "model": "hf-cpu build" if cell.build else "fp32 merged", "answer_cache": cell.answer_cache,
-               "rounds": len(summaries), "requests": summaries[0]["requests"]}
+               "rounds": len(summaries), "compared_rounds": common[cell], "requests": summaries[0]["requests"]}
         for metric in ("throughput_rps", "p50_ms", "p95_ms", "p99_ms", "mean_ms", "mean_batch", *MIXED_METRICS,
                        *CONTEXT_METRICS, *ANSWER_METRICS):
             if (metric in MIXED_METRICS and cell.mode != MIXED) or not any(metric in s for s in summaries):
@@ -445,7 +465,8 @@ def plot(report: dict, out: Path) -> list[str]:
         latency_vs_throughput(rows, f"{mode} mode: latency vs throughput per strategy", path)
         names.append(path.name)
         path = Path(out) / f"bench_{mode}_concurrency.png"
-        by_concurrency(rows, f"{mode} mode: throughput and p95 vs concurrency (bars: range over rounds)", path)
+        by_concurrency(rows, f"{mode} mode: throughput and p95 vs concurrency (bars: range over compared rounds)",
+                       path)
         names.append(path.name)
     return names
 
@@ -494,15 +515,16 @@ def markdown(report: dict) -> str:
                        ["ratio", "value", "goal", "met", "per round", "disturbed rounds"]),
     ]
     columns = ["strategy", "concurrency", "requests", "errors", "throughput_rps", "p50_ms", "p95_ms", "mean_batch",
-               "vs_sequential_throughput", "vs_sequential_p95", "vs_rounds", "rounds"]
+               "vs_sequential_throughput", "vs_sequential_p95", "vs_rounds", "compared_rounds", "rounds"]
     for mode in dict.fromkeys(r["mode"] for r in report["cells"] if r["mode"] != MIXED):
         rows = strategy_cells(report, mode)
         rows.sort(key=lambda r: (r["concurrency"], list(STRATEGIES).index(r["strategy"])))
         plots = [name for name in report["plots"] if name.startswith(f"bench_{mode}")]
         parts += [f"## {mode} mode: one-at-a-time vs static vs in-flight batching",
                   "vs_sequential_*: the cell against one-at-a-time at the same concurrency, taken within each round "
-                  "both ran in (vs_rounds), median over those rounds; the other columns are medians over the cell's "
-                  "rounds.", markdown_table(rows, columns)]
+                  "both ran in (vs_rounds), median over those rounds; the other columns are medians over the rounds "
+                  "every strategy at that concurrency ran in (compared_rounds; rounds: how many ran the cell).",
+                  markdown_table(rows, columns)]
         parts += [f"![{mode} mode]({name})" for name in plots]
     mixed = sorted((r for r in report["cells"] if r["mode"] == MIXED), key=lambda r: list(STRATEGIES).index(r["strategy"]))
     if mixed:

@@ -43,10 +43,11 @@ def latency_vs_throughput(rows: list[dict], title: str, path: Path) -> Path:
 
 
 def spread(row: dict, metric: str) -> tuple[float, float, float]:
-    """(median, low, high) of `metric` over the rounds a cell ran in (`row["runs"]`) that answered (a round that
+    """(median, low, high) of `metric` over the rounds a cell was compared in (`row["runs"]`, `compared_rounds`) that answered (a round that
     answered nothing has NaN percentiles and 0 throughput, left out of the median too); a cell measured once has no
     spread (low = high = its value)."""
-    rounds = [r for r in row.get("runs", []) if answered(r)]
+    compared = row.get("compared_rounds")  # the rounds every strategy of its setting ran in (bench_all.cell_rows)
+    rounds = [r for r in row.get("runs", []) if answered(r) and (compared is None or r.get("round") in compared)]
     values = sorted(v for r in rounds if (v := r.get(metric)) is not None and math.isfinite(v)) or [row[metric]]
     return row[metric], values[0], values[-1]
 

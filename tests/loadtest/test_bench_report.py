@@ -78,8 +78,13 @@ def test_vs_sequential_is_taken_within_one_round():
             Cell("score", "sequential", 16): [summary(0, 1.0, 16000), summary(1, 1.0, 15000)]}
     rows = {(r["strategy"], r["concurrency"]): r for r in cell_rows(runs)}
     c1 = rows[("inflight", 1)]
-    assert c1["throughput_rps"] == 0.7  # the cell's own median over its rounds
+    # the table's (and plots') figure: the rounds every strategy at c=1 ran in, round 0 here; its own median over
+    # its three rounds (0.7) beside one-at-a-time's round 0 (1.0) showed in-flight as 0.7x in one row and 1.12x
+    # ("vs") in the next column
+    assert c1["throughput_rps"] == 1.12 and c1["compared_rounds"] == [0] and c1["rounds"] == 3
     assert c1["vs_sequential_throughput"] == 1.12 and c1["vs_rounds"] == [0]
+    from loadtest.plots import spread
+    assert spread(c1, "throughput_rps") == (1.12, 1.12, 1.12)  # no bar from rounds the others did not run
     assert c1["vs_sequential_p95"] == 0.9
     c16 = rows[("inflight", 16)]
     assert c16["vs_sequential_throughput_runs"] == [2.0, 1.5] and c16["vs_sequential_throughput"] == 1.75

@@ -45,6 +45,17 @@ def test_per_mode_percentiles_follow_request_order():
     assert per_mode(None, modes)["score_p95_ms"] is None  # errors: latencies no longer line up
 
 
+def test_every_strategy_at_concurrency_1_and_16_runs_every_round():
+    """Only the ratio cells ran again: static and one-at-a-time at c=1 (and static at c=16) were measured in round 0
+    alone, so the strategy plots' bars and medians compared rounds with one another."""
+    config = BenchConfig(concurrency=[1, 4, 16], repeats=3, modes=["score", "generate"])
+    again = set(headline_cells(config))
+    for mode in ("score", "generate"):
+        for c in (1, 16):
+            assert {Cell(mode, s, c) for s in config.strategies} <= again
+        assert not {Cell(mode, s, 4) for s in config.strategies} & again  # the sweep's other levels: round 0
+
+
 def test_mixed_cells_run_every_round_when_both_modes_run():
     config = BenchConfig(concurrency=[1, 16], repeats=2)
     mixed = [c for c in headline_cells(config) if c.mode == MIXED]

@@ -428,7 +428,8 @@ def test_bench_report_measures_every_cell_and_writes_ratios_goals_and_plots(tiny
         assert cells[(mode, "inflight", 16, True)]["rounds"] == 2  # headline cells run every round
     assert cells[("generate", "inflight", 16, True)]["mean_batch"] > 1.0  # 16 callers' decodes shared steps
     assert cells[("score", "inflight", 1, False)]["rounds"] == 2  # prefix reuse off
-    assert cells[("score", "static", 1, True)]["rounds"] == 1  # sweep-only cells run once
+    assert cells[("score", "static", 1, True)]["rounds"] == 2  # every strategy at c=1 and 16 runs every round
+    assert cells[("score", "static", 1, True)]["compared_rounds"] == [0, 1]
     answers = [c for c in saved["cells"] if c["answer_cache"]]
     assert len(answers) == 1 and answers[0]["rounds"] == 2 and answers[0]["errors"] == 0
     # uniform: no user comes twice within the cell (its warm-up ran without the cache), so no repeat to answer
