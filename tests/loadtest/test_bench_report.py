@@ -132,7 +132,7 @@ def test_a_ratio_names_the_rounds_in_which_either_of_its_cells_was_disturbed():
     rounds = disturbed_ratio_rounds(runs, 3)
     assert rounds["inflight_vs_sequential_throughput_c16_score"] == [1, 2]
     assert rounds["inflight_vs_sequential_p95_c16_score"] == [1, 2]
-    assert "prefix_reuse_on_vs_off_latency" not in rounds  # its other cell never ran
+    assert "kv_reuse_on_vs_off_latency" not in rounds  # its other cell never ran
     assert "context_hit_vs_miss_latency" not in rounds  # its cell ran (disturbed) without the metric: no value
 
 

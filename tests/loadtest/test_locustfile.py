@@ -390,7 +390,7 @@ def test_bad_options_stop_the_run_before_it_starts(tiny_bundle, tmp_path):
 # -- the benchmark report's code path on the tiny bundle -------------------------------------------------
 
 def test_bench_report_measures_every_cell_and_writes_ratios_goals_and_plots(tiny_llm_bundle, tmp_path):
-    from loadtest.bench_all import DECODING_GOALS, GOALS, RATIOS, RETRIEVAL_RATIO, BenchConfig, run
+    from loadtest.bench_all import DECODING_GOALS, GOALS, RATIOS, RETRIEVAL_RATIO, ZIPF_GOALS, BenchConfig, run
 
     report = run(BenchConfig(bundle=tiny_llm_bundle, out=tmp_path, concurrency=[1, 16], requests=3, repeats=2,
                              candidates=6, generate_k=2, retrieval_calls=10))
@@ -415,6 +415,9 @@ def test_bench_report_measures_every_cell_and_writes_ratios_goals_and_plots(tiny
         op, threshold = GOALS[name]
         if saved["workload"]["generate_logit_weight"] == [0.0] and name in DECODING_GOALS:
             assert goal["met"] is None  # generate ran no decode pass: nothing to batch, not applicable
+            continue
+        if name in ZIPF_GOALS or saved["config"]["candidates"]:  # uniform users; a reduced workload
+            assert goal["met"] is None and goal["why"]
             continue
         assert goal["met"] == {">=": value >= threshold, "<": value < threshold, "<=": value <= threshold}[op]
     cells = {(c["mode"], c["strategy"], c["concurrency"], c["prefix_reuse"]): c for c in saved["cells"]}
@@ -451,6 +454,22 @@ def test_decoding_goals_do_not_apply_when_generate_runs_no_decode_pass():
     assert bias_only["inflight_vs_sequential_throughput_c16"]["met"] is None
     assert bias_only["context_hit_vs_miss_latency"]["met"] is False  # not about decoding: still judged
     assert "context_hit_vs_miss_latency" not in DECODING_GOALS
+
+
+def test_repeat_workload_goals_are_not_judged_on_uniform_traffic_nor_any_goal_on_a_reduced_workload():
+    """`make bench` (uniform users) judged "default vs fp32 prefix-only", a goal on the Zipf workload: with no user
+    coming back it measured precision alone; --quick's 10 candidates wrote met true/false for every goal."""
+    from loadtest.bench_all import BenchConfig, goals, reduced_workload
+
+    ratios = {"default_vs_fp32_prefix_only_latency": 0.6, "inflight_vs_sequential_throughput_c16_score": 1.2}
+    uniform = goals(ratios, pattern="uniform")
+    assert uniform["default_vs_fp32_prefix_only_latency"]["met"] is None
+    assert "measured on uniform" in uniform["default_vs_fp32_prefix_only_latency"]["why"]
+    assert uniform["inflight_vs_sequential_throughput_c16_score"]["met"] is True  # not a repeat-workload goal
+    assert goals(ratios, pattern="zipf")["default_vs_fp32_prefix_only_latency"]["met"] is False
+    quick = goals(ratios, pattern="zipf", reduced=True)
+    assert all(goal["met"] is None and "reduced" in goal["why"] for goal in quick.values())
+    assert reduced_workload(BenchConfig(candidates=10)) and not reduced_workload(BenchConfig())
 
 
 def test_the_gate_judges_a_run_once_when_locust_fires_quitting_twice(tmp_path):
