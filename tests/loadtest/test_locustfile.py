@@ -433,6 +433,8 @@ def test_bench_report_measures_every_cell_and_writes_ratios_goals_and_plots(tiny
     assert cells[("score", "inflight", 1, False)]["rounds"] == 2  # prefix reuse off
     assert cells[("score", "static", 1, True)]["rounds"] == 2  # every strategy at c=1 and 16 runs every round
     assert cells[("score", "static", 1, True)]["compared_rounds"] == [0, 1]
+    by_key = {c["cell"]: c for c in saved["cells"]}  # uniform users: none comes back, and the warm-up keeps no context
+    assert by_key["score/inflight/c1"]["context_hits"] == 0  # (its user's context was a hit the traffic never made)
     answers = [c for c in saved["cells"] if c["answer_cache"]]
     assert len(answers) == 1 and answers[0]["rounds"] == 2 and answers[0]["errors"] == 0
     # uniform: no user comes twice within the cell (its warm-up ran without the cache), so no repeat to answer
