@@ -45,7 +45,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from loadtest.bench_ranking import MIXED, Cell, load_workload, measure, request_order
+from loadtest.bench_ranking import MIXED, Cell, load_workload, measure, request_order, workload_batch
 from loadtest.patterns import PATTERNS
 from loadtest.report import (DISTURBED_PCT, answered, disturbance, disturbed, machine_info, markdown_table,
                              write_report)
@@ -264,7 +264,7 @@ def run(config: BenchConfig) -> dict:
         ratio_runs[RETRIEVAL_RATIO] = [retrieval_ratio(rows) for rows in retrieval_runs]
         report["retrieval_model"] = retrieval_runs[-1]
     if config.utilisation_repeats:
-        report["utilisation"] = utilisation(workload, runs, config)
+        report["utilisation"] = utilisation(workload, runs, config, order)
     report["ratios"] = {name: round(statistics.median(values), 3) for name, values in ratio_runs.items()}
     report["ratio_runs"] = ratio_runs
     report["ratio_disturbed_rounds"] = disturbed_ratio_rounds(runs, len(rounds))
@@ -288,7 +288,7 @@ def warm_up(workload, engine_config) -> None:
     log.info("warm-up: %.1f s", time.perf_counter() - started)
 
 
-def utilisation(workload, runs: dict[Cell, list[dict]], config: BenchConfig) -> dict:
+def utilisation(workload, runs: dict[Cell, list[dict]], config: BenchConfig, order: list[int]) -> dict:
     """Matmul peak and prefill FLOP/s side by side (loadtest/utilisation.py), on the longest score
     prompt of the workload; plus the engine's own cell (score, in-flight, c=1, prefix reuse off) of
     the last round against the fp32 peak."""
@@ -297,8 +297,10 @@ def utilisation(workload, runs: dict[Cell, list[dict]], config: BenchConfig) -> 
     prompt = max(([*r.prefix_ids, *r.suffix_ids] for r in workload.requests["score"]), key=len)
     out = u.section(workload.model, prompt, config.bundle, config.utilisation_repeats, config.utilisation_reference_width)
     cell = runs.get(Cell("score", "inflight", 1, prefix_reuse=False))
-    scores = workload.requests["score"]
-    tokens = sum(len(r.run_ids) for r in scores) / len(scores)  # what score mode runs (up to its last readout)
+    # what score mode runs (up to its last readout), over the requests the cell sent (under Zipf a few users, not
+    # the workload's every user)
+    sent = workload_batch(workload, ["score"] * config.requests, order[:config.requests])
+    tokens = sum(len(r.run_ids) for r in sent) / len(sent)
     engine = u.engine_row(out["rows"][0], cell[-1] if cell else None, out["parameters"], tokens)
     if engine:
         out["rows"].append(engine)

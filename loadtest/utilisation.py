@@ -169,6 +169,11 @@ def measure(model, input_ids: list[int], dtypes: list[str], repeats: int = 5, n:
                 prefills.append(time.perf_counter() - started)
         row = utilisation_row(dtype, statistics.median(peaks), statistics.median(prefills), parameters, len(input_ids),
                               n, source)
+        # each repeat's peak and prefill ran back to back: their ratio per repeat, median over repeats (the ratio of
+        # the two medians could pair a fast repeat's peak with a slow one's prefill)
+        runs = [utilisation_row(dtype, peak, prefill, parameters, len(input_ids), n)["utilisation"]
+                for peak, prefill in zip(peaks, prefills)]
+        row["utilisation"], row["utilisation_runs"] = round(statistics.median(runs), 3), runs
         row["matmul_dtype"] = shares_label(shares)
         row["prefill_ms_runs"] = [round(1e3 * x, 1) for x in prefills]
         rows.append(row)

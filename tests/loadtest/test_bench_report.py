@@ -4,6 +4,8 @@ and the per-concurrency plots with the spread over rounds."""
 
 from __future__ import annotations
 
+import statistics
+
 import pytest
 
 from loadtest.bench_all import cell_rows, disturbed_ratio_rounds, round_ratios, strategy_cells, vs_within_rounds
@@ -223,6 +225,9 @@ def test_bench_run_reports_utilisation_side_by_side(tiny_llm_bundle, tmp_path):
         assert row["peak_gflops"] > 0 and row["prefill_gflops"] > 0 and row["utilisation"] > 0
         assert row["prefill_gflops"] == pytest.approx(
             2 * row["parameters"] * row["prompt_tokens"] / (row["prefill_ms"] / 1e3) / 1e9, rel=0.01, abs=0.01)
+    for row in (direct, reference):  # per repeat (its peak and prefill back to back), median over repeats
+        assert len(row["utilisation_runs"]) == 2 and row["utilisation"] == pytest.approx(
+            statistics.median(row["utilisation_runs"]), abs=1e-3)
     assert "## Utilisation" in (tmp_path / "bench.md").read_text()
     assert "reference: random-weight decoder, hidden 128" in (tmp_path / "bench.md").read_text()
 
