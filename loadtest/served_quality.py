@@ -146,7 +146,11 @@ def summarise(asked: list[dict], held_out: dict[str, str], config: ServedQuality
                    f"{mode}_invalid": sum(len(set(r[mode])) != len(r[mode]) or not set(r[mode]) <= set(r["candidates"])
                                           for r in rows),
                    f"{mode}_same_as_retrieval": sum(r[mode] == r["retrieval"] for r in rows),
-                   f"{mode}_p50_ms": round(statistics.median(r[f"{mode}_ms"] for r in rows), 1)}
+                   # answered calls only: a fast refusal or a call cut at its deadline is not a latency of the tier
+                   f"{mode}_p50_ms": round(statistics.median(answered), 1) if (answered := [
+                       r[f"{mode}_ms"] for r in rows if mode not in r["errors"]]) else None}
+        if paired and paired["undefined_draws"]:
+            report[f"{mode}_vs_retrieval_ndcg@10_ci95_undefined_draws"] = paired["undefined_draws"]
     return report
 
 

@@ -65,7 +65,8 @@ def paired_bootstrap_ratio(numerator: Sequence[float], denominator: Sequence[flo
                            seed: int = 0, level: float = 0.95) -> dict[str, float]:
     """mean(numerator) / mean(denominator) over the same users, with a paired bootstrap interval: users are
     resampled with replacement (the same draw for both sides) `samples` times; the interval is the
-    percentile interval of the resampled ratios."""
+    percentile interval of the resampled ratios. A draw whose denominator is 0 (no hit among few users) has no
+    ratio: `undefined_draws` says how many the interval is without (it is then conditional on a hit)."""
     import numpy as np
 
     a, b = np.asarray(numerator, dtype=float), np.asarray(denominator, dtype=float)
@@ -77,4 +78,4 @@ def paired_bootstrap_ratio(numerator: Sequence[float], denominator: Sequence[flo
     tail = (1 - level) / 2 * 100
     lo, hi = np.nanpercentile(ratios, [tail, 100 - tail])
     return {"ratio": float(a.mean() / b.mean()) if b.mean() > 0 else float("nan"), "low": float(lo), "high": float(hi),
-            "users": int(a.size), "samples": samples, "level": level}
+            "users": int(a.size), "samples": samples, "level": level, "undefined_draws": int(np.isnan(ratios).sum())}

@@ -27,3 +27,19 @@ def test_summary_keys_and_errors():
 def test_rank_of():
     assert rank_of("b", ["a", "b"]) == 1
     assert rank_of("z", ["a", "b"]) is None
+
+
+def test_paired_bootstrap_ratio_resamples_users_together_and_counts_draws_without_a_ratio():
+    from palr.metrics import paired_bootstrap_ratio
+
+    same = paired_bootstrap_ratio([0.5, 0.1, 1.0, 0.25], [0.5, 0.1, 1.0, 0.25])
+    assert (same["ratio"], same["low"], same["high"], same["undefined_draws"]) == (1.0, 1.0, 1.0, 0)
+    # one user of 20 holds every hit: a draw without that user has no ratio (about (19/20)^20 = 36 % of draws); the
+    # interval is over the others only, and says how many it is without
+    few = paired_bootstrap_ratio([0.0] * 19 + [2.0], [0.0] * 19 + [1.0], samples=2000)
+    assert few["ratio"] == 2.0 and few["low"] == few["high"] == 2.0
+    assert 600 < few["undefined_draws"] < 850
+    paired = paired_bootstrap_ratio([1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 1.0, 0.0], samples=4000)
+    assert paired["ratio"] == 1.0 and paired["low"] < 1.0 < paired["high"]  # pairs resampled together: spread
+    with pytest.raises(ValueError, match="paired samples"):
+        paired_bootstrap_ratio([1.0], [1.0, 2.0])
