@@ -69,7 +69,8 @@ def test_an_interrupt_lets_the_command_write_its_reports_then_stops_both_servers
     assert process.returncode == 128 + expected, output[-3000:]
     assert report.read_text() == "reports written"
     assert "the interrupted command exited with 130" in output
-    assert "ranking_server stopped, exit code 0" in output and "retrieval_server stopped, exit code 0" in output
+    assert "ranking_server stopped, exit code 0" in output and "retrieval_server stopped, exit code 0" in output, \
+        output[-3000:] + "".join(f"\n--- {log.name}:\n" + log.read_text()[-2000:] for log in tmp_path.glob("*.log"))
 
 
 def test_a_second_interrupt_stops_a_command_that_does_not_finish(tiny_llm_bundle, tmp_path):
