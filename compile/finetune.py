@@ -475,7 +475,6 @@ def make_extra_rows(bundle: Bundle, meta: dict, model, tokenizer):
     from palr.sasrec import SASRec
 
     tokens = meta["item_tokens"]
-    check_item_table(bundle, tokens)
     buckets, rank_rows = int(tokens.get("trend_buckets") or 0), int(tokens.get("rank_rows") or 0)
     embedding = model.get_input_embeddings().weight.detach()
     digit = lambda b: tokenizer.encode(f" {b}", add_special_tokens=False)[-1]  # noqa: E731
@@ -623,6 +622,9 @@ def run(config: FinetuneConfig) -> Path | None:
         return out
     check_sft_data(bundle, "finetune")
     check_device(config.device)
+    tokens = json.loads((bundle.path("sft_data") / "meta.json").read_text()).get("item_tokens")
+    if tokens:  # before the earlier adapter is set aside and the model loads
+        check_item_table(bundle, tokens)
     finished = finished_run(out, run_fp)
     if finished is not None and not config.force:  # this run's adapter, set aside while another run was tried
         log.info("the LoRA adapter in %s is this run's, finished (step %d): the bundle's again", out,

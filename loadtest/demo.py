@@ -99,8 +99,9 @@ def ensure_bundle(config: DemoConfig) -> None:
         return
     print(f"bundle {config.bundle} lacks {', '.join(missing)}: building it (compile all --preset {config.preset}; "
           f"a first build takes minutes)", flush=True)
-    for step in (["fetch", "--data-dir", str(config.data)],
-                 ["all", "--preset", config.preset, "--bundle", str(config.bundle), "--data", str(config.data / "ml-100k")]):
+    dataset = dataset_dir(config.data)
+    for step in (["fetch", "--data-dir", str(dataset.parent)],
+                 ["all", "--preset", config.preset, "--bundle", str(config.bundle), "--data", str(dataset)]):
         subprocess.run([sys.executable, "-m", "compile", *step], check=True)
 
 
@@ -114,7 +115,7 @@ def show(demo: Demo, stub: ranking_pb2_grpc.RankingServiceStub, user: str, mode:
     history = demo.histories.get(user, [])
     recent = "; ".join(demo.title(i) for i in history[-3:]) or "none"
     flags = "".join([", cold start (popularity)" if response.cold_start else "",
-                     f", DEGRADED ({response.degraded_reason}): retrieval order" if response.degraded else ""])
+                     f", DEGRADED ({response.degraded_reason}): the linear term's order, no LLM" if response.degraded else ""])
     print(f"\nuser {user}, {MODE_NAMES[response.mode]} mode: {len(history)} items seen "
           f"(most recent: {recent}){flags}")
     for item in response.items:
@@ -127,7 +128,7 @@ def show(demo: Demo, stub: ranking_pb2_grpc.RankingServiceStub, user: str, mode:
     t = response.timings
     print(f"  timings: retrieval {t.retrieval_ms:.1f} ms | queue {t.queue_ms:.1f} ms | ranking {t.ranking_ms:.1f} ms "
           f"| total {t.total_ms:.1f} ms (client saw {wall_ms:.1f} ms); models {response.model_version}")
-    return response.degraded_reason if response.degraded else ""
+    return (response.degraded_reason or "unspecified") if response.degraded else ""
 
 
 def run(config: DemoConfig) -> int:
@@ -146,7 +147,7 @@ def run(config: DemoConfig) -> int:
     print("\n" + ", ".join(f"{name} stopped (SIGTERM, drained), exit code {code}" for name, code in codes.items()))
     reasons = [reason for reason in degraded if reason]
     if reasons:  # served, but not by the ranking tier: the demo of a two-tier system did not show one
-        print(f"{len(reasons)} of {len(degraded)} answers were degraded to the retrieval order "
+        print(f"{len(reasons)} of {len(degraded)} answers were degraded to the linear term's order "
               f"({', '.join(sorted(set(reasons)))}): the LLM ranked none of them; see {config.log_dir}/ranking_server.log",
               file=sys.stderr)
     return 0 if set(codes.values()) == {0} and not reasons else 1

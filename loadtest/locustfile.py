@@ -12,7 +12,7 @@ users.json (or, at `--cold-start-share`, an id nobody has seen), and calls
     the run refuses to start without it) at `--retrieve-share` of its calls, recorded as "Retrieve"
     (timed until the stream is drained). `--retrieve-share 0` drives the ranking server alone.
 Every call carries a deadline (`--*-deadline-ms`) and a request id ("locust-..."), so the servers'
-logs show which requests were load. A degraded Recommend answer (retrieval order, LLM skipped)
+logs show which requests were load. A degraded Recommend answer (the linear term's order, LLM skipped)
 counts as a failure unless `--degraded-ok`. With `--slo FILE` the run's exit code is the gate's:
 0 when every limit held, 3 when any SLO is broken (see loadtest/slo.py).
 """
@@ -281,16 +281,13 @@ def gate_before_the_runner_quits(environment, **_kwargs) -> None:
     environment.events.quitting.add_listener(slo_gate)
 
 
-JUDGED: dict[int, bool] = {}  # environments the gate has judged (by id)
-
-
 def slo_gate(environment, **_kwargs) -> None:
     """The gate runs where the statistics are: the master, or the only process (not on workers). Before it, what
     the hypervisor took from this machine during the run: a limit broken on a VM that lost much of its CPU to
     other guests may be the host's doing, not the servers'."""
-    if isinstance(environment.runner, WorkerRunner) or JUDGED.get(id(environment)):
+    if isinstance(environment.runner, WorkerRunner) or getattr(environment, "slo_judged", False):
         return  # once: after its last worker quit, a master may run Locust's shutdown (and fire `quitting`) twice
-    JUDGED[id(environment)] = True
+    environment.slo_judged = True
     options = environment.parsed_options
     if stop_users_first(environment.runner, float(getattr(options, "stop_timeout", 0) or 0)):
         rewrite_html_report(environment)
@@ -407,7 +404,7 @@ class RecsysCaller(GrpcUser):
 
 
 class DegradedAnswer(Exception):
-    """The ranking server answered in retrieval order (LLM skipped): a failure for the SLO gate."""
+    """The ranking server answered by the linear term (LLM skipped): a failure for the SLO gate."""
 
 
 def request_id() -> str:

@@ -195,7 +195,7 @@ def run(config: ServedQualityConfig) -> dict:
     write_atomically(config.out / "served_quality.json", json.dumps(report, indent=2) + "\n")
     for mode in config.modes if report["users"] else ():
         log.info("served %s mode, %d test users: NDCG@10 %.4f vs retrieval %.4f = %sx (95%% CI %s); %d degraded, "
-                 "%d invalid, %d identical to the retrieval order, failed calls %s; p50 %.0f ms", mode, report["users"],
+                 "%d invalid, %d identical to the retrieval order, failed calls %s; p50 %s ms", mode, report["users"],
                  report[f"{mode}_ndcg@10"], report["retrieval_ndcg@10"], report[f"{mode}_vs_retrieval_ndcg@10"],
                  report[f"{mode}_vs_retrieval_ndcg@10_ci95"], report[f"{mode}_degraded"], report[f"{mode}_invalid"],
                  report[f"{mode}_same_as_retrieval"], report[f"{mode}_errors"] or "none", report[f"{mode}_p50_ms"])

@@ -213,8 +213,8 @@ def generate_logit_weight(ranker: dict) -> float:
 
 def finite_readout(values: Sequence[float], what: str = "readout logits") -> list[float]:
     """`values` as floats, or EngineError naming the candidates whose value is NaN or infinite: a model that
-    overflowed its precision (or broken weights) fails the request, which the server answers degraded in the
-    retrieval order, instead of ranking by NaN (every comparison false: an arbitrary order)."""
+    overflowed its precision (or broken weights) fails the request, which the server answers degraded by the
+    linear term alone, instead of ranking by NaN (every comparison false: an arbitrary order)."""
     values = [float(v) for v in values]
     bad = [c for c, v in enumerate(values) if not math.isfinite(v)]
     if bad:

@@ -15,8 +15,9 @@ Per request (updated by the servicer):
 Engine (read from `engine.stats()` at every scrape, so they cost nothing per request):
     ranking_engine_queued                   queue depth: requests waiting for a batch slot
     ranking_engine_active                   active batch size: requests holding a slot now
-    ranking_engine_tokens_per_second        tokens run per second of engine busy time (since start)
-    ranking_engine_tokens{kind}             prompt | cached (prefix KV reused) | generated, counters
+    ranking_engine_tokens_per_second        tokens the model ran per second of engine busy time (since start)
+    ranking_engine_tokens{kind}             prompt | cached (prefix KV reused) | generated (decoded) | written (from
+                                            the bias at generate logit weight 0, no pass), counters
     ranking_engine_requests{outcome}        completed | failed | aborted | rejected, counters
     ranking_engine_context_cache_total{event}  hit | miss | evict of the per-user context KV cache, counters
     ranking_engine_context_cache_bytes      memory the cached user contexts hold

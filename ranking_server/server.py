@@ -156,8 +156,8 @@ class RankingServer:
         the linear term's order flagged degraded meanwhile; a restart is the way back)."""
         while engine.check_health():
             await asyncio.sleep(self.config.engine_check_s)
-        await self.server.set_not_serving(f"the {engine.name} engine has failed; answering in retrieval "
-                                          f"order (degraded) until this server is restarted")
+        await self.server.set_not_serving(f"the {engine.name} engine has failed; answering by the linear term "
+                                          f"(degraded, no LLM) until this server is restarted")
 
     async def _close(self) -> None:
         if self._engine_watch is not None:

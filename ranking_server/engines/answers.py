@@ -102,6 +102,7 @@ class _Shared:
 
     task: asyncio.Task
     answer: asyncio.Future
+    submitted: float = 0.0     # time.perf_counter() when the run was handed to the engine
     waiters: int = 0           # identical requests waiting on it now
     owner_gone: bool = False   # the request that started it was cancelled (its caller's deadline, or gone)
 
@@ -129,16 +130,19 @@ class AnswerCache(RankingEngine):
         with self._lock:
             kept = self._answers.get(key)
             shared = self._running.get(key)
-        joined = False
+        joined = None  # the run this request joined, when it did
         while kept is None and shared is not None and shared.answer.get_loop() is asyncio.get_running_loop():
             kept = await self._wait_on(shared)  # None: it failed or was cancelled; then one of its waiters runs
             with self._lock:
                 if kept is not None:
                     self._joined += 1
-                    joined = True
+                    joined = shared
                 shared = self._running.get(key)  # the waiter that runs it again (the others join it)
         if kept is not None:
-            return _reused(kept, request.request_id, 1e3 * (time.perf_counter() - started), joined)
+            # joined: queued from its arrival until the run it joined was admitted (0 if it came later)
+            queued_ms = 0.0 if joined is None else 1e3 * (joined.submitted - started) + kept.timings.queue_ms
+            return _reused(kept, request.request_id, 1e3 * (time.perf_counter() - started), joined is not None,
+                           queued_ms)
         return await self._run(key, request)
 
     async def _wait_on(self, shared: _Shared) -> EngineResult | None:
@@ -156,8 +160,9 @@ class AnswerCache(RankingEngine):
     async def _run(self, key: bytes, request: EngineRequest) -> EngineResult:
         """Run `request` on the engine, keep its answer, and hand it to identical requests that came meanwhile."""
         loop = asyncio.get_running_loop()
+        submitted = time.perf_counter()
         task = loop.create_task(self.engine.rank(request))
-        shared = _Shared(task, loop.create_future())
+        shared = _Shared(task, loop.create_future(), submitted)
         with self._lock:
             mine = self._running.setdefault(key, shared) is shared
         task.add_done_callback(functools.partial(self._finished, key, shared if mine else None))
@@ -206,11 +211,12 @@ def _copy(result: EngineResult, **changes) -> EngineResult:
     return dataclasses.replace(result, order=list(result.order), scores=scores, **changes)
 
 
-def _reused(kept: EngineResult, request_id: str, total_ms: float, joined: bool = False) -> EngineResult:
+def _reused(kept: EngineResult, request_id: str, total_ms: float, joined: bool = False,
+            queued_ms: float = 0.0) -> EngineResult:
     """The kept answer for a new request: no model time of its own, every prompt token reused. A kept one waited for
-    nothing; one that joined an identical running request waited for that run's slot (its queue time, up to this
-    one's own wait) and passes (the rest)."""
-    queue_ms = min(kept.timings.queue_ms, total_ms) if joined else 0.0
+    nothing; one that joined an identical running request waited for that run's slot (`queued_ms`: from its arrival
+    to the run's admission, within its own wait) and passes (the rest)."""
+    queue_ms = min(max(queued_ms, 0.0), total_ms) if joined else 0.0
     return _copy(kept, request_id=request_id, cached_tokens=kept.prompt_tokens, generated_tokens=0,
                  timings=EngineTimings(queue_ms, 0.0, 0.0, total_ms), batch_size=0, answer_reused=True,
                  answer_joined=joined)

@@ -291,8 +291,11 @@ class HFEngine(LoopEngine):
         moving.slot, leaving.slot = dst, src
 
     def _release(self, pending: Pending) -> None:
+        """An aborted request's slot, freed and zeroed (whatever it wrote, non-finite values too, stays with no one;
+        aborts are rare: a whole-slot zero is cheap beside them)."""
         row = self._by_id.get(pending.request_id)
         if row is not None:
+            self.kv.clear(row.slot)
             self._leave(row)
 
     def _fail_rows(self, rows: list[Row], error: Exception, what: str) -> None:

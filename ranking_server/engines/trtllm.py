@@ -213,7 +213,7 @@ class TrtllmEngine(RankingEngine):
         prompt tokens counted when it ran) or without any pass (a label-readout ranker)."""
         with self._failures_counted():
             result = answer_by_bias(request, constraint, started)
-        self._count("completed", generated_tokens=result.generated_tokens)
+        self._count("completed", written_tokens=result.generated_tokens)  # no decode pass: not the model's tokens
         return result
 
     def _result(self, request: EngineRequest, output, started: float, first_token: float | None) -> EngineResult:
@@ -266,7 +266,7 @@ class TrtllmEngine(RankingEngine):
             return EngineStats(engine=self.name, healthy=self.check_health(), active=len(self._outputs),
                                completed=c["completed"], failed=c["failed"], aborted=c["aborted"],
                                rejected=c["rejected"], prompt_tokens=c["prompt_tokens"],
-                               generated_tokens=c["generated_tokens"])
+                               generated_tokens=c["generated_tokens"], written_tokens=c["written_tokens"])
 
     def close(self) -> None:
         if self._closed:

@@ -323,6 +323,11 @@ def test_a_sasrec_retrained_since_sft_data_is_refused_before_training(bundle_cop
     bundle.add_artifact("sft_data", entry["path"], **{k: v for k, v in entry.items()
                                                       if k not in ("path", "sha256", "files", "created_at")})
     bundle.save()
+    (bundle_copy / "llm" / "lora").mkdir()  # an earlier run's adapter, named by the manifest
+    (bundle_copy / "llm" / "lora" / "adapter.txt").write_text("earlier")
+    bundle = Bundle.open(bundle_copy)
+    bundle.add_artifact("lora", "llm/lora")
+    bundle.save()
     with pytest.raises(BundleError, match=f"{table} is version .*, but llm/sft was built against 000000000000"):
         run(FinetuneConfig(bundle=bundle_copy, max_steps=1, batch_size=4, save_every=0, force=True))
-    assert not (bundle_copy / "llm" / "lora").exists()
+    assert Bundle.open(bundle_copy).has("lora"), "refused before the earlier adapter was set aside"

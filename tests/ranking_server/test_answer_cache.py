@@ -188,7 +188,8 @@ def test_identical_requests_at_once_run_the_model_once(tiny, cached):
     # the two that joined waited for the run's slot and passes: their queue time is the run's, not a kept
     # answer's 0 (the server's queue/ranking histograms count them; under overload their wait is real)
     assert [r.answer_joined for r in results] == [False, True, True]
-    assert all(r.timings.queue_ms == min(results[0].timings.queue_ms, r.timings.total_ms) for r in results[1:])
+    # (from its arrival, which came after the run's submission, to the run's admission: at most the run's own)
+    assert all(0.0 <= r.timings.queue_ms <= min(results[0].timings.queue_ms, r.timings.total_ms) for r in results[1:])
     later = asyncio.run(cached.rank(request("page-later", labels)))  # a kept answer: waited for nothing
     assert later.answer_reused and not later.answer_joined and later.timings.queue_ms == 0.0
 

@@ -862,7 +862,7 @@ def test_device_turns_go_in_the_order_asked():
 @pytest.mark.parametrize("strategy", STRATEGIES)
 def test_a_model_that_reads_nan_fails_the_request_and_serves_on(tiny_llama_dir, strategy, mode):
     """A label whose logit is NaN (an overflowed precision, broken weights): the request fails with EngineError
-    (the server answers it degraded, in retrieval order) instead of ranking by NaN, and the engine serves on."""
+    (the server answers it degraded, by the linear term) instead of ranking by NaN, and the engine serves on."""
     model, tokenizer = load_causal_lm(tiny_llama_dir)  # a copy of its own: one lm_head row is spoilt
     labels = label_ids(tokenizer, 8)
     with torch.no_grad():
