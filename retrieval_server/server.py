@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import threading
 import time
 from typing import Sequence
 
@@ -14,6 +13,7 @@ from palr.users import load_histories
 from palr.serving import tracing
 from palr.serving.loading import in_load_thread
 from palr.serving.server import GrpcServer
+from palr.serving.streak import LIMIT, FailureStreak
 from recsys.v1 import retrieval_pb2_grpc
 from retrieval_server.batcher import DirectRunner, MicroBatcher
 from retrieval_server.config import RetrievalServerConfig
@@ -24,7 +24,7 @@ from retrieval_server.servicer import SERVICE_NAME, RetrievalServicer
 log = logging.getLogger(__name__)
 
 ARTIFACTS = ["catalog", "users", ARTIFACT]
-MAX_FAILED_CALLS = 3  # ORT calls failing in a row that turn health NOT_SERVING (the model, not the requests)
+MAX_FAILED_CALLS = LIMIT  # ORT calls failing in a row that turn health NOT_SERVING (the model, not the requests)
 
 
 class RetrievalServer:
@@ -58,8 +58,7 @@ class RetrievalServer:
         self.model: SasrecOnnx | None = None
         self.runner: MicroBatcher | DirectRunner | None = None
         self._health_task: asyncio.Task | None = None  # the NOT_SERVING a dead runner sets (kept: tasks are weak)
-        self._failed_calls = 0  # ORT calls failed in a row (worker threads: under the lock)
-        self._failed_calls_lock = threading.Lock()
+        self._failed_calls = FailureStreak()  # ORT calls failed in a row (from the worker threads)
         self._loop: asyncio.AbstractEventLoop | None = None
         log.info("bundle %s verified: %d items, %d users with history, model %s (max_len %s, top_k %d), max_k %d",
                  bundle.root, len(catalog), len(self.servicer.stored_histories), self.servicer.model_version,
@@ -113,17 +112,13 @@ class RetrievalServer:
         try:
             ranked = self.model.retrieve(queries)
         except Exception as e:
-            with self._failed_calls_lock:
-                self._failed_calls += 1
-                failed = self._failed_calls
-            if failed == MAX_FAILED_CALLS:
-                reason = f"{failed} ONNX Runtime calls failed in a row; the last: {e!r}"
+            if self._failed_calls.failed():
+                reason = f"{MAX_FAILED_CALLS} ONNX Runtime calls failed in a row; the last: {e!r}"
                 log.error("%s: health NOT_SERVING until this server is restarted", reason)
                 self._loop.call_soon_threadsafe(self._runner_stopped, reason)
             raise
         else:
-            with self._failed_calls_lock:
-                self._failed_calls = 0
+            self._failed_calls.succeeded()
             return ranked
         finally:  # failed calls too: a failing model shows as ORT calls, not as none
             ORT_SECONDS.observe(time.perf_counter() - started)

@@ -47,6 +47,7 @@ from palr.llm import (
 from palr.precision import layer_dtypes
 from palr.prompt import Readout
 from palr.ranking import decoding_bias
+from palr.serving.streak import LIMIT, FailureStreak
 from ranking_server.engines.base import EngineError
 from ranking_server.engines.config import EngineConfig
 from ranking_server.engines.kv import SlotKVCache, pass_input_ids, pass_width
@@ -55,7 +56,7 @@ from ranking_server.engines.lru import LRU
 
 log = logging.getLogger(__name__)
 
-MAX_FAILED_PASSES = 3  # forward passes failing in a row that stop the engine (the device, not the requests)
+MAX_FAILED_PASSES = LIMIT  # forward passes failing in a row that stop the engine (the device, not the requests)
 # Prompts share a pass when a queue builds: with at least SHARE_FROM prompts waiting, a pass takes the first one
 # and the others that fit whole, while padding every row to the longest adds at most PAD_WASTE of the pass's
 # tokens and the pass as it runs (its rows at `pass_width`) stays within `EngineConfig.shared_pass_tokens` (768:
@@ -118,7 +119,7 @@ class HFEngine(LoopEngine):
         self._slots: list[Row] = []        # index = slot; [0, n_decoding) are generating
         self._n_decoding = 0
         self._held = 0                     # most slots held at once in the current step
-        self._failed_passes = 0            # forward passes failed in a row (see _pass_failed)
+        self._failed_passes = FailureStreak()  # forward passes failed in a row (see _pass_failed)
         self._by_id: dict[str, Row] = {}
         self.start()
 
@@ -291,8 +292,8 @@ class HFEngine(LoopEngine):
         moving.slot, leaving.slot = dst, src
 
     def _release(self, pending: Pending) -> None:
-        """An aborted request's slot, freed and zeroed (whatever it wrote, non-finite values too, stays with no one;
-        aborts are rare: a whole-slot zero is cheap beside them)."""
+        """An aborted or failed request's slot, freed and zeroed (whatever it wrote, non-finite values too, stays
+        with no one; aborts and failures are rare: a whole-slot zero is cheap beside them)."""
         row = self._by_id.get(pending.request_id)
         if row is not None:
             self.kv.clear(row.slot)
@@ -302,8 +303,7 @@ class HFEngine(LoopEngine):
         log.exception("%s failed for %d request(s)", what, len(rows), exc_info=error)
         for row in rows:
             if row.pending.request_id in self._by_id:
-                self.kv.clear(row.slot)  # before it leaves: whatever the failure left there stays with no one
-                self._leave(row)
+                self._release(row.pending)  # zeroed: whatever the failure left there stays with no one
                 self._fail(row.pending, EngineError(f"{what} failed: {error!r}"))
 
     # ---- model work ---------------------------------------------------------------------------
@@ -314,16 +314,15 @@ class HFEngine(LoopEngine):
         plan = self.kv.plan(first, starts, [len(t) for t in tokens])
         out = self.decoder(input_ids=pass_input_ids(tokens, self.device), attention_mask=plan.attention_mask(),
                            position_ids=plan.position_ids(), past_key_values=self.kv, use_cache=True)
-        self._failed_passes = 0
+        self._failed_passes.succeeded()
         return out.last_hidden_state
 
     def _pass_failed(self, rows: list[Row], error: Exception, what: str) -> None:
         """A forward pass raised: its rows fail; after MAX_FAILED_PASSES in a row the device is what is broken
         (a sticky CUDA error), not the requests, and the loop stops so health says so (it stayed SERVING while
         every answer came back degraded)."""
-        self._failed_passes += 1
-        if self._failed_passes >= MAX_FAILED_PASSES:  # the loop's crash handler fails every request, these too
-            raise EngineError(f"{self._failed_passes} forward passes failed in a row; the last: {error!r}")
+        if self._failed_passes.failed():  # the loop's crash handler fails every request, these too
+            raise EngineError(f"{MAX_FAILED_PASSES} forward passes failed in a row; the last: {error!r}")
         self._fail_rows(rows, error, what)
 
     def _read(self, row: Row, hidden: torch.Tensor, start: int) -> None:

@@ -411,3 +411,12 @@ def test_a_parent_pid_that_is_not_the_parent_is_refused_before_serving():
 
     with pytest.raises(ValueError, match=f"--parent-pid {os.getpid()} is not this process's parent"):
         asyncio.run(main())
+
+
+def test_a_failure_streak_reaches_its_limit_once_and_a_success_starts_it_again():
+    from palr.serving.streak import FailureStreak
+
+    streak = FailureStreak(limit=3)
+    assert [streak.failed() for _ in range(2)] == [False, False]
+    streak.succeeded()
+    assert [streak.failed() for _ in range(4)] == [False, False, True, False]  # True once: one NOT_SERVING

@@ -1,0 +1,28 @@
+"""The one rule both tiers turn NOT_SERVING by: model calls (ORT calls, forward passes) failing in a row. One failure
+between successes is its requests'; `LIMIT` in a row and the model or device is what is broken (a sticky CUDA error,
+an allocation failing at the pod's memory limit on every call)."""
+
+from __future__ import annotations
+
+import threading
+
+LIMIT = 3
+
+
+class FailureStreak:
+    """Model calls failed in a row; thread-safe (the retrieval tier's ORT calls run in worker threads)."""
+
+    def __init__(self, limit: int = LIMIT):
+        self.limit = limit
+        self._count = 0
+        self._lock = threading.Lock()
+
+    def failed(self) -> bool:
+        """One more failure; True exactly once, when the streak reaches `limit`."""
+        with self._lock:
+            self._count += 1
+            return self._count == self.limit
+
+    def succeeded(self) -> None:
+        with self._lock:
+            self._count = 0
