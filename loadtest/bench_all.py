@@ -269,7 +269,7 @@ def run(config: BenchConfig) -> dict:
     report["ratio_runs"] = ratio_runs
     report["ratio_disturbed_rounds"] = disturbed_ratio_rounds(runs, len(rounds))
     report["goals"] = goals(report["ratios"], generate_decodes=workload.describe()["generate_logit_weight"] != [0.0],
-                            pattern=config.pattern, reduced=reduced_workload(config))
+                            pattern=config.pattern, reduced=reduced_workload(report["config"]))
     report["machine_after"] = machine_info()
     report["seconds"] = round(time.perf_counter() - started, 1)
     report["plots"] = plot(report, config.out)
@@ -450,9 +450,10 @@ DECODING_GOALS = ("inflight_vs_sequential_throughput_c16", "inflight_vs_sequenti
 ZIPF_GOALS = ("default_vs_fp32_prefix_only_latency", "context_hit_vs_miss_latency", "kv_reuse_on_vs_off_latency")
 
 
-def reduced_workload(config: BenchConfig) -> bool:
-    """Fewer candidates or answer lines than the ranker's (--quick sets both): its ratios are not the goals'."""
-    return bool(config.candidates or config.generate_k)
+def reduced_workload(config: dict) -> bool:
+    """Fewer candidates or answer lines than the ranker's (--quick sets both): its ratios are not the goals'.
+    `config`: the bench's config as its report records it."""
+    return bool(config["candidates"] or config["generate_k"])
 
 
 def goals(ratios: dict[str, float], generate_decodes: bool = True, pattern: str = "zipf",
@@ -526,8 +527,7 @@ def markdown(report: dict) -> str:
         + (f" (exponent {w['zipf_exponent']})" if w.get("zipf_exponent") else "")
         + f": {w['distinct_users']} distinct users, {100 * w['repeat_share']:.0f} % of requests repeat a user."
         + (" The workload is reduced (--candidates/--generate-k): ratios are not comparable with the goals."
-           if reduced_workload(BenchConfig(**{k: report["config"][k] for k in ("candidates", "generate_k")}))
-           else ""),
+           if reduced_workload(report["config"]) else ""),
         f"## Headline ratios (median over {rounds} round(s), each ratio taken within one round)",
         "disturbed rounds: rounds (from 0) in which either of the ratio's two cells had more than "
         f"{DISTURBED_PCT:g} % of the machine taken by steal or other processes; their values are suspect.",

@@ -140,9 +140,8 @@ class AnswerCache(RankingEngine):
                 shared = self._running.get(key)  # the waiter that runs it again (the others join it)
         if kept is not None:
             # joined: queued from its arrival until the run it joined was admitted (0 if it came later)
-            queued_ms = 0.0 if joined is None else 1e3 * (joined.submitted - started) + kept.timings.queue_ms
-            return _reused(kept, request.request_id, 1e3 * (time.perf_counter() - started), joined is not None,
-                           queued_ms)
+            queued_ms = None if joined is None else 1e3 * (joined.submitted - started) + kept.timings.queue_ms
+            return _reused(kept, request.request_id, 1e3 * (time.perf_counter() - started), queued_ms)
         return await self._run(key, request)
 
     async def _wait_on(self, shared: _Shared) -> EngineResult | None:
@@ -211,11 +210,11 @@ def _copy(result: EngineResult, **changes) -> EngineResult:
     return dataclasses.replace(result, order=list(result.order), scores=scores, **changes)
 
 
-def _reused(kept: EngineResult, request_id: str, total_ms: float, joined: bool = False,
-            queued_ms: float = 0.0) -> EngineResult:
-    """The kept answer for a new request: no model time of its own, every prompt token reused. A kept one waited for
-    nothing; one that joined an identical running request waited for that run's slot (`queued_ms`: from its arrival
-    to the run's admission, within its own wait) and passes (the rest)."""
+def _reused(kept: EngineResult, request_id: str, total_ms: float, queued_ms: float | None = None) -> EngineResult:
+    """The kept answer for a new request: no model time of its own, every prompt token reused. A kept one
+    (`queued_ms` None) waited for nothing; one that joined an identical running request waited for that run's slot
+    (`queued_ms`: from its arrival to the run's admission, within its own wait) and passes (the rest)."""
+    joined = queued_ms is not None
     queue_ms = min(max(queued_ms, 0.0), total_ms) if joined else 0.0
     return _copy(kept, request_id=request_id, cached_tokens=kept.prompt_tokens, generated_tokens=0,
                  timings=EngineTimings(queue_ms, 0.0, 0.0, total_ms), batch_size=0, answer_reused=True,

@@ -461,6 +461,8 @@ def test_decoding_goals_do_not_apply_when_generate_runs_no_decode_pass():
 def test_repeat_workload_goals_are_not_judged_on_uniform_traffic_nor_any_goal_on_a_reduced_workload():
     """`make bench` (uniform users) judged "default vs fp32 prefix-only", a goal on the Zipf workload: with no user
     coming back it measured precision alone; --quick's 10 candidates wrote met true/false for every goal."""
+    from dataclasses import asdict
+
     from loadtest.bench_all import BenchConfig, goals, reduced_workload
 
     ratios = {"default_vs_fp32_prefix_only_latency": 0.6, "inflight_vs_sequential_throughput_c16_score": 1.2}
@@ -471,7 +473,7 @@ def test_repeat_workload_goals_are_not_judged_on_uniform_traffic_nor_any_goal_on
     assert goals(ratios, pattern="zipf")["default_vs_fp32_prefix_only_latency"]["met"] is False
     quick = goals(ratios, pattern="zipf", reduced=True)
     assert all(goal["met"] is None and "reduced" in goal["why"] for goal in quick.values())
-    assert reduced_workload(BenchConfig(candidates=10)) and not reduced_workload(BenchConfig())
+    assert reduced_workload(asdict(BenchConfig(candidates=10))) and not reduced_workload(asdict(BenchConfig()))
 
 
 def test_the_gate_judges_a_run_once_when_locust_fires_quitting_twice(tmp_path):
