@@ -1,8 +1,9 @@
-"""Servers as subprocesses: start one on a free loopback port, wait for health SERVING, stop it
+"""Servers as subprocesses: start one on loopback port 0 (it writes the port it bound), wait for health SERVING, stop it
 with SIGTERM and read its exit code. Used by the demo, the benchmarks and the drain tests."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -13,7 +14,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, NoReturn
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -69,35 +70,59 @@ class ServerProcess:
         self.module = module
         self.own_session = own_session  # True: a Ctrl-C in the terminal reaches only the parent, which stops it
         self.host = host
-        self.port = port or free_port(host)
-        # --parent-pid: the server drains and exits if this process dies, even by SIGKILL (no orphans)
-        self.argv = [sys.executable, "-m", module, *args, "--host", host, "--port", str(self.port),
-                     "--parent-pid", str(os.getpid())]
+        self.port = port  # None until the server has bound one (it listens on port 0 and writes what it got)
         self.log_path = Path(log_path) if log_path else _temp_log(module)
+        self.ports_file = self.log_path.with_name(f"{self.log_path.name}.ports.json")
+        # --parent-pid: the server drains and exits if this process dies, even by SIGKILL (no orphans)
+        self.argv = [sys.executable, "-m", module, *args, "--host", host, "--port", str(port or 0),
+                     "--ports-file", str(self.ports_file), "--parent-pid", str(os.getpid())]
         self.channel_kwargs = channel_kwargs or {}
         self.process: subprocess.Popen | None = None
 
     @property
     def target(self) -> str:
+        if self.port is None:
+            raise RuntimeError(f"{self.module} has no port yet: it is known once the server listens (start())")
         return f"{self.host}:{self.port}"
 
     def start(self, timeout: float = 120.0) -> "ServerProcess":
+        self.ports_file.unlink(missing_ok=True)  # a file left by an earlier run names another process's port
         with self.log_path.open("wb") as log_file:
             self.process = subprocess.Popen(self.argv, stdout=log_file, stderr=subprocess.STDOUT,
                                             env=_env_with_repo(), start_new_session=self.own_session)
         self.wait_serving(timeout)
         return self
 
+    def wait_listening(self, timeout: float, started: float | None = None) -> None:
+        """Until the started process has written the port it bound (`--ports-file`): then `target` is known.
+        `started`: when the wait began (perf_counter), if earlier than now."""
+        started = time.perf_counter() if started is None else started
+        while not self.ports_file.exists():
+            self._check_running()
+            if time.perf_counter() - started > timeout:
+                self._give_up(timeout)
+            time.sleep(0.05)
+        self.port = json.loads(self.ports_file.read_text())["port"]
+
+    def _check_running(self) -> None:
+        if self.process.poll() is not None:
+            raise RuntimeError(f"{self.module} exited with {self.process.returncode} before serving:\n"
+                               f"{self.log_tail()}")
+
+    def _give_up(self, timeout: float) -> NoReturn:
+        self.kill()
+        where = f" on {self.target}" if self.port is not None else ""
+        raise TimeoutError(f"{self.module} not SERVING{where} after {timeout:.0f} s:\n{self.log_tail()}")
+
     def wait_serving(self, timeout: float) -> float:
-        """Polls grpc.health.v1 Check("") until SERVING; returns the seconds waited. Raises with the
-        server's log tail when it exits or the timeout passes first."""
+        """Waits for the server to listen, then polls grpc.health.v1 Check("") until SERVING; returns the seconds
+        waited. Raises with the server's log tail when it exits or the timeout passes first."""
         started = time.perf_counter()
+        self.wait_listening(timeout, started)
         with open_channel(self.target, aio=False, **self.channel_kwargs) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             while time.perf_counter() - started < timeout:
-                if self.process.poll() is not None:
-                    raise RuntimeError(f"{self.module} exited with {self.process.returncode} before serving:\n"
-                                       f"{self.log_tail()}")
+                self._check_running()
                 try:
                     status = health.Check(health_pb2.HealthCheckRequest(), timeout=1.0).status
                     if status == health_pb2.HealthCheckResponse.SERVING:
@@ -105,8 +130,7 @@ class ServerProcess:
                 except grpc.RpcError:
                     pass  # not listening yet
                 time.sleep(0.1)
-        self.kill()
-        raise TimeoutError(f"{self.module} not SERVING on {self.target} after {timeout:.0f} s:\n{self.log_tail()}")
+        self._give_up(timeout)
 
     def stop(self, timeout: float = 60.0) -> int:
         """SIGTERM (graceful drain), wait, return the exit code; kills it if it does not exit."""

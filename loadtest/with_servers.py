@@ -64,27 +64,30 @@ def two_tier(config: TwoTierConfig, own_session: bool = False) -> Iterator[tuple
     """(retrieval, ranking) servers, both SERVING; stopped (SIGTERM, drained) on exit. `own_session`: the
     terminal's signals do not reach them (the caller stops them)."""
     config.log_dir.mkdir(parents=True, exist_ok=True)
-    retrieval = ServerProcess("retrieval_server",
-                              ["--bundle", str(config.bundle), *split_flags("retrieval_args", config.retrieval_args)],
-                              log_path=config.log_dir / "retrieval_server.log", own_session=own_session)
-    ranking = ServerProcess("ranking_server", ["--bundle", str(config.bundle), "--retrieval", retrieval.target,
-                                               *split_flags("ranking_args", config.ranking_args)],
-                            log_path=config.log_dir / "ranking_server.log", own_session=own_session)
+    retrieval_args, ranking_args = (split_flags("retrieval_args", config.retrieval_args),
+                                    split_flags("ranking_args", config.ranking_args))
     launched: list[ServerProcess] = []  # each one from the moment it is started: one still starting is stopped too
     try:
-        for server in (retrieval, ranking):
-            launched.append(server)
-            seconds = _start(server, config.startup_timeout)
-            log.info("%s SERVING on %s after %.1f s (log: %s)", server.module, server.target, seconds, server.log_path)
+        retrieval = _start(ServerProcess("retrieval_server", ["--bundle", str(config.bundle), *retrieval_args],
+                                         log_path=config.log_dir / "retrieval_server.log", own_session=own_session),
+                           launched, config.startup_timeout)
+        ranking = _start(ServerProcess("ranking_server", ["--bundle", str(config.bundle), "--retrieval",
+                                                          retrieval.target, *ranking_args],
+                                       log_path=config.log_dir / "ranking_server.log", own_session=own_session),
+                         launched, config.startup_timeout)
         yield retrieval, ranking
     finally:
         stop_all(reversed(launched))
 
 
-def _start(server: ServerProcess, timeout: float) -> float:
+def _start(server: ServerProcess, launched: list[ServerProcess], timeout: float) -> ServerProcess:
+    """Starts `server` (in `launched` from the moment it is started) and waits until it is SERVING."""
+    launched.append(server)
     began = time.perf_counter()
     server.start(timeout)
-    return time.perf_counter() - began
+    log.info("%s SERVING on %s after %.1f s (log: %s)", server.module, server.target, time.perf_counter() - began,
+             server.log_path)
+    return server
 
 
 COMMAND_GRACE_S = 150.0  # an interrupted command's time to finish (Locust: up to --stop-timeout 120, reports)

@@ -22,6 +22,7 @@ Typical use (see retrieval_server/server.py):
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -78,6 +79,14 @@ class DrainingHealthServicer(health.aio.HealthServicer):
                 task.cancel()
         if watch.done() and not watch.cancelled():
             watch.result()  # the stream's own end or error
+
+
+def write_ports(path: Path, ports: dict[str, int | None]) -> None:
+    """`ports` as JSON at `path`, whole or not at all (written beside it, then renamed over it): a reader polling
+    for the file never sees half of it."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(ports))
+    os.replace(partial, path)
 
 
 class GrpcServer:
@@ -151,6 +160,9 @@ class GrpcServer:
                  "NOT_SERVING until warmed up", self.address, self.config.tls, self.config.max_message_bytes,
                  f"http://{self.config.host}:{self.metrics_port}/metrics" if self.metrics_port else "off",
                  self.health_port or "off")
+        if self.config.ports_file:
+            write_ports(Path(self.config.ports_file), {"port": self.port, "metrics_port": self.metrics_port,
+                                                       "health_port": self.health_port})
         return self.port
 
     async def set_serving(self) -> None:

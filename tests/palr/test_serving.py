@@ -6,6 +6,7 @@ retrieval service."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 import time
@@ -204,6 +205,22 @@ def test_an_ipv6_host_in_brackets_serves_grpc_and_metrics(server_loop):
         assert server.metrics_port == metrics_port
         samples = scrape_metrics(metrics_port, host="[::1]")
         assert samples['test_plumbing_requests_total{code="OK"}'] == before + 1
+    finally:
+        server_loop.run(server.drain())
+
+
+def test_a_server_on_port_0_writes_the_ports_it_bound_to_its_ports_file(server_loop, tmp_path):
+    """`--ports-file`: how a harness learns the port of a server it started on port 0 (no port picked beforehand
+    that another process could take first). The file holds the ports the server answers on; off ones are null."""
+    ports_file = tmp_path / "ports.json"
+    ports_file.write_text('{"port": 1}')  # a stale file is replaced whole
+    server = start_server(server_loop, ServerConfig(port=0, health_port=0, ports_file=ports_file))
+    try:
+        ports = json.loads(ports_file.read_text())
+        assert ports == {"port": server.port, "metrics_port": None, "health_port": None} and ports["port"] > 0
+        with grpc.insecure_channel(f"127.0.0.1:{ports['port']}") as channel:
+            assert call(channel, "Echo", b"found") == b"found"
+        assert [p.name for p in tmp_path.iterdir()] == ["ports.json"]  # no partial file left beside it
     finally:
         server_loop.run(server.drain())
 

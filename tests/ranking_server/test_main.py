@@ -84,6 +84,7 @@ def test_sigterm_while_the_model_loads_exits_zero_at_once_without_waiting_for_th
     try:
         with ranking.log_path.open("wb") as log_file:
             ranking.process = subprocess.Popen(ranking.argv, stdout=log_file, stderr=subprocess.STDOUT, cwd=REPO)
+        ranking.wait_listening(60)
         with grpc.insecure_channel(ranking.target) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             deadline = time.monotonic() + 60
