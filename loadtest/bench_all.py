@@ -45,7 +45,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from loadtest.bench_ranking import MIXED, Cell, load_workload, measure, request_order, workload_batch
+from loadtest.bench_ranking import MIN_SPLIT, MIXED, Cell, load_workload, measure, request_order, workload_batch
 from loadtest.patterns import PATTERNS
 from loadtest.report import (DISTURBED_PCT, answered, disturbance, disturbed, machine_info, markdown_table,
                              write_report)
@@ -58,8 +58,19 @@ log = logging.getLogger(__name__)
 
 HEADLINE_CONCURRENCY = 16
 
+@dataclass(frozen=True)
+class Paired:
+    """A ratio taken request by request: each request's latency in the numerator cell over the same request's in the
+    denominator cell (both at concurrency 1, the same requests in the same order, in the same round), median over the
+    requests whose `select` flag in the numerator cell is `want`. The same request with and without a cache, not one
+    user's hit against another user's miss."""
+
+    select: str
+    want: bool
+
+
 # ratio name → (numerator cell, denominator cell, metric); all within one round
-RATIOS: dict[str, tuple[Cell, Cell, str]] = {
+RATIOS: dict[str, tuple[Cell, Cell, str | tuple[str, str] | Paired]] = {
     "inflight_vs_sequential_throughput_c16": (Cell("generate", "inflight", 16), Cell("generate", "sequential", 16),
                                               "throughput_rps"),
     "inflight_vs_sequential_p95_c16": (Cell("generate", "inflight", 16), Cell("generate", "sequential", 16), "p95_ms"),
@@ -84,8 +95,18 @@ RATIOS: dict[str, tuple[Cell, Cell, str]] = {
     # the default path (the hf-cpu build's precision + context reuse) vs the fp32, prefix-only path
     "default_vs_fp32_prefix_only_latency": (Cell("score", "inflight", 1, build=True),
                                             Cell("score", "inflight", 1, context_reuse=False), "p50_ms"),
-    "context_hit_vs_miss_latency": (Cell("score", "inflight", 1), Cell("score", "inflight", 1),
-                                    ("context_hit_p50_ms", "context_miss_p50_ms")),
+    # a context hit against the same request computing its context (the prefix-only engine), request by request
+    "context_hit_vs_miss_latency": (Cell("score", "inflight", 1), Cell("score", "inflight", 1, context_reuse=False),
+                                    Paired("context_hit", True)),
+    # the requests that missed and stored their context, against the same requests without context reuse: what
+    # storing costs (~1)
+    "context_store_vs_prefix_only_latency": (Cell("score", "inflight", 1),
+                                             Cell("score", "inflight", 1, context_reuse=False),
+                                             Paired("context_hit", False)),
+    # within the context-reuse cell: the p50 of its hits over the p50 of its misses (other requests: hits are the
+    # Zipf head's repeat calls, misses each user's first)
+    "context_hit_vs_miss_latency_unpaired": (Cell("score", "inflight", 1), Cell("score", "inflight", 1),
+                                             ("context_hit_p50_ms", "context_miss_p50_ms")),
     # the engine behind the server's AnswerCache (an exact repeat, same prompt and candidates, is answered
     # without the model) against the same engine without it; and within that cell, the repeats it answered
     # against the requests the model ran
@@ -99,6 +120,9 @@ RATIOS: dict[str, tuple[Cell, Cell, str]] = {
                                                "score_p95_ms"),
 }
 RETRIEVAL_RATIO = "ort_vs_torch_retrieval_latency_b1"
+# the model's own prefill (direct forward, the chosen precision) against the matmul peak in that precision, each
+# repeat's pair back to back (loadtest/utilisation.py)
+PREFILL_RATIO = "prefill_vs_peak_chosen_precision"
 
 # goals on the embedded default (issues 5 and 7): ratio name → (comparison, threshold)
 GOALS: dict[str, tuple[str, float]] = {
@@ -114,6 +138,7 @@ GOALS: dict[str, tuple[str, float]] = {
     "context_hit_vs_miss_latency": ("<=", 0.4),
     "mixed_inflight_vs_static_score_p95_c16": ("<=", 0.5),
     RETRIEVAL_RATIO: ("<=", 0.5),
+    PREFILL_RATIO: (">=", 0.6),
 }
 COMPARE = {">=": lambda a, b: a >= b, "<": lambda a, b: a < b, "<=": lambda a, b: a <= b}
 
@@ -265,11 +290,17 @@ def run(config: BenchConfig) -> dict:
         report["retrieval_model"] = retrieval_runs[-1]
     if config.utilisation_repeats:
         report["utilisation"] = utilisation(workload, runs, config, order)
+        chosen = prefill_vs_peak(report["utilisation"])
+        if chosen:
+            ratio_runs[PREFILL_RATIO] = chosen
     report["ratios"] = {name: round(statistics.median(values), 3) for name, values in ratio_runs.items()}
     report["ratio_runs"] = ratio_runs
+    report["ratio_pairs"] = ratio_pairs(runs, len(rounds))
     report["ratio_disturbed_rounds"] = disturbed_ratio_rounds(runs, len(rounds))
     report["goals"] = goals(report["ratios"], generate_decodes=workload.describe()["generate_logit_weight"] != [0.0],
-                            pattern=config.pattern, reduced=reduced_workload(report["config"]))
+                            pattern=config.pattern, reduced=reduced_workload(report["config"]),
+                            disturbed={name: len(r) / len(ratio_runs[name])
+                                       for name, r in report["ratio_disturbed_rounds"].items()})
     report["machine_after"] = machine_info()
     report["seconds"] = round(time.perf_counter() - started, 1)
     report["plots"] = plot(report, config.out)
@@ -307,6 +338,13 @@ def utilisation(workload, runs: dict[Cell, list[dict]], config: BenchConfig, ord
     return out
 
 
+def prefill_vs_peak(section: dict) -> list[float]:
+    """Issue 12's utilisation goal, per repeat: the ranker's own prefill (a direct forward in the precision its build
+    chose) against that precision's matmul peak, measured back to back; [] when the section has no such row."""
+    return next((row["utilisation_runs"] for row in section["rows"]
+                 if row["dtype"] == section["chosen"] and row["source"] == "direct forward"), [])
+
+
 def retrieval_model(config: BenchConfig) -> list[dict]:
     """bench_retrieval's ORT vs torch eager comparison, same bundle, batch 1 and 32."""
     from loadtest.bench_retrieval import RetrievalBenchConfig, model_latency
@@ -320,17 +358,36 @@ def retrieval_ratio(rows: list[dict]) -> float:
     return next(r["vs_torch"] for r in rows if r["engine"] == "onnxruntime" and r["batch"] == 1)
 
 
-def _ratio_rounds(runs: dict[Cell, list[dict]], n_rounds: int) -> Iterator[tuple[str, int, float, list[dict]]]:
-    """(ratio, round, value, its two cells' summaries) for every round in which both of a ratio's cells ran, had the
-    metric and answered every request (a cell that lost requests would be compared on its survivors)."""
+def _ratio_rounds(runs: dict[Cell, list[dict]], n_rounds: int) \
+        -> Iterator[tuple[str, int, float, list[dict], int | None]]:
+    """(ratio, round, value, its two cells' summaries, the requests a paired ratio rests on) for every round in which
+    both of a ratio's cells ran, had the metric and answered every request (a cell that lost requests would be
+    compared on its survivors)."""
     for name, (numerator, denominator, metric) in RATIOS.items():
-        top_metric, bottom_metric = metric if isinstance(metric, tuple) else (metric, metric)
         for number in range(n_rounds):
             top, bottom = (next((r for r in runs.get(cell, []) if r["round"] == number), None)
                            for cell in (numerator, denominator))
-            if top and bottom and not (top.get("errors") or bottom.get("errors")) \
-                    and measured(top.get(top_metric)) and measured(bottom.get(bottom_metric)):
-                yield name, number, round(top[top_metric] / bottom[bottom_metric], 4), [top, bottom]
+            if not top or not bottom or top.get("errors") or bottom.get("errors"):
+                continue
+            if isinstance(metric, Paired):
+                value, pairs = paired_ratio(top, bottom, metric)
+                if value is not None:
+                    yield name, number, value, [top, bottom], pairs
+                continue
+            top_metric, bottom_metric = metric if isinstance(metric, tuple) else (metric, metric)
+            if measured(top.get(top_metric)) and measured(bottom.get(bottom_metric)):
+                yield name, number, round(top[top_metric] / bottom[bottom_metric], 4), [top, bottom], None
+
+
+def paired_ratio(top: dict, bottom: dict, paired: Paired) -> tuple[float | None, int]:
+    """(the median over the selected requests of request i's latency in `top` over its latency in `bottom`, how many
+    requests that is); None below MIN_SPLIT requests, or when the cells' requests do not line up (another count)."""
+    flags, top_ms, bottom_ms = top.get(paired.select), top.get("request_ms"), bottom.get("request_ms")
+    if not flags or not top_ms or not bottom_ms or not len(flags) == len(top_ms) == len(bottom_ms):
+        return None, 0
+    pairs = [t / b for flag, t, b in zip(flags, top_ms, bottom_ms) if flag == paired.want and measured(t)
+             and measured(b)]
+    return (round(statistics.median(pairs), 4) if len(pairs) >= MIN_SPLIT else None), len(pairs)
 
 
 def measured(value) -> bool:
@@ -342,8 +399,17 @@ def measured(value) -> bool:
 def round_ratios(runs: dict[Cell, list[dict]], n_rounds: int) -> dict[str, list[float]]:
     """Each ratio per round, from the two cells measured in that round."""
     out: dict[str, list[float]] = {}
-    for name, _, value, _ in _ratio_rounds(runs, n_rounds):
+    for name, _, value, _, _ in _ratio_rounds(runs, n_rounds):
         out.setdefault(name, []).append(value)
+    return out
+
+
+def ratio_pairs(runs: dict[Cell, list[dict]], n_rounds: int) -> dict[str, list[int]]:
+    """Per paired ratio, how many requests each round's value is the median of."""
+    out: dict[str, list[int]] = {}
+    for name, _, _, _, pairs in _ratio_rounds(runs, n_rounds):
+        if pairs is not None:
+            out.setdefault(name, []).append(pairs)
     return out
 
 
@@ -351,7 +417,7 @@ def disturbed_ratio_rounds(runs: dict[Cell, list[dict]], n_rounds: int) -> dict[
     """Per ratio, the rounds of its `round_ratios` values in which either of its two cells ran on a machine busy
     with something else (`report.disturbed`): those values are suspect."""
     out: dict[str, list[int]] = {}
-    for name, number, _, cells in _ratio_rounds(runs, n_rounds):
+    for name, number, _, cells, _ in _ratio_rounds(runs, n_rounds):
         if any(disturbed(r) for r in cells):
             out.setdefault(name, []).append(number)
     return out
@@ -457,17 +523,20 @@ def reduced_workload(config: dict) -> bool:
 
 
 def goals(ratios: dict[str, float], generate_decodes: bool = True, pattern: str = "zipf",
-          reduced: bool = False) -> dict[str, dict]:
+          reduced: bool = False, disturbed: dict[str, float] | None = None) -> dict[str, dict]:
     """Each goal's ratio and whether it is met; `met` None, with `why`, where it does not apply: generate mode ran
     no decode pass (no decoding to batch: measure it with --generate-logit-weight 1), a repeat-workload goal on
-    another pattern, or any goal on a reduced workload (--quick: fewer candidates and requests)."""
+    another pattern, any goal on a reduced workload (--quick: fewer candidates and requests), or a ratio most of
+    whose rounds ran while other work took the machine (`disturbed`: that share of its rounds)."""
     out = {}
     for name, (op, threshold) in GOALS.items():
         if name not in ratios:
             continue
         why = ("a reduced workload (--quick)" if reduced else
                "generate ran no decode pass" if not generate_decodes and name in DECODING_GOALS else
-               f"set on --pattern zipf, measured on {pattern}" if pattern != "zipf" and name in ZIPF_GOALS else "")
+               f"set on --pattern zipf, measured on {pattern}" if pattern != "zipf" and name in ZIPF_GOALS else
+               "most of its rounds ran while other work took the machine" if (disturbed or {}).get(name, 0) > 0.5
+               else "")
         out[name] = {"ratio": ratios[name], "goal": f"{op} {threshold:g}",
                      "met": None if why else COMPARE[op](ratios[name], threshold), **({"why": why} if why else {})}
     return out
@@ -531,11 +600,14 @@ def markdown(report: dict) -> str:
         f"## Headline ratios (median over {rounds} round(s), each ratio taken within one round)",
         "disturbed rounds: rounds (from 0) in which either of the ratio's two cells had more than "
         f"{DISTURBED_PCT:g} % of the machine taken by steal or other processes; their values are suspect.",
+        "pairs per round: a paired ratio's requests, each the same request's latency with and without the cache "
+        f"(their median is the round's value); {PREFILL_RATIO}: per repeat, in the utilisation section.",
         markdown_table([{"ratio": name, "value": value, "goal": report["goals"].get(name, {}).get("goal", ""),
                          "met": _met(report["goals"].get(name)), "per round": report["ratio_runs"][name],
+                         "pairs per round": report.get("ratio_pairs", {}).get(name, ""),
                          "disturbed rounds": report.get("ratio_disturbed_rounds", {}).get(name, "")}
                         for name, value in report["ratios"].items()],
-                       ["ratio", "value", "goal", "met", "per round", "disturbed rounds"]),
+                       ["ratio", "value", "goal", "met", "per round", "pairs per round", "disturbed rounds"]),
     ]
     columns = ["strategy", "concurrency", "requests", "errors", "throughput_rps", "p50_ms", "p95_ms", "mean_batch",
                "vs_sequential_throughput", "vs_sequential_p95", "vs_rounds", "compared_rounds", "rounds"]
@@ -565,12 +637,14 @@ def markdown(report: dict) -> str:
         parts += ["## Reuse: shared prefix, per-user context, answers of exact repeats (score mode, in-flight engine, "
                   "concurrency 1)",
                   "context_hit/miss_p50_ms: within a context-reuse cell, requests whose user's context was cached "
-                  "against those that computed it. answer_hit/miss_p50_ms: within the answer-cache cell (the server's "
-                  "default: exact repeats answered without the model), the repeats against the requests the model ran.",
+                  "against those that computed it (other requests: the headline context_hit_vs_miss_latency pairs each "
+                  "hit with the same request in the prefix-only cell instead). answer_hit/miss_p50_ms: within the "
+                  "answer-cache cell (the server's default: exact repeats answered without the model), the repeats "
+                  "against the requests the model ran. Hit and miss counts: per round, medians over rounds.",
                   markdown_table(prefix, ["model", "prefix_reuse", "context_reuse", "answer_cache", "requests", "errors",
-                                          "p50_ms",
-                                          "p95_ms", "context_hits", "context_hit_p50_ms", "context_miss_p50_ms",
-                                          "answer_hits", "answer_hit_p50_ms", "answer_miss_p50_ms", "rounds"])]
+                                          "p50_ms", "p95_ms", "context_hits", "context_misses", "context_hit_p50_ms",
+                                          "context_miss_p50_ms", "answer_hits", "answer_misses", "answer_hit_p50_ms",
+                                          "answer_miss_p50_ms", "rounds"])]
     if "utilisation" in report:
         u = report["utilisation"]
         parts += ["## Utilisation: score-mode prefill FLOP/s against this machine's matmul peak (same run)",

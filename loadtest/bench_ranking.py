@@ -204,9 +204,12 @@ def measure(cell: Cell, workload: Workload, engine_config, requests: int, order:
     if cell.answer_cache:
         engine = AnswerCache(engine, config.answer_cache_size)
     result = run_engine(engine, batch, cell.concurrency, warmup=0, label=cell.strategy)
-    summary = {**result.summary(), "requests": n, "p99_ms": round(result.percentile_ms(99), 1)}
+    summary = {**result.summary(), "requests": n,
+               "p99_ms": round(result.percentile_ms(99), 1) if len(result.latencies_ms) >= MIN_P99 else None}
     if cell.mode == MIXED:
         summary.update(per_mode(result.latencies_ms if not result.errors else None, modes))
+    if cell.concurrency == 1 and not result.errors:  # one request at a time: each latency is that request's own
+        summary["request_ms"] = [round(x, 2) for x in result.latencies_ms]  # in request order (a paired ratio's)
     if cell.answer_cache and not result.errors:
         summary.update(answer_split(result))
     elif context and not result.errors:
@@ -214,11 +217,14 @@ def measure(cell: Cell, workload: Workload, engine_config, requests: int, order:
     return summary
 
 
+MIN_P99 = 100  # a p99 over fewer requests is the slowest one or two: not reported
+
+
 def context_split(result, batch: list[EngineRequest]) -> dict:
     """p50 of the requests that found their user's context cached (hits) and of those that computed it
-    (misses), within one cell: what a hit saves, measured side by side."""
+    (misses), within one cell; and which requests hit, in request order (`context_hit`)."""
     hits = [c > len(r.prefix_ids) for c, r in zip(result.cached_tokens, batch)]
-    return hit_split("context", result.latencies_ms, hits, digits=1)
+    return {**hit_split("context", result.latencies_ms, hits, digits=1), "context_hit": hits}
 
 
 def answer_split(result) -> dict:

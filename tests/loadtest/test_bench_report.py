@@ -8,7 +8,9 @@ import statistics
 
 import pytest
 
-from loadtest.bench_all import cell_rows, disturbed_ratio_rounds, round_ratios, strategy_cells, vs_within_rounds
+from loadtest.bench_all import (
+    PREFILL_RATIO, Paired, cell_rows, disturbed_ratio_rounds, goals, paired_ratio, prefill_vs_peak, ratio_pairs,
+    round_ratios, strategy_cells, vs_within_rounds)
 from loadtest.bench_ranking import Cell
 from loadtest.utilisation import (
     MATMUL_DTYPE, engine_row, flops_per_s, matmul_flops, matmul_shares, non_embedding_parameters, prefill_flops,
@@ -344,3 +346,40 @@ def test_the_zipf_exponent_is_checked_only_for_the_zipf_pattern():
     assert BenchConfig(pattern="uniform", zipf_exponent=0).zipf_exponent == 0  # unused: not refused
     with pytest.raises(ValueError, match="--zipf-exponent must be > 0"):
         BenchConfig(pattern="zipf", zipf_exponent=0)
+
+
+def test_a_context_hit_is_compared_with_the_same_request_computing_its_context():
+    """context_hit_vs_miss_latency pairs request i of the context-reuse cell (a hit) with request i of the
+    prefix-only cell (the same prompt, its context computed), median over the hits; the requests that missed give
+    the cost of storing a context. Before, a hit (a Zipf head user's repeat) was set against other users' misses."""
+    flags = [False, True, True, False, True, True, True, False]
+    reuse = [30.0, 10.0, 12.0, 33.0, 9.0, 11.0, 10.0, 36.0]
+    prefix_only = [30.0, 25.0, 24.0, 30.0, 30.0, 22.0, 25.0, 30.0]
+    top, bottom = summary(0, 1.0, 40, request_ms=reuse, context_hit=flags), summary(0, 1.0, 40, request_ms=prefix_only)
+    hits = [10 / 25, 12 / 24, 9 / 30, 11 / 22, 10 / 25]
+    assert paired_ratio(top, bottom, Paired("context_hit", True)) == (round(statistics.median(hits), 4), 5)
+    assert paired_ratio(top, bottom, Paired("context_hit", False)) == (None, 3)  # under MIN_SPLIT requests
+    assert paired_ratio(top, summary(0, 1.0, 40, request_ms=prefix_only[:-1]), Paired("context_hit", True)) == (None, 0)
+    runs = {Cell("score", "inflight", 1): [top], Cell("score", "inflight", 1, context_reuse=False): [bottom]}
+    assert round_ratios(runs, 1)["context_hit_vs_miss_latency"] == [0.4]
+    assert ratio_pairs(runs, 1)["context_hit_vs_miss_latency"] == [5]
+    assert "context_store_vs_prefix_only_latency" not in round_ratios(runs, 1)
+
+
+def test_the_utilisation_goal_reads_the_models_own_prefill_in_the_chosen_precision():
+    rows = [{"dtype": "fp32", "source": "direct forward", "utilisation_runs": [0.7, 0.75]},
+            {"dtype": "int8", "source": "direct forward", "utilisation_runs": [0.3, 0.29]},
+            {"dtype": "int8", "source": "reference decoder", "utilisation_runs": [0.6, 0.61]}]
+    assert prefill_vs_peak({"chosen": "int8", "rows": rows}) == [0.3, 0.29]
+    assert prefill_vs_peak({"chosen": "bf16", "rows": rows}) == []
+    assert goals({PREFILL_RATIO: 0.296})[PREFILL_RATIO]["met"] is False
+
+
+def test_a_goal_most_of_whose_rounds_were_disturbed_is_not_judged():
+    ratios = {"inflight_vs_sequential_throughput_c16_score": 1.2}
+    assert goals(ratios, disturbed={})["inflight_vs_sequential_throughput_c16_score"]["met"] is True
+    assert goals(ratios, disturbed={"inflight_vs_sequential_throughput_c16_score": 1 / 3})[
+        "inflight_vs_sequential_throughput_c16_score"]["met"] is True
+    busy = goals(ratios, disturbed={"inflight_vs_sequential_throughput_c16_score": 2 / 3})
+    assert busy["inflight_vs_sequential_throughput_c16_score"]["met"] is None
+    assert "other work" in busy["inflight_vs_sequential_throughput_c16_score"]["why"]
