@@ -221,15 +221,16 @@ def run(config: EvaluateRankingConfig) -> dict:
             k = min(generate_k, len(candidates))  # retrieval may return fewer than asked for (as the server caps k)
             constraint = answer_constraint(ranker["generate_format"], parts.label_token_ids,
                                            parts.candidate_line_ids, k)
-            emitted = generate_constrained(model, parts.input_ids, constraint,
-                                           bias=generation_bias(prior, weight, bias), prefix=prefix,
+            decoding_bias = generation_bias(prior, weight, bias)
+            emitted = generate_constrained(model, parts.input_ids, constraint, bias=decoding_bias, prefix=prefix,
                                            readout=parts.readout if candidate_readout else None,
                                            logit_weight=generate_logit_weight(ranker))
             row["generate_seconds"] = time.perf_counter() - t0
             row["emitted"] = emitted
             row["generate_invalid"] = len(set(emitted)) != len(emitted) or any(
                 not 0 <= i < len(candidates) for i in emitted) or len(emitted) != k
-            row["generate_rank"] = target_rank(complete_order(emitted, len(candidates)), position)
+            row["generate_rank"] = target_rank(complete_order(emitted, decoding_bias or [0.0] * len(candidates)),
+                                               position)
         rows.append(row)
 
     report = summarise(rows, config, ranker, weight, generate_k)

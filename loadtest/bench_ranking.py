@@ -81,6 +81,7 @@ def load_workload(bundle_dir: Path, n: int, *, candidates: int = 0, generate_k: 
          for u in users])
     model, tokenizer = load_causal_lm(bundle.path("llm_merged"), device)
     builder = PromptBuilder.for_bundle(bundle, tokenizer, ranker, catalog)
+    builder.generate_k = k_generate  # --generate-k, when given, instead of the ranker's
     requests: dict[str, list[EngineRequest]] = {mode: [] for mode in MODES}
     for user, top in zip(users, ranked):
         items = builder.candidates([catalog.item(int(i)).id for i in top.indices])

@@ -68,6 +68,7 @@ class PromptBuilder:
                              "collab.npy is needed")
         self.collab = collab
         self.generate_format = ranker["generate_format"]
+        self.generate_k = int(ranker["generate_k"])  # answer lines generate mode writes, as evaluated
         self.generate_logit_weight = generate_logit_weight(ranker)
         self.catalog = catalog
         self.stored_profiles = stored_profiles
@@ -157,15 +158,16 @@ class PromptBuilder:
                                       [self.catalog.by_id(i) for i in plan.history], candidates, trends, ranks)
         prior, bias = ranker_terms(self.ranker, retrieval_scores, trends, collab, ranks)
         readout = parts.readout if self.prompt.settings.readout == "candidate" else None
-        k = min(plan.k, len(candidates))
         if plan.mode == "score":
-            request = EngineRequest(engine_id, parts.prefix_ids, parts.suffix_ids, parts.label_token_ids, "score", k,
-                                    readout=readout, context_len=parts.context_len)
+            request = EngineRequest(engine_id, parts.prefix_ids, parts.suffix_ids, parts.label_token_ids, "score",
+                                    min(plan.k, len(candidates)), readout=readout, context_len=parts.context_len)
         else:
+            lines = min(plan.k, self.generate_k, len(candidates))  # the rest of a longer list: `ranking`
             request = EngineRequest(engine_id, parts.prefix_ids, parts.suffix_ids, parts.label_token_ids, "generate",
-                                    k, bias=generation_bias(prior, self.fusion_weight, bias),
+                                    lines, bias=generation_bias(prior, self.fusion_weight, bias),
                                     constraint=functools.partial(answer_constraint, self.generate_format,
-                                                                 parts.label_token_ids, parts.candidate_line_ids, k),
+                                                                 parts.label_token_ids, parts.candidate_line_ids,
+                                                                 lines),
                                     readout=readout, context_len=parts.context_len,
                                     logit_weight=self.generate_logit_weight)
         return RankingJob(request, bias, prior)
@@ -174,7 +176,7 @@ class PromptBuilder:
         """A score and a generate request at least as long as any this builder makes with `candidates`
         candidates: the longest history item in every history place (a request may repeat one), the items
         whose candidate line plus answer line are longest as the candidates, the longest profile (stored, or
-        the stats profiler's longest for histories sent with a request), generate mode naming every candidate."""
+        the stats profiler's longest for histories sent with a request), generate mode writing its generate_k lines."""
         prompt, settings = self.prompt, self.prompt.settings
         history_item = max(self.catalog.items, key=lambda item: len(prompt.item_ids(item, settings.history_years)))
         lines = sorted(self.catalog.items, key=lambda item: -(len(prompt.item_ids(item, settings.candidate_years))
@@ -197,10 +199,11 @@ class PromptBuilder:
                 candidate_bias: Sequence[float] | None = None) -> list[tuple[int, float]]:
         """(candidate position, score) for the top k. Score mode: the LLM's log-prob plus its head's
         per-candidate bias, fused with the retrieval term (`RankingJob.retrieval_term`: the retrieval scores
-        with the ranker's trend weights). Generate mode: the model's order; score 1 / (rank + 1) (it names,
-        not scores)."""
+        with the ranker's trend weights). Generate mode: the model's order (its `generate_k` lines), then the rest by
+        the decoding's bias, as evaluated; score 1 / (rank + 1) (it names, not scores)."""
         if result.mode == "score":
             fused = fuse(result.scores, retrieval_term, self.fusion_weight, candidate_bias)
             return [(position, fused[position]) for position in order_by_scores(fused)[:k]]
-        order = complete_order(result.order, len(retrieval_term))[:k]
+        rest = generation_bias(retrieval_term, self.fusion_weight, candidate_bias) or [0.0] * len(retrieval_term)
+        order = complete_order(result.order, rest)[:k]
         return [(position, 1.0 / (rank + 1)) for rank, position in enumerate(order)]

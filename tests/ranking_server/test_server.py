@@ -180,12 +180,15 @@ class Reference:
             return [(ids[p], scores[p]) for p in order_by_scores(scores)[:k]]
         parts = self.prompt.retrieval(profile, [self.catalog.by_id(i) for i in seen], items, trends, ranks)
         weight = float(self.ranker["fusion_weight"])
-        if mode == GENERATE:
-            constraint = TitleConstraint(parts.label_token_ids, parts.candidate_line_ids, k)
-            emitted = generate_constrained(self.model, parts.input_ids, constraint,
-                                           bias=generation_bias(scores, weight, bias), readout=parts.readout,
+        if mode == GENERATE:  # generate_k lines decoded, the rest by the decoding's bias (as evaluated)
+            decoding_bias = generation_bias(scores, weight, bias)
+            constraint = TitleConstraint(parts.label_token_ids, parts.candidate_line_ids,
+                                         min(k, self.ranker["generate_k"], len(ids)))
+            emitted = generate_constrained(self.model, parts.input_ids, constraint, bias=decoding_bias,
+                                           readout=parts.readout,
                                            logit_weight=self.ranker.get("generate_logit_weight", 1.0))
-            return [(ids[p], 1.0 / (r + 1)) for r, p in enumerate(complete_order(emitted, len(ids))[:k])]
+            order = complete_order(emitted, decoding_bias or [0.0] * len(ids))
+            return [(ids[p], 1.0 / (r + 1)) for r, p in enumerate(order[:k])]
         fused = fuse(score_candidates(self.model, parts.input_ids, parts.readout), scores, weight, bias)
         return [(ids[p], fused[p]) for p in order_by_scores(fused)[:k]]
 
@@ -257,6 +260,18 @@ def test_both_modes_rank_k_distinct_candidates_exactly_as_the_evaluation_does(st
     assert response.model_version == (f"sasrec:{reference.bundle.version('sasrec_onnx')} llm:{merged} "
                                       f"ranker:{reference.bundle.version('ranker')} engine:merged:{merged}")
     assert response.timings.ranking_ms > 0
+
+
+def test_generate_mode_writes_the_rankers_generate_k_lines_and_orders_a_longer_lists_rest_by_the_bias(stub,
+                                                                                                       reference):
+    """ranker.json's generate_k is what the evaluation decodes: a longer list is those lines, then the rest in the
+    order the decoding's bias gives (it decoded k lines, a cost and a tail the evaluation never measured)."""
+    user, lines = some_users(reference, 2)[1], reference.ranker["generate_k"]
+    k = num_candidates = lines + 3
+    response = recommend(stub, user_id=user, k=k, num_candidates=num_candidates, mode=GENERATE)
+    expected = reference.ranking(GENERATE, k, num_candidates, user_id=user)
+    assert [item.item_id for item in response.items] == [i for i, _ in expected]
+    assert len(response.items) == k and not response.degraded
 
 
 def test_concurrent_users_each_get_their_own_ranking_from_shared_engine_steps(server_loop, bundle, retrieval,
