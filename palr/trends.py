@@ -62,6 +62,12 @@ class TrendTable:
         """The newest event's time: the moment of a request that names none and has no stored user."""
         return float(self.times[-1]) if len(self.times) else 0.0
 
+    def moments(self, settings: TrendSettings) -> tuple[float, float]:
+        """(first, last): the moments whose window holds any of the table's events, from its first event on to its
+        last one plus the window. Outside them every item counts 0, the lowest bucket: no trend at all."""
+        return (float(self.times[0]), float(self.times[-1]) + settings.window_days * DAY_S) if len(self.times) \
+            else (0.0, 0.0)
+
     def counts(self, before: float, days: float) -> np.ndarray:
         """Interactions per catalog index `[N]` in [before - days, before)."""
         lo = np.searchsorted(self.times, before - days * DAY_S, side="left")

@@ -1,6 +1,7 @@
 """From a `RecommendRequest` to a `Plan`: the request validated and its history resolved, once.
 
-    RequestPlanner.plan(request)          validates (INVALID_ARGUMENT naming the field) and resolves
+    RequestPlanner.plan(request)          validates (INVALID_ARGUMENT naming the field; OUT_OF_RANGE for a
+                                          moment outside the bundle's interactions) and resolves
                                           the history: explicit > stored > none (cold start)
 
 The resolved history is what the ranking tier sends to the retrieval tier (explicitly), so the
@@ -12,10 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime, timezone
+
+import grpc
 
 from palr.catalog import Catalog
 from palr.ranking import MODES as RANKING_MODES
-from palr.serving.errors import check_known_ids, invalid_argument
+from palr.serving.errors import RequestError, check_known_ids, invalid_argument
 from palr.serving.validation import MAX_ITEM_IDS, check_item_id_count, check_user_id
 from recsys.v1 import ranking_pb2
 
@@ -47,12 +51,16 @@ class Plan:
 
 
 class RequestPlanner:
+    """`as_of_span`: (first, last) moment a caller may send for a ranker that reads trends (`TrendTable.moments`);
+    None: any."""
+
     def __init__(self, catalog: Catalog, stored_histories: dict[str, list[str]], *, default_candidates: int,
-                 max_candidates: int):
+                 max_candidates: int, as_of_span: tuple[float, float] | None = None):
         self.catalog = catalog
         self.stored_histories = stored_histories
         self.default_candidates = default_candidates
         self.max_candidates = max_candidates
+        self.as_of_span = as_of_span
 
     def plan(self, request: ranking_pb2.RecommendRequest, request_id: str) -> Plan:
         check_user_id(request.user_id)
@@ -67,6 +75,7 @@ class RequestPlanner:
             raise invalid_argument(f"as_of_unix_s must be a Unix time in seconds, from 0 (the default) to before "
                                    f"year 10000, got {request.as_of_unix_s}"
                                    + (" (milliseconds?)" if request.as_of_unix_s > 0 else ""))
+        self._check_moment(request.as_of_unix_s)
         if not 1 <= request.k <= num_candidates:
             raise invalid_argument(f"k must be between 1 and num_candidates ({num_candidates}), got {request.k}"
                                    + (f"; raise num_candidates (at most {self.max_candidates})"
@@ -83,10 +92,28 @@ class RequestPlanner:
                     exclude=exclude, k=request.k, num_candidates=num_candidates, mode=MODES[request.mode],
                     as_of=float(request.as_of_unix_s))
 
+    def _check_moment(self, as_of: int) -> None:
+        """OUT_OF_RANGE for a moment outside the bundle's interactions (e.g. today's date on a 1998 dataset): every
+        candidate's trend would read 'no views', a prompt the ranker never saw, and its trend terms would rank
+        nothing."""
+        if not as_of or self.as_of_span is None:
+            return
+        first, last = self.as_of_span
+        if not first <= as_of <= last:
+            raise RequestError(grpc.StatusCode.OUT_OF_RANGE,
+                               f"as_of_unix_s {as_of} ({_day(as_of)}) is outside this bundle's interactions, "
+                               f"{int(first)} ({_day(first)}) to {int(last)} ({_day(last)}, the last one plus the "
+                               f"trend window): no candidate would have any recent views; send 0 for the default "
+                               f"moment, or one in that span")
+
     def _known_ids(self, field_name: str, item_ids: Sequence[str]) -> list[str]:
         check_item_id_count(field_name, item_ids)
         check_known_ids(field_name, item_ids, self.catalog)
         return list(item_ids)
+
+
+def _day(unix_s: float) -> str:
+    return datetime.fromtimestamp(unix_s, timezone.utc).date().isoformat()
 
 
 def retrieval_lists(plan: Plan) -> tuple[list[str], list[str]]:

@@ -50,6 +50,14 @@ def slot_tokens(requests: Sequence[EngineRequest]) -> int:
     return max(r.tokens_needed(r.validate(vocab_size=2 ** 62, max_seq_len=2 ** 62)) for r in requests)  # sizes only
 
 
+def trend_moments(bundle, ranker: dict) -> tuple[float, float] | None:
+    """The moments a request may name (`TrendTable.moments`) when the ranker reads trends; None: any."""
+    if not ranker.get("trend"):
+        return None
+    bundle.verify(["trends"])
+    return TrendTable.load(bundle.path("trends")).moments(TrendSettings(**ranker["trend"]))
+
+
 class PromptBuilder:
     """Builds PALR prompts as training did (`llm/ranker.json`) and turns answers into rankings."""
 

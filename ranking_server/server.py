@@ -23,7 +23,7 @@ from ranking_server.engines.base import EngineRequest, InvalidRequest, RankingEn
 from ranking_server.inject import injected_load_delay_s
 from ranking_server.metrics import ENGINE
 from ranking_server.planner import Plan, RequestPlanner
-from ranking_server.prompts import PromptBuilder, slot_tokens
+from ranking_server.prompts import PromptBuilder, slot_tokens, trend_moments
 from ranking_server.retrieval_client import RetrievalClient
 from ranking_server.servicer import SERVICE_NAME, RankingServicer
 from recsys.v1 import ranking_pb2, ranking_pb2_grpc
@@ -65,7 +65,8 @@ class RankingServer:
         users = json.loads(bundle.path("users").read_text())["users"]
         default_candidates, max_candidates = candidate_limits(config, self.ranker)
         self.planner = RequestPlanner(self.catalog, {u: e["history"] for u, e in users.items()},
-                                      default_candidates=default_candidates, max_candidates=max_candidates)
+                                      default_candidates=default_candidates, max_candidates=max_candidates,
+                                      as_of_span=trend_moments(bundle, self.ranker))
         largest = largest_answer_bytes(self.catalog, max_candidates)
         if config.max_message_bytes < largest:  # gRPC would refuse the answer after the work, as a traceback
             raise ValueError(f"--max-message-bytes {config.max_message_bytes} is below the largest answer this bundle "
@@ -205,4 +206,7 @@ def candidate_limits(config: RankingServerConfig, ranker: dict) -> tuple[int, in
     default = config.candidates or min(tuned, max_candidates)
     if default > max_candidates:
         raise ValueError(f"--candidates {default} is more than --max-k {max_candidates}")
+    if max_candidates > tuned:
+        log.warning("--max-k %d: requests may ask for more candidates than the ranker was fit and evaluated on (%d); "
+                    "its ranking of longer lists is unmeasured", max_candidates, tuned)
     return default, max_candidates

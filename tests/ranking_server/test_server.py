@@ -431,6 +431,22 @@ def test_bad_requests_are_invalid_argument_naming_the_field(stub, reference, fie
     assert recommend(stub, user_id="no-such-user", k=1).items  # and the server goes on serving
 
 
+def test_a_moment_outside_the_bundles_interactions_is_out_of_range(stub, reference):
+    """Today's date on a 1998 dataset: every candidate's trend would read "no recent views" (the lowest bucket), a
+    prompt the ranker never saw, answered OK before. The first event and the last one plus the window are in."""
+    from palr.trends import TrendSettings
+
+    user = some_users(reference, 1)[0]
+    first, last = reference.trends.moments(TrendSettings(**reference.ranker["trend"]))
+    for outside in (int(first) - 1, int(last) + 1, int(time.time())):
+        with pytest.raises(grpc.RpcError) as error:
+            recommend(stub, user_id=user, k=3, as_of_unix_s=outside)
+        assert error.value.code() == grpc.StatusCode.OUT_OF_RANGE, outside
+        assert error.value.details().startswith(f"as_of_unix_s {outside} (") and "send 0" in error.value.details()
+    for inside in (int(first) + 1, int(last)):
+        assert len(recommend(stub, user_id=user, k=3, as_of_unix_s=inside).items) == 3
+
+
 @pytest.mark.parametrize("fields, hint, wrong", [
     ({"k": 6, "num_candidates": 5}, "; raise num_candidates (at most 20)", None),
     ({"k": 21}, None, "raise num_candidates"),  # over what any num_candidates allows: no such advice
