@@ -7,6 +7,7 @@ Dockerfiles copy what exists and run our modules."""
 from __future__ import annotations
 
 import argparse
+import json
 import re
 from pathlib import Path
 
@@ -177,7 +178,8 @@ def test_dockerfiles_copy_what_exists_and_run_our_modules(dockerfile):
     sources = [src for line in re.findall(r"^COPY (.+)$", text, re.M) for src in line.split()[:-1]]
     assert sources and all((REPO / src).exists() for src in sources), sources
     assert re.search(r'^ENTRYPOINT \["python3?", "-m"\]$', text, re.M)
-    assert (REPO / "ranking_server" / "__main__.py").is_file()
+    modules = [json.loads(cmd)[0] for cmd in re.findall(r"^CMD (\[.+\])$", text, re.M)]  # after `python -m`
+    assert modules and all((REPO / module / "__main__.py").is_file() for module in modules), modules
     assert re.search(r"^USER 10001$", text, re.M)  # not root
     if dockerfile == "Dockerfile.cpu":
         assert "download.pytorch.org/whl/cpu" in text.split(".[serve")[0]  # the CPU torch pin comes first

@@ -23,7 +23,11 @@ def test_generated_stubs_have_not_drifted(tmp_path):
 def test_stubs_import_as_a_package():
     from recsys.v1 import ranking_pb2, ranking_pb2_grpc, retrieval_pb2, retrieval_pb2_grpc
 
-    assert retrieval_pb2_grpc.RetrievalServiceStub and ranking_pb2_grpc.RankingServiceStub
+    for module, service, method in ((ranking_pb2, "RankingService", "Recommend"),
+                                    (retrieval_pb2, "RetrievalService", "Retrieve")):
+        assert method in module.DESCRIPTOR.services_by_name[service].methods_by_name
+    assert callable(ranking_pb2_grpc.add_RankingServiceServicer_to_server)
+    assert callable(retrieval_pb2_grpc.add_RetrievalServiceServicer_to_server)
     req = ranking_pb2.RecommendRequest(user_id="1", k=5, mode=ranking_pb2.RANKING_MODE_GENERATE)
     assert ranking_pb2.RecommendRequest.FromString(req.SerializeToString()) == req
     assert retrieval_pb2.DESCRIPTOR.package == "recsys.v1"

@@ -37,3 +37,19 @@ def test_half_precision_is_kept_only_when_it_ranks_like_fp32(tiny_llm_bundle, tm
     assert dtype == kept
     assert set(quality) >= {"fp32", "bf16", "verdict"}  # (fp32's own agreement is 1 by construction: no check)
     assert quality["verdict"].startswith("kept: bf16" if kept == "bf16" else "rejected: bf16")
+
+
+def test_half_precision_that_ranks_otherwise_is_rejected_at_the_default_bar(tiny_llm_bundle, tmp_path, models):
+    """The bar as shipped, on a half-precision copy whose final norm is negated (every logit's sign flipped, so
+    the candidates' order reversed): fp32 is kept, and the verdict says why."""
+    import copy
+
+    bf16, fp32, tokenizer = models
+    spoilt = copy.deepcopy(bf16)
+    with torch.no_grad():
+        spoilt.model.norm.weight.neg_()
+    bundle = Bundle.open(tiny_llm_bundle)
+    config = dataclasses.replace(build_config(tiny_llm_bundle, "hf-cuda"), probe_users=8, generate_probes=2)
+    ctx = BuildContext(config, Machine.detect("cpu"), bundle, bundle.path("llm_merged"), tmp_path)
+    dtype, quality = keep_if_it_ranks_like("bf16", spoilt, fp32, ctx, tokenizer)
+    assert dtype == "fp32" and quality["verdict"].startswith("rejected: bf16"), quality["verdict"]

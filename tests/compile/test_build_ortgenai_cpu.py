@@ -214,7 +214,7 @@ def test_a_build_that_won_no_mode_is_refused(ortgenai_bundle, tmp_path):
 def test_generate_at_logit_weight_zero_writes_the_bias_order_without_decoding(ortgenai_bundle, reference, reads):
     """Weight 0: no decode step. Reading the labels (their logits are what weight 0 multiplies) no pass at all;
     with a readout joining the bias, one prompt pass."""
-    _, labels = reference
+    model, labels = reference
     engine = engine_from_build(Bundle.open(ortgenai_bundle), "ortgenai-cpu", EngineConfig(max_batch_size=2,
                                                                                             max_tokens_per_step=64))
     bias = [0.1, 0.5, -0.2, 0.3, 0.0]
@@ -230,6 +230,10 @@ def test_generate_at_logit_weight_zero_writes_the_bias_order_without_decoding(or
     assert result.generated_tokens == 3 and len(set(result.order)) == 3
     if reads:
         assert steps and all(step.decoding == 0 for step in steps), "a decode step ran though the logits count zero"
+        from palr.decoding import LabelConstraint  # the bias joined by the readouts, as the torch reference writes it
+        from palr.llm import generate_constrained
+        assert result.order == generate_constrained(model, request.input_ids, LabelConstraint(labels[:5], 3), bias,
+                                                    readout=request.readout, logit_weight=0.0)
     else:
         assert result.order == [1, 3, 0] and steps == [], "a pass ran though nothing of it counts"
 

@@ -178,6 +178,17 @@ def test_generous_slo_passes(servers, tiny_llm_bundle, tmp_path):
     assert int(rows["Aggregated"][2]) > 5 and int(rows["Aggregated"][3]) == 0  # requests, failures
 
 
+def test_retrieve_share_zero_runs_against_the_ranking_server_alone(servers, tiny_llm_bundle, tmp_path):
+    """--retrieve-share 0: no --retrieval-host needed; every call is a Recommend to the ranking server, answered."""
+    _, ranking = servers
+    slo = write(tmp_path / "alone.toml", "max_error_rate = 0.0\n[rpc.\"Recommend/score\"]\np99_ms = 600000\n")
+    run = locust(ranking.target, tiny_llm_bundle, slo, tmp_path, "--retrieve-share", "0", "--generate-share", "0",
+                 "--k", "3", "--candidates", "6", seconds=3)
+    assert run.returncode == 0 and "no --retrieval-host" not in run.stdout, run.stdout[-3000:]
+    rows = {line.split(",")[1]: line.split(",") for line in (tmp_path / "locust_stats.csv").read_text().splitlines()[1:]}
+    assert "Retrieve" not in rows and int(rows["Recommend/score"][2]) > 0 and int(rows["Aggregated"][3]) == 0
+
+
 def test_errors_carry_the_grpc_status_and_count_against_the_error_budget(servers, tiny_llm_bundle, tmp_path):
     """k above what the servers allow: every call is INVALID_ARGUMENT; the error rate breaks the gate."""
     slo = write(tmp_path / "budget.toml", "[rpc.Retrieve]\np99_ms = 600000\nmax_error_rate = 0.01\n"

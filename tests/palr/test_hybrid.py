@@ -229,7 +229,7 @@ def test_in_flight_engine_reads_each_candidates_position_as_the_reference(tiny_h
 
     from palr.decoding import LabelConstraint
     from palr.llm import generate_constrained, score_candidates
-    from ranking_server.engines.base import EngineRequest
+    from ranking_server.engines.base import EngineRequest, InvalidRequest
     from ranking_server.engines.hf import EngineConfig, HFEngine
 
     model, projector = tiny_hybrid
@@ -255,6 +255,6 @@ def test_in_flight_engine_reads_each_candidates_position_as_the_reference(tiny_h
     assert results[2].scores == pytest.approx(score_candidates(folded, requests[2].input_ids, readout), abs=1e-5)
     assert results[1].order == generate_constrained(folded, requests[1].input_ids, LabelConstraint(labels, 3),
                                                     bias, readout=readout)
-    with pytest.raises(Exception, match="outside the request's own tokens"):
+    with pytest.raises(InvalidRequest, match="outside the request's own tokens"):
         EngineRequest("bad", prefix, suffix, labels, mode="score",
                       readout=Readout((1, 2, 3, 4), (score_token,) * 4)).validate(vocab + 20, 512)

@@ -18,9 +18,9 @@ def test_summary_keys_and_errors():
     s = summary([0, None], ks=(10, 20))
     assert set(s) == {"hr@10", "ndcg@10", "hr@20", "ndcg@20", "mrr@10"}
     assert s["hr@20"] == 0.5
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="no users"):
         hit_rate([], 10)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="k must be positive"):
         hit_rate([0], 0)
 
 

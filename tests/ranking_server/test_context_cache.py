@@ -15,6 +15,7 @@ import pytest
 import torch  # noqa: E402 - a declared dependency: missing is a failure, not a skip
 
 from palr.decoding import LabelConstraint  # noqa: E402
+from palr.errors import EngineError  # noqa: E402
 from palr.llm import generate_constrained, load_causal_lm, score_candidates  # noqa: E402
 from palr.prompt import Readout  # noqa: E402
 from ranking_server.engines.base import EngineAborted, EngineRequest  # noqa: E402
@@ -380,7 +381,7 @@ def test_a_request_that_fails_on_non_finite_values_leaves_nothing_behind_for_the
                            k=3, context_len=len(alice))
     engine = HFEngine(model, EngineConfig(max_batch_size=1, max_tokens_per_step=64))  # one slot: reused by the next
     try:
-        with pytest.raises(Exception, match="not finite"):
+        with pytest.raises(EngineError, match="not finite"):
             run(engine, [spoilt])
         first, again = user_request("b1", bob, labels, rng), user_request("b2", bob, labels, rng)
         answers = [run(engine, [first])[0], run(engine, [again])[0]]

@@ -28,7 +28,7 @@ def test_plan_reads_an_aligned_key_view_within_the_cache(model):
     assert plan.kv_len == 40 and plan.key_width == 64 and plan.key_width % KEY_ALIGN == 0
     assert plan.attention_mask().shape == (2, 1, 3, 64)
     assert kv.plan(0, [90], [7]).key_width == 100, "never past the cache's positions"
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="plan outside the cache"):
         kv.plan(0, [95], [7])
 
 

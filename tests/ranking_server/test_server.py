@@ -22,7 +22,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from loadtest.servers import free_port, scrape_metrics
@@ -522,9 +522,8 @@ def test_deadline_too_short_for_the_llm_aborts_it_and_answers_by_the_linear_term
     engine._prefill = held
     deadline_s = SLOW["degrade_reserve_ms"] / 1e3 + 1.5
     try:
-        started = time.perf_counter()
-        response = recommend(slow_stub, timeout=deadline_s, **request)
-        assert time.perf_counter() - started < deadline_s and reached.is_set()
+        response = recommend(slow_stub, timeout=deadline_s, **request)  # an answer, within the deadline (else it raises)
+        assert reached.is_set()
     finally:
         gate.set()
         del engine._prefill
@@ -868,34 +867,35 @@ def item_ids(reference) -> list[str]:
     return [item.id for item in reference.catalog.items[:200]]
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(data=st.data())
 def test_fuzz_random_requests_get_ok_or_invalid_argument_and_the_server_stays_healthy(ranking, stub, reference,
-                                                                                        item_ids, data):
-    known, garbage = st.sampled_from(item_ids), st.text(max_size=8)
-    request = ranking_pb2.RecommendRequest(  # each field mostly plausible, sometimes anything
-        user_id=data.draw(st.one_of(st.sampled_from(some_users(reference, 20) + ["no-such-user", ""]),
-                                    st.text(max_size=12))),
-        history=data.draw(st.one_of(st.lists(known, max_size=12), st.lists(st.one_of(known, garbage), max_size=4))),
-        k=data.draw(st.one_of(st.integers(1, 8), st.integers(-3, 30))),
-        mode=data.draw(st.one_of(st.sampled_from([UNSPECIFIED, SCORE, GENERATE]), st.integers(-2, 4))),
-        num_candidates=data.draw(st.one_of(st.sampled_from([0, 8, 20]), st.integers(-3, 30))),
-        exclude=data.draw(st.one_of(st.lists(known, max_size=6), st.lists(st.one_of(known, garbage), max_size=3))),
-        request_id=data.draw(st.one_of(st.just(""), st.from_regex(r"[a-z0-9-]{1,20}", fullmatch=True),
-                                       st.text(max_size=20))))
-    try:
-        response = stub.Recommend(request, timeout=60)
-        code = grpc.StatusCode.OK
-    except grpc.RpcError as e:
-        code = e.code()
-    event(code.name)  # `pytest --hypothesis-show-statistics` shows the mix of outcomes
-    assert code in EXPECTED_CODES, f"{code} for {request}"
-    if code == grpc.StatusCode.OK:
-        assert len({i.item_id for i in response.items}) == len(response.items) <= request.k
-        assert not set(request.exclude) & {i.item_id for i in response.items}
+                                                                                        item_ids):
+    @settings(max_examples=40, deadline=None)
+    @given(data=st.data())
+    def one_request(data):
+        known, garbage = st.sampled_from(item_ids), st.text(max_size=8)
+        request = ranking_pb2.RecommendRequest(  # each field mostly plausible, sometimes anything
+            user_id=data.draw(st.one_of(st.sampled_from(some_users(reference, 20) + ["no-such-user", ""]),
+                                        st.text(max_size=12))),
+            history=data.draw(st.one_of(st.lists(known, max_size=12), st.lists(st.one_of(known, garbage), max_size=4))),
+            k=data.draw(st.one_of(st.integers(1, 8), st.integers(-3, 30))),
+            mode=data.draw(st.one_of(st.sampled_from([UNSPECIFIED, SCORE, GENERATE]), st.integers(-2, 4))),
+            num_candidates=data.draw(st.one_of(st.sampled_from([0, 8, 20]), st.integers(-3, 30))),
+            exclude=data.draw(st.one_of(st.lists(known, max_size=6), st.lists(st.one_of(known, garbage), max_size=3))),
+            request_id=data.draw(st.one_of(st.just(""), st.from_regex(r"[a-z0-9-]{1,20}", fullmatch=True),
+                                           st.text(max_size=20))))
+        try:
+            response = stub.Recommend(request, timeout=60)
+            code = grpc.StatusCode.OK
+        except grpc.RpcError as e:
+            code = e.code()
+        event(code.name)  # `pytest --hypothesis-show-statistics` shows the mix of outcomes
+        assert code in EXPECTED_CODES, f"{code} for {request}"
+        if code == grpc.StatusCode.OK:
+            assert len({i.item_id for i in response.items}) == len(response.items) <= request.k
+            assert not set(request.exclude) & {i.item_id for i in response.items}
 
-
-def test_after_the_fuzz_the_server_is_healthy_and_answers(ranking, stub, reference):
+    one_request()
+    # after every example: still SERVING, and it answers
     with grpc.insecure_channel(ranking.server.address) as channel:
         status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
     assert status == SERVING and ranking.engine.check_health()

@@ -109,11 +109,12 @@ def test_help_explains_every_flag():
 def test_a_server_started_by_a_harness_that_is_killed_drains_and_exits(tiny_bundle, tmp_path):
     """`ServerProcess` passes `--parent-pid`: when the harness dies by SIGKILL (no chance to stop its servers),
     the server notices it was re-parented, drains and exits 0 instead of running on as an orphan."""
-    pid_file = tmp_path / "server.pid"
+    pid_file, log_file = tmp_path / "server.pid", tmp_path / "server.log"
     harness = subprocess.Popen([sys.executable, "-c", (
         "import sys, time, pathlib\n"
         "from loadtest.servers import ServerProcess\n"
-        f"server = ServerProcess('retrieval_server', ['--bundle', {str(tiny_bundle)!r}]).start()\n"
+        f"server = ServerProcess('retrieval_server', ['--bundle', {str(tiny_bundle)!r}],\n"
+        f"                       log_path=pathlib.Path({str(log_file)!r})).start()\n"
         f"pathlib.Path({str(pid_file)!r}).write_text(str(server.process.pid))\n"
         "time.sleep(600)\n")], cwd=REPO)
     server_pid = None
@@ -129,6 +130,8 @@ def test_a_server_started_by_a_harness_that_is_killed_drains_and_exits(tiny_bund
         while _alive(server_pid):
             assert time.monotonic() < deadline, "the orphaned server is still running 30 s after its harness died"
             time.sleep(0.2)
+        log = log_file.read_text()  # it drained, as on SIGTERM, rather than crashing
+        assert "is gone; draining" in log and "drained and stopped" in log, log[-2000:]
     finally:
         harness.kill()
         if server_pid and _alive(server_pid):
