@@ -148,7 +148,8 @@ def summarise(asked: list[dict], held_out: dict[str, str], config: ServedQuality
                    f"{mode}_same_as_retrieval": sum(r[mode] == r["retrieval"] for r in rows),
                    # answered calls only: a fast refusal or a call cut at its deadline is not a latency of the tier
                    f"{mode}_p50_ms": round(statistics.median(answered), 1) if (answered := [
-                       r[f"{mode}_ms"] for r in rows if mode not in r["errors"]]) else None}
+                       r[f"{mode}_ms"] for r in rows if mode not in r["errors"]]) else None,
+                   f"{mode}_p50_n": len(answered)}
         if paired and paired["undefined_draws"]:
             report[f"{mode}_vs_retrieval_ndcg@10_ci95_undefined_draws"] = paired["undefined_draws"]
     return report
@@ -195,10 +196,12 @@ def run(config: ServedQualityConfig) -> dict:
     write_atomically(config.out / "served_quality.json", json.dumps(report, indent=2) + "\n")
     for mode in config.modes if report["users"] else ():
         log.info("served %s mode, %d test users: NDCG@10 %.4f vs retrieval %.4f = %sx (95%% CI %s); %d degraded, "
-                 "%d invalid, %d identical to the retrieval order, failed calls %s; p50 %s ms", mode, report["users"],
+                 "%d invalid, %d identical to the retrieval order, failed calls %s; p50 %s ms over %d answered calls",
+                 mode, report["users"],
                  report[f"{mode}_ndcg@10"], report["retrieval_ndcg@10"], report[f"{mode}_vs_retrieval_ndcg@10"],
                  report[f"{mode}_vs_retrieval_ndcg@10_ci95"], report[f"{mode}_degraded"], report[f"{mode}_invalid"],
-                 report[f"{mode}_same_as_retrieval"], report[f"{mode}_errors"] or "none", report[f"{mode}_p50_ms"])
+                 report[f"{mode}_same_as_retrieval"], report[f"{mode}_errors"] or "none", report[f"{mode}_p50_ms"],
+                 report[f"{mode}_p50_n"])
     return report
 
 

@@ -35,6 +35,7 @@ def test_served_answers_score_what_the_offline_evaluation_measured(tiny_llm_bund
         assert report[key] == pytest.approx(offline[key], abs=1e-9), key
     for mode in ("score", "generate"):
         assert report[f"{mode}_invalid"] == report[f"{mode}_degraded"] == 0 and report[f"{mode}_errors"] == {}
+        assert report[f"{mode}_p50_n"] == report["users"] and report[f"{mode}_p50_ms"] > 0  # every call answered
         # the same users' paired ratio and interval as offline (neither has one when retrieval's NDCG is 0)
         ratio = f"{mode}_vs_retrieval_ndcg@10"
         assert report[ratio] == (pytest.approx(offline[ratio], abs=1e-4) if ratio in offline else None)
