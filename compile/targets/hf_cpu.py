@@ -103,8 +103,9 @@ def choose(latency: dict, quality: dict, config) -> tuple[str, dict[str, str]]:
             continue
         why = (f"{LABELS.get(dtype, dtype)}: score {ratios['score']:.2f}x, generate {ratios['generate']:.2f}x fp32 "
                f"latency; served top-1 agreement {q['served_top1_agreement']:.2f}, generate first pick "
-               f"{q['generate_first_agreement']:.2f} ({q['generate_first_probes']} probes; the LLM's own top-1 "
-               f"{q['score_top1_agreement']:.2f})")
+               f"{q['generate_first_agreement']:.2f} ({q['generate_first_probes']} probes, on "
+               f"{ref_q['served_decisive_probes']} of which the LLM can move the served first pick; the LLM's own "
+               f"top-1 {q['score_top1_agreement']:.2f})")
         verdicts[dtype] = ("kept: " if good and faster else "rejected: ") + why + (
             "" if good else " (ranks differently)") + ("" if faster else " (not faster in both modes)")
         if good and faster:
@@ -159,6 +160,8 @@ def build(ctx: BuildContext) -> BuildResult:
             "serves_modes": list(MODES)}
     if record["quantization"] == INT8_WEIGHT_ONLY:
         meta[TORCHAO] = torchao_version()
+    # why this precision, and why not each other one (the build's report has the measurements behind them)
+    meta |= {"decision": report["decision"], **({"verdicts": report["verdicts"]} if "verdicts" in report else {})}
     return BuildResult(meta, report, summary=f"{dtype}, {threads or 'default'} threads; {report['decision']}")
 
 
@@ -185,7 +188,7 @@ def measure_and_choose(ctx: BuildContext, model, tokenizer, report: dict) -> tup
         best = config.dtype
         if "error" in quality[best]:  # every request would degrade: refuse the build rather than ship it
             raise ValueError(f"--dtype {best}: {quality[best]['error']}")
-        verdicts[best] = f"kept: --dtype {best} asked for (measured for the record)"
+        verdicts[best] = f"kept: --dtype {best} asked for; measured: {verdicts[best]}"
     threads, thread_table = (config.threads, {}) if config.threads else measure_threads(
         next(r for r in runners if r.name == best), ids, config)
     verdicts.update(skipped)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import statistics
@@ -352,12 +353,25 @@ def quality_summary(answers: Answers, ref: Answers, probes: Sequence[Probe], k: 
         "generate_first_probes": len(answers.first_picks),
         "generate_exact_agreement": _mean([list(a) == list(b) for a, b in zip(answers.orders, ref.orders)]),
         "generate_exact_probes": len(answers.orders),
+        "served_decisive_probes": decisive_probes(ref.scores, probes),
     }
     if all(p.validation for p in probes):
         for name, orders in (("served_ndcg@10", served), ("score_ndcg@10", top)):
             ranks = [None if p.target_position is None else o.index(p.target_position) for o, p in zip(orders, probes)]
             summary[name] = round(metrics.ndcg(ranks, 10), 4)
     return summary
+
+
+def decisive_probes(llm_scores: Sequence[Sequence[float]], probes: Sequence[Probe]) -> int:
+    """Probes whose served top-1 the LLM can move: the reference's served gap between its first two candidates is
+    less than the spread of the LLM's own scores there. On the others, the fused terms decide the first pick
+    whatever the LLM reads, so served agreement there says nothing about a precision (at the shipped fusion weight
+    of 1000, most probes)."""
+    def gap(served: list[float]) -> float:
+        first, second = sorted(served, reverse=True)[:2] if len(served) > 1 else (math.inf, 0.0)
+        return first - second
+
+    return sum(gap(p.served(s)) < max(s) - min(s) for s, p in zip(llm_scores, probes) if s)
 
 
 def _overlap(orders: Sequence[list[int]], ref_orders: Sequence[list[int]], k: int) -> float:

@@ -86,6 +86,12 @@ def test_build_report_compares_every_candidate_this_cpu_runs_on_latency_and_qual
     assert report["verdicts"][kept].startswith(("kept", "reference"))
     assert all(v.startswith(("rejected", "not measured")) for d, v in report["verdicts"].items()
                if d not in (kept, "fp32"))
+    # the manifest says why, too: the decision and every candidate's verdict
+    entry = Bundle.open(hf_cpu_bundle).artifact(NAME)
+    assert entry["verdicts"] == report["verdicts"] and entry["decision"] == report["decision"]
+    decisive = report["quality"]["fp32"]["served_decisive_probes"]
+    assert 0 <= decisive <= 4  # of the 4 probes, those whose served first pick the LLM can move
+    assert all(f"on {decisive} of which the LLM can move" in report["verdicts"][d] for d in measured if d != "fp32")
 
 
 def test_untouched_build_starts_and_answers_like_the_reference(hf_cpu_bundle):

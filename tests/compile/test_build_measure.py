@@ -71,6 +71,9 @@ def test_the_bar_judges_the_ranking_the_server_answers_with_not_the_llms_own():
     llm_decides = [probe(p, weight=0.0) for p in ([0.0, -3.0, -6.0], [-6.0, 0.0, -3.0])]  # weight 0: the LLM alone
     summary = quality_summary(moved, ref, llm_decides, k=2)
     assert summary["served_top1_agreement"] == 0.0 and not quality_ok(summary, ref_summary, 0.9, 0.01, "score")
+    # and the summary says on how many probes the LLM could move the served first pick at all: none at 1000 (the
+    # term's top-two gap, 1000 x 3 nats, dwarfs the LLM's spread of 2.9), both when the LLM decides alone
+    assert ref_summary["served_decisive_probes"] == 0 and summary["served_decisive_probes"] == 2
 
 
 def test_first_pick_agreement_is_over_every_probe_and_whole_lists_over_the_generated_ones(tiny):
