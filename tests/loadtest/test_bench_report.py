@@ -34,9 +34,10 @@ def test_flop_arithmetic():
     assert MATMUL_DTYPE["bf16-body"] == "bf16" and MATMUL_DTYPE["int8"] == "int8" and MATMUL_DTYPE["int8-wo"] == "fp32"
 
 
-def test_engine_row_uses_the_cells_p50_as_the_prefill_time():
+def test_engine_row_uses_the_cells_mean_latency_as_the_mean_prompts_prefill_time():
     peak = {**utilisation_row("fp32", 0.1, 0.5, 10, 3), "matmul_dtype": "fp32"}
-    row = engine_row(peak, {"p50_ms": 250.0}, 100_000_000, 299.6)
+    assert engine_row(peak, {"p50_ms": 250.0, "mean_ms": float("nan")}, 1, 1) is None
+    row = engine_row(peak, {"p50_ms": 100.0, "mean_ms": 250.0}, 100_000_000, 299.6)
     assert row["prompt_tokens"] == 300 and row["prefill_gflops"] == 240.0 and row["source"].startswith("engine cell")
     assert row["peak_gflops"] == peak["peak_gflops"]
     assert engine_row(peak, None, 1, 1) is None
