@@ -229,8 +229,7 @@ def run(config: EvaluateRankingConfig) -> dict:
             row["emitted"] = emitted
             row["generate_invalid"] = len(set(emitted)) != len(emitted) or any(
                 not 0 <= i < len(candidates) for i in emitted) or len(emitted) != k
-            row["generate_rank"] = target_rank(complete_order(emitted, decoding_bias or [0.0] * len(candidates)),
-                                               position)
+            row["generate_rank"] = target_rank(complete_order(emitted, len(candidates), decoding_bias), position)
         rows.append(row)
 
     report = summarise(rows, config, ranker, weight, generate_k)

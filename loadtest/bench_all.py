@@ -7,8 +7,9 @@ In one run, on the bundle's merged PALR model with real prompts (loadtest/bench_
    in-flight vs one-at-a-time at concurrency 16 also on the hf-cpu build (the precision the server runs);
 2. score vs generate latency: the in-flight engine at concurrency 1;
 3. prefix reuse on vs off, and per-user context reuse on vs off (prefix only): score mode, in-flight
-   engine, concurrency 1; and within the context-reuse cell, the requests that found their user's
-   context cached against those that computed it (what a hit saves; needs repeats: `--pattern zipf`);
+   engine, concurrency 1; and each request that found its user's context cached against the same request
+   in the prefix-only cell (what a hit saves, paired; needs repeats: `--pattern zipf`), the unpaired split
+   within the context-reuse cell beside it;
    and the same engine behind the server's answer cache (an exact repeat answered without the model)
    against it without, with the cache's hits against its misses;
 4. ORT vs torch eager retrieval: loadtest/bench_retrieval.py's model comparison at batch 1 and 32;

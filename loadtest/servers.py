@@ -97,12 +97,21 @@ class ServerProcess:
         """Until the started process has written the port it bound (`--ports-file`): then `target` is known.
         `started`: when the wait began (perf_counter), if earlier than now."""
         started = time.perf_counter() if started is None else started
-        while not self.ports_file.exists():
+        while (ports := self._own_ports()) is None:
             self._check_running()
             if time.perf_counter() - started > timeout:
                 self._give_up(timeout)
             time.sleep(0.05)
-        self.port = json.loads(self.ports_file.read_text())["port"]
+        self.port = ports["port"]
+
+    def _own_ports(self) -> dict | None:
+        """The ports file's content once our process wrote it (another harness logging to the same folder may have
+        written the same name for its own server: its pid says so)."""
+        try:
+            ports = json.loads(self.ports_file.read_text())
+        except (FileNotFoundError, ValueError):
+            return None
+        return ports if ports.get("pid") == self.process.pid else None
 
     def _check_running(self) -> None:
         if self.process.poll() is not None:

@@ -254,12 +254,13 @@ def order_by_scores(scores: Sequence[float]) -> list[int]:
     return sorted(range(len(scores)), key=lambda i: (-scores[i], i))
 
 
-def complete_order(emitted: Sequence[int], rest_scores: Sequence[float]) -> list[int]:
-    """Generate mode's order over `len(rest_scores)` candidates: the positions the model named, then the rest by
-    `rest_scores` (the decoding's bias, `generation_bias`: the order decoding follows without the LLM; all 0: candidate
-    order). The model names `generate_k` lines (ranker.json), evaluated and served alike; a longer list goes on here."""
+def complete_order(emitted: Sequence[int], n: int, rest_scores: Sequence[float] | None = None) -> list[int]:
+    """Generate mode's order over `n` candidates: the positions the model named, then the rest by `rest_scores`
+    (the decoding's bias, `generation_bias`: the order decoding follows without the LLM; None: candidate order).
+    The model names `generate_k` lines (ranker.json), evaluated and served alike; a longer list goes on here."""
     named = list(dict.fromkeys(emitted))
-    return named + [i for i in order_by_scores(rest_scores) if i not in set(named)]
+    rest = order_by_scores(rest_scores) if rest_scores is not None else range(n)
+    return named + [i for i in rest if i not in set(named)]
 
 
 def target_rank(order: Sequence[int], target_position: int | None) -> Rank:

@@ -63,8 +63,9 @@ class TrendTable:
         return float(self.times[-1]) if len(self.times) else 0.0
 
     def moments(self, settings: TrendSettings) -> tuple[float, float]:
-        """(first, last): the moments whose window holds any of the table's events, from its first event on to its
-        last one plus the window. Outside them every item counts 0, the lowest bucket: no trend at all."""
+        """(first, last): the moments whose window holds any of the table's events, after its first event (counts
+        take the events strictly before the moment) up to its last one plus the window. Outside them every item
+        counts 0, the lowest bucket: no trend at all."""
         return (float(self.times[0]), float(self.times[-1]) + settings.window_days * DAY_S) if len(self.times) \
             else (0.0, 0.0)
 

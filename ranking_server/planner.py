@@ -75,13 +75,13 @@ class RequestPlanner:
             raise invalid_argument(f"as_of_unix_s must be a Unix time in seconds, from 0 (the default) to before "
                                    f"year 10000, got {request.as_of_unix_s}"
                                    + (" (milliseconds?)" if request.as_of_unix_s > 0 else ""))
-        self._check_moment(request.as_of_unix_s)
         if not 1 <= request.k <= num_candidates:
             raise invalid_argument(f"k must be between 1 and num_candidates ({num_candidates}), got {request.k}"
                                    + (f"; raise num_candidates (at most {self.max_candidates})"
                                       if num_candidates < request.k <= self.max_candidates else ""))
         history = self._known_ids("history", request.history)
         exclude = self._known_ids("exclude", request.exclude)
+        self._check_moment(request.as_of_unix_s)  # last: a field wrong on any bundle is INVALID_ARGUMENT first
         stored = self.stored_histories.get(request.user_id, [])
         # a stored user sending its own stored history is that user: its stored profile and last interaction's
         # moment, as evaluated (it got the bundle's newest moment and a profile made from the list before)
@@ -99,7 +99,7 @@ class RequestPlanner:
         if not as_of or self.as_of_span is None:
             return
         first, last = self.as_of_span
-        if not first <= as_of <= last:
+        if not first < as_of <= last:  # (counts take the events strictly before the moment: none at the first)
             raise RequestError(grpc.StatusCode.OUT_OF_RANGE,
                                f"as_of_unix_s {as_of} ({_day(as_of)}) is outside this bundle's interactions, "
                                f"{int(first)} ({_day(first)}) to {int(last)} ({_day(last)}, the last one plus the "

@@ -212,6 +212,6 @@ class PromptBuilder:
         if result.mode == "score":
             fused = fuse(result.scores, retrieval_term, self.fusion_weight, candidate_bias)
             return [(position, fused[position]) for position in order_by_scores(fused)[:k]]
-        rest = generation_bias(retrieval_term, self.fusion_weight, candidate_bias) or [0.0] * len(retrieval_term)
-        order = complete_order(result.order, rest)[:k]
+        order = complete_order(result.order, len(retrieval_term),
+                               generation_bias(retrieval_term, self.fusion_weight, candidate_bias))[:k]
         return [(position, 1.0 / (rank + 1)) for rank, position in enumerate(order)]

@@ -49,8 +49,9 @@ class ServerConfig:
 
     ports_file: Path | None = field(default=None, metadata={
         "help": "once listening, write the bound ports here as JSON ({\"port\": ..., \"metrics_port\": ..., "
-                "\"health_port\": ...}, null when off), replacing the file at once: how a harness that starts the "
-                "server with --port 0 learns its port, with no race for a port picked beforehand", "metavar": "JSON"})
+                "\"health_port\": ..., \"pid\": ...}; the metrics and health ports as configured, null when off), "
+                "replacing the file at once: how a harness that starts the server with --port 0 learns its port, "
+                "with no race for a port picked beforehand", "metavar": "JSON"})
     parent_pid: int = field(default=0, metadata={
         "help": "drain and exit once process PID is no longer this server's parent (it died, even by SIGKILL): "
                 "what loadtest's server harness passes, so a killed harness leaves no server behind; 0 = off",

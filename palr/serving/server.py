@@ -82,10 +82,11 @@ class DrainingHealthServicer(health.aio.HealthServicer):
 
 
 def write_ports(path: Path, ports: dict[str, int | None]) -> None:
-    """`ports` as JSON at `path`, whole or not at all (written beside it, then renamed over it): a reader polling
-    for the file never sees half of it."""
-    partial = path.with_name(f".{path.name}.partial")
-    partial.write_text(json.dumps(ports))
+    """`ports` and this process's pid as JSON at `path`, whole or not at all (written beside it under a name of
+    this process's own, then renamed over it): a reader polling for the file never sees half of it, and can tell
+    its own server's file from another's."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    partial.write_text(json.dumps({**ports, "pid": os.getpid()}))
     os.replace(partial, path)
 
 

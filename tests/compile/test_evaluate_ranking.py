@@ -164,8 +164,8 @@ def test_fusion_weight_moves_from_llm_order_to_retrieval_order():
     assert generation_bias(retrieval, 0.0) is None
     bias = generation_bias(retrieval, 2.0)
     assert fuse(llm, retrieval, 2.0) == pytest.approx([s + b for s, b in zip(llm, bias)])
-    assert complete_order([2, 0], [0.0] * 4) == [2, 0, 1, 3]  # no bias: the rest in candidate order
-    assert complete_order([2], [0.1, 0.5, 0.9, 0.3]) == [2, 1, 3, 0]  # the rest by the decoding's bias
+    assert complete_order([2, 0], 4) == [2, 0, 1, 3]  # no bias: the rest in candidate order
+    assert complete_order([2], 4, [0.1, 0.5, 0.9, 0.3]) == [2, 1, 3, 0]  # the rest by the decoding's bias
 
 
 def test_fit_fusion_weight_prefers_what_ranks_validation_targets_best():

@@ -154,3 +154,25 @@ def test_flags_a_shell_could_not_split_are_refused_naming_the_option(tmp_path, c
     with pytest.raises(SystemExit) as exit_:
         main(["--bundle", str(tmp_path), "--log-dir", str(tmp_path), "--ranking-args", "--x 'y", "--", "true"])
     assert exit_.value.code == 2 and "--ranking-args: No closing quotation" in capsys.readouterr().err
+
+
+def test_a_harness_takes_only_its_own_servers_ports_file(tmp_path):
+    """Two harnesses logging to one folder (`make loadtest` and the demo, both in reports/) name the same ports
+    file: each waits for the one its own process wrote (its pid), never the other's port."""
+    import json
+
+    from loadtest.servers import ServerProcess
+
+    server = ServerProcess("retrieval_server", [], log_path=tmp_path / "retrieval_server.log")
+    server.log_path.write_text("binding...\n")
+    server.process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])  # a server still binding
+    try:
+        server.ports_file.write_text(json.dumps({"port": 1111, "pid": server.process.pid + 1}))  # another's server
+        with pytest.raises(TimeoutError, match="not SERVING after"):  # (and it is stopped)
+            server.wait_listening(0.5)
+        server.process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+        server.ports_file.write_text(json.dumps({"port": 2222, "pid": server.process.pid}))
+        server.wait_listening(5)
+        assert server.target == "127.0.0.1:2222"
+    finally:
+        server.kill()

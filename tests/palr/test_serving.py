@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import threading
 import time
 
@@ -217,7 +218,8 @@ def test_a_server_on_port_0_writes_the_ports_it_bound_to_its_ports_file(server_l
     server = start_server(server_loop, ServerConfig(port=0, health_port=0, ports_file=ports_file))
     try:
         ports = json.loads(ports_file.read_text())
-        assert ports == {"port": server.port, "metrics_port": None, "health_port": None} and ports["port"] > 0
+        assert ports == {"port": server.port, "metrics_port": None, "health_port": None, "pid": os.getpid()}
+        assert ports["port"] > 0
         with grpc.insecure_channel(f"127.0.0.1:{ports['port']}") as channel:
             assert call(channel, "Echo", b"found") == b"found"
         assert [p.name for p in tmp_path.iterdir()] == ["ports.json"]  # no partial file left beside it

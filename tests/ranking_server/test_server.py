@@ -187,7 +187,7 @@ class Reference:
             emitted = generate_constrained(self.model, parts.input_ids, constraint, bias=decoding_bias,
                                            readout=parts.readout,
                                            logit_weight=self.ranker.get("generate_logit_weight", 1.0))
-            order = complete_order(emitted, decoding_bias or [0.0] * len(ids))
+            order = complete_order(emitted, len(ids), decoding_bias)
             return [(ids[p], 1.0 / (r + 1)) for r, p in enumerate(order[:k])]
         fused = fuse(score_candidates(self.model, parts.input_ids, parts.readout), scores, weight, bias)
         return [(ids[p], fused[p]) for p in order_by_scores(fused)[:k]]
@@ -433,12 +433,14 @@ def test_bad_requests_are_invalid_argument_naming_the_field(stub, reference, fie
 
 def test_a_moment_outside_the_bundles_interactions_is_out_of_range(stub, reference):
     """Today's date on a 1998 dataset: every candidate's trend would read "no recent views" (the lowest bucket), a
-    prompt the ranker never saw, answered OK before. The first event and the last one plus the window are in."""
+    prompt the ranker never saw, answered OK before. From just after the first event (counts take the events before
+    the moment) to the last one plus the window, moments are in."""
     from palr.trends import TrendSettings
 
     user = some_users(reference, 1)[0]
     first, last = reference.trends.moments(TrendSettings(**reference.ranker["trend"]))
-    for outside in (int(first) - 1, int(last) + 1, int(time.time())):
+    assert first == int(first)  # MovieLens times are whole seconds
+    for outside in (int(first) - 1, int(first), int(last) + 1, int(time.time())):
         with pytest.raises(grpc.RpcError) as error:
             recommend(stub, user_id=user, k=3, as_of_unix_s=outside)
         assert error.value.code() == grpc.StatusCode.OUT_OF_RANGE, outside
