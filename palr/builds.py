@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from palr.bundle import BundleError
-from palr.machine import ISA_FLAGS, Machine, cpu_cores, library_version
+from palr.machine import ISA_FLAGS, KERNEL_ENV, Machine, cpu_cores, library_version
 from palr.targets import TARGETS, target_spec
 
 
@@ -73,7 +73,15 @@ def check_build(entry: dict[str, Any], machine: Machine) -> list[str]:
                         f"has {', '.join(machine.cpu_isa) or 'none of the tracked ones'}")
     elif built_on == machine.device == "cpu" and "cpu_isa" in entry:
         problems += other_cpu_kernels(entry, machine)
+    if built_on == machine.device == "cpu" and "kernel_env" in entry and entry["kernel_env"] != machine.kernel_env:
+        problems.append(f"CPU kernel settings: built and measured with {_env(entry['kernel_env'])}, this server runs "
+                        f"with {_env(machine.kernel_env)}: they cap which instructions torch's kernels use, so the "
+                        f"precision it kept and its timings do not hold here")
     return problems
+
+
+def _env(values: dict[str, str]) -> str:
+    return " ".join(f"{k}={v}" for k, v in sorted(values.items())) or "none of " + ", ".join(KERNEL_ENV) + " set"
 
 
 def other_cpu_kernels(entry: dict[str, Any], machine: Machine) -> list[str]:

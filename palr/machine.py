@@ -22,6 +22,14 @@ CPUINFO = Path("/proc/cpuinfo")
 ISA_FLAGS = ("avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
              "amx_tile", "amx_bf16", "amx_int8")
 LIBRARIES = ("torch", "transformers", "onnxruntime", "onnxruntime-genai", "tensorrt_llm", "tensorrt")
+# environment variables that cap which instructions torch's CPU kernels use whatever the CPU has (ATen's vectorised
+# kernels; oneDNN's matmuls and convolutions): a bf16 build served under ONEDNN_MAX_CPU_ISA=AVX2 runs emulated
+KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+
+
+def kernel_env() -> dict[str, str]:
+    """The `KERNEL_ENV` variables set in this process ({} when none: every kernel may use all the CPU has)."""
+    return {name: os.environ[name] for name in KERNEL_ENV if os.environ.get(name)}
 
 
 def library_version(name: str) -> str | None:
@@ -92,6 +100,7 @@ class Machine:
     cpu_name: str
     cpu_isa: tuple[str, ...]
     libraries: dict[str, str | None] = field(default_factory=dict)
+    kernel_env: dict[str, str] = field(default_factory=dict)  # `KERNEL_ENV` as set here
 
     @classmethod
     def detect(cls, device: str = "cpu") -> "Machine":
@@ -104,7 +113,7 @@ class Machine:
             gpu_name = "no CUDA device"
         return cls(device=device, device_name=gpu_name if device == "cuda" else cpu_name,
                    compute_capability=sm, gpu_count=gpus, cpu_name=cpu_name, cpu_isa=tuple(isa),
-                   libraries=library_versions())
+                   libraries=library_versions(), kernel_env=kernel_env())
 
     def describe(self, libraries: tuple[str, ...] = ()) -> str:
         """One line: "cuda: NVIDIA H100 80GB HBM3 (SM 9.0) x1; tensorrt_llm 1.2.1"."""
@@ -122,7 +131,7 @@ class Machine:
                 "device_name": self.device_name, "compute_capability": self.compute_capability,
                 "cpu_name": self.cpu_name, "cpu_isa": list(self.cpu_isa), "isa_tracked": list(ISA_FLAGS),
                 "engine_libraries": {n: self.libraries.get(n) for n in target.pinned},
-                "libraries": {n: v for n, v in self.libraries.items()}}
+                "libraries": {n: v for n, v in self.libraries.items()}, "kernel_env": dict(self.kernel_env)}
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -3,6 +3,8 @@ mismatch `check_build` reports (the manifest-editing tests in test_build_hf_cpu.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from palr.builds import check_build, describe_build, isa_satisfied
@@ -163,3 +165,22 @@ def test_gpus_of_different_compute_capabilities_are_one_mixed_value_no_build_mat
     assert mixed == "mixed: 8.0, 9.0"
     assert any(p.startswith("compute capability: built for SM 9.0") for p in
                check_build(trtllm_entry(tensor_parallel_size=2), h100(compute_capability=mixed)))
+
+
+def test_a_cpu_build_is_refused_under_other_kernel_settings(monkeypatch):
+    """ONEDNN_MAX_CPU_ISA / ATEN_CPU_CAPABILITY cap which instructions torch's kernels use whatever the CPU has: a
+    build measured without them and served under ONEDNN_MAX_CPU_ISA=AVX2 runs its bf16 emulated, unannounced."""
+    for name in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+        monkeypatch.delenv(name, raising=False)
+    build = {"target": "hf-cpu", "device": "cpu", "device_name": "AMD EPYC", "requires_isa": [], "cpu_isa": EPYC_ISA,
+             "engine_libraries": {}, "kernel_env": Machine.detect("cpu").kernel_env}
+    assert build["kernel_env"] == {}
+    epyc = Machine("cpu", "AMD EPYC", None, 0, "AMD EPYC", EPYC_ISA, {})
+    assert check_build(build, epyc) == []
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    capped = dataclasses.replace(epyc, kernel_env=Machine.detect("cpu").kernel_env)
+    assert check_build(build, capped) == [
+        "CPU kernel settings: built and measured with none of ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, "
+        "DNNL_MAX_CPU_ISA set, this server runs with ONEDNN_MAX_CPU_ISA=AVX2: they cap which instructions torch's "
+        "kernels use, so the precision it kept and its timings do not hold here"]
+    assert check_build({k: v for k, v in build.items() if k != "kernel_env"}, capped) == []  # older builds: unchecked
