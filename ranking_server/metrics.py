@@ -58,6 +58,9 @@ for _reason in REJECTED_REASONS:
     REJECTED.labels(_reason)
 
 
+HEALTHY_DOC = "1 while an engine is attached and its loop is alive; 0 while loading, after a crash, at shutdown"
+
+
 class EngineCollector:
     """Exports the serving engine's own counters at scrape time. One per process; `attach` points it
     at the engine now serving (tests build several servers in one process)."""
@@ -72,15 +75,18 @@ class EngineCollector:
         return []  # metric names depend on nothing; skip the registry's collision check at collect time
 
     def collect(self):
-        if self.engine is None:
+        if self.engine is None:  # loading, or detached at shutdown: no engine to serve with (an alert on 0 fires)
+            yield GaugeMetricFamily("ranking_engine_healthy", HEALTHY_DOC, value=0.0)
             return
         stats = self.engine.stats()
         gauges = {
             "queued": (stats.queued, "requests waiting for a batch slot (queue depth)"),
             "active": (stats.active, "requests holding a batch slot now (active batch size)"),
-            "tokens_per_second": (stats.tokens_per_s, "prompt + decoded tokens per second of engine busy time (the model's)"),
-            "mean_batch_size": (stats.mean_batch, "requests in the running batch per engine step, averaged"),
-            "healthy": (float(stats.healthy), "1 while the engine loop is alive"),
+            "tokens_per_second": (stats.tokens_per_s, "prompt + decoded tokens per second of engine busy time (the "
+                                  "model's), since the engine started; for now: rate(ranking_engine_tokens_total)"),
+            "mean_batch_size": (stats.mean_batch, "requests in the running batch per engine step, since the engine "
+                                "started; for now: rate(ranking_engine_batch_slots_total) / rate(ranking_engine_steps_total)"),
+            "healthy": (float(stats.healthy), HEALTHY_DOC),
         }
         for name, (value, doc) in gauges.items():
             yield GaugeMetricFamily(f"ranking_engine_{name}", doc, value=value)
@@ -110,6 +116,9 @@ class EngineCollector:
             answers.add_metric([event], value)
         yield answers
         yield CounterMetricFamily("ranking_engine_steps", "engine iterations that ran the model", value=stats.steps)
+        yield CounterMetricFamily("ranking_engine_batch_slots", "requests in the running batch, summed over the engine's "
+                                  "steps (over steps_total: the mean batch per step)",
+                                  value=sum(size * n for size, n in stats.batch_size_hist.items()))
         yield CounterMetricFamily("ranking_engine_busy_seconds", "time the engine spent running steps",
                                   value=stats.busy_s)
 

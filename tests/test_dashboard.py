@@ -124,7 +124,8 @@ def test_every_query_uses_metrics_and_labels_the_servers_export(exported):
     assert not problems, "\n".join(problems)
     # what operators asked for is all there
     for wanted in ("ranking_stage_seconds_bucket", "ranking_engine_queued", "ranking_engine_active",
-                   "ranking_engine_mean_batch_size", "ranking_engine_tokens_per_second", "ranking_engine_tokens_total",
+                   "ranking_engine_batch_slots_total", "ranking_engine_steps_total", "ranking_engine_tokens_total",
+                   "ranking_engine_answer_cache_total", "ranking_retrieval_model_mismatch_total",
                    "ranking_degraded_total", "ranking_rejected_total", "ranking_cold_starts_total",
                    "ranking_requests_total", "retrieval_request_seconds_bucket", "retrieval_ort_batch_size_sum",
                    "retrieval_ort_batch_size_count"):

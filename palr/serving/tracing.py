@@ -17,6 +17,8 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
+import grpc
+
 
 def tracer_provider(service: str, endpoint: str = "", exporter: Any = None):
     """A provider exporting to `endpoint` (OTLP/gRPC, batched) or to `exporter` (synchronously; tests pass
@@ -60,7 +62,7 @@ def end_status(span, code_name: str) -> None:
     trace backend then flags it)."""
     from opentelemetry import trace
 
-    span.set_attribute("rpc.grpc.status_code", code_name)
+    span.set_attribute("rpc.grpc.status_code", grpc.StatusCode[code_name].value[0])  # the int, as the conventions say
     if code_name in SERVER_ERROR_CODES:
         span.set_status(trace.Status(trace.StatusCode.ERROR, code_name))
 

@@ -52,3 +52,12 @@ def test_the_budget_cancels_the_call_and_raises_timeout():
 
     asyncio.run(scenario())
     assert cancelled == [True]
+
+
+def test_the_engine_health_gauge_reads_0_while_no_engine_is_attached():
+    """Loading (or detached at shutdown): no engine series at all was exported, so an alert on
+    ranking_engine_healthy == 0 never fired for a replica whose engine never loaded."""
+    from ranking_server.metrics import EngineCollector
+
+    families = list(EngineCollector().collect())
+    assert [(f.name, [s.value for s in f.samples]) for f in families] == [("ranking_engine_healthy", [0.0])]
