@@ -28,7 +28,7 @@ Engine (read from `engine.stats()` at every scrape, so they cost nothing per req
 
 from __future__ import annotations
 
-from prometheus_client import REGISTRY, Counter, Histogram
+from prometheus_client import REGISTRY, Counter, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from palr.serving.metrics import LATENCY_BUCKETS, RpcMetrics
@@ -49,6 +49,8 @@ COLD_STARTS = Counter("ranking_cold_starts", "answers from popularity candidates
 RETRIEVAL_MODEL_MISMATCH = Counter(
     "ranking_retrieval_model_mismatch", "answers ranked over candidates and scores of another SASRec than the one "
     "this bundle's ranker was fit with (the retrieval tier's model_version is not the bundle's sasrec_onnx)")
+BUILD = Info("ranking_build", "what this process ranks with once its engine is attached: the bundle's LLM, ranker "
+             "and engine versions, as answers name them in model_version")
 DEGRADED_REASONS = ("deadline", "engine_error")
 REJECTED_REASONS = ("invalid_argument", "queue_full", "deadline", "retrieval_unavailable", "retrieval_queue_full",
                     "retrieval_error", "loading")

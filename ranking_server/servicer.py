@@ -38,7 +38,8 @@ from palr.serving.validation import REQUEST_ID_RULE, loggable_request_id
 from ranking_server.config import RankingServerConfig
 from ranking_server.inject import injected_delay_s
 from ranking_server.engines.base import EngineError, EngineOverloaded, InvalidRequest, RankingEngine
-from ranking_server.metrics import COLD_STARTS, DEGRADED, RECOMMEND, REJECTED, RETRIEVAL_MODEL_MISMATCH, STAGE_SECONDS
+from ranking_server.metrics import (
+    BUILD, COLD_STARTS, DEGRADED, RECOMMEND, REJECTED, RETRIEVAL_MODEL_MISMATCH, STAGE_SECONDS)
 from ranking_server.planner import Plan, RequestPlanner, retrieval_lists
 from ranking_server.prompts import PromptBuilder
 from ranking_server.retrieval_client import RetrievalClient
@@ -117,6 +118,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         self.engine, self.prompts = engine, prompts
         if engine is not None:  # requests still answering after the detach at shutdown keep naming it
             self.model_version = self.bundle_versions + (f" engine:{engine.version}" if engine.version else "")
+            BUILD.info({"models": self.model_version})
 
     async def Recommend(self, request: ranking_pb2.RecommendRequest,
                         context: grpc.aio.ServicerContext) -> ranking_pb2.RecommendResponse:

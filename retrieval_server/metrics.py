@@ -1,6 +1,6 @@
 """Prometheus metrics of the retrieval server (registered once per process)."""
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Histogram, Info
 
 from palr.serving.metrics import LATENCY_BUCKETS, RpcMetrics
 
@@ -9,4 +9,6 @@ ORT_BATCH_SIZE = Histogram("retrieval_ort_batch_size", "requests per ONNX Runtim
                            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256))
 ORT_SECONDS = Histogram("retrieval_ort_seconds", "duration of one ONNX Runtime call", buckets=LATENCY_BUCKETS)
 COLD_STARTS = Counter("retrieval_cold_starts", "requests answered from popularity (no history)")
+BUILD = Info("retrieval_build", "the SASRec this process retrieves with (the bundle's sasrec_onnx version, as answers "
+             "name it in model_version)")
 TRUNCATED = Counter("retrieval_truncated_histories", "requests whose history was longer than the model's max_len")

@@ -17,7 +17,7 @@ from palr.serving.streak import LIMIT, FailureStreak
 from recsys.v1 import retrieval_pb2_grpc
 from retrieval_server.batcher import DirectRunner, MicroBatcher
 from retrieval_server.config import RetrievalServerConfig
-from retrieval_server.metrics import ORT_BATCH_SIZE, ORT_SECONDS
+from retrieval_server.metrics import BUILD, ORT_BATCH_SIZE, ORT_SECONDS
 from palr.sasrec_onnx import ARTIFACT, Query, Ranked, SasrecOnnx
 from retrieval_server.servicer import SERVICE_NAME, RetrievalServicer
 
@@ -49,6 +49,7 @@ class RetrievalServer:
                                           max_queue=config.max_queue, max_message_bytes=config.max_message_bytes,
                                           model_version=bundle.version(ARTIFACT),
                                           tracer=tracing.tracer(traces, "retrieval_server"))
+        BUILD.info({"model": self.servicer.model_version})
         largest = self.servicer.largest_one_candidate_message()
         if config.max_message_bytes < largest:  # an answer would fail after its first messages went out
             raise ValueError(f"--max-message-bytes {config.max_message_bytes} is below the biggest one-candidate "

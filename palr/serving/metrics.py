@@ -54,6 +54,11 @@ def _cut_by_stop() -> bool:
     return _grace_ends_at is not None and time.monotonic() >= _grace_ends_at - GRACE_TIMER_SLACK_S
 
 
+# what this process's health says, for a dashboard or an alert (the transitions were in the log only)
+SERVING = Gauge("recsys_health_serving", "1 while this server's health says SERVING; 0 while it loads, after its "
+                "model failed, and while it drains")
+
+
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.025, 0.032, 0.04, 0.05,
                    0.064, 0.075, 0.1, 0.128, 0.15, 0.2, 0.256, 0.3, 0.4, 0.512, 0.75,
                    1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0)  # up to past the longest deadlines in use (30 s by

@@ -38,7 +38,7 @@ from prometheus_client import start_http_server
 from palr.serving.config import ServerConfig, message_size_options
 
 from palr.serving.interceptors import server_interceptors
-from palr.serving.metrics import note_grace_end
+from palr.serving.metrics import SERVING as SERVING_GAUGE, note_grace_end
 
 log = logging.getLogger(__name__)
 
@@ -190,6 +190,7 @@ class GrpcServer:
         self._draining = True
         was_serving, self._serving = self._serving, False
         await self.health.enter_graceful_shutdown()
+        SERVING_GAUGE.set(0)
         if self.config.drain_delay and was_serving:
             log.info("draining: health NOT_SERVING; still answering new RPCs for %.1f s (--drain-delay; a second "
                      "SIGTERM/SIGINT skips the rest)", self.config.drain_delay)
@@ -276,3 +277,4 @@ class GrpcServer:
     async def _set_health(self, status: int) -> None:
         for name in ("", *self.service_names):
             await self.health.set(name, status)
+        SERVING_GAUGE.set(1 if status == SERVING else 0)

@@ -300,7 +300,8 @@ class HFEngine(LoopEngine):
             self._leave(row)
 
     def _fail_rows(self, rows: list[Row], error: Exception, what: str) -> None:
-        log.exception("%s failed for %d request(s)", what, len(rows), exc_info=error)
+        log.exception("%s failed for %d request(s): %s", what, len(rows),
+                      " ".join(f"rid={row.pending.request_id}" for row in rows), exc_info=error)
         for row in rows:
             if row.pending.request_id in self._by_id:
                 self._release(row.pending)  # zeroed: whatever the failure left there stays with no one

@@ -331,7 +331,7 @@ class LoopEngine(RankingEngine):
         try:
             written = emit_answer(pending.constraint, bias)
         except EngineError as e:
-            log.exception("constrained decoding failed for %s", pending.request_id)
+            log.exception("rid=%s constrained decoding failed", pending.request_id)
             self._fail(pending, e)
             return
         self._count(written_tokens=written)

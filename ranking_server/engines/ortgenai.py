@@ -187,7 +187,7 @@ class OrtGenaiEngine(LoopEngine):
         try:
             logits = running.slot.feed(tokens)
         except Exception as e:  # noqa: BLE001 - fail this request, drop its generator, keep serving
-            log.exception("ortgenai forward failed for %s", running.pending.request_id)
+            log.exception("rid=%s ortgenai forward failed", running.pending.request_id)
             self._leave(running, healthy=False)
             self._fail(running.pending, EngineError(f"ortgenai forward failed: {e!r}"))
             return
@@ -206,7 +206,7 @@ class OrtGenaiEngine(LoopEngine):
             scores = label_log_probs(torch.tensor(running.read)) if (
                 running.next_token is None and request.mode == "score") else None
         except EngineError as e:
-            log.error("ortgenai readout failed for %s: %s", running.pending.request_id, e)
+            log.error("rid=%s ortgenai readout failed: %s", running.pending.request_id, e)
             self._leave(running)
             self._fail(running.pending, e)
             return

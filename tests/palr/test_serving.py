@@ -15,6 +15,7 @@ import time
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import REGISTRY
 
 from loadtest.servers import free_port, scrape_metrics
 from tests.fixtures.serving import wait_until
@@ -89,10 +90,13 @@ def health_status(channel: grpc.Channel, service: str = "") -> int:
 def test_health_not_serving_until_warm_then_serving_then_not_serving_while_draining(server_loop):
     service = PlumbingService(delay_s=0.5)
     server = start_server(server_loop, ServerConfig(port=0, grace=5.0), service)
+    serving_gauge = lambda: REGISTRY.get_sample_value("recsys_health_serving")  # noqa: E731
     with grpc.insecure_channel(server.address) as channel:
         assert [health_status(channel, name) for name in ("", SERVICE)] == [NOT_SERVING, NOT_SERVING]
+        assert serving_gauge() == 0
         server_loop.run(server.set_serving())
         assert [health_status(channel, name) for name in ("", SERVICE)] == [SERVING, SERVING]
+        assert serving_gauge() == 1
 
         watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=SERVICE))
         assert next(watch).status == SERVING
@@ -100,6 +104,7 @@ def test_health_not_serving_until_warm_then_serving_then_not_serving_while_drain
         assert service.entered.wait(5)
         drained = server_loop.submit(server.drain())
         assert next(watch).status == NOT_SERVING  # watchers hear it as the drain starts
+        assert serving_gauge() == 0
         watch.cancel()
         assert in_flight.result() == b"slow"  # the in-flight RPC finished OK
         drained.result(10)

@@ -855,6 +855,8 @@ def test_metrics_show_stages_codes_cold_starts_and_engine_counters(ranking, stub
     assert sum(answer_tokens) >= 3
     assert delta('ranking_engine_tokens_total{kind="cached"}') > 0  # the shared prefix's KV was reused
     assert after["ranking_engine_tokens_per_second"] > 0 and after["ranking_engine_healthy"] == 1
+    # what the process ranks with, as its answers name it (the SASRec part comes with each answer's candidates)
+    assert after[f'ranking_build_info{{models="{first.model_version.split(" ", 1)[1]}"}}'] == 1
     # each step ran at least one request: over the steps, the mean batch of the interval (the dashboard's)
     assert delta("ranking_engine_batch_slots_total") >= delta("ranking_engine_steps_total") > 0
     assert 'ranking_degraded_total{reason="deadline"}' in after  # every reason is exported from the start

@@ -471,6 +471,7 @@ def test_a_failing_ort_call_is_counted_as_an_ort_call_and_answered_internal(serv
         assert failed.value.code() == grpc.StatusCode.INTERNAL
         assert after["retrieval_ort_batch_size_count"] - before.get("retrieval_ort_batch_size_count", 0.0) == 1
         assert after["retrieval_ort_seconds_count"] - before.get("retrieval_ort_seconds_count", 0.0) == 1
+        assert after[f'retrieval_build_info{{model="{server.servicer.model_version}"}}'] == 1  # what it retrieves with
     finally:
         server_loop.run(server.drain())
 
