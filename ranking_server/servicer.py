@@ -227,16 +227,18 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         except asyncio.TimeoutError:  # the timeout cancelled engine.rank, which aborts the engine request (unless
             # identical requests wait on its run: the AnswerCache keeps it going for them)
             return self._degrade(plan, linear_order, "deadline",
-                                 f"LLM aborted after {budget * 1e3:.0f} ms to keep the deadline", submitted)
+                                 f"LLM aborted after {budget * 1e3:.0f} ms to keep the deadline", submitted,
+                                 submitted_ns)
         except EngineOverloaded as e:
             REJECTED.labels("queue_full").inc()
             raise RequestError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{e}; retry later or elsewhere",
                                trailing_metadata=(QUEUE_FULL,)) from None
         except InvalidRequest as e:  # the request is this server's own making (the caller's input was checked)
             log.error("rid=%s the engine refused the request this server built: %s", plan.request_id, e)
-            return self._degrade(plan, linear_order, "engine_error", f"engine refused the request: {e}", submitted)
+            return self._degrade(plan, linear_order, "engine_error", f"engine refused the request: {e}", submitted,
+                                 submitted_ns)
         except EngineError as e:
-            return self._degrade(plan, linear_order, "engine_error", str(e), submitted)
+            return self._degrade(plan, linear_order, "engine_error", str(e), submitted, submitted_ns)
         waited_ms = 1e3 * (time.perf_counter() - submitted)
         tracing.add_stage_spans(self.tracer, submitted_ns, result.timings, {
             "request.id": plan.request_id, "ranking.mode": plan.mode, "llm.prompt_tokens": result.prompt_tokens,
@@ -248,9 +250,14 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
                       reused=result.answer_reused, joined=result.answer_joined, by_llm=True)
 
     def _degrade(self, plan: Plan, linear_order: list[tuple[int, float]], reason: str, detail: str,
-                 submitted: float) -> Answer:
+                 submitted: float, submitted_ns: int = 0) -> Answer:
+        """`submitted`, `submitted_ns`: when the engine request went in (0: it never did); its wait becomes an
+        `engine.wait` span, the time the trace would otherwise show as a gap."""
         DEGRADED.labels(reason).inc()
         trace.get_current_span().set_attribute("ranking.degraded_reason", reason)
+        if submitted_ns:
+            self.tracer.start_span("engine.wait", start_time=submitted_ns, attributes={
+                "request.id": plan.request_id, "ranking.mode": plan.mode, "ranking.degraded_reason": reason}).end()
         log.warning("rid=%s degraded (%s): %s; answering by the linear term, no LLM", plan.request_id, reason,
                     detail)
         waited_ms = 1e3 * (time.perf_counter() - submitted) if submitted else 0.0

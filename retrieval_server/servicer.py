@@ -11,6 +11,7 @@ import grpc
 import numpy as np
 
 from palr.catalog import Catalog
+from palr.serving import tracing
 from palr.serving.errors import QUEUE_FULL, RequestError, check_known_ids, invalid_argument, request_id
 from palr.serving.validation import REQUEST_ID_RULE, check_item_id_count, check_user_id, loggable_request_id
 from recsys.v1 import retrieval_pb2, retrieval_pb2_grpc
@@ -39,7 +40,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
                  chunk_size: int, model_version: str, max_queue: int = 0, max_message_bytes: int = 0, tracer=None):
         self.catalog = catalog
         self.max_message_bytes = max_message_bytes  # the server's send limit (0: none): no message is made bigger
-        self.tracer = tracer  # palr.serving.tracing (None: tracing off)
+        self.tracer = tracer or tracing.tracer(None, "retrieval_server")  # palr.serving.tracing (no-op: tracing off)
         self.stored_histories = stored_histories
         self.max_len = max_len
         self.max_k = max_k
@@ -92,8 +93,9 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
             raise RequestError(grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry when health is SERVING")
         if plan.history:
             remaining = context.time_remaining()  # None: the caller set no deadline
-            ranked = await self._ask_model(Query(history=plan.history, exclude=plan.exclude, k=plan.k),
-                                           None if remaining is None else time.monotonic() + remaining)
+            with self.tracer.start_as_current_span("retrieval.model", attributes={"request.id": rid}):
+                ranked = await self._ask_model(Query(history=plan.history, exclude=plan.exclude, k=plan.k),
+                                               None if remaining is None else time.monotonic() + remaining)
         else:
             ranked = self.popular(plan.exclude, plan.k)
         truncated = len(plan.history) > self.max_len

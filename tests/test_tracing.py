@@ -151,3 +151,50 @@ def test_a_server_failure_marks_its_span_as_an_error_and_a_callers_mistake_does_
         "ok": 0, "refuse": 3, "crash": 13}  # OpenTelemetry's gRPC conventions: the status code as an int
     assert spans["crash"].status.status_code == StatusCode.ERROR
     assert spans["ok"].status.status_code == spans["refuse"].status.status_code == StatusCode.UNSET
+
+
+def test_a_degraded_answer_traces_the_llm_wait_it_gave_up_on_and_retrieval_traces_its_model(server_loop,
+                                                                                             tiny_llm_bundle):
+    """The deadline aborted the LLM: its wait, most of the request, showed as a gap in the trace (no engine span
+    was made from timings the engine never reported). And the retrieval tier's wait for its model (queue + ONNX
+    Runtime) is a span of its own."""
+    import threading
+
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    retrieval = server_loop.serve(lambda: RetrievalServer(
+        RetrievalServerConfig(bundle=tiny_llm_bundle, port=0),
+        tracing.tracer_provider("retrieval_server", exporter=exporter)))
+    ranking = server_loop.serve(lambda: RankingServer(
+        RankingServerConfig(bundle=tiny_llm_bundle, retrieval=retrieval.server.address, port=0, degrade_reserve_ms=500,
+                            answer_cache_size=0),  # the hf engine itself, no kept answers
+        tracing.tracer_provider("ranking_server", exporter=exporter)))
+    engine, gate = ranking.engine, threading.Event()
+
+    def held(group, run=engine._prefill):  # the LLM held at its prompt pass until the answer is in
+        gate.wait(30)
+        return run(group)
+
+    engine._prefill = held
+    try:
+        users = json.loads(Bundle.open(tiny_llm_bundle).path("users").read_text())["users"]
+        user = next(u for u, e in users.items() if e["history"])
+        exporter.clear()
+        with grpc.insecure_channel(ranking.server.address) as channel:
+            response = ranking_pb2_grpc.RankingServiceStub(channel).Recommend(
+                ranking_pb2.RecommendRequest(user_id=user, k=2, request_id="traced-late"), timeout=2.0)
+        gate.set()
+        assert response.degraded and response.degraded_reason == "deadline"
+        spans = {span.name: span for span in exporter.get_finished_spans()}
+        root, wait = spans["Recommend"], spans["engine.wait"]
+        assert wait.parent.span_id == root.context.span_id and "engine.prefill" not in spans
+        assert wait.attributes["ranking.degraded_reason"] == "deadline" and wait.end_time > wait.start_time
+        model = spans["retrieval.model"]
+        assert model.parent.span_id == spans["Retrieve"].context.span_id
+        assert model.attributes["request.id"] == "traced-late"
+    finally:
+        gate.set()
+        del engine._prefill
+        server_loop.run(ranking.drain())
+        server_loop.run(retrieval.drain())
