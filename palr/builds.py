@@ -73,7 +73,8 @@ def check_build(entry: dict[str, Any], machine: Machine) -> list[str]:
                         f"has {', '.join(machine.cpu_isa) or 'none of the tracked ones'}")
     elif built_on == machine.device == "cpu" and "cpu_isa" in entry:
         problems += other_cpu_kernels(entry, machine)
-    if built_on == machine.device == "cpu" and "kernel_env" in entry and entry["kernel_env"] != machine.kernel_env:
+    if built_on == machine.device == "cpu" and entry.get("engine") == "hf" and "kernel_env" in entry \
+            and entry["kernel_env"] != machine.kernel_env:  # (torch's kernels: ONNX Runtime does not read them)
         problems.append(f"CPU kernel settings: built and measured with {_env(entry['kernel_env'])}, this server runs "
                         f"with {_env(machine.kernel_env)}: they cap which instructions torch's kernels use, so the "
                         f"precision it kept and its timings do not hold here")

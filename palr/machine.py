@@ -22,9 +22,11 @@ CPUINFO = Path("/proc/cpuinfo")
 ISA_FLAGS = ("avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
              "amx_tile", "amx_bf16", "amx_int8")
 LIBRARIES = ("torch", "transformers", "onnxruntime", "onnxruntime-genai", "tensorrt_llm", "tensorrt")
-# environment variables that cap which instructions torch's CPU kernels use whatever the CPU has (ATen's vectorised
-# kernels; oneDNN's matmuls and convolutions): a bf16 build served under ONEDNN_MAX_CPU_ISA=AVX2 runs emulated
-KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA")
+# environment variables that change which instructions torch's CPU kernels use whatever the CPU has (ATen's
+# vectorised kernels; oneDNN's matmuls), or in which precision they compute: a bf16 build served under
+# ONEDNN_MAX_CPU_ISA=AVX2 runs emulated, an fp32 one under ONEDNN_DEFAULT_FPMATH_MODE=BF16 rounds as bf16
+KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "ONEDNN_DEFAULT_FPMATH_MODE",
+              "DNNL_DEFAULT_FPMATH_MODE")
 
 
 def kernel_env() -> dict[str, str]:

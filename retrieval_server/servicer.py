@@ -93,7 +93,9 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
             raise RequestError(grpc.StatusCode.UNAVAILABLE, "the model is still loading; retry when health is SERVING")
         if plan.history:
             remaining = context.time_remaining()  # None: the caller set no deadline
-            with self.tracer.start_as_current_span("retrieval.model", attributes={"request.id": rid}):
+            # a full queue's refusal is the caller's to retry, not a server error (as on the SERVER span)
+            with self.tracer.start_as_current_span("retrieval.model", attributes={"request.id": rid},
+                                                   record_exception=False, set_status_on_exception=False):
                 ranked = await self._ask_model(Query(history=plan.history, exclude=plan.exclude, k=plan.k),
                                                None if remaining is None else time.monotonic() + remaining)
         else:

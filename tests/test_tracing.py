@@ -189,7 +189,8 @@ def test_a_degraded_answer_traces_the_llm_wait_it_gave_up_on_and_retrieval_trace
         spans = {span.name: span for span in exporter.get_finished_spans()}
         root, wait = spans["Recommend"], spans["engine.wait"]
         assert wait.parent.span_id == root.context.span_id and "engine.prefill" not in spans
-        assert wait.attributes["ranking.degraded_reason"] == "deadline" and wait.end_time > wait.start_time
+        assert wait.attributes["ranking.degraded_reason"] == "deadline"
+        assert root.start_time <= wait.start_time < wait.end_time <= root.end_time  # one clock, inside the request
         model = spans["retrieval.model"]
         assert model.parent.span_id == spans["Retrieve"].context.span_id
         assert model.attributes["request.id"] == "traced-late"

@@ -277,4 +277,4 @@ class GrpcServer:
     async def _set_health(self, status: int) -> None:
         for name in ("", *self.service_names):
             await self.health.set(name, status)
-        SERVING_GAUGE.set(1 if status == SERVING else 0)
+        SERVING_GAUGE.set(int(status == SERVING and not self._draining))  # (health ignores a set once draining)

@@ -59,6 +59,7 @@ def test_build_writes_a_checkpoint_and_a_manifest_entry_pinned_to_this_machine(h
     assert entry["engine_libraries"] == {"torch": torch.__version__, "transformers": here.libraries["transformers"]}
     assert set(entry["libraries"]) >= {"torch", "transformers", "onnxruntime", "onnxruntime-genai", "tensorrt_llm"}
     assert entry["dtype"] in CANDIDATES and entry["tensor_parallel_size"] == 1
+    assert entry["kernel_env"] == here.kernel_env  # the kernel-capping variables it was measured under
     assert entry["build_options"]["target"] == "hf-cpu" and entry["source"] == bundle.version("llm_merged")
     files = entry["files"]
     assert {"build.json", "config.json", "model.safetensors", "tokenizer.json"} <= set(files)

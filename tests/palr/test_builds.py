@@ -170,17 +170,20 @@ def test_gpus_of_different_compute_capabilities_are_one_mixed_value_no_build_mat
 def test_a_cpu_build_is_refused_under_other_kernel_settings(monkeypatch):
     """ONEDNN_MAX_CPU_ISA / ATEN_CPU_CAPABILITY cap which instructions torch's kernels use whatever the CPU has: a
     build measured without them and served under ONEDNN_MAX_CPU_ISA=AVX2 runs its bf16 emulated, unannounced."""
-    for name in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA"):
+    from palr.machine import KERNEL_ENV
+
+    for name in KERNEL_ENV:
         monkeypatch.delenv(name, raising=False)
-    build = {"target": "hf-cpu", "device": "cpu", "device_name": "AMD EPYC", "requires_isa": [], "cpu_isa": EPYC_ISA,
-             "engine_libraries": {}, "kernel_env": Machine.detect("cpu").kernel_env}
+    build = {"target": "hf-cpu", "engine": "hf", "device": "cpu", "device_name": "AMD EPYC", "requires_isa": [],
+             "cpu_isa": EPYC_ISA, "engine_libraries": {}, "kernel_env": Machine.detect("cpu").kernel_env}
     assert build["kernel_env"] == {}
     epyc = Machine("cpu", "AMD EPYC", None, 0, "AMD EPYC", EPYC_ISA, {})
     assert check_build(build, epyc) == []
     monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
     capped = dataclasses.replace(epyc, kernel_env=Machine.detect("cpu").kernel_env)
     assert check_build(build, capped) == [
-        "CPU kernel settings: built and measured with none of ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, "
-        "DNNL_MAX_CPU_ISA set, this server runs with ONEDNN_MAX_CPU_ISA=AVX2: they cap which instructions torch's "
-        "kernels use, so the precision it kept and its timings do not hold here"]
+        f"CPU kernel settings: built and measured with none of {', '.join(KERNEL_ENV)} set, this server runs with "
+        "ONEDNN_MAX_CPU_ISA=AVX2: they cap which instructions torch's kernels use, so the precision it kept and its "
+        "timings do not hold here"]
     assert check_build({k: v for k, v in build.items() if k != "kernel_env"}, capped) == []  # older builds: unchecked
+    assert check_build({**build, "target": "ortgenai-cpu", "engine": "ortgenai"}, capped) == []  # ORT reads none
