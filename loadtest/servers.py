@@ -45,8 +45,9 @@ def scrape_metrics(port: int, host: str = "127.0.0.1") -> dict[str, float]:
     return samples
 
 
-def _temp_log(module: str) -> Path:
-    fd, path = tempfile.mkstemp(prefix=f"{module}-", suffix=".log")
+def _temp_file(module: str, suffix: str) -> Path:
+    """A new empty file of this harness's own (no other process is handed its name)."""
+    fd, path = tempfile.mkstemp(prefix=f"{module}-", suffix=suffix)
     os.close(fd)
     return Path(path)
 
@@ -71,8 +72,10 @@ class ServerProcess:
         self.own_session = own_session  # True: a Ctrl-C in the terminal reaches only the parent, which stops it
         self.host = host
         self.port = port  # None until the server has bound one (it listens on port 0 and writes what it got)
-        self.log_path = Path(log_path) if log_path else _temp_log(module)
-        self.ports_file = self.log_path.with_name(f"{self.log_path.name}.ports.json")
+        self.log_path = Path(log_path) if log_path else _temp_file(module, ".log")
+        # a file of its own: one named after the log was shared by harnesses logging to one folder (make loadtest
+        # beside the demo, both in reports/), and one's server could overwrite the other's port before it was read
+        self.ports_file = _temp_file(module, ".ports.json")
         # --parent-pid: the server drains and exits if this process dies, even by SIGKILL (no orphans)
         self.argv = [sys.executable, "-m", module, *args, "--host", host, "--port", str(port or 0),
                      "--ports-file", str(self.ports_file), "--parent-pid", str(os.getpid())]
@@ -86,7 +89,6 @@ class ServerProcess:
         return f"{self.host}:{self.port}"
 
     def start(self, timeout: float = 120.0) -> "ServerProcess":
-        self.ports_file.unlink(missing_ok=True)  # a file left by an earlier run names another process's port
         with self.log_path.open("wb") as log_file:
             self.process = subprocess.Popen(self.argv, stdout=log_file, stderr=subprocess.STDOUT,
                                             env=_env_with_repo(), start_new_session=self.own_session)
@@ -103,10 +105,11 @@ class ServerProcess:
                 self._give_up(timeout)
             time.sleep(0.05)
         self.port = ports["port"]
+        self.ports_file.unlink(missing_ok=True)  # read: nothing left behind in the temp folder
 
     def _own_ports(self) -> dict | None:
-        """The ports file's content once our process wrote it (another harness logging to the same folder may have
-        written the same name for its own server: its pid says so)."""
+        """The ports file's content once our process wrote it (empty until then; a server this object started
+        before, stopped before it was read, wrote another pid)."""
         try:
             ports = json.loads(self.ports_file.read_text())
         except (FileNotFoundError, ValueError):

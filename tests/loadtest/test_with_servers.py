@@ -157,13 +157,16 @@ def test_flags_a_shell_could_not_split_are_refused_naming_the_option(tmp_path, c
 
 
 def test_a_harness_takes_only_its_own_servers_ports_file(tmp_path):
-    """Two harnesses logging to one folder (`make loadtest` and the demo, both in reports/) name the same ports
-    file: each waits for the one its own process wrote (its pid), never the other's port."""
+    """A harness waits for the ports file its own server process wrote (its pid), never a port another process
+    left there; and each harness has a ports file of its own, whatever folder its logs go to."""
     import json
 
     from loadtest.servers import ServerProcess
 
     server = ServerProcess("retrieval_server", [], log_path=tmp_path / "retrieval_server.log")
+    beside = ServerProcess("retrieval_server", [], log_path=server.log_path)  # a second harness, same log folder
+    assert server.ports_file != beside.ports_file
+    beside.ports_file.unlink()
     server.log_path.write_text("binding...\n")
     server.process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])  # a server still binding
     try:
