@@ -50,12 +50,17 @@ def slot_tokens(requests: Sequence[EngineRequest]) -> int:
     return max(r.tokens_needed(r.validate(vocab_size=2 ** 62, max_seq_len=2 ** 62)) for r in requests)  # sizes only
 
 
-def trend_moments(bundle, ranker: dict) -> tuple[float, float] | None:
-    """The moments a request may name (`TrendTable.moments`) when the ranker reads trends; None: any."""
+def load_trends(bundle, ranker: dict) -> TrendTable | None:
+    """The bundle's trends table when the ranker reads trends (verified), else None."""
     if not ranker.get("trend"):
         return None
     bundle.verify(["trends"])
-    return TrendTable.load(bundle.path("trends")).moments(TrendSettings(**ranker["trend"]))
+    return TrendTable.load(bundle.path("trends"))
+
+
+def trend_moments(trends: TrendTable | None, ranker: dict) -> tuple[float, float] | None:
+    """The moments a request may name (`TrendTable.moments`) when the ranker reads trends; None: any."""
+    return None if trends is None else trends.moments(TrendSettings(**ranker["trend"]))
 
 
 class PromptBuilder:
@@ -84,15 +89,14 @@ class PromptBuilder:
         self.rebuild_profiles = rebuild_profiles  # the command warn_unprofiled names
 
     @classmethod
-    def for_bundle(cls, bundle, tokenizer, ranker: dict, catalog: Catalog) -> "PromptBuilder":
-        """The builder for a bundle's ranker: its stored profiles, (trend prompts) its trends table and (an EASE
-        weight in the retrieval term, EASE rank tokens) its collab table."""
+    def for_bundle(cls, bundle, tokenizer, ranker: dict, catalog: Catalog,
+                   trends: TrendTable | None = None) -> "PromptBuilder":
+        """The builder for a bundle's ranker: its stored profiles, (trend prompts) its trends table (`trends`: as
+        `load_trends` gave it, when the caller has it already) and (an EASE weight in the retrieval term, EASE rank
+        tokens) its collab table."""
         from palr.profiles import Profiles
 
-        trends = collab = None
-        if ranker.get("trend"):
-            bundle.verify(["trends"])
-            trends = TrendTable.load(bundle.path("trends"))
+        trends, collab = trends if trends is not None else load_trends(bundle, ranker), None  # (a table has a len)
         if uses_collab(ranker):
             bundle.verify(["collab"])
             collab = CollabTable.load(bundle.path("collab"))

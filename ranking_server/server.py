@@ -23,7 +23,7 @@ from ranking_server.engines.base import EngineRequest, InvalidRequest, RankingEn
 from ranking_server.inject import injected_load_delay_s
 from ranking_server.metrics import ENGINE
 from ranking_server.planner import Plan, RequestPlanner
-from ranking_server.prompts import PromptBuilder, slot_tokens, trend_moments
+from ranking_server.prompts import PromptBuilder, load_trends, slot_tokens, trend_moments
 from ranking_server.retrieval_client import RetrievalClient
 from ranking_server.servicer import SERVICE_NAME, RankingServicer
 from recsys.v1 import ranking_pb2, ranking_pb2_grpc
@@ -64,9 +64,10 @@ class RankingServer:
         self.catalog = Catalog.load(bundle.path("catalog"))
         users = json.loads(bundle.path("users").read_text())["users"]
         default_candidates, max_candidates = candidate_limits(config, self.ranker)
+        self.trends = load_trends(bundle, self.ranker)  # read once: the planner's moment check and the prompts
         self.planner = RequestPlanner(self.catalog, {u: e["history"] for u, e in users.items()},
                                       default_candidates=default_candidates, max_candidates=max_candidates,
-                                      as_of_span=trend_moments(bundle, self.ranker))
+                                      as_of_span=trend_moments(self.trends, self.ranker))
         largest = largest_answer_bytes(self.catalog, max_candidates)
         if config.max_message_bytes < largest:  # gRPC would refuse the answer after the work, as a traceback
             raise ValueError(f"--max-message-bytes {config.max_message_bytes} is below the largest answer this bundle "
@@ -121,7 +122,7 @@ class RankingServer:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(self.bundle.path(LLM_ARTIFACT))
-        return PromptBuilder.for_bundle(self.bundle, tokenizer, self.ranker, self.catalog)
+        return PromptBuilder.for_bundle(self.bundle, tokenizer, self.ranker, self.catalog, self.trends)
 
     def _sized(self, longest: list[EngineRequest]) -> RankingServerConfig:
         """The config with `--max-seq-len 0` resolved: the KV slot of the longest prompt + answer the bundle can
