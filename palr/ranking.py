@@ -259,8 +259,8 @@ def complete_order(emitted: Sequence[int], n: int, rest_scores: Sequence[float] 
     (the decoding's bias, `generation_bias`: the order decoding follows without the LLM; None: candidate order).
     The model names `generate_k` lines (ranker.json), evaluated and served alike; a longer list goes on here."""
     named = list(dict.fromkeys(emitted))
-    rest = order_by_scores(rest_scores) if rest_scores is not None else range(n)
-    return named + [i for i in rest if i not in set(named)]
+    rest, seen = order_by_scores(rest_scores) if rest_scores is not None else range(n), set(named)
+    return named + [i for i in rest if i not in seen]
 
 
 def target_rank(order: Sequence[int], target_position: int | None) -> Rank:
