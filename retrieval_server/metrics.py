@@ -1,6 +1,6 @@
 """Prometheus metrics of the retrieval server (registered once per process)."""
 
-from prometheus_client import Counter, Histogram, Info
+from prometheus_client import Counter, Gauge, Histogram, Info
 
 from palr.serving.metrics import LATENCY_BUCKETS, RpcMetrics
 
@@ -12,3 +12,5 @@ COLD_STARTS = Counter("retrieval_cold_starts", "requests answered from popularit
 BUILD = Info("retrieval_build", "the SASRec this process retrieves with (the bundle's sasrec_onnx version, as answers "
              "name it in model_version)")
 TRUNCATED = Counter("retrieval_truncated_histories", "requests whose history was longer than the model's max_len")
+MODEL_WAITING = Gauge("retrieval_model_waiting", "requests waiting for the model or in its call now (queue depth; "
+                      "at --max-queue more are refused RESOURCE_EXHAUSTED)")

@@ -16,7 +16,7 @@ from palr.serving.errors import QUEUE_FULL, RequestError, check_known_ids, inval
 from palr.serving.validation import REQUEST_ID_RULE, check_item_id_count, check_user_id, loggable_request_id
 from recsys.v1 import retrieval_pb2, retrieval_pb2_grpc
 from retrieval_server.batcher import RunnerStopped
-from retrieval_server.metrics import COLD_STARTS, RETRIEVE, TRUNCATED
+from retrieval_server.metrics import COLD_STARTS, MODEL_WAITING, RETRIEVE, TRUNCATED
 from palr.sasrec_onnx import Query, Ranked
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,7 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
         self.model_version = model_version
         self.max_queue = max_queue  # requests waiting for the model at once (0: no limit)
         self._waiting = 0
+        MODEL_WAITING.set_function(lambda: self._waiting)  # the newest servicer's (one per process; tests make more)
         self._item_ids = [""] + [item.id for item in catalog.items]  # index → id (0 = padding)
         total = sum(item.train_count for item in catalog.items) or 1
         self._popularity_share = np.array([0.0] + [item.train_count / total for item in catalog.items],
@@ -111,8 +112,8 @@ class RetrievalServicer(retrieval_pb2_grpc.RetrievalServiceServicer):
             COLD_STARTS.inc()
         if truncated:
             TRUNCATED.inc()
-        log.info("rid=%s user=%r history=%d (%s)%s k=%d -> %d candidates in %.1f ms", rid, request.user_id,
-                 len(plan.history), plan.source, " truncated" if truncated else "", plan.k, len(ranked.indices),
+        log.debug("rid=%s user=%r", rid, request.user_id)  # who asked: a user id, kept out of INFO logs
+        log.info("rid=%s history=%d (%s)%s k=%d -> %d candidates in %.1f ms", rid, len(plan.history), plan.source, " truncated" if truncated else "", plan.k, len(ranked.indices),
                  (time.perf_counter() - started) * 1e3)
 
     def plan(self, request: retrieval_pb2.RetrieveRequest) -> Plan:

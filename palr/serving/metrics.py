@@ -95,6 +95,8 @@ class RpcMetrics:
         self.latency = Histogram(f"{prefix}_request_seconds", f"{rpc} latency from handler start to last message, "
                                  "by final status code", ["code"], buckets=LATENCY_BUCKETS)
         self.in_flight = Gauge(f"{prefix}_requests_in_flight", f"{rpc} RPCs being handled now")
+        self.requests.labels("OK")  # the answered series exist, at 0, from start-up: a rate() or an SLO ratio over
+        self.latency.labels("OK")  # them reads 0 before the first call, not "no data"
 
     @contextlib.asynccontextmanager
     async def track(self, context: grpc.aio.ServicerContext, rid: str, logger: logging.Logger, tracer=None):

@@ -87,6 +87,13 @@ def health_status(channel: grpc.Channel, service: str = "") -> int:
     return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5).status
 
 
+def test_the_answered_series_exist_at_zero_before_the_first_call():
+    """An SLO ratio or rate() over code="OK" reads 0 on a replica no call reached yet, not "no data"."""
+    RpcMetrics("test_fresh", "Fresh")
+    assert REGISTRY.get_sample_value("test_fresh_requests_total", {"code": "OK"}) == 0
+    assert REGISTRY.get_sample_value("test_fresh_request_seconds_count", {"code": "OK"}) == 0
+
+
 def test_health_not_serving_until_warm_then_serving_then_not_serving_while_draining(server_loop):
     service = PlumbingService(delay_s=0.5)
     server = start_server(server_loop, ServerConfig(port=0, grace=5.0), service)

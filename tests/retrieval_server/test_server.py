@@ -558,7 +558,7 @@ def test_requests_whose_deadline_passes_in_the_queue_are_counted_as_deadline_exc
 def test_over_max_queue_is_resource_exhausted_at_once_and_the_server_keeps_serving(server_loop, tiny_bundle, facts):
     """--max-queue 2: while two requests wait for an ORT call held on purpose, a third is refused with
     RESOURCE_EXHAUSTED at once (the held call has not returned when the refusal comes) instead of waiting behind
-    them; the waiting ones are answered, and so is the next."""
+    them; the waiting ones are answered, and so is the next. `retrieval_model_waiting` shows the queue."""
     import threading
     import time
 
@@ -576,7 +576,8 @@ def test_over_max_queue_is_resource_exhausted_at_once_and_the_server_keeps_servi
             waiting = [threading.Thread(target=lambda: answers.append(ask())) for _ in range(2)]
             for thread in waiting:
                 thread.start()
-            wait_until(lambda: server.servicer._waiting == 2, what="both requests waiting for the model")
+            waiting_now = lambda: REGISTRY.get_sample_value("retrieval_model_waiting")  # noqa: E731
+            wait_until(lambda: waiting_now() == 2, what="both requests waiting for the model, in the gauge")
             with pytest.raises(grpc.RpcError) as error:  # the model is held until after this: waiting behind it
                 list(stub.Retrieve(request, timeout=5))  # would end in DEADLINE_EXCEEDED, not a refusal
             release.set()
@@ -586,6 +587,7 @@ def test_over_max_queue_is_resource_exhausted_at_once_and_the_server_keeps_servi
             assert "--max-queue 2" in error.value.details()
             assert QUEUE_FULL in error.value.trailing_metadata()  # callers may send it to another replica
             assert len(answers) == 2 and all(answers) and ask()
+            assert waiting_now() == 0
     finally:
         release.set()
         server_loop.run(server.drain())
