@@ -4,6 +4,9 @@ Per request (updated by the servicer):
     ranking_requests{code}                  Recommend RPCs by final status code (+ latency, in flight)
     ranking_stage_seconds{stage}            retrieval | queue | ranking | total, per answered request (queue and
                                             ranking: the answers the model computed)
+    ranking_answer_seconds{answer}          an answered request's total time, by how it was answered: model |
+                                            repeat | degraded | cold_start | nothing_to_rank (`ANSWER_SOURCES`);
+                                            the model's own latency apart from answers that never ran it
     ranking_degraded{reason}                answers by the linear term instead of the LLM: deadline, engine_error
     ranking_rejected{reason}                requests refused: invalid_argument, queue_full, deadline,
                                             retrieval_unavailable, retrieval_queue_full (the retrieval tier
@@ -40,6 +43,16 @@ STAGE_SECONDS = Histogram("ranking_stage_seconds", "time per request stage: retr
                           "only (not cold starts or empty lists, which never reach it, kept answers to exact repeats, "
                           "which wait for no slot, or a degraded answer's aborted wait, which has no split)",
                           ["stage"], buckets=LATENCY_BUCKETS)
+ANSWER_SOURCES = {
+    "model": "the engine ran the LLM for it (or it joined an identical request's run, waiting for that run)",
+    "repeat": "the engine's kept answer to an exact repeat of an earlier request (no model time)",
+    "degraded": "the linear term's order, after the deadline neared or the engine failed (ranking_degraded)",
+    "cold_start": "popularity candidates as they are (no history: no user for the LLM to read)",
+    "nothing_to_rank": "one candidate or none came back from retrieval: answered as it is",
+}
+ANSWER_SECONDS = Histogram("ranking_answer_seconds", "answered requests' total time, by how each was answered: "
+                           + "; ".join(f"{k}: {v}" for k, v in ANSWER_SOURCES.items()), ["answer"],
+                           buckets=LATENCY_BUCKETS)
 DEGRADED = Counter("ranking_degraded", "answers by the linear term (no LLM) instead of the LLM's, by reason", ["reason"])
 REJECTED = Counter("ranking_rejected", "requests refused, by reason", ["reason"])
 RETRIEVAL_QUEUE_FULL_RETRIES = Counter(
@@ -54,7 +67,9 @@ BUILD = Info("ranking_build", "what this process ranks with once its engine is a
 DEGRADED_REASONS = ("deadline", "engine_error")
 REJECTED_REASONS = ("invalid_argument", "queue_full", "deadline", "retrieval_unavailable", "retrieval_queue_full",
                     "retrieval_error", "loading")
-for _reason in DEGRADED_REASONS:  # every series exists from the start, at 0, for dashboards and rate()
+for _source in ANSWER_SOURCES:  # every series exists from the start, at 0, for dashboards and rate()
+    ANSWER_SECONDS.labels(_source)
+for _reason in DEGRADED_REASONS:
     DEGRADED.labels(_reason)
 for _reason in REJECTED_REASONS:
     REJECTED.labels(_reason)

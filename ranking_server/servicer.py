@@ -6,7 +6,8 @@
      timeout (the linear term's order is the degraded answer, so a deadline shorter than
      --degrade-reserve-ms still gets it, without the LLM);
   3. cold start (no history): answers the popularity candidates as they are (the LLM would see no
-     user at all: no history, no profile);
+     user at all: no history, no profile); one candidate (or none) is answered as it is too: there is
+     nothing to order;
   4. WAITS in the engine: `await engine.rank(...)` queues for a batch slot, then the MODEL RUNS on
      the engine thread (`ranking_server/engines/hf.py`), bounded by what is left of the deadline;
   5. fuses the LLM's scores with the retrieval scores (`palr.ranking`, as the evaluation does) and
@@ -39,7 +40,7 @@ from ranking_server.config import RankingServerConfig
 from ranking_server.inject import injected_delay_s
 from ranking_server.engines.base import EngineError, EngineOverloaded, InvalidRequest, RankingEngine
 from ranking_server.metrics import (
-    BUILD, COLD_STARTS, DEGRADED, RECOMMEND, REJECTED, RETRIEVAL_MODEL_MISMATCH, STAGE_SECONDS)
+    ANSWER_SECONDS, BUILD, COLD_STARTS, DEGRADED, RECOMMEND, REJECTED, RETRIEVAL_MODEL_MISMATCH, STAGE_SECONDS)
 from ranking_server.planner import Plan, RequestPlanner, retrieval_lists
 from ranking_server.prompts import PromptBuilder
 from ranking_server.retrieval_client import RetrievalClient
@@ -94,6 +95,7 @@ class Answer:
     reused: bool = False  # the engine's kept answer to an identical earlier request (no model time)
     joined: bool = False  # ... one running when this came: it waited for that run's slot and passes
     by_llm: bool = False  # the engine answered (not a cold start, an empty list or a degraded answer)
+    source: str = "model"  # how it was answered: `ranking_server.metrics.ANSWER_SOURCES`
 
 
 class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
@@ -151,17 +153,19 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             retrieved = await self._retrieve(plan, deadline)
         retrieval_ms = 1e3 * (time.perf_counter() - started)
         k = min(plan.k, len(retrieved.items))
-        if retrieved.cold_start or not retrieved.items:
+        if retrieved.cold_start or len(retrieved.items) <= 1:  # no user for the LLM to read, or nothing to order
             if retrieved.cold_start:
                 COLD_STARTS.inc()
-            answer = Answer(ranking=[(i, retrieved.scores[i]) for i in range(k)])
+            answer = Answer(ranking=[(i, retrieved.scores[i]) for i in range(k)],
+                            source="cold_start" if retrieved.cold_start else "nothing_to_rank")
         else:
             answer = await self._rank(plan, retrieved, k, deadline)
         total_ms = 1e3 * (time.perf_counter() - started)
         self._observe(retrieval_ms, answer, total_ms)
-        log.info("rid=%s user=%r history=%d (%s) mode=%s k=%d -> %d of %d candidates%s%s%s; retrieval %.1f ms, "
-                 "queue %.1f ms, ranking %.1f ms%s, total %.1f ms", rid, plan.user_id, len(plan.history),
-                 plan.history_source, plan.mode, plan.k, len(answer.ranking), len(retrieved.items),
+        log.debug("rid=%s user=%r", rid, plan.user_id)  # who asked: a user id, kept out of INFO logs
+        log.info("rid=%s history=%d (%s) mode=%s k=%d -> %d of %d candidates (%s)%s%s%s; retrieval %.1f ms, "
+                 "queue %.1f ms, ranking %.1f ms%s, total %.1f ms", rid, len(plan.history),
+                 plan.history_source, plan.mode, plan.k, len(answer.ranking), len(retrieved.items), answer.source,
                  " cold start" if retrieved.cold_start else "",
                  f" DEGRADED ({answer.degraded_reason})" if answer.degraded_reason else "",
                  " (a repeat: the kept answer)" if answer.reused else "",
@@ -247,7 +251,8 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             "llm.answer_reused": result.answer_reused})
         return Answer(ranking=self.prompts.ranking(result, job.retrieval_term, k, job.candidate_bias),
                       queue_ms=result.timings.queue_ms, ranking_ms=waited_ms - result.timings.queue_ms,
-                      reused=result.answer_reused, joined=result.answer_joined, by_llm=True)
+                      reused=result.answer_reused, joined=result.answer_joined, by_llm=True,
+                      source="repeat" if result.answer_reused and not result.answer_joined else "model")
 
     def _degrade(self, plan: Plan, linear_order: list[tuple[int, float]], reason: str, detail: str,
                  submitted: float, submitted_ns: int = 0) -> Answer:
@@ -261,7 +266,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         log.warning("rid=%s degraded (%s): %s; answering by the linear term, no LLM", plan.request_id, reason,
                     detail)
         waited_ms = 1e3 * (time.perf_counter() - submitted) if submitted else 0.0
-        return Answer(ranking=linear_order, ranking_ms=waited_ms, degraded_reason=reason)
+        return Answer(ranking=linear_order, ranking_ms=waited_ms, degraded_reason=reason, source="degraded")
 
     def _time_left(self, deadline: float) -> float:
         """Seconds until the deadline minus the reserve kept to answer degraded."""
@@ -278,6 +283,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             stages += [("queue", answer.queue_ms), ("ranking", answer.ranking_ms)]
         for stage, ms in stages:
             STAGE_SECONDS.labels(stage).observe(ms / 1e3)
+        ANSWER_SECONDS.labels(answer.source).observe(total_ms / 1e3)
 
     def _response(self, plan: Plan, retrieved: Retrieved, answer: Answer, retrieval_ms: float,
                   total_ms: float) -> ranking_pb2.RecommendResponse:

@@ -127,8 +127,8 @@ def test_every_query_uses_metrics_and_labels_the_servers_export(exported):
                    "ranking_engine_batch_slots_total", "ranking_engine_steps_total", "ranking_engine_tokens_total",
                    "ranking_engine_answer_cache_total", "ranking_retrieval_model_mismatch_total",
                    "ranking_degraded_total", "ranking_rejected_total", "ranking_cold_starts_total",
-                   "ranking_requests_total", "retrieval_request_seconds_bucket", "retrieval_ort_batch_size_sum",
-                   "retrieval_ort_batch_size_count"):
+                   "ranking_requests_total", "ranking_answer_seconds_bucket", "retrieval_request_seconds_bucket",
+                   "retrieval_ort_batch_size_sum", "retrieval_ort_batch_size_count", "retrieval_model_waiting"):
         assert wanted in used, f"the dashboard does not show {wanted}"
 
 

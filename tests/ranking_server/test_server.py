@@ -33,7 +33,7 @@ from palr.serving.server import NOT_SERVING, SERVING
 from palr.serving.errors import QUEUE_FULL
 from palr.serving.validation import MAX_ITEM_IDS
 from ranking_server.config import RankingServerConfig
-from ranking_server.metrics import ENGINE
+from ranking_server.metrics import ANSWER_SOURCES, ENGINE
 from ranking_server.prompts import slot_tokens
 from ranking_server.server import SLOT_BLOCK, RankingServer
 from ranking_server.servicer import SERVICE_NAME
@@ -372,6 +372,22 @@ def test_exclude_is_left_out_and_k_is_capped_by_what_retrieval_returns(stub, ref
     rest = [item.id for item in reference.catalog.items if item.id not in history and item.id not in left]
     few = recommend(stub, user_id=user, k=5, num_candidates=5, exclude=rest)  # retrieval can return 3 items only
     assert sorted(i.item_id for i in few.items) == sorted(left) and not few.degraded and not few.cold_start
+
+
+@pytest.mark.parametrize("mode", [SCORE, GENERATE])
+def test_a_single_candidate_is_answered_as_it_is_without_the_llm(stub, ranking, reference, mode):
+    """One candidate has one order: the engine is not asked (no queue, no model time), and the answer is the
+    retrieved item with its retrieval score, not flagged degraded."""
+    user = some_users(reference, 1)[0]
+    completed, answer_misses = ranking.engine.stats().completed, ranking.engine.stats().answer_misses
+    response = recommend(stub, user_id=user, k=1, num_candidates=1, mode=mode)
+    retrieved = reference.retrieved(1, user_id=user)
+    assert [(i.item_id, i.score, i.retrieval_rank) for i in response.items] == [
+        (retrieved[0].item_id, pytest.approx(retrieved[0].score), 0)]
+    assert not response.degraded and not response.cold_start and response.mode == mode
+    assert response.timings.queue_ms == response.timings.ranking_ms == 0
+    stats = ranking.engine.stats()
+    assert (stats.completed, stats.answer_misses) == (completed, answer_misses)  # the LLM was not asked
 
 
 def test_a_stored_history_longer_than_a_request_field_may_hold_is_served_and_its_old_items_stay_excluded(
@@ -846,6 +862,8 @@ def test_metrics_show_stages_codes_cold_starts_and_engine_counters(ranking, stub
         assert delta(f'ranking_stage_seconds_count{{stage="{stage}"}}') == 4
     for stage in ("queue", "ranking"):  # the model's answers only: not the cold start, nor the repeat's kept answer
         assert delta(f'ranking_stage_seconds_count{{stage="{stage}"}}') == 2
+    answers = {source: delta(f'ranking_answer_seconds_count{{answer="{source}"}}') for source in ANSWER_SOURCES}
+    assert answers == {"model": 2, "repeat": 1, "cold_start": 1, "degraded": 0, "nothing_to_rank": 0}
     assert delta('ranking_engine_requests_total{outcome="completed"}') == 2  # the repeat did not run the model
     assert (delta('ranking_engine_answer_cache_total{event="hit"}'),
             delta('ranking_engine_answer_cache_total{event="miss"}')) == (1, 2)
