@@ -100,6 +100,28 @@ class FinetuneConfig:
         "help": "candidate readout: weight of the listwise loss on the label logits after the prompt plus the "
                 "(fixed) fused scores, what generate mode decodes (0: generate mode gets untrained labels)"})
 
+    def __post_init__(self) -> None:
+        """Refused here, before the run drops the bundle's adapter or a checkpoint: a negative --max-steps trained
+        nothing and replaced the adapter with an untrained one, --batch-size 0 deleted the checkpoints and then
+        crashed, and --layers -1 saved a model with no decoder layers."""
+        for name in ("rank", "batch_size", "valid_examples", "max_tokens"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("layers", "top_layers", "max_steps", "warmup_steps", "save_every", "eval_every", "stop_after",
+                     "threads"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        for name in ("epochs", "lr", "alpha"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number > 0, got {value}")
+        for name in ("weight_decay", "max_grad_norm", "fusion_in_loss", "projector_lr", "head_lr", "generate_loss"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
+
 
 # -- data -----------------------------------------------------------------------------------------
 
@@ -355,6 +377,16 @@ def run_checkpoints(bundle_root: Path, run_fingerprint: str) -> Path:
     return bundle_root / CHECKPOINT_DIR / run_fingerprint[:16]
 
 
+def log_other_runs(bundle_root: Path, own: Path) -> None:
+    """Says which other runs' checkpoint folders are kept beside this run's, and their size (removed by hand)."""
+    others = [d for d in sorted((bundle_root / CHECKPOINT_DIR).glob("*")) if d.is_dir() and d != own]
+    if others:
+        size = sum(f.stat().st_size for d in others for f in d.rglob("*") if f.is_file())
+        log.info("kept the checkpoints of %d other run(s) with other inputs (%.1f MB: %s): rerun with their options to "
+                 "resume one; delete a folder when it is no longer wanted", len(others), size / 2**20,
+                 ", ".join(str(d.relative_to(bundle_root)) for d in others))
+
+
 def save_checkpoint(root: Path, step: int, model, optimizer, scheduler, state: dict,
                     extras: Callable[[Path], None] = lambda _: None) -> Path:
     """`root/step-NNNNNN` (adapter, `extras` written into it, trainer state), complete before it appears; older
@@ -549,8 +581,9 @@ def train(bundle: Bundle, config: FinetuneConfig, run_fp: str) -> dict:
         extra.load_state_dict(load_file(str(path / WEIGHTS)))
         start, record = state["step"], state["record"]
         log.info("resuming from %s (step %d of %d)", path, start, steps)
-    else:  # a fresh start: no run's checkpoints are of use any more (another's inputs, or --force)
-        shutil.rmtree(bundle.root / CHECKPOINT_DIR, ignore_errors=True)
+    else:  # a fresh start (no checkpoint of these inputs, or --force): this run's folder only. Another run's stay
+        shutil.rmtree(checkpoints, ignore_errors=True)  # (a run trained in pieces, paused to try other options,
+        log_other_runs(bundle.root, checkpoints)  # resumes when rerun with its own; they were all deleted)
     settings = projector_settings(bundle, meta)
 
     def save_extras(directory: Path) -> None:

@@ -54,6 +54,8 @@ def keep_first_layers(model, layers: int):
     """The model with only its first `layers` decoder layers (0 or all: unchanged), in place; the final
     norm and the LM head stay. A ranker read at the label logits need not run all of a chat model's
     layers (each layer is ~1/30 of SmolLM2's compute): `compile finetune --layers N` measures it."""
+    if layers < 0:  # layers[:-1] would keep all but one while the config said -1: a model with none once saved
+        raise ValueError(f"layers must be >= 0 (0 = all), got {layers}")
     text = model.config.get_text_config()
     if not layers or layers >= text.num_hidden_layers:
         return model

@@ -125,6 +125,35 @@ def test_a_run_with_other_inputs_resumes_from_its_own_checkpoint_not_an_earlier_
     assert len(done["losses"]) == 4
 
 
+def test_a_run_paused_for_one_with_other_options_still_resumes_when_rerun_with_its_own(bundle_copy, caplog):
+    """Training in pieces (--stop-after), then trying other options from scratch: the paused run's checkpoint was
+    deleted with every other run's, and rerunning its options started over."""
+    settings = dict(max_steps=4, batch_size=4, save_every=2, seed=3)
+    run(FinetuneConfig(bundle=bundle_copy, force=True, lr=1e-2, stop_after=2, **settings))  # paused at step 2
+    with caplog.at_level("INFO", logger="compile.finetune"):
+        run(FinetuneConfig(bundle=bundle_copy, lr=2e-2, **settings))  # other inputs, a fresh start, finished
+    assert "kept the checkpoints of 1 other run(s)" in caplog.text
+    caplog.clear()
+    with caplog.at_level("INFO", logger="compile.finetune"):
+        run(FinetuneConfig(bundle=bundle_copy, lr=1e-2, **settings))
+    assert "resuming from" in caplog.text and "(step 2 of 4)" in caplog.text
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("max_steps", -1, "--max-steps must be >= 0"), ("batch_size", 0, "--batch-size must be >= 1"),
+    ("layers", -1, "--layers must be >= 0"), ("epochs", 0.0, "--epochs must be a finite number > 0"),
+    ("lr", float("nan"), "--lr must be a finite number > 0"), ("dropout", 1.0, "--dropout must be in"),
+])
+def test_an_option_that_would_train_nothing_or_lose_the_adapter_is_refused_before_anything_is_touched(
+        bundle_copy, flag, value, message):
+    """--max-steps -1 replaced the adapter with an untrained one, --batch-size 0 deleted the checkpoints and then
+    crashed, --layers -1 saved a model with no decoder layers: refused by the config, the bundle left as it was."""
+    before = (bundle_copy / "manifest.json").read_text()
+    with pytest.raises(ValueError, match=message):
+        run(FinetuneConfig(bundle=bundle_copy, **{flag: value}))
+    assert (bundle_copy / "manifest.json").read_text() == before
+
+
 def test_merge_refuses_an_earlier_adapter_while_a_run_with_other_options_is_unfinished(bundle_copy):
     """The earlier run's adapter matches the bundle's SFT data and base model, so merge took it for the stopped
     run's; the bundle now stops naming it until the new run finishes."""
