@@ -19,6 +19,12 @@ from palr.cli import LOG_FORMAT, add_config_arguments, add_log_level, build_conf
 from palr.errors import EngineError
 
 
+def _preset_default(config_cls: type) -> str:
+    """What a step runs with when no --preset is given: its config's `preset` default (all's), else its own."""
+    preset = config_cls.__dataclass_fields__.get("preset")
+    return preset.default if preset is not None else "none, this step's own defaults below"
+
+
 def _step_parser(step: str) -> tuple[argparse.ArgumentParser, type, object]:
     _, module_name, config_name, help_text = STEPS[step]
     module = importlib.import_module(module_name)
@@ -26,7 +32,8 @@ def _step_parser(step: str) -> tuple[argparse.ArgumentParser, type, object]:
     parser = argparse.ArgumentParser(prog=f"python -m compile {step}", description=help_text + "\n\n" + (module.__doc__ or ""),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=sorted(PRESETS), default=argparse.SUPPRESS,
-                        help="option set: quick (make demo), full (best quality), tiny (tests)")
+                        help="option set: quick (make demo), full (best quality, ~30 min), tiny (tests); default: "
+                             + _preset_default(config_cls))
     add_log_level(parser)
     add_config_arguments(parser, config_cls, skip=("preset",))  # a config's `preset` field comes from --preset
     return parser, config_cls, module

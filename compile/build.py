@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from compile.llm_common import preset_flag
 from compile.steps import StepFailed
 from compile.targets import BUILDERS, BuildContext
 from palr.bundle import Bundle, file_checksums, fingerprint, write_atomically
@@ -202,6 +203,25 @@ def check_options_for(target: str, config: BuildConfig) -> None:
                     target)
 
 
+def check_probes_match_the_model(bundle: Bundle) -> None:
+    """StepFailed when the SFT data (whose validation prompts are the build's quality probes) is not what the merged
+    model was trained on: sft-data run again with other prompt options, finetune and merge not, would choose the
+    precision on prompts the served model never sees (their extra token ids may even run past its table)."""
+    if not (bundle.has("lora") and bundle.has("sft_data")):
+        return
+    lora = bundle.artifact("lora")
+    merged_from = json.loads(bundle.path("ranker").read_text()).get("lora") if bundle.has("ranker") else None
+    trained_on = lora.get("sft_data")
+    stale = []
+    if merged_from and merged_from != bundle.version("lora"):
+        stale.append(f"the merged model is of adapter {merged_from}, the bundle's is {bundle.version('lora')}")
+    if trained_on and trained_on != bundle.version("sft_data"):
+        stale.append(f"the adapter was trained on sft_data {trained_on}, the bundle's is {bundle.version('sft_data')}")
+    if stale:
+        raise StepFailed(f"build: {'; '.join(stale)}: finetune and merge first (python -m compile all --bundle "
+                         f"{bundle.root} {preset_flag(bundle)}), then build")
+
+
 def run(config: BuildConfig) -> Path:
     target = config.target or detect_target()
     check_options_for(target, config)
@@ -232,6 +252,7 @@ def run(config: BuildConfig) -> Path:
     # what is built from and measured with are the files the manifest names (the versions the build records); a
     # step stopped after rewriting them would otherwise pass new weights off under the old version
     bundle.verify([name for name in (SOURCE, "ranker", "sft_data") if bundle.has(name)])
+    check_probes_match_the_model(bundle)
     started = time.perf_counter()
     final = bundle.root / "engines" / target
     final.parent.mkdir(parents=True, exist_ok=True)

@@ -62,6 +62,7 @@ def run(config: CollabConfig) -> Path:
         log.info("collab table is current (%s); skipping", out)
         return out
     started = time.perf_counter()
+    bundle.verify(["catalog"])  # a catalog changed since it was recorded: named, not a KeyError from inside it
     catalog = Catalog.load(bundle.path("catalog"))
     histories = train_valid_histories(Corpus.load_for(bundle, config.data), catalog)
     table = CollabTable.fit(histories, catalog.num_indices, config.l2)

@@ -23,6 +23,12 @@ def fingerprint_record(config: Any, bundle: Any, *unused: str) -> dict[str, Any]
     return record
 
 
+def preset_flag(bundle: Any) -> str:
+    """`--preset P` with the preset `compile all` last built the bundle with (its `all` step record), for the
+    commands an error tells the operator to run; `--preset PRESET` when no `compile all` built it."""
+    return f"--preset {bundle.manifest.steps.get('all', {}).get('preset') or 'PRESET'}"
+
+
 def check_sft_data(bundle: Any, step: str) -> None:
     """StepFailed unless llm/sft holds the files `sft-data` recorded: a run of it stopped part-way leaves new and
     old files side by side under the old version, and training or merging on them would mix two data sets."""
@@ -33,5 +39,5 @@ def check_sft_data(bundle: Any, step: str) -> None:
         bundle.verify(["sft_data"])
     except BundleError as e:
         raise StepFailed(f"{step}: the SFT data is not what sft-data wrote ({e}); make it again with the options it "
-                         f"was built with: python -m compile sft-data --bundle {bundle.root} --preset PRESET --force "
-                         f"(the bundle's preset)") from None
+                         f"was built with: python -m compile sft-data --bundle {bundle.root} {preset_flag(bundle)} "
+                         f"--force") from None

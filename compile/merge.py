@@ -39,7 +39,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from compile.llm_common import check_sft_data, config_record, fingerprint_record
+from compile.llm_common import check_sft_data, config_record, fingerprint_record, preset_flag
 from compile.sft_data import candidate_readout, example_readout, read_jsonl
 from compile.steps import StepFailed
 from palr.bundle import Bundle, file_checksums, fingerprint, write_atomically, write_directory
@@ -297,7 +297,7 @@ def check_adapter_inputs(bundle: Bundle) -> None:
         if trained_on is not None and trained_on != now:
             raise ValueError(f"the LoRA adapter ({bundle.path('lora')}) was trained on {name} version {trained_on}, "
                              f"and the bundle's {name} is now {now}: train it again first with the options it "
-                             f"was built with (python -m compile finetune --bundle {bundle.root} --preset PRESET)")
+                             f"was built with (python -m compile finetune --bundle {bundle.root} {preset_flag(bundle)})")
 
 
 def run(config: MergeConfig) -> Path:

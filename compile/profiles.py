@@ -189,10 +189,12 @@ def run(config: ProfilesConfig) -> Path:
         log.info("profiles are current (%s); skipping", out)
         return out
     started = time.perf_counter()
+    bundle.verify(["catalog", "users"])  # changed since recorded: named, not a KeyError from inside them
     catalog = Catalog.load(bundle.path("catalog"))
     users = load_histories(bundle.path("users"), catalog)
     if not users:
-        raise BundleError(f"{bundle.path('users')}: no users to profile; re-run compile sasrec --force")
+        raise BundleError(f"{bundle.path('users')}: no users to profile: the data's split has none (check --data "
+                          f"and rebuild the bundle with compile all)")
     user_ids = sorted(users, key=natural_key)[: config.users or None]
     histories = [[catalog.item(i) for i in users[u]] for u in user_ids]
     keywords = profiler(bundle, catalog, config)(histories)

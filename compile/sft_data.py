@@ -375,6 +375,8 @@ def run(config: SftDataConfig) -> Path:
         log.info("SFT data is current (%s); skipping", out)
         return out
     started = time.perf_counter()
+    # changed since recorded: named, not an error from inside them (the base model: transformers says what it lacks)
+    bundle.verify([name for name in inputs if name != "llm_base"])
     corpus = Corpus.load_for(bundle, config.data)
     catalog = Catalog.load(bundle.path("catalog"))
     vocab = AutoConfig.from_pretrained(bundle.path("llm_base")).get_text_config().vocab_size

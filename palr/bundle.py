@@ -184,6 +184,8 @@ class Manifest:
             raw = json.loads(text)
         except json.JSONDecodeError as e:
             raise BundleError(f"{source}: not valid JSON ({e})") from None
+        if not isinstance(raw, dict):
+            raise BundleError(f"{source}: not a manifest (a JSON object), but {type(raw).__name__}; rebuild the bundle")
         version = raw.get("schema_version")
         if version != SCHEMA_VERSION:
             raise BundleError(f"{source}: schema_version {version!r}, this code reads {SCHEMA_VERSION}; rebuild the bundle")

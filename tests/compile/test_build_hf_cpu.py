@@ -238,6 +238,23 @@ def test_a_build_refuses_merged_weights_the_manifest_does_not_name(hf_cpu_bundle
     assert Bundle.open(hf_cpu_bundle_copy).artifact(NAME)["sha256"] == before
 
 
+@pytest.mark.parametrize("edit, named", [
+    (lambda artifacts: artifacts["lora"].update(sft_data="0123456789ab"), "trained on sft_data 0123456789ab"),
+    (lambda artifacts: artifacts["lora"].update(sha256="fedcba9876543210"), "the bundle's is fedcba987654"),
+])
+def test_a_build_refuses_probes_from_sft_data_the_served_model_was_not_trained_on(hf_cpu_bundle_copy, edit, named):
+    """sft-data run again with other prompt options (or finetune without merge): the build chose the precision on
+    validation prompts the merged model never saw."""
+    from compile.steps import StepFailed
+
+    manifest = json.loads((hf_cpu_bundle_copy / "manifest.json").read_text())
+    edit(manifest["artifacts"])
+    (hf_cpu_bundle_copy / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(StepFailed, match=f"{named}.*finetune and merge first"):
+        build.run(build_config(hf_cpu_bundle_copy, "hf-cpu", measure=False, dtype="fp32", force=True))
+    assert [p.name for p in (hf_cpu_bundle_copy / "engines").iterdir()] == ["hf-cpu"]
+
+
 def test_a_build_whose_manifest_cannot_be_saved_puts_the_old_build_back(hf_cpu_bundle_copy, monkeypatch):
     """The old build was deleted before the new one was recorded: a failed save (a full disk, a kill) left files the
     manifest's checksums did not match, and the server refused to start until a rebuild."""

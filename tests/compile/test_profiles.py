@@ -150,6 +150,20 @@ def test_settings_that_cannot_work_are_refused(field, value):
         ProfilesConfig(**{field: value})
 
 
+def test_a_catalog_changed_since_it_was_recorded_is_named_not_a_traceback_from_inside_it(tiny_llm_bundle, tmp_path):
+    """`compile profiles` and `collab` read catalog.json unverified: `{}` there was a KeyError: 'items'."""
+    from compile import collab
+    from palr.bundle import BundleError
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_llm_bundle, bundle, symlinks=True)
+    (bundle / "catalog.json").write_text("{}")
+    with pytest.raises(BundleError, match="catalog: catalog.json checksum"):
+        run(ProfilesConfig(bundle=bundle, method="stats", force=True))
+    with pytest.raises(BundleError, match="catalog: catalog.json checksum"):
+        collab.run(collab.CollabConfig(bundle=bundle, force=True))
+
+
 @pytest.mark.parametrize("users_file", ['{"users": {}}', '{"users": {"1": {"history": ["no-such-item"]}}}'])
 def test_a_users_file_without_users_of_this_catalog_is_refused_by_name(tiny_llm_bundle, tmp_path, users_file):
     """An empty users.json was an IndexError (after writing an empty profiles.json); an unknown item a KeyError."""

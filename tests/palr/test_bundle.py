@@ -38,6 +38,10 @@ def test_bad_manifests_are_refused(tmp_path):
     (tmp_path / "manifest.json").write_text("{")
     with pytest.raises(BundleError, match="not valid JSON"):
         Bundle.open(tmp_path)
+    for not_an_object in ("[]", "null", "3"):  # an AttributeError traceback from every step that opened it
+        (tmp_path / "manifest.json").write_text(not_an_object)
+        with pytest.raises(BundleError, match="not a manifest"):
+            Bundle.open(tmp_path)
     (tmp_path / "manifest.json").write_text(json.dumps({"schema_version": 99}))
     with pytest.raises(BundleError, match="schema_version 99"):
         Bundle.open(tmp_path)
