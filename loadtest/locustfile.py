@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import gevent
+import gevent.event
 from locust import events, task
 from locust.log import greenlet_exception_logger
 from locust.runners import STATE_CLEANUP, STATE_RUNNING, STATE_SPAWNING, STATE_STOPPING, MasterRunner, WorkerRunner
@@ -36,7 +37,7 @@ from locust.runners import STATE_CLEANUP, STATE_RUNNING, STATE_SPAWNING, STATE_S
 from loadtest.grpc_user import GrpcUser
 from loadtest.patterns import PATTERNS, zipf_weights
 from loadtest.report import DISTURBED_PCT, CpuTimes, cpu_share
-from loadtest.slo import SloError, SloProfile, gate
+from loadtest.slo import EXIT_BROKEN, SloError, SloProfile, gate
 from palr.serving import tracing
 from palr.bundle import Bundle, BundleError, write_atomically
 from ranking_server.planner import MODES
@@ -207,10 +208,29 @@ def end_distributed_run(runner: MasterRunner, stop_timeout_s: float) -> None:
         log.info("--run-time limit reached: telling %d worker(s) to quit; they finish their calls (at most "
                  "--stop-timeout), send their final stats, then the SLO gate runs", tell_workers_to_quit(runner))
         gevent.sleep(stop_timeout_s + 60)  # the master quits before this when the last worker quits
-        log.warning("workers %s did not quit within --stop-timeout + 60 s: quitting without their last stats",
-                    [c.id for c in runner.clients.all])
+        lost = [c.id for c in runner.clients.all]
+        log.warning("workers %s did not quit within --stop-timeout + 60 s: quitting without their last stats", lost)
+        record_incomplete(runner.environment, f"workers {lost} did not send their last stats (no quit within "
+                                              f"--stop-timeout + 60 s)")
     finally:  # the run ends either way (also if telling them failed)
         runner.quit()
+
+
+def record_incomplete(environment, reason: str) -> None:
+    """Notes for the SLO gate (loadtest.slo.gate: BROKEN) why the run's statistics lack calls it made or meant to."""
+    if not hasattr(environment, "incomplete_run"):
+        environment.incomplete_run = set()
+    environment.incomplete_run.add(reason)
+
+
+def watch_for_lost_workers(runner: MasterRunner, every_s: float = 1.0) -> None:
+    """A worker that stops sending heartbeats (crashed, its machine gone) is marked missing, then dropped from the
+    master's clients: its users' load was never applied, and its calls since its last report are not counted, yet
+    the gate passed on the rest. Noted for the gate while the run lasts."""
+    while True:
+        for client in runner.clients.missing:
+            record_incomplete(runner.environment, f"worker {client.id} went missing during the run (no heartbeat)")
+        gevent.sleep(every_s)
 
 
 def tell_workers_to_quit(runner: MasterRunner) -> int:
@@ -261,6 +281,8 @@ def load_traffic(environment, **_kwargs) -> None:
         stop_timeout = float(environment.parsed_options.stop_timeout or 0)
         ending = gevent.spawn_later(MASTER_RUN_TIME_S, end_distributed_run, environment.runner, stop_timeout)
         ending.link_exception(greenlet_exception_logger(log))
+    if isinstance(environment.runner, MasterRunner):
+        gevent.spawn(watch_for_lost_workers, environment.runner).link_exception(greenlet_exception_logger(log))
     CPU_AT_START = CpuTimes.now()
     TRAFFIC = traffic = Traffic.from_options(environment.parsed_options)
     endpoint = getattr(environment.parsed_options, "otlp_endpoint", "")
@@ -285,15 +307,24 @@ def slo_gate(environment, **_kwargs) -> None:
     """The gate runs where the statistics are: the master, or the only process (not on workers). Before it, what
     the hypervisor took from this machine during the run: a limit broken on a VM that lost much of its CPU to
     other guests may be the host's doing, not the servers'."""
-    if isinstance(environment.runner, WorkerRunner) or getattr(environment, "slo_judged", False):
-        return  # once: after its last worker quit, a master may run Locust's shutdown (and fire `quitting`) twice
-    environment.slo_judged = True
-    options = environment.parsed_options
-    if stop_users_first(environment.runner, float(getattr(options, "stop_timeout", 0) or 0)):
-        rewrite_html_report(environment)
-    log_machine_share(cpu_share(CPU_AT_START, CpuTimes.now()))
+    if isinstance(environment.runner, WorkerRunner):
+        return
+    judged = getattr(environment, "slo_judged", None)
+    if judged is not None:  # judged once: Locust may fire `quitting` twice (a master after its last worker quit; a
+        judged.wait()  # SIGTERM while -t's end stops the users): the second waits for the verdict, or Locust exited
+        return  # with its own code (0 without failures) while the first still waited for the calls
+    environment.slo_judged = gevent.event.Event()
     if SLO is not None:
-        gate(environment, SLO)
+        environment.process_exit_code = EXIT_BROKEN  # fail closed until the gate gives its verdict
+    try:
+        options = environment.parsed_options
+        if stop_users_first(environment.runner, float(getattr(options, "stop_timeout", 0) or 0)):
+            rewrite_html_report(environment)
+        log_machine_share(cpu_share(CPU_AT_START, CpuTimes.now()))
+        if SLO is not None:
+            gate(environment, SLO)
+    finally:
+        environment.slo_judged.set()
 
 
 def rewrite_html_report(environment) -> None:
@@ -326,8 +357,10 @@ def stop_users_first(runner, stop_timeout_s: float) -> bool:
         while runner.clients.all and time.monotonic() < deadline:
             gevent.sleep(0.1)
         if runner.clients.all:
-            log.warning("workers %s did not quit within --stop-timeout + 60 s: judging without their last stats",
-                        [c.id for c in runner.clients.all])
+            lost = [c.id for c in runner.clients.all]
+            log.warning("workers %s did not quit within --stop-timeout + 60 s: judging without their last stats", lost)
+            record_incomplete(runner.environment, f"workers {lost} did not send their last stats (no quit within "
+                                                  f"--stop-timeout + 60 s)")
         return True
     if runner.state in (STATE_SPAWNING, STATE_RUNNING):
         log.info("the run was interrupted: stopping the users (waiting up to --stop-timeout for the calls still "

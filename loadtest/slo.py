@@ -199,6 +199,7 @@ def gate(environment, profile: SloProfile) -> bool:
     empty = not environment.stats.total.num_requests
     raised = task_exceptions(environment.runner)
     crashed = locust_log.unhandled_greenlet_exception  # Locust's own exit-2 rule, which our exit code would hide
+    incomplete = sorted(getattr(environment, "incomplete_run", ()))  # a distributed run's lost workers (locustfile)
     broken = [c for c in checks if c.broken]
     log.info("SLO gate %s%s", profile.path, "" if profile.measured else
              " (limits derived on paper, not yet measured on this target)")
@@ -212,14 +213,17 @@ def gate(environment, profile: SloProfile) -> bool:
     if crashed:
         log.error("SLO gate BROKEN: Locust logged an unhandled exception (an event listener or greenlet failed; see "
                   "its traceback above), so the run may not have done what it was set to")
+    if incomplete:
+        log.error("SLO gate BROKEN: the run's statistics are incomplete, so the load it was set to apply was not "
+                  "all measured: %s", "; ".join(incomplete))
     if empty:
         log.error("SLO gate BROKEN: the run recorded no requests at all")
     elif broken:
         log.error("SLO gate BROKEN: %d of %d limits exceeded: %s", len(broken), len(checks),
                   "; ".join(f"{c.rpc} {c.what} {c.measured:g} > {c.limit:g}" for c in broken))
-    elif not (raised or crashed):
+    elif not (raised or crashed or incomplete):
         log.info("SLO gate passed: %d limits held", len(checks))
-    passed = not (empty or broken or raised or crashed)
+    passed = not (empty or broken or raised or crashed or incomplete)
     environment.process_exit_code = 0 if passed else EXIT_BROKEN
     return passed
 

@@ -499,3 +499,40 @@ def test_the_gate_judges_a_run_once_when_locust_fires_quitting_twice(tmp_path):
                               f"env.stats.log_request('grpc', 'Retrieve', 1, 0)\n"
                               f"lf.slo_gate(env)\nlf.slo_gate(env)\nprint(env.process_exit_code)\n")
     assert done.stdout.strip() == "0" and done.stderr.count("SLO gate passed") == 1, done.stderr[-2000:]
+
+
+def test_a_second_quitting_waits_for_the_first_gates_verdict_instead_of_exiting_without_it(tmp_path):
+    """SIGTERM while -t's end stopped the users: the signal's `quitting` ran the gate, which waited for the stop;
+    Locust's own shutdown then fired `quitting` again, the gate returned at once ("judged"), and Locust exited with
+    its own code, 0 without failures, on a broken SLO, before the first gate gave its verdict."""
+    slo = write(tmp_path / "impossible.toml", "[rpc.Retrieve]\np95_ms = 1\n")
+    done = gate_in_subprocess(f"import argparse, gevent\nimport loadtest.locustfile as lf\n"
+                              f"lf.SLO = SloProfile.load({str(slo)!r})\n"
+                              f"env.parsed_options = argparse.Namespace(stop_timeout=0)\n"
+                              f"env.stats.log_request('grpc', 'Retrieve', 50, 0)\n"
+                              f"lf.stop_users_first = lambda runner, timeout: gevent.sleep(1)  # the users' stop\n"
+                              f"first = gevent.spawn(lf.slo_gate, env)\ngevent.sleep(0.1)\n"
+                              f"print('during the wait', env.process_exit_code)\n"
+                              f"lf.slo_gate(env)  # Locust's own shutdown\n"
+                              f"print('after the second', env.process_exit_code, first.dead)\n")
+    assert done.stdout.split("\n")[:2] == [f"during the wait {EXIT_BROKEN}", f"after the second {EXIT_BROKEN} True"], \
+        done.stdout
+    assert done.stderr.count("SLO gate BROKEN") == 1, done.stderr[-2000:]
+
+
+def test_a_distributed_run_that_lost_a_worker_breaks_the_gate_whose_limits_held(tmp_path):
+    """A worker that went missing mid-run (its load never applied, its last calls uncounted), or did not send its
+    last stats in time, was logged as a warning and the gate passed on the other workers' calls."""
+    slo = write(tmp_path / "generous.toml", "[rpc.Retrieve]\np95_ms = 1000\n")
+    done = gate_in_subprocess(f"import gevent, types\nimport loadtest.locustfile as lf\n"
+                              f"profile = SloProfile.load({str(slo)!r})\n"
+                              f"env.stats.log_request('grpc', 'Retrieve', 5, 10)\n"
+                              f"print('all there', gate(env, profile), env.process_exit_code)\n"
+                              f"worker = types.SimpleNamespace(id='w1')\n"
+                              f"runner = types.SimpleNamespace(environment=env, "
+                              f"clients=types.SimpleNamespace(missing=[worker]))\n"
+                              f"watcher = gevent.spawn(lf.watch_for_lost_workers, runner, 0.01)\n"
+                              f"gevent.sleep(0.05)\nwatcher.kill()\n"
+                              f"print('lost one', gate(env, profile), env.process_exit_code)\n")
+    assert done.stdout.split("\n")[:2] == ["all there True 0", f"lost one False {EXIT_BROKEN}"], done.stdout
+    assert "worker w1 went missing during the run" in done.stderr
