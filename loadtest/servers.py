@@ -89,11 +89,22 @@ class ServerProcess:
         return f"{self.host}:{self.port}"
 
     def start(self, timeout: float = 120.0) -> "ServerProcess":
-        with self.log_path.open("wb") as log_file:
-            self.process = subprocess.Popen(self.argv, stdout=log_file, stderr=subprocess.STDOUT,
-                                            env=_env_with_repo(), start_new_session=self.own_session)
+        self.launch()
         self.wait_serving(timeout)
         return self
+
+    def launch(self) -> subprocess.Popen:
+        """The server process, its output appended to the log after a line naming this start. Appended: harnesses
+        logging to one folder (make loadtest beside the demo, both in reports/) truncated each other's server
+        logs, and their writes then overlapped at their own offsets; a run's lines now follow its start line."""
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log_file:
+            log_file.write(f"==== {time.strftime('%Y-%m-%dT%H:%M:%S')} started by pid {os.getpid()}: "
+                           f"{' '.join(self.argv[1:])}\n".encode())
+            log_file.flush()
+            self.process = subprocess.Popen(self.argv, stdout=log_file, stderr=subprocess.STDOUT,
+                                            env=_env_with_repo(), start_new_session=self.own_session)
+        return self.process
 
     def wait_listening(self, timeout: float, started: float | None = None) -> None:
         """Until the started process has written the port it bound (`--ports-file`): then `target` is known.

@@ -3,7 +3,8 @@
 Starts the retrieval server, then the ranking server pointed at it (each on a free loopback port,
 waiting for health SERVING), runs COMMAND with `{ranking}` and `{retrieval}` in its arguments
 replaced by the servers' HOST:PORT, stops both with SIGTERM (they drain and exit 0) and exits with
-COMMAND's exit code. The servers and COMMAND run in their own sessions, so an interrupt (Ctrl-C, a CI
+COMMAND's exit code (or EXIT_SERVER_STOP, 4, when COMMAND passed but a server did not drain and exit 0: a
+shutdown that loses requests is a failure too). The servers and COMMAND run in their own sessions, so an interrupt (Ctrl-C, a CI
 timeout's SIGTERM to the process group, a closed terminal's SIGHUP) reaches with_servers alone: it
 passes exactly one SIGINT to COMMAND (Locust then runs its SLO gate and writes its reports), waits for
 it while both servers keep serving, then stops them; a second interrupt stops COMMAND at once. `make loadtest` runs Locust this way
@@ -33,6 +34,7 @@ from pathlib import Path
 from loadtest.servers import ServerProcess, stop_all
 
 log = logging.getLogger("with_servers")
+EXIT_SERVER_STOP = 4  # the command passed, a server's stop did not (distinct from Locust's 1, 2 and the gate's 3)
 
 
 @dataclass
@@ -111,16 +113,30 @@ def interrupt_signal(interrupt: KeyboardInterrupt | Interrupted) -> int:
 
 
 def run(config: TwoTierConfig, command: Sequence[str]) -> int:
-    with two_tier(config, own_session=True) as (retrieval, ranking):
+    with two_tier(config, own_session=True) as servers:
+        retrieval, ranking = servers
         argv = [arg.replace("{ranking}", ranking.target).replace("{retrieval}", retrieval.target) for arg in command]
         log.info("running: %s", " ".join(argv))
         with _recorded(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as received:
             child = subprocess.Popen(argv, start_new_session=True)
             try:
-                return _wait(child, received)
+                code = _wait(child, received)
             finally:  # not finished (timed out, or a second interrupt): it goes, before the servers it was using
                 if child.poll() is None:
                     _stop(child)
+    return code or server_stop_code(servers)
+
+
+def server_stop_code(servers: Sequence[ServerProcess]) -> int:
+    """EXIT_SERVER_STOP when a server exited other than 0 at its SIGTERM (or was killed for not draining in time),
+    logged; else 0."""
+    failed = {server.module: server.process.returncode for server in servers
+              if server.process is not None and server.process.returncode != 0}
+    if failed:
+        log.error("the command passed, but %s did not drain and exit 0 at SIGTERM (see their logs): exit %d",
+                  ", ".join(f"{module} (exit code {code})" for module, code in failed.items()), EXIT_SERVER_STOP)
+        return EXIT_SERVER_STOP
+    return 0
 
 
 @contextlib.contextmanager

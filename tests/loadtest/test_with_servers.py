@@ -179,3 +179,46 @@ def test_a_harness_takes_only_its_own_servers_ports_file(tmp_path):
         assert server.target == "127.0.0.1:2222"
     finally:
         server.kill()
+
+
+def test_harnesses_logging_to_one_folder_keep_each_servers_log_lines(tmp_path):
+    """make loadtest beside the demo (both log to reports/): the second start truncated the first server's log, and
+    the two processes then wrote over each other at their own offsets."""
+    from loadtest.servers import ServerProcess
+
+    log = tmp_path / "ranking_server.log"
+    log.write_text("an earlier run's last line\n")
+    first, second = (ServerProcess("ranking_server", [], log_path=log) for _ in range(2))
+    for name, server in (("first", first), ("second", second)):
+        server.argv = [sys.executable, "-c", f"import time; print('{name} 1', flush=True); time.sleep(0.5); "
+                                              f"print('{name} 2', flush=True)"]
+    processes = [first.launch()]
+    time.sleep(0.2)
+    processes.append(second.launch())
+    assert [p.wait(timeout=30) for p in processes] == [0, 0]
+    lines = log.read_text().splitlines()
+    assert lines[0] == "an earlier run's last line"
+    assert {"first 1", "first 2", "second 1", "second 2"} <= set(lines), lines
+    assert sum(line.startswith("==== ") and "started by pid" in line for line in lines) == 2, lines
+
+
+def test_a_server_that_did_not_drain_and_exit_0_fails_a_command_that_passed(tmp_path):
+    """make loadtest exited with Locust's 0 when a server was killed for not draining in time, or exited non-zero
+    at SIGTERM (requests lost at shutdown): logged as a warning only."""
+    from loadtest.servers import ServerProcess
+    from loadtest.with_servers import EXIT_SERVER_STOP, server_stop_code
+
+    servers = [ServerProcess(module, [], log_path=tmp_path / f"{module}.log")
+               for module in ("retrieval_server", "ranking_server")]
+    for server in servers:
+        server.ports_file.unlink()
+
+    def exited(code: int) -> subprocess.Popen:
+        process = subprocess.Popen([sys.executable, "-c", f"raise SystemExit({code})"])
+        process.wait(timeout=30)
+        return process
+
+    servers[0].process, servers[1].process = exited(0), exited(1)
+    assert server_stop_code(servers) == EXIT_SERVER_STOP
+    servers[1].process = exited(0)
+    assert server_stop_code(servers) == 0
