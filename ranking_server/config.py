@@ -13,6 +13,18 @@ DEVICES = ("cpu", "cuda")
 MAX_DEFAULT_DEADLINE_MS = 86_400_000.0  # a day: gRPC's deadline arithmetic overflows past ~7e9 s (every call fails)
 
 
+def check_target_port(target: str) -> None:
+    """ValueError unless a gRPC target names its port ("HOST:PORT", "dns:///NAME:PORT"; unix sockets aside):
+    "dns:///retrieval-headless" was accepted and gRPC's resolver then dialled port 443."""
+    address = target.split("///", 1)[-1]
+    if target.startswith("unix"):
+        return
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"--retrieval must name the retrieval server and its port, HOST:PORT or dns:///NAME:PORT, "
+                         f"got {target!r}")
+
+
 @dataclass
 class RankingServerConfig(ServerConfig, EngineConfig):
     """The server's own options, the shared server options (ServerConfig) and the engine limits
@@ -93,8 +105,7 @@ class RankingServerConfig(ServerConfig, EngineConfig):
             raise ValueError(f"--retrieval-attempts must be in [1, 5], got {self.retrieval_attempts}")
         if bool(self.retrieval_tls_cert) != bool(self.retrieval_tls_key):
             raise ValueError("--retrieval-tls-cert and --retrieval-tls-key go together")
-        if ":" not in self.retrieval:
-            raise ValueError(f"--retrieval must be HOST:PORT, got {self.retrieval!r}")
+        check_target_port(self.retrieval)
         if self.engine not in ENGINES:
             raise ValueError(f"--engine must be one of {ENGINES}, got {self.engine!r}")
         if self.device not in DEVICES:

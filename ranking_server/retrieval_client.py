@@ -12,6 +12,7 @@ import grpc
 
 from palr.serving import tracing
 from palr.serving.channels import open_channel
+from palr.serving.metrics import CERT_EXPIRY
 
 from palr.serving.errors import QUEUE_FULL, REQUEST_ID_KEY, RequestError
 from recsys.v1 import retrieval_pb2, retrieval_pb2_grpc
@@ -38,7 +39,9 @@ class RetrievalClient:
                                     max_message_bytes=max_message_bytes or config.max_message_bytes,
                                     load_balancing=config.retrieval_lb, aio=True,
                                     retry_methods=[RETRIEVE_METHOD], max_attempts=config.retrieval_attempts,
-                                    health_service=RETRIEVAL_SERVICE)  # round_robin skips replicas NOT_SERVING
+                                    health_service=RETRIEVAL_SERVICE,  # round_robin skips replicas NOT_SERVING
+                                    tls_flags=("--retrieval-tls-ca", "--retrieval-tls-cert", "--retrieval-tls-key"),
+                                    on_certificate=CERT_EXPIRY.labels("client").set)
         self.stub = retrieval_pb2_grpc.RetrievalServiceStub(self.channel)
         self.chunk_size = config.retrieval_chunk_size
         # under pick_first a retry would reach the replica that just refused

@@ -185,3 +185,24 @@ def test_dockerfiles_copy_what_exists_and_run_our_modules(dockerfile):
         assert "download.pytorch.org/whl/cpu" in text.split(".[serve")[0]  # the CPU torch pin comes first
     else:
         assert re.search(r"^FROM nvcr\.io/nvidia/tensorrt-llm/release:", text, re.M)
+
+
+def test_each_tier_survives_a_node_drain_and_the_gpu_tier_rolls_out_without_a_spare_gpu():
+    """No PodDisruptionBudget let a drain evict every retrieval pod at once, nothing spread the replicas over nodes,
+    and the GPU Deployment's default rollout (surge one pod first) waited forever for a spare H100."""
+    for overlay in OVERLAYS:
+        docs = overlay_documents(overlay)
+        budgets = {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "PodDisruptionBudget"}
+        for deployment in (d for d in docs if d["kind"] == "Deployment"):
+            name, spec = deployment["metadata"]["name"], deployment["spec"]
+            labels = spec["template"]["metadata"]["labels"]
+            assert budgets[name]["selector"]["matchLabels"].items() <= labels.items(), (overlay, name)
+            assert budgets[name]["maxUnavailable"] == 1, (overlay, name)
+            if spec["replicas"] > 1:
+                spread = spec["template"]["spec"]["topologySpreadConstraints"]
+                assert [c["topologyKey"] for c in spread] == ["kubernetes.io/hostname"], (overlay, name)
+                assert spread[0]["labelSelector"]["matchLabels"].items() <= labels.items()
+            gpus = spec["template"]["spec"]["containers"][0].get("resources", {}).get("limits", {}).get(
+                "nvidia.com/gpu")
+            if gpus:
+                assert spec["strategy"]["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 1}, (overlay, name)

@@ -9,6 +9,7 @@ from pathlib import Path
 import grpc
 
 from palr.serving.config import message_size_options
+from palr.serving.tls import OnCertificate, client_credentials
 
 LB_POLICIES = ("pick_first", "round_robin")
 
@@ -59,7 +60,8 @@ def open_channel(target: str, *, tls_ca: Path | None = None, tls_cert: Path | No
                  tls_key: Path | None = None, server_name: str | None = None,
                  max_message_bytes: int | None = None, load_balancing: str | None = None, aio: bool = True,
                  interceptors: list | None = None, retry_methods: Sequence[str] = (), max_attempts: int = 1,
-                 health_service: str | None = None):
+                 health_service: str | None = None, tls_flags: tuple[str, str, str] = ("tls_ca", "tls_cert", "tls_key"),
+                 on_certificate: OnCertificate = lambda _end: None):
     """A client channel to `target`: TLS when a CA or client certificate is given (the CA verifies
     the server; cert + key are this client's identity for mutual TLS), plaintext otherwise.
     `server_name` overrides the name checked against the server certificate.
@@ -68,7 +70,7 @@ def open_channel(target: str, *, tls_ca: Path | None = None, tls_cert: Path | No
     resolves to, e.g. a Kubernetes headless Service's pods). `load_balancing` picks gRPC's
     client-side policy over those addresses: "round_robin" (spread RPCs over all ready backends)
     or "pick_first" (gRPC's default: one backend at a time). `retry_methods`, `max_attempts`, `health_service`:
-    see `service_config`."""
+    see `service_config`. `tls_flags` name the files' options in errors; `on_certificate`: palr.serving.tls."""
     if bool(tls_cert) != bool(tls_key):
         raise ValueError("a client certificate needs its key (tls_cert and tls_key go together)")
     options = message_size_options(max_message_bytes) if max_message_bytes else []
@@ -82,8 +84,5 @@ def open_channel(target: str, *, tls_ca: Path | None = None, tls_cert: Path | No
     extra = {"interceptors": interceptors} if aio and interceptors else {}  # (aio channels take interceptors)
     if not (tls_ca or tls_cert):
         return module.insecure_channel(target, options=options, **extra)
-    credentials = grpc.ssl_channel_credentials(
-        root_certificates=Path(tls_ca).read_bytes() if tls_ca else None,
-        private_key=Path(tls_key).read_bytes() if tls_key else None,
-        certificate_chain=Path(tls_cert).read_bytes() if tls_cert else None)
+    credentials = client_credentials(tls_ca, tls_cert, tls_key, tls_flags, on_certificate)
     return module.secure_channel(target, credentials, options=options, **extra)

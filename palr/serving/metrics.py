@@ -57,6 +57,10 @@ def _cut_by_stop() -> bool:
 # what this process's health says, for a dashboard or an alert (the transitions were in the log only)
 SERVING = Gauge("recsys_health_serving", "1 while this server's health says SERVING; 0 while it loads, after its "
                 "model failed, and while it drains")
+CERT_EXPIRY = Gauge("recsys_tls_certificate_expiry_timestamp_seconds", "when the TLS certificate in use stops being "
+                    "valid (unix time; alert when it is a few days from time()): role server, the one this server "
+                    "presents (re-read when its files change); client, the one it presents to the tier it calls "
+                    "(read at start-up: renewing it needs a restart)", ["role"])
 
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.003, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.025, 0.032, 0.04, 0.05,

@@ -38,7 +38,8 @@ from prometheus_client import start_http_server
 from palr.serving.config import ServerConfig, message_size_options
 
 from palr.serving.interceptors import server_interceptors
-from palr.serving.metrics import SERVING as SERVING_GAUGE, note_grace_end
+from palr.serving.metrics import CERT_EXPIRY, SERVING as SERVING_GAUGE, note_grace_end
+from palr.serving.tls import ServerTls
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +49,12 @@ HEALTH_SERVICE = health_pb2.DESCRIPTOR.services_by_name["Health"].full_name
 
 
 def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
-    """TLS credentials from the config's PEM files; None when TLS is off."""
+    """TLS credentials from the config's PEM files, checked now and re-read when they change (palr.serving.tls);
+    None when TLS is off."""
     if not config.tls_cert:
         return None
-    key, cert = Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes()
-    client_ca = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca else None
-    return grpc.ssl_server_credentials([(key, cert)], root_certificates=client_ca,
-                                       require_client_auth=client_ca is not None)
+    return ServerTls(config.tls_cert, config.tls_key, config.tls_client_ca,
+                     on_certificate=CERT_EXPIRY.labels("server").set).credentials()
 
 
 class DrainingHealthServicer(health.aio.HealthServicer):

@@ -284,6 +284,66 @@ def test_mutual_tls_refuses_clients_without_a_certificate_its_ca_signed(server_l
         server_loop.run(server.drain())
 
 
+def test_tls_files_that_cannot_work_are_refused_when_read_naming_the_option(server_loop, pki, tmp_path):
+    """gRPC said "Failed to bind to address" for a key that is not the certificate's, and started with an empty
+    client CA or an expired certificate, then failed every handshake while health said SERVING."""
+    empty = tmp_path / "empty.pem"
+    empty.write_text("")
+    for settings, message in (
+            (dict(tls_cert=pki.server_cert, tls_key=pki.client_key),
+             "--tls-key .* is not an unencrypted PEM private key of --tls-cert"),
+            (dict(tls_cert=pki.expired_cert, tls_key=pki.expired_key), "--tls-cert .*: the certificate expired on"),
+            (dict(tls_cert=pki.server_cert, tls_key=pki.server_key, tls_client_ca=empty),
+             "--tls-client-ca .*: no PEM certificate in it")):
+        with pytest.raises(ValueError, match=message):
+            start_server(server_loop, ServerConfig(port=0, **settings))
+    with pytest.raises(ValueError, match="tls_ca .*empty.pem: no PEM certificate in it"):
+        open_channel("127.0.0.1:1", tls_ca=empty)
+    with pytest.raises(ValueError, match="--my-cert .*: the certificate expired on"):
+        open_channel("127.0.0.1:1", tls_ca=pki.ca, tls_cert=pki.expired_cert, tls_key=pki.expired_key,
+                     tls_flags=("--my-ca", "--my-cert", "--my-key"))
+
+
+def test_a_server_takes_renewed_tls_files_for_new_connections_and_keeps_serving_on_broken_ones(server_loop, pki,
+                                                                                                tmp_path, caplog):
+    """cert-manager renews a mounted Secret in place: the server kept the bytes it read at start-up and failed every
+    handshake once they expired. Here the renewal comes from another CA, so only a reload lets its clients in."""
+    import shutil
+
+    from cryptography import x509
+    from prometheus_client import REGISTRY
+
+    cert, key = tmp_path / "tls.crt", tmp_path / "tls.key"
+    shutil.copy(pki.server_cert, cert)
+    shutil.copy(pki.server_key, key)
+    server = start_server(server_loop, ServerConfig(port=0, tls_cert=cert, tls_key=key))
+    expiry = lambda: REGISTRY.get_sample_value("recsys_tls_certificate_expiry_timestamp_seconds",  # noqa: E731
+                                               {"role": "server"})
+    caplog.set_level("INFO", logger="palr.serving.tls")
+    try:
+        assert expiry() > time.time()
+        with open_channel(server.address, tls_ca=pki.ca, aio=False) as channel:
+            assert call(channel, "Echo", b"before") == b"before"
+        cert.write_bytes(pki.expired_cert.read_bytes())  # a renewal gone wrong: not taken, the old pair serves on
+        key.write_bytes(pki.expired_key.read_bytes())
+        with open_channel(server.address, tls_ca=pki.ca, aio=False) as channel:
+            assert call(channel, "Echo", b"still") == b"still"
+        cert.write_bytes(pki.other_server_cert.read_bytes())
+        key.write_bytes(pki.other_server_key.read_bytes())
+        with open_channel(server.address, tls_ca=pki.rogue_ca, aio=False) as channel:
+            assert call(channel, "Echo", b"renewed") == b"renewed"
+        with open_channel(server.address, tls_ca=pki.ca, aio=False) as channel:  # the old CA's clients: no more
+            with pytest.raises(grpc.RpcError) as refused:
+                call(channel, "Echo", timeout=3)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        renewed = x509.load_pem_x509_certificate(pki.other_server_cert.read_bytes())
+        assert expiry() == renewed.not_valid_after_utc.timestamp()
+        assert "the TLS files changed and cannot be used" in caplog.text  # the expired pair, logged
+        assert "the TLS files changed: new connections use them" in caplog.text
+    finally:
+        server_loop.run(server.drain())
+
+
 def test_server_config_refuses_half_tls_settings(pki):
     with pytest.raises(ValueError, match="tls-key"):
         ServerConfig(tls_cert=pki.server_cert)

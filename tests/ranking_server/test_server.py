@@ -995,6 +995,16 @@ def test_deadline_and_health_check_timings_must_be_finite(field_name, value):
         RankingServerConfig(**{field_name: value})
 
 
+@pytest.mark.parametrize("target", ["retrieval", "dns:///retrieval-headless.recsys.svc.cluster.local", "host:",
+                                    "host:99999"])
+def test_a_retrieval_target_without_its_port_is_refused(target):
+    """"dns:///NAME" without a port passed the old check (a colon in it) and gRPC dialled port 443."""
+    with pytest.raises(ValueError, match="--retrieval must name the retrieval server and its port"):
+        RankingServerConfig(retrieval=target)
+    for good in ("dns:///retrieval-headless.recsys.svc.cluster.local:50051", "[::1]:50051", "127.0.0.1:1"):
+        assert RankingServerConfig(retrieval=good).retrieval == good
+
+
 def test_a_default_deadline_meant_as_none_is_refused():
     """1e13 ms ('no deadline'): gRPC's deadline arithmetic overflowed and every call without a deadline failed at
     once with DEADLINE_EXCEEDED."""
