@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncIterator
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from palr.serving import tracing
 from palr.serving.channels import open_channel
@@ -46,6 +47,19 @@ class RetrievalClient:
         self.chunk_size = config.retrieval_chunk_size
         # under pick_first a retry would reach the replica that just refused
         self.queue_full_retries = config.retrieval_queue_full_retries if config.retrieval_lb == "round_robin" else 0
+
+    async def unreachable(self, timeout_s: float = 5.0) -> str | None:
+        """None when the retrieval tier's health says SERVING through this channel (the address, TLS and
+        certificates Retrieve uses), or when it answers without a health service (reached all the same); else what
+        stands in the way."""
+        try:
+            answer = await health_pb2_grpc.HealthStub(self.channel).Check(
+                health_pb2.HealthCheckRequest(service=RETRIEVAL_SERVICE), timeout=timeout_s)
+        except grpc.aio.AioRpcError as e:
+            return None if e.code() == grpc.StatusCode.UNIMPLEMENTED else f"{e.code().name}: {e.details()}"
+        if answer.status != health_pb2.HealthCheckResponse.SERVING:
+            return f"its health says {health_pb2.HealthCheckResponse.ServingStatus.Name(answer.status)}"
+        return None
 
     async def stream(self, request: retrieval_pb2.RetrieveRequest, timeout: float
                      ) -> AsyncIterator[retrieval_pb2.RetrieveResponse]:

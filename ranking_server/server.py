@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import math
 import time
 
 from palr.bundle import Bundle
@@ -109,6 +110,22 @@ class RankingServer:
         ENGINE.attach(self.engine)
         if self.config.engine_check_s:
             self._engine_watch = asyncio.create_task(self._watch_engine(self.engine))
+        await self._reach_retrieval()
+
+    async def _reach_retrieval(self, every_s: float = 1.0, log_every_s: float = 30.0) -> None:
+        """Returns once the retrieval tier answers SERVING through the channel Recommend uses: until then health
+        stays NOT_SERVING. A rollout with a wrong --retrieval address or certificate stalls on pods that never
+        turn ready, instead of replacing working pods with ones that answer every call UNAVAILABLE. Once this
+        server is SERVING its health no longer follows the retrieval tier (its outage would take both tiers out)."""
+        logged = -math.inf
+        while (problem := await self.retrieval.unreachable()) is not None:
+            if time.monotonic() - logged >= log_every_s:
+                log.warning("health stays NOT_SERVING until the retrieval tier at %s answers (it cannot be reached "
+                            "through this server's channel: %s)", self.config.retrieval, problem)
+                logged = time.monotonic()
+            await asyncio.sleep(every_s)
+        if logged > -math.inf:
+            log.info("the retrieval tier at %s answers now", self.config.retrieval)
 
     async def drain(self) -> None:
         await self.server.drain()

@@ -69,7 +69,7 @@ def bundle(tiny_llm_bundle, tmp_path_factory) -> Path:
 
 def start_retrieval(server_loop, bundle: Path, **options) -> RetrievalServer:
     async def make() -> RetrievalServer:
-        server = RetrievalServer(RetrievalServerConfig(bundle=bundle, port=0, **options))
+        server = RetrievalServer(RetrievalServerConfig(bundle=bundle, **{"port": 0, **options}))
         await server.start()
         await server.load()
         await server.server.set_serving()
@@ -732,6 +732,38 @@ def test_health_is_not_serving_until_the_model_is_loaded_and_warmed_up(server_lo
             assert recommend(ranking_pb2_grpc.RankingServiceStub(channel), user_id="no-such-user", k=1).items
     finally:
         server_loop.run(server.drain())
+
+
+def test_health_stays_not_serving_until_the_retrieval_tier_answers_through_the_servers_channel(server_loop, bundle,
+                                                                                               caplog):
+    """A rollout with a wrong --retrieval address (or certificate) turned SERVING and replaced working pods with
+    ones that answered every call UNAVAILABLE: the load waits for the retrieval tier instead."""
+    port = free_port()
+    caplog.set_level("INFO", logger="ranking_server.server")
+    ranking = server_loop.run(_constructed(lambda: RankingServer(RankingServerConfig(
+        bundle=bundle, retrieval=f"127.0.0.1:{port}", port=0))))
+    server_loop.run(ranking.start())
+    loading = server_loop.submit(ranking.load())
+    retrieval = None
+    try:
+        wait_until(lambda: "health stays NOT_SERVING until the retrieval tier at" in caplog.text, timeout=120,
+                   what="the load waiting for the retrieval tier")
+        assert not loading.done() and ranking.engine is not None  # the model is ready: only the retrieval tier lacks
+        retrieval = start_retrieval(server_loop, bundle, port=port)
+        loading.result(timeout=60)
+        assert f"the retrieval tier at 127.0.0.1:{port} answers now" in caplog.text
+        server_loop.run(ranking.server.set_serving())
+        response = stub_of(ranking).Recommend(ranking_pb2.RecommendRequest(user_id="1", k=3), timeout=60)
+        assert len(response.items) == 3 and not response.degraded
+    finally:
+        loading.cancel()
+        server_loop.run(ranking.drain())
+        if retrieval is not None:
+            server_loop.run(retrieval.drain())
+
+
+async def _constructed(make):
+    return make()
 
 
 def test_a_message_limit_below_the_largest_answer_stops_the_server_at_start_up(server_loop, bundle, retrieval,
