@@ -207,10 +207,16 @@ def check_probes_match_the_model(bundle: Bundle) -> None:
     """StepFailed when the SFT data (whose validation prompts are the build's quality probes) is not what the merged
     model was trained on: sft-data run again with other prompt options, finetune and merge not, would choose the
     precision on prompts the served model never sees (their extra token ids may even run past its table)."""
-    if not (bundle.has("lora") and bundle.has("sft_data")):
+    if not bundle.has("sft_data"):
+        return
+    merged_from = json.loads(bundle.path("ranker").read_text()).get("lora") if bundle.has("ranker") else None
+    if not bundle.has("lora"):  # finetune drops it when a run starts, until the run finishes: the SFT data may be new
+        if merged_from:
+            raise StepFailed(f"build: a finetune run is unfinished (the bundle names no adapter), so its SFT data "
+                             f"may not be what the merged model was trained on: finish it and merge first "
+                             f"(python -m compile all --bundle {bundle.root} {preset_flag(bundle)}), then build")
         return
     lora = bundle.artifact("lora")
-    merged_from = json.loads(bundle.path("ranker").read_text()).get("lora") if bundle.has("ranker") else None
     trained_on = lora.get("sft_data")
     stale = []
     if merged_from and merged_from != bundle.version("lora"):

@@ -226,11 +226,24 @@ def record_incomplete(environment, reason: str) -> None:
 def watch_for_lost_workers(runner: MasterRunner, every_s: float = 1.0) -> None:
     """A worker that stops sending heartbeats (crashed, its machine gone) is marked missing, then dropped from the
     master's clients: its users' load was never applied, and its calls since its last report are not counted, yet
-    the gate passed on the rest. Noted for the gate while the run lasts."""
+    the gate passed on the rest. Noted for the gate when one is dropped while missing; one that sends a heartbeat
+    again (late on a busy machine: Locust takes it back, its stats counted) is not. `missing_at_the_gate` notes those
+    still missing when the gate runs."""
+    missing: set[str] = set()
     while True:
-        for client in runner.clients.missing:
-            record_incomplete(runner.environment, f"worker {client.id} went missing during the run (no heartbeat)")
+        present = {client.id for client in runner.clients.all}
+        for worker in sorted(missing - present):
+            record_incomplete(runner.environment, f"worker {worker} went missing during the run (no heartbeat) and "
+                                                  f"was dropped")
+        missing = {client.id for client in runner.clients.missing}
         gevent.sleep(every_s)
+
+
+def missing_at_the_gate(runner) -> None:
+    """Workers missing (no heartbeat) when the gate runs: their last calls and stats are not in the numbers."""
+    if isinstance(runner, MasterRunner):
+        for client in runner.clients.missing:
+            record_incomplete(runner.environment, f"worker {client.id} was missing (no heartbeat) when the gate ran")
 
 
 def tell_workers_to_quit(runner: MasterRunner) -> int:
@@ -321,6 +334,7 @@ def slo_gate(environment, **_kwargs) -> None:
         if stop_users_first(environment.runner, float(getattr(options, "stop_timeout", 0) or 0)):
             rewrite_html_report(environment)
         log_machine_share(cpu_share(CPU_AT_START, CpuTimes.now()))
+        missing_at_the_gate(environment.runner)
         if SLO is not None:
             gate(environment, SLO)
     finally:

@@ -13,16 +13,23 @@ DEVICES = ("cpu", "cuda")
 MAX_DEFAULT_DEADLINE_MS = 86_400_000.0  # a day: gRPC's deadline arithmetic overflows past ~7e9 s (every call fails)
 
 
+PORTLESS_SCHEMES = ("unix:", "unix-abstract:", "xds:")  # targets that name no TCP port
+
+
 def check_target_port(target: str) -> None:
-    """ValueError unless a gRPC target names its port ("HOST:PORT", "dns:///NAME:PORT"; unix sockets aside):
-    "dns:///retrieval-headless" was accepted and gRPC's resolver then dialled port 443."""
-    address = target.split("///", 1)[-1]
-    if target.startswith("unix"):
+    """ValueError unless a gRPC target names its port ("HOST:PORT", "[IPv6]:PORT", "dns:///NAME:PORT"; unix
+    sockets and xds aside): "dns:///retrieval-headless" was accepted and gRPC's resolver then dialled port 443."""
+    if target.startswith(PORTLESS_SCHEMES):
         return
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"--retrieval must name the retrieval server and its port, HOST:PORT or dns:///NAME:PORT, "
-                         f"got {target!r}")
+    addresses = target.split("///", 1)[-1]  # dns:///NAME:PORT
+    for scheme in ("ipv4:", "ipv6:"):  # ipv4:A:PORT,B:PORT (gRPC's static address lists)
+        addresses = addresses.removeprefix(scheme)
+    for address in addresses.split(","):
+        host, _, port = address.rpartition(":")
+        bare_ipv6 = ":" in host and not (host.startswith("[") and host.endswith("]"))  # "::1": no port in it
+        if not host or bare_ipv6 or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"--retrieval must name the retrieval server and its port: HOST:PORT, [IPv6]:PORT, "
+                             f"dns:///NAME:PORT, ipv4:A:PORT,B:PORT (or unix:PATH, xds:///NAME), got {target!r}")
 
 
 @dataclass

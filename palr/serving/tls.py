@@ -72,9 +72,16 @@ def check_key_pair(cert: Path, key: Path, cert_flag: str, key_flag: str) -> floa
     return end
 
 
-def check_ca(path: Path, flag: str) -> None:
-    """ValueError unless the file holds a certificate that is valid now (an empty or expired CA verifies nobody)."""
-    check_certificate(path, flag)
+def check_ca(path: Path, flag: str, now: float | None = None) -> None:
+    """ValueError unless the file holds a certificate that is valid now: an empty or expired CA verifies nobody. A
+    bundle of several (an old CA beside its successor, while rotating) passes when any one is valid."""
+    first_certificate(path, flag)  # at least one
+    now = time.time() if now is None else now
+    spans = [(c.not_valid_before_utc.timestamp(), c.not_valid_after_utc.timestamp())
+             for c in x509.load_pem_x509_certificates(Path(path).read_bytes())]
+    if not any(start <= now < end for start, end in spans):
+        raise ValueError(f"{flag} {path}: none of its {len(spans)} certificate(s) is valid now (the last to expire "
+                         f"did on {_when(max(end for _, end in spans))}); renew it")
 
 
 class ServerTls:

@@ -241,6 +241,7 @@ def test_a_build_refuses_merged_weights_the_manifest_does_not_name(hf_cpu_bundle
 @pytest.mark.parametrize("edit, named", [
     (lambda artifacts: artifacts["lora"].update(sft_data="0123456789ab"), "trained on sft_data 0123456789ab"),
     (lambda artifacts: artifacts["lora"].update(sha256="fedcba9876543210"), "the bundle's is fedcba987654"),
+    (lambda artifacts: artifacts.pop("lora"), "a finetune run is unfinished"),  # finetune drops it while it runs
 ])
 def test_a_build_refuses_probes_from_sft_data_the_served_model_was_not_trained_on(hf_cpu_bundle_copy, edit, named):
     """sft-data run again with other prompt options (or finetune without merge): the build chose the precision on
@@ -250,7 +251,7 @@ def test_a_build_refuses_probes_from_sft_data_the_served_model_was_not_trained_o
     manifest = json.loads((hf_cpu_bundle_copy / "manifest.json").read_text())
     edit(manifest["artifacts"])
     (hf_cpu_bundle_copy / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(StepFailed, match=f"{named}.*finetune and merge first"):
+    with pytest.raises(StepFailed, match=f"{named}.*(finetune and|finish it and) merge first"):
         build.run(build_config(hf_cpu_bundle_copy, "hf-cpu", measure=False, dtype="fp32", force=True))
     assert [p.name for p in (hf_cpu_bundle_copy / "engines").iterdir()] == ["hf-cpu"]
 

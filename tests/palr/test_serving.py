@@ -299,6 +299,13 @@ def test_tls_files_that_cannot_work_are_refused_when_read_naming_the_option(serv
             start_server(server_loop, ServerConfig(port=0, **settings))
     with pytest.raises(ValueError, match="tls_ca .*empty.pem: no PEM certificate in it"):
         open_channel("127.0.0.1:1", tls_ca=empty)
+    expired_ca = tmp_path / "expired-ca.pem"
+    expired_ca.write_bytes(pki.expired_cert.read_bytes())
+    with pytest.raises(ValueError, match="tls_ca .*: none of its 1 certificate.* is valid now"):
+        open_channel("127.0.0.1:1", tls_ca=expired_ca)
+    rotating = tmp_path / "rotating-ca.pem"  # the old CA (expired) before its successor: valid while rotating
+    rotating.write_bytes(pki.expired_cert.read_bytes() + pki.ca.read_bytes())
+    open_channel("127.0.0.1:1", tls_ca=rotating, aio=False).close()
     with pytest.raises(ValueError, match="--my-cert .*: the certificate expired on"):
         open_channel("127.0.0.1:1", tls_ca=pki.ca, tls_cert=pki.expired_cert, tls_key=pki.expired_key,
                      tls_flags=("--my-ca", "--my-cert", "--my-key"))

@@ -1028,12 +1028,14 @@ def test_deadline_and_health_check_timings_must_be_finite(field_name, value):
 
 
 @pytest.mark.parametrize("target", ["retrieval", "dns:///retrieval-headless.recsys.svc.cluster.local", "host:",
-                                    "host:99999"])
+                                    "host:99999", "::1", "dns:///::1", "ipv4:127.0.0.1:1,127.0.0.1"])
 def test_a_retrieval_target_without_its_port_is_refused(target):
     """"dns:///NAME" without a port passed the old check (a colon in it) and gRPC dialled port 443."""
     with pytest.raises(ValueError, match="--retrieval must name the retrieval server and its port"):
         RankingServerConfig(retrieval=target)
-    for good in ("dns:///retrieval-headless.recsys.svc.cluster.local:50051", "[::1]:50051", "127.0.0.1:1"):
+    for good in ("dns:///retrieval-headless.recsys.svc.cluster.local:50051", "[::1]:50051", "127.0.0.1:1",
+                 "unix:/run/retrieval.sock", "xds:///retrieval", "ipv4:127.0.0.1:1,127.0.0.1:2",
+                 "ipv6:[::1]:50051"):
         assert RankingServerConfig(retrieval=good).retrieval == good
 
 
