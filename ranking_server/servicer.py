@@ -92,10 +92,9 @@ class Answer:
     queue_ms: float = 0.0
     ranking_ms: float = 0.0
     degraded_reason: str = ""
-    reused: bool = False  # the engine's kept answer to an identical earlier request (no model time)
-    joined: bool = False  # ... one running when this came: it waited for that run's slot and passes
-    by_llm: bool = False  # the engine answered (not a cold start, an empty list or a degraded answer)
-    source: str = "model"  # how it was answered: `ranking_server.metrics.ANSWER_SOURCES`
+    reused: bool = False  # the engine's kept answer to an identical earlier request (or to one running then)
+    source: str = "model"  # how it was answered: `ranking_server.metrics.ANSWER_SOURCES` ("model" includes a
+    # request that joined an identical one's run: it waited for that run's slot and passes)
 
 
 class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
@@ -251,7 +250,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
             "llm.answer_reused": result.answer_reused})
         return Answer(ranking=self.prompts.ranking(result, job.retrieval_term, k, job.candidate_bias),
                       queue_ms=result.timings.queue_ms, ranking_ms=waited_ms - result.timings.queue_ms,
-                      reused=result.answer_reused, joined=result.answer_joined, by_llm=True,
+                      reused=result.answer_reused,
                       source="repeat" if result.answer_reused and not result.answer_joined else "model")
 
     def _degrade(self, plan: Plan, linear_order: list[tuple[int, float]], reason: str, detail: str,
@@ -279,7 +278,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         for no slot; their zeros would show overload as an empty queue. One that joined an identical request's run
         waited for that run's slot and passes: observed."""
         stages = [("retrieval", retrieval_ms), ("total", total_ms)]
-        if answer.by_llm and (not answer.reused or answer.joined):
+        if answer.source == "model":
             stages += [("queue", answer.queue_ms), ("ranking", answer.ranking_ms)]
         for stage, ms in stages:
             STAGE_SECONDS.labels(stage).observe(ms / 1e3)
