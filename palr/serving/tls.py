@@ -34,17 +34,17 @@ def _when(timestamp: float) -> str:
     return datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
 
 
-def first_certificate(path: Path, flag: str) -> x509.Certificate:
-    """The first certificate of a PEM file; ValueError naming `flag` when it holds none."""
+def certificates(path: Path, flag: str) -> list[x509.Certificate]:
+    """The certificates of a PEM file, in order; ValueError naming `flag` when it holds none."""
     try:
-        return x509.load_pem_x509_certificates(Path(path).read_bytes())[0]
+        return x509.load_pem_x509_certificates(Path(path).read_bytes())
     except ValueError as e:
         raise ValueError(f"{flag} {path}: no PEM certificate in it ({e})") from None
 
 
 def check_certificate(path: Path, flag: str, now: float | None = None) -> float:
     """When the file's certificate stops being valid (unix time); ValueError if it has, or has not started to."""
-    certificate = first_certificate(path, flag)
+    certificate = certificates(path, flag)[0]
     now = time.time() if now is None else now
     start, end = certificate.not_valid_before_utc.timestamp(), certificate.not_valid_after_utc.timestamp()
     if now >= end:
@@ -75,10 +75,8 @@ def check_key_pair(cert: Path, key: Path, cert_flag: str, key_flag: str) -> floa
 def check_ca(path: Path, flag: str, now: float | None = None) -> None:
     """ValueError unless the file holds a certificate that is valid now: an empty or expired CA verifies nobody. A
     bundle of several (an old CA beside its successor, while rotating) passes when any one is valid."""
-    first_certificate(path, flag)  # at least one
     now = time.time() if now is None else now
-    spans = [(c.not_valid_before_utc.timestamp(), c.not_valid_after_utc.timestamp())
-             for c in x509.load_pem_x509_certificates(Path(path).read_bytes())]
+    spans = [(c.not_valid_before_utc.timestamp(), c.not_valid_after_utc.timestamp()) for c in certificates(path, flag)]
     if not any(start <= now < end for start, end in spans):
         raise ValueError(f"{flag} {path}: none of its {len(spans)} certificate(s) is valid now (the last to expire "
                          f"did on {_when(max(end for _, end in spans))}); renew it")
