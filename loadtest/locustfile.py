@@ -208,12 +208,18 @@ def end_distributed_run(runner: MasterRunner, stop_timeout_s: float) -> None:
         log.info("--run-time limit reached: telling %d worker(s) to quit; they finish their calls (at most "
                  "--stop-timeout), send their final stats, then the SLO gate runs", tell_workers_to_quit(runner))
         gevent.sleep(stop_timeout_s + 60)  # the master quits before this when the last worker quits
-        lost = [c.id for c in runner.clients.all]
-        log.warning("workers %s did not quit within --stop-timeout + 60 s: quitting without their last stats", lost)
-        record_incomplete(runner.environment, f"workers {lost} did not send their last stats (no quit within "
-                                              f"--stop-timeout + 60 s)")
+        note_workers_not_quit(runner, "quitting")
     finally:  # the run ends either way (also if telling them failed)
         runner.quit()
+
+
+def note_workers_not_quit(runner: MasterRunner, going_on: str) -> None:
+    """The workers still there after --stop-timeout + 60 s: warned about (the master goes on `going_on` without
+    them) and noted for the gate (BROKEN): their last stats never came."""
+    lost = [c.id for c in runner.clients.all]
+    log.warning("workers %s did not quit within --stop-timeout + 60 s: %s without their last stats", lost, going_on)
+    record_incomplete(runner.environment, f"workers {lost} did not send their last stats (no quit within "
+                                          f"--stop-timeout + 60 s)")
 
 
 def record_incomplete(environment, reason: str) -> None:
@@ -371,10 +377,7 @@ def stop_users_first(runner, stop_timeout_s: float) -> bool:
         while runner.clients.all and time.monotonic() < deadline:
             gevent.sleep(0.1)
         if runner.clients.all:
-            lost = [c.id for c in runner.clients.all]
-            log.warning("workers %s did not quit within --stop-timeout + 60 s: judging without their last stats", lost)
-            record_incomplete(runner.environment, f"workers {lost} did not send their last stats (no quit within "
-                                                  f"--stop-timeout + 60 s)")
+            note_workers_not_quit(runner, "judging")
         return True
     if runner.state in (STATE_SPAWNING, STATE_RUNNING):
         log.info("the run was interrupted: stopping the users (waiting up to --stop-timeout for the calls still "
