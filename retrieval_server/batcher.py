@@ -90,9 +90,17 @@ class MicroBatcher(Generic[Item, Result]):
         try:
             return await future
         except asyncio.CancelledError:  # leaves the queue at once: it must not count towards a full batch
-            with contextlib.suppress(ValueError):  # not there: taken into a batch already
-                self._pending.remove(entry)
+            self._unqueue(entry)
             raise
+
+    def _unqueue(self, entry: tuple[Item, asyncio.Future, float]) -> None:
+        """Takes `entry` out of the queue if it is still there, found by identity: `deque.remove` compares the
+        entries before it by value, i.e. their requests' whole histories (10,000 items each at most), on the event
+        loop, so under overload, when callers ahead of one also gave up, each cancel took milliseconds."""
+        for position, queued in enumerate(self._pending):
+            if queued is entry:
+                del self._pending[position]
+                return
 
     async def close(self) -> None:
         if self._task is not None:

@@ -252,3 +252,53 @@ def test_the_direct_runner_takes_a_deadline_and_ignores_it():
         finally:
             await runner.close()
     assert asyncio.run(one()) == 9
+
+
+class Compared:
+    """A request that counts how often it is compared by value (a real Query compares its whole history)."""
+
+    comparisons = 0
+
+    def __init__(self, value: int):
+        self.value = value
+
+    def __eq__(self, other):
+        Compared.comparisons += 1
+        return isinstance(other, Compared) and other.value == self.value
+
+    __hash__ = None
+
+
+def test_a_cancel_takes_its_own_entry_out_of_the_queue_without_comparing_the_requests_ahead_of_it():
+    """Under overload, newer callers give up first: each cancel found its entry with `deque.remove`, which compared
+    every request queued ahead of it by value (whole histories, on the event loop). Now by identity: equal requests
+    queued ahead are not compared, stay queued and are answered; the cancelled one is not run."""
+    gate = threading.Event()
+    batches = []
+
+    def held(items):
+        batches.append([item.value for item in items])
+        gate.wait(5)
+        return [item.value for item in items]
+
+    async def scenario():
+        batcher = MicroBatcher(held, max_batch_size=8)
+        batcher.start()
+        try:
+            first = asyncio.create_task(batcher.submit(Compared(0)))
+            await asyncio.sleep(0.05)  # the first call holds the worker
+            queued = [asyncio.create_task(batcher.submit(Compared(7))) for _ in range(5)]  # equal requests
+            await asyncio.sleep(0.01)
+            Compared.comparisons = 0
+            queued[-1].cancel()
+            await asyncio.gather(queued[-1], return_exceptions=True)
+            compared = Compared.comparisons
+            gate.set()
+            return compared, await asyncio.gather(first, *queued[:-1])
+        finally:
+            await batcher.close()
+
+    compared, answers = asyncio.run(scenario())
+    assert compared == 0
+    assert answers == [0, 7, 7, 7, 7]
+    assert batches == [[0], [7, 7, 7, 7]]
