@@ -47,7 +47,7 @@ class SasrecOnnx:
         self.path = Path(path)
         self.max_len = max_len
         self.top_k = top_k
-        self.session = ort.InferenceSession(str(path), _session_options(threads), providers=["CPUExecutionProvider"])
+        self.session = _load_session(self.path, threads)
         self._check_signature()
 
     @staticmethod
@@ -118,6 +118,23 @@ def pack_excludes(excludes: Sequence[Sequence[int]]) -> np.ndarray:
     for row, exclude in enumerate(excludes):
         packed[row, :len(exclude)] = exclude
     return packed
+
+
+# what ONNX Runtime raises for a model it cannot load (a corrupt file, an opset newer than the installed ORT, a graph
+# it cannot run): classes of its own, derived from Exception alone
+ORT_LOAD_ERRORS = tuple(getattr(ort.capi.onnxruntime_pybind11_state, name) for name in (
+    "Fail", "InvalidArgument", "NoSuchFile", "NoModel", "InvalidProtobuf", "InvalidGraph", "NotImplemented",
+    "RuntimeException", "ModelLoaded") if hasattr(ort.capi.onnxruntime_pybind11_state, name))
+
+
+def _load_session(path: Path, threads: int) -> ort.InferenceSession:
+    """The model's ORT session; a model this ONNX Runtime cannot load is a BundleError naming the file and the
+    version (the servers print it as `cannot serve: ...`, not as a traceback)."""
+    try:
+        return ort.InferenceSession(str(path), _session_options(threads), providers=["CPUExecutionProvider"])
+    except ORT_LOAD_ERRORS as e:
+        raise BundleError(f"{path}: ONNX Runtime {ort.__version__} cannot load it ({type(e).__name__}: {e}); "
+                          f"re-export it on this version (`python -m compile export-onnx --bundle DIR`)") from None
 
 
 def _session_options(threads: int) -> ort.SessionOptions:

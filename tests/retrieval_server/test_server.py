@@ -625,3 +625,24 @@ def test_a_model_of_another_catalog_is_refused_at_start(tiny_bundle, tmp_path):
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(BundleError, match=f"scores {items - 1} items, catalog.json has {items}"):
         RetrievalServer(RetrievalServerConfig(bundle=bundle))
+
+
+def test_a_model_this_onnx_runtime_cannot_load_is_a_bundle_error_naming_the_file_and_version(tiny_bundle, tmp_path):
+    """An export with an opset newer than the installed ONNX Runtime: ORT's own exception classes derive from
+    Exception alone, so the entry point printed a traceback instead of `cannot serve: ...`."""
+    import onnx
+    import onnxruntime as ort
+
+    from palr.bundle import Bundle, BundleError
+    from palr.sasrec_onnx import ARTIFACT, SasrecOnnx
+
+    bundle = Bundle.open(tiny_bundle)
+    model = onnx.load(str(bundle.path(ARTIFACT)))
+    for opset in model.opset_import:
+        if opset.domain in ("", "ai.onnx"):
+            opset.version = 99  # from a future exporter
+    newer = tmp_path / "sasrec.onnx"
+    onnx.save(model, str(newer))
+    meta = SasrecOnnx.manifest_record(bundle)
+    with pytest.raises(BundleError, match=rf"sasrec.onnx: ONNX Runtime {ort.__version__} cannot load it"):
+        SasrecOnnx(newer, max_len=int(meta["max_len"]), top_k=int(meta["top_k"]))
