@@ -41,7 +41,9 @@ class ServerConfig:
         "help": "PEM CA bundle; when set, clients must present a certificate it signed (mutual TLS)",
         "metavar": "PEM"})
     grace: float = field(default=10.0, metadata={
-        "help": "seconds in-flight RPCs get to finish after SIGTERM/SIGINT before they are cancelled"})
+        "help": "seconds in-flight RPCs get to finish after SIGTERM/SIGINT (and after --drain-delay) before they are "
+                "cancelled; a stop takes up to drain delay + grace + the model's close: size Kubernetes' "
+                "terminationGracePeriodSeconds above it"})
     drain_delay: float = field(default=0.0, metadata={
         "help": "seconds between health turning NOT_SERVING on SIGTERM/SIGINT and new RPCs being refused: time "
                 "for load balancers and clients that watch health to stop sending (set it to about the readiness "

@@ -221,7 +221,8 @@ class GrpcServer:
                   cleanup: Callable[[], Awaitable[None]] | None = None) -> None:
         """Starts, runs `load` (model load + warm-up) while health says NOT_SERVING, turns SERVING,
         and serves until SIGTERM/SIGINT, then drains and runs `cleanup` (closing the model). A signal during loading
-        drains at once; a second one shortens the drain and never kills the process, cleanup included."""
+        drains at once; a second one ends the drain delay (not the grace in-flight RPCs get) and never kills the
+        process, cleanup included."""
         if self.config.parent_pid and os.getppid() != self.config.parent_pid:  # else it drained at once, exit 0
             raise ValueError(f"--parent-pid {self.config.parent_pid} is not this process's parent ({os.getppid()}): "
                              f"a wrapper (bash -c, nohup, uv run) between them? Pass the direct parent's PID")
@@ -240,7 +241,7 @@ class GrpcServer:
                 watch.cancel()
             try:
                 if self.port is not None:  # else it never listened: nothing to drain
-                    await self.drain()  # the handlers stay: a second signal shortens the drain, never kills it
+                    await self.drain()  # the handlers stay: a second signal ends the drain delay, never kills it
             finally:
                 try:
                     if cleanup is not None:  # under the same handlers (an engine's join takes up to 30 s: a second

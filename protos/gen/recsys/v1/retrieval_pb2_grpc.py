@@ -53,9 +53,12 @@ class RetrievalServiceServicer:
         best first. Items in the history and in `exclude` are never returned, so
         fewer than k come back when they leave fewer than k items in the catalog.
         Errors: INVALID_ARGUMENT naming the field; UNAVAILABLE while the model
-        loads (retry, on another replica); RESOURCE_EXHAUSTED with trailing
-        metadata `x-refused: queue-full` when --max-queue requests already wait
-        for the model. Every answer from the service carries trailing metadata
+        loads, once the replica drains, or when its batcher has stopped (retry, on
+        another replica); RESOURCE_EXHAUSTED with trailing metadata
+        `x-refused: queue-full` when --max-queue requests already wait for the
+        model; INTERNAL when the model's call fails (after three in a row the
+        replica's health turns NOT_SERVING); DEADLINE_EXCEEDED when the deadline
+        passes first. Every answer from the service carries trailing metadata
         `x-request-id`; a request over --max-message-bytes is refused
         RESOURCE_EXHAUSTED by gRPC itself, before the service sees it.
         """
