@@ -15,7 +15,7 @@ from palr.serving.loading import in_load_thread
 from palr.serving.server import GrpcServer
 from palr.serving.streak import LIMIT, FailureStreak
 from recsys.v1 import retrieval_pb2_grpc
-from retrieval_server.batcher import DirectRunner, MicroBatcher
+from retrieval_server.batcher import DirectRunner, MicroBatcher, RunnerStopped
 from retrieval_server.config import RetrievalServerConfig
 from retrieval_server.metrics import BUILD, ORT_BATCH_SIZE, ORT_SECONDS
 from palr.sasrec_onnx import ARTIFACT, Query, Ranked, SasrecOnnx
@@ -108,7 +108,9 @@ class RetrievalServer:
     def _run_batch(self, queries: Sequence[Query]) -> list[Ranked]:
         """One ORT call (in a worker thread), measured. MAX_FAILED_CALLS failing in a row (an allocation failing at
         the pod's memory limit on every call): the model, not the requests, is what is broken, and health says so
-        for good, as the ranking engine's does (it stayed SERVING, so its share of every caller's calls failed)."""
+        for good, as the ranking engine's does (it stayed SERVING, so its share of every caller's calls failed). From
+        then on a failing call is RunnerStopped (UNAVAILABLE, which callers retry on another replica) instead of
+        INTERNAL, which none retries, until a health watch takes the replica out."""
         started = time.perf_counter()
         try:
             ranked = self.model.retrieve(queries)
@@ -117,6 +119,8 @@ class RetrievalServer:
                 reason = f"{MAX_FAILED_CALLS} ONNX Runtime calls failed in a row; the last: {e!r}"
                 log.error("%s: health NOT_SERVING until this server is restarted", reason)
                 self._loop.call_soon_threadsafe(self._runner_stopped, reason)
+            if self._failed_calls.tripped:
+                raise RunnerStopped(f"the model fails call after call on this replica ({e!r})") from e
             raise
         else:
             self._failed_calls.succeeded()

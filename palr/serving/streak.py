@@ -23,6 +23,12 @@ class FailureStreak:
             self._count += 1
             return self._count == self.limit
 
+    @property
+    def tripped(self) -> bool:
+        """The streak reached `limit` (and no success since)."""
+        with self._lock:
+            return self._count >= self.limit
+
     def succeeded(self) -> None:
         with self._lock:
             self._count = 0

@@ -368,19 +368,20 @@ def test_a_model_failing_call_after_call_turns_health_not_serving(server_loop, t
             stub = retrieval_pb2_grpc.RetrievalServiceStub(channel)
             user = some_users(facts, 1)[0]
 
-            def failed_calls(n):
+            def failed_calls(n, code=grpc.StatusCode.INTERNAL):
                 failing["on"] = True
                 for _ in range(n):
                     with pytest.raises(grpc.RpcError) as failed:
                         retrieve(stub, user_id=user, k=3)
-                    assert failed.value.code() == grpc.StatusCode.INTERNAL
+                    assert failed.value.code() == code, failed.value.details()
                 failing["on"] = False
 
             failed_calls(MAX_FAILED_CALLS - 1)
             assert retrieve(stub, user_id=user, k=3)  # a success: the count starts again
             failed_calls(MAX_FAILED_CALLS - 1)
             assert check() == SERVING
-            failed_calls(1)
+            # the model is what is broken: UNAVAILABLE, which callers retry on another replica (INTERNAL: none does)
+            failed_calls(2, grpc.StatusCode.UNAVAILABLE)
             wait_until(lambda: check() == NOT_SERVING, what="health NOT_SERVING after calls failing in a row")
     finally:
         server_loop.run(server.drain())
