@@ -65,7 +65,11 @@ RETRIEVAL_MODEL_MISMATCH = Counter(
 BUILD = Info("ranking_build", "what this process ranks with once its engine is attached: the bundle's LLM, ranker "
              "and engine versions, as answers name them in model_version")
 DEGRADED_REASONS = ("deadline", "engine_error")
-REJECTED_REASONS = ("invalid_argument", "queue_full", "deadline", "retrieval_unavailable", "retrieval_queue_full",
+RETRIEVAL_DROPPED = Counter(
+    "ranking_retrieval_candidates_dropped", "retrieval candidates not ranked: in the request's history or exclusions, "
+    "a duplicate, or past its num_candidates (a retrieval tier of another bundle or settings)", ["reason"])
+DROPPED_REASONS = ("history_or_excluded", "duplicate", "over_num_candidates")
+REJECTED_REASONS = ("invalid_argument", "out_of_range", "queue_full", "deadline", "retrieval_unavailable", "retrieval_queue_full",
                     "retrieval_error", "loading")
 for _source in ANSWER_SOURCES:  # every series exists from the start, at 0, for dashboards and rate()
     ANSWER_SECONDS.labels(_source)
@@ -73,6 +77,8 @@ for _reason in DEGRADED_REASONS:
     DEGRADED.labels(_reason)
 for _reason in REJECTED_REASONS:
     REJECTED.labels(_reason)
+for _reason in DROPPED_REASONS:
+    RETRIEVAL_DROPPED.labels(_reason)
 
 
 HEALTHY_DOC = "1 while an engine is attached and its loop is alive; 0 while loading, after a crash, at shutdown"

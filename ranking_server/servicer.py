@@ -27,6 +27,7 @@ import itertools
 import logging
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 
 import grpc
@@ -40,7 +41,8 @@ from ranking_server.config import RankingServerConfig
 from ranking_server.inject import injected_delay_s
 from ranking_server.engines.base import EngineError, EngineOverloaded, InvalidRequest, RankingEngine
 from ranking_server.metrics import (
-    ANSWER_SECONDS, BUILD, COLD_STARTS, DEGRADED, RECOMMEND, REJECTED, RETRIEVAL_MODEL_MISMATCH, STAGE_SECONDS)
+    ANSWER_SECONDS, BUILD, COLD_STARTS, DEGRADED, RECOMMEND, REJECTED, RETRIEVAL_DROPPED, RETRIEVAL_MODEL_MISMATCH,
+    STAGE_SECONDS)
 from ranking_server.planner import Plan, RequestPlanner, retrieval_lists
 from ranking_server.prompts import PromptBuilder
 from ranking_server.retrieval_client import RetrievalClient
@@ -82,6 +84,38 @@ class Retrieved:
     scores: list[float] = field(default_factory=list)
     cold_start: bool = False
     model_version: str = ""
+
+
+class CandidateScreen:
+    """What the ranking tier takes from a retrieval stream: at most `num_candidates` items, each once, none of the
+    request's history or exclusions. A retrieval tier of this bundle never sends others; one of another bundle or
+    version (a rolling update, a higher --max-k) can, and an excluded item answered, a duplicate ranked twice or a
+    27th candidate (no label for it: INTERNAL) would reach the caller. The dropped are counted and logged."""
+
+    def __init__(self, plan: Plan):
+        self.limit = plan.num_candidates
+        self.barred = set(plan.history) | set(plan.exclude)
+        self.seen: set[str] = set()
+        self.dropped: Counter[str] = Counter()
+
+    def keep(self, candidates: list[tuple[str, float]]) -> list[tuple[str, float]]:
+        kept = []
+        for item_id, score in candidates:
+            reason = ("history_or_excluded" if item_id in self.barred else "duplicate" if item_id in self.seen else
+                      "over_num_candidates" if len(self.seen) >= self.limit else "")
+            if reason:
+                self.dropped[reason] += 1
+                continue
+            self.seen.add(item_id)
+            kept.append((item_id, score))
+        return kept
+
+    def report(self, request_id: str) -> None:
+        for reason, n in self.dropped.items():
+            RETRIEVAL_DROPPED.labels(reason).inc(n)
+        if self.dropped:
+            log.warning("rid=%s dropped retrieval candidates %s: the retrieval tier serves another bundle or "
+                        "settings (ranking_retrieval_candidates_dropped)", request_id, dict(self.dropped))
 
 
 @dataclass
@@ -140,8 +174,8 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
                          deadline: float) -> ranking_pb2.RecommendResponse:
         try:  # first: a malformed request is INVALID_ARGUMENT on any replica, not worth a retry elsewhere
             plan = self.planner.plan(request, rid)
-        except RequestError:
-            REJECTED.labels("invalid_argument").inc()
+        except RequestError as e:
+            REJECTED.labels("out_of_range" if e.code == grpc.StatusCode.OUT_OF_RANGE else "invalid_argument").inc()
             raise
         if self.engine is None:
             REJECTED.labels("loading").inc()
@@ -185,18 +219,23 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         history, exclude = retrieval_lists(plan)
         request = retrieval_pb2.RetrieveRequest(user_id=plan.user_id, history=history, k=plan.num_candidates,
                                                 exclude=exclude, request_id=plan.request_id)
-        retrieved = Retrieved()
+        retrieved, screen = Retrieved(), CandidateScreen(plan)
         try:
             # closed on the way out, so a failure here (an unknown candidate id) cancels the Retrieve at once
             async with contextlib.aclosing(self.retrieval.stream(request, timeout)) as stream:
                 async for message in stream:
-                    retrieved.items += self.prompts.candidates([c.item_id for c in message.candidates])
-                    retrieved.scores += [c.score for c in message.candidates]
+                    kept = screen.keep([(c.item_id, c.score) for c in message.candidates])
+                    retrieved.items += self.prompts.candidates([item_id for item_id, _ in kept])
+                    retrieved.scores += [score for _, score in kept]
                     retrieved.cold_start = message.cold_start
                     retrieved.model_version = message.model_version
         except RequestError as e:
             REJECTED.labels(retrieval_rejection(e)).inc()
             raise
+        screen.report(plan.request_id)
+        # no history here (an unknown user, none sent): nothing for the LLM to read, whatever the retrieval tier
+        # found for that user id (a tier on another bundle knows users this one does not)
+        retrieved.cold_start = retrieved.cold_start or not plan.history
         self._check_retrieval_model(retrieved.model_version)
         return retrieved
 

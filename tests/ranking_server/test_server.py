@@ -674,6 +674,71 @@ def test_candidates_unknown_to_this_catalog_are_internal_and_the_retrieve_is_can
         server_loop.run(foreign.stop(0))
 
 
+class Scripted(retrieval_pb2_grpc.RetrievalServiceServicer):
+    """A retrieval tier of another bundle or settings: answers every Retrieve with the same candidates, whatever was
+    asked, never a cold start (a tier whose users.json knows users this one does not). As ForeignCatalog: a real
+    retrieval server of this bundle never misbehaves so."""
+
+    def __init__(self, item_ids: list[str]):
+        self.item_ids = item_ids
+
+    async def Retrieve(self, request, context):
+        await context.write(retrieval_pb2.RetrieveResponse(candidates=[
+            retrieval_pb2.Candidate(item_id=i, score=-float(n)) for n, i in enumerate(self.item_ids)]))
+
+
+def scripted_retrieval(server_loop, item_ids: list[str]):
+    async def serve():
+        grpc_server = grpc.aio.server()
+        retrieval_pb2_grpc.add_RetrievalServiceServicer_to_server(Scripted(item_ids), grpc_server)
+        port = grpc_server.add_insecure_port("127.0.0.1:0")
+        await grpc_server.start()
+        return grpc_server, f"127.0.0.1:{port}"
+
+    return server_loop.run(serve())
+
+
+def test_candidates_from_the_history_exclusions_duplicates_or_past_num_candidates_are_dropped_and_counted(
+        server_loop, bundle, reference):
+    """The caller's excluded item was answered, a duplicate ranked twice, and a list longer than the labels ended
+    INTERNAL from a PromptError: the ranking tier took the retrieval stream as it came."""
+    user = some_users(reference, 1)[0]
+    history = reference.histories[user]
+    others = [item.id for item in reference.catalog.items if item.id not in history]
+    excluded, fresh = others[0], others[1:7]
+    sent = [history[-1], excluded, fresh[0], fresh[0], *fresh[1:]]  # 6 fresh items for num_candidates 4
+    scripted, address = scripted_retrieval(server_loop, sent)
+    server = start_ranking(server_loop, bundle, address, metrics_port=free_port())
+    try:
+        before = scrape_metrics(server.server.metrics_port)
+        response = stub_of(server).Recommend(ranking_pb2.RecommendRequest(
+            user_id=user, k=4, num_candidates=4, exclude=[excluded]), timeout=60)
+        after = scrape_metrics(server.server.metrics_port)
+        assert sorted(i.item_id for i in response.items) == sorted(fresh[:4]) and not response.degraded
+        delta = lambda reason: (after[f'ranking_retrieval_candidates_dropped_total{{reason="{reason}"}}']  # noqa: E731
+                                - before[f'ranking_retrieval_candidates_dropped_total{{reason="{reason}"}}'])
+        assert (delta("history_or_excluded"), delta("duplicate"), delta("over_num_candidates")) == (2, 1, 2)
+    finally:
+        server_loop.run(server.drain())
+        server_loop.run(scripted.stop(0))
+
+
+def test_a_user_with_no_history_here_is_a_cold_start_whatever_the_retrieval_tier_found(server_loop, bundle,
+                                                                                         reference):
+    """A user this bundle does not know, sent without a history, to a retrieval tier that knows them (another
+    bundle): the LLM ranked its candidates from an empty "Watched:" list, a prompt training never made."""
+    ids = [item.id for item in reference.catalog.items[:5]]
+    scripted, address = scripted_retrieval(server_loop, ids)
+    server = start_ranking(server_loop, bundle, address)
+    try:
+        response = stub_of(server).Recommend(ranking_pb2.RecommendRequest(user_id="no-such-user", k=5), timeout=60)
+        assert response.cold_start and not response.degraded
+        assert [i.item_id for i in response.items] == ids  # as retrieved: no LLM over an empty context
+    finally:
+        server_loop.run(server.drain())
+        server_loop.run(scripted.stop(0))
+
+
 def test_client_cancel_aborts_the_engine_request_and_frees_its_batch_slot(slow, slow_stub, reference):
     before = slow.engine.stats()
     call = slow_stub.Recommend.future(ranking_pb2.RecommendRequest(
@@ -881,6 +946,8 @@ def test_metrics_show_stages_codes_cold_starts_and_engine_counters(ranking, stub
     recommend(stub, user_id="no-such-user", k=3)
     with pytest.raises(grpc.RpcError):
         recommend(stub, user_id="no-such-user", k=0)
+    with pytest.raises(grpc.RpcError):  # today's date on a 1998 dataset
+        recommend(stub, user_id=asked["user_id"], k=3, as_of_unix_s=int(time.time()))
     # a refused call is counted after its status went out (context.abort sends it, then the handler unwinds)
     wait_until(lambda: scrape_metrics(ranking.server.metrics_port)["ranking_requests_in_flight"] == 0, timeout=10,
                what="the refused call counted")
@@ -889,6 +956,8 @@ def test_metrics_show_stages_codes_cold_starts_and_engine_counters(ranking, stub
     assert delta('ranking_requests_total{code="OK"}') == 4
     assert delta('ranking_requests_total{code="INVALID_ARGUMENT"}') == 1
     assert delta('ranking_rejected_total{reason="invalid_argument"}') == 1
+    assert delta('ranking_requests_total{code="OUT_OF_RANGE"}') == 1
+    assert delta('ranking_rejected_total{reason="out_of_range"}') == 1  # not counted as a malformed request
     assert delta("ranking_cold_starts_total") == 1
     for stage in ("retrieval", "total"):
         assert delta(f'ranking_stage_seconds_count{{stage="{stage}"}}') == 4
