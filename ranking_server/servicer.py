@@ -36,6 +36,7 @@ from opentelemetry import trace
 from palr.catalog import Item
 from palr.serving.errors import QUEUE_FULL, RequestError, invalid_argument, request_id
 from palr.serving import tracing
+from palr.serving.metrics import Answered
 from palr.serving.validation import REQUEST_ID_RULE, loggable_request_id
 from ranking_server.config import RankingServerConfig
 from ranking_server.inject import injected_delay_s
@@ -161,17 +162,17 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         remaining = context.time_remaining()
         deadline = started + (remaining if remaining is not None else self.config.default_deadline_ms / 1e3)
         rid, rid_ok = loggable_request_id(request_id(request.request_id, context))
-        async with RECOMMEND.track(context, rid, log, self.tracer):
+        async with RECOMMEND.track(context, rid, log, self.tracer) as answered:
             if not rid_ok:
                 REJECTED.labels("invalid_argument").inc()
                 raise invalid_argument(REQUEST_ID_RULE)
-            response = await self._recommend(request, rid, started, deadline)
+            response = await self._recommend(request, rid, started, deadline, answered)
             if self._injected_delay_s:
                 await asyncio.sleep(self._injected_delay_s)
         return response
 
     async def _recommend(self, request: ranking_pb2.RecommendRequest, rid: str, started: float,
-                         deadline: float) -> ranking_pb2.RecommendResponse:
+                         deadline: float, answered: Answered) -> ranking_pb2.RecommendResponse:
         try:  # first: a malformed request is INVALID_ARGUMENT on any replica, not worth a retry elsewhere
             plan = self.planner.plan(request, rid)
         except RequestError as e:
@@ -187,14 +188,12 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         retrieval_ms = 1e3 * (time.perf_counter() - started)
         k = min(plan.k, len(retrieved.items))
         if retrieved.cold_start or len(retrieved.items) <= 1:  # no user for the LLM to read, or nothing to order
-            if retrieved.cold_start:
-                COLD_STARTS.inc()
             answer = Answer(ranking=[(i, retrieved.scores[i]) for i in range(k)],
                             source="cold_start" if retrieved.cold_start else "nothing_to_rank")
         else:
             answer = await self._rank(plan, retrieved, k, deadline)
         total_ms = 1e3 * (time.perf_counter() - started)
-        self._observe(retrieval_ms, answer, total_ms)
+        answered.then(lambda: self._observe(retrieval_ms, answer, total_ms))  # once sent in time
         log.debug("rid=%s user=%r", rid, plan.user_id)  # who asked: a user id, kept out of INFO logs
         log.info("rid=%s history=%d (%s) mode=%s k=%d -> %d of %d candidates (%s)%s%s%s; retrieval %.1f ms, "
                  "queue %.1f ms, ranking %.1f ms%s, total %.1f ms", rid, len(plan.history),
@@ -296,7 +295,6 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
                  submitted: float, submitted_ns: int = 0) -> Answer:
         """`submitted`, `submitted_ns`: when the engine request went in (0: it never did); its wait becomes an
         `engine.wait` span, the time the trace would otherwise show as a gap."""
-        DEGRADED.labels(reason).inc()
         trace.get_current_span().set_attribute("ranking.degraded_reason", reason)
         if submitted_ns:
             self.tracer.start_span("engine.wait", start_time=submitted_ns, attributes={
@@ -311,7 +309,8 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         return deadline - time.perf_counter() - self.config.degrade_reserve_ms / 1e3
 
     def _observe(self, retrieval_ms: float, answer: Answer, total_ms: float) -> None:
-        """Queue and ranking are observed for the engine's answers from the model only: a degraded answer's LLM
+        """Counts an answer the client got (in time; a late one is DEADLINE_EXCEEDED alone). Queue and ranking are
+        observed for the engine's answers from the model only: a degraded answer's LLM
         wait is not split (the engine request was aborted before it reported one), cold starts and empty lists
         never reach the engine, and a kept answer to an exact repeat (`ranking_engine_answer_cache_total`) waits
         for no slot; their zeros would show overload as an empty queue. One that joined an identical request's run
@@ -322,6 +321,10 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         for stage, ms in stages:
             STAGE_SECONDS.labels(stage).observe(ms / 1e3)
         ANSWER_SECONDS.labels(answer.source).observe(total_ms / 1e3)
+        if answer.source == "cold_start":
+            COLD_STARTS.inc()
+        if answer.degraded_reason:
+            DEGRADED.labels(answer.degraded_reason).inc()
 
     def _response(self, plan: Plan, retrieved: Retrieved, answer: Answer, retrieval_ms: float,
                   total_ms: float) -> ranking_pb2.RecommendResponse:

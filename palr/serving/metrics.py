@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from typing import Callable
 
 import grpc
 from prometheus_client import Counter, Gauge, Histogram
@@ -86,6 +87,21 @@ def _ended_code(context: grpc.aio.ServicerContext, remaining: float | None, rid:
     return grpc.StatusCode.CANCELLED
 
 
+class Answered:
+    """What a handler counts about its answer (how it was answered, its stages' latencies), run once the call is
+    counted OK: an answer sent after its deadline never reached the client, so it is not counted as answered."""
+
+    def __init__(self):
+        self._counts: list[Callable[[], None]] = []
+
+    def then(self, count: Callable[[], None]) -> None:
+        self._counts.append(count)
+
+    def run(self) -> None:
+        for count in self._counts:
+            count()
+
+
 class RpcMetrics:
     """Prometheus metrics for one RPC: requests by status code, latency, requests in flight.
 
@@ -107,7 +123,8 @@ class RpcMetrics:
         """Wraps a handler: counts and times it (and traces it: `tracer`, palr.serving.tracing); a
         RequestError becomes its status code, any other exception INTERNAL (logged with traceback); the
         server keeps serving either way. Every answer, error or not, carries the request id its log lines
-        name as trailing metadata `x-request-id` (one the server made up included)."""
+        name as trailing metadata `x-request-id` (one the server made up included). Yields an `Answered`: what
+        the handler hands it runs only when the call is counted OK (an answer sent in time)."""
         started = time.perf_counter()
         rid_metadata = ((REQUEST_ID_KEY, rid),)
         context.set_trailing_metadata(rid_metadata)
@@ -117,8 +134,9 @@ class RpcMetrics:
         span_scope = tracing.server_span(tracer or tracing.tracer(None, ""), self.rpc, context, rid)
         span = span_scope.__enter__()
         self.in_flight.inc()  # after the span started (that may raise): the finally below always takes it back
+        answered = Answered()
         try:
-            yield
+            yield answered
         except RequestError as e:
             code = e.code
             logger.info("rid=%s %s: %s", rid, code.name, e)
@@ -140,6 +158,8 @@ class RpcMetrics:
             if code != grpc.StatusCode.OK:
                 logger.info("rid=%s answered %.0f ms after its deadline: the client got DEADLINE_EXCEEDED", rid,
                             1e3 * late_s)
+            else:
+                answered.run()
         finally:
             tracing.end_status(span, code.name)
             span_scope.__exit__(None, None, None)

@@ -38,6 +38,7 @@ class PlumbingService:
     def __init__(self, delay_s: float = 0.5):
         self.delay_s = delay_s
         self.entered = threading.Event()
+        self.answered: list[str] = []  # the methods whose answer track() counted as sent (Answered.then)
 
     def handler(self) -> grpc.GenericRpcHandler:
         methods = {"Echo": self.echo, "Slow": self.slow, "Refuse": self.refuse, "Crash": self.crash,
@@ -47,7 +48,8 @@ class PlumbingService:
 
     def _tracked(self, fn):
         async def handle(request: bytes, context) -> bytes:
-            async with METRICS.track(context, "test-rid", log):
+            async with METRICS.track(context, "test-rid", log) as answered:
+                answered.then(lambda: self.answered.append(fn.__name__))
                 return await fn(request)
         return handle
 
@@ -425,7 +427,11 @@ def test_an_answer_finished_after_its_deadline_is_counted_as_the_client_saw_it(s
         assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert call(channel, "Echo") == b"ping"
 
-    assert codes_counted(server_loop, PlumbingService(delay_s=0.6), calls, 2) == {"DEADLINE_EXCEEDED": 1, "OK": 1}
+    service = PlumbingService(delay_s=0.6)
+    assert codes_counted(server_loop, service, calls, 2) == {"DEADLINE_EXCEEDED": 1, "OK": 1}
+    # what the handler counts about its answer (the ranking server: how it was answered, its stages, degraded, cold
+    # starts) runs for the answer the client got only
+    assert service.answered == ["echo"]
 
 
 def test_a_deadline_whose_timeout_grpc_rounded_up_is_counted_deadline_exceeded_not_cancelled(server_loop):

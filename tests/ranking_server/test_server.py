@@ -739,6 +739,26 @@ def test_a_user_with_no_history_here_is_a_cold_start_whatever_the_retrieval_tier
         server_loop.run(scripted.stop(0))
 
 
+def test_an_answer_sent_after_its_deadline_is_counted_deadline_exceeded_and_not_as_answered(
+        server_loop, bundle, retrieval, reference):
+    """The handler finished past the deadline (here the test-only injected delay): the client got DEADLINE_EXCEEDED,
+    and the answer was also counted in ranking_answer_seconds and the stage latencies, as if it had been sent."""
+    server = start_ranking(server_loop, bundle, retrieval.server.address, metrics_port=free_port())
+    server.servicer._injected_delay_s = 1.0
+    names = ('ranking_requests_total{code="DEADLINE_EXCEEDED"}', 'ranking_answer_seconds_count{answer="model"}',
+             'ranking_stage_seconds_count{stage="total"}')
+    try:
+        before = [scrape_metrics(server.server.metrics_port).get(n, 0.0) for n in names]
+        with pytest.raises(grpc.RpcError) as late:
+            recommend(stub_of(server), timeout=0.5, user_id=some_users(reference, 1)[0], k=3)
+        assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        wait_until(lambda: scrape_metrics(server.server.metrics_port)[names[0]] == before[0] + 1, timeout=10,
+                   what="the late answer counted")
+        assert [scrape_metrics(server.server.metrics_port).get(n, 0.0) for n in names[1:]] == before[1:]
+    finally:
+        server_loop.run(server.drain())
+
+
 def test_client_cancel_aborts_the_engine_request_and_frees_its_batch_slot(slow, slow_stub, reference):
     before = slow.engine.stats()
     call = slow_stub.Recommend.future(ranking_pb2.RecommendRequest(
