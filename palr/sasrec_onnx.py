@@ -133,8 +133,9 @@ def _load_session(path: Path, threads: int) -> ort.InferenceSession:
     try:
         return ort.InferenceSession(str(path), _session_options(threads), providers=["CPUExecutionProvider"])
     except ORT_LOAD_ERRORS as e:
-        raise BundleError(f"{path}: ONNX Runtime {ort.__version__} cannot load it ({type(e).__name__}: {e}); "
-                          f"re-export it on this version (`python -m compile export-onnx --bundle DIR`)") from None
+        raise BundleError(f"{path}: ONNX Runtime {ort.__version__} cannot load it ({type(e).__name__}: {e}); one "
+                          f"exported for a newer ONNX Runtime is re-exported on this one by `python -m compile "
+                          f"export-onnx --bundle DIR`") from None
 
 
 def _session_options(threads: int) -> ort.SessionOptions:

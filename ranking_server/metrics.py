@@ -69,8 +69,8 @@ RETRIEVAL_DROPPED = Counter(
     "ranking_retrieval_candidates_dropped", "retrieval candidates not ranked: in the request's history or exclusions, "
     "a duplicate, or past its num_candidates (a retrieval tier of another bundle or settings)", ["reason"])
 DROPPED_REASONS = ("history_or_excluded", "duplicate", "over_num_candidates")
-REJECTED_REASONS = ("invalid_argument", "out_of_range", "queue_full", "deadline", "retrieval_unavailable", "retrieval_queue_full",
-                    "retrieval_error", "loading")
+REJECTED_REASONS = ("invalid_argument", "out_of_range", "queue_full", "deadline", "retrieval_unavailable",
+                    "retrieval_queue_full", "retrieval_error", "loading")
 for _source in ANSWER_SOURCES:  # every series exists from the start, at 0, for dashboards and rate()
     ANSWER_SECONDS.labels(_source)
 for _reason in DEGRADED_REASONS:

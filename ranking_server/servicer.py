@@ -91,18 +91,22 @@ class CandidateScreen:
     """What the ranking tier takes from a retrieval stream: at most `num_candidates` items, each once, none of the
     request's history or exclusions. A retrieval tier of this bundle never sends others; one of another bundle or
     version (a rolling update, a higher --max-k) can, and an excluded item answered, a duplicate ranked twice or a
-    27th candidate (no label for it: INTERNAL) would reach the caller. The dropped are counted and logged."""
+    27th candidate (no label for it: INTERNAL) would reach the caller. What only such a tier sends is counted, and
+    warned about once per reason. A stored history longer than a request's fields hold (`retrieval_lists`) leaves
+    its oldest items unsent, which a tier of this bundle may return: dropped too, not counted."""
 
-    def __init__(self, plan: Plan):
+    def __init__(self, plan: Plan, sent_history: list[str], sent_exclude: list[str]):
         self.limit = plan.num_candidates
-        self.barred = set(plan.history) | set(plan.exclude)
+        self.barred = set(sent_history) | set(sent_exclude)
+        self.unsent = set(plan.history) - self.barred
         self.seen: set[str] = set()
         self.dropped: Counter[str] = Counter()
 
     def keep(self, candidates: list[tuple[str, float]]) -> list[tuple[str, float]]:
         kept = []
         for item_id, score in candidates:
-            reason = ("history_or_excluded" if item_id in self.barred else "duplicate" if item_id in self.seen else
+            reason = ("history_or_excluded" if item_id in self.barred else "unsent_history" if item_id in self.unsent
+                      else "duplicate" if item_id in self.seen else
                       "over_num_candidates" if len(self.seen) >= self.limit else "")
             if reason:
                 self.dropped[reason] += 1
@@ -111,12 +115,17 @@ class CandidateScreen:
             kept.append((item_id, score))
         return kept
 
-    def report(self, request_id: str) -> None:
+    def report(self, request_id: str, warned: set[str]) -> None:
         for reason, n in self.dropped.items():
+            if reason == "unsent_history":
+                log.debug("rid=%s dropped %d candidates from the history older than the request sent", request_id, n)
+                continue
             RETRIEVAL_DROPPED.labels(reason).inc(n)
-        if self.dropped:
-            log.warning("rid=%s dropped retrieval candidates %s: the retrieval tier serves another bundle or "
-                        "settings (ranking_retrieval_candidates_dropped)", request_id, dict(self.dropped))
+            if reason not in warned:
+                warned.add(reason)
+                log.warning("rid=%s dropped %d retrieval candidates (%s): the retrieval tier serves another bundle or "
+                            "settings; counted in ranking_retrieval_candidates_dropped, warned about once",
+                            request_id, n, reason)
 
 
 @dataclass
@@ -142,6 +151,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         self.bundle_versions = bundle_versions  # "llm:<merged> ranker:<ranker.json>": what the bundle ranks with
         self.retrieval_model = retrieval_model  # the bundle's sasrec_onnx version: the SASRec the ranker was fit on
         self._other_models: set[str] = set()  # retrieval model versions already warned about
+        self._dropped_warned: set[str] = set()  # reasons for dropping retrieval candidates already warned about
         self.model_version = ""  # the answers': sasrec's version (per answer) goes first, then these and the engine's
         self.engine: RankingEngine | None = None
         self.prompts: PromptBuilder | None = None
@@ -218,7 +228,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         history, exclude = retrieval_lists(plan)
         request = retrieval_pb2.RetrieveRequest(user_id=plan.user_id, history=history, k=plan.num_candidates,
                                                 exclude=exclude, request_id=plan.request_id)
-        retrieved, screen = Retrieved(), CandidateScreen(plan)
+        retrieved, screen = Retrieved(), CandidateScreen(plan, history, exclude)
         try:
             # closed on the way out, so a failure here (an unknown candidate id) cancels the Retrieve at once
             async with contextlib.aclosing(self.retrieval.stream(request, timeout)) as stream:
@@ -231,7 +241,7 @@ class RankingServicer(ranking_pb2_grpc.RankingServiceServicer):
         except RequestError as e:
             REJECTED.labels(retrieval_rejection(e)).inc()
             raise
-        screen.report(plan.request_id)
+        screen.report(plan.request_id, self._dropped_warned)
         # no history here (an unknown user, none sent): nothing for the LLM to read, whatever the retrieval tier
         # found for that user id (a tier on another bundle knows users this one does not)
         retrieved.cold_start = retrieved.cold_start or not plan.history

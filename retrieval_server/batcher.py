@@ -31,8 +31,9 @@ DEADLINE_RESERVE_S = 0.05  # the least a deadline's window keeps back for its ca
 
 
 class RunnerStopped(RuntimeError):
-    """The runner is not running (its loop died, or it is closing): the request was not run, so another
-    replica can take it as it is."""
+    """This replica cannot run the model: the runner is not running (its loop died, or it is closing; the request
+    was not run), or the model has failed call after call (it was, and failed). Either way another replica can take
+    the request as it is."""
 
 
 class MicroBatcher(Generic[Item, Result]):

@@ -115,11 +115,12 @@ class RetrievalServer:
         try:
             ranked = self.model.retrieve(queries)
         except Exception as e:
-            if self._failed_calls.failed():
+            tripping = self._failed_calls.failed()
+            if tripping:
                 reason = f"{MAX_FAILED_CALLS} ONNX Runtime calls failed in a row; the last: {e!r}"
                 log.error("%s: health NOT_SERVING until this server is restarted", reason)
                 self._loop.call_soon_threadsafe(self._runner_stopped, reason)
-            if self._failed_calls.tripped:
+            if tripping or self._failed_calls.tripped:
                 raise RunnerStopped(f"the model fails call after call on this replica ({e!r})") from e
             raise
         else:

@@ -159,7 +159,10 @@ class RpcMetrics:
                 logger.info("rid=%s answered %.0f ms after its deadline: the client got DEADLINE_EXCEEDED", rid,
                             1e3 * late_s)
             else:
-                answered.run()
+                try:
+                    answered.run()
+                except Exception:  # a bug in counting: the answer has gone out all the same
+                    logger.exception("rid=%s counting its answer failed", rid)
         finally:
             tracing.end_status(span, code.name)
             span_scope.__exit__(None, None, None)

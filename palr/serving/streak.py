@@ -15,19 +15,21 @@ class FailureStreak:
     def __init__(self, limit: int = LIMIT):
         self.limit = limit
         self._count = 0
+        self._tripped = False
         self._lock = threading.Lock()
 
     def failed(self) -> bool:
         """One more failure; True exactly once, when the streak reaches `limit`."""
         with self._lock:
             self._count += 1
+            self._tripped = self._tripped or self._count >= self.limit
             return self._count == self.limit
 
     @property
     def tripped(self) -> bool:
-        """The streak reached `limit` (and no success since)."""
-        with self._lock:
-            return self._count >= self.limit
+        """The streak has reached `limit`, ever: health is NOT_SERVING for good then, and a success later
+        (calls run in parallel threads) does not make the model trusted again."""
+        return self._tripped
 
     def succeeded(self) -> None:
         with self._lock:

@@ -61,3 +61,33 @@ def test_the_engine_health_gauge_reads_0_while_no_engine_is_attached():
 
     families = list(EngineCollector().collect())
     assert [(f.name, [s.value for s in f.samples]) for f in families] == [("ranking_engine_healthy", [0.0])]
+
+
+def test_the_candidate_screen_counts_what_only_another_tier_sends_and_drops_unsent_old_history_uncounted(caplog):
+    """A stored history longer than the request's fields hold: its oldest items are not sent (retrieval_lists), so a
+    retrieval tier of this very bundle may return them. They are dropped, but not counted or warned about as the
+    sign of a tier of another bundle; what was sent (history, exclusions), duplicates and extras are, warned once."""
+    from palr.serving.validation import MAX_ITEM_IDS
+    from ranking_server.metrics import RETRIEVAL_DROPPED
+    from ranking_server.planner import Plan, retrieval_lists
+    from ranking_server.servicer import CandidateScreen
+
+    history = [f"h{n}" for n in range(2 * MAX_ITEM_IDS + 5)]  # with "x" excluded, the 6 oldest fit in neither
+    plan = Plan("rid", "u", history, "stored", ["x"], k=3, num_candidates=3, mode="score")
+    sent_history, sent_exclude = retrieval_lists(plan)
+    assert "h5" not in sent_history + sent_exclude and "h6" in sent_exclude
+    counted = lambda reason: RETRIEVAL_DROPPED.labels(reason)._value.get()  # noqa: E731
+    before = {r: counted(r) for r in ("history_or_excluded", "duplicate", "over_num_candidates")}
+    warned: set[str] = set()
+    for _ in range(2):
+        screen = CandidateScreen(plan, sent_history, sent_exclude)
+        kept = screen.keep([("h0", 9.0), ("a", 5.0), ("x", 4.0), ("a", 4.0), (history[-1], 3.0), ("b", 2.0),
+                            ("c", 1.0), ("d", 0.5)])
+        assert kept == [("a", 5.0), ("b", 2.0), ("c", 1.0)]
+        with caplog.at_level("DEBUG", logger="ranking_server.servicer"):
+            screen.report("rid", warned)
+    assert {r: counted(r) - before[r] for r in before} == {"history_or_excluded": 4, "duplicate": 2,
+                                                           "over_num_candidates": 2}
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 3  # one per counted reason, not per request
+    assert "older than the request sent" in caplog.text

@@ -56,9 +56,9 @@ class RetrievalServiceServicer:
         loads, once the replica drains, or when its batcher has stopped (retry, on
         another replica); RESOURCE_EXHAUSTED with trailing metadata
         `x-refused: queue-full` when --max-queue requests already wait for the
-        model; INTERNAL when the model's call fails (after three in a row the
-        replica's health turns NOT_SERVING); DEADLINE_EXCEEDED when the deadline
-        passes first. Every answer from the service carries trailing metadata
+        model; INTERNAL when the model's call fails, UNAVAILABLE from the third
+        failing call in a row on (the replica's health turns NOT_SERVING for
+        good); DEADLINE_EXCEEDED when the deadline passes first. Every answer from the service carries trailing metadata
         `x-request-id`; a request over --max-message-bytes is refused
         RESOURCE_EXHAUSTED by gRPC itself, before the service sees it.
         """
