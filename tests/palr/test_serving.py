@@ -523,4 +523,7 @@ def test_a_failure_streak_reaches_its_limit_once_and_a_success_starts_it_again()
     streak = FailureStreak(limit=3)
     assert [streak.failed() for _ in range(2)] == [False, False]
     streak.succeeded()
+    assert not streak.tripped
     assert [streak.failed() for _ in range(4)] == [False, False, True, False]  # True once: one NOT_SERVING
+    streak.succeeded()  # a call in a parallel thread that got through: health stays NOT_SERVING, and so does this
+    assert streak.tripped
