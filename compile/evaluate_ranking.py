@@ -139,6 +139,8 @@ def run(config: EvaluateRankingConfig) -> dict:
         raise ValueError(f"--modes {sorted(unknown)}: choose from {', '.join(MODES)}")
     if config.candidates < 0:
         raise ValueError(f"--candidates must be >= 0 (0: the ranker's K), got {config.candidates}")
+    if config.users < 0:  # palr.data.sample_users reads any n <= 0 as all of them: a long run nobody asked for
+        raise ValueError(f"--users must be >= 0 (0: all), got {config.users}")
     bundle = Bundle.open(config.bundle)
     if not config.candidates:  # resolved before the fingerprint: a K=20 ranker's evaluation stays current
         config = dataclasses.replace(config, candidates=ranker_k(load_ranker(bundle)))

@@ -340,6 +340,9 @@ def check_options(config: SftDataConfig) -> None:
     unknown = sorted(set(config.rank_tokens) - set(RANKINGS))
     if unknown:
         raise ValueError(f"--rank-tokens: unknown {unknown}; choose from {', '.join(RANKINGS)}")
+    for flag, n in (("--users", config.users), ("--valid-users", config.valid_users)):
+        if n < 0:  # read as "all" by the sampling below, silently
+            raise ValueError(f"{flag} must be >= 0 (0: all), got {n}")
     if config.rank_tokens and config.negatives != "holdout":
         raise ValueError(f"--rank-tokens {' '.join(config.rank_tokens)} needs --negatives holdout (training "
                          f"examples with their retrieval scores and EASE scores); --rank-tokens alone for none")

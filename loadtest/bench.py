@@ -17,6 +17,7 @@ import importlib
 import logging
 import sys
 
+from palr.bundle import BundleError
 from palr.cli import LOG_FORMAT, add_config_arguments, add_log_level, build_config
 
 # name → (module, config class, one-line help). Modules are imported to build their options, so
@@ -67,7 +68,10 @@ def main(argv: list[str] | None = None) -> int:
         config = build_config(getattr(module, config_name), args, quick)
     except ValueError as e:  # a refused option: one line, as every entry point's (palr.cli.config_main)
         parser.error(f"{args.benchmark}: {e}")
-    module.run(config)
+    try:
+        module.run(config)
+    except BundleError as e:  # a missing or unfinished bundle: one line, as every other entry point says it
+        parser.exit(1, f"{parser.prog} {args.benchmark}: {e}\n")
     return 0
 
 

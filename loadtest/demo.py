@@ -24,6 +24,7 @@ import grpc
 from loadtest.with_servers import TwoTierConfig, two_tier
 from palr.bundle import Bundle, BundleError
 from palr.catalog import Catalog
+from palr.serving.config import check_finite
 from recsys.v1 import ranking_pb2, ranking_pb2_grpc
 
 log = logging.getLogger("demo")
@@ -45,6 +46,12 @@ class DemoConfig:
     deadline: float = field(default=120.0, metadata={"help": "seconds each Recommend call may take"})
     startup_timeout: float = field(default=300.0, metadata={"help": "seconds to wait for each health SERVING"})
     log_dir: Path = field(default=Path("reports"), metadata={"help": "where the two servers' logs go", "metavar": "DIR"})
+
+    def __post_init__(self) -> None:  # refused now, not after both servers have loaded their models
+        if self.k < 1:
+            raise ValueError(f"--k must be >= 1, got {self.k}")
+        check_finite("--deadline", self.deadline, positive=True, unit="seconds")
+        check_finite("--startup-timeout", self.startup_timeout, positive=True, unit="seconds")
 
 
 @dataclass

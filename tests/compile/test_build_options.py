@@ -4,6 +4,7 @@ refused up front, and an unmeasured GPU build is not given a precision nothing c
 from __future__ import annotations
 
 import logging
+import re
 
 import pytest
 
@@ -45,3 +46,34 @@ def test_an_unmeasured_auto_gpu_build_is_fp32():
     assert gpu_dtype("auto", "9.0") == "bf16" and gpu_dtype("auto", "7.5") == "fp16"
     assert gpu_dtype("auto", "9.0", measured=False) == "fp32"
     assert gpu_dtype("bf16", "9.0", measured=False) == "bf16"  # asked for by name: taken
+
+
+@pytest.mark.parametrize("options, named", [
+    ({"heads": 0}, "--heads must be >= 1"),  # a ZeroDivisionError traceback after loading the data
+    ({"hidden": 64, "heads": 3}, "--hidden 64 must be a multiple of --heads 3"),
+    ({"hidden": 0}, "--hidden must be >= 1"),
+    ({"lr": float("nan")}, "--lr must be a finite number > 0"),
+    ({"weight_decay": -1.0}, "--weight-decay must be a finite number >= 0"),
+    ({"dropout": 1.0}, "--dropout must be in [0, 1)"),
+    ({"dropout": float("nan")}, "--dropout must be in [0, 1)"),
+])
+def test_sasrec_options_that_cannot_train_are_refused_naming_the_option(options, named):
+    from compile.sasrec import SASRecConfig
+
+    with pytest.raises(ValueError, match=re.escape(named)):
+        SASRecConfig(**options)
+
+
+@pytest.mark.parametrize("step, option", [("sft", "users"), ("sft", "valid_users"), ("evaluate", "users")])
+def test_a_negative_user_count_is_refused_not_read_as_all(step, option, tmp_path):
+    """`--users -1` sampled every user: a long run nobody asked for."""
+    if step == "sft":
+        from compile.sft_data import SftDataConfig, check_options
+
+        with pytest.raises(ValueError, match=f"--{option.replace('_', '-')} must be >= 0"):
+            check_options(SftDataConfig(**{option: -1}))
+    else:
+        from compile.evaluate_ranking import EvaluateRankingConfig, run
+
+        with pytest.raises(ValueError, match="--users must be >= 0"):
+            run(EvaluateRankingConfig(bundle=tmp_path, users=-1))

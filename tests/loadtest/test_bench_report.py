@@ -317,6 +317,7 @@ def test_a_report_with_nan_is_written_as_strict_json(tmp_path):
     (["retrieval", "--modes", "micro batching", "--bundle", "no-such-bundle"], "--modes: unknown"),
     (["gpu", "--generate-k", "1", "--device", "cpu"], "--generate-k must be >= 2"),  # crashed after the whole run
     (["--pattern", "zipf", "--zipf-exponent", "0", "--bundle", "no-such-bundle"], "--zipf-exponent must be > 0"),
+    (["--pattern", "zipf", "--zipf-exponent", "nan", "--bundle", "no-such-bundle"], "--zipf-exponent must be > 0"),
 ])
 def test_a_refused_option_is_one_line_and_exit_2_before_anything_runs(argv, named, capsys):
     from loadtest.bench import main
@@ -384,3 +385,14 @@ def test_a_goal_most_of_whose_rounds_were_disturbed_is_not_judged():
     busy = goals(ratios, disturbed={"inflight_vs_sequential_throughput_c16_score": 2 / 3})
     assert busy["inflight_vs_sequential_throughput_c16_score"]["met"] is None
     assert "other work" in busy["inflight_vs_sequential_throughput_c16_score"]["why"]
+
+
+@pytest.mark.parametrize("benchmark", ["all", "retrieval", "mixed"])
+def test_a_missing_bundle_is_one_line_and_exit_1_not_a_traceback(benchmark, tmp_path, capsys):
+    from loadtest.bench import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main([benchmark, "--bundle", str(tmp_path / "no-such-bundle")])
+    assert exit_.value.code == 1
+    error = capsys.readouterr().err
+    assert "no manifest.json" in error and "Traceback" not in error

@@ -222,3 +222,13 @@ def test_a_server_that_did_not_drain_and_exit_0_fails_a_command_that_passed(tmp_
     assert server_stop_code(servers) == EXIT_SERVER_STOP
     servers[1].process = exited(0)
     assert server_stop_code(servers) == 0
+
+
+@pytest.mark.parametrize("options, named", [({"k": 0}, "--k must be >= 1"),
+                                            ({"deadline": float("nan")}, "--deadline must be a finite number"),
+                                            ({"startup_timeout": 0.0}, "--startup-timeout must be a finite number")])
+def test_demo_options_that_cannot_work_are_refused_before_the_servers_start(options, named):
+    from loadtest.demo import DemoConfig
+
+    with pytest.raises(ValueError, match=named):
+        DemoConfig(**options)

@@ -146,3 +146,15 @@ def test_demo_ranks_three_users_and_one_generate_request_by_title_and_stops_both
     assert len(rows) == 20 and set(rows) <= labels  # 5 ranked items per answer, shown by title
     assert "ranking_server stopped (SIGTERM, drained), exit code 0" in out
     assert "retrieval_server stopped (SIGTERM, drained), exit code 0" in out
+
+
+@pytest.mark.parametrize("flag", ["retrieval_tls_ca", "retrieval_tls_cert", "retrieval_tls_key"])
+def test_a_missing_retrieval_tls_file_is_refused_naming_its_flag(flag, pki, tmp_path):
+    """It said `cannot serve: [Errno 2] No such file or directory: '/nope'`, naming no flag."""
+    from ranking_server.config import RankingServerConfig
+
+    files = {"retrieval_tls_ca": pki.ca, "retrieval_tls_cert": pki.client_cert, "retrieval_tls_key": pki.client_key}
+    missing = tmp_path / "nope.pem"
+    with pytest.raises(ValueError, match=f"--{flag.replace('_', '-')} {missing}: no such file"):
+        RankingServerConfig(**{**files, flag: missing})
+
