@@ -32,6 +32,7 @@ from compile.llm_common import check_sft_data, config_record, fingerprint_record
 from compile.sft_data import candidate_readout, example_readout, read_jsonl
 from compile.steps import StepFailed
 from palr.bundle import Bundle, BundleError, fingerprint, write_directory
+from palr.cli import check_bounds
 
 log = logging.getLogger(__name__)
 
@@ -104,23 +105,13 @@ class FinetuneConfig:
         """Refused here, before the run drops the bundle's adapter or a checkpoint: a negative --max-steps trained
         nothing and replaced the adapter with an untrained one, --batch-size 0 deleted the checkpoints and then
         crashed, and --layers -1 saved a model with no decoder layers."""
-        for name in ("rank", "batch_size", "valid_examples", "max_tokens"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("layers", "top_layers", "max_steps", "warmup_steps", "save_every", "eval_every", "stop_after",
-                     "threads"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
-        for name in ("epochs", "lr", "alpha"):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be a finite number > 0, got {value}")
-        for name in ("weight_decay", "max_grad_norm", "fusion_in_loss", "projector_lr", "head_lr", "generate_loss"):
-            value = getattr(self, name)
-            if not math.isfinite(value) or value < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
+        check_bounds(self, at_least_1=("rank", "batch_size", "valid_examples", "max_tokens"),
+                     at_least_0=("layers", "top_layers", "max_steps", "warmup_steps", "save_every", "eval_every",
+                                 "stop_after", "threads"),
+                     positive=("epochs", "lr", "alpha"),
+                     non_negative=("weight_decay", "max_grad_norm", "fusion_in_loss", "projector_lr", "head_lr",
+                                   "generate_loss"),
+                     fractions=("dropout",))
 
 
 # -- data -----------------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ import copy
 import dataclasses
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from compile import export_onnx
 from palr.sasrec import PAD, SASRec, SASRecArch, mask_items
 from palr import metrics
 from palr.bundle import Bundle, fingerprint, write_atomically
+from palr.cli import check_bounds
 from palr.corpus import Corpus
 
 log = logging.getLogger(__name__)
@@ -79,21 +79,12 @@ class SASRecConfig:
     top_k: int = field(default=100, metadata={"help": "candidates the exported ONNX model returns"})
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "eval_every", "patience", "max_len", "top_k", "hidden", "blocks",
-                     "heads", "ffn_hidden"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "window_stride", "threads"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        check_bounds(self, at_least_1=("epochs", "batch_size", "eval_every", "patience", "max_len", "top_k", "hidden",
+                                       "blocks", "heads", "ffn_hidden"),
+                     at_least_0=("max_steps", "window_stride", "threads"), positive=("lr",),
+                     non_negative=("weight_decay",), fractions=("dropout",))
         if self.hidden % self.heads:
             raise ValueError(f"--hidden {self.hidden} must be a multiple of --heads {self.heads}")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"--lr must be a finite number > 0, got {self.lr}")
-        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
-            raise ValueError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
-        if not 0 <= self.dropout < 1:  # refuses nan too
-            raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
 
 
 # -- data ------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -74,6 +75,22 @@ def build_config(config_cls: type, args: argparse.Namespace | Mapping[str, Any],
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "WARN", "ERROR", "CRITICAL", "FATAL", "NOTSET")  # every name logging knows
+
+
+def check_bounds(config: Any, *, at_least_1: tuple[str, ...] = (), at_least_0: tuple[str, ...] = (),
+                 positive: tuple[str, ...] = (), non_negative: tuple[str, ...] = (),
+                 fractions: tuple[str, ...] = ()) -> None:
+    """ValueError naming the flag (`--name-with-dashes`) of a field of `config` out of its bound: counts (>= 1,
+    >= 0), finite numbers (> 0, >= 0: nan and inf refused) and fractions in [0, 1)."""
+    rules = ((at_least_1, lambda v: v >= 1, ">= 1"), (at_least_0, lambda v: v >= 0, ">= 0"),
+             (positive, lambda v: 0 < v < math.inf, "a finite number > 0"),
+             (non_negative, lambda v: 0 <= v < math.inf, "a finite number >= 0"),
+             (fractions, lambda v: 0 <= v < 1, "in [0, 1)"))
+    for names, within, bound in rules:
+        for name in names:
+            value = getattr(config, name)
+            if not within(value):
+                raise ValueError(f"--{name.replace('_', '-')} must be {bound}, got {value}")
 
 
 def add_log_level(parser: argparse.ArgumentParser) -> None:

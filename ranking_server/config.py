@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from palr.serving.config import ServerConfig, check_finite
+from palr.serving.config import ServerConfig, check_files, check_finite
 from ranking_server.engines.config import EngineConfig
 
 ENGINES = ("hf", "trtllm", "ortgenai")
@@ -112,11 +112,8 @@ class RankingServerConfig(ServerConfig, EngineConfig):
             raise ValueError(f"--retrieval-attempts must be in [1, 5], got {self.retrieval_attempts}")
         if bool(self.retrieval_tls_cert) != bool(self.retrieval_tls_key):
             raise ValueError("--retrieval-tls-cert and --retrieval-tls-key go together")
-        for flag, path in (("--retrieval-tls-ca", self.retrieval_tls_ca),
-                           ("--retrieval-tls-cert", self.retrieval_tls_cert),
-                           ("--retrieval-tls-key", self.retrieval_tls_key)):
-            if path and not Path(path).is_file():
-                raise ValueError(f"{flag} {path}: no such file")
+        check_files(("--retrieval-tls-ca", self.retrieval_tls_ca), ("--retrieval-tls-cert", self.retrieval_tls_cert),
+                    ("--retrieval-tls-key", self.retrieval_tls_key))
         check_target_port(self.retrieval)
         if self.engine not in ENGINES:
             raise ValueError(f"--engine must be one of {ENGINES}, got {self.engine!r}")

@@ -15,6 +15,13 @@ def check_finite(name: str, value: float, *, positive: bool = False, unit: str =
         raise ValueError(f"{name} must be a finite number{f' of {unit}' if unit else ''} {bound}, got {value}")
 
 
+def check_files(*flag_paths: tuple[str, Path | None]) -> None:
+    """ValueError naming the flag of a given path that is not a file (a None path: the option is off)."""
+    for flag, path in flag_paths:
+        if path and not Path(path).is_file():
+            raise ValueError(f"{flag} {path}: no such file")
+
+
 @dataclass
 class ServerConfig:
     """Options every server shares; a server's own config dataclass extends this one."""
@@ -67,10 +74,7 @@ class ServerConfig:
             raise ValueError("--tls-cert and --tls-key go together")
         if self.tls_client_ca and not self.tls_cert:
             raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
-        for flag, path in (("--tls-cert", self.tls_cert), ("--tls-key", self.tls_key),
-                           ("--tls-client-ca", self.tls_client_ca)):
-            if path and not Path(path).is_file():
-                raise ValueError(f"{flag} {path}: no such file")
+        check_files(("--tls-cert", self.tls_cert), ("--tls-key", self.tls_key), ("--tls-client-ca", self.tls_client_ca))
         if not 0 < self.max_message_bytes < 2 ** 31:  # gRPC's channel options are C ints
             raise ValueError(f"max_message_bytes must be between 1 and {2 ** 31 - 1}, got {self.max_message_bytes}")
         for flag, port in (("--port", self.port), ("--metrics-port", self.metrics_port),
