@@ -214,7 +214,8 @@ class BenchConfig:
             raise ValueError(f"--mixed-share must be in [0, 1), got {self.mixed_share}")
         if min(self.requests, self.mixed_requests, self.repeats, *self.concurrency) < 1:
             raise ValueError("--requests, --mixed-requests, --repeats and every --concurrency must be >= 1")
-        if self.pattern == "zipf" and not (self.zipf_exponent > 0 and math.isfinite(self.zipf_exponent)):  # now, not after the model loads (request_order's)
+        # now, not after the model loads (request_order's); nan refused too
+        if self.pattern == "zipf" and not (self.zipf_exponent > 0 and math.isfinite(self.zipf_exponent)):
             raise ValueError(f"--zipf-exponent must be > 0, got {self.zipf_exponent}")
 
 

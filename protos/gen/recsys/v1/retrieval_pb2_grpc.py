@@ -58,8 +58,9 @@ class RetrievalServiceServicer:
         `x-refused: queue-full` when --max-queue requests already wait for the
         model; INTERNAL when the model's call fails, UNAVAILABLE from the third
         failing call in a row on (the replica's health turns NOT_SERVING for
-        good); DEADLINE_EXCEEDED when the deadline passes first. Every answer from the service carries trailing metadata
-        `x-request-id`; a request over --max-message-bytes is refused
+        good); DEADLINE_EXCEEDED when the deadline passes first. Every answer
+        from the service carries trailing metadata `x-request-id`; a request
+        over --max-message-bytes is refused
         RESOURCE_EXHAUSTED by gRPC itself, before the service sees it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
